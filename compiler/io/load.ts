@@ -1,0 +1,108 @@
+/**
+ * Reading a model from disk: the protobuf, then each external-data reference checked (inside the
+ * model folder, file present, long enough) without reading its bytes.
+ */
+import { readFileSync, realpathSync, statSync } from 'node:fs';
+import { dirname, isAbsolute, relative, resolve, sep } from 'node:path';
+import { ModcError } from '../errors.js';
+import { byteSize } from '../ir/dtype.js';
+import type { Model } from '../ir/model.js';
+import { type ExternalLocation, Tensor } from '../ir/tensor.js';
+import type { TensorProto } from '../proto/index.js';
+import { decodeModelProto, int64ToNumber, ProtoDecodeError } from '../proto/index.js';
+import { modelFromProto } from './convert.js';
+
+export function loadModel(path: string): Model {
+  const abs = resolve(path);
+  let bytes: Buffer;
+  try {
+    const st = statSync(abs);
+    if (st.isDirectory()) throw new ModcError(`${path} is a directory, not an ONNX model file`);
+    bytes = readFileSync(abs);
+  } catch (e) {
+    if (e instanceof ModcError) throw e;
+    throw new ModcError(`cannot read ${path}: ${(e as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (e as Error).message}`);
+  }
+  return modelFromBytes(bytes, abs);
+}
+
+/** Decodes a model held in memory; `path` anchors external data and error messages. */
+export function modelFromBytes(bytes: Uint8Array, path: string): Model {
+  if (bytes.length === 0) throw new ModcError(`${path}: empty file, not an ONNX model`);
+  let proto;
+  try {
+    proto = decodeModelProto(bytes);
+  } catch (e) {
+    if (e instanceof ProtoDecodeError) throw new ModcError(`${path}: corrupt or truncated ONNX protobuf (${e.message.replace(/^not a valid ONNX protobuf \((.*)\)$/, '$1')})`);
+    throw e;
+  }
+  if (!proto.graph || int64ToNumber(proto.ir_version) <= 0) {
+    throw new ModcError(`${path}: not an ONNX model (no ${!proto.graph ? 'graph' : 'ir_version'} in the protobuf)`);
+  }
+  const baseDir = dirname(path);
+  const resolver = new ExternalDataResolver(baseDir);
+  const model = modelFromProto(proto, (tp) => (tp.data_location === 1 ? new Tensor(tp, resolver.resolve(tp)) : new Tensor(tp)));
+  model.sourcePath = path;
+  model.baseDir = baseDir;
+  return model;
+}
+
+/** Validates external-data references against the model folder; caches per sidecar file. */
+class ExternalDataResolver {
+  private readonly realBase: string;
+  private readonly files = new Map<string, { path: string; size: number }>();
+
+  constructor(readonly baseDir: string) {
+    this.realBase = realpathSync(baseDir);
+  }
+
+  resolve(tp: TensorProto): ExternalLocation {
+    const name = tp.name ?? '<unnamed>';
+    const entries = new Map(tp.external_data.map((e) => [e.key ?? '', e.value ?? '']));
+    const location = entries.get('location');
+    if (!location) throw new ModcError(`tensor ${name}: external data without a location`);
+    const file = this.file(location, name);
+    const offset = entries.has('offset') ? Number(entries.get('offset')) : 0;
+    const expected = byteSize(tp.data_type ?? 0, tp.dims.reduce((a: number, d) => a * int64ToNumber(d), 1));
+    const length = entries.has('length') ? Number(entries.get('length')) : expected;
+    if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length < 0) {
+      throw new ModcError(`tensor ${name}: bad external data offset/length (${entries.get('offset')}, ${entries.get('length')})`);
+    }
+    if (offset + length > file.size) {
+      throw new ModcError(`tensor ${name}: external data file ${location} is truncated (needs ${offset + length} bytes, has ${file.size})`);
+    }
+    return { location, path: file.path, offset, length };
+  }
+
+  private file(location: string, tensor: string): { path: string; size: number } {
+    const cached = this.files.get(location);
+    if (cached) return cached;
+    if (isAbsolute(location) || /^[a-zA-Z]:[\\/]/.test(location)) {
+      throw new ModcError(`tensor ${tensor}: external data location '${location}' is an absolute path; it must be relative to the model folder`);
+    }
+    const joined = resolve(this.baseDir, location);
+    if (!inside(this.baseDir, joined)) {
+      throw new ModcError(`tensor ${tensor}: external data location '${location}' escapes the model folder`);
+    }
+    let real: string;
+    try {
+      real = realpathSync(joined);
+    } catch {
+      throw new ModcError(`missing external data: '${location}' for tensor ${tensor} (no file at ${joined})`);
+    }
+    if (!inside(this.realBase, real)) {
+      throw new ModcError(`tensor ${tensor}: external data location '${location}' resolves outside the model folder (through a symlink, to ${real})`);
+    }
+    const st = statSync(real);
+    if (!st.isFile()) throw new ModcError(`tensor ${tensor}: external data location '${location}' is not a file`);
+    const entry = { path: real, size: st.size };
+    this.files.set(location, entry);
+    return entry;
+  }
+}
+
+function inside(dir: string, path: string): boolean {
+  const rel = relative(dir, path);
+  return rel !== '' && !rel.startsWith('..' + sep) && rel !== '..' && !isAbsolute(rel);
+}
+
