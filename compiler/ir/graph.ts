@@ -378,7 +378,7 @@ export class Graph {
       const deps = new Set<Node>();
       for (const v of externalInputsOf(n)) {
         const p = v.producer;
-        if (p && p.graph === this && p !== n) deps.add(p);
+        if (p && p.graph === this) deps.add(p);
       }
       pending.set(n, deps.size);
       for (const d of deps) {

@@ -180,6 +180,11 @@ export function toPlainObject(name: MessageName, message: unknown): Record<strin
   return types[name].toObject(message as protobuf.Message, { longs: String, bytes: String, defaults: false, arrays: false, oneofs: false });
 }
 
+/** The inverse of toPlainObject: a message from its plain-JSON view. */
+export function fromPlainObject<T>(name: MessageName, plain: Record<string, unknown>): T {
+  return types[name].fromObject(plain) as unknown as T;
+}
+
 export function int64ToNumber(v: Int64 | undefined | null): number {
   if (v == null) return 0;
   return typeof v === 'number' ? v : v.toNumber();

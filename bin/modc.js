@@ -1,0 +1,12 @@
+#!/usr/bin/env node
+// The modc command. The TypeScript sources are compiled to dist/ by `npm install` (prepare).
+import { existsSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+
+const entry = new URL('../dist/compiler/cli/main.js', import.meta.url);
+if (!existsSync(fileURLToPath(entry))) {
+  process.stderr.write('modc: not built yet: run `npm install` (or `npm run build`) in the modc folder\n');
+  process.exit(1);
+}
+const { main } = await import(entry.href);
+process.exitCode = await main(process.argv.slice(2));

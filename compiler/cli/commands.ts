@@ -1,0 +1,8 @@
+/** The subcommands, in the order `modc --help` lists them. */
+import type { Command } from './command.js';
+import { compileCommand } from './compile.js';
+import { inspectCommand } from './inspect.js';
+
+export type { Command } from './command.js';
+
+export const COMMANDS: Command[] = [inspectCommand, compileCommand];

@@ -1,0 +1,89 @@
+/** Shared test utilities: the model zoo, temp folders, generic feeds, in-process CLI runs. */
+import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { afterAll } from 'vitest';
+import { main } from '../compiler/cli/main.js';
+import type { Value } from '../compiler/ir/graph.js';
+import type { Model } from '../compiler/ir/model.js';
+import { DataType } from '../compiler/ir/dtype.js';
+import { ort } from '../compiler/runtime/ort.js';
+
+export const ROOT = resolve(import.meta.dirname, '..');
+export const SHARED_MODELS = resolve(ROOT, '../shared/models');
+
+/** Every model the project must handle: fixtures/ (ours) and ../shared/models (third-party). */
+export function allModels(): { name: string; path: string }[] {
+  const out: { name: string; path: string }[] = [];
+  for (const [prefix, dir] of [['fixtures', join(ROOT, 'fixtures')], ['shared', SHARED_MODELS]] as const) {
+    if (!existsSync(dir)) continue;
+    for (const entry of readdirSync(dir).sort()) {
+      const path = join(dir, entry, 'model.onnx');
+      if (existsSync(path)) out.push({ name: `${prefix}/${entry}`, path });
+    }
+  }
+  return out;
+}
+
+/** A temp folder removed after the test file finishes. */
+export function tempDir(tag = 'modc-test'): string {
+  const dir = mkdtempSync(join(tmpdir(), `${tag}-`));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+export interface CliResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+export async function runCli(...args: string[]): Promise<CliResult> {
+  let stdout = '';
+  let stderr = '';
+  const code = await main(args, { out: (t) => (stdout += t + '\n'), err: (t) => (stderr += t + '\n') });
+  return { code, stdout, stderr };
+}
+
+const ORT_TYPES: Record<number, ort.Tensor.Type> = {
+  [DataType.FLOAT]: 'float32', [DataType.FLOAT16]: 'float16', [DataType.INT64]: 'int64', [DataType.INT32]: 'int32',
+};
+
+/**
+ * Feeds for a prefill with an empty past, from the graph's input signature: ids are small
+ * deterministic numbers, the mask is all ones, positions count up, pasts have length 0.
+ */
+export function prefillFeeds(model: Model, batch: number, seq: number): Record<string, ort.Tensor> {
+  const feeds: Record<string, ort.Tensor> = {};
+  for (const v of model.graph.inputs) {
+    if (model.graph.initializers.has(v.name)) continue;
+    feeds[v.name] = feedFor(v, batch, seq);
+  }
+  return feeds;
+}
+
+function feedFor(v: Value, batch: number, seq: number): ort.Tensor {
+  const type = ORT_TYPES[v.dtype ?? 0];
+  if (!type) throw new Error(`no test feed for input ${v.name} of type ${v.dtype}`);
+  const isPast = /past/i.test(v.name);
+  const dims = (v.shape ?? []).map((d, i) => {
+    if (typeof d === 'number') return d;
+    const name = String(d ?? '').toLowerCase();
+    if (/batch/.test(name) || (i === 0 && !isPast)) return batch;
+    if (/past/.test(name)) return 0;
+    return seq;
+  });
+  const n = dims.reduce((a, b) => a * b, 1);
+  const fill = (i: number): number => {
+    if (/mask/i.test(v.name)) return 1;
+    if (/position/i.test(v.name)) return i % seq;
+    if (/input_ids/i.test(v.name)) return (i * 7 + 3) % 50;
+    return 0;
+  };
+  switch (type) {
+    case 'int64': return new ort.Tensor('int64', BigInt64Array.from({ length: n }, (_, i) => BigInt(fill(i))), dims);
+    case 'int32': return new ort.Tensor('int32', Int32Array.from({ length: n }, (_, i) => fill(i)), dims);
+    case 'float16': return new ort.Tensor('float16', new Uint16Array(n), dims);
+    default: return new ort.Tensor('float32', new Float32Array(n), dims);
+  }
+}

@@ -1,0 +1,148 @@
+import { describe, expect, it } from 'vitest';
+import { DataType, floatToHalf, halfToFloat } from '../compiler/ir/dtype.js';
+import { Graph, Value } from '../compiler/ir/graph.js';
+import { Model } from '../compiler/ir/model.js';
+import { Tensor } from '../compiler/ir/tensor.js';
+import { verifyModel } from '../compiler/ir/verify.js';
+import { PassRegistry, runPipeline, type Pass } from '../compiler/pass-manager.js';
+import { defaultRegistry } from '../passes/index.js';
+import { loadModel } from '../compiler/io/load.js';
+import { join } from 'node:path';
+import { ROOT } from './helpers.js';
+
+const f32 = { tensor_type: { elem_type: DataType.FLOAT, shape: { dim: [{ dim_param: 'n' }] } } };
+
+/** x -> Relu -> Neg -> y, plus a dead Exp branch. */
+function chain() {
+  const g = new Graph('chain');
+  const x = g.addInput(new Value('x', f32));
+  const relu = g.addNode('Relu', [x]);
+  const neg = g.addNode('Neg', [relu.output(0)], [new Value('y', f32)]);
+  const dead = g.addNode('Exp', [relu.output(0)]);
+  g.outputs = [neg.output(0)];
+  const model = new Model(g, 8);
+  model.opsetImports = [{ domain: '', version: 17 }];
+  return { g, x, relu, neg, dead, model };
+}
+
+describe('graph IR', () => {
+  it('tracks producers and uses, and replaceAllUsesWith rewires every reader', () => {
+    const { g, x, relu, neg, dead } = chain();
+    expect(relu.output(0).producer).toBe(relu);
+    expect(relu.output(0).consumers().sort((a, b) => a.opType.localeCompare(b.opType))).toEqual([dead, neg]);
+    const sig = g.addNode('Sigmoid', [x], 1, { before: neg });
+    relu.output(0).replaceAllUsesWith(sig.output(0));
+    expect(neg.input(0)).toBe(sig.output(0));
+    expect(dead.input(0)).toBe(sig.output(0));
+    expect(relu.output(0).uses.size).toBe(0);
+  });
+
+  it('replaceAllUsesWith also redirects graph outputs', () => {
+    const { g, x, neg } = chain();
+    const abs = g.addNode('Abs', [x]);
+    neg.output(0).replaceAllUsesWith(abs.output(0));
+    expect(g.outputs).toEqual([abs.output(0)]);
+  });
+
+  it('eliminates dead code and unused initializers', () => {
+    const { g, model, dead } = chain();
+    const w = g.addInitializer(new Value('unused'), Tensor.fromArray('unused', [1], Float32Array.from([1])));
+    expect(g.eliminateDeadCode()).toBe(1);
+    expect(g.nodes).not.toContain(dead);
+    expect(g.initializers.has(w.name)).toBe(false);
+    expect(verifyModel(model)).toEqual([]);
+  });
+
+  it('sorts topologically, stably, and rejects cycles', () => {
+    const { g, relu, neg, dead } = chain();
+    g.setNodes([neg, dead, relu]);
+    g.toposort();
+    expect(g.nodes).toEqual([relu, neg, dead]);
+    relu.setInput(0, neg.output(0));
+    expect(() => g.toposort()).toThrow(/cycle through Relu/);
+    neg.setInput(0, neg.output(0));
+    expect(() => g.toposort()).toThrow(/cycle/);
+  });
+
+  it('gives unique names and clones nodes with a value mapping', () => {
+    const { g, x, relu, neg } = chain();
+    expect(g.uniqueName('x')).toBe('x_1');
+    const x2 = g.addInput(new Value(g.uniqueName('x2'), f32));
+    const mapping = new Map([[x, x2]]);
+    const clones = g.cloneNodes([relu, neg], mapping);
+    expect(clones.map((n) => n.opType)).toEqual(['Relu', 'Neg']);
+    expect(clones[0]!.input(0)).toBe(x2);
+    expect(clones[1]!.input(0)).toBe(clones[0]!.output(0));
+    expect(mapping.get(neg.output(0))).toBe(clones[1]!.output(0));
+    expect(new Set(g.nodes.flatMap((n) => n.outputs.map((v) => v.name))).size).toBe(g.nodes.length);
+  });
+
+  it('converts half floats both ways', () => {
+    for (const v of [0, 1, -2.5, 65504, 6.1e-5, 1e-7]) expect(halfToFloat(floatToHalf(v))).toBeCloseTo(v, 3);
+    expect(floatToHalf(1)).toBe(0x3c00);
+  });
+});
+
+describe('verifier', () => {
+  it('accepts real models', () => {
+    for (const m of ['gpt2-tiny', 'llama-tiny', 'neox-tiny']) expect(verifyModel(loadModel(join(ROOT, 'fixtures', m, 'model.onnx')))).toEqual([]);
+  });
+
+  it('names the node that reads a value before its definition', () => {
+    const { g, model, relu, neg, dead } = chain();
+    g.setNodes([neg, relu, dead]);
+    const issues = verifyModel(model);
+    expect(issues[0]!.message).toMatch(/Neg node producing y reads %relu_out before it is defined/);
+  });
+
+  it('names dangling values and untyped graph outputs', () => {
+    const { g, model, neg } = chain();
+    neg.setInput(0, new Value('ghost'));
+    g.outputs[0]!.type = undefined;
+    const messages = verifyModel(model).map((i) => i.message);
+    expect(messages).toContain('Neg node producing y reads %ghost, which nothing defines');
+    expect(messages).toContain('graph output %y has no type');
+  });
+});
+
+describe('pass manager', () => {
+  const breakIt: Pass = {
+    name: 'break-it',
+    description: 'leaves a dangling input',
+    run(model) {
+      model.graph.nodes[0]!.setInput(0, new Value('dangling'));
+      return { changed: true };
+    },
+  };
+
+  it('records time and node counts per pass', () => {
+    const { model } = chain();
+    const records = runPipeline(model, defaultRegistry().parsePipeline('cleanup'));
+    expect(records).toHaveLength(1);
+    expect(records[0]).toMatchObject({ pass: 'cleanup', nodesBefore: 3, nodesAfter: 2, changed: true });
+  });
+
+  it('verifies after each pass and names the pass that broke the IR', () => {
+    const { model } = chain();
+    const reg = new PassRegistry().register(breakIt);
+    expect(() => runPipeline(model, reg.parsePipeline('break-it'))).toThrow(/invalid IR after pass break-it: Relu node .* reads %dangling, which nothing defines/);
+  });
+
+  it('parses pass options and rejects unknown ones', () => {
+    const reg = new PassRegistry().register({ ...breakIt, name: 'opt', options: [{ name: 'p', type: 'number', description: '', default: 0.5 }] });
+    expect(reg.parsePipeline('opt{p=0.25}')[0]!.options).toEqual({ p: 0.25 });
+    expect(reg.parsePipeline('opt')[0]!.options).toEqual({ p: 0.5 });
+    expect(() => reg.parsePipeline('opt{q=1}')).toThrow(/has no option 'q'/);
+    expect(() => reg.parsePipeline('opt{p=abc}')).toThrow(/must be a number/);
+    expect(reg.parsePipeline('none')).toEqual([]);
+  });
+
+  it('lift-constants turns Constant nodes into initializers without changing results', () => {
+    const model = loadModel(join(ROOT, 'fixtures', 'gpt2-tiny', 'model.onnx'));
+    const constants = model.graph.nodes.filter((n) => n.opType === 'Constant').length;
+    const before = model.graph.initializers.size;
+    const [rec] = runPipeline(model, defaultRegistry().parsePipeline('lift-constants'));
+    expect(rec!.nodesBefore - rec!.nodesAfter).toBe(constants);
+    expect(model.graph.initializers.size).toBe(before + constants);
+  });
+});
