@@ -1,0 +1,60 @@
+/**
+ * Placing modc ops in a model: as a call to a model-local function (domain `modc`, the body
+ * added once per model), or with `inline` as the body's nodes themselves, for runtimes without
+ * local functions.
+ */
+import type { Node, Value } from '../compiler/ir/graph.js';
+import { OnnxFunction, type Model } from '../compiler/ir/model.js';
+import { Value as IrValue } from '../compiler/ir/graph.js';
+import { Emitter } from './emit.js';
+import { modcOp, type OpContext } from './ops.js';
+
+export const MODC_DOMAIN = 'modc';
+export const MODC_DOMAIN_VERSION = 1;
+
+export interface CallOptions extends OpContext {
+  /** Emit the body's nodes in the graph instead of a function call. */
+  inline?: boolean;
+  /** Insert before this node (default: append). */
+  before?: Node;
+  /** Readable prefix for the new values. */
+  name?: string;
+}
+
+/** The model's default-domain opset: function bodies are written for it. */
+export function defaultOpset(model: Model): number {
+  return model.opsetVersion('') ?? 11;
+}
+
+/** Adds the function for `name` to the model if it is not there yet. */
+export function ensureModcFunction(model: Model, name: string, ctx: OpContext): OnnxFunction {
+  const existing = model.findFunction(MODC_DOMAIN, name);
+  if (existing) return existing;
+  const def = modcOp(name);
+  const fn = new OnnxFunction(MODC_DOMAIN, name);
+  fn.docString = def.doc;
+  const inputs = def.inputs.map((n) => fn.body.addInput(new IrValue(n)));
+  const opset = defaultOpset(model);
+  fn.body.outputs = def.body(new Emitter(fn.body, opset), inputs, ctx);
+  fn.opsetImports = [{ domain: '', version: opset }];
+  model.functions.push(fn);
+  model.importOpset(MODC_DOMAIN, MODC_DOMAIN_VERSION);
+  return fn;
+}
+
+/** Emits one modc op on `inputs`; returns its outputs. */
+export function callModcOp(model: Model, name: string, inputs: Value[], opts: CallOptions): Value[] {
+  const def = modcOp(name);
+  const prefix = opts.name ? `${opts.name}/` : `${name}/`;
+  if (opts.inline) {
+    const e = new Emitter(model.graph, defaultOpset(model), prefix, opts.before);
+    return def.body(e, inputs, opts);
+  }
+  ensureModcFunction(model, name, opts);
+  const outs = def.outputs.map((o) => model.graph.newValue(`${prefix}${o}`));
+  model.graph.addNode(name, inputs, outs, { domain: MODC_DOMAIN, before: opts.before, name: opts.name ? `${opts.name}/${name}` : undefined });
+  return outs;
+}
+
+export { MODC_OPS, modcOp, type ModcOpDef, type OpContext } from './ops.js';
+export * as reference from './reference.js';

@@ -1,0 +1,121 @@
+/**
+ * Reference kernels for the modc ops, straight from SPEC.md, on flat row-major arrays. The ONNX
+ * function bodies are tested against these, and the MoD reference executor uses them.
+ */
+
+/** score[b,s] = sum_h x[b,s,h] * w[h] + bias, in float32. */
+export function router(x: Float32Array, [B, S, H]: number[], w: Float32Array, bias: number): Float32Array {
+  const out = new Float32Array(B! * S!);
+  for (let t = 0; t < B! * S!; t++) {
+    let acc = 0;
+    for (let h = 0; h < H!; h++) acc += x[t * H! + h]! * w[h]!;
+    out[t] = acc + bias;
+  }
+  return out;
+}
+
+export function sigmoid(s: number): number {
+  return 1 / (1 + Math.exp(-s));
+}
+
+/** selected = sigmoid(score) >= p and not padding. */
+export function selectThreshold(score: Float32Array, mask: ArrayLike<number>, p: number): Uint8Array {
+  return Uint8Array.from(score, (s, i) => (mask[i] && Math.fround(sigmoid(s)) >= Math.fround(p) ? 1 : 0));
+}
+
+/**
+ * Per row: the ceil(c * n) highest scores among the n real tokens, ties to the earlier token
+ * (ceil of the float32 product, as the graph computes it). One-token steps with a past use
+ * sigmoid(score) >= 0.5.
+ */
+export function selectTopK(score: Float32Array, mask: ArrayLike<number>, [B, S]: number[], capacity: number, pastLength: number): Uint8Array {
+  if (S === 1 && pastLength > 0) return selectThreshold(score, mask, 0.5);
+  const out = new Uint8Array(B! * S!);
+  for (let b = 0; b < B!; b++) {
+    const real: number[] = [];
+    for (let s = 0; s < S!; s++) if (mask[b * S! + s]) real.push(s);
+    const k = Math.ceil(Math.fround(Math.fround(capacity) * real.length));
+    real.sort((i, j) => score[b * S! + j]! - score[b * S! + i]! || i - j);
+    for (const s of real.slice(0, k)) out[b * S! + s] = 1;
+  }
+  return out;
+}
+
+export interface Compacted {
+  /** K slots per row: selected positions ascending, then unselected ones (invalid). */
+  indices: number[];
+  valid: Uint8Array;
+  count: number[];
+  K: number;
+}
+
+export function compact(selected: ArrayLike<number>, [B, S]: number[]): Compacted {
+  const count: number[] = [];
+  for (let b = 0; b < B!; b++) {
+    let c = 0;
+    for (let s = 0; s < S!; s++) c += selected[b * S! + s] ? 1 : 0;
+    count.push(c);
+  }
+  const K = Math.max(1, ...count);
+  const indices: number[] = [];
+  const valid = new Uint8Array(B! * K);
+  for (let b = 0; b < B!; b++) {
+    const chosen: number[] = [];
+    const rest: number[] = [];
+    for (let s = 0; s < S!; s++) (selected[b * S! + s] ? chosen : rest).push(s);
+    const row = [...chosen, ...rest].slice(0, K);
+    row.forEach((s, k) => {
+      indices.push(s);
+      valid[b * K + k] = k < chosen.length ? 1 : 0;
+    });
+  }
+  return { indices, valid, count, K };
+}
+
+/** y[b,k,...] = x[b, indices[b,k], ...]; `inner` is the product of the dims after the first two. */
+export function gatherTokens<T extends Float32Array | Float64Array | BigInt64Array | Uint8Array>(x: T, [B, S]: number[], inner: number, indices: number[], K: number): T {
+  const Ctor = x.constructor as new (n: number) => T;
+  const out = new Ctor(B! * K * inner);
+  for (let b = 0; b < B!; b++) {
+    for (let k = 0; k < K; k++) {
+      const src = (b * S! + indices[b * K + k]!) * inner;
+      out.set(x.subarray(src, src + inner) as never, (b * K + k) * inner);
+    }
+  }
+  return out;
+}
+
+/** x with each valid slot's token replaced by y (or x_sel + gate * (y - x_sel) when gated). */
+export function scatterTokens(x: Float32Array, [B, S, H]: number[], indices: number[], valid: Uint8Array, K: number, y: Float32Array, gate?: Float32Array): Float32Array {
+  const out = Float32Array.from(x);
+  for (let b = 0; b < B!; b++) {
+    for (let k = 0; k < K; k++) {
+      if (!valid[b * K + k]) continue;
+      const dst = (b * S! + indices[b * K + k]!) * H!;
+      const src = (b * K + k) * H!;
+      for (let h = 0; h < H!; h++) {
+        const xv = x[dst + h]!;
+        const yv = y[src + h]!;
+        out[dst + h] = gate ? Math.fround(xv + Math.fround(Math.fround(gate[b * K + k]!) * Math.fround(yv - xv))) : yv;
+      }
+    }
+  }
+  return out;
+}
+
+/** out[b,h,i,j] = mask[b|0, h, qIdx[b,i], kIdx[b,j]] where kValid[b,j], else fill. */
+export function gatherMask(mask: Float32Array, [MB, Hm, Sq, T]: number[], B: number, qIdx: number[], K: number, kIdx: number[], K2: number, kValid: Uint8Array, fill: number): Float32Array {
+  const out = new Float32Array(B * Hm! * K * K2);
+  for (let b = 0; b < B; b++) {
+    const mb = MB === 1 ? 0 : b;
+    for (let h = 0; h < Hm!; h++) {
+      for (let i = 0; i < K; i++) {
+        for (let j = 0; j < K2; j++) {
+          const o = ((b * Hm! + h) * K + i) * K2 + j;
+          out[o] = kValid[b * K2 + j] ? mask[((mb * Hm! + h) * Sq! + qIdx[b * K + i]!) * T! + kIdx[b * K2 + j]!]! : fill;
+        }
+      }
+    }
+  }
+  return out;
+}

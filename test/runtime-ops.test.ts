@@ -1,0 +1,205 @@
+/**
+ * Each modc op's ONNX function body, run by onnxruntime-node, agrees with its TypeScript
+ * reference kernel: on random inputs and on the edges (nothing selected, everything selected,
+ * rows selecting different counts, all-padding rows), batch 1 and 4, as a local function and
+ * inlined, at an old (11) and a current (17) opset.
+ */
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { saveModel } from '../compiler/io/save.js';
+import { DataType } from '../compiler/ir/dtype.js';
+import { Graph, Value } from '../compiler/ir/graph.js';
+import { Model } from '../compiler/ir/model.js';
+import { createSession, ort } from '../compiler/runtime/ort.js';
+import { callModcOp, modcOp, reference as ref } from '../runtime-ops/index.js';
+import { tempDir } from './helpers.js';
+
+const tmp = tempDir('modc-ops');
+
+type Feed = { name: string; type: 'float32' | 'int64' | 'bool'; dims: number[]; data: Float32Array | BigInt64Array | Uint8Array };
+const ONNX_TYPE = { float32: DataType.FLOAT, int64: DataType.INT64, bool: DataType.BOOL } as const;
+
+function f32(name: string, dims: number[], data: ArrayLike<number>): Feed {
+  return { name, type: 'float32', dims, data: Float32Array.from(data) };
+}
+function i64(name: string, dims: number[], data: ArrayLike<number>): Feed {
+  return { name, type: 'int64', dims, data: BigInt64Array.from(Array.from(data, (v) => BigInt(v))) };
+}
+function bool(name: string, dims: number[], data: ArrayLike<number>): Feed {
+  return { name, type: 'bool', dims, data: Uint8Array.from(data) };
+}
+
+let counter = 0;
+/** Runs one modc op in ORT on the feeds (ranks fixed, dims symbolic so shapes really vary). */
+async function runOp(op: string, feeds: Feed[], opts: { inline: boolean; opset: number }): Promise<ort.Tensor[]> {
+  const g = new Graph('op');
+  const inputs = feeds.map((f) => g.addInput(new Value(f.name, {
+    tensor_type: { elem_type: ONNX_TYPE[f.type], shape: { dim: f.dims.map((_, i) => ({ dim_param: `${f.name}_d${i}` })) } },
+  })));
+  const model = new Model(g, 8);
+  model.opsetImports = [{ domain: '', version: opts.opset }];
+  const outs = callModcOp(model, op, inputs, { dtype: DataType.FLOAT, inline: opts.inline });
+  const outTypes: Record<string, number[]> = {
+    Router: [DataType.FLOAT], SelectThreshold: [DataType.BOOL], SelectTopK: [DataType.BOOL],
+    Compact: [DataType.INT64, DataType.BOOL, DataType.INT64], GatherTokens: [ONNX_TYPE[feeds[0]!.type]],
+    ScatterTokens: [DataType.FLOAT], ScatterTokensGated: [DataType.FLOAT], GatherMask: [DataType.FLOAT],
+  };
+  outs.forEach((v, i) => (v.type = { tensor_type: { elem_type: outTypes[op]![i]! } }));
+  g.outputs = outs;
+  const path = join(tmp, `${op}-${counter++}.onnx`);
+  saveModel(model, path);
+  const session = await createSession(path);
+  const ortFeeds = Object.fromEntries(feeds.map((f) => [f.name, new ort.Tensor(f.type, f.data, f.dims)]));
+  const result = await session.run(ortFeeds);
+  return outs.map((v) => result[v.name]!);
+}
+
+/** Deterministic PRNG (mulberry32). */
+function rng(seed: number) {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+const randn = (r: () => number, n: number, scale = 1) => Float32Array.from({ length: n }, () => (r() * 2 - 1) * scale);
+
+/** Token masks for the edge cases: full rows, left padding, right padding, an all-padding row. */
+function masks(B: number, S: number): number[] {
+  const m: number[] = [];
+  for (let b = 0; b < B; b++) {
+    for (let s = 0; s < S; s++) {
+      const kind = b % 4;
+      m.push(kind === 0 ? 1 : kind === 1 ? (s >= 2 ? 1 : 0) : kind === 2 ? (s < S - 3 ? 1 : 0) : 0);
+    }
+  }
+  return m;
+}
+
+const data = (t: ort.Tensor) => Array.from(t.data as ArrayLike<number | bigint | boolean>, (v) => Number(v));
+const modes = [
+  { inline: false, opset: 17 },
+  { inline: true, opset: 17 },
+  { inline: false, opset: 11 },
+];
+
+describe.each(modes)('modc ops (inline=$inline, opset $opset)', (mode) => {
+  it.each([1, 4])('Router matches w.x + b (batch %i)', async (B) => {
+    const r = rng(1);
+    const [S, H] = [5, 8];
+    const x = randn(r, B * S * H);
+    const w = randn(r, H);
+    const [score] = await runOp('Router', [f32('x', [B, S, H], x), f32('weight', [H], w), f32('bias', [1], [0.25])], mode);
+    const want = ref.router(x, [B, S, H], w, 0.25);
+    data(score!).forEach((v, i) => expect(v).toBeCloseTo(want[i]!, 5));
+  });
+
+  it.each([
+    ['half of the tokens', 0.5],
+    ['nothing', 1.0],
+    ['everything', 0.0],
+  ])('SelectThreshold selects %s', async (_, p) => {
+    const r = rng(2);
+    const [B, S] = [4, 7];
+    const score = randn(r, B * S, 3);
+    const mask = masks(B, S);
+    const [sel] = await runOp('SelectThreshold', [f32('score', [B, S], score), i64('token_mask', [B, S], mask), f32('threshold', [], [p])], mode);
+    const want = Array.from(ref.selectThreshold(score, mask, p));
+    expect(data(sel!)).toEqual(want);
+    if (p === 0) expect(want).toEqual(mask); // every real token, never padding
+  });
+
+  it.each([
+    [1, 0.5, 0], [4, 0.5, 0], [4, 0.3, 0], [4, 1.0, 0], [4, 0.01, 0], [4, 0.5, 3],
+  ])('SelectTopK (batch %i, capacity %f, past %i)', async (B, c, past) => {
+    const r = rng(3);
+    const S = past > 0 ? 1 : 9;
+    const score = randn(r, B * S, 3);
+    // Ties: equal scores must go to the earlier token.
+    if (S > 3) score[1] = score[2] = score[3] = 0.125;
+    const mask = past > 0 ? Array(B * S).fill(1) : masks(B, S);
+    const [sel] = await runOp('SelectTopK', [f32('score', [B, S], score), i64('token_mask', [B, S], mask), f32('capacity', [], [c]), i64('past_length', [], [past])], mode);
+    expect(data(sel!)).toEqual(Array.from(ref.selectTopK(score, mask, [B, S], c, past)));
+  });
+
+  it.each([
+    ['rows selecting different counts', [1, 0, 1, 1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 0, 0], 4],
+    ['nothing selected', Array(20).fill(0), 4],
+    ['everything selected', Array(20).fill(1), 4],
+    ['batch 1', [0, 1, 1, 0, 1], 1],
+  ])('Compact: %s', async (_, selected, B) => {
+    const S = selected.length / B;
+    const [indices, valid, count] = await runOp('Compact', [bool('selected', [B, S], selected)], mode);
+    const want = ref.compact(selected, [B, S]);
+    expect(indices!.dims).toEqual([B, want.K]);
+    expect(data(indices!)).toEqual(want.indices);
+    expect(data(valid!)).toEqual(Array.from(want.valid));
+    expect(data(count!)).toEqual(want.count);
+  });
+
+  it.each([1, 4])('GatherTokens on hidden states and on position ids (batch %i)', async (B) => {
+    const r = rng(4);
+    const [S, H] = [6, 3];
+    const selected = Array.from({ length: B * S }, () => (r() > 0.5 ? 1 : 0));
+    const c = ref.compact(selected, [B, S]);
+    const x = randn(r, B * S * H);
+    const [y] = await runOp('GatherTokens', [f32('x', [B, S, H], x), i64('indices', [B, c.K], c.indices)], mode);
+    expect(data(y!)).toEqual(Array.from(ref.gatherTokens(x, [B, S], H, c.indices, c.K)));
+    const pos = BigInt64Array.from({ length: B * S }, (_, i) => BigInt(i % S));
+    const [p] = await runOp('GatherTokens', [i64('x', [B, S], Array.from(pos, Number)), i64('indices', [B, c.K], c.indices)], mode);
+    expect(data(p!)).toEqual(Array.from(ref.gatherTokens(pos, [B, S], 1, c.indices, c.K), Number));
+  });
+
+  it.each([
+    ['ScatterTokens', false], ['ScatterTokensGated', true],
+  ])('%s writes back only valid slots', async (op, gated) => {
+    const r = rng(5);
+    const [B, S, H] = [4, 6, 3];
+    const selected = [1, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 1, 0, 0, 0, 1];
+    const c = ref.compact(selected, [B, S]);
+    const x = randn(r, B * S * H);
+    const xSel = ref.gatherTokens(x, [B, S], H, c.indices, c.K);
+    const y = randn(r, B * c.K * H);
+    const gate = Float32Array.from({ length: B * c.K }, () => r());
+    const feeds = [f32('x', [B, S, H], x), i64('indices', [B, c.K], c.indices), bool('valid', [B, c.K], c.valid), f32('x_sel', [B, c.K, H], xSel), f32('y', [B, c.K, H], y)];
+    if (gated) feeds.push(f32('gate', [B, c.K], gate));
+    const [out] = await runOp(op, feeds, mode);
+    const want = ref.scatterTokens(x, [B, S, H], c.indices, c.valid, c.K, y, gated ? gate : undefined);
+    data(out!).forEach((v, i) => expect(v).toBeCloseTo(want[i]!, 6));
+    // Unselected tokens pass through bit for bit.
+    for (let t = 0; t < B * S; t++) if (!selected[t]) for (let h = 0; h < H; h++) expect(data(out!)[t * H + h]).toBe(x[t * H + h]);
+  });
+
+  it.each([1, 4])('GatherMask picks query rows and key columns, filling invalid keys (batch %i)', async (B) => {
+    const r = rng(6);
+    const [S, T] = [5, 7];
+    const mask = randn(r, 1 * 1 * S * T); // batch-1 mask broadcast over rows
+    const qSel = Array.from({ length: B * S }, (_, i) => (i % 2 ? 1 : 0));
+    const kSel = Array.from({ length: B * T }, (_, i) => (i % 3 ? 1 : 0));
+    const q = ref.compact(qSel, [B, S]);
+    const k = ref.compact(kSel, [B, T]);
+    const [out] = await runOp('GatherMask', [
+      f32('mask', [1, 1, S, T], mask), i64('q_idx', [B, q.K], q.indices), i64('k_idx', [B, k.K], k.indices), bool('k_valid', [B, k.K], k.valid), f32('fill', [], [-1e9]),
+    ], mode);
+    expect(out!.dims).toEqual([B, 1, q.K, k.K]);
+    expect(data(out!)).toEqual(Array.from(ref.gatherMask(mask, [1, 1, S, T], B, q.indices, q.K, k.indices, k.K, k.valid, -1e9)));
+  });
+});
+
+describe('modc functions in a model', () => {
+  it('are added once, in domain modc, with the domain imported', () => {
+    const g = new Graph('g');
+    const x = g.addInput(new Value('x', { tensor_type: { elem_type: DataType.BOOL } }));
+    const model = new Model(g, 8);
+    model.opsetImports = [{ domain: '', version: 17 }];
+    callModcOp(model, 'Compact', [x], { dtype: DataType.FLOAT });
+    callModcOp(model, 'Compact', [x], { dtype: DataType.FLOAT });
+    expect(model.functions.map((f) => f.key)).toEqual(['modc::Compact']);
+    expect(model.opsetVersion('modc')).toBe(1);
+    expect(g.nodes.map((n) => `${n.domain}::${n.opType}`)).toEqual(['modc::Compact', 'modc::Compact']);
+    expect(modcOp('Compact').outputs).toEqual(['indices', 'valid', 'count']);
+  });
+});
