@@ -16,6 +16,10 @@
  * | ScatterTokens      | x T[B,S,H], indices, valid, x_sel T[B,K,H], y T[B,K,H]    | T[B,S,H]                       |
  * | ScatterTokensGated | same + gate float[B,K]                                    | T[B,S,H]                       |
  * | GatherMask         | mask M[B|1,h,Sq,T], q_idx int64[B,K], k_idx int64[B,K2], k_valid bool[B,K2], fill M[] | M[B,h,K,K2] |
+ * | PrefixMask         | lengths int64[B], total int64[]                           | bool[B,total]: j < lengths[b]  |
+ * | KeyMask            | past_length int64[B], past_capacity int64[], valid bool[B,K] | bool[B,P+K]: a layer's valid keys |
+ * | GatherKv           | kv T[B,H,T,D], indices int64[B,K]                         | T[B,H,K,D] (per-row gather on the sequence axis) |
+ * | GatherKvCombined   | kv T[2,B,H,T,D], indices int64[B,K]                       | T[2,B,H,K,D]                   |
  *
  * Semantics (SPEC.md): score = w.x + b in fp32; threshold-p selects r = sigmoid(score) >= p;
  * top-k selects per row the ceil(c * n) highest scores among the n real tokens (ceil taken of
@@ -188,7 +192,66 @@ const gatherMask: ModcOpDef = {
   },
 };
 
-export const MODC_OPS: readonly ModcOpDef[] = [router, selectThreshold, selectTopK, compact, gatherTokens, scatterTokens, scatterTokensGated, gatherMask];
+/** j < lengths[b] for j in [0, total): valid-prefix masks (right padding). */
+function prefixMask(e: Emitter, lengths: Value, total: Value): Value {
+  const j = e.op('Range', [e.i64(0), total, e.i64(1)]);
+  return e.op('Less', [e.unsqueeze(j, [0]), e.unsqueeze(lengths, [1])]);
+}
+
+const prefixMaskOp: ModcOpDef = {
+  name: 'PrefixMask',
+  inputs: ['lengths', 'total'],
+  outputs: ['mask'],
+  doc: 'mask[b, j] = j < lengths[b], j in [0, total)',
+  body(e, [lengths, total]) {
+    return [prefixMask(e, lengths!, total!)];
+  },
+};
+
+const keyMask: ModcOpDef = {
+  name: 'KeyMask',
+  inputs: ['past_length', 'past_capacity', 'valid'],
+  outputs: ['mask'],
+  doc: "a layer's valid keys: its cache slots j < past_length[b], then this call's valid slots",
+  body(e, [pastLength, capacity, valid]) {
+    return [e.op('Concat', [prefixMask(e, pastLength!, capacity!), valid!], { axis: 1 })];
+  },
+};
+
+/** Gathers `indices` [B,K] along the sequence axis of a [.., B, H, T, D] cache (batch at `batchAxis`). */
+function gatherSequence(e: Emitter, kv: Value, indices: Value, batchAxis: 0 | 1): Value {
+  const seqAxis = batchAxis + 2;
+  const k = e.dim(indices, 1);
+  const lead = batchAxis === 1 ? [e.dim(kv, 0)] : [];
+  const target = e.op('Concat', [...lead, e.dim(kv, batchAxis), e.dim(kv, batchAxis + 1), k, e.dim(kv, seqAxis + 1)], { axis: 0 });
+  const shaped = e.unsqueeze(indices, batchAxis === 1 ? [0, 2, 4] : [1, 3]);
+  return e.op('GatherElements', [kv, e.op('Expand', [shaped, target])], { axis: seqAxis });
+}
+
+const gatherKv: ModcOpDef = {
+  name: 'GatherKv',
+  inputs: ['kv', 'indices'],
+  outputs: ['out'],
+  doc: 'out[b,h,k,d] = kv[b,h,indices[b,k],d]',
+  body(e, [kv, indices]) {
+    return [gatherSequence(e, kv!, indices!, 0)];
+  },
+};
+
+const gatherKvCombined: ModcOpDef = {
+  name: 'GatherKvCombined',
+  inputs: ['kv', 'indices'],
+  outputs: ['out'],
+  doc: 'out[i,b,h,k,d] = kv[i,b,h,indices[b,k],d] for the combined [2,B,H,T,D] cache',
+  body(e, [kv, indices]) {
+    return [gatherSequence(e, kv!, indices!, 1)];
+  },
+};
+
+export const MODC_OPS: readonly ModcOpDef[] = [
+  router, selectThreshold, selectTopK, compact, gatherTokens, scatterTokens, scatterTokensGated, gatherMask,
+  prefixMaskOp, keyMask, gatherKv, gatherKvCombined,
+];
 
 export function modcOp(name: string): ModcOpDef {
   const op = MODC_OPS.find((o) => o.name === name);
