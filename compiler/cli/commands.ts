@@ -2,7 +2,8 @@
 import type { Command } from './command.js';
 import { compileCommand } from './compile.js';
 import { inspectCommand } from './inspect.js';
+import { runCommand } from './run.js';
 
 export type { Command } from './command.js';
 
-export const COMMANDS: Command[] = [inspectCommand, compileCommand];
+export const COMMANDS: Command[] = [inspectCommand, compileCommand, runCommand];

@@ -1,0 +1,61 @@
+/** `modc run`: one forward over a prompt (past length 0) on any model, original or compiled. */
+import { UsageError } from '../errors.js';
+import { ModSession, lastPosition, argmax } from '../runtime/session.js';
+import type { ExecutionProvider } from '../runtime/ort.js';
+import { onePositional, stringFlag } from './args.js';
+import type { Command } from './command.js';
+import { parseIdRows } from './ids.js';
+
+export function executionProvider(values: Record<string, unknown>): ExecutionProvider {
+  const ep = (values.ep as string | undefined) ?? 'cpu';
+  if (ep !== 'cpu' && ep !== 'cuda') throw new UsageError(`--ep must be cpu or cuda, got '${ep}'`);
+  return ep;
+}
+
+export function padSide(values: Record<string, unknown>): 'left' | 'right' {
+  const pad = (values.pad as string | undefined) ?? 'left';
+  if (pad !== 'left' && pad !== 'right') throw new UsageError(`--pad must be left or right, got '${pad}'`);
+  return pad;
+}
+
+export const runCommand: Command = {
+  name: 'run',
+  summary: 'run one forward pass over a prompt and print the logits',
+  usage: 'modc run MODEL.onnx --ids "5,6,7;8,9" [--pad left|right] [--ep cpu|cuda] [--json]',
+  details: [
+    'Rows are separated by `;`. Shorter rows are padded with id 0 and masked out. Positions count',
+    'real tokens only. With --json it prints',
+    '  {"logits": [[[...]]], "dims": [B, S, V], "attentionMask": [[...]], "inputIds": [[...]]}',
+    'where logits is [batch][position][vocab] over the padded prompt (padding positions included;',
+    'attentionMask says which they are). float16 logits are converted to numbers.',
+  ].join('\n'),
+  options: {
+    ids: { type: 'string', valueName: 'IDS', help: 'token ids: rows separated by ";", ids by ","' },
+    pad: { type: 'string', valueName: 'SIDE', help: 'pad shorter rows on the left (default) or right' },
+    ep: { type: 'string', valueName: 'EP', help: 'execution provider: cpu (default) or cuda' },
+    json: { type: 'boolean', help: 'print the logits as JSON' },
+  },
+  async run(positionals, values, io) {
+    const path = onePositional(positionals, 'model path', 'run');
+    const text = stringFlag(values, 'ids');
+    if (text === undefined) throw new UsageError('missing --ids');
+    const rows = parseIdRows(text);
+    const pad = padSide(values);
+    const session = await ModSession.create(path, { executionProvider: executionProvider(values) });
+    const logits = await session.forward(rows, { pad });
+    const [B, S, V] = logits.dims;
+    const mask = rows.map((r) => {
+      const m = Array(S - r.length).fill(0);
+      return pad === 'left' ? [...m, ...r.map(() => 1)] : [...r.map(() => 1), ...m];
+    });
+    if (values.json) {
+      const nested = Array.from({ length: B }, (_, b) => Array.from({ length: S }, (_, s) => Array.from(logits.data.subarray((b * S + s) * V, (b * S + s + 1) * V))));
+      const inputIds = rows.map((r) => (pad === 'left' ? [...Array(S - r.length).fill(0), ...r] : [...r, ...Array(S - r.length).fill(0)]));
+      io.out(JSON.stringify({ logits: nested, dims: [B, S, V], attentionMask: mask, inputIds }));
+    } else {
+      io.out(`logits [${B}, ${S}, ${V}]`);
+      lastPosition(logits).forEach((l, b) => io.out(`  row ${b}: last position argmax ${argmax(l)} (logit ${l[argmax(l)]!.toFixed(4)})`));
+    }
+    return 0;
+  },
+};

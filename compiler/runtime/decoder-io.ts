@@ -1,0 +1,105 @@
+/**
+ * The I/O contract of a decoder model, original or compiled, as seen by a caller driving it:
+ * which input takes the token ids, the attention mask, the positions; which past/present
+ * tensors form each layer's KV cache (and its layout); and, for modc-compiled layers, the
+ * per-layer cache lengths. Read from the graph's inputs and outputs only.
+ */
+import { ModcError } from '../errors.js';
+import { DataType } from '../ir/dtype.js';
+import type { Value } from '../ir/graph.js';
+import type { Model } from '../ir/model.js';
+
+export type KvLayout = 'BHTD' | 'combined-2BHTD';
+
+export interface KvBinding {
+  layer: number;
+  /** Past input and present output names; for the combined layout key and value share one tensor. */
+  pastKey: string;
+  pastValue: string | null;
+  presentKey: string;
+  presentValue: string | null;
+  layout: KvLayout;
+  numHeads: number;
+  headSize: number;
+  dtype: 'float32' | 'float16';
+  /** modc-compiled layer: the per-row cache length input and output. */
+  pastLength: string | null;
+  presentLength: string | null;
+}
+
+export interface DecoderIo {
+  inputIds: { name: string; dtype: 'int32' | 'int64' };
+  attentionMask: { name: string; dtype: 'int32' | 'int64' } | null;
+  positionIds: { name: string; dtype: 'int32' | 'int64' } | null;
+  logits: string;
+  kv: KvBinding[];
+  vocabSize: number | null;
+}
+
+const intType = (v: Value): 'int32' | 'int64' => (v.dtype === DataType.INT32 ? 'int32' : 'int64');
+
+/** Past/present naming conventions: HF/GenAI `past_key_values.N.key` and ORT's `past_N` combined. */
+const PAST_SPLIT = /^past_key_values\.(\d+)\.(key|value)$/;
+const PAST_COMBINED = /^past_(\d+)$/;
+export const pastLengthName = (layer: number) => `past_lengths.${layer}`;
+export const presentLengthName = (layer: number) => `present_lengths.${layer}`;
+
+export function decoderIo(model: Model): DecoderIo {
+  const g = model.graph;
+  const inputs = new Map(g.inputs.filter((v) => !g.initializers.has(v.name)).map((v) => [v.name, v]));
+  const outputs = new Map(g.outputs.map((v) => [v.name, v]));
+  const ids = inputs.get('input_ids');
+  if (!ids) throw new ModcError(`model has no 'input_ids' input (inputs: ${[...inputs.keys()].join(', ')})`);
+  const logits = outputs.get('logits') ?? g.outputs[0];
+  if (!logits) throw new ModcError('model has no outputs');
+  const mask = inputs.get('attention_mask');
+  const pos = inputs.get('position_ids');
+
+  const kv = new Map<number, KvBinding>();
+  for (const v of inputs.values()) {
+    const split = PAST_SPLIT.exec(v.name);
+    const combined = PAST_COMBINED.exec(v.name);
+    if (!split && !combined) continue;
+    const layer = Number((split ?? combined)![1]);
+    const shape = v.shape ?? [];
+    const [heads, head] = combined ? [shape[2], shape[4]] : [shape[1], shape[3]];
+    const entry = kv.get(layer) ?? {
+      layer, pastKey: '', pastValue: null, presentKey: '', presentValue: null,
+      layout: combined ? 'combined-2BHTD' : 'BHTD',
+      numHeads: typeof heads === 'number' ? heads : 0, headSize: typeof head === 'number' ? head : 0,
+      dtype: v.dtype === DataType.FLOAT16 ? 'float16' : 'float32',
+      pastLength: inputs.has(pastLengthName(layer)) ? pastLengthName(layer) : null,
+      presentLength: outputs.has(presentLengthName(layer)) ? presentLengthName(layer) : null,
+    } satisfies KvBinding;
+    if (combined) {
+      entry.pastKey = v.name;
+      entry.presentKey = pick(outputs, [`present_${layer}`], v.name);
+    } else if (split![2] === 'key') {
+      entry.pastKey = v.name;
+      entry.presentKey = pick(outputs, [`present.${layer}.key`, `present_key_values.${layer}.key`], v.name);
+    } else {
+      entry.pastValue = v.name;
+      entry.presentValue = pick(outputs, [`present.${layer}.value`, `present_key_values.${layer}.value`], v.name);
+    }
+    kv.set(layer, entry);
+  }
+  const layers = [...kv.values()].sort((a, b) => a.layer - b.layer);
+  for (const b of layers) {
+    if (!b.numHeads || !b.headSize) throw new ModcError(`past input ${b.pastKey} needs static head count and head size dims`);
+  }
+  const vocab = logits.shape?.at(-1);
+  return {
+    inputIds: { name: ids.name, dtype: intType(ids) },
+    attentionMask: mask ? { name: mask.name, dtype: intType(mask) } : null,
+    positionIds: pos ? { name: pos.name, dtype: intType(pos) } : null,
+    logits: logits.name,
+    kv: layers,
+    vocabSize: typeof vocab === 'number' ? vocab : null,
+  };
+}
+
+function pick(outputs: Map<string, Value>, candidates: string[], past: string): string {
+  const found = candidates.find((c) => outputs.has(c));
+  if (!found) throw new ModcError(`no present output for past input ${past} (looked for ${candidates.join(', ')})`);
+  return found;
+}

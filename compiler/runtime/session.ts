@@ -1,0 +1,177 @@
+/**
+ * ModSession: one API to run a decoder, original or modc-compiled, over a prompt (prefill) and
+ * then token by token, keeping the KV caches between calls.
+ *
+ *   const s = await ModSession.create('model.onnx');
+ *   const p = await s.forward([[5, 6, 7], [8, 9]]);   // logits [B, S, V]
+ *   const d = await s.step([10, 11]);                 // logits [B, 1, V]
+ *
+ * Rows of different lengths are padded (left by default) with token 0 and masked; positions
+ * count real tokens only (cumsum(mask) - 1, as Hugging Face does), so padding never shifts them.
+ */
+import { ModcError } from '../errors.js';
+import { loadModel } from '../io/load.js';
+import { decoderIo, type DecoderIo, type KvBinding } from './decoder-io.js';
+import { createSession, emptyTensor, ort, toFloat32, type SessionOptions } from './ort.js';
+
+export interface Logits {
+  /** Row-major [batch, positions, vocab]. */
+  data: Float32Array;
+  dims: [number, number, number];
+}
+
+export interface ForwardOptions {
+  pad?: 'left' | 'right';
+}
+
+export interface GenerateOptions {
+  maxNewTokens: number;
+  /** Feed these ids (one per step, the same for every row) instead of the argmax. */
+  force?: number[];
+  pad?: 'left' | 'right';
+}
+
+export interface GenerateResult {
+  /** Per row: the prompt (unpadded) followed by the generated tokens. */
+  ids: number[][];
+  /** After the prefill and after each fed token: the last position's logits per row. */
+  steps: Float32Array[][];
+}
+
+function typed(dtype: 'int32' | 'int64', values: number[], dims: number[]): ort.Tensor {
+  return dtype === 'int32' ? new ort.Tensor('int32', Int32Array.from(values), dims) : new ort.Tensor('int64', BigInt64Array.from(values, BigInt), dims);
+}
+
+export class ModSession {
+  /** Per row: 1 for a real token, 0 for padding, over every token fed so far. */
+  private mask: number[][] = [];
+  private caches = new Map<string, ort.Tensor>();
+  private lengths = new Map<number, number[]>();
+
+  private constructor(readonly session: ort.InferenceSession, readonly io: DecoderIo, readonly path: string) {}
+
+  static async create(path: string, opts: SessionOptions = {}): Promise<ModSession> {
+    const io = decoderIo(loadModel(path));
+    return new ModSession(await createSession(path, opts), io, path);
+  }
+
+  get batch(): number {
+    return this.mask.length;
+  }
+
+  /** Runs the prompt (past length 0) and keeps the caches. */
+  async forward(rows: number[][], opts: ForwardOptions = {}): Promise<Logits> {
+    if (rows.length === 0 || rows.some((r) => r.length === 0)) throw new ModcError('every row needs at least one token');
+    this.checkVocab(rows.flat());
+    const width = Math.max(...rows.map((r) => r.length));
+    const left = (opts.pad ?? 'left') === 'left';
+    const ids: number[] = [];
+    this.mask = rows.map((r) => {
+      const pad = Array(width - r.length).fill(0);
+      ids.push(...(left ? [...pad, ...r] : [...r, ...pad]));
+      const m = r.map(() => 1);
+      return left ? [...pad, ...m] : [...m, ...pad];
+    });
+    this.caches.clear();
+    this.lengths.clear();
+    const B = rows.length;
+    for (const b of this.io.kv) {
+      const dims = b.layout === 'combined-2BHTD' ? [2, B, b.numHeads, 0, b.headSize] : [B, b.numHeads, 0, b.headSize];
+      this.caches.set(b.pastKey, emptyTensor(b.dtype, dims));
+      if (b.pastValue) this.caches.set(b.pastValue, emptyTensor(b.dtype, dims));
+      if (b.pastLength) this.lengths.set(b.layer, Array(B).fill(0));
+    }
+    const positions = this.mask.map((m) => {
+      let seen = -1;
+      return m.map((v) => Math.max(0, (seen += v)));
+    });
+    return this.run(ids, [B, width], positions.flat());
+  }
+
+  /** Feeds one token per row on top of the caches. */
+  async step(next: number[]): Promise<Logits> {
+    if (this.mask.length === 0) throw new ModcError('step() before forward(): run the prompt first');
+    if (next.length !== this.batch) throw new ModcError(`step() got ${next.length} ids for a batch of ${this.batch}`);
+    this.checkVocab(next);
+    const positions = this.mask.map((m) => m.reduce((a, v) => a + v, 0));
+    this.mask = this.mask.map((m) => [...m, 1]);
+    return this.run(next, [this.batch, 1], positions);
+  }
+
+  async generate(prompt: number[][], opts: GenerateOptions): Promise<GenerateResult> {
+    if (opts.force && opts.force.length !== opts.maxNewTokens) {
+      throw new ModcError(`--force has ${opts.force.length} ids but --max-new is ${opts.maxNewTokens}: give one id per new token`);
+    }
+    const ids = prompt.map((r) => [...r]);
+    const steps: Float32Array[][] = [];
+    let logits = await this.forward(prompt, { pad: opts.pad });
+    steps.push(lastPosition(logits));
+    for (let t = 0; t < opts.maxNewTokens; t++) {
+      const next = opts.force ? Array(this.batch).fill(opts.force[t]) : steps.at(-1)!.map(argmax);
+      next.forEach((id, b) => ids[b]!.push(id));
+      logits = await this.step(next);
+      steps.push(lastPosition(logits));
+    }
+    return { ids, steps };
+  }
+
+  /** Bytes the KV cache tensors hold now (all layers, padding slots included). */
+  kvBytes(): number {
+    let total = 0;
+    for (const t of this.caches.values()) total += t.dims.reduce((a, b) => a * b, 1) * (t.type === 'float16' ? 2 : 4);
+    return total;
+  }
+
+  /** Per layer, per row: how many real tokens that layer's cache holds. */
+  layerCacheLengths(): number[][] {
+    const real = this.mask.map((m) => m.reduce((a, v) => a + v, 0));
+    return this.io.kv.map((b) => this.lengths.get(b.layer) ?? real);
+  }
+
+  private checkVocab(ids: number[]): void {
+    const V = this.io.vocabSize;
+    const bad = ids.find((id) => !Number.isInteger(id) || id < 0 || (V !== null && id >= V));
+    if (bad !== undefined) throw new ModcError(`token id ${bad} is outside the vocabulary${V !== null ? ` (0-${V - 1})` : ''}`);
+  }
+
+  private async run(ids: number[], dims: [number, number], positions: number[]): Promise<Logits> {
+    const io = this.io;
+    const feeds: Record<string, ort.Tensor> = { [io.inputIds.name]: typed(io.inputIds.dtype, ids, dims) };
+    const total = this.mask[0]!.length;
+    if (io.attentionMask) feeds[io.attentionMask.name] = typed(io.attentionMask.dtype, this.mask.flat(), [this.batch, total]);
+    if (io.positionIds) feeds[io.positionIds.name] = typed(io.positionIds.dtype, positions, dims);
+    for (const [name, t] of this.caches) feeds[name] = t;
+    for (const b of io.kv) if (b.pastLength) feeds[b.pastLength] = typed('int64', this.lengths.get(b.layer)!, [this.batch]);
+    let out: ort.InferenceSession.OnnxValueMapType;
+    try {
+      out = await this.session.run(feeds);
+    } catch (e) {
+      throw new ModcError(`onnxruntime failed running ${this.path}: ${(e as Error).message.split('\n')[0]}`);
+    }
+    for (const b of io.kv) this.keepPresent(b, out);
+    const logits = out[io.logits] as ort.Tensor;
+    const [B, S, V] = logits.dims as [number, number, number];
+    return { data: toFloat32(logits), dims: [B, S, V] };
+  }
+
+  private keepPresent(b: KvBinding, out: ort.InferenceSession.OnnxValueMapType): void {
+    this.caches.set(b.pastKey, out[b.presentKey] as ort.Tensor);
+    if (b.pastValue) this.caches.set(b.pastValue, out[b.presentValue!] as ort.Tensor);
+    if (b.presentLength) {
+      const t = out[b.presentLength] as ort.Tensor;
+      this.lengths.set(b.layer, Array.from(t.data as BigInt64Array, Number));
+    }
+  }
+}
+
+/** The last position's logits of each row. */
+export function lastPosition(l: Logits): Float32Array[] {
+  const [B, S, V] = l.dims;
+  return Array.from({ length: B }, (_, b) => l.data.slice((b * S + S - 1) * V, (b * S + S) * V));
+}
+
+export function argmax(v: Float32Array): number {
+  let best = 0;
+  for (let i = 1; i < v.length; i++) if (v[i]! > v[best]!) best = i;
+  return best;
+}

@@ -1,0 +1,74 @@
+/**
+ * ModSession drives a decoder the way torch did when making the references: padding, masks,
+ * positions and caches between calls. Checked against the torch fixtures' reference logits.
+ */
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { ModSession } from '../compiler/runtime/session.js';
+import { ROOT, SHARED_MODELS, runCli } from './helpers.js';
+
+interface Case { name: string; input_ids: number[][]; attention_mask: number[][]; logits: number[][][] }
+
+function maxDiff(a: Float32Array, b: number[]): number {
+  expect(a.length).toBe(b.length);
+  let worst = 0;
+  for (let i = 0; i < b.length; i++) worst = Math.max(worst, Math.abs(a[i]! - b[i]!));
+  return worst;
+}
+
+describe.each(['gpt2-tiny', 'llama-tiny', 'neox-tiny'])('ModSession on %s', (name) => {
+  const path = join(ROOT, 'fixtures', name, 'model.onnx');
+  const cases = (JSON.parse(readFileSync(join(ROOT, 'fixtures', name, 'reference.json'), 'utf8')) as { cases: Case[] }).cases;
+  const byName = (n: string) => cases.find((c) => c.name === n)!;
+
+  it('prefill with left padding, then a step, matches torch', async () => {
+    const s = await ModSession.create(path);
+    const prefill = byName('prefill_b2_leftpad');
+    const rows = prefill.input_ids.map((r, b) => r.filter((_, i) => prefill.attention_mask[b]![i]));
+    const p = await s.forward(rows);
+    expect(p.dims).toEqual([2, 7, 512]);
+    expect(maxDiff(p.data, prefill.logits.flat(2))).toBeLessThan(1e-5);
+    const decode = byName('decode_b2_leftpad');
+    const d = await s.step(decode.input_ids.map((r) => r[0]!));
+    expect(maxDiff(d.data, decode.logits.flat(2))).toBeLessThan(1e-5);
+    expect(s.layerCacheLengths()).toEqual([[6, 8], [6, 8], [6, 8]]);
+    const kvHeads = name === 'llama-tiny' ? 2 : 4;
+    expect(s.kvBytes()).toBe(3 * 2 * 2 * kvHeads * 8 * 16 * 4);
+  });
+
+  it('refuses ids outside the vocabulary and steps before a prompt', async () => {
+    const s = await ModSession.create(path);
+    await expect(s.step([1])).rejects.toThrow(/before forward/);
+    await expect(s.forward([[1, 512]])).rejects.toThrow(/token id 512 is outside the vocabulary \(0-511\)/);
+  });
+});
+
+describe('modc run', () => {
+  it('--json prints logits as [batch][position][vocab] with the mask', async () => {
+    const res = await runCli('run', join(SHARED_MODELS, 'ort-gpt2-fused', 'model.onnx'), '--ids', '5,6,7;8,9', '--json');
+    expect(res.code).toBe(0);
+    const j = JSON.parse(res.stdout);
+    expect(j.dims).toEqual([2, 3, 1000]);
+    expect(j.logits).toHaveLength(2);
+    expect(j.logits[1]).toHaveLength(3);
+    expect(j.logits[1][2]).toHaveLength(1000);
+    expect(j.attentionMask).toEqual([[1, 1, 1], [0, 1, 1]]);
+    expect(j.inputIds).toEqual([[5, 6, 7], [0, 8, 9]]);
+  });
+
+  it('converts float16 logits to numbers', async () => {
+    const res = await runCli('run', join(SHARED_MODELS, 'ort-qwen2-gqa', 'model.onnx'), '--ids', '5,6,7', '--pad', 'right', '--json');
+    expect(res.code).toBe(0);
+    expect(typeof JSON.parse(res.stdout).logits[0][0][0]).toBe('number');
+  });
+
+  it('refuses bad ids and bad flags with one-line errors', async () => {
+    const model = join(ROOT, 'fixtures', 'gpt2-tiny', 'model.onnx');
+    expect((await runCli('run', model, '--ids', '1,2,600')).stderr).toMatch(/^modc: token id 600 is outside the vocabulary \(0-511\)\n$/);
+    expect((await runCli('run', model, '--ids', '1,x')).code).toBe(2);
+    expect((await runCli('run', model, '--ids', '1;')).code).toBe(2);
+    expect((await runCli('run', model, '--ids', '1', '--pad', 'middle')).code).toBe(2);
+    expect((await runCli('run', model)).stderr).toMatch(/missing --ids/);
+  });
+});
