@@ -1,0 +1,163 @@
+/**
+ * Attention cores inside a branch, and the KV cache each reads and writes.
+ *
+ * Fused ops (com.microsoft Attention / MultiHeadAttention / GroupQueryAttention) name their
+ * cache slots in their schema. Unfused attention is Softmax over MatMul(Q, K^T) (plus scale and
+ * mask) followed by MatMul(P, V): the key cache is the present output feeding the score MatMul's
+ * second operand, the value cache the one feeding the context MatMul's second operand.
+ */
+import { ModcError } from '../errors.js';
+import type { Node, Value } from '../ir/graph.js';
+import type { GraphFacts } from './graph-facts.js';
+import { fusedAttentionSchema, isDefaultDomain, SCORE_PASS_THROUGH, type FusedAttentionSchema } from './ops.js';
+import type { AttentionCore, KvCacheSpec, KvTensor } from './types.js';
+
+export interface AttentionContext {
+  facts: GraphFacts;
+  graphInputs: ReadonlySet<Value>;
+  graphOutputs: ReadonlySet<Value>;
+}
+
+/** Every attention core among `nodes` (a branch), in graph order. */
+export function findAttentionCores(nodes: readonly Node[], ctx: AttentionContext): AttentionCore[] {
+  const inBranch = new Set(nodes);
+  const cores: AttentionCore[] = [];
+  for (const n of nodes) {
+    const schema = fusedAttentionSchema(n);
+    if (schema) cores.push(fusedCore(n, schema, ctx));
+    else if (n.opType === 'Softmax' && isDefaultDomain(n)) {
+      const core = unfusedCore(n, inBranch, ctx);
+      if (core) cores.push(core);
+    }
+  }
+  return cores;
+}
+
+function fusedCore(n: Node, schema: FusedAttentionSchema, ctx: AttentionContext): AttentionCore {
+  const slot = (role: string) => Number(Object.entries(schema.inputs).find(([, s]) => s.role === role)?.[0] ?? -1);
+  const numHeads = n.attrInt('num_heads');
+  if (!numHeads) throw new ModcError(`${n.describe()} has no num_heads attribute`);
+  const combined = schema.presentKey === schema.presentValue;
+  const key = cacheTensor(n, combined ? slot('past-combined') : slot('past-key'), schema.presentKey, ctx);
+  const value = combined ? key : cacheTensor(n, slot('past-value'), schema.presentValue, ctx);
+  const shape = key.input.shape ?? [];
+  const [headsDim, headDim] = combined ? [shape[2], shape[4]] : [shape[1], shape[3]];
+  const numKvHeads = n.attrInt('kv_num_heads') ?? (typeof headsDim === 'number' ? headsDim : numHeads);
+  const headSize = typeof headDim === 'number' ? headDim : undefined;
+  if (!headSize) throw new ModcError(`${n.describe()}: past ${key.input} needs a static head size dim`);
+  const kv: KvCacheSpec = { key, value, layout: combined ? 'combined-2BHTD' : 'BHTD', numKvHeads, headSize };
+  return { form: schema.form, node: n, numHeads, kv };
+}
+
+function cacheTensor(n: Node, inSlot: number, outSlot: number, ctx: AttentionContext): KvTensor {
+  const input = n.inputs[inSlot] ?? null;
+  const output = n.outputs[outSlot];
+  if (!input || !ctx.graphInputs.has(input)) throw new ModcError(`${n.describe()}: expected a past KV graph input at input ${inSlot}, found ${input ?? 'none'}`);
+  if (!output || !ctx.graphOutputs.has(output)) throw new ModcError(`${n.describe()}: expected a present KV graph output at output ${outSlot}, found ${output ?? 'none'}`);
+  return { input, output };
+}
+
+function unfusedCore(softmax: Node, inBranch: ReadonlySet<Node>, ctx: AttentionContext): AttentionCore | null {
+  const scores = scoreMatMul(softmax, inBranch);
+  const context = contextMatMul(softmax, inBranch);
+  if (!scores || !context) return null;
+  const key = cacheBehind(scores.inputs[1]!, inBranch, ctx, `${scores.describe()} (Q·K^T)`);
+  const value = cacheBehind(context.inputs[1]!, inBranch, ctx, `${context.describe()} (P·V)`);
+  const shape = key.input.shape ?? [];
+  const [numKvHeads, headSize] = [shape[1], shape[3]];
+  if (shape.length !== 4 || typeof numKvHeads !== 'number' || typeof headSize !== 'number') {
+    throw new ModcError(`past key ${key.input} of ${scores.describe()} must be [batch, kv heads, time, head size] with static heads and head size`);
+  }
+  const kv: KvCacheSpec = { key, value, layout: 'BHTD', numKvHeads, headSize };
+  const numHeads = headsFromOutputProjection(context, inBranch, headSize, ctx.facts) ?? numKvHeads;
+  return { form: 'unfused', scores, softmax, context, numHeads, kv };
+}
+
+/** The MatMul(Q, K^T) feeding Softmax through scale, mask, casts. */
+function scoreMatMul(softmax: Node, inBranch: ReadonlySet<Node>): Node | null {
+  let frontier: Value[] = [softmax.inputs[0]!];
+  for (let depth = 0; depth < 8 && frontier.length; depth++) {
+    const next: Value[] = [];
+    for (const v of frontier) {
+      const p = v.producer;
+      if (!p || !inBranch.has(p)) continue;
+      if (p.opType === 'MatMul') return p;
+      if (SCORE_PASS_THROUGH.has(p.opType)) next.push(...p.inputs.filter((i): i is Value => i !== null));
+    }
+    frontier = next;
+  }
+  return null;
+}
+
+/** The MatMul(P, V) reading the probabilities (through casts or dropout) as its first operand. */
+function contextMatMul(softmax: Node, inBranch: ReadonlySet<Node>): Node | null {
+  let frontier: Value[] = [softmax.output(0)];
+  for (let depth = 0; depth < 4 && frontier.length; depth++) {
+    const next: Value[] = [];
+    for (const v of frontier) {
+      for (const u of v.uses) {
+        if (!inBranch.has(u.node)) continue;
+        if (u.node.opType === 'MatMul' && u.index === 0) return u.node;
+        if (SCORE_PASS_THROUGH.has(u.node.opType)) next.push(u.node.output(0));
+      }
+    }
+    frontier = next;
+  }
+  return null;
+}
+
+/**
+ * The cache behind an operand of the score or context MatMul: the nearest graph output upstream
+ * (the present), and the float graph input of rank 4 nearest upstream of that (the past).
+ */
+function cacheBehind(operand: Value, inBranch: ReadonlySet<Node>, ctx: AttentionContext, what: string): KvTensor {
+  const output = nearestUpstream(operand, inBranch, (v) => ctx.graphOutputs.has(v));
+  if (!output) throw new ModcError(`no KV cache: the second operand of ${what} does not come from a present graph output`);
+  const isPast = (v: Value) => ctx.graphInputs.has(v) && ctx.facts.rank(v) === 4 && v !== operand;
+  const input = nearestUpstream(output, inBranch, isPast, true);
+  if (!input) throw new ModcError(`no KV cache: present ${output} (feeding ${what}) is not computed from a past graph input`);
+  return { input, output };
+}
+
+/**
+ * Breadth-first upstream search through branch nodes along data edges: a Shape node carries no
+ * data, so shape arithmetic never leads to the other cache.
+ */
+function nearestUpstream(start: Value, inBranch: ReadonlySet<Node>, match: (v: Value) => boolean, skipStart = false): Value | null {
+  let frontier = [start];
+  const seen = new Set<Value>();
+  while (frontier.length) {
+    const next: Value[] = [];
+    for (const v of frontier) {
+      if (seen.has(v)) continue;
+      seen.add(v);
+      if (!(skipStart && v === start) && match(v)) return v;
+      const p = v.producer;
+      if (p && inBranch.has(p) && p.opType !== 'Shape') next.push(...p.inputs.filter((i): i is Value => i !== null));
+    }
+    frontier = next;
+  }
+  return null;
+}
+
+/** Heads from the output projection after P·V: its weight is [heads * head size, hidden]. */
+function headsFromOutputProjection(context: Node, inBranch: ReadonlySet<Node>, headSize: number, facts: GraphFacts): number | undefined {
+  let frontier: Value[] = [context.output(0)];
+  for (let depth = 0; depth < 6 && frontier.length; depth++) {
+    const next: Value[] = [];
+    for (const v of frontier) {
+      for (const u of v.uses) {
+        const n = u.node;
+        if (!inBranch.has(n)) continue;
+        const w = n.inputs[1];
+        if ((n.opType === 'MatMul' || n.opType === 'Gemm') && w && facts.isConstant(w) && w.shape?.length === 2) {
+          const rows = w.shape[0];
+          return typeof rows === 'number' && rows % headSize === 0 ? rows / headSize : undefined;
+        }
+        next.push(...n.outputs);
+      }
+    }
+    frontier = next;
+  }
+  return undefined;
+}

@@ -1,0 +1,117 @@
+/**
+ * The start of the residual stream: EmbedLayerNormalization's embedding sum, or the token
+ * Gather of a [vocab, hidden] table by input_ids plus whatever stream-independent terms are
+ * added to it before the first layer (absolute position embeddings, a constant scale).
+ */
+import { ModcError } from '../errors.js';
+import type { Graph, Node, Value } from '../ir/graph.js';
+import type { GraphFacts } from './graph-facts.js';
+import { EMBED_SUM_OUTPUT, isDefaultDomain, isEmbedLayerNorm } from './ops.js';
+import type { EmbeddingInfo, Explanation } from './types.js';
+
+export interface EmbeddingFound {
+  info: EmbeddingInfo;
+  /** Values the stream-dependence closure starts from (the sum, and EmbedLayerNorm's normed output). */
+  seeds: Value[];
+}
+
+/** Ops an id tensor may pass through on its way to the embedding Gather. */
+const ID_PASS_THROUGH = new Set(['Cast', 'Reshape', 'Unsqueeze', 'Squeeze', 'Identity', 'Flatten']);
+
+export function findEmbedding(graph: Graph, facts: GraphFacts, explain: Explanation[]): EmbeddingFound {
+  const fused = graph.nodes.find(isEmbedLayerNorm);
+  if (fused) return fusedEmbedding(fused, explain);
+  const ids = graph.inputs.find((v) => v.name === 'input_ids');
+  if (!ids) {
+    const names = graph.inputs.filter((v) => !v.isConstant).map((v) => v.name).join(', ');
+    throw new ModcError(`no residual stream: expected a token embedding Gather by input_ids, but the model has no input_ids input (inputs: ${names || 'none'})`);
+  }
+  const gather = tokenGather(ids, facts);
+  if (!gather) {
+    const readers = ids.consumers().map((n) => n.describe()).join(', ') || 'nothing';
+    throw new ModcError(`no residual stream: expected a Gather of a 2-D [vocab, hidden] initializer by input_ids; input_ids is read by ${readers}`);
+  }
+  explain.push({ subject: gather.describe(), verdict: 'accepted', reason: `token embedding: Gather of ${gather.inputs[0]!} by input_ids` });
+  const { output, positionTable } = absorbStreamIndependentTerms(gather, facts, explain);
+  return { info: { output, table: gather.inputs[0]!, positionTable, boundary: null }, seeds: [output] };
+}
+
+function fusedEmbedding(node: Node, explain: Explanation[]): EmbeddingFound {
+  const sum = node.outputs[EMBED_SUM_OUTPUT];
+  if (!sum || sum.name === '') {
+    throw new ModcError(`no residual stream: ${node.describe()} does not output the embedding sum (output ${EMBED_SUM_OUTPUT}), so the stream start is not a value in the graph`);
+  }
+  const normed = node.output(0);
+  explain.push({ subject: node.describe(), verdict: 'accepted', reason: `stream start: output ${EMBED_SUM_OUTPUT} ${sum} (embedding sum); output 0 ${normed} is layer 0's normed input` });
+  const positions = node.inputs[3] ?? null;
+  return {
+    info: {
+      output: sum,
+      table: node.inputs[2]!,
+      positionTable: positions,
+      boundary: { node, op: 'EmbedLayerNormalization', sum, normed, addsForLayer: -1, normedForLayer: 0 },
+    },
+    seeds: [sum, normed],
+  };
+}
+
+/** The Gather reading a constant [V, H] table with indices derived from input_ids. */
+function tokenGather(ids: Value, facts: GraphFacts): Node | undefined {
+  const frontier = [ids];
+  const seen = new Set<Value>();
+  while (frontier.length) {
+    const v = frontier.pop()!;
+    if (seen.has(v)) continue;
+    seen.add(v);
+    for (const u of v.uses) {
+      const n = u.node;
+      if (n.opType === 'Gather' && isDefaultDomain(n) && u.index === 1 && isTable(n.inputs[0], facts)) return n;
+      if (ID_PASS_THROUGH.has(n.opType) && u.index === 0) frontier.push(n.output(0));
+    }
+  }
+  return undefined;
+}
+
+const isTable = (v: Value | null, facts: GraphFacts) => !!v && facts.isConstant(v) && facts.rank(v) === 2;
+
+/**
+ * Walks past terms added to the token embedding that do not depend on it (position and
+ * token-type embeddings) and constant scalings, while the embedding has a single non-Shape
+ * reader. Stops at the first reader that could be a layer.
+ */
+function absorbStreamIndependentTerms(gather: Node, facts: GraphFacts, explain: Explanation[]): { output: Value; positionTable: Value | null } {
+  const token = gather.output(0);
+  let output = token;
+  let positionTable: Value | null = null;
+  for (;;) {
+    const readers = output.consumers().filter((n) => n.opType !== 'Shape');
+    if (readers.length !== 1) break;
+    const n = readers[0]!;
+    const other = n.inputs.find((v) => v !== output) ?? null;
+    if (n.opType === 'Add' && other && !dependsOn(other, token)) {
+      const table = other.producer?.opType === 'Gather' && isTable(other.producer.inputs[0], facts) ? other.producer.inputs[0]! : null;
+      positionTable ??= table;
+      explain.push({ subject: n.describe(), verdict: 'accepted', reason: `embedding term ${other} added before the first layer${table ? ` (position table ${table})` : ''}` });
+    } else if ((n.opType === 'Mul' || n.opType === 'Div') && other && facts.isConstant(other)) {
+      explain.push({ subject: n.describe(), verdict: 'accepted', reason: 'constant embedding scale' });
+    } else if (n.opType !== 'Cast') {
+      break;
+    }
+    output = n.output(0);
+  }
+  return { output, positionTable };
+}
+
+/** Whether `v` is computed from `target` (a backward walk over the few prefix nodes involved). */
+function dependsOn(v: Value, target: Value): boolean {
+  const stack = [v];
+  const seen = new Set<Value>();
+  while (stack.length) {
+    const x = stack.pop()!;
+    if (x === target) return true;
+    if (seen.has(x)) continue;
+    seen.add(x);
+    for (const i of x.producer?.inputs ?? []) if (i) stack.push(i);
+  }
+  return false;
+}

@@ -1,0 +1,119 @@
+/**
+ * From residual steps to layers: which node belongs to which layer, each layer's boundary
+ * values and fused boundary nodes, and its MLP part.
+ *
+ * Node ownership is one forward pass in graph order: a node belongs to the latest layer any of
+ * its inputs belongs to, and the value leaving a layer's exit step belongs to the next layer.
+ * Nodes reading no stream-dependent value are prefix (-1); nodes after the last layer are the
+ * suffix (layer count). A value computed in layer l from the stream's shape and read in layer
+ * l+3 therefore leaves layer l+3 intact instead of dragging it into layer l.
+ */
+import type { Graph, Node, Value } from '../ir/graph.js';
+import type { AttentionCore, EmbeddingInfo, FusedBoundary, StreamStep } from './types.js';
+
+export const PREFIX = -1;
+
+export interface NodeOwnership {
+  /** Layer of every node: PREFIX, 0..L-1, or L for the suffix. */
+  nodeLayer: Map<Node, number>;
+  /** Layer of every stream-dependent value (values absent here are prefix or constant). */
+  valueLayer: Map<Value, number>;
+}
+
+/** Values downstream of the stream start: the only values a layer can compute. */
+export function streamDependentValues(graph: Graph, seeds: readonly Value[]): Set<Value> {
+  const dependent = new Set<Value>(seeds);
+  const seedProducers = new Set(seeds.map((v) => v.producer));
+  for (const n of graph.nodes) {
+    if (seedProducers.has(n)) continue;
+    if (n.inputs.some((v) => v !== null && dependent.has(v))) for (const o of n.outputs) dependent.add(o);
+  }
+  return dependent;
+}
+
+export function assignNodes(graph: Graph, embedding: EmbeddingInfo, seeds: readonly Value[], steps: readonly StreamStep[]): NodeOwnership {
+  const overrides = new Map<Value, number>(seeds.map((v) => [v, 0]));
+  for (const exit of exitSteps(steps)) {
+    const next = exit.layer + 1;
+    if (exit.sum) overrides.set(exit.sum, next);
+    if (exit.kind !== 'Add') for (const o of exit.node.outputs) overrides.set(o, next);
+  }
+  const nodeLayer = new Map<Node, number>();
+  const valueLayer = new Map<Value, number>();
+  const embedNode = embedding.boundary?.node;
+  for (const n of graph.nodes) {
+    let layer = PREFIX;
+    if (n !== embedNode) for (const v of n.inputs) if (v) layer = Math.max(layer, valueLayer.get(v) ?? PREFIX);
+    nodeLayer.set(n, layer);
+    for (const o of n.outputs) {
+      const l = overrides.get(o) ?? layer;
+      if (l !== PREFIX) valueLayer.set(o, l);
+    }
+  }
+  return { nodeLayer, valueLayer };
+}
+
+/** The last step of each layer. */
+export function exitSteps(steps: readonly StreamStep[]): StreamStep[] {
+  return steps.filter((s, i) => steps[i + 1]?.layer !== s.layer);
+}
+
+/** The fused node performing a layer's last add, when the exit step is fused. */
+export function exitBoundaryOf(exit: StreamStep): FusedBoundary | null {
+  if (exit.kind === 'Add') return null;
+  return { node: exit.node, op: exit.kind, sum: exit.sum, normed: exit.node.output(0), addsForLayer: exit.layer, normedForLayer: exit.layer + 1 };
+}
+
+/** Nodes of the attention core itself. */
+export function coreNodes(core: AttentionCore): Node[] {
+  return core.form === 'unfused' ? [core.scores, core.softmax, core.context] : [core.node];
+}
+
+/**
+ * MLP nodes: branch nodes of the layer's steps that neither feed nor follow its attention core
+ * (all of a step's branch when the step has no attention; the mlp half of a parallel branch).
+ */
+export function mlpNodesOf(steps: readonly StreamStep[], core: AttentionCore): Node[] {
+  const out: Node[] = [];
+  for (const s of steps) {
+    if (!s.attention) {
+      out.push(...s.branchNodes);
+      continue;
+    }
+    const inBranch = new Set(s.branchNodes);
+    const tied = new Set([...upstream(coreNodes(core), inBranch), ...downstream(coreNodes(core), inBranch)]);
+    out.push(...s.branchNodes.filter((n) => !tied.has(n)));
+  }
+  return out;
+}
+
+function upstream(from: Node[], within: ReadonlySet<Node>): Set<Node> {
+  const seen = new Set<Node>(from);
+  const stack = [...from];
+  while (stack.length) {
+    for (const v of stack.pop()!.inputs) {
+      const p = v?.producer;
+      if (p && within.has(p) && !seen.has(p)) {
+        seen.add(p);
+        stack.push(p);
+      }
+    }
+  }
+  return seen;
+}
+
+function downstream(from: Node[], within: ReadonlySet<Node>): Set<Node> {
+  const seen = new Set<Node>(from);
+  const stack = [...from];
+  while (stack.length) {
+    for (const o of stack.pop()!.outputs) {
+      for (const u of o.uses) {
+        if (within.has(u.node) && !seen.has(u.node)) {
+          seen.add(u.node);
+          stack.push(u.node);
+        }
+      }
+    }
+  }
+  return seen;
+}

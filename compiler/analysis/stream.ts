@@ -1,0 +1,139 @@
+/**
+ * Walks the residual stream forward from its start. A step is an Add (or a fused skip-norm)
+ * with the current stream value as one operand and, as the other, a branch computed from a
+ * normalised copy of a stream value of the current layer. A step whose branch holds an
+ * attention core starts a new layer, which covers sequential pre-norm (two adds per layer)
+ * and parallel residual (one add of attn + mlp, or two adds) alike.
+ */
+import { ModcError } from '../errors.js';
+import type { Node, Value } from '../ir/graph.js';
+import { findAttentionCores, type AttentionContext } from './attention.js';
+import { findNormEvidence, walkBranch, type StreamState } from './branch.js';
+import type { EmbeddingFound } from './embedding.js';
+import { isDefaultDomain, skipNormOp, SKIP_SUM_OUTPUT } from './ops.js';
+import type { Explanation, StreamStep } from './types.js';
+
+export interface StreamContext extends AttentionContext {
+  dependent: ReadonlySet<Value>;
+}
+
+interface Candidate {
+  node: Node;
+  streamOperandIndex: number;
+}
+
+type StepTrial = { step: Omit<StreamStep, 'layer'> } | { reason: string };
+
+class StreamWalker {
+  private readonly streamValues = new Set<Value>();
+  private readonly normedCopies = new Map<Value, { node: Node; of: Value }>();
+  /** Stream values since the current layer's residualIn. */
+  private layerValues = new Set<Value>();
+  private layer = -1;
+  readonly steps: StreamStep[] = [];
+
+  constructor(private readonly ctx: StreamContext, private readonly explain: Explanation[]) {}
+
+  private get state(): StreamState {
+    return { dependent: this.ctx.dependent, streamValues: this.streamValues, normedCopies: this.normedCopies };
+  }
+
+  run(start: EmbeddingFound): StreamStep[] {
+    let current: Value | null = start.info.output;
+    this.streamValues.add(current);
+    this.layerValues.add(current);
+    const b = start.info.boundary;
+    if (b) this.normedCopies.set(b.normed, { node: b.node, of: current });
+    while (current) {
+      const step = this.nextStep(current);
+      if (!step) break;
+      this.steps.push(step);
+      current = this.advance(step);
+    }
+    return this.steps;
+  }
+
+  private nextStep(current: Value): StreamStep | null {
+    let chosen: StreamStep | null = null;
+    for (const c of this.candidates(current)) {
+      if (chosen) {
+        this.note(c.node, 'rejected', `the stream already continues through ${chosen.node.describe()}`);
+        continue;
+      }
+      const trial = this.tryStep(c, current);
+      if ('reason' in trial) {
+        this.note(c.node, 'rejected', trial.reason);
+        continue;
+      }
+      const startsLayer = trial.step.attention !== null;
+      if (!startsLayer && this.layer < 0) {
+        this.note(c.node, 'rejected', 'its branch has no attention core, and the first layer must start with one (com.microsoft Attention/MultiHeadAttention/GroupQueryAttention, or Softmax over MatMul(Q, K^T))');
+        continue;
+      }
+      if (startsLayer) this.layer++;
+      chosen = { ...trial.step, layer: this.layer };
+      const what = startsLayer ? `starts layer ${this.layer} (${trial.step.attention!.form} attention in the branch)` : `continues layer ${this.layer}`;
+      this.note(c.node, 'accepted', `residual step: ${current} + ${trial.step.branch}; ${what}; branch reads a normalised copy via ${trial.step.norm.node.describe()}`);
+    }
+    return chosen;
+  }
+
+  /** Records the step's sum as the new stream value; returns it (null ends the stream). */
+  private advance(step: StreamStep): Value | null {
+    if (step.attention) this.layerValues = new Set([step.streamIn]);
+    if (step.kind !== 'Add' && step.sum) this.normedCopies.set(step.node.output(0), { node: step.node, of: step.sum });
+    if (!step.sum) return null;
+    this.streamValues.add(step.sum);
+    this.layerValues.add(step.sum);
+    return step.sum;
+  }
+
+  /** Adds and skip-norms reading `current` as operand 0 or 1, in graph order. */
+  private candidates(current: Value): Candidate[] {
+    const out: Candidate[] = [];
+    for (const u of current.uses) {
+      const n = u.node;
+      if (u.index > 1 || out.some((c) => c.node === n)) continue;
+      const isAdd = n.opType === 'Add' && isDefaultDomain(n) && n.inputs.length === 2;
+      if (isAdd || skipNormOp(n)) out.push({ node: n, streamOperandIndex: u.index });
+    }
+    const order = this.ctx.facts.order;
+    return out.sort((a, b) => order.get(a.node)! - order.get(b.node)!);
+  }
+
+  private tryStep(c: Candidate, current: Value): StepTrial {
+    const branchOperandIndex = 1 - c.streamOperandIndex;
+    const branch = c.node.inputs[branchOperandIndex];
+    if (!branch || branch === current) return { reason: 'both operands are the stream' };
+    if (!this.ctx.dependent.has(branch)) return { reason: `the other operand ${branch} does not depend on the residual stream` };
+    const walk = walkBranch(branch, this.state);
+    if (walk.nodes.size === 0) return { reason: `the other operand ${branch} is itself a stream value` };
+    const order = this.ctx.facts.order;
+    const branchNodes = [...walk.nodes].sort((a, b) => order.get(a)! - order.get(b)!);
+    const cores = findAttentionCores(branchNodes, this.ctx);
+    if (cores.length > 1) return { reason: `its branch holds ${cores.length} attention cores; one per layer is supported` };
+    const allowed = cores.length ? new Set([current]) : new Set([...this.layerValues, current]);
+    const norm = findNormEvidence(walk, allowed, this.state);
+    if (!norm) return { reason: `its branch ${branch} is not computed from a normalised copy of a stream value of this layer (no norm op, decomposed norm or fused norm output reads it)` };
+    const kind = skipNormOp(c.node) ?? 'Add';
+    const sumOut = kind === 'Add' ? c.node.output(0) : c.node.outputs[SKIP_SUM_OUTPUT];
+    const sum = sumOut && sumOut.name !== '' ? sumOut : null;
+    return { step: { node: c.node, kind, streamIn: current, streamOperandIndex: c.streamOperandIndex, branchOperandIndex, branch, sum, norm, branchNodes, attention: cores[0] ?? null } };
+  }
+
+  private note(node: Node, verdict: Explanation['verdict'], reason: string): void {
+    this.explain.push({ subject: node.describe(), verdict, reason, ...(this.layer >= 0 ? { layer: this.layer } : {}) });
+  }
+}
+
+export function walkResidualStream(start: EmbeddingFound, ctx: StreamContext, explain: Explanation[]): StreamStep[] {
+  const steps = new StreamWalker(ctx, explain).run(start);
+  if (steps.length === 0) {
+    const out = start.info.output;
+    const readers = out.consumers().map((n) => n.describe()).join(', ') || 'nothing';
+    const why = explain.find((e) => e.verdict === 'rejected');
+    const detail = why ? ` (${why.subject}: ${why.reason})` : '';
+    throw new ModcError(`no residual stream: expected an Add fed by the embedding output ${out} and a branch computed from a normalised copy of it; ${out} is read by ${readers}${detail}`);
+  }
+  return steps;
+}

@@ -1,0 +1,198 @@
+/**
+ * What the decoder analysis finds, as types: the residual stream, its steps, the layers they
+ * group into, each layer's attention core, KV cache and side inputs, and the global facts.
+ *
+ * Everything here refers to IR objects (Value, Node) of the analysed model; the structure goes
+ * stale as soon as a pass edits the graph, so re-analyse after a transformation.
+ */
+import type { Node, Value } from '../ir/graph.js';
+
+export type AttentionForm = 'unfused' | 'Attention' | 'MultiHeadAttention' | 'GroupQueryAttention';
+
+/**
+ * How positions enter the model: learned absolute embeddings added to the stream start;
+ * rotary angles computed in the graph (Cos/Sin of position_ids); the com.microsoft
+ * RotaryEmbedding op; GroupQueryAttention with do_rotary=1; or nothing at all.
+ */
+export type PositionalScheme = 'absolute' | 'rotary-graph' | 'rotary-op' | 'rotary-gqa' | 'none';
+
+/** [batch, kv heads, time, head size] per tensor, or ORT's one [2, batch, heads, time, head] tensor. */
+export type KvLayout = 'BHTD' | 'combined-2BHTD';
+
+export type FloatType = 'float32' | 'float16' | 'bfloat16';
+
+/** One cache tensor: the graph input holding the past and the graph output holding the present. */
+export interface KvTensor {
+  input: Value;
+  output: Value;
+}
+
+/**
+ * A layer's KV cache. For 'combined-2BHTD' key and value are the same tensors (slot 0 of the
+ * leading axis is the key, slot 1 the value).
+ */
+export interface KvCacheSpec {
+  key: KvTensor;
+  value: KvTensor;
+  layout: KvLayout;
+  numKvHeads: number;
+  headSize: number;
+}
+
+/** The attention of one layer: the fused op, or the Q·K^T MatMul, Softmax and P·V MatMul. */
+export type AttentionCore =
+  | { form: 'unfused'; scores: Node; softmax: Node; context: Node; numHeads: number; kv: KvCacheSpec }
+  | { form: Exclude<AttentionForm, 'unfused'>; node: Node; numHeads: number; kv: KvCacheSpec };
+
+/** The ops that fuse a residual add (or the embedding) with the following norm. */
+export type FusedBoundaryOp = 'EmbedLayerNormalization' | 'SkipLayerNormalization' | 'SkipSimplifiedLayerNormalization';
+
+/**
+ * A fused node that spans a layer boundary: it computes the residual sum that ends one layer
+ * (or starts the stream) and the normalised copy the next layer (or lm_head) reads.
+ */
+export interface FusedBoundary {
+  node: Node;
+  op: FusedBoundaryOp;
+  /** The residual sum (EmbedLayerNormalization: the stream start); null when the op does not output it. */
+  sum: Value | null;
+  /** The normalised copy of the sum (output 0). */
+  normed: Value;
+  /** The layer whose residual add this node performs; -1 for EmbedLayerNormalization (the embedding). */
+  addsForLayer: number;
+  /** The layer reading `normed`; equal to the layer count when it is the final norm before lm_head. */
+  normedForLayer: number;
+}
+
+/** Why the branch of a step counts as computed from a normalised copy of the stream. */
+export type NormEvidence =
+  | { kind: 'op'; node: Node; of: Value }
+  | { kind: 'decomposed'; node: Node; of: Value }
+  | { kind: 'fused'; node: Node; of: Value | null };
+
+/**
+ * One residual step: `sum = stream + branch`, an Add or a fused skip-norm whose input 0/1 are
+ * the two operands (the stream operand is found by dataflow, not by slot).
+ */
+export interface StreamStep {
+  node: Node;
+  kind: 'Add' | 'SkipLayerNormalization' | 'SkipSimplifiedLayerNormalization';
+  streamIn: Value;
+  streamOperandIndex: number;
+  branchOperandIndex: number;
+  branch: Value;
+  /** The new stream value, or null when a fused op does not output the sum. */
+  sum: Value | null;
+  norm: NormEvidence;
+  /** Nodes computing the branch (between the stream and this step), in graph order. */
+  branchNodes: Node[];
+  attention: AttentionCore | null;
+  layer: number;
+}
+
+/** Where a layer's residual add happens: needed when the sum is not a value in the graph. */
+export interface ExitSite {
+  node: Node;
+  streamOperandIndex: number;
+  branchOperandIndex: number;
+}
+
+/** The role of a sequence-length scalar. */
+export type SequenceLengthRole = 'seqlens_k' | 'total_sequence_length' | 'past_sequence_length' | 'shape-derived';
+
+/**
+ * A value a layer reads that it does not compute. Axes are for the value as the layer reads it
+ * (null when the analysis cannot tell); "per-token" values have one entry per query token and
+ * must be gathered with the tokens when a layer runs on a subset of them.
+ */
+export type SideInput =
+  | { kind: 'weight'; value: Value }
+  | { kind: 'past-kv'; value: Value; role: 'key' | 'value' | 'key-and-value' }
+  | { kind: 'per-token'; value: Value; role: 'positions' | 'rotary-cos' | 'rotary-sin' | 'rotary-angles' | 'other'; batchAxis: number | null; sequenceAxis: number | null }
+  | { kind: 'attention-mask'; value: Value; form: 'raw-2d' | 'additive-bias' | 'key-padding'; queryAxis: number | null; keyAxis: number | null }
+  | { kind: 'sequence-length'; value: Value; role: SequenceLengthRole }
+  | { kind: 'other'; value: Value; reason: string };
+
+export type SideInputKind = SideInput['kind'];
+
+export interface LayerInfo {
+  index: number;
+  residualIn: Value;
+  /** The stream after this layer; null when a fused op adds it without outputting it (see `exit`). */
+  residualOut: Value | null;
+  exit: ExitSite;
+  steps: StreamStep[];
+  /**
+   * Nodes of this layer in graph order: every node downstream of `residualIn` (or of the entry
+   * boundary's normed output) up to and including the exit step. Constant-only producers
+   * (Constant nodes, casts of initializers) are not listed: they are side inputs of kind 'weight'.
+   * A fused exit boundary node is listed here (it performs this layer's add).
+   */
+  nodes: Node[];
+  /** The fused node producing this layer's residualIn and normed input (not in `nodes`). */
+  entryBoundary: FusedBoundary | null;
+  /** The fused node performing this layer's last add (in `nodes`). */
+  exitBoundary: FusedBoundary | null;
+  attention: AttentionCore;
+  /** Nodes that neither feed nor follow the attention core: the MLP sub-block with its norm. */
+  mlpNodes: Node[];
+  sideInputs: SideInput[];
+  kv: KvCacheSpec;
+}
+
+/** The stream start: a token Gather (plus absolute position adds), or EmbedLayerNormalization. */
+export interface EmbeddingInfo {
+  /** The stream start value (the sum of the embeddings). */
+  output: Value;
+  /** The token table [V, H]. */
+  table: Value;
+  /** The position table when positions are added to the embedding. */
+  positionTable: Value | null;
+  boundary: FusedBoundary | null;
+}
+
+export interface FinalInfo {
+  /** The last stream value; null when the last layer's add is fused into the final norm. */
+  residual: Value | null;
+  /** The final norm node (the fused exit boundary when `residual` is null), if recognised. */
+  norm: Node | null;
+  logits: Value;
+}
+
+/** How the attention mask reaches the layers, and the shared nodes that build it. */
+export interface MaskInfo {
+  form: 'additive-bias' | 'raw-2d' | 'key-padding' | 'seqlens' | 'none';
+  /** Graph inputs the mask is built from (typically attention_mask). */
+  inputs: Value[];
+  /** Values the layers read (the bias, the raw mask, seqlens_k and total_sequence_length). */
+  outputs: Value[];
+  /** Prefix nodes computing `outputs`, shared by all layers, in graph order. */
+  nodes: Node[];
+}
+
+export interface Explanation {
+  /** What was considered: a node or value, as `describe()`/`%name` text. */
+  subject: string;
+  verdict: 'accepted' | 'rejected' | 'note';
+  reason: string;
+  layer?: number;
+}
+
+export interface DecoderStructure {
+  embedding: EmbeddingInfo;
+  steps: StreamStep[];
+  layers: LayerInfo[];
+  final: FinalInfo;
+  /** Non-constant nodes before the stream or beside it (mask, positions, rotary tables). */
+  prefixNodes: Node[];
+  /** Nodes after the last layer (final norm, lm_head). */
+  suffixNodes: Node[];
+  hiddenSize: number;
+  numHeads: number;
+  numKvHeads: number;
+  headSize: number;
+  dtype: FloatType;
+  positional: PositionalScheme;
+  mask: MaskInfo;
+  explain: Explanation[];
+}
