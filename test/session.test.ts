@@ -72,3 +72,36 @@ describe('modc run', () => {
     expect((await runCli('run', model)).stderr).toMatch(/missing --ids/);
   });
 });
+
+describe('modc generate', () => {
+  const model = join(ROOT, 'fixtures', 'llama-tiny', 'model.onnx');
+
+  it('greedy decoding feeds back the argmax; --json has ids, steps, kvBytes, cacheLengths', async () => {
+    const res = await runCli('generate', model, '--ids', '1,2,3;4,5', '--max-new', '3', '--logits', '--json');
+    expect(res.code).toBe(0);
+    const j = JSON.parse(res.stdout);
+    expect(j.steps).toHaveLength(4);
+    expect(j.steps[0].logits).toHaveLength(2);
+    expect(j.steps[0].logits[0]).toHaveLength(512);
+    for (let t = 0; t < 3; t++) {
+      for (let b = 0; b < 2; b++) {
+        const l: number[] = j.steps[t].logits[b];
+        expect(j.ids[b][[3, 2][b]! + t]).toBe(l.indexOf(Math.max(...l)));
+      }
+    }
+    expect(j.cacheLengths).toEqual([[6, 5], [6, 5], [6, 5]]);
+    expect(j.kvBytes).toBe(3 * 2 * 2 * 2 * 6 * 16 * 4);
+  });
+
+  it('--force feeds the given ids', async () => {
+    const j = JSON.parse((await runCli('generate', model, '--ids', '1,2', '--max-new', '2', '--force', '7,8', '--json')).stdout);
+    expect(j.ids).toEqual([[1, 2, 7, 8]]);
+    expect(j.steps[0]).toEqual({});
+  });
+
+  it('refuses a --force of the wrong length', async () => {
+    const res = await runCli('generate', model, '--ids', '1,2', '--max-new', '3', '--force', '7,8');
+    expect(res.code).toBe(1);
+    expect(res.stderr).toMatch(/--force has 2 ids but --max-new is 3/);
+  });
+});

@@ -27,7 +27,7 @@ export class SideInputClassifier {
     this.graphInputs = new Set(graph.inputs);
   }
 
-  classify(v: Value, readers: readonly Node[], kv: KvCacheSpec): SideInput {
+  classify(v: Value, readers: ReadonlySet<Node>, kv: KvCacheSpec): SideInput {
     if (this.facts.isConstant(v)) return { kind: 'weight', value: v };
     const past = pastRole(v, kv);
     if (past) return { kind: 'past-kv', value: v, role: past };
@@ -90,12 +90,12 @@ export class SideInputClassifier {
     if (cached) return cached;
     const o: Origins = { data: new Set(), shape: new Set(), ops: new Set() };
     const stack: [Value, boolean][] = [[v, false]];
-    const seen = new Set<string>();
+    const seen = { data: new Set<Value>(), shape: new Set<Value>() };
     while (stack.length) {
       const [x, viaShape] = stack.pop()!;
-      const key = `${viaShape ? 's' : 'd'}${x.name}`;
-      if (seen.has(key)) continue;
-      seen.add(key);
+      const seenHere = viaShape ? seen.shape : seen.data;
+      if (seenHere.has(x)) continue;
+      seenHere.add(x);
       if (this.graphInputs.has(x)) (viaShape ? o.shape : o.data).add(x);
       const p = x.producer;
       if (!p || !this.isPrefix(p)) continue;
@@ -116,9 +116,9 @@ function pastRole(v: Value, kv: KvCacheSpec): 'key' | 'value' | 'key-and-value' 
 }
 
 /** The schema meaning of the slot a fused op of this layer reads `v` at. */
-function slotOf(v: Value, readers: readonly Node[]): AttentionSlot | undefined {
+function slotOf(v: Value, readers: ReadonlySet<Node>): AttentionSlot | undefined {
   for (const u of v.uses) {
-    if (!readers.includes(u.node)) continue;
+    if (!readers.has(u.node)) continue;
     const schema = fusedAttentionSchema(u.node);
     const slot = schema ? schema.inputs[u.index] : isRotaryOp(u.node) ? ROTARY_SLOTS[u.index] : undefined;
     if (slot) return slot;

@@ -3,7 +3,8 @@ import type { Command } from './command.js';
 import { compileCommand } from './compile.js';
 import { inspectCommand } from './inspect.js';
 import { runCommand } from './run.js';
+import { generateCommand } from './generate.js';
 
 export type { Command } from './command.js';
 
-export const COMMANDS: Command[] = [inspectCommand, compileCommand, runCommand];
+export const COMMANDS: Command[] = [inspectCommand, compileCommand, runCommand, generateCommand];
