@@ -12,6 +12,7 @@ import { Graph, Value } from '../compiler/ir/graph.js';
 import { Model } from '../compiler/ir/model.js';
 import { createSession, ort } from '../compiler/runtime/ort.js';
 import { callModcOp, modcOp, reference as ref } from '../runtime-ops/index.js';
+import { mulberry32 } from '../compiler/routers.js';
 import { tempDir } from './helpers.js';
 
 const tmp = tempDir('modc-ops');
@@ -55,17 +56,7 @@ async function runOp(op: string, feeds: Feed[], opts: { inline: boolean; opset: 
   return outs.map((v) => result[v.name]!);
 }
 
-/** Deterministic PRNG (mulberry32). */
-function rng(seed: number) {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+const rng = mulberry32;
 const randn = (r: () => number, n: number, scale = 1) => Float32Array.from({ length: n }, () => (r() * 2 - 1) * scale);
 
 /** Token masks for the edge cases: full rows, left padding, right padding, an all-padding row. */
