@@ -1,10 +1,47 @@
-/** Every pass modc knows, by name: what `--passes` resolves against. */
-import { PassRegistry } from '../compiler/pass-manager.js';
+/**
+ * Every pass modc knows, by name (what `--passes` resolves against), and the default MoD
+ * pipeline: split-fused-boundaries -> insert-routers -> route-layers -> cleanup
+ * [-> inline-modc-ops].
+ */
+import { UsageError } from '../compiler/errors.js';
+import { PassRegistry, type Pass, type PipelineStep } from '../compiler/pass-manager.js';
+import type { RoutingPlan } from '../compiler/routing-plan.js';
 import { cleanupPass } from './cleanup.js';
+import { inlineModcOpsPass } from './inline-modc-ops.js';
+import { insertRoutersPass } from './insert-routers.js';
 import { liftConstantsPass } from './lift-constants.js';
+import { routeLayersPass } from './route-layers.js';
+import { splitFusedBoundariesPass } from './split-fused-boundaries.js';
 
-export function defaultRegistry(): PassRegistry {
-  return new PassRegistry().register(cleanupPass).register(liftConstantsPass);
+/** What the MoD passes need beyond their own options: the resolved routing plan. */
+export interface ModOptions {
+  plan: RoutingPlan;
+  inlineOps?: boolean;
 }
 
-export { cleanupPass, liftConstantsPass };
+function needsPlan(name: string, description: string): Pass {
+  return {
+    name,
+    description,
+    run() {
+      throw new UsageError(`pass ${name} needs routers: give --routers FILE or --router-init all-pass|random`);
+    },
+  };
+}
+
+export function defaultRegistry(mod?: ModOptions): PassRegistry {
+  const reg = new PassRegistry().register(cleanupPass).register(liftConstantsPass).register(splitFusedBoundariesPass).register(inlineModcOpsPass);
+  if (mod) return reg.register(insertRoutersPass(mod.plan)).register(routeLayersPass({ gated: mod.plan.gated }));
+  return reg
+    .register(needsPlan('insert-routers', 'add a router and token selection on each converted layer\'s residual input'))
+    .register(needsPlan('route-layers', 'run each routed layer on its selected tokens only, with a compacted KV cache'));
+}
+
+/** The default `modc compile` pipeline for a routing plan. */
+export function modPipeline(mod: ModOptions): PipelineStep[] {
+  const reg = defaultRegistry(mod);
+  const layers = mod.plan.layers.map((l) => l.layer).join(',');
+  return reg.parsePipeline(`split-fused-boundaries{layers=${layers}},insert-routers,route-layers,cleanup${mod.inlineOps ? ',inline-modc-ops' : ''}`);
+}
+
+export { cleanupPass, inlineModcOpsPass, insertRoutersPass, liftConstantsPass, routeLayersPass, splitFusedBoundariesPass };

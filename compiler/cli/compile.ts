@@ -1,22 +1,86 @@
-/** `modc compile`: load, run a pass pipeline, save. */
+/** `modc compile`: load, analyse, run the MoD pipeline (or named passes), save. */
 import { resolve } from 'node:path';
+import { analyzeDecoder } from '../analysis/analyze.js';
 import { ModcError, UsageError } from '../errors.js';
 import { loadModel } from '../io/load.js';
 import { saveModel } from '../io/save.js';
+import type { Model } from '../ir/model.js';
 import { runPipeline } from '../pass-manager.js';
-import { defaultRegistry } from '../../passes/index.js';
+import { planRouting, type RouterSource, type RoutingMode, type RoutingPlan, type Schedule } from '../routing-plan.js';
+import { summarizeModel } from '../summary.js';
+import { defaultRegistry, modPipeline } from '../../passes/index.js';
 import { listFlag, numberFlag, onePositional, stringFlag } from './args.js';
-import type { Command } from './command.js';
+import type { CliValues, Command } from './command.js';
 import { formatBytes } from './format.js';
+
+function routerSource(values: CliValues): RouterSource | undefined {
+  const file = stringFlag(values, 'routers');
+  const init = stringFlag(values, 'router-init');
+  if (file && init) throw new UsageError('give either --routers FILE or --router-init MODE, not both');
+  if (file) return { kind: 'file', path: file };
+  if (init === undefined) return undefined;
+  if (init === 'all-pass') return { kind: 'all-pass' };
+  if (init === 'random') {
+    const seed = numberFlag(values, 'seed') ?? 0;
+    if (!Number.isInteger(seed)) throw new UsageError(`--seed must be an integer, got ${seed}`);
+    return { kind: 'random', seed };
+  }
+  throw new UsageError(`--router-init must be all-pass or random, got '${init}'`);
+}
+
+function oneOf<T extends string>(values: CliValues, flag: string, allowed: readonly T[]): T | undefined {
+  const v = stringFlag(values, flag);
+  if (v === undefined) return undefined;
+  if (!allowed.includes(v as T)) throw new UsageError(`--${flag} must be one of ${allowed.join(', ')}, got '${v}'`);
+  return v as T;
+}
+
+function resolvePlan(model: Model, values: CliValues): RoutingPlan | undefined {
+  const routers = routerSource(values);
+  if (!routers) {
+    for (const flag of ['threshold', 'capacity', 'routing', 'layers', 'schedule', 'gated', 'ungated', 'inline-ops']) {
+      if (values[flag] !== undefined) throw new UsageError(`--${flag} needs routers: give --routers FILE or --router-init all-pass|random`);
+    }
+    return undefined;
+  }
+  if (values.gated && values.ungated) throw new UsageError('give --gated or --ungated, not both');
+  const s = analyzeDecoder(model);
+  const mode = oneOf<RoutingMode>(values, 'routing', ['threshold', 'topk']);
+  const threshold = numberFlag(values, 'threshold');
+  const capacity = numberFlag(values, 'capacity');
+  if (mode === 'topk' && threshold !== undefined) throw new UsageError('--threshold applies to --routing threshold; use --capacity with topk');
+  if ((mode ?? 'threshold') === 'threshold' && capacity !== undefined && oneOf(values, 'schedule', ['uniform', 'every-other', 'prd']) !== 'prd') {
+    throw new UsageError('--capacity applies to --routing topk (or --schedule prd); use --threshold with threshold routing');
+  }
+  return planRouting({
+    numLayers: s.layers.length,
+    hiddenSize: s.hiddenSize,
+    routers,
+    mode,
+    gated: !values.ungated,
+    threshold,
+    capacity,
+    layers: stringFlag(values, 'layers'),
+    schedule: oneOf<Schedule>(values, 'schedule', ['uniform', 'every-other', 'prd']),
+  });
+}
+
+function modcOpCounts(model: Model): Record<string, number> {
+  return summarizeModel(model).ops['modc'] ?? {};
+}
 
 export const compileCommand: Command = {
   name: 'compile',
-  summary: 'rewrite a model with a pass pipeline and save it',
-  usage: 'modc compile MODEL.onnx -o OUT.onnx --passes LIST [options]',
+  summary: 'turn a decoder into a Mixture-of-Depths model (or run named passes)',
+  usage: 'modc compile MODEL.onnx -o OUT.onnx (--routers FILE | --router-init all-pass|random) [options]\n       modc compile MODEL.onnx -o OUT.onnx --passes LIST',
   details: [
-    'LIST is comma-separated pass names, each optionally with options: `cleanup,lift-constants`,',
-    '`name{opt=value;opt=value}`. `--passes none` loads and saves the model unchanged (a round trip).',
-    `passes: ${defaultRegistry().list().map((p) => `\n  ${p.name.padEnd(16)} ${p.description}`).join('')}`,
+    'With routers, runs the MoD pipeline: split-fused-boundaries, insert-routers, route-layers,',
+    'cleanup (and inline-modc-ops with --inline-ops). Without --layers or --schedule, a router file',
+    'converts exactly the layers it has routers for; --router-init converts every layer.',
+    '',
+    'LIST is comma-separated pass names, each optionally with options `name{opt=value;opt=value}`.',
+    '`--passes none` loads and saves the model unchanged (a round trip).',
+    `passes: ${defaultRegistry().list().map((p) => `\n  ${p.name.padEnd(22)} ${p.description}`).join('')}`,
     '',
     'The output is written atomically (temp file, then rename) and never over the input. External',
     'weights stay referenced when the output is in the input\'s folder, and are hard-linked (or',
@@ -24,7 +88,18 @@ export const compileCommand: Command = {
   ].join('\n'),
   options: {
     output: { type: 'string', short: 'o', valueName: 'OUT.onnx', help: 'where to write the compiled model (required)' },
-    passes: { type: 'string', valueName: 'LIST', help: 'pass pipeline to run (required; `none` for a round trip)' },
+    routers: { type: 'string', valueName: 'FILE', help: 'router weights (safetensors: router.{l}.weight/bias[/threshold])' },
+    'router-init': { type: 'string', valueName: 'MODE', help: 'all-pass (every token selected) or random (seeded, --seed N)' },
+    seed: { type: 'string', valueName: 'N', help: 'seed for --router-init random (default 0)' },
+    routing: { type: 'string', valueName: 'MODE', help: 'threshold (default: sigmoid(score) >= p) or topk (capacity per row)' },
+    threshold: { type: 'string', valueName: 'P', help: 'threshold p in [0, 1] (default 0.5; a threshold in the router file wins)' },
+    capacity: { type: 'string', valueName: 'C', help: 'top-k capacity in (0, 1] (default 0.5; the mean retention for --schedule prd)' },
+    layers: { type: 'string', valueName: 'SPEC', help: 'layers to convert: all, even, odd, or a list like 1,3,5-7' },
+    schedule: { type: 'string', valueName: 'NAME', help: 'uniform (default), every-other (layers 1,3,5,...), or prd (p-MoD progressive ratio decay)' },
+    gated: { type: 'boolean', help: 'out = x + r * (y - x) for selected tokens (default)' },
+    ungated: { type: 'boolean', help: 'out = y for selected tokens' },
+    'inline-ops': { type: 'boolean', help: 'emit the modc op bodies inline instead of as local functions' },
+    passes: { type: 'string', valueName: 'LIST', help: 'run these passes instead of the MoD pipeline (`none` for a round trip)' },
     'dump-after': { type: 'string', multiple: true, valueName: 'PASS', help: 'after PASS (or `*`), write the model as NN-PASS.onnx and .txt' },
     'dump-dir': { type: 'string', valueName: 'DIR', help: 'folder for dumps (default: the output\'s folder)' },
     'no-verify': { type: 'boolean', help: 'skip the IR verifier between passes' },
@@ -36,26 +111,50 @@ export const compileCommand: Command = {
     const input = onePositional(positionals, 'model path', 'compile');
     const output = stringFlag(values, 'output');
     if (!output) throw new UsageError('missing -o OUT.onnx');
-    const passes = stringFlag(values, 'passes');
-    if (passes === undefined) throw new UsageError('missing --passes LIST (use `--passes none` for a plain round trip)');
     if (resolve(input) === resolve(output)) throw new ModcError(`refusing to overwrite the input model ${input}; choose another output path`);
-    const steps = defaultRegistry().parsePipeline(passes);
+    const passes = stringFlag(values, 'passes');
     const threshold = numberFlag(values, 'external-data-threshold');
     const log = values.quiet || values.json ? () => {} : (m: string) => io.err(m);
 
     const t0 = performance.now();
     const model = loadModel(input);
     log(`loaded ${input} (${model.graph.nodes.length} nodes) in ${(performance.now() - t0).toFixed(0)} ms`);
+    const plan = resolvePlan(model, values);
+    if (!plan && passes === undefined) throw new UsageError('nothing to do: give --routers FILE or --router-init all-pass|random (or --passes LIST)');
+    const mod = plan ? { plan, inlineOps: !!values['inline-ops'] } : undefined;
+    const steps = passes !== undefined ? defaultRegistry(mod).parsePipeline(passes) : modPipeline(mod!);
+    const opsBefore = modcOpCounts(model);
     const records = runPipeline(model, steps, {
       verify: !values['no-verify'],
       dumpAfter: listFlag(values, 'dump-after'),
       dumpDir: stringFlag(values, 'dump-dir') ?? resolve(output, '..'),
       log,
     });
-    for (const r of records) log(`  ${r.pass}: ${r.ms.toFixed(1)} ms, nodes ${r.nodesBefore} -> ${r.nodesAfter}${r.notes.length ? `; ${r.notes.join('; ')}` : ''}`);
+    for (const r of records) log(`  ${r.pass}: ${r.ms.toFixed(1)} ms, nodes ${r.nodesBefore} -> ${r.nodesAfter}${r.notes.length ? `\n    ${r.notes.join('\n    ')}` : ''}`);
     const saved = saveModel(model, output, threshold !== undefined ? { externalizeThreshold: threshold } : {});
+    const opsAfter = modcOpCounts(model);
+    const opsAdded = Object.fromEntries(Object.entries(opsAfter).map(([op, n]) => [op, n - (opsBefore[op] ?? 0)]).filter(([, n]) => (n as number) > 0));
+    const notConverted = [
+      ...(plan?.unconverted ?? []),
+      ...records.flatMap((r) => r.notes).flatMap((n) => {
+        const m = /^layer (\d+) not converted: (.*)$/.exec(n);
+        return m ? [{ layer: Number(m[1]), reason: m[2]! }] : [];
+      }),
+    ].sort((a, b) => a.layer - b.layer);
+    const blocked = new Set(notConverted.map((u) => u.layer));
+    const converted = (plan?.layers ?? []).filter((l) => !blocked.has(l.layer));
+    if (plan) {
+      log(`converted ${converted.length} layer(s): ${converted.map((l) => `${l.layer} (${plan.mode === 'threshold' ? `p=${l.threshold}` : `c=${l.capacity}`})`).join(', ') || 'none'}; ${plan.mode}, ${plan.gated ? 'gated' : 'ungated'}`);
+      log(`modc ops added: ${Object.entries(opsAdded).map(([op, n]) => `${op} ${n}`).join(', ') || (values['inline-ops'] ? 'none (inlined)' : 'none')}`);
+      for (const u of notConverted) log(`not converted: layer ${u.layer}: ${u.reason}`);
+    }
     log(`wrote ${saved.path} (${formatBytes(saved.bytes)})${saved.externalFiles.map((f) => `, ${f.location} ${f.how}`).join('')}`);
-    if (values.json) io.out(JSON.stringify({ input, output: saved.path, bytes: saved.bytes, externalFiles: saved.externalFiles, passes: records }, null, 2));
+    if (values.json) {
+      io.out(JSON.stringify({
+        input, output: saved.path, bytes: saved.bytes, externalFiles: saved.externalFiles, passes: records,
+        ...(plan ? { routing: { mode: plan.mode, gated: plan.gated, converted: converted.map((l) => ({ layer: l.layer, threshold: l.threshold, capacity: l.capacity })), notConverted, opsAdded } } : {}),
+      }, null, 2));
+    }
     return 0;
   },
 };

@@ -1,0 +1,47 @@
+/**
+ * inline-modc-ops: replaces every call to a modc function (`modc::Op(...)`) with the function's
+ * body, then drops the functions and the modc opset import. For runtimes without model-local
+ * function support; ONNX Runtime runs either form.
+ */
+import type { Model } from '../compiler/ir/model.js';
+import type { Value } from '../compiler/ir/graph.js';
+import type { Pass } from '../compiler/pass-manager.js';
+import { MODC_DOMAIN } from '../runtime-ops/index.js';
+
+export function inlineModcOps(model: Model): number {
+  const g = model.graph;
+  let inlined = 0;
+  for (const call of g.nodes.filter((n) => n.domain === MODC_DOMAIN)) {
+    const fn = model.findFunction(MODC_DOMAIN, call.opType, call.overload);
+    if (!fn) continue;
+    const mapping = new Map<Value, Value>();
+    fn.body.inputs.forEach((v, i) => mapping.set(v, call.input(i)!));
+    g.cloneNodes(fn.body.nodes, mapping, { before: call, suffix: `@${call.output(0).name}` });
+    call.outputs.forEach((out, i) => {
+      const inner = mapping.get(fn.body.outputs[i]!)!;
+      const name = out.name;
+      const type = out.type;
+      out.replaceAllUsesWith(inner);
+      if (g.outputs.includes(inner)) {
+        // A graph output keeps its name and declared type.
+        out.name = g.uniqueName(`${name}_call`);
+        inner.name = name;
+        inner.type = type;
+      }
+    });
+    g.removeNode(call, true);
+    inlined++;
+  }
+  model.functions = model.functions.filter((f) => f.domain !== MODC_DOMAIN);
+  model.opsetImports = model.opsetImports.filter((o) => o.domain !== MODC_DOMAIN);
+  return inlined;
+}
+
+export const inlineModcOpsPass: Pass = {
+  name: 'inline-modc-ops',
+  description: 'replace modc function calls with their bodies (for runtimes without local functions)',
+  run(model) {
+    const n = inlineModcOps(model);
+    return { changed: n > 0, notes: n ? [`inlined ${n} modc op calls`] : [] };
+  },
+};
