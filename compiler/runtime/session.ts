@@ -38,8 +38,35 @@ export interface GenerateResult {
   steps: Float32Array[][];
 }
 
-function typed(dtype: 'int32' | 'int64', values: number[], dims: number[]): ort.Tensor {
+export function typed(dtype: 'int32' | 'int64', values: number[], dims: number[]): ort.Tensor {
   return dtype === 'int32' ? new ort.Tensor('int32', Int32Array.from(values), dims) : new ort.Tensor('int64', BigInt64Array.from(values, BigInt), dims);
+}
+
+/** A prompt's rows padded to one width: flat ids and the per-row mask (1 = real token). */
+export function padRows(rows: number[][], side: 'left' | 'right'): { ids: number[]; mask: number[][]; width: number } {
+  if (rows.length === 0 || rows.some((r) => r.length === 0)) throw new ModcError('every row needs at least one token');
+  const width = Math.max(...rows.map((r) => r.length));
+  const ids: number[] = [];
+  const mask = rows.map((r) => {
+    const pad = Array(width - r.length).fill(0);
+    ids.push(...(side === 'left' ? [...pad, ...r] : [...r, ...pad]));
+    const m = r.map(() => 1);
+    return side === 'left' ? [...pad, ...m] : [...m, ...pad];
+  });
+  return { ids, mask, width };
+}
+
+/** Positions count real tokens only: cumsum(mask) - 1, clipped at 0 (as Hugging Face does). */
+export function promptPositions(mask: number[][]): number[] {
+  return mask.flatMap((m) => {
+    let seen = -1;
+    return m.map((v) => Math.max(0, (seen += v)));
+  });
+}
+
+/** The position of the next token of each row: how many real tokens it has so far. */
+export function nextPositions(mask: number[][]): number[] {
+  return mask.map((m) => m.reduce((a, v) => a + v, 0));
 }
 
 export class ModSession {
@@ -61,17 +88,9 @@ export class ModSession {
 
   /** Runs the prompt (past length 0) and keeps the caches. */
   async forward(rows: number[][], opts: ForwardOptions = {}): Promise<Logits> {
-    if (rows.length === 0 || rows.some((r) => r.length === 0)) throw new ModcError('every row needs at least one token');
-    this.checkVocab(rows.flat());
-    const width = Math.max(...rows.map((r) => r.length));
-    const left = (opts.pad ?? 'left') === 'left';
-    const ids: number[] = [];
-    this.mask = rows.map((r) => {
-      const pad = Array(width - r.length).fill(0);
-      ids.push(...(left ? [...pad, ...r] : [...r, ...pad]));
-      const m = r.map(() => 1);
-      return left ? [...pad, ...m] : [...m, ...pad];
-    });
+    const { ids, mask, width } = padRows(rows, opts.pad ?? 'left');
+    this.checkVocab(ids);
+    this.mask = mask;
     this.caches.clear();
     this.lengths.clear();
     const B = rows.length;
@@ -81,11 +100,7 @@ export class ModSession {
       if (b.pastValue) this.caches.set(b.pastValue, emptyTensor(b.dtype, dims));
       if (b.pastLength) this.lengths.set(b.layer, Array(B).fill(0));
     }
-    const positions = this.mask.map((m) => {
-      let seen = -1;
-      return m.map((v) => Math.max(0, (seen += v)));
-    });
-    return this.run(ids, [B, width], positions.flat());
+    return this.run(ids, [B, width], promptPositions(this.mask));
   }
 
   /** Feeds one token per row on top of the caches. */
@@ -93,7 +108,7 @@ export class ModSession {
     if (this.mask.length === 0) throw new ModcError('step() before forward(): run the prompt first');
     if (next.length !== this.batch) throw new ModcError(`step() got ${next.length} ids for a batch of ${this.batch}`);
     this.checkVocab(next);
-    const positions = this.mask.map((m) => m.reduce((a, v) => a + v, 0));
+    const positions = nextPositions(this.mask);
     this.mask = this.mask.map((m) => [...m, 1]);
     return this.run(next, [this.batch, 1], positions);
   }
