@@ -18,11 +18,11 @@ import { analyzeDecoder } from '../compiler/analysis/analyze.js';
 import type { DecoderStructure, KvTensor, LayerInfo } from '../compiler/analysis/types.js';
 import { ModcError } from '../compiler/errors.js';
 import { DataType } from '../compiler/ir/dtype.js';
-import { type Node, Value } from '../compiler/ir/graph.js';
+import { Graph, type Node, Value } from '../compiler/ir/graph.js';
 import type { Model } from '../compiler/ir/model.js';
 import { graphInputsReached, recomputeWith, replaceUsesWithin } from '../compiler/ir/rewrite.js';
 import type { Pass } from '../compiler/pass-manager.js';
-import type { TypeProto } from '../compiler/proto/index.js';
+import { AttributeType, type AttributeProto, type TypeProto } from '../compiler/proto/index.js';
 import { pastLengthName, presentLengthName } from '../compiler/runtime/decoder-io.js';
 import { Emitter } from '../runtime-ops/emit.js';
 import { callModcOp, defaultOpset, MODC_DOMAIN } from '../runtime-ops/index.js';
@@ -52,6 +52,16 @@ function blocker(model: Model, layer: LayerInfo): string | null {
     }
   }
   return null;
+}
+
+function graphAttribute(name: string): AttributeProto {
+  return { name, type: AttributeType.GRAPH, floats: [], ints: [], strings: [], tensors: [], graphs: [], sparse_tensors: [], type_protos: [] } as AttributeProto;
+}
+
+/** The element type of a value, without shape (a branch output's declared type). */
+function elementType(v: Value): TypeProto | undefined {
+  const elem = v.dtype;
+  return elem === undefined ? undefined : ({ tensor_type: { elem_type: elem } } as TypeProto);
 }
 
 function tensorType(elem: number, dims: (number | string)[]): TypeProto {
@@ -93,6 +103,7 @@ class LayerRouter {
   route(): Value {
     const { layer, routing } = this;
     const g = this.model.graph;
+    const existing = new Set(g.nodes);
     const x = this.residualIn;
     const y = layer.residualOut!;
     const xSel = this.gather(x);
@@ -136,7 +147,7 @@ class LayerRouter {
       : this.call('KeyMask', [pastLength, capacity, routing.valid])[0]!;
     const [slots, , presentLength] = this.call('Compact', [keep]);
     const tensors: KvTensor[] = kv.layout === 'combined-2BHTD' ? [kv.key] : [kv.key, kv.value];
-    for (const t of tensors) this.compactPresent(t, slots!, seqAxis, kv.layout === 'combined-2BHTD' ? 'GatherKvCombined' : 'GatherKv');
+    const packed = tensors.map((t) => this.compactPresent(t, slots!, seqAxis, kv.layout === 'combined-2BHTD' ? 'GatherKvCombined' : 'GatherKv'));
     presentLength!.name = g.uniqueName(presentLengthName(this.l));
     presentLength!.type = tensorType(DataType.INT64, ['batch']);
     g.outputs.push(presentLength!);
@@ -146,7 +157,53 @@ class LayerRouter {
       : this.call('ScatterTokens', [x, routing.indices, routing.valid, xSel, y]);
     for (const use of [...y.uses]) if (!this.region.has(use.node) && use.node !== scatter[0]!.producer) use.node.setInput(use.index, scatter[0]!);
     if (g.outputs.includes(y)) g.outputs = g.outputs.map((v) => (v === y ? scatter[0]! : v));
-    return scatter[0]!;
+
+    const layerNodes = new Set([...this.region, ...g.nodes.filter((n) => !existing.has(n))]);
+    return this.skipWhenNothingSelected(layerNodes, [
+      [scatter[0]!, x],
+      ...packed.map((p, i) => [p, tensors[i]!.input] as [Value, Value]),
+      [presentLength!, pastLength],
+    ]);
+  }
+
+  /**
+   * Puts the layer in `If(any token selected)`: when no row selects a token (a batch-1 decode
+   * step the router skips) no node of the layer runs, and its outputs are its inputs. Also keeps
+   * ORT away from the empty tensors a zero-token layer would make.
+   * `pairs` are [value the layer computes, value passed through when skipped].
+   */
+  private skipWhenNothingSelected(nodes: ReadonlySet<Node>, pairs: [Value, Value][]): Value {
+    const g = this.model.graph;
+    g.toposort();
+    const run = new Graph(`modc_layer${this.l}_run`, g);
+    g.moveNodesTo(nodes, run);
+    run.outputs = pairs.map(([computed]) => computed);
+    const skip = new Graph(`modc_layer${this.l}_skip`, g);
+    skip.outputs = pairs.map(([, passed]) => skip.addNode('Identity', [passed], [skip.newValue(`${passed.name}_skipped`)]).output(0));
+    pairs.forEach(([computed], i) => {
+      const type = elementType(computed);
+      run.outputs[i]!.type ??= type;
+      skip.outputs[i]!.type = type;
+    });
+    const total = this.e.reduceSum(this.routing.count, [0], false);
+    const cond = this.e.op('Greater', [total, this.e.i64(0)]);
+    const outs = pairs.map(([computed]) => g.newValue(`${computed.name}_if`));
+    const node = g.addNode('If', [cond], outs, { name: `modc/layer${this.l}/if_selected` });
+    node.setAttr(graphAttribute('then_branch'), run);
+    node.setAttr(graphAttribute('else_branch'), skip);
+    pairs.forEach(([computed], i) => {
+      const out = outs[i]!;
+      for (const use of [...computed.uses]) if (use.node.graph !== run) use.node.setInput(use.index, out);
+      if (g.outputs.includes(computed)) {
+        // Graph outputs keep their names: the If output takes it over.
+        const name = computed.name;
+        computed.name = g.uniqueName(`${name}_run`);
+        out.name = name;
+        out.type = computed.type;
+        g.outputs = g.outputs.map((v) => (v === computed ? out : v));
+      }
+    });
+    return outs[0]!;
   }
 
   /** What the shared mask / length builders read, in this layer's terms. */
@@ -176,7 +233,7 @@ class LayerRouter {
   }
 
   /** The present graph output becomes the re-packed cache; the op's own present feeds only it. */
-  private compactPresent(t: KvTensor, slots: Value, seqAxis: number, op: string): void {
+  private compactPresent(t: KvTensor, slots: Value, seqAxis: number, op: string): Value {
     const g = this.model.graph;
     const full = t.output;
     const name = full.name;
@@ -186,6 +243,7 @@ class LayerRouter {
     packed.type = withDim(full.type, seqAxis, `present_sequence_length_${this.l}`);
     g.outputs = g.outputs.map((v) => (v === full ? packed : v));
     t.input.type = withDim(t.input.type, seqAxis, `past_sequence_length_${this.l}`);
+    return packed;
   }
 }
 

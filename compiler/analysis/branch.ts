@@ -48,6 +48,13 @@ export function walkBranch(branch: Value, state: StreamState): BranchWalk {
   return walk;
 }
 
+/** The norm op a reader of the stream is, or feeds through one Cast (fp16 models norm in fp32). */
+function normOpReading(reader: Node, walk: BranchWalk): Node | null {
+  if (isNormOp(reader)) return reader;
+  if (reader.opType !== 'Cast') return null;
+  return reader.output(0).consumers().find((n) => isNormOp(n) && walk.nodes.has(n)) ?? null;
+}
+
 /** Ops a decomposed norm applies to x before its ReduceMean (x², x - mean, casts). */
 const DECOMPOSED_NORM_PATH = new Set(['Pow', 'Mul', 'Sub', 'Cast', 'ReduceMean']);
 
@@ -63,7 +70,7 @@ export function findNormEvidence(walk: BranchWalk, allowed: ReadonlySet<Value>, 
   }
   for (const [x, readers] of walk.reads) {
     if (!allowed.has(x)) continue;
-    const op = readers.find((n) => isNormOp(n) && n.inputs[0] === x);
+    const op = readers.map((n) => normOpReading(n, walk)).find((n) => n !== null);
     if (op) return { kind: 'op', node: op, of: x };
   }
   for (const n of walk.nodes) {

@@ -7,7 +7,6 @@
 import { DataType } from '../ir/dtype.js';
 import type { Graph, Node, Value } from '../ir/graph.js';
 import { Tensor } from '../ir/tensor.js';
-import { has, int64ToNumber } from '../proto/index.js';
 
 /** Constants larger than this are never decoded (they are weights, not shapes or axes). */
 const SMALL_CONSTANT = 64;
@@ -95,7 +94,7 @@ export class GraphFacts {
         if (dt !== undefined) this.dtypes.set(o, dt);
       }
       if (!this.ranks.has(o)) {
-        const r = o.shape?.length ?? (i === 0 ? this.outputRank(n) : undefined);
+        const r = o.shape?.length ?? (i === 0 || n.opType === 'Split' ? this.outputRank(n) : undefined);
         if (r !== undefined) this.ranks.set(o, r);
       }
     });
@@ -226,9 +225,3 @@ const RANK_RULES: Record<string, (n: Node, r: RankOf, f: GraphFacts) => number |
   MultiHeadAttention: () => 3,
   GroupQueryAttention: () => 3,
 };
-
-/** Whether an attribute is present on a node (some exporters write value_int = 0). */
-export function hasAttr(n: Node, name: string): boolean {
-  const a = n.attr(name);
-  return a !== undefined && (has(a, 'i') || has(a, 'f') || a.ints.length > 0 || a.t !== undefined || int64ToNumber(a.i) !== 0);
-}

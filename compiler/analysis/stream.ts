@@ -56,26 +56,28 @@ class StreamWalker {
   private nextStep(current: Value): StreamStep | null {
     let chosen: StreamStep | null = null;
     for (const c of this.candidates(current)) {
-      if (chosen) {
-        this.note(c.node, 'rejected', `the stream already continues through ${chosen.node.describe()}`);
-        continue;
-      }
-      const trial = this.tryStep(c, current);
-      if ('reason' in trial) {
-        this.note(c.node, 'rejected', trial.reason);
-        continue;
-      }
-      const startsLayer = trial.step.attention !== null;
-      if (!startsLayer && this.layer < 0) {
-        this.note(c.node, 'rejected', 'its branch has no attention core, and the first layer must start with one (com.microsoft Attention/MultiHeadAttention/GroupQueryAttention, or Softmax over MatMul(Q, K^T))');
-        continue;
-      }
-      if (startsLayer) this.layer++;
-      chosen = { ...trial.step, layer: this.layer };
-      const what = startsLayer ? `starts layer ${this.layer} (${trial.step.attention!.form} attention in the branch)` : `continues layer ${this.layer}`;
-      this.note(c.node, 'accepted', `residual step: ${current} + ${trial.step.branch}; ${what}; branch reads a normalised copy via ${trial.step.norm.node.describe()}`);
+      if (chosen) this.note(c.node, 'rejected', `the stream already continues through ${chosen.node.describe()}`);
+      else chosen = this.judge(c, current);
     }
     return chosen;
+  }
+
+  /** The step through candidate `c`, or null with the reason recorded. */
+  private judge(c: Candidate, current: Value): StreamStep | null {
+    const trial = this.tryStep(c, current);
+    if ('reason' in trial) {
+      this.note(c.node, 'rejected', trial.reason);
+      return null;
+    }
+    const startsLayer = trial.step.attention !== null;
+    if (!startsLayer && this.layer < 0) {
+      this.note(c.node, 'rejected', 'its branch has no attention core, and the first layer must start with one (com.microsoft Attention/MultiHeadAttention/GroupQueryAttention, or Softmax over MatMul(Q, K^T))');
+      return null;
+    }
+    if (startsLayer) this.layer++;
+    const what = startsLayer ? `starts layer ${this.layer} (${trial.step.attention!.form} attention in the branch)` : `continues layer ${this.layer}`;
+    this.note(c.node, 'accepted', `residual step: ${current} + ${trial.step.branch}; ${what}; branch reads a normalised copy via ${trial.step.norm.node.describe()}`);
+    return { ...trial.step, layer: this.layer };
   }
 
   /** Records the step's sum as the new stream value; returns it (null ends the stream). */

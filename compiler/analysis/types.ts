@@ -166,7 +166,7 @@ export interface MaskInfo {
   inputs: Value[];
   /** Values the layers read (the bias, the raw mask, seqlens_k and total_sequence_length). */
   outputs: Value[];
-  /** Prefix nodes computing `outputs`, shared by all layers, in graph order. */
+  /** Prefix nodes computing `outputs` (shared by all layers; constant-only nodes left out), in graph order. */
   nodes: Node[];
 }
 

@@ -116,6 +116,7 @@ export const compileCommand: Command = {
     const threshold = numberFlag(values, 'external-data-threshold');
     const log = values.quiet || values.json ? () => {} : (m: string) => io.err(m);
 
+    if (passes !== undefined) defaultRegistry().parsePipeline(passes); // unknown names fail before loading
     const t0 = performance.now();
     const model = loadModel(input);
     log(`loaded ${input} (${model.graph.nodes.length} nodes) in ${(performance.now() - t0).toFixed(0)} ms`);

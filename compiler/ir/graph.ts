@@ -358,6 +358,16 @@ export class Graph {
     for (const n of nodes) n.graph = this;
   }
 
+  /**
+   * Moves `nodes` (keeping this graph's order) to the end of `target`, typically a subgraph of
+   * this graph: they keep reading the same values, now from the outer scope.
+   */
+  moveNodesTo(nodes: ReadonlySet<Node>, target: Graph): void {
+    const moving = this._nodes.filter((n) => nodes.has(n));
+    this._nodes = this._nodes.filter((n) => !nodes.has(n));
+    for (const n of moving) target.insert(n);
+  }
+
   /** Every value defined in this graph's own scope: inputs, initializers, node outputs. */
   *definedValues(): Iterable<Value> {
     yield* this.inputs;

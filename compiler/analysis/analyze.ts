@@ -1,0 +1,116 @@
+/**
+ * analyzeDecoder: find the residual stream of a decoder-only LLM from dataflow alone and cut it
+ * into layers. Node names are never consulted; the only names read are the decoder I/O
+ * contract's (input_ids, attention_mask, position_ids, logits).
+ *
+ * Cost is linear in the graph: one facts pass, one stream-dependence pass, branch walks that
+ * each visit their own nodes, and one ownership pass. External weights are never read.
+ */
+import { ModcError } from '../errors.js';
+import type { Graph, Node, Value } from '../ir/graph.js';
+import type { Model } from '../ir/model.js';
+import { findEmbedding } from './embedding.js';
+import { GraphFacts } from './graph-facts.js';
+import { hiddenSizeOf, maskInfo, positionalScheme, streamDtype } from './globals.js';
+import { buildLayers } from './layer-info.js';
+import { assignNodes, PREFIX, streamDependentValues, type NodeOwnership } from './layers.js';
+import { fusedAttentionSchema, isNormOp } from './ops.js';
+import { SideInputClassifier } from './side-inputs.js';
+import { walkResidualStream } from './stream.js';
+import type { DecoderStructure, Explanation, FinalInfo, LayerInfo, StreamStep } from './types.js';
+
+export interface AnalyzeOptions {
+  /** Graph output holding the logits (default: the output named 'logits', else the first). */
+  logits?: string;
+}
+
+export function analyzeDecoder(model: Model, opts: AnalyzeOptions = {}): DecoderStructure {
+  const graph = model.graph;
+  const facts = new GraphFacts(graph);
+  assertTopologicalOrder(graph, facts);
+  const explain: Explanation[] = [];
+  const embedding = findEmbedding(graph, facts, explain);
+  const dependent = streamDependentValues(graph, embedding.seeds);
+  const ctx = { facts, dependent, graphInputs: new Set(graph.inputs), graphOutputs: new Set(graph.outputs) };
+  const steps = walkResidualStream(embedding, ctx, explain);
+  const ownership = assignNodes(graph, embedding.info, embedding.seeds, steps);
+  const isPrefix = (n: Node) => ownership.nodeLayer.get(n) === PREFIX;
+  const isSharedNode = (n: Node) => isPrefix(n) && !n.outputs.every((o) => facts.isConstant(o));
+  const classifier = new SideInputClassifier(graph, facts, isPrefix);
+  const layers = buildLayers(graph, steps, ownership, embedding.info, classifier);
+  explainBoundaries(layers, explain);
+  const final = finalInfo(graph, steps, ownership, layers.length, opts, explain);
+  const first = layers[0]!;
+  return {
+    embedding: embedding.info,
+    steps,
+    layers,
+    final,
+    prefixNodes: graph.nodes.filter(isSharedNode),
+    suffixNodes: graph.nodes.filter((n) => ownership.nodeLayer.get(n) === layers.length),
+    hiddenSize: hiddenSizeOf(embedding.info),
+    numHeads: first.attention.numHeads,
+    numKvHeads: first.kv.numKvHeads,
+    headSize: first.kv.headSize,
+    dtype: streamDtype(embedding.info, facts),
+    positional: positionalScheme(embedding.info, layers),
+    mask: maskInfo(graph, layers, isSharedNode, facts.order),
+    explain,
+  };
+}
+
+/** Ownership is assigned in one pass in graph order, which must therefore be topological (ONNX requires it). */
+function assertTopologicalOrder(graph: Graph, facts: GraphFacts): void {
+  for (const n of graph.nodes) {
+    for (const v of n.inputs) {
+      const p = v?.producer;
+      if (p && p.graph === graph && facts.order.get(p)! > facts.order.get(n)!) {
+        throw new ModcError(`${n.describe()} reads ${v} before ${p.describe()} computes it: the graph is not in topological order (run the cleanup pass)`);
+      }
+    }
+  }
+}
+
+/** Notes on fused nodes spanning layer boundaries: the ones split-fused-boundaries would split. */
+function explainBoundaries(layers: readonly LayerInfo[], explain: Explanation[]): void {
+  for (const l of layers) {
+    const b = l.exitBoundary;
+    if (!b) continue;
+    const next = b.normedForLayer === layers.length ? 'the final norm' : `layer ${b.normedForLayer}'s normed input`;
+    const sum = b.sum ? `outputs the sum ${b.sum}` : 'does not output the sum';
+    explain.push({ subject: b.node.describe(), verdict: 'note', layer: l.index, reason: `fused layer boundary: adds layer ${l.index}'s residual (${sum}) and computes ${next} ${b.normed}` });
+  }
+}
+
+/** The end of the stream, checked: logits come after it and no attention follows the last layer. */
+function finalInfo(graph: Graph, steps: readonly StreamStep[], ownership: NodeOwnership, layerCount: number, opts: AnalyzeOptions, explain: Explanation[]): FinalInfo {
+  const last = steps.at(-1)!;
+  const logits = opts.logits ? graph.outputs.find((v) => v.name === opts.logits) : graph.outputs.find((v) => v.name === 'logits') ?? graph.outputs[0];
+  if (!logits) throw new ModcError(`no logits output${opts.logits ? ` named '${opts.logits}'` : ''}`);
+  const endText = last.sum ? `${last.sum}` : `the sum inside ${last.node.describe()}`;
+  const suffix = graph.nodes.filter((n) => ownership.nodeLayer.get(n) === layerCount);
+  const stray = suffix.find((n) => fusedAttentionSchema(n) || n.opType === 'Softmax');
+  if (stray) {
+    const why = [...explain].reverse().find((e) => e.verdict === 'rejected');
+    throw new ModcError(`the residual stream ends at ${endText} after layer ${layerCount - 1}, but ${stray.describe()} follows it: expected an Add of the stream and a branch computed from a normalised copy of it${why ? ` (last rejected: ${why.subject}: ${why.reason})` : ''}`);
+  }
+  if (!logits.producer || ownership.nodeLayer.get(logits.producer) !== layerCount) {
+    throw new ModcError(`logits ${logits} is not computed from the end of the residual stream (${endText})`);
+  }
+  const norm = last.kind !== 'Add' ? last.node : finalNormAfter(last.sum!);
+  explain.push({ subject: norm?.describe() ?? endText, verdict: 'note', reason: `final norm before lm_head; stream ends at ${endText}` });
+  return { residual: last.sum, norm, logits };
+}
+
+/** The norm reading the last stream value: a norm op, or the ReduceMean of a decomposed one. */
+function finalNormAfter(end: Value): Node | null {
+  const readers = end.consumers();
+  const op = readers.find((n) => isNormOp(n) && n.inputs[0] === end);
+  if (op) return op;
+  for (const r of readers) {
+    if (r.opType === 'ReduceMean') return r;
+    const reduce = r.outputs.flatMap((o) => o.consumers()).find((n) => n.opType === 'ReduceMean');
+    if (reduce) return reduce;
+  }
+  return null;
+}
