@@ -4,13 +4,21 @@
  * function support; ONNX Runtime runs either form.
  */
 import type { Model } from '../compiler/ir/model.js';
-import type { Value } from '../compiler/ir/graph.js';
+import type { Graph, Value } from '../compiler/ir/graph.js';
 import type { Pass } from '../compiler/pass-manager.js';
 import { MODC_DOMAIN } from '../runtime-ops/index.js';
 
 export function inlineModcOps(model: Model): number {
-  const g = model.graph;
+  const inlined = inlineIn(model, model.graph);
+  model.functions = model.functions.filter((f) => f.domain !== MODC_DOMAIN);
+  model.opsetImports = model.opsetImports.filter((o) => o.domain !== MODC_DOMAIN);
+  return inlined;
+}
+
+/** Inlines the calls in `g` and in every subgraph below it (routed layers live in If branches). */
+function inlineIn(model: Model, g: Graph): number {
   let inlined = 0;
+  for (const n of g.nodes) for (const sg of n.subgraphs()) inlined += inlineIn(model, sg);
   for (const call of g.nodes.filter((n) => n.domain === MODC_DOMAIN)) {
     const fn = model.findFunction(MODC_DOMAIN, call.opType, call.overload);
     if (!fn) continue;
@@ -32,8 +40,6 @@ export function inlineModcOps(model: Model): number {
     g.removeNode(call, true);
     inlined++;
   }
-  model.functions = model.functions.filter((f) => f.domain !== MODC_DOMAIN);
-  model.opsetImports = model.opsetImports.filter((o) => o.domain !== MODC_DOMAIN);
   return inlined;
 }
 

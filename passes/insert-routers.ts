@@ -19,6 +19,7 @@ import type { Pass } from '../compiler/pass-manager.js';
 import type { RoutingPlan } from '../compiler/routing-plan.js';
 import { Emitter } from '../runtime-ops/emit.js';
 import { callModcOp, defaultOpset } from '../runtime-ops/index.js';
+import { writeRoutingMetadata } from '../compiler/routing-metadata.js';
 import { streamElementType } from './mod-common.js';
 
 /** This call's token mask [B,S] and past length (T - S), built once for all routers. */
@@ -66,6 +67,11 @@ export function insertRouters(model: Model, plan: RoutingPlan): string[] {
     notes.push(`layer ${lp.layer}: router on ${layer.residualIn}, ${plan.mode === 'threshold' ? `p = ${lp.threshold}` : `capacity ${lp.capacity}`}`);
   }
   g.toposort();
+  writeRoutingMetadata(model, {
+    mode: plan.mode,
+    gated: plan.gated,
+    layers: plan.layers.map((l) => ({ layer: l.layer, threshold: l.threshold, capacity: l.capacity })),
+  });
   return notes;
 }
 

@@ -26,6 +26,7 @@ import { AttributeType, type AttributeProto, type TypeProto } from '../compiler/
 import { pastLengthName, presentLengthName } from '../compiler/runtime/decoder-io.js';
 import { Emitter } from '../runtime-ops/emit.js';
 import { callModcOp, defaultOpset, MODC_DOMAIN } from '../runtime-ops/index.js';
+import { readRoutingMetadata, writeRoutingMetadata } from '../compiler/routing-metadata.js';
 import { findRouting, type LayerRouting, streamElementType } from './mod-common.js';
 
 export interface RouteOptions {
@@ -275,6 +276,8 @@ export function routeLayers(model: Model, opts: RouteOptions): RouteReport {
     report.routed.push(layer.index);
   }
   model.graph.toposort();
+  const meta = readRoutingMetadata(model);
+  if (meta) writeRoutingMetadata(model, { ...meta, gated: opts.gated, layers: meta.layers.filter((l) => report.routed.includes(l.layer)) });
   return report;
 }
 

@@ -12,6 +12,7 @@ import { defaultRegistry, modPipeline } from '../../passes/index.js';
 import { listFlag, numberFlag, onePositional, stringFlag } from './args.js';
 import type { CliValues, Command } from './command.js';
 import { formatBytes } from './format.js';
+import { short } from './inspect.js';
 
 function routerSource(values: CliValues): RouterSource | undefined {
   const file = stringFlag(values, 'routers');
@@ -119,9 +120,9 @@ export const compileCommand: Command = {
     if (passes !== undefined) defaultRegistry().parsePipeline(passes); // unknown names fail before loading
     const t0 = performance.now();
     const model = loadModel(input);
-    log(`loaded ${input} (${model.graph.nodes.length} nodes) in ${(performance.now() - t0).toFixed(0)} ms`);
     const plan = resolvePlan(model, values);
     if (!plan && passes === undefined) throw new UsageError('nothing to do: give --routers FILE or --router-init all-pass|random (or --passes LIST)');
+    log(`loaded ${input} (${model.graph.nodes.length} nodes) in ${(performance.now() - t0).toFixed(0)} ms`);
     const mod = plan ? { plan, inlineOps: !!values['inline-ops'] } : undefined;
     const steps = passes !== undefined ? defaultRegistry(mod).parsePipeline(passes) : modPipeline(mod!);
     const opsBefore = modcOpCounts(model);
@@ -145,7 +146,7 @@ export const compileCommand: Command = {
     const blocked = new Set(notConverted.map((u) => u.layer));
     const converted = (plan?.layers ?? []).filter((l) => !blocked.has(l.layer));
     if (plan) {
-      log(`converted ${converted.length} layer(s): ${converted.map((l) => `${l.layer} (${plan.mode === 'threshold' ? `p=${l.threshold}` : `c=${l.capacity}`})`).join(', ') || 'none'}; ${plan.mode}, ${plan.gated ? 'gated' : 'ungated'}`);
+      log(`converted ${converted.length} layer(s): ${converted.map((l) => `${l.layer} (${plan.mode === 'threshold' ? `p=${short(l.threshold)}` : `c=${short(l.capacity)}`})`).join(', ') || 'none'}; ${plan.mode}, ${plan.gated ? 'gated' : 'ungated'}`);
       log(`modc ops added: ${Object.entries(opsAdded).map(([op, n]) => `${op} ${n}`).join(', ') || (values['inline-ops'] ? 'none (inlined)' : 'none')}`);
       for (const u of notConverted) log(`not converted: layer ${u.layer}: ${u.reason}`);
     }
