@@ -105,3 +105,17 @@ describe('modc generate', () => {
     expect(res.stderr).toMatch(/--force has 2 ids but --max-new is 3/);
   });
 });
+
+describe('context length', () => {
+  it('refuses a context longer than the model has positions for, at the prompt and at a step', async () => {
+    const s = await ModSession.create(join(SHARED_MODELS, 'ort-gpt2-fused', 'model.onnx'));
+    expect(s.io.maxPositions).toBe(512);
+    await expect(s.forward([Array(513).fill(1)])).rejects.toThrow(/a context of 513 tokens is longer than the model's 512 positions/);
+    await s.forward([Array(511).fill(1)]);
+    await s.step([2]);
+    await expect(s.step([2])).rejects.toThrow(/longer than the model's 512 positions/);
+    const res = await runCli('generate', join(ROOT, 'fixtures', 'genai-tiny', 'model.onnx'), '--ids', Array(250).fill(3).join(','), '--max-new', '10');
+    expect(res.code).toBe(1);
+    expect(res.stderr).toMatch(/^modc: a context of 257 tokens is longer than the model's 256 positions\n$/);
+  });
+});

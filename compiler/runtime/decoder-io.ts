@@ -34,6 +34,8 @@ export interface DecoderIo {
   logits: string;
   kv: KvBinding[];
   vocabSize: number | null;
+  /** Positions the model has tables for (learned embeddings, rotary caches); null when unbounded. */
+  maxPositions: number | null;
 }
 
 const intType = (v: Value): 'int32' | 'int64' => (v.dtype === DataType.INT32 ? 'int32' : 'int64');
@@ -95,7 +97,34 @@ export function decoderIo(model: Model): DecoderIo {
     logits: logits.name,
     kv: layers,
     vocabSize: typeof vocab === 'number' ? vocab : null,
+    maxPositions: maxPositions(model, pos ?? null),
   };
+}
+
+/** Rows of the position tables: the table operand of each op that indexes by position. */
+const POSITION_TABLES: Record<string, number> = { EmbedLayerNormalization: 3, RotaryEmbedding: 2, GroupQueryAttention: 7 };
+
+function maxPositions(model: Model, positionIds: Value | null): number | null {
+  const rows: number[] = [];
+  const tableRows = (v: Value | null | undefined) => {
+    const dims = v?.initializer?.dims;
+    if (dims && dims.length === 2) rows.push(dims[0]!);
+  };
+  for (const n of model.allNodes()) {
+    const slot = POSITION_TABLES[n.opType];
+    if (slot !== undefined && n.domain === 'com.microsoft' && (n.opType !== 'GroupQueryAttention' || n.attrInt('do_rotary', 0) === 1)) tableRows(n.input(slot));
+    if (n.opType === 'Gather' && positionIds && readsThrough(n.input(1), positionIds)) tableRows(n.input(0));
+  }
+  return rows.length ? Math.min(...rows) : null;
+}
+
+/** Whether `v` is `source` or computed from it through single-input nodes (casts, gathers of it). */
+function readsThrough(v: Value | null, source: Value, hops = 4): boolean {
+  for (let cur = v; cur && hops >= 0; hops--) {
+    if (cur === source) return true;
+    cur = cur.producer?.input(0) ?? null;
+  }
+  return false;
 }
 
 function pick(outputs: Map<string, Value>, candidates: string[], past: string): string {

@@ -91,6 +91,7 @@ export class ModSession {
     const { ids, mask, width } = padRows(rows, opts.pad ?? 'left');
     this.checkVocab(ids);
     this.mask = mask;
+    this.checkContext();
     this.caches.clear();
     this.lengths.clear();
     const B = rows.length;
@@ -110,6 +111,12 @@ export class ModSession {
     this.checkVocab(next);
     const positions = nextPositions(this.mask);
     this.mask = this.mask.map((m) => [...m, 1]);
+    try {
+      this.checkContext();
+    } catch (e) {
+      this.mask = this.mask.map((m) => m.slice(0, -1));
+      throw e;
+    }
     return this.run(next, [this.batch, 1], positions);
   }
 
@@ -141,6 +148,13 @@ export class ModSession {
   layerCacheLengths(): number[][] {
     const real = this.mask.map((m) => m.reduce((a, v) => a + v, 0));
     return this.io.kv.map((b) => this.lengths.get(b.layer) ?? real);
+  }
+
+  /** Refuses a context that would need positions the model has no table rows for. */
+  private checkContext(): void {
+    const max = this.io.maxPositions;
+    const longest = Math.max(...this.mask.map((m) => m.reduce((a, v) => a + v, 0)));
+    if (max !== null && longest > max) throw new ModcError(`a context of ${longest} tokens is longer than the model's ${max} positions`);
   }
 
   private checkVocab(ids: number[]): void {
