@@ -1,9 +1,11 @@
 /**
  * modc's programmatic API: load -> analyse -> run passes -> save -> run.
  *
- *   import { loadModel, runPipeline, defaultRegistry, saveModel } from 'modc';
+ *   import { loadModel, analyzeDecoder, planRouting, modPipeline, runPipeline, saveModel } from 'modc';
  *   const model = loadModel('model.onnx');
- *   runPipeline(model, defaultRegistry().parsePipeline('cleanup'));
+ *   const s = analyzeDecoder(model);
+ *   const plan = planRouting({ numLayers: s.layers.length, hiddenSize: s.hiddenSize, routers: { kind: 'all-pass' } });
+ *   runPipeline(model, modPipeline({ plan }));
  *   saveModel(model, 'out.onnx');
  */
 export { ModcError, UsageError } from './errors.js';
@@ -19,3 +21,11 @@ export { PassRegistry, runPipeline, type Pass, type PassContext, type PassResult
 export { summarizeModel, type ModelSummary } from './summary.js';
 export { createSession, type SessionOptions, type ExecutionProvider } from './runtime/ort.js';
 export { defaultRegistry } from '../passes/index.js';
+export { analyzeDecoder, extractDecoder, LayerByLayerRunner, summarizeStructure, formatLayerTable } from './analysis/index.js';
+export type { DecoderStructure, LayerInfo, KvCacheSpec, SideInput, AttentionForm } from './analysis/types.js';
+export { planRouting, parseLayerSpec, type RoutingPlan, type LayerPlan, type PlanRequest } from './routing-plan.js';
+export { readRouterFile, writeRouterFile, type LayerRouter } from './routers.js';
+export { ModSession, type Logits, type GenerateResult } from './runtime/session.js';
+export { decoderIo, type DecoderIo } from './runtime/decoder-io.js';
+export { ModReference } from './reference/mod-reference.js';
+export { modPipeline, type ModOptions } from '../passes/index.js';
