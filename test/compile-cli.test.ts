@@ -1,9 +1,10 @@
 /** `modc compile` with routers, and `modc inspect` on decoders and compiled models, as a user runs them. */
-import { existsSync, readdirSync, writeFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { writeRouterFile } from '../compiler/routers.js';
 import { ModSession } from '../compiler/runtime/session.js';
+import { ort } from '../compiler/runtime/ort.js';
 import { ROOT, runCli, SHARED_MODELS, tempDir } from './helpers.js';
 
 const tmp = tempDir('modc-compile');
@@ -73,6 +74,24 @@ describe('modc compile with routers', () => {
     await s.forward([[1, 2, 3]]);
     await s.step([4]);
     expect(s.layerCacheLengths()).toEqual([[4], [0], [4]]);
+
+    // ORT's profile lists every kernel that ran: none of layer 1's MatMuls did.
+    const prefix = join(tmp, 'profile');
+    const session = await ort.InferenceSession.create(out, { enableProfiling: true, profileFilePrefix: prefix });
+    const ids = (a: number[]) => new ort.Tensor('int64', BigInt64Array.from(a, BigInt), [1, a.length]);
+    const feeds: Record<string, ort.Tensor> = { input_ids: ids([1, 2, 3]), attention_mask: ids([1, 1, 1]), position_ids: ids([0, 1, 2]) };
+    for (const name of session.inputNames) {
+      if (name.startsWith('past_key_values')) feeds[name] = new ort.Tensor('float32', new Float32Array(0), [1, 2, 0, 16]);
+      if (name.startsWith('past_lengths')) feeds[name] = new ort.Tensor('int64', BigInt64Array.of(0n), [1]);
+    }
+    await session.run(feeds);
+    session.endProfiling();
+    const file = readdirSync(tmp).find((f) => f.startsWith('profile') && f.endsWith('.json'))!;
+    const kernels = (JSON.parse(readFileSync(join(tmp, file), 'utf8')) as { cat?: string; name: string }[]).filter((e) => e.cat === 'Node').map((e) => e.name);
+    const matmuls = (layer: number) => kernels.filter((k) => k.startsWith(`/layers.${layer}/`) && k.includes('MatMul')).length;
+    expect(matmuls(0)).toBeGreaterThan(0);
+    expect(matmuls(1)).toBe(0);
+    expect(kernels).toContain('modc/layer1/if_selected_kernel_time');
   });
 });
 
