@@ -7,5 +7,6 @@ export default defineConfig({
     hookTimeout: 60_000,
     // onnxruntime-node sessions are heavy; two workers match the 2-core CI machine.
     maxWorkers: 2,
+    reporters: ['default', './test/count-reporter.ts'],
   },
 });
