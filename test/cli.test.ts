@@ -4,18 +4,10 @@ import { describe, expect, it } from 'vitest';
 import { saveModel } from '../compiler/io/save.js';
 import { loadModel } from '../compiler/io/load.js';
 import { decodeModelProto, encodeModelProto } from '../compiler/proto/index.js';
-import { runCli, SHARED_MODELS, tempDir } from './helpers.js';
+import { expectOneLineError, runCli, SHARED_MODELS, tempDir } from './helpers.js';
 
 const tmp = tempDir('modc-cli');
 const GPT2_FUSED = join(SHARED_MODELS, 'ort-gpt2-fused', 'model.onnx');
-
-function expectOneLineError(res: { code: number; stdout: string; stderr: string }, code: number, pattern: RegExp) {
-  expect(res.code).toBe(code);
-  expect(res.stderr.trim().split('\n')).toHaveLength(1);
-  expect(res.stderr).toMatch(/^modc: /);
-  expect(res.stderr).toMatch(pattern);
-  expect(res.stderr).not.toMatch(/\n\s+at /);
-}
 
 describe('modc inspect', () => {
   it('prints versions, I/O, op histogram and parameters', async () => {

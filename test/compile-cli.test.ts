@@ -5,17 +5,11 @@ import { describe, expect, it } from 'vitest';
 import { writeRouterFile } from '../compiler/routers.js';
 import { ModSession } from '../compiler/runtime/session.js';
 import { ort } from '../compiler/runtime/ort.js';
-import { ROOT, runCli, SHARED_MODELS, tempDir } from './helpers.js';
+import { expectOneLineError, ROOT, runCli, SHARED_MODELS, tempDir } from './helpers.js';
 
 const tmp = tempDir('modc-compile');
 const LLAMA = join(ROOT, 'fixtures', 'llama-tiny', 'model.onnx');
 const GPT2_FUSED = join(SHARED_MODELS, 'ort-gpt2-fused', 'model.onnx');
-
-function oneLine(res: { code: number; stderr: string }, code: number, pattern: RegExp) {
-  expect(res.code).toBe(code);
-  expect(res.stderr.trim().split('\n')).toHaveLength(1);
-  expect(res.stderr).toMatch(pattern);
-}
 
 describe('modc compile with routers', () => {
   it('prints what it converted and the layers it did not, and --json reports the same', async () => {
@@ -102,12 +96,12 @@ describe('modc compile refuses bad routing input with one line', () => {
     const routers = join(tmp, 'wide.safetensors');
     writeRouterFile(routers, [{ layer: 0, weight: new Float32Array(100), bias: 0 }]);
     const o = out();
-    oneLine(await runCli('compile', LLAMA, '-o', o, '--routers', routers), 1, /'router\.0\.weight' has shape \[100\], expected \[64\]/);
+    expectOneLineError(await runCli('compile', LLAMA, '-o', o, '--routers', routers), 1, /'router\.0\.weight' has shape \[100\], expected \[64\]/);
     expect(existsSync(o)).toBe(false);
     writeRouterFile(routers, [{ layer: 7, weight: new Float32Array(64), bias: 0 }]);
-    oneLine(await runCli('compile', LLAMA, '-o', out(), '--routers', routers), 1, /'router\.7\.weight' is for layer 7, but the model has 3 layers/);
+    expectOneLineError(await runCli('compile', LLAMA, '-o', out(), '--routers', routers), 1, /'router\.7\.weight' is for layer 7, but the model has 3 layers/);
     writeFileSync(routers, 'nonsense');
-    oneLine(await runCli('compile', LLAMA, '-o', out(), '--routers', routers), 1, /not a safetensors file/);
+    expectOneLineError(await runCli('compile', LLAMA, '-o', out(), '--routers', routers), 1, /not a safetensors file/);
   });
 
   it.each([
@@ -120,13 +114,13 @@ describe('modc compile refuses bad routing input with one line', () => {
     [['--schedule', 'zigzag'], 2, /--schedule must be one of/],
     [['--gated', '--ungated'], 2, /--gated or --ungated, not both/],
   ])('%j', async (flags, code, pattern) => {
-    oneLine(await runCli('compile', LLAMA, '-o', out(), '--router-init', 'random', ...(flags as string[])), code as number, pattern as RegExp);
+    expectOneLineError(await runCli('compile', LLAMA, '-o', out(), '--router-init', 'random', ...(flags as string[])), code as number, pattern as RegExp);
   });
 
   it('flags that need routers, and no routers at all', async () => {
-    oneLine(await runCli('compile', LLAMA, '-o', out(), '--threshold', '0.3'), 2, /--threshold needs routers/);
-    oneLine(await runCli('compile', LLAMA, '-o', out(), '--router-init', 'clever'), 2, /--router-init must be all-pass or random/);
-    oneLine(await runCli('compile', LLAMA, '-o', out()), 2, /nothing to do: give --routers FILE or --router-init/);
+    expectOneLineError(await runCli('compile', LLAMA, '-o', out(), '--threshold', '0.3'), 2, /--threshold needs routers/);
+    expectOneLineError(await runCli('compile', LLAMA, '-o', out(), '--router-init', 'clever'), 2, /--router-init must be all-pass or random/);
+    expectOneLineError(await runCli('compile', LLAMA, '-o', out()), 2, /nothing to do: give --routers FILE or --router-init/);
   });
 
   it('a model that is not a decoder', async () => {
@@ -143,10 +137,10 @@ describe('modc compile refuses bad routing input with one line', () => {
     m.opsetImports = [{ domain: '', version: 17 }];
     saveModel(m, join(dir, 'model.onnx'));
     const res = await runCli('compile', join(dir, 'model.onnx'), '-o', join(dir, 'out.onnx'), '--router-init', 'all-pass');
-    oneLine(res, 1, /modc: no residual stream: expected/);
+    expectOneLineError(res, 1, /modc: no residual stream: expected/);
     expect(readdirSync(dir)).toEqual(['model.onnx']);
     const ins = await runCli('inspect', join(dir, 'model.onnx'));
-    oneLine(ins, 1, /not a decoder modc can handle: no residual stream/);
+    expectOneLineError(ins, 1, /not a decoder modc can handle: no residual stream/);
     expect(ins.stdout).toMatch(/nodes\s+1/);
   });
 });

@@ -2,7 +2,7 @@
 import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { afterAll } from 'vitest';
+import { afterAll, expect } from 'vitest';
 import { main } from '../compiler/cli/main.js';
 import type { Value } from '../compiler/ir/graph.js';
 import type { Model } from '../compiler/ir/model.js';
@@ -36,6 +36,15 @@ export interface CliResult {
   code: number;
   stdout: string;
   stderr: string;
+}
+
+/** A failed command: the exit code, and one stderr line `modc: ...` matching `pattern`, no stack. */
+export function expectOneLineError(res: CliResult, code: number, pattern: RegExp): void {
+  expect(res.code).toBe(code);
+  expect(res.stderr.trim().split('\n')).toHaveLength(1);
+  expect(res.stderr).toMatch(/^modc: /);
+  expect(res.stderr).toMatch(pattern);
+  expect(res.stderr).not.toMatch(/\n\s+at /);
 }
 
 export async function runCli(...args: string[]): Promise<CliResult> {

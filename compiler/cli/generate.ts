@@ -4,7 +4,7 @@ import { ModSession } from '../runtime/session.js';
 import { numberFlag, onePositional, stringFlag } from './args.js';
 import type { Command } from './command.js';
 import { parseIdList, parseIdRows } from './ids.js';
-import { executionProvider, padSide } from './run.js';
+import { executionProvider, padSide, PROMPT_OPTIONS } from './run.js';
 
 export const generateCommand: Command = {
   name: 'generate',
@@ -20,13 +20,10 @@ export const generateCommand: Command = {
     'tokens each layer\'s cache holds at the end.',
   ].join('\n'),
   options: {
-    ids: { type: 'string', valueName: 'IDS', help: 'prompt ids: rows separated by ";", ids by ","' },
+    ...PROMPT_OPTIONS,
     'max-new': { type: 'string', valueName: 'N', help: 'decode steps to run (required)' },
     force: { type: 'string', valueName: 'IDS', help: 'feed these ids (one per step) instead of the argmax' },
     logits: { type: 'boolean', help: 'include each step\'s last-position logits in the JSON' },
-    pad: { type: 'string', valueName: 'SIDE', help: 'pad shorter rows on the left (default) or right' },
-    ep: { type: 'string', valueName: 'EP', help: 'execution provider: cpu (default) or cuda' },
-    json: { type: 'boolean', help: 'print the result as JSON' },
   },
   async run(positionals, values, io) {
     const path = onePositional(positionals, 'model path', 'generate');

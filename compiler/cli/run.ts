@@ -3,7 +3,7 @@ import { UsageError } from '../errors.js';
 import { ModSession, lastPosition, argmax } from '../runtime/session.js';
 import type { ExecutionProvider } from '../runtime/ort.js';
 import { onePositional, stringFlag } from './args.js';
-import type { Command } from './command.js';
+import type { CliOption, Command } from './command.js';
 import { parseIdRows } from './ids.js';
 
 export function executionProvider(values: Record<string, unknown>): ExecutionProvider {
@@ -18,6 +18,14 @@ export function padSide(values: Record<string, unknown>): 'left' | 'right' {
   return pad;
 }
 
+/** Options `run` and `generate` share. */
+export const PROMPT_OPTIONS = {
+  ids: { type: 'string', valueName: 'IDS', help: 'token ids: rows separated by ";", ids by ","' },
+  pad: { type: 'string', valueName: 'SIDE', help: 'pad shorter rows on the left (default) or right' },
+  ep: { type: 'string', valueName: 'EP', help: 'execution provider: cpu (default) or cuda' },
+  json: { type: 'boolean', help: 'print the result as JSON' },
+} as const satisfies Record<string, CliOption>;
+
 export const runCommand: Command = {
   name: 'run',
   summary: 'run one forward pass over a prompt and print the logits',
@@ -29,12 +37,7 @@ export const runCommand: Command = {
     'where logits is [batch][position][vocab] over the padded prompt (padding positions included;',
     'attentionMask says which they are). float16 logits are converted to numbers.',
   ].join('\n'),
-  options: {
-    ids: { type: 'string', valueName: 'IDS', help: 'token ids: rows separated by ";", ids by ","' },
-    pad: { type: 'string', valueName: 'SIDE', help: 'pad shorter rows on the left (default) or right' },
-    ep: { type: 'string', valueName: 'EP', help: 'execution provider: cpu (default) or cuda' },
-    json: { type: 'boolean', help: 'print the logits as JSON' },
-  },
+  options: PROMPT_OPTIONS,
   async run(positionals, values, io) {
     const path = onePositional(positionals, 'model path', 'run');
     const text = stringFlag(values, 'ids');
