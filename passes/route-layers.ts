@@ -96,8 +96,16 @@ class LayerRouter {
     return callModcOp(this.model, op, inputs, { dtype: streamElementType(this.s), name: `modc/layer${this.l}` });
   }
 
+  private readonly gathered = new Map<Value, Value>();
+
+  /** `v` at the selected tokens (one GatherTokens per value and layer). */
   private gather(v: Value): Value {
-    return this.call('GatherTokens', [v, this.routing.indices])[0]!;
+    let out = this.gathered.get(v);
+    if (!out) {
+      out = this.call('GatherTokens', [v, this.routing.indices])[0]!;
+      this.gathered.set(v, out);
+    }
+    return out;
   }
 
   /** Rewrites the layer; returns the value that now carries its output (the scatter). */
