@@ -108,6 +108,14 @@ class LayerRouter {
     return out;
   }
 
+  /**
+   * Tokens selected per row, [B] int64, counted from `valid`: Compact's own `count` output read
+   * inside an If branch makes ORT warn that it cannot rename it when inlining the function.
+   */
+  private selectedCount(): Value {
+    return this.e.reduceSum(this.e.cast(this.routing.valid, DataType.INT64), [1], false);
+  }
+
   /** Rewrites the layer; returns the value that now carries its output (the scatter). */
   route(): Value {
     const { layer, routing } = this;
@@ -152,7 +160,7 @@ class LayerRouter {
 
     // Keep this layer's valid cache slots and this call's valid tokens, each row packed left.
     const keep = gqa
-      ? this.call('PrefixMask', [this.e.op('Add', [pastLength, routing.count]), this.e.op('Add', [capacity, k])])[0]!
+      ? this.call('PrefixMask', [this.e.op('Add', [pastLength, this.selectedCount()]), this.e.op('Add', [capacity, k])])[0]!
       : this.call('KeyMask', [pastLength, capacity, routing.valid])[0]!;
     const [slots, , presentLength] = this.call('Compact', [keep]);
     const tensors: KvTensor[] = kv.layout === 'combined-2BHTD' ? [kv.key] : [kv.key, kv.value];
@@ -194,7 +202,7 @@ class LayerRouter {
       run.outputs[i]!.type ??= type;
       skip.outputs[i]!.type = type;
     });
-    const total = this.e.reduceSum(this.routing.count, [0], false);
+    const total = this.e.reduceSum(this.selectedCount(), [0], false);
     const cond = this.e.op('Greater', [total, this.e.i64(0)]);
     const outs = pairs.map(([computed]) => g.newValue(`${computed.name}_if`));
     const node = g.addNode('If', [cond], outs, { name: `modc/layer${this.l}/if_selected` });

@@ -4,7 +4,8 @@ import { compileCommand } from './compile.js';
 import { inspectCommand } from './inspect.js';
 import { runCommand } from './run.js';
 import { generateCommand } from './generate.js';
+import { verifyCommand } from './verify.js';
 
 export type { Command } from './command.js';
 
-export const COMMANDS: Command[] = [inspectCommand, compileCommand, runCommand, generateCommand];
+export const COMMANDS: Command[] = [inspectCommand, compileCommand, runCommand, generateCommand, verifyCommand];

@@ -1,0 +1,117 @@
+/**
+ * Checking a compiled model against its original, as `modc verify` does:
+ * - semantics: the compiled model agrees with the MoD reference executor running the original
+ *   with the compiled model's own routers (logits, per-layer cache lengths, KV bytes);
+ * - anchor: the original compiled with every token selected, ungated, reproduces the original.
+ * Both run a prompt and then a number of teacher-forced steps.
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { analyzeDecoder } from './analysis/analyze.js';
+import { ModcError } from './errors.js';
+import { loadModel } from './io/load.js';
+import { saveModel } from './io/save.js';
+import type { Model } from './ir/model.js';
+import { runPipeline } from './pass-manager.js';
+import { ModReference } from './reference/mod-reference.js';
+import { readRoutingMetadata } from './routing-metadata.js';
+import { planRouting, type RoutingPlan } from './routing-plan.js';
+import { argmax, lastPosition, type Logits, ModSession } from './runtime/session.js';
+import { modPipeline } from '../passes/index.js';
+
+export interface VerifyOptions {
+  prompt: number[][];
+  steps: number;
+  pad: 'left' | 'right';
+  /** Largest allowed |logit difference| (default: 1e-4, or 1e-2 for float16 models). */
+  tolerance?: number;
+}
+
+export interface CheckResult {
+  name: 'semantics' | 'anchor';
+  passed: boolean;
+  /** Largest |logit difference| at real positions: the prefill, then each step. */
+  maxDiff: number[];
+  cacheLengthsMatch: boolean;
+  kvBytesMatch: boolean;
+}
+
+export interface VerifyReport {
+  tolerance: number;
+  checks: CheckResult[];
+  passed: boolean;
+}
+
+/** The routing plan a compiled model carries: its metadata plus its router initializers. */
+export function routingPlanOf(compiled: Model): RoutingPlan {
+  const meta = readRoutingMetadata(compiled);
+  if (!meta) throw new ModcError('the compiled model has no modc routing metadata: was it compiled by modc compile?');
+  const inits = compiled.graph.initializers;
+  const layers = meta.layers.map((l) => {
+    const w = inits.get(`modc.router.${l.layer}.weight`)?.initializer;
+    const b = inits.get(`modc.router.${l.layer}.bias`)?.initializer;
+    if (!w || !b) throw new ModcError(`the compiled model lacks the router tensors of layer ${l.layer}`);
+    return { layer: l.layer, threshold: l.threshold, capacity: l.capacity, router: { layer: l.layer, weight: Float32Array.from(w.toNumbers()), bias: b.toNumbers()[0]! } };
+  });
+  return { mode: meta.mode, gated: meta.gated, layers, unconverted: [] };
+}
+
+interface Runner {
+  forward(rows: number[][], opts: { pad: 'left' | 'right' }): Promise<Logits>;
+  step(next: number[]): Promise<Logits>;
+  layerCacheLengths(): number[][];
+  kvBytes(): number;
+}
+
+function worstReal(a: Logits, b: Logits, rows: number[][], pad: 'left' | 'right'): number {
+  const [B, S, V] = a.dims;
+  let worst = 0;
+  for (let r = 0; r < B; r++) {
+    const n = rows[r]!.length;
+    for (let t = pad === 'left' ? S - n : 0; t < (pad === 'left' ? S : n); t++) {
+      for (let v = 0; v < V; v++) worst = Math.max(worst, Math.abs(a.data[(r * S + t) * V + v]! - b.data[(r * S + t) * V + v]!));
+    }
+  }
+  return worst;
+}
+
+/** Runs both on the prompt and `steps` tokens (the first runner's argmax, fed to both). */
+async function compare(name: CheckResult['name'], a: Runner, b: Runner, opts: VerifyOptions, tolerance: number): Promise<CheckResult> {
+  const first = await a.forward(opts.prompt, { pad: opts.pad });
+  const maxDiff = [worstReal(first, await b.forward(opts.prompt, { pad: opts.pad }), opts.prompt, opts.pad)];
+  let next = lastPosition(first).map(argmax);
+  for (let t = 0; t < opts.steps; t++) {
+    const la = lastPosition(await a.step(next));
+    const lb = lastPosition(await b.step(next));
+    maxDiff.push(Math.max(...la.map((row, r) => row.reduce((m, v, i) => Math.max(m, Math.abs(v - lb[r]![i]!)), 0))));
+    next = la.map(argmax);
+  }
+  const cacheLengthsMatch = JSON.stringify(a.layerCacheLengths()) === JSON.stringify(b.layerCacheLengths());
+  const kvBytesMatch = a.kvBytes() === b.kvBytes();
+  return { name, passed: maxDiff.every((d) => d <= tolerance) && cacheLengthsMatch && kvBytesMatch, maxDiff, cacheLengthsMatch, kvBytesMatch };
+}
+
+export async function verifyCompiled(originalPath: string, compiledPath: string, opts: VerifyOptions, log: (m: string) => void = () => {}): Promise<VerifyReport> {
+  const original = loadModel(originalPath);
+  const structure = analyzeDecoder(original);
+  const tolerance = opts.tolerance ?? (structure.dtype === 'float16' ? 1e-2 : 1e-4);
+  const plan = routingPlanOf(loadModel(compiledPath));
+  const work = mkdtempSync(join(tmpdir(), 'modc-verify-'));
+  try {
+    log(`semantics: ${compiledPath} against the reference executor on ${originalPath}`);
+    const reference = await ModReference.create(originalPath, plan, work);
+    const semantics = await compare('semantics', await ModSession.create(compiledPath), reference, opts, tolerance);
+    await reference.release();
+
+    log('anchor: every token selected, ungated, against the original');
+    const anchorPlan = planRouting({ numLayers: structure.layers.length, hiddenSize: structure.hiddenSize, routers: { kind: 'all-pass' }, gated: false, layers: plan.layers.map((l) => l.layer).join(',') });
+    runPipeline(original, modPipeline({ plan: anchorPlan }));
+    const anchorPath = join(work, 'anchor', 'model.onnx');
+    saveModel(original, anchorPath);
+    const anchor = await compare('anchor', await ModSession.create(originalPath), await ModSession.create(anchorPath), opts, tolerance);
+    return { tolerance, checks: [semantics, anchor], passed: semantics.passed && anchor.passed };
+  } finally {
+    rmSync(work, { recursive: true, force: true });
+  }
+}
