@@ -5,7 +5,8 @@ import { inspectCommand } from './inspect.js';
 import { runCommand } from './run.js';
 import { generateCommand } from './generate.js';
 import { verifyCommand } from './verify.js';
+import { benchCommand } from './bench.js';
 
 export type { Command } from './command.js';
 
-export const COMMANDS: Command[] = [inspectCommand, compileCommand, runCommand, generateCommand, verifyCommand];
+export const COMMANDS: Command[] = [inspectCommand, compileCommand, runCommand, generateCommand, verifyCommand, benchCommand];
