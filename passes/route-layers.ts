@@ -92,8 +92,25 @@ class LayerRouter {
     this.region = new Set(layer.nodes.filter((n) => n.domain !== MODC_DOMAIN));
   }
 
-  private call(op: string, inputs: Value[]): Value[] {
-    return callModcOp(this.model, op, inputs, { dtype: streamElementType(this.s), name: `modc/layer${this.l}` });
+  private call(op: string, inputs: Value[], graph?: Graph): Value[] {
+    return callModcOp(this.model, op, inputs, { dtype: streamElementType(this.s), name: `modc/layer${this.l}`, graph });
+  }
+
+  /**
+   * `If(cond)` in the main graph with branches built by the callbacks; returns its outputs,
+   * typed like the then-branch's (element type only: shapes may differ between branches).
+   */
+  private ifElse(name: string, cond: Value, thenBranch: (g: Graph) => Value[], elseBranch: (g: Graph) => Value[]): Value[] {
+    const g = this.model.graph;
+    const branches = [new Graph(`${name}_then`, g), new Graph(`${name}_else`, g)] as const;
+    branches[0].outputs = thenBranch(branches[0]);
+    branches[1].outputs = elseBranch(branches[1]);
+    const outs = branches[0].outputs.map((v) => g.newValue(`${v.name}_if`, elementType(v)));
+    for (const b of branches) b.outputs.forEach((v) => (v.type ??= elementType(outs[b.outputs.indexOf(v)]!)));
+    const node = g.addNode('If', [cond], outs, { name });
+    node.setAttr(graphAttribute('then_branch'), branches[0]);
+    node.setAttr(graphAttribute('else_branch'), branches[1]);
+    return outs;
   }
 
   private readonly gathered = new Map<Value, Value>();
@@ -162,12 +179,12 @@ class LayerRouter {
     const keep = gqa
       ? this.call('PrefixMask', [this.e.op('Add', [pastLength, this.selectedCount()]), this.e.op('Add', [capacity, k])])[0]!
       : this.call('KeyMask', [pastLength, capacity, routing.valid])[0]!;
-    const [slots, , presentLength] = this.call('Compact', [keep]);
     const tensors: KvTensor[] = kv.layout === 'combined-2BHTD' ? [kv.key] : [kv.key, kv.value];
-    const packed = tensors.map((t) => this.compactPresent(t, slots!, seqAxis, kv.layout === 'combined-2BHTD' ? 'GatherKvCombined' : 'GatherKv'));
-    presentLength!.name = g.uniqueName(presentLengthName(this.l));
-    presentLength!.type = tensorType(DataType.INT64, ['batch']);
-    g.outputs.push(presentLength!);
+    const packed = this.packPresent(tensors, keep, seqAxis, kv.layout === 'combined-2BHTD' ? 'GatherKvCombined' : 'GatherKv');
+    const presentLength = this.e.reduceSum(this.e.cast(keep, DataType.INT64), [1], false);
+    presentLength.name = g.uniqueName(presentLengthName(this.l));
+    presentLength.type = tensorType(DataType.INT64, ['batch']);
+    g.outputs.push(presentLength);
 
     const scatter = this.opts.gated
       ? this.call('ScatterTokensGated', [x, routing.indices, routing.valid, xSel, y, this.gather(this.e.op('Sigmoid', [routing.score]))])
@@ -179,7 +196,7 @@ class LayerRouter {
     return this.skipWhenNothingSelected(layerNodes, [
       [scatter[0]!, x],
       ...packed.map((p, i) => [p, tensors[i]!.input] as [Value, Value]),
-      [presentLength!, pastLength],
+      [presentLength, pastLength],
     ]);
   }
 
@@ -192,22 +209,14 @@ class LayerRouter {
   private skipWhenNothingSelected(nodes: ReadonlySet<Node>, pairs: [Value, Value][]): Value {
     const g = this.model.graph;
     g.toposort();
-    const run = new Graph(`modc_layer${this.l}_run`, g);
-    g.moveNodesTo(nodes, run);
-    run.outputs = pairs.map(([computed]) => computed);
-    const skip = new Graph(`modc_layer${this.l}_skip`, g);
-    skip.outputs = pairs.map(([, passed]) => skip.addNode('Identity', [passed], [skip.newValue(`${passed.name}_skipped`)]).output(0));
-    pairs.forEach(([computed], i) => {
-      const type = elementType(computed);
-      run.outputs[i]!.type ??= type;
-      skip.outputs[i]!.type = type;
-    });
-    const total = this.e.reduceSum(this.selectedCount(), [0], false);
-    const cond = this.e.op('Greater', [total, this.e.i64(0)]);
-    const outs = pairs.map(([computed]) => g.newValue(`${computed.name}_if`));
-    const node = g.addNode('If', [cond], outs, { name: `modc/layer${this.l}/if_selected` });
-    node.setAttr(graphAttribute('then_branch'), run);
-    node.setAttr(graphAttribute('else_branch'), skip);
+    const cond = this.e.op('Greater', [this.e.reduceSum(this.selectedCount(), [0], false), this.e.i64(0)]);
+    const outs = this.ifElse(`modc/layer${this.l}/if_selected`, cond,
+      (run) => {
+        g.moveNodesTo(nodes, run);
+        return pairs.map(([computed]) => computed);
+      },
+      (skip) => pairs.map(([, passed]) => skip.addNode('Identity', [passed], [skip.newValue(`${passed.name}_skipped`)]).output(0)));
+    const run = outs[0]!.producer!.subgraphs()[0]!;
     pairs.forEach(([computed], i) => {
       const out = outs[i]!;
       for (const use of [...computed.uses]) if (use.node.graph !== run) use.node.setInput(use.index, out);
@@ -249,18 +258,35 @@ class LayerRouter {
     return sub;
   }
 
-  /** The present graph output becomes the re-packed cache; the op's own present feeds only it. */
-  private compactPresent(t: KvTensor, slots: Value, seqAxis: number, op: string): Value {
+  /**
+   * The present graph outputs become the re-packed caches (the op's own presents feed only
+   * them). Packing copies the whole cache, so it runs only when some slot must go: a batch-1
+   * step or an all-selected prefill keeps every slot, and then the present passes through.
+   */
+  private packPresent(tensors: KvTensor[], keep: Value, seqAxis: number, op: string): Value[] {
     const g = this.model.graph;
-    const full = t.output;
-    const name = full.name;
-    full.name = g.uniqueName(`${name}_full`);
-    const packed = this.call(op, [full, slots])[0]!;
-    packed.name = name;
-    packed.type = withDim(full.type, seqAxis, `present_sequence_length_${this.l}`);
-    g.outputs = g.outputs.map((v) => (v === full ? packed : v));
-    t.input.type = withDim(t.input.type, seqAxis, `past_sequence_length_${this.l}`);
-    return packed;
+    const fulls = tensors.map((t) => {
+      const full = t.output;
+      const name = full.name;
+      full.name = g.uniqueName(`${name}_full`);
+      return { t, full, name };
+    });
+    const kept = this.e.reduceSum(this.e.cast(keep, DataType.INT64), [0, 1], false);
+    const everySlotKept = this.e.op('Equal', [kept, this.e.op('Size', [keep])]);
+    const packed = this.ifElse(`modc/layer${this.l}/pack_cache`, everySlotKept,
+      (branch) => fulls.map(({ full }) => branch.addNode('Identity', [full], [branch.newValue(`${full.name}_kept`)]).output(0)),
+      (branch) => {
+        const [slots] = this.call('Compact', [keep], branch);
+        return fulls.map(({ full }) => this.call(op, [full, slots!], branch)[0]!);
+      });
+    return fulls.map(({ t, full, name }, i) => {
+      const out = packed[i]!;
+      out.name = name;
+      out.type = withDim(full.type, seqAxis, `present_sequence_length_${this.l}`);
+      g.outputs = g.outputs.map((v) => (v === full ? out : v));
+      t.input.type = withDim(t.input.type, seqAxis, `past_sequence_length_${this.l}`);
+      return out;
+    });
   }
 }
 

@@ -3,7 +3,7 @@
  * added once per model), or with `inline` as the body's nodes themselves, for runtimes without
  * local functions.
  */
-import type { Node, Value } from '../compiler/ir/graph.js';
+import type { Graph, Node, Value } from '../compiler/ir/graph.js';
 import { OnnxFunction, type Model } from '../compiler/ir/model.js';
 import { Value as IrValue } from '../compiler/ir/graph.js';
 import { Emitter } from './emit.js';
@@ -17,6 +17,8 @@ export interface CallOptions extends OpContext {
   inline?: boolean;
   /** Insert before this node (default: append). */
   before?: Node;
+  /** The graph to emit into (default: the model's main graph), e.g. an If branch. */
+  graph?: Graph;
   /** Readable prefix for the new values. */
   name?: string;
 }
@@ -47,12 +49,13 @@ export function callModcOp(model: Model, name: string, inputs: Value[], opts: Ca
   const def = modcOp(name);
   const prefix = opts.name ? `${opts.name}/` : `${name}/`;
   if (opts.inline) {
-    const e = new Emitter(model.graph, defaultOpset(model), prefix, opts.before);
+    const e = new Emitter(opts.graph ?? model.graph, defaultOpset(model), prefix, opts.before);
     return def.body(e, inputs, opts);
   }
   ensureModcFunction(model, name, opts);
-  const outs = def.outputs.map((o) => model.graph.newValue(`${prefix}${o}`));
-  model.graph.addNode(name, inputs, outs, { domain: MODC_DOMAIN, before: opts.before, name: opts.name ? `${opts.name}/${name}` : undefined });
+  const g = opts.graph ?? model.graph;
+  const outs = def.outputs.map((o) => g.newValue(`${prefix}${o}`));
+  g.addNode(name, inputs, outs, { domain: MODC_DOMAIN, before: opts.before, name: opts.name ? `${opts.name}/${name}` : undefined });
   return outs;
 }
 
