@@ -1,0 +1,69 @@
+/**
+ * Benchmark dispatcher: `node dist/bench/run.js prefill|decode|profile [flags]` (or
+ * `npm run bench -- NAME [flags]`). Tables go to stdout, progress to stderr.
+ */
+import { spawnSync } from 'node:child_process';
+import { ModcError } from '../compiler/errors.js';
+import { MALLOC_ENV } from './common.js';
+import { DECODE_USAGE, decodeBench } from './decode.js';
+import { PREFILL_USAGE, prefillBench } from './prefill.js';
+import { PROFILE_USAGE, profileBench } from './profile.js';
+
+const BENCHES: Record<string, { usage: string; run: (argv: readonly string[]) => Promise<void> }> = {
+  prefill: { usage: PREFILL_USAGE, run: prefillBench },
+  decode: { usage: DECODE_USAGE, run: decodeBench },
+  profile: { usage: PROFILE_USAGE, run: profileBench },
+};
+
+const USAGE = `usage: node dist/bench/run.js <benchmark> [flags]   (npm run build && npm run bench -- <benchmark> [flags])
+
+benchmarks:
+  prefill   prefill time: original vs all-pass compile vs MoD compile, and the ideal MoD time
+  decode    KV-cache bytes and per-token decode latency at a long context: original vs MoD
+  profile   ORT profile of one prefill (or decode step): where the time goes, by op and by layer
+
+Every benchmark takes --quick (small sizes, for a smoke run) and --help.
+
+On Linux the benchmarks re-run themselves with glibc's malloc told to keep freed memory
+(${Object.entries(MALLOC_ENV).map(([k, v]) => `${k}=${v}`).join(' ')}): every decode step
+frees and allocates the whole KV cache (8 MB tensors at 2K context), and with the defaults glibc
+hands that memory back to the kernel and faults it in again (about 6000 page faults, 60-80 ms,
+on every other step here), which buried the model's own time. --default-malloc keeps the defaults.`;
+
+async function main(argv: string[]): Promise<number> {
+  const [name, ...rest] = argv;
+  if (!name || name === '--help' || name === '-h' || name === 'help') {
+    console.log(USAGE);
+    return name ? 0 : 2;
+  }
+  const bench = BENCHES[name];
+  if (!bench) {
+    console.error(`bench: unknown benchmark '${name}'\n\n${USAGE}`);
+    return 2;
+  }
+  if (rest.includes('--help') || rest.includes('-h')) {
+    console.log(bench.usage);
+    return 0;
+  }
+  try {
+    await bench.run(rest);
+    return 0;
+  } catch (e) {
+    if (e instanceof ModcError) {
+      console.error(`bench: ${e.message}`);
+      return e.exitCode;
+    }
+    throw e;
+  }
+}
+
+/** Re-runs this script with MALLOC_ENV set (glibc reads it at start-up only); null when not needed. */
+function rerunWithMallocEnv(argv: string[]): number | null {
+  if (process.platform !== 'linux' || argv.includes('--default-malloc') || Object.keys(MALLOC_ENV).every((k) => process.env[k] !== undefined)) return null;
+  const child = spawnSync(process.execPath, [...process.execArgv, process.argv[1]!, ...argv], { stdio: 'inherit', env: { ...process.env, ...MALLOC_ENV } });
+  if (child.error) throw child.error;
+  return child.status ?? 1;
+}
+
+const argv = process.argv.slice(2);
+process.exitCode = rerunWithMallocEnv(argv) ?? (await main(argv));
