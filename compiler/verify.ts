@@ -64,7 +64,8 @@ interface Runner {
   kvBytes(): number;
 }
 
-function worstReal(a: Logits, b: Logits, rows: number[][], pad: 'left' | 'right'): number {
+/** Largest |a - b| over the real (non-padding) positions of a prompt's logits. */
+export function worstReal(a: Logits, b: Logits, rows: number[][], pad: 'left' | 'right'): number {
   const [B, S, V] = a.dims;
   let worst = 0;
   for (let r = 0; r < B; r++) {

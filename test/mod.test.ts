@@ -16,6 +16,7 @@ import { ModReference } from '../compiler/reference/mod-reference.js';
 import { planRouting, type RoutingMode } from '../compiler/routing-plan.js';
 import { argmax, lastPosition, ModSession, type Logits } from '../compiler/runtime/session.js';
 import { modPipeline } from '../passes/index.js';
+import { worstReal as realDiff } from '../compiler/verify.js';
 import { allModels, tempDir } from './helpers.js';
 
 const tmp = tempDir('modc-mod');
@@ -45,18 +46,9 @@ function tolerance(path: string, fp32: number): number {
   return analyzeDecoder(loadModel(path)).dtype === 'float16' ? 1e-2 : fp32;
 }
 
-/** Largest |a - b| over the real (non-padding) positions of a prompt's logits. */
 function worstReal(a: Logits, b: Logits, rows: number[][], pad: 'left' | 'right'): number {
-  const [B, S, V] = a.dims;
   expect(b.dims).toEqual(a.dims);
-  let worst = 0;
-  for (let r = 0; r < B; r++) {
-    const n = rows[r]!.length;
-    for (let t = pad === 'left' ? S - n : 0; t < (pad === 'left' ? S : n); t++) {
-      for (let v = 0; v < V; v++) worst = Math.max(worst, Math.abs(a.data[(r * S + t) * V + v]! - b.data[(r * S + t) * V + v]!));
-    }
-  }
-  return worst;
+  return realDiff(a, b, rows, pad);
 }
 
 function worstRows(a: Float32Array[], b: Float32Array[]): number {
