@@ -1,10 +1,11 @@
 /**
- * Benchmark dispatcher: `node dist/bench/run.js prefill|decode|profile [flags]` (or
+ * Benchmark dispatcher: `node dist/bench/run.js prefill|decode|profile|analysis [flags]` (or
  * `npm run bench -- NAME [flags]`). Tables go to stdout, progress to stderr.
  */
 import { spawnSync } from 'node:child_process';
 import { ModcError } from '../compiler/errors.js';
 import { MALLOC_ENV } from './common.js';
+import { ANALYSIS_USAGE, analysisBench } from './analysis.js';
 import { DECODE_USAGE, decodeBench } from './decode.js';
 import { PREFILL_USAGE, prefillBench } from './prefill.js';
 import { PROFILE_USAGE, profileBench } from './profile.js';
@@ -13,6 +14,7 @@ const BENCHES: Record<string, { usage: string; run: (argv: readonly string[]) =>
   prefill: { usage: PREFILL_USAGE, run: prefillBench },
   decode: { usage: DECODE_USAGE, run: decodeBench },
   profile: { usage: PROFILE_USAGE, run: profileBench },
+  analysis: { usage: ANALYSIS_USAGE, run: analysisBench },
 };
 
 const USAGE = `usage: node dist/bench/run.js <benchmark> [flags]   (npm run build && npm run bench -- <benchmark> [flags])
@@ -21,6 +23,7 @@ benchmarks:
   prefill   prefill time: original vs all-pass compile vs MoD compile, and the ideal MoD time
   decode    KV-cache bytes and per-token decode latency at a long context: original vs MoD
   profile   ORT profile of one prefill (or decode step): where the time goes, by op and by layer
+  analysis  load, analysis and MoD compile times of 32-layer 7B-shaped graphs (weights never read)
 
 Every benchmark takes --quick (small sizes, for a smoke run) and --help.
 
