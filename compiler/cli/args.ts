@@ -27,3 +27,16 @@ export function numberFlag(values: CliValues, name: string): number | undefined 
   if (raw.trim() === '' || !Number.isFinite(n)) throw new UsageError(`--${name} must be a number, got '${raw}'`);
   return n;
 }
+
+/** An integer flag of at least `min`, or `fallback` when absent. */
+export function intFlag(values: CliValues, name: string, fallback: number, min: number): number {
+  const v = numberFlag(values, name) ?? fallback;
+  if (!Number.isInteger(v) || v < min) throw new UsageError(`--${name} must be an integer >= ${min}`);
+  return v;
+}
+
+/** The ORIGINAL.onnx COMPILED.onnx pair of verify and bench. */
+export function modelPair(positionals: string[]): [original: string, compiled: string] {
+  if (positionals.length !== 2) throw new UsageError('expected two model paths: ORIGINAL.onnx COMPILED.onnx');
+  return positionals as [string, string];
+}

@@ -1,18 +1,11 @@
 /** `modc bench`: speed and memory of an original and its compiled model, side by side in one run. */
-import { UsageError } from '../errors.js';
 import { benchPair } from '../benchmark.js';
 import { loadModel } from '../io/load.js';
 import { decoderIo } from '../runtime/decoder-io.js';
-import { numberFlag } from './args.js';
-import type { CliValues, Command } from './command.js';
+import { intFlag, modelPair } from './args.js';
+import type { Command } from './command.js';
 import { formatBytes, table } from './format.js';
 import { executionProvider } from './run.js';
-
-function positiveInt(values: CliValues, name: string, fallback: number, min = 1): number {
-  const v = numberFlag(values, name) ?? fallback;
-  if (!Number.isInteger(v) || v < min) throw new UsageError(`--${name} must be an integer >= ${min}`);
-  return v;
-}
 
 export const benchCommand: Command = {
   name: 'bench',
@@ -33,14 +26,13 @@ export const benchCommand: Command = {
     json: { type: 'boolean', help: 'print the rows as JSON' },
   },
   async run(positionals, values, io) {
-    if (positionals.length !== 2) throw new UsageError('expected two model paths: ORIGINAL.onnx COMPILED.onnx');
-    const [original, compiled] = positionals as [string, string];
+    const [original, compiled] = modelPair(positionals);
     const opts = {
-      promptLength: positiveInt(values, 'prompt', 128),
-      batch: positiveInt(values, 'batch', 1),
-      steps: positiveInt(values, 'steps', 16, 0),
-      runs: positiveInt(values, 'runs', 3),
-      warmup: positiveInt(values, 'warmup', 1, 0),
+      promptLength: intFlag(values, 'prompt', 128, 1),
+      batch: intFlag(values, 'batch', 1, 1),
+      steps: intFlag(values, 'steps', 16, 0),
+      runs: intFlag(values, 'runs', 3, 1),
+      warmup: intFlag(values, 'warmup', 1, 0),
       executionProvider: executionProvider(values),
     };
     const vocab = decoderIo(loadModel(original)).vocabSize ?? 100;

@@ -1,7 +1,7 @@
 /** `modc verify`: a compiled model against its original (MoD semantics and the equivalence anchor). */
 import { UsageError } from '../errors.js';
 import { verifyCompiled } from '../verify.js';
-import { numberFlag, stringFlag } from './args.js';
+import { intFlag, modelPair, numberFlag, stringFlag } from './args.js';
 import type { Command } from './command.js';
 import { parseIdRows } from './ids.js';
 import { padSide } from './run.js';
@@ -27,10 +27,8 @@ export const verifyCommand: Command = {
     json: { type: 'boolean', help: 'print the report as JSON' },
   },
   async run(positionals, values, io) {
-    if (positionals.length !== 2) throw new UsageError('expected two model paths: ORIGINAL.onnx COMPILED.onnx');
-    const [original, compiled] = positionals as [string, string];
-    const steps = numberFlag(values, 'steps') ?? 8;
-    if (!Number.isInteger(steps) || steps < 0) throw new UsageError('--steps must be a non-negative integer');
+    const [original, compiled] = modelPair(positionals);
+    const steps = intFlag(values, 'steps', 8, 0);
     const tolerance = numberFlag(values, 'tolerance');
     if (tolerance !== undefined && !(tolerance >= 0)) throw new UsageError('--tolerance must be a non-negative number');
     const prompt = parseIdRows(stringFlag(values, 'ids') ?? '5,6,7,8,9,10,11;12,13,14;15,16,17,18,19');
