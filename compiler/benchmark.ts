@@ -24,7 +24,8 @@ export interface BenchRow {
   cacheLengths: number[][];
 }
 
-function median(xs: number[]): number {
+export function median(xs: readonly number[]): number {
+  if (xs.length === 0) return NaN;
   const s = [...xs].sort((a, b) => a - b);
   const m = s.length >> 1;
   return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;

@@ -1,6 +1,6 @@
 /** `modc run`: one forward over a prompt (past length 0) on any model, original or compiled. */
 import { UsageError } from '../errors.js';
-import { ModSession, lastPosition, argmax } from '../runtime/session.js';
+import { argmax, lastPosition, ModSession, padRows } from '../runtime/session.js';
 import type { ExecutionProvider } from '../runtime/ort.js';
 import { onePositional, stringFlag } from './args.js';
 import type { CliOption, Command } from './command.js';
@@ -47,13 +47,10 @@ export const runCommand: Command = {
     const session = await ModSession.create(path, { executionProvider: executionProvider(values) });
     const logits = await session.forward(rows, { pad });
     const [B, S, V] = logits.dims;
-    const mask = rows.map((r) => {
-      const m = Array(S - r.length).fill(0);
-      return pad === 'left' ? [...m, ...r.map(() => 1)] : [...r.map(() => 1), ...m];
-    });
     if (values.json) {
+      const { ids, mask } = padRows(rows, pad);
       const nested = Array.from({ length: B }, (_, b) => Array.from({ length: S }, (_, s) => Array.from(logits.data.subarray((b * S + s) * V, (b * S + s + 1) * V))));
-      const inputIds = rows.map((r) => (pad === 'left' ? [...Array(S - r.length).fill(0), ...r] : [...r, ...Array(S - r.length).fill(0)]));
+      const inputIds = mask.map((_, b) => ids.slice(b * S, (b + 1) * S));
       io.out(JSON.stringify({ logits: nested, dims: [B, S, V], attentionMask: mask, inputIds }));
     } else {
       io.out(`logits [${B}, ${S}, ${V}]`);

@@ -90,8 +90,8 @@ export class ModSession {
   async forward(rows: number[][], opts: ForwardOptions = {}): Promise<Logits> {
     const { ids, mask, width } = padRows(rows, opts.pad ?? 'left');
     this.checkVocab(ids);
+    this.checkContext(mask, 0);
     this.mask = mask;
-    this.checkContext();
     this.caches.clear();
     this.lengths.clear();
     const B = rows.length;
@@ -109,14 +109,9 @@ export class ModSession {
     if (this.mask.length === 0) throw new ModcError('step() before forward(): run the prompt first');
     if (next.length !== this.batch) throw new ModcError(`step() got ${next.length} ids for a batch of ${this.batch}`);
     this.checkVocab(next);
+    this.checkContext(this.mask, 1);
     const positions = nextPositions(this.mask);
     this.mask = this.mask.map((m) => [...m, 1]);
-    try {
-      this.checkContext();
-    } catch (e) {
-      this.mask = this.mask.map((m) => m.slice(0, -1));
-      throw e;
-    }
     return this.run(next, [this.batch, 1], positions);
   }
 
@@ -150,10 +145,10 @@ export class ModSession {
     return this.io.kv.map((b) => this.lengths.get(b.layer) ?? real);
   }
 
-  /** Refuses a context that would need positions the model has no table rows for. */
-  private checkContext(): void {
+  /** Refuses a context (`mask` plus `adding` tokens per row) needing positions the model has no table rows for. */
+  private checkContext(mask: number[][], adding: number): void {
     const max = this.io.maxPositions;
-    const longest = Math.max(...this.mask.map((m) => m.reduce((a, v) => a + v, 0)));
+    const longest = Math.max(...nextPositions(mask)) + adding;
     if (max !== null && longest > max) throw new ModcError(`a context of ${longest} tokens is longer than the model's ${max} positions`);
   }
 
