@@ -4,7 +4,7 @@ import { describe, expect, it } from 'vitest';
 import { saveModel } from '../compiler/io/save.js';
 import { loadModel } from '../compiler/io/load.js';
 import { decodeModelProto, encodeModelProto } from '../compiler/proto/index.js';
-import { expectOneLineError, runCli, SHARED_MODELS, tempDir } from './helpers.js';
+import { expectOneLineError, ROOT, runCli, SHARED_MODELS, tempDir } from './helpers.js';
 
 const tmp = tempDir('modc-cli');
 const GPT2_FUSED = join(SHARED_MODELS, 'ort-gpt2-fused', 'model.onnx');
@@ -123,5 +123,20 @@ describe('modc compile', () => {
     expect(res.code).toBe(0);
     expect(res.stdout).toMatch(/--passes LIST/);
     expect(res.stdout).toMatch(/cleanup\s+remove nodes/);
+  });
+});
+
+describe('the modc command', () => {
+  it('stops quietly when its reader closes the pipe early', async () => {
+    const { spawn } = await import('node:child_process');
+    // Megabytes of logits: far more than a pipe buffer, so writes are still pending when it closes.
+    const ids = Array.from({ length: 200 }, (_, i) => i % 500).join(',');
+    const child = spawn(process.execPath, [join(ROOT, 'bin', 'modc.js'), 'run', join(ROOT, 'fixtures', 'gpt2-tiny', 'model.onnx'), '--ids', `${ids};${ids}`, '--json']);
+    let stderr = '';
+    child.stderr.on('data', (d) => (stderr += d));
+    child.stdout.once('data', () => child.stdout.destroy());
+    const code = await new Promise<number | null>((done) => child.on('close', done));
+    expect(stderr).toBe('');
+    expect(code).toBe(0);
   });
 });
