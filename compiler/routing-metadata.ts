@@ -6,6 +6,8 @@ export interface RoutingMetadata {
   mode: 'threshold' | 'topk';
   gated: boolean;
   layers: { layer: number; threshold: number; capacity: number }[];
+  /** Layers that had routers but could not be routed, and why (absent when none). */
+  skipped?: { layer: number; reason: string }[];
 }
 
 export const ROUTING_METADATA_KEY = 'modc.routing';

@@ -319,7 +319,14 @@ export function routeLayers(model: Model, opts: RouteOptions): RouteReport {
   }
   model.graph.toposort();
   const meta = readRoutingMetadata(model);
-  if (meta) writeRoutingMetadata(model, { ...meta, gated: opts.gated, layers: meta.layers.filter((l) => report.routed.includes(l.layer)) });
+  if (meta) {
+    writeRoutingMetadata(model, {
+      ...meta,
+      gated: opts.gated,
+      layers: meta.layers.filter((l) => report.routed.includes(l.layer)),
+      ...(report.skipped.length ? { skipped: report.skipped } : {}),
+    });
+  }
   return report;
 }
 

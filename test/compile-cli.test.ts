@@ -26,6 +26,20 @@ describe('modc compile with routers', () => {
     expect(text.stderr).toMatch(/not converted: layer 1: not selected/);
   });
 
+  it('reports layers route-layers could not route, with the reason, and records them in the model', async () => {
+    // Without split-fused-boundaries the fused exits of ort-gpt2-fused cannot be routed.
+    const out = join(tmp, 'unsplit', 'model.onnx');
+    const res = await runCli('compile', GPT2_FUSED, '-o', out, '--router-init', 'random', '--passes', 'insert-routers,route-layers,cleanup', '--json');
+    expect(res.code).toBe(0);
+    const j = JSON.parse(res.stdout);
+    expect(j.routing.converted).toEqual([]);
+    expect(j.routing.notConverted).toHaveLength(5);
+    expect(j.routing.notConverted[0]).toEqual({ layer: 0, reason: expect.stringMatching(/SkipLayerNorm_AddBias_1' is not a plain Add \(run split-fused-boundaries first\)/) });
+    const meta = JSON.parse((await runCli('inspect', out, '--json')).stdout).routing;
+    expect(meta.layers).toEqual([]);
+    expect(meta.skipped.map((s: { layer: number }) => s.layer)).toEqual([0, 1, 2, 3, 4]);
+  });
+
   it('a router file converts exactly its layers; the compiled model shows its routers in inspect', async () => {
     const routers = join(tmp, 'routers.safetensors');
     writeRouterFile(routers, [{ layer: 2, weight: Float32Array.from({ length: 64 }, (_, i) => Math.sin(i)), bias: 0.1, threshold: 0.4 }]);

@@ -6,6 +6,7 @@ import { loadModel } from '../io/load.js';
 import { saveModel } from '../io/save.js';
 import type { Model } from '../ir/model.js';
 import { runPipeline } from '../pass-manager.js';
+import { readRoutingMetadata } from '../routing-metadata.js';
 import { planRouting, type RouterSource, type RoutingMode, type RoutingPlan, type Schedule } from '../routing-plan.js';
 import { summarizeModel } from '../summary.js';
 import { defaultRegistry, modPipeline } from '../../passes/index.js';
@@ -136,13 +137,8 @@ export const compileCommand: Command = {
     const saved = saveModel(model, output, threshold !== undefined ? { externalizeThreshold: threshold } : {});
     const opsAfter = modcOpCounts(model);
     const opsAdded = Object.fromEntries(Object.entries(opsAfter).map(([op, n]) => [op, n - (opsBefore[op] ?? 0)]).filter(([, n]) => (n as number) > 0));
-    const notConverted = [
-      ...(plan?.unconverted ?? []),
-      ...records.flatMap((r) => r.notes).flatMap((n) => {
-        const m = /^layer (\d+) not converted: (.*)$/.exec(n);
-        return m ? [{ layer: Number(m[1]), reason: m[2]! }] : [];
-      }),
-    ].sort((a, b) => a.layer - b.layer);
+    // The plan's dense layers, plus those route-layers could not route (recorded in the model).
+    const notConverted = [...(plan?.unconverted ?? []), ...(readRoutingMetadata(model)?.skipped ?? [])].sort((a, b) => a.layer - b.layer);
     const blocked = new Set(notConverted.map((u) => u.layer));
     const converted = (plan?.layers ?? []).filter((l) => !blocked.has(l.layer));
     if (plan) {
