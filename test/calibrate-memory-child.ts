@@ -4,7 +4,7 @@
  *   node --max-old-space-size=N --expose-gc --import tsx test/calibrate-memory-child.ts MODEL DATA OUT
  */
 import { calibrate } from '../compiler/calibration/calibrate.js';
-import { readIdLines } from '../compiler/calibration/data.js';
+import { readDataset } from '../compiler/data/index.js';
 import { routerFileMetadata, writeCalibratedRouters } from '../compiler/calibration/router-file.js';
 
 const [model, data, out] = process.argv.slice(2) as [string, string, string];
@@ -19,7 +19,7 @@ const sample = () => {
   peak.external = Math.max(peak.external, m.external);
   peak.rss = Math.max(peak.rss, m.rss);
 };
-const sequences = readIdLines(data);
+const sequences = readDataset(data, { vocabSize: null });
 const result = await calibrate(model, sequences, {
   targetCompute: 0.9,
   granularity: 'block',

@@ -7,7 +7,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { calibrate, type CalibrationResult } from '../compiler/calibration/calibrate.js';
-import { readIdLines } from '../compiler/calibration/data.js';
+import { readDataset } from '../compiler/data/index.js';
 import { RidgeStats, solveRidge } from '../compiler/calibration/ridge.js';
 import { routerFileMetadata, writeCalibratedRouters } from '../compiler/calibration/router-file.js';
 import { loadModel } from '../compiler/io/load.js';
@@ -77,7 +77,7 @@ describe('modc calibrate on llama-tiny', () => {
 
   beforeAll(async () => {
     writeData(data, 48, 40, 11);
-    result = await calibrate(MODEL, readIdLines(data), opts);
+    result = await calibrate(MODEL, readDataset(data, { vocabSize: null }), opts);
     writeCalibratedRouters(file, result, routerFileMetadata(result, { path: data, tokens: result.report.tokens, sequences: result.report.sequences }));
   });
 
@@ -93,7 +93,7 @@ describe('modc calibrate on llama-tiny', () => {
     const selected = new Map<number, number>();
     let tokens = 0;
     try {
-      const rows = readIdLines(data);
+      const rows = readDataset(data, { vocabSize: null });
       for (let i = 0; i < rows.length; i += 8) {
         const batch = rows.slice(i, i + 8);
         await ref.forward(batch);
@@ -111,7 +111,7 @@ describe('modc calibrate on llama-tiny', () => {
   });
 
   it('is deterministic for a seed', async () => {
-    const again = await calibrate(MODEL, readIdLines(data), opts);
+    const again = await calibrate(MODEL, readDataset(data, { vocabSize: null }), opts);
     const second = join(dir, 'again.safetensors');
     writeCalibratedRouters(second, again, routerFileMetadata(again, { path: data, tokens: again.report.tokens, sequences: again.report.sequences }));
     expect(readFileSync(second).equals(readFileSync(file))).toBe(true);
@@ -165,7 +165,7 @@ describe('modc calibrate CLI errors', () => {
   it('refuses data that does not fit the model', async () => {
     const bad = join(dir, 'bad.jsonl');
     writeFileSync(bad, JSON.stringify({ ids: [1, 2, 3, VOCAB] }) + '\n');
-    expectOneLineError(await runCli('calibrate', MODEL, '--data', bad, '-o', join(dir, 'r.safetensors'), '--target-compute', '0.8'), 1, /token id 512 is outside the model's vocabulary \(0-511\)/);
+    expectOneLineError(await runCli('calibrate', MODEL, '--data', bad, '-o', join(dir, 'r.safetensors'), '--target-compute', '0.8'), 1, /line 1: token id 512 is outside the model.s vocabulary \(0-511\)/);
     const long = join(dir, 'long.jsonl');
     writeFileSync(long, JSON.stringify({ ids: Array.from({ length: 300 }, (_, i) => i % VOCAB) }) + '\n');
     expectOneLineError(await runCli('calibrate', join(ROOT, 'fixtures', 'gpt2-tiny', 'model.onnx'), '--data', long, '-o', join(dir, 'r.safetensors'), '--target-compute', '0.8'), 1, /300 tokens, more than the model's 256 positions/);

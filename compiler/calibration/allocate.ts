@@ -5,7 +5,7 @@
  * until the compute fraction reaches the target; the last step is interpolated so the target is
  * met without overshooting. A whole-block router excludes sub-layer routers on the same layer.
  */
-import { type CostModel, denseMacs, savedMacs } from './compute.js';
+import { denseMacs, type ModelCosts, savedMacs } from './compute.js';
 import { partKey, type PartRef } from './parts.js';
 
 export interface PartSensitivity extends PartRef {
@@ -30,7 +30,7 @@ function lerp(a: { capacity: number; deltaNll: number }, b: { capacity: number; 
   return a.deltaNll + ((a.capacity - c) / (a.capacity - b.capacity)) * (b.deltaNll - a.deltaNll);
 }
 
-export function allocate(sens: readonly PartSensitivity[], cost: CostModel, lengths: readonly number[], target: number): Allocation {
+export function allocate(sens: readonly PartSensitivity[], cost: ModelCosts, lengths: readonly number[], target: number): Allocation {
   const dense = denseMacs(cost, lengths);
   const curves = sens.map(curve);
   const level = sens.map(() => 0);

@@ -29,7 +29,8 @@ import type { SessionOptions } from '../runtime/ort.js';
 import { splitFusedBoundaries } from '../../passes/split-fused-boundaries.js';
 import { allocate, type PartSensitivity } from './allocate.js';
 import { ActivationCapture, layerPoints, type LayerPoints, promptBatch } from './capture.js';
-import { costModel, type CostModel, denseMacs, savedMacs } from './compute.js';
+import { modelCosts, type ModelCosts } from '../analysis/cost.js';
+import { denseMacs, savedMacs } from './compute.js';
 import { ALL_PASS_BIAS, type PartRouter, RoutedEvaluator } from './evaluate.js';
 import { allowedParts, type Granularity, partKey, type PartRef, type RoutedPart } from './parts.js';
 import { quantile, RidgeStats, solveRidge } from './ridge.js';
@@ -192,7 +193,7 @@ export async function calibrate(modelPath: string, sequences: readonly number[][
   const io = decoderIo(model);
   splitFusedBoundaries(model, analyzeDecoder(model));
   const structure = analyzeDecoder(model);
-  const cost = costModel(structure);
+  const cost = modelCosts(structure);
   const points = layerPoints(structure);
   const H = structure.hiddenSize;
 
@@ -370,7 +371,7 @@ export async function calibrate(modelPath: string, sequences: readonly number[][
 }
 
 /** The cost model's compute fraction with these parts keeping these fractions of tokens. */
-export function computeFraction(cost: CostModel, lengths: readonly number[], parts: readonly (PartRef & { capacity: number })[]): number {
+export function computeFraction(cost: ModelCosts, lengths: readonly number[], parts: readonly (PartRef & { capacity: number })[]): number {
   const dense = denseMacs(cost, lengths);
   return 1 - parts.reduce((a, p) => a + savedMacs(cost, p.layer, p.part, p.capacity, lengths), 0) / dense;
 }

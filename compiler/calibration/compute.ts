@@ -1,92 +1,30 @@
 /**
- * The compute model calibration allocates against (SPEC.md "compute fraction": multiply-
- * accumulates of what runs, over the dense model's on the same tokens). Per layer: the MACs per
- * token of the attention sub-layer's projections and of the MLP (counted from the weights their
- * MatMul/Gemm nodes read), the MACs per (query, key) pair of the attention core
- * (2 x heads x head size: scores and weighted values), the router's H per token, and lm_head.
+ * Compute accounting for allocation, on top of the project's cost model (analysis/cost.ts, the
+ * one definition of the compute fraction): what a routed part saves when it keeps a fraction c of
+ * each row's tokens (a kept query then sees the kept earlier keys: k(k+1)/2 pairs, k = c n).
  */
-import type { DecoderStructure } from '../analysis/types.js';
-import type { Node } from '../ir/graph.js';
+import { denseUsage, executedMacs, type ModelCosts, type RowUsage } from '../analysis/cost.js';
 import type { RoutedPart } from './parts.js';
 
-export interface LayerCost {
-  /** Attention projections per token (q, k, v, o). */
-  attention: number;
-  /** Attention core per (query, key) pair. */
-  pair: number;
-  /** MLP per token. */
-  mlp: number;
-}
-
-export interface CostModel {
-  layers: LayerCost[];
-  lmHead: number;
-  router: number;
-}
-
-/** MACs per token of a node multiplying the stream by a constant weight, or 0. */
-function weightMacs(n: Node): number {
-  if (n.domain === 'com.microsoft' && n.opType === 'MatMulNBits') return n.attrInt('K', 0) * n.attrInt('N', 0);
-  const weightSlot = n.opType === 'MatMul' || n.opType === 'Gemm' || n.opType === 'MatMulInteger' ? 1
-    : n.domain === 'com.microsoft' && n.opType === 'Attention' ? 1 : -1;
-  if (weightSlot < 0) return 0;
-  const w = n.input(weightSlot);
-  const dims = w?.initializer?.dims ?? (w?.producer && w.producer.opType !== 'MatMul' ? constantDims(w.producer) : undefined);
-  if (!dims || dims.length !== 2) return 0;
-  return dims[0]! * dims[1]!;
-}
-
-/** Dims of a weight behind a cast/dequantize/transpose of an initializer. */
-function constantDims(n: Node): number[] | undefined {
-  const src = n.input(0);
-  const dims = src?.initializer?.dims;
-  if (!dims || dims.length !== 2) return undefined;
-  return n.opType === 'Transpose' ? [dims[1]!, dims[0]!] : dims;
-}
-
-export function costModel(s: DecoderStructure): CostModel {
-  const layers = s.layers.map((l) => {
-    const mlpSet = new Set(l.mlpNodes);
-    let attention = 0;
-    let mlp = 0;
-    for (const n of l.nodes) {
-      const macs = weightMacs(n);
-      if (mlpSet.has(n)) mlp += macs;
-      else attention += macs;
-    }
-    return { attention, pair: 2 * s.numHeads * s.headSize, mlp };
-  });
-  let lmHead = 0;
-  for (const n of s.suffixNodes) lmHead += weightMacs(n);
-  return { layers, lmHead, router: s.hiddenSize };
-}
-
-/** Causal (query, key) pairs of a row of n tokens, each query seeing itself. */
-export const causalPairs = (n: number): number => (n * (n + 1)) / 2;
+export type { ModelCosts };
 
 /** The dense model's MACs on rows of these lengths. */
-export function denseMacs(cost: CostModel, lengths: readonly number[]): number {
-  let total = 0;
-  for (const n of lengths) {
-    for (const l of cost.layers) total += n * (l.attention + l.mlp) + causalPairs(n) * l.pair;
-    total += n * cost.lmHead;
-  }
-  return total;
+export function denseMacs(costs: ModelCosts, lengths: readonly number[]): number {
+  return lengths.reduce((a, n) => a + executedMacs(costs, denseUsage(costs, n)), 0);
 }
 
-/**
- * MACs a routed part saves on rows of these lengths when it keeps a fraction c of each row's
- * tokens (spread evenly: a kept query sees c of its keys), net of its router.
- */
-export function savedMacs(cost: CostModel, layer: number, part: RoutedPart, c: number, lengths: readonly number[]): number {
-  const l = cost.layers[layer]!;
+/** MACs a part saves on rows of these lengths when it runs on a fraction c of each row, net of its router. */
+export function savedMacs(costs: ModelCosts, layer: number, part: RoutedPart, c: number, lengths: readonly number[]): number {
   let saved = 0;
   for (const n of lengths) {
-    const pairs = causalPairs(n) * l.pair * (1 - c * c);
-    if (part === 'block') saved += n * (1 - c) * (l.attention + l.mlp) + pairs;
-    else if (part === 'attention') saved += n * (1 - c) * l.attention + pairs;
-    else saved += n * (1 - c) * l.mlp;
-    saved -= n * cost.router;
+    const dense = denseUsage(costs, n);
+    const routed: RowUsage = { tokens: n, layers: dense.layers.map((u) => ({ ...u })) };
+    const u = routed.layers[layer]!;
+    const k = c * n;
+    if (part !== 'mlp') u.attention = k;
+    if (part !== 'attention') u.mlp = k;
+    u.routers = 1;
+    saved += executedMacs(costs, dense) - executedMacs(costs, routed);
   }
   return saved;
 }

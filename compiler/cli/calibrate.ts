@@ -2,7 +2,7 @@
 import { accessSync, constants, existsSync, mkdirSync, statSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { calibrate, checkCalibrateOptions, DEFAULTS, type Progress } from '../calibration/calibrate.js';
-import { readIdLines } from '../calibration/data.js';
+import { readDataset } from '../data/index.js';
 import type { Granularity } from '../calibration/parts.js';
 import { routerFileMetadata, writeCalibratedRouters } from '../calibration/router-file.js';
 import { TARGET_KINDS, type TargetKind } from '../calibration/targets.js';
@@ -109,7 +109,7 @@ export const calibrateCommand: Command = {
     const maxLength = values['max-length'] !== undefined ? intFlag(values, 'max-length', 0, 2) : undefined;
     if (!existsSync(modelPath)) throw new ModcError(`cannot read model ${modelPath}: no such file`);
     checkOutputPath(output, [modelPath, data]);
-    const sequences = readIdLines(data, maxLength);
+    const sequences = readDataset(data, { model: modelPath, maxLength });
 
     const quiet = !!values.quiet;
     const result = await calibrate(modelPath, sequences, { ...opts, onProgress: quiet ? undefined : progressBar(process.stderr) });
