@@ -31,7 +31,7 @@ import { allocate, type PartSensitivity } from './allocate.js';
 import { ActivationCapture, layerPoints, type LayerPoints, promptBatch } from './capture.js';
 import { modelCosts, type ModelCosts } from '../analysis/cost.js';
 import { denseMacs, savedMacs } from './compute.js';
-import { ALL_PASS_BIAS, type PartRouter, RoutedEvaluator } from './evaluate.js';
+import { type PartRouter, RoutedEvaluator } from './evaluate.js';
 import { allowedParts, type Granularity, partKey, type PartRef, type RoutedPart } from './parts.js';
 import { quantile, RidgeStats, solveRidge } from './ridge.js';
 import { importanceTargets, partValues, TARGET_KINDS, type TargetKind } from './targets.js';
@@ -185,97 +185,114 @@ interface InputStats {
   stats: RidgeStats;
 }
 
-export async function calibrate(modelPath: string, sequences: readonly number[][], opts: CalibrateOptions): Promise<CalibrationResult> {
-  checkCalibrateOptions(opts);
-  const o = { ...DEFAULTS, ...Object.fromEntries(Object.entries(opts).filter(([, v]) => v !== undefined)) } as Required<Omit<CalibrateOptions, 'workDir' | 'session' | 'onProgress' | 'batchTokens'>> & CalibrateOptions;
-  const progress = opts.onProgress ?? (() => {});
-  const model = loadModel(modelPath);
-  const io = decoderIo(model);
-  splitFusedBoundaries(model, analyzeDecoder(model));
-  const structure = analyzeDecoder(model);
-  const cost = modelCosts(structure);
-  const points = layerPoints(structure);
-  const H = structure.hiddenSize;
+/** Everything calibration measures before choosing: fits, dense scores, per-part sensitivity. */
+export class Calibrator {
+  private constructor(
+    readonly modelPath: string,
+    private readonly o: ResolvedOptions,
+    private readonly workDir: string,
+    private readonly ownDir: string | null,
+    readonly costs: ModelCosts,
+    readonly rows: number[][],
+    private readonly batches: number[][][],
+    readonly fits: Map<string, { router: PartRouter; r2: number }>,
+    private readonly denseScores: Map<string, Float32Array>,
+    readonly denseNll: number,
+    private readonly predicted: number,
+    readonly sensitivity: PartSensitivity[],
+  ) {}
 
-  const rows = pickSequences(sequences, o.maxTokens, o.seed);
-  checkData(rows, io.vocabSize, io.maxPositions);
-  const lengths = rows.map((r) => r.length);
-  const tokens = lengths.reduce((a, b) => a + b, 0);
-  const perToken = 4 * Math.max((2 * points.length + 1) * H, io.vocabSize ?? 0);
-  const batchTokens = opts.batchTokens ?? Math.max(Math.floor(o.batchBytes / perToken), 1);
-  const batches = batchesOf(rows, batchTokens);
+  get lengths(): number[] {
+    return this.rows.map((r) => r.length);
+  }
 
-  const candidates = candidateParts(points, allowedParts(o.granularity));
-  if (candidates.length === 0) throw new ModcError(`no layer of this model can be routed at granularity ${o.granularity}`);
+  get tokens(): number {
+    return this.rows.reduce((a, r) => a + r.length, 0);
+  }
 
-  const ownDir = opts.workDir ? null : mkdtempSync(join(tmpdir(), 'modc-calibrate-'));
-  const workDir = opts.workDir ?? ownDir!;
-  try {
-    // 1. capture -> ridge statistics
-    const inputs = groupByInput(points, candidates, H);
-    const capture = await ActivationCapture.create(modelPath, workDir, opts.session);
-    try {
-      for (let bi = 0; bi < batches.length; bi++) {
-        progress({ stage: 'capture', done: bi, total: batches.length });
-        const batch = promptBatch(capture.io, batches[bi]!);
-        const values = await capture.run(batch);
-        for (const g of inputs) {
-          const x = values.get(g.input)!;
-          const t = g.parts.flatMap((p) => {
-            const all = importanceTargets(values.get(p.from)!, values.get(p.to)!, batch.real, H);
-            return TARGET_KINDS.map((k) => all[k]);
-          });
-          g.stats.add(x, batch.real, t);
-        }
-      }
-    } finally {
-      await capture.release();
-    }
-    progress({ stage: 'capture', done: batches.length, total: batches.length });
+  /** Steps 1-4: capture, fit, dense scores, sensitivity of every part `opts.granularity` allows. */
+  static async prepare(modelPath: string, sequences: readonly number[][], opts: CalibrateOptions): Promise<Calibrator> {
+    checkCalibrateOptions(opts);
+    const o = resolveOptions(opts);
+    const progress = opts.onProgress ?? (() => {});
+    const model = loadModel(modelPath);
+    const io = decoderIo(model);
+    splitFusedBoundaries(model, analyzeDecoder(model));
+    const structure = analyzeDecoder(model);
+    const costs = modelCosts(structure);
+    const points = layerPoints(structure);
+    const H = structure.hiddenSize;
 
-    // 2. fit
-    const kindIndex = TARGET_KINDS.indexOf(o.target);
-    const fits = new Map<string, { router: PartRouter; r2: number }>();
-    let fitted = 0;
-    for (const g of inputs) {
-      g.parts.forEach((p, i) => {
-        progress({ stage: 'fit', done: fitted++, total: candidates.length });
-        const fit = solveRidge(g.stats, o.ridge, i * TARGET_KINDS.length + kindIndex);
-        const scale = fit.predictionStd > 0 ? 1 / fit.predictionStd : 1;
-        fits.set(partKey(p.ref), { router: { ...p.ref, weight: Float32Array.from(fit.weight, (w) => w * scale), bias: 0 }, r2: fit.r2 });
-      });
-    }
+    const rows = pickSequences(sequences, o.maxTokens, o.seed);
+    checkData(rows, io.vocabSize, io.maxPositions);
+    const perToken = 4 * Math.max((2 * points.length + 1) * H, io.vocabSize ?? 0);
+    const batches = batchesOf(rows, opts.batchTokens ?? Math.max(Math.floor(o.batchBytes / perToken), 1));
 
-    // 3. dense scores per part (every router selects every token: the original activations)
-    const families = familiesOf(candidates);
+    const candidates = candidateParts(points, allowedParts(o.granularity));
+    if (candidates.length === 0) throw new ModcError(`no layer of this model can be routed at granularity ${o.granularity}`);
+
+    const ownDir = opts.workDir ? null : mkdtempSync(join(tmpdir(), 'modc-calibrate-'));
+    const workDir = opts.workDir ?? ownDir!;
     const evaluators = new Map<string, RoutedEvaluator>();
-    const denseScores = new Map<string, Float32Array>();
-    let denseNll = 0;
-    let predicted = 0;
-    const perBatchDense: number[] = [];
     try {
-      for (const [name, parts] of families) {
+      // 1. capture -> ridge statistics
+      const inputs = groupByInput(points, candidates, H);
+      const capture = await ActivationCapture.create(modelPath, workDir, opts.session);
+      try {
+        for (let bi = 0; bi < batches.length; bi++) {
+          progress({ stage: 'capture', done: bi, total: batches.length });
+          const batch = promptBatch(capture.io, batches[bi]!);
+          const values = await capture.run(batch);
+          for (const g of inputs) {
+            const t = g.parts.flatMap((p) => {
+              const all = importanceTargets(values.get(p.from)!, values.get(p.to)!, batch.real, H);
+              return TARGET_KINDS.map((k) => all[k]);
+            });
+            g.stats.add(values.get(g.input)!, batch.real, t);
+          }
+        }
+      } finally {
+        await capture.release();
+      }
+
+      // 2. fit: scores in standard deviations of the fitted target
+      const kindIndex = TARGET_KINDS.indexOf(o.target);
+      const fits = new Map<string, { router: PartRouter; r2: number }>();
+      let fitted = 0;
+      for (const g of inputs) {
+        g.parts.forEach((p, i) => {
+          progress({ stage: 'fit', done: fitted++, total: candidates.length });
+          const fit = solveRidge(g.stats, o.ridge, i * TARGET_KINDS.length + kindIndex);
+          const scale = fit.predictionStd > 0 ? 1 / fit.predictionStd : 1;
+          fits.set(partKey(p.ref), { router: { ...p.ref, weight: Float32Array.from(fit.weight, (w) => w * scale), bias: 0 }, r2: fit.r2 });
+        });
+      }
+
+      // 3. dense scores per part (every router selects every token: the original activations)
+      for (const [name, parts] of familiesOf(candidates)) {
         evaluators.set(name, await RoutedEvaluator.create(modelPath, parts.map((p) => fits.get(partKey(p))!.router), workDir, `calib-${name}`, opts.session));
       }
       const first = [...evaluators.values()][0]!;
-      let step = 0;
+      let denseNll = 0;
+      let predicted = 0;
+      const perBatchDense: number[] = [];
       const chunks = new Map<string, Float32Array[]>();
-      for (const [name, ev] of evaluators) {
-        for (let bi = 0; bi < batches.length; bi++) {
+      let step = 0;
+      for (const ev of evaluators.values()) {
+        for (const rowsOfBatch of batches) {
           progress({ stage: 'score', done: step++, total: batches.length * evaluators.size });
-          const r = await ev.run(ev.batch(batches[bi]!), new Map(), { scores: true, logits: ev === first });
+          const r = await ev.run(ev.batch(rowsOfBatch), new Map(), { scores: true, logits: ev === first });
           if (ev === first) {
             denseNll += r.nll;
             predicted += r.predicted;
             perBatchDense.push(r.nll);
           }
-          for (const [k, s] of r.scores!) (chunks.get(k) ?? chunks.set(k, []).get(k)!).push(s);
-          void name;
+          for (const [k, sc] of r.scores!) pushTo(chunks, k, sc);
         }
       }
-      for (const [k, list] of chunks) denseScores.set(k, concat(list));
+      const denseScores = new Map([...chunks].map(([k, list]) => [k, concat(list)]));
 
-      // 4. sensitivity on the first batches (about sensitivityTokens tokens)
+      // 4. sensitivity: one part routed alone, on the first batches (about sensitivityTokens tokens)
       const sensBatches: number[] = [];
       for (let bi = 0, n = 0; bi < batches.length && n < o.sensitivityTokens; bi++) {
         sensBatches.push(bi);
@@ -299,75 +316,110 @@ export async function calibrate(modelPath: string, sequences: readonly number[][
         }
         sensitivity.push({ ...p, points: pts });
       }
-      progress({ stage: 'sensitivity', done: total, total });
-
-      // 5. allocate
-      const aim = Math.max(o.targetCompute - o.margin, 0);
-      const alloc = allocate(sensitivity, cost, lengths, aim);
-      if (alloc.parts.length === 0 && o.targetCompute < 1) {
-        throw new ModcError(`cannot reach compute fraction ${o.targetCompute} by routing ${o.granularity === 'auto' ? 'any part' : `${o.granularity} parts`} at the measured capacities (best: ${alloc.predictedCompute.toFixed(3)})`);
-      }
-
-      // 6. refine thresholds with every chosen part routed
-      const chosen = alloc.parts.map((p) => ({ ...fits.get(partKey(p))!.router, capacity: p.capacity }));
-      const biases = new Map(chosen.map((p) => [partKey(p), -quantile(denseScores.get(partKey(p))!, 1 - p.capacity)]));
-      let final = { nll: denseNll, selected: new Map<string, number>() };
-      if (chosen.length > 0) {
-        const ev = await RoutedEvaluator.create(modelPath, chosen, workDir, 'calib-chosen', opts.session);
-        try {
-          const rounds = o.refineRounds;
-          for (let round = 0; round <= rounds; round++) {
-            const scoreChunks = new Map<string, Float32Array[]>();
-            let nll = 0;
-            const selected = new Map<string, number>();
-            for (let bi = 0; bi < batches.length; bi++) {
-              progress({ stage: 'refine', done: round * batches.length + bi, total: (rounds + 1) * batches.length });
-              const r = await ev.run(ev.batch(batches[bi]!), biases, { scores: round < rounds, logits: round === rounds });
-              nll += r.nll;
-              for (const [k, v] of r.selected) selected.set(k, (selected.get(k) ?? 0) + v);
-              if (r.scores) for (const [k, s] of r.scores) (scoreChunks.get(k) ?? scoreChunks.set(k, []).get(k)!).push(s);
-            }
-            if (round < rounds) {
-              for (const p of chosen) biases.set(partKey(p), -quantile(concat(scoreChunks.get(partKey(p))!), 1 - p.capacity));
-            } else {
-              final = { nll, selected };
-            }
-          }
-        } finally {
-          await ev.release();
-        }
-      }
-
-      const fractions = new Map(chosen.map((p) => [partKey(p), (final.selected.get(partKey(p)) ?? 0) / tokens]));
-      const routers: CalibratedRouter[] = chosen.map((p) => ({ layer: p.layer, part: p.part, weight: p.weight, bias: biases.get(partKey(p))!, capacity: p.capacity, threshold: 0.5 }));
-      const report: CalibrationReport = {
-        tokens,
-        sequences: rows.length,
-        denseNll: denseNll / predicted,
-        nll: final.nll / predicted,
-        computeFraction: computeFraction(cost, lengths, chosen.map((p) => ({ ...p, capacity: fractions.get(partKey(p))! }))),
-        predictedCompute: alloc.predictedCompute,
-        parts: alloc.parts.map((p) => ({ layer: p.layer, part: p.part, capacity: p.capacity, selectedFraction: fractions.get(partKey(p))!, r2: fits.get(partKey(p))!.r2, predictedDeltaNll: p.predictedDeltaNll })),
-        sensitivity: sensitivity.map((s) => ({ layer: s.layer, part: s.part, points: s.points, r2: fits.get(partKey(s))!.r2 })),
-      };
-      progress({ stage: 'done', done: 1, total: 1 });
-      return {
-        routers,
-        mode: o.mode,
-        gated: !!o.gated,
-        report,
-        recipe: {
-          targetCompute: o.targetCompute, granularity: o.granularity, mode: o.mode, gated: !!o.gated, target: o.target,
-          ridge: o.ridge, capacities: o.capacities, sensitivityTokens: o.sensitivityTokens, margin: o.margin,
-          maxTokens: o.maxTokens, seed: o.seed, refineRounds: o.refineRounds,
-        },
-      };
+      return new Calibrator(modelPath, o, workDir, ownDir, costs, rows, batches, fits, denseScores, denseNll / predicted, predicted, sensitivity);
+    } catch (e) {
+      if (ownDir) rmSync(ownDir, { recursive: true, force: true });
+      throw e;
     } finally {
       for (const ev of evaluators.values()) await ev.release();
     }
-  } finally {
-    if (ownDir) rmSync(ownDir, { recursive: true, force: true });
   }
+
+  /**
+   * Steps 5-6 for one target: allocate, then refine each chosen part's threshold with every
+   * chosen part routed. `granularity` may narrow what `prepare` measured.
+   */
+  async finish(target: { targetCompute: number; granularity?: Granularity; mode?: 'threshold' | 'topk'; gated?: boolean; margin?: number }, onProgress?: (p: Progress) => void): Promise<CalibrationResult> {
+    checkCalibrateOptions({ targetCompute: target.targetCompute });
+    const o = { ...this.o, ...Object.fromEntries(Object.entries(target).filter(([, v]) => v !== undefined)) } as ResolvedOptions;
+    const progress = onProgress ?? this.o.onProgress ?? (() => {});
+    const allowed = allowedParts(o.granularity);
+    const sens = this.sensitivity.filter((s) => allowed.includes(s.part));
+    if (sens.length === 0) throw new ModcError(`no layer of this model can be routed at granularity ${o.granularity}`);
+    const lengths = this.lengths;
+    const tokens = this.tokens;
+    const alloc = allocate(sens, this.costs, lengths, Math.max(o.targetCompute - o.margin, 0));
+    if (alloc.predictedCompute > o.targetCompute) {
+      throw new ModcError(`cannot reach compute fraction ${o.targetCompute} by routing ${o.granularity === 'auto' ? 'parts' : `${o.granularity} parts`} at the measured capacities (lowest reachable: ${alloc.predictedCompute.toFixed(3)})`);
+    }
+
+    const chosen = alloc.parts.map((p) => ({ ...this.fits.get(partKey(p))!.router, capacity: p.capacity }));
+    const biases = new Map(chosen.map((p) => [partKey(p), -quantile(this.denseScores.get(partKey(p))!, 1 - p.capacity)]));
+    let final = { nll: this.denseNll * this.predicted, selected: new Map<string, number>() };
+    if (chosen.length > 0) {
+      const ev = await RoutedEvaluator.create(this.modelPath, chosen, this.workDir, 'calib-chosen', this.o.session);
+      try {
+        const rounds = o.refineRounds;
+        for (let round = 0; round <= rounds; round++) {
+          const scoreChunks = new Map<string, Float32Array[]>();
+          let nll = 0;
+          const selected = new Map<string, number>();
+          for (let bi = 0; bi < this.batches.length; bi++) {
+            progress({ stage: 'refine', done: round * this.batches.length + bi, total: (rounds + 1) * this.batches.length });
+            const r = await ev.run(ev.batch(this.batches[bi]!), biases, { scores: round < rounds, logits: round === rounds });
+            nll += r.nll;
+            for (const [k, v] of r.selected) selected.set(k, (selected.get(k) ?? 0) + v);
+            if (r.scores) for (const [k, sc] of r.scores) pushTo(scoreChunks, k, sc);
+          }
+          if (round < rounds) for (const p of chosen) biases.set(partKey(p), -quantile(concat(scoreChunks.get(partKey(p))!), 1 - p.capacity));
+          else final = { nll, selected };
+        }
+      } finally {
+        await ev.release();
+      }
+    }
+    progress({ stage: 'done', done: 1, total: 1 });
+
+    const fractions = new Map(chosen.map((p) => [partKey(p), (final.selected.get(partKey(p)) ?? 0) / tokens]));
+    const routers: CalibratedRouter[] = chosen.map((p) => ({ layer: p.layer, part: p.part, weight: p.weight, bias: biases.get(partKey(p))!, capacity: p.capacity, threshold: 0.5 }));
+    return {
+      routers,
+      mode: o.mode,
+      gated: !!o.gated,
+      report: {
+        tokens,
+        sequences: this.rows.length,
+        denseNll: this.denseNll,
+        nll: final.nll / this.predicted,
+        computeFraction: computeFraction(this.costs, lengths, chosen.map((p) => ({ ...p, capacity: fractions.get(partKey(p))! }))),
+        predictedCompute: alloc.predictedCompute,
+        parts: alloc.parts.map((p) => ({ layer: p.layer, part: p.part, capacity: p.capacity, selectedFraction: fractions.get(partKey(p))!, r2: this.fits.get(partKey(p))!.r2, predictedDeltaNll: p.predictedDeltaNll })),
+        sensitivity: this.sensitivity.map((s) => ({ layer: s.layer, part: s.part, points: s.points, r2: this.fits.get(partKey(s))!.r2 })),
+      },
+      recipe: {
+        targetCompute: o.targetCompute, granularity: o.granularity, mode: o.mode, gated: !!o.gated, target: o.target,
+        ridge: o.ridge, capacities: o.capacities, sensitivityTokens: o.sensitivityTokens, margin: o.margin,
+        maxTokens: o.maxTokens, seed: o.seed, refineRounds: o.refineRounds,
+      },
+    };
+  }
+
+  /** Removes the temp folder (when calibration made it). */
+  release(): void {
+    if (this.ownDir) rmSync(this.ownDir, { recursive: true, force: true });
+  }
+}
+
+/** Capture, fit, measure, allocate, refine: routers for `opts.targetCompute`. */
+export async function calibrate(modelPath: string, sequences: readonly number[][], opts: CalibrateOptions): Promise<CalibrationResult> {
+  const c = await Calibrator.prepare(modelPath, sequences, opts);
+  try {
+    return await c.finish(opts);
+  } finally {
+    c.release();
+  }
+}
+
+type ResolvedOptions = typeof DEFAULTS & CalibrateOptions & { gated?: boolean };
+
+function resolveOptions(opts: CalibrateOptions): ResolvedOptions {
+  return { ...DEFAULTS, ...Object.fromEntries(Object.entries(opts).filter(([, v]) => v !== undefined)) } as ResolvedOptions;
+}
+
+function pushTo(m: Map<string, Float32Array[]>, k: string, v: Float32Array): void {
+  const list = m.get(k);
+  if (list) list.push(v);
+  else m.set(k, [v]);
 }
 
 /** The cost model's compute fraction with these parts keeping these fractions of tokens. */
@@ -413,4 +465,3 @@ function concat(list: readonly Float32Array[]): Float32Array {
   return out;
 }
 
-export { ALL_PASS_BIAS };
