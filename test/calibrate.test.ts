@@ -14,7 +14,7 @@ import { loadModel } from '../compiler/io/load.js';
 import { ModReference } from '../compiler/reference/mod-reference.js';
 import { mulberry32 } from '../compiler/routers.js';
 import { readRoutingMetadata } from '../compiler/routing-metadata.js';
-import { planRouting } from '../compiler/routing-plan.js';
+import { describeLayerPart, planRouting } from '../compiler/routing-plan.js';
 import { expectOneLineError, ROOT, runCli, tempDir } from './helpers.js';
 
 const MODEL = join(ROOT, 'fixtures', 'llama-tiny', 'model.onnx');
@@ -90,7 +90,7 @@ describe('modc calibrate on llama-tiny', () => {
   it("each router's threshold selects its capacity on the calibration data (checked by the MoD reference executor)", async () => {
     const plan = planRouting({ numLayers: LAYERS, hiddenSize: HIDDEN, routers: { kind: 'file', path: file } });
     const ref = await ModReference.create(MODEL, { ...plan, mode: 'threshold' }, join(dir, 'ref'));
-    const selected = new Map<number, number>();
+    const selected = new Map<string, number>();
     let tokens = 0;
     try {
       const rows = readDataset(data, { vocabSize: null });
@@ -104,7 +104,7 @@ describe('modc calibrate on llama-tiny', () => {
       await ref.release();
     }
     for (const r of result.routers) {
-      const fraction = selected.get(r.layer)! / tokens;
+      const fraction = selected.get(describeLayerPart(r))! / tokens;
       expect(Math.abs(fraction - r.capacity)).toBeLessThan(0.03);
       expect(r.capacity).toBeLessThan(1);
     }

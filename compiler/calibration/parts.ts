@@ -1,7 +1,7 @@
 /** The routable parts of a decoder layer (SPEC.md "Sub-layer routing") and their keys. */
-export type RoutedPart = 'block' | 'attention' | 'mlp';
+import { ROUTED_PARTS, type RoutedPart } from '../routers.js';
 
-export const PARTS: readonly RoutedPart[] = ['block', 'attention', 'mlp'];
+export { ROUTED_PARTS, type RoutedPart };
 
 export type Granularity = 'auto' | RoutedPart;
 
@@ -15,5 +15,5 @@ export const partKey = (p: PartRef): string => `${p.layer}.${p.part}`;
 
 /** The parts `granularity` lets calibration route. */
 export function allowedParts(granularity: Granularity): RoutedPart[] {
-  return granularity === 'auto' ? [...PARTS] : [granularity];
+  return granularity === 'auto' ? [...ROUTED_PARTS] : [granularity];
 }
