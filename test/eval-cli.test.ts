@@ -73,6 +73,12 @@ describe('modc eval', () => {
     expectOneLineError(await runCli('eval', LLAMA, '--data', bad, '--pad', 'middle'), 2, /--pad must be left or right/);
   });
 
+  it('refuses a model with last-position logits only', async () => {
+    const out = join(dir, 'last/model.onnx');
+    expect((await runCli('compile', LLAMA, '-o', out, '--router-init', 'all-pass', '--logits', 'last')).code).toBe(0);
+    expectOneLineError(await runCli('eval', out, '--data', join(DATA, 'tiny.jsonl')), 1, /logits for the last position only .*compile with --logits all/);
+  });
+
   it('refuses a compiled model without recorded costs', async () => {
     const out = join(dir, 'no-costs/model.onnx');
     expect((await runCli('compile', LLAMA, '-o', out, '--passes', 'split-fused-boundaries,insert-routers,route-layers,cleanup', '--router-init', 'all-pass')).code).toBe(0);

@@ -7,10 +7,10 @@ import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { evaluate } from '../compiler/eval/index.js';
 import { ModSession } from '../compiler/runtime/session.js';
-import { ROOT, SHARED_MODELS, runCli, tempDir } from './helpers.js';
+import { ROOT, fixture, runCli, tempDir } from './helpers.js';
 
 const LLAMA = join(ROOT, 'fixtures/llama-tiny/model.onnx');
-const QWEN = join(SHARED_MODELS, 'ort-qwen2-gqa/model.onnx');
+const QWEN = fixture('ort-qwen2-gqa');
 const LINES = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13], [5, 6, 7], [300, 511, 0, 42, 42, 42, 7, 100, 200, 17]];
 
 // llama-tiny, by hand: H 64, 4 heads of 16, 2 KV heads, MLP 128 (gate, up, down), vocab 512, 3 layers.

@@ -19,6 +19,7 @@ import { ModcError } from '../errors.js';
 import { loadModel } from '../io/load.js';
 import type { Model } from '../ir/model.js';
 import { saveModel } from '../io/save.js';
+import { logitsPositions } from '../logits-metadata.js';
 import { readRoutingMetadata } from '../routing-metadata.js';
 import { decoderIo, type DecoderIo } from '../runtime/decoder-io.js';
 import { createSession, emptyTensor, ort, toFloat32, type ExecutionProvider } from '../runtime/ort.js';
@@ -73,6 +74,9 @@ export async function evaluate(modelPath: string, sequences: number[][], opts: E
 
   const model = opts.model ?? loadModel(modelPath);
   const io = decoderIo(model);
+  if (logitsPositions(model) === 'last') {
+    throw new ModcError(`${modelPath} computes logits for the last position only (compiled with --logits last): eval needs every position's; compile with --logits all`);
+  }
   checkSequences(io, sequences);
   const routing = readRoutingMetadata(model);
   let costs: ModelCosts;
