@@ -6,6 +6,8 @@
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { evaluate } from '../compiler/eval/index.js';
+import { loadModel } from '../compiler/io/load.js';
+import { saveModel } from '../compiler/io/save.js';
 import { ModSession } from '../compiler/runtime/session.js';
 import { ROOT, fixture, runCli, tempDir } from './helpers.js';
 
@@ -122,6 +124,33 @@ describe('compute and KV-cache fractions', () => {
     expect(r.routing).toEqual({ mode: 'topk', gated: true });
   });
 
+  it('sub-layer parts: an attention part counts its tokens\' projections, pairs and KV; an MLP part its MLP only', async () => {
+    // The top-k model's metadata rewritten to say layer 0 routes its attention and layer 2 its MLP, each
+    // with the selection value named (the graph is unchanged: eval trusts modc.routing, which is the point).
+    const model = loadModel(compiled.topk);
+    const selectOf = (layer: number) => model.graph.nodes.find((n) => n.opType === 'SelectTopK' && n.input(0)!.producer!.input(1)!.name === `modc.router.${layer}.weight`)!.outputs[0]!.name;
+    const routing = { mode: 'topk', gated: true, layers: [
+      { layer: 0, part: 'attention', selected: selectOf(0), threshold: 0.5, capacity: 0.5 },
+      { layer: 2, part: 'mlp', selected: selectOf(2), threshold: 0.5, capacity: 0.5 },
+    ] };
+    model.metadataProps = model.metadataProps.map((p) => (p.key === 'modc.routing' ? { key: p.key, value: JSON.stringify(routing) } : p));
+    const path = join(dir, 'parts/model.onnx');
+    saveModel(model, path);
+
+    const r = await evaluate(path, LINES);
+    const ks = ns.map((n) => Math.ceil(n / 2));
+    const executed = sum(ns.map((n, i) => {
+      const k = ks[i]!;
+      const layer0 = ATTENTION * k + PAIR * pairs(k) + MLP * n + H * n;
+      const layer1 = (ATTENTION + MLP) * n + PAIR * pairs(n);
+      const layer2 = ATTENTION * n + PAIR * pairs(n) + MLP * k + H * n;
+      return layer0 + layer1 + layer2 + H * V * n;
+    }));
+    expect(r.macs).toEqual({ executed, dense: sum(ns.map(denseMacs)) });
+    expect(r.kvFraction).toBeCloseTo((sum(ks) + 2 * sum(ns)) / (3 * sum(ns)), 12);
+    expect(r.layers.map((l) => [l.layer, l.part, l.routed])).toEqual([[0, 'attention', true], [1, 'block', false], [2, 'mlp', true]]);
+  });
+
   it('batch size does not change the result', async () => {
     const a = await evaluate(compiled.threshold, LINES, { batchSize: 1 });
     const b = await evaluate(compiled.threshold, LINES, { batchSize: 4 });
@@ -137,5 +166,6 @@ describe('refusals', () => {
     await expect(evaluate(gpt2, [Array(257).fill(1)])).rejects.toThrow(/sequence 1 has 257 tokens, more than the model's context of 256/);
     await expect(evaluate(LLAMA, [[1, 2], [3, 512]])).rejects.toThrow(/sequence 2: token id 512 is outside the vocabulary \(0-511\)/);
     await expect(evaluate(LLAMA, [])).rejects.toThrow(/no sequences/);
+    await expect(evaluate(QWEN, [[1, 2]], { pad: 'left' })).rejects.toThrow(/GroupQueryAttention, which supports right padding only/);
   });
 });

@@ -78,6 +78,9 @@ export async function evaluate(modelPath: string, sequences: number[][], opts: E
     throw new ModcError(`${modelPath} computes logits for the last position only (compiled with --logits last): eval needs every position's; compile with --logits all`);
   }
   checkSequences(io, sequences);
+  if (pad === 'left' && [...model.allNodes()].some((n) => n.opType === 'GroupQueryAttention')) {
+    throw new ModcError(`${modelPath} uses GroupQueryAttention, which supports right padding only: drop --pad left`);
+  }
   const routing = readRoutingMetadata(model);
   let costs: ModelCosts;
   let selections: Selection[] = [];
