@@ -38,6 +38,23 @@ describe('modc eval', () => {
     expect(res.stdout).toMatch(/\n +0 +dense +1\.0000\n/);
   });
 
+  it('its NLL agrees with one computed from `modc run --json` logits of each line', async () => {
+    const out = join(dir, 'topk/model.onnx'); // compiled by the test above
+    const lines = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10, 11, 12, 13, 14]]; // fixtures/data/tiny.jsonl
+    let total = 0;
+    for (const line of lines) {
+      const run = JSON.parse((await runCli('run', out, '--ids', line.join(','), '--json')).stdout) as { logits: number[][][] };
+      for (let t = 0; t + 1 < line.length; t++) {
+        const row = run.logits[0]![t]!;
+        const max = Math.max(...row);
+        total += max + Math.log(row.reduce((a, x) => a + Math.exp(x - max), 0)) - row[line[t + 1]!]!;
+      }
+    }
+    const j = JSON.parse((await runCli('eval', out, '--data', join(DATA, 'tiny.jsonl'), '--json')).stdout);
+    expect(j.tokens).toBe(11);
+    expect(Math.abs(j.nll - total / 11)).toBeLessThan(1e-3);
+  });
+
   it('plain text with the tokenizer.json beside the model', async () => {
     const model = join(dir, 'with-tokenizer/model.onnx');
     mkdirSync(join(dir, 'with-tokenizer'), { recursive: true });

@@ -10,9 +10,9 @@
  * - computeFraction: MACs executed / MACs of the dense original on the same tokens.
  * - kvFraction: KV-cache elements held for real tokens / the dense original's.
  */
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { basename, join } from 'node:path';
+import { basename, dirname, join, resolve } from 'node:path';
 import { analyzeDecoder } from '../analysis/analyze.js';
 import { denseUsage, executedMacs, kvElements, modelCosts, readCosts, type ModelCosts, type RowUsage } from '../analysis/cost.js';
 import { ModcError } from '../errors.js';
@@ -91,7 +91,7 @@ export async function evaluate(modelPath: string, sequences: number[][], opts: E
     if (!recorded) throw new ModcError(`${modelPath} is modc-compiled but has no modc.costs metadata (compiled by an older modc): recompile it to measure its compute`);
     costs = recorded;
     selections = exposeSelections(model, routing);
-    temp = mkdtempSync(join(tmpdir(), 'modc-eval-'));
+    temp = copyFolder(modelPath, model);
     runPath = saveModel(model, join(temp, basename(modelPath))).path;
   } else {
     costs = modelCosts(analyzeDecoder(model));
@@ -114,6 +114,24 @@ export async function evaluate(modelPath: string, sequences: number[][], opts: E
   } finally {
     if (temp) rmSync(temp, { recursive: true, force: true });
   }
+}
+
+/**
+ * Where the instrumented copy goes: the system temp folder, unless the model's external weights
+ * lie on another disk, where a hard link cannot reach and the copy would duplicate them; then a
+ * hidden folder beside the model (removed afterwards), if that folder is writable.
+ */
+function copyFolder(modelPath: string, model: Model): string {
+  const external = [...model.graph.initializers.values()].some((v) => v.initializer?.external);
+  const modelDir = dirname(resolve(modelPath));
+  if (external && statSync(tmpdir()).dev !== statSync(modelDir).dev) {
+    try {
+      return mkdtempSync(join(modelDir, '.modc-eval-'));
+    } catch {
+      // A read-only model folder: the weights get copied to the temp folder instead.
+    }
+  }
+  return mkdtempSync(join(tmpdir(), 'modc-eval-'));
 }
 
 function checkSequences(io: DecoderIo, sequences: number[][]): void {
