@@ -38,7 +38,7 @@ const FLAGS = {
   targets: { kind: 'string', default: '0.95,0.85,0.75', help: 'target compute fractions, comma-separated' },
   seed: { kind: 'int', default: 0, help: 'seed for calibration and random routers' },
   target: { kind: 'string', default: 'norm', help: 'importance target the routers are fitted to: norm, relative, log-norm' },
-  'sensitivity-tokens': { kind: 'int', default: 8192, help: 'tokens for the per-part sensitivity runs' },
+  'sensitivity-tokens': { kind: 'int', default: 0, help: 'tokens per sensitivity measurement (0: modc calibrate\'s default)' },
   json: { kind: 'bool', default: false, help: 'print the rows as JSON instead of a table' },
   quick: { kind: 'bool', default: false, help: 'one target (0.85), fewer tokens: a smoke run' },
 } as const;
@@ -88,7 +88,7 @@ export async function qualityBench(argv: readonly string[]): Promise<void> {
 
     log(`preparing calibration on ${f.calib} (capture, fit, sensitivity of every part)`);
     const calib = await Calibrator.prepare(f.model, calibSeqs, {
-      targetCompute: 1, granularity: 'auto', seed: f.seed, target: f.target as TargetKind, sensitivityTokens: f.quick ? 2048 : f['sensitivity-tokens'], workDir: join(dir, 'work'),
+      targetCompute: 1, granularity: 'auto', seed: f.seed, target: f.target as TargetKind, sensitivityTokens: f['sensitivity-tokens'] || undefined, workDir: join(dir, 'work'),
     });
     let n = 0;
     const compileEval = async (plan: RoutingPlan) => {

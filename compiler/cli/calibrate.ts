@@ -80,7 +80,7 @@ export const calibrateCommand: Command = {
     seed: { type: 'string', valueName: 'S', help: 'seed for the order sequences are drawn in (default 0); same seed, same file' },
     target: { type: 'string', valueName: 'KIND', help: `importance target: ${TARGET_KINDS.join(', ')} (default ${DEFAULTS.target})` },
     gated: { type: 'boolean', help: 'record gated routing (out = x + r (y - x)); default ungated' },
-    'sensitivity-tokens': { type: 'string', valueName: 'N', help: `tokens for the per-part sensitivity runs (default ${DEFAULTS.sensitivityTokens})` },
+    'sensitivity-tokens': { type: 'string', valueName: 'N', help: 'tokens per sensitivity measurement (default: about 6 passes over the data in all, 1024-8192 each)' },
     margin: { type: 'string', valueName: 'M', help: `aim M below the target on the calibration data (default ${DEFAULTS.margin})` },
     json: { type: 'boolean', help: 'print the calibration report as JSON' },
     quiet: { type: 'boolean', short: 'q', help: 'no progress or summary on stderr' },
@@ -101,7 +101,7 @@ export const calibrateCommand: Command = {
       seed: intFlag(values, 'seed', DEFAULTS.seed, 0),
       target: oneOf<TargetKind>(values, 'target', TARGET_KINDS, DEFAULTS.target),
       gated: !!values.gated,
-      sensitivityTokens: intFlag(values, 'sensitivity-tokens', DEFAULTS.sensitivityTokens, 2),
+      sensitivityTokens: values['sensitivity-tokens'] !== undefined ? intFlag(values, 'sensitivity-tokens', 0, 2) : undefined,
       margin: numberFlag(values, 'margin') ?? DEFAULTS.margin,
     };
     checkCalibrateOptions(opts);
