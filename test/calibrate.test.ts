@@ -171,7 +171,8 @@ describe('modc calibrate CLI errors', () => {
     expectOneLineError(await runCli('calibrate', MODEL, '--data', bad, '-o', join(dir, 'r.safetensors'), '--target-compute', '0.8'), 1, /line 1: token id 512 is outside the model.s vocabulary \(0-511\)/);
     const long = join(dir, 'long.jsonl');
     writeFileSync(long, JSON.stringify({ ids: Array.from({ length: 300 }, (_, i) => i % VOCAB) }) + '\n');
-    expectOneLineError(await runCli('calibrate', join(ROOT, 'fixtures', 'gpt2-tiny', 'model.onnx'), '--data', long, '-o', join(dir, 'r.safetensors'), '--target-compute', '0.8'), 1, /300 tokens, more than the model's 256 positions/);
+    expectOneLineError(await runCli('calibrate', join(ROOT, 'fixtures', 'gpt2-tiny', 'model.onnx'), '--data', long, '--max-length', '300', '-o', join(dir, 'r.safetensors'), '--target-compute', '0.8'), 2, /--max-length 300 is longer than the model's context of 256 positions/);
+    await expect(calibrate(join(ROOT, 'fixtures', 'gpt2-tiny', 'model.onnx'), [Array.from({ length: 300 }, (_, i) => i % VOCAB)], { targetCompute: 0.8 })).rejects.toThrow(/300 tokens, more than the model's 256 positions/);
     const empty = join(dir, 'empty.jsonl');
     writeFileSync(empty, '\n');
     expectOneLineError(await runCli('calibrate', MODEL, '--data', empty, '-o', join(dir, 'r.safetensors'), '--target-compute', '0.8'), 1, /is empty/);
