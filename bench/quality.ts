@@ -37,7 +37,7 @@ const FLAGS = {
   eval: { kind: 'string', default: 'fixtures/quality-lm/eval.jsonl', help: 'held-out data the NLL is measured on' },
   targets: { kind: 'string', default: '0.95,0.85,0.75', help: 'target compute fractions, comma-separated' },
   seed: { kind: 'int', default: 0, help: 'seed for calibration and random routers' },
-  target: { kind: 'string', default: 'norm', help: 'importance target the routers are fitted to: norm, relative, log-norm' },
+  target: { kind: 'string', default: 'relative', help: 'importance target the routers are fitted to: norm, relative, log-norm' },
   'sensitivity-tokens': { kind: 'int', default: 0, help: 'tokens per sensitivity measurement (0: modc calibrate\'s default)' },
   json: { kind: 'bool', default: false, help: 'print the rows as JSON instead of a table' },
   quick: { kind: 'bool', default: false, help: 'one target (0.85): a smoke run' },

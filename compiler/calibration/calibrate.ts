@@ -112,7 +112,7 @@ export const DEFAULTS = {
   mode: 'threshold' as const,
   maxTokens: 65536,
   seed: 0,
-  target: 'norm' as TargetKind,
+  target: 'relative' as TargetKind,
   ridge: 1e-3,
   capacities: [0.75, 0.5, 0.25],
   /** Default: about 6 passes over the data in total, 1024 to 8192 tokens per measurement. */
