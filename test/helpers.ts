@@ -10,17 +10,24 @@ import { DataType } from '../compiler/ir/dtype.js';
 import { ort } from '../compiler/runtime/ort.js';
 
 export const ROOT = resolve(import.meta.dirname, '..');
-export const SHARED_MODELS = resolve(ROOT, '../shared/models');
+/** The bundled models: ours, and the vendored third-party ones (fixtures/ort-*, see their SOURCE.md). */
+export const FIXTURES = join(ROOT, 'fixtures');
+/** @deprecated the third-party models moved into fixtures/; use FIXTURES or fixture(). Kept so older tests still merge. */
+export const SHARED_MODELS = FIXTURES;
 
-/** Every model the project must handle: fixtures/ (ours) and ../shared/models (third-party). */
+/** The path of a bundled model: fixture('ort-gpt2-fused') is fixtures/ort-gpt2-fused/model.onnx. */
+export function fixture(name: string): string {
+  const path = join(FIXTURES, name, 'model.onnx');
+  if (!existsSync(path)) throw new Error(`no fixture ${name} (${path})`);
+  return path;
+}
+
+/** Every model the project must handle: every fixtures/NAME/model.onnx, ours and third-party. */
 export function allModels(): { name: string; path: string }[] {
   const out: { name: string; path: string }[] = [];
-  for (const [prefix, dir] of [['fixtures', join(ROOT, 'fixtures')], ['shared', SHARED_MODELS]] as const) {
-    if (!existsSync(dir)) continue;
-    for (const entry of readdirSync(dir).sort()) {
-      const path = join(dir, entry, 'model.onnx');
-      if (existsSync(path)) out.push({ name: `${prefix}/${entry}`, path });
-    }
+  for (const entry of readdirSync(FIXTURES).sort()) {
+    const path = join(FIXTURES, entry, 'model.onnx');
+    if (existsSync(path)) out.push({ name: `fixtures/${entry}`, path });
   }
   return out;
 }

@@ -1,5 +1,5 @@
 /**
- * The MoD contract of SPEC.md, on every model in fixtures/ and ../shared/models:
+ * The MoD contract of SPEC.md, on every model in fixtures/ (ours and the vendored third-party ones):
  * - equivalence anchor: all tokens selected, ungated, reproduces the original (prefill and
  *   every step of a greedy run, batch 1 and batch 3 with padding on each supported side);
  * - MoD semantics: with random routers selecting about half the tokens, the compiled model
