@@ -143,6 +143,8 @@ const types = {
   TypeProto: root.lookupType('onnx.TypeProto'),
   FunctionProto: root.lookupType('onnx.FunctionProto'),
   SparseTensorProto: root.lookupType('onnx.SparseTensorProto'),
+  StringStringEntryProto: root.lookupType('onnx.StringStringEntryProto'),
+  OperatorSetIdProto: root.lookupType('onnx.OperatorSetIdProto'),
 };
 export type MessageName = keyof typeof types;
 
