@@ -73,6 +73,11 @@ async function main(): Promise<number> {
       progress: (s) => console.error(summary(s).split('\n')[0]),
     });
     console.log(values.json ? JSON.stringify(stats, null, 2) : summary(stats));
+    if (!values.json) {
+      console.log(`refused at: ${Object.entries(stats.refusedAt).map(([k, n]) => `${k} ${n}`).join(', ')}`);
+      console.log('most common refusals:');
+      for (const [sig, n] of Object.entries(stats.refusals).sort((a, b) => b[1] - a[1]).slice(0, 12)) console.log(`  ${String(n).padStart(6)}  ${sig}`);
+    }
     for (const f of stats.failures) console.log(`  ${f.kind} x${f.count} at ${f.stage}: ${f.message.split('\n')[0]} -> ${f.reproducer ?? '(no reproducer)'}`);
     return stats.failures.length ? 1 : 0;
   } finally {

@@ -385,8 +385,9 @@ const EXTERNAL_LOCATIONS = ['sub/../model.onnx.data', 'nosuch/../model.onnx.data
 const external: Mutator = ({ rng, model, files, log }) => {
   const ext = allInitializers(model).filter((t) => t.data_location === 1);
   if (!ext.length) {
-    // Make one tensor external: write its bytes to a sidecar.
-    const t = rng.pick(allInitializers(model).filter((x) => x.raw_data && x.raw_data.length));
+    // Make one tensor external (an initializer, now and then an attribute's): bytes to a sidecar.
+    const pool = rng.chance(0.9) ? allGraphs(model).flatMap((g) => g.initializer) : allInitializers(model);
+    const t = rng.pick(pool.filter((x) => x.raw_data && x.raw_data.length));
     if (!t) return false;
     files.set('w.bin', t.raw_data!);
     delete (t as Partial<TensorProto>).raw_data;

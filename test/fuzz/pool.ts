@@ -52,6 +52,8 @@ export interface FuzzStats {
   failures: Failure[];
   /** Refusals by stage. */
   refusedAt: Record<string, number>;
+  /** Refusals by blurred message (what the inputs were refused for). */
+  refusals: Record<string, number>;
 }
 
 /** Failure identity: kind, stage and the message with numbers and quoted names blurred. */
@@ -81,7 +83,7 @@ export async function fuzz(opts: FuzzOptions): Promise<FuzzStats> {
   const total = opts.cases ?? Infinity;
   const scratch = mkdtempSync(join(tmpdir(), 'modc-fuzz-'));
   const stats: FuzzStats = {
-    cases: 0, ms: 0, ortChecked: 0, ortInputLoaded: 0, failures: [], refusedAt: {},
+    cases: 0, ms: 0, ortChecked: 0, ortInputLoaded: 0, failures: [], refusedAt: {}, refusals: {},
     outcomes: { refused: 0, accepted: 0, crash: 0, hang: 0, 'multi-line': 0, 'ort-rejected': 0, 'unloadable-output': 0 },
   };
   const bySig = new Map<string, Failure>();
@@ -93,7 +95,11 @@ export async function fuzz(opts: FuzzOptions): Promise<FuzzStats> {
   const record = (spec: CaseSpec, o: Outcome) => {
     stats.cases++;
     stats.outcomes[o.kind]++;
-    if (o.kind === 'refused') stats.refusedAt[o.stage] = (stats.refusedAt[o.stage] ?? 0) + 1;
+    if (o.kind === 'refused') {
+      stats.refusedAt[o.stage] = (stats.refusedAt[o.stage] ?? 0) + 1;
+      const sig = signatureOf(o).replace(/^refused\|/, '').replace(/^([^|]*)\|[^:]*\.onnx: /, '$1|');
+      stats.refusals[sig] = (stats.refusals[sig] ?? 0) + 1;
+    }
     if (o.inputLoadsInOrt !== undefined) {
       stats.ortChecked++;
       if (o.inputLoadsInOrt) stats.ortInputLoaded++;
@@ -126,7 +132,7 @@ export async function fuzz(opts: FuzzOptions): Promise<FuzzStats> {
     const start = (): void => {
       const proc = fork(CHILD.path, [], { execArgv: CHILD.execArgv, stdio: ['ignore', 'ignore', 'pipe', 'ipc'] });
       const w: Worker = { proc, stderr: '' };
-      proc.stderr?.on('data', (d: Buffer) => (w.stderr = (w.stderr + d.toString()).slice(-2000)));
+      proc.stderr?.on('data', (d: Buffer) => (w.stderr = (w.stderr + d.toString()).slice(-6000)));
       live++;
       const dispatch = () => {
         if (!more()) {
@@ -157,7 +163,7 @@ export async function fuzz(opts: FuzzOptions): Promise<FuzzStats> {
         if (w.spec) {
           const spec = w.spec;
           w.spec = undefined;
-          record(spec, { kind: 'crash', stage: 'process', message: `worker process died (${signal ?? `exit ${code}`}): ${w.stderr.trim().split('\n').slice(-3).join(' | ')}`, log: [`fixture ${spec.fixture}`, `seed ${spec.seed} index ${spec.index}`] });
+          record(spec, { kind: 'crash', stage: 'process', message: `worker process died (${signal ?? `exit ${code}`}): ${w.stderr.trim().split('\n').filter((l) => /error|Error|at /.test(l)).slice(0, 6).join(' | ')}`, log: [`fixture ${spec.fixture}`, `seed ${spec.seed} index ${spec.index}`] });
         }
         if (more()) start();
         else if (live === 0) done();
