@@ -3,7 +3,7 @@ import { resolve } from 'node:path';
 import { analyzeDecoder } from '../analysis/analyze.js';
 import { ModcError, UsageError } from '../errors.js';
 import { loadModel } from '../io/load.js';
-import { saveModel } from '../io/save.js';
+import { checkOutputPath, saveModel } from '../io/save.js';
 import type { Model } from '../ir/model.js';
 import { runPipeline } from '../pass-manager.js';
 import { readRoutingMetadata } from '../routing-metadata.js';
@@ -136,6 +136,7 @@ export const compileCommand: Command = {
     if (logits !== undefined && passes !== undefined) throw new UsageError('--logits applies to the MoD pipeline; with --passes, name last-logits in LIST');
     const t0 = performance.now();
     const model = loadModel(input);
+    checkOutputPath(output, model); // before any work: never over the input or its data files
     const plan = resolvePlan(model, values);
     if (!plan && passes === undefined) throw new UsageError('nothing to do: give --routers FILE or --router-init all-pass|random (or --passes LIST)');
     log(`loaded ${input} (${model.graph.nodes.length} nodes) in ${(performance.now() - t0).toFixed(0)} ms`);
