@@ -5,6 +5,7 @@ import { decoderIo } from '../runtime/decoder-io.js';
 import { intFlag, modelPair } from './args.js';
 import type { Command } from './command.js';
 import { formatBytes, table } from './format.js';
+import { progressOf } from './progress.js';
 import { executionProvider } from './run.js';
 
 export const benchCommand: Command = {
@@ -37,7 +38,10 @@ export const benchCommand: Command = {
     };
     const vocab = decoderIo(loadModel(original)).vocabSize ?? 100;
     if (!values.json) io.err(`prompt ${opts.promptLength} x batch ${opts.batch}, ${opts.steps} decode steps, median of ${opts.runs} runs after ${opts.warmup} warm-up, ${opts.executionProvider} EP`);
+    const progress = progressOf(io);
+    progress.stage(`bench: ${opts.warmup + opts.runs} runs of each model`);
     const [a, b] = await benchPair(original, compiled, vocab, opts);
+    progress.stop();
     if (values.json) {
       io.out(JSON.stringify([a, b], null, 2));
       return 0;
