@@ -78,8 +78,9 @@ export const compileCommand: Command = {
   usage: 'modc compile MODEL.onnx -o OUT.onnx (--routers FILE | --router-init all-pass|random) [options]\n       modc compile MODEL.onnx -o OUT.onnx --passes LIST',
   details: [
     'With routers, runs the MoD pipeline: split-fused-boundaries, insert-routers, route-layers,',
-    'cleanup (and inline-modc-ops with --inline-ops). Without --layers or --schedule, a router file',
-    'converts exactly the layers it has routers for; --router-init converts every layer.',
+    '[last-logits with --logits last,] cleanup [, inline-modc-ops with --inline-ops]. Without',
+    '--layers or --schedule, a router file converts exactly the layers it has routers for;',
+    '--router-init converts every layer.',
     '',
     'LIST is comma-separated pass names, each optionally with options `name{opt=value;opt=value}`.',
     '`--passes none` loads and saves the model unchanged (a round trip).',
@@ -102,6 +103,7 @@ export const compileCommand: Command = {
     gated: { type: 'boolean', help: 'out = x + r * (y - x) for selected tokens (default)' },
     ungated: { type: 'boolean', help: 'out = y for selected tokens' },
     'inline-ops': { type: 'boolean', help: 'emit the modc op bodies inline instead of as local functions' },
+    logits: { type: 'string', valueName: 'WHICH', help: 'all (default: logits [B, S, V]) or last (the lm_head for each row\'s last real token only: [B, 1, V])' },
     passes: { type: 'string', valueName: 'LIST', help: 'run these passes instead of the MoD pipeline (`none` for a round trip)' },
     'dump-after': { type: 'string', multiple: true, valueName: 'PASS', help: 'after PASS (or `*`), write the model as NN-PASS.onnx and .txt' },
     'dump-dir': { type: 'string', valueName: 'DIR', help: 'folder for dumps (default: the output\'s folder)' },
@@ -124,13 +126,15 @@ export const compileCommand: Command = {
     const log = (m: string): void => (/^\[\d+\/\d+\] /.test(m) ? progress.stage(`compile ${m}`) : say(m));
 
     if (passes !== undefined) defaultRegistry().parsePipeline(passes); // unknown names fail before loading
+    const logits = oneOf(values, 'logits', ['all', 'last'] as const);
+    if (logits !== undefined && passes !== undefined) throw new UsageError('--logits applies to the MoD pipeline; with --passes, name last-logits in LIST');
     const t0 = performance.now();
     progress.stage(`load ${input}`);
     const model = loadModel(input);
     const plan = resolvePlan(model, values);
     if (!plan && passes === undefined) throw new UsageError('nothing to do: give --routers FILE or --router-init all-pass|random (or --passes LIST)');
     log(`loaded ${input} (${model.graph.nodes.length} nodes) in ${(performance.now() - t0).toFixed(0)} ms`);
-    const mod = plan ? { plan, inlineOps: !!values['inline-ops'] } : undefined;
+    const mod = plan ? { plan, inlineOps: !!values['inline-ops'], logits } : undefined;
     const steps = passes !== undefined ? defaultRegistry(mod).parsePipeline(passes) : modPipeline(mod!);
     const opsBefore = modcOpCounts(model);
     const records = runPipeline(model, steps, {

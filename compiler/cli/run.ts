@@ -1,6 +1,6 @@
 /** `modc run`: one forward over a prompt (past length 0) on any model, original or compiled. */
 import { UsageError } from '../errors.js';
-import { argmax, lastPosition, ModSession, padRows } from '../runtime/session.js';
+import { argmax, ModSession, padRows } from '../runtime/session.js';
 import type { ExecutionProvider } from '../runtime/ort.js';
 import { onePositional, stringFlag } from './args.js';
 import type { CliOption, Command } from './command.js';
@@ -36,7 +36,9 @@ export const runCommand: Command = {
     'real tokens only. With --json it prints',
     '  {"logits": [[[...]]], "dims": [B, S, V], "attentionMask": [[...]], "inputIds": [[...]]}',
     'where logits is [batch][position][vocab] over the padded prompt (padding positions included;',
-    'attentionMask says which they are). float16 logits are converted to numbers.',
+    'attentionMask says which they are). float16 logits are converted to numbers. A model compiled',
+    'with --logits last gives one position per row, its last real token: dims [B, 1, V] and',
+    '"positions": "last" (otherwise "all").',
   ].join('\n'),
   options: PROMPT_OPTIONS,
   async run(positionals, values, io) {
@@ -56,10 +58,10 @@ export const runCommand: Command = {
       const { ids, mask } = padRows(rows, pad);
       const nested = Array.from({ length: B }, (_, b) => Array.from({ length: S }, (_, s) => Array.from(logits.data.subarray((b * S + s) * V, (b * S + s + 1) * V))));
       const inputIds = mask.map((_, b) => ids.slice(b * S, (b + 1) * S));
-      io.out(JSON.stringify({ logits: nested, dims: [B, S, V], attentionMask: mask, inputIds }));
+      io.out(JSON.stringify({ logits: nested, dims: [B, S, V], attentionMask: mask, inputIds, positions: session.logits }));
     } else {
-      io.out(`logits [${B}, ${S}, ${V}]`);
-      lastPosition(logits).forEach((l, b) => io.out(`  row ${b}: last position argmax ${argmax(l)} (logit ${l[argmax(l)]!.toFixed(4)})`));
+      io.out(`logits [${B}, ${S}, ${V}]${session.logits === 'last' ? ' (each row\'s last real token only)' : ''}`);
+      session.lastReal(logits).forEach((l, b) => io.out(`  row ${b}: last real token argmax ${argmax(l)} (logit ${l[argmax(l)]!.toFixed(4)})`));
     }
     return 0;
   },

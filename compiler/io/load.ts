@@ -6,6 +6,7 @@ import { readFileSync, realpathSync, statSync } from 'node:fs';
 import { dirname, isAbsolute, relative, resolve, sep } from 'node:path';
 import { ModcError } from '../errors.js';
 import { byteSize } from '../ir/dtype.js';
+import type { Graph } from '../ir/graph.js';
 import type { Model } from '../ir/model.js';
 import { type ExternalLocation, Tensor } from '../ir/tensor.js';
 import type { TensorProto } from '../proto/index.js';
@@ -44,7 +45,23 @@ export function modelFromBytes(bytes: Uint8Array, path: string): Model {
   const model = modelFromProto(proto, (tp) => (tp.data_location === 1 ? new Tensor(tp, resolver.resolve(tp)) : new Tensor(tp)));
   model.sourcePath = path;
   model.baseDir = baseDir;
+  sortGraphs(model.graph, path);
   return model;
+}
+
+/**
+ * ONNX asks for nodes in topological order, but ONNX Runtime accepts any order and real exports
+ * break it (the ONNX Runtime GenAI builder's fp16 Llama). Every graph is sorted stably: a sorted
+ * graph keeps its order, names are untouched, and only a true cycle is refused.
+ */
+function sortGraphs(g: Graph, path: string): void {
+  try {
+    g.toposort();
+  } catch (e) {
+    if (e instanceof ModcError) throw new ModcError(`${path}: ${e.message}; ONNX graphs must be acyclic`);
+    throw e;
+  }
+  for (const n of g.nodes) for (const sg of n.subgraphs()) sortGraphs(sg, path);
 }
 
 /** Validates external-data references against the model folder; caches per sidecar file. */

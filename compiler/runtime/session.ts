@@ -11,6 +11,7 @@
  */
 import { ModcError } from '../errors.js';
 import { loadModel } from '../io/load.js';
+import { logitsPositions, type LogitsPositions } from '../logits-metadata.js';
 import { decoderIo, type DecoderIo, type KvBinding } from './decoder-io.js';
 import { createSession, emptyTensor, ort, toFloat32, type SessionOptions } from './ort.js';
 
@@ -77,11 +78,12 @@ export class ModSession {
   private caches = new Map<string, ort.Tensor>();
   private lengths = new Map<number, number[]>();
 
-  private constructor(readonly session: ort.InferenceSession, readonly io: DecoderIo, readonly path: string) {}
+  /** @param logits 'last': the model gives each row's last real position only ([B, 1, V], `modc compile --logits last`). */
+  private constructor(readonly session: ort.InferenceSession, readonly io: DecoderIo, readonly path: string, readonly logits: LogitsPositions = 'all') {}
 
   static async create(path: string, opts: SessionOptions = {}): Promise<ModSession> {
-    const io = decoderIo(loadModel(path));
-    return new ModSession(await createSession(path, opts), io, path);
+    const model = loadModel(path);
+    return new ModSession(await createSession(path, opts), decoderIo(model), path, logitsPositions(model));
   }
 
   get batch(): number {
@@ -124,7 +126,7 @@ export class ModSession {
     const ids = prompt.map((r) => [...r]);
     const steps: Float32Array[][] = [];
     let logits = await this.forward(prompt, { pad: opts.pad });
-    steps.push(lastPosition(logits));
+    steps.push(this.lastReal(logits));
     opts.onStep?.(0);
     for (let t = 0; t < opts.maxNewTokens; t++) {
       const next = opts.force ? Array(this.batch).fill(opts.force[t]) : steps.at(-1)!.map(argmax);
@@ -134,6 +136,20 @@ export class ModSession {
       opts.onStep?.(t + 1);
     }
     return { ids, steps };
+  }
+
+  /**
+   * Each row's logits at its last real token of the latest call: the one position a
+   * `--logits last` model gives, or, from all positions, the last one the mask marks real.
+   */
+  lastReal(l: Logits): Float32Array[] {
+    const [B, S, V] = l.dims;
+    return Array.from({ length: B }, (_, b) => {
+      const m = this.mask[b]!;
+      let t = S - 1;
+      while (t > 0 && m[m.length - S + t] === 0) t--;
+      return l.data.slice((b * S + t) * V, (b * S + t + 1) * V);
+    });
   }
 
   /** Bytes the KV cache tensors hold now (all layers, padding slots included). */
