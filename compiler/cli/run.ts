@@ -5,6 +5,7 @@ import type { ExecutionProvider } from '../runtime/ort.js';
 import { onePositional, stringFlag } from './args.js';
 import type { CliOption, Command } from './command.js';
 import { parseIdRows } from './ids.js';
+import { progressOf } from './progress.js';
 
 export function executionProvider(values: Record<string, unknown>): ExecutionProvider {
   const ep = (values.ep as string | undefined) ?? 'cpu';
@@ -46,8 +47,12 @@ export const runCommand: Command = {
     if (text === undefined) throw new UsageError('missing --ids');
     const rows = parseIdRows(text);
     const pad = padSide(values);
+    const progress = progressOf(io);
+    progress.stage('load');
     const session = await ModSession.create(path, { executionProvider: executionProvider(values) });
+    progress.stage(`forward over ${rows.length} x ${Math.max(...rows.map((r) => r.length))} tokens`);
     const logits = await session.forward(rows, { pad });
+    progress.stop();
     const [B, S, V] = logits.dims;
     if (values.json) {
       const { ids, mask } = padRows(rows, pad);

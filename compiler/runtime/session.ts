@@ -30,6 +30,8 @@ export interface GenerateOptions {
   /** Feed these ids (one per step, the same for every row) instead of the argmax. */
   force?: number[];
   pad?: 'left' | 'right';
+  /** Called after the prefill (0) and after each decode step (1..maxNewTokens). */
+  onStep?: (done: number) => void;
 }
 
 export interface GenerateResult {
@@ -125,11 +127,13 @@ export class ModSession {
     const steps: Float32Array[][] = [];
     let logits = await this.forward(prompt, { pad: opts.pad });
     steps.push(this.lastReal(logits));
+    opts.onStep?.(0);
     for (let t = 0; t < opts.maxNewTokens; t++) {
       const next = opts.force ? Array(this.batch).fill(opts.force[t]) : steps.at(-1)!.map(argmax);
       next.forEach((id, b) => ids[b]!.push(id));
       logits = await this.step(next);
       steps.push(lastPosition(logits));
+      opts.onStep?.(t + 1);
     }
     return { ids, steps };
   }
