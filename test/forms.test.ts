@@ -92,3 +92,28 @@ describe('int32 input_ids / attention_mask / position_ids (fixtures/forms-int32-
     await compileAndVerify(int32, 'int32-random', '--router-init', 'random', '--routing', 'topk');
   });
 });
+
+describe('GroupQueryAttention takes right padding only (fixtures/forms-gqa-tiny)', () => {
+  const gqa = fixture('forms-gqa-tiny');
+
+  it('every runner defaults to right padding: run --json reports it per row', async () => {
+    const res = await runCli('run', gqa, '--ids', '1,2,3;4,5', '--json');
+    expect(res.code).toBe(0);
+    expect(JSON.parse(res.stdout).attentionMask).toEqual([[1, 1, 1], [1, 1, 0]]);
+    const session = await ModSession.create(gqa);
+    expect(session.padSide()).toBe('right');
+    await session.forward([[1, 2, 3], [4, 5]]);
+    expect(session.attentionMask()).toEqual([[1, 1, 1], [1, 1, 0]]);
+  });
+
+  it('an explicit --pad left is refused with a one-line reason, by every runner and the session', async () => {
+    const compiled = await compileAndVerify(gqa, 'gqa-random', '--router-init', 'random');
+    const why = /--pad left is not supported for this model: its GroupQueryAttention takes per-row valid lengths \(seqlens_k\)/;
+    expectOneLineError(await runCli('run', gqa, '--ids', '1,2,3;4,5', '--pad', 'left'), 2, why);
+    expectOneLineError(await runCli('generate', compiled, '--ids', '1,2,3;4,5', '--max-new', '2', '--pad', 'left'), 2, why);
+    expectOneLineError(await runCli('verify', gqa, compiled, '--pad', 'left'), 2, why);
+    const session = await ModSession.create(gqa);
+    await expect(session.forward([[1, 2]], { pad: 'left' })).rejects.toThrow(why);
+    expect((await runCli('generate', compiled, '--ids', '1,2,3;4,5', '--max-new', '2', '--pad', 'right')).code).toBe(0);
+  });
+});

@@ -21,7 +21,7 @@ import { ModcError } from '../errors.js';
 import { loadModel } from '../io/load.js';
 import { floatToHalf } from '../ir/dtype.js';
 import type { LayerPlan, RoutingPlan } from '../routing-plan.js';
-import { decoderIo, type DecoderIo, type KvBinding } from '../runtime/decoder-io.js';
+import { decoderIo, type DecoderIo, type KvBinding, resolvePadSide } from '../runtime/decoder-io.js';
 import { emptyTensor, ort, toFloat32, type SessionOptions } from '../runtime/ort.js';
 import { type Logits, nextPositions, padRows, promptPositions, typed } from '../runtime/session.js';
 import { splitFusedBoundaries } from '../../passes/split-fused-boundaries.js';
@@ -78,7 +78,7 @@ export class ModReference {
   }
 
   async forward(rows: number[][], opts: { pad?: 'left' | 'right' } = {}): Promise<Logits> {
-    const { ids, mask, width } = padRows(rows, opts.pad ?? 'left');
+    const { ids, mask, width } = padRows(rows, resolvePadSide(this.io, opts.pad));
     this.mask = mask;
     this.ids = mask.map((_, b) => ids.slice(b * width, (b + 1) * width));
     this.fullCaches.clear();

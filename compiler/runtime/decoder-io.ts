@@ -4,7 +4,7 @@
  * tensors form each layer's KV cache (and its layout); and, for modc-compiled layers, the
  * per-layer cache lengths. Read from the graph's inputs and outputs only.
  */
-import { ModcError } from '../errors.js';
+import { ModcError, UsageError } from '../errors.js';
 import { DataType } from '../ir/dtype.js';
 import type { Value } from '../ir/graph.js';
 import type { Model } from '../ir/model.js';
@@ -36,7 +36,14 @@ export interface DecoderIo {
   vocabSize: number | null;
   /** Positions the model has tables for (learned embeddings, rotary caches); null when unbounded. */
   maxPositions: number | null;
+  /**
+   * The padding sides the model's attention gives meaningful outputs for, the default first.
+   * GroupQueryAttention reads per-row valid lengths (seqlens_k), i.e. right padding only.
+   */
+  paddingSides: PadSide[];
 }
+
+export type PadSide = 'left' | 'right';
 
 const intType = (v: Value): 'int32' | 'int64' => (v.dtype === DataType.INT32 ? 'int32' : 'int64');
 
@@ -98,7 +105,26 @@ export function decoderIo(model: Model): DecoderIo {
     kv: layers,
     vocabSize: typeof vocab === 'number' ? vocab : null,
     maxPositions: maxPositions(model, pos ?? null),
+    paddingSides: lengthBasedAttention(model) ? ['right'] : ['left', 'right'],
   };
+}
+
+/** An attention op that takes per-row valid lengths instead of a mask (right padding only). */
+function lengthBasedAttention(model: Model): string | null {
+  for (const n of model.allNodes()) if (n.opType === 'GroupQueryAttention' && n.domain === 'com.microsoft') return n.opType;
+  return null;
+}
+
+/**
+ * The padding side to use: the model's default when none is asked for; a side the model cannot
+ * take is refused (a usage error: it would give meaningless outputs even for the original model).
+ */
+export function resolvePadSide(io: DecoderIo, asked: PadSide | undefined): PadSide {
+  if (asked === undefined) return io.paddingSides[0]!;
+  if (!io.paddingSides.includes(asked)) {
+    throw new UsageError(`--pad ${asked} is not supported for this model: its GroupQueryAttention takes per-row valid lengths (seqlens_k), so only right padding gives meaningful outputs`);
+  }
+  return asked;
 }
 
 /** Rows of the position tables: the table operand of each op that indexes by position. */

@@ -6,12 +6,13 @@
  *   const p = await s.forward([[5, 6, 7], [8, 9]]);   // logits [B, S, V]
  *   const d = await s.step([10, 11]);                 // logits [B, 1, V]
  *
- * Rows of different lengths are padded (left by default) with token 0 and masked; positions
+ * Rows of different lengths are padded with token 0 and masked (on the left by default; right,
+ * the only side it takes, for GroupQueryAttention); positions
  * count real tokens only (cumsum(mask) - 1, as Hugging Face does), so padding never shifts them.
  */
 import { ModcError } from '../errors.js';
 import { loadModel } from '../io/load.js';
-import { decoderIo, type DecoderIo, type KvBinding } from './decoder-io.js';
+import { decoderIo, type DecoderIo, type KvBinding, type PadSide, resolvePadSide } from './decoder-io.js';
 import { createSession, emptyTensor, ort, toFloat32, type SessionOptions } from './ort.js';
 
 export interface Logits {
@@ -86,9 +87,19 @@ export class ModSession {
     return this.mask.length;
   }
 
+  /** The padding side a forward with `asked` uses (the model's default when undefined); refuses a side the model cannot take. */
+  padSide(asked?: PadSide): PadSide {
+    return resolvePadSide(this.io, asked);
+  }
+
+  /** Per row, over every token fed so far: 1 for a real token, 0 for padding. */
+  attentionMask(): number[][] {
+    return this.mask.map((m) => [...m]);
+  }
+
   /** Runs the prompt (past length 0) and keeps the caches. */
   async forward(rows: number[][], opts: ForwardOptions = {}): Promise<Logits> {
-    const { ids, mask, width } = padRows(rows, opts.pad ?? 'left');
+    const { ids, mask, width } = padRows(rows, this.padSide(opts.pad));
     this.checkVocab(ids);
     this.checkContext(mask, 0);
     this.mask = mask;
