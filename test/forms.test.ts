@@ -117,3 +117,42 @@ describe('GroupQueryAttention takes right padding only (fixtures/forms-gqa-tiny)
     expect((await runCli('generate', compiled, '--ids', '1,2,3;4,5', '--max-new', '2', '--pad', 'right')).code).toBe(0);
   });
 });
+
+describe('state besides the KV cache: hybrid models (fixtures/forms-hybrid-tiny)', () => {
+  const hybrid = fixture('forms-hybrid-tiny');
+
+  it('finds the recurrent layer and its conv/recurrent state; the attention layers have none', () => {
+    const s = analyzeDecoder(loadModel(hybrid));
+    expect(s.layers.map((l) => l.attention.form)).toEqual(['recurrent', 'unfused', 'unfused']);
+    expect(s.layers[0]!.state.map((t) => [t.input.name, t.output.name])).toEqual([
+      ['past_key_values.0.conv_state', 'present.0.conv_state'], ['past_key_values.0.recurrent_state', 'present.0.recurrent_state'],
+    ]);
+    expect(s.layers.slice(1).map((l) => l.state)).toEqual([[], []]);
+    expect([s.numHeads, s.numKvHeads, s.headSize]).toEqual([4, 2, 8]);
+  });
+
+  it('the session feeds zeros at the start and carries present to past: a step equals a prefill of the longer prompt', async () => {
+    const session = await ModSession.create(hybrid);
+    const prompt = [5, 6, 7, 8, 9];
+    const first = await session.forward([prompt]);
+    const step = await session.step([10]);
+    const full = await session.forward([[...prompt, 10]]);
+    const V = full.dims[2];
+    const last = full.data.subarray(prompt.length * V, (prompt.length + 1) * V);
+    expect(Math.max(...step.data.map((v, i) => Math.abs(v - last[i]!)))).toBeLessThan(1e-4);
+    // A new forward starts from zero state again.
+    const again = await session.forward([prompt]);
+    expect(Math.max(...again.data.map((v, i) => Math.abs(v - first.data[i]!)))).toBe(0);
+  });
+
+  it('compile leaves the stateful layer dense (saying why), routes the others, and passes modc verify', async () => {
+    const out = join(tmp, 'hybrid-json', 'model.onnx');
+    const res = await runCli('compile', hybrid, '-o', out, '--router-init', 'random', '--json');
+    const report = JSON.parse(res.stdout);
+    expect(JSON.stringify(report)).toMatch(/layer 0.*state besides the KV cache/);
+    await compileAndVerify(hybrid, 'hybrid-topk', '--router-init', 'random', '--routing', 'topk');
+    const gen = await runCli('generate', out, '--ids', '1,2,3;4,5', '--max-new', '3', '--json');
+    expect(gen.code).toBe(0);
+    expect(JSON.parse(gen.stdout).cacheLengths).toHaveLength(2);
+  });
+});

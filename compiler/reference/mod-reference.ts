@@ -23,7 +23,7 @@ import { floatToHalf } from '../ir/dtype.js';
 import type { LayerPlan, RoutingPlan } from '../routing-plan.js';
 import { decoderIo, type DecoderIo, type KvBinding, resolvePadSide } from '../runtime/decoder-io.js';
 import { emptyTensor, ort, toFloat32, type SessionOptions } from '../runtime/ort.js';
-import { type Logits, nextPositions, padRows, promptPositions, typed } from '../runtime/session.js';
+import { type Logits, nextPositions, padRows, promptPositions, typed, zeroStates } from '../runtime/session.js';
 import { splitFusedBoundaries } from '../../passes/split-fused-boundaries.js';
 import * as kernels from '../../runtime-ops/reference.js';
 
@@ -68,7 +68,10 @@ export class ModReference {
     const model = loadModel(modelPath);
     const io = decoderIo(model);
     splitFusedBoundaries(model, analyzeDecoder(model));
-    const decoder = extractDecoder(model, analyzeDecoder(model));
+    const structure = analyzeDecoder(model);
+    const stateful = routing.layers.find((l) => structure.layers[l.layer]?.state.length);
+    if (stateful) throw new ModcError(`layer ${stateful.layer} carries state besides the KV cache and is never routed: take the routing plan from the compiled model (routingPlanOf)`);
+    const decoder = extractDecoder(model, structure);
     const runner = await LayerByLayerRunner.create(decoder, join(workDir, 'units'), opts);
     return new ModReference(runner, io, new Map(routing.layers.map((l) => [l.layer, l])), routing);
   }
@@ -92,6 +95,8 @@ export class ModReference {
         if (b.pastValue) this.fullCaches.set(b.pastValue, emptyTensor(b.dtype, dims(rows.length)));
       }
     }
+    // State besides the KV cache: its layers are never routed; keepFull carries it like a cache.
+    for (const [name, t] of zeroStates(this.io, rows.length)) this.fullCaches.set(name, t);
     return this.call(ids, width, promptPositions(mask), 0);
   }
 
@@ -214,6 +219,8 @@ export class ModReference {
       view.set(k.pastKey, cache.key);
       if (k.pastValue) view.set(k.pastValue, cache.value ?? cache.key);
     }
+    // The prefix may read state inputs too (the routed layer itself has none).
+    for (const [name, t] of zeroStates(this.io, 1)) view.set(name, t);
     await this.runner.runUnit(this.runner.prefix, view);
     view.set(binding.pastKey, cache.key);
     if (binding.pastValue && cache.value) view.set(binding.pastValue, cache.value);

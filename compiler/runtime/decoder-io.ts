@@ -27,12 +27,26 @@ export interface KvBinding {
   presentLength: string | null;
 }
 
+/**
+ * State besides the KV cache (hybrid models: `past_key_values.N.conv_state` / `recurrent_state`
+ * -> `present.N.*`): zeros at the start, the present fed back as the past at every step.
+ */
+export interface StateBinding {
+  layer: number;
+  past: string;
+  present: string;
+  /** Dims with the batch axis (0) as -1; every other dim is static. */
+  dims: number[];
+  dtype: 'float32' | 'float16';
+}
+
 export interface DecoderIo {
   inputIds: { name: string; dtype: 'int32' | 'int64' };
   attentionMask: { name: string; dtype: 'int32' | 'int64' } | null;
   positionIds: { name: string; dtype: 'int32' | 'int64' } | null;
   logits: string;
   kv: KvBinding[];
+  state: StateBinding[];
   vocabSize: number | null;
   /** Positions the model has tables for (learned embeddings, rotary caches); null when unbounded. */
   maxPositions: number | null;
@@ -50,6 +64,7 @@ const intType = (v: Value): 'int32' | 'int64' => (v.dtype === DataType.INT32 ? '
 /** Past/present naming conventions: HF/GenAI `past_key_values.N.key` and ORT's `past_N` combined. */
 const PAST_SPLIT = /^past_key_values\.(\d+)\.(key|value)$/;
 const PAST_COMBINED = /^past_(\d+)$/;
+const PAST_STATE = /^past_key_values\.(\d+)\.(\w+)$/;
 export const pastLengthName = (layer: number) => `past_lengths.${layer}`;
 export const presentLengthName = (layer: number) => `present_lengths.${layer}`;
 
@@ -65,7 +80,13 @@ export function decoderIo(model: Model): DecoderIo {
   const pos = inputs.get('position_ids');
 
   const kv = new Map<number, KvBinding>();
+  const state: StateBinding[] = [];
   for (const v of inputs.values()) {
+    const extra = PAST_SPLIT.test(v.name) ? null : PAST_STATE.exec(v.name);
+    if (extra) {
+      state.push(stateBinding(v, Number(extra[1]), pick(outputs, [`present.${extra[1]}.${extra[2]}`, `present_key_values.${extra[1]}.${extra[2]}`], v.name)));
+      continue;
+    }
     const split = PAST_SPLIT.exec(v.name);
     const combined = PAST_COMBINED.exec(v.name);
     if (!split && !combined) continue;
@@ -103,6 +124,7 @@ export function decoderIo(model: Model): DecoderIo {
     positionIds: pos ? { name: pos.name, dtype: intType(pos) } : null,
     logits: logits.name,
     kv: layers,
+    state,
     vocabSize: typeof vocab === 'number' ? vocab : null,
     maxPositions: maxPositions(model, pos ?? null),
     paddingSides: lengthBasedAttention(model) ? ['right'] : ['left', 'right'],
@@ -151,6 +173,14 @@ function readsThrough(v: Value | null, source: Value, hops = 4): boolean {
     cur = cur.producer?.input(0) ?? null;
   }
   return false;
+}
+
+function stateBinding(v: Value, layer: number, present: string): StateBinding {
+  const dims = (v.shape ?? []).map((d, i) => (i === 0 ? -1 : d));
+  if (dims.length === 0 || dims.some((d) => typeof d !== 'number')) {
+    throw new ModcError(`state input ${v.name} needs static dims besides the batch axis 0 (has [${(v.shape ?? []).join(', ')}])`);
+  }
+  return { layer, past: v.name, present, dims: dims as number[], dtype: v.dtype === DataType.FLOAT16 ? 'float16' : 'float32' };
 }
 
 function pick(outputs: Map<string, Value>, candidates: string[], past: string): string {

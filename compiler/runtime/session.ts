@@ -74,6 +74,8 @@ export class ModSession {
   /** Per row: 1 for a real token, 0 for padding, over every token fed so far. */
   private mask: number[][] = [];
   private caches = new Map<string, ort.Tensor>();
+  /** State besides the KV cache (hybrid models), by past input name. */
+  private states = new Map<string, ort.Tensor>();
   private lengths = new Map<number, number[]>();
 
   private constructor(readonly session: ort.InferenceSession, readonly io: DecoderIo, readonly path: string) {}
@@ -112,6 +114,7 @@ export class ModSession {
       if (b.pastValue) this.caches.set(b.pastValue, emptyTensor(b.dtype, dims));
       if (b.pastLength) this.lengths.set(b.layer, Array(B).fill(0));
     }
+    this.states = zeroStates(this.io, B);
     return this.run(ids, [B, width], promptPositions(this.mask));
   }
 
@@ -176,6 +179,7 @@ export class ModSession {
     if (io.attentionMask) feeds[io.attentionMask.name] = typed(io.attentionMask.dtype, this.mask.flat(), [this.batch, total]);
     if (io.positionIds) feeds[io.positionIds.name] = typed(io.positionIds.dtype, positions, dims);
     for (const [name, t] of this.caches) feeds[name] = t;
+    for (const [name, t] of this.states) feeds[name] = t;
     for (const b of io.kv) if (b.pastLength) feeds[b.pastLength] = typed('int64', this.lengths.get(b.layer)!, [this.batch]);
     let out: ort.InferenceSession.OnnxValueMapType;
     try {
@@ -184,6 +188,7 @@ export class ModSession {
       throw new ModcError(`onnxruntime failed running ${this.path}: ${(e as Error).message.split('\n')[0]}`);
     }
     for (const b of io.kv) this.keepPresent(b, out);
+    for (const s of io.state) this.states.set(s.past, out[s.present] as ort.Tensor);
     const logits = out[io.logits] as ort.Tensor;
     const [B, S, V] = logits.dims as [number, number, number];
     return { data: toFloat32(logits), dims: [B, S, V] };
@@ -197,6 +202,11 @@ export class ModSession {
       this.lengths.set(b.layer, Array.from(t.data as BigInt64Array, Number));
     }
   }
+}
+
+/** Every state input of the model, zeros for a batch of `B` (the start of a sequence). */
+export function zeroStates(io: DecoderIo, B: number): Map<string, ort.Tensor> {
+  return new Map(io.state.map((s) => [s.past, emptyTensor(s.dtype, s.dims.map((d) => (d < 0 ? B : d)))]));
 }
 
 /** The last position's logits of each row. */
