@@ -10,7 +10,9 @@ import { loadModel, modelFromBytes } from '../compiler/io/load.js';
 import { create, decodeModelProto, encodeModelProto, type ModelProto, type NodeProto } from '../compiler/proto/index.js';
 import { ModSession } from '../compiler/runtime/session.js';
 import { worstReal } from '../compiler/verify.js';
-import { FIXTURES_DIR } from '../fixtures/build-fixtures.js';
+import { GraphFacts, weightMatMuls } from '../compiler/analysis/index.js';
+import { FIXTURES_DIR, FORMS_CONFIG, TINY_SEED } from '../fixtures/build-fixtures.js';
+import { buildFormDecoder, writeFormModel } from '../fixtures/builder/forms.js';
 import { expectOneLineError, runCli, tempDir } from './helpers.js';
 
 const tmp = tempDir('modc-forms');
@@ -154,5 +156,42 @@ describe('state besides the KV cache: hybrid models (fixtures/forms-hybrid-tiny)
     const gen = await runCli('generate', out, '--ids', '1,2,3;4,5', '--max-new', '3', '--json');
     expect(gen.code).toBe(0);
     expect(JSON.parse(gen.stdout).cacheLengths).toHaveLength(2);
+  });
+});
+
+describe('weight-only quantized models', () => {
+  const FORMS = [['nbits', 'MatMulNBits (int4, com.microsoft)'], ['qdq', 'DequantizeLinear -> MatMul'], ['integer', 'QuantizeLinear -> MatMulInteger']] as const;
+
+  it.each(FORMS)('%s (%s): the fixture agrees with ONNX Runtime running the dequantized float32 model', async (quant) => {
+    const reference = join(tmp, `${quant}-dequantized`, 'model.onnx');
+    writeFormModel(buildFormDecoder(FORMS_CONFIG, TINY_SEED, { quant, dequantized: true }), reference);
+    const [q, f] = [await ModSession.create(fixture(`forms-${quant}-tiny`)), await ModSession.create(reference)];
+    const [lq, lf] = [await q.forward(ROWS), await f.forward(ROWS)];
+    expect(worstReal(lq, lf, ROWS, 'left')).toBeLessThan(1e-4);
+    for (const id of [3, 4, 5]) {
+      const [sq, sf] = [await q.step([id, id, id]), await f.step([id, id, id])];
+      expect(Math.max(...sq.data.map((v, i) => Math.abs(v - sf.data[i]!))), `step ${id}`).toBeLessThan(1e-4);
+    }
+    // The float model of the original (unquantized) weights differs: quantization is real.
+    const float = await ModSession.create(fixture('forms-int32-tiny'));
+    expect(worstReal(lq, await float.forward(ROWS), ROWS, 'left')).toBeGreaterThan(1e-3);
+  });
+
+  it.each(FORMS)('%s: every projection of every layer is found as a weight matmul of the right size', (quant) => {
+    const model = loadModel(fixture(`forms-${quant}-tiny`));
+    const s = analyzeDecoder(model);
+    const facts = new GraphFacts(model.graph);
+    const form = { nbits: 'nbits', qdq: 'dequantized', integer: 'integer' }[quant];
+    for (const layer of s.layers) {
+      const found = weightMatMuls(layer.nodes, facts);
+      expect(found.map((w) => [w.form, w.inFeatures, w.outFeatures])).toEqual([
+        [form, 32, 32], [form, 32, 16], [form, 32, 16], [form, 32, 32], [form, 32, 64], [form, 32, 64], [form, 64, 32],
+      ]);
+      for (const w of found) expect(layer.sideInputs.find((si) => si.value === w.weight)?.kind ?? 'computed in the layer', `${w.node.describe()}`).toMatch(/weight|computed/);
+    }
+  });
+
+  it.each(FORMS)('%s: a routed compile passes modc verify', async (quant) => {
+    await compileAndVerify(fixture(`forms-${quant}-tiny`), `${quant}-random`, '--router-init', 'random', '--schedule', 'every-other');
   });
 });
