@@ -23,7 +23,7 @@ export const verifyCommand: Command = {
   options: {
     ids: { type: 'string', valueName: 'IDS', help: 'prompt rows (default "5,6,7,8,9,10,11;12,13,14;15,16,17,18,19")' },
     steps: { type: 'string', valueName: 'N', help: 'decode steps after the prompt (default 8)' },
-    pad: { type: 'string', valueName: 'SIDE', help: 'pad shorter rows on the left (default) or right (GroupQueryAttention)' },
+    pad: { type: 'string', valueName: 'SIDE', help: 'pad shorter rows on the left or right (default left; right, the only side it takes, for GroupQueryAttention)' },
     tolerance: { type: 'string', valueName: 'X', help: 'largest allowed logit difference (default 1e-4; 1e-2 for float16 models)' },
     json: { type: 'boolean', help: 'print the report as JSON' },
   },
