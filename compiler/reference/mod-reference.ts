@@ -61,7 +61,7 @@ function asTensor(data: Float32Array, dims: number[], like: ort.Tensor): ort.Ten
 /** How one layer runs: whole (routed as a block or not at all), or cut at its sub-layer boundary. */
 type LayerRun =
   | { kind: 'whole'; loaded: LoadedUnit; unit: LayerUnit; plan: LayerPlan | null }
-  | { kind: 'parts'; index: number; pieces: Piece[]; attentionRouted: boolean };
+  | { kind: 'parts'; index: number; kv: LayerUnit['kv']; pieces: Piece[]; attentionRouted: boolean };
 
 /** A piece of a cut layer: a routed part (run on its selected tokens) or the rest (run on every token). */
 type Piece = { loaded: LoadedUnit; routed: { sub: SubLayer; plan: LayerPlan } | null };
@@ -112,7 +112,8 @@ export class ModReference {
         layers.push({ kind: 'whole', loaded: { ...loaded[i]!, unit }, unit, plan: plans[0] ?? null });
       } else {
         const pieces = at.map(([g, i]) => ({ loaded: loaded[i]!, routed: g.routed }));
-        layers.push({ kind: 'parts', index: layer.index, pieces, attentionRouted: plans.some((p) => p.part === 'attention') });
+        const kv = { key: { input: layer.kv.key.input.name, output: layer.kv.key.output.name }, value: { input: layer.kv.value.input.name, output: layer.kv.value.output.name }, layout: layer.kv.layout };
+        layers.push({ kind: 'parts', index: layer.index, kv, pieces, attentionRouted: plans.some((p) => p.part === 'attention') });
       }
     }
     return new ModReference(loaded[0]!, layers, loaded.at(-1)!, io, routing);
@@ -180,7 +181,7 @@ export class ModReference {
       if (run.kind === 'whole') {
         if (!run.plan) {
           await runUnit(run.loaded, values);
-          this.keepFull(run.unit.index, values);
+          this.keepFull(run.unit.kv, values);
         } else {
           chosen.set(describeLayerPart(run.plan), await this.routedLayer(run.loaded, run.plan, values, S, pastLength, positions));
         }
@@ -190,7 +191,7 @@ export class ModReference {
         if (!piece.routed) await runUnit(piece.loaded, values);
         else chosen.set(describeLayerPart(piece.routed.plan), await this.routedPart(piece.loaded, piece.routed.sub, piece.routed.plan, values, S, pastLength, positions));
       }
-      if (!run.attentionRouted) this.keepFull(run.index, values);
+      if (!run.attentionRouted) this.keepFull(run.kv, values);
     }
     this.selections.push(chosen);
     await runUnit(this.suffix, values);
@@ -206,10 +207,10 @@ export class ModReference {
     return values;
   }
 
-  private keepFull(layer: number, values: Values): void {
-    const b = this.io.kv.find((k) => k.layer === layer)!;
-    this.fullCaches.set(b.pastKey, values.get(b.presentKey)!);
-    if (b.pastValue) this.fullCaches.set(b.pastValue, values.get(b.presentValue!)!);
+  /** Carries a dense layer's cache (or its state besides a KV cache) from present to past. */
+  private keepFull(kv: LayerUnit['kv'], values: Values): void {
+    this.fullCaches.set(kv.key.input, values.get(kv.key.output)!);
+    if (kv.layout !== 'combined-2BHTD') this.fullCaches.set(kv.value.input, values.get(kv.value.output)!);
   }
 
   /** SPEC.md steps 1-5 for one converted layer; returns each row's selected positions. */
