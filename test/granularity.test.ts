@@ -13,7 +13,9 @@ import { describe, expect, it } from 'vitest';
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
 import { loadModel } from '../compiler/io/load.js';
 import { saveModel } from '../compiler/io/save.js';
+import type { StreamStep } from '../compiler/analysis/types.js';
 import { DataType } from '../compiler/ir/dtype.js';
+import { replaceUsesWithin } from '../compiler/ir/rewrite.js';
 import { ModReference } from '../compiler/reference/mod-reference.js';
 import { randomRouters, writeRouterFile } from '../compiler/routers.js';
 import { readRoutingMetadata } from '../compiler/routing-metadata.js';
@@ -135,6 +137,49 @@ describe.each(['llama-tiny', 'neox-tiny', 'genai-tiny', 'ort-gpt2-fused'])('both
     const pad = padSides(path).at(-1)!;
     const [orig, mod] = await Promise.all([ModSession.create(path), ModSession.create(compiled.path)]);
     await expectSameRun(orig, mod, PROMPTS.b3, pad, 3, tolerance(path, 1e-4), `pad ${pad}`);
+  });
+});
+
+/**
+ * llama-builder-tiny rewritten into a one-add parallel-residual decoder (out = x + (a(x) + m(x)),
+ * GPT-J style): the MLP's norm reads x, and one Add joins the two branches.
+ */
+function parallelOneAdd(): string {
+  const model = loadModel(fixture('llama-builder-tiny'));
+  const g = model.graph;
+  for (const layer of analyzeDecoder(model).layers) {
+    const [attn, mlp] = layer.steps as [StreamStep, StreamStep];
+    const x = attn.streamIn;
+    replaceUsesWithin(new Set(mlp.branchNodes), attn.sum!, x);
+    const join = g.addNode('Add', [attn.branch, mlp.branch], 1, { before: mlp.node }).output(0);
+    mlp.node.setInput(mlp.streamOperandIndex, x);
+    mlp.node.setInput(mlp.branchOperandIndex, join);
+  }
+  g.eliminateDeadCode();
+  const path = join(tmp, 'parallel-one-add', 'model.onnx');
+  saveModel(model, path);
+  return path;
+}
+
+describe('one-add parallel residual (out = x + (a + m))', () => {
+  it('has one step per layer, and each part routes: anchor and reference agree', async () => {
+    const path = parallelOneAdd();
+    const s = analyzeDecoder(loadModel(path));
+    expect(s.layers.map((l) => l.steps.length)).toEqual(s.layers.map(() => 1));
+    for (const part of ['attention', 'mlp'] as const) {
+      const anchor = compileWith(tmp, path, 'all-pass', { gated: false, granularity: part });
+      expect(anchor.plan.layers).toHaveLength(s.layers.length);
+      const [orig, mod] = await Promise.all([ModSession.create(path), ModSession.create(anchor.path)]);
+      await expectSameRun(orig, mod, PROMPTS.b3, 'left', 3, 1e-4, `${part} anchor`);
+      const compiled = compileWith(tmp, path, 'random', { mode: 'topk', gated: true, granularity: part });
+      expect(readRoutingMetadata(loadModel(compiled.path))!.layers.map((l) => l.part)).toEqual(s.layers.map(() => part));
+      const ref = await ModReference.create(path, compiled.plan, join(tmp, `ref${counter++}`));
+      try {
+        await agreeWithReference(await ModSession.create(compiled.path), ref, PROMPTS.b3, 'left', 2, 1e-4);
+      } finally {
+        await ref.release();
+      }
+    }
   });
 });
 
