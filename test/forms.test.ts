@@ -10,7 +10,9 @@ import { loadModel, modelFromBytes } from '../compiler/io/load.js';
 import { create, decodeModelProto, encodeModelProto, type ModelProto, type NodeProto } from '../compiler/proto/index.js';
 import { ModSession } from '../compiler/runtime/session.js';
 import { worstReal } from '../compiler/verify.js';
-import { FIXTURES_DIR } from '../fixtures/build-fixtures.js';
+import { GraphFacts, weightMatMuls } from '../compiler/analysis/index.js';
+import { FIXTURES_DIR, FORMS_CONFIG, TINY_SEED } from '../fixtures/build-fixtures.js';
+import { buildFormDecoder, writeFormModel } from '../fixtures/builder/forms.js';
 import { expectOneLineError, runCli, tempDir } from './helpers.js';
 
 const tmp = tempDir('modc-forms');
@@ -90,5 +92,106 @@ describe('int32 input_ids / attention_mask / position_ids (fixtures/forms-int32-
     const [a, b] = [await ModSession.create(int32), await ModSession.create(join(FIXTURES_DIR, 'forms-unsorted-tiny', 'unsorted.onnx'))];
     expect(worstReal(await a.forward(ROWS), await b.forward(ROWS), ROWS, 'left')).toBe(0);
     await compileAndVerify(int32, 'int32-random', '--router-init', 'random', '--routing', 'topk');
+  });
+});
+
+describe('GroupQueryAttention takes right padding only (fixtures/forms-gqa-tiny)', () => {
+  const gqa = fixture('forms-gqa-tiny');
+
+  it('every runner defaults to right padding: run --json reports it per row', async () => {
+    const res = await runCli('run', gqa, '--ids', '1,2,3;4,5', '--json');
+    expect(res.code).toBe(0);
+    expect(JSON.parse(res.stdout).attentionMask).toEqual([[1, 1, 1], [1, 1, 0]]);
+    const session = await ModSession.create(gqa);
+    expect(session.padSide()).toBe('right');
+    await session.forward([[1, 2, 3], [4, 5]]);
+    expect(session.attentionMask()).toEqual([[1, 1, 1], [1, 1, 0]]);
+  });
+
+  it('an explicit --pad left is refused with a one-line reason, by every runner and the session', async () => {
+    const compiled = await compileAndVerify(gqa, 'gqa-random', '--router-init', 'random');
+    const why = /--pad left is not supported for this model: its GroupQueryAttention takes per-row valid lengths \(seqlens_k\)/;
+    expectOneLineError(await runCli('run', gqa, '--ids', '1,2,3;4,5', '--pad', 'left'), 2, why);
+    expectOneLineError(await runCli('generate', compiled, '--ids', '1,2,3;4,5', '--max-new', '2', '--pad', 'left'), 2, why);
+    expectOneLineError(await runCli('verify', gqa, compiled, '--pad', 'left'), 2, why);
+    const session = await ModSession.create(gqa);
+    await expect(session.forward([[1, 2]], { pad: 'left' })).rejects.toThrow(why);
+    expect((await runCli('generate', compiled, '--ids', '1,2,3;4,5', '--max-new', '2', '--pad', 'right')).code).toBe(0);
+  });
+});
+
+describe('state besides the KV cache: hybrid models (fixtures/forms-hybrid-tiny)', () => {
+  const hybrid = fixture('forms-hybrid-tiny');
+
+  it('finds the recurrent layer and its conv/recurrent state; the attention layers have none', () => {
+    const s = analyzeDecoder(loadModel(hybrid));
+    expect(s.layers.map((l) => l.attention.form)).toEqual(['recurrent', 'unfused', 'unfused']);
+    expect(s.layers[0]!.state.map((t) => [t.input.name, t.output.name])).toEqual([
+      ['past_key_values.0.conv_state', 'present.0.conv_state'], ['past_key_values.0.recurrent_state', 'present.0.recurrent_state'],
+    ]);
+    expect(s.layers.slice(1).map((l) => l.state)).toEqual([[], []]);
+    expect([s.numHeads, s.numKvHeads, s.headSize]).toEqual([4, 2, 8]);
+  });
+
+  it('the session feeds zeros at the start and carries present to past: a step equals a prefill of the longer prompt', async () => {
+    const session = await ModSession.create(hybrid);
+    const prompt = [5, 6, 7, 8, 9];
+    const first = await session.forward([prompt]);
+    const step = await session.step([10]);
+    const full = await session.forward([[...prompt, 10]]);
+    const V = full.dims[2];
+    const last = full.data.subarray(prompt.length * V, (prompt.length + 1) * V);
+    expect(Math.max(...step.data.map((v, i) => Math.abs(v - last[i]!)))).toBeLessThan(1e-4);
+    // A new forward starts from zero state again.
+    const again = await session.forward([prompt]);
+    expect(Math.max(...again.data.map((v, i) => Math.abs(v - first.data[i]!)))).toBe(0);
+  });
+
+  it('compile leaves the stateful layer dense (saying why), routes the others, and passes modc verify', async () => {
+    const out = join(tmp, 'hybrid-json', 'model.onnx');
+    const res = await runCli('compile', hybrid, '-o', out, '--router-init', 'random', '--json');
+    const report = JSON.parse(res.stdout);
+    expect(JSON.stringify(report)).toMatch(/layer 0.*state besides the KV cache/);
+    await compileAndVerify(hybrid, 'hybrid-topk', '--router-init', 'random', '--routing', 'topk');
+    const gen = await runCli('generate', out, '--ids', '1,2,3;4,5', '--max-new', '3', '--json');
+    expect(gen.code).toBe(0);
+    expect(JSON.parse(gen.stdout).cacheLengths).toHaveLength(2);
+  });
+});
+
+describe('weight-only quantized models', () => {
+  const FORMS = [['nbits', 'MatMulNBits (int4, com.microsoft)'], ['qdq', 'DequantizeLinear -> MatMul'], ['integer', 'QuantizeLinear -> MatMulInteger']] as const;
+
+  it.each(FORMS)('%s (%s): the fixture agrees with ONNX Runtime running the dequantized float32 model', async (quant) => {
+    const reference = join(tmp, `${quant}-dequantized`, 'model.onnx');
+    writeFormModel(buildFormDecoder(FORMS_CONFIG, TINY_SEED, { quant, dequantized: true }), reference);
+    const [q, f] = [await ModSession.create(fixture(`forms-${quant}-tiny`)), await ModSession.create(reference)];
+    const [lq, lf] = [await q.forward(ROWS), await f.forward(ROWS)];
+    expect(worstReal(lq, lf, ROWS, 'left')).toBeLessThan(1e-4);
+    for (const id of [3, 4, 5]) {
+      const [sq, sf] = [await q.step([id, id, id]), await f.step([id, id, id])];
+      expect(Math.max(...sq.data.map((v, i) => Math.abs(v - sf.data[i]!))), `step ${id}`).toBeLessThan(1e-4);
+    }
+    // The float model of the original (unquantized) weights differs: quantization is real.
+    const float = await ModSession.create(fixture('forms-int32-tiny'));
+    expect(worstReal(lq, await float.forward(ROWS), ROWS, 'left')).toBeGreaterThan(1e-3);
+  });
+
+  it.each(FORMS)('%s: every projection of every layer is found as a weight matmul of the right size', (quant) => {
+    const model = loadModel(fixture(`forms-${quant}-tiny`));
+    const s = analyzeDecoder(model);
+    const facts = new GraphFacts(model.graph);
+    const form = { nbits: 'nbits', qdq: 'dequantized', integer: 'integer' }[quant];
+    for (const layer of s.layers) {
+      const found = weightMatMuls(layer.nodes, facts);
+      expect(found.map((w) => [w.form, w.inFeatures, w.outFeatures])).toEqual([
+        [form, 32, 32], [form, 32, 16], [form, 32, 16], [form, 32, 32], [form, 32, 64], [form, 32, 64], [form, 64, 32],
+      ]);
+      for (const w of found) expect(layer.sideInputs.find((si) => si.value === w.weight)?.kind ?? 'computed in the layer', `${w.node.describe()}`).toMatch(/weight|computed/);
+    }
+  });
+
+  it.each(FORMS)('%s: a routed compile passes modc verify', async (quant) => {
+    await compileAndVerify(fixture(`forms-${quant}-tiny`), `${quant}-random`, '--router-init', 'random', '--schedule', 'every-other');
   });
 });

@@ -10,14 +10,14 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ModReference } from '../compiler/reference/mod-reference.js';
 import { lastPosition, ModSession } from '../compiler/runtime/session.js';
-import { allModels, tempDir } from './helpers.js';
+import { contractModels, tempDir } from './helpers.js';
 import { compileWith, expectSameRun, padSides, PROMPTS, tolerance, worstReal, worstRows } from './mod-helpers.js';
 
 const tmp = tempDir('modc-mod');
 let counter = 0;
 const compile = (source: string, routers: 'all-pass' | 'random', opts: Parameters<typeof compileWith>[3]) => compileWith(tmp, source, routers, opts);
 
-describe.each(allModels())('$name', ({ path }) => {
+describe.each(contractModels())('$name', ({ path }) => {
   it('all tokens selected and ungated reproduces the original: prefill and a 32-token greedy run', async () => {
     const tol = tolerance(path, 1e-4);
     const compiled = compile(path, 'all-pass', { gated: false });

@@ -31,9 +31,9 @@ import { floatToHalf } from '../ir/dtype.js';
 import type { Node } from '../ir/graph.js';
 import type { Model } from '../ir/model.js';
 import { describeLayerPart, type LayerPlan, type RoutingPlan } from '../routing-plan.js';
-import { decoderIo, type DecoderIo, type KvBinding } from '../runtime/decoder-io.js';
+import { decoderIo, type DecoderIo, type KvBinding, resolvePadSide } from '../runtime/decoder-io.js';
 import { emptyTensor, ort, toFloat32, type SessionOptions } from '../runtime/ort.js';
-import { type Logits, nextPositions, padRows, promptPositions, typed } from '../runtime/session.js';
+import { type Logits, nextPositions, padRows, promptPositions, typed, zeroStates } from '../runtime/session.js';
 import { splitFusedBoundaries } from '../../passes/split-fused-boundaries.js';
 import * as kernels from '../../runtime-ops/reference.js';
 import { loadUnit, releaseUnits, runUnit } from './units.js';
@@ -95,6 +95,8 @@ export class ModReference {
     const cut = [...new Set(routing.layers.filter((l) => l.part !== 'block').map((l) => l.layer))];
     splitFusedBoundaries(model, analyzeDecoder(model), { within: cut });
     const structure = analyzeDecoder(model);
+    const stateful = routing.layers.find((l) => structure.layers[l.layer]?.state.length);
+    if (stateful) throw new ModcError(`layer ${stateful.layer} carries state besides the KV cache and is never routed: take the routing plan from the compiled model (routingPlanOf)`);
     const groups = unitGroups(model, structure, routing);
     const units = extractUnits(model, groups.map((g) => g.group));
     const dir = join(workDir, 'units');
@@ -121,7 +123,7 @@ export class ModReference {
   }
 
   async forward(rows: number[][], opts: { pad?: 'left' | 'right' } = {}): Promise<Logits> {
-    const { ids, mask, width } = padRows(rows, opts.pad ?? 'left');
+    const { ids, mask, width } = padRows(rows, resolvePadSide(this.io, opts.pad));
     this.mask = mask;
     this.ids = mask.map((_, b) => ids.slice(b * width, (b + 1) * width));
     this.fullCaches.clear();
@@ -135,6 +137,8 @@ export class ModReference {
         if (b.pastValue) this.fullCaches.set(b.pastValue, emptyTensor(b.dtype, dims(rows.length)));
       }
     }
+    // State besides the KV cache: its layers are never routed; keepFull carries it like a cache.
+    for (const [name, t] of zeroStates(this.io, rows.length)) this.fullCaches.set(name, t);
     return this.call(ids, width, promptPositions(mask), 0);
   }
 
@@ -260,6 +264,8 @@ export class ModReference {
       view.set(k.pastKey, cache.key);
       if (k.pastValue) view.set(k.pastValue, cache.value ?? cache.key);
     }
+    // The prefix may read state inputs too (the routed layer itself has none).
+    for (const [name, t] of zeroStates(this.io, 1)) view.set(name, t);
     await runUnit(this.prefix, view);
     view.set(binding.pastKey, cache.key);
     if (binding.pastValue && cache.value) view.set(binding.pastValue, cache.value);
