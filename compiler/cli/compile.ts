@@ -167,7 +167,7 @@ export const compileCommand: Command = {
     if (plan) {
       const setting = (l: { threshold: number; capacity: number }) => (plan.mode === 'threshold' ? `p=${short(l.threshold)}` : `c=${short(l.capacity)}`);
       const what = (l: { part: RoutedPart }) => (l.part === 'block' ? '' : `${l.part}, `);
-      log(`converted ${converted.length} layer part(s): ${converted.map((l) => `${l.layer} (${what(l)}${setting(l)})`).join(', ') || 'none'}; ${plan.mode}, ${plan.gated ? 'gated' : 'ungated'}`);
+      log(`converted ${converted.length} layer(s): ${converted.map((l) => `${l.layer} (${what(l)}${setting(l)})`).join(', ') || 'none'}; ${plan.mode}, ${plan.gated ? 'gated' : 'ungated'}`);
       log(`modc ops added: ${Object.entries(opsAdded).map(([op, n]) => `${op} ${n}`).join(', ') || (values['inline-ops'] ? 'none (inlined)' : 'none')}`);
       for (const u of notConverted) log(`not converted: layer ${'part' in u && u.part ? describeLayerPart({ layer: u.layer, part: u.part as RoutedPart }) : u.layer}: ${u.reason}`);
     }

@@ -13,7 +13,7 @@ import { formatSummary } from './format.js';
 export const short = (v: number) => Number(v.toPrecision(6));
 
 function formatRouting(meta: RoutingMetadata): string {
-  const per = meta.layers.map((l) => `${l.layer} (${meta.mode === 'threshold' ? `p=${short(l.threshold)}` : `c=${short(l.capacity)}`})`);
+  const per = meta.layers.map((l) => `${l.layer} (${l.part === 'block' ? '' : `${l.part}, `}${meta.mode === 'threshold' ? `p=${short(l.threshold)}` : `c=${short(l.capacity)}`})`);
   return `routing    modc ${meta.mode}, ${meta.gated ? 'gated' : 'ungated'}; routers on layer${per.length === 1 ? '' : 's'} ${per.join(', ')}`;
 }
 
@@ -29,7 +29,7 @@ export const inspectCommand: Command = {
     'JSON: the model facts plus, for a decoder, { layers: [{ index, attention, kv: { key: {input,',
     'output}, value: {...}, layout, numKvHeads, headSize }, residualIn, residualOut, nodeCount,',
     'weights, sideInputs }], hiddenSize, numHeads, numKvHeads, headSize, dtype, positional, mask },',
-    'and for a compiled model { routing: { mode, gated, layers: [{ layer, threshold, capacity }] } }.',
+    'and for a compiled model { routing: { mode, gated, layers: [{ layer, part, selected, threshold, capacity }] } }.',
   ].join('\n'),
   options: {
     json: { type: 'boolean', help: 'print one JSON object on stdout instead of text' },
