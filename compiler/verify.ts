@@ -2,7 +2,8 @@
  * Checking a compiled model against its original, as `modc verify` does:
  * - semantics: the compiled model agrees with the MoD reference executor running the original
  *   with the compiled model's own routers (logits, per-layer cache lengths, KV bytes);
- * - anchor: the original compiled with every token selected, ungated, reproduces the original.
+ * - anchor: the original compiled with every token selected, ungated, on the same layers and
+ *   parts (block, attention, MLP), reproduces the original.
  * Both run a prompt and then a number of teacher-forced steps.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -16,7 +17,8 @@ import type { Model } from './ir/model.js';
 import { runPipeline } from './pass-manager.js';
 import { ModReference } from './reference/mod-reference.js';
 import { readRoutingMetadata } from './routing-metadata.js';
-import { planRouting, type RoutingPlan } from './routing-plan.js';
+import { allPassRouters, routerTensorPrefix } from './routers.js';
+import { DEFAULT_THRESHOLD, describeLayerPart, type RoutingPlan } from './routing-plan.js';
 import { argmax, lastPosition, type Logits, ModSession } from './runtime/session.js';
 import { modPipeline } from '../passes/index.js';
 
@@ -49,12 +51,26 @@ export function routingPlanOf(compiled: Model): RoutingPlan {
   if (!meta) throw new ModcError('the compiled model has no modc routing metadata: was it compiled by modc compile?');
   const inits = compiled.graph.initializers;
   const layers = meta.layers.map((l) => {
-    const w = inits.get(`modc.router.${l.layer}.weight`)?.initializer;
-    const b = inits.get(`modc.router.${l.layer}.bias`)?.initializer;
-    if (!w || !b) throw new ModcError(`the compiled model lacks the router tensors of layer ${l.layer}`);
-    return { layer: l.layer, threshold: l.threshold, capacity: l.capacity, router: { layer: l.layer, weight: Float32Array.from(w.toNumbers()), bias: b.toNumbers()[0]! } };
+    const prefix = `modc.${routerTensorPrefix(l.layer, l.part)}`;
+    const w = inits.get(`${prefix}.weight`)?.initializer;
+    const b = inits.get(`${prefix}.bias`)?.initializer;
+    if (!w || !b) throw new ModcError(`the compiled model lacks the router tensors of layer ${describeLayerPart(l)} (${prefix}.weight, ${prefix}.bias)`);
+    return { layer: l.layer, part: l.part, threshold: l.threshold, capacity: l.capacity, router: { layer: l.layer, part: l.part, weight: Float32Array.from(w.toNumbers()), bias: b.toNumbers()[0]! } };
   });
   return { mode: meta.mode, gated: meta.gated, layers, unconverted: [] };
+}
+
+/**
+ * The equivalence anchor's plan for the same layers and parts as `plan`: every token selected
+ * (all-pass routers, threshold routing), ungated.
+ */
+export function anchorPlanFor(plan: RoutingPlan, hiddenSize: number): RoutingPlan {
+  return {
+    mode: 'threshold',
+    gated: false,
+    layers: plan.layers.map((l) => ({ layer: l.layer, part: l.part, threshold: DEFAULT_THRESHOLD, capacity: 1, router: allPassRouters([l.layer], hiddenSize, l.part)[0]! })),
+    unconverted: [],
+  };
 }
 
 interface Runner {
@@ -121,8 +137,7 @@ export async function verifyCompiled(originalPath: string, compiledPath: string,
     await reference.release();
 
     log('anchor: every token selected, ungated, against the original');
-    const anchorPlan = planRouting({ numLayers: structure.layers.length, hiddenSize: structure.hiddenSize, routers: { kind: 'all-pass' }, gated: false, layers: plan.layers.map((l) => l.layer).join(',') });
-    runPipeline(original, modPipeline({ plan: anchorPlan }));
+    runPipeline(original, modPipeline({ plan: anchorPlanFor(plan, structure.hiddenSize) }));
     const anchorPath = join(work, 'anchor', 'model.onnx');
     saveModel(original, anchorPath);
     const anchor = await compare('anchor', await ModSession.create(originalPath), await ModSession.create(anchorPath), opts, tolerance);

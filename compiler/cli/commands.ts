@@ -7,7 +7,8 @@ import { generateCommand } from './generate.js';
 import { verifyCommand } from './verify.js';
 import { benchCommand } from './bench.js';
 import { evalCommand } from './eval.js';
+import { calibrateCommand } from './calibrate.js';
 
 export type { Command } from './command.js';
 
-export const COMMANDS: Command[] = [inspectCommand, compileCommand, runCommand, generateCommand, verifyCommand, benchCommand, evalCommand];
+export const COMMANDS: Command[] = [inspectCommand, compileCommand, runCommand, generateCommand, verifyCommand, benchCommand, calibrateCommand, evalCommand];
