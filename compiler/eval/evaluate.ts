@@ -34,7 +34,7 @@ export interface EvalOptions {
   executionProvider?: ExecutionProvider;
   /** The model, already loaded from modelPath (evaluate adds graph outputs to it). */
   model?: Model;
-  /** Called after each batch with the sequences done so far. */
+  /** Called before the first batch and after each batch with the sequences done so far. */
   onProgress?: (done: number, total: number) => void;
 }
 
@@ -105,6 +105,7 @@ export async function evaluate(modelPath: string, sequences: number[][], opts: E
     const acc = new Accumulator(costs, selections);
     const order = sequences.map((_, i) => i).sort((a, b) => sequences[b]!.length - sequences[a]!.length);
     let done = 0;
+    opts.onProgress?.(0, order.length);
     while (done < order.length) {
       const width = sequences[order[done]!]!.length;
       const fit = Math.max(1, Math.floor(LOGITS_BUDGET / (width * Math.max(1, costs.vocabSize))));
