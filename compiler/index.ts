@@ -34,3 +34,5 @@ export { modPipeline, type ModOptions } from '../passes/index.js';
 export { evaluate, type EvalOptions, type EvalResult, type LayerEval } from './eval/index.js';
 export { modelCosts, readCosts, type ModelCosts, type LayerCost } from './analysis/cost.js';
 export { readDataset, loadDataset, loadTokenizer, type Dataset, type DatasetOptions } from './data/index.js';
+export { calibrate, Calibrator, type CalibrateOptions, type CalibrationResult, type CalibrationReport } from './calibration/calibrate.js';
+export { routerFileMetadata, writeCalibratedRouters } from './calibration/router-file.js';
