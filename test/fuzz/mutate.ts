@@ -11,7 +11,7 @@ import type {
 } from '../../compiler/proto/index.js';
 import { AttributeType, create, decodeModelProto, encodeModelProto } from '../../compiler/proto/index.js';
 import type { Model } from '../../compiler/ir/model.js';
-import type { Value } from '../../compiler/ir/graph.js';
+import { Value } from '../../compiler/ir/graph.js';
 
 /** mulberry32: small, fast, good enough for choosing mutations. */
 export class Rng {
@@ -543,7 +543,8 @@ export function mutate(bytes: Uint8Array, sidecars: Map<string, Uint8Array>, rng
   const files = new Map(sidecars);
   const log: string[] = [];
   if (rng.chance(1 / 12)) {
-    const out = bytes.slice(0, rng.chance(0.3) ? rng.int(bytes.length) : bytes.length);
+    // A copy (Buffer.slice would be a view of the cached seed).
+    const out = Uint8Array.prototype.slice.call(bytes, 0, rng.chance(0.3) ? rng.int(bytes.length) : bytes.length);
     const flips = 1 + rng.int(8);
     for (let i = 0; i < flips && out.length; i++) out[rng.int(out.length)] = rng.int(256);
     log.push(`bytes: ${out.length}/${bytes.length} kept, ${flips} flipped`);
@@ -580,10 +581,13 @@ export function irEdit(model: Model, rng: Rng): string | null {
     return `IR: two values named ${JSON.stringify(b.name)}`;
   }
   if (what === 2) {
+    // Structural damage: an input rewired to a value nothing defines, or to a later node's output.
     const n = rng.pick(g.nodes.filter((x) => x.inputs.length));
     if (!n) return null;
-    n.setInput(rng.int(n.inputs.length), rng.pick([...g.initializers.values()]) ?? null);
-    return `IR: ${n.opType} input rewired`;
+    const later = g.nodes.slice(g.nodes.indexOf(n) + 1).flatMap((x) => [...x.outputs]);
+    const to = rng.chance(0.5) ? new Value('dangling') : rng.pick(later) ?? new Value('dangling');
+    n.setInput(rng.int(n.inputs.length), to);
+    return `IR: ${n.opType} input rewired to ${to.producer ? 'a later value' : 'an undefined value'}`;
   }
   const n = rng.pick(g.nodes);
   if (!n) return null;
