@@ -6,6 +6,7 @@ import { readFileSync, realpathSync, statSync } from 'node:fs';
 import { dirname, isAbsolute, relative, resolve, sep } from 'node:path';
 import { ModcError, quote } from '../errors.js';
 import { byteSize } from '../ir/dtype.js';
+import type { Graph } from '../ir/graph.js';
 import type { Model } from '../ir/model.js';
 import { checkTensorProto, type ExternalLocation, Tensor } from '../ir/tensor.js';
 import { verifyModel } from '../ir/verify.js';
@@ -45,11 +46,27 @@ export function modelFromBytes(bytes: Uint8Array, path: string): Model {
   const model = modelFromProto(proto, (tp) => (tp.data_location === 1 ? new Tensor(tp, resolver.resolve(tp)) : new Tensor(tp)));
   model.sourcePath = path;
   model.baseDir = baseDir;
-  // What ONNX Runtime would refuse to load is refused here, before analysis or a pass meets it.
-  // Order is not required: an unsorted graph is a valid ONNX model.
+  // What ONNX Runtime would refuse to load is refused here, before sorting, analysis or a pass
+  // meets it. Order is not required: an unsorted graph is a valid ONNX model, sorted next.
   const issues = verifyModel(model, { order: false });
   if (issues.length) throw new ModcError(`${path}: ${issues[0]!.message}${issues.length > 1 ? ` (and ${issues.length - 1} more problem${issues.length > 2 ? 's' : ''})` : ''}`);
+  sortGraphs(model.graph, path);
   return model;
+}
+
+/**
+ * ONNX asks for nodes in topological order, but ONNX Runtime accepts any order and real exports
+ * break it (the ONNX Runtime GenAI builder's fp16 Llama). Every graph is sorted stably: a sorted
+ * graph keeps its order, names are untouched, and only a true cycle is refused.
+ */
+function sortGraphs(g: Graph, path: string): void {
+  try {
+    g.toposort();
+  } catch (e) {
+    if (e instanceof ModcError) throw new ModcError(`${path}: ${e.message}; ONNX graphs must be acyclic`);
+    throw e;
+  }
+  for (const n of g.nodes) for (const sg of n.subgraphs()) sortGraphs(sg, path);
 }
 
 /** Validates external-data references against the model folder; caches per sidecar file. */

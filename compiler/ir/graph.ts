@@ -439,11 +439,26 @@ export class Graph {
       }
     }
     if (sorted.length !== nodes.length) {
-      const stuck = nodes.find((n) => pending.get(n)! > 0)!;
-      throw new ModcError(`graph ${quote(this.name)} has a cycle through ${stuck.describe()}`);
+      throw new ModcError(`graph ${quote(this.name)} has a cycle through ${this.nodeOnCycle(pending).describe()}`);
     }
     this._nodes = sorted;
     return this;
+  }
+
+  /**
+   * A node on a true cycle, given the nodes a sort could not place (pending > 0): every such
+   * node waits on another unplaced node, so walking back through them must revisit one.
+   */
+  private nodeOnCycle(pending: ReadonlyMap<Node, number>): Node {
+    let n = this._nodes.find((x) => pending.get(x)! > 0)!;
+    const seen = new Set<Node>();
+    while (!seen.has(n)) {
+      seen.add(n);
+      const p = externalInputsOf(n).map((v) => v.producer).find((x) => x && x.graph === this && pending.get(x)! > 0);
+      if (!p) break;
+      n = p;
+    }
+    return n;
   }
 
   /**
