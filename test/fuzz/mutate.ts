@@ -524,6 +524,87 @@ const functions: Mutator = ({ rng, model, log }) => {
   return true;
 };
 
+/** Value types: element types, shapes, dims, or a non-tensor type where a tensor is expected. */
+const types: Mutator = ({ rng, model, log }) => {
+  const g = model.graph;
+  if (!g) return false;
+  const v = rng.pick([...g.input, ...g.output, ...g.value_info]);
+  if (!v) return false;
+  const where = `type of ${JSON.stringify(v.name ?? '')}`;
+  const what = rng.int(7);
+  const tt = v.type?.tensor_type;
+  switch (what) {
+    case 0:
+      if (!tt) return false;
+      tt.elem_type = rng.pick([0, 1, 6, 7, 8, 9, 10, 16, 99])!;
+      log.push(`${where}: elem_type ${tt.elem_type}`);
+      break;
+    case 1:
+      if (!tt) return false;
+      delete (tt as { shape?: unknown }).shape;
+      log.push(`${where}: no shape`);
+      break;
+    case 2:
+      if (!tt?.shape?.dim.length) return false;
+      tt.shape.dim[rng.int(tt.shape.dim.length)] = rng.chance(0.5) ? { dim_value: rng.pick([0, -1, 2 ** 31 - 1, 1, 3])! } : { dim_param: nastyName(rng, 'd') };
+      log.push(`${where}: a dim changed`);
+      break;
+    case 3:
+      if (!tt?.shape) return false;
+      tt.shape.dim = rng.chance(0.5) ? [] : [...tt.shape.dim, { dim_value: 1 }];
+      log.push(`${where}: rank changed`);
+      break;
+    case 4:
+      v.type = { sequence_type: { elem_type: v.type ?? {} } };
+      log.push(`${where}: sequence`);
+      break;
+    case 5:
+      delete (v as { type?: unknown }).type;
+      log.push(`${where}: removed`);
+      break;
+    default:
+      v.type = { optional_type: { elem_type: v.type ?? {} } };
+      log.push(`${where}: optional`);
+  }
+  return true;
+};
+
+/** Attributes and constants the analysis reads: head counts, axes, perms, shape constants. */
+const semantics: Mutator = ({ rng, model, log }) => {
+  const nodes = allNodes(model);
+  if (rng.chance(0.5)) {
+    const n = rng.pick(nodes.filter((x) => x.attribute.some((a) => /heads|axis|axes|perm|scale|interleaved|to|split|keepdims|epsilon|rotary|window|softcap|do_rotary|past_present|unidirectional/.test(a.name ?? ''))));
+    if (!n) return false;
+    const a = rng.pick(n.attribute)!;
+    if (a.ints.length) {
+      a.ints = rng.chance(0.5) ? [...a.ints].reverse().map((x, i) => (i === 0 ? rng.pick([-9, 0, 7, 99])! : x)) : a.ints.slice(1);
+    } else {
+      a.i = rng.pick([0, -1, -9, 1, 3, 99, 2 ** 31 - 1])!;
+      a.f = rng.pick([0, -1, NaN, 1e-30])!;
+    }
+    log.push(`${n.op_type}.${a.name} changed`);
+    return true;
+  }
+  // A small int64 constant (a shape, axes, split sizes): one element changed.
+  const small = allInitializers(model).filter((t) => t.data_type === 7 && t.dims.reduce((x: number, d) => x * Number(d), 1) <= 8 && t.dims.reduce((x: number, d) => x * Number(d), 1) > 0);
+  const t = rng.pick(small);
+  if (!t) return false;
+  if (t.raw_data?.length) {
+    const view = new DataView(t.raw_data.buffer, t.raw_data.byteOffset, t.raw_data.byteLength);
+    const copy = new Uint8Array(t.raw_data);
+    const i = rng.int(t.raw_data.length / 8);
+    new DataView(copy.buffer).setBigInt64(i * 8, BigInt(rng.pick([0, -1, -2, 1, 7, 2 ** 31 - 1, -(2 ** 40)])!), true);
+    void view;
+    t.raw_data = copy;
+  } else if (t.int64_data.length) {
+    t.int64_data[rng.int(t.int64_data.length)] = rng.pick([0, -1, -2, 1, 7, 2 ** 31 - 1])!;
+  } else {
+    return false;
+  }
+  log.push(`int64 constant ${JSON.stringify(t.name ?? '')} changed`);
+  return true;
+};
+
 /** An unknown field appended to the model message (field 999, varint). Must be carried. */
 const unknownField: Mutator = ({ model, log }) => {
   const m = model as unknown as { $unknowns?: Uint8Array[] };
@@ -535,6 +616,7 @@ const unknownField: Mutator = ({ model, log }) => {
 const MUTATORS: [string, Mutator, number][] = [
   ['attributes', attributes, 3], ['tensors', tensors, 3], ['names', names, 3], ['opsets', opsets, 2], ['metadata', metadata, 1],
   ['external', external, 2], ['structure', structure, 3], ['functions', functions, 1], ['unknown', unknownField, 1],
+  ['types', types, 2], ['semantics', semantics, 3],
 ];
 const TOTAL_WEIGHT = MUTATORS.reduce((a, m) => a + m[2], 0);
 
