@@ -28,5 +28,6 @@ export { readRouterFile, writeRouterFile, type LayerRouter } from './routers.js'
 export { ModSession, type Logits, type GenerateResult } from './runtime/session.js';
 export { decoderIo, type DecoderIo } from './runtime/decoder-io.js';
 export { ModReference } from './reference/mod-reference.js';
+export { graphFingerprint, recordSource, readSource, checkCompiledFrom, SOURCE_METADATA_KEY } from './source-fingerprint.js';
 export { modPipeline, type ModOptions } from '../passes/index.js';
 export { readDataset, loadDataset, loadTokenizer, type Dataset, type DatasetOptions } from './data/index.js';

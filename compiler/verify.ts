@@ -19,6 +19,7 @@ import { readRoutingMetadata } from './routing-metadata.js';
 import { planRouting, type RoutingPlan } from './routing-plan.js';
 import { argmax, lastPosition, type Logits, ModSession } from './runtime/session.js';
 import { modPipeline } from '../passes/index.js';
+import { checkCompiledFrom } from './source-fingerprint.js';
 
 export interface VerifyOptions {
   prompt: number[][];
@@ -112,7 +113,9 @@ export async function verifyCompiled(originalPath: string, compiledPath: string,
   const original = loadModel(originalPath);
   const structure = analyzeDecoder(original);
   const tolerance = opts.tolerance ?? (structure.dtype === 'float16' ? 1e-2 : 1e-4);
-  const plan = routingPlanOf(loadModel(compiledPath));
+  const compiledModel = loadModel(compiledPath);
+  checkCompiledFrom(original, compiledModel, originalPath, compiledPath);
+  const plan = routingPlanOf(compiledModel);
   const work = mkdtempSync(join(tmpdir(), 'modc-verify-'));
   try {
     log(`semantics: ${compiledPath} against the reference executor on ${originalPath}`);
