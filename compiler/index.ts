@@ -30,6 +30,7 @@ export { subLayersOf, type SubLayer, type SubLayers } from './analysis/sub-layer
 export { ModSession, type Logits, type GenerateResult } from './runtime/session.js';
 export { decoderIo, type DecoderIo } from './runtime/decoder-io.js';
 export { ModReference } from './reference/mod-reference.js';
+export { graphFingerprint, recordSource, readSource, checkCompiledFrom, SOURCE_METADATA_KEY } from './source-fingerprint.js';
 export { modPipeline, type ModOptions } from '../passes/index.js';
 export { evaluate, type EvalOptions, type EvalResult, type LayerEval } from './eval/index.js';
 export { modelCosts, readCosts, type ModelCosts, type LayerCost } from './analysis/cost.js';
