@@ -2,7 +2,7 @@
  * Decoder forms of real exports (issue 9), one fixture each from fixtures/builder/forms.ts:
  * layers found, compiled (all-pass and routed), and `modc verify` passing on the result.
  */
-import { readFileSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
@@ -193,5 +193,83 @@ describe('weight-only quantized models', () => {
 
   it.each(FORMS)('%s: a routed compile passes modc verify', async (quant) => {
     await compileAndVerify(fixture(`forms-${quant}-tiny`), `${quant}-random`, '--router-init', 'random', '--schedule', 'every-other');
+  });
+});
+
+describe('decoders fed by inputs_embeds (fixtures/forms-embeds-tiny: decoder, embedding.onnx, genai_config.json)', () => {
+  const embeds = fixture('forms-embeds-tiny');
+  const same = join(FIXTURES_DIR, 'forms-unsorted-tiny', 'unsorted.onnx'); // the same weights, fed input_ids
+
+  /** Rows of the token table for `ids`: [1, S, H] float32. */
+  function tableRows(ids: number[]): Float32Array {
+    const table = loadModel(join(FIXTURES_DIR, 'forms-embeds-tiny', 'embedding.onnx')).graph.initializers.get('model.embed_tokens.weight')!.initializer!.toArray() as Float32Array;
+    const H = FORMS_CONFIG.hiddenSize;
+    const out = new Float32Array(ids.length * H);
+    ids.forEach((id, i) => out.set(table.subarray(id * H, (id + 1) * H), i * H));
+    return out;
+  }
+
+  function npy(data: Float32Array, shape: number[]): Buffer {
+    let header = `{'descr': '<f4', 'fortran_order': False, 'shape': (${shape.join(', ')}), }`;
+    header += ' '.repeat(63 - ((header.length + 10) % 64)) + '\n';
+    const head = Buffer.alloc(10);
+    head.write('\x93NUMPY', 0, 'latin1');
+    head[6] = 1;
+    head.writeUInt16LE(header.length, 8);
+    return Buffer.concat([head, Buffer.from(header, 'latin1'), Buffer.from(data.buffer, data.byteOffset, data.byteLength)]);
+  }
+
+  function safetensors(data: Float32Array, shape: number[]): Buffer {
+    const header = Buffer.from(JSON.stringify({ inputs_embeds: { dtype: 'F32', shape, data_offsets: [0, data.byteLength] } }));
+    const len = Buffer.alloc(8);
+    len.writeBigUInt64LE(BigInt(header.length));
+    return Buffer.concat([len, header, Buffer.from(data.buffer, data.byteOffset, data.byteLength)]);
+  }
+
+  it('the residual stream starts at the input', () => {
+    const s = analyzeDecoder(loadModel(embeds));
+    expect(s.embedding.output.name).toBe('inputs_embeds');
+    expect(s.layers.map((l) => l.nodes.length)).toEqual([60, 60, 60]);
+    expect(s.layers[0]!.residualIn.name).toBe('inputs_embeds');
+  });
+
+  it('run uses the embedding model genai_config.json names: the same logits as the decoder fed input_ids', async () => {
+    const [a, b] = [await runCli('run', embeds, '--ids', '5,6,7;8,9', '--json'), await runCli('run', same, '--ids', '5,6,7;8,9', '--json')];
+    expect(a.stderr).toBe('');
+    const [ja, jb] = [JSON.parse(a.stdout), JSON.parse(b.stdout)];
+    expect(ja.attentionMask).toEqual([[1, 1, 1], [0, 1, 1]]);
+    expect(ja.attentionMask).toEqual(jb.attentionMask);
+    expect(Math.max(...ja.logits.flat(2).map((v: number, i: number) => Math.abs(v - jb.logits.flat(2)[i])))).toBeLessThan(1e-5);
+  });
+
+  it('--embeds FILE (.npy or safetensors) is the prompt; generate embeds the new tokens through the embedding model', async () => {
+    const ids = [5, 6, 7, 8];
+    const want = JSON.parse((await runCli('generate', same, '--ids', ids.join(','), '--max-new', '3', '--logits', '--json')).stdout);
+    for (const [ext, bytes] of [['npy', npy(tableRows(ids), [1, 4, 32])], ['safetensors', safetensors(tableRows(ids), [4, 32])]] as const) {
+      const file = join(tmp, `prompt.${ext}`);
+      writeFileSync(file, bytes);
+      const run = JSON.parse((await runCli('run', embeds, '--embeds', file, '--json')).stdout);
+      expect(run.attentionMask).toEqual([[1, 1, 1, 1]]);
+      expect(run.inputIds).toBeNull();
+      const gen = await runCli('generate', embeds, '--embeds', file, '--max-new', '3', '--logits', '--json');
+      const got = JSON.parse(gen.stdout);
+      expect(got.ids).toEqual([want.ids[0].slice(4)]);
+      got.steps.forEach((s: { logits: number[][] }, t: number) => expect(Math.max(...s.logits[0]!.map((v, i) => Math.abs(v - want.steps[t].logits[0][i]))), `step ${t}`).toBeLessThan(1e-4));
+    }
+    expectOneLineError(await runCli('run', embeds, '--embeds', join(tmp, 'nothing.npy')), 1, /cannot read --embeds file .*no such file/);
+  });
+
+  it('with no flags, verify and bench use seeded random embeddings; files genai_config.json names but that are absent are not an error', async () => {
+    const dir = join(tmp, 'no-embedding-model');
+    const bare = join(dir, 'model.onnx');
+    mkdirSync(dir, { recursive: true });
+    copyFileSync(embeds, bare);
+    copyFileSync(join(FIXTURES_DIR, 'forms-embeds-tiny', 'genai_config.json'), join(dir, 'genai_config.json'));
+    const compiled = await compileAndVerify(bare, 'embeds-random', '--router-init', 'random', '--routing', 'topk');
+    const bench = await runCli('bench', bare, compiled, '--prompt', '6', '--steps', '2', '--runs', '1', '--warmup', '0', '--json');
+    expect(bench.code).toBe(0);
+    expect(JSON.parse(bench.stdout)).toHaveLength(2);
+    expectOneLineError(await runCli('run', bare, '--ids', '1,2'), 2, /takes inputs_embeds: give --embeds FILE/);
+    expect((await runCli('run', bare, '--ids', '1,2', '--embeds', 'random')).code).toBe(0);
   });
 });

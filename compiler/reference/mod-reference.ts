@@ -22,6 +22,7 @@ import { loadModel } from '../io/load.js';
 import { floatToHalf } from '../ir/dtype.js';
 import type { LayerPlan, RoutingPlan } from '../routing-plan.js';
 import { decoderIo, type DecoderIo, type KvBinding, resolvePadSide } from '../runtime/decoder-io.js';
+import { type EmbeddingSource, TokenEmbedder } from '../runtime/embeddings.js';
 import { emptyTensor, ort, toFloat32, type SessionOptions } from '../runtime/ort.js';
 import { type Logits, nextPositions, padRows, promptPositions, typed, zeroStates } from '../runtime/session.js';
 import { splitFusedBoundaries } from '../../passes/split-fused-boundaries.js';
@@ -62,9 +63,10 @@ export class ModReference {
     private readonly io: DecoderIo,
     private readonly plan: ReadonlyMap<number, LayerPlan>,
     private readonly routing: RoutingPlan,
+    private readonly embedder: TokenEmbedder | null,
   ) {}
 
-  static async create(modelPath: string, routing: RoutingPlan, workDir: string, opts: SessionOptions = {}): Promise<ModReference> {
+  static async create(modelPath: string, routing: RoutingPlan, workDir: string, opts: SessionOptions & { embeddings?: EmbeddingSource } = {}): Promise<ModReference> {
     const model = loadModel(modelPath);
     const io = decoderIo(model);
     splitFusedBoundaries(model, analyzeDecoder(model));
@@ -73,7 +75,8 @@ export class ModReference {
     if (stateful) throw new ModcError(`layer ${stateful.layer} carries state besides the KV cache and is never routed: take the routing plan from the compiled model (routingPlanOf)`);
     const decoder = extractDecoder(model, structure);
     const runner = await LayerByLayerRunner.create(decoder, join(workDir, 'units'), opts);
-    return new ModReference(runner, io, new Map(routing.layers.map((l) => [l.layer, l])), routing);
+    const embedder = io.inputsEmbeds ? await TokenEmbedder.create(io, opts.embeddings ?? { kind: 'random', seed: 0 }, opts) : null;
+    return new ModReference(runner, io, new Map(routing.layers.map((l) => [l.layer, l])), routing, embedder);
   }
 
   get batch(): number {
@@ -130,7 +133,7 @@ export class ModReference {
 
   private async call(ids: number[], S: number, positions: number[], pastLength: number): Promise<Logits> {
     const B = this.batch;
-    const values = this.feeds(ids, [B, S], this.mask, positions);
+    const values = await this.feeds(ids, [B, S], this.mask, positions);
     for (const [name, t] of this.fullCaches) values.set(name, t);
     await this.runner.runUnit(this.runner.prefix, values);
     const chosen = new Map<number, number[][]>();
@@ -150,9 +153,10 @@ export class ModReference {
     return { data: toFloat32(logits), dims: logits.dims as [number, number, number] };
   }
 
-  private feeds(ids: number[], dims: number[], mask: number[][], positions: number[]): Values {
+  private async feeds(ids: number[], dims: [number, number], mask: number[][], positions: number[]): Promise<Values> {
     const io = this.io;
-    const values: Values = new Map([[io.inputIds.name, typed(io.inputIds.dtype, ids, dims)]]);
+    const tokens = io.inputsEmbeds ? [io.inputsEmbeds.name, await this.embedder!.embed(ids, dims)] as const : [io.inputIds.name, typed(io.inputIds.dtype, ids, dims)] as const;
+    const values: Values = new Map([tokens]);
     if (io.attentionMask) values.set(io.attentionMask.name, typed(io.attentionMask.dtype, mask.flat(), [mask.length, mask[0]!.length]));
     if (io.positionIds) values.set(io.positionIds.name, typed(io.positionIds.dtype, positions, dims));
     return values;
@@ -213,7 +217,7 @@ export class ModReference {
     const ids = picks.map((s) => rowIds[s]!);
     const pos = picks.map((s) => positions[b * S + s]!);
     const mask = [Array(cache.length + picks.length).fill(1)];
-    const view = this.feeds(ids, [1, picks.length], mask, pos);
+    const view = await this.feeds(ids, [1, picks.length], mask, pos);
     // The prefix may read pasts for their length: every past is this layer's own view.
     for (const k of this.io.kv) {
       view.set(k.pastKey, cache.key);
@@ -228,6 +232,7 @@ export class ModReference {
   }
 
   async release(): Promise<void> {
+    await this.embedder?.release();
     await this.runner.release();
   }
 }
