@@ -2,7 +2,8 @@
  * Checking a compiled model against its original, as `modc verify` does:
  * - semantics: the compiled model agrees with the MoD reference executor running the original
  *   with the compiled model's own routers (logits, per-layer cache lengths, KV bytes);
- * - anchor: the original compiled with every token selected, ungated, reproduces the original.
+ * - anchor: the original compiled with every token selected, ungated, on the same layers and
+ *   parts (block, attention, MLP), reproduces the original.
  * Both run a prompt and then a number of teacher-forced steps.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -16,7 +17,8 @@ import type { Model } from './ir/model.js';
 import { runPipeline } from './pass-manager.js';
 import { ModReference } from './reference/mod-reference.js';
 import { readRoutingMetadata } from './routing-metadata.js';
-import { planRouting, type RoutingPlan } from './routing-plan.js';
+import { allPassRouters, routerTensorPrefix } from './routers.js';
+import { DEFAULT_THRESHOLD, describeLayerPart, type RoutingPlan } from './routing-plan.js';
 import { decoderIo, resolvePadSide } from './runtime/decoder-io.js';
 import { argmax, lastPosition, type Logits, ModSession } from './runtime/session.js';
 import { modPipeline } from '../passes/index.js';
@@ -51,12 +53,26 @@ export function routingPlanOf(compiled: Model): RoutingPlan {
   if (!meta) throw new ModcError('the compiled model has no modc routing metadata: was it compiled by modc compile?');
   const inits = compiled.graph.initializers;
   const layers = meta.layers.map((l) => {
-    const w = inits.get(`modc.router.${l.layer}.weight`)?.initializer;
-    const b = inits.get(`modc.router.${l.layer}.bias`)?.initializer;
-    if (!w || !b) throw new ModcError(`the compiled model lacks the router tensors of layer ${l.layer}`);
-    return { layer: l.layer, threshold: l.threshold, capacity: l.capacity, router: { layer: l.layer, weight: Float32Array.from(w.toNumbers()), bias: b.toNumbers()[0]! } };
+    const prefix = `modc.${routerTensorPrefix(l.layer, l.part)}`;
+    const w = inits.get(`${prefix}.weight`)?.initializer;
+    const b = inits.get(`${prefix}.bias`)?.initializer;
+    if (!w || !b) throw new ModcError(`the compiled model lacks the router tensors of layer ${describeLayerPart(l)} (${prefix}.weight, ${prefix}.bias)`);
+    return { layer: l.layer, part: l.part, threshold: l.threshold, capacity: l.capacity, router: { layer: l.layer, part: l.part, weight: Float32Array.from(w.toNumbers()), bias: b.toNumbers()[0]! } };
   });
   return { mode: meta.mode, gated: meta.gated, layers, unconverted: [] };
+}
+
+/**
+ * The equivalence anchor's plan for the same layers and parts as `plan`: every token selected
+ * (all-pass routers, threshold routing), ungated.
+ */
+export function anchorPlanFor(plan: RoutingPlan, hiddenSize: number): RoutingPlan {
+  return {
+    mode: 'threshold',
+    gated: false,
+    layers: plan.layers.map((l) => ({ layer: l.layer, part: l.part, threshold: DEFAULT_THRESHOLD, capacity: 1, router: allPassRouters([l.layer], hiddenSize, l.part)[0]! })),
+    unconverted: [],
+  };
 }
 
 interface Runner {
@@ -66,8 +82,23 @@ interface Runner {
   kvBytes(): number;
 }
 
-/** Largest |a - b| over the real (non-padding) positions of a prompt's logits. */
+/** Each row's logits at its last real token: position 0 of last-position logits ([B, 1, V]), else found from the padding. */
+export function lastRealOf(l: Logits, rows: number[][], pad: 'left' | 'right'): Float32Array[] {
+  const [B, S, V] = l.dims;
+  return Array.from({ length: B }, (_, r) => {
+    const t = S === 1 || pad === 'left' ? S - 1 : rows[r]!.length - 1;
+    return l.data.subarray((r * S + t) * V, (r * S + t + 1) * V);
+  });
+}
+
+const worstRows = (a: Float32Array[], b: Float32Array[]) => Math.max(...a.map((row, r) => row.reduce((m, v, i) => Math.max(m, Math.abs(v - b[r]![i]!)), 0)));
+
+/**
+ * Largest |a - b| over the real (non-padding) positions of a prompt's logits; over each row's
+ * last real token when either model gives only that one (`--logits last`).
+ */
 export function worstReal(a: Logits, b: Logits, rows: number[][], pad: 'left' | 'right'): number {
+  if (a.dims[1] !== b.dims[1]) return worstRows(lastRealOf(a, rows, pad), lastRealOf(b, rows, pad));
   const [B, S, V] = a.dims;
   let worst = 0;
   for (let r = 0; r < B; r++) {
@@ -83,11 +114,11 @@ export function worstReal(a: Logits, b: Logits, rows: number[][], pad: 'left' | 
 async function compare(name: CheckResult['name'], a: Runner, b: Runner, opts: VerifyOptions & { pad: 'left' | 'right' }, tolerance: number): Promise<CheckResult> {
   const first = await a.forward(opts.prompt, { pad: opts.pad });
   const maxDiff = [worstReal(first, await b.forward(opts.prompt, { pad: opts.pad }), opts.prompt, opts.pad)];
-  let next = lastPosition(first).map(argmax);
+  let next = lastRealOf(first, opts.prompt, opts.pad).map(argmax);
   for (let t = 0; t < opts.steps; t++) {
     const la = lastPosition(await a.step(next));
     const lb = lastPosition(await b.step(next));
-    maxDiff.push(Math.max(...la.map((row, r) => row.reduce((m, v, i) => Math.max(m, Math.abs(v - lb[r]![i]!)), 0))));
+    maxDiff.push(worstRows(la, lb));
     next = la.map(argmax);
   }
   const cacheLengthsMatch = JSON.stringify(a.layerCacheLengths()) === JSON.stringify(b.layerCacheLengths());
@@ -109,8 +140,7 @@ export async function verifyCompiled(originalPath: string, compiledPath: string,
     await reference.release();
 
     log('anchor: every token selected, ungated, against the original');
-    const anchorPlan = planRouting({ numLayers: structure.layers.length, hiddenSize: structure.hiddenSize, routers: { kind: 'all-pass' }, gated: false, layers: plan.layers.map((l) => l.layer).join(',') });
-    runPipeline(original, modPipeline({ plan: anchorPlan }));
+    runPipeline(original, modPipeline({ plan: anchorPlanFor(plan, structure.hiddenSize) }));
     const anchorPath = join(work, 'anchor', 'model.onnx');
     saveModel(original, anchorPath);
     const anchor = await compare('anchor', await ModSession.create(originalPath), await ModSession.create(anchorPath), sided, tolerance);

@@ -2,7 +2,7 @@
  * Decoder forms of real exports (issue 9), one fixture each from fixtures/builder/forms.ts:
  * layers found, compiled (all-pass and routed), and `modc verify` passing on the result.
  */
-import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
@@ -18,19 +18,6 @@ import { expectOneLineError, runCli, tempDir } from './helpers.js';
 const tmp = tempDir('modc-forms');
 const fixture = (dir: string) => join(FIXTURES_DIR, dir, 'model.onnx');
 const ROWS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19]];
-
-/** Compiles with `args`, then `modc verify` must pass (semantics against the reference, and the all-pass anchor). */
-async function compileAndVerify(source: string, name: string, ...args: string[]): Promise<string> {
-  const out = join(tmp, name, 'model.onnx');
-  const compiled = await runCli('compile', source, '-o', out, '-q', ...args);
-  expect(compiled.stderr).toBe('');
-  expect(compiled.code).toBe(0);
-  const verified = await runCli('verify', source, out, '--json');
-  const report = JSON.parse(verified.stdout) as { passed: boolean; checks: { name: string; passed: boolean; maxDiff: number[] }[] };
-  expect(report.checks.map((c) => [c.name, c.passed]), verified.stdout).toEqual([['semantics', true], ['anchor', true]]);
-  expect(verified.code).toBe(0);
-  return out;
-}
 
 const node = (op: string, input: string[], output: string[]): NodeProto => create<NodeProto>('NodeProto', { op_type: op, input, output, name: `${op}_node` });
 
@@ -79,19 +66,14 @@ describe('graphs not in topological order (fixtures/forms-unsorted-tiny)', () =>
     expect(() => modelFromBytes(cyclicModel(), file)).toThrow(/: graph 'cyclic' has a cycle through (Relu|Neg) /);
     expectOneLineError(await runCli('inspect', file), 1, /cycle through (Relu|Neg) .*acyclic/);
   });
-
-  it('compiles all-pass and routed, and the routed compile passes modc verify', async () => {
-    await compileAndVerify(path, 'unsorted-random', '--router-init', 'random', '--schedule', 'every-other');
-  });
 });
 
 describe('int32 input_ids / attention_mask / position_ids (fixtures/forms-int32-tiny)', () => {
-  it('runs like the same model with int64 inputs, and a routed compile passes modc verify', async () => {
+  it('runs like the same model with int64 inputs', async () => {
     const int32 = fixture('forms-int32-tiny');
     expect(loadModel(int32).graph.inputs.filter((v) => v.dtype === 6).map((v) => v.name)).toEqual(['input_ids', 'attention_mask', 'position_ids']);
     const [a, b] = [await ModSession.create(int32), await ModSession.create(join(FIXTURES_DIR, 'forms-unsorted-tiny', 'unsorted.onnx'))];
     expect(worstReal(await a.forward(ROWS), await b.forward(ROWS), ROWS, 'left')).toBe(0);
-    await compileAndVerify(int32, 'int32-random', '--router-init', 'random', '--routing', 'topk');
   });
 });
 
@@ -109,7 +91,8 @@ describe('GroupQueryAttention takes right padding only (fixtures/forms-gqa-tiny)
   });
 
   it('an explicit --pad left is refused with a one-line reason, by every runner and the session', async () => {
-    const compiled = await compileAndVerify(gqa, 'gqa-random', '--router-init', 'random');
+    const compiled = join(tmp, 'gqa-random', 'model.onnx');
+    expect((await runCli('compile', gqa, '-o', compiled, '-q', '--router-init', 'random')).code).toBe(0);
     const why = /--pad left is not supported for this model: its GroupQueryAttention takes per-row valid lengths \(seqlens_k\)/;
     expectOneLineError(await runCli('run', gqa, '--ids', '1,2,3;4,5', '--pad', 'left'), 2, why);
     expectOneLineError(await runCli('generate', compiled, '--ids', '1,2,3;4,5', '--max-new', '2', '--pad', 'left'), 2, why);
@@ -147,12 +130,11 @@ describe('state besides the KV cache: hybrid models (fixtures/forms-hybrid-tiny)
     expect(Math.max(...again.data.map((v, i) => Math.abs(v - first.data[i]!)))).toBe(0);
   });
 
-  it('compile leaves the stateful layer dense (saying why), routes the others, and passes modc verify', async () => {
+  it('compile leaves the stateful layer dense (saying why) and routes the others', async () => {
     const out = join(tmp, 'hybrid-json', 'model.onnx');
     const res = await runCli('compile', hybrid, '-o', out, '--router-init', 'random', '--json');
     const report = JSON.parse(res.stdout);
     expect(JSON.stringify(report)).toMatch(/layer 0.*state besides the KV cache/);
-    await compileAndVerify(hybrid, 'hybrid-topk', '--router-init', 'random', '--routing', 'topk');
     const gen = await runCli('generate', out, '--ids', '1,2,3;4,5', '--max-new', '3', '--json');
     expect(gen.code).toBe(0);
     expect(JSON.parse(gen.stdout).cacheLengths).toHaveLength(2);
@@ -189,10 +171,6 @@ describe('weight-only quantized models', () => {
       ]);
       for (const w of found) expect(layer.sideInputs.find((si) => si.value === w.weight)?.kind ?? 'computed in the layer', `${w.node.describe()}`).toMatch(/weight|computed/);
     }
-  });
-
-  it.each(FORMS)('%s: a routed compile passes modc verify', async (quant) => {
-    await compileAndVerify(fixture(`forms-${quant}-tiny`), `${quant}-random`, '--router-init', 'random', '--schedule', 'every-other');
   });
 });
 
@@ -257,19 +235,5 @@ describe('decoders fed by inputs_embeds (fixtures/forms-embeds-tiny: decoder, em
       got.steps.forEach((s: { logits: number[][] }, t: number) => expect(Math.max(...s.logits[0]!.map((v, i) => Math.abs(v - want.steps[t].logits[0][i]))), `step ${t}`).toBeLessThan(1e-4));
     }
     expectOneLineError(await runCli('run', embeds, '--embeds', join(tmp, 'nothing.npy')), 1, /cannot read --embeds file .*no such file/);
-  });
-
-  it('with no flags, verify and bench use seeded random embeddings; files genai_config.json names but that are absent are not an error', async () => {
-    const dir = join(tmp, 'no-embedding-model');
-    const bare = join(dir, 'model.onnx');
-    mkdirSync(dir, { recursive: true });
-    copyFileSync(embeds, bare);
-    copyFileSync(join(FIXTURES_DIR, 'forms-embeds-tiny', 'genai_config.json'), join(dir, 'genai_config.json'));
-    const compiled = await compileAndVerify(bare, 'embeds-random', '--router-init', 'random', '--routing', 'topk');
-    const bench = await runCli('bench', bare, compiled, '--prompt', '6', '--steps', '2', '--runs', '1', '--warmup', '0', '--json');
-    expect(bench.code).toBe(0);
-    expect(JSON.parse(bench.stdout)).toHaveLength(2);
-    expectOneLineError(await runCli('run', bare, '--ids', '1,2'), 2, /takes inputs_embeds: give --embeds FILE/);
-    expect((await runCli('run', bare, '--ids', '1,2', '--embeds', 'random')).code).toBe(0);
   });
 });

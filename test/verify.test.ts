@@ -1,4 +1,4 @@
-/** `modc verify`: passes a faithful compile, fails one whose graph and routing disagree. */
+/** `modc verify`: passes a faithful compile, fails one whose graph and routing disagree. (`modc bench`: test/bench.test.ts) */
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { loadModel } from '../compiler/io/load.js';
@@ -39,23 +39,5 @@ describe('modc verify', () => {
   it('refuses a model modc did not compile', async () => {
     expectOneLineError(await runCli('verify', LLAMA, LLAMA), 1, /no modc routing metadata/);
     expectOneLineError(await runCli('verify', LLAMA), 2, /expected two model paths/);
-  });
-});
-
-describe('modc bench', () => {
-  it('times both models on the same prompt and reports KV bytes side by side', async () => {
-    const out = join(tmp, 'bench', 'model.onnx');
-    expect((await runCli('compile', LLAMA, '-o', out, '--router-init', 'random', '-q')).code).toBe(0);
-    const res = await runCli('bench', LLAMA, out, '--prompt', '16', '--batch', '2', '--steps', '3', '--runs', '1', '--warmup', '0', '--json');
-    expect(res.code).toBe(0);
-    const [a, b] = JSON.parse(res.stdout);
-    expect(a.model).toBe(LLAMA);
-    expect(a.prefillMs).toBeGreaterThan(0);
-    expect(b.decodeMsPerToken).toBeGreaterThan(0);
-    // Every layer routed with about half the tokens: the compiled caches hold fewer tokens.
-    expect(b.kvBytes).toBeLessThan(a.kvBytes);
-    expect(a.cacheLengths).toEqual([[19, 19], [19, 19], [19, 19]]);
-    expect(b.cacheLengths.flat().every((n: number) => n < 19)).toBe(true);
-    expect((await runCli('bench', LLAMA, out, '--runs', '0')).code).toBe(2);
   });
 });

@@ -7,6 +7,7 @@ import { ModSession } from '../runtime/session.js';
 import { numberFlag, onePositional, stringFlag } from './args.js';
 import type { Command } from './command.js';
 import { parseIdList, parseIdRows } from './ids.js';
+import { progressOf } from './progress.js';
 import { executionProvider, padSide, PROMPT_OPTIONS } from './run.js';
 
 export const generateCommand: Command = {
@@ -38,8 +39,12 @@ export const generateCommand: Command = {
     const forceText = stringFlag(values, 'force');
     const force = forceText !== undefined ? parseIdList(forceText, '--force') : undefined;
     const rows = text === undefined ? [] : parseIdRows(text);
+    const progress = progressOf(io);
+    progress.stage('load');
     const session = await ModSession.create(path, { executionProvider: executionProvider(values), embeddings: embeds?.source });
-    const result = await session.generate(rows, { maxNewTokens: maxNew, force, pad: padSide(values), embeds: embeds?.prompt ?? undefined });
+    progress.stage('generate', maxNew + 1);
+    const result = await session.generate(rows, { maxNewTokens: maxNew, force, pad: padSide(values), embeds: embeds?.prompt ?? undefined, onStep: () => progress.tick() });
+    progress.stop();
     if (values.json) {
       io.out(JSON.stringify({
         ids: result.ids,

@@ -3,11 +3,12 @@ import { UsageError } from '../errors.js';
 import { loadModel } from '../io/load.js';
 import { decoderIo } from '../runtime/decoder-io.js';
 import { embeddingChoice } from '../runtime/embeddings.js';
-import { argmax, lastPosition, ModSession, padRows } from '../runtime/session.js';
+import { argmax, ModSession, padRows } from '../runtime/session.js';
 import type { ExecutionProvider } from '../runtime/ort.js';
 import { onePositional, stringFlag } from './args.js';
 import type { CliOption, Command } from './command.js';
 import { parseIdRows } from './ids.js';
+import { progressOf } from './progress.js';
 
 export function executionProvider(values: Record<string, unknown>): ExecutionProvider {
   const ep = (values.ep as string | undefined) ?? 'cpu';
@@ -41,7 +42,9 @@ export const runCommand: Command = {
     'real tokens only. With --json it prints',
     '  {"logits": [[[...]]], "dims": [B, S, V], "attentionMask": [[...]], "inputIds": [[...]]}',
     'where logits is [batch][position][vocab] over the padded prompt (padding positions included;',
-    'attentionMask says which they are). float16 logits are converted to numbers.',
+    'attentionMask says which they are). float16 logits are converted to numbers. A model compiled',
+    'with --logits last gives one position per row, its last real token: dims [B, 1, V] and',
+    '"positions": "last" (otherwise "all").',
   ].join('\n'),
   options: PROMPT_OPTIONS,
   async run(positionals, values, io) {
@@ -51,17 +54,24 @@ export const runCommand: Command = {
     if (text === undefined && !embeds?.prompt) throw new UsageError('missing --ids');
     const rows = text === undefined ? [] : parseIdRows(text);
     const pad = padSide(values);
+    const progress = progressOf(io);
+    progress.stage('load');
     const session = await ModSession.create(path, { executionProvider: executionProvider(values), embeddings: embeds?.source });
+    const shape = embeds?.prompt ? embeds.prompt.dims.slice(0, 2) : [rows.length, Math.max(...rows.map((r) => r.length))];
+    progress.stage(`forward over ${shape[0]} x ${shape[1]} tokens`);
     const logits = embeds?.prompt ? await session.forwardEmbeds(embeds.prompt.data, embeds.prompt.dims) : await session.forward(rows, { pad });
+    progress.stop();
     const [B, S, V] = logits.dims;
     if (values.json) {
       const ids = embeds?.prompt ? null : padRows(rows, session.padSide(pad)).ids;
       const nested = Array.from({ length: B }, (_, b) => Array.from({ length: S }, (_, s) => Array.from(logits.data.subarray((b * S + s) * V, (b * S + s + 1) * V))));
-      const inputIds = ids ? Array.from({ length: B }, (_, b) => ids.slice(b * S, (b + 1) * S)) : null;
-      io.out(JSON.stringify({ logits: nested, dims: [B, S, V], attentionMask: session.attentionMask(), inputIds }));
+      const mask = session.attentionMask();
+      const width = mask[0]!.length;
+      const inputIds = ids ? mask.map((_, b) => ids.slice(b * width, (b + 1) * width)) : null;
+      io.out(JSON.stringify({ logits: nested, dims: [B, S, V], attentionMask: mask, inputIds, positions: session.logits }));
     } else {
-      io.out(`logits [${B}, ${S}, ${V}]`);
-      lastPosition(logits).forEach((l, b) => io.out(`  row ${b}: last position argmax ${argmax(l)} (logit ${l[argmax(l)]!.toFixed(4)})`));
+      io.out(`logits [${B}, ${S}, ${V}]${session.logits === 'last' ? ' (each row\'s last real token only)' : ''}`);
+      session.lastReal(logits).forEach((l, b) => io.out(`  row ${b}: last real token argmax ${argmax(l)} (logit ${l[argmax(l)]!.toFixed(4)})`));
     }
     return 0;
   },

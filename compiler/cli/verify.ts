@@ -4,6 +4,7 @@ import { verifyCompiled } from '../verify.js';
 import { intFlag, modelPair, numberFlag, stringFlag } from './args.js';
 import type { Command } from './command.js';
 import { parseIdRows } from './ids.js';
+import { progressOf } from './progress.js';
 import { padSide } from './run.js';
 
 export const verifyCommand: Command = {
@@ -32,8 +33,9 @@ export const verifyCommand: Command = {
     const tolerance = numberFlag(values, 'tolerance');
     if (tolerance !== undefined && !(tolerance >= 0)) throw new UsageError('--tolerance must be a non-negative number');
     const prompt = parseIdRows(stringFlag(values, 'ids') ?? '5,6,7,8,9,10,11;12,13,14;15,16,17,18,19');
-    const log = values.json ? () => {} : (m: string) => io.err(m);
-    const report = await verifyCompiled(original, compiled, { prompt, steps, pad: padSide(values), tolerance }, log);
+    const progress = progressOf(io);
+    const report = await verifyCompiled(original, compiled, { prompt, steps, pad: padSide(values), tolerance }, (m) => progress.stage(m));
+    progress.stop();
     if (values.json) {
       io.out(JSON.stringify(report, null, 2));
     } else {

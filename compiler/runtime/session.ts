@@ -12,6 +12,7 @@
  */
 import { ModcError } from '../errors.js';
 import { loadModel } from '../io/load.js';
+import { logitsPositions, type LogitsPositions } from '../logits-metadata.js';
 import { decoderIo, type DecoderIo, type KvBinding, type PadSide, resolvePadSide } from './decoder-io.js';
 import { type EmbeddingSource, embedsTensor, TokenEmbedder } from './embeddings.js';
 import { createSession, emptyTensor, ort, toFloat32, type SessionOptions } from './ort.js';
@@ -33,6 +34,8 @@ export interface GenerateOptions {
   pad?: 'left' | 'right';
   /** The prompt as embeddings [B, S, H] (inputs_embeds decoders); the prompt ids are then ignored. */
   embeds?: { data: Float32Array; dims: [number, number, number] };
+  /** Called after the prefill (0) and after each decode step (1..maxNewTokens). */
+  onStep?: (done: number) => void;
 }
 
 export interface GenerateResult {
@@ -81,16 +84,18 @@ export class ModSession {
   private states = new Map<string, ort.Tensor>();
   private lengths = new Map<number, number[]>();
 
-  private constructor(readonly session: ort.InferenceSession, readonly io: DecoderIo, readonly path: string, private readonly embedder: TokenEmbedder | null) {}
+  /** @param logits 'last': the model gives each row's last real position only ([B, 1, V], `modc compile --logits last`). */
+  private constructor(readonly session: ort.InferenceSession, readonly io: DecoderIo, readonly path: string, readonly logits: LogitsPositions, private readonly embedder: TokenEmbedder | null) {}
 
   /**
    * `embeddings` applies to decoders fed by inputs_embeds: where token ids get their embeddings
    * (default: seeded random embeddings, seed 0, the same in every session and the reference).
    */
   static async create(path: string, opts: SessionOptions & { embeddings?: EmbeddingSource } = {}): Promise<ModSession> {
-    const io = decoderIo(loadModel(path));
+    const model = loadModel(path);
+    const io = decoderIo(model);
     const embedder = io.inputsEmbeds ? await TokenEmbedder.create(io, opts.embeddings ?? { kind: 'random', seed: 0 }, opts) : null;
-    return new ModSession(await createSession(path, opts), io, path, embedder);
+    return new ModSession(await createSession(path, opts), io, path, logitsPositions(model), embedder);
   }
 
   get batch(): number {
@@ -162,14 +167,30 @@ export class ModSession {
     const ids = opts.embeds ? Array.from({ length: opts.embeds.dims[0] }, () => [] as number[]) : prompt.map((r) => [...r]);
     const steps: Float32Array[][] = [];
     let logits = opts.embeds ? await this.forwardEmbeds(opts.embeds.data, opts.embeds.dims) : await this.forward(prompt, { pad: opts.pad });
-    steps.push(lastPosition(logits));
+    steps.push(this.lastReal(logits));
+    opts.onStep?.(0);
     for (let t = 0; t < opts.maxNewTokens; t++) {
       const next = opts.force ? Array(this.batch).fill(opts.force[t]) : steps.at(-1)!.map(argmax);
       next.forEach((id, b) => ids[b]!.push(id));
       logits = await this.step(next);
       steps.push(lastPosition(logits));
+      opts.onStep?.(t + 1);
     }
     return { ids, steps };
+  }
+
+  /**
+   * Each row's logits at its last real token of the latest call: the one position a
+   * `--logits last` model gives, or, from all positions, the last one the mask marks real.
+   */
+  lastReal(l: Logits): Float32Array[] {
+    const [B, S, V] = l.dims;
+    return Array.from({ length: B }, (_, b) => {
+      const m = this.mask[b]!;
+      let t = S - 1;
+      while (t > 0 && m[m.length - S + t] === 0) t--;
+      return l.data.slice((b * S + t) * V, (b * S + t + 1) * V);
+    });
   }
 
   /** Bytes the KV cache tensors hold now (all layers, padding slots included). */

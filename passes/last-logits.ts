@@ -1,0 +1,93 @@
+/**
+ * last-logits: compute the lm_head for one position per row, the last real token of the call.
+ *
+ * Pattern: `logits = MatMul|Gemm(h, W)` (optionally followed by Cast, Identity, or an
+ * elementwise op with a constant operand: bias, scale, soft-capping), h `[B, S, H]`.
+ * Rewrite: the MatMul reads `GatherElements(h, idx, axis=1)`, `[B, 1, H]`, where idx is, per row,
+ * the last position j of this call whose `attention_mask` column is 1 (right padding: the row's
+ * length - 1; left padding: S - 1). Without an attention_mask it is S - 1. A decode step
+ * (S = 1) gathers position 0: its logits are unchanged. The logits output becomes `[B, 1, V]`
+ * and the model records `modc.logits = last` in its metadata, so a runtime knows the one
+ * position it gets is each row's last real token, not position S - 1.
+ *
+ * The prefill of a long prompt spends a large share of its time in the lm_head (vocab x hidden
+ * MACs per position); most callers only read the last position.
+ */
+import { ModcError } from '../compiler/errors.js';
+import { DataType } from '../compiler/ir/dtype.js';
+import type { Node, Value } from '../compiler/ir/graph.js';
+import { logitsPositions, writeLogitsPositions } from '../compiler/logits-metadata.js';
+import type { Pass } from '../compiler/pass-manager.js';
+import type { TypeProto } from '../compiler/proto/index.js';
+import { defaultOpset } from '../runtime-ops/index.js';
+import { Emitter } from '../runtime-ops/emit.js';
+
+/** Ops between the lm_head and the logits output that act on each position alone. */
+const TOKENWISE_UNARY = new Set(['Cast', 'Identity', 'Tanh']);
+const TOKENWISE_BINARY = new Set(['Add', 'Sub', 'Mul', 'Div']);
+
+const isConstant = (v: Value | null): boolean => !!v && (v.isConstant || v.producer?.opType === 'Constant');
+
+/** The lm_head node: the MatMul or Gemm the logits output is computed from, position by position. */
+export function findLmHead(logits: Value): { node: Node; reason?: undefined } | { node?: undefined; reason: string } {
+  let v: Value = logits;
+  for (let hops = 0; hops < 8; hops++) {
+    const n = v.producer;
+    if (!n) return { reason: `${v.name} is not computed by a node` };
+    if (n.domain === '' && (n.opType === 'MatMul' || n.opType === 'Gemm')) {
+      if (n.opType === 'Gemm' && n.attrInt('transA', 0) === 1) return { reason: `${n.describe()} transposes its input` };
+      const rank = n.input(0)?.shape?.length;
+      if (rank !== undefined && rank !== 3) return { reason: `the lm_head input ${n.input(0)!.name} has rank ${rank}, not [batch, sequence, hidden]` };
+      return { node: n };
+    }
+    if (n.domain === '' && TOKENWISE_UNARY.has(n.opType)) v = n.input(0)!;
+    else if (n.domain === '' && TOKENWISE_BINARY.has(n.opType) && isConstant(n.input(1))) v = n.input(0)!;
+    else if (n.domain === '' && TOKENWISE_BINARY.has(n.opType) && isConstant(n.input(0))) v = n.input(1)!;
+    else return { reason: `${n.describe()} between the lm_head and ${logits.name} is not a per-position op` };
+  }
+  return { reason: `no MatMul within 8 nodes of ${logits.name}` };
+}
+
+function withSequenceOne(type: TypeProto | undefined): TypeProto | undefined {
+  const dims = type?.tensor_type?.shape?.dim;
+  if (!dims || dims.length !== 3) return type;
+  return { ...type, tensor_type: { ...type!.tensor_type!, shape: { dim: [dims[0]!, { dim_value: 1 }, dims[2]!] } } } as TypeProto;
+}
+
+export const lastLogitsPass: Pass = {
+  name: 'last-logits',
+  description: 'compute the lm_head for the last real position of each row only (logits [B, 1, V])',
+  run(model) {
+    if (logitsPositions(model) === 'last') return { changed: false, notes: ['logits are already last-position only'] };
+    const g = model.graph;
+    const logits = g.outputs.find((v) => v.name === 'logits') ?? g.outputs[0];
+    if (!logits) throw new ModcError('the model has no outputs');
+    const found = findLmHead(logits);
+    if (!found.node) throw new ModcError(`cannot find the lm_head of ${logits.name}: ${found.reason}`);
+    const head = found.node;
+    const h = head.input(0)!;
+    const e = new Emitter(g, defaultOpset(model), 'last_logits/', head);
+    const mask = g.inputs.find((v) => v.name === 'attention_mask' && !g.initializers.has(v.name));
+    let picked: Value;
+    if (mask) {
+      // The call's own mask columns are the last S of [B, past + S]. Each row's last real
+      // position is the number of positions before it: those whose running count of real
+      // tokens is still below the row's total.
+      const seq = e.op('Slice', [e.op('Shape', [h]), e.i64([1]), e.i64([2])]);
+      const total = e.op('Slice', [e.op('Shape', [mask]), e.i64([1]), e.i64([2])]);
+      const current = e.cast(e.op('Slice', [mask, e.op('Sub', [total, seq]), total, e.i64([1])]), DataType.FLOAT);
+      const running = e.op('CumSum', [current, e.i64(1)]);
+      const real = e.reduceSum(current, [1], true);
+      const before = e.cast(e.op('Less', [running, real]), DataType.FLOAT);
+      const index = e.cast(e.reduceSum(before, [1], true), DataType.INT64);
+      const width = e.op('Concat', [e.i64([1, 1]), e.op('Slice', [e.op('Shape', [h]), e.i64([2]), e.i64([3])])], { axis: 0 });
+      picked = e.op('GatherElements', [h, e.op('Expand', [e.unsqueeze(index, [2]), width])], { axis: 1 });
+    } else {
+      picked = e.op('Slice', [h, e.i64([-1]), e.i64([Number.MAX_SAFE_INTEGER]), e.i64([1])]);
+    }
+    head.setInput(0, picked);
+    logits.type = withSequenceOne(logits.type);
+    writeLogitsPositions(model, 'last');
+    return { changed: true, notes: [`${head.describe()} reads each row's last ${mask ? 'real position (from attention_mask)' : 'position'}: logits [B, 1, V]`] };
+  },
+};
