@@ -48,8 +48,12 @@ function verifyGraph(g: Graph, outer: ReadonlySet<Value>, issues: VerifyIssue[],
       report(producedLater ? `${n.describe()} reads %${v.name} before it is defined (graph is not in topological order)`
         : `${n.describe()} reads %${v.name}, which nothing defines`);
     });
-    const inner = new Set([...outer, ...defined]);
-    for (const sg of n.subgraphs()) verifyGraph(sg, inner, issues, false);
+    const subgraphs = n.subgraphs();
+    // Built only for nodes with subgraphs: a copy per node made verification quadratic.
+    if (subgraphs.length) {
+      const inner = new Set([...outer, ...defined]);
+      for (const sg of subgraphs) verifyGraph(sg, inner, issues, false);
+    }
     for (const v of n.outputs) {
       if (v.producer !== n) report(`${n.describe()} lists output %${v.name} whose producer is another node`);
       define(v, n.describe());
