@@ -29,3 +29,6 @@ export { ModSession, type Logits, type GenerateResult } from './runtime/session.
 export { decoderIo, type DecoderIo } from './runtime/decoder-io.js';
 export { ModReference } from './reference/mod-reference.js';
 export { modPipeline, type ModOptions } from '../passes/index.js';
+export { evaluate, type EvalOptions, type EvalResult, type LayerEval } from './eval/index.js';
+export { modelCosts, readCosts, type ModelCosts, type LayerCost } from './analysis/cost.js';
+export { readDataset, loadDataset, loadTokenizer, type Dataset, type DatasetOptions } from './data/index.js';

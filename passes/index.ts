@@ -1,6 +1,6 @@
 /**
  * Every pass modc knows, by name (what `--passes` resolves against), and the default MoD
- * pipeline: split-fused-boundaries -> insert-routers -> route-layers -> cleanup
+ * pipeline: record-costs -> split-fused-boundaries -> insert-routers -> route-layers -> cleanup
  * [-> inline-modc-ops].
  */
 import { UsageError } from '../compiler/errors.js';
@@ -11,6 +11,7 @@ import { inlineModcOpsPass } from './inline-modc-ops.js';
 import { insertRoutersPass } from './insert-routers.js';
 import { lastLogitsPass } from './last-logits.js';
 import { liftConstantsPass } from './lift-constants.js';
+import { recordCostsPass } from './record-costs.js';
 import { routeLayersPass } from './route-layers.js';
 import { splitFusedBoundariesPass } from './split-fused-boundaries.js';
 
@@ -33,7 +34,13 @@ function needsPlan(name: string, description: string): Pass {
 }
 
 export function defaultRegistry(mod?: ModOptions): PassRegistry {
-  const reg = new PassRegistry().register(cleanupPass).register(liftConstantsPass).register(splitFusedBoundariesPass).register(inlineModcOpsPass).register(lastLogitsPass);
+  const reg = new PassRegistry()
+    .register(cleanupPass)
+    .register(liftConstantsPass)
+    .register(splitFusedBoundariesPass)
+    .register(inlineModcOpsPass)
+    .register(recordCostsPass)
+    .register(lastLogitsPass);
   if (mod) return reg.register(insertRoutersPass(mod.plan)).register(routeLayersPass({ gated: mod.plan.gated }));
   return reg
     .register(needsPlan('insert-routers', 'add a router and token selection on each converted layer\'s residual input'))
@@ -43,8 +50,13 @@ export function defaultRegistry(mod?: ModOptions): PassRegistry {
 /** The default `modc compile` pipeline for a routing plan. */
 export function modPipeline(mod: ModOptions): PipelineStep[] {
   const reg = defaultRegistry(mod);
-  const layers = mod.plan.layers.map((l) => l.layer).join(',');
-  return reg.parsePipeline(`split-fused-boundaries{layers=${layers}},insert-routers,route-layers${mod.logits === 'last' ? ',last-logits' : ''},cleanup${mod.inlineOps ? ',inline-modc-ops' : ''}`);
+  const layers = [...new Set(mod.plan.layers.map((l) => l.layer))].join(',');
+  // Sub-layer parts need the stream between attention and MLP as a value: split fusions there too.
+  const within = [...new Set(mod.plan.layers.filter((l) => l.part !== 'block').map((l) => l.layer))].join(',');
+  const split = `split-fused-boundaries{layers=${layers}${within ? `;within=${within}` : ''}}`;
+  return reg.parsePipeline(
+    `record-costs,${split},insert-routers,route-layers${mod.logits === 'last' ? ',last-logits' : ''},cleanup${mod.inlineOps ? ',inline-modc-ops' : ''}`,
+  );
 }
 
-export { cleanupPass, inlineModcOpsPass, insertRoutersPass, lastLogitsPass, liftConstantsPass, routeLayersPass, splitFusedBoundariesPass };
+export { cleanupPass, inlineModcOpsPass, insertRoutersPass, lastLogitsPass, liftConstantsPass, recordCostsPass, routeLayersPass, splitFusedBoundariesPass };

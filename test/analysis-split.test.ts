@@ -12,11 +12,11 @@ import { decoderIo } from '../compiler/runtime/decoder-io.js';
 import { createSession } from '../compiler/runtime/ort.js';
 import { splitFusedBoundaries } from '../passes/split-fused-boundaries.js';
 import { decodeStep, maxAbsDiff, prefill, type Feeds } from './extract-feeds.js';
-import { ROOT, SHARED_MODELS, tempDir } from './helpers.js';
+import { ROOT, FIXTURES, tempDir } from './helpers.js';
 
 const FUSED = [
-  { name: 'ort-gpt2-fused', path: join(SHARED_MODELS, 'ort-gpt2-fused', 'model.onnx'), pad: 'left', tolerance: 1e-5 },
-  { name: 'ort-qwen2-gqa', path: join(SHARED_MODELS, 'ort-qwen2-gqa', 'model.onnx'), pad: 'right', tolerance: 1e-2 },
+  { name: 'ort-gpt2-fused', path: join(FIXTURES, 'ort-gpt2-fused', 'model.onnx'), pad: 'left', tolerance: 1e-5 },
+  { name: 'ort-qwen2-gqa', path: join(FIXTURES, 'ort-qwen2-gqa', 'model.onnx'), pad: 'right', tolerance: 1e-2 },
   { name: 'genai-tiny', path: join(ROOT, 'fixtures', 'genai-tiny', 'model.onnx'), pad: 'left', tolerance: 1e-2 },
 ] as const;
 

@@ -10,10 +10,10 @@ import { formatExplanation, formatLayerTable, summarizeStructure } from '../comp
 import type { DecoderStructure, LayerInfo, SideInput } from '../compiler/analysis/types.js';
 import { ModcError } from '../compiler/errors.js';
 import { loadModel } from '../compiler/io/load.js';
-import { ROOT, SHARED_MODELS } from './helpers.js';
+import { ROOT, FIXTURES } from './helpers.js';
 
 const fixture = (name: string) => join(ROOT, 'fixtures', name, 'model.onnx');
-const shared = (name: string) => join(SHARED_MODELS, name, 'model.onnx');
+const shared = (name: string) => join(FIXTURES, name, 'model.onnx');
 
 const names = (vs: readonly ({ name: string } | null)[]) => vs.map((v) => v?.name ?? null);
 const residualIns = (s: DecoderStructure) => names(s.layers.map((l) => l.residualIn));

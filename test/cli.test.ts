@@ -4,10 +4,10 @@ import { describe, expect, it } from 'vitest';
 import { saveModel } from '../compiler/io/save.js';
 import { loadModel } from '../compiler/io/load.js';
 import { decodeModelProto, encodeModelProto } from '../compiler/proto/index.js';
-import { expectOneLineError, ROOT, runCli, SHARED_MODELS, tempDir } from './helpers.js';
+import { expectOneLineError, ROOT, runCli, FIXTURES, tempDir } from './helpers.js';
 
 const tmp = tempDir('modc-cli');
-const GPT2_FUSED = join(SHARED_MODELS, 'ort-gpt2-fused', 'model.onnx');
+const GPT2_FUSED = join(FIXTURES, 'ort-gpt2-fused', 'model.onnx');
 
 describe('modc inspect', () => {
   it('prints versions, I/O, op histogram and parameters', async () => {

@@ -5,11 +5,11 @@ import { describe, expect, it } from 'vitest';
 import { writeRouterFile } from '../compiler/routers.js';
 import { ModSession } from '../compiler/runtime/session.js';
 import { ort } from '../compiler/runtime/ort.js';
-import { expectOneLineError, ROOT, runCli, SHARED_MODELS, tempDir } from './helpers.js';
+import { expectOneLineError, ROOT, runCli, FIXTURES, tempDir } from './helpers.js';
 
 const tmp = tempDir('modc-compile');
 const LLAMA = join(ROOT, 'fixtures', 'llama-tiny', 'model.onnx');
-const GPT2_FUSED = join(SHARED_MODELS, 'ort-gpt2-fused', 'model.onnx');
+const GPT2_FUSED = join(FIXTURES, 'ort-gpt2-fused', 'model.onnx');
 
 describe('modc compile with routers', () => {
   it('prints what it converted and the layers it did not, and --json reports the same', async () => {

@@ -15,7 +15,7 @@ import { decoderIo } from '../compiler/runtime/decoder-io.js';
 import { createSession } from '../compiler/runtime/ort.js';
 import { splitFusedBoundaries } from '../passes/split-fused-boundaries.js';
 import { decodeStep, maxAbsDiff, prefill, type Feeds } from './extract-feeds.js';
-import { ROOT, SHARED_MODELS, tempDir } from './helpers.js';
+import { ROOT, FIXTURES, tempDir } from './helpers.js';
 
 const fixture = (name: string) => join(ROOT, 'fixtures', name, 'model.onnx');
 
@@ -25,8 +25,8 @@ const MODELS = [
   { name: 'llama-tiny', path: fixture('llama-tiny'), pad: 'left', tolerance: 1e-5 },
   { name: 'neox-tiny', path: fixture('neox-tiny'), pad: 'left', tolerance: 1e-5 },
   { name: 'llama-builder-tiny', path: fixture('llama-builder-tiny'), pad: 'left', tolerance: 1e-5 },
-  { name: 'ort-gpt2-fused', path: join(SHARED_MODELS, 'ort-gpt2-fused', 'model.onnx'), pad: 'left', tolerance: 1e-5 },
-  { name: 'ort-qwen2-gqa', path: join(SHARED_MODELS, 'ort-qwen2-gqa', 'model.onnx'), pad: 'right', tolerance: 1e-2 },
+  { name: 'ort-gpt2-fused', path: join(FIXTURES, 'ort-gpt2-fused', 'model.onnx'), pad: 'left', tolerance: 1e-5 },
+  { name: 'ort-qwen2-gqa', path: join(FIXTURES, 'ort-qwen2-gqa', 'model.onnx'), pad: 'right', tolerance: 1e-2 },
   { name: 'genai-tiny', path: fixture('genai-tiny'), pad: 'left', tolerance: 1e-2 },
 ] as const;
 
@@ -76,7 +76,7 @@ describe('layer units', () => {
   });
 
   it('refuse a fused boundary until it is split', () => {
-    const model = loadModel(join(SHARED_MODELS, 'ort-qwen2-gqa', 'model.onnx'));
+    const model = loadModel(join(FIXTURES, 'ort-qwen2-gqa', 'model.onnx'));
     expect(() => extractDecoder(model, analyzeDecoder(model))).toThrow(ModcError);
     expect(() => extractDecoder(model, analyzeDecoder(model))).toThrow(/^layer 0 cannot be extracted: its boundary is fused into com\.microsoft::SkipLayerNormalization node 'SkipLayerNorm_1'; run split-fused-boundaries first$/);
   });

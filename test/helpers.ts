@@ -10,19 +10,51 @@ import { DataType } from '../compiler/ir/dtype.js';
 import { ort } from '../compiler/runtime/ort.js';
 
 export const ROOT = resolve(import.meta.dirname, '..');
-export const SHARED_MODELS = resolve(ROOT, '../shared/models');
+/** The bundled models: ours, and the vendored third-party ones (fixtures/ort-*, see their SOURCE.md). */
+export const FIXTURES = join(ROOT, 'fixtures');
+/** @deprecated the third-party models moved into fixtures/; use FIXTURES or fixture(). Kept so older tests still merge. */
+export const SHARED_MODELS = FIXTURES;
 
-/** Every model the project must handle: fixtures/ (ours) and ../shared/models (third-party). */
+/** The path of a bundled model: fixture('ort-gpt2-fused') is fixtures/ort-gpt2-fused/model.onnx. */
+export function fixture(name: string): string {
+  const path = join(FIXTURES, name, 'model.onnx');
+  if (!existsSync(path)) throw new Error(`no fixture ${name} (${path})`);
+  return path;
+}
+
+/** Every model the project must handle: every fixtures/NAME/model.onnx, ours and third-party. */
 export function allModels(): { name: string; path: string }[] {
   const out: { name: string; path: string }[] = [];
-  for (const [prefix, dir] of [['fixtures', join(ROOT, 'fixtures')], ['shared', SHARED_MODELS]] as const) {
-    if (!existsSync(dir)) continue;
-    for (const entry of readdirSync(dir).sort()) {
-      const path = join(dir, entry, 'model.onnx');
-      if (existsSync(path)) out.push({ name: `${prefix}/${entry}`, path });
-    }
+  for (const entry of readdirSync(FIXTURES).sort()) {
+    const path = join(FIXTURES, entry, 'model.onnx');
+    if (existsSync(path)) out.push({ name: `fixtures/${entry}`, path });
   }
   return out;
+}
+
+/**
+ * The models `npm test` runs the end-to-end MoD contract on: one per attention form (ORT's fused
+ * Attention with a combined past; GroupQueryAttention in fp16 with right padding; a torch export
+ * with rotary positions and a parallel residual). `npm run test:slow` runs the contract on the rest.
+ */
+export const QUICK_MODELS = ['neox-tiny', 'ort-gpt2-fused', 'ort-qwen2-gqa'];
+
+/**
+ * The models a slow, per-model suite (test/mod.test.ts) runs on, chosen by the vitest project
+ * (vitest.config.ts sets MODC_TEST_MODELS): `quick` -> QUICK_MODELS, `rest` -> every other
+ * fixture, unset -> all of them. `npx vitest run` runs both projects, so every model once.
+ */
+export function contractModels(): { name: string; path: string }[] {
+  const which = process.env.MODC_TEST_MODELS ?? 'all';
+  if (!['quick', 'rest', 'all'].includes(which)) throw new Error(`MODC_TEST_MODELS must be quick, rest or all, not ${which}`);
+  const quick = (m: { name: string }) => QUICK_MODELS.some((q) => m.name === `fixtures/${q}`);
+  const models = allModels();
+  if (which === 'quick') {
+    const picked = models.filter(quick);
+    if (picked.length !== QUICK_MODELS.length) throw new Error(`missing quick fixtures: ${QUICK_MODELS.join(', ')}`);
+    return picked;
+  }
+  return which === 'rest' ? models.filter((m) => !quick(m)) : models;
 }
 
 /** A temp folder removed after the test file finishes. */

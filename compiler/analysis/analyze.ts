@@ -37,10 +37,11 @@ export function analyzeDecoder(model: Model, opts: AnalyzeOptions = {}): Decoder
   const isPrefix = (n: Node) => ownership.nodeLayer.get(n) === PREFIX;
   const isSharedNode = (n: Node) => isPrefix(n) && !n.outputs.every((o) => facts.isConstant(o));
   const classifier = new SideInputClassifier(graph, facts, isPrefix);
-  const layers = buildLayers(graph, steps, ownership, embedding.info, classifier);
+  const layers = buildLayers(graph, steps, ownership, embedding.info, classifier, ctx);
   explainBoundaries(layers, explain);
   const final = finalInfo(graph, steps, ownership, layers.length, opts, explain);
-  const first = layers[0]!;
+  const first = layers.find((l) => l.attention.form !== 'recurrent');
+  if (!first) throw new ModcError(`no attention layer: all ${layers.length} layers mix tokens through state only (recurrent), and modc routes attention layers`);
   return {
     embedding: embedding.info,
     steps,

@@ -7,7 +7,12 @@
  */
 import type { Node, Value } from '../ir/graph.js';
 
-export type AttentionForm = 'unfused' | 'Attention' | 'MultiHeadAttention' | 'GroupQueryAttention';
+/**
+ * 'recurrent': a token mixer with state besides a KV cache and no attention (the linear-attention
+ * or convolution layers of hybrid models); its `kv` names that state, its `node` is the first
+ * node reading it. Such layers are found and kept dense.
+ */
+export type AttentionForm = 'unfused' | 'Attention' | 'MultiHeadAttention' | 'GroupQueryAttention' | 'recurrent';
 
 /**
  * How positions enter the model: learned absolute embeddings added to the stream start;
@@ -138,6 +143,11 @@ export interface LayerInfo {
   mlpNodes: Node[];
   sideInputs: SideInput[];
   kv: KvCacheSpec;
+  /**
+   * State besides the KV cache this layer reads and rewrites (conv / recurrent state of hybrid
+   * models: a past graph input and its present graph output). A layer with state is not routed.
+   */
+  state: KvTensor[];
 }
 
 /** The stream start: a token Gather (plus absolute position adds), or EmbedLayerNormalization. */

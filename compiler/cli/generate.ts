@@ -4,6 +4,7 @@ import { ModSession } from '../runtime/session.js';
 import { numberFlag, onePositional, stringFlag } from './args.js';
 import type { Command } from './command.js';
 import { parseIdList, parseIdRows } from './ids.js';
+import { progressOf } from './progress.js';
 import { executionProvider, padSide, PROMPT_OPTIONS } from './run.js';
 
 export const generateCommand: Command = {
@@ -34,8 +35,12 @@ export const generateCommand: Command = {
     const forceText = stringFlag(values, 'force');
     const force = forceText !== undefined ? parseIdList(forceText, '--force') : undefined;
     const rows = parseIdRows(text);
+    const progress = progressOf(io);
+    progress.stage('load');
     const session = await ModSession.create(path, { executionProvider: executionProvider(values) });
-    const result = await session.generate(rows, { maxNewTokens: maxNew, force, pad: padSide(values) });
+    progress.stage('generate', maxNew + 1);
+    const result = await session.generate(rows, { maxNewTokens: maxNew, force, pad: padSide(values), onStep: () => progress.tick() });
+    progress.stop();
     if (values.json) {
       io.out(JSON.stringify({
         ids: result.ids,

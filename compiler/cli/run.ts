@@ -5,6 +5,7 @@ import type { ExecutionProvider } from '../runtime/ort.js';
 import { onePositional, stringFlag } from './args.js';
 import type { CliOption, Command } from './command.js';
 import { parseIdRows } from './ids.js';
+import { progressOf } from './progress.js';
 
 export function executionProvider(values: Record<string, unknown>): ExecutionProvider {
   const ep = (values.ep as string | undefined) ?? 'cpu';
@@ -12,8 +13,10 @@ export function executionProvider(values: Record<string, unknown>): ExecutionPro
   return ep;
 }
 
-export function padSide(values: Record<string, unknown>): 'left' | 'right' {
-  const pad = (values.pad as string | undefined) ?? 'left';
+/** The --pad flag; undefined when absent (the model's default side: left, or right for GroupQueryAttention). */
+export function padSide(values: Record<string, unknown>): 'left' | 'right' | undefined {
+  const pad = values.pad as string | undefined;
+  if (pad === undefined) return undefined;
   if (pad !== 'left' && pad !== 'right') throw new UsageError(`--pad must be left or right, got '${pad}'`);
   return pad;
 }
@@ -21,7 +24,7 @@ export function padSide(values: Record<string, unknown>): 'left' | 'right' {
 /** Options `run` and `generate` share. */
 export const PROMPT_OPTIONS = {
   ids: { type: 'string', valueName: 'IDS', help: 'token ids: rows separated by ";", ids by ","' },
-  pad: { type: 'string', valueName: 'SIDE', help: 'pad shorter rows on the left (default) or right' },
+  pad: { type: 'string', valueName: 'SIDE', help: 'pad shorter rows on the left or right (default left; right, the only side it takes, for GroupQueryAttention)' },
   ep: { type: 'string', valueName: 'EP', help: 'execution provider: cpu (default) or cuda' },
   json: { type: 'boolean', help: 'print the result as JSON' },
 } as const satisfies Record<string, CliOption>;
@@ -46,11 +49,15 @@ export const runCommand: Command = {
     if (text === undefined) throw new UsageError('missing --ids');
     const rows = parseIdRows(text);
     const pad = padSide(values);
+    const progress = progressOf(io);
+    progress.stage('load');
     const session = await ModSession.create(path, { executionProvider: executionProvider(values) });
+    progress.stage(`forward over ${rows.length} x ${Math.max(...rows.map((r) => r.length))} tokens`);
     const logits = await session.forward(rows, { pad });
+    progress.stop();
     const [B, S, V] = logits.dims;
     if (values.json) {
-      const { ids, mask } = padRows(rows, pad);
+      const { ids, mask } = padRows(rows, session.padSide(pad));
       const nested = Array.from({ length: B }, (_, b) => Array.from({ length: S }, (_, s) => Array.from(logits.data.subarray((b * S + s) * V, (b * S + s + 1) * V))));
       const inputIds = mask.map((_, b) => ids.slice(b * S, (b + 1) * S));
       io.out(JSON.stringify({ logits: nested, dims: [B, S, V], attentionMask: mask, inputIds, positions: session.logits }));

@@ -7,7 +7,7 @@
  */
 import type { AttributeProto, StringStringEntryProto, TypeProto } from '../proto/index.js';
 import { AttributeType, has, int64ToNumber } from '../proto/index.js';
-import { ModcError } from '../errors.js';
+import { ModcError, escapeText, quote } from '../errors.js';
 import type { Tensor } from './tensor.js';
 
 export type Dim = number | string | null;
@@ -76,7 +76,7 @@ export class Value {
   }
 
   toString(): string {
-    return `%${this.name}`;
+    return `%${escapeText(this.name)}`;
   }
 }
 
@@ -118,8 +118,8 @@ export class Node {
 
   /** `domain::op` for diagnostics, with the node name when it has one. */
   describe(): string {
-    const op = this.domain && this.domain !== 'ai.onnx' ? `${this.domain}::${this.opType}` : this.opType;
-    return this.name ? `${op} node '${this.name}'` : `${op} node producing ${this._outputs.map((v) => v.name).join(', ')}`;
+    const op = escapeText(this.domain && this.domain !== 'ai.onnx' ? `${this.domain}::${this.opType}` : this.opType);
+    return this.name ? `${op} node ${quote(this.name)}` : `${op} node producing ${this._outputs.map((v) => quote(v.name)).join(', ')}`;
   }
 
   input(i: number): Value | null {
@@ -336,7 +336,7 @@ export class Graph {
 
   indexOf(node: Node): number {
     const i = this._nodes.indexOf(node);
-    if (i < 0) throw new ModcError(`${node.describe()} is not in graph '${this.name}'`);
+    if (i < 0) throw new ModcError(`${node.describe()} is not in graph ${quote(this.name)}`);
     return i;
   }
 
@@ -344,7 +344,7 @@ export class Graph {
   removeNode(node: Node, force = false): void {
     if (!force) {
       for (const v of node.outputs) {
-        if (v.uses.size > 0 || this.outputs.includes(v)) throw new ModcError(`cannot remove ${node.describe()}: its output ${v.name} is still used`);
+        if (v.uses.size > 0 || this.outputs.includes(v)) throw new ModcError(`cannot remove ${node.describe()}: its output ${quote(v.name)} is still used`);
       }
     }
     node.detachInputs();
@@ -439,11 +439,26 @@ export class Graph {
       }
     }
     if (sorted.length !== nodes.length) {
-      const stuck = nodes.find((n) => pending.get(n)! > 0)!;
-      throw new ModcError(`graph '${this.name}' has a cycle through ${stuck.describe()}`);
+      throw new ModcError(`graph ${quote(this.name)} has a cycle through ${this.nodeOnCycle(pending).describe()}`);
     }
     this._nodes = sorted;
     return this;
+  }
+
+  /**
+   * A node on a true cycle, given the nodes a sort could not place (pending > 0): every such
+   * node waits on another unplaced node, so walking back through them must revisit one.
+   */
+  private nodeOnCycle(pending: ReadonlyMap<Node, number>): Node {
+    let n = this._nodes.find((x) => pending.get(x)! > 0)!;
+    const seen = new Set<Node>();
+    while (!seen.has(n)) {
+      seen.add(n);
+      const p = externalInputsOf(n).map((v) => v.producer).find((x) => x && x.graph === this && pending.get(x)! > 0);
+      if (!p) break;
+      n = p;
+    }
+    return n;
   }
 
   /**

@@ -6,13 +6,14 @@
  *   const p = await s.forward([[5, 6, 7], [8, 9]]);   // logits [B, S, V]
  *   const d = await s.step([10, 11]);                 // logits [B, 1, V]
  *
- * Rows of different lengths are padded (left by default) with token 0 and masked; positions
+ * Rows of different lengths are padded with token 0 and masked (on the left by default; right,
+ * the only side it takes, for GroupQueryAttention); positions
  * count real tokens only (cumsum(mask) - 1, as Hugging Face does), so padding never shifts them.
  */
 import { ModcError } from '../errors.js';
 import { loadModel } from '../io/load.js';
 import { logitsPositions, type LogitsPositions } from '../logits-metadata.js';
-import { decoderIo, type DecoderIo, type KvBinding } from './decoder-io.js';
+import { decoderIo, type DecoderIo, type KvBinding, type PadSide, resolvePadSide } from './decoder-io.js';
 import { createSession, emptyTensor, ort, toFloat32, type SessionOptions } from './ort.js';
 
 export interface Logits {
@@ -30,6 +31,8 @@ export interface GenerateOptions {
   /** Feed these ids (one per step, the same for every row) instead of the argmax. */
   force?: number[];
   pad?: 'left' | 'right';
+  /** Called after the prefill (0) and after each decode step (1..maxNewTokens). */
+  onStep?: (done: number) => void;
 }
 
 export interface GenerateResult {
@@ -74,6 +77,8 @@ export class ModSession {
   /** Per row: 1 for a real token, 0 for padding, over every token fed so far. */
   private mask: number[][] = [];
   private caches = new Map<string, ort.Tensor>();
+  /** State besides the KV cache (hybrid models), by past input name. */
+  private states = new Map<string, ort.Tensor>();
   private lengths = new Map<number, number[]>();
 
   /** @param logits 'last': the model gives each row's last real position only ([B, 1, V], `modc compile --logits last`). */
@@ -88,9 +93,19 @@ export class ModSession {
     return this.mask.length;
   }
 
+  /** The padding side a forward with `asked` uses (the model's default when undefined); refuses a side the model cannot take. */
+  padSide(asked?: PadSide): PadSide {
+    return resolvePadSide(this.io, asked);
+  }
+
+  /** Per row, over every token fed so far: 1 for a real token, 0 for padding. */
+  attentionMask(): number[][] {
+    return this.mask.map((m) => [...m]);
+  }
+
   /** Runs the prompt (past length 0) and keeps the caches. */
   async forward(rows: number[][], opts: ForwardOptions = {}): Promise<Logits> {
-    const { ids, mask, width } = padRows(rows, opts.pad ?? 'left');
+    const { ids, mask, width } = padRows(rows, this.padSide(opts.pad));
     this.checkVocab(ids);
     this.checkContext(mask, 0);
     this.mask = mask;
@@ -103,6 +118,7 @@ export class ModSession {
       if (b.pastValue) this.caches.set(b.pastValue, emptyTensor(b.dtype, dims));
       if (b.pastLength) this.lengths.set(b.layer, Array(B).fill(0));
     }
+    this.states = zeroStates(this.io, B);
     return this.run(ids, [B, width], promptPositions(this.mask));
   }
 
@@ -125,11 +141,13 @@ export class ModSession {
     const steps: Float32Array[][] = [];
     let logits = await this.forward(prompt, { pad: opts.pad });
     steps.push(this.lastReal(logits));
+    opts.onStep?.(0);
     for (let t = 0; t < opts.maxNewTokens; t++) {
       const next = opts.force ? Array(this.batch).fill(opts.force[t]) : steps.at(-1)!.map(argmax);
       next.forEach((id, b) => ids[b]!.push(id));
       logits = await this.step(next);
       steps.push(lastPosition(logits));
+      opts.onStep?.(t + 1);
     }
     return { ids, steps };
   }
@@ -181,6 +199,7 @@ export class ModSession {
     if (io.attentionMask) feeds[io.attentionMask.name] = typed(io.attentionMask.dtype, this.mask.flat(), [this.batch, total]);
     if (io.positionIds) feeds[io.positionIds.name] = typed(io.positionIds.dtype, positions, dims);
     for (const [name, t] of this.caches) feeds[name] = t;
+    for (const [name, t] of this.states) feeds[name] = t;
     for (const b of io.kv) if (b.pastLength) feeds[b.pastLength] = typed('int64', this.lengths.get(b.layer)!, [this.batch]);
     let out: ort.InferenceSession.OnnxValueMapType;
     try {
@@ -189,6 +208,7 @@ export class ModSession {
       throw new ModcError(`onnxruntime failed running ${this.path}: ${(e as Error).message.split('\n')[0]}`);
     }
     for (const b of io.kv) this.keepPresent(b, out);
+    for (const s of io.state) this.states.set(s.past, out[s.present] as ort.Tensor);
     const logits = out[io.logits] as ort.Tensor;
     const [B, S, V] = logits.dims as [number, number, number];
     return { data: toFloat32(logits), dims: [B, S, V] };
@@ -202,6 +222,11 @@ export class ModSession {
       this.lengths.set(b.layer, Array.from(t.data as BigInt64Array, Number));
     }
   }
+}
+
+/** Every state input of the model, zeros for a batch of `B` (the start of a sequence). */
+export function zeroStates(io: DecoderIo, B: number): Map<string, ort.Tensor> {
+  return new Map(io.state.map((s) => [s.past, emptyTensor(s.dtype, s.dims.map((d) => (d < 0 ? B : d)))]));
 }
 
 /** The last position's logits of each row. */

@@ -1,0 +1,139 @@
+/**
+ * The cost model: multiply-accumulates (MACs) of a decoder, per layer and per part, and the
+ * accounting that turns "which tokens ran which part" into the compute and KV-cache fractions.
+ * This file is the one definition of those metrics (README, "Metrics").
+ *
+ * Per token, a part costs the elements of every weight its MatMul / Gemm / fused ops read
+ * (x[.., K] @ W[K, N] is K*N MACs per row). The attention part is every such op of the layer
+ * that is not in the MLP (`LayerInfo.mlpNodes`): Q, K, V and output projections, fused QKV.
+ * Attention itself costs 2 * numHeads * headSize MACs per (query, key) pair: Q.K and the
+ * weighted sum of V. A router costs H per token per routed part, lm_head H * V per token;
+ * embeddings and norms cost nothing here.
+ */
+import type { Node, Value } from '../ir/graph.js';
+import type { Model } from '../ir/model.js';
+import type { DecoderStructure, LayerInfo } from './types.js';
+
+export const COSTS_METADATA_KEY = 'modc.costs';
+
+export interface LayerCost {
+  layer: number;
+  /** MACs per token of the attention part's projections. */
+  attention: number;
+  /** MACs per (query, key) pair: scores and weighted values. */
+  attentionPair: number;
+  /** MACs per token of the MLP part. */
+  mlp: number;
+  /** Cache elements one token adds to this layer's KV cache (key and value). */
+  kvPerToken: number;
+}
+
+/** What the compile pipeline records under `modc.costs`, from the original model. */
+export interface ModelCosts {
+  hiddenSize: number;
+  vocabSize: number;
+  /** MACs per token of one router (its dot product). */
+  router: number;
+  /** MACs per token of lm_head. */
+  lmHead: number;
+  layers: LayerCost[];
+}
+
+/** Ops that multiply activations by a weight, and how many MACs per token that weight costs. */
+const WEIGHT_MACS: Record<string, (n: Node, weights: ReadonlySet<Value>) => number> = {
+  MatMul: (n, w) => weightOperands(n, w, [0, 1]),
+  Gemm: (n, w) => weightOperands(n, w, [0, 1]),
+  FusedMatMul: (n, w) => weightOperands(n, w, [0, 1]),
+  // com.microsoft Attention: input 1 is the packed QKV weight [H, 3H].
+  Attention: (n, w) => weightOperands(n, w, [1]),
+  MatMulNBits: (n) => n.attrInt('K', 0) * n.attrInt('N', 0),
+};
+
+function weightOperands(n: Node, weights: ReadonlySet<Value>, slots: number[]): number {
+  let macs = 0;
+  for (const i of slots) {
+    const v = n.input(i);
+    if (v && weights.has(v)) macs += elementCount(v) ?? 0;
+  }
+  return macs;
+}
+
+/** Elements of a constant weight: its shape, or the initializer it is computed from. */
+function elementCount(v: Value): number | null {
+  for (let cur: Value | null = v, hops = 0; cur && hops < 8; hops++) {
+    const shape = cur.initializer?.dims ?? cur.shape;
+    if (shape && shape.every((d) => typeof d === 'number')) return (shape as number[]).reduce((a, d) => a * d, 1);
+    const p: Node | null = cur.producer;
+    if (p?.opType === 'Constant') {
+      const dims = p.attr('value')?.t?.dims;
+      return dims ? dims.reduce((a: number, d) => a * Number(d), 1) : null;
+    }
+    cur = p?.input(0) ?? null;
+  }
+  return null;
+}
+
+function partMacs(nodes: readonly Node[], weights: ReadonlySet<Value>): number {
+  let macs = 0;
+  for (const n of nodes) macs += WEIGHT_MACS[n.opType]?.(n, weights) ?? 0;
+  return macs;
+}
+
+export function layerCost(layer: LayerInfo): LayerCost {
+  const weights = new Set(layer.sideInputs.filter((s) => s.kind === 'weight').map((s) => s.value));
+  const mlp = new Set(layer.mlpNodes);
+  const { numHeads, kv } = layer.attention;
+  return {
+    layer: layer.index,
+    attention: partMacs(layer.nodes.filter((n) => !mlp.has(n)), weights),
+    attentionPair: 2 * numHeads * kv.headSize,
+    mlp: partMacs(layer.mlpNodes, weights),
+    kvPerToken: 2 * kv.numKvHeads * kv.headSize,
+  };
+}
+
+export function modelCosts(s: DecoderStructure): ModelCosts {
+  const vocab = s.final.logits.shape?.at(-1);
+  const vocabSize = typeof vocab === 'number' ? vocab : (s.embedding.table.shape?.[0] as number | undefined) ?? 0;
+  return { hiddenSize: s.hiddenSize, vocabSize, router: s.hiddenSize, lmHead: s.hiddenSize * vocabSize, layers: s.layers.map(layerCost) };
+}
+
+export function readCosts(model: Model): ModelCosts | null {
+  const entry = model.metadataProps.find((p) => p.key === COSTS_METADATA_KEY);
+  return entry?.value ? (JSON.parse(entry.value) as ModelCosts) : null;
+}
+
+export function writeCosts(model: Model, costs: ModelCosts): void {
+  model.metadataProps = [...model.metadataProps.filter((p) => p.key !== COSTS_METADATA_KEY), { key: COSTS_METADATA_KEY, value: JSON.stringify(costs) }];
+}
+
+/**
+ * What ran in one row of a forward with no past: the row's real tokens, and per layer how many
+ * of them ran the attention part and the MLP part, and how many routers scored them.
+ * Selected tokens see, in their layer, only the earlier selected tokens and themselves (the
+ * compacted cache, causal), so k attention tokens make k(k+1)/2 (query, key) pairs.
+ */
+export interface RowUsage {
+  tokens: number;
+  layers: { attention: number; mlp: number; routers: number }[];
+}
+
+export const denseUsage = (costs: ModelCosts, tokens: number): RowUsage => ({
+  tokens,
+  layers: costs.layers.map(() => ({ attention: tokens, mlp: tokens, routers: 0 })),
+});
+
+/** MACs the row executed: each part on the tokens that ran it, attention pairs, routers, lm_head. */
+export function executedMacs(costs: ModelCosts, row: RowUsage): number {
+  let macs = costs.lmHead * row.tokens;
+  costs.layers.forEach((c, l) => {
+    const u = row.layers[l]!;
+    macs += c.attention * u.attention + c.attentionPair * ((u.attention * (u.attention + 1)) / 2) + c.mlp * u.mlp + costs.router * u.routers * row.tokens;
+  });
+  return macs;
+}
+
+/** KV-cache elements the row leaves behind: attention tokens times each layer's per-token width. */
+export function kvElements(costs: ModelCosts, row: RowUsage): number {
+  return costs.layers.reduce((a, c, l) => a + c.kvPerToken * row.layers[l]!.attention, 0);
+}
