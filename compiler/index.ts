@@ -23,11 +23,14 @@ export { createSession, type SessionOptions, type ExecutionProvider } from './ru
 export { defaultRegistry } from '../passes/index.js';
 export { analyzeDecoder, extractDecoder, LayerByLayerRunner, summarizeStructure, formatLayerTable } from './analysis/index.js';
 export type { DecoderStructure, LayerInfo, KvCacheSpec, SideInput, AttentionForm } from './analysis/types.js';
-export { planRouting, parseLayerSpec, type RoutingPlan, type LayerPlan, type PlanRequest } from './routing-plan.js';
-export { readRouterFile, writeRouterFile, type LayerRouter } from './routers.js';
+export { planRouting, parseLayerSpec, type RoutingPlan, type LayerPlan, type PlanRequest, type RoutedPart } from './routing-plan.js';
+export { readRouterFile, loadRouterFile, writeRouterFile, type LayerRouter, type RouterFile, type RouterFileMetadata } from './routers.js';
+export { readRoutingMetadata, type RoutingMetadata } from './routing-metadata.js';
+export { subLayersOf, type SubLayer, type SubLayers } from './analysis/sub-layers.js';
 export { ModSession, type Logits, type GenerateResult } from './runtime/session.js';
 export { decoderIo, type DecoderIo } from './runtime/decoder-io.js';
 export { ModReference } from './reference/mod-reference.js';
+export { graphFingerprint, recordSource, readSource, checkCompiledFrom, SOURCE_METADATA_KEY } from './source-fingerprint.js';
 export { modPipeline, type ModOptions } from '../passes/index.js';
 export { evaluate, type EvalOptions, type EvalResult, type LayerEval } from './eval/index.js';
 export { modelCosts, readCosts, type ModelCosts, type LayerCost } from './analysis/cost.js';
