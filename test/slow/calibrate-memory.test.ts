@@ -1,0 +1,51 @@
+/**
+ * modc calibrate in bounded memory: a child Node with a heap smaller than the data's activations
+ * calibrates it, holding one batch at a time (slow: a minute or more of calibration).
+ */
+import { spawnSync } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { mulberry32 } from '../../compiler/routers.js';
+import { ROOT, tempDir } from '../helpers.js';
+
+const MODEL = join(ROOT, 'fixtures', 'llama-tiny', 'model.onnx');
+const HIDDEN = 64;
+const LAYERS = 3;
+const VOCAB = 512;
+
+/** Seeded sequences of ids with some structure (a noisy repeating pattern), as JSON lines. */
+function writeData(path: string, lines: number, length: number, seed: number): void {
+  const next = mulberry32(seed);
+  const out: string[] = [];
+  for (let i = 0; i < lines; i++) {
+    const period = 3 + Math.floor(next() * 5);
+    const base = Array.from({ length: period }, () => Math.floor(next() * VOCAB));
+    const ids = Array.from({ length }, (_, t) => (next() < 0.2 ? Math.floor(next() * VOCAB) : base[t % period]!));
+    out.push(JSON.stringify({ ids }));
+  }
+  writeFileSync(path, out.join('\n') + '\n');
+}
+
+describe('bounded memory', () => {
+  const dir = tempDir('modc-calibrate-mem');
+
+  it('calibrates data whose activations exceed the heap, holding one batch at a time', () => {
+    const length = 64;
+    const lines = 500;
+    const tokens = lines * length;
+    // Residual stream values a full capture holds per token: x of each layer, h of each layer, the last output.
+    const activationBytes = tokens * (2 * LAYERS + 1) * HIDDEN * 4;
+    const heapMiB = 32;
+    expect(activationBytes).toBeGreaterThan(1.5 * heapMiB * 2 ** 20);
+    const data = join(dir, 'big.jsonl');
+    writeData(data, lines, length, 5);
+    const child = spawnSync(process.execPath, [`--max-old-space-size=${heapMiB}`, '--expose-gc', '--import', 'tsx', join(ROOT, 'test', 'calibrate-memory-child.ts'), MODEL, data, join(dir, 'r.safetensors')], { cwd: ROOT, encoding: 'utf8', timeout: 400_000 });
+    expect(child.stderr).not.toMatch(/heap out of memory|Error/);
+    expect(child.status).toBe(0);
+    const report = JSON.parse(child.stdout.trim().split('\n').at(-1)!) as { peak: { heapUsed: number; arrayBuffers: number }; tokens: number };
+    expect(report.tokens).toBe(tokens);
+    // Typed arrays live outside the V8 heap: bound them too.
+    expect(report.peak.heapUsed + report.peak.arrayBuffers).toBeLessThan(activationBytes / 2);
+  }, 420_000);
+});
