@@ -82,6 +82,9 @@ function regionOf(model: Model, layer: LayerInfo, part: RoutedPart): RoutedRegio
       output: { kind: 'stream', value: layer.residualOut! }, compactsKv: true,
     };
   }
+  // Like a block, no part of a layer with state besides the KV cache is routed (it stays dense).
+  const stateful = layer.sideInputs.find((si) => si.kind === 'other');
+  if (stateful) return { reason: `side input ${stateful.value} is not understood (${(stateful as { reason: string }).reason})` };
   const parts = subLayersOf(layer, new Set(model.graph.outputs));
   if ('reason' in parts) return { reason: `no sub-layer boundary: ${parts.reason}` };
   const sub = parts[part];
