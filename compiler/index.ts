@@ -30,7 +30,10 @@ export { subLayersOf, type SubLayer, type SubLayers } from './analysis/sub-layer
 export { ModSession, type Logits, type GenerateResult } from './runtime/session.js';
 export { decoderIo, type DecoderIo } from './runtime/decoder-io.js';
 export { ModReference } from './reference/mod-reference.js';
+export { graphFingerprint, recordSource, readSource, checkCompiledFrom, SOURCE_METADATA_KEY } from './source-fingerprint.js';
 export { modPipeline, type ModOptions } from '../passes/index.js';
 export { evaluate, type EvalOptions, type EvalResult, type LayerEval } from './eval/index.js';
 export { modelCosts, readCosts, type ModelCosts, type LayerCost } from './analysis/cost.js';
 export { readDataset, loadDataset, loadTokenizer, type Dataset, type DatasetOptions } from './data/index.js';
+export { calibrate, Calibrator, type CalibrateOptions, type CalibrationResult, type CalibrationReport } from './calibration/calibrate.js';
+export { routerFileMetadata, writeCalibratedRouters } from './calibration/router-file.js';
