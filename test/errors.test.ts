@@ -67,7 +67,7 @@ const MODEL_ERRORS: [string, RegExp][] = [
   ['externalEscapes', /escapes the model folder/],
   // inspect, compile, verify's original: the analysis; run, generate, bench: the session's I/O
   // check; verify's compiled side: the missing routing.
-  ['notDecoder', /(not a decoder modc can handle: )?no residual stream: expected a token embedding|model has no 'input_ids' input \(inputs: x\)|the compiled model has no modc routing metadata/],
+  ['notDecoder', /(not a decoder modc can handle: )?no residual stream: expected a token embedding|model has no 'input_ids' (or 'inputs_embeds' )?input \(inputs: x\)|the compiled model has no modc routing metadata/],
 ];
 
 /** Every command, with the model argument at `M` (twice for the commands that take two models). */
