@@ -96,9 +96,15 @@ export async function evaluate(modelPath: string, sequences: number[][], opts: E
   }
 
   let session: ort.InferenceSession | null = null;
+  // Ctrl-C skips `finally`: remove the temp copy first, then let the signal do what it would have.
+  const onSignal = (signal: NodeJS.Signals) => {
+    if (temp) rmSync(temp, { recursive: true, force: true });
+    process.kill(process.pid, signal);
+  };
   try {
     if (selections.length) {
       temp = copyFolder(modelPath, model);
+      process.once('SIGINT', onSignal).once('SIGTERM', onSignal);
       runPath = saveModel(model, join(temp, basename(modelPath))).path;
     }
     const run = (session = await createSession(runPath, { executionProvider: opts.executionProvider }));
@@ -116,6 +122,7 @@ export async function evaluate(modelPath: string, sequences: number[][], opts: E
     }
     return acc.result(sequences.length, routing ? { mode: routing.mode, gated: routing.gated } : null);
   } finally {
+    process.off('SIGINT', onSignal).off('SIGTERM', onSignal);
     await session?.release();
     if (temp) rmSync(temp, { recursive: true, force: true });
   }
