@@ -3,8 +3,10 @@
  * selected fractions against hand counts from the fixture's dimensions, on models whose
  * selections are known (top-k selects ceil(c*n) tokens of each row whatever the scores).
  */
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { readDataset } from '../compiler/data/index.js';
 import { evaluate } from '../compiler/eval/index.js';
 import { loadModel } from '../compiler/io/load.js';
 import { saveModel } from '../compiler/io/save.js';
@@ -72,6 +74,14 @@ describe('NLL is the mean over every predicted token', () => {
     expect(Math.abs(r.nll - (await referenceNll(LLAMA, LINES)))).toBeLessThan(1e-3);
     expect(r.perplexity).toBeCloseTo(Math.exp(r.nll), 10);
   });
+
+  it('reproduces the held-out NLL torch measured for the trained quality fixture', async () => {
+    const dir = join(ROOT, 'fixtures/quality-lm');
+    const torchNll = (JSON.parse(readFileSync(join(dir, 'train-log.json'), 'utf8')) as { evalNll: number }).evalNll; // 4 decimals
+    const r = await evaluate(join(dir, 'model.onnx'), readDataset(join(dir, 'eval.jsonl'), { vocabSize: 256 }), { batchSize: 16 });
+    expect(r.tokens).toBe(64 * 255);
+    expect(Math.abs(r.nll - torchNll)).toBeLessThan(2e-4);
+  }, 60_000);
 
   it('compiled model (threshold routers, batched with padding on either side): agrees too', async () => {
     const ref = await referenceNll(compiled.threshold, LINES);
