@@ -1,12 +1,39 @@
 import { defineConfig } from 'vitest/config';
 
+/**
+ * Two projects, so that `npm test` stays short and nothing is run twice:
+ * - quick (`npm test`): every test file outside test/slow/ and SLOW_FILES; the per-model MoD
+ *   contract (test/mod.test.ts) on QUICK_MODELS only (test/helpers.ts).
+ * - slow (`npm run test:slow`): test/slow/ (packaging, long end-to-end runs), SLOW_FILES, and
+ *   the per-model contract on the other fixtures.
+ * `npx vitest run` with no --project runs both: the whole suite, each case once.
+ */
+const SPLIT_BY_MODEL = ['test/mod.test.ts'];
+/** Whole files that are slow end-to-end runs of several commands on real sessions. */
+const SLOW_FILES = ['test/verify.test.ts'];
+
 export default defineConfig({
   test: {
-    include: ['test/**/*.test.ts'],
     testTimeout: 60_000,
     hookTimeout: 60_000,
     // onnxruntime-node sessions are heavy; two workers match the 2-core CI machine.
     maxWorkers: 2,
     reporters: ['default', './test/count-reporter.ts'],
+    projects: [
+      {
+        extends: true,
+        test: { name: 'quick', include: ['test/**/*.test.ts'], exclude: ['test/slow/**', ...SLOW_FILES], env: { MODC_TEST_MODELS: 'quick' } },
+      },
+      {
+        extends: true,
+        test: {
+          name: 'slow',
+          include: ['test/slow/**/*.test.ts', ...SLOW_FILES, ...SPLIT_BY_MODEL],
+          env: { MODC_TEST_MODELS: 'rest' },
+          testTimeout: 300_000,
+          hookTimeout: 300_000,
+        },
+      },
+    ],
   },
 });

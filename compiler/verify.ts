@@ -19,13 +19,16 @@ import { ModReference } from './reference/mod-reference.js';
 import { readRoutingMetadata } from './routing-metadata.js';
 import { allPassRouters, routerTensorPrefix } from './routers.js';
 import { DEFAULT_THRESHOLD, describeLayerPart, type RoutingPlan } from './routing-plan.js';
+import { decoderIo, resolvePadSide } from './runtime/decoder-io.js';
 import { argmax, lastPosition, type Logits, ModSession } from './runtime/session.js';
 import { modPipeline } from '../passes/index.js';
+import { checkCompiledFrom } from './source-fingerprint.js';
 
 export interface VerifyOptions {
   prompt: number[][];
   steps: number;
-  pad: 'left' | 'right';
+  /** Padding side; default: the original model's (left, or right for GroupQueryAttention). */
+  pad?: 'left' | 'right';
   /** Largest allowed |logit difference| (default: 1e-4, or 1e-2 for float16 models). */
   tolerance?: number;
 }
@@ -109,7 +112,7 @@ export function worstReal(a: Logits, b: Logits, rows: number[][], pad: 'left' | 
 }
 
 /** Runs both on the prompt and `steps` tokens (the first runner's argmax, fed to both). */
-async function compare(name: CheckResult['name'], a: Runner, b: Runner, opts: VerifyOptions, tolerance: number): Promise<CheckResult> {
+async function compare(name: CheckResult['name'], a: Runner, b: Runner, opts: VerifyOptions & { pad: 'left' | 'right' }, tolerance: number): Promise<CheckResult> {
   const first = await a.forward(opts.prompt, { pad: opts.pad });
   const maxDiff = [worstReal(first, await b.forward(opts.prompt, { pad: opts.pad }), opts.prompt, opts.pad)];
   let next = lastRealOf(first, opts.prompt, opts.pad).map(argmax);
@@ -128,19 +131,22 @@ export async function verifyCompiled(originalPath: string, compiledPath: string,
   const original = loadModel(originalPath);
   const structure = analyzeDecoder(original);
   const tolerance = opts.tolerance ?? (structure.dtype === 'float16' ? 1e-2 : 1e-4);
-  const plan = routingPlanOf(loadModel(compiledPath));
+  const compiledModel = loadModel(compiledPath);
+  checkCompiledFrom(original, compiledModel, originalPath, compiledPath);
+  const plan = routingPlanOf(compiledModel);
+  const sided = { ...opts, pad: resolvePadSide(decoderIo(original), opts.pad) };
   const work = mkdtempSync(join(tmpdir(), 'modc-verify-'));
   try {
     log(`semantics: ${compiledPath} against the reference executor on ${originalPath}`);
     const reference = await ModReference.create(originalPath, plan, work);
-    const semantics = await compare('semantics', await ModSession.create(compiledPath), reference, opts, tolerance);
+    const semantics = await compare('semantics', await ModSession.create(compiledPath), reference, sided, tolerance);
     await reference.release();
 
     log('anchor: every token selected, ungated, against the original');
     runPipeline(original, modPipeline({ plan: anchorPlanFor(plan, structure.hiddenSize) }));
     const anchorPath = join(work, 'anchor', 'model.onnx');
     saveModel(original, anchorPath);
-    const anchor = await compare('anchor', await ModSession.create(originalPath), await ModSession.create(anchorPath), opts, tolerance);
+    const anchor = await compare('anchor', await ModSession.create(originalPath), await ModSession.create(anchorPath), sided, tolerance);
     return { tolerance, checks: [semantics, anchor], passed: semantics.passed && anchor.passed };
   } finally {
     rmSync(work, { recursive: true, force: true });

@@ -32,6 +32,31 @@ export function allModels(): { name: string; path: string }[] {
   return out;
 }
 
+/**
+ * The models `npm test` runs the end-to-end MoD contract on: one per attention form (ORT's fused
+ * Attention with a combined past; GroupQueryAttention in fp16 with right padding; a torch export
+ * with rotary positions and a parallel residual). `npm run test:slow` runs the contract on the rest.
+ */
+export const QUICK_MODELS = ['neox-tiny', 'ort-gpt2-fused', 'ort-qwen2-gqa'];
+
+/**
+ * The models a slow, per-model suite (test/mod.test.ts) runs on, chosen by the vitest project
+ * (vitest.config.ts sets MODC_TEST_MODELS): `quick` -> QUICK_MODELS, `rest` -> every other
+ * fixture, unset -> all of them. `npx vitest run` runs both projects, so every model once.
+ */
+export function contractModels(): { name: string; path: string }[] {
+  const which = process.env.MODC_TEST_MODELS ?? 'all';
+  if (!['quick', 'rest', 'all'].includes(which)) throw new Error(`MODC_TEST_MODELS must be quick, rest or all, not ${which}`);
+  const quick = (m: { name: string }) => QUICK_MODELS.some((q) => m.name === `fixtures/${q}`);
+  const models = allModels();
+  if (which === 'quick') {
+    const picked = models.filter(quick);
+    if (picked.length !== QUICK_MODELS.length) throw new Error(`missing quick fixtures: ${QUICK_MODELS.join(', ')}`);
+    return picked;
+  }
+  return which === 'rest' ? models.filter((m) => !quick(m)) : models;
+}
+
 /** A temp folder removed after the test file finishes. */
 export function tempDir(tag = 'modc-test'): string {
   const dir = mkdtempSync(join(tmpdir(), `${tag}-`));

@@ -1,6 +1,6 @@
 /**
  * last-logits (`modc compile --logits last`): the lm_head runs for each row's last real token
- * only. On every model in fixtures/ and ../shared/models, alone and in the MoD pipeline:
+ * only. On every model in fixtures/ (ours and the vendored third-party ones), alone and in the MoD pipeline:
  * - the prefill gives [B, 1, V], equal to the full-logits model's logits at each row's last
  *   real position (left and right padding, batch 3 with rows of different lengths);
  * - decode steps are unchanged;

@@ -5,6 +5,7 @@ import { decoderIo } from '../runtime/decoder-io.js';
 import { intFlag, modelPair } from './args.js';
 import type { Command } from './command.js';
 import { formatBytes, table } from './format.js';
+import { progressOf } from './progress.js';
 import { executionProvider } from './run.js';
 
 const span = (s: Spread, digits: number) => `${s.median.toFixed(digits)} ms (${s.min.toFixed(digits)} - ${s.max.toFixed(digits)})`;
@@ -37,6 +38,7 @@ export const benchCommand: Command = {
   },
   async run(positionals, values, io) {
     const [original, compiled] = modelPair(positionals);
+    const progress = progressOf(io);
     const opts = {
       promptLength: intFlag(values, 'prompt', 128, 1),
       batch: intFlag(values, 'batch', 1, 1),
@@ -45,10 +47,12 @@ export const benchCommand: Command = {
       warmup: intFlag(values, 'warmup', 1, 0),
       intraOpThreads: intFlag(values, 'threads', 0, 0),
       executionProvider: executionProvider(values),
-      log: values.json ? undefined : (m: string) => io.err(m),
+      log: () => progress.tick(),
     };
     const vocab = decoderIo(loadModel(original)).vocabSize ?? 100;
+    progress.stage(`bench: ${opts.warmup + opts.runs} runs of each model`, opts.warmup + opts.runs);
     const report = await benchPair(original, compiled, vocab, opts);
+    progress.stop();
     if (values.json) {
       io.out(JSON.stringify(report, null, 2));
       return 0;

@@ -4,7 +4,9 @@
  */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { ModcError, UsageError } from '../errors.js';
+import type { CliOption, CliValues } from './command.js';
 import { COMMANDS, type Command } from './commands.js';
+import { createProgress, PROGRESS_OPTIONS, progressMode, type Progress } from './progress.js';
 
 export const VERSION = '0.1.0';
 
@@ -22,6 +24,11 @@ function globalHelp(): string {
     '  -h, --help     show help (also `modc <command> --help`)',
     '  --version      print the version',
     '  --debug        show stack traces for errors',
+    '  --progress     progress on stderr even when it is not a terminal (one line per stage)',
+    '  -q, --quiet    no progress or status lines on stderr (errors still print)',
+    '',
+    'progress bars draw only when stderr is a terminal; a failing command prints its error as',
+    'the last stderr line, `modc: ...`',
     '',
     'exit codes: 0 success, 1 error, 2 usage error',
   ].join('\n');
@@ -30,29 +37,59 @@ function globalHelp(): string {
 export function commandHelp(cmd: Command): string {
   const lines = [`usage: ${cmd.usage}`, '', cmd.summary];
   if (cmd.details) lines.push('', cmd.details);
-  const opts = Object.entries(cmd.options);
-  if (opts.length) {
-    lines.push('', 'options:');
-    const labels = opts.map(([name, o]) => `${o.short ? `-${o.short}, ` : '    '}--${name}${o.type === 'string' ? ` ${o.valueName ?? 'VALUE'}` : ''}`);
-    const width = Math.max(...labels.map((l) => l.length));
-    opts.forEach(([, o], i) => lines.push(`  ${labels[i]!.padEnd(width)}  ${o.help}`));
+  const own = Object.entries(cmd.options);
+  const common = Object.entries(PROGRESS_OPTIONS).filter(([name]) => !(name in cmd.options));
+  const label = ([name, o]: [string, CliOption]) => `${o.short ? `-${o.short}, ` : '    '}--${name}${o.type === 'string' ? ` ${o.valueName ?? 'VALUE'}` : ''}`;
+  const width = Math.max(...[...own, ...common].map((e) => label(e).length));
+  for (const [title, opts] of [['options:', own], ['common options:', common]] as const) {
+    if (!opts.length) continue;
+    lines.push('', title);
+    for (const e of opts) lines.push(`  ${label(e).padEnd(width)}  ${e[1].help}`);
   }
   return lines.join('\n');
+}
+
+/**
+ * `--seed -1` as `--seed=-1`: node:util's parseArgs refuses a value that starts with a dash
+ * ("argument is ambiguous"). A negative number after a flag that takes a value is that value;
+ * each command then accepts or refuses it by its own range check.
+ */
+export function attachNegativeValues(args: string[], options: Record<string, CliOption>): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i]!;
+    const next = args[i + 1];
+    const long = /^--([^=]+)$/.exec(a)?.[1];
+    const name = long ?? Object.entries(options).find(([, o]) => o.short !== undefined && a === `-${o.short}`)?.[0];
+    if (name !== undefined && options[name]?.type === 'string' && next !== undefined && /^-(\d|\.\d|Infinity)/.test(next) && args.slice(0, i).indexOf('--') < 0) {
+      out.push(`--${name}=${next}`);
+      i++;
+    } else {
+      out.push(a);
+    }
+  }
+  return out;
 }
 
 export interface Io {
   out: (text: string) => void;
   err: (text: string) => void;
+  /** The real stderr, when `err` writes to it: progress bars draw on it if it is a TTY. */
+  errStream?: NodeJS.WritableStream & { isTTY?: boolean };
+  /** Set by main() for the command it runs; read it with progressOf(io) (compiler/cli/progress.ts). */
+  progress?: Progress;
 }
 
 const defaultIo: Io = {
   out: (t) => process.stdout.write(t.endsWith('\n') ? t : t + '\n'),
   err: (t) => process.stderr.write(t.endsWith('\n') ? t : t + '\n'),
+  errStream: process.stderr,
 };
 
 export async function main(argv: string[], io: Io = defaultIo): Promise<number> {
   const debug = argv.includes('--debug');
   const args = argv.filter((a) => a !== '--debug');
+  let progress: Progress | undefined;
   try {
     const [name, ...rest] = args;
     if (name === undefined || name === '-h' || name === '--help' || name === 'help') {
@@ -71,13 +108,16 @@ export async function main(argv: string[], io: Io = defaultIo): Promise<number> 
     }
     let parsed;
     try {
-      const options = Object.fromEntries(Object.entries(cmd.options).map(([k, o]) => [k, { type: o.type, ...(o.short ? { short: o.short } : {}), ...(o.multiple ? { multiple: true } : {}) }])) as ParseArgsConfig['options'];
-      parsed = parseArgs({ args: rest, options, allowPositionals: true, strict: true });
+      const options = Object.fromEntries(Object.entries({ ...PROGRESS_OPTIONS, ...cmd.options }).map(([k, o]) => [k, { type: o.type, ...(o.short ? { short: o.short } : {}), ...(o.multiple ? { multiple: true } : {}) }])) as ParseArgsConfig['options'];
+      parsed = parseArgs({ args: attachNegativeValues(rest, { ...PROGRESS_OPTIONS, ...cmd.options }), options, allowPositionals: true, strict: true });
     } catch (e) {
       throw new UsageError(`${(e as Error).message.split('\n')[0]} (see 'modc ${cmd.name} --help')`);
     }
-    return await cmd.run(parsed.positionals, parsed.values as Record<string, string | boolean | string[] | undefined>, io);
+    const values = parsed.values as CliValues;
+    progress = createProgress(progressMode(values, io.errStream?.isTTY === true), io, io.errStream);
+    return await cmd.run(parsed.positionals, values, { ...io, progress });
   } catch (e) {
+    progress?.stop();
     if (e instanceof ModcError) {
       io.err(`modc: ${e.message}`);
       if (debug && e.stack) io.err(e.stack);
@@ -87,5 +127,7 @@ export async function main(argv: string[], io: Io = defaultIo): Promise<number> 
     const err = e as NodeJS.ErrnoException;
     io.err(`modc: internal error: ${err.message ?? String(e)} (rerun with --debug for a stack trace, and please report it)`);
     return 1;
+  } finally {
+    progress?.stop();
   }
 }

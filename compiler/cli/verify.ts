@@ -4,6 +4,7 @@ import { verifyCompiled } from '../verify.js';
 import { intFlag, modelPair, numberFlag, stringFlag } from './args.js';
 import type { Command } from './command.js';
 import { parseIdRows } from './ids.js';
+import { progressOf } from './progress.js';
 import { padSide } from './run.js';
 
 export const verifyCommand: Command = {
@@ -22,7 +23,7 @@ export const verifyCommand: Command = {
   options: {
     ids: { type: 'string', valueName: 'IDS', help: 'prompt rows (default "5,6,7,8,9,10,11;12,13,14;15,16,17,18,19")' },
     steps: { type: 'string', valueName: 'N', help: 'decode steps after the prompt (default 8)' },
-    pad: { type: 'string', valueName: 'SIDE', help: 'pad shorter rows on the left (default) or right (GroupQueryAttention)' },
+    pad: { type: 'string', valueName: 'SIDE', help: 'pad shorter rows on the left or right (default left; right, the only side it takes, for GroupQueryAttention)' },
     tolerance: { type: 'string', valueName: 'X', help: 'largest allowed logit difference (default 1e-4; 1e-2 for float16 models)' },
     json: { type: 'boolean', help: 'print the report as JSON' },
   },
@@ -32,8 +33,9 @@ export const verifyCommand: Command = {
     const tolerance = numberFlag(values, 'tolerance');
     if (tolerance !== undefined && !(tolerance >= 0)) throw new UsageError('--tolerance must be a non-negative number');
     const prompt = parseIdRows(stringFlag(values, 'ids') ?? '5,6,7,8,9,10,11;12,13,14;15,16,17,18,19');
-    const log = values.json ? () => {} : (m: string) => io.err(m);
-    const report = await verifyCompiled(original, compiled, { prompt, steps, pad: padSide(values), tolerance }, log);
+    const progress = progressOf(io);
+    const report = await verifyCompiled(original, compiled, { prompt, steps, pad: padSide(values), tolerance }, (m) => progress.stage(m));
+    progress.stop();
     if (values.json) {
       io.out(JSON.stringify(report, null, 2));
     } else {

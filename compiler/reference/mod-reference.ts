@@ -31,9 +31,10 @@ import { floatToHalf } from '../ir/dtype.js';
 import type { Node } from '../ir/graph.js';
 import type { Model } from '../ir/model.js';
 import { describeLayerPart, type LayerPlan, type RoutingPlan } from '../routing-plan.js';
-import { decoderIo, type DecoderIo, type KvBinding } from '../runtime/decoder-io.js';
+import { decoderIo, type DecoderIo, type KvBinding, resolvePadSide } from '../runtime/decoder-io.js';
+import { type EmbeddingSource, TokenEmbedder } from '../runtime/embeddings.js';
 import { emptyTensor, ort, toFloat32, type SessionOptions } from '../runtime/ort.js';
-import { type Logits, nextPositions, padRows, promptPositions, typed } from '../runtime/session.js';
+import { type Logits, nextPositions, padRows, promptPositions, typed, zeroStates } from '../runtime/session.js';
 import { splitFusedBoundaries } from '../../passes/split-fused-boundaries.js';
 import * as kernels from '../../runtime-ops/reference.js';
 import { loadUnit, releaseUnits, runUnit } from './units.js';
@@ -85,16 +86,19 @@ export class ModReference {
     private readonly suffix: LoadedUnit,
     private readonly io: DecoderIo,
     private readonly routing: RoutingPlan,
+    private readonly embedder: TokenEmbedder | null,
   ) {
     this.compacted = new Set(routing.layers.filter((l) => l.part !== 'mlp').map((l) => l.layer));
   }
 
-  static async create(modelPath: string, routing: RoutingPlan, workDir: string, opts: SessionOptions = {}): Promise<ModReference> {
+  static async create(modelPath: string, routing: RoutingPlan, workDir: string, opts: SessionOptions & { embeddings?: EmbeddingSource } = {}): Promise<ModReference> {
     const model = loadModel(modelPath);
     const io = decoderIo(model);
     const cut = [...new Set(routing.layers.filter((l) => l.part !== 'block').map((l) => l.layer))];
     splitFusedBoundaries(model, analyzeDecoder(model), { within: cut });
     const structure = analyzeDecoder(model);
+    const stateful = routing.layers.find((l) => structure.layers[l.layer]?.state.length);
+    if (stateful) throw new ModcError(`layer ${stateful.layer} carries state besides the KV cache and is never routed: take the routing plan from the compiled model (routingPlanOf)`);
     const groups = unitGroups(model, structure, routing);
     const units = extractUnits(model, groups.map((g) => g.group));
     const dir = join(workDir, 'units');
@@ -113,7 +117,8 @@ export class ModReference {
         layers.push({ kind: 'parts', index: layer.index, pieces, attentionRouted: plans.some((p) => p.part === 'attention') });
       }
     }
-    return new ModReference(loaded[0]!, layers, loaded.at(-1)!, io, routing);
+    const embedder = io.inputsEmbeds ? await TokenEmbedder.create(io, opts.embeddings ?? { kind: 'random', seed: 0 }, opts) : null;
+    return new ModReference(loaded[0]!, layers, loaded.at(-1)!, io, routing, embedder);
   }
 
   get batch(): number {
@@ -121,7 +126,7 @@ export class ModReference {
   }
 
   async forward(rows: number[][], opts: { pad?: 'left' | 'right' } = {}): Promise<Logits> {
-    const { ids, mask, width } = padRows(rows, opts.pad ?? 'left');
+    const { ids, mask, width } = padRows(rows, resolvePadSide(this.io, opts.pad));
     this.mask = mask;
     this.ids = mask.map((_, b) => ids.slice(b * width, (b + 1) * width));
     this.fullCaches.clear();
@@ -135,6 +140,8 @@ export class ModReference {
         if (b.pastValue) this.fullCaches.set(b.pastValue, emptyTensor(b.dtype, dims(rows.length)));
       }
     }
+    // State besides the KV cache: its layers are never routed; keepFull carries it like a cache.
+    for (const [name, t] of zeroStates(this.io, rows.length)) this.fullCaches.set(name, t);
     return this.call(ids, width, promptPositions(mask), 0);
   }
 
@@ -168,7 +175,7 @@ export class ModReference {
 
   private async call(ids: number[], S: number, positions: number[], pastLength: number): Promise<Logits> {
     const B = this.batch;
-    const values = this.feeds(ids, [B, S], this.mask, positions);
+    const values = await this.feeds(ids, [B, S], this.mask, positions);
     for (const [name, t] of this.fullCaches) values.set(name, t);
     await runUnit(this.prefix, values);
     const chosen = new Map<string, number[][]>();
@@ -194,18 +201,23 @@ export class ModReference {
     return { data: toFloat32(logits), dims: logits.dims as [number, number, number] };
   }
 
-  private feeds(ids: number[], dims: number[], mask: number[][], positions: number[]): Values {
+  private async feeds(ids: number[], dims: [number, number], mask: number[][], positions: number[]): Promise<Values> {
     const io = this.io;
-    const values: Values = new Map([[io.inputIds.name, typed(io.inputIds.dtype, ids, dims)]]);
+    const tokens = io.inputsEmbeds ? [io.inputsEmbeds.name, await this.embedder!.embed(ids, dims)] as const : [io.inputIds.name, typed(io.inputIds.dtype, ids, dims)] as const;
+    const values: Values = new Map([tokens]);
     if (io.attentionMask) values.set(io.attentionMask.name, typed(io.attentionMask.dtype, mask.flat(), [mask.length, mask[0]!.length]));
     if (io.positionIds) values.set(io.positionIds.name, typed(io.positionIds.dtype, positions, dims));
     return values;
   }
 
   private keepFull(layer: number, values: Values): void {
-    const b = this.io.kv.find((k) => k.layer === layer)!;
-    this.fullCaches.set(b.pastKey, values.get(b.presentKey)!);
-    if (b.pastValue) this.fullCaches.set(b.pastValue, values.get(b.presentValue!)!);
+    const b = this.io.kv.find((k) => k.layer === layer);
+    if (b) {
+      this.fullCaches.set(b.pastKey, values.get(b.presentKey)!);
+      if (b.pastValue) this.fullCaches.set(b.pastValue, values.get(b.presentValue!)!);
+    }
+    // State besides the KV cache (a recurrent layer has no KV binding): carried like a full cache.
+    for (const st of this.io.state) if (st.layer === layer) this.fullCaches.set(st.past, values.get(st.present)!);
   }
 
   /** SPEC.md steps 1-5 for one converted layer; returns each row's selected positions. */
@@ -254,12 +266,14 @@ export class ModReference {
     const ids = picks.map((s) => rowIds[s]!);
     const pos = picks.map((s) => positions[b * S + s]!);
     const mask = [Array(cache.length + picks.length).fill(1)];
-    const view = this.feeds(ids, [1, picks.length], mask, pos);
+    const view = await this.feeds(ids, [1, picks.length], mask, pos);
     // The prefix may read pasts for their length: every past is this layer's own view.
     for (const k of this.io.kv) {
       view.set(k.pastKey, cache.key);
       if (k.pastValue) view.set(k.pastValue, cache.value ?? cache.key);
     }
+    // The prefix may read state inputs too (the routed layer itself has none).
+    for (const [name, t] of zeroStates(this.io, 1)) view.set(name, t);
     await runUnit(this.prefix, view);
     view.set(binding.pastKey, cache.key);
     if (binding.pastValue && cache.value) view.set(binding.pastValue, cache.value);
@@ -318,6 +332,7 @@ export class ModReference {
   }
 
   async release(): Promise<void> {
+    await this.embedder?.release();
     await releaseUnits([this.prefix, ...this.layers.flatMap((l) => (l.kind === 'whole' ? [l.loaded] : l.pieces.map((p) => p.loaded))), this.suffix]);
   }
 }

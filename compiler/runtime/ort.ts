@@ -22,6 +22,10 @@ export async function createSession(path: string, opts: SessionOptions = {}): Pr
       executionProviders: [ep],
       graphOptimizationLevel: opts.optimization ?? 'all',
       ...(opts.intraOpThreads ? { intraOpNumThreads: opts.intraOpThreads } : {}),
+      // Run Q/DQ nodes as ONNX defines them. ORT's QDQ fusions otherwise turn DequantizeLinear ->
+      // MatMul into a matmul that quantizes the activations per tensor at run time: results then
+      // depend on the other tokens of the batch, which no compiled or reference model can match.
+      extra: { session: { disable_quant_qdq: '1' } },
     });
   } catch (e) {
     const msg = (e as Error).message.split('\n')[0];
