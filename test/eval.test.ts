@@ -4,7 +4,7 @@
  * selections are known (top-k selects ceil(c*n) tokens of each row whatever the scores).
  */
 import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { readDataset } from '../compiler/data/index.js';
 import { evaluate } from '../compiler/eval/index.js';
@@ -27,8 +27,8 @@ const denseMacs = (n: number) => L * ((ATTENTION + MLP) * n + PAIR * pairs(n)) +
 const sum = (xs: number[]) => xs.reduce((a, x) => a + x, 0);
 
 /** The mean NLL of each line's next tokens, from one ModSession.forward per line. */
-async function referenceNll(path: string, lines: number[][]): Promise<number> {
-  const s = await ModSession.create(path);
+async function referenceNll(path: string, lines: number[][], opts: Parameters<typeof ModSession.create>[1] = {}): Promise<number> {
+  const s = await ModSession.create(path, opts);
   let total = 0;
   let count = 0;
   for (const line of lines) {
@@ -82,6 +82,15 @@ describe('NLL is the mean over every predicted token', () => {
     expect(r.tokens).toBe(64 * 255);
     expect(Math.abs(r.nll - torchNll)).toBeLessThan(2e-4);
   }, 60_000);
+
+  const BYTES = LINES.map((l) => l.map((id) => id % 256)); // the forms fixtures have 256 tokens
+  it('other forms: a hybrid model with state layers, an inputs_embeds decoder with its embedding model', async () => {
+    const hybrid = fixture('forms-hybrid-tiny');
+    expect(Math.abs((await evaluate(hybrid, BYTES, { batchSize: 4 })).nll - (await referenceNll(hybrid, BYTES)))).toBeLessThan(1e-3);
+    const embeds = fixture('forms-embeds-tiny');
+    const r = await evaluate(embeds, BYTES, { batchSize: 4 });
+    expect(Math.abs(r.nll - (await referenceNll(embeds, BYTES, { embeddings: { kind: 'model', path: join(dirname(embeds), 'embedding.onnx') } })))).toBeLessThan(1e-3);
+  });
 
   it('compiled model (threshold routers, batched with padding on either side): agrees too', async () => {
     const ref = await referenceNll(compiled.threshold, LINES);
