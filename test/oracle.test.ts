@@ -28,7 +28,7 @@ import { decoderIo } from '../compiler/runtime/decoder-io.js';
 import { createSession, emptyTensor, type ort } from '../compiler/runtime/ort.js';
 import { ModSession, padRows, promptPositions, typed, type Logits } from '../compiler/runtime/session.js';
 import { modPipeline } from '../passes/index.js';
-import { ROOT, tempDir } from './helpers.js';
+import { contractModels, ROOT, tempDir } from './helpers.js';
 
 interface OracleCall {
   /** [row][real position of this call][slice id] */
@@ -145,7 +145,15 @@ async function prefillSelections(compiled: Compiled, c: OracleCase): Promise<Map
   return result;
 }
 
-describe.each(['llama-tiny', 'gpt2-tiny', 'neox-tiny'])('oracle %s', (name) => {
+/** The fixtures the oracle covers; `npm test` runs those in QUICK_MODELS, `npm run test:slow` the others. */
+const ORACLE_MODELS = ['llama-tiny', 'gpt2-tiny', 'neox-tiny'];
+const models = contractModels().map((m) => m.name.replace(/^fixtures\//, '')).filter((n) => ORACLE_MODELS.includes(n));
+
+it('runs on at least one of its fixtures in this test project', () => {
+  expect(models.length).toBeGreaterThan(0);
+});
+
+describe.each(models)('oracle %s', (name) => {
   const oracle = JSON.parse(readFileSync(join(ROOT, 'fixtures', 'oracle', name, 'cases.json'), 'utf8')) as OracleFile;
   const source = join(ROOT, 'fixtures', name, 'model.onnx');
   const cases = oracle.cases;

@@ -191,6 +191,7 @@ function verifyGraph(g: Graph, outer: ReadonlySet<Value>, issues: VerifyIssue[],
       report(`${n.describe()} reads ${val(v)}, which nothing defines`);
     });
     const subgraphs = n.subgraphs();
+    // Built only for nodes with subgraphs: a copy per node made verification quadratic.
     if (subgraphs.length) {
       const inner = new Set([...outer, ...defined, ...(ctx.order ? [] : producedHere)]);
       for (const sg of subgraphs) verifyGraph(sg, inner, issues, false, ctx);
