@@ -83,6 +83,8 @@ export class ModSession {
   /** State besides the KV cache (hybrid models), by past input name. */
   private states = new Map<string, ort.Tensor>();
   private lengths = new Map<number, number[]>();
+  /** Every output of the last call, by name: logits, presents, and outputs a tool added (modc eval's selection masks). */
+  lastOutputs: ort.InferenceSession.OnnxValueMapType = {};
 
   /** @param logits 'last': the model gives each row's last real position only ([B, 1, V], `modc compile --logits last`). */
   private constructor(readonly session: ort.InferenceSession, readonly io: DecoderIo, readonly path: string, readonly logits: LogitsPositions, private readonly embedder: TokenEmbedder | null) {}
@@ -236,6 +238,7 @@ export class ModSession {
     } catch (e) {
       throw new ModcError(`onnxruntime failed running ${this.path}: ${(e as Error).message.split('\n')[0]}`);
     }
+    this.lastOutputs = out;
     for (const b of io.kv) this.keepPresent(b, out);
     for (const s of io.state) this.states.set(s.past, out[s.present] as ort.Tensor);
     const logits = out[io.logits] as ort.Tensor;
