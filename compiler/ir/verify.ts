@@ -143,7 +143,17 @@ function cycleMember(g: Graph): Node | null {
       if (left === 0) ready.push(d);
     }
   }
-  return done === g.nodes.length ? null : g.nodes.find((n) => pending.get(n)! > 0) ?? null;
+  if (done === g.nodes.length) return null;
+  // Every unplaced node waits on another unplaced one: walking back must come round a cycle.
+  let n = g.nodes.find((x) => pending.get(x)! > 0)!;
+  const seen = new Set<Node>();
+  while (!seen.has(n)) {
+    seen.add(n);
+    const p = n.inputs.map((v) => v?.producer).find((x) => x && x.graph === g && pending.get(x)! > 0);
+    if (!p) break;
+    n = p;
+  }
+  return n;
 }
 
 function lastPresent(values: readonly (Value | null)[]): number {
