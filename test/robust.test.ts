@@ -76,6 +76,14 @@ describe('crashes are refusals naming their cause', () => {
     expectOneLineError(await runCli('compile', path, '-o', join(tmp, 'mm', 'out.onnx'), '--router-init', 'random'), 1, /MatMul takes 2/);
   });
 
+  it('a fused op that lost a required input (fuzz seed 7, case 516: SkipSimplifiedLayerNormalization)', () => {
+    const path = mutant('genai-tiny', (m) => {
+      const skip = m.graph!.node.find((n) => n.op_type === 'SkipSimplifiedLayerNormalization')!;
+      skip.input.splice(1, 1);
+    });
+    expect(refusal(() => loadModel(path)).message).toMatch(/SkipSimplifiedLayerNormalization node '.*' lacks required input 2/);
+  });
+
   it('a tensor whose dims do not match its data (embedding dims[1] = 2^31 - 1)', () => {
     const path = mutant('llama-tiny', (m) => {
       const emb = m.graph!.initializer.find((t) => t.dims.length === 2)!;
