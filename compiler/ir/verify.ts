@@ -116,7 +116,7 @@ const MS_ARITY: Record<string, [number, number, number, number, number[]]> = {
 };
 
 function verifyArity(n: Node, report: (m: string) => void, ctx: Ctx): void {
-  if (n.opType === '') report(`a node ${n.name ? quote(n.name) : ''} has no op type`.replace('  ', ' '));
+  if (n.opType === '') report(`${n.describe()} has no op type`);
   const fn = ctx.functions.get(functionKey(n.domain, n.opType, n.overload));
   if (fn) {
     if (n.inputs.length > fn.body.inputs.length) report(`${n.describe()} passes ${n.inputs.length} inputs to local function ${quote(fn.key)}, which declares ${fn.body.inputs.length}`);
@@ -130,7 +130,7 @@ function verifyArity(n: Node, report: (m: string) => void, ctx: Ctx): void {
     const ins = lastPresent(n.inputs);
     const outs = lastPresent(n.outputs.map((v) => (v.name === '' ? null : v)));
     const missing = required.filter((i) => !n.inputs[i]);
-    if (missing.length || ins < inMin && missing.length || ins > inMax) {
+    if (missing.length || ins > inMax) {
       report(`${n.describe()} ${missing.length ? `lacks required input${missing.length > 1 ? 's' : ''} ${missing.join(', ')}` : `has ${ins} inputs`}; ${n.opType} takes ${inMin} to ${inMax}`);
     }
     if (outs < outMin || outs > outMax) report(`${n.describe()} has ${outs} outputs; ${n.opType} gives ${outMin} to ${outMax}`);
