@@ -220,6 +220,20 @@ describe('data safety', () => {
     counter++;
   });
 
+  it('a new sidecar never replaces a data file the model reads, however its location is spelled', () => {
+    const input = genaiCopy();
+    const path = mutant('', (m) => {
+      for (const t of m.graph!.initializer) for (const e of t.external_data) if (e.key === 'location') e.value = './model.onnx.data';
+    }, input);
+    const data = join(path, '..', 'model.onnx.data');
+    const before = readFileSync(data);
+    const model = loadModel(path);
+    const res = saveModel(model, join(path, '..', 'out.onnx'), { externalizeThreshold: 16, externalDataName: 'model.onnx.data' });
+    expect(readFileSync(data).equals(before)).toBe(true);
+    expect(res.externalFiles.find((f) => f.how === 'written')?.location).toBe('_model.onnx.data');
+    expect(loadModel(join(path, '..', 'out.onnx')).graph.initializers.size).toBe(model.graph.initializers.size);
+  });
+
   it('refuses unwritable outputs before any work, with one line and exit 1', async () => {
     const input = join(FIX, 'llama-tiny', 'model.onnx');
     const file = join(tmp, 'afile');
