@@ -21,7 +21,7 @@ import { ort, type SessionOptions } from '../compiler/runtime/ort.js';
 import { typed } from '../compiler/runtime/session.js';
 import { type DecoderConfig, writeLlamaModel } from '../fixtures/builder/index.js';
 import { splitFusedBoundaries } from '../passes/split-fused-boundaries.js';
-import { modPipeline } from '../passes/index.js';
+import { defaultRegistry, modPipeline } from '../passes/index.js';
 
 // ---------------------------------------------------------------- flags
 
@@ -86,6 +86,8 @@ export function modelFlags(defaults: { prompt: number; runs: number; warmup: num
     'router-seed': { kind: 'int', default: 1, help: 'seed of the random routers' },
     'weight-seed': { kind: 'int', default: 7, help: 'seed of the model weights' },
     threads: { kind: 'int', default: 0, help: 'ORT intra-op threads (0: ORT default, one per physical core)' },
+    ep: { kind: 'string', default: 'cpu', help: 'execution provider: cpu or cuda (see README, "CUDA")' },
+    json: { kind: 'bool', default: false, help: 'print the results as one JSON object on stdout instead of Markdown tables' },
     gc: { kind: 'bool', default: true, help: 'collect garbage (old logits and KV tensors) before each timed run, outside the timing; --no-gc leaves it to V8' },
     keep: { kind: 'bool', default: false, help: 'keep the temp folder with the models' },
     'default-malloc': { kind: 'bool', default: false, help: 'keep glibc malloc defaults instead of re-running with MALLOC_ENV (see run.js --help)' },
@@ -113,7 +115,24 @@ export function decoderConfig(f: ModelFlags): DecoderConfig {
 }
 
 export function sessionOptions(f: ModelFlags): SessionOptions {
-  return { executionProvider: 'cpu', ...(f.threads > 0 ? { intraOpThreads: f.threads } : {}) };
+  if (f.ep !== 'cpu' && f.ep !== 'cuda') throw new UsageError(`--ep must be cpu or cuda, got '${f.ep}'`);
+  return { executionProvider: f.ep, ...(f.threads > 0 ? { intraOpThreads: f.threads } : {}) };
+}
+
+/** The intra-op thread count as reported: the number asked for, or ORT's default and the core count. */
+export function threadsLine(f: ModelFlags): string {
+  return f.threads > 0 ? String(f.threads) : `ORT default (one per physical core; ${cpus().length} logical cores here)`;
+}
+
+/** The settings every benchmark's JSON carries (the same facts as its settings block). */
+export function settingsJson(f: ModelFlags, command: string): Record<string, unknown> {
+  const cpu = cpus();
+  return {
+    command, date: new Date().toISOString(), machine: { cpu: cpu[0]?.model ?? 'unknown', logicalCores: cpu.length, memoryGiB: Math.round(totalmem() / 2 ** 30) },
+    runtime: { node: process.version, onnxruntime: ort.env.versions.node ?? ort.env.versions.common, executionProvider: f.ep, threads: f.threads > 0 ? f.threads : 'ORT default' },
+    malloc: mallocLine(),
+    model: { form: 'builder Llama', dtype: 'float32', hidden: f.hidden, layers: f.layers, heads: f.heads, kvHeads: f['kv-heads'], intermediate: f.intermediate, vocab: f.vocab, weightSeed: f['weight-seed'] },
+  };
 }
 
 // ---------------------------------------------------------------- memory
@@ -169,7 +188,7 @@ export function environment(f: ModelFlags): string {
   return [
     `date: ${new Date().toISOString()}`,
     `machine: ${cpu[0]?.model ?? 'unknown CPU'}, ${cpu.length} logical cores, ${(totalmem() / 2 ** 30).toFixed(0)} GiB`,
-    `runtime: node ${process.version}, onnxruntime-node ${ort.env.versions.node ?? ort.env.versions.common}, CPU execution provider, graph optimisation 'all', intra-op threads ${f.threads > 0 ? f.threads : 'ORT default'}`,
+    `runtime: node ${process.version}, onnxruntime-node ${ort.env.versions.node ?? ort.env.versions.common}, ${f.ep === 'cuda' ? 'CUDA' : 'CPU'} execution provider, graph optimisation 'all', intra-op threads ${threadsLine(f)}`,
     `malloc: ${mallocLine()}`,
   ].join('\n');
 }
@@ -214,17 +233,29 @@ export function buildModel(w: Workdir, f: ModelFlags): string {
 
 export type PlanChoice = Omit<PlanRequest, 'numLayers' | 'hiddenSize'>;
 
-/** Compiles `source` with the default MoD pipeline into the same folder (weights stay shared). */
-export function compileModel(source: string, out: string, choice: PlanChoice): { plan: RoutingPlan; ms: number } {
+/**
+ * Compiles `source` with the default MoD pipeline into the same folder (weights stay shared);
+ * `logits: 'last'` adds the last-logits pass (`modc compile --logits last`).
+ */
+export function compileModel(source: string, out: string, choice: PlanChoice, logits: 'all' | 'last' = 'all'): { plan: RoutingPlan; ms: number } {
   const t0 = performance.now();
   const model = loadModel(source);
   const s = analyzeDecoder(model);
   const plan = planRouting({ numLayers: s.layers.length, hiddenSize: s.hiddenSize, ...choice });
-  runPipeline(model, modPipeline({ plan }));
+  runPipeline(model, modPipeline({ plan, logits }));
   saveModel(model, out);
   const took = performance.now() - t0;
   log(`compiled ${out} in ${(took / 1000).toFixed(1)} s`);
   return { plan, ms: took };
+}
+
+/** The original with only the last-logits pass (the lm_head for each row's last real token). */
+export function lastLogitsModel(source: string, out: string): string {
+  const model = loadModel(source);
+  runPipeline(model, defaultRegistry().parsePipeline('last-logits,cleanup'));
+  saveModel(model, out);
+  log(`wrote ${out} (last-logits)`);
+  return out;
 }
 
 // ---------------------------------------------------------------- unit-by-unit timing
@@ -233,13 +264,15 @@ export function compileModel(source: string, out: string, choice: PlanChoice): {
  * Feeds of one call of the original model: `ids` after a past of `past` tokens. The past K/V
  * are zeros: no op's cost depends on the values of the cache.
  */
-export function originalFeeds(io: DecoderIo, ids: number[], past: number): Record<string, ort.Tensor> {
+export function originalFeeds(io: DecoderIo, ids: number[], past: number, batch = 1): Record<string, ort.Tensor> {
   const S = ids.length;
-  const feeds: Record<string, ort.Tensor> = { [io.inputIds.name]: typed(io.inputIds.dtype, ids, [1, S]) };
-  if (io.attentionMask) feeds[io.attentionMask.name] = typed(io.attentionMask.dtype, Array(past + S).fill(1), [1, past + S]);
-  if (io.positionIds) feeds[io.positionIds.name] = typed(io.positionIds.dtype, ids.map((_, i) => past + i), [1, S]);
+  const B = batch;
+  const rows = <T>(row: T[]) => Array.from({ length: B }, () => row).flat();
+  const feeds: Record<string, ort.Tensor> = { [io.inputIds.name]: typed(io.inputIds.dtype, rows(ids), [B, S]) };
+  if (io.attentionMask) feeds[io.attentionMask.name] = typed(io.attentionMask.dtype, rows(Array(past + S).fill(1)), [B, past + S]);
+  if (io.positionIds) feeds[io.positionIds.name] = typed(io.positionIds.dtype, rows(ids.map((_, i) => past + i)), [B, S]);
   for (const b of io.kv) {
-    const dims = b.layout === 'combined-2BHTD' ? [2, 1, b.numHeads, past, b.headSize] : [1, b.numHeads, past, b.headSize];
+    const dims = b.layout === 'combined-2BHTD' ? [2, B, b.numHeads, past, b.headSize] : [B, b.numHeads, past, b.headSize];
     const n = dims.reduce((x, y) => x * y, 1);
     const zeros = () => new ort.Tensor(b.dtype, b.dtype === 'float32' ? new Float32Array(n) : new Uint16Array(n), dims);
     feeds[b.pastKey] = zeros();

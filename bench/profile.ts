@@ -11,7 +11,7 @@ import { decoderIo } from '../compiler/runtime/decoder-io.js';
 import { UsageError } from '../compiler/errors.js';
 import { emptyTensor, ort } from '../compiler/runtime/ort.js';
 import { typed } from '../compiler/runtime/session.js';
-import { applyQuick, buildModel, collectGarbage, compileModel, environment, flagHelp, log, median, modelFlags, modelLine, ms, originalFeeds, parseFlags, pct, table, tokenIds, Workdir, type FlagSpecs } from './common.js';
+import { applyQuick, buildModel, collectGarbage, compileModel, environment, flagHelp, log, median, modelFlags, modelLine, ms, originalFeeds, parseFlags, pct, sessionOptions, settingsJson, table, tokenIds, Workdir, type FlagSpecs } from './common.js';
 
 export const PROFILE_FLAGS = {
   ...modelFlags({ prompt: 1024, runs: 3, warmup: 2 }),
@@ -21,8 +21,8 @@ export const PROFILE_FLAGS = {
 
 export const PROFILE_USAGE = `node dist/bench/run.js profile [flags]
 
-Runs the original, the all-pass compile and the MoD compile with ORT profiling on (CPU execution
-provider), and sums the kernel times of the last run by op type and by layer.
+Runs the original, the all-pass compile and the MoD compile with ORT profiling on (--ep, CPU by
+default), and sums the kernel times of the last run by op type and by layer.
 
 ${flagHelp(PROFILE_FLAGS)}`;
 
@@ -133,12 +133,12 @@ async function timedRuns(session: ort.InferenceSession, feeds: Record<string, or
   return median(wall);
 }
 
-async function profileOne(path: string, prefix: string, dir: string, feeds: Record<string, ort.Tensor>, warmup: number, runs: number, threads: number, originalNames: Set<string> | null): Promise<Summary> {
-  const plain = await ort.InferenceSession.create(path, { executionProviders: ['cpu'], graphOptimizationLevel: 'all', ...(threads > 0 ? { intraOpNumThreads: threads } : {}) });
+async function profileOne(path: string, prefix: string, dir: string, feeds: Record<string, ort.Tensor>, warmup: number, runs: number, threads: number, originalNames: Set<string> | null, ep: 'cpu' | 'cuda' = 'cpu'): Promise<Summary> {
+  const plain = await ort.InferenceSession.create(path, { executionProviders: [ep], graphOptimizationLevel: 'all', ...(threads > 0 ? { intraOpNumThreads: threads } : {}) });
   const plainWallMs = await timedRuns(plain, feeds, warmup, runs);
   await plain.release();
   const session = await ort.InferenceSession.create(path, {
-    executionProviders: ['cpu'], graphOptimizationLevel: 'all', enableProfiling: true, profileFilePrefix: `${dir}/${prefix}`,
+    executionProviders: [ep], graphOptimizationLevel: 'all', enableProfiling: true, profileFilePrefix: `${dir}/${prefix}`,
     ...(threads > 0 ? { intraOpNumThreads: threads } : {}),
   });
   const wallMs = await timedRuns(session, feeds, warmup, runs);
@@ -166,9 +166,19 @@ export async function profileBench(argv: readonly string[]): Promise<void> {
     for (const [name, path, c] of models) {
       log(`profiling ${name}`);
       const originalNames = summaries[0]?.[1].names ?? null;
-      summaries.push([name, await profileOne(path, name, w.dir, feedsFor(path, ids, past, c), f.warmup, Math.max(1, f.runs), f.threads, originalNames)]);
+      summaries.push([name, await profileOne(path, name, w.dir, feedsFor(path, ids, past, c), f.warmup, Math.max(1, f.runs), f.threads, originalNames, sessionOptions(f).executionProvider)]);
     }
     const routing = (s: Summary) => [...s.byLayer.values()].reduce((a, l) => a + l.routingInIf + l.routingBefore, 0);
+    if (f.json) {
+      console.log(JSON.stringify({
+        bench: 'profile', mode: f.mode, settings: { ...settingsJson(f, `npm run bench -- profile ${argv.join(' ')}`.trimEnd()), prompt: f.prompt, warmup: f.warmup, runs: Math.max(1, f.runs) },
+        models: summaries.map(([n, s]) => ({
+          model: n, wallMs: s.plainWallMs, profiledWallMs: s.wallMs, kernelEventsPerRun: s.nodesPerRun, kernelMs: s.kernelMs, ifOverheadMs: s.ifOverheadMs, outsideLayersMs: s.outside, routingMs: routing(s),
+          byOp: Object.fromEntries(s.byOp), byLayer: [...s.byLayer.values()],
+        })),
+      }, null, 2));
+      return;
+    }
     const out: string[] = [];
     out.push(`## ORT profile: ${f.mode === 'prefill' ? `${f.prompt}-token prefill` : `one decode step after ${f.prompt} tokens`}, batch 1`, '');
     out.push('```', `command: npm run bench -- profile ${argv.join(' ')}`.trimEnd(), environment(f), modelLine(f),

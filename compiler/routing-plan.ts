@@ -4,13 +4,19 @@
  * --capacity) against the model, per SPEC.md ("Router weights file", "Capacity schedules").
  */
 import { ModcError, UsageError } from './errors.js';
-import { allPassRouters, type LayerRouter, randomRouters, readRouterFile } from './routers.js';
+import { allPassRouters, compareParts, type LayerRouter, loadRouterFile, randomRouters, type RoutedPart, type RouterFileMetadata } from './routers.js';
 
+export type { RoutedPart } from './routers.js';
 export type RoutingMode = 'threshold' | 'topk';
 export type Schedule = 'uniform' | 'every-other' | 'prd';
 
+/**
+ * One routed part of a layer. A layer appears once with part 'block', or once or twice with
+ * 'attention' and/or 'mlp'.
+ */
 export interface LayerPlan {
   layer: number;
+  part: RoutedPart;
   router: LayerRouter;
   /** threshold-p: selected iff sigmoid(score) >= threshold. */
   threshold: number;
@@ -32,6 +38,11 @@ export interface PlanRequest {
   numLayers: number;
   hiddenSize: number;
   routers: RouterSource;
+  /**
+   * What each converted layer routes (default 'block'). With a router file: only the file's
+   * routers of this part (default: every router in the file, each with its own part).
+   */
+  granularity?: RoutedPart;
   mode?: RoutingMode;
   gated?: boolean;
   threshold?: number;
@@ -81,9 +92,19 @@ function checkRange(name: string, v: number | undefined, ok: (v: number) => bool
 export function planRouting(req: PlanRequest): RoutingPlan {
   checkRange('--threshold', req.threshold, (v) => v >= 0 && v <= 1, '[0, 1]');
   checkRange('--capacity', req.capacity, (v) => v > 0 && v <= 1, '(0, 1]');
-  const mode = req.mode ?? 'threshold';
   const unconverted: RoutingPlan['unconverted'] = [];
-  const fromFile = req.routers.kind === 'file' ? readRouterFile(req.routers.path, req) : undefined;
+  const file = req.routers.kind === 'file' ? loadRouterFile(req.routers.path, req) : undefined;
+  const meta: RouterFileMetadata = file?.metadata ?? {};
+  // Explicit choices win over the file's metadata; the metadata over the defaults.
+  const mode = req.mode ?? meta.mode ?? 'threshold';
+  let fromFile = file?.routers;
+  const filteredOut = new Map<number, string>();
+  if (fromFile && req.granularity) {
+    for (const r of fromFile) if ((r.part ?? 'block') !== req.granularity) filteredOut.set(r.layer, `the router file routes its ${r.part ?? 'block'}, not its ${req.granularity} (--granularity ${req.granularity})`);
+    fromFile = fromFile.filter((r) => (r.part ?? 'block') === req.granularity);
+    if (fromFile.length === 0) throw new ModcError(`the router file ${(req.routers as { path: string }).path} has no ${req.granularity} router (its tensors are router.{l}${req.granularity === 'block' ? '' : req.granularity === 'attention' ? '.attn' : '.mlp'}.* for that part)`);
+  }
+  const granularity = req.granularity ?? 'block';
 
   // Which layers, and each one's capacity under the schedule.
   const capacityOf = new Map<number, number>();
@@ -105,7 +126,7 @@ export function planRouting(req: PlanRequest): RoutingPlan {
       }
     });
   } else if (fromFile) {
-    layers = fromFile.map((r) => r.layer);
+    layers = [...new Set(fromFile.map((r) => r.layer))];
   } else {
     layers = parseLayerSpec('all', req.numLayers);
   }
@@ -113,17 +134,16 @@ export function planRouting(req: PlanRequest): RoutingPlan {
 
   let routers: LayerRouter[];
   if (fromFile) {
-    const have = new Map(fromFile.map((r) => [r.layer, r]));
     routers = [];
     for (const l of layers) {
-      const r = have.get(l);
-      if (r) routers.push(r);
-      else unconverted.push({ layer: l, reason: `no router for layer ${l} in ${(req.routers as { path: string }).path}` });
+      const found = fromFile.filter((r) => r.layer === l);
+      if (found.length) routers.push(...found);
+      else unconverted.push({ layer: l, reason: filteredOut.get(l) ?? `no router for layer ${l} in ${(req.routers as { path: string }).path}` });
     }
   } else if (req.routers.kind === 'all-pass') {
-    routers = allPassRouters(layers, req.hiddenSize);
+    routers = allPassRouters(layers, req.hiddenSize, granularity);
   } else if (req.routers.kind === 'random') {
-    routers = randomRouters(layers, req.hiddenSize, req.routers.seed);
+    routers = randomRouters(layers, req.hiddenSize, req.routers.seed, granularity);
   } else {
     throw new Error('unreachable: router file handled above');
   }
@@ -131,19 +151,32 @@ export function planRouting(req: PlanRequest): RoutingPlan {
 
   const convertedSet = new Set(routers.map((r) => r.layer));
   for (let l = 0; l < req.numLayers; l++) {
-    if (!convertedSet.has(l) && !unconverted.some((u) => u.layer === l)) unconverted.push({ layer: l, reason: 'not selected' });
+    if (!convertedSet.has(l) && !unconverted.some((u) => u.layer === l)) unconverted.push({ layer: l, reason: filteredOut.get(l) ?? 'not selected' });
   }
   unconverted.sort((a, b) => a.layer - b.layer);
+  const metaOf = (layer: number, part: RoutedPart) => meta.layers?.find((e) => e.layer === layer && (e.part ?? 'block') === part);
   return {
     mode,
-    gated: req.gated ?? true,
-    layers: routers.map((router) => ({
-      layer: router.layer,
-      router,
-      // A threshold stored in the router file wins over the command line.
-      threshold: router.threshold ?? req.threshold ?? DEFAULT_THRESHOLD,
-      capacity: capacityOf.get(router.layer) ?? req.capacity ?? (req.routers.kind === 'all-pass' ? 1 : DEFAULT_CAPACITY),
-    })),
+    gated: req.gated ?? meta.gated ?? true,
+    layers: [...routers].sort(compareParts).map((r) => {
+      const part = r.part ?? 'block';
+      const router = { ...r, part };
+      const recorded = metaOf(r.layer, part);
+      return {
+        layer: r.layer,
+        part,
+        router,
+        // A threshold stored in the router file (tensor, then metadata) wins over the command line.
+        threshold: r.threshold ?? recorded?.threshold ?? req.threshold ?? DEFAULT_THRESHOLD,
+        // An explicit capacity (or schedule) wins over the file's recorded per-part capacity.
+        capacity: capacityOf.get(r.layer) ?? req.capacity ?? recorded?.capacity ?? (req.routers.kind === 'all-pass' ? 1 : DEFAULT_CAPACITY),
+      };
+    }),
     unconverted,
   };
+}
+
+/** A layer part for messages: `3` for a whole block, `3 (mlp)` for a sub-layer. */
+export function describeLayerPart(l: { layer: number; part: RoutedPart }): string {
+  return l.part === 'block' ? `${l.layer}` : `${l.layer} (${l.part})`;
 }

@@ -2,7 +2,8 @@
  * Checking a compiled model against its original, as `modc verify` does:
  * - semantics: the compiled model agrees with the MoD reference executor running the original
  *   with the compiled model's own routers (logits, per-layer cache lengths, KV bytes);
- * - anchor: the original compiled with every token selected, ungated, reproduces the original.
+ * - anchor: the original compiled with every token selected, ungated, on the same layers and
+ *   parts (block, attention, MLP), reproduces the original.
  * Both run a prompt and then a number of teacher-forced steps.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -16,7 +17,11 @@ import type { Model } from './ir/model.js';
 import { runPipeline } from './pass-manager.js';
 import { ModReference } from './reference/mod-reference.js';
 import { readRoutingMetadata } from './routing-metadata.js';
-import { planRouting, type RoutingPlan } from './routing-plan.js';
+import { allPassRouters, routerTensorPrefix } from './routers.js';
+import { DEFAULT_THRESHOLD, describeLayerPart, type RoutingPlan } from './routing-plan.js';
+import { cudaProviderProblem } from './runtime/cuda.js';
+import { decoderIo, resolvePadSide } from './runtime/decoder-io.js';
+import type { ExecutionProvider } from './runtime/ort.js';
 import { argmax, lastPosition, type Logits, ModSession } from './runtime/session.js';
 import { modPipeline } from '../passes/index.js';
 import { checkCompiledFrom } from './source-fingerprint.js';
@@ -24,9 +29,12 @@ import { checkCompiledFrom } from './source-fingerprint.js';
 export interface VerifyOptions {
   prompt: number[][];
   steps: number;
-  pad: 'left' | 'right';
+  /** Padding side; default: the original model's (left, or right for GroupQueryAttention). */
+  pad?: 'left' | 'right';
   /** Largest allowed |logit difference| (default: 1e-4, or 1e-2 for float16 models). */
   tolerance?: number;
+  /** Where the compiled model and the anchor pair run (the reference executor runs on the CPU). */
+  executionProvider?: ExecutionProvider;
 }
 
 export interface CheckResult {
@@ -50,12 +58,26 @@ export function routingPlanOf(compiled: Model): RoutingPlan {
   if (!meta) throw new ModcError('the compiled model has no modc routing metadata: was it compiled by modc compile?');
   const inits = compiled.graph.initializers;
   const layers = meta.layers.map((l) => {
-    const w = inits.get(`modc.router.${l.layer}.weight`)?.initializer;
-    const b = inits.get(`modc.router.${l.layer}.bias`)?.initializer;
-    if (!w || !b) throw new ModcError(`the compiled model lacks the router tensors of layer ${l.layer}`);
-    return { layer: l.layer, threshold: l.threshold, capacity: l.capacity, router: { layer: l.layer, weight: Float32Array.from(w.toNumbers()), bias: b.toNumbers()[0]! } };
+    const prefix = `modc.${routerTensorPrefix(l.layer, l.part)}`;
+    const w = inits.get(`${prefix}.weight`)?.initializer;
+    const b = inits.get(`${prefix}.bias`)?.initializer;
+    if (!w || !b) throw new ModcError(`the compiled model lacks the router tensors of layer ${describeLayerPart(l)} (${prefix}.weight, ${prefix}.bias)`);
+    return { layer: l.layer, part: l.part, threshold: l.threshold, capacity: l.capacity, router: { layer: l.layer, part: l.part, weight: Float32Array.from(w.toNumbers()), bias: b.toNumbers()[0]! } };
   });
   return { mode: meta.mode, gated: meta.gated, layers, unconverted: [] };
+}
+
+/**
+ * The equivalence anchor's plan for the same layers and parts as `plan`: every token selected
+ * (all-pass routers, threshold routing), ungated.
+ */
+export function anchorPlanFor(plan: RoutingPlan, hiddenSize: number): RoutingPlan {
+  return {
+    mode: 'threshold',
+    gated: false,
+    layers: plan.layers.map((l) => ({ layer: l.layer, part: l.part, threshold: DEFAULT_THRESHOLD, capacity: 1, router: allPassRouters([l.layer], hiddenSize, l.part)[0]! })),
+    unconverted: [],
+  };
 }
 
 interface Runner {
@@ -94,7 +116,7 @@ export function worstReal(a: Logits, b: Logits, rows: number[][], pad: 'left' | 
 }
 
 /** Runs both on the prompt and `steps` tokens (the first runner's argmax, fed to both). */
-async function compare(name: CheckResult['name'], a: Runner, b: Runner, opts: VerifyOptions, tolerance: number): Promise<CheckResult> {
+async function compare(name: CheckResult['name'], a: Runner, b: Runner, opts: VerifyOptions & { pad: 'left' | 'right' }, tolerance: number): Promise<CheckResult> {
   const first = await a.forward(opts.prompt, { pad: opts.pad });
   const maxDiff = [worstReal(first, await b.forward(opts.prompt, { pad: opts.pad }), opts.prompt, opts.pad)];
   let next = lastRealOf(first, opts.prompt, opts.pad).map(argmax);
@@ -110,25 +132,28 @@ async function compare(name: CheckResult['name'], a: Runner, b: Runner, opts: Ve
 }
 
 export async function verifyCompiled(originalPath: string, compiledPath: string, opts: VerifyOptions, log: (m: string) => void = () => {}): Promise<VerifyReport> {
+  const problem = opts.executionProvider === 'cuda' ? cudaProviderProblem() : null;
+  if (problem) throw new ModcError(problem);
   const original = loadModel(originalPath);
   const structure = analyzeDecoder(original);
   const tolerance = opts.tolerance ?? (structure.dtype === 'float16' ? 1e-2 : 1e-4);
   const compiledModel = loadModel(compiledPath);
   checkCompiledFrom(original, compiledModel, originalPath, compiledPath);
   const plan = routingPlanOf(compiledModel);
+  const sided = { ...opts, pad: resolvePadSide(decoderIo(original), opts.pad) };
   const work = mkdtempSync(join(tmpdir(), 'modc-verify-'));
   try {
     log(`semantics: ${compiledPath} against the reference executor on ${originalPath}`);
     const reference = await ModReference.create(originalPath, plan, work);
-    const semantics = await compare('semantics', await ModSession.create(compiledPath), reference, opts, tolerance);
+    const ep = { executionProvider: opts.executionProvider ?? 'cpu' } as const;
+    const semantics = await compare('semantics', await ModSession.create(compiledPath, ep), reference, sided, tolerance);
     await reference.release();
 
     log('anchor: every token selected, ungated, against the original');
-    const anchorPlan = planRouting({ numLayers: structure.layers.length, hiddenSize: structure.hiddenSize, routers: { kind: 'all-pass' }, gated: false, layers: plan.layers.map((l) => l.layer).join(',') });
-    runPipeline(original, modPipeline({ plan: anchorPlan }));
+    runPipeline(original, modPipeline({ plan: anchorPlanFor(plan, structure.hiddenSize) }));
     const anchorPath = join(work, 'anchor', 'model.onnx');
     saveModel(original, anchorPath);
-    const anchor = await compare('anchor', await ModSession.create(originalPath), await ModSession.create(anchorPath), opts, tolerance);
+    const anchor = await compare('anchor', await ModSession.create(originalPath, ep), await ModSession.create(anchorPath, ep), sided, tolerance);
     return { tolerance, checks: [semantics, anchor], passed: semantics.passed && anchor.passed };
   } finally {
     rmSync(work, { recursive: true, force: true });

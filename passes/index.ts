@@ -50,9 +50,12 @@ export function defaultRegistry(mod?: ModOptions): PassRegistry {
 /** The default `modc compile` pipeline for a routing plan. */
 export function modPipeline(mod: ModOptions): PipelineStep[] {
   const reg = defaultRegistry(mod);
-  const layers = mod.plan.layers.map((l) => l.layer).join(',');
+  const layers = [...new Set(mod.plan.layers.map((l) => l.layer))].join(',');
+  // Sub-layer parts need the stream between attention and MLP as a value: split fusions there too.
+  const within = [...new Set(mod.plan.layers.filter((l) => l.part !== 'block').map((l) => l.layer))].join(',');
+  const split = `split-fused-boundaries{layers=${layers}${within ? `;within=${within}` : ''}}`;
   return reg.parsePipeline(
-    `record-costs,split-fused-boundaries{layers=${layers}},insert-routers,route-layers${mod.logits === 'last' ? ',last-logits' : ''},cleanup${mod.inlineOps ? ',inline-modc-ops' : ''}`,
+    `record-costs,${split},insert-routers,route-layers${mod.logits === 'last' ? ',last-logits' : ''},cleanup${mod.inlineOps ? ',inline-modc-ops' : ''}`,
   );
 }
 

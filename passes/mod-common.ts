@@ -1,5 +1,5 @@
 /** What the MoD passes share: the stream's element type and finding a layer's routing nodes. */
-import type { DecoderStructure, LayerInfo } from '../compiler/analysis/types.js';
+import type { DecoderStructure } from '../compiler/analysis/types.js';
 import { DataType } from '../compiler/ir/dtype.js';
 import type { Node, Value } from '../compiler/ir/graph.js';
 import { MODC_DOMAIN } from '../runtime-ops/index.js';
@@ -19,12 +19,13 @@ export interface LayerRouting {
 
 const isModc = (n: Node, op: string) => n.domain === MODC_DOMAIN && n.opType === op;
 
-export function findRouting(layer: LayerInfo): LayerRouting | null {
-  const router = layer.residualIn.consumers().find((n) => isModc(n, 'Router'));
-  if (!router) return null;
-  const score = router.output(0);
-  const select = score.consumers().find((n) => isModc(n, 'SelectThreshold') || isModc(n, 'SelectTopK'));
-  const compact = select?.output(0).consumers().find((n) => isModc(n, 'Compact'));
-  if (!select || !compact) return null;
+/** The routing around a selection value (the `selected` the routing metadata names): Router -> Select* -> Compact. */
+export function routingOf(selected: Value): LayerRouting | null {
+  const select = selected.producer;
+  if (!select || !(isModc(select, 'SelectThreshold') || isModc(select, 'SelectTopK'))) return null;
+  const score = select.input(0);
+  const router = score?.producer;
+  const compact = selected.consumers().find((n) => isModc(n, 'Compact'));
+  if (!score || !router || !isModc(router, 'Router') || !compact) return null;
   return { score, indices: compact.output(0), valid: compact.output(1), count: compact.output(2), nodes: [router, select, compact] };
 }

@@ -1,6 +1,7 @@
 /**
- * route-layers: makes each routed layer process only its selected tokens (SPEC.md, "One
- * converted layer"). For a layer with residual input x and routing (indices, valid, count):
+ * route-layers: makes each routed layer (or sub-layer) process only its selected tokens
+ * (SPEC.md, "One converted layer", "Sub-layer routing"). For a layer with residual input x and
+ * routing (indices, valid, count):
  *
  *   x_sel = GatherTokens(x, indices)                    the layer now reads x_sel
  *   per-token side inputs (positions, rotary cos/sin)   gathered the same way: original positions
@@ -13,9 +14,19 @@
  * The compiled layer's cache holds only its selected tokens, right-padded per row: its interface
  * gains `past_lengths.l` / `present_lengths.l` (int64 [batch]) and its own past length dim.
  * The layer's exit must be a plain residual add: run split-fused-boundaries first.
+ *
+ * A sub-layer part (compiler/analysis/sub-layers.ts) is routed the same way, on its own nodes
+ * only: its input (x, or h for a sequential MLP) is gathered, and its update u (a or m) is
+ * scattered into zeros, so the residual add it feeds adds u (or g * u) for selected tokens and
+ * nothing for the others:
+ *
+ *   u_full = ScatterTokens[Gated](0, indices, valid, 0_sel, u)   replaces u at its join Add
+ *
+ * An attention part compacts the layer's KV cache as a block does; an MLP part leaves it alone.
  */
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
-import type { DecoderStructure, KvTensor, LayerInfo } from '../compiler/analysis/types.js';
+import type { DecoderStructure, KvTensor, LayerInfo, SideInput } from '../compiler/analysis/types.js';
+import { subLayersOf } from '../compiler/analysis/sub-layers.js';
 import { ModcError } from '../compiler/errors.js';
 import { DataType } from '../compiler/ir/dtype.js';
 import { Graph, type Node, Value } from '../compiler/ir/graph.js';
@@ -27,7 +38,10 @@ import { pastLengthName, presentLengthName } from '../compiler/runtime/decoder-i
 import { Emitter } from '../runtime-ops/emit.js';
 import { callModcOp, defaultOpset, MODC_DOMAIN } from '../runtime-ops/index.js';
 import { readRoutingMetadata, writeRoutingMetadata } from '../compiler/routing-metadata.js';
-import { findRouting, type LayerRouting, streamElementType } from './mod-common.js';
+import type { RoutedPart } from '../compiler/routers.js';
+import { describeLayerPart } from '../compiler/routing-plan.js';
+import { Tensor } from '../compiler/ir/tensor.js';
+import { routingOf, type LayerRouting, streamElementType } from './mod-common.js';
 
 export interface RouteOptions {
   gated: boolean;
@@ -42,11 +56,55 @@ function fromTokenInputsOnly(model: Model, v: Value): boolean {
   return sources.size > 0 && [...sources].every((s) => s.name === 'position_ids' || s.name === 'input_ids');
 }
 
-/** Why a layer cannot be routed, found before anything is changed. */
-function blocker(model: Model, layer: LayerInfo): string | null {
+/**
+ * What one routing rewrites: a whole layer (its output y is scattered into the stream) or a
+ * sub-layer part (its update u is scattered into zeros).
+ */
+interface RoutedRegion {
+  layer: LayerInfo;
+  part: RoutedPart;
+  /** The stream value the region reads, as analysed (before earlier layers were routed). */
+  input: Value;
+  nodes: Set<Node>;
+  sideInputs: SideInput[];
+  output: { kind: 'stream' | 'update'; value: Value };
+  /** The region holds the attention core: its KV cache is compacted. */
+  compactsKv: boolean;
+}
+
+/** The region of a layer part, or why it cannot be routed (found before anything is changed). */
+function regionOf(model: Model, layer: LayerInfo, part: RoutedPart): RoutedRegion | { reason: string } {
+  if (part === 'block') {
+    const why = blockBlocker(layer) ?? sideInputBlocker(model, layer.sideInputs);
+    if (why) return { reason: why };
+    return {
+      layer, part, input: layer.residualIn, nodes: new Set(layer.nodes.filter((n) => n.domain !== MODC_DOMAIN)), sideInputs: layer.sideInputs,
+      output: { kind: 'stream', value: layer.residualOut! }, compactsKv: true,
+    };
+  }
+  const parts = subLayersOf(layer, new Set(model.graph.outputs));
+  if ('reason' in parts) return { reason: `no sub-layer boundary: ${parts.reason}` };
+  const sub = parts[part];
+  const joinFused = sub.join.opType !== 'Add' || sub.join.domain !== '';
+  const why = (joinFused ? `its ${part} update is added by ${sub.join.describe()}, not a plain Add (run split-fused-boundaries with within=${layer.index} first)` : null)
+    ?? sub.blocker ?? sideInputBlocker(model, sub.sideInputs)
+    ?? (part === 'mlp' && sub.sideInputs.some((si) => si.kind !== 'weight') ? `its MLP reads ${sub.sideInputs.find((si) => si.kind !== 'weight')!.value}, which is not a weight` : null);
+  if (why) return { reason: why };
+  return {
+    layer, part, input: sub.input, nodes: new Set(sub.nodes), sideInputs: sub.sideInputs,
+    output: { kind: 'update', value: sub.update }, compactsKv: part === 'attention',
+  };
+}
+
+function blockBlocker(layer: LayerInfo): string | null {
   if (!layer.residualOut) return `its residual add is fused into ${layer.exit.node.describe()} (run split-fused-boundaries first)`;
   if (layer.exit.node.opType !== 'Add') return `its exit ${layer.exit.node.describe()} is not a plain Add (run split-fused-boundaries first)`;
-  for (const si of layer.sideInputs) {
+  return null;
+}
+
+/** Side inputs a routed region cannot take: not understood, or per-token in a layout that cannot be gathered. */
+function sideInputBlocker(model: Model, sideInputs: readonly SideInput[]): string | null {
+  for (const si of sideInputs) {
     if (si.kind === 'other') return `side input ${si.value} is not understood (${si.reason})`;
     if (si.kind === 'per-token' && !fromTokenInputsOnly(model, si.value) && (si.batchAxis !== 0 || si.sequenceAxis !== 1)) {
       return `per-token side input ${si.value} has batch axis ${si.batchAxis} and sequence axis ${si.sequenceAxis}; only [batch, sequence, ...] layouts (batch axis 0) can be gathered`;
@@ -77,23 +135,32 @@ function withDim(type: TypeProto | undefined, axis: number, name: string): TypeP
   return { tensor_type: { elem_type: t.elem_type, shape: { dim } } } as TypeProto;
 }
 
+function zeroTensor(dtype: number): Tensor {
+  if (dtype === DataType.FLOAT16 || dtype === DataType.BFLOAT16) return Tensor.fromArray('', [1], Uint16Array.of(0), dtype);
+  return Tensor.fromArray('', [1], Float32Array.of(0));
+}
+
 class LayerRouter {
   private readonly e: Emitter;
   private readonly region: Set<Node>;
+  private readonly layer: LayerInfo;
   private readonly l: number;
+  private readonly tag: string;
 
   /**
-   * @param residualIn the value now carrying this layer's input: the original, or the scatter
+   * @param residualIn the value now carrying the region's input: the original, or the scatter
    *   output of the routed layer before it
    */
-  constructor(private readonly model: Model, private readonly s: DecoderStructure, private readonly layer: LayerInfo, private readonly routing: LayerRouting, private readonly opts: RouteOptions, private readonly residualIn: Value) {
-    this.l = layer.index;
-    this.e = new Emitter(model.graph, defaultOpset(model), `modc/layer${this.l}/`);
-    this.region = new Set(layer.nodes.filter((n) => n.domain !== MODC_DOMAIN));
+  constructor(private readonly model: Model, private readonly s: DecoderStructure, private readonly r: RoutedRegion, private readonly routing: LayerRouting, private readonly opts: RouteOptions, private readonly residualIn: Value) {
+    this.layer = r.layer;
+    this.l = r.layer.index;
+    this.tag = r.part === 'block' ? `layer${this.l}` : `layer${this.l}/${r.part}`;
+    this.e = new Emitter(model.graph, defaultOpset(model), `modc/${this.tag}/`);
+    this.region = r.nodes;
   }
 
   private call(op: string, inputs: Value[], graph?: Graph): Value[] {
-    return callModcOp(this.model, op, inputs, { dtype: streamElementType(this.s), name: `modc/layer${this.l}`, graph });
+    return callModcOp(this.model, op, inputs, { dtype: streamElementType(this.s), name: `modc/${this.tag}`, graph });
   }
 
   /**
@@ -133,20 +200,25 @@ class LayerRouter {
     return this.e.reduceSum(this.e.cast(this.routing.valid, DataType.INT64), [1], false);
   }
 
-  /** Rewrites the layer; returns the value that now carries its output (the scatter). */
+  /**
+   * Rewrites the region; returns the value that now carries its output (the scatter of the
+   * stream for a block, of the update for a part).
+   */
   route(): Value {
-    const { layer, routing } = this;
+    const { layer, routing, r } = this;
     const g = this.model.graph;
-    const existing = new Set(g.nodes);
     const x = this.residualIn;
-    const y = layer.residualOut!;
+    // The skipped update is zero (built outside the If: the else branch passes it through).
+    const zeros = r.output.kind === 'update' ? this.e.op('ConstantOfShape', [this.e.op('Shape', [x])], { value: zeroTensor(streamElementType(this.s)) }) : null;
+    const existing = new Set(g.nodes);
+    const y = r.output.value;
     const xSel = this.gather(x);
-    if (layer.entryBoundary) replaceUsesWithin(this.region, layer.entryBoundary.normed, this.gather(layer.entryBoundary.normed));
+    if (r.part === 'block' && layer.entryBoundary) replaceUsesWithin(this.region, layer.entryBoundary.normed, this.gather(layer.entryBoundary.normed));
     replaceUsesWithin(this.region, x, xSel);
 
     const recompute: Value[] = [];
     const perToken: Value[] = [];
-    for (const si of layer.sideInputs) {
+    for (const si of r.sideInputs) {
       if (si.kind === 'per-token') {
         if (fromTokenInputsOnly(this.model, si.value)) perToken.push(si.value);
         else replaceUsesWithin(this.region, si.value, this.gather(si.value));
@@ -157,10 +229,45 @@ class LayerRouter {
     if (perToken.length) {
       // Original positions: the same computation on the selected tokens' own ids and positions.
       const tokens = new Map(g.inputs.filter((v) => v.name === 'position_ids' || v.name === 'input_ids').map((v) => [v, this.gather(v)]));
-      const recomputed = recomputeWith(g, perToken, tokens, `_l${this.l}`);
+      const recomputed = recomputeWith(g, perToken, tokens, `_${this.suffix()}`);
       for (const v of perToken) replaceUsesWithin(this.region, v, recomputed.get(v)!);
     }
 
+    const kvPairs = r.compactsKv ? this.compactKv(xSel, recompute) : [];
+
+    let scatter: Value;
+    let passed: Value;
+    if (r.output.kind === 'stream') {
+      scatter = (this.opts.gated
+        ? this.call('ScatterTokensGated', [x, routing.indices, routing.valid, xSel, y, this.gather(this.e.op('Sigmoid', [routing.score]))])
+        : this.call('ScatterTokens', [x, routing.indices, routing.valid, xSel, y]))[0]!;
+      passed = x;
+    } else {
+      const zerosSel = this.e.op('ConstantOfShape', [this.e.op('Shape', [y])], { value: zeroTensor(streamElementType(this.s)) });
+      scatter = (this.opts.gated
+        ? this.call('ScatterTokensGated', [zeros!, routing.indices, routing.valid, zerosSel, y, this.gather(this.e.op('Sigmoid', [routing.score]))])
+        : this.call('ScatterTokens', [zeros!, routing.indices, routing.valid, zerosSel, y]))[0]!;
+      passed = zeros!;
+    }
+    const layerNodes = new Set([...this.region, ...g.nodes.filter((n) => !existing.has(n))]);
+    for (const use of [...y.uses]) if (!layerNodes.has(use.node)) use.node.setInput(use.index, scatter);
+    if (g.outputs.includes(y)) g.outputs = g.outputs.map((v) => (v === y ? scatter : v));
+
+    return this.skipWhenNothingSelected(layerNodes, [[scatter, passed], ...kvPairs]);
+  }
+
+  private suffix(): string {
+    return this.r.part === 'block' ? `l${this.l}` : `l${this.l}${this.r.part === 'attention' ? 'a' : 'm'}`;
+  }
+
+  /**
+   * The region's attention runs on this layer's own keys: masks and lengths recomputed, the
+   * present caches re-packed, `past_lengths.l` in and `present_lengths.l` out. Returns the
+   * [computed, passed when skipped] pairs for the If.
+   */
+  private compactKv(xSel: Value, recompute: Value[]): [Value, Value][] {
+    const { layer, routing } = this;
+    const g = this.model.graph;
     const kv = layer.kv;
     const pastKey = kv.key.input;
     const seqAxis = kv.layout === 'combined-2BHTD' ? 3 : 2;
@@ -171,7 +278,7 @@ class LayerRouter {
 
     if (recompute.length) {
       const substitute = this.substitutes(xSel, pastLength, capacity, k, gqa);
-      const recomputed = recomputeWith(g, recompute, substitute, `_l${this.l}`);
+      const recomputed = recomputeWith(g, recompute, substitute, `_${this.suffix()}`);
       for (const v of recompute) replaceUsesWithin(this.region, v, recomputed.get(v)!);
     }
 
@@ -185,19 +292,7 @@ class LayerRouter {
     presentLength.name = g.uniqueName(presentLengthName(this.l));
     presentLength.type = tensorType(DataType.INT64, ['batch']);
     g.outputs.push(presentLength);
-
-    const scatter = this.opts.gated
-      ? this.call('ScatterTokensGated', [x, routing.indices, routing.valid, xSel, y, this.gather(this.e.op('Sigmoid', [routing.score]))])
-      : this.call('ScatterTokens', [x, routing.indices, routing.valid, xSel, y]);
-    for (const use of [...y.uses]) if (!this.region.has(use.node) && use.node !== scatter[0]!.producer) use.node.setInput(use.index, scatter[0]!);
-    if (g.outputs.includes(y)) g.outputs = g.outputs.map((v) => (v === y ? scatter[0]! : v));
-
-    const layerNodes = new Set([...this.region, ...g.nodes.filter((n) => !existing.has(n))]);
-    return this.skipWhenNothingSelected(layerNodes, [
-      [scatter[0]!, x],
-      ...packed.map((p, i) => [p, tensors[i]!.input] as [Value, Value]),
-      [presentLength, pastLength],
-    ]);
+    return [...packed.map((p, i) => [p, tensors[i]!.input] as [Value, Value]), [presentLength, pastLength]];
   }
 
   /**
@@ -210,7 +305,7 @@ class LayerRouter {
     const g = this.model.graph;
     g.toposort();
     const cond = this.e.op('Greater', [this.e.reduceSum(this.selectedCount(), [0], false), this.e.i64(0)]);
-    const outs = this.ifElse(`modc/layer${this.l}/if_selected`, cond,
+    const outs = this.ifElse(`modc/${this.tag}/if_selected`, cond,
       (run) => {
         g.moveNodesTo(nodes, run);
         return pairs.map(([computed]) => computed);
@@ -273,7 +368,7 @@ class LayerRouter {
     });
     const kept = this.e.reduceSum(this.e.cast(keep, DataType.INT64), [0, 1], false);
     const everySlotKept = this.e.op('Equal', [kept, this.e.op('Size', [keep])]);
-    const packed = this.ifElse(`modc/layer${this.l}/pack_cache`, everySlotKept,
+    const packed = this.ifElse(`modc/${this.tag}/pack_cache`, everySlotKept,
       (branch) => fulls.map(({ full }) => branch.addNode('Identity', [full], [branch.newValue(`${full.name}_kept`)]).output(0)),
       (branch) => {
         const [slots] = this.call('Compact', [keep], branch);
@@ -291,39 +386,43 @@ class LayerRouter {
 }
 
 export interface RouteReport {
-  routed: number[];
-  skipped: { layer: number; reason: string }[];
+  routed: { layer: number; part: RoutedPart }[];
+  /** `part` absent for a whole block. */
+  skipped: { layer: number; part?: RoutedPart; reason: string }[];
 }
 
 export function routeLayers(model: Model, opts: RouteOptions): RouteReport {
   const s = analyzeDecoder(model);
+  const meta = readRoutingMetadata(model);
   const report: RouteReport = { routed: [], skipped: [] };
-  const plans: [LayerInfo, LayerRouting][] = [];
-  for (const layer of s.layers) {
-    const routing = findRouting(layer);
-    if (!routing) continue;
-    const why = blocker(model, layer);
-    if (why) {
-      report.skipped.push({ layer: layer.index, reason: why });
+  const plans: [RoutedRegion, LayerRouting][] = [];
+  for (const entry of meta?.layers ?? []) {
+    const selected = entry.selected ? model.graph.findValue(entry.selected) : undefined;
+    const routing = selected ? routingOf(selected) : null;
+    const layer = s.layers[entry.layer];
+    if (!routing || !layer) throw new ModcError(`route-layers: the routing metadata names ${entry.selected ? `selection ${entry.selected}` : 'no selection value'} for layer ${describeLayerPart(entry)}, which the graph does not compute (run insert-routers first)`);
+    const region = regionOf(model, layer, entry.part);
+    if ('reason' in region) {
+      report.skipped.push({ layer: entry.layer, ...(entry.part !== 'block' ? { part: entry.part } : {}), reason: region.reason });
       for (const n of routing.nodes.reverse()) model.graph.removeNode(n, true);
       continue;
     }
-    plans.push([layer, routing]);
+    plans.push([region, routing]);
   }
   // Routing layer l replaces its output downstream; layer l+1 then reads the scatter.
   const carried = new Map<Value, Value>();
-  for (const [layer, routing] of plans) {
-    const input = carried.get(layer.residualIn) ?? layer.residualIn;
-    carried.set(layer.residualOut!, new LayerRouter(model, s, layer, routing, opts, input).route());
-    report.routed.push(layer.index);
+  for (const [region, routing] of plans) {
+    const input = carried.get(region.input) ?? region.input;
+    const out = new LayerRouter(model, s, region, routing, opts, input).route();
+    if (region.output.kind === 'stream') carried.set(region.output.value, out);
+    report.routed.push({ layer: region.layer.index, part: region.part });
   }
   model.graph.toposort();
-  const meta = readRoutingMetadata(model);
   if (meta) {
     writeRoutingMetadata(model, {
       ...meta,
       gated: opts.gated,
-      layers: meta.layers.filter((l) => report.routed.includes(l.layer)),
+      layers: meta.layers.filter((l) => report.routed.some((r) => r.layer === l.layer && r.part === l.part)),
       ...(report.skipped.length ? { skipped: report.skipped } : {}),
     });
   }
@@ -340,8 +439,8 @@ export function routeLayersPass(opts: RouteOptions): Pass {
       return {
         changed: r.routed.length > 0,
         notes: [
-          ...(r.routed.length ? [`routed layers ${r.routed.join(', ')} (${opts.gated ? 'gated' : 'ungated'})`] : []),
-          ...r.skipped.map((sk) => `layer ${sk.layer} not converted: ${sk.reason}`),
+          ...(r.routed.length ? [`routed layers ${r.routed.map(describeLayerPart).join(', ')} (${opts.gated ? 'gated' : 'ungated'})`] : []),
+          ...r.skipped.map((sk) => `layer ${describeLayerPart({ layer: sk.layer, part: sk.part ?? 'block' })} not converted: ${sk.reason}`),
         ],
       };
     },

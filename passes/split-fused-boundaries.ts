@@ -11,7 +11,9 @@
  * its residual input alone. LayerNormalization and SimplifiedLayerNormalization are used in
  * the default domain at the model's opset: ONNX Runtime registers both there for every opset
  * (LayerNormalization before opset 17 as a contrib kernel), so no opset import changes.
- * Intra-layer fusions (a skip-norm joining attention and MLP of one layer) are left alone.
+ * Intra-layer fusions (a skip-norm joining attention and MLP of one layer) are left alone,
+ * except in the layers named by `within` (sub-layer routing): there the skip-norm at the
+ * sub-layer boundary is split the same way, so the stream after attention is a value too.
  */
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
 import { ModcError } from '../compiler/errors.js';
@@ -25,6 +27,8 @@ import type { Pass } from '../compiler/pass-manager.js';
 export interface SplitOptions {
   /** Layers whose entry and exit boundaries to split (default: every layer). */
   layers?: number[];
+  /** Layers whose fused steps inside the layer (the sub-layer boundary) to split as well. */
+  within?: number[];
 }
 
 export interface SplitResult {
@@ -38,16 +42,22 @@ const SKIP_NORM_EPSILON = 1e-12;
 
 export function splitFusedBoundaries(model: Model, structure: DecoderStructure, opts: SplitOptions = {}): SplitResult {
   const wanted = opts.layers ?? structure.layers.map((l) => l.index);
-  const boundaries = new Map<Node, FusedBoundary>();
+  const boundaries = new Map<Node, FusedBoundary['op']>();
   for (const index of wanted) {
     const layer = structure.layers[index];
     if (!layer) throw new ModcError(`split-fused-boundaries: no layer ${index} (the model has ${structure.layers.length})`);
-    for (const b of [layer.entryBoundary, layer.exitBoundary]) if (b) boundaries.set(b.node, b);
+    for (const b of [layer.entryBoundary, layer.exitBoundary]) if (b) boundaries.set(b.node, b.op);
+  }
+  for (const index of opts.within ?? []) {
+    const layer = structure.layers[index];
+    if (!layer) throw new ModcError(`split-fused-boundaries: no layer ${index} (the model has ${structure.layers.length})`);
+    for (const b of [layer.entryBoundary, layer.exitBoundary]) if (b) boundaries.set(b.node, b.op);
+    for (const step of layer.steps) if (step.kind !== 'Add') boundaries.set(step.node, step.kind);
   }
   const notes: string[] = [];
-  for (const b of boundaries.values()) {
-    if (b.node.graph !== model.graph) throw new ModcError(`split-fused-boundaries: ${b.node.describe()} is no longer in the graph; re-analyse before splitting`);
-    notes.push(b.op === 'EmbedLayerNormalization' ? splitEmbedLayerNorm(model.graph, b.node) : splitSkipNorm(model.graph, b.node, structure));
+  for (const [node, op] of boundaries) {
+    if (node.graph !== model.graph) throw new ModcError(`split-fused-boundaries: ${node.describe()} is no longer in the graph; re-analyse before splitting`);
+    notes.push(op === 'EmbedLayerNormalization' ? splitEmbedLayerNorm(model.graph, node) : splitSkipNorm(model.graph, node, structure));
   }
   return { changed: notes.length > 0, notes };
 }
@@ -119,13 +129,22 @@ function isUsed(v: Value | undefined, g: Graph): boolean {
 }
 
 /** The pass-manager wrapper: analyses the model, then splits the requested layers' boundaries. */
-export const splitFusedBoundariesPass: Pass<{ layers: string }> = {
+function layerList(option: string, name: string): number[] | undefined {
+  const layers = option ? option.split(',').map((s) => Number(s.trim())) : undefined;
+  if (layers?.some((l) => !Number.isInteger(l) || l < 0)) throw new ModcError(`split-fused-boundaries: ${name} must be comma-separated indices, got '${option}'`);
+  return layers;
+}
+
+export const splitFusedBoundariesPass: Pass<{ layers: string; within: string }> = {
   name: 'split-fused-boundaries',
-  description: 'replace SkipLayerNorm/SkipSimplifiedLayerNorm/EmbedLayerNorm nodes that span a layer boundary by Add + norm',
-  options: [{ name: 'layers', type: 'string', description: 'comma-separated layer indices (default: all)', default: '' }],
+  description: 'replace SkipLayerNorm/SkipSimplifiedLayerNorm/EmbedLayerNorm nodes that span a layer (or, with within=, a sub-layer) boundary by Add + norm',
+  options: [
+    { name: 'layers', type: 'string', description: 'comma-separated layer indices (default: all)', default: '' },
+    { name: 'within', type: 'string', description: 'layers whose sub-layer boundary (attention to MLP) to split too (default: none)', default: '' },
+  ],
   run(model, options) {
-    const layers = options.layers ? options.layers.split(',').map((s) => Number(s.trim())) : undefined;
-    if (layers?.some((l) => !Number.isInteger(l) || l < 0)) throw new ModcError(`split-fused-boundaries: layers must be comma-separated indices, got '${options.layers}'`);
-    return splitFusedBoundaries(model, analyzeDecoder(model), layers ? { layers } : {});
+    const layers = layerList(options.layers, 'layers');
+    const within = layerList(options.within, 'within');
+    return splitFusedBoundaries(model, analyzeDecoder(model), { ...(layers ? { layers } : {}), ...(within ? { within } : {}) });
   },
 };

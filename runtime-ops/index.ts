@@ -6,6 +6,7 @@
 import type { Graph, Node, Value } from '../compiler/ir/graph.js';
 import { OnnxFunction, type Model } from '../compiler/ir/model.js';
 import { Value as IrValue } from '../compiler/ir/graph.js';
+import { ModcError } from '../compiler/errors.js';
 import { Emitter } from './emit.js';
 import { modcOp, type OpContext } from './ops.js';
 
@@ -25,7 +26,11 @@ export interface CallOptions extends OpContext {
 
 /** The model's default-domain opset: function bodies are written for it. */
 export function defaultOpset(model: Model): number {
-  return model.opsetVersion('') ?? 11;
+  const v = model.opsetVersion('');
+  // The bodies must use the operator forms of the model's own opset: never guess one.
+  if (v === undefined) throw new ModcError('the model imports no default-domain (ai.onnx) opset, so modc cannot tell which operator versions to emit');
+  if (v < 11) throw new ModcError(`the model's default-domain opset is ${v}; modc emits its ops for opset 11 and later`);
+  return v;
 }
 
 /** Adds the function for `name` to the model if it is not there yet. */

@@ -49,7 +49,7 @@ describe('modc compile with routers', () => {
     expect(res.stdout).toMatch(/routing\s+modc threshold, gated; routers on layer 2 \(p=0\.4\)/);
     expect(res.stdout).toMatch(/modc\s+.*Router 1/);
     const j = JSON.parse((await runCli('inspect', out, '--json')).stdout);
-    expect(j.routing).toEqual({ mode: 'threshold', gated: true, layers: [{ layer: 2, threshold: expect.closeTo(0.4, 6) }] });
+    expect(j.routing).toEqual({ mode: 'threshold', gated: true, layers: [{ layer: 2, part: 'block', selected: 'modc.selected.2', threshold: expect.closeTo(0.4, 6) }] });
     expect(j.functions).toContain('modc::Router');
     expect(j.opsets).toContainEqual({ domain: 'modc', version: 1 });
   });

@@ -10,7 +10,7 @@ import { loadModel } from '../compiler/io/load.js';
 import { runPipeline } from '../compiler/pass-manager.js';
 import { planRouting } from '../compiler/routing-plan.js';
 import { modPipeline } from '../passes/index.js';
-import { ROOT, SHARED_MODELS } from './helpers.js';
+import { ROOT, fixture } from './helpers.js';
 
 const costsOf = (path: string) => modelCosts(analyzeDecoder(loadModel(path)));
 
@@ -44,7 +44,7 @@ describe('MACs per token and per (query, key) pair', () => {
 
   it('ort-gpt2-fused (the fused Attention op reads the QKV weight)', () => {
     // hidden 32, 4 heads of 8, vocab 1000: QKV [32, 96] in Attention, output [32, 32], MLP 32 -> 128 -> 32.
-    const c = costsOf(join(SHARED_MODELS, 'ort-gpt2-fused/model.onnx'));
+    const c = costsOf(fixture('ort-gpt2-fused'));
     expect(c).toMatchObject({ hiddenSize: 32, lmHead: 32 * 1000 });
     expect(c.layers[0]).toEqual({ layer: 0, attention: 32 * 96 + 32 * 32, attentionPair: 2 * 32, mlp: 2 * 32 * 128, kvPerToken: 2 * 32 });
   });

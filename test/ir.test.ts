@@ -92,7 +92,7 @@ describe('verifier', () => {
     const { g, model, relu, neg, dead } = chain();
     g.setNodes([neg, relu, dead]);
     const issues = verifyModel(model);
-    expect(issues[0]!.message).toMatch(/Neg node producing y reads %relu_out before it is defined/);
+    expect(issues[0]!.message).toMatch(/Neg node producing 'y' reads %relu_out before it is defined/);
   });
 
   it('names dangling values and untyped graph outputs', () => {
@@ -100,7 +100,7 @@ describe('verifier', () => {
     neg.setInput(0, new Value('ghost'));
     g.outputs[0]!.type = undefined;
     const messages = verifyModel(model).map((i) => i.message);
-    expect(messages).toContain('Neg node producing y reads %ghost, which nothing defines');
+    expect(messages).toContain("Neg node producing 'y' reads %ghost, which nothing defines");
     expect(messages).toContain('graph output %y has no type');
   });
 });

@@ -26,6 +26,7 @@ export interface AnalyzeOptions {
 
 export function analyzeDecoder(model: Model, opts: AnalyzeOptions = {}): DecoderStructure {
   const graph = model.graph;
+  assertContractRanks(graph);
   const facts = new GraphFacts(graph);
   assertTopologicalOrder(graph, facts);
   const explain: Explanation[] = [];
@@ -37,10 +38,11 @@ export function analyzeDecoder(model: Model, opts: AnalyzeOptions = {}): Decoder
   const isPrefix = (n: Node) => ownership.nodeLayer.get(n) === PREFIX;
   const isSharedNode = (n: Node) => isPrefix(n) && !n.outputs.every((o) => facts.isConstant(o));
   const classifier = new SideInputClassifier(graph, facts, isPrefix);
-  const layers = buildLayers(graph, steps, ownership, embedding.info, classifier);
+  const layers = buildLayers(graph, steps, ownership, embedding.info, classifier, ctx);
   explainBoundaries(layers, explain);
   const final = finalInfo(graph, steps, ownership, layers.length, opts, explain);
-  const first = layers[0]!;
+  const first = layers.find((l) => l.attention.form !== 'recurrent');
+  if (!first) throw new ModcError(`no attention layer: all ${layers.length} layers mix tokens through state only (recurrent), and modc routes attention layers`);
   return {
     embedding: embedding.info,
     steps,
@@ -57,6 +59,15 @@ export function analyzeDecoder(model: Model, opts: AnalyzeOptions = {}): Decoder
     mask: maskInfo(graph, layers, isSharedNode, facts.order),
     explain,
   };
+}
+
+/** The contract's token inputs are [batch, sequence]; another declared rank would mis-shape every routing op. */
+function assertContractRanks(graph: Graph): void {
+  for (const v of graph.inputs) {
+    if (!['input_ids', 'attention_mask', 'position_ids'].includes(v.name)) continue;
+    const rank = v.shape?.length;
+    if (rank !== undefined && rank !== 2) throw new ModcError(`input ${v.name} has rank ${rank}; a decoder's input_ids, attention_mask and position_ids are [batch, sequence]`);
+  }
 }
 
 /** Ownership is assigned in one pass in graph order, which must therefore be topological (ONNX requires it). */

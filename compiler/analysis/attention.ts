@@ -8,6 +8,7 @@
  */
 import { ModcError } from '../errors.js';
 import type { Node, Value } from '../ir/graph.js';
+import { DataType } from '../ir/dtype.js';
 import type { GraphFacts } from './graph-facts.js';
 import { fusedAttentionSchema, isDefaultDomain, SCORE_PASS_THROUGH, type FusedAttentionSchema } from './ops.js';
 import type { AttentionCore, KvCacheSpec, KvTensor } from './types.js';
@@ -16,9 +17,14 @@ export interface AttentionContext {
   facts: GraphFacts;
   graphInputs: ReadonlySet<Value>;
   graphOutputs: ReadonlySet<Value>;
+  /** Values downstream of the stream start; anything else is prefix (computed from graph inputs alone). */
+  dependent: ReadonlySet<Value>;
 }
 
-/** Every attention core among `nodes` (a branch), in graph order. */
+/**
+ * Every attention core among `nodes` (a branch), in graph order. A branch with no attention but
+ * with state (see `stateTensors`) yields one 'recurrent' core.
+ */
 export function findAttentionCores(nodes: readonly Node[], ctx: AttentionContext): AttentionCore[] {
   const inBranch = new Set(nodes);
   const cores: AttentionCore[] = [];
@@ -30,7 +36,72 @@ export function findAttentionCores(nodes: readonly Node[], ctx: AttentionContext
       if (core) cores.push(core);
     }
   }
+  if (cores.length === 0) {
+    const state = stateTensors(nodes, new Set(), ctx);
+    if (state.length) {
+      const node = nodes.find((n) => n.inputs.some((v) => v && prefixSources(v, ctx).includes(state[0]!.input)))!;
+      const kv: KvCacheSpec = { key: state[0]!, value: state[1] ?? state[0]!, layout: 'BHTD', numKvHeads: 0, headSize: 0 };
+      cores.push({ form: 'recurrent', node, numHeads: 0, kv });
+    }
+  }
   return cores;
+}
+
+/**
+ * State among `nodes` besides the KV cache `exclude`: float graph inputs the nodes read, each
+ * with the nearest graph output of its rank and type computed from it (past -> present), in the
+ * order first read.
+ */
+export function stateTensors(nodes: readonly Node[], exclude: ReadonlySet<Value>, ctx: AttentionContext): KvTensor[] {
+  const out: KvTensor[] = [];
+  for (const n of nodes) {
+    for (const read of n.inputs) {
+      for (const v of read ? prefixSources(read, ctx) : []) {
+        if (exclude.has(v) || ctx.dependent.has(v) || out.some((t) => t.input === v) || ctx.facts.isConstant(v)) continue;
+        const dt = ctx.facts.dtype(v);
+        if (dt !== DataType.FLOAT && dt !== DataType.FLOAT16 && dt !== DataType.BFLOAT16) continue;
+        const output = nearestDownstreamOutput(v, ctx);
+        if (output) out.push({ input: v, output });
+      }
+    }
+  }
+  return out;
+}
+
+/** The graph inputs a value is computed from through prefix data edges (not through Shape): itself if it is one. */
+function prefixSources(v: Value, ctx: AttentionContext): Value[] {
+  const found: Value[] = [];
+  const stack = [v];
+  const seen = new Set<Value>();
+  while (stack.length) {
+    const x = stack.pop()!;
+    if (seen.has(x)) continue;
+    seen.add(x);
+    if (ctx.graphInputs.has(x)) found.push(x);
+    const p = x.producer;
+    if (!p || ctx.dependent.has(x) || p.opType === 'Shape') continue;
+    for (const i of p.inputs) if (i) stack.push(i);
+  }
+  return found;
+}
+
+/** The graph output of `start`'s rank and element type nearest downstream of it, breadth first. */
+function nearestDownstreamOutput(start: Value, ctx: AttentionContext): Value | null {
+  const rank = ctx.facts.rank(start);
+  const dtype = ctx.facts.dtype(start);
+  let frontier = [start];
+  const seen = new Set<Value>();
+  while (frontier.length) {
+    const next: Value[] = [];
+    for (const v of frontier) {
+      if (seen.has(v)) continue;
+      seen.add(v);
+      if (v !== start && ctx.graphOutputs.has(v) && ctx.facts.rank(v) === rank && ctx.facts.dtype(v) === dtype) return v;
+      for (const u of v.uses) next.push(...u.node.outputs);
+    }
+    frontier = next;
+  }
+  return null;
 }
 
 function fusedCore(n: Node, schema: FusedAttentionSchema, ctx: AttentionContext): AttentionCore {

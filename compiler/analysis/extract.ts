@@ -72,12 +72,22 @@ export function extractDecoder(model: Model, structure: DecoderStructure): Extra
   };
 }
 
-function layerUnit(unit: RunnableUnit, index: number, residualIn: Value, residualOut: Value, kv: KvCacheSpec, sides: readonly SideInput[]): LayerUnit {
+export function layerUnit(unit: RunnableUnit, index: number, residualIn: Value, residualOut: Value, kv: KvCacheSpec, sides: readonly SideInput[]): LayerUnit {
   const io = (t: { input: Value; output: Value }) => ({ input: t.input.name, output: t.output.name });
   const sideInputs = sides.filter((s): s is Exclude<SideInput, { kind: 'weight' }> => s.kind !== 'weight');
   const first = [residualIn.name, ...sideInputs.map((s) => s.value.name)];
   const inputs = [...first.filter((n) => unit.inputs.includes(n)), ...unit.inputs.filter((n) => !first.includes(n))];
   return { ...unit, inputs, index, residualIn: residualIn.name, residualOut: residualOut.name, kv: { key: io(kv.key), value: io(kv.value), layout: kv.layout }, sideInputs };
+}
+
+/**
+ * Standalone units for any ordered grouping of the graph's nodes (every node that matters in one
+ * group): what extractDecoder does for prefix / layers / suffix, for finer cuts (sub-layers).
+ */
+export function extractUnits(model: Model, groups: readonly { name: string; nodes: readonly Node[] }[]): RunnableUnit[] {
+  const facts = new GraphFacts(model.graph);
+  const wiring = wire(model.graph, groups.map((g) => [...g.nodes]), facts);
+  return groups.map((g, i) => buildUnit(model, g.name, g.nodes, wiring.inputs[i]!, wiring.outputs[i]!, facts));
 }
 
 /** Which non-constant values each unit reads from outside and must hand on. */

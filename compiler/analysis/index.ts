@@ -4,3 +4,5 @@ export { extractDecoder, perTokenInputs, type ExtractedDecoder, type LayerUnit, 
 export { LayerByLayerRunner, runLayerByLayer, type LoadedUnit, type TensorMap } from './layer-executor.js';
 export { formatExplanation, formatLayerTable, summarizeStructure, type LayerSummary, type SideInputSummary, type StructureSummary } from './report.js';
 export type * from './types.js';
+export { GraphFacts } from './graph-facts.js';
+export { weightMatMul, weightMatMuls, type WeightMatMul } from './weight-matmuls.js';

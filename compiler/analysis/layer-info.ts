@@ -1,10 +1,11 @@
 /** Assembling LayerInfo records from the residual steps and the node ownership map. */
 import type { Graph, Node, Value } from '../ir/graph.js';
+import { type AttentionContext, stateTensors } from './attention.js';
 import { exitBoundaryOf, mlpNodesOf, type NodeOwnership } from './layers.js';
 import type { SideInputClassifier } from './side-inputs.js';
 import type { EmbeddingInfo, LayerInfo, SideInput, StreamStep } from './types.js';
 
-export function buildLayers(graph: Graph, steps: readonly StreamStep[], ownership: NodeOwnership, embedding: EmbeddingInfo, classifier: SideInputClassifier): LayerInfo[] {
+export function buildLayers(graph: Graph, steps: readonly StreamStep[], ownership: NodeOwnership, embedding: EmbeddingInfo, classifier: SideInputClassifier, ctx: AttentionContext): LayerInfo[] {
   const count = steps.at(-1)!.layer + 1;
   const nodesByLayer = Array.from({ length: count }, () => [] as Node[]);
   for (const n of graph.nodes) {
@@ -18,6 +19,8 @@ export function buildLayers(graph: Graph, steps: readonly StreamStep[], ownershi
     const last = own.at(-1)!;
     const attention = first.attention!;
     const nodes = nodesByLayer[l]!;
+    const state = attention.form === 'recurrent' ? [...new Set([attention.kv.key, attention.kv.value])] : stateTensors(nodes, new Set([attention.kv.key.input, attention.kv.value.input]), ctx);
+    const stateInputs = new Set(state.map((t) => t.input));
     layers.push({
       index: l,
       residualIn: first.streamIn,
@@ -29,8 +32,9 @@ export function buildLayers(graph: Graph, steps: readonly StreamStep[], ownershi
       exitBoundary: exitBoundaryOf(last),
       attention,
       mlpNodes: mlpNodesOf(own, attention),
-      sideInputs: sideInputsOf(l, nodes, ownership, (v, readers) => classifier.classify(v, readers, attention.kv)),
+      sideInputs: sideInputsOf(l, nodes, ownership, (v, readers) => classifier.classify(v, readers, attention.kv, stateInputs)),
       kv: attention.kv,
+      state,
     });
   }
   return layers;

@@ -27,8 +27,10 @@ export class SideInputClassifier {
     this.graphInputs = new Set(graph.inputs);
   }
 
-  classify(v: Value, readers: ReadonlySet<Node>, kv: KvCacheSpec): SideInput {
+  classify(v: Value, readers: ReadonlySet<Node>, kv: KvCacheSpec, state: ReadonlySet<Value> = new Set()): SideInput {
     if (this.facts.isConstant(v)) return { kind: 'weight', value: v };
+    // Checked before the KV cache: a recurrent layer's `kv` names its state.
+    if (state.has(v)) return { kind: 'other', value: v, reason: 'state besides the KV cache (conv/recurrent state of a hybrid model): a layer with state stays dense and its state passes through untouched' };
     const past = pastRole(v, kv);
     if (past) return { kind: 'past-kv', value: v, role: past };
     const slot = slotOf(v, readers);

@@ -7,7 +7,12 @@
  */
 import type { Node, Value } from '../ir/graph.js';
 
-export type AttentionForm = 'unfused' | 'Attention' | 'MultiHeadAttention' | 'GroupQueryAttention';
+/**
+ * 'recurrent': a token mixer with state besides a KV cache and no attention (the linear-attention
+ * or convolution layers of hybrid models); its `kv` names that state, its `node` is the first
+ * node reading it. Such layers are found and kept dense.
+ */
+export type AttentionForm = 'unfused' | 'Attention' | 'MultiHeadAttention' | 'GroupQueryAttention' | 'recurrent';
 
 /**
  * How positions enter the model: learned absolute embeddings added to the stream start;
@@ -138,13 +143,21 @@ export interface LayerInfo {
   mlpNodes: Node[];
   sideInputs: SideInput[];
   kv: KvCacheSpec;
+  /**
+   * State besides the KV cache this layer reads and rewrites (conv / recurrent state of hybrid
+   * models: a past graph input and its present graph output). A layer with state is not routed.
+   */
+  state: KvTensor[];
 }
 
 /** The stream start: a token Gather (plus absolute position adds), or EmbedLayerNormalization. */
 export interface EmbeddingInfo {
   /** The stream start value (the sum of the embeddings). */
   output: Value;
-  /** The token table [V, H]. */
+  /**
+   * The token table [V, H]; for a decoder fed by `inputs_embeds` (the embedding lives in another
+   * model) that graph input [B, S, H] itself, which is then also `output`.
+   */
   table: Value;
   /** The position table when positions are added to the embedding. */
   positionTable: Value | null;

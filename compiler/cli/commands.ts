@@ -6,7 +6,9 @@ import { runCommand } from './run.js';
 import { generateCommand } from './generate.js';
 import { verifyCommand } from './verify.js';
 import { benchCommand } from './bench.js';
+import { evalCommand } from './eval.js';
+import { calibrateCommand } from './calibrate.js';
 
 export type { Command } from './command.js';
 
-export const COMMANDS: Command[] = [inspectCommand, compileCommand, runCommand, generateCommand, verifyCommand, benchCommand];
+export const COMMANDS: Command[] = [inspectCommand, compileCommand, runCommand, generateCommand, verifyCommand, benchCommand, calibrateCommand, evalCommand];

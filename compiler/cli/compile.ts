@@ -3,12 +3,12 @@ import { resolve } from 'node:path';
 import { analyzeDecoder } from '../analysis/analyze.js';
 import { ModcError, UsageError } from '../errors.js';
 import { loadModel } from '../io/load.js';
-import { saveModel } from '../io/save.js';
+import { checkOutputPath, saveModel } from '../io/save.js';
 import type { Model } from '../ir/model.js';
 import { runPipeline } from '../pass-manager.js';
 import { readRoutingMetadata } from '../routing-metadata.js';
 import { graphFingerprint, recordSource } from '../source-fingerprint.js';
-import { planRouting, type RouterSource, type RoutingMode, type RoutingPlan, type Schedule } from '../routing-plan.js';
+import { describeLayerPart, planRouting, type RoutedPart, type RouterSource, type RoutingMode, type RoutingPlan, type Schedule } from '../routing-plan.js';
 import { summarizeModel } from '../summary.js';
 import { defaultRegistry, modPipeline } from '../../passes/index.js';
 import { listFlag, numberFlag, onePositional, stringFlag } from './args.js';
@@ -42,7 +42,7 @@ function oneOf<T extends string>(values: CliValues, flag: string, allowed: reado
 function resolvePlan(model: Model, values: CliValues): RoutingPlan | undefined {
   const routers = routerSource(values);
   if (!routers) {
-    for (const flag of ['threshold', 'capacity', 'routing', 'layers', 'schedule', 'gated', 'ungated', 'inline-ops']) {
+    for (const flag of ['threshold', 'capacity', 'routing', 'layers', 'schedule', 'gated', 'ungated', 'inline-ops', 'granularity']) {
       if (values[flag] !== undefined) throw new UsageError(`--${flag} needs routers: give --routers FILE or --router-init all-pass|random`);
     }
     return undefined;
@@ -53,7 +53,8 @@ function resolvePlan(model: Model, values: CliValues): RoutingPlan | undefined {
   const threshold = numberFlag(values, 'threshold');
   const capacity = numberFlag(values, 'capacity');
   if (mode === 'topk' && threshold !== undefined) throw new UsageError('--threshold applies to --routing threshold; use --capacity with topk');
-  if ((mode ?? 'threshold') === 'threshold' && capacity !== undefined && oneOf(values, 'schedule', ['uniform', 'every-other', 'prd']) !== 'prd') {
+  // With a router file and no --routing, the file's metadata may choose topk.
+  if ((mode ?? (routers.kind === 'file' ? undefined : 'threshold')) === 'threshold' && capacity !== undefined && oneOf(values, 'schedule', ['uniform', 'every-other', 'prd']) !== 'prd') {
     throw new UsageError('--capacity applies to --routing topk (or --schedule prd); use --threshold with threshold routing');
   }
   return planRouting({
@@ -61,7 +62,9 @@ function resolvePlan(model: Model, values: CliValues): RoutingPlan | undefined {
     hiddenSize: s.hiddenSize,
     routers,
     mode,
-    gated: !values.ungated,
+    // Unset lets a router file's metadata decide (default gated).
+    gated: values.ungated ? false : values.gated ? true : undefined,
+    granularity: oneOf<RoutedPart>(values, 'granularity', ['block', 'attention', 'mlp']),
     threshold,
     capacity,
     layers: stringFlag(values, 'layers'),
@@ -83,6 +86,13 @@ export const compileCommand: Command = {
     '--layers or --schedule, a router file converts exactly the layers it has routers for;',
     '--router-init converts every layer.',
     '',
+    '--granularity says what a converted layer routes: its whole block (default), its attention',
+    'sub-layer (a skipped token gets no attention update and is no key/value: the KV cache is',
+    'compacted) or its MLP (attention and the KV cache stay full). A router file sets the part per',
+    'layer with router.{l}.attn.* / router.{l}.mlp.* tensors; there --granularity keeps only that',
+    'part\'s routers. The file\'s __metadata__ "modc" entry supplies mode, gating and per-part',
+    'capacities unless --routing, --gated/--ungated or --capacity are given.',
+    '',
     'LIST is comma-separated pass names, each optionally with options `name{opt=value;opt=value}`.',
     '`--passes none` loads and saves the model unchanged (a round trip).',
     `passes: ${defaultRegistry().list().map((p) => `\n  ${p.name.padEnd(22)} ${p.description}`).join('')}`,
@@ -93,7 +103,8 @@ export const compileCommand: Command = {
   ].join('\n'),
   options: {
     output: { type: 'string', short: 'o', valueName: 'OUT.onnx', help: 'where to write the compiled model (required)' },
-    routers: { type: 'string', valueName: 'FILE', help: 'router weights (safetensors: router.{l}.weight/bias[/threshold])' },
+    routers: { type: 'string', valueName: 'FILE', help: 'router weights (safetensors: router.{l}[.attn|.mlp].weight/bias[/threshold], F32/F16/BF16)' },
+    granularity: { type: 'string', valueName: 'PART', help: 'what a converted layer routes: block (default), attention or mlp' },
     'router-init': { type: 'string', valueName: 'MODE', help: 'all-pass (every token selected) or random (seeded, --seed N)' },
     seed: { type: 'string', valueName: 'N', help: 'seed for --router-init random (default 0)' },
     routing: { type: 'string', valueName: 'MODE', help: 'threshold (default: sigmoid(score) >= p) or topk (capacity per row)' },
@@ -132,6 +143,7 @@ export const compileCommand: Command = {
     const t0 = performance.now();
     progress.stage(`load ${input}`);
     const model = loadModel(input);
+    checkOutputPath(output, model); // before any work: never over the input or its data files
     const source = graphFingerprint(model); // recorded in the output, checked by `modc verify`
     const plan = resolvePlan(model, values);
     if (!plan && passes === undefined) throw new UsageError('nothing to do: give --routers FILE or --router-init all-pass|random (or --passes LIST)');
@@ -155,13 +167,15 @@ export const compileCommand: Command = {
     const opsAfter = modcOpCounts(model);
     const opsAdded = Object.fromEntries(Object.entries(opsAfter).map(([op, n]) => [op, n - (opsBefore[op] ?? 0)]).filter(([, n]) => (n as number) > 0));
     // The plan's dense layers, plus those route-layers could not route (recorded in the model).
-    const notConverted = [...(plan?.unconverted ?? []), ...(readRoutingMetadata(model)?.skipped ?? [])].sort((a, b) => a.layer - b.layer);
-    const blocked = new Set(notConverted.map((u) => u.layer));
-    const converted = (plan?.layers ?? []).filter((l) => !blocked.has(l.layer));
+    const skipped = readRoutingMetadata(model)?.skipped ?? [];
+    const notConverted = [...(plan?.unconverted ?? []), ...skipped].sort((a, b) => a.layer - b.layer);
+    const converted = (plan?.layers ?? []).filter((l) => !skipped.some((u) => u.layer === l.layer && (u.part ?? 'block') === l.part));
     if (plan) {
-      log(`converted ${converted.length} layer(s): ${converted.map((l) => `${l.layer} (${plan.mode === 'threshold' ? `p=${short(l.threshold)}` : `c=${short(l.capacity)}`})`).join(', ') || 'none'}; ${plan.mode}, ${plan.gated ? 'gated' : 'ungated'}`);
+      const setting = (l: { threshold: number; capacity: number }) => (plan.mode === 'threshold' ? `p=${short(l.threshold)}` : `c=${short(l.capacity)}`);
+      const what = (l: { part: RoutedPart }) => (l.part === 'block' ? '' : `${l.part}, `);
+      log(`converted ${converted.length} layer(s): ${converted.map((l) => `${l.layer} (${what(l)}${setting(l)})`).join(', ') || 'none'}; ${plan.mode}, ${plan.gated ? 'gated' : 'ungated'}`);
       log(`modc ops added: ${Object.entries(opsAdded).map(([op, n]) => `${op} ${n}`).join(', ') || (values['inline-ops'] ? 'none (inlined)' : 'none')}`);
-      for (const u of notConverted) log(`not converted: layer ${u.layer}: ${u.reason}`);
+      for (const u of notConverted) log(`not converted: layer ${'part' in u && u.part ? describeLayerPart({ layer: u.layer, part: u.part as RoutedPart }) : u.layer}: ${u.reason}`);
     }
     progress.stop();
     log(`wrote ${saved.path} (${formatBytes(saved.bytes)})${saved.externalFiles.map((f) => `, ${f.location} ${f.how}`).join('')}`);
@@ -169,7 +183,7 @@ export const compileCommand: Command = {
     if (values.json) {
       io.out(JSON.stringify({
         input, output: saved.path, bytes: saved.bytes, externalFiles: saved.externalFiles, passes: records,
-        ...(plan ? { routing: { mode: plan.mode, gated: plan.gated, converted: converted.map((l) => routedLayerJson(plan.mode, { layer: l.layer, threshold: l.threshold, capacity: l.capacity })), notConverted, opsAdded } } : {}),
+        ...(plan ? { routing: { mode: plan.mode, gated: plan.gated, converted: converted.map((l) => routedLayerJson(plan.mode, { layer: l.layer, part: l.part, threshold: l.threshold, capacity: l.capacity })), notConverted, opsAdded } } : {}),
       }, null, 2));
     }
     return 0;

@@ -19,7 +19,7 @@ export function routedLayerJson<T extends { threshold: number; capacity: number 
 }
 
 function formatRouting(meta: RoutingMetadata): string {
-  const per = meta.layers.map((l) => `${l.layer} (${meta.mode === 'threshold' ? `p=${short(l.threshold)}` : `c=${short(l.capacity)}`})`);
+  const per = meta.layers.map((l) => `${l.layer} (${l.part === 'block' ? '' : `${l.part}, `}${meta.mode === 'threshold' ? `p=${short(l.threshold)}` : `c=${short(l.capacity)}`})`);
   return `routing    modc ${meta.mode}, ${meta.gated ? 'gated' : 'ungated'}; routers on layer${per.length === 1 ? '' : 's'} ${per.join(', ')}`;
 }
 
@@ -35,7 +35,7 @@ export const inspectCommand: Command = {
     'JSON: the model facts plus, for a decoder, { layers: [{ index, attention, kv: { key: {input,',
     'output}, value: {...}, layout, numKvHeads, headSize }, residualIn, residualOut, nodeCount,',
     'weights, sideInputs }], hiddenSize, numHeads, numKvHeads, headSize, dtype, positional, mask },',
-    'and for a compiled model { routing: { mode, gated, layers: [{ layer, threshold | capacity }] } }',
+    'and for a compiled model { routing: { mode, gated, layers: [{ layer, part, selected, threshold | capacity }] } }',
     '(threshold in threshold mode, capacity in topk mode).',
   ].join('\n'),
   options: {

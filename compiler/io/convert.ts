@@ -7,9 +7,10 @@ import type {
   AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto,
 } from '../proto/index.js';
 import { AttributeType, has, int64ToNumber } from '../proto/index.js';
+import { ModcError, quote } from '../errors.js';
 import { Graph, Node, Value } from '../ir/graph.js';
 import { Model, OnnxFunction } from '../ir/model.js';
-import { Tensor } from '../ir/tensor.js';
+import { checkTensorProto, Tensor } from '../ir/tensor.js';
 
 /** Builds a Tensor from an initializer proto; external data is resolved by the loader. */
 export type TensorFactory = (proto: TensorProto) => Tensor;
@@ -24,6 +25,18 @@ function sourceOf(obj: object): object | undefined {
 function remember<T extends object>(obj: T, source: object): T {
   Object.defineProperty(obj, SOURCE, { value: source, enumerable: false, writable: true });
   return obj;
+}
+
+/**
+ * A shallow copy of a decoded message that keeps its unknown fields: protobufjs holds them in a
+ * non-enumerable `$unknowns` (raw bytes, re-emitted by the encoder), which a spread would drop.
+ */
+export function copyMessage(src: object | undefined): Record<string, unknown> {
+  if (!src) return {};
+  const out: Record<string, unknown> = { ...(src as Record<string, unknown>) };
+  const unknowns = (src as { $unknowns?: Uint8Array[] }).$unknowns;
+  if (unknowns?.length) out.$unknowns = unknowns;
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -76,13 +89,15 @@ export function graphFromProto(gp: GraphProto, parent: Graph | null, makeTensor:
   }
   for (const tp of gp.initializer) {
     const name = tp.name ?? '';
+    checkTensorProto(tp, `initializer ${quote(name)}`);
     const v = scope.get(name) ?? new Value(name);
     g.addInitializer(v, makeTensor(tp));
     define(v);
   }
   // Outputs of every node first, so forward references (unsorted graphs) still resolve.
   const nodes = gp.node.map((np) => {
-    const n = new Node(np.op_type ?? '', np.domain ?? '', np.name ?? '');
+    // 'ai.onnx' is another spelling of the default domain: one spelling in the IR.
+    const n = new Node(np.op_type ?? '', np.domain === 'ai.onnx' ? '' : np.domain ?? '', np.name ?? '');
     n.graph = g;
     g.claimName(n.name);
     n.setOutputs(np.output.map((name) => new Value(name)));
@@ -111,7 +126,11 @@ export function graphFromProto(gp: GraphProto, parent: Graph | null, makeTensor:
     n.metadataProps = [...np.metadata_props];
     n.deviceConfigurations = [...np.device_configurations];
     n.setInputs(np.input.map((name) => (name === '' ? null : resolve(name))));
-    for (const ap of np.attribute) n.attributes.set(ap.name ?? '', attributeFromProto(ap, g, makeTensor));
+    for (const ap of np.attribute) {
+      const name = ap.name ?? '';
+      if (n.attributes.has(name)) throw new ModcError(`${n.describe()} has attribute ${quote(name)} twice`);
+      n.attributes.set(name, attributeFromProto(ap, n, g, makeTensor));
+    }
   });
   for (const vi of gp.value_info) {
     const v = scope.get(vi.name ?? '');
@@ -127,6 +146,9 @@ export function graphFromProto(gp: GraphProto, parent: Graph | null, makeTensor:
   }
   g.outputs = gp.output.map((vi) => {
     const v = resolve(vi.name ?? '');
+    // A graph output that is a graph input or an initializer passed through: the definition's
+    // type is the value's type; the output's own declaration must not overwrite it.
+    if ((g.inputs.includes(v) || v.initializer) && v.type) return v;
     const out = valueFromInfo(vi, v);
     remember(out, vi);
     return out;
@@ -134,9 +156,17 @@ export function graphFromProto(gp: GraphProto, parent: Graph | null, makeTensor:
   return g;
 }
 
-function attributeFromProto(ap: AttributeProto, owner: Graph, makeTensor: TensorFactory) {
-  if (ap.type === AttributeType.GRAPH || (has(ap, 'g') && ap.g)) {
-    return { proto: ap, graph: graphFromProto(ap.g!, owner, makeTensor) };
+function attributeFromProto(ap: AttributeProto, node: Node, owner: Graph, makeTensor: TensorFactory) {
+  const where = () => `${node.describe()} attribute ${quote(ap.name ?? '')}`;
+  if (ap.type === AttributeType.GRAPH && !ap.g) throw new ModcError(`${where()} has type GRAPH but holds no graph`);
+  if (ap.g) {
+    if (has(ap, 'type') && ap.type !== AttributeType.GRAPH) throw new ModcError(`${where()} holds a graph but its type is ${ap.type}, not GRAPH`);
+    return { proto: ap, graph: graphFromProto(ap.g, owner, makeTensor) };
+  }
+  if (ap.t) checkTensorProto(ap.t, `${where()} tensor`);
+  ap.tensors.forEach((t, i) => checkTensorProto(t, `${where()} tensor ${i}`));
+  if (ap.t?.data_location === 1 || ap.tensors.some((t) => t.data_location === 1)) {
+    throw new ModcError(`${where()}: a tensor attribute stored as external data is not supported (only initializers may use external data)`);
   }
   if (ap.graphs.length) {
     return { proto: ap, graphs: ap.graphs.map((sg) => graphFromProto(sg, owner, makeTensor)) };
@@ -172,8 +202,7 @@ function functionFromProto(fp: FunctionProto, makeTensor: TensorFactory): OnnxFu
 
 /** Copies the loaded proto's own fields (or starts empty) so unmodelled fields survive. */
 function base(obj: object): Record<string, unknown> {
-  const src = sourceOf(obj);
-  return src ? { ...(src as Record<string, unknown>) } : {};
+  return copyMessage(sourceOf(obj));
 }
 
 /** Sets a string field, keeping "present but empty" only when the source had it present. */
@@ -184,7 +213,7 @@ function setString(out: Record<string, unknown>, field: string, value: string | 
 }
 
 export function modelToProto(model: Model, tensorProto: (v: Value) => TensorProto): ModelProto {
-  const out = model.source ? { ...(model.source as Record<string, unknown>) } : {};
+  const out = copyMessage(model.source);
   out.ir_version = model.irVersion;
   out.opset_import = model.opsetImports;
   for (const [field, value] of [['producer_name', model.producerName], ['producer_version', model.producerVersion], ['domain', model.domain], ['doc_string', model.docString]] as const) {
@@ -235,8 +264,8 @@ function nodeToProto(n: Node, tensorProto: (v: Value) => TensorProto): NodeProto
   setString(out, 'domain', n.domain, n);
   setString(out, 'overload', n.overload, n);
   out.attribute = [...n.attributes.values()].map((a) => {
-    if (a.graph) return { ...a.proto, g: graphToProto(a.graph, tensorProto) };
-    if (a.graphs) return { ...a.proto, graphs: a.graphs.map((sg) => graphToProto(sg, tensorProto)) };
+    if (a.graph) return { ...copyMessage(a.proto), g: graphToProto(a.graph, tensorProto) };
+    if (a.graphs) return { ...copyMessage(a.proto), graphs: a.graphs.map((sg) => graphToProto(sg, tensorProto)) };
     return a.proto;
   });
   setString(out, 'doc_string', n.docString, n);
@@ -246,7 +275,7 @@ function nodeToProto(n: Node, tensorProto: (v: Value) => TensorProto): NodeProto
 }
 
 function functionToProto(f: OnnxFunction, tensorProto: (v: Value) => TensorProto): FunctionProto {
-  const out = f.source ? { ...(f.source as Record<string, unknown>) } : {};
+  const out = copyMessage(f.source);
   out.name = f.name;
   out.domain = f.domain;
   if (f.overload === undefined) delete out.overload;

@@ -4,11 +4,12 @@
  */
 import { readFileSync, realpathSync, statSync } from 'node:fs';
 import { dirname, isAbsolute, relative, resolve, sep } from 'node:path';
-import { ModcError } from '../errors.js';
+import { ModcError, quote } from '../errors.js';
 import { byteSize } from '../ir/dtype.js';
 import type { Graph } from '../ir/graph.js';
 import type { Model } from '../ir/model.js';
-import { type ExternalLocation, Tensor } from '../ir/tensor.js';
+import { checkTensorProto, type ExternalLocation, Tensor } from '../ir/tensor.js';
+import { verifyModel } from '../ir/verify.js';
 import type { TensorProto } from '../proto/index.js';
 import { decodeModelProto, int64ToNumber, ProtoDecodeError } from '../proto/index.js';
 import { modelFromProto } from './convert.js';
@@ -45,6 +46,10 @@ export function modelFromBytes(bytes: Uint8Array, path: string): Model {
   const model = modelFromProto(proto, (tp) => (tp.data_location === 1 ? new Tensor(tp, resolver.resolve(tp)) : new Tensor(tp)));
   model.sourcePath = path;
   model.baseDir = baseDir;
+  // What ONNX Runtime would refuse to load is refused here, before sorting, analysis or a pass
+  // meets it. Order is not required: an unsorted graph is a valid ONNX model, sorted next.
+  const issues = verifyModel(model, { order: false });
+  if (issues.length) throw new ModcError(`${path}: ${issues[0]!.message}${issues.length > 1 ? ` (and ${issues.length - 1} more problem${issues.length > 2 ? 's' : ''})` : ''}`);
   sortGraphs(model.graph, path);
   return model;
 }
@@ -74,19 +79,28 @@ class ExternalDataResolver {
   }
 
   resolve(tp: TensorProto): ExternalLocation {
-    const name = tp.name ?? '<unnamed>';
+    const name = quote(tp.name ?? '');
+    checkTensorProto(tp, `tensor ${name}`);
     const entries = new Map(tp.external_data.map((e) => [e.key ?? '', e.value ?? '']));
     const location = entries.get('location');
     if (!location) throw new ModcError(`tensor ${name}: external data without a location`);
     const file = this.file(location, name);
-    const offset = entries.has('offset') ? Number(entries.get('offset')) : 0;
+    const integer = (key: string, fallback: number) => {
+      const text = entries.get(key);
+      if (text === undefined) return fallback;
+      return /^\d+$/.test(text.trim()) ? Number(text) : NaN;
+    };
+    const offset = integer('offset', 0);
     const expected = byteSize(tp.data_type ?? 0, tp.dims.reduce((a: number, d) => a * int64ToNumber(d), 1));
-    const length = entries.has('length') ? Number(entries.get('length')) : expected;
-    if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length < 0) {
-      throw new ModcError(`tensor ${name}: bad external data offset/length (${entries.get('offset')}, ${entries.get('length')})`);
+    const length = integer('length', expected);
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length)) {
+      throw new ModcError(`tensor ${name}: bad external data offset/length (${quote(entries.get('offset') ?? '0')}, ${quote(entries.get('length') ?? String(expected))})`);
+    }
+    if (tp.data_type !== 8 && length !== expected) {
+      throw new ModcError(`tensor ${name}: external data length ${length} does not match its dims (${expected} bytes)`);
     }
     if (offset + length > file.size) {
-      throw new ModcError(`tensor ${name}: external data file ${location} is truncated (needs ${offset + length} bytes, has ${file.size})`);
+      throw new ModcError(`tensor ${name}: external data file ${quote(location)} is truncated (needs ${offset + length} bytes, has ${file.size})`);
     }
     return { location, path: file.path, offset, length };
   }
@@ -94,24 +108,29 @@ class ExternalDataResolver {
   private file(location: string, tensor: string): { path: string; size: number } {
     const cached = this.files.get(location);
     if (cached) return cached;
+    const loc = quote(location);
+    if (location.includes('\0')) throw new ModcError(`tensor ${tensor}: external data location ${loc} contains a NUL character`);
     if (isAbsolute(location) || /^[a-zA-Z]:[\\/]/.test(location)) {
-      throw new ModcError(`tensor ${tensor}: external data location '${location}' is an absolute path; it must be relative to the model folder`);
+      throw new ModcError(`tensor ${tensor}: external data location ${loc} is an absolute path; it must be relative to the model folder`);
     }
     const joined = resolve(this.baseDir, location);
     if (!inside(this.baseDir, joined)) {
-      throw new ModcError(`tensor ${tensor}: external data location '${location}' escapes the model folder`);
+      throw new ModcError(`tensor ${tensor}: external data location ${loc} escapes the model folder`);
     }
+    // Resolved the way the OS (and ONNX Runtime) opens it: component by component, so
+    // `sub/../x.data` needs a real `sub/` folder. Node's realpathSync would normalise the text first.
     let real: string;
     try {
-      real = realpathSync(joined);
-    } catch {
-      throw new ModcError(`missing external data: '${location}' for tensor ${tensor} (no file at ${joined})`);
+      real = realpathSync.native(`${this.baseDir}${sep}${location}`);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      throw new ModcError(`missing external data: ${loc} for tensor ${tensor} (${code === 'ENOENT' || code === 'ENOTDIR' ? `no file at ${quote(joined)}` : `cannot open it: ${code ?? (e as Error).message}`})`);
     }
     if (!inside(this.realBase, real)) {
-      throw new ModcError(`tensor ${tensor}: external data location '${location}' resolves outside the model folder (through a symlink, to ${real})`);
+      throw new ModcError(`tensor ${tensor}: external data location ${loc} resolves outside the model folder (through a symlink, to ${quote(real)})`);
     }
     const st = statSync(real);
-    if (!st.isFile()) throw new ModcError(`tensor ${tensor}: external data location '${location}' is not a file`);
+    if (!st.isFile()) throw new ModcError(`tensor ${tensor}: external data location ${loc} is not a file`);
     const entry = { path: real, size: st.size };
     this.files.set(location, entry);
     return entry;

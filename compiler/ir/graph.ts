@@ -7,7 +7,7 @@
  */
 import type { AttributeProto, StringStringEntryProto, TypeProto } from '../proto/index.js';
 import { AttributeType, has, int64ToNumber } from '../proto/index.js';
-import { ModcError } from '../errors.js';
+import { ModcError, escapeText, quote } from '../errors.js';
 import type { Tensor } from './tensor.js';
 
 export type Dim = number | string | null;
@@ -76,7 +76,7 @@ export class Value {
   }
 
   toString(): string {
-    return `%${this.name}`;
+    return `%${escapeText(this.name)}`;
   }
 }
 
@@ -118,8 +118,8 @@ export class Node {
 
   /** `domain::op` for diagnostics, with the node name when it has one. */
   describe(): string {
-    const op = this.domain && this.domain !== 'ai.onnx' ? `${this.domain}::${this.opType}` : this.opType;
-    return this.name ? `${op} node '${this.name}'` : `${op} node producing ${this._outputs.map((v) => v.name).join(', ')}`;
+    const op = escapeText(this.domain && this.domain !== 'ai.onnx' ? `${this.domain}::${this.opType}` : this.opType);
+    return this.name ? `${op} node ${quote(this.name)}` : `${op} node producing ${this._outputs.map((v) => quote(v.name)).join(', ')}`;
   }
 
   input(i: number): Value | null {
@@ -336,7 +336,7 @@ export class Graph {
 
   indexOf(node: Node): number {
     const i = this._nodes.indexOf(node);
-    if (i < 0) throw new ModcError(`${node.describe()} is not in graph '${this.name}'`);
+    if (i < 0) throw new ModcError(`${node.describe()} is not in graph ${quote(this.name)}`);
     return i;
   }
 
@@ -344,7 +344,7 @@ export class Graph {
   removeNode(node: Node, force = false): void {
     if (!force) {
       for (const v of node.outputs) {
-        if (v.uses.size > 0 || this.outputs.includes(v)) throw new ModcError(`cannot remove ${node.describe()}: its output ${v.name} is still used`);
+        if (v.uses.size > 0 || this.outputs.includes(v)) throw new ModcError(`cannot remove ${node.describe()}: its output ${quote(v.name)} is still used`);
       }
     }
     node.detachInputs();
@@ -439,7 +439,7 @@ export class Graph {
       }
     }
     if (sorted.length !== nodes.length) {
-      throw new ModcError(`graph '${this.name}' has a cycle through ${this.nodeOnCycle(pending).describe()}`);
+      throw new ModcError(`graph ${quote(this.name)} has a cycle through ${this.nodeOnCycle(pending).describe()}`);
     }
     this._nodes = sorted;
     return this;

@@ -5,8 +5,8 @@
 import { closeSync, openSync, readSync } from 'node:fs';
 import type { TensorProto } from '../proto/index.js';
 import { create, DataLocation, int64ToNumber } from '../proto/index.js';
-import { ModcError } from '../errors.js';
-import { byteSize, DataType, type DataTypeCode, halfToFloat } from './dtype.js';
+import { ModcError, quote } from '../errors.js';
+import { byteSize, dataTypeBits, dataTypeName, DataType, type DataTypeCode, halfToFloat } from './dtype.js';
 
 /** Where an external tensor's bytes are: a file already checked to lie inside the model folder. */
 export interface ExternalLocation {
@@ -142,6 +142,60 @@ export class Tensor {
   static protoIsExternal(p: TensorProto): boolean {
     return p.data_location === DataLocation.EXTERNAL;
   }
+}
+
+/**
+ * Checks a TensorProto read from a file before anything sizes a buffer from it: dims are
+ * non-negative integers, the element type is one ONNX defines, and the data present (raw bytes,
+ * typed fields or, for external data, the declared length) holds exactly dims' elements.
+ * `where` names the tensor for the message (e.g. "initializer 'w'").
+ */
+export function checkTensorProto(p: TensorProto, where: string): void {
+  const dims = p.dims.map(int64ToNumber);
+  for (const d of dims) {
+    if (!Number.isSafeInteger(d) || d < 0) throw new ModcError(`${where}: dimension ${d} is not a non-negative integer (dims [${dims.join(', ')}])`);
+  }
+  const size = dims.reduce((a, b) => a * b, 1);
+  if (!Number.isSafeInteger(size)) throw new ModcError(`${where}: dims [${dims.join(', ')}] hold more elements than can be addressed`);
+  const dt = p.data_type ?? DataType.UNDEFINED;
+  if (dt === DataType.STRING) {
+    if (p.data_location !== DataLocation.EXTERNAL && p.string_data.length !== size) {
+      throw new ModcError(`${where}: dims [${dims.join(', ')}] hold ${size} strings but the tensor has ${p.string_data.length}`);
+    }
+    return;
+  }
+  if (dataTypeBits(dt) === 0) throw new ModcError(`${where}: unknown element type ${dt}`);
+  const expected = byteSize(dt, size);
+  if (p.data_location === DataLocation.EXTERNAL) return; // the loader checks the declared length
+  if (p.raw_data && p.raw_data.length > 0) {
+    if (p.raw_data.length !== expected) {
+      throw new ModcError(`${where}: dims [${dims.join(', ')}] of ${dataTypeName(dt)} need ${expected} bytes but raw_data has ${p.raw_data.length}`);
+    }
+    return;
+  }
+  const typed = typedFieldCount(p, dt);
+  // Packed sub-byte types store two elements per int32_data entry.
+  const want = dataTypeBits(dt) === 4 ? Math.ceil(size / 2) : size;
+  if (typed !== want) {
+    throw new ModcError(`${where}: dims [${dims.join(', ')}] hold ${size} elements of ${dataTypeName(dt)} but the tensor's data has ${typed === 0 && size > 0 ? 'none' : typed}`);
+  }
+}
+
+/** How many entries the typed field that carries `dt` holds. */
+function typedFieldCount(p: TensorProto, dt: DataTypeCode): number {
+  switch (dt) {
+    case DataType.FLOAT: case DataType.COMPLEX64: return dt === DataType.COMPLEX64 ? p.float_data.length / 2 : p.float_data.length;
+    case DataType.DOUBLE: return p.double_data.length;
+    case DataType.COMPLEX128: return p.double_data.length / 2;
+    case DataType.INT64: return p.int64_data.length;
+    case DataType.UINT64: case DataType.UINT32: return p.uint64_data.length;
+    default: return p.int32_data.length;
+  }
+}
+
+/** The tensor's name, quoted for messages. */
+export function tensorLabel(p: TensorProto): string {
+  return quote(p.name ?? '');
 }
 
 /** Re-encodes the typed repeated fields (float_data, int64_data, ...) as raw little-endian bytes. */

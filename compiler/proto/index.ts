@@ -143,15 +143,27 @@ const types = {
   TypeProto: root.lookupType('onnx.TypeProto'),
   FunctionProto: root.lookupType('onnx.FunctionProto'),
   SparseTensorProto: root.lookupType('onnx.SparseTensorProto'),
+  StringStringEntryProto: root.lookupType('onnx.StringStringEntryProto'),
+  OperatorSetIdProto: root.lookupType('onnx.OperatorSetIdProto'),
 };
 export type MessageName = keyof typeof types;
 
 /** Thrown when bytes are not a well-formed ONNX protobuf. */
 export class ProtoDecodeError extends Error {}
 
+/**
+ * A reader that keeps unknown fields: each message gets them, as raw bytes, in a non-enumerable
+ * `$unknowns` that the encoder writes back, so fields newer than this schema survive a round trip.
+ */
+function reader(bytes: Uint8Array): protobuf.Reader {
+  const r = protobuf.Reader.create(bytes);
+  (r as unknown as { discardUnknown: boolean }).discardUnknown = false;
+  return r;
+}
+
 export function decodeModelProto(bytes: Uint8Array): ModelProto {
   try {
-    return types.ModelProto.decode(bytes) as unknown as ModelProto;
+    return types.ModelProto.decode(reader(bytes)) as unknown as ModelProto;
   } catch (e) {
     const why = e instanceof Error ? e.message : String(e);
     throw new ProtoDecodeError(`not a valid ONNX protobuf (${why})`);
@@ -172,7 +184,7 @@ export function encodeMessage(name: MessageName, message: unknown): Uint8Array {
 }
 
 export function decodeMessage<T>(name: MessageName, bytes: Uint8Array): T {
-  return types[name].decode(bytes) as unknown as T;
+  return types[name].decode(reader(bytes)) as unknown as T;
 }
 
 /** A plain-JSON view of a message (int64 as strings, bytes as base64): for deep comparison and dumps. */

@@ -10,22 +10,34 @@
  *   original prefix run on exactly that view (original positions, a mask of ones);
  * - out = x + g * (y - x) for selected tokens (g = sigmoid(score), or 1 ungated), x elsewhere.
  *
+ * A layer routing a sub-layer part (attention and/or MLP) is cut finer: each routed part is a
+ * unit from its input (x, or h after the attention add) to its update (a or m), run row by row
+ * on the selected tokens like a routed layer (an attention part with its own cache); the update
+ * becomes g * u at selected tokens and 0 elsewhere, and the rest of the layer (its residual adds,
+ * the unrouted part) runs on every token as in the original.
+ *
  * Nothing here uses the modc ops or the compiled graph's rewiring, so the two can only agree if
  * both implement the semantics.
  */
 import { join } from 'node:path';
 import { analyzeDecoder } from '../analysis/analyze.js';
-import { extractDecoder, type LayerUnit } from '../analysis/extract.js';
-import { LayerByLayerRunner, type LoadedUnit } from '../analysis/layer-executor.js';
+import { extractUnits, layerUnit, type LayerUnit } from '../analysis/extract.js';
+import type { LoadedUnit } from '../analysis/layer-executor.js';
+import { subLayersOf, type SubLayer } from '../analysis/sub-layers.js';
+import type { DecoderStructure, LayerInfo } from '../analysis/types.js';
 import { ModcError } from '../errors.js';
 import { loadModel } from '../io/load.js';
 import { floatToHalf } from '../ir/dtype.js';
-import type { LayerPlan, RoutingPlan } from '../routing-plan.js';
-import { decoderIo, type DecoderIo, type KvBinding } from '../runtime/decoder-io.js';
+import type { Node } from '../ir/graph.js';
+import type { Model } from '../ir/model.js';
+import { describeLayerPart, type LayerPlan, type RoutingPlan } from '../routing-plan.js';
+import { decoderIo, type DecoderIo, type KvBinding, resolvePadSide } from '../runtime/decoder-io.js';
+import { type EmbeddingSource, TokenEmbedder } from '../runtime/embeddings.js';
 import { emptyTensor, ort, toFloat32, type SessionOptions } from '../runtime/ort.js';
-import { type Logits, nextPositions, padRows, promptPositions, typed } from '../runtime/session.js';
+import { type Logits, nextPositions, padRows, promptPositions, typed, zeroStates } from '../runtime/session.js';
 import { splitFusedBoundaries } from '../../passes/split-fused-boundaries.js';
 import * as kernels from '../../runtime-ops/reference.js';
+import { loadUnit, releaseUnits, runUnit } from './units.js';
 
 type Values = Map<string, ort.Tensor>;
 
@@ -47,6 +59,14 @@ function asTensor(data: Float32Array, dims: number[], like: ort.Tensor): ort.Ten
   return new ort.Tensor('float32', data, dims);
 }
 
+/** How one layer runs: whole (routed as a block or not at all), or cut at its sub-layer boundary. */
+type LayerRun =
+  | { kind: 'whole'; loaded: LoadedUnit; unit: LayerUnit; plan: LayerPlan | null }
+  | { kind: 'parts'; index: number; pieces: Piece[]; attentionRouted: boolean };
+
+/** A piece of a cut layer: a routed part (run on its selected tokens) or the rest (run on every token). */
+type Piece = { loaded: LoadedUnit; routed: { sub: SubLayer; plan: LayerPlan } | null };
+
 export class ModReference {
   /** Per converted layer (by index), per row. */
   private rowCaches = new Map<number, RowCache[]>();
@@ -54,23 +74,51 @@ export class ModReference {
   private fullCaches: Values = new Map();
   private mask: number[][] = [];
   private ids: number[][] = [];
-  /** Per call, per converted layer: each row's selected positions (for tests and debugging). */
-  readonly selections: Map<number, number[][]>[] = [];
+  /** Per call, per converted layer part (`3`, `3 (attention)`): each row's selected positions (for tests and debugging). */
+  readonly selections: Map<string, number[][]>[] = [];
+
+  /** Layers whose KV cache holds only their selected tokens (routed block or attention part). */
+  private readonly compacted: ReadonlySet<number>;
 
   private constructor(
-    private readonly runner: LayerByLayerRunner,
+    private readonly prefix: LoadedUnit,
+    private readonly layers: LayerRun[],
+    private readonly suffix: LoadedUnit,
     private readonly io: DecoderIo,
-    private readonly plan: ReadonlyMap<number, LayerPlan>,
     private readonly routing: RoutingPlan,
-  ) {}
+    private readonly embedder: TokenEmbedder | null,
+  ) {
+    this.compacted = new Set(routing.layers.filter((l) => l.part !== 'mlp').map((l) => l.layer));
+  }
 
-  static async create(modelPath: string, routing: RoutingPlan, workDir: string, opts: SessionOptions = {}): Promise<ModReference> {
+  static async create(modelPath: string, routing: RoutingPlan, workDir: string, opts: SessionOptions & { embeddings?: EmbeddingSource } = {}): Promise<ModReference> {
     const model = loadModel(modelPath);
     const io = decoderIo(model);
-    splitFusedBoundaries(model, analyzeDecoder(model));
-    const decoder = extractDecoder(model, analyzeDecoder(model));
-    const runner = await LayerByLayerRunner.create(decoder, join(workDir, 'units'), opts);
-    return new ModReference(runner, io, new Map(routing.layers.map((l) => [l.layer, l])), routing);
+    const cut = [...new Set(routing.layers.filter((l) => l.part !== 'block').map((l) => l.layer))];
+    splitFusedBoundaries(model, analyzeDecoder(model), { within: cut });
+    const structure = analyzeDecoder(model);
+    const stateful = routing.layers.find((l) => structure.layers[l.layer]?.state.length);
+    if (stateful) throw new ModcError(`layer ${stateful.layer} carries state besides the KV cache and is never routed: take the routing plan from the compiled model (routingPlanOf)`);
+    const groups = unitGroups(model, structure, routing);
+    const units = extractUnits(model, groups.map((g) => g.group));
+    const dir = join(workDir, 'units');
+    const loaded: LoadedUnit[] = [];
+    for (const u of units) loaded.push(await loadUnit(u, dir, opts));
+    const layers: LayerRun[] = [];
+    for (const layer of structure.layers) {
+      const at = groups.map((g, i) => [g, i] as const).filter(([g]) => g.layer === layer.index);
+      const plans = routing.layers.filter((l) => l.layer === layer.index);
+      if (at.length === 1) {
+        const [[, i]] = at as [[unknown, number]];
+        const unit = layerUnit(units[i]!, layer.index, layer.residualIn, layer.residualOut!, layer.kv, layer.sideInputs);
+        layers.push({ kind: 'whole', loaded: { ...loaded[i]!, unit }, unit, plan: plans[0] ?? null });
+      } else {
+        const pieces = at.map(([g, i]) => ({ loaded: loaded[i]!, routed: g.routed }));
+        layers.push({ kind: 'parts', index: layer.index, pieces, attentionRouted: plans.some((p) => p.part === 'attention') });
+      }
+    }
+    const embedder = io.inputsEmbeds ? await TokenEmbedder.create(io, opts.embeddings ?? { kind: 'random', seed: 0 }, opts) : null;
+    return new ModReference(loaded[0]!, layers, loaded.at(-1)!, io, routing, embedder);
   }
 
   get batch(): number {
@@ -78,20 +126,22 @@ export class ModReference {
   }
 
   async forward(rows: number[][], opts: { pad?: 'left' | 'right' } = {}): Promise<Logits> {
-    const { ids, mask, width } = padRows(rows, opts.pad ?? 'left');
+    const { ids, mask, width } = padRows(rows, resolvePadSide(this.io, opts.pad));
     this.mask = mask;
     this.ids = mask.map((_, b) => ids.slice(b * width, (b + 1) * width));
     this.fullCaches.clear();
     this.rowCaches.clear();
     for (const b of this.io.kv) {
       const dims = (B: number) => (b.layout === 'combined-2BHTD' ? [2, B, b.numHeads, 0, b.headSize] : [B, b.numHeads, 0, b.headSize]);
-      if (this.plan.has(b.layer)) {
+      if (this.compacted.has(b.layer)) {
         this.rowCaches.set(b.layer, rows.map(() => ({ key: emptyTensor(b.dtype, dims(1)), value: b.pastValue ? emptyTensor(b.dtype, dims(1)) : null, length: 0 })));
       } else {
         this.fullCaches.set(b.pastKey, emptyTensor(b.dtype, dims(rows.length)));
         if (b.pastValue) this.fullCaches.set(b.pastValue, emptyTensor(b.dtype, dims(rows.length)));
       }
     }
+    // State besides the KV cache: its layers are never routed; keepFull carries it like a cache.
+    for (const [name, t] of zeroStates(this.io, rows.length)) this.fullCaches.set(name, t);
     return this.call(ids, width, promptPositions(mask), 0);
   }
 
@@ -117,7 +167,7 @@ export class ModReference {
   kvBytes(): number {
     const lengths = this.layerCacheLengths();
     return this.io.kv.reduce((total, b, i) => {
-      const slots = this.plan.has(b.layer) ? Math.max(0, ...lengths[i]!) : this.mask[0]!.length;
+      const slots = this.compacted.has(b.layer) ? Math.max(0, ...lengths[i]!) : this.mask[0]!.length;
       const perToken = 2 * b.numHeads * b.headSize * (b.dtype === 'float16' ? 2 : 4);
       return total + this.batch * slots * perToken;
     }, 0);
@@ -125,37 +175,49 @@ export class ModReference {
 
   private async call(ids: number[], S: number, positions: number[], pastLength: number): Promise<Logits> {
     const B = this.batch;
-    const values = this.feeds(ids, [B, S], this.mask, positions);
+    const values = await this.feeds(ids, [B, S], this.mask, positions);
     for (const [name, t] of this.fullCaches) values.set(name, t);
-    await this.runner.runUnit(this.runner.prefix, values);
-    const chosen = new Map<number, number[][]>();
-    for (const loaded of this.runner.layers) {
-      const unit = loaded.unit as LayerUnit;
-      const lp = this.plan.get(unit.index);
-      if (!lp) {
-        await this.runner.runUnit(loaded, values);
-        this.keepFull(unit, values);
+    await runUnit(this.prefix, values);
+    const chosen = new Map<string, number[][]>();
+    for (const run of this.layers) {
+      if (run.kind === 'whole') {
+        if (!run.plan) {
+          await runUnit(run.loaded, values);
+          this.keepFull(run.unit.index, values);
+        } else {
+          chosen.set(describeLayerPart(run.plan), await this.routedLayer(run.loaded, run.plan, values, S, pastLength, positions));
+        }
         continue;
       }
-      chosen.set(unit.index, await this.routedLayer(loaded, lp, values, S, pastLength, positions));
+      for (const piece of run.pieces) {
+        if (!piece.routed) await runUnit(piece.loaded, values);
+        else chosen.set(describeLayerPart(piece.routed.plan), await this.routedPart(piece.loaded, piece.routed.sub, piece.routed.plan, values, S, pastLength, positions));
+      }
+      if (!run.attentionRouted) this.keepFull(run.index, values);
     }
     this.selections.push(chosen);
-    await this.runner.runUnit(this.runner.suffix, values);
+    await runUnit(this.suffix, values);
     const logits = values.get(this.io.logits)!;
     return { data: toFloat32(logits), dims: logits.dims as [number, number, number] };
   }
 
-  private feeds(ids: number[], dims: number[], mask: number[][], positions: number[]): Values {
+  private async feeds(ids: number[], dims: [number, number], mask: number[][], positions: number[]): Promise<Values> {
     const io = this.io;
-    const values: Values = new Map([[io.inputIds.name, typed(io.inputIds.dtype, ids, dims)]]);
+    const tokens = io.inputsEmbeds ? [io.inputsEmbeds.name, await this.embedder!.embed(ids, dims)] as const : [io.inputIds.name, typed(io.inputIds.dtype, ids, dims)] as const;
+    const values: Values = new Map([tokens]);
     if (io.attentionMask) values.set(io.attentionMask.name, typed(io.attentionMask.dtype, mask.flat(), [mask.length, mask[0]!.length]));
     if (io.positionIds) values.set(io.positionIds.name, typed(io.positionIds.dtype, positions, dims));
     return values;
   }
 
-  private keepFull(unit: LayerUnit, values: Values): void {
-    this.fullCaches.set(unit.kv.key.input, values.get(unit.kv.key.output)!);
-    if (unit.kv.layout !== 'combined-2BHTD') this.fullCaches.set(unit.kv.value.input, values.get(unit.kv.value.output)!);
+  private keepFull(layer: number, values: Values): void {
+    const b = this.io.kv.find((k) => k.layer === layer);
+    if (b) {
+      this.fullCaches.set(b.pastKey, values.get(b.presentKey)!);
+      if (b.pastValue) this.fullCaches.set(b.pastValue, values.get(b.presentValue!)!);
+    }
+    // State besides the KV cache (a recurrent layer has no KV binding): carried like a full cache.
+    for (const st of this.io.state) if (st.layer === layer) this.fullCaches.set(st.past, values.get(st.present)!);
   }
 
   /** SPEC.md steps 1-5 for one converted layer; returns each row's selected positions. */
@@ -165,11 +227,7 @@ export class ModReference {
     const xT = values.get(unit.residualIn)!;
     const x = rowsOf(xT);
     const H = x.H;
-    const tokenMask = this.mask.flatMap((m) => m.slice(m.length - S));
-    const score = kernels.router(x.data, [B, S, H], lp.router.weight, lp.router.bias);
-    const selected = this.routing.mode === 'threshold'
-      ? kernels.selectThreshold(score, tokenMask, lp.threshold)
-      : kernels.selectTopK(score, tokenMask, [B, S], lp.capacity, pastLength);
+    const { score, selected } = this.select(x.data, [B, S, H], lp, pastLength);
     const out = Float32Array.from(x.data);
     const chosen: number[][] = [];
     const binding = this.io.kv.find((k) => k.layer === unit.index)!;
@@ -182,7 +240,7 @@ export class ModReference {
       picks.forEach((s, k) => xSel.set(x.data.subarray((b * S + s) * H, (b * S + s + 1) * H), k * H));
       const view = await this.rowView(b, picks, S, positions, cache, binding);
       view.set(unit.residualIn, asTensor(xSel, [1, picks.length, H], xT));
-      await this.runner.runUnit(loaded, view);
+      await runUnit(loaded, view);
       const y = toFloat32(view.get(unit.residualOut)!);
       picks.forEach((s, k) => {
         const g = this.routing.gated ? kernels.sigmoid(score[b * S + s]!) : 1;
@@ -208,19 +266,139 @@ export class ModReference {
     const ids = picks.map((s) => rowIds[s]!);
     const pos = picks.map((s) => positions[b * S + s]!);
     const mask = [Array(cache.length + picks.length).fill(1)];
-    const view = this.feeds(ids, [1, picks.length], mask, pos);
+    const view = await this.feeds(ids, [1, picks.length], mask, pos);
     // The prefix may read pasts for their length: every past is this layer's own view.
     for (const k of this.io.kv) {
       view.set(k.pastKey, cache.key);
       if (k.pastValue) view.set(k.pastValue, cache.value ?? cache.key);
     }
-    await this.runner.runUnit(this.runner.prefix, view);
+    // The prefix may read state inputs too (the routed layer itself has none).
+    for (const [name, t] of zeroStates(this.io, 1)) view.set(name, t);
+    await runUnit(this.prefix, view);
     view.set(binding.pastKey, cache.key);
     if (binding.pastValue && cache.value) view.set(binding.pastValue, cache.value);
     return view;
   }
 
-  async release(): Promise<void> {
-    await this.runner.release();
+  /** SPEC.md steps 1-2: router scores and the selection of this call's tokens. */
+  private select(x: Float32Array, dims: [number, number, number], lp: LayerPlan, pastLength: number): { score: Float32Array; selected: ArrayLike<boolean | number> } {
+    const [B, S] = dims;
+    const tokenMask = this.mask.flatMap((m) => m.slice(m.length - S));
+    const score = kernels.router(x, dims, lp.router.weight, lp.router.bias);
+    const selected = this.routing.mode === 'threshold'
+      ? kernels.selectThreshold(score, tokenMask, lp.threshold)
+      : kernels.selectTopK(score, tokenMask, [B, S], lp.capacity, pastLength);
+    return { score, selected };
   }
+
+  /**
+   * A routed sub-layer part (SPEC.md, "Sub-layer routing"): per row, the part runs on its
+   * selected tokens only (an attention part on its own cache, as a routed layer does); its update
+   * becomes g * u at those tokens and 0 elsewhere. Returns each row's selected positions.
+   */
+  private async routedPart(loaded: LoadedUnit, sub: SubLayer, lp: LayerPlan, values: Values, S: number, pastLength: number, positions: number[]): Promise<number[][]> {
+    const B = this.batch;
+    const xT = values.get(sub.input.name)!;
+    const x = rowsOf(xT);
+    const H = x.H;
+    const { score, selected } = this.select(x.data, [B, S, H], lp, pastLength);
+    const update = new Float32Array(B * S * H);
+    const chosen: number[][] = [];
+    const binding = this.io.kv.find((k) => k.layer === lp.layer)!;
+    for (let b = 0; b < B; b++) {
+      const picks = [...Array(S).keys()].filter((s) => selected[b * S + s]);
+      chosen.push(picks);
+      if (picks.length === 0) continue;
+      const xSel = new Float32Array(picks.length * H);
+      picks.forEach((s, k) => xSel.set(x.data.subarray((b * S + s) * H, (b * S + s + 1) * H), k * H));
+      const cache = lp.part === 'attention' ? this.rowCaches.get(lp.layer)![b]! : null;
+      // An MLP part reads its input and weights only (route-layers refuses any other).
+      const view = cache ? await this.rowView(b, picks, S, positions, cache, binding) : new Map<string, ort.Tensor>();
+      view.set(sub.input.name, asTensor(xSel, [1, picks.length, H], xT));
+      await runUnit(loaded, view);
+      const u = toFloat32(view.get(sub.update.name)!);
+      picks.forEach((s, k) => {
+        const g = this.routing.gated ? kernels.sigmoid(score[b * S + s]!) : 1;
+        for (let h = 0; h < H; h++) update[(b * S + s) * H + h] = g * u[k * H + h]!;
+      });
+      if (cache) {
+        cache.key = view.get(binding.presentKey)!;
+        if (cache.value) cache.value = view.get(binding.presentValue!)!;
+        cache.length += picks.length;
+      }
+    }
+    values.set(sub.update.name, asTensor(update, xT.dims as number[], xT));
+    return chosen;
+  }
+
+  async release(): Promise<void> {
+    await this.embedder?.release();
+    await releaseUnits([this.prefix, ...this.layers.flatMap((l) => (l.kind === 'whole' ? [l.loaded] : l.pieces.map((p) => p.loaded))), this.suffix]);
+  }
+}
+
+interface UnitGroup {
+  group: { name: string; nodes: readonly Node[] };
+  /** The layer the group belongs to (-1: prefix, L: suffix). */
+  layer: number;
+  routed: { sub: SubLayer; plan: LayerPlan } | null;
+}
+
+/**
+ * The cut of the original model: prefix, each layer whole or (when it routes a sub-layer part)
+ * as its routed parts with the rest of the layer between them, suffix.
+ */
+function unitGroups(model: Model, s: DecoderStructure, routing: RoutingPlan): UnitGroup[] {
+  const groups: UnitGroup[] = [{ group: { name: 'prefix', nodes: s.prefixNodes }, layer: -1, routed: null }];
+  for (const layer of s.layers) {
+    const plans = routing.layers.filter((l) => l.layer === layer.index && l.part !== 'block');
+    if (plans.length === 0) groups.push({ group: { name: `layer.${layer.index}`, nodes: layer.nodes }, layer: layer.index, routed: null });
+    else groups.push(...partGroups(model, layer, plans));
+  }
+  groups.push({ group: { name: 'suffix', nodes: s.suffixNodes }, layer: s.layers.length, routed: null });
+  return groups;
+}
+
+/**
+ * A layer cut at its routed parts: rest_0, part_0, rest_1, part_1, rest_2, where a node of the
+ * rest goes after every routed part it depends on (h = x + a comes after the attention part).
+ */
+function partGroups(model: Model, layer: LayerInfo, plans: readonly LayerPlan[]): UnitGroup[] {
+  const parts = subLayersOf(layer, new Set(model.graph.outputs));
+  if ('reason' in parts) throw new ModcError(`reference: layer ${layer.index} has no sub-layer boundary: ${parts.reason}`);
+  const routed = plans.map((plan) => {
+    const sub = parts[plan.part as 'attention' | 'mlp'];
+    if (sub.blocker) throw new ModcError(`reference: layer ${describeLayerPart(plan)} cannot be routed: ${sub.blocker}`);
+    return { sub, plan };
+  });
+  const regionOf = new Map<Node, number>();
+  routed.forEach((r, i) => r.sub.nodes.forEach((n) => regionOf.set(n, i)));
+  const level = new Map<Node, number>();
+  const rests: Node[][] = routed.map(() => [] as Node[]).concat([[]]);
+  for (const n of layer.nodes) {
+    if (regionOf.has(n)) continue;
+    let l = 0;
+    for (const v of n.inputs) {
+      const p = v?.producer;
+      if (!p) continue;
+      const r = regionOf.get(p);
+      l = Math.max(l, r !== undefined ? r + 1 : level.get(p) ?? 0);
+    }
+    level.set(n, l);
+    rests[l]!.push(n);
+  }
+  // A routed part must not read the rest that follows it.
+  routed.forEach((r, i) => {
+    for (const n of r.sub.nodes) for (const v of n.inputs) {
+      const p = v?.producer;
+      if (p && (level.get(p) ?? 0) > i) throw new ModcError(`reference: layer ${describeLayerPart(r.plan)} reads ${v}, computed after it`);
+    }
+  });
+  const out: UnitGroup[] = [];
+  rests.forEach((nodes, i) => {
+    if (nodes.length) out.push({ group: { name: `layer.${layer.index}.rest${i}`, nodes }, layer: layer.index, routed: null });
+    const r = routed[i];
+    if (r) out.push({ group: { name: `layer.${layer.index}.${r.plan.part}`, nodes: r.sub.nodes }, layer: layer.index, routed: r });
+  });
+  return out;
 }

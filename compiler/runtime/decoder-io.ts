@@ -4,7 +4,7 @@
  * tensors form each layer's KV cache (and its layout); and, for modc-compiled layers, the
  * per-layer cache lengths. Read from the graph's inputs and outputs only.
  */
-import { ModcError } from '../errors.js';
+import { ModcError, UsageError } from '../errors.js';
 import { DataType } from '../ir/dtype.js';
 import type { Value } from '../ir/graph.js';
 import type { Model } from '../ir/model.js';
@@ -27,22 +27,47 @@ export interface KvBinding {
   presentLength: string | null;
 }
 
+/**
+ * State besides the KV cache (hybrid models: `past_key_values.N.conv_state` / `recurrent_state`
+ * -> `present.N.*`): zeros at the start, the present fed back as the past at every step.
+ */
+export interface StateBinding {
+  layer: number;
+  past: string;
+  present: string;
+  /** Dims with the batch axis (0) as -1; every other dim is static. */
+  dims: number[];
+  dtype: 'float32' | 'float16';
+}
+
 export interface DecoderIo {
+  /** The token ids input (for an inputs_embeds decoder: the ids its embedding model takes, int64). */
   inputIds: { name: string; dtype: 'int32' | 'int64' };
+  /** Set when the decoder is fed embeddings [B, S, H] instead of ids (see runtime/embeddings.ts). */
+  inputsEmbeds: { name: string; hiddenSize: number; dtype: 'float32' | 'float16' } | null;
   attentionMask: { name: string; dtype: 'int32' | 'int64' } | null;
   positionIds: { name: string; dtype: 'int32' | 'int64' } | null;
   logits: string;
   kv: KvBinding[];
+  state: StateBinding[];
   vocabSize: number | null;
   /** Positions the model has tables for (learned embeddings, rotary caches); null when unbounded. */
   maxPositions: number | null;
+  /**
+   * The padding sides the model's attention gives meaningful outputs for, the default first.
+   * GroupQueryAttention reads per-row valid lengths (seqlens_k), i.e. right padding only.
+   */
+  paddingSides: PadSide[];
 }
+
+export type PadSide = 'left' | 'right';
 
 const intType = (v: Value): 'int32' | 'int64' => (v.dtype === DataType.INT32 ? 'int32' : 'int64');
 
 /** Past/present naming conventions: HF/GenAI `past_key_values.N.key` and ORT's `past_N` combined. */
 const PAST_SPLIT = /^past_key_values\.(\d+)\.(key|value)$/;
 const PAST_COMBINED = /^past_(\d+)$/;
+const PAST_STATE = /^past_key_values\.(\d+)\.(\w+)$/;
 export const pastLengthName = (layer: number) => `past_lengths.${layer}`;
 export const presentLengthName = (layer: number) => `present_lengths.${layer}`;
 
@@ -51,14 +76,23 @@ export function decoderIo(model: Model): DecoderIo {
   const inputs = new Map(g.inputs.filter((v) => !g.initializers.has(v.name)).map((v) => [v.name, v]));
   const outputs = new Map(g.outputs.map((v) => [v.name, v]));
   const ids = inputs.get('input_ids');
-  if (!ids) throw new ModcError(`model has no 'input_ids' input (inputs: ${[...inputs.keys()].join(', ')})`);
+  const embeds = ids ? undefined : inputs.get('inputs_embeds');
+  if (!ids && !embeds) throw new ModcError(`model has no 'input_ids' or 'inputs_embeds' input (inputs: ${[...inputs.keys()].join(', ')})`);
+  const hidden = embeds?.shape?.[2];
+  if (embeds && typeof hidden !== 'number') throw new ModcError(`inputs_embeds needs a static hidden size (dims [${(embeds.shape ?? []).join(', ')}])`);
   const logits = outputs.get('logits') ?? g.outputs[0];
   if (!logits) throw new ModcError('model has no outputs');
   const mask = inputs.get('attention_mask');
   const pos = inputs.get('position_ids');
 
   const kv = new Map<number, KvBinding>();
+  const state: StateBinding[] = [];
   for (const v of inputs.values()) {
+    const extra = PAST_SPLIT.test(v.name) ? null : PAST_STATE.exec(v.name);
+    if (extra) {
+      state.push(stateBinding(v, Number(extra[1]), pick(outputs, [`present.${extra[1]}.${extra[2]}`, `present_key_values.${extra[1]}.${extra[2]}`], v.name)));
+      continue;
+    }
     const split = PAST_SPLIT.exec(v.name);
     const combined = PAST_COMBINED.exec(v.name);
     if (!split && !combined) continue;
@@ -91,14 +125,35 @@ export function decoderIo(model: Model): DecoderIo {
   }
   const vocab = logits.shape?.at(-1);
   return {
-    inputIds: { name: ids.name, dtype: intType(ids) },
+    inputIds: ids ? { name: ids.name, dtype: intType(ids) } : { name: 'input_ids', dtype: 'int64' },
+    inputsEmbeds: embeds ? { name: embeds.name, hiddenSize: hidden as number, dtype: embeds.dtype === DataType.FLOAT16 ? 'float16' : 'float32' } : null,
     attentionMask: mask ? { name: mask.name, dtype: intType(mask) } : null,
     positionIds: pos ? { name: pos.name, dtype: intType(pos) } : null,
     logits: logits.name,
     kv: layers,
+    state,
     vocabSize: typeof vocab === 'number' ? vocab : null,
     maxPositions: maxPositions(model, pos ?? null),
+    paddingSides: lengthBasedAttention(model) ? ['right'] : ['left', 'right'],
   };
+}
+
+/** An attention op that takes per-row valid lengths instead of a mask (right padding only). */
+function lengthBasedAttention(model: Model): string | null {
+  for (const n of model.allNodes()) if (n.opType === 'GroupQueryAttention' && n.domain === 'com.microsoft') return n.opType;
+  return null;
+}
+
+/**
+ * The padding side to use: the model's default when none is asked for; a side the model cannot
+ * take is refused (a usage error: it would give meaningless outputs even for the original model).
+ */
+export function resolvePadSide(io: DecoderIo, asked: PadSide | undefined): PadSide {
+  if (asked === undefined) return io.paddingSides[0]!;
+  if (!io.paddingSides.includes(asked)) {
+    throw new UsageError(`--pad ${asked} is not supported for this model: its GroupQueryAttention takes per-row valid lengths (seqlens_k), so only right padding gives meaningful outputs`);
+  }
+  return asked;
 }
 
 /** Rows of the position tables: the table operand of each op that indexes by position. */
@@ -125,6 +180,14 @@ function readsThrough(v: Value | null, source: Value, hops = 4): boolean {
     cur = cur.producer?.input(0) ?? null;
   }
   return false;
+}
+
+function stateBinding(v: Value, layer: number, present: string): StateBinding {
+  const dims = (v.shape ?? []).map((d, i) => (i === 0 ? -1 : d));
+  if (dims.length === 0 || dims.some((d) => typeof d !== 'number')) {
+    throw new ModcError(`state input ${v.name} needs static dims besides the batch axis 0 (has [${(v.shape ?? []).join(', ')}])`);
+  }
+  return { layer, past: v.name, present, dims: dims as number[], dtype: v.dtype === DataType.FLOAT16 ? 'float16' : 'float32' };
 }
 
 function pick(outputs: Map<string, Value>, candidates: string[], past: string): string {

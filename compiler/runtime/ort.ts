@@ -5,6 +5,7 @@
 import ort from 'onnxruntime-node';
 import { ModcError } from '../errors.js';
 import { halfToFloat } from '../ir/dtype.js';
+import { cudaProviderProblem } from './cuda.js';
 
 export type ExecutionProvider = 'cpu' | 'cuda';
 
@@ -17,11 +18,17 @@ export interface SessionOptions {
 
 export async function createSession(path: string, opts: SessionOptions = {}): Promise<ort.InferenceSession> {
   const ep = opts.executionProvider ?? 'cpu';
+  const problem = ep === 'cuda' ? cudaProviderProblem() : null;
+  if (problem) throw new ModcError(problem);
   try {
     return await ort.InferenceSession.create(path, {
       executionProviders: [ep],
       graphOptimizationLevel: opts.optimization ?? 'all',
       ...(opts.intraOpThreads ? { intraOpNumThreads: opts.intraOpThreads } : {}),
+      // Run Q/DQ nodes as ONNX defines them. ORT's QDQ fusions otherwise turn DequantizeLinear ->
+      // MatMul into a matmul that quantizes the activations per tensor at run time: results then
+      // depend on the other tokens of the batch, which no compiled or reference model can match.
+      extra: { session: { disable_quant_qdq: '1' } },
     });
   } catch (e) {
     const msg = (e as Error).message.split('\n')[0];

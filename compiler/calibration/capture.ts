@@ -1,0 +1,136 @@
+/**
+ * Activation capture: the ORIGINAL model with extra graph outputs (added in memory, saved to a
+ * temp folder) for each layer's residual input x, the stream h after the attention add, and the
+ * residual output. Runs batch by batch; a caller reduces each batch to statistics and drops it,
+ * so memory is one batch of activations, whatever the data set's size.
+ */
+import { join } from 'node:path';
+import { analyzeDecoder } from '../analysis/analyze.js';
+import type { DecoderStructure, LayerInfo } from '../analysis/types.js';
+import { ModcError } from '../errors.js';
+import { loadModel } from '../io/load.js';
+import { saveModel } from '../io/save.js';
+import { DataType } from '../ir/dtype.js';
+import type { Value } from '../ir/graph.js';
+import type { Model } from '../ir/model.js';
+import { decoderIo, type DecoderIo } from '../runtime/decoder-io.js';
+import { createSession, emptyTensor, ort, toFloat32, type SessionOptions } from '../runtime/ort.js';
+import { padRows, promptPositions, typed } from '../runtime/session.js';
+import { splitFusedBoundaries } from '../../passes/split-fused-boundaries.js';
+
+/** Where a layer's routed parts read and write the residual stream, as graph value names. */
+export interface LayerPoints {
+  layer: number;
+  /** Residual input x. */
+  x: string;
+  /** Stream after the attention add (x + a); null when the layer has no separate attention add. */
+  h: string | null;
+  /** Residual output. */
+  out: string;
+  /** Parallel residual (out = x + a(x) + m(x)): the MLP reads x, not h. */
+  parallel: boolean;
+}
+
+/** A prompt batch as the model takes it, right-padded; `real` lists the flat [B*S] indices of real tokens. */
+export interface Batch {
+  rows: number[][];
+  width: number;
+  real: Int32Array;
+  feeds: Record<string, ort.Tensor>;
+}
+
+const STREAM_TYPE: Record<DecoderStructure['dtype'], number> = { float32: DataType.FLOAT, float16: DataType.FLOAT16, bfloat16: DataType.BFLOAT16 };
+
+/** The stream points of each layer of an analysed (boundary-split) decoder. */
+export function layerPoints(s: DecoderStructure): LayerPoints[] {
+  return s.layers.map((l) => {
+    const out = l.residualOut;
+    if (!out) throw new ModcError(`layer ${l.index}: its residual output is not a value in the graph, so it cannot be captured`);
+    return { layer: l.index, x: l.residualIn.name, h: midStream(l)?.name ?? null, out: out.name, parallel: isParallel(l) };
+  });
+}
+
+function midStream(l: LayerInfo): Value | null {
+  if (l.steps.length !== 2) return null;
+  return l.steps[0]!.sum;
+}
+
+/** The MLP branch's norm reads the layer input, not the stream after the attention add. */
+function isParallel(l: LayerInfo): boolean {
+  if (l.steps.length !== 2) return false;
+  const of = l.steps[1]!.norm.of;
+  return of !== null && of === l.residualIn;
+}
+
+export function promptBatch(io: DecoderIo, rows: number[][]): Batch {
+  const { ids, mask, width } = padRows(rows, 'right');
+  const B = rows.length;
+  const feeds: Record<string, ort.Tensor> = { [io.inputIds.name]: typed(io.inputIds.dtype, ids, [B, width]) };
+  if (io.attentionMask) feeds[io.attentionMask.name] = typed(io.attentionMask.dtype, mask.flat(), [B, width]);
+  if (io.positionIds) feeds[io.positionIds.name] = typed(io.positionIds.dtype, promptPositions(mask), [B, width]);
+  for (const b of io.kv) {
+    const dims = b.layout === 'combined-2BHTD' ? [2, B, b.numHeads, 0, b.headSize] : [B, b.numHeads, 0, b.headSize];
+    feeds[b.pastKey] = emptyTensor(b.dtype, dims);
+    if (b.pastValue) feeds[b.pastValue] = emptyTensor(b.dtype, dims);
+    if (b.pastLength) feeds[b.pastLength] = typed('int64', Array(B).fill(0), [B]);
+  }
+  const real: number[] = [];
+  mask.forEach((m, b) => m.forEach((v, s) => v && real.push(b * width + s)));
+  return { rows, width, real: Int32Array.from(real), feeds };
+}
+
+/** Adds `names` as graph outputs of `model` (typed with the stream's element type when undeclared). */
+export function exposeValues(model: Model, names: readonly string[], elemType: number): void {
+  const g = model.graph;
+  const byName = new Map<string, Value>();
+  for (const n of g.nodes) for (const v of n.outputs) byName.set(v.name, v);
+  for (const v of g.inputs) byName.set(v.name, v);
+  for (const name of names) {
+    const v = byName.get(name);
+    if (!v) throw new ModcError(`cannot expose ${name}: no such value in the main graph`);
+    if (g.outputs.includes(v)) continue;
+    if (!v.type?.tensor_type?.elem_type) v.type = { tensor_type: { elem_type: elemType } };
+    g.outputs.push(v);
+  }
+}
+
+export class ActivationCapture {
+  private constructor(
+    private readonly session: ort.InferenceSession,
+    readonly io: DecoderIo,
+    readonly points: LayerPoints[],
+    readonly hiddenSize: number,
+    readonly structure: { numLayers: number; hiddenSize: number },
+  ) {}
+
+  /** Builds the capture model under `workDir` and opens it. */
+  static async create(modelPath: string, workDir: string, opts: SessionOptions = {}): Promise<ActivationCapture> {
+    const model = loadModel(modelPath);
+    const io = decoderIo(model);
+    splitFusedBoundaries(model, analyzeDecoder(model));
+    const s = analyzeDecoder(model);
+    const points = layerPoints(s);
+    const names = [...new Set(points.flatMap((p) => [p.x, ...(p.h ? [p.h] : []), p.out]))];
+    exposeValues(model, names, STREAM_TYPE[s.dtype]);
+    const path = join(workDir, 'capture.onnx');
+    saveModel(model, path);
+    const session = await createSession(path, opts);
+    return new ActivationCapture(session, io, points, s.hiddenSize, { numLayers: s.layers.length, hiddenSize: s.hiddenSize });
+  }
+
+  /** Runs one batch and returns every captured value as float32 [B*S, H] (padding rows included). */
+  async run(batch: Batch): Promise<Map<string, Float32Array>> {
+    const names = [...new Set(this.points.flatMap((p) => [p.x, ...(p.h ? [p.h] : []), p.out]))];
+    let out: ort.InferenceSession.OnnxValueMapType;
+    try {
+      out = await this.session.run(batch.feeds, names);
+    } catch (e) {
+      throw new ModcError(`onnxruntime failed running the capture model: ${(e as Error).message.split('\n')[0]}`);
+    }
+    return new Map(names.map((n) => [n, toFloat32(out[n] as ort.Tensor)]));
+  }
+
+  async release(): Promise<void> {
+    await this.session.release();
+  }
+}

@@ -1,0 +1,128 @@
+/** `modc calibrate`: fit routers that keep quality from a model and a little data; write the router file. */
+import { accessSync, constants, existsSync, mkdirSync, statSync } from 'node:fs';
+import { dirname, resolve } from 'node:path';
+import { calibrate, checkCalibrateOptions, DEFAULTS, type Progress } from '../calibration/calibrate.js';
+import { readDataset } from '../data/index.js';
+import type { Granularity } from '../calibration/parts.js';
+import { routerFileMetadata, writeCalibratedRouters } from '../calibration/router-file.js';
+import { TARGET_KINDS, type TargetKind } from '../calibration/targets.js';
+import { ModcError, UsageError } from '../errors.js';
+import { intFlag, numberFlag, onePositional, stringFlag } from './args.js';
+import type { CliValues, Command } from './command.js';
+
+function oneOf<T extends string>(values: CliValues, flag: string, allowed: readonly T[], fallback: T): T {
+  const v = stringFlag(values, flag);
+  if (v === undefined) return fallback;
+  if (!allowed.includes(v as T)) throw new UsageError(`--${flag} must be one of ${allowed.join(', ')}, got '${v}'`);
+  return v as T;
+}
+
+/** Refuses an output path that cannot be written, before any work. */
+export function checkOutputPath(output: string, inputs: readonly string[]): void {
+  const out = resolve(output);
+  if (inputs.some((i) => resolve(i) === out)) throw new ModcError(`refusing to overwrite the input ${output}; choose another output path`);
+  if (existsSync(out) && statSync(out).isDirectory()) throw new ModcError(`cannot write ${output}: it is a directory`);
+  let dir = dirname(out);
+  while (!existsSync(dir)) dir = dirname(dir);
+  if (!statSync(dir).isDirectory()) throw new ModcError(`cannot write ${output}: ${dir} is not a directory`);
+  try {
+    accessSync(dir, constants.W_OK);
+    if (existsSync(out)) accessSync(out, constants.W_OK);
+  } catch {
+    throw new ModcError(`cannot write ${output}: permission denied`);
+  }
+}
+
+const STAGES: Record<Progress['stage'], string> = {
+  capture: 'capturing activations', fit: 'fitting routers', score: 'scoring tokens', sensitivity: 'measuring sensitivity', refine: 'refining thresholds', done: 'done',
+};
+
+/** A one-line progress bar redrawn in place; only on a TTY. */
+function progressBar(stream: NodeJS.WriteStream): ((p: Progress) => void) | undefined {
+  if (!stream.isTTY) return undefined;
+  let last = '';
+  return (p) => {
+    if (p.stage === 'done') {
+      if (last) stream.write('\r\x1b[2K');
+      last = '';
+      return;
+    }
+    const width = 30;
+    const filled = p.total ? Math.round((width * p.done) / p.total) : 0;
+    const line = `${STAGES[p.stage].padEnd(22)} [${'#'.repeat(filled)}${'-'.repeat(width - filled)}] ${p.done}/${p.total}`;
+    if (line !== last) stream.write(`\r\x1b[2K${line}`);
+    last = line;
+  };
+}
+
+export const calibrateCommand: Command = {
+  name: 'calibrate',
+  summary: 'fit routers that keep quality, from the model and a little data (writes a router file)',
+  usage: 'modc calibrate MODEL.onnx --data FILE -o ROUTERS.safetensors --target-compute F [--granularity auto|block|attention|mlp] [--routing threshold|topk] [--max-tokens N] [--seed S] [--json]',
+  details: [
+    'Runs the original model over the data batch by batch (bounded memory), fits one router per',
+    'routed part in closed form (ridge regression of each token\'s update norm on the part\'s input),',
+    'measures each part\'s NLL increase when routed alone, and routes the parts that cost least per',
+    'compute saved until the compute fraction (MACs run / dense MACs) is at most F. Thresholds are',
+    'set on the data and baked into the router biases (p = 0.5). The file\'s __metadata__ records',
+    'mode, gating, per-part capacities and thresholds, and the calibration report, so',
+    '`modc compile MODEL.onnx --routers ROUTERS.safetensors -o OUT.onnx` needs no other flag.',
+    'DATA: JSON lines, one sequence per line: {"ids": [1, 2, 3]}.',
+  ].join('\n'),
+  options: {
+    data: { type: 'string', valueName: 'FILE', help: 'calibration data (JSON lines {"ids": [...]})' },
+    output: { type: 'string', short: 'o', valueName: 'FILE', help: 'router file to write (safetensors)' },
+    'target-compute': { type: 'string', valueName: 'F', help: 'compute fraction to reach, in (0, 1] (required)' },
+    granularity: { type: 'string', valueName: 'G', help: 'auto (default: block, attention and mlp parts), block, attention or mlp' },
+    routing: { type: 'string', valueName: 'MODE', help: 'threshold (default) or topk: the mode recorded for compile' },
+    'max-tokens': { type: 'string', valueName: 'N', help: `use at most N tokens of the data (default ${DEFAULTS.maxTokens})` },
+    'max-length': { type: 'string', valueName: 'N', help: 'split longer sequences into pieces of at most N tokens' },
+    seed: { type: 'string', valueName: 'S', help: 'seed for the order sequences are drawn in (default 0); same seed, same file' },
+    target: { type: 'string', valueName: 'KIND', help: `importance target: ${TARGET_KINDS.join(', ')} (default ${DEFAULTS.target})` },
+    gated: { type: 'boolean', help: 'record gated routing (out = x + r (y - x)); default ungated' },
+    'sensitivity-tokens': { type: 'string', valueName: 'N', help: `tokens for the per-part sensitivity runs (default ${DEFAULTS.sensitivityTokens})` },
+    margin: { type: 'string', valueName: 'M', help: `aim M below the target on the calibration data (default ${DEFAULTS.margin})` },
+    json: { type: 'boolean', help: 'print the calibration report as JSON' },
+    quiet: { type: 'boolean', short: 'q', help: 'no progress or summary on stderr' },
+  },
+  async run(positionals, values, io) {
+    const modelPath = onePositional(positionals, 'model path', 'calibrate');
+    const data = stringFlag(values, 'data');
+    if (!data) throw new UsageError('missing --data FILE');
+    const output = stringFlag(values, 'output');
+    if (!output) throw new UsageError('missing -o ROUTERS.safetensors');
+    const targetCompute = numberFlag(values, 'target-compute');
+    if (targetCompute === undefined) throw new UsageError('missing --target-compute F');
+    const opts = {
+      targetCompute,
+      granularity: oneOf<Granularity>(values, 'granularity', ['auto', 'block', 'attention', 'mlp'], DEFAULTS.granularity),
+      mode: oneOf(values, 'routing', ['threshold', 'topk'] as const, 'threshold'),
+      maxTokens: intFlag(values, 'max-tokens', DEFAULTS.maxTokens, 2),
+      seed: intFlag(values, 'seed', DEFAULTS.seed, 0),
+      target: oneOf<TargetKind>(values, 'target', TARGET_KINDS, DEFAULTS.target),
+      gated: !!values.gated,
+      sensitivityTokens: intFlag(values, 'sensitivity-tokens', DEFAULTS.sensitivityTokens, 2),
+      margin: numberFlag(values, 'margin') ?? DEFAULTS.margin,
+    };
+    checkCalibrateOptions(opts);
+    if (!(opts.margin >= 0 && opts.margin < 1)) throw new UsageError(`--margin must be in [0, 1), got ${opts.margin}`);
+    const maxLength = values['max-length'] !== undefined ? intFlag(values, 'max-length', 0, 2) : undefined;
+    if (!existsSync(modelPath)) throw new ModcError(`cannot read model ${modelPath}: no such file`);
+    checkOutputPath(output, [modelPath, data]);
+    const sequences = readDataset(data, { model: modelPath, maxLength });
+
+    const quiet = !!values.quiet;
+    const result = await calibrate(modelPath, sequences, { ...opts, onProgress: quiet ? undefined : progressBar(process.stderr) });
+    mkdirSync(dirname(resolve(output)), { recursive: true });
+    const r = result.report;
+    writeCalibratedRouters(output, result, routerFileMetadata(result, { path: data, tokens: r.tokens, sequences: r.sequences }));
+    if (values.json) {
+      io.out(JSON.stringify({ output, mode: result.mode, gated: result.gated, ...r }, null, 2));
+    } else if (!quiet) {
+      io.err(`calibrated on ${r.tokens} tokens (${r.sequences} sequences): dense NLL ${r.denseNll.toFixed(4)}, routed NLL ${r.nll.toFixed(4)}, compute fraction ${r.computeFraction.toFixed(3)} (target ${targetCompute})`);
+      for (const p of r.parts) io.err(`  layer ${p.layer} ${p.part}: capacity ${p.capacity.toFixed(3)}, selected ${p.selectedFraction.toFixed(3)}, fit R2 ${p.r2.toFixed(2)}`);
+      io.err(`wrote ${output}: ${result.routers.length} router(s), ${result.mode}, ${result.gated ? 'gated' : 'ungated'}`);
+    }
+    return 0;
+  },
+};

@@ -1,0 +1,199 @@
+/**
+ * modc calibrate: the closed-form fit, thresholds that select the requested fraction, determinism,
+ * a router file that compiles with no other flag, one-line CLI errors, and bounded memory.
+ */
+import { spawnSync } from 'node:child_process';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { calibrate, type CalibrationResult } from '../compiler/calibration/calibrate.js';
+import { readDataset } from '../compiler/data/index.js';
+import { RidgeStats, solveRidge } from '../compiler/calibration/ridge.js';
+import { routerFileMetadata, writeCalibratedRouters } from '../compiler/calibration/router-file.js';
+import { loadModel } from '../compiler/io/load.js';
+import { ModReference } from '../compiler/reference/mod-reference.js';
+import { mulberry32 } from '../compiler/routers.js';
+import { readRoutingMetadata } from '../compiler/routing-metadata.js';
+import { describeLayerPart, planRouting } from '../compiler/routing-plan.js';
+import { expectOneLineError, ROOT, runCli, tempDir } from './helpers.js';
+
+const MODEL = join(ROOT, 'fixtures', 'llama-tiny', 'model.onnx');
+const HIDDEN = 64;
+const LAYERS = 3;
+const VOCAB = 512;
+
+/** Seeded sequences of ids with some structure (a noisy repeating pattern), as JSON lines. */
+function writeData(path: string, lines: number, length: number, seed: number): void {
+  const next = mulberry32(seed);
+  const out: string[] = [];
+  for (let i = 0; i < lines; i++) {
+    const period = 3 + Math.floor(next() * 5);
+    const base = Array.from({ length: period }, () => Math.floor(next() * VOCAB));
+    const ids = Array.from({ length }, (_, t) => (next() < 0.2 ? Math.floor(next() * VOCAB) : base[t % period]!));
+    out.push(JSON.stringify({ ids }));
+  }
+  writeFileSync(path, out.join('\n') + '\n');
+}
+
+describe('closed-form ridge fit', () => {
+  it('recovers a known linear target from streamed statistics', () => {
+    const d = 24;
+    const next = mulberry32(7);
+    const w = Float64Array.from({ length: d }, () => next() * 2 - 1);
+    const b = 0.3;
+    const stats = new RidgeStats(d);
+    for (let batch = 0; batch < 10; batch++) {
+      const n = 200;
+      const x = Float32Array.from({ length: n * d }, () => (next() * 2 - 1) * (1 + (batch % 3)));
+      const t = Array.from({ length: n }, (_, r) => {
+        let v = b;
+        for (let i = 0; i < d; i++) v += w[i]! * x[r * d + i]!;
+        return v;
+      });
+      stats.add(x, Int32Array.from({ length: n }, (_, r) => r), [t]);
+    }
+    const fit = solveRidge(stats, 1e-9);
+    for (let i = 0; i < d; i++) expect(fit.weight[i]).toBeCloseTo(w[i]!, 4);
+    expect(fit.bias).toBeCloseTo(b, 4);
+    expect(fit.r2).toBeGreaterThan(0.999999);
+  });
+
+  it('uses only the listed rows (padding excluded)', () => {
+    const stats = new RidgeStats(2);
+    const x = Float32Array.of(1, 0, 0, 1, 99, 99, 1, 1);
+    stats.add(x, Int32Array.of(0, 1, 3), [[1, 2, 3]]);
+    expect(stats.n).toBe(3);
+    expect([...stats.sumX]).toEqual([2, 2]);
+    expect(stats.targets[0]!.sumT).toBe(6);
+  });
+});
+
+describe('modc calibrate on llama-tiny', () => {
+  const dir = tempDir('modc-calibrate');
+  const data = join(dir, 'calib.jsonl');
+  const file = join(dir, 'routers.safetensors');
+  let result: CalibrationResult;
+  const opts = { targetCompute: 0.8, granularity: 'block' as const, capacities: [0.75, 0.5], sensitivityTokens: 1024, seed: 3 };
+
+  beforeAll(async () => {
+    writeData(data, 48, 40, 11);
+    result = await calibrate(MODEL, readDataset(data, { vocabSize: null }), opts);
+    writeCalibratedRouters(file, result, routerFileMetadata(result, { path: data, tokens: result.report.tokens, sequences: result.report.sequences }));
+  });
+
+  it('meets the compute target on the calibration data', () => {
+    expect(result.routers.length).toBeGreaterThan(0);
+    expect(result.report.computeFraction).toBeLessThanOrEqual(0.8 + 0.01);
+    expect(result.report.tokens).toBe(48 * 40);
+  });
+
+  it("each router's threshold selects its capacity on the calibration data (checked by the MoD reference executor)", async () => {
+    const plan = planRouting({ numLayers: LAYERS, hiddenSize: HIDDEN, routers: { kind: 'file', path: file } });
+    const ref = await ModReference.create(MODEL, { ...plan, mode: 'threshold' }, join(dir, 'ref'));
+    const selected = new Map<string, number>();
+    let tokens = 0;
+    try {
+      const rows = readDataset(data, { vocabSize: null });
+      for (let i = 0; i < rows.length; i += 8) {
+        const batch = rows.slice(i, i + 8);
+        await ref.forward(batch);
+        tokens += batch.reduce((a, r) => a + r.length, 0);
+        for (const [layer, picks] of ref.selections.at(-1)!) selected.set(layer, (selected.get(layer) ?? 0) + picks.reduce((a, p) => a + p.length, 0));
+      }
+    } finally {
+      await ref.release();
+    }
+    for (const r of result.routers) {
+      const fraction = selected.get(describeLayerPart(r))! / tokens;
+      expect(Math.abs(fraction - r.capacity)).toBeLessThan(0.03);
+      expect(r.capacity).toBeLessThan(1);
+    }
+  });
+
+  it('is deterministic for a seed', async () => {
+    const again = await calibrate(MODEL, readDataset(data, { vocabSize: null }), opts);
+    const second = join(dir, 'again.safetensors');
+    writeCalibratedRouters(second, again, routerFileMetadata(again, { path: data, tokens: again.report.tokens, sequences: again.report.sequences }));
+    expect(readFileSync(second).equals(readFileSync(file))).toBe(true);
+  });
+
+  it('writes a router file that planRouting reads with no other option and that compiles', async () => {
+    const plan = planRouting({ numLayers: LAYERS, hiddenSize: HIDDEN, routers: { kind: 'file', path: file } });
+    expect(plan.layers.map((l) => l.layer)).toEqual(result.routers.map((r) => r.layer));
+    plan.layers.forEach((l, i) => {
+      expect(l.router.bias).toBeCloseTo(result.routers[i]!.bias, 5);
+      expect(l.threshold).toBe(0.5);
+    });
+    const header = JSON.parse(readFileSync(file).subarray(8, 8 + Number(readFileSync(file).readBigUInt64LE(0))).toString());
+    const meta = JSON.parse(header.__metadata__.modc);
+    expect(meta.mode).toBe('threshold');
+    expect(meta.gated).toBe(false);
+    expect(meta.layers.map((l: { layer: number }) => l.layer)).toEqual(result.routers.map((r) => r.layer));
+    expect(meta.calibration.recipe.targetCompute).toBe(0.8);
+
+    const out = join(dir, 'compiled.onnx');
+    const res = await runCli('compile', MODEL, '--routers', file, '-o', out, '--quiet');
+    expect(res.stderr).toBe('');
+    expect(res.code).toBe(0);
+    const routing = readRoutingMetadata(loadModel(out))!;
+    expect(routing.layers.map((l) => l.layer)).toEqual(result.routers.map((r) => r.layer));
+  });
+});
+
+describe('modc calibrate CLI errors', () => {
+  const dir = tempDir('modc-calibrate-cli');
+  const data = join(dir, 'calib.jsonl');
+  beforeAll(() => writeData(data, 4, 16, 1));
+
+  it('refuses a target compute outside (0, 1]', async () => {
+    for (const f of ['0', '1.5', '-0.2']) expectOneLineError(await runCli('calibrate', MODEL, '--data', data, '-o', join(dir, 'r.safetensors'), `--target-compute=${f}`), 2, /--target-compute must be in \(0, 1\]/);
+  });
+
+  it('refuses missing flags and unknown granularities', async () => {
+    expectOneLineError(await runCli('calibrate', MODEL, '-o', join(dir, 'r.safetensors'), '--target-compute', '0.8'), 2, /missing --data/);
+    expectOneLineError(await runCli('calibrate', MODEL, '--data', data, '--target-compute', '0.8'), 2, /missing -o/);
+    expectOneLineError(await runCli('calibrate', MODEL, '--data', data, '-o', join(dir, 'r.safetensors'), '--target-compute', '0.8', '--granularity', 'head'), 2, /--granularity must be one of/);
+  });
+
+  it('refuses an output it cannot write, before any work', async () => {
+    writeFileSync(join(dir, 'afile'), 'x');
+    expectOneLineError(await runCli('calibrate', MODEL, '--data', data, '-o', join(dir, 'afile', 'r.safetensors'), '--target-compute', '0.8'), 1, /is not a directory/);
+    expectOneLineError(await runCli('calibrate', MODEL, '--data', data, '-o', dir, '--target-compute', '0.8'), 1, /is a directory/);
+    expectOneLineError(await runCli('calibrate', MODEL, '--data', data, '-o', MODEL, '--target-compute', '0.8'), 1, /refusing to overwrite the input/);
+  });
+
+  it('refuses data that does not fit the model', async () => {
+    const bad = join(dir, 'bad.jsonl');
+    writeFileSync(bad, JSON.stringify({ ids: [1, 2, 3, VOCAB] }) + '\n');
+    expectOneLineError(await runCli('calibrate', MODEL, '--data', bad, '-o', join(dir, 'r.safetensors'), '--target-compute', '0.8'), 1, /line 1: token id 512 is outside the model.s vocabulary \(0-511\)/);
+    const long = join(dir, 'long.jsonl');
+    writeFileSync(long, JSON.stringify({ ids: Array.from({ length: 300 }, (_, i) => i % VOCAB) }) + '\n');
+    expectOneLineError(await runCli('calibrate', join(ROOT, 'fixtures', 'gpt2-tiny', 'model.onnx'), '--data', long, '-o', join(dir, 'r.safetensors'), '--target-compute', '0.8'), 1, /300 tokens, more than the model's 256 positions/);
+    const empty = join(dir, 'empty.jsonl');
+    writeFileSync(empty, '\n');
+    expectOneLineError(await runCli('calibrate', MODEL, '--data', empty, '-o', join(dir, 'r.safetensors'), '--target-compute', '0.8'), 1, /is empty/);
+  });
+});
+
+describe('bounded memory', () => {
+  const dir = tempDir('modc-calibrate-mem');
+
+  it('calibrates data whose activations exceed the heap, holding one batch at a time', () => {
+    const length = 64;
+    const lines = 750;
+    const tokens = lines * length;
+    // Residual stream values a full capture holds per token: x of each layer, h of each layer, the last output.
+    const activationBytes = tokens * (2 * LAYERS + 1) * HIDDEN * 4;
+    const heapMiB = 48;
+    expect(activationBytes).toBeGreaterThan(1.5 * heapMiB * 2 ** 20);
+    const data = join(dir, 'big.jsonl');
+    writeData(data, lines, length, 5);
+    const child = spawnSync(process.execPath, [`--max-old-space-size=${heapMiB}`, '--expose-gc', '--import', 'tsx', join(ROOT, 'test', 'calibrate-memory-child.ts'), MODEL, data, join(dir, 'r.safetensors')], { cwd: ROOT, encoding: 'utf8', timeout: 170_000 });
+    expect(child.stderr).not.toMatch(/heap out of memory|Error/);
+    expect(child.status).toBe(0);
+    const report = JSON.parse(child.stdout.trim().split('\n').at(-1)!) as { peak: { heapUsed: number; arrayBuffers: number }; tokens: number };
+    expect(report.tokens).toBe(tokens);
+    // Typed arrays live outside the V8 heap: bound them too.
+    expect(report.peak.heapUsed + report.peak.arrayBuffers).toBeLessThan(activationBytes / 2);
+  }, 180_000);
+});

@@ -1,0 +1,198 @@
+/**
+ * The fuzz driver: hands cases to child processes (so a case that hangs or kills its process is
+ * caught and classified), gathers the outcomes, and writes a reproducer for each distinct failure.
+ */
+import { type ChildProcess, fork } from 'node:child_process';
+import { cpSync, existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { cleanCase, FAILURES, type CaseSpec, type Outcome, type OutcomeKind } from './run-case.js';
+
+export interface FuzzOptions {
+  /** Seed folders (each with model.onnx). */
+  fixtures: string[];
+  seed: number;
+  /** Stop after this many cases ... */
+  cases?: number;
+  /** ... or after this many milliseconds, whichever comes first. */
+  durationMs?: number;
+  workers?: number;
+  /** A case running longer than this is a hang. */
+  timeoutMs?: number;
+  /** Fraction of accepted cases also loaded in ONNX Runtime (input, then output). */
+  ortSample?: number;
+  /** Where reproducers go (one folder per distinct failure); none when absent. */
+  reproDir?: string;
+  /** First case index (to continue a run). */
+  start?: number;
+  progress?: (stats: FuzzStats) => void;
+}
+
+export interface Failure {
+  signature: string;
+  kind: OutcomeKind;
+  stage: string;
+  message: string;
+  fixture: string;
+  seed: number;
+  index: number;
+  log: string[];
+  count: number;
+  reproducer?: string;
+}
+
+export interface FuzzStats {
+  cases: number;
+  ms: number;
+  outcomes: Record<OutcomeKind, number>;
+  /** Accepted cases loaded in ORT: how many, and how many of those had an input ORT loads. */
+  ortChecked: number;
+  ortInputLoaded: number;
+  failures: Failure[];
+  /** Refusals by stage. */
+  refusedAt: Record<string, number>;
+  /** Refusals by blurred message (what the inputs were refused for). */
+  refusals: Record<string, number>;
+}
+
+/** Failure identity: kind, stage and the message with numbers and quoted names blurred. */
+export function signatureOf(o: Outcome): string {
+  const first = o.message.split('\n')[0]!.replace(/'[^']*'/g, "'…'").replace(/"[^"]*"/g, '"…"').replace(/\d+/g, 'N').slice(0, 160);
+  return `${o.kind}|${o.stage}|${first}`;
+}
+
+const CHILD = (() => {
+  const self = fileURLToPath(import.meta.url);
+  return self.endsWith('.ts') ? { path: self.replace(/pool\.ts$/, 'child.ts'), execArgv: ['--import', 'tsx'] } : { path: self.replace(/pool\.js$/, 'child.js'), execArgv: [] };
+})();
+
+interface Worker {
+  proc: ChildProcess;
+  spec?: CaseSpec;
+  timer?: NodeJS.Timeout;
+  /** The tail of the process's stderr: why it died. */
+  stderr: string;
+}
+
+export async function fuzz(opts: FuzzOptions): Promise<FuzzStats> {
+  const workers = opts.workers ?? 2;
+  const timeoutMs = opts.timeoutMs ?? 30_000;
+  const ortSample = opts.ortSample ?? 0.05;
+  const end = opts.durationMs !== undefined ? Date.now() + opts.durationMs : Infinity;
+  const total = opts.cases ?? Infinity;
+  const scratch = mkdtempSync(join(tmpdir(), 'modc-fuzz-'));
+  const stats: FuzzStats = {
+    cases: 0, ms: 0, ortChecked: 0, ortInputLoaded: 0, failures: [], refusedAt: {}, refusals: {},
+    outcomes: { refused: 0, accepted: 0, crash: 0, hang: 0, 'multi-line': 0, 'ort-rejected': 0, 'unloadable-output': 0 },
+  };
+  const bySig = new Map<string, Failure>();
+  const t0 = Date.now();
+  let next = opts.start ?? 0;
+  let issued = 0;
+  let lastProgress = Date.now();
+
+  const record = (spec: CaseSpec, o: Outcome) => {
+    stats.cases++;
+    stats.outcomes[o.kind]++;
+    if (o.kind === 'refused') {
+      stats.refusedAt[o.stage] = (stats.refusedAt[o.stage] ?? 0) + 1;
+      const sig = signatureOf(o).replace(/^refused\|/, '').replace(/^([^|]*)\|[^:]*\.onnx: /, '$1|');
+      stats.refusals[sig] = (stats.refusals[sig] ?? 0) + 1;
+    }
+    if (o.inputLoadsInOrt !== undefined) {
+      stats.ortChecked++;
+      if (o.inputLoadsInOrt) stats.ortInputLoaded++;
+    }
+    if (FAILURES.includes(o.kind)) {
+      const signature = signatureOf(o);
+      let f = bySig.get(signature);
+      if (!f) {
+        f = { signature, kind: o.kind, stage: o.stage, message: o.message, fixture: spec.fixture, seed: spec.seed, index: spec.index, log: o.log, count: 0 };
+        bySig.set(signature, f);
+        stats.failures.push(f);
+        f.count++;
+        if (opts.reproDir) f.reproducer = writeReproducer(opts.reproDir, f, spec);
+      } else {
+        f.count++;
+      }
+    }
+    cleanCase(spec.work);
+    if (opts.progress && Date.now() - lastProgress > 10_000) {
+      lastProgress = Date.now();
+      stats.ms = Date.now() - t0;
+      opts.progress(stats);
+    }
+  };
+
+  const more = () => issued < total && Date.now() < end;
+
+  await new Promise<void>((done) => {
+    let live = 0;
+    const start = (): void => {
+      const proc = fork(CHILD.path, [], { execArgv: CHILD.execArgv, stdio: ['ignore', 'ignore', 'pipe', 'ipc'] });
+      const w: Worker = { proc, stderr: '' };
+      proc.stderr?.on('data', (d: Buffer) => (w.stderr = (w.stderr + d.toString()).slice(-6000)));
+      live++;
+      const dispatch = () => {
+        if (!more()) {
+          proc.disconnect();
+          return;
+        }
+        const index = next++;
+        issued++;
+        w.spec = { fixture: opts.fixtures[index % opts.fixtures.length]!, seed: opts.seed, index, ort: sampled(opts.seed, index, ortSample), work: join(scratch, `c${index}`) };
+        proc.send(w.spec);
+        w.timer = setTimeout(() => {
+          const spec = w.spec!;
+          w.spec = undefined;
+          record(spec, { kind: 'hang', stage: 'timeout', message: `no answer after ${timeoutMs} ms`, log: [`fixture ${spec.fixture}`, `seed ${spec.seed} index ${spec.index}`] });
+          proc.kill('SIGKILL');
+        }, timeoutMs);
+      };
+      proc.on('message', (o: Outcome) => {
+        clearTimeout(w.timer);
+        const spec = w.spec;
+        w.spec = undefined;
+        if (spec) record(spec, o);
+        dispatch();
+      });
+      proc.on('exit', (code, signal) => {
+        clearTimeout(w.timer);
+        live--;
+        if (w.spec) {
+          const spec = w.spec;
+          w.spec = undefined;
+          record(spec, { kind: 'crash', stage: 'process', message: `worker process died (${signal ?? `exit ${code}`}): ${w.stderr.trim().split('\n').filter((l) => /error|Error|at /.test(l)).slice(0, 6).join(' | ')}`, log: [`fixture ${spec.fixture}`, `seed ${spec.seed} index ${spec.index}`] });
+        }
+        if (more()) start();
+        else if (live === 0) done();
+      });
+      dispatch();
+    };
+    for (let i = 0; i < workers; i++) start();
+  });
+  stats.ms = Date.now() - t0;
+  rmSync(scratch, { recursive: true, force: true });
+  return stats;
+}
+
+/** Deterministic ORT sampling, so a replay makes the same check. */
+export function sampled(seed: number, index: number, rate: number): boolean {
+  if (rate <= 0) return false;
+  if (rate >= 1) return true;
+  return ((Math.imul(index + 1, 2654435761) ^ seed) >>> 0) / 4294967296 < rate;
+}
+
+function writeReproducer(root: string, f: Failure, spec: CaseSpec): string {
+  mkdirSync(root, { recursive: true });
+  let dir = '';
+  for (let i = 1; ; i++) {
+    dir = join(root, `${f.kind}-${String(i).padStart(3, '0')}`);
+    if (!existsSync(dir)) break;
+  }
+  mkdirSync(dir, { recursive: true });
+  if (existsSync(join(spec.work, 'in'))) cpSync(join(spec.work, 'in'), join(dir, 'in'), { recursive: true });
+  writeFileSync(join(dir, 'case.json'), JSON.stringify({ ...f, reproducer: undefined, replay: `npm run fuzz -- --replay ${join(dir, 'case.json')}` }, null, 2) + '\n');
+  return dir;
+}

@@ -1,0 +1,323 @@
+/**
+ * Regressions for each failure class the mutation fuzzer found (issue 12), each from a minimal
+ * reproducer: one mutation of a fixture. A crash here would be a non-ModcError escaping.
+ */
+import { chmodSync, cpSync, existsSync, linkSync, mkdirSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { ModcError, quote } from '../compiler/errors.js';
+import { loadModel } from '../compiler/io/load.js';
+import { checkOutputPath, removeStaleTemporaries, saveModel } from '../compiler/io/save.js';
+import { Value } from '../compiler/ir/graph.js';
+import { verifyModel } from '../compiler/ir/verify.js';
+import type { ModelProto } from '../compiler/proto/index.js';
+import { AttributeType, decodeModelProto, encodeModelProto, int64ToNumber } from '../compiler/proto/index.js';
+import { readRoutingMetadata } from '../compiler/routing-metadata.js';
+import { runPipeline } from '../compiler/pass-manager.js';
+import { createSession } from '../compiler/runtime/ort.js';
+import { expectOneLineError, runCli, tempDir } from './helpers.js';
+
+const FIX = join(import.meta.dirname, '..', 'fixtures');
+const tmp = tempDir('modc-robust');
+let counter = 0;
+
+/** Writes a mutated copy of a fixture (sidecars copied) and returns its path. */
+function mutant(fixture: string, edit: (m: ModelProto) => void, from = join(FIX, fixture, 'model.onnx')): string {
+  const dir = join(tmp, `m${counter++}`);
+  cpSync(join(from, '..'), dir, { recursive: true });
+  const m = decodeModelProto(readFileSync(from));
+  edit(m);
+  const path = join(dir, 'model.onnx');
+  writeFileSync(path, encodeModelProto(m));
+  return path;
+}
+
+function refusal(f: () => unknown): ModcError {
+  try {
+    f();
+  } catch (e) {
+    expect(e).toBeInstanceOf(ModcError);
+    expect((e as Error).message).not.toMatch(/[\n\r\0]/);
+    return e as ModcError;
+  }
+  throw new Error('expected a refusal');
+}
+
+async function compiledLlama(extra: string[] = []): Promise<string> {
+  const out = join(tmp, `c${counter++}`, 'model.onnx');
+  const res = await runCli('compile', join(FIX, 'llama-tiny', 'model.onnx'), '-o', out, '--router-init', 'random', '-q', ...extra);
+  expect(res.stderr).toBe('');
+  return out;
+}
+
+describe('crashes are refusals naming their cause', () => {
+  it('modc.routing metadata that is not JSON, or not the documented shape', () => {
+    for (const [value, why] of [['{', /not valid JSON/], ['[]', /not a JSON object/], ['{"mode":"threshold","gated":true,"layers":[{"layer":"x"}]}', /layer index/]] as const) {
+      const path = mutant('llama-tiny', (m) => m.metadata_props.push({ key: 'modc.routing', value }));
+      const e = refusal(() => readRoutingMetadata(loadModel(path)));
+      expect(e.message).toMatch(why);
+    }
+  });
+
+  it('an attribute of type GRAPH with no graph', () => {
+    const path = mutant('llama-tiny', (m) => {
+      const a = m.graph!.node.find((n) => n.attribute.length)!.attribute[0]!;
+      a.type = AttributeType.GRAPH;
+    });
+    expect(refusal(() => loadModel(path)).message).toMatch(/attribute '\w+' has type GRAPH but holds no graph/);
+  });
+
+  it('an attention MatMul that lost an input: refused on load, before analysis meets it', async () => {
+    const path = mutant('llama-tiny', (m) => {
+      const mm = m.graph!.node.find((n) => n.op_type === 'MatMul' && n.input.every((i) => !m.graph!.initializer.some((t) => t.name === i)))!;
+      mm.input.pop();
+    });
+    expect(refusal(() => loadModel(path)).message).toMatch(/MatMul node .* has 1 input; MatMul takes 2/);
+    expectOneLineError(await runCli('compile', path, '-o', join(tmp, 'mm', 'out.onnx'), '--router-init', 'random'), 1, /MatMul takes 2/);
+  });
+
+  it('a tensor whose dims do not match its data (embedding dims[1] = 2^31 - 1)', () => {
+    const path = mutant('llama-tiny', (m) => {
+      const emb = m.graph!.initializer.find((t) => t.dims.length === 2)!;
+      emb.dims[1] = 2 ** 31 - 1;
+    });
+    expect(refusal(() => loadModel(path)).message).toMatch(/initializer '.*': dims \[\d+, 2147483647\] of float need \d+ bytes but raw_data has \d+/);
+  });
+
+  it('dims that are negative or too large to address', () => {
+    const neg = mutant('llama-tiny', (m) => void (m.graph!.initializer[0]!.dims[0] = -1));
+    expect(refusal(() => loadModel(neg)).message).toMatch(/dimension -1 is not a non-negative integer/);
+  });
+
+  it('a call to a local modc function that declares fewer outputs (with --inline-ops)', async () => {
+    const compiled = await compiledLlama();
+    const path = mutant('', (m) => {
+      const f = m.functions.find((fn) => fn.output.length > 1)!;
+      f.output.pop();
+    }, compiled);
+    expect(refusal(() => loadModel(path)).message).toMatch(/expects \d outputs from local function 'modc::\w+', which declares \d/);
+    expectOneLineError(await runCli('compile', path, '-o', join(tmp, 'fn', 'out.onnx'), '--passes', 'inline-modc-ops'), 1, /local function/);
+  });
+});
+
+describe('names with control characters are escaped in every message', () => {
+  it('a node name with a newline and a value name with a NUL', async () => {
+    const path = mutant('llama-tiny', (m) => {
+      const mm = m.graph!.node.find((n) => n.op_type === 'MatMul')!;
+      mm.name = 'evil\nname';
+      mm.input[1] = 'ghost\0value';
+    });
+    const e = refusal(() => loadModel(path));
+    expect(e.message).toContain("MatMul node 'evil\\nname' reads %ghost\\0value, which nothing defines");
+    const res = await runCli('inspect', path);
+    expectOneLineError(res, 1, /evil\\nname/);
+  });
+
+  it('quote() escapes control characters and line separators', () => {
+    expect(quote('a\nb\0c\u2028d\u001b')).toBe("'a\\nb\\0c\\u2028d\\u001b'");
+    expect(new ModcError('x\ny').message).toBe('x\\ny');
+  });
+});
+
+describe('outputs ONNX Runtime would reject', () => {
+  it('an IR 3 input: the output declares the IR version its captured If initializers need', async () => {
+    const path = mutant('llama-tiny', (m) => {
+      m.ir_version = 3;
+      const g = m.graph!;
+      for (const t of g.initializer) {
+        if (!g.input.some((v) => v.name === t.name)) {
+          g.input.push({ name: t.name, type: { tensor_type: { elem_type: t.data_type, shape: { dim: t.dims.map((d) => ({ dim_value: d })) } } }, metadata_props: [] });
+        }
+      }
+    });
+    await (await createSession(path)).release();
+    const out = join(tmp, 'ir3', 'model.onnx');
+    const res = await runCli('compile', path, '-o', out, '--router-init', 'random', '-q');
+    expect(res.stderr).toBe('');
+    expect(int64ToNumber(decodeModelProto(readFileSync(out)).ir_version)).toBeGreaterThanOrEqual(8);
+    await (await createSession(out)).release();
+  });
+
+  it('a missing or renamed default-domain opset import is refused, not guessed', async () => {
+    for (const edit of [(m: ModelProto) => void m.opset_import.splice(m.opset_import.findIndex((o) => !o.domain), 1),
+      (m: ModelProto) => void (m.opset_import.find((o) => !o.domain)!.domain = 'bogus')]) {
+      const path = mutant('llama-tiny', edit);
+      expect(refusal(() => loadModel(path)).message).toMatch(/imports no ai\.onnx opset/);
+    }
+  });
+
+  it('a layer node whose domain is spelled ai.onnx', async () => {
+    const path = mutant('llama-tiny', (m) => {
+      for (const n of m.graph!.node) if (n.op_type === 'MatMul' || n.op_type === 'Softmax') n.domain = 'ai.onnx';
+    });
+    const out = join(tmp, 'aionnx', 'model.onnx');
+    const res = await runCli('compile', path, '-o', out, '--router-init', 'random', '-q');
+    expect(res.stderr).toBe('');
+    await (await createSession(out)).release();
+  });
+
+  it('a graph output named like an input keeps the input\'s type', () => {
+    const path = mutant('llama-tiny', (m) => {
+      const input = m.graph!.input[0]!;
+      m.graph!.output.push({ name: input.name, type: { tensor_type: { elem_type: 1, shape: { dim: [{ dim_value: 3 }] } } }, metadata_props: [] });
+    });
+    const model = loadModel(path);
+    const input = model.graph.inputs[0]!;
+    expect(input.type?.tensor_type?.elem_type).toBe(7);
+    const out = join(tmp, 'outname', 'model.onnx');
+    saveModel(model, out);
+    expect(decodeModelProto(readFileSync(out)).graph!.input[0]!.type!.tensor_type!.elem_type).toBe(7);
+  });
+
+  it('a token input declared with another rank than [batch, sequence] (fuzz seed 6, case 585)', async () => {
+    const path = mutant('gpt2-tiny', (m) => void m.graph!.input.find((v) => v.name === 'position_ids')!.type!.tensor_type!.shape!.dim.push({ dim_value: 1 }));
+    await (await createSession(path)).release(); // ONNX Runtime loads it; the routed output would not load
+    expectOneLineError(await runCli('compile', path, '-o', join(tmp, 'rank', 'model.onnx'), '--router-init', 'random'), 1, /input position_ids has rank 3/);
+  });
+
+  it('library edits are caught by verification, also with --passes none', () => {
+    const dup = loadModel(join(FIX, 'llama-tiny', 'model.onnx'));
+    const [a, b] = dup.graph.nodes.filter((n) => n.opType === 'MatMul');
+    a!.outputs[0]!.name = b!.outputs[0]!.name;
+    runPipeline(dup, []);
+    expect(refusal(() => saveModel(dup, join(tmp, 'dup', 'model.onnx'))).message).toMatch(/value name '.*' is defined twice/);
+    expect(verifyModel(dup).length).toBeGreaterThan(0);
+
+    const gone = loadModel(join(FIX, 'llama-tiny', 'model.onnx'));
+    const w = [...gone.graph.initializers.values()].find((v) => v.uses.size)!;
+    gone.graph.removeInitializer(w);
+    expect(refusal(() => saveModel(gone, join(tmp, 'gone', 'model.onnx'))).message).toMatch(/which nothing defines/);
+    expect(existsSync(join(tmp, 'gone', 'model.onnx'))).toBe(false);
+  });
+});
+
+describe('data safety', () => {
+  function genaiCopy(): string {
+    const dir = join(tmp, `g${counter++}`);
+    cpSync(join(FIX, 'genai-tiny'), dir, { recursive: true });
+    return join(dir, 'model.onnx');
+  }
+
+  it('refuses -o onto the input\'s external-data file, directly, through a symlink and through a hard link', async () => {
+    const input = genaiCopy();
+    const data = join(input, '..', 'model.onnx.data');
+    const before = readFileSync(data);
+    symlinkSync(data, join(tmp, `sym${counter}`));
+    linkSync(data, join(tmp, `hard${counter}`));
+    for (const out of [data, join(tmp, `sym${counter}`), join(tmp, `hard${counter}`)]) {
+      const res = await runCli('compile', input, '-o', out, '--passes', 'none');
+      expectOneLineError(res, 1, /refusing to overwrite an external-data file of the input model/);
+      expect(readFileSync(data).equals(before)).toBe(true);
+    }
+    counter++;
+  });
+
+  it('refuses unwritable outputs before any work, with one line and exit 1', async () => {
+    const input = join(FIX, 'llama-tiny', 'model.onnx');
+    const file = join(tmp, 'afile');
+    writeFileSync(file, 'x');
+    const dir = join(tmp, 'adir');
+    mkdirSync(dir, { recursive: true });
+    const cases: [string, RegExp][] = [
+      [dir, /is a directory/],
+      [join(file, 'sub', 'model.onnx'), /is a file, not a folder/],
+      ['/proc/modc-test/model.onnx', /cannot write into folder '\/proc'|cannot write/],
+      ['/dev/null', /exists and is not a regular file/],
+    ];
+    if (process.getuid?.() !== 0) {
+      const ro = join(tmp, 'readonly');
+      mkdirSync(ro);
+      chmodSync(ro, 0o555);
+      cases.push([join(ro, 'model.onnx'), /permission denied/]);
+    }
+    for (const [out, why] of cases) {
+      const res = await runCli('compile', input, '-o', out, '--router-init', 'random', '--dump-after', '*', '--dump-dir', join(tmp, 'dumps'));
+      expectOneLineError(res, 1, why);
+      expect(existsSync(join(tmp, 'dumps'))).toBe(false); // no pass ran
+    }
+    // Missing parent folders are still created.
+    const deep = join(tmp, 'new', 'deeper', 'model.onnx');
+    expect((await runCli('compile', input, '-o', deep, '--passes', 'none', '-q')).code).toBe(0);
+    expect(existsSync(deep)).toBe(true);
+  });
+
+  it('checkOutputPath is the library\'s check too', () => {
+    const model = loadModel(join(FIX, 'llama-tiny', 'model.onnx'));
+    expect(refusal(() => checkOutputPath(join(FIX, 'llama-tiny', 'model.onnx'), model)).message).toMatch(/refusing to overwrite the input model/);
+    expect(refusal(() => saveModel(model, '/dev/null')).message).toMatch(/not a regular file/);
+  });
+
+  it('unknown protobuf fields survive --passes none byte for byte, and a full compile where untouched', async () => {
+    const add = (o: object, bytes: number[]) => {
+      const u = o as { $unknowns?: Uint8Array[] };
+      u.$unknowns = [...(u.$unknowns ?? []), Uint8Array.from(bytes)];
+    };
+    let nodeName = '';
+    let tensorName = '';
+    const path = mutant('llama-tiny', (m) => {
+      add(m, [0xb8, 0x3e, 0x07]);
+      add(m.graph!, [0xb8, 0x3e, 0x08]);
+      const last = m.graph!.node[m.graph!.node.length - 1]!; // the lm_head end: outside every layer
+      nodeName = last.name!;
+      add(last, [0xb8, 0x3e, 0x09]);
+      const withAttr = m.graph!.node.find((n) => n.attribute.length)!;
+      add(withAttr.attribute[0]!, [0xb8, 0x3e, 0x0a]);
+      const t = m.graph!.initializer[0]!;
+      tensorName = t.name!;
+      add(t, [0xb8, 0x3e, 0x0b]);
+      add(m.graph!.input[0]!, [0xb8, 0x3e, 0x0c]);
+      add(m.graph!.input[0]!.type!, [0xb8, 0x3e, 0x0d]);
+      add(m.opset_import[0]!, [0xb8, 0x3e, 0x0e]);
+    });
+    const round = join(tmp, 'unk', 'round.onnx');
+    expect((await runCli('compile', path, '-o', round, '--passes', 'none', '-q')).code).toBe(0);
+    expect(readFileSync(round).equals(readFileSync(path))).toBe(true);
+
+    const out = join(tmp, 'unk', 'mod.onnx');
+    expect((await runCli('compile', path, '-o', out, '--router-init', 'random', '-q')).code).toBe(0);
+    const m = decodeModelProto(readFileSync(out));
+    const unknowns = (o: object | undefined) => ((o as { $unknowns?: Uint8Array[] } | undefined)?.$unknowns ?? []).map((b) => Buffer.from(b).toString('hex'));
+    expect(unknowns(m)).toEqual(['b83e07']);
+    expect(unknowns(m.graph)).toEqual(['b83e08']);
+    expect(unknowns(m.graph!.node.find((n) => n.name === nodeName))).toEqual(['b83e09']);
+    expect(unknowns(m.graph!.initializer.find((t) => t.name === tensorName))).toEqual(['b83e0b']);
+    expect(unknowns(m.graph!.input[0])).toEqual(['b83e0c']);
+    expect(unknowns(m.graph!.input[0]!.type)).toEqual(['b83e0d']);
+  });
+
+  it('external locations resolve the way the OS opens them', () => {
+    const input = genaiCopy();
+    const path = mutant('', (m) => {
+      for (const t of m.graph!.initializer) for (const e of t.external_data) if (e.key === 'location') e.value = 'sub/../model.onnx.data';
+    }, input);
+    cpSync(join(input, '..', 'model.onnx.data'), join(path, '..', 'model.onnx.data'));
+    expect(refusal(() => loadModel(path)).message).toMatch(/missing external data: 'sub\/\.\.\/model\.onnx\.data'/);
+    mkdirSync(join(path, '..', 'sub'));
+    const model = loadModel(path);
+    // Saved elsewhere, the location is normalised so the output folder needs no sub/.
+    const out = join(tmp, 'extout', 'model.onnx');
+    saveModel(model, out);
+    expect(loadModel(out).graph.initializers.size).toBe(model.graph.initializers.size);
+  });
+
+  it('a later save removes the temporaries a killed save left, and keeps a live writer\'s', () => {
+    const dir = join(tmp, 'stale');
+    mkdirSync(dir, { recursive: true });
+    const dead = join(dir, '.model.onnx.tmp-modc-999999999-abc123');
+    const live = join(dir, `.model.onnx.tmp-modc-${process.ppid}-abc123`);
+    const other = join(dir, '.notours.tmp');
+    for (const f of [dead, live, other]) writeFileSync(f, 'x');
+    saveModel(loadModel(join(FIX, 'llama-tiny', 'model.onnx')), join(dir, 'model.onnx'));
+    expect(existsSync(dead)).toBe(false);
+    expect(existsSync(live)).toBe(true);
+    expect(existsSync(other)).toBe(true);
+    expect(readdirSync(dir).filter((f) => f.includes('tmp-modc')).length).toBe(1);
+    expect(removeStaleTemporaries(dir)).toEqual([]);
+  });
+});
+
+describe('IR values', () => {
+  it('Value.toString escapes its name', () => {
+    expect(String(new Value('a\nb'))).toBe('%a\\nb');
+  });
+});
