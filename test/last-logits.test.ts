@@ -16,7 +16,7 @@ import { runPipeline } from '../compiler/pass-manager.js';
 import { planRouting } from '../compiler/routing-plan.js';
 import { ModSession, type Logits } from '../compiler/runtime/session.js';
 import { defaultRegistry, lastLogitsPass, modPipeline } from '../passes/index.js';
-import { allModels, expectOneLineError, runCli, tempDir } from './helpers.js';
+import { allModels, contractModels, expectOneLineError, runCli, tempDir } from './helpers.js';
 
 const tmp = tempDir('modc-last-logits');
 let counter = 0;
@@ -88,7 +88,7 @@ async function expectSameLastLogits(fullPath: string, lastPath: string, pad: 'le
   expect(last.kvBytes()).toBe(full.kvBytes());
 }
 
-describe.each(allModels())('$name', ({ path }) => {
+describe.each(contractModels())('$name', ({ path }) => {
   it('last-logits alone gives each row\'s last real token, [B, 1, V]; decode steps unchanged', async () => {
     const tol = isFp16(path) ? 1e-2 : 1e-4;
     const last = lastOnly(path);

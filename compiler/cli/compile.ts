@@ -162,7 +162,7 @@ export const compileCommand: Command = {
     });
     for (const r of records) log(`  ${r.pass}: ${r.ms.toFixed(1)} ms, nodes ${r.nodesBefore} -> ${r.nodesAfter}${r.notes.length ? `\n    ${r.notes.join('\n    ')}` : ''}`);
     progress.stage(`save ${output}`);
-    if (plan) recordSource(model, source); // a plain --passes round trip stays lossless
+    if (plan) recordSource(model, source); // a MoD compile; --passes (e.g. none, a round trip) leaves metadata alone
     const saved = saveModel(model, output, threshold !== undefined ? { externalizeThreshold: threshold } : {});
     const opsAfter = modcOpCounts(model);
     const opsAdded = Object.fromEntries(Object.entries(opsAfter).map(([op, n]) => [op, n - (opsBefore[op] ?? 0)]).filter(([, n]) => (n as number) > 0));
