@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
 import { loadModel, modelFromBytes } from '../compiler/io/load.js';
+import { saveModel } from '../compiler/io/save.js';
 import { create, decodeModelProto, encodeModelProto, type ModelProto, type NodeProto } from '../compiler/proto/index.js';
 import { ModSession } from '../compiler/runtime/session.js';
 import { worstReal } from '../compiler/verify.js';
@@ -235,5 +236,53 @@ describe('decoders fed by inputs_embeds (fixtures/forms-embeds-tiny: decoder, em
       got.steps.forEach((s: { logits: number[][] }, t: number) => expect(Math.max(...s.logits[0]!.map((v, i) => Math.abs(v - want.steps[t].logits[0][i]))), `step ${t}`).toBeLessThan(1e-4));
     }
     expectOneLineError(await runCli('run', embeds, '--embeds', join(tmp, 'nothing.npy')), 1, /cannot read --embeds file .*no such file/);
+  });
+});
+
+describe('sliding-window attention (fixtures/forms-gqa-window-tiny: local_window_size 4 on layers 0 and 2)', () => {
+  const window = fixture('forms-gqa-window-tiny');
+
+  it('the window matters: the same weights without it give other logits on a prompt longer than the window', async () => {
+    const rows = [[5, 6, 7, 8, 9, 10, 11, 12, 13]];
+    const [a, b] = [await ModSession.create(window), await ModSession.create(fixture('forms-gqa-tiny'))];
+    expect(worstReal(await a.forward(rows), await b.forward(rows), rows, 'right')).toBeGreaterThan(1e-3);
+  });
+
+  it('a windowed layer keeps its KV cache full: block routing leaves it dense (saying why), MLP-only routing still converts it', async () => {
+    const out = join(tmp, 'window-block', 'model.onnx');
+    const res = await runCli('compile', window, '-o', out, '--router-init', 'random', '--json');
+    expect(res.code).toBe(0);
+    const text = JSON.stringify(JSON.parse(res.stdout));
+    for (const l of [0, 2]) expect(text).toMatch(new RegExp(`layer ${l}[^"]*sliding-window attention[^"]*local_window_size=4`));
+    const meta = JSON.parse((await runCli('inspect', out, '--json')).stdout).routing;
+    expect(meta.layers.map((l: { layer: number }) => l.layer)).toEqual([1]);
+    const mlp = join(tmp, 'window-mlp', 'model.onnx');
+    expect((await runCli('compile', window, '-o', mlp, '-q', '--router-init', 'random', '--granularity', 'mlp')).code).toBe(0);
+    expect(JSON.parse((await runCli('inspect', mlp, '--json')).stdout).routing.layers.map((l: { layer: number }) => l.layer)).toEqual([0, 1, 2]);
+  });
+});
+
+describe('standard ONNX opset-23/24 forms', () => {
+  it('RMSNormalization (fixtures/forms-rmsnorm-tiny, opset 23) is a norm like any other: layers found', () => {
+    const s = analyzeDecoder(loadModel(fixture('forms-rmsnorm-tiny')));
+    expect(s.layers).toHaveLength(3);
+    expect(s.layers[0]!.steps[0]!.norm.node.opType).toBe('RMSNormalization');
+  });
+
+  it.each([
+    ['Attention', 3, /standard ONNX Attention \(opset 23\) is not supported yet/],
+    ['TensorScatter', 2, /static KV caches written with TensorScatter \(opset 24\) are not supported yet/],
+    ['RotaryEmbedding', 3, /standard ONNX RotaryEmbedding \(opset 23\) is not supported yet/],
+  ] as const)('a model with a standard %s is refused in one line, naming the node (never routed on a guess)', async (op, arity, why) => {
+    const model = loadModel(fixture('forms-int32-tiny'));
+    const g = model.graph;
+    const x = g.inputs.find((v) => v.name === 'past_key_values.0.key')!;
+    const node = g.addNode(op, Array(arity).fill(x), 1, { name: `standard_${op}` });
+    g.outputs.push(node.output(0));
+    node.output(0).type = x.type;
+    const path = join(tmp, `standard-${op}`, 'model.onnx');
+    saveModel(model, path);
+    expect(() => analyzeDecoder(loadModel(path))).toThrow(why);
+    expectOneLineError(await runCli('compile', path, '-o', join(tmp, `standard-${op}-out`, 'model.onnx'), '--router-init', 'all-pass'), 1, new RegExp(`standard_${op}.*${why.source}`));
   });
 });

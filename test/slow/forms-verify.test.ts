@@ -36,8 +36,11 @@ describe('a routed compile of every form passes modc verify', () => {
     ['QDQ int8', fixture('forms-qdq-tiny'), ['--schedule', 'every-other']],
     ['MatMulInteger', fixture('forms-integer-tiny'), ['--routing', 'topk']],
     ['inputs_embeds', fixture('forms-embeds-tiny'), []],
+    ['sliding window (windowed layers stay dense)', fixture('forms-gqa-window-tiny'), []],
+    ['sliding window, MLP-only routing', fixture('forms-gqa-window-tiny'), ['--granularity', 'mlp']],
+    ['RMSNormalization op (opset 23)', fixture('forms-rmsnorm-tiny'), ['--routing', 'topk']],
   ] as const)('%s', async (_, path, args) => {
-    await compileAndVerify(path, path.split('/').at(-2)!, '--router-init', 'random', ...args);
+    await compileAndVerify(path, `${path.split('/').at(-2)!}-${args.join('')}`, '--router-init', 'random', ...args);
   });
 
   it('inputs_embeds with no flags: verify and bench use seeded random embeddings; files genai_config.json names but that are absent are not an error', async () => {
