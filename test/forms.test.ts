@@ -2,7 +2,7 @@
  * Decoder forms of real exports (issue 9), one fixture each from fixtures/builder/forms.ts:
  * layers found, compiled (all-pass and routed), and `modc verify` passing on the result.
  */
-import { readFileSync, writeFileSync } from 'node:fs';
+import { readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
@@ -12,7 +12,7 @@ import { create, decodeModelProto, encodeModelProto, type ModelProto, type NodeP
 import { ModSession } from '../compiler/runtime/session.js';
 import { worstReal } from '../compiler/verify.js';
 import { GraphFacts, weightMatMuls } from '../compiler/analysis/index.js';
-import { FIXTURES_DIR, FORMS_CONFIG, TINY_SEED } from '../fixtures/build-fixtures.js';
+import { buildFixtures, FIXTURES_DIR, FORM_FIXTURES, FORMS_CONFIG, TINY_SEED } from '../fixtures/build-fixtures.js';
 import { buildFormDecoder, writeFormModel } from '../fixtures/builder/forms.js';
 import { expectOneLineError, runCli, tempDir } from './helpers.js';
 
@@ -239,6 +239,20 @@ describe('decoders fed by inputs_embeds (fixtures/forms-embeds-tiny: decoder, em
   });
 });
 
+describe('modc eval on the forms', () => {
+  it('feeds state and embeddings: the inputs_embeds decoder scores as the same weights fed input_ids; the hybrid model runs', async () => {
+    const data = join(tmp, 'eval.jsonl');
+    writeFileSync(data, '{"ids": [5, 6, 7, 8, 9, 10]}\n{"ids": [11, 12, 13]}\n');
+    const nll = async (path: string) => {
+      const res = await runCli('eval', path, '--data', data, '--json');
+      expect(res.code, res.stderr).toBe(0);
+      return JSON.parse(res.stdout).nll as number;
+    };
+    expect(Math.abs((await nll(fixture('forms-embeds-tiny'))) - (await nll(join(FIXTURES_DIR, 'forms-unsorted-tiny', 'unsorted.onnx'))))).toBeLessThan(1e-6);
+    expect(await nll(fixture('forms-hybrid-tiny'))).toBeGreaterThan(0);
+  });
+});
+
 describe('sliding-window attention (fixtures/forms-gqa-window-tiny: local_window_size 4 on layers 0 and 2)', () => {
   const window = fixture('forms-gqa-window-tiny');
 
@@ -284,5 +298,20 @@ describe('standard ONNX opset-23/24 forms', () => {
     saveModel(model, path);
     expect(() => analyzeDecoder(loadModel(path))).toThrow(why);
     expectOneLineError(await runCli('compile', path, '-o', join(tmp, `standard-${op}-out`, 'model.onnx'), '--router-init', 'all-pass'), 1, new RegExp(`standard_${op}.*${why.source}`));
+  });
+});
+
+describe('checked-in form fixtures', () => {
+  it('are byte for byte what build-fixtures.ts writes, and small (< 1 MB each)', () => {
+    const root = join(tmp, 'rebuilt');
+    buildFixtures(root);
+    for (const { dir } of FORM_FIXTURES) {
+      const files = readdirSync(join(root, dir)).sort();
+      expect(readdirSync(join(FIXTURES_DIR, dir)).sort(), dir).toEqual(files);
+      for (const f of files) {
+        expect(readFileSync(join(root, dir, f)).equals(readFileSync(join(FIXTURES_DIR, dir, f))), `${dir}/${f} differs: run npx tsx fixtures/build-fixtures.ts`).toBe(true);
+        expect(statSync(join(FIXTURES_DIR, dir, f)).size).toBeLessThan(1 << 20);
+      }
+    }
   });
 });

@@ -22,8 +22,9 @@ import { saveModel } from '../io/save.js';
 import { logitsPositions } from '../logits-metadata.js';
 import { readRoutingMetadata } from '../routing-metadata.js';
 import { decoderIo, type DecoderIo } from '../runtime/decoder-io.js';
+import { genaiEmbeddingModel, TokenEmbedder } from '../runtime/embeddings.js';
 import { createSession, emptyTensor, ort, toFloat32, type ExecutionProvider } from '../runtime/ort.js';
-import { padRows, promptPositions, typed } from '../runtime/session.js';
+import { padRows, promptPositions, typed, zeroStates } from '../runtime/session.js';
 import { exposeSelections, type Part, type Selection } from './selection.js';
 
 export interface EvalOptions {
@@ -97,8 +98,12 @@ export async function evaluate(modelPath: string, sequences: number[][], opts: E
     costs = modelCosts(analyzeDecoder(model));
   }
 
+  // A decoder fed by inputs_embeds is scored on the embeddings of its own embedding model.
+  const embeddingModel = io.inputsEmbeds ? genaiEmbeddingModel(modelPath) : null;
+  if (io.inputsEmbeds && !embeddingModel) throw new ModcError(`${modelPath} takes inputs_embeds: eval needs its embedding model, named by genai_config.json (model.embedding.filename) beside it`);
   try {
     const session = await createSession(runPath, { executionProvider: opts.executionProvider });
+    const embedder = embeddingModel ? await TokenEmbedder.create(io, { kind: 'model', path: embeddingModel }) : null;
     const acc = new Accumulator(costs, selections);
     const order = sequences.map((_, i) => i).sort((a, b) => sequences[b]!.length - sequences[a]!.length);
     let done = 0;
@@ -106,7 +111,7 @@ export async function evaluate(modelPath: string, sequences: number[][], opts: E
       const width = sequences[order[done]!]!.length;
       const fit = Math.max(1, Math.floor(LOGITS_BUDGET / (width * Math.max(1, costs.vocabSize))));
       const rows = order.slice(done, done + Math.min(batchSize, fit)).map((i) => sequences[i]!);
-      await runBatch(session, io, rows, pad, selections, acc, modelPath);
+      await runBatch(session, io, rows, pad, selections, acc, modelPath, embedder);
       done += rows.length;
       opts.onProgress?.(done, order.length);
     }
@@ -146,10 +151,12 @@ function checkSequences(io: DecoderIo, sequences: number[][]): void {
   });
 }
 
-async function runBatch(session: ort.InferenceSession, io: DecoderIo, rows: number[][], pad: 'left' | 'right', selections: Selection[], acc: Accumulator, path: string): Promise<void> {
+async function runBatch(session: ort.InferenceSession, io: DecoderIo, rows: number[][], pad: 'left' | 'right', selections: Selection[], acc: Accumulator, path: string, embedder: TokenEmbedder | null): Promise<void> {
   const { ids, mask, width } = padRows(rows, pad);
   const B = rows.length;
-  const feeds: Record<string, ort.Tensor> = { [io.inputIds.name]: typed(io.inputIds.dtype, ids, [B, width]) };
+  const feeds: Record<string, ort.Tensor> = Object.fromEntries(zeroStates(io, B));
+  if (embedder && io.inputsEmbeds) feeds[io.inputsEmbeds.name] = await embedder.embed(ids, [B, width]);
+  else feeds[io.inputIds.name] = typed(io.inputIds.dtype, ids, [B, width]);
   if (io.attentionMask) feeds[io.attentionMask.name] = typed(io.attentionMask.dtype, mask.flat(), [B, width]);
   if (io.positionIds) feeds[io.positionIds.name] = typed(io.positionIds.dtype, promptPositions(mask), [B, width]);
   for (const b of io.kv) {
