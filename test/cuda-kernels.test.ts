@@ -89,7 +89,8 @@ type Types = Map<Value, number>;
 const SAME_AS_FIRST = new Set(['Add', 'Sub', 'Mul', 'Div', 'Pow', 'Neg', 'Sqrt', 'Tanh', 'Sigmoid', 'Erf', 'Cos', 'Sin', 'Relu', 'Ceil', 'Abs',
   'Identity', 'Reshape', 'Transpose', 'Unsqueeze', 'Squeeze', 'Expand', 'Slice', 'Gather', 'GatherElements', 'GatherND', 'Concat', 'Split',
   'Softmax', 'CumSum', 'ReduceSum', 'ReduceMax', 'ReduceMin', 'ReduceMean', 'Max', 'Min', 'Tile', 'ScatterND', 'ScatterElements', 'Trilu',
-  'MatMul', 'Gemm', 'Range', 'FusedMatMul', 'FastGelu', 'Gelu', 'QuickGelu', 'RotaryEmbedding', 'MultiHeadAttention', 'Attention']);
+  'MatMul', 'Gemm', 'Range', 'FusedMatMul', 'FastGelu', 'Gelu', 'QuickGelu', 'RotaryEmbedding', 'MultiHeadAttention', 'Attention',
+  'Log', 'Exp', 'RMSNormalization', 'MatMulNBits']);
 const BOOLEAN = new Set(['Equal', 'Less', 'Greater', 'LessOrEqual', 'GreaterOrEqual', 'Not', 'And', 'Or', 'Xor']);
 const INT64 = new Set(['Shape', 'Size', 'NonZero', 'ArgMax', 'ArgMin']);
 
@@ -115,6 +116,9 @@ function outputTypes(n: Node, types: Types, infer: (g: Graph) => void): number[]
     return branch.outputs.map((v) => types.get(v)!);
   }
   if (op === 'Where') return [t(1)];
+  if (op === 'DequantizeLinear') return [t(1)];
+  if (op === 'QuantizeLinear') return [n.input(2) ? t(2) : DataType.UINT8];
+  if (op === 'MatMulInteger') return [DataType.INT32];
   if (op === 'TopK') return [t(0), DataType.INT64];
   if (op === 'LayerNormalization' || op === 'SimplifiedLayerNormalization') return n.outputs.map((_, i) => (i === 0 ? t(op === 'SimplifiedLayerNormalization' ? 1 : 0) : DataType.FLOAT));
   if (op === 'SkipLayerNormalization' || op === 'SkipSimplifiedLayerNormalization') return n.outputs.map((_, i) => (i === 1 || i === 2 ? DataType.FLOAT : t(0)));
