@@ -9,12 +9,14 @@ import { ANALYSIS_USAGE, analysisBench } from './analysis.js';
 import { DECODE_USAGE, decodeBench } from './decode.js';
 import { PREFILL_USAGE, prefillBench } from './prefill.js';
 import { PROFILE_USAGE, profileBench } from './profile.js';
+import { QUALITY_USAGE, qualityBench } from './quality.js';
 
 const BENCHES: Record<string, { usage: string; run: (argv: readonly string[]) => Promise<void> }> = {
   prefill: { usage: PREFILL_USAGE, run: prefillBench },
   decode: { usage: DECODE_USAGE, run: decodeBench },
   profile: { usage: PROFILE_USAGE, run: profileBench },
   analysis: { usage: ANALYSIS_USAGE, run: analysisBench },
+  quality: { usage: QUALITY_USAGE, run: qualityBench },
 };
 
 const USAGE = `usage: node dist/bench/run.js <benchmark> [flags]   (npm run build && npm run bench -- <benchmark> [flags])
@@ -24,6 +26,7 @@ benchmarks:
   decode    KV-cache bytes and per-token decode latency at a long context: original vs MoD
   profile   ORT profile of one prefill (or decode step): where the time goes, by op and by layer
   analysis  load, analysis and MoD compile times of 32-layer 7B-shaped graphs (weights never read)
+  quality   compute fraction vs held-out NLL: dense, calibrated and random routers (fixtures/quality-lm)
 
 Every benchmark takes --quick (small sizes, for a smoke run) and --help.
 

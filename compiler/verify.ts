@@ -19,9 +19,12 @@ import { ModReference } from './reference/mod-reference.js';
 import { readRoutingMetadata } from './routing-metadata.js';
 import { allPassRouters, routerTensorPrefix } from './routers.js';
 import { DEFAULT_THRESHOLD, describeLayerPart, type RoutingPlan } from './routing-plan.js';
+import { cudaProviderProblem } from './runtime/cuda.js';
 import { decoderIo, resolvePadSide } from './runtime/decoder-io.js';
+import type { ExecutionProvider } from './runtime/ort.js';
 import { argmax, lastPosition, type Logits, ModSession } from './runtime/session.js';
 import { modPipeline } from '../passes/index.js';
+import { checkCompiledFrom } from './source-fingerprint.js';
 
 export interface VerifyOptions {
   prompt: number[][];
@@ -30,6 +33,8 @@ export interface VerifyOptions {
   pad?: 'left' | 'right';
   /** Largest allowed |logit difference| (default: 1e-4, or 1e-2 for float16 models). */
   tolerance?: number;
+  /** Where the compiled model and the anchor pair run (the reference executor runs on the CPU). */
+  executionProvider?: ExecutionProvider;
 }
 
 export interface CheckResult {
@@ -127,23 +132,28 @@ async function compare(name: CheckResult['name'], a: Runner, b: Runner, opts: Ve
 }
 
 export async function verifyCompiled(originalPath: string, compiledPath: string, opts: VerifyOptions, log: (m: string) => void = () => {}): Promise<VerifyReport> {
+  const problem = opts.executionProvider === 'cuda' ? cudaProviderProblem() : null;
+  if (problem) throw new ModcError(problem);
   const original = loadModel(originalPath);
   const structure = analyzeDecoder(original);
   const tolerance = opts.tolerance ?? (structure.dtype === 'float16' ? 1e-2 : 1e-4);
-  const plan = routingPlanOf(loadModel(compiledPath));
+  const compiledModel = loadModel(compiledPath);
+  checkCompiledFrom(original, compiledModel, originalPath, compiledPath);
+  const plan = routingPlanOf(compiledModel);
   const sided = { ...opts, pad: resolvePadSide(decoderIo(original), opts.pad) };
   const work = mkdtempSync(join(tmpdir(), 'modc-verify-'));
   try {
     log(`semantics: ${compiledPath} against the reference executor on ${originalPath}`);
     const reference = await ModReference.create(originalPath, plan, work);
-    const semantics = await compare('semantics', await ModSession.create(compiledPath), reference, sided, tolerance);
+    const ep = { executionProvider: opts.executionProvider ?? 'cpu' } as const;
+    const semantics = await compare('semantics', await ModSession.create(compiledPath, ep), reference, sided, tolerance);
     await reference.release();
 
     log('anchor: every token selected, ungated, against the original');
     runPipeline(original, modPipeline({ plan: anchorPlanFor(plan, structure.hiddenSize) }));
     const anchorPath = join(work, 'anchor', 'model.onnx');
     saveModel(original, anchorPath);
-    const anchor = await compare('anchor', await ModSession.create(originalPath), await ModSession.create(anchorPath), sided, tolerance);
+    const anchor = await compare('anchor', await ModSession.create(originalPath, ep), await ModSession.create(anchorPath, ep), sided, tolerance);
     return { tolerance, checks: [semantics, anchor], passed: semantics.passed && anchor.passed };
   } finally {
     rmSync(work, { recursive: true, force: true });

@@ -1,7 +1,7 @@
 /**
  * The CUDA side, checked without a GPU: every node of every compiled model (modc function bodies
  * included, as local functions and inlined; every fixture; threshold and top-k routing, gated and
- * ungated, with all or last-position logits) has a CUDA execution provider kernel at its opset and
+ * ungated, whole blocks and attention or MLP sub-layers, with all or last-position logits) has a CUDA execution provider kernel at its opset and
  * input/output types, per ONNX Runtime's published kernel table
  * (third_party/onnxruntime/OperatorKernels-CUDA.md). A node without one would run on the CPU, with
  * a device-host copy on each side. Gaps the original model already has (e.g. float32
@@ -17,7 +17,7 @@ import type { Graph, Node, Value } from '../compiler/ir/graph.js';
 import type { Model, OnnxFunction } from '../compiler/ir/model.js';
 import { loadModel } from '../compiler/io/load.js';
 import { runPipeline } from '../compiler/pass-manager.js';
-import { planRouting, type RoutingMode } from '../compiler/routing-plan.js';
+import { planRouting, type RoutedPart, type RoutingMode } from '../compiler/routing-plan.js';
 import { modPipeline } from '../passes/index.js';
 import { allModels, ROOT } from './helpers.js';
 
@@ -86,11 +86,10 @@ const TABLE = loadKernelTable(join(ROOT, 'third_party', 'onnxruntime', 'Operator
 
 type Types = Map<Value, number>;
 
-const SAME_AS_FIRST = new Set(['Add', 'Sub', 'Mul', 'Div', 'Pow', 'Neg', 'Sqrt', 'Tanh', 'Sigmoid', 'Erf', 'Cos', 'Sin', 'Relu', 'Ceil', 'Abs',
+const SAME_AS_FIRST = new Set(['Add', 'Sub', 'Mul', 'Div', 'Pow', 'Neg', 'Sqrt', 'Tanh', 'Sigmoid', 'Erf', 'Cos', 'Sin', 'Relu', 'Ceil', 'Abs', 'Exp', 'Log', 'MatMulNBits',
   'Identity', 'Reshape', 'Transpose', 'Unsqueeze', 'Squeeze', 'Expand', 'Slice', 'Gather', 'GatherElements', 'GatherND', 'Concat', 'Split',
   'Softmax', 'CumSum', 'ReduceSum', 'ReduceMax', 'ReduceMin', 'ReduceMean', 'Max', 'Min', 'Tile', 'ScatterND', 'ScatterElements', 'Trilu',
-  'MatMul', 'Gemm', 'Range', 'FusedMatMul', 'FastGelu', 'Gelu', 'QuickGelu', 'RotaryEmbedding', 'MultiHeadAttention', 'Attention',
-  'Log', 'Exp', 'RMSNormalization', 'MatMulNBits']);
+  'MatMul', 'Gemm', 'Range', 'FusedMatMul', 'FastGelu', 'Gelu', 'QuickGelu', 'RotaryEmbedding', 'MultiHeadAttention', 'Attention']);
 const BOOLEAN = new Set(['Equal', 'Less', 'Greater', 'LessOrEqual', 'GreaterOrEqual', 'Not', 'And', 'Or', 'Xor']);
 const INT64 = new Set(['Shape', 'Size', 'NonZero', 'ArgMax', 'ArgMin']);
 
@@ -117,7 +116,7 @@ function outputTypes(n: Node, types: Types, infer: (g: Graph) => void): number[]
   }
   if (op === 'Where') return [t(1)];
   if (op === 'DequantizeLinear') return [t(1)];
-  if (op === 'QuantizeLinear') return [n.input(2) ? t(2) : DataType.UINT8];
+  if (op === 'QuantizeLinear') return [n.input(2) ? t(2) : n.attrInt('output_dtype', DataType.UINT8)!];
   if (op === 'MatMulInteger') return [DataType.INT32];
   if (op === 'TopK') return [t(0), DataType.INT64];
   if (op === 'LayerNormalization' || op === 'SimplifiedLayerNormalization') return n.outputs.map((_, i) => (i === 0 ? t(op === 'SimplifiedLayerNormalization' ? 1 : 0) : DataType.FLOAT));
@@ -212,18 +211,20 @@ function gaps(model: Model): Map<string, [string, string]> {
   return found;
 }
 
-interface Variant { name: string; mode: RoutingMode; gated: boolean; inlineOps: boolean; logits: 'all' | 'last' }
+interface Variant { name: string; mode: RoutingMode; gated: boolean; inlineOps: boolean; logits: 'all' | 'last'; granularity?: RoutedPart }
 const VARIANTS: Variant[] = [
   { name: 'threshold, gated, functions', mode: 'threshold', gated: true, inlineOps: false, logits: 'all' },
   { name: 'threshold, ungated, inlined, last logits', mode: 'threshold', gated: false, inlineOps: true, logits: 'last' },
   { name: 'topk, gated, inlined', mode: 'topk', gated: true, inlineOps: true, logits: 'all' },
   { name: 'topk, ungated, functions, last logits', mode: 'topk', gated: false, inlineOps: false, logits: 'last' },
+  { name: 'attention sub-layers, threshold, gated, functions', mode: 'threshold', gated: true, inlineOps: false, logits: 'all', granularity: 'attention' },
+  { name: 'mlp sub-layers, topk, gated, inlined', mode: 'topk', gated: true, inlineOps: true, logits: 'all', granularity: 'mlp' },
 ];
 
 function compiled(path: string, v: Variant): Model {
   const model = loadModel(path);
   const s = analyzeDecoder(model);
-  const plan = planRouting({ numLayers: s.layers.length, hiddenSize: s.hiddenSize, routers: { kind: 'random', seed: 2 }, mode: v.mode, gated: v.gated });
+  const plan = planRouting({ numLayers: s.layers.length, hiddenSize: s.hiddenSize, routers: { kind: 'random', seed: 2 }, mode: v.mode, gated: v.gated, granularity: v.granularity });
   runPipeline(model, modPipeline({ plan, inlineOps: v.inlineOps, logits: v.logits }));
   return model;
 }

@@ -27,6 +27,7 @@ export interface AnalyzeOptions {
 export function analyzeDecoder(model: Model, opts: AnalyzeOptions = {}): DecoderStructure {
   const graph = model.graph;
   refuseUnsupportedForms(graph);
+  assertContractRanks(graph);
   const facts = new GraphFacts(graph);
   assertTopologicalOrder(graph, facts);
   const explain: Explanation[] = [];
@@ -75,6 +76,15 @@ function refuseUnsupportedForms(graph: Graph): void {
   for (const n of graph.nodes) {
     const why = n.domain === '' || n.domain === 'ai.onnx' ? UNSUPPORTED_STANDARD_OPS[n.opType] : undefined;
     if (why) throw new ModcError(`${n.describe()}: ${why}`);
+  }
+}
+
+/** The contract's token inputs are [batch, sequence]; another declared rank would mis-shape every routing op. */
+function assertContractRanks(graph: Graph): void {
+  for (const v of graph.inputs) {
+    if (!['input_ids', 'attention_mask', 'position_ids'].includes(v.name)) continue;
+    const rank = v.shape?.length;
+    if (rank !== undefined && rank !== 2) throw new ModcError(`input ${v.name} has rank ${rank}; a decoder's input_ids, attention_mask and position_ids are [batch, sequence]`);
   }
 }
 

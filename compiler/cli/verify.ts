@@ -5,12 +5,12 @@ import { intFlag, modelPair, numberFlag, stringFlag } from './args.js';
 import type { Command } from './command.js';
 import { parseIdRows } from './ids.js';
 import { progressOf } from './progress.js';
-import { padSide } from './run.js';
+import { executionProvider, padSide } from './run.js';
 
 export const verifyCommand: Command = {
   name: 'verify',
   summary: 'check a compiled model against its original: MoD semantics and the equivalence anchor',
-  usage: 'modc verify ORIGINAL.onnx COMPILED.onnx [--ids "1,2,3;4,5"] [--steps N] [--pad left|right] [--tolerance X] [--json]',
+  usage: 'modc verify ORIGINAL.onnx COMPILED.onnx [--ids "1,2,3;4,5"] [--steps N] [--pad left|right] [--tolerance X] [--ep cpu|cuda] [--json]',
   details: [
     'semantics: the compiled model, on a prompt and N teacher-forced steps, agrees with the MoD',
     'reference executor running the original with the compiled model\'s own routers (logits at real',
@@ -24,6 +24,7 @@ export const verifyCommand: Command = {
     ids: { type: 'string', valueName: 'IDS', help: 'prompt rows (default "5,6,7,8,9,10,11;12,13,14;15,16,17,18,19")' },
     steps: { type: 'string', valueName: 'N', help: 'decode steps after the prompt (default 8)' },
     pad: { type: 'string', valueName: 'SIDE', help: 'pad shorter rows on the left or right (default left; right, the only side it takes, for GroupQueryAttention)' },
+    ep: { type: 'string', valueName: 'EP', help: 'execution provider of the compiled model and the anchor pair: cpu (default) or cuda' },
     tolerance: { type: 'string', valueName: 'X', help: 'largest allowed logit difference (default 1e-4; 1e-2 for float16 models)' },
     json: { type: 'boolean', help: 'print the report as JSON' },
   },
@@ -34,7 +35,7 @@ export const verifyCommand: Command = {
     if (tolerance !== undefined && !(tolerance >= 0)) throw new UsageError('--tolerance must be a non-negative number');
     const prompt = parseIdRows(stringFlag(values, 'ids') ?? '5,6,7,8,9,10,11;12,13,14;15,16,17,18,19');
     const progress = progressOf(io);
-    const report = await verifyCompiled(original, compiled, { prompt, steps, pad: padSide(values), tolerance }, (m) => progress.stage(m));
+    const report = await verifyCompiled(original, compiled, { prompt, steps, pad: padSide(values), tolerance, executionProvider: executionProvider(values) }, (m) => progress.stage(m));
     progress.stop();
     if (values.json) {
       io.out(JSON.stringify(report, null, 2));

@@ -5,6 +5,7 @@
 import ort from 'onnxruntime-node';
 import { ModcError } from '../errors.js';
 import { halfToFloat } from '../ir/dtype.js';
+import { cudaProviderProblem } from './cuda.js';
 
 export type ExecutionProvider = 'cpu' | 'cuda';
 
@@ -17,6 +18,8 @@ export interface SessionOptions {
 
 export async function createSession(path: string, opts: SessionOptions = {}): Promise<ort.InferenceSession> {
   const ep = opts.executionProvider ?? 'cpu';
+  const problem = ep === 'cuda' ? cudaProviderProblem() : null;
+  if (problem) throw new ModcError(problem);
   try {
     return await ort.InferenceSession.create(path, {
       executionProviders: [ep],
