@@ -236,3 +236,16 @@ function headsFromOutputProjection(context: Node, inBranch: ReadonlySet<Node>, h
   }
   return undefined;
 }
+
+/**
+ * Why a layer's KV cache cannot be compacted, or null. GroupQueryAttention's local_window_size
+ * (sliding-window attention) counts cache slots: once a routed layer keeps only its selected
+ * tokens (and packs each row), slot distance is no longer position distance, so the window
+ * would silently cover other tokens. Such a layer stays dense (its MLP part may still route).
+ */
+export function kvCompactionBlocker(core: AttentionCore): string | null {
+  if (core.form !== 'GroupQueryAttention') return null;
+  const window = core.node.attrInt('local_window_size', -1) ?? -1;
+  if (window >= 0) return `sliding-window attention (${core.node.describe()} local_window_size=${window}) counts cache slots, which a compacted cache renumbers; the layer's KV cache is kept full`;
+  return null;
+}
