@@ -8,7 +8,7 @@ import { defineConfig } from 'vitest/config';
  *   the per-model contract on the other fixtures.
  * `npx vitest run` with no --project runs both: the whole suite, each case once.
  */
-const SPLIT_BY_MODEL = ['test/mod.test.ts', 'test/last-logits.test.ts'];
+const SPLIT_BY_MODEL = ['test/mod.test.ts', 'test/oracle.test.ts', 'test/granularity.test.ts', 'test/last-logits.test.ts'];
 /** Whole files that are slow end-to-end runs of several commands on real sessions. */
 const SLOW_FILES = ['test/verify.test.ts'];
 

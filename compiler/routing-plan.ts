@@ -72,7 +72,7 @@ export function parseLayerSpec(spec: string, numLayers: number): number[] {
     const [a, b] = [Number(m[1]), Number(m[2] ?? m[1])];
     if (b < a) throw new UsageError(`--layers: range '${part}' is empty`);
     for (let l = a; l <= b; l++) {
-      if (l >= numLayers) throw new ModcError(`--layers names layer ${l}, but the model has ${numLayers} layers (0-${numLayers - 1})`);
+      if (l >= numLayers) throw new UsageError(`--layers names layer ${l}, but the model has ${numLayers} layers (0-${numLayers - 1})`);
       out.add(l);
     }
   }

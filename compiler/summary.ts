@@ -41,7 +41,8 @@ export function summarizeModel(model: Model): ModelSummary {
   const params = { tensors: 0, elements: 0, bytes: 0, internalBytes: 0, externalBytes: 0, externalFiles: [] as string[] };
   const files = new Set<string>();
   for (const v of g.initializers.values()) {
-    const t = v.initializer!;
+    const t = v.initializer;
+    if (!t) continue; // a library edit left a value without data; the verifier names it
     params.tensors++;
     params.elements += t.size;
     params.bytes += t.byteLength;

@@ -24,6 +24,7 @@ import { decoderIo, resolvePadSide } from './runtime/decoder-io.js';
 import type { ExecutionProvider } from './runtime/ort.js';
 import { argmax, lastPosition, type Logits, ModSession } from './runtime/session.js';
 import { modPipeline } from '../passes/index.js';
+import { checkCompiledFrom } from './source-fingerprint.js';
 
 export interface VerifyOptions {
   prompt: number[][];
@@ -136,7 +137,9 @@ export async function verifyCompiled(originalPath: string, compiledPath: string,
   const original = loadModel(originalPath);
   const structure = analyzeDecoder(original);
   const tolerance = opts.tolerance ?? (structure.dtype === 'float16' ? 1e-2 : 1e-4);
-  const plan = routingPlanOf(loadModel(compiledPath));
+  const compiledModel = loadModel(compiledPath);
+  checkCompiledFrom(original, compiledModel, originalPath, compiledPath);
+  const plan = routingPlanOf(compiledModel);
   const sided = { ...opts, pad: resolvePadSide(decoderIo(original), opts.pad) };
   const work = mkdtempSync(join(tmpdir(), 'modc-verify-'));
   try {

@@ -32,11 +32,13 @@ import { streamElementType } from './mod-common.js';
 function tokenInputs(model: Model): { tokenMask: Value; pastLength: Value } {
   const g = model.graph;
   const e = new Emitter(g, defaultOpset(model), 'modc/');
-  const ids = g.inputs.find((v) => v.name === 'input_ids');
-  if (!ids) throw new ModcError("routing needs the 'input_ids' input");
+  // The tokens of this call: input_ids [B, S], or inputs_embeds [B, S, H] for an embeddings-fed decoder.
+  const ids = g.inputs.find((v) => v.name === 'input_ids') ?? g.inputs.find((v) => v.name === 'inputs_embeds');
+  if (!ids) throw new ModcError("routing needs the 'input_ids' (or 'inputs_embeds') input");
   const mask = g.inputs.find((v) => v.name === 'attention_mask');
   if (!mask) {
-    const ones = e.op('ConstantOfShape', [e.op('Shape', [ids])], { value: Tensor.fromArray('', [1], BigInt64Array.of(1n)) });
+    const batchAndLength = e.op('Slice', [e.op('Shape', [ids]), e.i64([0]), e.i64([2])]);
+    const ones = e.op('ConstantOfShape', [batchAndLength], { value: Tensor.fromArray('', [1], BigInt64Array.of(1n)) });
     return { tokenMask: ones, pastLength: e.i64(0) };
   }
   const s = e.dim(ids, 1);

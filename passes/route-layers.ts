@@ -82,6 +82,9 @@ function regionOf(model: Model, layer: LayerInfo, part: RoutedPart): RoutedRegio
       output: { kind: 'stream', value: layer.residualOut! }, compactsKv: true,
     };
   }
+  // Like a block, no part of a layer with state besides the KV cache is routed (it stays dense).
+  const stateful = layer.sideInputs.find((si) => si.kind === 'other');
+  if (stateful) return { reason: `side input ${stateful.value} is not understood (${(stateful as { reason: string }).reason})` };
   const parts = subLayersOf(layer, new Set(model.graph.outputs));
   if ('reason' in parts) return { reason: `no sub-layer boundary: ${parts.reason}` };
   const sub = parts[part];
@@ -387,7 +390,8 @@ class LayerRouter {
 
 export interface RouteReport {
   routed: { layer: number; part: RoutedPart }[];
-  skipped: { layer: number; part: RoutedPart; reason: string }[];
+  /** `part` absent for a whole block. */
+  skipped: { layer: number; part?: RoutedPart; reason: string }[];
 }
 
 export function routeLayers(model: Model, opts: RouteOptions): RouteReport {
@@ -402,7 +406,7 @@ export function routeLayers(model: Model, opts: RouteOptions): RouteReport {
     if (!routing || !layer) throw new ModcError(`route-layers: the routing metadata names ${entry.selected ? `selection ${entry.selected}` : 'no selection value'} for layer ${describeLayerPart(entry)}, which the graph does not compute (run insert-routers first)`);
     const region = regionOf(model, layer, entry.part);
     if ('reason' in region) {
-      report.skipped.push({ layer: entry.layer, part: entry.part, reason: region.reason });
+      report.skipped.push({ layer: entry.layer, ...(entry.part !== 'block' ? { part: entry.part } : {}), reason: region.reason });
       for (const n of routing.nodes.reverse()) model.graph.removeNode(n, true);
       continue;
     }
@@ -439,7 +443,7 @@ export function routeLayersPass(opts: RouteOptions): Pass {
         changed: r.routed.length > 0,
         notes: [
           ...(r.routed.length ? [`routed layers ${r.routed.map(describeLayerPart).join(', ')} (${opts.gated ? 'gated' : 'ungated'})`] : []),
-          ...r.skipped.map((sk) => `layer ${describeLayerPart(sk)} not converted: ${sk.reason}`),
+          ...r.skipped.map((sk) => `layer ${describeLayerPart({ layer: sk.layer, part: sk.part ?? 'block' })} not converted: ${sk.reason}`),
         ],
       };
     },

@@ -49,7 +49,7 @@ describe('modc compile with routers', () => {
     expect(res.stdout).toMatch(/routing\s+modc threshold, gated; routers on layer 2 \(p=0\.4\)/);
     expect(res.stdout).toMatch(/modc\s+.*Router 1/);
     const j = JSON.parse((await runCli('inspect', out, '--json')).stdout);
-    expect(j.routing).toEqual({ mode: 'threshold', gated: true, layers: [{ layer: 2, threshold: expect.closeTo(0.4, 6), capacity: 0.5 }] });
+    expect(j.routing).toEqual({ mode: 'threshold', gated: true, layers: [{ layer: 2, part: 'block', selected: 'modc.selected.2', threshold: expect.closeTo(0.4, 6) }] });
     expect(j.functions).toContain('modc::Router');
     expect(j.opsets).toContainEqual({ domain: 'modc', version: 1 });
   });
@@ -119,7 +119,7 @@ describe('modc compile refuses bad routing input with one line', () => {
   });
 
   it.each([
-    [['--layers', '5'], 1, /--layers names layer 5, but the model has 3 layers/],
+    [['--layers', '5'], 2, /--layers names layer 5, but the model has 3 layers/],
     [['--layers', ','], 2, /names no layer/],
     [['--threshold', '1.5'], 2, /--threshold must be in \[0, 1\]/],
     [['--routing', 'topk', '--capacity', '0'], 2, /--capacity must be in \(0, 1\]/],

@@ -49,6 +49,8 @@ const compiled = {
   allPass: join(dir, 'all-pass/model.onnx'),
   threshold: join(dir, 'threshold/model.onnx'),
   qwen: join(dir, 'qwen/model.onnx'),
+  attention: join(dir, 'attention/model.onnx'),
+  mlp: join(dir, 'mlp/model.onnx'),
 };
 
 beforeAll(async () => {
@@ -57,6 +59,9 @@ beforeAll(async () => {
   await quiet(LLAMA, '-o', compiled.allPass, '--router-init', 'all-pass');
   await quiet(LLAMA, '-o', compiled.threshold, '--router-init', 'random', '--seed', '3');
   await quiet(QWEN, '-o', compiled.qwen, '--router-init', 'random', '--seed', '5');
+  for (const part of ['attention', 'mlp'] as const) {
+    await quiet(LLAMA, '-o', compiled[part], '--router-init', 'random', '--routing', 'topk', '--capacity', '0.5', '--layers', '0,2', '--granularity', part);
+  }
 }, 120_000);
 
 describe('NLL is the mean over every predicted token', () => {
@@ -149,6 +154,36 @@ describe('compute and KV-cache fractions', () => {
     expect(r.macs).toEqual({ executed, dense: sum(ns.map(denseMacs)) });
     expect(r.kvFraction).toBeCloseTo((sum(ks) + 2 * sum(ns)) / (3 * sum(ns)), 12);
     expect(r.layers.map((l) => [l.layer, l.part, l.routed])).toEqual([[0, 'attention', true], [1, 'block', false], [2, 'mlp', true]]);
+  });
+
+  for (const part of ['attention', 'mlp'] as const) {
+    it(`--granularity ${part}, top-k 0.5 on layers 0 and 2: only that part runs on ceil(n/2) tokens`, async () => {
+      const r = await evaluate(compiled[part], LINES, { batchSize: 3 });
+      const ks = ns.map((n) => Math.ceil(n / 2));
+      const routedLayer = (n: number, k: number) =>
+        part === 'attention' ? ATTENTION * k + PAIR * pairs(k) + MLP * n + H * n : ATTENTION * n + PAIR * pairs(n) + MLP * k + H * n;
+      const denseLayer = (n: number) => (ATTENTION + MLP) * n + PAIR * pairs(n);
+      const executed = sum(ns.map((n, i) => 2 * routedLayer(n, ks[i]!) + denseLayer(n) + H * V * n));
+      expect(r.macs).toEqual({ executed, dense: sum(ns.map(denseMacs)) });
+      // Skipping attention drops the token from that layer's cache; skipping the MLP keeps the cache full.
+      expect(r.kvFraction).toBeCloseTo(part === 'attention' ? (2 * sum(ks) + sum(ns)) / (3 * sum(ns)) : 1, 12);
+      expect(r.layers.map((l) => [l.layer, l.part, l.routed, l.selectedFraction])).toEqual([
+        [0, part, true, sum(ks) / sum(ns)], [1, 'block', false, 1], [2, part, true, sum(ks) / sum(ns)],
+      ]);
+      expect(Math.abs(r.nll - (await referenceNll(compiled[part], LINES)))).toBeLessThan(1e-3);
+    });
+  }
+
+  it('a model whose metadata does not name the selection values: found from the modc.Select nodes', async () => {
+    const model = loadModel(compiled.attention);
+    const routing = JSON.parse(model.metadataProps.find((p) => p.key === 'modc.routing')!.value!);
+    routing.layers = routing.layers.map((l: object) => ({ ...l, selected: '' }));
+    model.metadataProps = model.metadataProps.map((p) => (p.key === 'modc.routing' ? { key: p.key, value: JSON.stringify(routing) } : p));
+    const path = join(dir, 'unnamed/model.onnx');
+    saveModel(model, path);
+    const [a, b] = [await evaluate(compiled.attention, LINES), await evaluate(path, LINES)];
+    expect(b.macs).toEqual(a.macs);
+    expect(b.layers).toEqual(a.layers);
   });
 
   it('batch size does not change the result', async () => {

@@ -8,63 +8,14 @@
  */
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { analyzeDecoder } from '../compiler/analysis/analyze.js';
-import { loadModel } from '../compiler/io/load.js';
-import { saveModel } from '../compiler/io/save.js';
-import { runPipeline } from '../compiler/pass-manager.js';
 import { ModReference } from '../compiler/reference/mod-reference.js';
-import { planRouting, type RoutingMode } from '../compiler/routing-plan.js';
-import { argmax, lastPosition, ModSession, type Logits } from '../compiler/runtime/session.js';
-import { modPipeline } from '../passes/index.js';
-import { routingPlanOf, worstReal as realDiff } from '../compiler/verify.js';
-import { allModels, contractModels, tempDir } from './helpers.js';
+import { lastPosition, ModSession } from '../compiler/runtime/session.js';
+import { contractModels, tempDir } from './helpers.js';
+import { compileWith, expectSameRun, padSides, PROMPTS, tolerance, worstReal, worstRows } from './mod-helpers.js';
 
 const tmp = tempDir('modc-mod');
 let counter = 0;
-
-interface Compiled {
-  path: string;
-  plan: ReturnType<typeof planRouting>;
-}
-
-function compile(source: string, routers: 'all-pass' | 'random', opts: { mode?: RoutingMode; gated: boolean; threshold?: number; capacity?: number }): Compiled {
-  const model = loadModel(source);
-  const s = analyzeDecoder(model);
-  const plan = planRouting({
-    numLayers: s.layers.length, hiddenSize: s.hiddenSize,
-    routers: routers === 'all-pass' ? { kind: 'all-pass' } : { kind: 'random', seed: 11 },
-    mode: opts.mode, gated: opts.gated, threshold: opts.threshold, capacity: opts.capacity,
-  });
-  runPipeline(model, modPipeline({ plan }));
-  const path = join(tmp, `c${counter++}`, 'model.onnx');
-  saveModel(model, path);
-  // The plan the compiled model carries: layers the compiler could not route (e.g. with recurrent state) stay dense.
-  return { path, plan: routingPlanOf(loadModel(path)) };
-}
-
-/** fp16 models get SPEC.md's fp16 tolerance. */
-function tolerance(path: string, fp32: number): number {
-  return analyzeDecoder(loadModel(path)).dtype === 'float16' ? 1e-2 : fp32;
-}
-
-function worstReal(a: Logits, b: Logits, rows: number[][], pad: 'left' | 'right'): number {
-  expect(b.dims).toEqual(a.dims);
-  return realDiff(a, b, rows, pad);
-}
-
-function worstRows(a: Float32Array[], b: Float32Array[]): number {
-  let worst = 0;
-  a.forEach((row, r) => row.forEach((v, i) => (worst = Math.max(worst, Math.abs(v - b[r]![i]!)))));
-  return worst;
-}
-
-/** GroupQueryAttention takes right padding only (per-row lengths); the others take both sides. */
-function padSides(path: string): ('left' | 'right')[] {
-  const s = analyzeDecoder(loadModel(path));
-  return s.layers.some((l) => l.attention.form === 'GroupQueryAttention') ? ['right'] : ['left', 'right'];
-}
-
-const PROMPTS = { b1: [[5, 6, 7, 8, 9, 10, 11]], b3: [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19]] };
+const compile = (source: string, routers: 'all-pass' | 'random', opts: Parameters<typeof compileWith>[3]) => compileWith(tmp, source, routers, opts);
 
 describe.each(contractModels())('$name', ({ path }) => {
   it('all tokens selected and ungated reproduces the original: prefill and a 32-token greedy run', async () => {
@@ -73,17 +24,7 @@ describe.each(contractModels())('$name', ({ path }) => {
     for (const pad of padSides(path)) {
       for (const rows of [PROMPTS.b1, PROMPTS.b3]) {
         const [orig, mod] = await Promise.all([ModSession.create(path), ModSession.create(compiled.path)]);
-        expect(worstReal(await orig.forward(rows, { pad }), await mod.forward(rows, { pad }), rows, pad), `prefill, pad ${pad}, batch ${rows.length}`).toBeLessThan(tol);
-        let stepsOrig = lastPosition(await orig.step(rows.map(() => 1)));
-        let stepsMod = lastPosition(await mod.step(rows.map(() => 1)));
-        for (let t = 0; t < 32; t++) {
-          expect(worstRows(stepsOrig, stepsMod), `step ${t}, pad ${pad}, batch ${rows.length}`).toBeLessThan(tol);
-          const next = stepsOrig.map(argmax);
-          expect(stepsMod.map(argmax), `greedy token at step ${t}`).toEqual(next);
-          stepsOrig = lastPosition(await orig.step(next));
-          stepsMod = lastPosition(await mod.step(next));
-        }
-        expect(mod.layerCacheLengths()).toEqual(orig.layerCacheLengths());
+        await expectSameRun(orig, mod, rows, pad, 32, tol, `pad ${pad}, batch ${rows.length}`);
       }
     }
   });

@@ -1,11 +1,16 @@
 /**
  * The compiled torch fixtures agree with an independent oracle of SPEC.md: a torch implementation
  * written from the spec (fixtures/oracle/oracle.py), which also made the router files, so nothing
- * expected here comes from the code under test. Per case: compile with `--routers` that file
+ * expected here comes from the code under test. Cases: llama-tiny, gpt2-tiny and neox-tiny;
+ * threshold and top-k, gated and ungated, batch 1 and batch 3 with left or right padding, whole
+ * blocks, attention, MLP, both parts and a mix of granularities, F32 and BF16 router files, and
+ * mode/gated/capacities from the file's metadata. Per case: compile with `--routers` that file
  * (library API), run the prefill and three decode steps, and compare
  * - the logits at every real position (a fixed slice of 32 vocabulary ids) within 1e-4 (SPEC.md's
  *   fp32 tolerance), and
- * - each layer's cache length per row.
+ * - each layer's cache length per row,
+ * - in the prefill, each routed part's token selection (the compiled model's own selection
+ *   values, made outputs), and that padding is never selected.
  * Each case also checks that the oracle's routed logits differ from the original model's (run in
  * ONNX Runtime here) by far more than the tolerance, so a compiler that ignored routing fails.
  */
@@ -16,10 +21,14 @@ import { analyzeDecoder } from '../compiler/analysis/analyze.js';
 import { loadModel } from '../compiler/io/load.js';
 import { saveModel } from '../compiler/io/save.js';
 import { runPipeline } from '../compiler/pass-manager.js';
+import { exposeSelections, type Selection } from '../compiler/eval/selection.js';
+import { readRoutingMetadata } from '../compiler/routing-metadata.js';
 import { planRouting, type RoutingMode } from '../compiler/routing-plan.js';
-import { ModSession, type Logits } from '../compiler/runtime/session.js';
+import { decoderIo } from '../compiler/runtime/decoder-io.js';
+import { createSession, emptyTensor, type ort } from '../compiler/runtime/ort.js';
+import { ModSession, padRows, promptPositions, typed, type Logits } from '../compiler/runtime/session.js';
 import { modPipeline } from '../passes/index.js';
-import { ROOT, tempDir } from './helpers.js';
+import { contractModels, ROOT, tempDir } from './helpers.js';
 
 interface OracleCall {
   /** [row][real position of this call][slice id] */
@@ -32,7 +41,10 @@ interface OracleCase {
   name: string;
   routers: string;
   granularity: string;
-  routing: { mode: RoutingMode; gated: boolean; threshold?: number; capacity?: number };
+  /** What the case exercises beyond whole-block routing from F32 tensors and flags. */
+  requires: string[]; // informational: sub-layer, bf16, router-metadata
+  /** fromFile: compiled with no routing flag (mode, gated and capacities from the file's metadata). */
+  routing: { mode: RoutingMode; gated: boolean; threshold?: number; capacity?: number; fromFile?: boolean };
   pad: 'left' | 'right';
   prompt: number[][];
   steps: number[][];
@@ -50,17 +62,25 @@ const MIN_EFFECT = 1e-2;
 const tmp = tempDir('modc-oracle');
 let counter = 0;
 
-function compile(source: string, routers: string, c: OracleCase): string {
+interface Compiled {
+  path: string;
+  /** The same model with each routed part's selection value as an extra output. */
+  instrumented: { path: string; selections: Selection[]; session?: ort.InferenceSession };
+}
+
+function compile(source: string, routers: string, c: OracleCase): Compiled {
   const model = loadModel(source);
   const s = analyzeDecoder(model);
-  const plan = planRouting({
-    numLayers: s.layers.length, hiddenSize: s.hiddenSize, routers: { kind: 'file', path: routers },
-    mode: c.routing.mode, gated: c.routing.gated, threshold: c.routing.threshold, capacity: c.routing.capacity,
-  });
+  const flags = c.routing.fromFile ? {} : { mode: c.routing.mode, gated: c.routing.gated, threshold: c.routing.threshold, capacity: c.routing.capacity };
+  const plan = planRouting({ numLayers: s.layers.length, hiddenSize: s.hiddenSize, routers: { kind: 'file', path: routers }, ...flags });
   runPipeline(model, modPipeline({ plan }));
-  const path = join(tmp, `c${counter++}`, 'model.onnx');
+  const dir = join(tmp, `c${counter++}`);
+  const path = join(dir, 'model.onnx');
   saveModel(model, path);
-  return path;
+  const selections = exposeSelections(model, readRoutingMetadata(model)!);
+  const instrumented = join(dir, 'selections.onnx');
+  saveModel(model, instrumented);
+  return { path, instrumented: { path: instrumented, selections } };
 }
 
 /** Per row, per real position of the call, the logits at the slice ids: [row][position][id]. */
@@ -92,32 +112,80 @@ async function runCase(path: string, c: OracleCase, slice: number[]): Promise<{ 
   return out;
 }
 
-// Sub-layer router files (router.{l}.attn.* / router.{l}.mlp.*) need the granularity support of
-// SPEC.md "Sub-layer routing"; until the compiler reads them only the block cases run.
-const SUPPORTED = new Set(['block']);
+/**
+ * The compiled model's own token selections in the prefill (the bool [B, S] values named in its
+ * modc.routing metadata, made graph outputs): per routed part, per row, the real positions'
+ * selections; also fails if a padding position is selected.
+ */
+async function prefillSelections(compiled: Compiled, c: OracleCase): Promise<Map<string, boolean[][]>> {
+  const { selections } = compiled.instrumented;
+  const io = decoderIo(loadModel(compiled.path));
+  const { ids, mask, width } = padRows(c.prompt, c.pad);
+  const B = c.prompt.length;
+  const feeds: Record<string, ort.Tensor> = { [io.inputIds.name]: typed(io.inputIds.dtype, ids, [B, width]) };
+  if (io.attentionMask) feeds[io.attentionMask.name] = typed(io.attentionMask.dtype, mask.flat(), [B, width]);
+  if (io.positionIds) feeds[io.positionIds.name] = typed(io.positionIds.dtype, promptPositions(mask), [B, width]);
+  for (const b of io.kv) {
+    feeds[b.pastKey] = emptyTensor(b.dtype, [B, b.numHeads, 0, b.headSize]);
+    if (b.pastValue) feeds[b.pastValue] = emptyTensor(b.dtype, [B, b.numHeads, 0, b.headSize]);
+    if (b.pastLength) feeds[b.pastLength] = typed('int64', Array(B).fill(0), [B]);
+  }
+  compiled.instrumented.session ??= await createSession(compiled.instrumented.path);
+  const out = await compiled.instrumented.session.run(feeds, selections.map((s) => s.output));
+  const result = new Map<string, boolean[][]>();
+  for (const s of selections) {
+    const data = (out[s.output] as ort.Tensor).data as Uint8Array;
+    expect(data.length, `layer ${s.layer} ${s.part}: selection [B, S]`).toBe(B * width);
+    result.set(`${s.layer}/${s.part}`, mask.map((m, b) => m.flatMap((real, t) => {
+      const chosen = data[b * width + t] !== 0;
+      if (real === 0) expect(chosen, `layer ${s.layer} ${s.part}: padding (row ${b}, column ${t}) is never selected`).toBe(false);
+      return real === 1 ? [chosen] : [];
+    })));
+  }
+  return result;
+}
 
-describe.each(['llama-tiny', 'gpt2-tiny', 'neox-tiny'])('oracle %s', (name) => {
+/** The fixtures the oracle covers; `npm test` runs those in QUICK_MODELS, `npm run test:slow` the others. */
+const ORACLE_MODELS = ['llama-tiny', 'gpt2-tiny', 'neox-tiny'];
+const models = contractModels().map((m) => m.name.replace(/^fixtures\//, '')).filter((n) => ORACLE_MODELS.includes(n));
+
+it('runs on at least one of its fixtures in this test project', () => {
+  expect(models.length).toBeGreaterThan(0);
+});
+
+describe.each(models)('oracle %s', (name) => {
   const oracle = JSON.parse(readFileSync(join(ROOT, 'fixtures', 'oracle', name, 'cases.json'), 'utf8')) as OracleFile;
   const source = join(ROOT, 'fixtures', name, 'model.onnx');
-  const cases = oracle.cases.filter((c) => SUPPORTED.has(c.granularity));
+  const cases = oracle.cases;
   /** The original model's outputs per (prompt, steps, padding side). */
   const original = new Map<string, Awaited<ReturnType<typeof runCase>>>();
+  /** Compiled model path per (router file, routing). */
+  const compiledFor = new Map<string, Compiled>();
 
-  it('has block cases for threshold and top-k, gated and ungated, left and right padding', () => {
-    const kinds = new Set(cases.map((c) => `${c.routing.mode}/${c.routing.gated}`));
-    expect([...kinds].sort()).toEqual(['threshold/false', 'threshold/true', 'topk/false', 'topk/true']);
-    expect(new Set(cases.map((c) => c.pad))).toEqual(new Set(['left', 'right']));
+  it('covers threshold and top-k, gated and ungated, both padding sides, every granularity, BF16 and file metadata', () => {
+    const block = cases.filter((c) => c.granularity === 'block');
+    expect([...new Set(block.map((c) => `${c.routing.mode}/${c.routing.gated}`))].sort()).toEqual(['threshold/false', 'threshold/true', 'topk/false', 'topk/true']);
+    expect([...new Set(block.map((c) => c.pad))].sort()).toEqual(['left', 'right']);
+    expect([...new Set(cases.map((c) => c.granularity))].sort()).toEqual(['attention', 'block', 'mixed', 'mlp']);
+    expect([...new Set(cases.flatMap((c) => c.requires))].sort()).toEqual(['bf16', 'router-metadata', 'sub-layer']);
+    expect(cases.some((c) => c.routing.fromFile)).toBe(true);
   });
 
   it.each(cases.map((c) => [c.name, c] as const))('%s: compiled logits and cache lengths match the oracle', async (_, c) => {
-    const compiled = compile(source, join(ROOT, 'fixtures', 'oracle', name, c.routers), c);
-    const got = await runCase(compiled, c, oracle.vocabSlice);
+    const compileKey = JSON.stringify([c.routers, c.routing]);
+    if (!compiledFor.has(compileKey)) compiledFor.set(compileKey, compile(source, join(ROOT, 'fixtures', 'oracle', name, c.routers), c));
+    const compiled = compiledFor.get(compileKey)!;
+    const got = await runCase(compiled.path, c, oracle.vocabSlice);
     expect(got).toHaveLength(c.calls.length);
     got.forEach((g, i) => {
       const call = i === 0 ? 'prefill' : `step ${i}`;
       expect(worst(g.logits, c.calls[i]!.logits), `${call}: max |compiled - oracle|`).toBeLessThan(TOLERANCE);
       expect(g.cacheLengths, `${call}: cache lengths [layer][row]`).toEqual(c.calls[i]!.cacheLengths);
     });
+    // The prefill's selections, part by part, as the oracle chose them.
+    const selected = await prefillSelections(compiled, c);
+    expect([...selected.keys()].sort(), 'routed parts').toEqual(c.calls[0]!.selected.map((s) => `${s.layer}/${s.part}`).sort());
+    for (const s of c.calls[0]!.selected) expect(selected.get(`${s.layer}/${s.part}`), `prefill selection of layer ${s.layer} ${s.part}`).toEqual(s.rows);
     // The routing matters: the original model is far from the oracle.
     const key = JSON.stringify([c.prompt, c.steps, c.pad]);
     if (!original.has(key)) original.set(key, await runCase(source, c, oracle.vocabSlice));

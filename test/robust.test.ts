@@ -169,6 +169,12 @@ describe('outputs ONNX Runtime would reject', () => {
     expect(decodeModelProto(readFileSync(out)).graph!.input[0]!.type!.tensor_type!.elem_type).toBe(7);
   });
 
+  it('a token input declared with another rank than [batch, sequence] (fuzz seed 6, case 585)', async () => {
+    const path = mutant('gpt2-tiny', (m) => void m.graph!.input.find((v) => v.name === 'position_ids')!.type!.tensor_type!.shape!.dim.push({ dim_value: 1 }));
+    await (await createSession(path)).release(); // ONNX Runtime loads it; the routed output would not load
+    expectOneLineError(await runCli('compile', path, '-o', join(tmp, 'rank', 'model.onnx'), '--router-init', 'random'), 1, /input position_ids has rank 3/);
+  });
+
   it('library edits are caught by verification, also with --passes none', () => {
     const dup = loadModel(join(FIX, 'llama-tiny', 'model.onnx'));
     const [a, b] = dup.graph.nodes.filter((n) => n.opType === 'MatMul');

@@ -36,6 +36,28 @@ describe('modc verify', () => {
     expect(res.stdout).toMatch(/^PASS anchor: /m);
   });
 
+  it('fails when the graph routes another sub-layer than its routing metadata says', async () => {
+    const out = join(tmp, 'part', 'model.onnx');
+    expect((await runCli('compile', LLAMA, '-o', out, '--router-init', 'random', '--granularity', 'attention', '-q')).code).toBe(0);
+    expect((await runCli('verify', LLAMA, out, '--steps', '2')).code).toBe(0);
+    // Same routers, claimed for the MLP: the reference then keeps full caches and skips MLPs instead.
+    const model = loadModel(out);
+    const meta = readRoutingMetadata(model)!;
+    writeRoutingMetadata(model, { ...meta, layers: meta.layers.map((l) => ({ ...l, part: 'mlp' })) });
+    for (const v of [...model.graph.initializers.values()].filter((i) => i.name.includes('.attn.'))) {
+      const tensor = v.initializer!;
+      model.graph.removeInitializer(v);
+      v.name = v.name.replace('.attn.', '.mlp.');
+      model.graph.addInitializer(v, tensor);
+    }
+    const tampered = join(tmp, 'part', 'tampered.onnx');
+    saveModel(model, tampered);
+    const res = await runCli('verify', LLAMA, tampered, '--steps', '2', '--json');
+    expect(res.code).toBe(1);
+    const [semantics, anchor] = JSON.parse(res.stdout).checks;
+    expect([semantics.passed, semantics.cacheLengthsMatch, anchor.passed]).toEqual([false, false, true]);
+  });
+
   it('refuses a model modc did not compile', async () => {
     expectOneLineError(await runCli('verify', LLAMA, LLAMA), 1, /no modc routing metadata/);
     expectOneLineError(await runCli('verify', LLAMA), 2, /expected two model paths/);

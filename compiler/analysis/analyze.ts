@@ -26,6 +26,7 @@ export interface AnalyzeOptions {
 
 export function analyzeDecoder(model: Model, opts: AnalyzeOptions = {}): DecoderStructure {
   const graph = model.graph;
+  assertContractRanks(graph);
   const facts = new GraphFacts(graph);
   assertTopologicalOrder(graph, facts);
   const explain: Explanation[] = [];
@@ -58,6 +59,15 @@ export function analyzeDecoder(model: Model, opts: AnalyzeOptions = {}): Decoder
     mask: maskInfo(graph, layers, isSharedNode, facts.order),
     explain,
   };
+}
+
+/** The contract's token inputs are [batch, sequence]; another declared rank would mis-shape every routing op. */
+function assertContractRanks(graph: Graph): void {
+  for (const v of graph.inputs) {
+    if (!['input_ids', 'attention_mask', 'position_ids'].includes(v.name)) continue;
+    const rank = v.shape?.length;
+    if (rank !== undefined && rank !== 2) throw new ModcError(`input ${v.name} has rank ${rank}; a decoder's input_ids, attention_mask and position_ids are [batch, sequence]`);
+  }
 }
 
 /** Ownership is assigned in one pass in graph order, which must therefore be topological (ONNX requires it). */

@@ -57,7 +57,7 @@ export function stateTensors(nodes: readonly Node[], exclude: ReadonlySet<Value>
   for (const n of nodes) {
     for (const read of n.inputs) {
       for (const v of read ? prefixSources(read, ctx) : []) {
-        if (exclude.has(v) || out.some((t) => t.input === v) || ctx.facts.isConstant(v)) continue;
+        if (exclude.has(v) || ctx.dependent.has(v) || out.some((t) => t.input === v) || ctx.facts.isConstant(v)) continue;
         const dt = ctx.facts.dtype(v);
         if (dt !== DataType.FLOAT && dt !== DataType.FLOAT16 && dt !== DataType.BFLOAT16) continue;
         const output = nearestDownstreamOutput(v, ctx);

@@ -22,6 +22,13 @@ export function findEmbedding(graph: Graph, facts: GraphFacts, explain: Explanat
   const fused = graph.nodes.find(isEmbedLayerNorm);
   if (fused) return fusedEmbedding(fused, explain);
   const ids = graph.inputs.find((v) => v.name === 'input_ids');
+  const embeds = graph.inputs.find((v) => v.name === 'inputs_embeds');
+  if (!ids && embeds) {
+    if (facts.rank(embeds) !== 3) throw new ModcError(`no residual stream: inputs_embeds must be [batch, sequence, hidden], found rank ${facts.rank(embeds) ?? 'unknown'}`);
+    explain.push({ subject: `%${embeds.name}`, verdict: 'accepted', reason: 'stream start: the decoder is fed embeddings (inputs_embeds), the token table lives in another model' });
+    const { output, positionTable } = absorbStreamIndependentTerms(embeds, facts, explain);
+    return { info: { output, table: embeds, positionTable, boundary: null }, seeds: [output] };
+  }
   if (!ids) {
     const names = graph.inputs.filter((v) => !v.isConstant).map((v) => v.name).join(', ');
     throw new ModcError(`no residual stream: expected a token embedding Gather by input_ids, but the model has no input_ids input (inputs: ${names || 'none'})`);
@@ -79,8 +86,8 @@ const isTable = (v: Value | null, facts: GraphFacts) => !!v && facts.isConstant(
  * token-type embeddings) and constant scalings, while the embedding has a single non-Shape
  * reader. Stops at the first reader that could be a layer.
  */
-function absorbStreamIndependentTerms(gather: Node, facts: GraphFacts, explain: Explanation[]): { output: Value; positionTable: Value | null } {
-  const token = gather.output(0);
+function absorbStreamIndependentTerms(start: Node | Value, facts: GraphFacts, explain: Explanation[]): { output: Value; positionTable: Value | null } {
+  const token = 'opType' in start ? start.output(0) : start;
   let output = token;
   let positionTable: Value | null = null;
   for (;;) {

@@ -25,7 +25,7 @@ export function streamDependentValues(graph: Graph, seeds: readonly Value[]): Se
   const dependent = new Set<Value>(seeds);
   const seedProducers = new Set(seeds.map((v) => v.producer));
   for (const n of graph.nodes) {
-    if (seedProducers.has(n)) continue;
+    if (seedProducers.has(n) || shapeOfInputSeed(n, seeds)) continue;
     if (n.inputs.some((v) => v !== null && dependent.has(v))) for (const o of n.outputs) dependent.add(o);
   }
   return dependent;
@@ -40,10 +40,12 @@ export function assignNodes(graph: Graph, embedding: EmbeddingInfo, seeds: reado
   }
   const nodeLayer = new Map<Node, number>();
   const valueLayer = new Map<Value, number>();
+  // A stream that starts at a graph input (inputs_embeds) starts in layer 0 too.
+  for (const v of seeds) if (!v.producer) valueLayer.set(v, 0);
   const embedNode = embedding.boundary?.node;
   for (const n of graph.nodes) {
     let layer = PREFIX;
-    if (n !== embedNode) for (const v of n.inputs) if (v) layer = Math.max(layer, valueLayer.get(v) ?? PREFIX);
+    if (n !== embedNode && !shapeOfInputSeed(n, seeds)) for (const v of n.inputs) if (v) layer = Math.max(layer, valueLayer.get(v) ?? PREFIX);
     nodeLayer.set(n, layer);
     for (const o of n.outputs) {
       const l = overrides.get(o) ?? layer;
@@ -51,6 +53,14 @@ export function assignNodes(graph: Graph, embedding: EmbeddingInfo, seeds: reado
     }
   }
   return { nodeLayer, valueLayer };
+}
+
+/**
+ * A Shape of a stream start that is a graph input (inputs_embeds): batch and sequence length,
+ * shared by every layer like Shape(input_ids), so prefix rather than layer 0.
+ */
+function shapeOfInputSeed(n: Node, seeds: readonly Value[]): boolean {
+  return (n.opType === 'Shape' || n.opType === 'Size') && n.inputs[0] !== null && !n.inputs[0]!.producer && seeds.includes(n.inputs[0]!);
 }
 
 /** The last step of each layer. */

@@ -154,7 +154,10 @@ export interface LayerInfo {
 export interface EmbeddingInfo {
   /** The stream start value (the sum of the embeddings). */
   output: Value;
-  /** The token table [V, H]. */
+  /**
+   * The token table [V, H]; for a decoder fed by `inputs_embeds` (the embedding lives in another
+   * model) that graph input [B, S, H] itself, which is then also `output`.
+   */
   table: Value;
   /** The position table when positions are added to the embedding. */
   positionTable: Value | null;

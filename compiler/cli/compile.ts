@@ -7,13 +7,14 @@ import { checkOutputPath, saveModel } from '../io/save.js';
 import type { Model } from '../ir/model.js';
 import { runPipeline } from '../pass-manager.js';
 import { readRoutingMetadata } from '../routing-metadata.js';
+import { graphFingerprint, recordSource } from '../source-fingerprint.js';
 import { describeLayerPart, planRouting, type RoutedPart, type RouterSource, type RoutingMode, type RoutingPlan, type Schedule } from '../routing-plan.js';
 import { summarizeModel } from '../summary.js';
 import { defaultRegistry, modPipeline } from '../../passes/index.js';
 import { listFlag, numberFlag, onePositional, stringFlag } from './args.js';
 import type { CliValues, Command } from './command.js';
 import { formatBytes } from './format.js';
-import { short } from './inspect.js';
+import { routedLayerJson, short } from './inspect.js';
 import { progressOf } from './progress.js';
 
 function routerSource(values: CliValues): RouterSource | undefined {
@@ -143,20 +144,25 @@ export const compileCommand: Command = {
     progress.stage(`load ${input}`);
     const model = loadModel(input);
     checkOutputPath(output, model); // before any work: never over the input or its data files
+    const source = graphFingerprint(model); // recorded in the output, checked by `modc verify`
     const plan = resolvePlan(model, values);
     if (!plan && passes === undefined) throw new UsageError('nothing to do: give --routers FILE or --router-init all-pass|random (or --passes LIST)');
     log(`loaded ${input} (${model.graph.nodes.length} nodes) in ${(performance.now() - t0).toFixed(0)} ms`);
     const mod = plan ? { plan, inlineOps: !!values['inline-ops'], logits } : undefined;
     const steps = passes !== undefined ? defaultRegistry(mod).parsePipeline(passes) : modPipeline(mod!);
+    const dumpAfter = listFlag(values, 'dump-after');
+    const notRun = dumpAfter.filter((name) => name !== '*' && !steps.some((st) => st.pass.name === name));
+    if (notRun.length) throw new UsageError(`--dump-after ${notRun.join(', ')}: no such pass in this pipeline (${steps.map((st) => st.pass.name).join(', ')}, or *)`);
     const opsBefore = modcOpCounts(model);
     const records = runPipeline(model, steps, {
       verify: !values['no-verify'],
-      dumpAfter: listFlag(values, 'dump-after'),
+      dumpAfter,
       dumpDir: stringFlag(values, 'dump-dir') ?? resolve(output, '..'),
       log,
     });
     for (const r of records) log(`  ${r.pass}: ${r.ms.toFixed(1)} ms, nodes ${r.nodesBefore} -> ${r.nodesAfter}${r.notes.length ? `\n    ${r.notes.join('\n    ')}` : ''}`);
     progress.stage(`save ${output}`);
+    recordSource(model, source);
     const saved = saveModel(model, output, threshold !== undefined ? { externalizeThreshold: threshold } : {});
     const opsAfter = modcOpCounts(model);
     const opsAdded = Object.fromEntries(Object.entries(opsAfter).map(([op, n]) => [op, n - (opsBefore[op] ?? 0)]).filter(([, n]) => (n as number) > 0));
@@ -167,7 +173,7 @@ export const compileCommand: Command = {
     if (plan) {
       const setting = (l: { threshold: number; capacity: number }) => (plan.mode === 'threshold' ? `p=${short(l.threshold)}` : `c=${short(l.capacity)}`);
       const what = (l: { part: RoutedPart }) => (l.part === 'block' ? '' : `${l.part}, `);
-      log(`converted ${converted.length} layer part(s): ${converted.map((l) => `${l.layer} (${what(l)}${setting(l)})`).join(', ') || 'none'}; ${plan.mode}, ${plan.gated ? 'gated' : 'ungated'}`);
+      log(`converted ${converted.length} layer(s): ${converted.map((l) => `${l.layer} (${what(l)}${setting(l)})`).join(', ') || 'none'}; ${plan.mode}, ${plan.gated ? 'gated' : 'ungated'}`);
       log(`modc ops added: ${Object.entries(opsAdded).map(([op, n]) => `${op} ${n}`).join(', ') || (values['inline-ops'] ? 'none (inlined)' : 'none')}`);
       for (const u of notConverted) log(`not converted: layer ${'part' in u && u.part ? describeLayerPart({ layer: u.layer, part: u.part as RoutedPart }) : u.layer}: ${u.reason}`);
     }
@@ -177,7 +183,7 @@ export const compileCommand: Command = {
     if (values.json) {
       io.out(JSON.stringify({
         input, output: saved.path, bytes: saved.bytes, externalFiles: saved.externalFiles, passes: records,
-        ...(plan ? { routing: { mode: plan.mode, gated: plan.gated, converted: converted.map((l) => ({ layer: l.layer, part: l.part, threshold: l.threshold, capacity: l.capacity })), notConverted, opsAdded } } : {}),
+        ...(plan ? { routing: { mode: plan.mode, gated: plan.gated, converted: converted.map((l) => routedLayerJson(plan.mode, { layer: l.layer, part: l.part, threshold: l.threshold, capacity: l.capacity })), notConverted, opsAdded } } : {}),
       }, null, 2));
     }
     return 0;

@@ -1,5 +1,8 @@
 /** `modc generate`: a prefill and N decode steps on any model, original or compiled. */
 import { UsageError } from '../errors.js';
+import { loadModel } from '../io/load.js';
+import { decoderIo } from '../runtime/decoder-io.js';
+import { embeddingChoice } from '../runtime/embeddings.js';
 import { ModSession } from '../runtime/session.js';
 import { numberFlag, onePositional, stringFlag } from './args.js';
 import type { Command } from './command.js';
@@ -29,17 +32,18 @@ export const generateCommand: Command = {
   async run(positionals, values, io) {
     const path = onePositional(positionals, 'model path', 'generate');
     const text = stringFlag(values, 'ids');
-    if (text === undefined) throw new UsageError('missing --ids');
+    const embeds = embeddingChoice(path, decoderIo(loadModel(path)), stringFlag(values, 'embeds'));
+    if (text === undefined && !embeds?.prompt) throw new UsageError('missing --ids');
     const maxNew = numberFlag(values, 'max-new');
     if (maxNew === undefined || !Number.isInteger(maxNew) || maxNew < 0) throw new UsageError('--max-new must be a non-negative integer');
     const forceText = stringFlag(values, 'force');
     const force = forceText !== undefined ? parseIdList(forceText, '--force') : undefined;
-    const rows = parseIdRows(text);
+    const rows = text === undefined ? [] : parseIdRows(text);
     const progress = progressOf(io);
     progress.stage('load');
-    const session = await ModSession.create(path, { executionProvider: executionProvider(values) });
+    const session = await ModSession.create(path, { executionProvider: executionProvider(values), embeddings: embeds?.source });
     progress.stage('generate', maxNew + 1);
-    const result = await session.generate(rows, { maxNewTokens: maxNew, force, pad: padSide(values), onStep: () => progress.tick() });
+    const result = await session.generate(rows, { maxNewTokens: maxNew, force, pad: padSide(values), embeds: embeds?.prompt ?? undefined, onStep: () => progress.tick() });
     progress.stop();
     if (values.json) {
       io.out(JSON.stringify({

@@ -12,8 +12,14 @@ import { formatSummary } from './format.js';
 /** float32 values read from a router file, shown without their float noise. */
 export const short = (v: number) => Number(v.toPrecision(6));
 
+/** A routed layer as --json reports it: its threshold in threshold mode, its capacity in top-k mode. */
+export function routedLayerJson<T extends { threshold: number; capacity: number }>(mode: 'threshold' | 'topk', layer: T): Omit<T, 'threshold' | 'capacity'> & ({ threshold: number } | { capacity: number }) {
+  const { threshold, capacity, ...rest } = layer;
+  return mode === 'threshold' ? { ...rest, threshold } : { ...rest, capacity };
+}
+
 function formatRouting(meta: RoutingMetadata): string {
-  const per = meta.layers.map((l) => `${l.layer} (${meta.mode === 'threshold' ? `p=${short(l.threshold)}` : `c=${short(l.capacity)}`})`);
+  const per = meta.layers.map((l) => `${l.layer} (${l.part === 'block' ? '' : `${l.part}, `}${meta.mode === 'threshold' ? `p=${short(l.threshold)}` : `c=${short(l.capacity)}`})`);
   return `routing    modc ${meta.mode}, ${meta.gated ? 'gated' : 'ungated'}; routers on layer${per.length === 1 ? '' : 's'} ${per.join(', ')}`;
 }
 
@@ -29,7 +35,8 @@ export const inspectCommand: Command = {
     'JSON: the model facts plus, for a decoder, { layers: [{ index, attention, kv: { key: {input,',
     'output}, value: {...}, layout, numKvHeads, headSize }, residualIn, residualOut, nodeCount,',
     'weights, sideInputs }], hiddenSize, numHeads, numKvHeads, headSize, dtype, positional, mask },',
-    'and for a compiled model { routing: { mode, gated, layers: [{ layer, threshold, capacity }] } }.',
+    'and for a compiled model { routing: { mode, gated, layers: [{ layer, part, selected, threshold | capacity }] } }',
+    '(threshold in threshold mode, capacity in topk mode).',
   ].join('\n'),
   options: {
     json: { type: 'boolean', help: 'print one JSON object on stdout instead of text' },
@@ -41,7 +48,8 @@ export const inspectCommand: Command = {
     const summary = summarizeModel(model);
     const routing = readRoutingMetadata(model);
     if (routing) {
-      io.out(values.json ? JSON.stringify({ ...summary, routing }, null, 2) : `${formatSummary(summary)}\n${formatRouting(routing)}`);
+      const json = () => JSON.stringify({ ...summary, routing: { ...routing, layers: routing.layers.map((l) => routedLayerJson(routing.mode, l)) } }, null, 2);
+      io.out(values.json ? json() : `${formatSummary(summary)}\n${formatRouting(routing)}`);
       return 0;
     }
     let structure;

@@ -49,6 +49,28 @@ export function commandHelp(cmd: Command): string {
   return lines.join('\n');
 }
 
+/**
+ * `--seed -1` as `--seed=-1`: node:util's parseArgs refuses a value that starts with a dash
+ * ("argument is ambiguous"). A negative number after a flag that takes a value is that value;
+ * each command then accepts or refuses it by its own range check.
+ */
+export function attachNegativeValues(args: string[], options: Record<string, CliOption>): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i]!;
+    const next = args[i + 1];
+    const long = /^--([^=]+)$/.exec(a)?.[1];
+    const name = long ?? Object.entries(options).find(([, o]) => o.short !== undefined && a === `-${o.short}`)?.[0];
+    if (name !== undefined && options[name]?.type === 'string' && next !== undefined && /^-(\d|\.\d|Infinity)/.test(next) && args.slice(0, i).indexOf('--') < 0) {
+      out.push(`--${name}=${next}`);
+      i++;
+    } else {
+      out.push(a);
+    }
+  }
+  return out;
+}
+
 export interface Io {
   out: (text: string) => void;
   err: (text: string) => void;
@@ -87,7 +109,7 @@ export async function main(argv: string[], io: Io = defaultIo): Promise<number> 
     let parsed;
     try {
       const options = Object.fromEntries(Object.entries({ ...PROGRESS_OPTIONS, ...cmd.options }).map(([k, o]) => [k, { type: o.type, ...(o.short ? { short: o.short } : {}), ...(o.multiple ? { multiple: true } : {}) }])) as ParseArgsConfig['options'];
-      parsed = parseArgs({ args: rest, options, allowPositionals: true, strict: true });
+      parsed = parseArgs({ args: attachNegativeValues(rest, { ...PROGRESS_OPTIONS, ...cmd.options }), options, allowPositionals: true, strict: true });
     } catch (e) {
       throw new UsageError(`${(e as Error).message.split('\n')[0]} (see 'modc ${cmd.name} --help')`);
     }

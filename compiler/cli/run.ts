@@ -1,5 +1,8 @@
 /** `modc run`: one forward over a prompt (past length 0) on any model, original or compiled. */
 import { UsageError } from '../errors.js';
+import { loadModel } from '../io/load.js';
+import { decoderIo } from '../runtime/decoder-io.js';
+import { embeddingChoice } from '../runtime/embeddings.js';
 import { argmax, ModSession, padRows } from '../runtime/session.js';
 import type { ExecutionProvider } from '../runtime/ort.js';
 import { onePositional, stringFlag } from './args.js';
@@ -26,6 +29,7 @@ export const PROMPT_OPTIONS = {
   ids: { type: 'string', valueName: 'IDS', help: 'token ids: rows separated by ";", ids by ","' },
   pad: { type: 'string', valueName: 'SIDE', help: 'pad shorter rows on the left or right (default left; right, the only side it takes, for GroupQueryAttention)' },
   ep: { type: 'string', valueName: 'EP', help: 'execution provider: cpu (default) or cuda' },
+  embeds: { type: 'string', valueName: 'FILE', help: 'inputs_embeds decoders: the prompt as a [B, S, H] .npy/.safetensors tensor, or "random" (seeded embeddings of --ids); default: the embedding model genai_config.json names' },
   json: { type: 'boolean', help: 'print the result as JSON' },
 } as const satisfies Record<string, CliOption>;
 
@@ -46,20 +50,24 @@ export const runCommand: Command = {
   async run(positionals, values, io) {
     const path = onePositional(positionals, 'model path', 'run');
     const text = stringFlag(values, 'ids');
-    if (text === undefined) throw new UsageError('missing --ids');
-    const rows = parseIdRows(text);
+    const embeds = embeddingChoice(path, decoderIo(loadModel(path)), stringFlag(values, 'embeds'));
+    if (text === undefined && !embeds?.prompt) throw new UsageError('missing --ids');
+    const rows = text === undefined ? [] : parseIdRows(text);
     const pad = padSide(values);
     const progress = progressOf(io);
     progress.stage('load');
-    const session = await ModSession.create(path, { executionProvider: executionProvider(values) });
-    progress.stage(`forward over ${rows.length} x ${Math.max(...rows.map((r) => r.length))} tokens`);
-    const logits = await session.forward(rows, { pad });
+    const session = await ModSession.create(path, { executionProvider: executionProvider(values), embeddings: embeds?.source });
+    const shape = embeds?.prompt ? embeds.prompt.dims.slice(0, 2) : [rows.length, Math.max(...rows.map((r) => r.length))];
+    progress.stage(`forward over ${shape[0]} x ${shape[1]} tokens`);
+    const logits = embeds?.prompt ? await session.forwardEmbeds(embeds.prompt.data, embeds.prompt.dims) : await session.forward(rows, { pad });
     progress.stop();
     const [B, S, V] = logits.dims;
     if (values.json) {
-      const { ids, mask } = padRows(rows, session.padSide(pad));
+      const ids = embeds?.prompt ? null : padRows(rows, session.padSide(pad)).ids;
       const nested = Array.from({ length: B }, (_, b) => Array.from({ length: S }, (_, s) => Array.from(logits.data.subarray((b * S + s) * V, (b * S + s + 1) * V))));
-      const inputIds = mask.map((_, b) => ids.slice(b * S, (b + 1) * S));
+      const mask = session.attentionMask();
+      const width = mask[0]!.length;
+      const inputIds = ids ? mask.map((_, b) => ids.slice(b * width, (b + 1) * width)) : null;
       io.out(JSON.stringify({ logits: nested, dims: [B, S, V], attentionMask: mask, inputIds, positions: session.logits }));
     } else {
       io.out(`logits [${B}, ${S}, ${V}]${session.logits === 'last' ? ' (each row\'s last real token only)' : ''}`);

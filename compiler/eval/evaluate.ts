@@ -34,7 +34,7 @@ export interface EvalOptions {
   executionProvider?: ExecutionProvider;
   /** The model, already loaded from modelPath (evaluate adds graph outputs to it). */
   model?: Model;
-  /** Called after each batch with the sequences done so far. */
+  /** Called before the first batch and after each batch with the sequences done so far. */
   onProgress?: (done: number, total: number) => void;
 }
 
@@ -91,27 +91,32 @@ export async function evaluate(modelPath: string, sequences: number[][], opts: E
     if (!recorded) throw new ModcError(`${modelPath} is modc-compiled but has no modc.costs metadata (compiled by an older modc): recompile it to measure its compute`);
     costs = recorded;
     selections = exposeSelections(model, routing);
-    temp = copyFolder(modelPath, model);
-    runPath = saveModel(model, join(temp, basename(modelPath))).path;
   } else {
     costs = modelCosts(analyzeDecoder(model));
   }
 
+  let session: ort.InferenceSession | null = null;
   try {
-    const session = await createSession(runPath, { executionProvider: opts.executionProvider });
+    if (selections.length) {
+      temp = copyFolder(modelPath, model);
+      runPath = saveModel(model, join(temp, basename(modelPath))).path;
+    }
+    const run = (session = await createSession(runPath, { executionProvider: opts.executionProvider }));
     const acc = new Accumulator(costs, selections);
     const order = sequences.map((_, i) => i).sort((a, b) => sequences[b]!.length - sequences[a]!.length);
     let done = 0;
+    opts.onProgress?.(0, order.length);
     while (done < order.length) {
       const width = sequences[order[done]!]!.length;
       const fit = Math.max(1, Math.floor(LOGITS_BUDGET / (width * Math.max(1, costs.vocabSize))));
       const rows = order.slice(done, done + Math.min(batchSize, fit)).map((i) => sequences[i]!);
-      await runBatch(session, io, rows, pad, selections, acc, modelPath);
+      await runBatch(run, io, rows, pad, selections, acc, modelPath);
       done += rows.length;
       opts.onProgress?.(done, order.length);
     }
     return acc.result(sequences.length, routing ? { mode: routing.mode, gated: routing.gated } : null);
   } finally {
+    await session?.release();
     if (temp) rmSync(temp, { recursive: true, force: true });
   }
 }

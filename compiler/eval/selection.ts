@@ -8,9 +8,10 @@ import { ModcError } from '../errors.js';
 import { DataType } from '../ir/dtype.js';
 import type { Value } from '../ir/graph.js';
 import type { Model } from '../ir/model.js';
+import type { RoutedPart } from '../routers.js';
 import type { RoutingMetadata } from '../routing-metadata.js';
 
-export type Part = 'block' | 'attention' | 'mlp';
+export type Part = RoutedPart;
 
 export interface Selection {
   layer: number;
@@ -19,16 +20,13 @@ export interface Selection {
   output: string;
 }
 
-/** The fields sub-layer routing adds to each metadata entry (absent in older models). */
-type RoutedEntry = RoutingMetadata['layers'][number] & { part?: Part; selected?: string };
-
 const ROUTER_WEIGHT = /^modc\.router\.(\d+)(?:\.(attn|mlp))?\.weight$/;
 
 export function exposeSelections(model: Model, routing: RoutingMetadata): Selection[] {
   const g = model.graph;
   const found = selectNodeOutputs(model);
-  return (routing.layers as RoutedEntry[]).map((entry) => {
-    const part = entry.part ?? 'block';
+  return routing.layers.map((entry) => {
+    const part = entry.part;
     const value = entry.selected ? g.findValue(entry.selected) : found.get(`${entry.layer}/${part}`);
     if (!value) {
       const where = entry.selected ? `the value '${entry.selected}' named in modc.routing` : 'a modc.Select node (compiled with --inline-ops?)';

@@ -122,6 +122,30 @@ function verifyArity(n: Node, report: (m: string) => void, ctx: Ctx): void {
   }
 }
 
+/** A node on a dependency cycle among this graph's nodes (Kahn's algorithm), or null. */
+function cycleMember(g: Graph): Node | null {
+  const pending = new Map<Node, number>();
+  const dependents = new Map<Node, Node[]>();
+  for (const n of g.nodes) {
+    const deps = new Set<Node>();
+    for (const v of n.inputs) if (v?.producer && v.producer.graph === g) deps.add(v.producer);
+    pending.set(n, deps.size);
+    for (const d of deps) dependents.set(d, [...(dependents.get(d) ?? []), n]);
+  }
+  const ready = g.nodes.filter((n) => pending.get(n) === 0);
+  let done = 0;
+  while (ready.length) {
+    const n = ready.pop()!;
+    done++;
+    for (const d of dependents.get(n) ?? []) {
+      const left = pending.get(d)! - 1;
+      pending.set(d, left);
+      if (left === 0) ready.push(d);
+    }
+  }
+  return done === g.nodes.length ? null : g.nodes.find((n) => pending.get(n)! > 0) ?? null;
+}
+
 function lastPresent(values: readonly (Value | null)[]): number {
   let k = values.length;
   while (k > 0 && values[k - 1] === null) k--;
@@ -141,15 +165,17 @@ function verifyGraph(g: Graph, outer: ReadonlySet<Value>, issues: VerifyIssue[],
     defined.add(v);
   };
   for (const v of g.inputs) define(v, 'a graph input');
+  const inputSet = new Set(g.inputs);
   for (const [key, v] of g.initializers) {
     if (key !== v.name) report(`initializer ${quote(key)} is registered under another name than its value's (${quote(v.name)})`);
     if (!v.initializer) report(`initializer ${quote(key)} has no data`);
-    if (!g.inputs.includes(v)) define(v, 'an initializer');
+    if (!inputSet.has(v)) define(v, 'an initializer');
   }
   // Values defined anywhere in this graph (for telling "not yet" from "never").
   const producedHere = new Set<Value>();
   for (const n of g.nodes) for (const v of n.outputs) producedHere.add(v);
   const visible = (v: Value) => defined.has(v) || outer.has(v);
+  let forward = false;
   for (const n of g.nodes) {
     if (n.graph !== g) report(`${n.describe()} is listed in graph ${quote(g.name)} but points at another graph`);
     verifyArity(n, report, ctx);
@@ -159,6 +185,7 @@ function verifyGraph(g: Graph, outer: ReadonlySet<Value>, issues: VerifyIssue[],
       if (visible(v)) return;
       if (producedHere.has(v) && v.producer?.graph === g) {
         if (ctx.order) report(`${n.describe()} reads ${val(v)} before it is defined (graph is not in topological order)`);
+        forward = true;
         return;
       }
       report(`${n.describe()} reads ${val(v)}, which nothing defines`);
@@ -173,6 +200,10 @@ function verifyGraph(g: Graph, outer: ReadonlySet<Value>, issues: VerifyIssue[],
       if (v.producer !== n) report(`${n.describe()} lists output ${val(v)} whose producer is another node`);
       define(v, `an output of ${n.describe()}`);
     }
+  }
+  if (forward && !ctx.order) {
+    const stuck = cycleMember(g);
+    if (stuck) report(`graph ${quote(g.name)} has a cycle through ${stuck.describe()}`);
   }
   for (const v of g.outputs) {
     if (!visible(v) && !(!ctx.order && producedHere.has(v))) report(`graph output ${val(v)} is not defined in graph ${quote(g.name)}`);

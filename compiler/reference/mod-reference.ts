@@ -23,6 +23,7 @@ import { join } from 'node:path';
 import { analyzeDecoder } from '../analysis/analyze.js';
 import { extractUnits, layerUnit, type LayerUnit } from '../analysis/extract.js';
 import type { LoadedUnit } from '../analysis/layer-executor.js';
+import { GraphFacts } from '../analysis/graph-facts.js';
 import { subLayersOf, type SubLayer } from '../analysis/sub-layers.js';
 import type { DecoderStructure, LayerInfo } from '../analysis/types.js';
 import { ModcError } from '../errors.js';
@@ -32,6 +33,7 @@ import type { Node } from '../ir/graph.js';
 import type { Model } from '../ir/model.js';
 import { describeLayerPart, type LayerPlan, type RoutingPlan } from '../routing-plan.js';
 import { decoderIo, type DecoderIo, type KvBinding, resolvePadSide } from '../runtime/decoder-io.js';
+import { type EmbeddingSource, TokenEmbedder } from '../runtime/embeddings.js';
 import { emptyTensor, ort, toFloat32, type SessionOptions } from '../runtime/ort.js';
 import { type Logits, nextPositions, padRows, promptPositions, typed, zeroStates } from '../runtime/session.js';
 import { splitFusedBoundaries } from '../../passes/split-fused-boundaries.js';
@@ -85,11 +87,12 @@ export class ModReference {
     private readonly suffix: LoadedUnit,
     private readonly io: DecoderIo,
     private readonly routing: RoutingPlan,
+    private readonly embedder: TokenEmbedder | null,
   ) {
     this.compacted = new Set(routing.layers.filter((l) => l.part !== 'mlp').map((l) => l.layer));
   }
 
-  static async create(modelPath: string, routing: RoutingPlan, workDir: string, opts: SessionOptions = {}): Promise<ModReference> {
+  static async create(modelPath: string, routing: RoutingPlan, workDir: string, opts: SessionOptions & { embeddings?: EmbeddingSource } = {}): Promise<ModReference> {
     const model = loadModel(modelPath);
     const io = decoderIo(model);
     const cut = [...new Set(routing.layers.filter((l) => l.part !== 'block').map((l) => l.layer))];
@@ -115,7 +118,8 @@ export class ModReference {
         layers.push({ kind: 'parts', index: layer.index, pieces, attentionRouted: plans.some((p) => p.part === 'attention') });
       }
     }
-    return new ModReference(loaded[0]!, layers, loaded.at(-1)!, io, routing);
+    const embedder = io.inputsEmbeds ? await TokenEmbedder.create(io, opts.embeddings ?? { kind: 'random', seed: 0 }, opts) : null;
+    return new ModReference(loaded[0]!, layers, loaded.at(-1)!, io, routing, embedder);
   }
 
   get batch(): number {
@@ -172,7 +176,7 @@ export class ModReference {
 
   private async call(ids: number[], S: number, positions: number[], pastLength: number): Promise<Logits> {
     const B = this.batch;
-    const values = this.feeds(ids, [B, S], this.mask, positions);
+    const values = await this.feeds(ids, [B, S], this.mask, positions);
     for (const [name, t] of this.fullCaches) values.set(name, t);
     await runUnit(this.prefix, values);
     const chosen = new Map<string, number[][]>();
@@ -198,18 +202,23 @@ export class ModReference {
     return { data: toFloat32(logits), dims: logits.dims as [number, number, number] };
   }
 
-  private feeds(ids: number[], dims: number[], mask: number[][], positions: number[]): Values {
+  private async feeds(ids: number[], dims: [number, number], mask: number[][], positions: number[]): Promise<Values> {
     const io = this.io;
-    const values: Values = new Map([[io.inputIds.name, typed(io.inputIds.dtype, ids, dims)]]);
+    const tokens = io.inputsEmbeds ? [io.inputsEmbeds.name, await this.embedder!.embed(ids, dims)] as const : [io.inputIds.name, typed(io.inputIds.dtype, ids, dims)] as const;
+    const values: Values = new Map([tokens]);
     if (io.attentionMask) values.set(io.attentionMask.name, typed(io.attentionMask.dtype, mask.flat(), [mask.length, mask[0]!.length]));
     if (io.positionIds) values.set(io.positionIds.name, typed(io.positionIds.dtype, positions, dims));
     return values;
   }
 
   private keepFull(layer: number, values: Values): void {
-    const b = this.io.kv.find((k) => k.layer === layer)!;
-    this.fullCaches.set(b.pastKey, values.get(b.presentKey)!);
-    if (b.pastValue) this.fullCaches.set(b.pastValue, values.get(b.presentValue!)!);
+    const b = this.io.kv.find((k) => k.layer === layer);
+    if (b) {
+      this.fullCaches.set(b.pastKey, values.get(b.presentKey)!);
+      if (b.pastValue) this.fullCaches.set(b.pastValue, values.get(b.presentValue!)!);
+    }
+    // State besides the KV cache (a recurrent layer has no KV binding): carried like a full cache.
+    for (const st of this.io.state) if (st.layer === layer) this.fullCaches.set(st.past, values.get(st.present)!);
   }
 
   /** SPEC.md steps 1-5 for one converted layer; returns each row's selected positions. */
@@ -258,7 +267,7 @@ export class ModReference {
     const ids = picks.map((s) => rowIds[s]!);
     const pos = picks.map((s) => positions[b * S + s]!);
     const mask = [Array(cache.length + picks.length).fill(1)];
-    const view = this.feeds(ids, [1, picks.length], mask, pos);
+    const view = await this.feeds(ids, [1, picks.length], mask, pos);
     // The prefix may read pasts for their length: every past is this layer's own view.
     for (const k of this.io.kv) {
       view.set(k.pastKey, cache.key);
@@ -324,6 +333,7 @@ export class ModReference {
   }
 
   async release(): Promise<void> {
+    await this.embedder?.release();
     await releaseUnits([this.prefix, ...this.layers.flatMap((l) => (l.kind === 'whole' ? [l.loaded] : l.pieces.map((p) => p.loaded))), this.suffix]);
   }
 }
@@ -357,9 +367,16 @@ function unitGroups(model: Model, s: DecoderStructure, routing: RoutingPlan): Un
 function partGroups(model: Model, layer: LayerInfo, plans: readonly LayerPlan[]): UnitGroup[] {
   const parts = subLayersOf(layer, new Set(model.graph.outputs));
   if ('reason' in parts) throw new ModcError(`reference: layer ${layer.index} has no sub-layer boundary: ${parts.reason}`);
+  const facts = new GraphFacts(model.graph);
   const routed = plans.map((plan) => {
     const sub = parts[plan.part as 'attention' | 'mlp'];
     if (sub.blocker) throw new ModcError(`reference: layer ${describeLayerPart(plan)} cannot be routed: ${sub.blocker}`);
+    // The values crossing the cut become unit inputs, which ONNX Runtime checks strictly: keep
+    // only their element type (a model's value_info may declare a shape it only merges leniently).
+    for (const v of [sub.input, sub.update]) {
+      const elem = v.dtype ?? facts.dtype(v);
+      if (elem !== undefined) v.type = { tensor_type: { elem_type: elem } };
+    }
     return { sub, plan };
   });
   const regionOf = new Map<Node, number>();

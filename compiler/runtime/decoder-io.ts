@@ -41,7 +41,10 @@ export interface StateBinding {
 }
 
 export interface DecoderIo {
+  /** The token ids input (for an inputs_embeds decoder: the ids its embedding model takes, int64). */
   inputIds: { name: string; dtype: 'int32' | 'int64' };
+  /** Set when the decoder is fed embeddings [B, S, H] instead of ids (see runtime/embeddings.ts). */
+  inputsEmbeds: { name: string; hiddenSize: number; dtype: 'float32' | 'float16' } | null;
   attentionMask: { name: string; dtype: 'int32' | 'int64' } | null;
   positionIds: { name: string; dtype: 'int32' | 'int64' } | null;
   logits: string;
@@ -73,7 +76,10 @@ export function decoderIo(model: Model): DecoderIo {
   const inputs = new Map(g.inputs.filter((v) => !g.initializers.has(v.name)).map((v) => [v.name, v]));
   const outputs = new Map(g.outputs.map((v) => [v.name, v]));
   const ids = inputs.get('input_ids');
-  if (!ids) throw new ModcError(`model has no 'input_ids' input (inputs: ${[...inputs.keys()].join(', ')})`);
+  const embeds = ids ? undefined : inputs.get('inputs_embeds');
+  if (!ids && !embeds) throw new ModcError(`model has no 'input_ids' or 'inputs_embeds' input (inputs: ${[...inputs.keys()].join(', ')})`);
+  const hidden = embeds?.shape?.[2];
+  if (embeds && typeof hidden !== 'number') throw new ModcError(`inputs_embeds needs a static hidden size (dims [${(embeds.shape ?? []).join(', ')}])`);
   const logits = outputs.get('logits') ?? g.outputs[0];
   if (!logits) throw new ModcError('model has no outputs');
   const mask = inputs.get('attention_mask');
@@ -119,7 +125,8 @@ export function decoderIo(model: Model): DecoderIo {
   }
   const vocab = logits.shape?.at(-1);
   return {
-    inputIds: { name: ids.name, dtype: intType(ids) },
+    inputIds: ids ? { name: ids.name, dtype: intType(ids) } : { name: 'input_ids', dtype: 'int64' },
+    inputsEmbeds: embeds ? { name: embeds.name, hiddenSize: hidden as number, dtype: embeds.dtype === DataType.FLOAT16 ? 'float16' : 'float32' } : null,
     attentionMask: mask ? { name: mask.name, dtype: intType(mask) } : null,
     positionIds: pos ? { name: pos.name, dtype: intType(pos) } : null,
     logits: logits.name,

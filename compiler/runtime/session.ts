@@ -14,6 +14,7 @@ import { ModcError } from '../errors.js';
 import { loadModel } from '../io/load.js';
 import { logitsPositions, type LogitsPositions } from '../logits-metadata.js';
 import { decoderIo, type DecoderIo, type KvBinding, type PadSide, resolvePadSide } from './decoder-io.js';
+import { type EmbeddingSource, embedsTensor, TokenEmbedder } from './embeddings.js';
 import { createSession, emptyTensor, ort, toFloat32, type SessionOptions } from './ort.js';
 
 export interface Logits {
@@ -31,6 +32,8 @@ export interface GenerateOptions {
   /** Feed these ids (one per step, the same for every row) instead of the argmax. */
   force?: number[];
   pad?: 'left' | 'right';
+  /** The prompt as embeddings [B, S, H] (inputs_embeds decoders); the prompt ids are then ignored. */
+  embeds?: { data: Float32Array; dims: [number, number, number] };
   /** Called after the prefill (0) and after each decode step (1..maxNewTokens). */
   onStep?: (done: number) => void;
 }
@@ -82,11 +85,17 @@ export class ModSession {
   private lengths = new Map<number, number[]>();
 
   /** @param logits 'last': the model gives each row's last real position only ([B, 1, V], `modc compile --logits last`). */
-  private constructor(readonly session: ort.InferenceSession, readonly io: DecoderIo, readonly path: string, readonly logits: LogitsPositions = 'all') {}
+  private constructor(readonly session: ort.InferenceSession, readonly io: DecoderIo, readonly path: string, readonly logits: LogitsPositions, private readonly embedder: TokenEmbedder | null) {}
 
-  static async create(path: string, opts: SessionOptions = {}): Promise<ModSession> {
+  /**
+   * `embeddings` applies to decoders fed by inputs_embeds: where token ids get their embeddings
+   * (default: seeded random embeddings, seed 0, the same in every session and the reference).
+   */
+  static async create(path: string, opts: SessionOptions & { embeddings?: EmbeddingSource } = {}): Promise<ModSession> {
     const model = loadModel(path);
-    return new ModSession(await createSession(path, opts), decoderIo(model), path, logitsPositions(model));
+    const io = decoderIo(model);
+    const embedder = io.inputsEmbeds ? await TokenEmbedder.create(io, opts.embeddings ?? { kind: 'random', seed: 0 }, opts) : null;
+    return new ModSession(await createSession(path, opts), io, path, logitsPositions(model), embedder);
   }
 
   get batch(): number {
@@ -107,11 +116,30 @@ export class ModSession {
   async forward(rows: number[][], opts: ForwardOptions = {}): Promise<Logits> {
     const { ids, mask, width } = padRows(rows, this.padSide(opts.pad));
     this.checkVocab(ids);
+    this.begin(mask);
+    return this.run(ids, [rows.length, width], promptPositions(this.mask));
+  }
+
+  /**
+   * Runs a prompt given as embeddings [B, S, H] (row-major; every position real) on a decoder fed
+   * by inputs_embeds; later steps embed their ids through the session's embedding source.
+   */
+  async forwardEmbeds(data: Float32Array, dims: [number, number, number]): Promise<Logits> {
+    const e = this.io.inputsEmbeds;
+    if (!e) throw new ModcError(`${this.path} takes input_ids, not embeddings`);
+    const [B, S, H] = dims;
+    if (H !== e.hiddenSize || data.length !== B * S * H) throw new ModcError(`embeddings [${dims.join(', ')}] do not fit the model's hidden size ${e.hiddenSize}`);
+    this.begin(Array.from({ length: B }, () => Array(S).fill(1)));
+    return this.run(Array(B * S).fill(0), [B, S], promptPositions(this.mask), embedsTensor(data, dims, e.dtype));
+  }
+
+  /** Starts a sequence: the mask, empty caches, zero state. */
+  private begin(mask: number[][]): void {
     this.checkContext(mask, 0);
     this.mask = mask;
     this.caches.clear();
     this.lengths.clear();
-    const B = rows.length;
+    const B = mask.length;
     for (const b of this.io.kv) {
       const dims = b.layout === 'combined-2BHTD' ? [2, B, b.numHeads, 0, b.headSize] : [B, b.numHeads, 0, b.headSize];
       this.caches.set(b.pastKey, emptyTensor(b.dtype, dims));
@@ -119,7 +147,6 @@ export class ModSession {
       if (b.pastLength) this.lengths.set(b.layer, Array(B).fill(0));
     }
     this.states = zeroStates(this.io, B);
-    return this.run(ids, [B, width], promptPositions(this.mask));
   }
 
   /** Feeds one token per row on top of the caches. */
@@ -154,9 +181,9 @@ export class ModSession {
     if (opts.force && opts.force.length !== opts.maxNewTokens) {
       throw new ModcError(`--force has ${opts.force.length} ids but --max-new is ${opts.maxNewTokens}: give one id per new token`);
     }
-    const ids = prompt.map((r) => [...r]);
+    const ids = opts.embeds ? Array.from({ length: opts.embeds.dims[0] }, () => [] as number[]) : prompt.map((r) => [...r]);
     const steps: Float32Array[][] = [];
-    let logits = await this.forward(prompt, { pad: opts.pad });
+    let logits = opts.embeds ? await this.forwardEmbeds(opts.embeds.data, opts.embeds.dims) : await this.forward(prompt, { pad: opts.pad });
     steps.push(this.lastReal(logits));
     opts.onStep?.(0);
     for (let t = 0; t < opts.maxNewTokens; t++) {
@@ -209,9 +236,11 @@ export class ModSession {
     if (bad !== undefined) throw new ModcError(`token id ${bad} is outside the vocabulary${V !== null ? ` (0-${V - 1})` : ''}`);
   }
 
-  private async run(ids: number[], dims: [number, number], positions: number[]): Promise<Logits> {
+  private async run(ids: number[], dims: [number, number], positions: number[], embeds?: ort.Tensor): Promise<Logits> {
     const io = this.io;
-    const feeds: Record<string, ort.Tensor> = { [io.inputIds.name]: typed(io.inputIds.dtype, ids, dims) };
+    const feeds: Record<string, ort.Tensor> = io.inputsEmbeds
+      ? { [io.inputsEmbeds.name]: embeds ?? await this.embedder!.embed(ids, dims) }
+      : { [io.inputIds.name]: typed(io.inputIds.dtype, ids, dims) };
     const total = this.mask[0]!.length;
     if (io.attentionMask) feeds[io.attentionMask.name] = typed(io.attentionMask.dtype, this.mask.flat(), [this.batch, total]);
     if (io.positionIds) feeds[io.positionIds.name] = typed(io.positionIds.dtype, positions, dims);

@@ -11,7 +11,7 @@ import type {
 } from '../../compiler/proto/index.js';
 import { AttributeType, create, decodeModelProto, encodeModelProto } from '../../compiler/proto/index.js';
 import type { Model } from '../../compiler/ir/model.js';
-import type { Value } from '../../compiler/ir/graph.js';
+import { Value } from '../../compiler/ir/graph.js';
 
 /** mulberry32: small, fast, good enough for choosing mutations. */
 export class Rng {
@@ -524,6 +524,87 @@ const functions: Mutator = ({ rng, model, log }) => {
   return true;
 };
 
+/** Value types: element types, shapes, dims, or a non-tensor type where a tensor is expected. */
+const types: Mutator = ({ rng, model, log }) => {
+  const g = model.graph;
+  if (!g) return false;
+  const v = rng.pick([...g.input, ...g.output, ...g.value_info]);
+  if (!v) return false;
+  const where = `type of ${JSON.stringify(v.name ?? '')}`;
+  const what = rng.int(7);
+  const tt = v.type?.tensor_type;
+  switch (what) {
+    case 0:
+      if (!tt) return false;
+      tt.elem_type = rng.pick([0, 1, 6, 7, 8, 9, 10, 16, 99])!;
+      log.push(`${where}: elem_type ${tt.elem_type}`);
+      break;
+    case 1:
+      if (!tt) return false;
+      delete (tt as { shape?: unknown }).shape;
+      log.push(`${where}: no shape`);
+      break;
+    case 2:
+      if (!tt?.shape?.dim.length) return false;
+      tt.shape.dim[rng.int(tt.shape.dim.length)] = rng.chance(0.5) ? { dim_value: rng.pick([0, -1, 2 ** 31 - 1, 1, 3])! } : { dim_param: nastyName(rng, 'd') };
+      log.push(`${where}: a dim changed`);
+      break;
+    case 3:
+      if (!tt?.shape) return false;
+      tt.shape.dim = rng.chance(0.5) ? [] : [...tt.shape.dim, { dim_value: 1 }];
+      log.push(`${where}: rank changed`);
+      break;
+    case 4:
+      v.type = { sequence_type: { elem_type: v.type ?? {} } };
+      log.push(`${where}: sequence`);
+      break;
+    case 5:
+      delete (v as { type?: unknown }).type;
+      log.push(`${where}: removed`);
+      break;
+    default:
+      v.type = { optional_type: { elem_type: v.type ?? {} } };
+      log.push(`${where}: optional`);
+  }
+  return true;
+};
+
+/** Attributes and constants the analysis reads: head counts, axes, perms, shape constants. */
+const semantics: Mutator = ({ rng, model, log }) => {
+  const nodes = allNodes(model);
+  if (rng.chance(0.5)) {
+    const n = rng.pick(nodes.filter((x) => x.attribute.some((a) => /heads|axis|axes|perm|scale|interleaved|to|split|keepdims|epsilon|rotary|window|softcap|do_rotary|past_present|unidirectional/.test(a.name ?? ''))));
+    if (!n) return false;
+    const a = rng.pick(n.attribute)!;
+    if (a.ints.length) {
+      a.ints = rng.chance(0.5) ? [...a.ints].reverse().map((x, i) => (i === 0 ? rng.pick([-9, 0, 7, 99])! : x)) : a.ints.slice(1);
+    } else {
+      a.i = rng.pick([0, -1, -9, 1, 3, 99, 2 ** 31 - 1])!;
+      a.f = rng.pick([0, -1, NaN, 1e-30])!;
+    }
+    log.push(`${n.op_type}.${a.name} changed`);
+    return true;
+  }
+  // A small int64 constant (a shape, axes, split sizes): one element changed.
+  const small = allInitializers(model).filter((t) => t.data_type === 7 && t.dims.reduce((x: number, d) => x * Number(d), 1) <= 8 && t.dims.reduce((x: number, d) => x * Number(d), 1) > 0);
+  const t = rng.pick(small);
+  if (!t) return false;
+  if (t.raw_data?.length) {
+    const view = new DataView(t.raw_data.buffer, t.raw_data.byteOffset, t.raw_data.byteLength);
+    const copy = new Uint8Array(t.raw_data);
+    const i = rng.int(t.raw_data.length / 8);
+    new DataView(copy.buffer).setBigInt64(i * 8, BigInt(rng.pick([0, -1, -2, 1, 7, 2 ** 31 - 1, -(2 ** 40)])!), true);
+    void view;
+    t.raw_data = copy;
+  } else if (t.int64_data.length) {
+    t.int64_data[rng.int(t.int64_data.length)] = rng.pick([0, -1, -2, 1, 7, 2 ** 31 - 1])!;
+  } else {
+    return false;
+  }
+  log.push(`int64 constant ${JSON.stringify(t.name ?? '')} changed`);
+  return true;
+};
+
 /** An unknown field appended to the model message (field 999, varint). Must be carried. */
 const unknownField: Mutator = ({ model, log }) => {
   const m = model as unknown as { $unknowns?: Uint8Array[] };
@@ -535,6 +616,7 @@ const unknownField: Mutator = ({ model, log }) => {
 const MUTATORS: [string, Mutator, number][] = [
   ['attributes', attributes, 3], ['tensors', tensors, 3], ['names', names, 3], ['opsets', opsets, 2], ['metadata', metadata, 1],
   ['external', external, 2], ['structure', structure, 3], ['functions', functions, 1], ['unknown', unknownField, 1],
+  ['types', types, 2], ['semantics', semantics, 3],
 ];
 const TOTAL_WEIGHT = MUTATORS.reduce((a, m) => a + m[2], 0);
 
@@ -543,7 +625,8 @@ export function mutate(bytes: Uint8Array, sidecars: Map<string, Uint8Array>, rng
   const files = new Map(sidecars);
   const log: string[] = [];
   if (rng.chance(1 / 12)) {
-    const out = bytes.slice(0, rng.chance(0.3) ? rng.int(bytes.length) : bytes.length);
+    // A copy (Buffer.slice would be a view of the cached seed).
+    const out = Uint8Array.prototype.slice.call(bytes, 0, rng.chance(0.3) ? rng.int(bytes.length) : bytes.length);
     const flips = 1 + rng.int(8);
     for (let i = 0; i < flips && out.length; i++) out[rng.int(out.length)] = rng.int(256);
     log.push(`bytes: ${out.length}/${bytes.length} kept, ${flips} flipped`);
@@ -580,10 +663,13 @@ export function irEdit(model: Model, rng: Rng): string | null {
     return `IR: two values named ${JSON.stringify(b.name)}`;
   }
   if (what === 2) {
+    // Structural damage: an input rewired to a value nothing defines, or to a later node's output.
     const n = rng.pick(g.nodes.filter((x) => x.inputs.length));
     if (!n) return null;
-    n.setInput(rng.int(n.inputs.length), rng.pick([...g.initializers.values()]) ?? null);
-    return `IR: ${n.opType} input rewired`;
+    const later = g.nodes.slice(g.nodes.indexOf(n) + 1).flatMap((x) => [...x.outputs]);
+    const to = rng.chance(0.5) ? new Value('dangling') : rng.pick(later) ?? new Value('dangling');
+    n.setInput(rng.int(n.inputs.length), to);
+    return `IR: ${n.opType} input rewired to ${to.producer ? 'a later value' : 'an undefined value'}`;
   }
   const n = rng.pick(g.nodes);
   if (!n) return null;

@@ -1,0 +1,183 @@
+/**
+ * Quality vs compute: on a trained model (fixtures/quality-lm), the NLL on held-out data and the
+ * measured compute fraction of
+ *   - the dense model (reference);
+ *   - calibrated routers (`modc calibrate`), threshold-p, at each granularity and `auto`, and the
+ *     same `auto` routers in top-k form and gated;
+ *   - random routers: on the parts and capacities `auto` chose (top-k, so the capacities are
+ *     exact), and uniformly on every layer's block / attention / MLP at the capacity that
+ *     reaches the target compute;
+ * at several target compute fractions. Every model is compiled by the MoD pipeline and measured
+ * by `modc eval`'s evaluate() (SPEC.md's compute fraction: MACs that ran over dense MACs).
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { analyzeDecoder } from '../compiler/analysis/analyze.js';
+import { modelCosts } from '../compiler/analysis/cost.js';
+import { Calibrator } from '../compiler/calibration/calibrate.js';
+import { denseMacs, savedMacs } from '../compiler/calibration/compute.js';
+import type { Granularity, RoutedPart } from '../compiler/calibration/parts.js';
+import { routerFileMetadata, writeCalibratedRouters } from '../compiler/calibration/router-file.js';
+import { TARGET_KINDS, type TargetKind } from '../compiler/calibration/targets.js';
+import { readDataset } from '../compiler/data/index.js';
+import { evaluate } from '../compiler/eval/index.js';
+import { loadModel } from '../compiler/io/load.js';
+import { saveModel } from '../compiler/io/save.js';
+import { runPipeline } from '../compiler/pass-manager.js';
+import { mulberry32 } from '../compiler/routers.js';
+import { planRouting, type RoutingPlan } from '../compiler/routing-plan.js';
+import { modPipeline } from '../passes/index.js';
+import { UsageError } from '../compiler/errors.js';
+import { flagHelp, log, parseFlags, table } from './common.js';
+
+const FLAGS = {
+  model: { kind: 'string', default: 'fixtures/quality-lm/model.onnx', help: 'the trained model' },
+  calib: { kind: 'string', default: 'fixtures/quality-lm/calib.jsonl', help: 'calibration data (JSON lines of ids)' },
+  eval: { kind: 'string', default: 'fixtures/quality-lm/eval.jsonl', help: 'held-out data the NLL is measured on' },
+  targets: { kind: 'string', default: '0.95,0.85,0.75', help: 'target compute fractions, comma-separated' },
+  seed: { kind: 'int', default: 0, help: 'seed for calibration and random routers' },
+  target: { kind: 'string', default: 'norm', help: 'importance target the routers are fitted to: norm, relative, log-norm' },
+  'sensitivity-tokens': { kind: 'int', default: 8192, help: 'tokens for the per-part sensitivity runs' },
+  json: { kind: 'bool', default: false, help: 'print the rows as JSON instead of a table' },
+  quick: { kind: 'bool', default: false, help: 'one target (0.85), fewer tokens: a smoke run' },
+} as const;
+
+export const QUALITY_USAGE = `usage: node dist/bench/run.js quality [flags]
+
+Compute fraction vs held-out NLL for dense, calibrated and random routers (README "Quality").
+
+${flagHelp(FLAGS)}`;
+
+export interface QualityRow {
+  target: number;
+  method: string;
+  granularity: Granularity | 'dense';
+  routing: 'threshold' | 'topk' | '-';
+  gated: boolean;
+  parts: string;
+  computeFraction: number;
+  nll: number;
+  deltaNll: number;
+}
+
+export async function qualityBench(argv: readonly string[]): Promise<void> {
+  const f = parseFlags(argv, FLAGS);
+  const targets = (f.quick ? '0.85' : f.targets).split(',').map(Number);
+  if (!TARGET_KINDS.includes(f.target as TargetKind)) throw new UsageError(`--target must be one of ${TARGET_KINDS.join(', ')}`);
+  const dir = mkdtempSync(join(tmpdir(), 'modc-bench-quality-'));
+  const t0 = performance.now();
+  try {
+    const calibSeqs = readDataset(f.calib, { model: f.model });
+    const evalSeqs = readDataset(f.eval, { model: f.model });
+    const evalTokens = evalSeqs.reduce((a, s) => a + s.length, 0);
+    const structure = analyzeDecoder(loadModel(f.model));
+    const numLayers = structure.layers.length;
+    const hiddenSize = structure.hiddenSize;
+    const costs = modelCosts(structure);
+    const evalLengths = evalSeqs.map((s) => s.length);
+
+    log(`dense eval of ${f.model} on ${f.eval} (${evalSeqs.length} sequences, ${evalTokens} tokens)`);
+    const dense = await evaluate(f.model, evalSeqs);
+    const rows: QualityRow[] = [];
+    const add = (target: number, method: string, granularity: QualityRow['granularity'], routing: QualityRow['routing'], gated: boolean, parts: string, r: { computeFraction: number; nll: number }) => {
+      rows.push({ target, method, granularity, routing, gated, parts, computeFraction: r.computeFraction, nll: r.nll, deltaNll: r.nll - dense.nll });
+      log(`  ${target} ${method} ${granularity} ${routing}${gated ? ' gated' : ''}: compute ${r.computeFraction.toFixed(3)}, NLL ${r.nll.toFixed(4)}`);
+    };
+    add(1, 'dense', 'dense', '-', false, '-', dense);
+
+    log(`preparing calibration on ${f.calib} (capture, fit, sensitivity of every part)`);
+    const calib = await Calibrator.prepare(f.model, calibSeqs, {
+      targetCompute: 1, granularity: 'auto', seed: f.seed, target: f.target as TargetKind, sensitivityTokens: f.quick ? 2048 : f['sensitivity-tokens'], workDir: join(dir, 'work'),
+    });
+    let n = 0;
+    const compileEval = async (plan: RoutingPlan) => {
+      const model = loadModel(f.model);
+      runPipeline(model, modPipeline({ plan }), { verify: false });
+      const out = join(dir, `m${n++}.onnx`);
+      saveModel(model, out);
+      const r = await evaluate(out, evalSeqs);
+      rmSync(out, { force: true });
+      return r;
+    };
+    const fromFile = (file: string, over: { mode?: 'threshold' | 'topk'; gated?: boolean } = {}) =>
+      planRouting({ numLayers, hiddenSize, routers: { kind: 'file', path: file }, ...over });
+
+    for (const target of targets) {
+      let autoChoice: { layer: number; part: RoutedPart; capacity: number }[] = [];
+      for (const granularity of ['auto', 'block', 'attention', 'mlp'] as const) {
+        let result;
+        try {
+          result = await calib.finish({ targetCompute: target, granularity });
+        } catch (e) {
+          log(`  ${target} calibrated ${granularity}: ${(e as Error).message}`);
+          continue;
+        }
+        const file = join(dir, `r-${target}-${granularity}.safetensors`);
+        writeCalibratedRouters(file, result, routerFileMetadata(result, { path: f.calib, tokens: result.report.tokens, sequences: result.report.sequences }));
+        const parts = result.routers.map((r) => `${r.layer}${r.part === 'block' ? '' : r.part === 'attention' ? 'a' : 'm'}@${r.capacity.toFixed(2)}`).join(' ');
+        add(target, 'calibrated', granularity, 'threshold', false, parts, await compileEval(fromFile(file)));
+        if (granularity === 'auto') {
+          autoChoice = result.routers.map((r) => ({ layer: r.layer, part: r.part, capacity: r.capacity }));
+          add(target, 'calibrated', granularity, 'topk', false, parts, await compileEval(fromFile(file, { mode: 'topk' })));
+          add(target, 'calibrated', granularity, 'threshold', true, parts, await compileEval(fromFile(file, { gated: true })));
+          add(target, 'random (same parts)', granularity, 'topk', false, parts, await compileEval(randomPlan(autoChoice, hiddenSize, f.seed)));
+        }
+      }
+      for (const part of ['block', 'attention', 'mlp'] as const) {
+        const c = uniformCapacity(costs, evalLengths, numLayers, part, target);
+        if (c === null) {
+          log(`  ${target} random ${part}: the target is out of reach routing every layer's ${part}`);
+          continue;
+        }
+        const plan = randomPlan(Array.from({ length: numLayers }, (_, layer) => ({ layer, part, capacity: c })), hiddenSize, f.seed);
+        add(target, 'random (every layer)', part, 'topk', false, `all@${c.toFixed(2)}`, await compileEval(plan));
+      }
+    }
+    calib.release();
+
+    if (f.json) {
+      console.log(JSON.stringify({ model: f.model, target: f.target, calib: f.calib, eval: f.eval, evalTokens, denseNll: dense.nll, seconds: (performance.now() - t0) / 1000, rows }, null, 2));
+      return;
+    }
+    console.log(`model ${f.model}; calibration ${f.calib} (${calibSeqs.length} sequences, importance target ${f.target}); NLL on ${f.eval} (${dense.tokens} predicted tokens), nats/token`);
+    console.log(`dense NLL ${dense.nll.toFixed(4)}. compute: measured by modc eval (MACs run / dense MACs). parts: layer, a = attention, m = mlp, none = block, @capacity`);
+    console.log('');
+    console.log(table(['target', 'method', 'granularity', 'routing', 'compute', 'NLL', 'NLL increase', 'parts'], rows.map((r) => [
+      r.target === 1 ? '-' : r.target.toFixed(2), r.method, r.granularity, `${r.routing}${r.gated ? ', gated' : ''}`, r.computeFraction.toFixed(3), r.nll.toFixed(4), r.deltaNll.toFixed(4), r.parts,
+    ])));
+    console.log(`\n(${((performance.now() - t0) / 1000).toFixed(0)} s)`);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/** Random routers (w ~ U(-1, 1)/sqrt(H)) on the given parts, top-k at the given capacities, ungated. */
+function randomPlan(parts: readonly { layer: number; part: RoutedPart; capacity: number }[], hiddenSize: number, seed: number): RoutingPlan {
+  const next = mulberry32(seed + 1);
+  const scale = 1 / Math.sqrt(hiddenSize);
+  return {
+    mode: 'topk',
+    gated: false,
+    layers: parts.map((p) => {
+      const weight = Float32Array.from({ length: hiddenSize }, () => (next() * 2 - 1) * scale);
+      return { layer: p.layer, part: p.part, router: { layer: p.layer, part: p.part, weight, bias: 0 }, threshold: 0.5, capacity: p.capacity };
+    }),
+    unconverted: [],
+  };
+}
+
+/** The capacity at which routing `part` on every layer reaches `target` compute (cost model), or null. */
+function uniformCapacity(costs: ReturnType<typeof modelCosts>, lengths: readonly number[], numLayers: number, part: RoutedPart, target: number): number | null {
+  const dense = denseMacs(costs, lengths);
+  const compute = (c: number) => 1 - Array.from({ length: numLayers }, (_, l) => savedMacs(costs, l, part, c, lengths)).reduce((a, b) => a + b, 0) / dense;
+  if (compute(0.02) > target) return null;
+  let lo = 0.02;
+  let hi = 1;
+  for (let i = 0; i < 40; i++) {
+    const mid = (lo + hi) / 2;
+    if (compute(mid) > target) hi = mid;
+    else lo = mid;
+  }
+  return lo;
+}

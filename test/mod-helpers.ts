@@ -1,0 +1,93 @@
+/** What the MoD test files share: compiling a fixture with a routing plan, tolerances, comparisons. */
+import { join } from 'node:path';
+import { expect } from 'vitest';
+import { analyzeDecoder } from '../compiler/analysis/analyze.js';
+import { loadModel } from '../compiler/io/load.js';
+import { saveModel } from '../compiler/io/save.js';
+import { runPipeline } from '../compiler/pass-manager.js';
+import { planRouting, type PlanRequest, type RoutedPart, type RoutingMode, type RoutingPlan } from '../compiler/routing-plan.js';
+import { argmax, lastPosition, type Logits, type ModSession } from '../compiler/runtime/session.js';
+import { routingPlanOf, worstReal as realDiff } from '../compiler/verify.js';
+import { modPipeline } from '../passes/index.js';
+
+export interface Compiled {
+  path: string;
+  plan: RoutingPlan;
+}
+
+export interface CompileOptions {
+  mode?: RoutingMode;
+  gated?: boolean;
+  threshold?: number;
+  capacity?: number;
+  granularity?: RoutedPart;
+  /** Router source (default: the init named by `routers`). */
+  routerFile?: string;
+}
+
+let counter = 0;
+
+/** Compiles `source` with all-pass or seeded random routers (or a router file) into a fresh folder under `dir`. */
+export function compileWith(dir: string, source: string, routers: 'all-pass' | 'random' | 'file', opts: CompileOptions): Compiled {
+  const model = loadModel(source);
+  const s = analyzeDecoder(model);
+  const source_: PlanRequest['routers'] = routers === 'all-pass' ? { kind: 'all-pass' } : routers === 'random' ? { kind: 'random', seed: 11 } : { kind: 'file', path: opts.routerFile! };
+  const plan = planRouting({
+    numLayers: s.layers.length, hiddenSize: s.hiddenSize, routers: source_,
+    mode: opts.mode, gated: opts.gated, threshold: opts.threshold, capacity: opts.capacity, granularity: opts.granularity,
+  });
+  runPipeline(model, modPipeline({ plan }));
+  const path = join(dir, `c${counter++}`, 'model.onnx');
+  saveModel(model, path);
+  // The plan the compiled model carries: parts the compiler could not route stay dense.
+  return { path, plan: routingPlanOf(loadModel(path)) };
+}
+
+/** fp16 models get SPEC.md's fp16 tolerance. */
+export function tolerance(path: string, fp32: number): number {
+  return analyzeDecoder(loadModel(path)).dtype === 'float16' ? 1e-2 : fp32;
+}
+
+export function worstReal(a: Logits, b: Logits, rows: number[][], pad: 'left' | 'right'): number {
+  expect(b.dims).toEqual(a.dims);
+  const d = realDiff(a, b, rows, pad);
+  expect(Number.isNaN(d), 'logits are NaN').toBe(false);
+  return d;
+}
+
+export function worstRows(a: Float32Array[], b: Float32Array[]): number {
+  let worst = 0;
+  a.forEach((row, r) => row.forEach((v, i) => (worst = Math.max(worst, Math.abs(v - b[r]![i]!)))));
+  expect(a.some((row) => row.some(Number.isNaN)) || b.some((row) => row.some(Number.isNaN)), 'logits are NaN').toBe(false);
+  return worst;
+}
+
+/** GroupQueryAttention takes right padding only (per-row lengths); the others take both sides. */
+export function padSides(path: string): ('left' | 'right')[] {
+  const s = analyzeDecoder(loadModel(path));
+  return s.layers.some((l) => l.attention.form === 'GroupQueryAttention') ? ['right'] : ['left', 'right'];
+}
+
+export const PROMPTS = { b1: [[5, 6, 7, 8, 9, 10, 11]], b3: [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19]] };
+
+/** Anything driven like a decoder session (ModSession, ModReference). */
+type Driven = Pick<ModSession, 'forward' | 'step' | 'layerCacheLengths'>;
+
+/**
+ * The equivalence anchor on one prompt: prefill within `tol` at real positions, then `steps`
+ * greedy steps (the original's argmax fed to both) within `tol` with the same greedy tokens, and
+ * the same per-layer cache lengths at the end.
+ */
+export async function expectSameRun(orig: Driven, mod: Driven, rows: number[][], pad: 'left' | 'right', steps: number, tol: number, what: string): Promise<void> {
+  expect(worstReal(await orig.forward(rows, { pad }), await mod.forward(rows, { pad }), rows, pad), `prefill, ${what}`).toBeLessThan(tol);
+  let stepsOrig = lastPosition(await orig.step(rows.map(() => 1)));
+  let stepsMod = lastPosition(await mod.step(rows.map(() => 1)));
+  for (let t = 0; t < steps; t++) {
+    expect(worstRows(stepsOrig, stepsMod), `step ${t}, ${what}`).toBeLessThan(tol);
+    const next = stepsOrig.map(argmax);
+    expect(stepsMod.map(argmax), `greedy token at step ${t}, ${what}`).toEqual(next);
+    stepsOrig = lastPosition(await orig.step(next));
+    stepsMod = lastPosition(await mod.step(next));
+  }
+  expect(mod.layerCacheLengths(), `cache lengths, ${what}`).toEqual(orig.layerCacheLengths());
+}

@@ -1,0 +1,56 @@
+/**
+ * Decoder forms of real exports (issue 9), end to end: a routed compile of each form fixture
+ * passes `modc verify` (MoD semantics against the reference executor, and the all-pass anchor),
+ * with no flags besides the routing. The quick checks of each form are in test/forms.test.ts.
+ */
+import { copyFileSync, mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { FIXTURES_DIR } from '../../fixtures/build-fixtures.js';
+import { expectOneLineError, runCli, tempDir } from '../helpers.js';
+
+const tmp = tempDir('modc-forms-verify');
+
+/** Compiles with `args`, then `modc verify` must pass (semantics against the reference, and the all-pass anchor). */
+async function compileAndVerify(source: string, name: string, ...args: string[]): Promise<string> {
+  const out = join(tmp, name, 'model.onnx');
+  const compiled = await runCli('compile', source, '-o', out, '-q', ...args);
+  expect(compiled.stderr).toBe('');
+  expect(compiled.code).toBe(0);
+  const verified = await runCli('verify', source, out, '--json');
+  const report = JSON.parse(verified.stdout) as { passed: boolean; checks: { name: string; passed: boolean; maxDiff: number[] }[] };
+  expect(report.checks.map((c) => [c.name, c.passed]), verified.stdout).toEqual([['semantics', true], ['anchor', true]]);
+  expect(verified.code).toBe(0);
+  return out;
+}
+
+const fixture = (dir: string, file = 'model.onnx') => join(FIXTURES_DIR, dir, file);
+
+describe('a routed compile of every form passes modc verify', () => {
+  it.each([
+    ['unsorted graph', fixture('forms-unsorted-tiny', 'unsorted.onnx'), ['--schedule', 'every-other']],
+    ['int32 inputs', fixture('forms-int32-tiny'), ['--routing', 'topk']],
+    ['GroupQueryAttention (right padding by default)', fixture('forms-gqa-tiny'), []],
+    ['hybrid: recurrent layer with state', fixture('forms-hybrid-tiny'), ['--routing', 'topk']],
+    ['MatMulNBits int4', fixture('forms-nbits-tiny'), ['--schedule', 'every-other']],
+    ['QDQ int8', fixture('forms-qdq-tiny'), ['--schedule', 'every-other']],
+    ['MatMulInteger', fixture('forms-integer-tiny'), ['--routing', 'topk']],
+    ['inputs_embeds', fixture('forms-embeds-tiny'), []],
+  ] as const)('%s', async (_, path, args) => {
+    await compileAndVerify(path, path.split('/').at(-2)!, '--router-init', 'random', ...args);
+  });
+
+  it('inputs_embeds with no flags: verify and bench use seeded random embeddings; files genai_config.json names but that are absent are not an error', async () => {
+    const dir = join(tmp, 'no-embedding-model');
+    const bare = join(dir, 'model.onnx');
+    mkdirSync(dir, { recursive: true });
+    copyFileSync(fixture('forms-embeds-tiny'), bare);
+    copyFileSync(fixture('forms-embeds-tiny', 'genai_config.json'), join(dir, 'genai_config.json'));
+    const compiled = await compileAndVerify(bare, 'embeds-bare', '--router-init', 'random', '--routing', 'topk');
+    const bench = await runCli('bench', bare, compiled, '--prompt', '6', '--steps', '2', '--runs', '1', '--warmup', '0', '--json');
+    expect(bench.code).toBe(0);
+    expect(JSON.parse(bench.stdout).models).toHaveLength(2);
+    expectOneLineError(await runCli('run', bare, '--ids', '1,2'), 2, /takes inputs_embeds: give --embeds FILE/);
+    expect((await runCli('run', bare, '--ids', '1,2', '--embeds', 'random')).code).toBe(0);
+  });
+});
