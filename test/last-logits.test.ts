@@ -1,6 +1,8 @@
 /**
  * last-logits (`modc compile --logits last`): the lm_head runs for each row's last real token
- * only. On every model in fixtures/ (ours and the vendored third-party ones), alone and in the MoD pipeline:
+ * only. On every model in fixtures/ (ours and the vendored third-party ones; the quick project
+ * takes QUICK_MODELS, the slow one the rest, as for test/mod.test.ts), alone and in the MoD
+ * pipeline:
  * - the prefill gives [B, 1, V], equal to the full-logits model's logits at each row's last
  *   real position (left and right padding, batch 3 with rows of different lengths);
  * - decode steps are unchanged;
@@ -103,7 +105,8 @@ describe.each(contractModels())('$name', ({ path }) => {
   });
 });
 
-describe('last-logits in the tools', () => {
+// Once per full run: in the quick project (the slow one runs this file for its other models).
+describe.runIf(process.env.MODC_TEST_MODELS !== 'rest')('last-logits in the tools', () => {
   const llama = allModels().find((m) => m.name === 'fixtures/llama-tiny')!.path;
 
   it('running the pass twice changes nothing the second time', () => {

@@ -81,8 +81,8 @@ export const compileCommand: Command = {
   summary: 'turn a decoder into a Mixture-of-Depths model (or run named passes)',
   usage: 'modc compile MODEL.onnx -o OUT.onnx (--routers FILE | --router-init all-pass|random) [options]\n       modc compile MODEL.onnx -o OUT.onnx --passes LIST',
   details: [
-    'With routers, runs the MoD pipeline: split-fused-boundaries, insert-routers, route-layers,',
-    '[last-logits with --logits last,] cleanup [, inline-modc-ops with --inline-ops]. Without',
+    'With routers, runs the MoD pipeline: record-costs, split-fused-boundaries, insert-routers,',
+    'route-layers, [last-logits with --logits last,] cleanup [, inline-modc-ops with --inline-ops]. Without',
     '--layers or --schedule, a router file converts exactly the layers it has routers for;',
     '--router-init converts every layer.',
     '',

@@ -162,6 +162,23 @@ export class ModSession {
     return this.run(next, [this.batch, 1], positions);
   }
 
+  /**
+   * Feeds the same number of tokens per row on top of the caches: a prompt in chunks (forward()
+   * the first, extend() the rest), which keeps a long prompt's attention scores chunk-sized.
+   */
+  async extend(rows: number[][]): Promise<Logits> {
+    if (this.mask.length === 0) throw new ModcError('extend() before forward(): run the first chunk with forward()');
+    if (rows.length !== this.batch) throw new ModcError(`extend() got ${rows.length} rows for a batch of ${this.batch}`);
+    const n = rows[0]!.length;
+    if (n === 0 || rows.some((r) => r.length !== n)) throw new ModcError('extend() needs the same number of tokens, at least one, in every row');
+    const ids = rows.flat();
+    this.checkVocab(ids);
+    this.checkContext(this.mask, n);
+    const positions = nextPositions(this.mask).flatMap((p) => Array.from({ length: n }, (_, i) => p + i));
+    this.mask = this.mask.map((m) => [...m, ...Array<number>(n).fill(1)]);
+    return this.run(ids, [this.batch, n], positions);
+  }
+
   async generate(prompt: number[][], opts: GenerateOptions): Promise<GenerateResult> {
     if (opts.force && opts.force.length !== opts.maxNewTokens) {
       throw new ModcError(`--force has ${opts.force.length} ids but --max-new is ${opts.maxNewTokens}: give one id per new token`);
