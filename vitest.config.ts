@@ -14,7 +14,7 @@ import { defineConfig } from 'vitest/config';
  */
 const SPLIT_BY_MODEL = ['test/mod.test.ts', 'test/last-logits.test.ts', 'test/oracle.test.ts', 'test/granularity.test.ts'];
 /** Whole files that are slow end-to-end runs of several commands on real sessions. */
-const SLOW_FILES = ['test/verify.test.ts'];
+const SLOW_FILES = ['test/verify.test.ts', 'test/codegen-e2e.test.ts'];
 
 export default defineConfig({
   test: {
