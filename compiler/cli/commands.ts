@@ -8,7 +8,8 @@ import { verifyCommand } from './verify.js';
 import { benchCommand } from './bench.js';
 import { evalCommand } from './eval.js';
 import { calibrateCommand } from './calibrate.js';
+import { codegenCommand } from './codegen.js';
 
 export type { Command } from './command.js';
 
-export const COMMANDS: Command[] = [inspectCommand, compileCommand, runCommand, generateCommand, verifyCommand, benchCommand, calibrateCommand, evalCommand];
+export const COMMANDS: Command[] = [inspectCommand, compileCommand, runCommand, generateCommand, verifyCommand, benchCommand, calibrateCommand, evalCommand, codegenCommand];

@@ -10,6 +10,7 @@ import { readRoutingMetadata } from '../routing-metadata.js';
 import { graphFingerprint, recordSource } from '../source-fingerprint.js';
 import { describeLayerPart, planRouting, type RoutedPart, type RouterSource, type RoutingMode, type RoutingPlan, type Schedule } from '../routing-plan.js';
 import { summarizeModel } from '../summary.js';
+import { describeGenai, readGenaiConfig, writeGenaiConfig } from '../genai/config.js';
 import { defaultRegistry, modPipeline } from '../../passes/index.js';
 import { listFlag, numberFlag, onePositional, stringFlag } from './args.js';
 import type { CliValues, Command } from './command.js';
@@ -81,8 +82,8 @@ export const compileCommand: Command = {
   summary: 'turn a decoder into a Mixture-of-Depths model (or run named passes)',
   usage: 'modc compile MODEL.onnx -o OUT.onnx (--routers FILE | --router-init all-pass|random) [options]\n       modc compile MODEL.onnx -o OUT.onnx --passes LIST',
   details: [
-    'With routers, runs the MoD pipeline: split-fused-boundaries, insert-routers, route-layers,',
-    '[last-logits with --logits last,] cleanup [, inline-modc-ops with --inline-ops]. Without',
+    'With routers, runs the MoD pipeline: record-costs, split-fused-boundaries, insert-routers,',
+    'route-layers, [last-logits with --logits last,] cleanup [, inline-modc-ops with --inline-ops]. Without',
     '--layers or --schedule, a router file converts exactly the layers it has routers for;',
     '--router-init converts every layer.',
     '',
@@ -100,6 +101,8 @@ export const compileCommand: Command = {
     'The output is written atomically (temp file, then rename) and never over the input. External',
     'weights stay referenced when the output is in the input\'s folder, and are hard-linked (or',
     'copied) next to the output otherwise, so the output folder is self-contained.',
+    'A genai_config.json beside the input is rewritten beside the output, and the summary says whether',
+    'onnxruntime-genai can still drive the model (README, "Serving a compiled model").',
   ].join('\n'),
   options: {
     output: { type: 'string', short: 'o', valueName: 'OUT.onnx', help: 'where to write the compiled model (required)' },
@@ -145,6 +148,7 @@ export const compileCommand: Command = {
     const model = loadModel(input);
     checkOutputPath(output, model); // before any work: never over the input or its data files
     const source = graphFingerprint(model); // recorded in the output, checked by `modc verify`
+    const genai = readGenaiConfig(input); // onnxruntime-genai's config beside the input, rewritten beside the output
     const plan = resolvePlan(model, values);
     if (!plan && passes === undefined) throw new UsageError('nothing to do: give --routers FILE or --router-init all-pass|random (or --passes LIST)');
     log(`loaded ${input} (${model.graph.nodes.length} nodes) in ${(performance.now() - t0).toFixed(0)} ms`);
@@ -162,8 +166,9 @@ export const compileCommand: Command = {
     });
     for (const r of records) log(`  ${r.pass}: ${r.ms.toFixed(1)} ms, nodes ${r.nodesBefore} -> ${r.nodesAfter}${r.notes.length ? `\n    ${r.notes.join('\n    ')}` : ''}`);
     progress.stage(`save ${output}`);
-    recordSource(model, source);
+    if (plan) recordSource(model, source); // a MoD compile; --passes (e.g. none, a round trip) leaves metadata alone
     const saved = saveModel(model, output, threshold !== undefined ? { externalizeThreshold: threshold } : {});
+    const genaiResult = genai ? writeGenaiConfig(genai, model, saved.path) : null;
     const opsAfter = modcOpCounts(model);
     const opsAdded = Object.fromEntries(Object.entries(opsAfter).map(([op, n]) => [op, n - (opsBefore[op] ?? 0)]).filter(([, n]) => (n as number) > 0));
     // The plan's dense layers, plus those route-layers could not route (recorded in the model).
@@ -179,10 +184,12 @@ export const compileCommand: Command = {
     }
     progress.stop();
     log(`wrote ${saved.path} (${formatBytes(saved.bytes)})${saved.externalFiles.map((f) => `, ${f.location} ${f.how}`).join('')}`);
+    if (genaiResult) log(describeGenai(genaiResult));
     for (const m of summary) io.err(m);
     if (values.json) {
       io.out(JSON.stringify({
         input, output: saved.path, bytes: saved.bytes, externalFiles: saved.externalFiles, passes: records,
+        ...(genaiResult ? { genaiConfig: genaiResult } : {}),
         ...(plan ? { routing: { mode: plan.mode, gated: plan.gated, converted: converted.map((l) => routedLayerJson(plan.mode, { layer: l.layer, part: l.part, threshold: l.threshold, capacity: l.capacity })), notConverted, opsAdded } } : {}),
       }, null, 2));
     }
