@@ -23,7 +23,7 @@ import { describeLayerPart, type RoutedPart, type RoutingMode } from '../compile
 import { decoderIo } from '../compiler/runtime/decoder-io.js';
 import { createSession, emptyTensor, ort } from '../compiler/runtime/ort.js';
 import { lastPosition, ModSession, typed } from '../compiler/runtime/session.js';
-import { allModels, expectOneLineError, fixture, runCli, tempDir } from './helpers.js';
+import { contractModels, expectOneLineError, fixture, runCli, tempDir } from './helpers.js';
 import { compileWith, expectSameRun, padSides, PROMPTS, tolerance, worstReal, worstRows } from './mod-helpers.js';
 
 const tmp = tempDir('modc-granularity');
@@ -52,7 +52,7 @@ function prefillSelection(ref: ModReference, rows: number[][]): { selected: numb
   return { selected: parts.flat(2).length, real: parts.length * rows.flat().length };
 }
 
-describe.each(allModels())('$name', ({ path }) => {
+describe.each(contractModels())('$name', ({ path }) => {
   describe.each(['attention', 'mlp'] as const)('%s granularity', (part) => {
     it('all tokens selected and ungated reproduces the original: prefill and decode, batch 1 and batch 3 with padding', async () => {
       const tol = tolerance(path, 1e-4);
