@@ -10,6 +10,7 @@ import { DECODE_USAGE, decodeBench } from './decode.js';
 import { PREFILL_USAGE, prefillBench } from './prefill.js';
 import { PROFILE_USAGE, profileBench } from './profile.js';
 import { QUALITY_USAGE, qualityBench } from './quality.js';
+import { PLOT_USAGE, plotBench } from './plot.js';
 
 const BENCHES: Record<string, { usage: string; run: (argv: readonly string[]) => Promise<void> }> = {
   prefill: { usage: PREFILL_USAGE, run: prefillBench },
@@ -17,6 +18,7 @@ const BENCHES: Record<string, { usage: string; run: (argv: readonly string[]) =>
   profile: { usage: PROFILE_USAGE, run: profileBench },
   analysis: { usage: ANALYSIS_USAGE, run: analysisBench },
   quality: { usage: QUALITY_USAGE, run: qualityBench },
+  plot: { usage: PLOT_USAGE, run: plotBench },
 };
 
 const USAGE = `usage: node dist/bench/run.js <benchmark> [flags]   (npm run build && npm run bench -- <benchmark> [flags])
@@ -27,6 +29,7 @@ benchmarks:
   profile   ORT profile of one prefill (or decode step): where the time goes, by op and by layer
   analysis  load, analysis and MoD compile times of 32-layer 7B-shaped graphs (weights never read)
   quality   compute fraction vs held-out NLL: dense, calibrated and random routers (fixtures/quality-lm)
+  plot      figures (SVG) from JSON: modc bench reports, modc eval results, bench quality --json
 
 Every benchmark takes --quick (small sizes, for a smoke run) and --help.
 
