@@ -1,14 +1,18 @@
 import { defineConfig } from 'vitest/config';
 
 /**
- * Two projects, so that `npm test` stays short and nothing is run twice:
+ * Two projects, so that `npm test` stays short:
  * - quick (`npm test`): every test file outside test/slow/ and SLOW_FILES; the per-model MoD
  *   contract (test/mod.test.ts) on QUICK_MODELS only (test/helpers.ts).
  * - slow (`npm run test:slow`): test/slow/ (packaging, long end-to-end runs), SLOW_FILES, and
  *   the per-model contract on the other fixtures.
- * `npx vitest run` with no --project runs both: the whole suite, each case once.
+ * `npx vitest run` with no --project runs both: the whole suite, each per-model case once.
  */
-const SPLIT_BY_MODEL = ['test/mod.test.ts', 'test/oracle.test.ts'];
+/**
+ * Files whose per-model cases (describe.each(contractModels())) split between the projects; they
+ * run in both, so any other case in them runs twice.
+ */
+const SPLIT_BY_MODEL = ['test/mod.test.ts', 'test/last-logits.test.ts', 'test/oracle.test.ts', 'test/granularity.test.ts'];
 /** Whole files that are slow end-to-end runs of several commands on real sessions. */
 const SLOW_FILES = ['test/verify.test.ts', 'test/codegen-e2e.test.ts'];
 

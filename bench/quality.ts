@@ -10,7 +10,7 @@
  * at several target compute fractions. Every model is compiled by the MoD pipeline and measured
  * by `modc eval`'s evaluate() (SPEC.md's compute fraction: MACs that ran over dense MACs).
  */
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
@@ -37,10 +37,11 @@ const FLAGS = {
   eval: { kind: 'string', default: 'fixtures/quality-lm/eval.jsonl', help: 'held-out data the NLL is measured on' },
   targets: { kind: 'string', default: '0.95,0.85,0.75', help: 'target compute fractions, comma-separated' },
   seed: { kind: 'int', default: 0, help: 'seed for calibration and random routers' },
-  target: { kind: 'string', default: 'norm', help: 'importance target the routers are fitted to: norm, relative, log-norm' },
-  'sensitivity-tokens': { kind: 'int', default: 8192, help: 'tokens for the per-part sensitivity runs' },
+  target: { kind: 'string', default: 'relative', help: 'importance target the routers are fitted to: norm, relative, log-norm' },
+  'sensitivity-tokens': { kind: 'int', default: 0, help: 'tokens per sensitivity measurement (0: modc calibrate\'s default)' },
   json: { kind: 'bool', default: false, help: 'print the rows as JSON instead of a table' },
-  quick: { kind: 'bool', default: false, help: 'one target (0.85), fewer tokens: a smoke run' },
+  quick: { kind: 'bool', default: false, help: 'one target (0.85): a smoke run' },
+  'from-json': { kind: 'string', default: '', help: 'print the table of an earlier --json output instead of measuring' },
 } as const;
 
 export const QUALITY_USAGE = `usage: node dist/bench/run.js quality [flags]
@@ -63,6 +64,10 @@ export interface QualityRow {
 
 export async function qualityBench(argv: readonly string[]): Promise<void> {
   const f = parseFlags(argv, FLAGS);
+  if (f['from-json']) {
+    printTable(JSON.parse(readFileSync(f['from-json'], 'utf8')) as QualityReport);
+    return;
+  }
   const targets = (f.quick ? '0.85' : f.targets).split(',').map(Number);
   if (!TARGET_KINDS.includes(f.target as TargetKind)) throw new UsageError(`--target must be one of ${TARGET_KINDS.join(', ')}`);
   const dir = mkdtempSync(join(tmpdir(), 'modc-bench-quality-'));
@@ -88,7 +93,7 @@ export async function qualityBench(argv: readonly string[]): Promise<void> {
 
     log(`preparing calibration on ${f.calib} (capture, fit, sensitivity of every part)`);
     const calib = await Calibrator.prepare(f.model, calibSeqs, {
-      targetCompute: 1, granularity: 'auto', seed: f.seed, target: f.target as TargetKind, sensitivityTokens: f.quick ? 2048 : f['sensitivity-tokens'], workDir: join(dir, 'work'),
+      targetCompute: 1, granularity: 'auto', seed: f.seed, target: f.target as TargetKind, sensitivityTokens: f['sensitivity-tokens'] || undefined, workDir: join(dir, 'work'),
     });
     let n = 0;
     const compileEval = async (plan: RoutingPlan) => {
@@ -136,20 +141,41 @@ export async function qualityBench(argv: readonly string[]): Promise<void> {
     }
     calib.release();
 
-    if (f.json) {
-      console.log(JSON.stringify({ model: f.model, target: f.target, calib: f.calib, eval: f.eval, evalTokens, denseNll: dense.nll, seconds: (performance.now() - t0) / 1000, rows }, null, 2));
-      return;
-    }
-    console.log(`model ${f.model}; calibration ${f.calib} (${calibSeqs.length} sequences, importance target ${f.target}); NLL on ${f.eval} (${dense.tokens} predicted tokens), nats/token`);
-    console.log(`dense NLL ${dense.nll.toFixed(4)}. compute: measured by modc eval (MACs run / dense MACs). parts: layer, a = attention, m = mlp, none = block, @capacity`);
-    console.log('');
-    console.log(table(['target', 'method', 'granularity', 'routing', 'compute', 'NLL', 'NLL increase', 'parts'], rows.map((r) => [
-      r.target === 1 ? '-' : r.target.toFixed(2), r.method, r.granularity, `${r.routing}${r.gated ? ', gated' : ''}`, r.computeFraction.toFixed(3), r.nll.toFixed(4), r.deltaNll.toFixed(4), r.parts,
-    ])));
-    console.log(`\n(${((performance.now() - t0) / 1000).toFixed(0)} s)`);
+    const report: QualityReport = {
+      model: f.model, calib: f.calib, eval: f.eval, target: f.target, calibSequences: calibSeqs.length, evalTokens, predictedTokens: dense.tokens,
+      denseNll: dense.nll, seconds: (performance.now() - t0) / 1000, rows,
+    };
+    if (f.json) console.log(JSON.stringify(report, null, 2));
+    else printTable(report);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
+}
+
+export interface QualityReport {
+  model: string;
+  calib: string;
+  eval: string;
+  target: string;
+  /** Absent in reports written before they were added. */
+  calibSequences?: number;
+  evalTokens: number;
+  predictedTokens?: number;
+  denseNll: number;
+  seconds: number;
+  rows: QualityRow[];
+}
+
+function printTable(r: QualityReport): void {
+  const calib = r.calibSequences !== undefined ? ` (${r.calibSequences} sequences)` : '';
+  const tokens = r.predictedTokens !== undefined ? `${r.predictedTokens} predicted tokens` : `${r.evalTokens} tokens`;
+  console.log(`model ${r.model}; calibration ${r.calib}${calib}, importance target ${r.target}; NLL on ${r.eval} (${tokens}), nats/token`);
+  console.log(`dense NLL ${r.denseNll.toFixed(4)}. compute: measured by modc eval (MACs run / dense MACs). parts: layer (a = attention, m = mlp, none = block) @ capacity`);
+  console.log('');
+  console.log(table(['target', 'method', 'granularity', 'routing', 'compute', 'NLL', 'NLL increase', 'parts'], r.rows.map((x) => [
+    x.target === 1 ? '-' : x.target.toFixed(2), x.method, x.granularity, `${x.routing}${x.gated ? ', gated' : ''}`, x.computeFraction.toFixed(3), x.nll.toFixed(4), x.deltaNll.toFixed(4), x.parts,
+  ])));
+  console.log(`\n(${r.seconds.toFixed(0)} s)`);
 }
 
 /** Random routers (w ~ U(-1, 1)/sqrt(H)) on the given parts, top-k at the given capacities, ungated. */

@@ -7,6 +7,7 @@ import { ModcError } from '../compiler/errors.js';
 import { MALLOC_ENV } from './common.js';
 import { ANALYSIS_USAGE, analysisBench } from './analysis.js';
 import { DECODE_USAGE, decodeBench } from './decode.js';
+import { LONG_CONTEXT_USAGE, longContextBench } from './long-context.js';
 import { PREFILL_USAGE, prefillBench } from './prefill.js';
 import { PROFILE_USAGE, profileBench } from './profile.js';
 import { QUALITY_USAGE, qualityBench } from './quality.js';
@@ -17,6 +18,7 @@ const BENCHES: Record<string, { usage: string; run: (argv: readonly string[]) =>
   decode: { usage: DECODE_USAGE, run: decodeBench },
   profile: { usage: PROFILE_USAGE, run: profileBench },
   analysis: { usage: ANALYSIS_USAGE, run: analysisBench },
+  'long-context': { usage: LONG_CONTEXT_USAGE, run: longContextBench },
   quality: { usage: QUALITY_USAGE, run: qualityBench },
   plot: { usage: PLOT_USAGE, run: plotBench },
 };
@@ -27,7 +29,8 @@ benchmarks:
   prefill   prefill time: original vs all-pass compile vs MoD compile, and the ideal MoD time
   decode    KV-cache bytes and per-token decode latency at a long context: original vs MoD
   profile   ORT profile of one prefill (or decode step): where the time goes, by op and by layer
-  analysis  load, analysis and MoD compile times of 32-layer 7B-shaped graphs (weights never read)
+  analysis  load, analysis and MoD compile times of 7B-shaped graphs; modc compile of 7B/70B/405B shapes
+  long-context  a small model at 8K/32K context: KV bytes, peak RSS, prefill and decode, original vs MoD
   quality   compute fraction vs held-out NLL: dense, calibrated and random routers (fixtures/quality-lm)
   plot      figures (SVG) from JSON: modc bench reports, modc eval results, bench quality --json
 

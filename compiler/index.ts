@@ -8,9 +8,9 @@
  *   runPipeline(model, modPipeline({ plan }));
  *   saveModel(model, 'out.onnx');
  */
-export { ModcError, UsageError } from './errors.js';
+export { ModcError, UsageError, quote } from './errors.js';
 export { loadModel, modelFromBytes } from './io/load.js';
-export { saveModel, type SaveOptions, type SaveResult } from './io/save.js';
+export { checkOutputPath, saveModel, type SaveOptions, type SaveResult } from './io/save.js';
 export { Graph, Node, Value, attribute, type Attribute, type Dim, type Use } from './ir/graph.js';
 export { Model, OnnxFunction } from './ir/model.js';
 export { Tensor, externalReads, type ExternalLocation } from './ir/tensor.js';

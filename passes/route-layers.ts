@@ -25,6 +25,7 @@
  * An attention part compacts the layer's KV cache as a block does; an MLP part leaves it alone.
  */
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
+import { kvCompactionBlocker } from '../compiler/analysis/attention.js';
 import type { DecoderStructure, KvTensor, LayerInfo, SideInput } from '../compiler/analysis/types.js';
 import { subLayersOf } from '../compiler/analysis/sub-layers.js';
 import { ModcError } from '../compiler/errors.js';
@@ -75,19 +76,22 @@ interface RoutedRegion {
 /** The region of a layer part, or why it cannot be routed (found before anything is changed). */
 function regionOf(model: Model, layer: LayerInfo, part: RoutedPart): RoutedRegion | { reason: string } {
   if (part === 'block') {
-    const why = blockBlocker(layer) ?? sideInputBlocker(model, layer.sideInputs);
+    const why = blockBlocker(layer) ?? kvCompactionBlocker(layer.attention) ?? sideInputBlocker(model, layer.sideInputs);
     if (why) return { reason: why };
     return {
       layer, part, input: layer.residualIn, nodes: new Set(layer.nodes.filter((n) => n.domain !== MODC_DOMAIN)), sideInputs: layer.sideInputs,
       output: { kind: 'stream', value: layer.residualOut! }, compactsKv: true,
     };
   }
+  // Like a block, no part of a layer with state besides the KV cache is routed (it stays dense).
+  const stateful = layer.sideInputs.find((si) => si.kind === 'other');
+  if (stateful) return { reason: `side input ${stateful.value} is not understood (${(stateful as { reason: string }).reason})` };
   const parts = subLayersOf(layer, new Set(model.graph.outputs));
   if ('reason' in parts) return { reason: `no sub-layer boundary: ${parts.reason}` };
   const sub = parts[part];
   const joinFused = sub.join.opType !== 'Add' || sub.join.domain !== '';
   const why = (joinFused ? `its ${part} update is added by ${sub.join.describe()}, not a plain Add (run split-fused-boundaries with within=${layer.index} first)` : null)
-    ?? sub.blocker ?? sideInputBlocker(model, sub.sideInputs)
+    ?? sub.blocker ?? (part === 'attention' ? kvCompactionBlocker(layer.attention) : null) ?? sideInputBlocker(model, sub.sideInputs)
     ?? (part === 'mlp' && sub.sideInputs.some((si) => si.kind !== 'weight') ? `its MLP reads ${sub.sideInputs.find((si) => si.kind !== 'weight')!.value}, which is not a weight` : null);
   if (why) return { reason: why };
   return {

@@ -6,6 +6,7 @@
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { interleaved, median, medianOfPaired, rotation, spread } from '../compiler/benchmark.js';
+import { lastPosition, ModSession } from '../compiler/runtime/session.js';
 import { expectOneLineError, ROOT, runCli, tempDir } from './helpers.js';
 
 const tmp = tempDir('modc-bench');
@@ -72,5 +73,32 @@ describe('modc bench', () => {
     expect(res.stdout).toMatch(/median of paired ratios/);
     expectOneLineError(await runCli('bench', LLAMA, out, '--runs', '0'), 2, /--runs must be an integer >= 1/);
     expectOneLineError(await runCli('bench', LLAMA, out, '--threads=-1'), 2, /--threads must be an integer >= 0/);
+  });
+});
+
+describe('ModSession.extend: a prompt in chunks (the long-context benchmark\'s prefill)', () => {
+  it('gives the same last logits, next step and caches as one forward, original and threshold-routed', async () => {
+    const routed = join(tmp, 'extend', 'model.onnx');
+    expect((await runCli('compile', LLAMA, '-o', routed, '--router-init', 'random', '--seed', '4', '-q')).code).toBe(0);
+    const prompt = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14];
+    for (const path of [LLAMA, routed]) {
+      const [whole, chunked] = await Promise.all([ModSession.create(path), ModSession.create(path)]);
+      const a = lastPosition(await whole.forward([prompt]))[0]!;
+      await chunked.forward([prompt.slice(0, 4)]);
+      await chunked.extend([prompt.slice(4, 7)]);
+      const b = lastPosition(await chunked.extend([prompt.slice(7)]))[0]!;
+      expect(Math.max(...a.map((v, i) => Math.abs(v - b[i]!))), path).toBeLessThan(1e-4);
+      const sa = lastPosition(await whole.step([3]))[0]!;
+      const sb = lastPosition(await chunked.step([3]))[0]!;
+      expect(Math.max(...sa.map((v, i) => Math.abs(v - sb[i]!))), path).toBeLessThan(1e-4);
+      expect(chunked.layerCacheLengths()).toEqual(whole.layerCacheLengths());
+    }
+  });
+
+  it('refuses rows of different lengths and a call before forward()', async () => {
+    const s = await ModSession.create(LLAMA);
+    await expect(s.extend([[1, 2]])).rejects.toThrow(/before forward/);
+    await s.forward([[1, 2], [3, 4]]);
+    await expect(s.extend([[1, 2], [3]])).rejects.toThrow(/same number of tokens/);
   });
 });

@@ -42,6 +42,15 @@ describe('MACs per token and per (query, key) pair', () => {
     expect(c.layers[0]).toMatchObject({ attention: 4 * H * H, mlp: 3 * H * I, attentionPair: PAIR, kvPerToken: 2 * H });
   });
 
+  it('quantized forms (QDQ, MatMulNBits, MatMulInteger): the same MACs as the float weights they stand for', () => {
+    // fixtures/build-fixtures.ts forms: hidden 32, 4 heads of 8, 2 KV heads, MLP 64 (gate, up, down), vocab 256.
+    const h = 32, hd = 8;
+    for (const form of ['forms-qdq-tiny', 'forms-nbits-tiny', 'forms-integer-tiny']) {
+      const c = costsOf(fixture(form));
+      expect(c.layers[1], form).toEqual({ layer: 1, attention: h * 4 * hd + 2 * h * 2 * hd + 4 * hd * h, attentionPair: 2 * 4 * hd, mlp: 3 * h * 64, kvPerToken: 2 * 2 * hd });
+    }
+  });
+
   it('ort-gpt2-fused (the fused Attention op reads the QKV weight)', () => {
     // hidden 32, 4 heads of 8, vocab 1000: QKV [32, 96] in Attention, output [32, 32], MLP 32 -> 128 -> 32.
     const c = costsOf(fixture('ort-gpt2-fused'));

@@ -19,6 +19,7 @@ const tmp = tempDir('modc-errors');
 const LLAMA = fixture('llama-tiny');
 const bad: Record<string, string> = {};
 let compiled = '';
+const data = () => join(tmp, 'data.jsonl');
 
 /** The model's weights moved to a sidecar file, and its references rewritten to `location`. */
 function withExternal(name: string, location: string): string {
@@ -33,6 +34,7 @@ function withExternal(name: string, location: string): string {
 }
 
 beforeAll(async () => {
+  writeFileSync(data(), '{"ids": [1, 2, 3, 4]}\n{"ids": [5, 6, 7]}\n');
   bad.missing = join(tmp, 'missing.onnx');
   bad.directory = join(tmp, 'a-folder');
   mkdirSync(bad.directory);
@@ -67,7 +69,7 @@ const MODEL_ERRORS: [string, RegExp][] = [
   ['externalEscapes', /escapes the model folder/],
   // inspect, compile, verify's original: the analysis; run, generate, bench: the session's I/O
   // check; verify's compiled side: the missing routing.
-  ['notDecoder', /(not a decoder modc can handle: )?no residual stream: expected a token embedding|model has no 'input_ids' input \(inputs: x\)|the compiled model has no modc routing metadata/],
+  ['notDecoder', /(not a decoder modc can handle: )?no residual stream: expected a token embedding|model has no 'input_ids' (or 'inputs_embeds' )?input \(inputs: x\)|the compiled model has no modc routing metadata/],
 ];
 
 /** Every command, with the model argument at `M` (twice for the commands that take two models). */
@@ -80,6 +82,8 @@ const COMMANDS: [string, (m: string) => string[]][] = [
   ['verify (compiled)', (m) => ['verify', LLAMA, m, '--steps', '0']],
   ['bench (original)', (m) => ['bench', m, compiled, '--prompt', '4', '--steps', '1', '--runs', '1', '--warmup', '0']],
   ['bench (compiled)', (m) => ['bench', LLAMA, m, '--prompt', '4', '--steps', '1', '--runs', '1', '--warmup', '0']],
+  ['eval', (m) => ['eval', m, '--data', data()]],
+  ['calibrate', (m) => ['calibrate', m, '--data', data(), '-o', join(tmp, 'routers', `${Math.random().toString(36).slice(2)}.safetensors`), '--target-compute', '0.8']],
 ];
 
 describe.each(MODEL_ERRORS)('bad model: %s', (which, pattern) => {
@@ -90,8 +94,9 @@ describe.each(MODEL_ERRORS)('bad model: %s', (which, pattern) => {
 });
 
 describe('bad usage, every command: exit 2, one line', () => {
-  const models: Record<string, string[]> = { inspect: ['M'], compile: ['M', '-o', 'OUT', '--router-init', 'random'], run: ['M', '--ids', '1'], generate: ['M', '--ids', '1', '--max-new', '1'], verify: ['M', 'C'], bench: ['M', 'C'] };
-  const fill = (args: string[]) => args.map((a) => (a === 'M' ? LLAMA : a === 'C' ? compiled : a === 'OUT' ? join(tmp, 'usage', 'o.onnx') : a));
+  const models: Record<string, string[]> = { inspect: ['M'], compile: ['M', '-o', 'OUT', '--router-init', 'random'], run: ['M', '--ids', '1'], generate: ['M', '--ids', '1', '--max-new', '1'], verify: ['M', 'C'], bench: ['M', 'C'],
+    eval: ['M', '--data', 'DATA'], calibrate: ['M', '--data', 'DATA', '-o', 'ROUTERS', '--target-compute', '0.8'] };
+  const fill = (args: string[]) => args.map((a) => (a === 'M' ? LLAMA : a === 'C' ? compiled : a === 'OUT' ? join(tmp, 'usage', 'o.onnx') : a === 'DATA' ? data() : a === 'ROUTERS' ? join(tmp, 'usage', 'r.safetensors') : a));
   it.each(Object.keys(models))('%s: an unknown flag, a missing or an extra model path', async (cmd) => {
     expectOneLineError(await runCli(cmd, ...fill(models[cmd]!), '--frobnicate'), 2, /frobnicate/);
     const positional = models[cmd]!.filter((a) => a === 'M' || a === 'C').length;

@@ -2,16 +2,17 @@
  * Decoder forms of real exports (issue 9), one fixture each from fixtures/builder/forms.ts:
  * layers found, compiled (all-pass and routed), and `modc verify` passing on the result.
  */
-import { readFileSync, writeFileSync } from 'node:fs';
+import { readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
 import { loadModel, modelFromBytes } from '../compiler/io/load.js';
+import { saveModel } from '../compiler/io/save.js';
 import { create, decodeModelProto, encodeModelProto, type ModelProto, type NodeProto } from '../compiler/proto/index.js';
 import { ModSession } from '../compiler/runtime/session.js';
 import { worstReal } from '../compiler/verify.js';
 import { GraphFacts, weightMatMuls } from '../compiler/analysis/index.js';
-import { FIXTURES_DIR, FORMS_CONFIG, TINY_SEED } from '../fixtures/build-fixtures.js';
+import { buildFixtures, FIXTURES_DIR, FORM_FIXTURES, FORMS_CONFIG, TINY_SEED } from '../fixtures/build-fixtures.js';
 import { buildFormDecoder, writeFormModel } from '../fixtures/builder/forms.js';
 import { expectOneLineError, runCli, tempDir } from './helpers.js';
 
@@ -235,5 +236,82 @@ describe('decoders fed by inputs_embeds (fixtures/forms-embeds-tiny: decoder, em
       got.steps.forEach((s: { logits: number[][] }, t: number) => expect(Math.max(...s.logits[0]!.map((v, i) => Math.abs(v - want.steps[t].logits[0][i]))), `step ${t}`).toBeLessThan(1e-4));
     }
     expectOneLineError(await runCli('run', embeds, '--embeds', join(tmp, 'nothing.npy')), 1, /cannot read --embeds file .*no such file/);
+  });
+});
+
+describe('modc eval on the forms', () => {
+  it('feeds state and embeddings: the inputs_embeds decoder scores as the same weights fed input_ids; the hybrid model runs', async () => {
+    const data = join(tmp, 'eval.jsonl');
+    writeFileSync(data, '{"ids": [5, 6, 7, 8, 9, 10]}\n{"ids": [11, 12, 13]}\n');
+    const nll = async (path: string) => {
+      const res = await runCli('eval', path, '--data', data, '--json');
+      expect(res.code, res.stderr).toBe(0);
+      return JSON.parse(res.stdout).nll as number;
+    };
+    expect(Math.abs((await nll(fixture('forms-embeds-tiny'))) - (await nll(join(FIXTURES_DIR, 'forms-unsorted-tiny', 'unsorted.onnx'))))).toBeLessThan(1e-6);
+    expect(await nll(fixture('forms-hybrid-tiny'))).toBeGreaterThan(0);
+  });
+});
+
+describe('sliding-window attention (fixtures/forms-gqa-window-tiny: local_window_size 4 on layers 0 and 2)', () => {
+  const window = fixture('forms-gqa-window-tiny');
+
+  it('the window matters: the same weights without it give other logits on a prompt longer than the window', async () => {
+    const rows = [[5, 6, 7, 8, 9, 10, 11, 12, 13]];
+    const [a, b] = [await ModSession.create(window), await ModSession.create(fixture('forms-gqa-tiny'))];
+    expect(worstReal(await a.forward(rows), await b.forward(rows), rows, 'right')).toBeGreaterThan(1e-3);
+  });
+
+  it('a windowed layer keeps its KV cache full: block routing leaves it dense (saying why), MLP-only routing still converts it', async () => {
+    const out = join(tmp, 'window-block', 'model.onnx');
+    const res = await runCli('compile', window, '-o', out, '--router-init', 'random', '--json');
+    expect(res.code).toBe(0);
+    const text = JSON.stringify(JSON.parse(res.stdout));
+    for (const l of [0, 2]) expect(text).toMatch(new RegExp(`layer ${l}[^"]*sliding-window attention[^"]*local_window_size=4`));
+    const meta = JSON.parse((await runCli('inspect', out, '--json')).stdout).routing;
+    expect(meta.layers.map((l: { layer: number }) => l.layer)).toEqual([1]);
+    const mlp = join(tmp, 'window-mlp', 'model.onnx');
+    expect((await runCli('compile', window, '-o', mlp, '-q', '--router-init', 'random', '--granularity', 'mlp')).code).toBe(0);
+    expect(JSON.parse((await runCli('inspect', mlp, '--json')).stdout).routing.layers.map((l: { layer: number }) => l.layer)).toEqual([0, 1, 2]);
+  });
+});
+
+describe('standard ONNX opset-23/24 forms', () => {
+  it('RMSNormalization (fixtures/forms-rmsnorm-tiny, opset 23) is a norm like any other: layers found', () => {
+    const s = analyzeDecoder(loadModel(fixture('forms-rmsnorm-tiny')));
+    expect(s.layers).toHaveLength(3);
+    expect(s.layers[0]!.steps[0]!.norm.node.opType).toBe('RMSNormalization');
+  });
+
+  it.each([
+    ['Attention', 3, /standard ONNX Attention \(opset 23\) is not supported yet/],
+    ['TensorScatter', 2, /static KV caches written with TensorScatter \(opset 24\) are not supported yet/],
+    ['RotaryEmbedding', 3, /standard ONNX RotaryEmbedding \(opset 23\) is not supported yet/],
+  ] as const)('a model with a standard %s is refused in one line, naming the node (never routed on a guess)', async (op, arity, why) => {
+    const model = loadModel(fixture('forms-int32-tiny'));
+    const g = model.graph;
+    const x = g.inputs.find((v) => v.name === 'past_key_values.0.key')!;
+    const node = g.addNode(op, Array(arity).fill(x), 1, { name: `standard_${op}` });
+    g.outputs.push(node.output(0));
+    node.output(0).type = x.type;
+    const path = join(tmp, `standard-${op}`, 'model.onnx');
+    saveModel(model, path);
+    expect(() => analyzeDecoder(loadModel(path))).toThrow(why);
+    expectOneLineError(await runCli('compile', path, '-o', join(tmp, `standard-${op}-out`, 'model.onnx'), '--router-init', 'all-pass'), 1, new RegExp(`standard_${op}.*${why.source}`));
+  });
+});
+
+describe('checked-in form fixtures', () => {
+  it('are byte for byte what build-fixtures.ts writes, and small (< 1 MB each)', () => {
+    const root = join(tmp, 'rebuilt');
+    buildFixtures(root);
+    for (const { dir } of FORM_FIXTURES) {
+      const files = readdirSync(join(root, dir)).sort();
+      expect(readdirSync(join(FIXTURES_DIR, dir)).sort(), dir).toEqual(files);
+      for (const f of files) {
+        expect(readFileSync(join(root, dir, f)).equals(readFileSync(join(FIXTURES_DIR, dir, f))), `${dir}/${f} differs: run npx tsx fixtures/build-fixtures.ts`).toBe(true);
+        expect(statSync(join(FIXTURES_DIR, dir, f)).size).toBeLessThan(1 << 20);
+      }
+    }
   });
 });

@@ -23,7 +23,7 @@ import { describeLayerPart, type RoutedPart, type RoutingMode } from '../compile
 import { decoderIo } from '../compiler/runtime/decoder-io.js';
 import { createSession, emptyTensor, ort } from '../compiler/runtime/ort.js';
 import { lastPosition, ModSession, typed } from '../compiler/runtime/session.js';
-import { allModels, expectOneLineError, fixture, runCli, tempDir } from './helpers.js';
+import { contractModels, expectOneLineError, fixture, runCli, tempDir } from './helpers.js';
 import { compileWith, expectSameRun, padSides, PROMPTS, tolerance, worstReal, worstRows } from './mod-helpers.js';
 
 const tmp = tempDir('modc-granularity');
@@ -52,7 +52,13 @@ function prefillSelection(ref: ModReference, rows: number[][]): { selected: numb
   return { selected: parts.flat(2).length, real: parts.length * rows.flat().length };
 }
 
-describe.each(allModels())('$name', ({ path }) => {
+/**
+ * The per-model contract is split like test/mod.test.ts (quick models in `npm test`, the rest in
+ * `npm run test:slow`); the single-model cases below run once, in one project or the other.
+ */
+const ONCE = process.env.MODC_TEST_MODELS !== 'rest';
+
+describe.each(contractModels())('$name', ({ path }) => {
   describe.each(['attention', 'mlp'] as const)('%s granularity', (part) => {
     it('all tokens selected and ungated reproduces the original: prefill and decode, batch 1 and batch 3 with padding', async () => {
       const tol = tolerance(path, 1e-4);
@@ -108,7 +114,10 @@ function bothPartsFile(path: string, dir: string): string {
   return file;
 }
 
-describe.each(['llama-tiny', 'neox-tiny', 'genai-tiny', 'ort-gpt2-fused'])('both parts on one layer: %s', (name) => {
+/** Both parts on one layer: two forms in `npm test`, two more in `npm run test:slow`. */
+const BOTH_PARTS = ONCE ? ['neox-tiny', 'genai-tiny'] : ['llama-tiny', 'ort-gpt2-fused'];
+
+describe.each(BOTH_PARTS)('both parts on one layer: %s', (name) => {
   const path = fixture(name);
 
   it('agrees with the reference executor (mode and gating from the file\'s metadata)', async () => {
@@ -161,7 +170,7 @@ function parallelOneAdd(): string {
   return path;
 }
 
-describe('one-add parallel residual (out = x + (a + m))', () => {
+describe.runIf(!ONCE)('one-add parallel residual (out = x + (a + m))', () => {
   it('has one step per layer, and each part routes: anchor and reference agree', async () => {
     const path = parallelOneAdd();
     const s = analyzeDecoder(loadModel(path));
@@ -183,7 +192,7 @@ describe('one-add parallel residual (out = x + (a + m))', () => {
   });
 });
 
-describe('routing metadata of sub-layer parts', () => {
+describe.runIf(ONCE)('routing metadata of sub-layer parts', () => {
   it('names each part\'s selection: a bool [B, S] value equal to what the reference selected', async () => {
     const path = fixture('llama-tiny');
     const compiled = compileWith(tmp, path, 'file', { gated: true, routerFile: bothPartsFile(path, tmp) });
@@ -228,7 +237,7 @@ describe('routing metadata of sub-layer parts', () => {
   });
 });
 
-describe('modc compile --granularity', () => {
+describe.runIf(ONCE)('modc compile --granularity', () => {
   it('routes the named part, and verify passes it', async () => {
     const path = fixture('neox-tiny');
     const out = join(tmp, 'cli-mlp', 'model.onnx');

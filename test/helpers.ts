@@ -40,7 +40,7 @@ export function allModels(): { name: string; path: string }[] {
 export const QUICK_MODELS = ['neox-tiny', 'ort-gpt2-fused', 'ort-qwen2-gqa'];
 
 /**
- * The models a slow, per-model suite (test/mod.test.ts) runs on, chosen by the vitest project
+ * The models a slow per-model suite (SPLIT_BY_MODEL in vitest.config.ts) runs on, chosen by the vitest project
  * (vitest.config.ts sets MODC_TEST_MODELS): `quick` -> QUICK_MODELS, `rest` -> every other
  * fixture, unset -> all of them. `npx vitest run` runs both projects, so every model once.
  */

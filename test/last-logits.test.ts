@@ -1,6 +1,8 @@
 /**
  * last-logits (`modc compile --logits last`): the lm_head runs for each row's last real token
- * only. On every model in fixtures/ (ours and the vendored third-party ones), alone and in the MoD pipeline:
+ * only. On every model in fixtures/ (ours and the vendored third-party ones; the quick project
+ * takes QUICK_MODELS, the slow one the rest, as for test/mod.test.ts), alone and in the MoD
+ * pipeline:
  * - the prefill gives [B, 1, V], equal to the full-logits model's logits at each row's last
  *   real position (left and right padding, batch 3 with rows of different lengths);
  * - decode steps are unchanged;
@@ -16,7 +18,7 @@ import { runPipeline } from '../compiler/pass-manager.js';
 import { planRouting } from '../compiler/routing-plan.js';
 import { ModSession, type Logits } from '../compiler/runtime/session.js';
 import { defaultRegistry, lastLogitsPass, modPipeline } from '../passes/index.js';
-import { allModels, expectOneLineError, runCli, tempDir } from './helpers.js';
+import { allModels, contractModels, expectOneLineError, runCli, tempDir } from './helpers.js';
 
 const tmp = tempDir('modc-last-logits');
 let counter = 0;
@@ -88,7 +90,7 @@ async function expectSameLastLogits(fullPath: string, lastPath: string, pad: 'le
   expect(last.kvBytes()).toBe(full.kvBytes());
 }
 
-describe.each(allModels())('$name', ({ path }) => {
+describe.each(contractModels())('$name', ({ path }) => {
   it('last-logits alone gives each row\'s last real token, [B, 1, V]; decode steps unchanged', async () => {
     const tol = isFp16(path) ? 1e-2 : 1e-4;
     const last = lastOnly(path);
@@ -103,7 +105,8 @@ describe.each(allModels())('$name', ({ path }) => {
   });
 });
 
-describe('last-logits in the tools', () => {
+// Once per full run: in the quick project (the slow one runs this file for its other models).
+describe.runIf(process.env.MODC_TEST_MODELS !== 'rest')('last-logits in the tools', () => {
   const llama = allModels().find((m) => m.name === 'fixtures/llama-tiny')!.path;
 
   it('running the pass twice changes nothing the second time', () => {

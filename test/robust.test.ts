@@ -76,6 +76,14 @@ describe('crashes are refusals naming their cause', () => {
     expectOneLineError(await runCli('compile', path, '-o', join(tmp, 'mm', 'out.onnx'), '--router-init', 'random'), 1, /MatMul takes 2/);
   });
 
+  it('a fused op that lost a required input (fuzz seed 7, case 516: SkipSimplifiedLayerNormalization)', () => {
+    const path = mutant('genai-tiny', (m) => {
+      const skip = m.graph!.node.find((n) => n.op_type === 'SkipSimplifiedLayerNormalization')!;
+      skip.input.splice(1, 1);
+    });
+    expect(refusal(() => loadModel(path)).message).toMatch(/SkipSimplifiedLayerNormalization node '.*' lacks required input 2/);
+  });
+
   it('a tensor whose dims do not match its data (embedding dims[1] = 2^31 - 1)', () => {
     const path = mutant('llama-tiny', (m) => {
       const emb = m.graph!.initializer.find((t) => t.dims.length === 2)!;
@@ -210,6 +218,20 @@ describe('data safety', () => {
       expect(readFileSync(data).equals(before)).toBe(true);
     }
     counter++;
+  });
+
+  it('a new sidecar never replaces a data file the model reads, however its location is spelled', () => {
+    const input = genaiCopy();
+    const path = mutant('', (m) => {
+      for (const t of m.graph!.initializer) for (const e of t.external_data) if (e.key === 'location') e.value = './model.onnx.data';
+    }, input);
+    const data = join(path, '..', 'model.onnx.data');
+    const before = readFileSync(data);
+    const model = loadModel(path);
+    const res = saveModel(model, join(path, '..', 'out.onnx'), { externalizeThreshold: 16, externalDataName: 'model.onnx.data' });
+    expect(readFileSync(data).equals(before)).toBe(true);
+    expect(res.externalFiles.find((f) => f.how === 'written')?.location).toBe('_model.onnx.data');
+    expect(loadModel(join(path, '..', 'out.onnx')).graph.initializers.size).toBe(model.graph.initializers.size);
   });
 
   it('refuses unwritable outputs before any work, with one line and exit 1', async () => {

@@ -44,7 +44,12 @@ describe('modc verify', () => {
     const model = loadModel(out);
     const meta = readRoutingMetadata(model)!;
     writeRoutingMetadata(model, { ...meta, layers: meta.layers.map((l) => ({ ...l, part: 'mlp' })) });
-    for (const v of model.graph.initializers.values()) if (v.name.includes('.attn.')) v.name = v.name.replace('.attn.', '.mlp.');
+    for (const v of [...model.graph.initializers.values()].filter((i) => i.name.includes('.attn.'))) {
+      const tensor = v.initializer!;
+      model.graph.removeInitializer(v);
+      v.name = v.name.replace('.attn.', '.mlp.');
+      model.graph.addInitializer(v, tensor);
+    }
     const tampered = join(tmp, 'part', 'tampered.onnx');
     saveModel(model, tampered);
     const res = await runCli('verify', LLAMA, tampered, '--steps', '2', '--json');

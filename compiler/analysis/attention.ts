@@ -211,6 +211,8 @@ function nearestUpstream(start: Value, inBranch: ReadonlySet<Node>, match: (v: V
   return null;
 }
 
+const projectionHeads = (rows: unknown, headSize: number): number | undefined => (typeof rows === 'number' && rows % headSize === 0 ? rows / headSize : undefined);
+
 /** Heads from the output projection after P·V: its weight is [heads * head size, hidden]. */
 function headsFromOutputProjection(context: Node, inBranch: ReadonlySet<Node>, headSize: number, facts: GraphFacts): number | undefined {
   let frontier: Value[] = [context.output(0)];
@@ -221,9 +223,11 @@ function headsFromOutputProjection(context: Node, inBranch: ReadonlySet<Node>, h
         const n = u.node;
         if (!inBranch.has(n)) continue;
         const w = n.inputs[1];
-        if ((n.opType === 'MatMul' || n.opType === 'Gemm') && w && facts.isConstant(w) && w.shape?.length === 2) {
-          const rows = w.shape[0];
-          return typeof rows === 'number' && rows % headSize === 0 ? rows / headSize : undefined;
+        // Quantized projections: MatMulNBits records K; a dequantized or integer weight has its initializer's rows.
+        if (n.opType === 'MatMulNBits') return projectionHeads(n.attrInt('K'), headSize);
+        if ((n.opType === 'MatMul' || n.opType === 'Gemm' || n.opType === 'MatMulInteger') && w && facts.isConstant(w)) {
+          const shape = w.shape ?? (w.producer?.opType === 'DequantizeLinear' ? w.producer.inputs[0]?.shape : undefined);
+          return shape?.length === 2 ? projectionHeads(shape[0], headSize) : undefined;
         }
         next.push(...n.outputs);
       }
@@ -231,4 +235,17 @@ function headsFromOutputProjection(context: Node, inBranch: ReadonlySet<Node>, h
     frontier = next;
   }
   return undefined;
+}
+
+/**
+ * Why a layer's KV cache cannot be compacted, or null. GroupQueryAttention's local_window_size
+ * (sliding-window attention) counts cache slots: once a routed layer keeps only its selected
+ * tokens (and packs each row), slot distance is no longer position distance, so the window
+ * would silently cover other tokens. Such a layer stays dense (its MLP part may still route).
+ */
+export function kvCompactionBlocker(core: AttentionCore): string | null {
+  if (core.form !== 'GroupQueryAttention') return null;
+  const window = core.node.attrInt('local_window_size', -1) ?? -1;
+  if (window >= 0) return `sliding-window attention (${core.node.describe()} local_window_size=${window}) counts cache slots, which a compacted cache renumbers; the layer's KV cache is kept full`;
+  return null;
 }

@@ -47,6 +47,13 @@ const WEIGHT_MACS: Record<string, (n: Node, weights: ReadonlySet<Value>) => numb
   // com.microsoft Attention: input 1 is the packed QKV weight [H, 3H].
   Attention: (n, w) => weightOperands(n, w, [1]),
   MatMulNBits: (n) => n.attrInt('K', 0) * n.attrInt('N', 0),
+  // Quantized forms: the weight slot of each (A, B, then scales and zero points).
+  MatMulInteger: (n, w) => weightOperands(n, w, [0, 1]),
+  MatMulIntegerToFloat: (n, w) => weightOperands(n, w, [0, 1]),
+  DynamicQuantizeMatMul: (n, w) => weightOperands(n, w, [1]),
+  QLinearMatMul: (n, w) => weightOperands(n, w, [0, 3]),
+  QGemm: (n, w) => weightOperands(n, w, [3]),
+  QAttention: (n, w) => weightOperands(n, w, [1]),
 };
 
 function weightOperands(n: Node, weights: ReadonlySet<Value>, slots: number[]): number {

@@ -5,4 +5,5 @@ export { LayerByLayerRunner, runLayerByLayer, type LoadedUnit, type TensorMap } 
 export { formatExplanation, formatLayerTable, summarizeStructure, type LayerSummary, type SideInputSummary, type StructureSummary } from './report.js';
 export type * from './types.js';
 export { GraphFacts } from './graph-facts.js';
+export { kvCompactionBlocker } from './attention.js';
 export { weightMatMul, weightMatMuls, type WeightMatMul } from './weight-matmuls.js';

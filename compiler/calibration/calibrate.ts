@@ -17,9 +17,10 @@
  * Every threshold is baked into the router's bias, so p = 0.5 selects the calibrated fraction,
  * and top-k decode (r >= 0.5) agrees with it.
  */
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
+import type { Model } from '../ir/model.js';
 import { analyzeDecoder } from '../analysis/analyze.js';
 import { ModcError, UsageError } from '../errors.js';
 import { loadModel } from '../io/load.js';
@@ -111,10 +112,11 @@ export const DEFAULTS = {
   mode: 'threshold' as const,
   maxTokens: 65536,
   seed: 0,
-  target: 'norm' as TargetKind,
+  target: 'relative' as TargetKind,
   ridge: 1e-3,
   capacities: [0.75, 0.5, 0.25],
-  sensitivityTokens: 8192,
+  /** Default: about 6 passes over the data in total, 1024 to 8192 tokens per measurement. */
+  sensitivityTokens: 0,
   margin: 0.02,
   /** Bytes of activations (or logits) one batch may hold; sets the batch size when batchTokens is absent. */
   batchBytes: 64 * 2 ** 20,
@@ -200,6 +202,8 @@ export class Calibrator {
     readonly denseNll: number,
     private readonly predicted: number,
     readonly sensitivity: PartSensitivity[],
+    /** Tokens each sensitivity measurement ran on. */
+    readonly sensitivityTokens: number,
   ) {}
 
   get lengths(): number[] {
@@ -231,7 +235,7 @@ export class Calibrator {
     const candidates = candidateParts(points, allowedParts(o.granularity));
     if (candidates.length === 0) throw new ModcError(`no layer of this model can be routed at granularity ${o.granularity}`);
 
-    const ownDir = opts.workDir ? null : mkdtempSync(join(tmpdir(), 'modc-calibrate-'));
+    const ownDir = opts.workDir ? null : workFolder(modelPath, model);
     const workDir = opts.workDir ?? ownDir!;
     const evaluators = new Map<string, RoutedEvaluator>();
     try {
@@ -293,8 +297,9 @@ export class Calibrator {
       const denseScores = new Map([...chunks].map(([k, list]) => [k, concat(list)]));
 
       // 4. sensitivity: one part routed alone, on the first batches (about sensitivityTokens tokens)
+      const sensTokens = o.sensitivityTokens || defaultSensitivityTokens(rows, candidates.length * o.capacities.length);
       const sensBatches: number[] = [];
-      for (let bi = 0, n = 0; bi < batches.length && n < o.sensitivityTokens; bi++) {
+      for (let bi = 0, n = 0; bi < batches.length && n < sensTokens; bi++) {
         sensBatches.push(bi);
         n += batches[bi]!.reduce((a, r) => a + r.length, 0);
       }
@@ -316,7 +321,7 @@ export class Calibrator {
         }
         sensitivity.push({ ...p, points: pts });
       }
-      return new Calibrator(modelPath, o, workDir, ownDir, costs, rows, batches, fits, denseScores, denseNll / predicted, predicted, sensitivity);
+      return new Calibrator(modelPath, o, workDir, ownDir, costs, rows, batches, fits, denseScores, denseNll / predicted, predicted, sensitivity, sensBatches.reduce((a, bi) => a + batches[bi]!.reduce((x, r) => x + r.length, 0), 0));
     } catch (e) {
       if (ownDir) rmSync(ownDir, { recursive: true, force: true });
       throw e;
@@ -388,7 +393,7 @@ export class Calibrator {
       },
       recipe: {
         targetCompute: o.targetCompute, granularity: o.granularity, mode: o.mode, gated: !!o.gated, target: o.target,
-        ridge: o.ridge, capacities: o.capacities, sensitivityTokens: o.sensitivityTokens, margin: o.margin,
+        ridge: o.ridge, capacities: o.capacities, sensitivityTokens: this.sensitivityTokens, margin: o.margin,
         maxTokens: o.maxTokens, seed: o.seed, refineRounds: o.refineRounds,
       },
     };
@@ -416,6 +421,30 @@ function resolveOptions(opts: CalibrateOptions): ResolvedOptions {
   return { ...DEFAULTS, ...Object.fromEntries(Object.entries(opts).filter(([, v]) => v !== undefined)) } as ResolvedOptions;
 }
 
+/** Tokens per sensitivity measurement: about 6 passes over the data for all of them together. */
+function defaultSensitivityTokens(rows: readonly number[][], measurements: number): number {
+  const tokens = rows.reduce((a, r) => a + r.length, 0);
+  return Math.min(8192, Math.max(1024, Math.floor((6 * tokens) / Math.max(measurements, 1))));
+}
+
+/**
+ * Where the calibration models go: the system temp folder, unless the model's external weights
+ * lie on another disk (a hard link cannot reach, a copy would duplicate them); then a hidden
+ * folder beside the model, if that folder is writable.
+ */
+function workFolder(modelPath: string, model: Model): string {
+  const external = [...model.graph.initializers.values()].some((v) => v.initializer?.external);
+  const modelDir = dirname(resolve(modelPath));
+  if (external && statSync(tmpdir()).dev !== statSync(modelDir).dev) {
+    try {
+      return mkdtempSync(join(modelDir, '.modc-calibrate-'));
+    } catch {
+      // A read-only model folder: the weights get copied to the temp folder instead.
+    }
+  }
+  return mkdtempSync(join(tmpdir(), 'modc-calibrate-'));
+}
+
 function pushTo(m: Map<string, Float32Array[]>, k: string, v: Float32Array): void {
   const list = m.get(k);
   if (list) list.push(v);
@@ -429,7 +458,7 @@ export function computeFraction(cost: ModelCosts, lengths: readonly number[], pa
 }
 
 function candidateParts(points: readonly LayerPoints[], allowed: readonly RoutedPart[]): PartRef[] {
-  return points.flatMap((p) => allowed.filter((part) => partValues(p, part) !== null).map((part) => ({ layer: p.layer, part })));
+  return points.flatMap((p) => allowed.filter((part) => partValues(p, part) !== null && !(p.mlpOnly && part !== 'mlp')).map((part) => ({ layer: p.layer, part })));
 }
 
 function groupByInput(points: readonly LayerPoints[], candidates: readonly PartRef[], H: number): InputStats[] {

@@ -7,6 +7,7 @@
 import { join } from 'node:path';
 import { analyzeDecoder } from '../analysis/analyze.js';
 import type { DecoderStructure, LayerInfo } from '../analysis/types.js';
+import { kvCompactionBlocker } from '../analysis/attention.js';
 import { ModcError } from '../errors.js';
 import { loadModel } from '../io/load.js';
 import { saveModel } from '../io/save.js';
@@ -15,7 +16,7 @@ import type { Value } from '../ir/graph.js';
 import type { Model } from '../ir/model.js';
 import { decoderIo, type DecoderIo } from '../runtime/decoder-io.js';
 import { createSession, emptyTensor, ort, toFloat32, type SessionOptions } from '../runtime/ort.js';
-import { padRows, promptPositions, typed } from '../runtime/session.js';
+import { padRows, promptPositions, typed, zeroStates } from '../runtime/session.js';
 import { splitFusedBoundaries } from '../../passes/split-fused-boundaries.js';
 
 /** Where a layer's routed parts read and write the residual stream, as graph value names. */
@@ -29,6 +30,8 @@ export interface LayerPoints {
   out: string;
   /** Parallel residual (out = x + a(x) + m(x)): the MLP reads x, not h. */
   parallel: boolean;
+  /** Only the MLP part can be routed: the layer has state besides its KV cache, or a sliding window. */
+  mlpOnly: boolean;
 }
 
 /** A prompt batch as the model takes it, right-padded; `real` lists the flat [B*S] indices of real tokens. */
@@ -46,7 +49,8 @@ export function layerPoints(s: DecoderStructure): LayerPoints[] {
   return s.layers.map((l) => {
     const out = l.residualOut;
     if (!out) throw new ModcError(`layer ${l.index}: its residual output is not a value in the graph, so it cannot be captured`);
-    return { layer: l.index, x: l.residualIn.name, h: midStream(l)?.name ?? null, out: out.name, parallel: isParallel(l) };
+    const mlpOnly = l.state.length > 0 || kvCompactionBlocker(l.attention) !== null;
+    return { layer: l.index, x: l.residualIn.name, h: midStream(l)?.name ?? null, out: out.name, parallel: isParallel(l), mlpOnly };
   });
 }
 
@@ -65,7 +69,9 @@ function isParallel(l: LayerInfo): boolean {
 export function promptBatch(io: DecoderIo, rows: number[][]): Batch {
   const { ids, mask, width } = padRows(rows, 'right');
   const B = rows.length;
-  const feeds: Record<string, ort.Tensor> = { [io.inputIds.name]: typed(io.inputIds.dtype, ids, [B, width]) };
+  if (io.inputsEmbeds) throw new ModcError(`the model takes inputs_embeds: calibrating a decoder fed by embeddings is not supported yet`);
+  // State besides the KV cache (hybrid models) starts at zero, as in every runner.
+  const feeds: Record<string, ort.Tensor> = { ...Object.fromEntries(zeroStates(io, B)), [io.inputIds.name]: typed(io.inputIds.dtype, ids, [B, width]) };
   if (io.attentionMask) feeds[io.attentionMask.name] = typed(io.attentionMask.dtype, mask.flat(), [B, width]);
   if (io.positionIds) feeds[io.positionIds.name] = typed(io.positionIds.dtype, promptPositions(mask), [B, width]);
   for (const b of io.kv) {

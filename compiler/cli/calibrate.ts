@@ -7,6 +7,8 @@ import type { Granularity } from '../calibration/parts.js';
 import { routerFileMetadata, writeCalibratedRouters } from '../calibration/router-file.js';
 import { TARGET_KINDS, type TargetKind } from '../calibration/targets.js';
 import { ModcError, UsageError } from '../errors.js';
+import { decoderIo } from '../runtime/decoder-io.js';
+import { loadModel } from '../io/load.js';
 import { intFlag, numberFlag, onePositional, stringFlag } from './args.js';
 import type { CliValues, Command } from './command.js';
 
@@ -61,26 +63,28 @@ export const calibrateCommand: Command = {
   usage: 'modc calibrate MODEL.onnx --data FILE -o ROUTERS.safetensors --target-compute F [--granularity auto|block|attention|mlp] [--routing threshold|topk] [--max-tokens N] [--seed S] [--json]',
   details: [
     'Runs the original model over the data batch by batch (bounded memory), fits one router per',
-    'routed part in closed form (ridge regression of each token\'s update norm on the part\'s input),',
-    'measures each part\'s NLL increase when routed alone, and routes the parts that cost least per',
-    'compute saved until the compute fraction (MACs run / dense MACs) is at most F. Thresholds are',
-    'set on the data and baked into the router biases (p = 0.5). The file\'s __metadata__ records',
+    'routed part in closed form (ridge regression of each token\'s update norm, relative to the',
+    'stream it is added to, on the part\'s input), measures each part\'s NLL increase when routed',
+    'alone, and routes the parts that cost least per compute saved until the compute fraction',
+    '(MACs run / dense MACs) is at most F. Thresholds are set on the data and baked into the',
+    'router biases (p = 0.5). The file\'s __metadata__ records',
     'mode, gating, per-part capacities and thresholds, and the calibration report, so',
     '`modc compile MODEL.onnx --routers ROUTERS.safetensors -o OUT.onnx` needs no other flag.',
-    'DATA: JSON lines, one sequence per line: {"ids": [1, 2, 3]}.',
+    'DATA: one sequence per line, JSON lines {"ids": [1, 2, 3]} or plain text tokenized by the',
+    'tokenizer.json beside the model (as for modc eval).',
   ].join('\n'),
   options: {
-    data: { type: 'string', valueName: 'FILE', help: 'calibration data (JSON lines {"ids": [...]})' },
+    data: { type: 'string', valueName: 'FILE', help: 'calibration data (JSON lines {"ids": [...]}, or text with a tokenizer.json beside the model)' },
     output: { type: 'string', short: 'o', valueName: 'FILE', help: 'router file to write (safetensors)' },
     'target-compute': { type: 'string', valueName: 'F', help: 'compute fraction to reach, in (0, 1] (required)' },
     granularity: { type: 'string', valueName: 'G', help: 'auto (default: block, attention and mlp parts), block, attention or mlp' },
     routing: { type: 'string', valueName: 'MODE', help: 'threshold (default) or topk: the mode recorded for compile' },
     'max-tokens': { type: 'string', valueName: 'N', help: `use at most N tokens of the data (default ${DEFAULTS.maxTokens})` },
-    'max-length': { type: 'string', valueName: 'N', help: 'split longer sequences into pieces of at most N tokens' },
+    'max-length': { type: 'string', valueName: 'N', help: 'split longer sequences into pieces of at most N tokens (default: the model\'s context)' },
     seed: { type: 'string', valueName: 'S', help: 'seed for the order sequences are drawn in (default 0); same seed, same file' },
     target: { type: 'string', valueName: 'KIND', help: `importance target: ${TARGET_KINDS.join(', ')} (default ${DEFAULTS.target})` },
     gated: { type: 'boolean', help: 'record gated routing (out = x + r (y - x)); default ungated' },
-    'sensitivity-tokens': { type: 'string', valueName: 'N', help: `tokens for the per-part sensitivity runs (default ${DEFAULTS.sensitivityTokens})` },
+    'sensitivity-tokens': { type: 'string', valueName: 'N', help: 'tokens per sensitivity measurement (default: about 6 passes over the data in all, 1024-8192 each)' },
     margin: { type: 'string', valueName: 'M', help: `aim M below the target on the calibration data (default ${DEFAULTS.margin})` },
     json: { type: 'boolean', help: 'print the calibration report as JSON' },
     quiet: { type: 'boolean', short: 'q', help: 'no progress or summary on stderr' },
@@ -101,15 +105,19 @@ export const calibrateCommand: Command = {
       seed: intFlag(values, 'seed', DEFAULTS.seed, 0),
       target: oneOf<TargetKind>(values, 'target', TARGET_KINDS, DEFAULTS.target),
       gated: !!values.gated,
-      sensitivityTokens: intFlag(values, 'sensitivity-tokens', DEFAULTS.sensitivityTokens, 2),
+      sensitivityTokens: values['sensitivity-tokens'] !== undefined ? intFlag(values, 'sensitivity-tokens', 0, 2) : undefined,
       margin: numberFlag(values, 'margin') ?? DEFAULTS.margin,
     };
     checkCalibrateOptions(opts);
     if (!(opts.margin >= 0 && opts.margin < 1)) throw new UsageError(`--margin must be in [0, 1), got ${opts.margin}`);
-    const maxLength = values['max-length'] !== undefined ? intFlag(values, 'max-length', 0, 2) : undefined;
     if (!existsSync(modelPath)) throw new ModcError(`cannot read model ${modelPath}: no such file`);
     checkOutputPath(output, [modelPath, data]);
-    const sequences = readDataset(data, { model: modelPath, maxLength });
+    const { vocabSize, maxPositions } = decoderIo(loadModel(modelPath));
+    const maxLength = values['max-length'] === undefined ? maxPositions ?? undefined : intFlag(values, 'max-length', 0, 2);
+    if (maxLength !== undefined && maxPositions !== null && maxLength > maxPositions) {
+      throw new UsageError(`--max-length ${maxLength} is longer than the model's context of ${maxPositions} positions`);
+    }
+    const sequences = readDataset(data, { model: modelPath, vocabSize, maxLength });
 
     const quiet = !!values.quiet;
     const result = await calibrate(modelPath, sequences, { ...opts, onProgress: quiet ? undefined : progressBar(process.stderr) });

@@ -82,8 +82,8 @@ export const compileCommand: Command = {
   summary: 'turn a decoder into a Mixture-of-Depths model (or run named passes)',
   usage: 'modc compile MODEL.onnx -o OUT.onnx (--routers FILE | --router-init all-pass|random) [options]\n       modc compile MODEL.onnx -o OUT.onnx --passes LIST',
   details: [
-    'With routers, runs the MoD pipeline: split-fused-boundaries, insert-routers, route-layers,',
-    '[last-logits with --logits last,] cleanup [, inline-modc-ops with --inline-ops]. Without',
+    'With routers, runs the MoD pipeline: record-costs, split-fused-boundaries, insert-routers,',
+    'route-layers, [last-logits with --logits last,] cleanup [, inline-modc-ops with --inline-ops]. Without',
     '--layers or --schedule, a router file converts exactly the layers it has routers for;',
     '--router-init converts every layer.',
     '',
@@ -166,7 +166,7 @@ export const compileCommand: Command = {
     });
     for (const r of records) log(`  ${r.pass}: ${r.ms.toFixed(1)} ms, nodes ${r.nodesBefore} -> ${r.nodesAfter}${r.notes.length ? `\n    ${r.notes.join('\n    ')}` : ''}`);
     progress.stage(`save ${output}`);
-    recordSource(model, source);
+    if (plan) recordSource(model, source); // a MoD compile; --passes (e.g. none, a round trip) leaves metadata alone
     const saved = saveModel(model, output, threshold !== undefined ? { externalizeThreshold: threshold } : {});
     const genaiResult = genai ? writeGenaiConfig(genai, model, saved.path) : null;
     const opsAfter = modcOpCounts(model);

@@ -7,6 +7,7 @@ import { decoderIo } from '../runtime/decoder-io.js';
 import { intFlag, onePositional, stringFlag } from './args.js';
 import type { Command } from './command.js';
 import { table } from './format.js';
+import { progressOf } from './progress.js';
 import { executionProvider } from './run.js';
 
 export const evalCommand: Command = {
@@ -21,7 +22,7 @@ export const evalCommand: Command = {
     'nats. computeFraction: multiply-accumulates executed (routed parts on their selected tokens only)',
     '/ the dense model\'s on the same tokens; kvFraction: KV-cache entries held / dense (README, "Metrics").',
     'With --json it prints {nll, perplexity, tokens, computeFraction, kvFraction, layers: [{layer, part,',
-    'routed, selectedFraction}], data, settings, ...}. A progress bar goes to stderr when it is a terminal.',
+    'routed, selectedFraction}], data, settings, ...}. Progress goes to stderr (see --progress, --quiet).',
   ].join('\n'),
   options: {
     data: { type: 'string', valueName: 'FILE', help: 'the data: JSON lines {"ids": [...]}, or text with a tokenizer.json beside the model' },
@@ -36,8 +37,8 @@ export const evalCommand: Command = {
     const data = stringFlag(values, 'data');
     if (data === undefined) throw new UsageError('missing --data FILE');
     const batch = intFlag(values, 'batch', 8, 1);
-    const pad = stringFlag(values, 'pad') ?? 'right';
-    if (pad !== 'left' && pad !== 'right') throw new UsageError(`--pad must be left or right, got '${pad}'`);
+    const pad = stringFlag(values, 'pad');
+    if (pad !== undefined && pad !== 'left' && pad !== 'right') throw new UsageError(`--pad must be left or right, got '${pad}'`);
     const ep = executionProvider(values);
     const model = loadModel(path);
     const { vocabSize, maxPositions } = decoderIo(model);
@@ -46,18 +47,24 @@ export const evalCommand: Command = {
       throw new UsageError(`--max-length ${maxLength} is longer than the model's context of ${maxPositions} positions`);
     }
     const dataset = loadDataset(data, { model: path, vocabSize, maxLength });
-    const progress = progressBar('eval', process.stderr);
+    const progress = progressOf(io);
+    let shown = 0;
+    const onProgress = (done: number, total: number): void => {
+      if (done === 0) progress.stage(`eval: ${total} sequences`, total);
+      else progress.tick(done - shown);
+      shown = done;
+    };
     let result: EvalResult;
     try {
-      result = await evaluate(path, dataset.sequences, { model, batchSize: batch, pad, executionProvider: ep, onProgress: progress.update });
+      result = await evaluate(path, dataset.sequences, { model, batchSize: batch, pad, executionProvider: ep, onProgress });
     } finally {
-      progress.done();
+      progress.stop();
     }
     const report = {
       model: path,
       data: { path: data, format: dataset.format, tokenizer: dataset.tokenizer, lines: dataset.lines, sequences: dataset.sequences.length },
-      settings: { maxLength: maxLength ?? null, batch, pad, ep },
       ...result,
+      settings: { maxLength: maxLength ?? null, batch, pad: result.pad, ep },
     };
     if (values.json) {
       io.out(JSON.stringify(report));
@@ -75,20 +82,3 @@ export const evalCommand: Command = {
     return 0;
   },
 };
-
-/** A one-line progress bar on a terminal; silent otherwise. (Swap for the shared progress helper when it lands.) */
-function progressBar(label: string, stream: NodeJS.WriteStream): { update: (done: number, total: number) => void; done: () => void } {
-  if (!stream.isTTY) return { update: () => {}, done: () => {} };
-  let drawn = false;
-  return {
-    update(done, total) {
-      const width = 30;
-      const filled = Math.round((done / total) * width);
-      stream.write(`\r${label} [${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${done}/${total} sequences`);
-      drawn = true;
-    },
-    done() {
-      if (drawn) stream.write('\n');
-    },
-  };
-}

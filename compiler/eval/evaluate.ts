@@ -21,15 +21,16 @@ import type { Model } from '../ir/model.js';
 import { saveModel } from '../io/save.js';
 import { logitsPositions } from '../logits-metadata.js';
 import { readRoutingMetadata } from '../routing-metadata.js';
-import { decoderIo, type DecoderIo } from '../runtime/decoder-io.js';
-import { createSession, emptyTensor, ort, toFloat32, type ExecutionProvider } from '../runtime/ort.js';
-import { padRows, promptPositions, typed } from '../runtime/session.js';
+import { decoderIo, resolvePadSide, type DecoderIo } from '../runtime/decoder-io.js';
+import { genaiEmbeddingModel } from '../runtime/embeddings.js';
+import type { ExecutionProvider, ort } from '../runtime/ort.js';
+import { ModSession } from '../runtime/session.js';
 import { exposeSelections, type Part, type Selection } from './selection.js';
 
 export interface EvalOptions {
   /** Sequences per forward at most (default 8); fewer when the logits would pass ~512 MiB. */
   batchSize?: number;
-  /** Padding side (default right: every attention form modc handles supports it, GroupQueryAttention only it). */
+  /** Padding side (default right where the model supports it, as every attention form does; GroupQueryAttention only it). */
   pad?: 'left' | 'right';
   executionProvider?: ExecutionProvider;
   /** The model, already loaded from modelPath (evaluate adds graph outputs to it). */
@@ -61,6 +62,8 @@ export interface EvalResult {
   macs: { executed: number; dense: number };
   layers: LayerEval[];
   routing: { mode: 'threshold' | 'topk'; gated: boolean } | null;
+  /** The padding side the batches used. */
+  pad: 'left' | 'right';
 }
 
 /** Budget for one batch's logits, in float32 elements (~512 MiB). */
@@ -70,7 +73,6 @@ export async function evaluate(modelPath: string, sequences: number[][], opts: E
   if (sequences.length === 0) throw new ModcError('no sequences to evaluate');
   const batchSize = opts.batchSize ?? 8;
   if (!Number.isInteger(batchSize) || batchSize < 1) throw new ModcError(`batch size must be a positive integer, got ${batchSize}`);
-  const pad = opts.pad ?? 'right';
 
   const model = opts.model ?? loadModel(modelPath);
   const io = decoderIo(model);
@@ -78,8 +80,11 @@ export async function evaluate(modelPath: string, sequences: number[][], opts: E
     throw new ModcError(`${modelPath} computes logits for the last position only (compiled with --logits last): eval needs every position's; compile with --logits all`);
   }
   checkSequences(io, sequences);
-  if (pad === 'left' && [...model.allNodes()].some((n) => n.opType === 'GroupQueryAttention')) {
-    throw new ModcError(`${modelPath} uses GroupQueryAttention, which supports right padding only: drop --pad left`);
+  const pad = resolvePadSide(io, opts.pad ?? (io.paddingSides.includes('right') ? 'right' : undefined));
+  // A decoder fed inputs_embeds needs the real token embeddings: random ones would make the NLL meaningless.
+  const embeddingModel = io.inputsEmbeds ? genaiEmbeddingModel(modelPath) : null;
+  if (io.inputsEmbeds && !embeddingModel) {
+    throw new ModcError(`${modelPath} takes inputs_embeds: eval needs the embedding model that genai_config.json beside it names`);
   }
   const routing = readRoutingMetadata(model);
   let costs: ModelCosts;
@@ -95,13 +100,22 @@ export async function evaluate(modelPath: string, sequences: number[][], opts: E
     costs = modelCosts(analyzeDecoder(model));
   }
 
-  let session: ort.InferenceSession | null = null;
+  let session: ModSession | null = null;
+  // Ctrl-C skips `finally`: remove the temp copy first, then let the signal do what it would have.
+  const onSignal = (signal: NodeJS.Signals) => {
+    if (temp) rmSync(temp, { recursive: true, force: true });
+    process.kill(process.pid, signal);
+  };
   try {
     if (selections.length) {
       temp = copyFolder(modelPath, model);
+      process.once('SIGINT', onSignal).once('SIGTERM', onSignal);
       runPath = saveModel(model, join(temp, basename(modelPath))).path;
     }
-    const run = (session = await createSession(runPath, { executionProvider: opts.executionProvider }));
+    const run = (session = await ModSession.create(runPath, {
+      executionProvider: opts.executionProvider,
+      ...(embeddingModel ? { embeddings: { kind: 'model', path: embeddingModel } } : {}),
+    }));
     const acc = new Accumulator(costs, selections);
     const order = sequences.map((_, i) => i).sort((a, b) => sequences[b]!.length - sequences[a]!.length);
     let done = 0;
@@ -110,13 +124,14 @@ export async function evaluate(modelPath: string, sequences: number[][], opts: E
       const width = sequences[order[done]!]!.length;
       const fit = Math.max(1, Math.floor(LOGITS_BUDGET / (width * Math.max(1, costs.vocabSize))));
       const rows = order.slice(done, done + Math.min(batchSize, fit)).map((i) => sequences[i]!);
-      await runBatch(run, io, rows, pad, selections, acc, modelPath);
+      await runBatch(run, rows, pad, selections, acc);
       done += rows.length;
       opts.onProgress?.(done, order.length);
     }
-    return acc.result(sequences.length, routing ? { mode: routing.mode, gated: routing.gated } : null);
+    return { ...acc.result(sequences.length, routing ? { mode: routing.mode, gated: routing.gated } : null), pad };
   } finally {
-    await session?.release();
+    process.off('SIGINT', onSignal).off('SIGTERM', onSignal);
+    await session?.session.release();
     if (temp) rmSync(temp, { recursive: true, force: true });
   }
 }
@@ -151,31 +166,13 @@ function checkSequences(io: DecoderIo, sequences: number[][]): void {
   });
 }
 
-async function runBatch(session: ort.InferenceSession, io: DecoderIo, rows: number[][], pad: 'left' | 'right', selections: Selection[], acc: Accumulator, path: string): Promise<void> {
-  const { ids, mask, width } = padRows(rows, pad);
-  const B = rows.length;
-  const feeds: Record<string, ort.Tensor> = { [io.inputIds.name]: typed(io.inputIds.dtype, ids, [B, width]) };
-  if (io.attentionMask) feeds[io.attentionMask.name] = typed(io.attentionMask.dtype, mask.flat(), [B, width]);
-  if (io.positionIds) feeds[io.positionIds.name] = typed(io.positionIds.dtype, promptPositions(mask), [B, width]);
-  for (const b of io.kv) {
-    const dims = b.layout === 'combined-2BHTD' ? [2, B, b.numHeads, 0, b.headSize] : [B, b.numHeads, 0, b.headSize];
-    feeds[b.pastKey] = emptyTensor(b.dtype, dims);
-    if (b.pastValue) feeds[b.pastValue] = emptyTensor(b.dtype, dims);
-    if (b.pastLength) feeds[b.pastLength] = typed('int64', Array(B).fill(0), [B]);
-  }
-  let out: ort.InferenceSession.OnnxValueMapType;
-  try {
-    out = await session.run(feeds, [io.logits, ...selections.map((s) => s.output)]);
-  } catch (e) {
-    throw new ModcError(`onnxruntime failed running ${path}: ${(e as Error).message.split('\n')[0]}`);
-  }
-  const logits = toFloat32(out[io.logits] as ort.Tensor);
-  const V = (out[io.logits] as ort.Tensor).dims.at(-1)!;
-  const masks = selections.map((s) => (out[s.output] as ort.Tensor).data as Uint8Array);
+async function runBatch(session: ModSession, rows: number[][], pad: 'left' | 'right', selections: Selection[], acc: Accumulator): Promise<void> {
+  const { data: logits, dims: [, width, V] } = await session.forward(rows, { pad });
+  const masks = selections.map((s) => (session.lastOutputs[s.output] as ort.Tensor).data as Uint8Array);
   rows.forEach((row, b) => {
     const offset = pad === 'left' ? width - row.length : 0;
     let nll = 0;
-    for (let t = 0; t + 1 < row.length; t++) nll += tokenNll(logits, ((b * width) + offset + t) * V, V, row[t + 1]!);
+    for (let t = 0; t + 1 < row.length; t++) nll += tokenNll(logits, (b * width + offset + t) * V, V, row[t + 1]!);
     const selected = masks.map((m) => {
       let count = 0;
       for (let t = 0; t < row.length; t++) count += m[b * width + offset + t] ? 1 : 0;
@@ -227,7 +224,7 @@ class Accumulator {
     this.kv.dense += kvElements(this.costs, dense);
   }
 
-  result(sequences: number, routing: EvalResult['routing']): EvalResult {
+  result(sequences: number, routing: EvalResult['routing']): Omit<EvalResult, 'pad'> {
     const nll = this.predicted > 0 ? this.nll / this.predicted : NaN;
     const routed = new Set(this.selections.map((s) => s.layer));
     const layers = this.costs.layers.flatMap((c): LayerEval[] =>

@@ -46,11 +46,10 @@ export function modelFromBytes(bytes: Uint8Array, path: string): Model {
   const model = modelFromProto(proto, (tp) => (tp.data_location === 1 ? new Tensor(tp, resolver.resolve(tp)) : new Tensor(tp)));
   model.sourcePath = path;
   model.baseDir = baseDir;
-  // What ONNX Runtime would refuse to load is refused here, before sorting, analysis or a pass
-  // meets it. Order is not required: an unsorted graph is a valid ONNX model, sorted next.
+  sortGraphs(model.graph, path);
+  // What ONNX Runtime would refuse to load is refused here, before analysis or a pass meets it.
   const issues = verifyModel(model, { order: false });
   if (issues.length) throw new ModcError(`${path}: ${issues[0]!.message}${issues.length > 1 ? ` (and ${issues.length - 1} more problem${issues.length > 2 ? 's' : ''})` : ''}`);
-  sortGraphs(model.graph, path);
   return model;
 }
 

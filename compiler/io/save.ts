@@ -207,7 +207,10 @@ export function saveModel(model: Model, outPath: string, opts: SaveOptions = {})
       const spill = inline.filter((v) => v.initializer!.byteLength >= threshold!);
       if (spill.length) {
         let name = opts.externalDataName ?? `${basename(out)}.data`;
-        while (locations.has(name) || [...relocated.values()].includes(name)) name = `_${name}`;
+        // Never over a file the model still reads, however its location is spelled.
+        const inputs = inputFiles(model);
+        const taken = (n: string) => locations.has(n) || [...relocated.values()].includes(n) || inputs.some((f) => sameFile(f, join(outDir, n)));
+        while (taken(name)) name = `_${name}`;
         const dest = join(outDir, name);
         const tmp = tempName(dest);
         temps.push(tmp);

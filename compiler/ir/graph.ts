@@ -132,7 +132,9 @@ export class Node {
     return v;
   }
 
-  setInput(index: number, value: Value | null): void {
+  setInput(index: number, given: Value | null): void {
+    // A caller copying slots past the end of another node's inputs passes undefined: an omitted input.
+    const value = given ?? null;
     const old = this._uses[index];
     if (old) this._inputs[index]!.uses.delete(old);
     while (this._inputs.length <= index) {

@@ -93,15 +93,47 @@ const ARITY: Record<string, [number, number, number, number]> = {
   Range: [3, 3, 1, 1], Trilu: [1, 2, 1, 1], LayerNormalization: [2, 3, 1, 3], SimplifiedLayerNormalization: [2, 3, 1, 3],
   RMSNormalization: [2, 2, 1, 1], If: [1, 1, 1, Infinity], ScatterND: [3, 3, 1, 1], ScatterElements: [3, 3, 1, 1],
   TopK: [2, 2, 2, 2], NonZero: [1, 1, 1, 1], ConstantOfShape: [1, 1, 1, 1], Constant: [0, 0, 1, 1], Split: [1, 2, 1, Infinity],
-  Attention: [3, 6, 1, 4], RotaryEmbedding: [3, 4, 1, 1], Sin: [1, 1, 1, 1], Cos: [1, 1, 1, 1],
+  Attention: [3, 7, 1, 4], RotaryEmbedding: [3, 4, 1, 1], Sin: [1, 1, 1, 1], Cos: [1, 1, 1, 1],
+};
+
+/**
+ * Fused com.microsoft ops the analysis reads: input slots (min, max), outputs (min, max), and the
+ * slots that must be present (others may be omitted with '').
+ */
+const MS_ARITY: Record<string, [number, number, number, number, number[]]> = {
+  SkipLayerNormalization: [3, 5, 1, 4, [0, 1, 2]],
+  SkipSimplifiedLayerNormalization: [3, 4, 1, 4, [0, 1, 2]],
+  SimplifiedLayerNormalization: [2, 2, 1, 3, [0, 1]],
+  LayerNormalization: [2, 3, 1, 3, [0, 1]],
+  EmbedLayerNormalization: [7, 9, 1, 3, [0, 2, 3, 5, 6]],
+  Attention: [2, 10, 1, 3, [0, 1]],
+  MultiHeadAttention: [1, 12, 1, 4, [0]],
+  GroupQueryAttention: [7, 14, 1, 4, [0, 5, 6]],
+  RotaryEmbedding: [4, 4, 1, 1, [0, 1, 2, 3]],
+  MatMulNBits: [3, 7, 1, 1, [0, 1, 2]],
+  FastGelu: [1, 2, 1, 1, [0]],
+  BiasGelu: [2, 2, 1, 1, [0, 1]],
 };
 
 function verifyArity(n: Node, report: (m: string) => void, ctx: Ctx): void {
-  if (n.opType === '') report(`a node ${n.name ? quote(n.name) : ''} has no op type`.replace('  ', ' '));
+  if (n.opType === '') report(`${n.describe()} has no op type`);
   const fn = ctx.functions.get(functionKey(n.domain, n.opType, n.overload));
   if (fn) {
     if (n.inputs.length > fn.body.inputs.length) report(`${n.describe()} passes ${n.inputs.length} inputs to local function ${quote(fn.key)}, which declares ${fn.body.inputs.length}`);
     if (n.outputs.length > fn.body.outputs.length) report(`${n.describe()} expects ${n.outputs.length} outputs from local function ${quote(fn.key)}, which declares ${fn.body.outputs.length}`);
+    return;
+  }
+  if (n.domain === 'com.microsoft') {
+    const m = MS_ARITY[n.opType];
+    if (!m) return;
+    const [inMin, inMax, outMin, outMax, required] = m;
+    const ins = lastPresent(n.inputs);
+    const outs = lastPresent(n.outputs.map((v) => (v.name === '' ? null : v)));
+    const missing = required.filter((i) => !n.inputs[i]);
+    if (missing.length || ins > inMax) {
+      report(`${n.describe()} ${missing.length ? `lacks required input${missing.length > 1 ? 's' : ''} ${missing.join(', ')}` : `has ${ins} inputs`}; ${n.opType} takes ${inMin} to ${inMax}`);
+    }
+    if (outs < outMin || outs > outMax) report(`${n.describe()} has ${outs} outputs; ${n.opType} gives ${outMin} to ${outMax}`);
     return;
   }
   if (n.domain !== '') return;
@@ -143,7 +175,17 @@ function cycleMember(g: Graph): Node | null {
       if (left === 0) ready.push(d);
     }
   }
-  return done === g.nodes.length ? null : g.nodes.find((n) => pending.get(n)! > 0) ?? null;
+  if (done === g.nodes.length) return null;
+  // Every unplaced node waits on another unplaced one: walking back must come round a cycle.
+  let n = g.nodes.find((x) => pending.get(x)! > 0)!;
+  const seen = new Set<Node>();
+  while (!seen.has(n)) {
+    seen.add(n);
+    const p = n.inputs.map((v) => v?.producer).find((x) => x && x.graph === g && pending.get(x)! > 0);
+    if (!p) break;
+    n = p;
+  }
+  return n;
 }
 
 function lastPresent(values: readonly (Value | null)[]): number {

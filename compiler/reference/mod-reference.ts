@@ -23,6 +23,7 @@ import { join } from 'node:path';
 import { analyzeDecoder } from '../analysis/analyze.js';
 import { extractUnits, layerUnit, type LayerUnit } from '../analysis/extract.js';
 import type { LoadedUnit } from '../analysis/layer-executor.js';
+import { GraphFacts } from '../analysis/graph-facts.js';
 import { subLayersOf, type SubLayer } from '../analysis/sub-layers.js';
 import type { DecoderStructure, LayerInfo } from '../analysis/types.js';
 import { ModcError } from '../errors.js';
@@ -97,7 +98,7 @@ export class ModReference {
     const cut = [...new Set(routing.layers.filter((l) => l.part !== 'block').map((l) => l.layer))];
     splitFusedBoundaries(model, analyzeDecoder(model), { within: cut });
     const structure = analyzeDecoder(model);
-    const stateful = routing.layers.find((l) => structure.layers[l.layer]?.state.length);
+    const stateful = routing.layers.find((l) => l.part !== 'mlp' && structure.layers[l.layer]?.state.length);
     if (stateful) throw new ModcError(`layer ${stateful.layer} carries state besides the KV cache and is never routed: take the routing plan from the compiled model (routingPlanOf)`);
     const groups = unitGroups(model, structure, routing);
     const units = extractUnits(model, groups.map((g) => g.group));
@@ -366,9 +367,16 @@ function unitGroups(model: Model, s: DecoderStructure, routing: RoutingPlan): Un
 function partGroups(model: Model, layer: LayerInfo, plans: readonly LayerPlan[]): UnitGroup[] {
   const parts = subLayersOf(layer, new Set(model.graph.outputs));
   if ('reason' in parts) throw new ModcError(`reference: layer ${layer.index} has no sub-layer boundary: ${parts.reason}`);
+  const facts = new GraphFacts(model.graph);
   const routed = plans.map((plan) => {
     const sub = parts[plan.part as 'attention' | 'mlp'];
     if (sub.blocker) throw new ModcError(`reference: layer ${describeLayerPart(plan)} cannot be routed: ${sub.blocker}`);
+    // The values crossing the cut become unit inputs, which ONNX Runtime checks strictly: keep
+    // only their element type (a model's value_info may declare a shape it only merges leniently).
+    for (const v of [sub.input, sub.update]) {
+      const elem = v.dtype ?? facts.dtype(v);
+      if (elem !== undefined) v.type = { tensor_type: { elem_type: elem } };
+    }
     return { sub, plan };
   });
   const regionOf = new Map<Node, number>();

@@ -83,6 +83,8 @@ export class ModSession {
   /** State besides the KV cache (hybrid models), by past input name. */
   private states = new Map<string, ort.Tensor>();
   private lengths = new Map<number, number[]>();
+  /** Every output of the last call, by name: logits, presents, and outputs a tool added (modc eval's selection masks). */
+  lastOutputs: ort.InferenceSession.OnnxValueMapType = {};
 
   /** @param logits 'last': the model gives each row's last real position only ([B, 1, V], `modc compile --logits last`). */
   private constructor(readonly session: ort.InferenceSession, readonly io: DecoderIo, readonly path: string, readonly logits: LogitsPositions, private readonly embedder: TokenEmbedder | null) {}
@@ -158,6 +160,23 @@ export class ModSession {
     const positions = nextPositions(this.mask);
     this.mask = this.mask.map((m) => [...m, 1]);
     return this.run(next, [this.batch, 1], positions);
+  }
+
+  /**
+   * Feeds the same number of tokens per row on top of the caches: a prompt in chunks (forward()
+   * the first, extend() the rest), which keeps a long prompt's attention scores chunk-sized.
+   */
+  async extend(rows: number[][]): Promise<Logits> {
+    if (this.mask.length === 0) throw new ModcError('extend() before forward(): run the first chunk with forward()');
+    if (rows.length !== this.batch) throw new ModcError(`extend() got ${rows.length} rows for a batch of ${this.batch}`);
+    const n = rows[0]!.length;
+    if (n === 0 || rows.some((r) => r.length !== n)) throw new ModcError('extend() needs the same number of tokens, at least one, in every row');
+    const ids = rows.flat();
+    this.checkVocab(ids);
+    this.checkContext(this.mask, n);
+    const positions = nextPositions(this.mask).flatMap((p) => Array.from({ length: n }, (_, i) => p + i));
+    this.mask = this.mask.map((m) => [...m, ...Array<number>(n).fill(1)]);
+    return this.run(ids, [this.batch, n], positions);
   }
 
   async generate(prompt: number[][], opts: GenerateOptions): Promise<GenerateResult> {
@@ -236,6 +255,7 @@ export class ModSession {
     } catch (e) {
       throw new ModcError(`onnxruntime failed running ${this.path}: ${(e as Error).message.split('\n')[0]}`);
     }
+    this.lastOutputs = out;
     for (const b of io.kv) this.keepPresent(b, out);
     for (const s of io.state) this.states.set(s.past, out[s.present] as ort.Tensor);
     const logits = out[io.logits] as ort.Tensor;

@@ -2,7 +2,7 @@
  * Seed models for the fuzzer: every fixture, plus compiled versions of two (so the mutators also
  * meet modc functions, If-wrapped layers and routing metadata).
  */
-import { existsSync, mkdirSync, readdirSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { analyzeDecoder } from '../../compiler/analysis/analyze.js';
 import { loadModel } from '../../compiler/io/load.js';
@@ -19,9 +19,17 @@ export function modelFolders(root: string): string[] {
   return readdirSync(root).sort().map((e) => join(root, e)).filter((d) => existsSync(join(d, 'model.onnx')));
 }
 
-/** The fixtures, plus compiled seeds written under `scratch`. */
-export function seedModels(scratch: string, extra: string[] = []): string[] {
-  const seeds = [...modelFolders(FIXTURES), ...extra];
+/** Bytes of a model folder's files (model and sidecars). */
+function folderBytes(dir: string): number {
+  return readdirSync(dir).reduce((a, e) => a + statSync(join(dir, e)).size, 0);
+}
+
+/**
+ * The fixtures (those under `maxBytes`, when given: the short run skips the larger ones), plus
+ * compiled seeds written under `scratch`.
+ */
+export function seedModels(scratch: string, extra: string[] = [], maxBytes = Infinity): string[] {
+  const seeds = [...modelFolders(FIXTURES).filter((d) => folderBytes(d) <= maxBytes), ...extra];
   for (const [name, inlineOps] of [['llama-tiny', false], ['gpt2-tiny', true], ['genai-tiny', false]] as const) {
     const src = join(FIXTURES, name, 'model.onnx');
     if (!existsSync(src)) continue;

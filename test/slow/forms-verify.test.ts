@@ -3,7 +3,7 @@
  * passes `modc verify` (MoD semantics against the reference executor, and the all-pass anchor),
  * with no flags besides the routing. The quick checks of each form are in test/forms.test.ts.
  */
-import { copyFileSync, mkdirSync } from 'node:fs';
+import { copyFileSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { FIXTURES_DIR } from '../../fixtures/build-fixtures.js';
@@ -32,12 +32,29 @@ describe('a routed compile of every form passes modc verify', () => {
     ['int32 inputs', fixture('forms-int32-tiny'), ['--routing', 'topk']],
     ['GroupQueryAttention (right padding by default)', fixture('forms-gqa-tiny'), []],
     ['hybrid: recurrent layer with state', fixture('forms-hybrid-tiny'), ['--routing', 'topk']],
+    ['hybrid, MLP-only routing (the recurrent layer\'s MLP routes too)', fixture('forms-hybrid-tiny'), ['--granularity', 'mlp']],
     ['MatMulNBits int4', fixture('forms-nbits-tiny'), ['--schedule', 'every-other']],
     ['QDQ int8', fixture('forms-qdq-tiny'), ['--schedule', 'every-other']],
     ['MatMulInteger', fixture('forms-integer-tiny'), ['--routing', 'topk']],
     ['inputs_embeds', fixture('forms-embeds-tiny'), []],
+    ['sliding window (windowed layers stay dense)', fixture('forms-gqa-window-tiny'), []],
+    ['sliding window, MLP-only routing', fixture('forms-gqa-window-tiny'), ['--granularity', 'mlp']],
+    ['RMSNormalization op (opset 23)', fixture('forms-rmsnorm-tiny'), ['--routing', 'topk']],
   ] as const)('%s', async (_, path, args) => {
-    await compileAndVerify(path, path.split('/').at(-2)!, '--router-init', 'random', ...args);
+    await compileAndVerify(path, `${path.split('/').at(-2)!}-${args.join('')}`, '--router-init', 'random', ...args);
+  });
+
+  it('calibrate on a hybrid model routes no part that holds state; its routers compile and pass verify', async () => {
+    const data = join(tmp, 'calib.jsonl');
+    writeFileSync(data, '{"ids": [5, 6, 7, 8, 9, 10, 11, 12]}\n{"ids": [13, 14, 15, 16]}\n{"ids": [17, 18, 19, 20, 21, 22]}\n');
+    const routers = join(tmp, 'hybrid-routers.safetensors');
+    const cal = await runCli('calibrate', fixture('forms-hybrid-tiny'), '--data', data, '--target-compute', '0.9', '-o', routers, '-q');
+    expect(cal.stderr).toBe('');
+    const out = join(tmp, 'hybrid-calibrated', 'model.onnx');
+    expect((await runCli('compile', fixture('forms-hybrid-tiny'), '--routers', routers, '-o', out, '-q')).code).toBe(0);
+    const meta = JSON.parse((await runCli('inspect', out, '--json')).stdout).routing as { layers: { layer: number; part: string }[] };
+    expect(meta.layers.filter((l) => l.layer === 0 && l.part !== 'mlp')).toEqual([]);
+    expect((await runCli('verify', fixture('forms-hybrid-tiny'), out)).code).toBe(0);
   });
 
   it('inputs_embeds with no flags: verify and bench use seeded random embeddings; files genai_config.json names but that are absent are not an error', async () => {
