@@ -12,7 +12,7 @@ import { defineConfig } from 'vitest/config';
  * Files whose per-model cases (describe.each(contractModels())) split between the projects; they
  * run in both, so any other case in them runs twice.
  */
-const SPLIT_BY_MODEL = ['test/mod.test.ts', 'test/last-logits.test.ts', 'test/oracle.test.ts', 'test/granularity.test.ts'];
+const SPLIT_BY_MODEL = ['test/mod.test.ts', 'test/last-logits.test.ts', 'test/oracle.test.ts', 'test/granularity.test.ts', 'test/cuda-kernels.test.ts'];
 /** Whole files that are slow end-to-end runs of several commands on real sessions. */
 const SLOW_FILES = ['test/verify.test.ts', 'test/codegen-e2e.test.ts'];
 

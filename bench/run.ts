@@ -11,6 +11,7 @@ import { LONG_CONTEXT_USAGE, longContextBench } from './long-context.js';
 import { PREFILL_USAGE, prefillBench } from './prefill.js';
 import { PROFILE_USAGE, profileBench } from './profile.js';
 import { QUALITY_USAGE, qualityBench } from './quality.js';
+import { PLOT_USAGE, plotBench } from './plot.js';
 
 const BENCHES: Record<string, { usage: string; run: (argv: readonly string[]) => Promise<void> }> = {
   prefill: { usage: PREFILL_USAGE, run: prefillBench },
@@ -19,6 +20,7 @@ const BENCHES: Record<string, { usage: string; run: (argv: readonly string[]) =>
   analysis: { usage: ANALYSIS_USAGE, run: analysisBench },
   'long-context': { usage: LONG_CONTEXT_USAGE, run: longContextBench },
   quality: { usage: QUALITY_USAGE, run: qualityBench },
+  plot: { usage: PLOT_USAGE, run: plotBench },
 };
 
 const USAGE = `usage: node dist/bench/run.js <benchmark> [flags]   (npm run build && npm run bench -- <benchmark> [flags])
@@ -30,6 +32,7 @@ benchmarks:
   analysis  load, analysis and MoD compile times of 7B-shaped graphs; modc compile of 7B/70B/405B shapes
   long-context  a small model at 8K/32K context: KV bytes, peak RSS, prefill and decode, original vs MoD
   quality   compute fraction vs held-out NLL: dense, calibrated and random routers (fixtures/quality-lm)
+  plot      figures (SVG) from JSON: modc bench reports, modc eval results, bench quality --json
 
 Every benchmark takes --quick (small sizes, for a smoke run) and --help.
 

@@ -2,6 +2,8 @@
 import { benchPair, type Spread } from '../benchmark.js';
 import { loadModel } from '../io/load.js';
 import { decoderIo } from '../runtime/decoder-io.js';
+import { checkOutputPath } from '../io/save.js';
+import { stringFlag } from './args.js';
 import { intFlag, modelPair } from './args.js';
 import type { Command } from './command.js';
 import { formatBytes, table } from './format.js';
@@ -14,7 +16,7 @@ const x = (v: number) => `${v.toFixed(3)}x`;
 export const benchCommand: Command = {
   name: 'bench',
   summary: 'time prefill and decode, and measure KV bytes, of an original and its compiled model',
-  usage: 'modc bench ORIGINAL.onnx COMPILED.onnx [--prompt N] [--batch B] [--steps N] [--runs N] [--warmup N] [--threads N] [--ep cpu|cuda] [--json]',
+  usage: 'modc bench ORIGINAL.onnx COMPILED.onnx [--prompt N] [--batch B] [--steps N] [--runs N] [--warmup N] [--threads N] [--ep cpu|cuda] [--json] [--plot OUT.svg]',
   details: [
     'Both models get the same pseudo-random prompt, interleaved: in each run both prefills, then',
     'both models\' decode step 1, step 2, ...; which model goes first alternates. Reported: median',
@@ -35,6 +37,7 @@ export const benchCommand: Command = {
     threads: { type: 'string', valueName: 'N', help: 'ORT intra-op threads (default 0: ORT\'s default, one per physical core)' },
     ep: { type: 'string', valueName: 'EP', help: 'execution provider: cpu (default) or cuda' },
     json: { type: 'boolean', help: 'print the report as JSON' },
+    plot: { type: 'string', valueName: 'OUT.svg', help: 'also draw speedup and KV bytes vs capacity (the original at capacity 1) as an SVG' },
   },
   async run(positionals, values, io) {
     const [original, compiled] = modelPair(positionals);
@@ -49,10 +52,14 @@ export const benchCommand: Command = {
       executionProvider: executionProvider(values),
       log: () => progress.tick(),
     };
+    const plot = stringFlag(values, 'plot');
+    if (plot) checkOutputPath(plot); // before the timed work
     const vocab = decoderIo(loadModel(original)).vocabSize ?? 100;
     progress.stage(`bench: ${opts.warmup + opts.runs} runs of each model`, opts.warmup + opts.runs);
     const report = await benchPair(original, compiled, vocab, opts);
     progress.stop();
+    // Vega loads only when a figure is asked for.
+    if (plot) await (await import('../plot/bench-plot.js')).benchCapacity(report, plot);
     if (values.json) {
       io.out(JSON.stringify(report, null, 2));
       return 0;
