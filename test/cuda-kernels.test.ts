@@ -86,7 +86,7 @@ const TABLE = loadKernelTable(join(ROOT, 'third_party', 'onnxruntime', 'Operator
 
 type Types = Map<Value, number>;
 
-const SAME_AS_FIRST = new Set(['Add', 'Sub', 'Mul', 'Div', 'Pow', 'Neg', 'Sqrt', 'Tanh', 'Sigmoid', 'Erf', 'Cos', 'Sin', 'Relu', 'Ceil', 'Abs', 'Exp', 'Log', 'MatMulNBits',
+const SAME_AS_FIRST = new Set(['Add', 'Sub', 'Mul', 'Div', 'Pow', 'Neg', 'Sqrt', 'Tanh', 'Sigmoid', 'Erf', 'Cos', 'Sin', 'Relu', 'Ceil', 'Abs', 'Exp', 'Log', 'MatMulNBits', 'RMSNormalization',
   'Identity', 'Reshape', 'Transpose', 'Unsqueeze', 'Squeeze', 'Expand', 'Slice', 'Gather', 'GatherElements', 'GatherND', 'Concat', 'Split',
   'Softmax', 'CumSum', 'ReduceSum', 'ReduceMax', 'ReduceMin', 'ReduceMean', 'Max', 'Min', 'Tile', 'ScatterND', 'ScatterElements', 'Trilu',
   'MatMul', 'Gemm', 'Range', 'FusedMatMul', 'FastGelu', 'Gelu', 'QuickGelu', 'RotaryEmbedding', 'MultiHeadAttention', 'Attention']);

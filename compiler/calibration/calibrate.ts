@@ -458,7 +458,7 @@ export function computeFraction(cost: ModelCosts, lengths: readonly number[], pa
 }
 
 function candidateParts(points: readonly LayerPoints[], allowed: readonly RoutedPart[]): PartRef[] {
-  return points.flatMap((p) => allowed.filter((part) => partValues(p, part) !== null && !(p.mlpOnly && part !== 'mlp')).map((part) => ({ layer: p.layer, part })));
+  return points.flatMap((p) => allowed.filter((part) => partValues(p, part) !== null && !p.stateful && !(p.mlpOnly && part !== 'mlp')).map((part) => ({ layer: p.layer, part })));
 }
 
 function groupByInput(points: readonly LayerPoints[], candidates: readonly PartRef[], H: number): InputStats[] {

@@ -30,7 +30,9 @@ export interface LayerPoints {
   out: string;
   /** Parallel residual (out = x + a(x) + m(x)): the MLP reads x, not h. */
   parallel: boolean;
-  /** Only the MLP part can be routed: the layer has state besides its KV cache, or a sliding window. */
+  /** Nothing can be routed: the layer has state besides its KV cache (route-layers keeps it dense). */
+  stateful: boolean;
+  /** Only the MLP part can be routed: a sliding window keeps the KV cache full. */
   mlpOnly: boolean;
 }
 
@@ -49,8 +51,8 @@ export function layerPoints(s: DecoderStructure): LayerPoints[] {
   return s.layers.map((l) => {
     const out = l.residualOut;
     if (!out) throw new ModcError(`layer ${l.index}: its residual output is not a value in the graph, so it cannot be captured`);
-    const mlpOnly = l.state.length > 0 || kvCompactionBlocker(l.attention) !== null;
-    return { layer: l.index, x: l.residualIn.name, h: midStream(l)?.name ?? null, out: out.name, parallel: isParallel(l), mlpOnly };
+    const mlpOnly = kvCompactionBlocker(l.attention) !== null;
+    return { layer: l.index, x: l.residualIn.name, h: midStream(l)?.name ?? null, out: out.name, parallel: isParallel(l), stateful: l.state.length > 0, mlpOnly };
   });
 }
 

@@ -98,7 +98,7 @@ export class ModReference {
     const cut = [...new Set(routing.layers.filter((l) => l.part !== 'block').map((l) => l.layer))];
     splitFusedBoundaries(model, analyzeDecoder(model), { within: cut });
     const structure = analyzeDecoder(model);
-    const stateful = routing.layers.find((l) => l.part !== 'mlp' && structure.layers[l.layer]?.state.length);
+    const stateful = routing.layers.find((l) => structure.layers[l.layer]?.state.length);
     if (stateful) throw new ModcError(`layer ${stateful.layer} carries state besides the KV cache and is never routed: take the routing plan from the compiled model (routingPlanOf)`);
     const groups = unitGroups(model, structure, routing);
     const units = extractUnits(model, groups.map((g) => g.group));

@@ -77,7 +77,7 @@ export function decoderIo(model: Model): DecoderIo {
   const outputs = new Map(g.outputs.map((v) => [v.name, v]));
   const ids = inputs.get('input_ids');
   const embeds = ids ? undefined : inputs.get('inputs_embeds');
-  if (!ids && !embeds) throw new ModcError(`model has no 'input_ids' or 'inputs_embeds' input (inputs: ${[...inputs.keys()].join(', ')})`);
+  if (!ids && !embeds) throw new ModcError(`model has no 'input_ids' input (inputs: ${[...inputs.keys()].join(', ')}), nor 'inputs_embeds'`);
   const hidden = embeds?.shape?.[2];
   if (embeds && typeof hidden !== 'number') throw new ModcError(`inputs_embeds needs a static hidden size (dims [${(embeds.shape ?? []).join(', ')}])`);
   const logits = outputs.get('logits') ?? g.outputs[0];
