@@ -158,12 +158,12 @@ export function graphFromProto(gp: GraphProto, parent: Graph | null, makeTensor:
 
 function attributeFromProto(ap: AttributeProto, node: Node, owner: Graph, makeTensor: TensorFactory) {
   const where = () => `${node.describe()} attribute ${quote(ap.name ?? '')}`;
+  if (ap.type === AttributeType.GRAPH && !ap.g) throw new ModcError(`${where()} has type GRAPH but holds no graph`);
   const stray = strayAttributeField(ap);
   if (stray) {
     const typeName = Object.entries(AttributeType).find(([, v]) => v === ap.type)?.[0] ?? String(ap.type);
     throw new ModcError(`${where()} has type ${typeName} but also holds a value in field '${stray}'`);
   }
-  if (ap.type === AttributeType.GRAPH && !ap.g) throw new ModcError(`${where()} has type GRAPH but holds no graph`);
   if (ap.g) {
     if (has(ap, 'type') && ap.type !== AttributeType.GRAPH) throw new ModcError(`${where()} holds a graph but its type is ${ap.type}, not GRAPH`);
     return { proto: ap, graph: graphFromProto(ap.g, owner, makeTensor) };
