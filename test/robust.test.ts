@@ -76,6 +76,14 @@ describe('crashes are refusals naming their cause', () => {
     expectOneLineError(await runCli('compile', path, '-o', join(tmp, 'mm', 'out.onnx'), '--router-init', 'random'), 1, /MatMul takes 2/);
   });
 
+  it('an attribute holding a value besides the one its type names (fuzz seed 7, case 10403: Constant.value with i set)', () => {
+    const path = mutant('llama-tiny', (m) => {
+      const c = m.graph!.node.find((n) => n.op_type === 'Constant')!;
+      c.attribute[0]!.i = 2 ** 31;
+    });
+    expect(refusal(() => loadModel(path)).message).toMatch(/Constant node .* attribute 'value' has type TENSOR but also holds a value in field 'i'/);
+  });
+
   it('a fused op that lost a required input (fuzz seed 7, case 516: SkipSimplifiedLayerNormalization)', () => {
     const path = mutant('genai-tiny', (m) => {
       const skip = m.graph!.node.find((n) => n.op_type === 'SkipSimplifiedLayerNormalization')!;

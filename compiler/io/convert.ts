@@ -159,6 +159,11 @@ export function graphFromProto(gp: GraphProto, parent: Graph | null, makeTensor:
 function attributeFromProto(ap: AttributeProto, node: Node, owner: Graph, makeTensor: TensorFactory) {
   const where = () => `${node.describe()} attribute ${quote(ap.name ?? '')}`;
   if (ap.type === AttributeType.GRAPH && !ap.g) throw new ModcError(`${where()} has type GRAPH but holds no graph`);
+  const stray = strayAttributeField(ap);
+  if (stray) {
+    const typeName = Object.entries(AttributeType).find(([, v]) => v === ap.type)?.[0] ?? String(ap.type);
+    throw new ModcError(`${where()} has type ${typeName} but also holds a value in field '${stray}'`);
+  }
   if (ap.g) {
     if (has(ap, 'type') && ap.type !== AttributeType.GRAPH) throw new ModcError(`${where()} holds a graph but its type is ${ap.type}, not GRAPH`);
     return { proto: ap, graph: graphFromProto(ap.g, owner, makeTensor) };
@@ -172,6 +177,30 @@ function attributeFromProto(ap: AttributeProto, node: Node, owner: Graph, makeTe
     return { proto: ap, graphs: ap.graphs.map((sg) => graphFromProto(sg, owner, makeTensor)) };
   }
   return { proto: ap };
+}
+
+/** The data field of each attribute type (AttributeProto.type -> field). */
+const ATTRIBUTE_FIELD: Record<number, string> = {
+  [AttributeType.FLOAT]: 'f', [AttributeType.INT]: 'i', [AttributeType.STRING]: 's', [AttributeType.TENSOR]: 't', [AttributeType.GRAPH]: 'g',
+  [AttributeType.SPARSE_TENSOR]: 'sparse_tensor', [AttributeType.TYPE_PROTO]: 'tp', [AttributeType.FLOATS]: 'floats', [AttributeType.INTS]: 'ints',
+  [AttributeType.STRINGS]: 'strings', [AttributeType.TENSORS]: 'tensors', [AttributeType.GRAPHS]: 'graphs', [AttributeType.SPARSE_TENSORS]: 'sparse_tensors',
+  [AttributeType.TYPE_PROTOS]: 'type_protos',
+};
+
+/**
+ * A data field set on an attribute besides the one its type names (ONNX Runtime refuses the
+ * model: "type field and data field mismatch"), or null.
+ */
+function strayAttributeField(ap: AttributeProto): string | null {
+  if (!has(ap, 'type') || !ap.type) return null;
+  const own = ATTRIBUTE_FIELD[ap.type];
+  for (const field of Object.values(ATTRIBUTE_FIELD)) {
+    if (field === own) continue;
+    const value = (ap as unknown as Record<string, unknown>)[field];
+    const set = Array.isArray(value) ? value.length > 0 : has(ap, field) && value !== null && value !== undefined;
+    if (set) return field;
+  }
+  return null;
 }
 
 function functionFromProto(fp: FunctionProto, makeTensor: TensorFactory): OnnxFunction {

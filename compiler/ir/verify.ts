@@ -245,7 +245,7 @@ function verifyGraph(g: Graph, outer: ReadonlySet<Value>, issues: VerifyIssue[],
   }
   if (forward && !ctx.order) {
     const stuck = cycleMember(g);
-    if (stuck) report(`graph ${quote(g.name)} has a cycle through ${stuck.describe()}`);
+    if (stuck) report(`graph ${quote(g.name)} has a cycle through ${stuck.describe()}; ONNX graphs must be acyclic`);
   }
   for (const v of g.outputs) {
     if (!visible(v) && !(!ctx.order && producedHere.has(v))) report(`graph output ${val(v)} is not defined in graph ${quote(g.name)}`);
