@@ -11,7 +11,7 @@ import { describe, expect, it } from 'vitest';
 import { ModReference } from '../compiler/reference/mod-reference.js';
 import { lastPosition, ModSession } from '../compiler/runtime/session.js';
 import { contractModels, tempDir } from './helpers.js';
-import { compileWith, expectSameRun, padSides, PROMPTS, tolerance, worstReal, worstRows } from './mod-helpers.js';
+import { compileWith, expectSameRun, padSides, prefillSelection, PROMPTS, splittingThreshold, tolerance, worstReal, worstRows } from './mod-helpers.js';
 
 const tmp = tempDir('modc-mod');
 let counter = 0;
@@ -33,9 +33,10 @@ describe.each(contractModels())('$name', ({ path }) => {
     ['threshold', true], ['threshold', false], ['topk', true], ['topk', false],
   ] as const)('random routers, %s routing (gated %s), agree with the reference executor', async (mode, gated) => {
     const tol = tolerance(path, 1e-4);
-    const compiled = compile(path, 'random', { mode, gated, threshold: 0.5, capacity: 0.5 });
     const pad = padSides(path).at(-1)!;
     const rows = PROMPTS.b3;
+    const threshold = mode === 'threshold' ? await splittingThreshold(tmp, path, rows, pad, { gated }) : 0.5;
+    const compiled = compile(path, 'random', { mode, gated, threshold, capacity: 0.5 });
     const mod = await ModSession.create(compiled.path);
     const ref = await ModReference.create(path, compiled.plan, join(tmp, `ref${counter++}`));
     try {
@@ -47,10 +48,14 @@ describe.each(contractModels())('$name', ({ path }) => {
       }
       expect(mod.layerCacheLengths()).toEqual(ref.layerCacheLengths());
       expect(mod.kvBytes()).toBe(ref.kvBytes());
-      // About half the tokens: some layer cache must be shorter than the context, and not empty.
-      const lengths = mod.layerCacheLengths().flat();
-      expect(Math.min(...lengths)).toBeGreaterThan(0);
-      expect(Math.min(...lengths)).toBeLessThan(rows[0]!.length + steps);
+      // Partial routing: in the prefill some real tokens of some layer are selected and some are
+      // not (counted over all layers and rows, so all-selected and none-selected both fail), and
+      // some layer's cache is shorter than its row's context.
+      const { selected, real } = prefillSelection(ref, rows);
+      expect(selected).toBeGreaterThan(0);
+      expect(selected).toBeLessThan(real);
+      const context = rows.map((r) => r.length + steps);
+      expect(mod.layerCacheLengths().some((layer) => layer.some((n, r) => n < context[r]!))).toBe(true);
     } finally {
       await ref.release();
     }
