@@ -19,7 +19,7 @@ const compile = (source: string, routers: 'all-pass' | 'random', opts: Parameter
 
 describe.each(contractModels())('$name', ({ path }) => {
   it('all tokens selected and ungated reproduces the original: prefill and a 32-token greedy run', async () => {
-    const tol = tolerance(path, 1e-4);
+    const tol = await tolerance(path, 1e-4);
     const compiled = compile(path, 'all-pass', { gated: false });
     for (const pad of padSides(path)) {
       for (const rows of [PROMPTS.b1, PROMPTS.b3]) {
@@ -32,7 +32,7 @@ describe.each(contractModels())('$name', ({ path }) => {
   it.each([
     ['threshold', true], ['threshold', false], ['topk', true], ['topk', false],
   ] as const)('random routers, %s routing (gated %s), agree with the reference executor', async (mode, gated) => {
-    const tol = tolerance(path, 1e-4);
+    const tol = await tolerance(path, 1e-4);
     const pad = padSides(path).at(-1)!;
     const rows = PROMPTS.b3;
     const threshold = mode === 'threshold' ? await splittingThreshold(tmp, path, rows, pad, { gated }) : 0.5;
