@@ -28,7 +28,7 @@ const MODELS = [
   { name: 'neox-tiny', path: fixture('neox-tiny'), pad: 'left', tolerance: 1e-5 },
   { name: 'llama-builder-tiny', path: fixture('llama-builder-tiny'), pad: 'left', tolerance: 1e-5 },
   { name: 'ort-gpt2-fused', path: join(FIXTURES, 'ort-gpt2-fused', 'model.onnx'), pad: 'left', tolerance: 1e-5 },
-  { name: 'ort-qwen2-gqa', path: join(FIXTURES, 'ort-qwen2-gqa', 'model.onnx'), pad: 'right', tolerance: 1e-2 },
+  { name: 'ort-qwen2-gqa', path: join(FIXTURES, 'ort-qwen2-gqa', 'model.onnx'), pad: 'right', tolerance: 1e-4 }, // fp16, but its logits are about 0.02: 1e-2 would pass anything
   { name: 'genai-tiny', path: fixture('genai-tiny'), pad: 'left', tolerance: 1e-2 },
 ] as const;
 
