@@ -259,7 +259,11 @@ export function allPassRouters(layers: readonly number[], hiddenSize: number, pa
   return layers.map((layer) => ({ layer, part, weight: new Float32Array(hiddenSize), bias: 20 }));
 }
 
-/** Seeded random routers: w ~ U(-1, 1) / sqrt(H), b = 0, so about half the tokens score above 0. */
+/**
+ * Seeded random routers: w ~ U(-1, 1) / sqrt(H), b = 0. A token scores above 0 when its stream
+ * projects positively on w: about half the tokens of a random-weight model, but a trained
+ * model's stream shares a large component across tokens, so there the share can be none or all.
+ */
 export function randomRouters(layers: readonly number[], hiddenSize: number, seed: number, part: RoutedPart = 'block'): LayerRouter[] {
   const next = mulberry32(seed);
   const scale = 1 / Math.sqrt(hiddenSize);

@@ -16,7 +16,7 @@ import { ROOT, FIXTURES, tempDir } from './helpers.js';
 
 const FUSED = [
   { name: 'ort-gpt2-fused', path: join(FIXTURES, 'ort-gpt2-fused', 'model.onnx'), pad: 'left', tolerance: 1e-5 },
-  { name: 'ort-qwen2-gqa', path: join(FIXTURES, 'ort-qwen2-gqa', 'model.onnx'), pad: 'right', tolerance: 1e-2 },
+  { name: 'ort-qwen2-gqa', path: join(FIXTURES, 'ort-qwen2-gqa', 'model.onnx'), pad: 'right', tolerance: 1e-4 }, // fp16, but its logits are about 0.02: 1e-2 would pass anything
   { name: 'genai-tiny', path: join(ROOT, 'fixtures', 'genai-tiny', 'model.onnx'), pad: 'left', tolerance: 1e-2 },
 ] as const;
 

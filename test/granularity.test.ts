@@ -61,7 +61,7 @@ const ONCE = process.env.MODC_TEST_MODELS !== 'rest';
 describe.each(contractModels())('$name', ({ path }) => {
   describe.each(['attention', 'mlp'] as const)('%s granularity', (part) => {
     it('all tokens selected and ungated reproduces the original: prefill and decode, batch 1 and batch 3 with padding', async () => {
-      const tol = tolerance(path, 1e-4);
+      const tol = await tolerance(path, 1e-4);
       const compiled = compileWith(tmp, path, 'all-pass', { gated: false, granularity: part });
       const meta = readRoutingMetadata(loadModel(compiled.path))!;
       expect(meta.layers.map((l) => l.part)).toEqual(compiled.plan.layers.map(() => part));
@@ -74,7 +74,7 @@ describe.each(contractModels())('$name', ({ path }) => {
     });
 
     it.each(CASES[part])('random routers, %s routing (gated %s), agree with the reference executor', async (mode, gated) => {
-      const tol = tolerance(path, 1e-4);
+      const tol = await tolerance(path, 1e-4);
       const compiled = compileWith(tmp, path, 'random', { mode, gated, threshold: 0.5, capacity: 0.5, granularity: part });
       const pad = padSides(path).at(-1)!;
       const rows = PROMPTS.b3;
@@ -121,7 +121,7 @@ describe.each(BOTH_PARTS)('both parts on one layer: %s', (name) => {
   const path = fixture(name);
 
   it('agrees with the reference executor (mode and gating from the file\'s metadata)', async () => {
-    const tol = tolerance(path, 1e-4);
+    const tol = await tolerance(path, 1e-4);
     const compiled = compileWith(tmp, path, 'file', { routerFile: bothPartsFile(path, tmp) });
     expect(compiled.plan.mode).toBe('topk');
     expect(compiled.plan.layers.filter((l) => l.layer === 1).map((l) => l.part)).toEqual(['attention', 'mlp']);
@@ -145,7 +145,7 @@ describe.each(BOTH_PARTS)('both parts on one layer: %s', (name) => {
     expect(compiled.plan.layers).toHaveLength(2 * s.layers.length);
     const pad = padSides(path).at(-1)!;
     const [orig, mod] = await Promise.all([ModSession.create(path), ModSession.create(compiled.path)]);
-    await expectSameRun(orig, mod, PROMPTS.b3, pad, 3, tolerance(path, 1e-4), `pad ${pad}`);
+    await expectSameRun(orig, mod, PROMPTS.b3, pad, 3, await tolerance(path, 1e-4), `pad ${pad}`);
   });
 });
 

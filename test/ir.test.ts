@@ -78,8 +78,19 @@ describe('graph IR', () => {
   });
 
   it('converts half floats both ways', () => {
-    for (const v of [0, 1, -2.5, 65504, 6.1e-5, 1e-7]) expect(halfToFloat(floatToHalf(v))).toBeCloseTo(v, 3);
+    // Representable values come back exactly, down to the smallest normal and subnormal halves
+    // (an absolute tolerance would pass 6.1e-5 or 1e-7 returned as 0).
+    for (const v of [0, 1, -2.5, 65504, 2 ** -14, -(2 ** -24), 1 + 2 ** -10]) expect(halfToFloat(floatToHalf(v)), String(v)).toBe(v);
+    // Others round to the nearest half: within half a unit in the last place, relative to the value.
+    for (const v of [6.1e-5, 0.1, -3.14159, 1000.3]) {
+      const back = halfToFloat(floatToHalf(v));
+      expect(Math.abs(back - v) / Math.abs(v), String(v)).toBeLessThanOrEqual(2 ** -11);
+    }
+    // Below the smallest normal the step is 2^-24: 1e-7 is 1.68 steps, so it becomes 2 steps.
+    expect(halfToFloat(floatToHalf(1e-7))).toBe(2 * 2 ** -24);
     expect(floatToHalf(1)).toBe(0x3c00);
+    expect(floatToHalf(65536)).toBe(0x7c00);
+    expect(Number.isNaN(halfToFloat(floatToHalf(NaN)))).toBe(true);
   });
 });
 

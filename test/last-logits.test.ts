@@ -19,6 +19,7 @@ import { planRouting } from '../compiler/routing-plan.js';
 import { ModSession, type Logits } from '../compiler/runtime/session.js';
 import { defaultRegistry, lastLogitsPass, modPipeline } from '../passes/index.js';
 import { allModels, contractModels, expectOneLineError, runCli, tempDir } from './helpers.js';
+import { tolerance } from './mod-helpers.js';
 
 const tmp = tempDir('modc-last-logits');
 let counter = 0;
@@ -43,10 +44,6 @@ function modCompile(source: string, logits: 'all' | 'last'): string {
   const plan = planRouting({ numLayers: s.layers.length, hiddenSize: s.hiddenSize, routers: { kind: 'random', seed: 5 } });
   runPipeline(model, modPipeline({ plan, logits }));
   return save(model);
-}
-
-function isFp16(path: string): boolean {
-  return analyzeDecoder(loadModel(path)).dtype === 'float16';
 }
 
 function padSides(path: string): ('left' | 'right')[] {
@@ -92,14 +89,14 @@ async function expectSameLastLogits(fullPath: string, lastPath: string, pad: 'le
 
 describe.each(contractModels())('$name', ({ path }) => {
   it('last-logits alone gives each row\'s last real token, [B, 1, V]; decode steps unchanged', async () => {
-    const tol = isFp16(path) ? 1e-2 : 1e-4;
+    const tol = await tolerance(path, 1e-4); // fp16: 1e-2 scaled to the logits
     const last = lastOnly(path);
     expect(logitsPositions(loadModel(last))).toBe('last');
     for (const pad of padSides(path)) await expectSameLastLogits(path, last, pad, tol);
   });
 
   it('the MoD pipeline with --logits last equals the same compile with all logits at the last real token', async () => {
-    const tol = isFp16(path) ? 1e-2 : 1e-4;
+    const tol = await tolerance(path, 1e-4); // fp16: 1e-2 scaled to the logits
     const [all, last] = [modCompile(path, 'all'), modCompile(path, 'last')];
     for (const pad of padSides(path)) await expectSameLastLogits(all, last, pad, tol);
   });

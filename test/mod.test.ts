@@ -11,7 +11,7 @@ import { describe, expect, it } from 'vitest';
 import { ModReference } from '../compiler/reference/mod-reference.js';
 import { lastPosition, ModSession } from '../compiler/runtime/session.js';
 import { contractModels, tempDir } from './helpers.js';
-import { compileWith, expectSameRun, padSides, PROMPTS, tolerance, worstReal, worstRows } from './mod-helpers.js';
+import { compileWith, expectSameRun, padSides, prefillSelection, PROMPTS, splittingThreshold, tolerance, worstReal, worstRows } from './mod-helpers.js';
 
 const tmp = tempDir('modc-mod');
 let counter = 0;
@@ -19,7 +19,7 @@ const compile = (source: string, routers: 'all-pass' | 'random', opts: Parameter
 
 describe.each(contractModels())('$name', ({ path }) => {
   it('all tokens selected and ungated reproduces the original: prefill and a 32-token greedy run', async () => {
-    const tol = tolerance(path, 1e-4);
+    const tol = await tolerance(path, 1e-4);
     const compiled = compile(path, 'all-pass', { gated: false });
     for (const pad of padSides(path)) {
       for (const rows of [PROMPTS.b1, PROMPTS.b3]) {
@@ -29,13 +29,27 @@ describe.each(contractModels())('$name', ({ path }) => {
     }
   });
 
+  // All-pass routers give r = sigmoid(20) = 1 in float32 and select every token under either mode:
+  // top-k at capacity 1 keeps every real token, and gating multiplies by exactly 1.
+  it.each([
+    ['threshold', true], ['topk', false], ['topk', true],
+  ] as const)('all tokens selected, %s routing (gated %s, capacity 1), reproduces the original: prefill and 4 greedy steps, batch 3 with padding', async (mode, gated) => {
+    const compiled = compile(path, 'all-pass', { mode, gated, capacity: 1 });
+    expect(compiled.plan.mode).toBe(mode);
+    expect(compiled.plan.gated).toBe(gated);
+    const pad = padSides(path).at(-1)!;
+    const [orig, mod] = await Promise.all([ModSession.create(path), ModSession.create(compiled.path)]);
+    await expectSameRun(orig, mod, PROMPTS.b3, pad, 4, await tolerance(path, 1e-4), `${mode}, gated ${gated}, pad ${pad}`);
+  });
+
   it.each([
     ['threshold', true], ['threshold', false], ['topk', true], ['topk', false],
   ] as const)('random routers, %s routing (gated %s), agree with the reference executor', async (mode, gated) => {
-    const tol = tolerance(path, 1e-4);
-    const compiled = compile(path, 'random', { mode, gated, threshold: 0.5, capacity: 0.5 });
+    const tol = await tolerance(path, 1e-4);
     const pad = padSides(path).at(-1)!;
     const rows = PROMPTS.b3;
+    const threshold = mode === 'threshold' ? await splittingThreshold(tmp, path, rows, pad, { gated }) : 0.5;
+    const compiled = compile(path, 'random', { mode, gated, threshold, capacity: 0.5 });
     const mod = await ModSession.create(compiled.path);
     const ref = await ModReference.create(path, compiled.plan, join(tmp, `ref${counter++}`));
     try {
@@ -47,10 +61,14 @@ describe.each(contractModels())('$name', ({ path }) => {
       }
       expect(mod.layerCacheLengths()).toEqual(ref.layerCacheLengths());
       expect(mod.kvBytes()).toBe(ref.kvBytes());
-      // About half the tokens: some layer cache must be shorter than the context, and not empty.
-      const lengths = mod.layerCacheLengths().flat();
-      expect(Math.min(...lengths)).toBeGreaterThan(0);
-      expect(Math.min(...lengths)).toBeLessThan(rows[0]!.length + steps);
+      // Partial routing: in the prefill some real tokens of some layer are selected and some are
+      // not (counted over all layers and rows, so all-selected and none-selected both fail), and
+      // some layer's cache is shorter than its row's context.
+      const { selected, real } = prefillSelection(ref, rows);
+      expect(selected).toBeGreaterThan(0);
+      expect(selected).toBeLessThan(real);
+      const context = rows.map((r) => r.length + steps);
+      expect(mod.layerCacheLengths().some((layer) => layer.some((n, r) => n < context[r]!))).toBe(true);
     } finally {
       await ref.release();
     }

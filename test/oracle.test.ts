@@ -190,6 +190,9 @@ describe.each(models)('oracle %s', (name) => {
     const key = JSON.stringify([c.prompt, c.steps, c.pad]);
     if (!original.has(key)) original.set(key, await runCase(source, c, oracle.vocabSlice));
     const dense = original.get(key)!;
-    expect(Math.max(...dense.map((d, i) => worst(d.logits, c.calls[i]!.logits))), 'max |original - oracle|').toBeGreaterThan(MIN_EFFECT);
+    // worst() turns NaN and shape mismatches into Infinity, which a "greater than" would accept.
+    const effect = dense.map((d, i) => worst(d.logits, c.calls[i]!.logits));
+    expect(effect.every(Number.isFinite), 'original logits: finite, shaped like the oracle\'s').toBe(true);
+    expect(Math.max(...effect), 'max |original - oracle|').toBeGreaterThan(MIN_EFFECT);
   });
 });

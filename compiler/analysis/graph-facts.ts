@@ -13,13 +13,21 @@ const SMALL_CONSTANT = 64;
 
 const BOOL_OPS = new Set(['Equal', 'Less', 'LessOrEqual', 'Greater', 'GreaterOrEqual', 'And', 'Or', 'Not', 'Xor', 'IsNaN', 'IsInf']);
 const INT64_OPS = new Set(['Shape', 'Size', 'NonZero', 'ArgMax', 'ArgMin']);
-/** Ops whose output rank is the largest input rank (broadcasting or same-shape ops). */
-const RANK_PRESERVING = new Set([
-  'Add', 'Sub', 'Mul', 'Div', 'Pow', 'Where', 'Equal', 'Less', 'LessOrEqual', 'Greater', 'GreaterOrEqual', 'And', 'Or', 'Not', 'Xor',
-  'Max', 'Min', 'Mod', 'Cast', 'Neg', 'Sqrt', 'Reciprocal', 'Exp', 'Log', 'Erf', 'Tanh', 'Sigmoid', 'Relu', 'Gelu', 'FastGelu', 'BiasGelu',
+/**
+ * Broadcasting ops: the output rank is the largest input rank, known only when every input's
+ * rank is (an operand of unknown rank may be the largest: Mul(x, scale[H]) is not rank 1).
+ */
+const BROADCASTING = new Set([
+  'Add', 'Sub', 'Mul', 'Div', 'Pow', 'Where', 'Equal', 'Less', 'LessOrEqual', 'Greater', 'GreaterOrEqual', 'And', 'Or', 'Xor',
+  'Max', 'Min', 'Mod', 'Sum', 'Mean',
+]);
+/** Ops whose output has the rank of their first input (the data; other inputs are parameters). */
+const RANK_OF_FIRST = new Set([
+  'Not', 'Cast', 'Neg', 'Sqrt', 'Reciprocal', 'Exp', 'Log', 'Erf', 'Tanh', 'Sigmoid', 'Relu', 'Gelu', 'FastGelu', 'BiasGelu',
   'Cos', 'Sin', 'Abs', 'Identity', 'Softmax', 'LayerNormalization', 'SimplifiedLayerNormalization', 'RMSNormalization', 'Transpose',
-  'Slice', 'Concat', 'Split', 'CumSum', 'Tile', 'Pad', 'Trilu', 'Clip', 'Floor', 'Ceil', 'Round', 'Sign', 'IsNaN', 'IsInf', 'QuickGelu',
+  'Slice', 'Split', 'CumSum', 'Tile', 'Pad', 'Trilu', 'Clip', 'Floor', 'Ceil', 'Round', 'Sign', 'IsNaN', 'IsInf', 'QuickGelu',
   'SkipLayerNormalization', 'SkipSimplifiedLayerNormalization', 'RotaryEmbedding', 'Dropout',
+  'QuantizeLinear', 'DequantizeLinear', 'DynamicQuantizeLinear', 'MatMulNBits',
 ]);
 const REDUCE_OPS = new Set(['ReduceMean', 'ReduceSum', 'ReduceMax', 'ReduceMin', 'ReduceProd', 'ReduceL2', 'ReduceSumSquare', 'ReduceLogSumExp']);
 
@@ -136,6 +144,12 @@ export class GraphFacts {
       const t = n.attr('value')?.t;
       return t?.data_type ?? DataType.FLOAT;
     }
+    if (n.opType === 'MatMulInteger' || n.opType === 'ConvInteger') return DataType.INT32;
+    // QuantizeLinear: output_dtype (opset 21), else the zero point's type, else uint8.
+    if (n.opType === 'QuantizeLinear') return n.attrInt('output_dtype') || first(2) || DataType.UINT8;
+    // DequantizeLinear: the scale's type (output_dtype, opset 23+, when set).
+    if (n.opType === 'DequantizeLinear') return n.attrInt('output_dtype') || first(1);
+    if (n.opType === 'DynamicQuantizeLinear') return slot === 1 ? DataType.FLOAT : DataType.UINT8;
     if (n.opType === 'EmbedLayerNormalization') return slot === 1 ? DataType.INT32 : first(2);
     if ((n.opType === 'LayerNormalization' || n.opType.startsWith('Skip')) && (slot === 1 || slot === 2)) return DataType.FLOAT;
     for (const v of n.inputs) if (v && this.dtypes.has(v)) return this.dtypes.get(v);
@@ -146,10 +160,15 @@ export class GraphFacts {
     const r = (i: number) => (n.inputs[i] ? this.ranks.get(n.inputs[i]!) : undefined);
     const rule = RANK_RULES[n.opType];
     if (rule) return rule(n, r, this);
-    if (RANK_PRESERVING.has(n.opType)) {
-      const known = n.inputs.map((v) => (v ? this.ranks.get(v) : undefined)).filter((x): x is number => x !== undefined);
-      return known.length ? Math.max(...known) : undefined;
+    if (BROADCASTING.has(n.opType)) {
+      const ranks = n.inputs.filter((v): v is Value => v !== null).map((v) => this.ranks.get(v));
+      return ranks.length && ranks.every((x) => x !== undefined) ? Math.max(...(ranks as number[])) : undefined;
     }
+    if (n.opType === 'Concat') {
+      // Every input has the output's rank: any known one tells.
+      return n.inputs.map((v) => (v ? this.ranks.get(v) : undefined)).find((x) => x !== undefined);
+    }
+    if (RANK_OF_FIRST.has(n.opType)) return r(0);
     if (REDUCE_OPS.has(n.opType)) return reduceRank(n, r(0), this);
     return undefined;
   }
@@ -213,6 +232,7 @@ const RANK_RULES: Record<string, (n: Node, r: RankOf, f: GraphFacts) => number |
     const [a, b] = [r(0), f.length1d(n.inputs[1] ?? null)];
     return a !== undefined && b !== undefined ? Math.max(a, b) : undefined;
   },
+  MatMulInteger: (n, r, f) => RANK_RULES.MatMul!(n, r, f),
   MatMul: (_n, r) => {
     const [a, b] = [r(0), r(1)];
     if (a === undefined || b === undefined) return undefined;

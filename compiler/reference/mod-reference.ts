@@ -77,6 +77,9 @@ export class ModReference {
   private ids: number[][] = [];
   /** Per call, per converted layer part (`3`, `3 (attention)`): each row's selected positions (for tests and debugging). */
   readonly selections: Map<string, number[][]>[] = [];
+  /** Per call, per converted layer part: each row's router scores (before the sigmoid) at its real tokens of the call. */
+  readonly scores: Map<string, number[][]>[] = [];
+  private callScores = new Map<string, number[][]>();
 
   /** Layers whose KV cache holds only their selected tokens (routed block or attention part). */
   private readonly compacted: ReadonlySet<number>;
@@ -197,6 +200,8 @@ export class ModReference {
       if (!run.attentionRouted) this.keepFull(run.index, values);
     }
     this.selections.push(chosen);
+    this.scores.push(this.callScores);
+    this.callScores = new Map();
     await runUnit(this.suffix, values);
     const logits = values.get(this.io.logits)!;
     return { data: toFloat32(logits), dims: logits.dims as [number, number, number] };
@@ -286,6 +291,7 @@ export class ModReference {
     const [B, S] = dims;
     const tokenMask = this.mask.flatMap((m) => m.slice(m.length - S));
     const score = kernels.router(x, dims, lp.router.weight, lp.router.bias);
+    this.callScores.set(describeLayerPart(lp), Array.from({ length: B }, (_, b) => [...Array(S).keys()].filter((s) => tokenMask[b * S + s]).map((s) => score[b * S + s]!)));
     const selected = this.routing.mode === 'threshold'
       ? kernels.selectThreshold(score, tokenMask, lp.threshold)
       : kernels.selectTopK(score, tokenMask, [B, S], lp.capacity, pastLength);
