@@ -20,38 +20,45 @@ export interface LoadedUnit {
   path: string;
 }
 
+/** Saves a unit as `dir/NAME.onnx` and opens a session on it. */
+export async function loadUnit(unit: RunnableUnit, dir: string, opts: SessionOptions = {}): Promise<LoadedUnit> {
+  mkdirSync(dir, { recursive: true });
+  const path = join(dir, `${unit.name}.onnx`);
+  saveModel(unit.model, path);
+  return { unit, session: await createSession(path, opts), path };
+}
+
+/** Runs one unit, reading its inputs from `values` and adding its outputs there. */
+export async function runUnit(loaded: LoadedUnit, values: Map<string, ort.Tensor>): Promise<void> {
+  const feeds: TensorMap = {};
+  for (const name of loaded.unit.inputs) {
+    const t = values.get(name);
+    if (!t) throw new ModcError(`unit ${loaded.unit.name} needs ${name}, which neither the feeds nor an earlier unit provide`);
+    feeds[name] = t;
+  }
+  let out: ort.InferenceSession.OnnxValueMapType;
+  try {
+    out = await loaded.session.run(feeds);
+  } catch (e) {
+    throw new ModcError(`onnxruntime failed running unit ${loaded.unit.name} (${loaded.path}): ${(e as Error).message.split('\n')[0]}`);
+  }
+  for (const name of loaded.unit.outputs) values.set(name, out[name] as ort.Tensor);
+}
+
 export class LayerByLayerRunner {
   private constructor(readonly decoder: ExtractedDecoder, readonly prefix: LoadedUnit, readonly layers: LoadedUnit[], readonly suffix: LoadedUnit) {}
 
   /** Saves every unit under `dir` (weights of external-data models are linked, not copied) and opens sessions. */
   static async create(decoder: ExtractedDecoder, dir: string, opts: SessionOptions = {}): Promise<LayerByLayerRunner> {
-    mkdirSync(dir, { recursive: true });
-    const load = async (unit: RunnableUnit): Promise<LoadedUnit> => {
-      const path = join(dir, `${unit.name}.onnx`);
-      saveModel(unit.model, path);
-      return { unit, session: await createSession(path, opts), path };
-    };
-    const prefix = await load(decoder.prefix);
+    const prefix = await loadUnit(decoder.prefix, dir, opts);
     const layers: LoadedUnit[] = [];
-    for (const l of decoder.layers) layers.push(await load(l));
-    return new LayerByLayerRunner(decoder, prefix, layers, await load(decoder.suffix));
+    for (const l of decoder.layers) layers.push(await loadUnit(l, dir, opts));
+    return new LayerByLayerRunner(decoder, prefix, layers, await loadUnit(decoder.suffix, dir, opts));
   }
 
   /** Runs one unit, reading its inputs from `values` and adding its outputs there. */
-  async runUnit(loaded: LoadedUnit, values: Map<string, ort.Tensor>): Promise<void> {
-    const feeds: TensorMap = {};
-    for (const name of loaded.unit.inputs) {
-      const t = values.get(name);
-      if (!t) throw new ModcError(`unit ${loaded.unit.name} needs ${name}, which neither the feeds nor an earlier unit provide`);
-      feeds[name] = t;
-    }
-    let out: ort.InferenceSession.OnnxValueMapType;
-    try {
-      out = await loaded.session.run(feeds);
-    } catch (e) {
-      throw new ModcError(`onnxruntime failed running unit ${loaded.unit.name} (${loaded.path}): ${(e as Error).message.split('\n')[0]}`);
-    }
-    for (const name of loaded.unit.outputs) values.set(name, out[name] as ort.Tensor);
+  runUnit(loaded: LoadedUnit, values: Map<string, ort.Tensor>): Promise<void> {
+    return runUnit(loaded, values);
   }
 
   /** Prefix, layers in order, suffix; returns the original model's outputs. */
