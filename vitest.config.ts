@@ -26,7 +26,16 @@ export default defineConfig({
     projects: [
       {
         extends: true,
-        test: { name: 'quick', include: ['test/**/*.test.ts'], exclude: ['test/slow/**', ...SLOW_FILES], env: { MODC_TEST_MODELS: 'quick' } },
+        test: {
+          name: 'quick',
+          include: ['test/**/*.test.ts'],
+          exclude: ['test/slow/**', ...SLOW_FILES],
+          env: { MODC_TEST_MODELS: 'quick' },
+          // Test files share each worker's module graph instead of re-importing onnxruntime-node
+          // and the compiler per file: 76 s -> 44 s for this project on 2 cores. No test mocks
+          // modules or changes process-wide state (cwd, env) that another file reads.
+          isolate: false,
+        },
       },
       {
         extends: true,
