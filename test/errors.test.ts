@@ -84,6 +84,7 @@ const COMMANDS: [string, (m: string) => string[]][] = [
   ['bench (compiled)', (m) => ['bench', LLAMA, m, '--prompt', '4', '--steps', '1', '--runs', '1', '--warmup', '0']],
   ['eval', (m) => ['eval', m, '--data', data()]],
   ['calibrate', (m) => ['calibrate', m, '--data', data(), '-o', join(tmp, 'routers', `${Math.random().toString(36).slice(2)}.safetensors`), '--target-compute', '0.8']],
+  ['codegen', (m) => ['codegen', m, '-o', join(tmp, 'codegen', `${Math.random().toString(36).slice(2)}.ts`)]],
 ];
 
 describe.each(MODEL_ERRORS)('bad model: %s', (which, pattern) => {
@@ -95,8 +96,8 @@ describe.each(MODEL_ERRORS)('bad model: %s', (which, pattern) => {
 
 describe('bad usage, every command: exit 2, one line', () => {
   const models: Record<string, string[]> = { inspect: ['M'], compile: ['M', '-o', 'OUT', '--router-init', 'random'], run: ['M', '--ids', '1'], generate: ['M', '--ids', '1', '--max-new', '1'], verify: ['M', 'C'], bench: ['M', 'C'],
-    eval: ['M', '--data', 'DATA'], calibrate: ['M', '--data', 'DATA', '-o', 'ROUTERS', '--target-compute', '0.8'] };
-  const fill = (args: string[]) => args.map((a) => (a === 'M' ? LLAMA : a === 'C' ? compiled : a === 'OUT' ? join(tmp, 'usage', 'o.onnx') : a === 'DATA' ? data() : a === 'ROUTERS' ? join(tmp, 'usage', 'r.safetensors') : a));
+    eval: ['M', '--data', 'DATA'], calibrate: ['M', '--data', 'DATA', '-o', 'ROUTERS', '--target-compute', '0.8'], codegen: ['M', '-o', 'TS'] };
+  const fill = (args: string[]) => args.map((a) => (a === 'M' ? LLAMA : a === 'C' ? compiled : a === 'OUT' ? join(tmp, 'usage', 'o.onnx') : a === 'DATA' ? data() : a === 'ROUTERS' ? join(tmp, 'usage', 'r.safetensors') : a === 'TS' ? join(tmp, 'usage', 's.ts') : a));
   it.each(Object.keys(models))('%s: an unknown flag, a missing or an extra model path', async (cmd) => {
     expectOneLineError(await runCli(cmd, ...fill(models[cmd]!), '--frobnicate'), 2, /frobnicate/);
     const positional = models[cmd]!.filter((a) => a === 'M' || a === 'C').length;
