@@ -11,6 +11,7 @@ import { decoderIo } from '../runtime/decoder-io.js';
 import { loadModel } from '../io/load.js';
 import { intFlag, numberFlag, onePositional, stringFlag } from './args.js';
 import type { CliValues, Command } from './command.js';
+import { progressOf, type Progress as ProgressReporter } from './progress.js';
 
 function oneOf<T extends string>(values: CliValues, flag: string, allowed: readonly T[], fallback: T): T {
   const v = stringFlag(values, flag);
@@ -39,21 +40,21 @@ const STAGES: Record<Progress['stage'], string> = {
   capture: 'capturing activations', fit: 'fitting routers', score: 'scoring tokens', sensitivity: 'measuring sensitivity', refine: 'refining thresholds', done: 'done',
 };
 
-/** A one-line progress bar redrawn in place; only on a TTY. */
-function progressBar(stream: NodeJS.WriteStream): ((p: Progress) => void) | undefined {
-  if (!stream.isTTY) return undefined;
-  let last = '';
+/** Feeds calibrate()'s stage reports to the shared progress reporter (a bar on a TTY). */
+function reportTo(progress: ProgressReporter): (p: Progress) => void {
+  let stage = '';
+  let shown = 0;
   return (p) => {
-    if (p.stage === 'done') {
-      if (last) stream.write('\r\x1b[2K');
-      last = '';
-      return;
+    if (p.stage === 'done') return progress.stop();
+    if (p.stage !== stage) {
+      stage = p.stage;
+      shown = 0;
+      progress.stage(STAGES[p.stage], p.total || undefined);
     }
-    const width = 30;
-    const filled = p.total ? Math.round((width * p.done) / p.total) : 0;
-    const line = `${STAGES[p.stage].padEnd(22)} [${'#'.repeat(filled)}${'-'.repeat(width - filled)}] ${p.done}/${p.total}`;
-    if (line !== last) stream.write(`\r\x1b[2K${line}`);
-    last = line;
+    if (p.done > shown) {
+      progress.tick(p.done - shown);
+      shown = p.done;
+    }
   };
 }
 
@@ -120,7 +121,7 @@ export const calibrateCommand: Command = {
     const sequences = readDataset(data, { model: modelPath, vocabSize, maxLength });
 
     const quiet = !!values.quiet;
-    const result = await calibrate(modelPath, sequences, { ...opts, onProgress: quiet ? undefined : progressBar(process.stderr) });
+    const result = await calibrate(modelPath, sequences, { ...opts, onProgress: reportTo(progressOf(io)) });
     mkdirSync(dirname(resolve(output)), { recursive: true });
     const r = result.report;
     writeCalibratedRouters(output, result, routerFileMetadata(result, { path: data, tokens: r.tokens, sequences: r.sequences }));
