@@ -6,7 +6,8 @@ import { Writable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
 import { main } from '../compiler/cli/main.js';
 import { progressMode } from '../compiler/cli/progress.js';
-import { fixture, runCli } from './helpers.js';
+import { join } from 'node:path';
+import { FIXTURES, fixture, runCli, tempDir } from './helpers.js';
 
 const MODEL = fixture('llama-tiny');
 
@@ -47,6 +48,18 @@ describe('progress', () => {
     expect(lines.stderr.trim().split('\n')).toEqual(['[load]', '[generate] 4 steps']);
     expect(lines.stdout).toBe(plain.stdout);
     const quiet = await runCli('generate', MODEL, '--ids', '1,2,3', '--max-new', '3', '--progress', '-q');
+    expect(quiet.stderr).toBe('');
+  });
+
+  it('calibrate reports its stages through the same reporter: one line each with --progress, none with -q', async () => {
+    const data = join(FIXTURES, 'data', 'tiny.jsonl');
+    const out = (name: string) => join(tempDir('modc-progress-calibrate'), name, 'r.safetensors');
+    const lines = await runCli('calibrate', MODEL, '--data', data, '--target-compute', '0.9', '-o', out('a'), '--progress');
+    expect(lines.code).toBe(0);
+    const stages = lines.stderr.split('\n').filter((l) => l.startsWith('['));
+    expect(stages.map((l) => l.replace(/\].*/, ']'))).toEqual(['[capturing activations]', '[fitting routers]', '[scoring tokens]', '[measuring sensitivity]', '[refining thresholds]']);
+    const quiet = await runCli('calibrate', MODEL, '--data', data, '--target-compute', '0.9', '-o', out('b'), '--progress', '-q');
+    expect(quiet.code).toBe(0);
     expect(quiet.stderr).toBe('');
   });
 
