@@ -15,24 +15,7 @@ import { mulberry32 } from '../compiler/routers.js';
 import { readRoutingMetadata } from '../compiler/routing-metadata.js';
 import { describeLayerPart, planRouting } from '../compiler/routing-plan.js';
 import { expectOneLineError, ROOT, runCli, tempDir } from './helpers.js';
-
-const MODEL = join(ROOT, 'fixtures', 'llama-tiny', 'model.onnx');
-const HIDDEN = 64;
-const LAYERS = 3;
-const VOCAB = 512;
-
-/** Seeded sequences of ids with some structure (a noisy repeating pattern), as JSON lines. */
-function writeData(path: string, lines: number, length: number, seed: number): void {
-  const next = mulberry32(seed);
-  const out: string[] = [];
-  for (let i = 0; i < lines; i++) {
-    const period = 3 + Math.floor(next() * 5);
-    const base = Array.from({ length: period }, () => Math.floor(next() * VOCAB));
-    const ids = Array.from({ length }, (_, t) => (next() < 0.2 ? Math.floor(next() * VOCAB) : base[t % period]!));
-    out.push(JSON.stringify({ ids }));
-  }
-  writeFileSync(path, out.join('\n') + '\n');
-}
+import { HIDDEN, LAYERS, MODEL, VOCAB, writeData } from './calibrate-data.js';
 
 describe('closed-form ridge fit', () => {
   it('recovers a known linear target from streamed statistics', () => {
