@@ -590,11 +590,11 @@ const semantics: Mutator = ({ rng, model, log }) => {
   const t = rng.pick(small);
   if (!t) return false;
   if (t.raw_data?.length) {
-    const view = new DataView(t.raw_data.buffer, t.raw_data.byteOffset, t.raw_data.byteLength);
+    // An earlier mutation may have cut the bytes short of one int64.
+    if (t.raw_data.length < 8) return false;
     const copy = new Uint8Array(t.raw_data);
-    const i = rng.int(t.raw_data.length / 8);
+    const i = rng.int(Math.floor(t.raw_data.length / 8));
     new DataView(copy.buffer).setBigInt64(i * 8, BigInt(rng.pick([0, -1, -2, 1, 7, 2 ** 31 - 1, -(2 ** 40)])!), true);
-    void view;
     t.raw_data = copy;
   } else if (t.int64_data.length) {
     t.int64_data[rng.int(t.int64_data.length)] = rng.pick([0, -1, -2, 1, 7, 2 ** 31 - 1])!;
