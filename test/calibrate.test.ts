@@ -142,9 +142,10 @@ describe('modc calibrate CLI errors', () => {
 
   it('refuses an output it cannot write, before any work', async () => {
     writeFileSync(join(dir, 'afile'), 'x');
-    expectOneLineError(await runCli('calibrate', MODEL, '--data', data, '-o', join(dir, 'afile', 'r.safetensors'), '--target-compute', '0.8'), 1, /is not a directory/);
+    expectOneLineError(await runCli('calibrate', MODEL, '--data', data, '-o', join(dir, 'afile', 'r.safetensors'), '--target-compute', '0.8'), 1, /afile' is a file, not a folder/);
     expectOneLineError(await runCli('calibrate', MODEL, '--data', data, '-o', dir, '--target-compute', '0.8'), 1, /is a directory/);
     expectOneLineError(await runCli('calibrate', MODEL, '--data', data, '-o', MODEL, '--target-compute', '0.8'), 1, /refusing to overwrite the input/);
+    expectOneLineError(await runCli('calibrate', MODEL, '--data', data, '-o', data, '--target-compute', '0.8'), 1, /refusing to overwrite the calibration data/);
   });
 
   it('refuses data that does not fit the model', async () => {

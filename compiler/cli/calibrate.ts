@@ -1,5 +1,5 @@
 /** `modc calibrate`: fit routers that keep quality from a model and a little data; write the router file. */
-import { accessSync, constants, existsSync, mkdirSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { calibrate, checkCalibrateOptions, DEFAULTS, type Progress } from '../calibration/calibrate.js';
 import { readDataset } from '../data/index.js';
@@ -9,6 +9,7 @@ import { TARGET_KINDS, type TargetKind } from '../calibration/targets.js';
 import { ModcError, UsageError } from '../errors.js';
 import { decoderIo } from '../runtime/decoder-io.js';
 import { loadModel } from '../io/load.js';
+import { checkOutputPath } from '../io/save.js';
 import { intFlag, numberFlag, onePositional, stringFlag } from './args.js';
 import type { CliValues, Command } from './command.js';
 import { progressOf, type Progress as ProgressReporter } from './progress.js';
@@ -18,22 +19,6 @@ function oneOf<T extends string>(values: CliValues, flag: string, allowed: reado
   if (v === undefined) return fallback;
   if (!allowed.includes(v as T)) throw new UsageError(`--${flag} must be one of ${allowed.join(', ')}, got '${v}'`);
   return v as T;
-}
-
-/** Refuses an output path that cannot be written, before any work. */
-export function checkOutputPath(output: string, inputs: readonly string[]): void {
-  const out = resolve(output);
-  if (inputs.some((i) => resolve(i) === out)) throw new ModcError(`refusing to overwrite the input ${output}; choose another output path`);
-  if (existsSync(out) && statSync(out).isDirectory()) throw new ModcError(`cannot write ${output}: it is a directory`);
-  let dir = dirname(out);
-  while (!existsSync(dir)) dir = dirname(dir);
-  if (!statSync(dir).isDirectory()) throw new ModcError(`cannot write ${output}: ${dir} is not a directory`);
-  try {
-    accessSync(dir, constants.W_OK);
-    if (existsSync(out)) accessSync(out, constants.W_OK);
-  } catch {
-    throw new ModcError(`cannot write ${output}: permission denied`);
-  }
 }
 
 const STAGES: Record<Progress['stage'], string> = {
@@ -112,8 +97,10 @@ export const calibrateCommand: Command = {
     checkCalibrateOptions(opts);
     if (!(opts.margin >= 0 && opts.margin < 1)) throw new UsageError(`--margin must be in [0, 1), got ${opts.margin}`);
     if (!existsSync(modelPath)) throw new ModcError(`cannot read model ${modelPath}: no such file`);
-    checkOutputPath(output, [modelPath, data]);
-    const { vocabSize, maxPositions } = decoderIo(loadModel(modelPath));
+    const model = loadModel(modelPath);
+    checkOutputPath(output, model); // never over the model or its data files; writable, before any work
+    if (resolve(output) === resolve(data)) throw new ModcError(`refusing to overwrite the calibration data ${output}; choose another output path`);
+    const { vocabSize, maxPositions } = decoderIo(model);
     const maxLength = values['max-length'] === undefined ? maxPositions ?? undefined : intFlag(values, 'max-length', 0, 2);
     if (maxLength !== undefined && maxPositions !== null && maxLength > maxPositions) {
       throw new UsageError(`--max-length ${maxLength} is longer than the model's context of ${maxPositions} positions`);
