@@ -45,6 +45,7 @@ async function runOp(op: string, feeds: Feed[], opts: { inline: boolean; opset: 
     Compact: [DataType.INT64, DataType.BOOL, DataType.INT64], GatherTokens: [ONNX_TYPE[feeds[0]!.type]],
     ScatterTokens: [DataType.FLOAT], ScatterTokensGated: [DataType.FLOAT], GatherMask: [DataType.FLOAT],
     PrefixMask: [DataType.BOOL], KeyMask: [DataType.BOOL], GatherKv: [DataType.FLOAT], GatherKvCombined: [DataType.FLOAT],
+    SlotPositions: [DataType.INT64], WindowBias: [DataType.FLOAT],
   };
   outs.forEach((v, i) => (v.type = { tensor_type: { elem_type: outTypes[op]![i]! } }));
   g.outputs = outs;
@@ -202,6 +203,32 @@ describe.each(modes)('modc cache ops (inline=$inline, opset $opset)', (mode) => 
     const c = ref.compact(keep, [3, 5]);
     const [out] = await runOp(op, [f32('kv', dims, kv), i64('indices', [3, c.K], c.indices)], mode);
     expect(data(out!)).toEqual(Array.from(ref.gatherKv(kv, dims, c.indices, c.K)));
+  });
+});
+
+describe.each(modes)('modc position ops for sliding windows (inline=$inline, opset $opset)', (mode) => {
+  it('SlotPositions lays out each row\'s key positions as GroupQueryAttention writes its keys (past, this call, rest)', async () => {
+    const past = [10, 11, 12, 0, 20, 21, 0, 0, 30, 0, 0, 0];
+    const lengths = [3, 2, 1];
+    const positions = [40, 41, 50, 51, 60, 61];
+    const [out] = await runOp('SlotPositions', [i64('past_positions', [3, 4], past), i64('past_length', [3], lengths), i64('positions', [3, 2], positions)], mode);
+    expect(out!.dims).toEqual([3, 6]);
+    expect(data(out!)).toEqual(ref.slotPositions(past, [3, 4], lengths, positions, 2));
+    expect(data(out!)).toEqual([10, 11, 12, 40, 41, 0, 20, 21, 50, 51, 0, 0, 30, 60, 61, 0, 0, 0]);
+    // A prefill: no past at all.
+    const [first] = await runOp('SlotPositions', [i64('past_positions', [2, 0], []), i64('past_length', [2], [0, 0]), i64('positions', [2, 3], [0, 2, 5, 1, 3, 4])], mode);
+    expect(data(first!)).toEqual([0, 2, 5, 1, 3, 4]);
+  });
+
+  it('WindowBias: a query at p sees a key at q iff p - window < q <= p', async () => {
+    const q = [0, 3, 7, 9, 4, 5];
+    const k = [0, 1, 3, 5, 7, 8, 9, 2, 3, 4, 5, 6, 7, 8];
+    const [out] = await runOp('WindowBias', [i64('query_positions', [2, 3], q), i64('key_positions', [2, 7], k), i64('window', [], [3])], mode);
+    expect(out!.dims).toEqual([2, 1, 3, 7]);
+    const want = ref.windowBias(q, k, [2, 3, 7], 3, -3.4028234663852886e38);
+    expect(data(out!)).toEqual(Array.from(want));
+    // Query 7 of row 0 sees keys 5 and 7 only (window 3: positions 5, 6, 7).
+    expect(data(out!).slice(14, 21).map((v) => v === 0)).toEqual([false, false, false, true, true, false, false]);
   });
 });
 
