@@ -237,15 +237,40 @@ function headsFromOutputProjection(context: Node, inBranch: ReadonlySet<Node>, h
   return undefined;
 }
 
+/** GroupQueryAttention input slots (com.microsoft, ONNX Runtime 1.29). */
+export const GQA_POSITION_IDS = 9;
+export const GQA_ATTENTION_BIAS = 10;
+export const GQA_HEAD_SINK = 11;
+
+/**
+ * What a GroupQueryAttention node numbers by cache slot: its rotary angles (do_rotary; the op
+ * ignores a position_ids input in a prefill) and its sliding window (local_window_size >= 0; null: none). A compacted
+ * cache renumbers the slots, so route-layers ties both back to original positions
+ * (passes/window-mask.ts). Null for any other attention.
+ */
+export function slotNumbered(core: AttentionCore): { node: Node; rotary: boolean; window: number | null } | null {
+  if (core.form !== 'GroupQueryAttention') return null;
+  const node = core.node;
+  const rotary = node.attrInt('do_rotary', 0) === 1;
+  const w = node.attrInt('local_window_size', -1) ?? -1;
+  return { node, rotary, window: w >= 0 ? w : null };
+}
+
 /**
  * Why a layer's KV cache cannot be compacted, or null. GroupQueryAttention's local_window_size
- * (sliding-window attention) counts cache slots: once a routed layer keeps only its selected
- * tokens (and packs each row), slot distance is no longer position distance, so the window
- * would silently cover other tokens. Such a layer stays dense (its MLP part may still route).
+ * (sliding-window attention) counts cache slots; a compacted layer gets it as a mask by original
+ * position instead (passes/window-mask.ts), which needs the positions of this call's tokens
+ * (its position_ids input, or attention_mask) and no attention_bias of its own to merge with.
+ * Such a layer otherwise stays dense (its MLP part may still route).
  */
 export function kvCompactionBlocker(core: AttentionCore): string | null {
-  if (core.form !== 'GroupQueryAttention') return null;
-  const window = core.node.attrInt('local_window_size', -1) ?? -1;
-  if (window >= 0) return `sliding-window attention (${core.node.describe()} local_window_size=${window}) counts cache slots, which a compacted cache renumbers; the layer's KV cache is kept full`;
+  const s = slotNumbered(core);
+  if (!s || s.window === null) return null;
+  const what = `sliding-window attention (${s.node.describe()} local_window_size=${s.window})`;
+  if (s.window === 0) return `${what}: a window of 0 slots is not supported; the layer's KV cache is kept full`;
+  if (s.node.input(GQA_ATTENTION_BIAS)) return `${what} also takes an attention_bias input, which modc does not merge with a window by position; the layer's KV cache is kept full`;
+  if (!s.node.input(GQA_POSITION_IDS) && !s.node.graph?.inputs.some((v) => v.name === 'attention_mask')) {
+    return `${what}: the model has no attention_mask input to take original positions from; the layer's KV cache is kept full`;
+  }
   return null;
 }

@@ -81,6 +81,7 @@ export function promptBatch(io: DecoderIo, rows: number[][]): Batch {
     feeds[b.pastKey] = emptyTensor(b.dtype, dims);
     if (b.pastValue) feeds[b.pastValue] = emptyTensor(b.dtype, dims);
     if (b.pastLength) feeds[b.pastLength] = typed('int64', Array(B).fill(0), [B]);
+    if (b.pastPositions) feeds[b.pastPositions] = typed('int64', [], [B, 0]);
   }
   const real: number[] = [];
   mask.forEach((m, b) => m.forEach((v, s) => v && real.push(b * width + s)));

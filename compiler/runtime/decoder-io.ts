@@ -25,6 +25,12 @@ export interface KvBinding {
   /** modc-compiled layer: the per-row cache length input and output. */
   pastLength: string | null;
   presentLength: string | null;
+  /**
+   * modc-compiled sliding-window layer: the original position of each cache slot, int64
+   * [B, P_l] in and out (zeros-wide at the start), carried like the cache.
+   */
+  pastPositions: string | null;
+  presentPositions: string | null;
 }
 
 /**
@@ -70,6 +76,8 @@ const PAST_COMBINED = /^past_(\d+)$/;
 const PAST_STATE = /^past_key_values\.(\d+)\.(\w+)$/;
 export const pastLengthName = (layer: number) => `past_lengths.${layer}`;
 export const presentLengthName = (layer: number) => `present_lengths.${layer}`;
+export const pastPositionsName = (layer: number) => `past_positions.${layer}`;
+export const presentPositionsName = (layer: number) => `present_positions.${layer}`;
 
 export function decoderIo(model: Model): DecoderIo {
   const g = model.graph;
@@ -106,6 +114,8 @@ export function decoderIo(model: Model): DecoderIo {
       dtype: v.dtype === DataType.FLOAT16 ? 'float16' : 'float32',
       pastLength: inputs.has(pastLengthName(layer)) ? pastLengthName(layer) : null,
       presentLength: outputs.has(presentLengthName(layer)) ? presentLengthName(layer) : null,
+      pastPositions: inputs.has(pastPositionsName(layer)) ? pastPositionsName(layer) : null,
+      presentPositions: outputs.has(presentPositionsName(layer)) ? presentPositionsName(layer) : null,
     } satisfies KvBinding;
     if (combined) {
       entry.pastKey = v.name;
