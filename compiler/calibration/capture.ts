@@ -32,7 +32,7 @@ export interface LayerPoints {
   parallel: boolean;
   /** Nothing can be routed: the layer has state besides its KV cache (route-layers keeps it dense). */
   stateful: boolean;
-  /** Only the MLP part can be routed: a sliding window keeps the KV cache full. */
+  /** Only the MLP part can be routed: a sliding window modc cannot move to original positions keeps the KV cache full. */
   mlpOnly: boolean;
 }
 
