@@ -89,17 +89,27 @@ function prefixSources(v: Value, ctx: AttentionContext): Value[] {
 function nearestDownstreamOutput(start: Value, ctx: AttentionContext): Value | null {
   const rank = ctx.facts.rank(start);
   const dtype = ctx.facts.dtype(start);
+  const downstream = (v: Value) => [...v.uses].flatMap((u) => u.node.outputs);
+  const isPresent = (v: Value) => ctx.graphOutputs.has(v) && ctx.facts.rank(v) === rank && ctx.facts.dtype(v) === dtype;
+  return breadthFirst(start, downstream, isPresent, false);
+}
+
+/**
+ * The value nearest `start` (itself included when `includeStart`) that `match` accepts, walking
+ * breadth first along `next`.
+ */
+function breadthFirst(start: Value, next: (v: Value) => readonly Value[], match: (v: Value) => boolean, includeStart: boolean): Value | null {
   let frontier = [start];
   const seen = new Set<Value>();
   while (frontier.length) {
-    const next: Value[] = [];
+    const after: Value[] = [];
     for (const v of frontier) {
       if (seen.has(v)) continue;
       seen.add(v);
-      if (v !== start && ctx.graphOutputs.has(v) && ctx.facts.rank(v) === rank && ctx.facts.dtype(v) === dtype) return v;
-      for (const u of v.uses) next.push(...u.node.outputs);
+      if ((includeStart || v !== start) && match(v)) return v;
+      after.push(...next(v));
     }
-    frontier = next;
+    frontier = after;
   }
   return null;
 }
@@ -195,20 +205,11 @@ function cacheBehind(operand: Value, inBranch: ReadonlySet<Node>, ctx: Attention
  * data, so shape arithmetic never leads to the other cache.
  */
 function nearestUpstream(start: Value, inBranch: ReadonlySet<Node>, match: (v: Value) => boolean, skipStart = false): Value | null {
-  let frontier = [start];
-  const seen = new Set<Value>();
-  while (frontier.length) {
-    const next: Value[] = [];
-    for (const v of frontier) {
-      if (seen.has(v)) continue;
-      seen.add(v);
-      if (!(skipStart && v === start) && match(v)) return v;
-      const p = v.producer;
-      if (p && inBranch.has(p) && p.opType !== 'Shape') next.push(...p.inputs.filter((i): i is Value => i !== null));
-    }
-    frontier = next;
-  }
-  return null;
+  const upstream = (v: Value) => {
+    const p = v.producer;
+    return p && inBranch.has(p) && p.opType !== 'Shape' ? p.inputs.filter((i): i is Value => i !== null) : [];
+  };
+  return breadthFirst(start, upstream, match, !skipStart);
 }
 
 const projectionHeads = (rows: unknown, headSize: number): number | undefined => (typeof rows === 'number' && rows % headSize === 0 ? rows / headSize : undefined);
