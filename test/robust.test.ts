@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ModcError, quote } from '../compiler/errors.js';
 import { modelToProto } from '../compiler/io/convert.js';
-import { loadModel } from '../compiler/io/load.js';
+import { loadModel, modelFromBytes } from '../compiler/io/load.js';
 import { checkOutputPath, removeStaleTemporaries, saveModel } from '../compiler/io/save.js';
 import { Value } from '../compiler/ir/graph.js';
 import { verifyModel } from '../compiler/ir/verify.js';
@@ -236,6 +236,13 @@ describe('outputs ONNX Runtime would reject', () => {
     cpSync(join(FIX, 'gpt2-tiny'), dir, { recursive: true });
     writeFileSync(join(dir, 'model.onnx'), encodeModelProto(modelToProto(m, (v) => v.initializer!.proto)));
     await expect(createSession(join(dir, 'model.onnx'))).rejects.toThrow(/rank >= 1/);
+  });
+
+  it('modelFromBytes anchored in a folder that does not exist: a refusal once external data needs it', () => {
+    const bytes = readFileSync(join(FIX, 'genai-tiny', 'model.onnx'));
+    expect(refusal(() => modelFromBytes(bytes, join(tmp, 'no-such-folder', 'model.onnx'))).message).toMatch(/missing external data: 'model.onnx.data'/);
+    // A model without external data needs no folder.
+    expect(modelFromBytes(readFileSync(join(FIX, 'llama-tiny', 'model.onnx')), join(tmp, 'no-such-folder', 'model.onnx')).graph.nodes.length).toBeGreaterThan(0);
   });
 
   it('rank checks refuse only what is certain: every fixture and its MoD compile pass them', async () => {
