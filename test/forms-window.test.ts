@@ -29,7 +29,7 @@ import { Emitter } from '../runtime-ops/emit.js';
 import { buildFormDecoder, writeFormModel } from '../fixtures/builder/forms.js';
 import { FIXTURES_DIR, FORMS_CONFIG, TINY_SEED } from '../fixtures/build-fixtures.js';
 import { runCli, tempDir } from './helpers.js';
-import { compileWith, expectSameRun, prefillSelection, worstReal, worstRows } from './mod-helpers.js';
+import { compileWith, expectSameRun, prefillSelection, tolerance, worstReal, worstRows } from './mod-helpers.js';
 
 const tmp = tempDir('modc-window');
 const WINDOW = join(FIXTURES_DIR, 'forms-gqa-window-tiny', 'model.onnx');
@@ -134,6 +134,28 @@ describe.each([['window', WINDOW], ['sink', SINK]] as const)('sliding windows on
       expect(selected).toBeLessThan(real);
     } finally {
       await ref.release();
+    }
+  });
+});
+
+describe('float16 (fixtures/ort-qwen2-gqa with a window of 3 set on every layer)', () => {
+  it('all-pass reproduces the original and random routers agree with the reference (block and attention, 8 steps)', async () => {
+    const model = loadModel(join(FIXTURES_DIR, 'ort-qwen2-gqa', 'model.onnx'));
+    for (const n of gqaNodes(model)) n.setAttr(attribute('local_window_size', 3));
+    const path = join(tmp, 'qwen-window', 'model.onnx');
+    saveModel(model, path);
+    expect(analyzeDecoder(loadModel(path)).dtype).toBe('float16');
+    const tol = await tolerance(path, 1e-4);
+    const allPass = compileWith(tmp, path, 'all-pass', { gated: false });
+    expect(await worstOverRun(await ModSession.create(path), await ModSession.create(allPass.path))).toBeLessThan(tol);
+    for (const granularity of ['block', 'attention'] as const) {
+      const compiled = compileWith(tmp, path, 'random', { mode: 'topk', capacity: 0.5, gated: true, granularity });
+      const ref = await ModReference.create(path, compiled.plan, join(tmp, `ref${counter++}`));
+      try {
+        expect(await worstOverRun(await ModSession.create(compiled.path), ref), granularity).toBeLessThan(tol);
+      } finally {
+        await ref.release();
+      }
     }
   });
 });
