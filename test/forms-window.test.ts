@@ -160,6 +160,31 @@ describe('float16 (fixtures/ort-qwen2-gqa with a window of 3 set on every layer)
   });
 });
 
+describe('packed QKV (GroupQueryAttention reading Q, K and V from one input, as the GenAI builder writes for Phi-3)', () => {
+  it('a routed layer splits it before moving the rotation out: all-pass and random routing agree (8 steps)', async () => {
+    const model = loadModel(SINK);
+    for (const n of gqaNodes(model)) {
+      const packed = model.graph.addNode('Concat', [n.input(0), n.input(1), n.input(2)], 1, { before: n, attributes: [attribute('axis', 2)] }).output(0);
+      n.setInput(0, packed);
+      n.setInput(1, null);
+      n.setInput(2, null);
+    }
+    const path = join(tmp, 'packed', 'model.onnx');
+    saveModel(model, path);
+    expect(await worstOverRun(await ModSession.create(SINK), await ModSession.create(path))).toBeLessThan(1e-5);
+    const allPass = compileWith(tmp, path, 'all-pass', { gated: false });
+    expect(await worstOverRun(await ModSession.create(path), await ModSession.create(allPass.path))).toBeLessThan(1e-4);
+    const compiled = compileWith(tmp, path, 'random', { threshold: 0.5 });
+    expect(gqaNodes(loadModel(compiled.path)).every((n) => n.input(0)?.producer?.opType === 'RotaryEmbedding' && n.input(1) !== null)).toBe(true);
+    const ref = await ModReference.create(path, compiled.plan, join(tmp, `ref${counter++}`));
+    try {
+      expect(await worstOverRun(await ModSession.create(compiled.path), ref)).toBeLessThan(1e-4);
+    } finally {
+      await ref.release();
+    }
+  });
+});
+
 describe('the window is applied by original position, not by cache slot', () => {
   /** A routed compile and the reference, run over ROWS + STEPS; returns both and the present outputs. */
   async function routedRun(granularity: RoutedPart) {
