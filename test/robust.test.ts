@@ -228,6 +228,10 @@ describe('outputs ONNX Runtime would reject', () => {
     const scalar = g.nodes.find((n) => n.opType === 'Gather' && n.inputs[0]?.producer?.opType === 'Shape')!.output(0);
     const gather = g.nodes.find((n) => n.opType === 'Gather' && n.inputs[0]?.initializer?.dims.length === 2)!;
     gather.setInput(0, scalar);
+    // Found in a graph not sorted again too (fuzz seed 31, cases 16017 and 31173: saved with --passes none).
+    g.setNodes([gather, ...g.nodes.filter((n) => n !== gather)]);
+    expect(g.indexOf(gather)).toBeLessThan(g.indexOf(scalar.producer!));
+    expect(verifyModel(m, { order: false }).map((i) => i.message)).toContainEqual(expect.stringMatching(/reads a scalar as its data/));
     g.toposort();
     expect(verifyModel(m).map((i) => i.message)).toContainEqual(expect.stringMatching(/reads a scalar as its data; it needs rank >= 1/));
     expect(refusal(() => saveModel(m, join(tmp, 'rank', 'model.onnx'))).message).toMatch(/Gather .* reads a scalar/);
