@@ -6,7 +6,8 @@
  * position distance. Here both are tied back to original positions:
  *
  *   pos_sel   = GatherTokens(positions of this call's tokens, indices)        [B, K] int64
- *   rotary:   GQA input 9 (position_ids) = pos_sel
+ *   rotary:   Q, K = com.microsoft RotaryEmbedding(Q or K, pos_sel, the op's cos/sin), do_rotary = 0
+ *             (packed QKV split first; the op itself ignores position_ids in a prefill)
  *   window w: slot_pos = SlotPositions(past_positions.l, past_lengths.l, pos_sel)   [B, P_l + K]
  *             GQA input 10 (attention_bias) = WindowBias(pos_sel, slot_pos, w),  local_window_size = -1
  *             present_positions.l = slot_pos[:, :max(present_lengths.l)]     (the cache's packing)
