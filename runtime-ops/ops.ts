@@ -287,6 +287,10 @@ const windowBias: ModcOpDef = {
     const q = e.op('Reshape', [queryPositions!, e.i64([0, 1, -1, 1])]);
     const k = e.op('Reshape', [keyPositions!, e.i64([0, 1, 1, -1])]);
     const visible = e.op('And', [e.op('Not', [e.op('Greater', [k, q])]), e.op('Greater', [k, e.op('Sub', [q, window!])])]);
+    if (ctx.dtype === DataType.BFLOAT16) {
+      // Where has no bfloat16 kernel on CPU: choose in float32, then cast (bfloat16's lowest finite value is exact in float32).
+      return [e.cast(e.op('Where', [visible, e.f32(0), e.f32(-3.3895313892515355e38)]), DataType.BFLOAT16)];
+    }
     const lowest = ctx.dtype === DataType.FLOAT16 ? -65504 : LOWEST_FLOAT;
     return [e.op('Where', [visible, e.scalar(0, ctx.dtype), e.scalar(lowest, ctx.dtype)])];
   },

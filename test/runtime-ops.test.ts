@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { saveModel } from '../compiler/io/save.js';
 import { DataType } from '../compiler/ir/dtype.js';
-import { Graph, Value } from '../compiler/ir/graph.js';
+import { attribute, Graph, Value } from '../compiler/ir/graph.js';
 import { Model } from '../compiler/ir/model.js';
 import { createSession, ort } from '../compiler/runtime/ort.js';
 import { callModcOp, modcOp, reference as ref } from '../runtime-ops/index.js';
@@ -229,6 +229,26 @@ describe.each(modes)('modc position ops for sliding windows (inline=$inline, ops
     expect(data(out!)).toEqual(Array.from(want));
     // Query 7 of row 0 sees keys 5 and 7 only (window 3: positions 5, 6, 7).
     expect(data(out!).slice(14, 21).map((v) => v === 0)).toEqual([false, false, false, true, true, false, false]);
+  });
+
+  it('WindowBias in float16 and bfloat16 models: 0 and the type\'s lowest finite value', async () => {
+    // bfloat16 casts exist from opset 13.
+    const types = [[DataType.FLOAT16, -65504], [DataType.BFLOAT16, -3.3895313892515355e38]] as const;
+    for (const [dtype, lowest] of types.filter(([t]) => t !== DataType.BFLOAT16 || mode.opset >= 13)) {
+      const g = new Graph('op');
+      const int64 = (name: string, rank: number) => g.addInput(new Value(name, { tensor_type: { elem_type: DataType.INT64, shape: { dim: Array.from({ length: rank }, (_, i) => ({ dim_param: `${name}_d${i}` })) } } }));
+      const model = new Model(g, 8);
+      model.opsetImports = [{ domain: '', version: mode.opset }];
+      const [bias] = callModcOp(model, 'WindowBias', [int64('q', 2), int64('k', 2), int64('w', 0)], { dtype, inline: mode.inline });
+      const out = g.addNode('Cast', [bias!], [g.newValue('out', { tensor_type: { elem_type: DataType.FLOAT } })], { attributes: [attribute('to', DataType.FLOAT)] }).output(0);
+      g.outputs = [out];
+      const path = join(tmp, `WindowBias-${dtype}-${counter++}.onnx`);
+      saveModel(model, path);
+      const result = await (await createSession(path)).run({
+        q: new ort.Tensor('int64', BigInt64Array.from([3n, 5n]), [1, 2]), k: new ort.Tensor('int64', BigInt64Array.from([1n, 2n, 3n, 4n, 5n]), [1, 5]), w: new ort.Tensor('int64', BigInt64Array.of(2n), []),
+      });
+      expect(Array.from(result.out!.data as Float32Array)).toEqual(Array.from(ref.windowBias([3, 5], [1, 2, 3, 4, 5], [1, 2, 5], 2, lowest)));
+    }
   });
 });
 
