@@ -242,6 +242,19 @@ describe('outputs ONNX Runtime would reject', () => {
     await expect(createSession(join(dir, 'model.onnx'))).rejects.toThrow(/rank >= 1/);
   });
 
+  it('a hidden size declared as 0 or -1 (fuzz seed 32, case 50720: inputs_embeds [B, S, -1]) is refused by analysis and by planRouting', async () => {
+    const { analyzeDecoder } = await import('../compiler/analysis/analyze.js');
+    const { planRouting } = await import('../compiler/routing-plan.js');
+    for (const h of [0, -1]) {
+      const path = mutant('forms-embeds-tiny', (m) => {
+        const input = m.graph!.input.find((i) => i.name === 'inputs_embeds')!;
+        input.type!.tensor_type!.shape!.dim[2] = { dim_value: h } as never;
+      });
+      expect(refusal(() => analyzeDecoder(loadModel(path))).message).toMatch(new RegExp(`declares hidden size ${h}; it must be a positive integer`));
+      expect(refusal(() => planRouting({ numLayers: 3, hiddenSize: h, routers: { kind: 'all-pass' } })).message).toMatch(/hidden size is -?\d: it must be a positive integer/);
+    }
+  });
+
   it('modelFromBytes anchored in a folder that does not exist: a refusal once external data needs it', () => {
     const bytes = readFileSync(join(FIX, 'genai-tiny', 'model.onnx'));
     expect(refusal(() => modelFromBytes(bytes, join(tmp, 'no-such-folder', 'model.onnx'))).message).toMatch(/missing external data: 'model.onnx.data'/);
