@@ -6,7 +6,7 @@
  */
 import type { Graph, Node, Value } from '../ir/graph.js';
 import type { GraphFacts } from './graph-facts.js';
-import { fusedAttentionSchema, isRotaryOp, ROTARY_SLOTS, type AttentionSlot } from './ops.js';
+import { fusedAttentionSchema, isRotaryOp, ROTARY_SLOTS, standardSlot, type AttentionSlot } from './ops.js';
 import { trackAxes, type AxisFact } from './token-axes.js';
 import type { KvCacheSpec, SideInput } from './types.js';
 
@@ -122,7 +122,7 @@ function slotOf(v: Value, readers: ReadonlySet<Node>): AttentionSlot | undefined
   for (const u of v.uses) {
     if (!readers.has(u.node)) continue;
     const schema = fusedAttentionSchema(u.node);
-    const slot = schema ? schema.inputs[u.index] : isRotaryOp(u.node) ? ROTARY_SLOTS[u.index] : undefined;
+    const slot = schema ? schema.inputs[u.index] : isRotaryOp(u.node) ? ROTARY_SLOTS[u.index] : standardSlot(u.node, u.index);
     if (slot) return slot;
   }
   return undefined;
