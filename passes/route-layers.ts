@@ -43,6 +43,8 @@ import type { RoutedPart } from '../compiler/routers.js';
 import { describeLayerPart } from '../compiler/routing-plan.js';
 import { Tensor } from '../compiler/ir/tensor.js';
 import { routingOf, type LayerRouting, streamElementType } from './mod-common.js';
+import { isStaticLayout } from '../compiler/analysis/types.js';
+import { compactStaticCache } from './static-cache.js';
 
 export interface RouteOptions {
   gated: boolean;
@@ -273,6 +275,13 @@ class LayerRouter {
     const { layer, routing } = this;
     const g = this.model.graph;
     const kv = layer.kv;
+    // Static caches (TensorScatter buffers): passes/static-cache.ts.
+    if (isStaticLayout(kv.layout)) {
+      return compactStaticCache({
+        model: this.model, layer, e: this.e, region: this.region, selectedCount: () => this.selectedCount(), recompute, suffix: this.suffix(),
+        substitutes: (pastLength, capacity) => this.substitutes(xSel, pastLength, capacity, this.e.dimScalar(routing.indices, 1), false),
+      });
+    }
     const pastKey = kv.key.input;
     const seqAxis = kv.layout === 'combined-2BHTD' ? 3 : 2;
     const pastLength = g.addInput(new Value(pastLengthName(this.l), tensorType(DataType.INT64, ['batch'])));

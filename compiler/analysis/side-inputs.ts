@@ -55,6 +55,9 @@ export class SideInputClassifier {
     if (names.includes('attention_mask')) return this.mask(v, (this.facts.rank(v) ?? 4) >= 3 ? 'additive-bias' : 'raw-2d');
     if (names.includes('position_ids')) return this.perToken(v, v.name === 'position_ids' ? 'positions' : 'rotary-angles');
     if (names.includes('input_ids')) return this.perToken(v, 'other');
+    // Computed from a static cache's write_indices / nonpad_kv_seqlen (and shapes): a length, rebuilt per routed layer.
+    const lengthInputs = [...o.data].map(staticLengthRole);
+    if (lengthInputs.length && lengthInputs.every((r) => r)) return { kind: 'sequence-length', value: v, role: lengthInputs.includes('write_indices') ? 'write_indices' : 'nonpad_kv_seqlen' };
     if (o.data.size === 0 && o.shape.size > 0) return { kind: 'sequence-length', value: v, role: 'shape-derived' };
     return { kind: 'other', value: v, reason: this.graphInputs.has(v) ? 'a graph input of unknown role' : `computed from ${names.join(', ') || 'nothing known'}` };
   }
@@ -108,6 +111,15 @@ export class SideInputClassifier {
     this.origins.set(v, o);
     return o;
   }
+}
+
+/** A graph input a static cache reads as its write index (TensorScatter input 2) or valid-key count (Attention input 6). */
+function staticLengthRole(x: Value): 'write_indices' | 'nonpad_kv_seqlen' | null {
+  for (const u of x.uses) {
+    const slot = standardSlot(u.node, u.index) ?? (fusedAttentionSchema(u.node)?.form === 'StandardAttention' ? fusedAttentionSchema(u.node)!.inputs[u.index] : undefined);
+    if (slot?.role === 'sequence-length' && (slot.length === 'write_indices' || slot.length === 'nonpad_kv_seqlen')) return slot.length;
+  }
+  return null;
 }
 
 function pastRole(v: Value, kv: KvCacheSpec): 'key' | 'value' | 'key-and-value' | null {

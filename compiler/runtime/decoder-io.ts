@@ -80,6 +80,9 @@ export interface DecoderIo {
   staticCacheLength: number | null;
 }
 
+/** Metadata a compile writes when it opens a static buffer's length: the original's length. */
+export const STATIC_CACHE_LENGTH_KEY = 'modc.static_cache_length';
+
 /** Static caches a runner allocates this many slots for when neither the model nor its positions say. */
 export const DEFAULT_STATIC_CACHE_LENGTH = 2048;
 
@@ -184,8 +187,13 @@ export function decoderIo(model: Model): DecoderIo {
     rightPaddingOnly: lengthBased,
     writeIndices: writes.write,
     nonpadKvSeqlen: writes.nonpad,
-    staticCacheLength: staticLengths.length ? Math.max(0, ...staticLengths.map((n) => n ?? 0)) || positions || DEFAULT_STATIC_CACHE_LENGTH : null,
+    staticCacheLength: staticLengths.length ? Math.max(0, ...staticLengths.map((n) => n ?? 0), recordedLength(model)) || positions || DEFAULT_STATIC_CACHE_LENGTH : null,
   };
+}
+
+function recordedLength(model: Model): number {
+  const n = Number(model.metadataProps.find((p) => p.key === STATIC_CACHE_LENGTH_KEY)?.value);
+  return Number.isInteger(n) && n > 0 ? n : 0;
 }
 
 function emptyBinding(layer: number, v: Value, inputs: Map<string, Value>, outputs: Map<string, Value>): KvBinding {
@@ -201,7 +209,7 @@ function emptyBinding(layer: number, v: Value, inputs: Map<string, Value>, outpu
 /** Every graph input TensorScatter writes (input 0), with its layout and kv heads (from the Attention reading the write). */
 function staticCaches(model: Model): Map<Value, { layout: 'static-BTH' | 'static-BHTD'; kvHeads: number | undefined }> {
   const out = new Map<Value, { layout: 'static-BTH' | 'static-BHTD'; kvHeads: number | undefined }>();
-  for (const n of model.graph.nodes) {
+  for (const n of model.allNodes()) {
     if (n.opType !== 'TensorScatter' || (n.domain !== '' && n.domain !== 'ai.onnx')) continue;
     const past = n.input(0);
     if (!past || past.producer || past.isConstant) continue;
@@ -225,9 +233,11 @@ function staticShape(v: Value, s: { layout: 'static-BTH' | 'static-BHTD'; kvHead
 function staticLengthInputs(model: Model, inputs: Map<string, Value>): { write: DecoderIo['writeIndices']; nonpad: DecoderIo['nonpadKvSeqlen'] } {
   let write: DecoderIo['writeIndices'] = null;
   let nonpad: DecoderIo['nonpadKvSeqlen'] = null;
+  // A compiled layer writes at its own past_lengths.l: those are not the model's write indices.
+  const own = /^past_lengths\.\d+$/;
   const source = (v: Value | null): Value | null => {
     for (let cur = v, hops = 0; cur && hops < 4; hops++) {
-      if (inputs.get(cur.name) === cur) return cur;
+      if (inputs.get(cur.name) === cur) return own.test(cur.name) ? null : cur;
       const p = cur.producer;
       cur = p && (p.opType === 'Cast' || p.opType === 'Identity') ? p.input(0) : null;
     }
@@ -240,7 +250,9 @@ function staticLengthInputs(model: Model, inputs: Map<string, Value>): { write: 
     const np = n.opType === 'Attention' ? source(n.input(6)) : null;
     if (np) nonpad ??= { name: np.name, dtype: intType(np) };
   }
-  return { write, nonpad };
+  // Every layer converted: the routers still read them, by the names the exporter gave.
+  const named = (name: string) => (inputs.has(name) ? { name, dtype: intType(inputs.get(name)!) } : null);
+  return { write: write ?? named('write_indices'), nonpad: nonpad ?? named('nonpad_kv_seqlen') };
 }
 
 /** An attention op that takes per-row valid lengths instead of a mask (right padding only). */
