@@ -1,0 +1,181 @@
+/**
+ * Standard ONNX attention (issue 9 item 2): opset-24 Attention over static KV caches written by
+ * TensorScatter (fixtures/forms-static-tiny, onnxruntime/mobius's static-cache form), and opset-23
+ * Attention with its own past/present key and value (fixtures/forms-attention23-tiny). Both use
+ * RotaryEmbedding-23 and RMSNormalization-23 and hold the same weights as forms-unsorted-tiny.
+ */
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { analyzeDecoder } from '../compiler/analysis/analyze.js';
+import { loadModel } from '../compiler/io/load.js';
+import { saveModel } from '../compiler/io/save.js';
+import { attribute } from '../compiler/ir/graph.js';
+import { ModReference } from '../compiler/reference/mod-reference.js';
+import { decoderIo } from '../compiler/runtime/decoder-io.js';
+import { argmax, lastPosition, ModSession } from '../compiler/runtime/session.js';
+import { worstReal } from '../compiler/verify.js';
+import { FIXTURES_DIR } from '../fixtures/build-fixtures.js';
+import { expectOneLineError, runCli, tempDir } from './helpers.js';
+import { compileWith, expectSameRun, prefillSelection, PROMPTS, worstRows } from './mod-helpers.js';
+
+const tmp = tempDir('modc-forms-static');
+const STATIC = join(FIXTURES_DIR, 'forms-static-tiny', 'model.onnx');
+const CAUSAL = join(FIXTURES_DIR, 'forms-static-causal-tiny', 'model.onnx');
+const ATTN23 = join(FIXTURES_DIR, 'forms-attention23-tiny', 'model.onnx');
+/** The same weights in the unfused Llama form (MatMul/Softmax attention, in-graph rotary). */
+const UNFUSED = join(FIXTURES_DIR, 'forms-unsorted-tiny', 'unsorted.onnx');
+const ROWS = PROMPTS.b3;
+let counter = 0;
+
+describe('the fixtures are the decoder they claim to be', () => {
+  it.each([['static', STATIC], ['opset-23 Attention', ATTN23]])('%s: the same logits as the unfused model of the same weights, prefill and 8 decode steps (right padding)', async (_, path) => {
+    const [a, b] = [await ModSession.create(path), await ModSession.create(UNFUSED)];
+    expect(worstReal(await a.forward(ROWS, { pad: 'right' }), await b.forward(ROWS, { pad: 'right' }), ROWS, 'right')).toBeLessThan(1e-4);
+    for (let t = 0; t < 8; t++) {
+      const next = ROWS.map((_, r) => 3 + t + r);
+      expect(worstRows(lastPosition(await a.step(next)), lastPosition(await b.step(next))), `step ${t}`).toBeLessThan(1e-4);
+    }
+  });
+
+  it('is_causal=1 with nonpad_kv_seqlen (no mask) agrees with the masked static form on unpadded rows', async () => {
+    const rows = [[5, 6, 7, 8], [9, 10, 11, 12]];
+    const [a, b] = [await ModSession.create(CAUSAL), await ModSession.create(STATIC)];
+    expect(worstReal(await a.forward(rows), await b.forward(rows), rows, 'right')).toBeLessThan(1e-5);
+    expect(worstRows(lastPosition(await a.step([1, 2])), lastPosition(await b.step([1, 2])))).toBeLessThan(1e-5);
+  });
+});
+
+describe('analysis', () => {
+  it('static caches: each layer is a StandardAttention over its TensorScatter buffers; write_indices and nonpad_kv_seqlen are lengths, position_ids per-token', () => {
+    const s = analyzeDecoder(loadModel(STATIC));
+    expect(s.layers.map((l) => l.attention.form)).toEqual(['StandardAttention', 'StandardAttention', 'StandardAttention']);
+    expect(s.layers.map((l) => [l.kv.layout, l.kv.key.input.name, l.kv.key.output.name, l.kv.value.input.name, l.kv.value.output.name])).toEqual(
+      [0, 1, 2].map((i) => ['static-BTH', `key_cache.${i}`, `updated_key_cache.${i}`, `value_cache.${i}`, `updated_value_cache.${i}`]));
+    expect([s.numHeads, s.numKvHeads, s.headSize, s.positional]).toEqual([4, 2, 8, 'rotary-op']);
+    const kinds = s.layers[1]!.sideInputs.filter((si) => si.kind !== 'weight').map((si) => `${si.kind}:${si.value.name}:${'role' in si ? si.role : 'form' in si ? si.form : ''}`);
+    expect(kinds).toEqual(expect.arrayContaining(['per-token:position_ids:positions', 'sequence-length:write_indices:write_indices', 'sequence-length:nonpad_kv_seqlen:nonpad_kv_seqlen', 'past-kv:key_cache.1:key']));
+    expect(kinds.filter((k) => k.startsWith('other'))).toEqual([]);
+  });
+
+  it('opset-23 Attention with past/present: BHTD caches, the mask built from attention_mask', () => {
+    const s = analyzeDecoder(loadModel(ATTN23));
+    expect(s.layers.map((l) => [l.attention.form, l.kv.layout, l.kv.key.output.name])).toEqual([0, 1, 2].map((i) => ['StandardAttention', 'BHTD', `present.${i}.key`]));
+    expect(s.mask.inputs.map((v) => v.name)).toContain('attention_mask');
+  });
+
+  it('decoderIo: buffers of 64 slots, the write index and valid-key inputs, right padding only', () => {
+    const io = decoderIo(loadModel(STATIC));
+    expect(io.kv.map((b) => [b.layout, b.pastKey, b.presentKey, b.numHeads, b.headSize, b.maxLength])).toEqual([0, 1, 2].map((i) => ['static-BTH', `key_cache.${i}`, `updated_key_cache.${i}`, 2, 8, 64]));
+    expect([io.writeIndices?.name, io.nonpadKvSeqlen?.name, io.attentionMask, io.paddingSides]).toEqual(['write_indices', 'nonpad_kv_seqlen', null, ['right']]);
+  });
+
+  it('a circular TensorScatter (ring buffer) is refused in one line, naming the node', async () => {
+    const model = loadModel(STATIC);
+    const scatter = model.graph.nodes.find((n) => n.opType === 'TensorScatter')!;
+    scatter.setAttr(attribute('mode', 'circular'));
+    const path = join(tmp, 'circular', 'model.onnx');
+    saveModel(model, path);
+    const why = /TensorScatter.*mode 'circular' is not supported: a circular \(ring-buffer\) cache/;
+    expect(() => analyzeDecoder(loadModel(path))).toThrow(why);
+    expectOneLineError(await runCli('inspect', path), 1, why);
+  });
+});
+
+describe.each([['static caches', STATIC], ['opset-23 Attention', ATTN23]])('compile: %s', (_, path) => {
+  it.each(['block', 'attention', 'mlp'] as const)('all-pass (%s) reproduces the original at real positions: prefill and 8 decode steps', async (granularity) => {
+    const compiled = compileWith(tmp, path, 'all-pass', { gated: false, granularity });
+    expect(compiled.plan.layers).toHaveLength(3);
+    const [orig, mod] = await Promise.all([ModSession.create(path), ModSession.create(compiled.path)]);
+    await expectSameRun(orig, mod, ROWS, 'right', 8, 1e-4, granularity);
+    expect(mod.kvBytes()).toBe(orig.kvBytes());
+  });
+
+  it.each(['block', 'attention'] as const)('random routers (%s) agree with the reference executor in prefill and decode, with partial selection', async (granularity) => {
+    const compiled = compileWith(tmp, path, 'random', { mode: 'threshold', threshold: 0.5, gated: true, granularity });
+    const mod = await ModSession.create(compiled.path);
+    const ref = await ModReference.create(path, compiled.plan, join(tmp, `ref${counter++}`));
+    try {
+      expect(worstReal(await mod.forward(ROWS, { pad: 'right' }), await ref.forward(ROWS, { pad: 'right' }), ROWS, 'right'), 'prefill').toBeLessThan(1e-4);
+      for (let t = 0; t < 8; t++) {
+        const next = ROWS.map((_, r) => t + r + 1);
+        expect(worstRows(lastPosition(await mod.step(next)), lastPosition(await ref.step(next))), `step ${t}`).toBeLessThan(1e-4);
+      }
+      const { selected, real } = prefillSelection(ref, ROWS);
+      expect(selected).toBeGreaterThan(0);
+      expect(selected).toBeLessThan(real);
+      const lengths = mod.layerCacheLengths();
+      expect(lengths).toEqual(ref.layerCacheLengths());
+      const context = ROWS.map((r) => r.length + 8);
+      expect(lengths.some((layer) => layer.some((n, r) => n < context[r]!))).toBe(true);
+      expect(mod.kvBytes()).toBe(ref.kvBytes());
+    } finally {
+      await ref.release();
+    }
+  });
+});
+
+describe('the compiled static-cache interface', () => {
+  it('a converted layer has its own buffer (open length), past_lengths.l and present_lengths.l; the others keep write_indices', () => {
+    const compiled = compileWith(tmp, STATIC, 'random', { mode: 'threshold', threshold: 0.5 });
+    const model = loadModel(compiled.path);
+    const inputs = new Map(model.graph.inputs.map((v) => [v.name, v]));
+    expect(inputs.get('key_cache.0')!.shape).toEqual(['batch', 'max_sequence_length_0', 16]);
+    expect(inputs.get('past_lengths.0')!.shape).toEqual(['batch']);
+    expect(model.graph.outputs.map((v) => v.name)).toEqual(expect.arrayContaining(['present_lengths.0', 'updated_key_cache.0', 'updated_value_cache.2']));
+    expect(inputs.has('write_indices') && inputs.has('nonpad_kv_seqlen')).toBe(true);
+    const io = decoderIo(model);
+    expect(io.staticCacheLength).toBe(64);
+    expect(io.kv.map((b) => b.pastLength)).toEqual(['past_lengths.0', 'past_lengths.1', 'past_lengths.2']);
+  });
+
+  it('a layer that routes only its MLP keeps the original interface; is_causal=1 without a mask keeps its cache full (saying why)', async () => {
+    const mlp = compileWith(tmp, STATIC, 'random', { granularity: 'mlp' });
+    expect(loadModel(mlp.path).graph.inputs.some((v) => v.name.startsWith('past_lengths'))).toBe(false);
+    const out = join(tmp, 'causal', 'model.onnx');
+    const res = await runCli('compile', CAUSAL, '-o', out, '--router-init', 'random', '--json');
+    expect(res.code).toBe(0);
+    expect(JSON.stringify(JSON.parse(res.stdout))).toMatch(/layer 0[^"]*is_causal=1 aligned on nonpad_kv_seqlen with no attn_mask/);
+  });
+});
+
+describe('the CLI on static caches', () => {
+  const routed = join(tmp, 'cli-routed', 'model.onnx');
+
+  it('run --json reports which positions are real (no attention_mask input); --pad left is refused in one line', async () => {
+    const res = await runCli('run', STATIC, '--ids', '1,2,3;4,5', '--json');
+    expect(res.code).toBe(0);
+    expect(res.stderr).toBe('');
+    expect(JSON.parse(res.stdout).attentionMask).toEqual([[1, 1, 1], [1, 1, 0]]);
+    expectOneLineError(await runCli('run', STATIC, '--ids', '1,2,3;4,5', '--pad', 'left'), 2, /--pad left is not supported for this model: a static KV cache \(TensorScatter\)/);
+  });
+
+  it('compile, verify, generate, bench and eval run the original and the routed compile', async () => {
+    expect((await runCli('compile', STATIC, '-o', routed, '-q', '--router-init', 'random')).code).toBe(0);
+    const verify = await runCli('verify', STATIC, routed, '--json');
+    expect(verify.code, verify.stderr).toBe(0);
+    expect(JSON.parse(verify.stdout).passed).toBe(true);
+    const gen = await Promise.all([STATIC, routed].map((p) => runCli('generate', p, '--ids', '1,2,3;4,5', '--max-new', '4', '--json')));
+    for (const g of gen) expect(g.code, g.stderr).toBe(0);
+    expect(JSON.parse(gen[1]!.stdout).cacheLengths).toHaveLength(3);
+    const bench = await runCli('bench', STATIC, routed, '--prompt', '6', '--steps', '2', '--runs', '1', '--warmup', '0', '--json');
+    expect(bench.code, bench.stderr).toBe(0);
+    const data = join(tmp, 'eval.jsonl');
+    writeFileSync(data, '{"ids": [5, 6, 7, 8, 9, 10]}\n{"ids": [11, 12, 13]}\n');
+    const nll = async (p: string) => {
+      const res = await runCli('eval', p, '--data', data, '--json');
+      expect(res.code, res.stderr).toBe(0);
+      return JSON.parse(res.stdout).nll as number;
+    };
+    // The static form scores as the same weights with growing caches.
+    expect(Math.abs((await nll(STATIC)) - (await nll(UNFUSED)))).toBeLessThan(1e-5);
+    expect(await nll(routed)).toBeGreaterThan(0);
+  });
+
+  it('a context longer than the buffer is refused in one line', async () => {
+    const session = await ModSession.create(STATIC);
+    await expect(session.forward([Array.from({ length: 65 }, (_, i) => i + 1)])).rejects.toThrow(/a context of 65 tokens does not fit the model's static KV cache of 64 slots/);
+    const greedy = await session.forward([[1, 2, 3]]);
+    expect(argmax(lastPosition(greedy)[0]!)).toBeGreaterThanOrEqual(0);
+  });
+});
