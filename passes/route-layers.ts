@@ -278,7 +278,7 @@ class LayerRouter {
     // Static caches (TensorScatter buffers): passes/static-cache.ts.
     if (isStaticLayout(kv.layout)) {
       return compactStaticCache({
-        model: this.model, layer, e: this.e, region: this.region, selectedCount: () => this.selectedCount(), recompute, suffix: this.suffix(),
+        model: this.model, layer, e: this.e, region: this.region, selectedCount: () => this.selectedCount(), recompute, suffix: this.suffix(), tokens: () => this.e.dimScalar(routing.indices, 1),
         substitutes: (pastLength, capacity) => this.substitutes(xSel, pastLength, capacity, this.e.dimScalar(routing.indices, 1), false),
       });
     }

@@ -7,7 +7,8 @@
  *
  *   past_lengths.l  int64 [B]   valid slots of each row of layer l's buffer (its write index)
  *   TensorScatter(buffer_l, k_sel, past_lengths.l)      the selected tokens, packed at the row's end
- *   Attention(.., nonpad_kv_seqlen = past_lengths.l + selected count, mask rebuilt from past_lengths.l)
+ *   Attention(.., nonpad_kv_seqlen = past_lengths.l + selected count, mask rebuilt from past_lengths.l;
+ *             is_causal=1 without a mask becomes that mask by slot, is_causal=0)
  *   present_lengths.l = past_lengths.l + selected count
  *
  * The buffer's length dim becomes `max_sequence_length_l` (a runner may size it smaller than the
@@ -16,7 +17,7 @@
  */
 import type { KvTensor, LayerInfo } from '../compiler/analysis/types.js';
 import { DataType } from '../compiler/ir/dtype.js';
-import { type Graph, type Node, Value } from '../compiler/ir/graph.js';
+import { attribute, type Graph, type Node, Value } from '../compiler/ir/graph.js';
 import type { Model } from '../compiler/ir/model.js';
 import { recomputeWith, replaceUsesWithin } from '../compiler/ir/rewrite.js';
 import type { TypeProto } from '../compiler/proto/index.js';
@@ -72,6 +73,8 @@ export interface StaticRegion {
   substitutes: (pastLength: Value, capacity: Value) => Map<Value, Value>;
   /** Masks and sequence lengths the region reads, to rebuild from this layer's own lengths. */
   recompute: Value[];
+  /** Tokens this layer runs on per row (K), an int64 scalar. */
+  tokens: () => Value;
   suffix: string;
 }
 
@@ -102,6 +105,16 @@ export function compactStaticCache(r: StaticRegion): [Value, Value][] {
   // valid keys are those plus this call's selected tokens.
   for (const w of [writes.key, writes.value]) w.setInput(2, like(pastLength, w.input(2)));
   if (attention) attention.setInput(6, like(valid, attention.input(6)));
+  // is_causal=1 with no mask aligns causality on nonpad_kv_seqlen - K, which holds only for rows
+  // that selected all K tokens: state it by slot instead (key j visible to token i iff
+  // j <= past_lengths.l + i; the selected tokens come first, in order).
+  if (attention && !attention.input(3) && attention.attrInt('is_causal', 0) === 1) {
+    const i = e.op('Range', [e.i64(0), r.tokens(), e.i64(1)]);
+    const j = e.op('Range', [e.i64(0), e.dimScalar(kv.key.input, seqAxis), e.i64(1)]);
+    const last = e.op('Add', [e.unsqueeze(pastLength, [1]), e.unsqueeze(i, [0])]);
+    attention.setInput(3, e.unsqueeze(e.op('LessOrEqual', [j, e.unsqueeze(last, [2])]), [1]));
+    attention.setAttr(attribute('is_causal', 0));
+  }
 
   const presentLength = e.op('Identity', [valid]);
   presentLength.name = g.uniqueName(presentLengthName(l));

@@ -26,6 +26,8 @@ const ATTN23 = join(FIXTURES_DIR, 'forms-attention23-tiny', 'model.onnx');
 /** The same weights in the unfused Llama form (MatMul/Softmax attention, in-graph rotary). */
 const UNFUSED = join(FIXTURES_DIR, 'forms-unsorted-tiny', 'unsorted.onnx');
 const ROWS = PROMPTS.b3;
+/** is_causal=1 without a mask cannot take padding: rows of one length. */
+const EQUAL = [[5, 6, 7, 8, 9, 10], [12, 13, 14, 15, 16, 17], [18, 19, 20, 21, 22, 23]];
 let counter = 0;
 
 describe('the fixtures are the decoder they claim to be', () => {
@@ -82,12 +84,12 @@ describe('analysis', () => {
   });
 });
 
-describe.each([['static caches', STATIC], ['opset-23 Attention', ATTN23]])('compile: %s', (_, path) => {
+describe.each([['static caches', STATIC, ROWS], ['static caches, is_causal=1 without a mask', CAUSAL, EQUAL], ['opset-23 Attention', ATTN23, ROWS]])('compile: %s', (_, path, rows) => {
   it.each(['block', 'attention', 'mlp'] as const)('all-pass (%s) reproduces the original at real positions: prefill and 8 decode steps', async (granularity) => {
     const compiled = compileWith(tmp, path, 'all-pass', { gated: false, granularity });
     expect(compiled.plan.layers).toHaveLength(3);
     const [orig, mod] = await Promise.all([ModSession.create(path), ModSession.create(compiled.path)]);
-    await expectSameRun(orig, mod, ROWS, 'right', 8, 1e-4, granularity);
+    await expectSameRun(orig, mod, rows, 'right', 8, 1e-4, granularity);
     expect(mod.kvBytes()).toBe(orig.kvBytes());
   });
 
@@ -96,17 +98,20 @@ describe.each([['static caches', STATIC], ['opset-23 Attention', ATTN23]])('comp
     const mod = await ModSession.create(compiled.path);
     const ref = await ModReference.create(path, compiled.plan, join(tmp, `ref${counter++}`));
     try {
-      expect(worstReal(await mod.forward(ROWS, { pad: 'right' }), await ref.forward(ROWS, { pad: 'right' }), ROWS, 'right'), 'prefill').toBeLessThan(1e-4);
+      expect(worstReal(await mod.forward(rows, { pad: 'right' }), await ref.forward(rows, { pad: 'right' }), rows, 'right'), 'prefill').toBeLessThan(1e-4);
       for (let t = 0; t < 8; t++) {
-        const next = ROWS.map((_, r) => t + r + 1);
+        const next = rows.map((_, r) => t + r + 1);
         expect(worstRows(lastPosition(await mod.step(next)), lastPosition(await ref.step(next))), `step ${t}`).toBeLessThan(1e-4);
       }
-      const { selected, real } = prefillSelection(ref, ROWS);
+      const { selected, real } = prefillSelection(ref, rows);
       expect(selected).toBeGreaterThan(0);
       expect(selected).toBeLessThan(real);
+      // Some layer selects different counts in different rows (a row runs fewer tokens than K).
+      const counts = [...ref.selections[0]!.values()].map((perRow) => perRow.map((picks) => picks.length));
+      expect(counts.some((c) => new Set(c).size > 1)).toBe(true);
       const lengths = mod.layerCacheLengths();
       expect(lengths).toEqual(ref.layerCacheLengths());
-      const context = ROWS.map((r) => r.length + 8);
+      const context = rows.map((r) => r.length + 8);
       expect(lengths.some((layer) => layer.some((n, r) => n < context[r]!))).toBe(true);
       expect(mod.kvBytes()).toBe(ref.kvBytes());
     } finally {
@@ -129,13 +134,19 @@ describe('the compiled static-cache interface', () => {
     expect(io.kv.map((b) => b.pastLength)).toEqual(['past_lengths.0', 'past_lengths.1', 'past_lengths.2']);
   });
 
-  it('a layer that routes only its MLP keeps the original interface; is_causal=1 without a mask keeps its cache full (saying why)', async () => {
+  it('a layer that routes only its MLP keeps the original interface', () => {
     const mlp = compileWith(tmp, STATIC, 'random', { granularity: 'mlp' });
     expect(loadModel(mlp.path).graph.inputs.some((v) => v.name.startsWith('past_lengths'))).toBe(false);
-    const out = join(tmp, 'causal', 'model.onnx');
-    const res = await runCli('compile', CAUSAL, '-o', out, '--router-init', 'random', '--json');
-    expect(res.code).toBe(0);
-    expect(JSON.stringify(JSON.parse(res.stdout))).toMatch(/layer 0[^"]*is_causal=1 aligned on nonpad_kv_seqlen with no attn_mask/);
+  });
+
+  it('is_causal=1 without a mask: a converted layer gets the causal mask by slot (is_causal=0); runners refuse rows of different lengths; verify cuts its default prompt to one length', async () => {
+    const compiled = compileWith(tmp, CAUSAL, 'random', { mode: 'threshold', threshold: 0.5 });
+    const attention = [...loadModel(compiled.path).allNodes()].filter((n) => n.opType === 'Attention');
+    expect(attention.map((n) => [n.attrInt('is_causal'), n.input(3) !== null])).toEqual([[0, true], [0, true], [0, true]]);
+    expectOneLineError(await runCli('run', CAUSAL, '--ids', '1,2,3;4,5'), 1, /rows of different lengths need padding, which this model cannot mask \(.*is_causal=1 aligned on nonpad_kv_seqlen, with no attn_mask/);
+    const verify = await runCli('verify', CAUSAL, compiled.path, '--json');
+    expect(verify.code, verify.stderr).toBe(0);
+    expect(JSON.parse(verify.stdout).passed).toBe(true);
   });
 });
 

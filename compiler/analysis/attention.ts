@@ -301,9 +301,6 @@ function headsFromOutputProjection(context: Node, inBranch: ReadonlySet<Node>, h
  * would silently cover other tokens. Such a layer stays dense (its MLP part may still route).
  */
 export function kvCompactionBlocker(core: AttentionCore): string | null {
-  if (core.form === 'StandardAttention' && core.kv.layout !== 'BHTD' && !core.node.inputs[3] && core.node.attrInt('is_causal', 0) === 1) {
-    return `${core.node.describe()} is causal by is_causal=1 aligned on nonpad_kv_seqlen with no attn_mask, which a compacted call (rows with fewer selected tokens than others) cannot keep; the layer's KV cache is kept full`;
-  }
   if (core.form === 'StandardAttention' && core.kv.layout === 'BHTD' && !core.node.inputs[3]) {
     return `${core.node.describe()} has no attn_mask: a compacted cache pads rows to the longest, and nothing would keep the padding slots out of attention`;
   }

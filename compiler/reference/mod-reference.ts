@@ -35,7 +35,7 @@ import { describeLayerPart, type LayerPlan, type RoutingPlan } from '../routing-
 import { decoderIo, type DecoderIo, type KvBinding, resolvePadSide } from '../runtime/decoder-io.js';
 import { type EmbeddingSource, TokenEmbedder } from '../runtime/embeddings.js';
 import { emptyTensor, ort, toFloat32, type SessionOptions } from '../runtime/ort.js';
-import { initialCacheDims, type Logits, nextPositions, padRows, promptPositions, staticLengthFeeds, typed, zeroStates } from '../runtime/session.js';
+import { checkUnpadded, initialCacheDims, type Logits, nextPositions, padRows, promptPositions, staticLengthFeeds, typed, zeroStates } from '../runtime/session.js';
 import { splitFusedBoundaries } from '../../passes/split-fused-boundaries.js';
 import * as kernels from '../../runtime-ops/reference.js';
 import { loadUnit, releaseUnits, runUnit } from './units.js';
@@ -130,6 +130,7 @@ export class ModReference {
   }
 
   async forward(rows: number[][], opts: { pad?: 'left' | 'right' } = {}): Promise<Logits> {
+    checkUnpadded(this.io, rows);
     const { ids, mask, width } = padRows(rows, resolvePadSide(this.io, opts.pad));
     this.mask = mask;
     this.ids = mask.map((_, b) => ids.slice(b * width, (b + 1) * width));

@@ -78,6 +78,12 @@ export interface DecoderIo {
   nonpadKvSeqlen: { name: string; dtype: 'int32' | 'int64' } | null;
   /** Slots a runner allocates per static buffer whose length the model leaves open. */
   staticCacheLength: number | null;
+  /**
+   * Why the model cannot take padding at all (rows must have one length), or null. A static-cache
+   * Attention with is_causal=1 and no attn_mask aligns causality on nonpad_kv_seqlen minus the
+   * call's length, which a shorter (padded) row breaks.
+   */
+  unpaddable: string | null;
 }
 
 /** Metadata a compile writes when it opens a static buffer's length: the original's length. */
@@ -187,8 +193,17 @@ export function decoderIo(model: Model): DecoderIo {
     rightPaddingOnly: lengthBased,
     writeIndices: writes.write,
     nonpadKvSeqlen: writes.nonpad,
+    unpaddable: unpaddable(model),
     staticCacheLength: staticLengths.length ? Math.max(0, ...staticLengths.map((n) => n ?? 0), recordedLength(model)) || positions || DEFAULT_STATIC_CACHE_LENGTH : null,
   };
+}
+
+function unpaddable(model: Model): string | null {
+  for (const n of model.graph.nodes) {
+    if (n.opType !== 'Attention' || (n.domain !== '' && n.domain !== 'ai.onnx') || n.input(3) || n.attrInt('is_causal', 0) !== 1) continue;
+    if (n.input(6) && n.input(1)?.producer?.opType === 'TensorScatter') return `${n.describe()} is causal by is_causal=1 aligned on nonpad_kv_seqlen, with no attn_mask to mask padding`;
+  }
+  return null;
 }
 
 function recordedLength(model: Model): number {

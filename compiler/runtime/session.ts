@@ -116,6 +116,7 @@ export class ModSession {
 
   /** Runs the prompt (past length 0) and keeps the caches. */
   async forward(rows: number[][], opts: ForwardOptions = {}): Promise<Logits> {
+    checkUnpadded(this.io, rows);
     const { ids, mask, width } = padRows(rows, this.padSide(opts.pad));
     this.checkVocab(ids);
     this.begin(mask);
@@ -300,6 +301,13 @@ export function staticLengthFeeds(io: DecoderIo, mask: number[][], S: number): R
   if (io.writeIndices) feeds[io.writeIndices.name] = typed(io.writeIndices.dtype, before, [mask.length]);
   if (io.nonpadKvSeqlen) feeds[io.nonpadKvSeqlen.name] = typed(io.nonpadKvSeqlen.dtype, after, [mask.length]);
   return feeds;
+}
+
+/** Refuses rows of different lengths for a model that cannot mask padding (DecoderIo.unpaddable). */
+export function checkUnpadded(io: DecoderIo, rows: number[][]): void {
+  if (io.unpaddable && rows.some((r) => r.length !== rows[0]!.length)) {
+    throw new ModcError(`rows of different lengths need padding, which this model cannot mask (${io.unpaddable}): give rows of one length`);
+  }
 }
 
 /** Every state input of the model, zeros for a batch of `B` (the start of a sequence). */
