@@ -16,6 +16,10 @@ import { decoderIo } from '../compiler/runtime/decoder-io.js';
 import { argmax, lastPosition, ModSession } from '../compiler/runtime/session.js';
 import { worstReal } from '../compiler/verify.js';
 import { FIXTURES_DIR } from '../fixtures/build-fixtures.js';
+import { DataType } from '../compiler/ir/dtype.js';
+import { Model } from '../compiler/ir/model.js';
+import { ort } from '../compiler/runtime/ort.js';
+import { GraphBuilder } from '../fixtures/builder/graph-builder.js';
 import { expectOneLineError, runCli, tempDir } from './helpers.js';
 import { compileWith, expectSameRun, prefillSelection, PROMPTS, worstRows } from './mod-helpers.js';
 
@@ -29,6 +33,67 @@ const ROWS = PROMPTS.b3;
 /** is_causal=1 without a mask cannot take padding: rows of one length. */
 const EQUAL = [[5, 6, 7, 8, 9, 10], [12, 13, 14, 15, 16, 17], [18, 19, 20, 21, 22, 23]];
 let counter = 0;
+
+/**
+ * What onnxruntime-node 1.29's CPU EP runs of the standard ops (README, "Supported forms"): one
+ * op per model, run on small inputs; the values checked are the semantics modc relies on.
+ */
+describe('ONNX Runtime CPU: the standard attention ops', () => {
+  const F = DataType.FLOAT;
+  const f32 = (dims: number[], fill = (i: number) => Math.sin(i)) => new ort.Tensor('float32', Float32Array.from({ length: dims.reduce((a, b) => a * b, 1) }, (_, i) => fill(i)), dims);
+  const i64 = (v: number[]) => new ort.Tensor('int64', BigInt64Array.from(v, BigInt), [v.length]);
+  async function run(opset: number, build: (b: GraphBuilder) => void, feeds: Record<string, ort.Tensor>): Promise<ort.InferenceSession.OnnxValueMapType> {
+    const b = new GraphBuilder('op');
+    build(b);
+    const m = new Model(b.graph, 10);
+    m.importOpset('', opset);
+    const path = join(tmp, `op${counter++}`, 'model.onnx');
+    saveModel(m, path);
+    return (await ort.InferenceSession.create(path, { logSeverityLevel: 3 })).run(feeds);
+  }
+  /** One head of size 1, zero scores, V = one-hot of the key slot: Y is each query's attention weights over 6 slots. */
+  const weights = (opset: number, isCausal: number, S: number, nonpad: number) => run(opset, (b) => {
+    const [q, k, v] = [b.input('q', F, [1, S, 1]), b.input('k', F, [1, 6, 1]), b.input('v', F, [1, 6, 6])];
+    const y = b.op('Attention', [q, k, v, null, null, null, b.input('n', DataType.INT64, [1])], { attrs: [attribute('q_num_heads', 1), attribute('kv_num_heads', 1), attribute('is_causal', isCausal)], outputs: ['y'] });
+    b.output(y, F, [1, S, 6]);
+  }, { q: f32([1, S, 1], () => 0), k: f32([1, 6, 1], () => 0), v: f32([1, 6, 6], (i) => (i % 7 === 0 ? 1 : 0)), n: i64([nonpad]) }).then((o) => Array.from(o.y!.data as Float32Array, (x) => Math.round(x * 100) / 100));
+
+  it('Attention-24 with nonpad_kv_seqlen: keys at or past it are masked; is_causal=1 is aligned bottom-right (query i sees j <= i + nonpad - S)', async () => {
+    expect(await weights(24, 0, 1, 4)).toEqual([0.25, 0.25, 0.25, 0.25, 0, 0]);
+    expect(await weights(24, 1, 2, 5)).toEqual([0.25, 0.25, 0.25, 0.25, 0, 0, 0.2, 0.2, 0.2, 0.2, 0.2, 0]);
+    // Attention-23 has no nonpad_kv_seqlen input: ONNX Runtime refuses the model.
+    await expect(weights(23, 0, 1, 4)).rejects.toThrow(/Attention/);
+  });
+
+  it('Attention-23 with 3-D q/k/v (q_num_heads, kv_num_heads: GQA) and 4-D past_key/past_value -> present grown by the call', async () => {
+    const out = await run(23, (b) => {
+      const [q, k, v] = [b.input('q', F, [2, 3, 32]), b.input('k', F, [2, 3, 16]), b.input('v', F, [2, 3, 16])];
+      const [pk, pv] = [b.input('pk', F, [2, 2, 'P', 8]), b.input('pv', F, [2, 2, 'P', 8])];
+      const mask = b.input('m', DataType.BOOL, [2, 1, 3, 'T']);
+      const o = b.ops('Attention', [q, k, v, mask, pk, pv], { attrs: [attribute('q_num_heads', 4), attribute('kv_num_heads', 2)], outputs: ['y', 'pk_out', 'pv_out'] });
+      b.output(o[0]!, F, [2, 3, 32]);
+      b.output(o[1]!, F, [2, 2, 'T', 8]);
+    }, { q: f32([2, 3, 32]), k: f32([2, 3, 16]), v: f32([2, 3, 16]), pk: f32([2, 2, 2, 8]), pv: f32([2, 2, 2, 8]), m: new ort.Tensor('bool', new Uint8Array(30).fill(1), [2, 1, 3, 5]) });
+    expect([out.y!.dims, out.pk_out!.dims]).toEqual([[2, 3, 32], [2, 2, 5, 8]]);
+  });
+
+  it('TensorScatter-24 writes each row at its write index (axis 1 of a 3-D cache); circular wraps; RotaryEmbedding-23 runs on 3-D input with num_heads', async () => {
+    // Row 0 writes [1, 2] at slot 1; row 1 writes [3, 4] at slot 4 (linear) or at slot 5, wrapping to 0 (circular).
+    for (const [mode, write, want] of [['linear', 4, [0, 1, 2, 0, 0, 0, 0, 0, 0, 0, 3, 4]], ['circular', 5, [0, 1, 2, 0, 0, 0, 4, 0, 0, 0, 0, 3]]] as const) {
+      const out = await run(24, (b) => {
+        const y = b.op('TensorScatter', [b.input('c', F, [2, 6, 1]), b.input('u', F, [2, 'S', 1]), b.input('w', DataType.INT64, [2])], { attrs: [attribute('axis', 1), attribute('mode', mode)], outputs: ['y'] });
+        b.output(y, F, [2, 6, 1]);
+      }, { c: f32([2, 6, 1], () => 0), u: f32([2, 2, 1], (i) => i + 1), w: i64([1, write]) });
+      expect(Array.from(out.y!.data as Float32Array), mode).toEqual(want);
+    }
+    const rotary = await run(23, (b) => {
+      const y = b.op('RotaryEmbedding', [b.input('x', F, [1, 2, 8]), b.floats('cos', [4, 2], Float32Array.of(1, 1, 0, 0, 1, 1, 1, 1)), b.floats('sin', [4, 2], Float32Array.of(0, 0, 1, 1, 0, 0, 0, 0)), b.input('p', DataType.INT64, [1, 2])], { attrs: [attribute('num_heads', 2)], outputs: ['y'] });
+      b.output(y, F, [1, 2, 8]);
+    }, { x: f32([1, 2, 8], (i) => i + 1), p: new ort.Tensor('int64', BigInt64Array.of(0n, 1n), [1, 2]) });
+    // Position 0: identity; position 1: a rotation by 90 degrees of each half pair (rotate-half: [x1, x2] -> [-x2, x1]).
+    expect(Array.from(rotary.y!.data as Float32Array)).toEqual([1, 2, 3, 4, 5, 6, 7, 8, -11, -12, 9, 10, -15, -16, 13, 14]);
+  });
+});
 
 describe('the fixtures are the decoder they claim to be', () => {
   it.each([['static', STATIC], ['opset-23 Attention', ATTN23]])('%s: the same logits as the unfused model of the same weights, prefill and 8 decode steps (right padding)', async (_, path) => {
