@@ -301,6 +301,8 @@ function maxPositions(model: Model, positionIds: Value | null): number | null {
   for (const n of model.allNodes()) {
     const slot = POSITION_TABLES[n.opType];
     if (slot !== undefined && n.domain === 'com.microsoft' && (n.opType !== 'GroupQueryAttention' || n.attrInt('do_rotary', 0) === 1)) tableRows(n.input(slot));
+    // The standard RotaryEmbedding (opset 23) reads its cos cache at input 1, indexed by position_ids (input 3).
+    if (n.opType === 'RotaryEmbedding' && (n.domain === '' || n.domain === 'ai.onnx') && n.input(3)) tableRows(n.input(1));
     if (n.opType === 'Gather' && positionIds && readsThrough(n.input(1), positionIds)) tableRows(n.input(0));
   }
   return rows.length ? Math.min(...rows) : null;
