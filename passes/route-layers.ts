@@ -28,6 +28,7 @@ import { analyzeDecoder } from '../compiler/analysis/analyze.js';
 import { kvCompactionBlocker } from '../compiler/analysis/attention.js';
 import type { DecoderStructure, KvTensor, LayerInfo, SideInput } from '../compiler/analysis/types.js';
 import { subLayersOf } from '../compiler/analysis/sub-layers.js';
+import { tokenCouplingBlocker } from '../compiler/analysis/token-coupling.js';
 import { ModcError } from '../compiler/errors.js';
 import { DataType } from '../compiler/ir/dtype.js';
 import { Graph, type Node, Value } from '../compiler/ir/graph.js';
@@ -78,7 +79,7 @@ interface RoutedRegion {
 /** The region of a layer part, or why it cannot be routed (found before anything is changed). */
 function regionOf(model: Model, layer: LayerInfo, part: RoutedPart): RoutedRegion | { reason: string } {
   if (part === 'block') {
-    const why = blockBlocker(layer) ?? kvCompactionBlocker(layer.attention) ?? sideInputBlocker(model, layer.sideInputs);
+    const why = blockBlocker(layer) ?? kvCompactionBlocker(layer.attention) ?? sideInputBlocker(model, layer.sideInputs) ?? tokenCouplingBlocker(layer.nodes);
     if (why) return { reason: why };
     return {
       layer, part, input: layer.residualIn, nodes: new Set(layer.nodes.filter((n) => n.domain !== MODC_DOMAIN)), sideInputs: layer.sideInputs,
@@ -93,7 +94,7 @@ function regionOf(model: Model, layer: LayerInfo, part: RoutedPart): RoutedRegio
   const sub = parts[part];
   const joinFused = sub.join.opType !== 'Add' || sub.join.domain !== '';
   const why = (joinFused ? `its ${part} update is added by ${sub.join.describe()}, not a plain Add (run split-fused-boundaries with within=${layer.index} first)` : null)
-    ?? sub.blocker ?? (part === 'attention' ? kvCompactionBlocker(layer.attention) : null) ?? sideInputBlocker(model, sub.sideInputs)
+    ?? sub.blocker ?? (part === 'attention' ? kvCompactionBlocker(layer.attention) : null) ?? sideInputBlocker(model, sub.sideInputs) ?? tokenCouplingBlocker(sub.nodes)
     ?? (part === 'mlp' && sub.sideInputs.some((si) => si.kind !== 'weight') ? `its MLP reads ${sub.sideInputs.find((si) => si.kind !== 'weight')!.value}, which is not a weight` : null);
   if (why) return { reason: why };
   return {

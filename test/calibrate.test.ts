@@ -2,7 +2,7 @@
  * modc calibrate: the closed-form fit, thresholds that select the requested fraction, determinism,
  * a router file that compiles with no other flag, one-line CLI errors (bounded memory: test/slow/calibrate-memory.test.ts).
  */
-import { readFileSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { calibrate, type CalibrationResult } from '../compiler/calibration/calibrate.js';
@@ -122,6 +122,39 @@ describe('modc calibrate on llama-tiny', () => {
     const routing = readRoutingMetadata(loadModel(out))!;
     expect(routing.gated).toBe(false);
     expect(routing.layers.map((l) => describeLayerPart(l))).toEqual(result.routers.map((r) => describeLayerPart(r)));
+  });
+});
+
+describe('modc calibrate on a decoder fed inputs_embeds (fixtures/forms-embeds-tiny)', () => {
+  const dir = tempDir('modc-calibrate-embeds');
+  const data = join(dir, 'calib.jsonl');
+  const embeds = join(ROOT, 'fixtures', 'forms-embeds-tiny', 'model.onnx');
+  // The same weights with the token table inside, fed input_ids.
+  const same = join(ROOT, 'fixtures', 'forms-unsorted-tiny', 'unsorted.onnx');
+  const opts = { targetCompute: 0.85, granularity: 'auto' as const, capacities: [0.75, 0.5], sensitivityTokens: 512, seed: 5 };
+
+  it('calibrates through the embedding model genai_config.json names: the routers of the same model fed input_ids', async () => {
+    writeData(data, 24, 32, 13, 256);
+    const rows = readDataset(data, { vocabSize: null });
+    const [a, b] = [await calibrate(embeds, rows, opts), await calibrate(same, rows, opts)];
+    expect(a.routers.length).toBeGreaterThan(0);
+    expect(a.routers.map((r) => [describeLayerPart(r), r.capacity])).toEqual(b.routers.map((r) => [describeLayerPart(r), r.capacity]));
+    a.routers.forEach((r, i) => {
+      const w = b.routers[i]!.weight;
+      const scale = Math.max(...Array.from(w, Math.abs));
+      expect(Math.max(...Array.from(r.weight, (v, j) => Math.abs(v - w[j]!)))).toBeLessThan(1e-3 * scale);
+      expect(r.bias).toBeCloseTo(b.routers[i]!.bias, 3);
+    });
+    expect(a.report.computeFraction).toBeCloseTo(b.report.computeFraction, 6);
+  });
+
+  it('refuses, in one line, a decoder fed inputs_embeds with no embedding model beside it', async () => {
+    const lone = join(dir, 'lone', 'model.onnx');
+    mkdirSync(join(dir, 'lone'));
+    copyFileSync(embeds, lone);
+    writeData(data, 4, 16, 13, 256);
+    const res = await runCli('calibrate', lone, '--data', data, '--target-compute', '0.9', '-o', join(dir, 'lone', 'r.safetensors'));
+    expectOneLineError(res, 1, /takes inputs_embeds: calibrate needs the embedding model that genai_config\.json beside it names/);
   });
 });
 

@@ -172,6 +172,31 @@ describe('weight-only quantized models', () => {
       for (const w of found) expect(layer.sideInputs.find((si) => si.value === w.weight)?.kind ?? 'computed in the layer', `${w.node.describe()}`).toMatch(/weight|computed/);
     }
   });
+
+  it('dynamic activation quantization (DynamicQuantizeLinear) couples the tokens of a call: its layer stays dense, with the reason', async () => {
+    // The integer fixture with layer 1's static QuantizeLinear nodes made dynamic (scale and
+    // zero point from the whole activation tensor), as ORT's dynamic quantizer writes them.
+    const proto = decodeModelProto(readFileSync(fixture('forms-integer-tiny')));
+    let made = 0;
+    for (const n of proto.graph!.node) {
+      if (n.op_type !== 'QuantizeLinear' || !/layers\.1\//.test(n.name ?? '')) continue;
+      n.op_type = 'DynamicQuantizeLinear';
+      n.input = [n.input[0]!];
+      n.output = [n.output[0]!, `${n.output[0]}_scale`, `${n.output[0]}_zero_point`];
+      made++;
+    }
+    expect(made).toBeGreaterThan(0);
+    const path = join(tmp, 'dynamic-quant', 'model.onnx');
+    saveModel(modelFromBytes(encodeModelProto(proto), fixture('forms-integer-tiny')), path);
+    await ModSession.create(path); // a model ONNX Runtime runs
+    const res = await runCli('compile', path, '-o', join(tmp, 'dynamic-quant', 'mod.onnx'), '--router-init', 'random', '--json');
+    expect(res.code).toBe(0);
+    const routing = JSON.parse(res.stdout).routing;
+    expect(routing.notConverted).toEqual([{ layer: 1, reason: expect.stringMatching(/^DynamicQuantizeLinear '.*' quantizes its input with one scale taken over all tokens of the call/) }]);
+    expect(routing.converted.length, JSON.stringify(routing)).toBeGreaterThan(0);
+    const mlp = JSON.parse((await runCli('compile', path, '-o', join(tmp, 'dynamic-quant', 'mlp.onnx'), '--router-init', 'random', '--granularity', 'mlp', '--json')).stdout).routing;
+    expect(JSON.stringify(mlp.notConverted)).toMatch(/"layer":1.*DynamicQuantizeLinear/);
+  });
 });
 
 describe('decoders fed by inputs_embeds (fixtures/forms-embeds-tiny: decoder, embedding.onnx, genai_config.json)', () => {

@@ -6,7 +6,8 @@ import { chmodSync, cpSync, existsSync, linkSync, mkdirSync, readdirSync, readFi
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ModcError, quote } from '../compiler/errors.js';
-import { loadModel } from '../compiler/io/load.js';
+import { modelToProto } from '../compiler/io/convert.js';
+import { loadModel, modelFromBytes } from '../compiler/io/load.js';
 import { checkOutputPath, removeStaleTemporaries, saveModel } from '../compiler/io/save.js';
 import { Value } from '../compiler/ir/graph.js';
 import { verifyModel } from '../compiler/ir/verify.js';
@@ -204,6 +205,52 @@ describe('outputs ONNX Runtime would reject', () => {
     gone.graph.removeInitializer(w);
     expect(refusal(() => saveModel(gone, join(tmp, 'gone', 'model.onnx'))).message).toMatch(/which nothing defines/);
     expect(existsSync(join(tmp, 'gone', 'model.onnx'))).toBe(false);
+  });
+
+  it('a value renamed to the empty name, which ONNX reads as omitted (fuzz seed 21, case 94495)', () => {
+    const m = loadModel(join(FIX, 'ort-qwen2-gqa', 'model.onnx'));
+    const skip = m.graph.nodes.find((n) => n.opType === 'SkipLayerNormalization' && n.inputs[0]?.producer)!;
+    skip.inputs[0]!.name = '';
+    runPipeline(m, []);
+    expect(verifyModel(m).map((i) => i.message)).toContainEqual(expect.stringMatching(/SkipLayerNormalization node .* input 0 reads a value with the empty name/));
+    expect(refusal(() => saveModel(m, join(tmp, 'empty', 'model.onnx'))).message).toMatch(/the model is invalid/);
+    expect(existsSync(join(tmp, 'empty', 'model.onnx'))).toBe(false);
+
+    const input = loadModel(join(FIX, 'llama-tiny', 'model.onnx'));
+    input.graph.inputs[0]!.name = '';
+    expect(verifyModel(input).map((i) => i.message).join('\n')).toMatch(/a graph input has the empty name/);
+  });
+
+  it('an input rewired to a value of a rank the op cannot take (fuzz seed 21, case 2850: Gather of a scalar)', async () => {
+    const m = loadModel(join(FIX, 'gpt2-tiny', 'model.onnx'));
+    const g = m.graph;
+    // Gather(Shape(x), Constant scalar) is a scalar; the token embedding's Gather is rewired to read it.
+    const scalar = g.nodes.find((n) => n.opType === 'Gather' && n.inputs[0]?.producer?.opType === 'Shape')!.output(0);
+    const gather = g.nodes.find((n) => n.opType === 'Gather' && n.inputs[0]?.initializer?.dims.length === 2)!;
+    gather.setInput(0, scalar);
+    g.toposort();
+    expect(verifyModel(m).map((i) => i.message)).toContainEqual(expect.stringMatching(/reads a scalar as its data; it needs rank >= 1/));
+    expect(refusal(() => saveModel(m, join(tmp, 'rank', 'model.onnx'))).message).toMatch(/Gather .* reads a scalar/);
+    // The check is ONNX Runtime's own: the same model, written without modc's verifier, fails to load there.
+    const dir = join(tmp, 'rank-raw');
+    cpSync(join(FIX, 'gpt2-tiny'), dir, { recursive: true });
+    writeFileSync(join(dir, 'model.onnx'), encodeModelProto(modelToProto(m, (v) => v.initializer!.proto)));
+    await expect(createSession(join(dir, 'model.onnx'))).rejects.toThrow(/rank >= 1/);
+  });
+
+  it('modelFromBytes anchored in a folder that does not exist: a refusal once external data needs it', () => {
+    const bytes = readFileSync(join(FIX, 'genai-tiny', 'model.onnx'));
+    expect(refusal(() => modelFromBytes(bytes, join(tmp, 'no-such-folder', 'model.onnx'))).message).toMatch(/missing external data: 'model.onnx.data'/);
+    // A model without external data needs no folder.
+    expect(modelFromBytes(readFileSync(join(FIX, 'llama-tiny', 'model.onnx')), join(tmp, 'no-such-folder', 'model.onnx')).graph.nodes.length).toBeGreaterThan(0);
+  });
+
+  it('rank checks refuse only what is certain: every fixture and its MoD compile pass them', async () => {
+    const { rankIssues } = await import('../compiler/ir/ranks.js');
+    for (const f of ['llama-tiny', 'gpt2-tiny', 'neox-tiny', 'genai-tiny', 'ort-gpt2-fused', 'ort-qwen2-gqa', 'quality-lm']) {
+      expect([f, rankIssues(loadModel(join(FIX, f, 'model.onnx')).graph)]).toEqual([f, []]);
+    }
+    expect(rankIssues(loadModel(await compiledLlama()).graph)).toEqual([]);
   });
 });
 

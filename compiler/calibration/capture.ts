@@ -15,6 +15,7 @@ import { DataType } from '../ir/dtype.js';
 import type { Value } from '../ir/graph.js';
 import type { Model } from '../ir/model.js';
 import { decoderIo, type DecoderIo } from '../runtime/decoder-io.js';
+import { type EmbeddingSource, TokenEmbedder } from '../runtime/embeddings.js';
 import { createSession, emptyTensor, ort, toFloat32, type SessionOptions } from '../runtime/ort.js';
 import { padRows, promptPositions, typed, zeroStates } from '../runtime/session.js';
 import { splitFusedBoundaries } from '../../passes/split-fused-boundaries.js';
@@ -68,12 +69,21 @@ function isParallel(l: LayerInfo): boolean {
   return of !== null && of === l.residualIn;
 }
 
-export function promptBatch(io: DecoderIo, rows: number[][]): Batch {
+/**
+ * The feeds of one prompt batch, right-padded. A decoder fed `inputs_embeds` gets the token
+ * embeddings from `embedder` (the embedding model beside it).
+ */
+export async function promptBatch(io: DecoderIo, rows: number[][], embedder: TokenEmbedder | null = null): Promise<Batch> {
   const { ids, mask, width } = padRows(rows, 'right');
   const B = rows.length;
-  if (io.inputsEmbeds) throw new ModcError(`the model takes inputs_embeds: calibrating a decoder fed by embeddings is not supported yet`);
   // State besides the KV cache (hybrid models) starts at zero, as in every runner.
-  const feeds: Record<string, ort.Tensor> = { ...Object.fromEntries(zeroStates(io, B)), [io.inputIds.name]: typed(io.inputIds.dtype, ids, [B, width]) };
+  const feeds: Record<string, ort.Tensor> = Object.fromEntries(zeroStates(io, B));
+  if (io.inputsEmbeds) {
+    if (!embedder) throw new ModcError(`the model takes inputs_embeds: calibration needs the embedding model that genai_config.json beside it names`);
+    feeds[io.inputsEmbeds.name] = await embedder.embed(ids, [B, width]);
+  } else {
+    feeds[io.inputIds.name] = typed(io.inputIds.dtype, ids, [B, width]);
+  }
   if (io.attentionMask) feeds[io.attentionMask.name] = typed(io.attentionMask.dtype, mask.flat(), [B, width]);
   if (io.positionIds) feeds[io.positionIds.name] = typed(io.positionIds.dtype, promptPositions(mask), [B, width]);
   for (const b of io.kv) {
@@ -109,10 +119,14 @@ export class ActivationCapture {
     readonly points: LayerPoints[],
     readonly hiddenSize: number,
     readonly structure: { numLayers: number; hiddenSize: number },
+    private readonly embedder: TokenEmbedder | null,
   ) {}
 
-  /** Builds the capture model under `workDir` and opens it. */
-  static async create(modelPath: string, workDir: string, opts: SessionOptions = {}): Promise<ActivationCapture> {
+  /**
+   * Builds the capture model under `workDir` and opens it; `embeddings` feeds a decoder that
+   * takes inputs_embeds.
+   */
+  static async create(modelPath: string, workDir: string, opts: SessionOptions = {}, embeddings: EmbeddingSource | null = null): Promise<ActivationCapture> {
     const model = loadModel(modelPath);
     const io = decoderIo(model);
     splitFusedBoundaries(model, analyzeDecoder(model));
@@ -123,7 +137,12 @@ export class ActivationCapture {
     const path = join(workDir, 'capture.onnx');
     saveModel(model, path);
     const session = await createSession(path, opts);
-    return new ActivationCapture(session, io, points, s.hiddenSize, { numLayers: s.layers.length, hiddenSize: s.hiddenSize });
+    const embedder = io.inputsEmbeds && embeddings ? await TokenEmbedder.create(io, embeddings, opts) : null;
+    return new ActivationCapture(session, io, points, s.hiddenSize, { numLayers: s.layers.length, hiddenSize: s.hiddenSize }, embedder);
+  }
+
+  batch(rows: number[][]): Promise<Batch> {
+    return promptBatch(this.io, rows, this.embedder);
   }
 
   /** Runs one batch and returns every captured value as float32 [B*S, H] (padding rows included). */
@@ -139,6 +158,7 @@ export class ActivationCapture {
   }
 
   async release(): Promise<void> {
+    await this.embedder?.release();
     await this.session.release();
   }
 }
