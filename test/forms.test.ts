@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
 import { loadModel, modelFromBytes } from '../compiler/io/load.js';
+import { saveModel } from '../compiler/io/save.js';
 import { create, decodeModelProto, encodeModelProto, type ModelProto, type NodeProto } from '../compiler/proto/index.js';
 import { ModSession } from '../compiler/runtime/session.js';
 import { worstReal } from '../compiler/verify.js';
