@@ -264,6 +264,18 @@ describe('the CLI on static caches', () => {
     expect(Math.abs((await nll(CAUSAL)) - (await nll(STATIC)))).toBeLessThan(1e-5);
   });
 
+  it('calibrate fits routers on a static-cache model (its capture feeds the buffers and lengths); codegen refuses it in one line', async () => {
+    const data = join(tmp, 'calib.jsonl');
+    writeFileSync(data, '{"ids": [5, 6, 7, 8, 9, 10]}\n{"ids": [11, 12, 13]}\n{"ids": [14, 15, 16, 17]}\n');
+    const routers = join(tmp, 'routers.safetensors');
+    const cal = await runCli('calibrate', STATIC, '--data', data, '-o', routers, '--target-compute', '0.7', '-q');
+    expect(cal.code, cal.stderr).toBe(0);
+    const out = join(tmp, 'calibrated', 'model.onnx');
+    expect((await runCli('compile', STATIC, '--routers', routers, '-o', out, '-q')).code).toBe(0);
+    expect((await runCli('verify', STATIC, out)).code).toBe(0);
+    expectOneLineError(await runCli('codegen', STATIC, '-o', join(tmp, 'session.ts')), 1, /codegen does not support static KV caches yet \(key_cache\.0 is a TensorScatter buffer\)/);
+  });
+
   it('a context longer than the buffer is refused in one line', async () => {
     const session = await ModSession.create(STATIC);
     await expect(session.forward([Array.from({ length: 65 }, (_, i) => i + 1)])).rejects.toThrow(/a context of 65 tokens does not fit the model's static KV cache of 64 slots/);
