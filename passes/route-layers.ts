@@ -45,7 +45,7 @@ import { describeLayerPart } from '../compiler/routing-plan.js';
 import { Tensor } from '../compiler/ir/tensor.js';
 import { routingOf, type LayerRouting, streamElementType } from './mod-common.js';
 import { isStaticLayout } from '../compiler/analysis/types.js';
-import { compactStaticCache } from './static-cache.js';
+import { compactStaticCache, maskCompactedKeys } from './static-cache.js';
 
 export interface RouteOptions {
   gated: boolean;
@@ -300,6 +300,8 @@ class LayerRouter {
     const keep = gqa
       ? this.call('PrefixMask', [this.e.op('Add', [pastLength, this.selectedCount()]), this.e.op('Add', [capacity, k])])[0]!
       : this.call('KeyMask', [pastLength, capacity, routing.valid])[0]!;
+    // A standard Attention causal by is_causal=1 alone: its padding slots masked (passes/static-cache.ts).
+    if (layer.attention.form === 'StandardAttention' && !layer.attention.node.input(3)) maskCompactedKeys(this.e, layer.attention.node, keep, k);
     const tensors: KvTensor[] = kv.layout === 'combined-2BHTD' ? [kv.key] : [kv.key, kv.value];
     const packed = this.packPresent(tensors, keep, seqAxis, kv.layout === 'combined-2BHTD' ? 'GatherKvCombined' : 'GatherKv');
     const presentLength = this.e.reduceSum(this.e.cast(keep, DataType.INT64), [1], false);

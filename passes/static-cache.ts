@@ -21,6 +21,7 @@ import { attribute, type Graph, type Node, Value } from '../compiler/ir/graph.js
 import type { Model } from '../compiler/ir/model.js';
 import { recomputeWith, replaceUsesWithin } from '../compiler/ir/rewrite.js';
 import type { TypeProto } from '../compiler/proto/index.js';
+import { Tensor } from '../compiler/ir/tensor.js';
 import { pastLengthName, presentLengthName, STATIC_CACHE_LENGTH_KEY } from '../compiler/runtime/decoder-io.js';
 import type { Emitter } from '../runtime-ops/emit.js';
 
@@ -46,18 +47,32 @@ export function staticCacheInputs(graph: Graph): { write: Value; nonpad: Value |
 }
 
 /**
- * The routers' token mask and past length for a model with static caches and no attention_mask:
+ * The routers' token mask and past length for a model with no attention_mask. With static caches:
  * token t of row b is real iff t < nonpad_kv_seqlen[b] - write_indices[b] (the row's real tokens of
  * this call, right padding), and the past length is the longest row's write index.
  */
 export function staticTokenInputs(model: Model, e: Emitter, ids: Value): { tokenMask: Value; pastLength: Value } | null {
   const inputs = staticCacheInputs(model.graph);
-  if (!inputs?.nonpad) return null;
+  if (!inputs?.nonpad) return positionTokenInputs(model, e, ids);
   const write = e.cast(inputs.write, DataType.INT64);
   const real = e.op('Sub', [e.cast(inputs.nonpad, DataType.INT64), write]);
   const t = e.op('Range', [e.i64(0), e.dimScalar(ids, 1), e.i64(1)]);
   const tokenMask = e.cast(e.op('Less', [e.unsqueeze(t, [0]), e.unsqueeze(real, [1])]), DataType.INT64);
   return { tokenMask, pastLength: e.reduceMax(write, [0], false) };
+}
+
+/**
+ * A model with neither attention_mask nor static cache lengths (a causal export that cannot pad):
+ * every token is real, and the past length is what position_ids say (max position + 1 - S), so
+ * a decode step is told from a one-token prompt. Null without position_ids.
+ */
+function positionTokenInputs(model: Model, e: Emitter, ids: Value): { tokenMask: Value; pastLength: Value } | null {
+  const positions = model.graph.inputs.find((v) => v.name === 'position_ids');
+  if (!positions) return null;
+  const batchAndLength = e.op('Slice', [e.op('Shape', [ids]), e.i64([0]), e.i64([2])]);
+  const tokenMask = e.op('ConstantOfShape', [batchAndLength], { value: Tensor.fromArray('', [1], BigInt64Array.of(1n)) });
+  const last = e.reduceMax(e.reduceMax(e.cast(positions, DataType.INT64), [1], false), [0], false);
+  return { tokenMask, pastLength: e.op('Sub', [e.op('Add', [last, e.i64(1)]), e.dimScalar(ids, 1)]) };
 }
 
 /** What route-layers hands the static-cache rewrite of one routed region. */
@@ -141,4 +156,14 @@ function withDim(type: TypeProto | undefined, axis: number, name: string): TypeP
   const t = type?.tensor_type;
   if (!t?.shape) return type;
   return { tensor_type: { elem_type: t.elem_type, shape: { dim: t.shape.dim.map((d, i) => (i === axis ? { dim_param: name } : d)) } } } as TypeProto;
+}
+
+/**
+ * A standard Attention with its own past (growing cache), is_causal=1 and no attn_mask: a
+ * compacted cache pads rows to the longest, so the layer gets a mask of its valid keys
+ * ([B, 1, K, P + K], from KeyMask), and is_causal=1 keeps causality (query i sees slot j <= P + i).
+ */
+export function maskCompactedKeys(e: Emitter, attention: Node, keep: Value, tokens: Value): void {
+  const rows = e.op('Concat', [e.i64([1, 1]), e.unsqueeze(tokens, [0]), e.i64([1])], { axis: 0 });
+  attention.setInput(3, e.op('Expand', [e.unsqueeze(keep, [1, 2]), rows]));
 }

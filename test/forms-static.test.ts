@@ -27,6 +27,7 @@ const tmp = tempDir('modc-forms-static');
 const STATIC = join(FIXTURES_DIR, 'forms-static-tiny', 'model.onnx');
 const CAUSAL = join(FIXTURES_DIR, 'forms-static-causal-tiny', 'model.onnx');
 const ATTN23 = join(FIXTURES_DIR, 'forms-attention23-tiny', 'model.onnx');
+const ATTN23_CAUSAL = join(FIXTURES_DIR, 'forms-attention23-causal-tiny', 'model.onnx');
 /** The same weights in the unfused Llama form (MatMul/Softmax attention, in-graph rotary). */
 const UNFUSED = join(FIXTURES_DIR, 'forms-unsorted-tiny', 'unsorted.onnx');
 const ROWS = PROMPTS.b3;
@@ -105,9 +106,10 @@ describe('the fixtures are the decoder they claim to be', () => {
     }
   });
 
-  it('is_causal=1 with nonpad_kv_seqlen (no mask) agrees with the masked static form on unpadded rows', async () => {
+  it.each([['static', CAUSAL], ['opset-23', ATTN23_CAUSAL]])('%s: is_causal=1 with no mask agrees with the masked form on unpadded rows; rows of different lengths are refused', async (_, path) => {
     const rows = [[5, 6, 7, 8], [9, 10, 11, 12]];
-    const [a, b] = [await ModSession.create(CAUSAL), await ModSession.create(STATIC)];
+    const [a, b] = [await ModSession.create(path), await ModSession.create(STATIC)];
+    await expect(a.forward([[1, 2, 3], [4, 5]])).rejects.toThrow(/rows of different lengths need padding, which this model cannot mask/);
     expect(worstReal(await a.forward(rows), await b.forward(rows), rows, 'right')).toBeLessThan(1e-5);
     expect(worstRows(lastPosition(await a.step([1, 2])), lastPosition(await b.step([1, 2])))).toBeLessThan(1e-5);
   });
@@ -163,7 +165,10 @@ describe('analysis', () => {
   });
 });
 
-describe.each([['static caches', STATIC, ROWS], ['static caches, is_causal=1 without a mask', CAUSAL, EQUAL], ['opset-23 Attention', ATTN23, ROWS]])('compile: %s', (_, path, rows) => {
+describe.each([
+  ['static caches', STATIC, ROWS], ['static caches, is_causal=1 without a mask', CAUSAL, EQUAL],
+  ['opset-23 Attention', ATTN23, ROWS], ['opset-23 Attention, is_causal=1 without a mask or attention_mask', ATTN23_CAUSAL, EQUAL],
+])('compile: %s', (_, path, rows) => {
   it.each(['block', 'attention', 'mlp'] as const)('all-pass (%s) reproduces the original at real positions: prefill and 8 decode steps', async (granularity) => {
     const compiled = compileWith(tmp, path, 'all-pass', { gated: false, granularity });
     expect(compiled.plan.layers).toHaveLength(3);

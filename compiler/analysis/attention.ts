@@ -301,8 +301,8 @@ function headsFromOutputProjection(context: Node, inBranch: ReadonlySet<Node>, h
  * would silently cover other tokens. Such a layer stays dense (its MLP part may still route).
  */
 export function kvCompactionBlocker(core: AttentionCore): string | null {
-  if (core.form === 'StandardAttention' && core.kv.layout === 'BHTD' && !core.node.inputs[3]) {
-    return `${core.node.describe()} has no attn_mask: a compacted cache pads rows to the longest, and nothing would keep the padding slots out of attention`;
+  if (core.form === 'StandardAttention' && core.kv.layout === 'BHTD' && !core.node.inputs[3] && core.node.attrInt('is_causal', 0) !== 1) {
+    return `${core.node.describe()} has neither an attn_mask nor is_causal=1: modc routes causal attention only`;
   }
   if (core.form !== 'GroupQueryAttention') return null;
   const window = core.node.attrInt('local_window_size', -1) ?? -1;

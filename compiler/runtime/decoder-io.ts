@@ -202,6 +202,7 @@ function unpaddable(model: Model): string | null {
   for (const n of model.graph.nodes) {
     if (n.opType !== 'Attention' || (n.domain !== '' && n.domain !== 'ai.onnx') || n.input(3) || n.attrInt('is_causal', 0) !== 1) continue;
     if (n.input(6) && n.input(1)?.producer?.opType === 'TensorScatter') return `${n.describe()} is causal by is_causal=1 aligned on nonpad_kv_seqlen, with no attn_mask to mask padding`;
+    if (n.input(4)) return `${n.describe()} is causal by is_causal=1, with no attn_mask to mask padding`;
   }
   return null;
 }
