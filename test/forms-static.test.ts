@@ -25,9 +25,9 @@ import { compileWith, expectSameRun, prefillSelection, PROMPTS, worstRows } from
 
 const tmp = tempDir('modc-forms-static');
 const STATIC = join(FIXTURES_DIR, 'forms-static-tiny', 'model.onnx');
-const CAUSAL = join(FIXTURES_DIR, 'forms-static-causal-tiny', 'model.onnx');
+const CAUSAL = join(FIXTURES_DIR, 'forms-static-causal-tiny', 'causal.onnx');
 const ATTN23 = join(FIXTURES_DIR, 'forms-attention23-tiny', 'model.onnx');
-const ATTN23_CAUSAL = join(FIXTURES_DIR, 'forms-attention23-causal-tiny', 'model.onnx');
+const ATTN23_CAUSAL = join(FIXTURES_DIR, 'forms-attention23-causal-tiny', 'causal.onnx');
 /** The same weights in the unfused Llama form (MatMul/Softmax attention, in-graph rotary). */
 const UNFUSED = join(FIXTURES_DIR, 'forms-unsorted-tiny', 'unsorted.onnx');
 const ROWS = PROMPTS.b3;
