@@ -15,7 +15,8 @@ import { ModReference } from '../compiler/reference/mod-reference.js';
 import { decoderIo } from '../compiler/runtime/decoder-io.js';
 import { argmax, lastPosition, ModSession } from '../compiler/runtime/session.js';
 import { worstReal } from '../compiler/verify.js';
-import { FIXTURES_DIR } from '../fixtures/build-fixtures.js';
+import { FIXTURES_DIR, FORMS_CONFIG, TINY_SEED } from '../fixtures/build-fixtures.js';
+import { buildFormDecoder, writeFormModel } from '../fixtures/builder/forms.js';
 import { DataType } from '../compiler/ir/dtype.js';
 import { Model } from '../compiler/ir/model.js';
 import { ort } from '../compiler/runtime/ort.js';
@@ -151,6 +152,29 @@ describe('analysis', () => {
     expect(io.kv.map((b) => [b.layout, b.pastKey, b.presentValue, b.maxLength])).toEqual([0, 1, 2].map((i) => ['static-BTH', `past_key_values.${i}.key`, `present.${i}.value`, 64]));
     const [a, b] = [await ModSession.create(path), await ModSession.create(STATIC)];
     expect(worstReal(await a.forward(ROWS, { pad: 'right' }), await b.forward(ROWS, { pad: 'right' }), ROWS, 'right')).toBe(0);
+  });
+
+  it('a buffer that reaches Attention through Identity/Reshape is still the layer\'s static cache', () => {
+    const model = loadModel(STATIC);
+    for (const n of model.graph.nodes.filter((x) => x.opType === 'Attention')) {
+      for (const slot of [1, 2]) {
+        const id = model.graph.addNode('Identity', [n.input(slot)], 1);
+        n.setInput(slot, id.output(0));
+      }
+    }
+    model.graph.toposort();
+    const s = analyzeDecoder(model);
+    expect(s.layers.map((l) => [l.kv.layout, l.kv.key.input.name])).toEqual([0, 1, 2].map((i) => ['static-BTH', `key_cache.${i}`]));
+  });
+
+  it('a static-cache mask computed from position_ids (slots compared with positions) keeps the layer dense, saying why', async () => {
+    const path = join(tmp, 'positions', 'model.onnx');
+    writeFormModel(buildFormDecoder(FORMS_CONFIG, TINY_SEED, { attention: 'static', staticCausal: 'positions' }), path);
+    const [a, b] = [await ModSession.create(path), await ModSession.create(STATIC)];
+    expect(worstReal(await a.forward(ROWS, { pad: 'right' }), await b.forward(ROWS, { pad: 'right' }), ROWS, 'right')).toBeLessThan(1e-5);
+    const res = await runCli('compile', path, '-o', join(tmp, 'positions-out', 'model.onnx'), '--router-init', 'random', '--json');
+    expect(res.code).toBe(0);
+    expect(JSON.stringify(JSON.parse(res.stdout))).toMatch(/layer 0[^"]*computed from position_ids: it compares cache slots with positions/);
   });
 
   it('a circular TensorScatter (ring buffer) is refused in one line, naming the node', async () => {

@@ -167,9 +167,13 @@ function standardCore(n: Node, ctx: AttentionContext): AttentionCore {
   return { form: 'StandardAttention', node: n, numHeads, kv: { key: key.tensor, value: value.tensor, layout, numKvHeads, headSize, writes: { key: key.node, value: value.node } } };
 }
 
+const LAYOUT_OPS = new Set(['Reshape', 'Transpose', 'Identity', 'Cast', 'Unsqueeze', 'Squeeze']);
+
 /** The TensorScatter write feeding Attention input `slot`: past buffer (graph input) -> present (graph output). */
 function staticWrite(n: Node, slot: number, ctx: AttentionContext): { tensor: KvTensor; node: Node } | null {
-  const w = n.inputs[slot]?.producer;
+  // The buffer may reach Attention reshaped (3-D -> 4-D heads), transposed or cast.
+  let w = n.inputs[slot]?.producer;
+  for (let hops = 0; w && LAYOUT_OPS.has(w.opType) && hops < 4; hops++) w = w.inputs[0]?.producer;
   if (!w || !isTensorScatter(w)) return null;
   const input = w.inputs[0];
   const output = w.outputs[0];
@@ -301,6 +305,9 @@ function headsFromOutputProjection(context: Node, inBranch: ReadonlySet<Node>, h
  * would silently cover other tokens. Such a layer stays dense (its MLP part may still route).
  */
 export function kvCompactionBlocker(core: AttentionCore): string | null {
+  if (core.form === 'StandardAttention' && core.kv.writes && core.node.inputs[3] && readsPositions(core.node.inputs[3])) {
+    return `the attn_mask of ${core.node.describe()} is computed from position_ids: it compares cache slots with positions, which a compacted buffer renumbers; the layer's KV cache is kept full`;
+  }
   if (core.form === 'StandardAttention' && core.kv.layout === 'BHTD' && !core.node.inputs[3] && core.node.attrInt('is_causal', 0) !== 1) {
     return `${core.node.describe()} has neither an attn_mask nor is_causal=1: modc routes causal attention only`;
   }
@@ -308,4 +315,20 @@ export function kvCompactionBlocker(core: AttentionCore): string | null {
   const window = core.node.attrInt('local_window_size', -1) ?? -1;
   if (window >= 0) return `sliding-window attention (${core.node.describe()} local_window_size=${window}) counts cache slots, which a compacted cache renumbers; the layer's KV cache is kept full`;
   return null;
+}
+
+/** Whether `v` is computed from the position_ids graph input through data (not only its shape). */
+function readsPositions(v: Value): boolean {
+  const stack = [v];
+  const seen = new Set<Value>();
+  while (stack.length) {
+    const x = stack.pop()!;
+    if (seen.has(x)) continue;
+    seen.add(x);
+    if (x.name === 'position_ids' && !x.producer) return true;
+    const p = x.producer;
+    if (!p || p.opType === 'Shape') continue;
+    for (const i of p.inputs) if (i) stack.push(i);
+  }
+  return false;
 }
