@@ -22,7 +22,7 @@ import type { Model } from '../compiler/ir/model.js';
 import { recomputeWith, replaceUsesWithin } from '../compiler/ir/rewrite.js';
 import type { TypeProto } from '../compiler/proto/index.js';
 import { Tensor } from '../compiler/ir/tensor.js';
-import { pastLengthName, presentLengthName, STATIC_CACHE_LENGTH_KEY } from '../compiler/runtime/decoder-io.js';
+import { pastLengthName, presentLengthName, STATIC_CACHE_INPUTS_KEY, STATIC_CACHE_LENGTH_KEY } from '../compiler/runtime/decoder-io.js';
 import type { Emitter } from '../runtime-ops/emit.js';
 
 /** The graph inputs the static caches' writes and attention read (through casts), or null. */
@@ -140,6 +140,10 @@ export function compactStaticCache(r: StaticRegion): [Value, Value][] {
   const original = kv.key.input.shape?.[seqAxis];
   if (typeof original === 'number' && !r.model.metadataProps.some((p) => p.key === STATIC_CACHE_LENGTH_KEY)) {
     r.model.metadataProps = [...r.model.metadataProps, { key: STATIC_CACHE_LENGTH_KEY, value: String(original) }];
+  }
+  // The model's own write index and valid-key inputs, which no converted layer reads any more.
+  if (inputs && !r.model.metadataProps.some((p) => p.key === STATIC_CACHE_INPUTS_KEY)) {
+    r.model.metadataProps = [...r.model.metadataProps, { key: STATIC_CACHE_INPUTS_KEY, value: JSON.stringify({ write_indices: inputs.write.name, nonpad_kv_seqlen: inputs.nonpad?.name ?? null }) }];
   }
   for (const t of tensors) {
     t.input.type = withDim(t.input.type, seqAxis, `max_sequence_length_${l}`);

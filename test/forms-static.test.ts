@@ -140,11 +140,13 @@ describe('analysis', () => {
     expect([io.writeIndices?.name, io.nonpadKvSeqlen?.name, io.attentionMask, io.paddingSides, io.maxPositions]).toEqual(['write_indices', 'nonpad_kv_seqlen', null, ['right'], 256]);
   });
 
-  it('static caches under HF names (past_key_values.N.key -> present.N.key) are found by what writes them', async () => {
+  it('static caches under other names (past_key_values.N.key -> present.N.key, write index and valid keys renamed) are found by what reads them', async () => {
     const model = loadModel(STATIC);
     for (const v of [...model.graph.inputs, ...model.graph.outputs]) {
       const m = /^(updated_)?(key|value)_cache\.(\d+)$/.exec(v.name);
       if (m) v.name = m[1] ? `present.${m[3]}.${m[2]}` : `past_key_values.${m[3]}.${m[2]}`;
+      if (v.name === 'write_indices') v.name = 'cache_write_index';
+      if (v.name === 'nonpad_kv_seqlen') v.name = 'kv_valid_length';
     }
     const path = join(tmp, 'hf-names', 'model.onnx');
     saveModel(model, path);
@@ -152,6 +154,11 @@ describe('analysis', () => {
     expect(io.kv.map((b) => [b.layout, b.pastKey, b.presentValue, b.maxLength])).toEqual([0, 1, 2].map((i) => ['static-BTH', `past_key_values.${i}.key`, `present.${i}.value`, 64]));
     const [a, b] = [await ModSession.create(path), await ModSession.create(STATIC)];
     expect(worstReal(await a.forward(ROWS, { pad: 'right' }), await b.forward(ROWS, { pad: 'right' }), ROWS, 'right')).toBe(0);
+    // Every layer converted: the runners still find the renamed inputs (the compile records them).
+    const compiled = compileWith(tmp, path, 'random', { mode: 'threshold', threshold: 0.5 });
+    expect([decoderIo(loadModel(compiled.path)).writeIndices?.name, decoderIo(loadModel(compiled.path)).nonpadKvSeqlen?.name]).toEqual(['cache_write_index', 'kv_valid_length']);
+    const verify = await runCli('verify', path, compiled.path);
+    expect(verify.code, verify.stderr).toBe(0);
   });
 
   it('a buffer that reaches Attention through Identity/Reshape is still the layer\'s static cache', () => {
@@ -240,6 +247,8 @@ describe('the compiled static-cache interface', () => {
     expect(inputs.has('write_indices') && inputs.has('nonpad_kv_seqlen')).toBe(true);
     const io = decoderIo(model);
     expect(io.staticCacheLength).toBe(64);
+    expect(model.metadataProps.find((p) => p.key === 'modc.static_cache_inputs')?.value).toBe('{"write_indices":"write_indices","nonpad_kv_seqlen":"nonpad_kv_seqlen"}');
+    expect([io.writeIndices?.name, io.nonpadKvSeqlen?.name]).toEqual(['write_indices', 'nonpad_kv_seqlen']);
     expect(io.kv.map((b) => b.pastLength)).toEqual(['past_lengths.0', 'past_lengths.1', 'past_lengths.2']);
   });
 

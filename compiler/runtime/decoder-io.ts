@@ -89,6 +89,9 @@ export interface DecoderIo {
 /** Metadata a compile writes when it opens a static buffer's length: the original's length. */
 export const STATIC_CACHE_LENGTH_KEY = 'modc.static_cache_length';
 
+/** Metadata a compile writes with the names of the model's write index and valid-key inputs (JSON). */
+export const STATIC_CACHE_INPUTS_KEY = 'modc.static_cache_inputs';
+
 /** Static caches a runner allocates this many slots for when neither the model nor its positions say. */
 export const DEFAULT_STATIC_CACHE_LENGTH = 2048;
 
@@ -266,8 +269,17 @@ function staticLengthInputs(model: Model, inputs: Map<string, Value>): { write: 
     const np = n.opType === 'Attention' ? source(n.input(6)) : null;
     if (np) nonpad ??= { name: np.name, dtype: intType(np) };
   }
-  // Every layer converted: the routers still read them, by the names the exporter gave.
-  const named = (name: string) => (inputs.has(name) ? { name, dtype: intType(inputs.get(name)!) } : null);
+  // Every layer converted: the routers still read them, under the names the compile recorded.
+  let recorded: Record<string, unknown> = {};
+  try {
+    recorded = JSON.parse(model.metadataProps.find((p) => p.key === STATIC_CACHE_INPUTS_KEY)?.value ?? '{}') as Record<string, unknown>;
+  } catch {
+    recorded = {};
+  }
+  const named = (key: string) => {
+    const name = typeof recorded[key] === 'string' ? recorded[key] : key;
+    return inputs.has(name) ? { name, dtype: intType(inputs.get(name)!) } : null;
+  };
   return { write: write ?? named('write_indices'), nonpad: nonpad ?? named('nonpad_kv_seqlen') };
 }
 
