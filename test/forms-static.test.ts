@@ -17,6 +17,7 @@ import { argmax, lastPosition, ModSession } from '../compiler/runtime/session.js
 import { worstReal } from '../compiler/verify.js';
 import { FIXTURES_DIR, FORMS_CONFIG, TINY_SEED } from '../fixtures/build-fixtures.js';
 import { buildFormDecoder, writeFormModel } from '../fixtures/builder/forms.js';
+import { buildStandardDecoder } from '../fixtures/builder/standard.js';
 import { DataType } from '../compiler/ir/dtype.js';
 import { Model } from '../compiler/ir/model.js';
 import { ort } from '../compiler/runtime/ort.js';
@@ -313,6 +314,21 @@ describe('the CLI on static caches', () => {
     expect((await runCli('compile', STATIC, '--routers', routers, '-o', out, '-q')).code).toBe(0);
     expect((await runCli('verify', STATIC, out)).code).toBe(0);
     expectOneLineError(await runCli('codegen', STATIC, '-o', join(tmp, 'session.ts')), 1, /codegen does not support static KV caches yet \(key_cache\.0 is a TensorScatter buffer\)/);
+  });
+
+  it('float16 static caches: the model runs (within fp16 rounding of the float32 one) and a routed compile passes verify', async () => {
+    const path = join(tmp, 'f16', 'model.onnx');
+    writeFormModel(buildStandardDecoder(FORMS_CONFIG, TINY_SEED, { cache: 'static', float16: true }), path);
+    expect(decoderIo(loadModel(path)).kv[0]!.dtype).toBe('float16');
+    const [a, b] = [await ModSession.create(path), await ModSession.create(STATIC)];
+    const diff = worstReal(await a.forward(ROWS, { pad: 'right' }), await b.forward(ROWS, { pad: 'right' }), ROWS, 'right');
+    expect(diff).toBeGreaterThan(0);
+    expect(diff).toBeLessThan(2e-2);
+    const out = join(tmp, 'f16-routed', 'model.onnx');
+    expect((await runCli('compile', path, '-o', out, '-q', '--router-init', 'random')).code).toBe(0);
+    const verify = await runCli('verify', path, out, '--json');
+    expect(verify.code, verify.stderr).toBe(0);
+    expect(JSON.parse(verify.stdout).tolerance).toBe(1e-2);
   });
 
   it('a context longer than the buffer is refused in one line', async () => {
