@@ -185,6 +185,15 @@ describe('analysis', () => {
     expect(JSON.stringify(JSON.parse(res.stdout))).toMatch(/layer 0[^"]*computed from position_ids: it compares cache slots with positions/);
   });
 
+  it('a static cache without nonpad_kv_seqlen is refused in one line, naming the node', async () => {
+    const model = loadModel(STATIC);
+    for (const n of model.graph.nodes.filter((x) => x.opType === 'Attention')) n.setInput(6, null);
+    model.graph.inputs = model.graph.inputs.filter((v) => v.name !== 'nonpad_kv_seqlen');
+    const path = join(tmp, 'no-nonpad', 'model.onnx');
+    saveModel(model, path);
+    expectOneLineError(await runCli('compile', path, '-o', join(tmp, 'no-nonpad-out', 'model.onnx'), '--router-init', 'all-pass'), 1, /Attention.*a static KV cache \(TensorScatter\) without nonpad_kv_seqlen is not supported/);
+  });
+
   it('a circular TensorScatter (ring buffer) is refused in one line, naming the node', async () => {
     const model = loadModel(STATIC);
     const scatter = model.graph.nodes.find((n) => n.opType === 'TensorScatter')!;
