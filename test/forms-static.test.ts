@@ -30,6 +30,7 @@ const STATIC = join(FIXTURES_DIR, 'forms-static-tiny', 'model.onnx');
 const CAUSAL = join(FIXTURES_DIR, 'forms-static-causal-tiny', 'causal.onnx');
 const ATTN23 = join(FIXTURES_DIR, 'forms-attention23-tiny', 'model.onnx');
 const ATTN23_CAUSAL = join(FIXTURES_DIR, 'forms-attention23-causal-tiny', 'causal.onnx');
+const ATTN23_PADMASK = join(FIXTURES_DIR, 'forms-attention23-padmask-tiny', 'model.onnx');
 /** The same weights in the unfused Llama form (MatMul/Softmax attention, in-graph rotary). */
 const UNFUSED = join(FIXTURES_DIR, 'forms-unsorted-tiny', 'unsorted.onnx');
 const ROWS = PROMPTS.b3;
@@ -99,9 +100,9 @@ describe('ONNX Runtime CPU: the standard attention ops', () => {
 });
 
 describe('the fixtures are the decoder they claim to be', () => {
-  it.each([['static', STATIC], ['opset-23 Attention', ATTN23]])('%s: the same logits as the unfused model of the same weights, prefill and 8 decode steps (right padding)', async (_, path) => {
+  it.each([['static', STATIC, 'right'], ['opset-23 Attention', ATTN23, 'left'], ['opset-23 Attention, is_causal=1 + padding mask', ATTN23_PADMASK, 'left']] as const)('%s: the same logits as the unfused model of the same weights, prefill and 8 decode steps (%s padding)', async (_, path, pad) => {
     const [a, b] = [await ModSession.create(path), await ModSession.create(UNFUSED)];
-    expect(worstReal(await a.forward(ROWS, { pad: 'right' }), await b.forward(ROWS, { pad: 'right' }), ROWS, 'right')).toBeLessThan(1e-4);
+    expect(worstReal(await a.forward(ROWS, { pad }), await b.forward(ROWS, { pad }), ROWS, pad)).toBeLessThan(1e-4);
     for (let t = 0; t < 8; t++) {
       const next = ROWS.map((_, r) => 3 + t + r);
       expect(worstRows(lastPosition(await a.step(next)), lastPosition(await b.step(next))), `step ${t}`).toBeLessThan(1e-4);
@@ -209,6 +210,7 @@ describe('analysis', () => {
 describe.each([
   ['static caches', STATIC, ROWS], ['static caches, is_causal=1 without a mask', CAUSAL, EQUAL],
   ['opset-23 Attention', ATTN23, ROWS], ['opset-23 Attention, is_causal=1 without a mask or attention_mask', ATTN23_CAUSAL, EQUAL],
+  ['opset-23 Attention, is_causal=1 + padding mask', ATTN23_PADMASK, ROWS],
 ])('compile: %s', (_, path, rows) => {
   it.each(['block', 'attention', 'mlp'] as const)('all-pass (%s) reproduces the original at real positions: prefill and 8 decode steps', async (granularity) => {
     const compiled = compileWith(tmp, path, 'all-pass', { gated: false, granularity });
