@@ -195,6 +195,17 @@ describe('analysis', () => {
     expectOneLineError(await runCli('compile', path, '-o', join(tmp, 'no-nonpad-out', 'model.onnx'), '--router-init', 'all-pass'), 1, /Attention.*a static KV cache \(TensorScatter\) without nonpad_kv_seqlen is not supported/);
   });
 
+  it('a static-cache mask with a sliding window (a second comparison of slots) keeps the layer dense, saying why', async () => {
+    const path = join(tmp, 'window', 'model.onnx');
+    writeFormModel(buildFormDecoder(FORMS_CONFIG, TINY_SEED, { attention: 'static', localWindow: 3 }), path);
+    // The window matters: other logits than the full causal mask once the prompt is longer than it.
+    const [a, b] = [await ModSession.create(path), await ModSession.create(STATIC)];
+    expect(worstReal(await a.forward(ROWS, { pad: 'right' }), await b.forward(ROWS, { pad: 'right' }), ROWS, 'right')).toBeGreaterThan(1e-3);
+    const res = await runCli('compile', path, '-o', join(tmp, 'window-out', 'model.onnx'), '--router-init', 'random', '--json');
+    expect(res.code).toBe(0);
+    expect(JSON.stringify(JSON.parse(res.stdout))).toMatch(/layer 0[^"]*makes 2 comparisons of cache slots \(a sliding window/);
+  });
+
   it('a circular TensorScatter (ring buffer) is refused in one line, naming the node', async () => {
     const model = loadModel(STATIC);
     const scatter = model.graph.nodes.find((n) => n.opType === 'TensorScatter')!;

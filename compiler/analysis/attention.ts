@@ -308,6 +308,11 @@ export function kvCompactionBlocker(core: AttentionCore): string | null {
   if (core.form === 'StandardAttention' && core.kv.writes && core.node.inputs[3] && readsPositions(core.node.inputs[3])) {
     return `the attn_mask of ${core.node.describe()} is computed from position_ids: it compares cache slots with positions, which a compacted buffer renumbers; the layer's KV cache is kept full`;
   }
+  const staticMask = core.form === 'StandardAttention' && core.kv.writes ? core.node.inputs[3] : null;
+  const comparisons = staticMask ? comparisonsBehind(staticMask) : 0;
+  if (comparisons > 1 && core.form === 'StandardAttention') {
+    return `the attn_mask of ${core.node.describe()} makes ${comparisons} comparisons of cache slots (a sliding window or block overlay counts slots, which a compacted buffer renumbers; modc rebuilds only the causal one); the layer's KV cache is kept full`;
+  }
   if (core.form === 'StandardAttention' && core.kv.layout === 'BHTD' && !core.node.inputs[3] && core.node.attrInt('is_causal', 0) !== 1) {
     return `${core.node.describe()} has neither an attn_mask nor is_causal=1: modc routes causal attention only`;
   }
@@ -331,4 +336,23 @@ function readsPositions(v: Value): boolean {
     for (const i of p.inputs) if (i) stack.push(i);
   }
   return false;
+}
+
+const COMPARISONS = new Set(['Less', 'LessOrEqual', 'Greater', 'GreaterOrEqual']);
+
+/** Comparison nodes `v` is computed from (shape arithmetic left out): a static cache's causal mask makes one. */
+function comparisonsBehind(v: Value): number {
+  const stack = [v];
+  const seen = new Set<Value>();
+  const nodes = new Set<Node>();
+  while (stack.length) {
+    const x = stack.pop()!;
+    if (seen.has(x)) continue;
+    seen.add(x);
+    const p = x.producer;
+    if (!p || p.opType === 'Shape') continue;
+    if (COMPARISONS.has(p.opType)) nodes.add(p);
+    for (const i of p.inputs) if (i) stack.push(i);
+  }
+  return nodes.size;
 }
