@@ -46,6 +46,7 @@ import { Tensor } from '../compiler/ir/tensor.js';
 import { routingOf, type LayerRouting, streamElementType } from './mod-common.js';
 import { isStaticLayout } from '../compiler/analysis/types.js';
 import { compactStaticCache, maskCompactedKeys } from './static-cache.js';
+import { originalPositions } from './window-mask.js';
 
 export interface RouteOptions {
   gated: boolean;
@@ -308,7 +309,12 @@ class LayerRouter {
     presentLength.name = g.uniqueName(presentLengthName(this.l));
     presentLength.type = tensorType(DataType.INT64, ['batch']);
     g.outputs.push(presentLength);
-    return [...packed.map((p, i) => [p, tensors[i]!.input] as [Value, Value]), [presentLength, pastLength]];
+    // GroupQueryAttention numbers rotary angles and its window by slot: back to original positions.
+    const positions = originalPositions({
+      graph: g, e: this.e, call: (op, inputs) => this.call(op, inputs), core: layer.attention, layer: this.l,
+      tokens: this.residualIn, indices: routing.indices, pastLength, presentLength,
+    });
+    return [...packed.map((p, i) => [p, tensors[i]!.input] as [Value, Value]), [presentLength, pastLength], ...positions];
   }
 
   /**

@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { calibrate, type CalibrationResult } from '../compiler/calibration/calibrate.js';
 import { readDataset } from '../compiler/data/index.js';
-import { RidgeStats, solveRidge } from '../compiler/calibration/ridge.js';
+import { RidgeStats, solveRidge, thresholdKeeping } from '../compiler/calibration/ridge.js';
 import { routerFileMetadata, writeCalibratedRouters } from '../compiler/calibration/router-file.js';
 import { loadModel } from '../compiler/io/load.js';
 import { ModReference } from '../compiler/reference/mod-reference.js';
@@ -122,6 +122,24 @@ describe('modc calibrate on llama-tiny', () => {
     const routing = readRoutingMetadata(loadModel(out))!;
     expect(routing.gated).toBe(false);
     expect(routing.layers.map((l) => describeLayerPart(l))).toEqual(result.routers.map((r) => describeLayerPart(r)));
+  });
+});
+
+describe('thresholds', () => {
+  it('keep the requested fraction and equal no score, ties included', () => {
+    const values = Float64Array.from([3, 1, 2, 2, 2, 5, 4, 0, 2, 6]);
+    for (const keep of [0.1, 0.25, 0.5, 0.7, 0.9, 1]) {
+      const t = thresholdKeeping(values, keep);
+      expect(values.every((v) => v !== t), `keep ${keep}: threshold ${t}`).toBe(true);
+      const kept = values.filter((v) => v >= t).length;
+      // Ties move the cut to the next distinct value: never more than the group of equal values away.
+      expect(Math.abs(kept - Math.round(keep * values.length)), `keep ${keep}`).toBeLessThanOrEqual(4);
+    }
+    // Sorted: 0 1 2 2 2 2 3 4 5 6. Keeping 5 would cut between two 2s: the cut moves up to 2.5.
+    expect(thresholdKeeping(values, 0.5)).toBe(2.5);
+    expect(thresholdKeeping(values, 0.3)).toBe(3.5);
+    expect(thresholdKeeping(values, 1)).toBe(-1);
+    expect(thresholdKeeping(Float64Array.from([2, 2, 2]), 0.5)).toBe(1);
   });
 });
 

@@ -278,28 +278,7 @@ describe('modc eval on the forms', () => {
   });
 });
 
-describe('sliding-window attention (fixtures/forms-gqa-window-tiny: local_window_size 4 on layers 0 and 2)', () => {
-  const window = fixture('forms-gqa-window-tiny');
-
-  it('the window matters: the same weights without it give other logits on a prompt longer than the window', async () => {
-    const rows = [[5, 6, 7, 8, 9, 10, 11, 12, 13]];
-    const [a, b] = [await ModSession.create(window), await ModSession.create(fixture('forms-gqa-tiny'))];
-    expect(worstReal(await a.forward(rows), await b.forward(rows), rows, 'right')).toBeGreaterThan(1e-3);
-  });
-
-  it('a windowed layer keeps its KV cache full: block routing leaves it dense (saying why), MLP-only routing still converts it', async () => {
-    const out = join(tmp, 'window-block', 'model.onnx');
-    const res = await runCli('compile', window, '-o', out, '--router-init', 'random', '--json');
-    expect(res.code).toBe(0);
-    const text = JSON.stringify(JSON.parse(res.stdout));
-    for (const l of [0, 2]) expect(text).toMatch(new RegExp(`layer ${l}[^"]*sliding-window attention[^"]*local_window_size=4`));
-    const meta = JSON.parse((await runCli('inspect', out, '--json')).stdout).routing;
-    expect(meta.layers.map((l: { layer: number }) => l.layer)).toEqual([1]);
-    const mlp = join(tmp, 'window-mlp', 'model.onnx');
-    expect((await runCli('compile', window, '-o', mlp, '-q', '--router-init', 'random', '--granularity', 'mlp')).code).toBe(0);
-    expect(JSON.parse((await runCli('inspect', mlp, '--json')).stdout).routing.layers.map((l: { layer: number }) => l.layer)).toEqual([0, 1, 2]);
-  });
-});
+// Sliding-window attention and attention sinks: test/forms-window.test.ts.
 
 describe('standard ONNX opset-23/24 forms', () => {
   it('RMSNormalization (fixtures/forms-rmsnorm-tiny, opset 23) is a norm like any other: layers found', () => {

@@ -228,6 +228,10 @@ describe('outputs ONNX Runtime would reject', () => {
     const scalar = g.nodes.find((n) => n.opType === 'Gather' && n.inputs[0]?.producer?.opType === 'Shape')!.output(0);
     const gather = g.nodes.find((n) => n.opType === 'Gather' && n.inputs[0]?.initializer?.dims.length === 2)!;
     gather.setInput(0, scalar);
+    // Found in a graph not sorted again too (fuzz seed 31, cases 16017 and 31173: saved with --passes none).
+    g.setNodes([gather, ...g.nodes.filter((n) => n !== gather)]);
+    expect(g.indexOf(gather)).toBeLessThan(g.indexOf(scalar.producer!));
+    expect(verifyModel(m, { order: false }).map((i) => i.message)).toContainEqual(expect.stringMatching(/reads a scalar as its data/));
     g.toposort();
     expect(verifyModel(m).map((i) => i.message)).toContainEqual(expect.stringMatching(/reads a scalar as its data; it needs rank >= 1/));
     expect(refusal(() => saveModel(m, join(tmp, 'rank', 'model.onnx'))).message).toMatch(/Gather .* reads a scalar/);
@@ -236,6 +240,19 @@ describe('outputs ONNX Runtime would reject', () => {
     cpSync(join(FIX, 'gpt2-tiny'), dir, { recursive: true });
     writeFileSync(join(dir, 'model.onnx'), encodeModelProto(modelToProto(m, (v) => v.initializer!.proto)));
     await expect(createSession(join(dir, 'model.onnx'))).rejects.toThrow(/rank >= 1/);
+  });
+
+  it('a hidden size declared as 0 or -1 (fuzz seed 32, case 50720: inputs_embeds [B, S, -1]) is refused by analysis and by planRouting', async () => {
+    const { analyzeDecoder } = await import('../compiler/analysis/analyze.js');
+    const { planRouting } = await import('../compiler/routing-plan.js');
+    for (const h of [0, -1]) {
+      const path = mutant('forms-embeds-tiny', (m) => {
+        const input = m.graph!.input.find((i) => i.name === 'inputs_embeds')!;
+        input.type!.tensor_type!.shape!.dim[2] = { dim_value: h } as never;
+      });
+      expect(refusal(() => analyzeDecoder(loadModel(path))).message).toMatch(new RegExp(`declares hidden size ${h}; it must be a positive integer`));
+      expect(refusal(() => planRouting({ numLayers: 3, hiddenSize: h, routers: { kind: 'all-pass' } })).message).toMatch(/hidden size is -?\d: it must be a positive integer/);
+    }
   });
 
   it('modelFromBytes anchored in a folder that does not exist: a refusal once external data needs it', () => {

@@ -90,17 +90,27 @@ function prefixSources(v: Value, ctx: AttentionContext): Value[] {
 function nearestDownstreamOutput(start: Value, ctx: AttentionContext): Value | null {
   const rank = ctx.facts.rank(start);
   const dtype = ctx.facts.dtype(start);
+  const downstream = (v: Value) => [...v.uses].flatMap((u) => u.node.outputs);
+  const isPresent = (v: Value) => ctx.graphOutputs.has(v) && ctx.facts.rank(v) === rank && ctx.facts.dtype(v) === dtype;
+  return breadthFirst(start, downstream, isPresent, false);
+}
+
+/**
+ * The value nearest `start` (itself included when `includeStart`) that `match` accepts, walking
+ * breadth first along `next`.
+ */
+function breadthFirst(start: Value, next: (v: Value) => readonly Value[], match: (v: Value) => boolean, includeStart: boolean): Value | null {
   let frontier = [start];
   const seen = new Set<Value>();
   while (frontier.length) {
-    const next: Value[] = [];
+    const after: Value[] = [];
     for (const v of frontier) {
       if (seen.has(v)) continue;
       seen.add(v);
-      if (v !== start && ctx.graphOutputs.has(v) && ctx.facts.rank(v) === rank && ctx.facts.dtype(v) === dtype) return v;
-      for (const u of v.uses) next.push(...u.node.outputs);
+      if ((includeStart || v !== start) && match(v)) return v;
+      after.push(...next(v));
     }
-    frontier = next;
+    frontier = after;
   }
   return null;
 }
@@ -256,20 +266,11 @@ function cacheBehind(operand: Value, inBranch: ReadonlySet<Node>, ctx: Attention
  * data, so shape arithmetic never leads to the other cache.
  */
 function nearestUpstream(start: Value, inBranch: ReadonlySet<Node>, match: (v: Value) => boolean, skipStart = false): Value | null {
-  let frontier = [start];
-  const seen = new Set<Value>();
-  while (frontier.length) {
-    const next: Value[] = [];
-    for (const v of frontier) {
-      if (seen.has(v)) continue;
-      seen.add(v);
-      if (!(skipStart && v === start) && match(v)) return v;
-      const p = v.producer;
-      if (p && inBranch.has(p) && p.opType !== 'Shape') next.push(...p.inputs.filter((i): i is Value => i !== null));
-    }
-    frontier = next;
-  }
-  return null;
+  const upstream = (v: Value) => {
+    const p = v.producer;
+    return p && inBranch.has(p) && p.opType !== 'Shape' ? p.inputs.filter((i): i is Value => i !== null) : [];
+  };
+  return breadthFirst(start, upstream, match, !skipStart);
 }
 
 const projectionHeads = (rows: unknown, headSize: number): number | undefined => (typeof rows === 'number' && rows % headSize === 0 ? rows / headSize : undefined);
@@ -298,11 +299,31 @@ function headsFromOutputProjection(context: Node, inBranch: ReadonlySet<Node>, h
   return undefined;
 }
 
+/** GroupQueryAttention input slots (com.microsoft, ONNX Runtime 1.29). */
+export const GQA_POSITION_IDS = 9;
+export const GQA_ATTENTION_BIAS = 10;
+export const GQA_HEAD_SINK = 11;
+
+/**
+ * What a GroupQueryAttention node numbers by cache slot: its rotary angles (do_rotary; the op
+ * ignores a position_ids input in a prefill) and its sliding window (local_window_size >= 0; null: none). A compacted
+ * cache renumbers the slots, so route-layers ties both back to original positions
+ * (passes/window-mask.ts). Null for any other attention.
+ */
+export function slotNumbered(core: AttentionCore): { node: Node; rotary: boolean; window: number | null } | null {
+  if (core.form !== 'GroupQueryAttention') return null;
+  const node = core.node;
+  const rotary = node.attrInt('do_rotary', 0) === 1;
+  const w = node.attrInt('local_window_size', -1) ?? -1;
+  return { node, rotary, window: w >= 0 ? w : null };
+}
+
 /**
  * Why a layer's KV cache cannot be compacted, or null. GroupQueryAttention's local_window_size
- * (sliding-window attention) counts cache slots: once a routed layer keeps only its selected
- * tokens (and packs each row), slot distance is no longer position distance, so the window
- * would silently cover other tokens. Such a layer stays dense (its MLP part may still route).
+ * (sliding-window attention) counts cache slots; a compacted layer gets it as a mask by original
+ * position instead (passes/window-mask.ts), which needs the positions of this call's tokens
+ * (its position_ids input, or attention_mask) and no attention_bias of its own to merge with.
+ * Such a layer otherwise stays dense (its MLP part may still route).
  */
 export function kvCompactionBlocker(core: AttentionCore): string | null {
   if (core.form === 'StandardAttention' && core.kv.writes && core.node.inputs[3] && readsPositions(core.node.inputs[3])) {
@@ -316,9 +337,14 @@ export function kvCompactionBlocker(core: AttentionCore): string | null {
   if (core.form === 'StandardAttention' && core.kv.layout === 'BHTD' && !core.node.inputs[3] && core.node.attrInt('is_causal', 0) !== 1) {
     return `${core.node.describe()} has neither an attn_mask nor is_causal=1: modc routes causal attention only`;
   }
-  if (core.form !== 'GroupQueryAttention') return null;
-  const window = core.node.attrInt('local_window_size', -1) ?? -1;
-  if (window >= 0) return `sliding-window attention (${core.node.describe()} local_window_size=${window}) counts cache slots, which a compacted cache renumbers; the layer's KV cache is kept full`;
+  const s = slotNumbered(core);
+  if (!s || s.window === null) return null;
+  const what = `sliding-window attention (${s.node.describe()} local_window_size=${s.window})`;
+  if (s.window === 0) return `${what}: a window of 0 slots is not supported; the layer's KV cache is kept full`;
+  if (s.node.input(GQA_ATTENTION_BIAS)) return `${what} also takes an attention_bias input, which modc does not merge with a window by position; the layer's KV cache is kept full`;
+  if (!s.node.input(GQA_POSITION_IDS) && !s.node.graph?.inputs.some((v) => v.name === 'attention_mask')) {
+    return `${what}: the model has no attention_mask input to take original positions from; the layer's KV cache is kept full`;
+  }
   return null;
 }
 

@@ -18,6 +18,7 @@ export function streamDtype(embedding: EmbeddingInfo, facts: GraphFacts): FloatT
 export function hiddenSizeOf(embedding: EmbeddingInfo): number {
   const h = embedding.table === embedding.output ? embedding.table.shape?.[2] : embedding.table.shape?.[1];
   if (typeof h !== 'number') throw new ModcError(`embedding table ${embedding.table} has no static hidden size`);
+  if (!Number.isSafeInteger(h) || h < 1) throw new ModcError(`embedding table ${embedding.table} declares hidden size ${h}; it must be a positive integer`);
   return h;
 }
 

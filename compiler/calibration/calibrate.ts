@@ -9,7 +9,7 @@
  *   3. score: run the model compiled with every candidate router (all selecting every token, so
  *      the activations are the original's) and keep each part's scores on the data;
  *   4. sensitivity: the NLL increase when one part alone is routed at a few capacities, each
- *      capacity set by the score quantile (exact: the real compiled model);
+ *      capacity set by a threshold between scores (exact: the real compiled model);
  *   5. allocate: greedy by loss per compute saved, to the target compute fraction;
  *   6. refine: with every chosen part routed, re-set each part's threshold from the scores its
  *      router now sees (upstream routing shifts them), so each part keeps its capacity.
@@ -35,7 +35,7 @@ import { denseMacs, savedMacs } from './compute.js';
 import { type PartRouter, RoutedEvaluator } from './evaluate.js';
 import { type EmbeddingSource, genaiEmbeddingModel } from '../runtime/embeddings.js';
 import { allowedParts, type Granularity, partKey, type PartRef, type RoutedPart } from './parts.js';
-import { quantile, RidgeStats, solveRidge } from './ridge.js';
+import { RidgeStats, solveRidge, thresholdKeeping } from './ridge.js';
 import { importanceTargets, partValues, TARGET_KINDS, type TargetKind } from './targets.js';
 
 export interface CalibrateOptions {
@@ -321,7 +321,7 @@ export class Calibrator {
         const pts: { capacity: number; deltaNll: number }[] = [];
         for (const c of o.capacities) {
           progress({ stage: 'sensitivity', done: done++, total });
-          const bias = -quantile(denseScores.get(key)!, 1 - c);
+          const bias = -thresholdKeeping(denseScores.get(key)!, c);
           let nll = 0;
           for (const bi of sensBatches) nll += (await ev.run(await ev.batch(batches[bi]!), new Map([[key, bias]]))).nll;
           pts.push({ capacity: c, deltaNll: (nll - sensDense) / sensPredicted });
@@ -356,7 +356,7 @@ export class Calibrator {
     }
 
     const chosen = alloc.parts.map((p) => ({ ...this.fits.get(partKey(p))!.router, capacity: p.capacity }));
-    const biases = new Map(chosen.map((p) => [partKey(p), -quantile(this.denseScores.get(partKey(p))!, 1 - p.capacity)]));
+    const biases = new Map(chosen.map((p) => [partKey(p), -thresholdKeeping(this.denseScores.get(partKey(p))!, p.capacity)]));
     let final = { nll: this.denseNll * this.predicted, selected: new Map<string, number>() };
     if (chosen.length > 0) {
       const ev = await RoutedEvaluator.create(this.modelPath, chosen, this.workDir, 'calib-chosen', this.o.session, this.embeddings);
@@ -373,7 +373,7 @@ export class Calibrator {
             for (const [k, v] of r.selected) selected.set(k, (selected.get(k) ?? 0) + v);
             if (r.scores) for (const [k, sc] of r.scores) pushTo(scoreChunks, k, sc);
           }
-          if (round < rounds) for (const p of chosen) biases.set(partKey(p), -quantile(concat(scoreChunks.get(partKey(p))!), 1 - p.capacity));
+          if (round < rounds) for (const p of chosen) biases.set(partKey(p), -thresholdKeeping(concat(scoreChunks.get(partKey(p))!), p.capacity));
           else final = { nll, selected };
         }
       } finally {

@@ -33,7 +33,7 @@ export interface LayerPoints {
   parallel: boolean;
   /** Nothing can be routed: the layer has state besides its KV cache (route-layers keeps it dense). */
   stateful: boolean;
-  /** Only the MLP part can be routed: a sliding window keeps the KV cache full. */
+  /** Only the MLP part can be routed: a sliding window modc cannot move to original positions keeps the KV cache full. */
   mlpOnly: boolean;
 }
 
@@ -94,6 +94,7 @@ export async function promptBatch(io: DecoderIo, rows: number[][], embedder: Tok
     feeds[b.pastKey] = emptyTensor(b.dtype, dims);
     if (b.pastValue) feeds[b.pastValue] = emptyTensor(b.dtype, dims);
     if (b.pastLength) feeds[b.pastLength] = typed('int64', Array(B).fill(0), [B]);
+    if (b.pastPositions) feeds[b.pastPositions] = typed('int64', [], [B, 0]);
   }
   const real: number[] = [];
   mask.forEach((m, b) => m.forEach((v, s) => v && real.push(b * width + s)));

@@ -20,7 +20,45 @@ const SAME_RANK = new Set([
 ]);
 const BROADCAST = new Set(['Add', 'Sub', 'Mul', 'Div', 'Pow', 'Equal', 'Less', 'LessOrEqual', 'Greater', 'GreaterOrEqual', 'And', 'Or', 'Xor', 'Where', 'Max', 'Min', 'Mod', 'BitShift']);
 
-/** The rank of each value whose rank is certain, in a graph whose nodes are in topological order. */
+/**
+ * The nodes in an order where each comes after the producers it reads (stable: a sorted graph
+ * keeps its order), without reordering the graph itself; nodes on a cycle are left out.
+ */
+function dependencyOrder(g: Graph): Node[] {
+  const waiting = new Map<Node, number>();
+  const readers = new Map<Node, Node[]>();
+  for (const n of g.nodes) {
+    const deps = new Set<Node>();
+    for (const v of n.inputs) if (v?.producer && v.producer.graph === g && v.producer !== n) deps.add(v.producer);
+    waiting.set(n, deps.size);
+    for (const d of deps) {
+      const list = readers.get(d);
+      if (list) list.push(n);
+      else readers.set(d, [n]);
+    }
+  }
+  const order: Node[] = [];
+  const seen = new Set<Node>();
+  // One pass in graph order places a sorted graph as it is; a node seen before its producers
+  // is placed as soon as the last of them is.
+  for (const first of g.nodes) {
+    seen.add(first);
+    if (waiting.get(first) !== 0) continue;
+    const ready = [first];
+    while (ready.length) {
+      const n = ready.pop()!;
+      order.push(n);
+      for (const r of readers.get(n) ?? []) {
+        const left = waiting.get(r)! - 1;
+        waiting.set(r, left);
+        if (left === 0 && seen.has(r)) ready.push(r);
+      }
+    }
+  }
+  return order;
+}
+
+/** The rank of each value whose rank is certain. */
 export function certainRanks(g: Graph): Map<Value, number> {
   const rank = new Map<Value, number>();
   for (const v of g.inputs) {
@@ -28,7 +66,7 @@ export function certainRanks(g: Graph): Map<Value, number> {
     if (s) rank.set(v, s.dim.length);
   }
   for (const v of g.initializers.values()) if (v.initializer) rank.set(v, v.initializer.dims.length);
-  for (const n of g.nodes) {
+  for (const n of dependencyOrder(g)) {
     if (n.domain !== '' && n.domain !== 'ai.onnx') continue;
     const r = outputRank(n, rank);
     if (r !== undefined && r >= 0 && n.outputs[0]) rank.set(n.outputs[0], r);

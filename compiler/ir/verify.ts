@@ -263,7 +263,7 @@ function verifyGraph(g: Graph, outer: ReadonlySet<Value>, issues: VerifyIssue[],
     outNames.add(v.name);
   }
   if (isMain) {
-    if (!forward) for (const m of rankIssues(g)) report(m);
+    for (const m of rankIssues(g)) report(m);
     for (const v of g.inputs) if (!v.type) report(`graph input ${val(v)} has no type`);
     for (const v of g.outputs) if (!v.type) report(`graph output ${val(v)} has no type`);
   }

@@ -28,6 +28,12 @@ export interface KvBinding {
   presentLength: string | null;
   /** Static layouts: the buffer length when the model fixes it (null: the runner chooses). */
   maxLength: number | null;
+  /**
+   * modc-compiled sliding-window layer: the original position of each cache slot, int64
+   * [B, P_l] in and out (zeros-wide at the start), carried like the cache.
+   */
+  pastPositions: string | null;
+  presentPositions: string | null;
 }
 
 /** A static cache's buffer dims for a batch of `B` and a buffer of `length` slots. */
@@ -107,6 +113,8 @@ const PAST_STATE = /^past_key_values\.(\d+)\.(\w+)$/;
 const PAST_STATIC = /^(key|value)_cache\.(\d+)$/;
 export const pastLengthName = (layer: number) => `past_lengths.${layer}`;
 export const presentLengthName = (layer: number) => `present_lengths.${layer}`;
+export const pastPositionsName = (layer: number) => `past_positions.${layer}`;
+export const presentPositionsName = (layer: number) => `present_positions.${layer}`;
 
 export function decoderIo(model: Model): DecoderIo {
   const g = model.graph;
@@ -158,6 +166,8 @@ export function decoderIo(model: Model): DecoderIo {
       pastLength: inputs.has(pastLengthName(layer)) ? pastLengthName(layer) : null,
       presentLength: outputs.has(presentLengthName(layer)) ? presentLengthName(layer) : null,
       maxLength: null,
+      pastPositions: inputs.has(pastPositionsName(layer)) ? pastPositionsName(layer) : null,
+      presentPositions: outputs.has(presentPositionsName(layer)) ? presentPositionsName(layer) : null,
     } satisfies KvBinding;
     if (combined) {
       entry.pastKey = v.name;
@@ -221,7 +231,7 @@ function emptyBinding(layer: number, v: Value, inputs: Map<string, Value>, outpu
     dtype: v.dtype === DataType.FLOAT16 ? 'float16' : 'float32',
     pastLength: inputs.has(pastLengthName(layer)) ? pastLengthName(layer) : null,
     presentLength: outputs.has(presentLengthName(layer)) ? presentLengthName(layer) : null,
-    maxLength: null,
+    maxLength: null, pastPositions: null, presentPositions: null,
   };
 }
 

@@ -83,6 +83,8 @@ export class ModSession {
   /** State besides the KV cache (hybrid models), by past input name. */
   private states = new Map<string, ort.Tensor>();
   private lengths = new Map<number, number[]>();
+  /** Sliding-window layers of a compiled model: the original position of each cache slot, by past input name. */
+  private positions = new Map<string, ort.Tensor>();
   /** Every output of the last call, by name: logits, presents, and outputs a tool added (modc eval's selection masks). */
   lastOutputs: ort.InferenceSession.OnnxValueMapType = {};
 
@@ -142,12 +144,14 @@ export class ModSession {
     this.mask = mask;
     this.caches.clear();
     this.lengths.clear();
+    this.positions.clear();
     const B = mask.length;
     for (const b of this.io.kv) {
       const dims = initialCacheDims(this.io, b, B);
       this.caches.set(b.pastKey, emptyTensor(b.dtype, dims));
       if (b.pastValue) this.caches.set(b.pastValue, emptyTensor(b.dtype, dims));
       if (b.pastLength) this.lengths.set(b.layer, Array(B).fill(0));
+      if (b.pastPositions) this.positions.set(b.pastPositions, typed('int64', [], [B, 0]));
     }
     this.states = zeroStates(this.io, B);
   }
@@ -249,6 +253,7 @@ export class ModSession {
     if (io.positionIds) feeds[io.positionIds.name] = typed(io.positionIds.dtype, positions, dims);
     for (const [name, t] of this.caches) feeds[name] = t;
     for (const [name, t] of this.states) feeds[name] = t;
+    for (const [name, t] of this.positions) feeds[name] = t;
     for (const b of io.kv) if (b.pastLength) feeds[b.pastLength] = typed('int64', this.lengths.get(b.layer)!, [this.batch]);
     Object.assign(feeds, staticLengthFeeds(io, this.mask, dims[1]));
     let out: ort.InferenceSession.OnnxValueMapType;
@@ -272,6 +277,7 @@ export class ModSession {
       const t = out[b.presentLength] as ort.Tensor;
       this.lengths.set(b.layer, Array.from(t.data as BigInt64Array, Number));
     }
+    if (b.pastPositions && b.presentPositions) this.positions.set(b.pastPositions, out[b.presentPositions] as ort.Tensor);
   }
 }
 
