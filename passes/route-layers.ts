@@ -44,6 +44,8 @@ import type { RoutedPart } from '../compiler/routers.js';
 import { describeLayerPart } from '../compiler/routing-plan.js';
 import { Tensor } from '../compiler/ir/tensor.js';
 import { routingOf, type LayerRouting, streamElementType } from './mod-common.js';
+import { isStaticLayout } from '../compiler/analysis/types.js';
+import { compactStaticCache, maskCompactedKeys } from './static-cache.js';
 import { originalPositions } from './window-mask.js';
 
 export interface RouteOptions {
@@ -275,6 +277,13 @@ class LayerRouter {
     const { layer, routing } = this;
     const g = this.model.graph;
     const kv = layer.kv;
+    // Static caches (TensorScatter buffers): passes/static-cache.ts.
+    if (isStaticLayout(kv.layout)) {
+      return compactStaticCache({
+        model: this.model, layer, e: this.e, region: this.region, selectedCount: () => this.selectedCount(), recompute, suffix: this.suffix(), tokens: () => this.e.dimScalar(routing.indices, 1),
+        substitutes: (pastLength, capacity) => this.substitutes(xSel, pastLength, capacity, this.e.dimScalar(routing.indices, 1), false),
+      });
+    }
     const pastKey = kv.key.input;
     const seqAxis = kv.layout === 'combined-2BHTD' ? 3 : 2;
     const pastLength = g.addInput(new Value(pastLengthName(this.l), tensorType(DataType.INT64, ['batch'])));
@@ -292,6 +301,8 @@ class LayerRouter {
     const keep = gqa
       ? this.call('PrefixMask', [this.e.op('Add', [pastLength, this.selectedCount()]), this.e.op('Add', [capacity, k])])[0]!
       : this.call('KeyMask', [pastLength, capacity, routing.valid])[0]!;
+    // A standard Attention causal by is_causal=1 alone: its padding slots masked (passes/static-cache.ts).
+    if (layer.attention.form === 'StandardAttention' && !layer.attention.node.input(3)) maskCompactedKeys(this.e, layer.attention.node, keep, k);
     const tensors: KvTensor[] = kv.layout === 'combined-2BHTD' ? [kv.key] : [kv.key, kv.value];
     const packed = this.packPresent(tensors, keep, seqAxis, kv.layout === 'combined-2BHTD' ? 'GatherKvCombined' : 'GatherKv');
     const presentLength = this.e.reduceSum(this.e.cast(keep, DataType.INT64), [1], false);

@@ -286,23 +286,7 @@ describe('standard ONNX opset-23/24 forms', () => {
     expect(s.layers).toHaveLength(3);
     expect(s.layers[0]!.steps[0]!.norm.node.opType).toBe('RMSNormalization');
   });
-
-  it.each([
-    ['Attention', 3, /standard ONNX Attention \(opset 23\) is not supported yet/],
-    ['TensorScatter', 2, /static KV caches written with TensorScatter \(opset 24\) are not supported yet/],
-    ['RotaryEmbedding', 3, /standard ONNX RotaryEmbedding \(opset 23\) is not supported yet/],
-  ] as const)('a model with a standard %s is refused in one line, naming the node (never routed on a guess)', async (op, arity, why) => {
-    const model = loadModel(fixture('forms-int32-tiny'));
-    const g = model.graph;
-    const x = g.inputs.find((v) => v.name === 'past_key_values.0.key')!;
-    const node = g.addNode(op, Array(arity).fill(x), 1, { name: `standard_${op}` });
-    g.outputs.push(node.output(0));
-    node.output(0).type = x.type;
-    const path = join(tmp, `standard-${op}`, 'model.onnx');
-    saveModel(model, path);
-    expect(() => analyzeDecoder(loadModel(path))).toThrow(why);
-    expectOneLineError(await runCli('compile', path, '-o', join(tmp, `standard-${op}-out`, 'model.onnx'), '--router-init', 'all-pass'), 1, new RegExp(`standard_${op}.*${why.source}`));
-  });
+  // The opset-23/24 attention forms (Attention, RotaryEmbedding, TensorScatter): test/forms-static.test.ts.
 });
 
 describe('checked-in form fixtures', () => {

@@ -17,7 +17,7 @@ import type { Model } from '../ir/model.js';
 import { decoderIo, type DecoderIo } from '../runtime/decoder-io.js';
 import { type EmbeddingSource, TokenEmbedder } from '../runtime/embeddings.js';
 import { createSession, emptyTensor, ort, toFloat32, type SessionOptions } from '../runtime/ort.js';
-import { padRows, promptPositions, typed, zeroStates } from '../runtime/session.js';
+import { checkUnpadded, initialCacheDims, padRows, promptPositions, staticLengthFeeds, typed, zeroStates } from '../runtime/session.js';
 import { splitFusedBoundaries } from '../../passes/split-fused-boundaries.js';
 
 /** Where a layer's routed parts read and write the residual stream, as graph value names. */
@@ -74,6 +74,7 @@ function isParallel(l: LayerInfo): boolean {
  * embeddings from `embedder` (the embedding model beside it).
  */
 export async function promptBatch(io: DecoderIo, rows: number[][], embedder: TokenEmbedder | null = null): Promise<Batch> {
+  checkUnpadded(io, rows);
   const { ids, mask, width } = padRows(rows, 'right');
   const B = rows.length;
   // State besides the KV cache (hybrid models) starts at zero, as in every runner.
@@ -86,8 +87,10 @@ export async function promptBatch(io: DecoderIo, rows: number[][], embedder: Tok
   }
   if (io.attentionMask) feeds[io.attentionMask.name] = typed(io.attentionMask.dtype, mask.flat(), [B, width]);
   if (io.positionIds) feeds[io.positionIds.name] = typed(io.positionIds.dtype, promptPositions(mask), [B, width]);
+  // Static KV caches: zero buffers, and each row's write index and valid keys.
+  Object.assign(feeds, staticLengthFeeds(io, mask, width));
   for (const b of io.kv) {
-    const dims = b.layout === 'combined-2BHTD' ? [2, B, b.numHeads, 0, b.headSize] : [B, b.numHeads, 0, b.headSize];
+    const dims = initialCacheDims(io, b, B);
     feeds[b.pastKey] = emptyTensor(b.dtype, dims);
     if (b.pastValue) feeds[b.pastValue] = emptyTensor(b.dtype, dims);
     if (b.pastLength) feeds[b.pastLength] = typed('int64', Array(B).fill(0), [B]);

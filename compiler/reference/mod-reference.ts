@@ -39,7 +39,7 @@ import { describeLayerPart, type LayerPlan, type RoutingPlan } from '../routing-
 import { decoderIo, type DecoderIo, type KvBinding, resolvePadSide } from '../runtime/decoder-io.js';
 import { type EmbeddingSource, TokenEmbedder } from '../runtime/embeddings.js';
 import { emptyTensor, ort, toFloat32, type SessionOptions } from '../runtime/ort.js';
-import { type Logits, nextPositions, padRows, promptPositions, typed, zeroStates } from '../runtime/session.js';
+import { checkUnpadded, initialCacheDims, type Logits, nextPositions, padRows, promptPositions, staticLengthFeeds, typed, zeroStates } from '../runtime/session.js';
 import { splitFusedBoundaries } from '../../passes/split-fused-boundaries.js';
 import * as kernels from '../../runtime-ops/reference.js';
 import { loadUnit, releaseUnits, runUnit } from './units.js';
@@ -160,13 +160,15 @@ export class ModReference {
   }
 
   async forward(rows: number[][], opts: { pad?: 'left' | 'right' } = {}): Promise<Logits> {
+    checkUnpadded(this.io, rows);
     const { ids, mask, width } = padRows(rows, resolvePadSide(this.io, opts.pad));
     this.mask = mask;
     this.ids = mask.map((_, b) => ids.slice(b * width, (b + 1) * width));
     this.fullCaches.clear();
     this.rowCaches.clear();
     for (const b of this.io.kv) {
-      const dims = (B: number) => (b.layout === 'combined-2BHTD' ? [2, B, b.numHeads, 0, b.headSize] : [B, b.numHeads, 0, b.headSize]);
+      // Growing caches start empty; a static cache (TensorScatter) is a zero buffer, per row for a converted layer.
+      const dims = (B: number) => initialCacheDims(this.io, b, B);
       if (this.compacted.has(b.layer)) {
         this.rowCaches.set(b.layer, rows.map(() => ({ key: emptyTensor(b.dtype, dims(1)), value: b.pastValue ? emptyTensor(b.dtype, dims(1)) : null, length: 0, positions: [] })));
       } else {
@@ -201,7 +203,9 @@ export class ModReference {
   kvBytes(): number {
     const lengths = this.layerCacheLengths();
     return this.io.kv.reduce((total, b, i) => {
-      const slots = this.compacted.has(b.layer) ? Math.max(0, ...lengths[i]!) : this.mask[0]!.length;
+      // A static cache holds its whole buffer, whatever it holds in it.
+      const fixed = b.layout === 'static-BTH' || b.layout === 'static-BHTD' ? initialCacheDims(this.io, b, 1)[b.layout === 'static-BTH' ? 1 : 2]! : null;
+      const slots = fixed ?? (this.compacted.has(b.layer) ? Math.max(0, ...lengths[i]!) : this.mask[0]!.length);
       const perToken = 2 * b.numHeads * b.headSize * (b.dtype === 'float16' ? 2 : 4);
       return total + this.batch * slots * perToken;
     }, 0);
@@ -211,6 +215,12 @@ export class ModReference {
     const B = this.batch;
     const values = await this.feeds(ids, [B, S], this.mask, positions);
     for (const [name, t] of this.fullCaches) values.set(name, t);
+    // The prefix may read a static buffer for its length (a mask over its slots): a converted
+    // layer's rows have their own buffers, so it sees a zero buffer of the same shape here.
+    for (const b of this.io.kv) {
+      if (!this.compacted.has(b.layer) || !b.layout.startsWith('static')) continue;
+      for (const name of [b.pastKey, b.pastValue]) if (name) values.set(name, emptyTensor(b.dtype, initialCacheDims(this.io, b, B)));
+    }
     await runUnit(this.prefix, values);
     const chosen = new Map<string, number[][]>();
     for (const run of this.layers) {
@@ -243,6 +253,8 @@ export class ModReference {
     const values: Values = new Map([tokens]);
     if (io.attentionMask) values.set(io.attentionMask.name, typed(io.attentionMask.dtype, mask.flat(), [mask.length, mask[0]!.length]));
     if (io.positionIds) values.set(io.positionIds.name, typed(io.positionIds.dtype, positions, dims));
+    // Static caches: write index = the row's tokens before this call, valid keys = after it (for a row view: its own cache).
+    for (const [name, t] of Object.entries(staticLengthFeeds(io, mask, dims[1]))) values.set(name, t);
     return values;
   }
 
