@@ -5,7 +5,9 @@
  * elementwise op with a constant operand: bias, scale, soft-capping), h `[B, S, H]`.
  * Rewrite: the MatMul reads `GatherElements(h, idx, axis=1)`, `[B, 1, H]`, where idx is, per row,
  * the last position j of this call whose `attention_mask` column is 1 (right padding: the row's
- * length - 1; left padding: S - 1). Without an attention_mask it is S - 1. A decode step
+ * length - 1; left padding: S - 1). A static KV cache (no attention_mask; write_indices and
+ * nonpad_kv_seqlen per row, right padding) gives nonpad_kv_seqlen - write_indices - 1. With
+ * neither it is S - 1. A decode step
  * (S = 1) gathers position 0: its logits are unchanged. The logits output becomes `[B, 1, V]`
  * and the model records `modc.logits = last` in its metadata, so a runtime knows the one
  * position it gets is each row's last real token, not position S - 1.
@@ -17,6 +19,7 @@ import { ModcError } from '../compiler/errors.js';
 import { DataType } from '../compiler/ir/dtype.js';
 import type { Node, Value } from '../compiler/ir/graph.js';
 import { logitsPositions, writeLogitsPositions } from '../compiler/logits-metadata.js';
+import { decoderIo } from '../compiler/runtime/decoder-io.js';
 import type { Pass } from '../compiler/pass-manager.js';
 import type { TypeProto } from '../compiler/proto/index.js';
 import { defaultOpset } from '../runtime-ops/index.js';
@@ -68,6 +71,10 @@ export const lastLogitsPass: Pass = {
     const h = head.input(0)!;
     const e = new Emitter(g, defaultOpset(model), 'last_logits/', head);
     const mask = g.inputs.find((v) => v.name === 'attention_mask' && !g.initializers.has(v.name));
+    const io = mask ? null : decoderIo(model);
+    const write = io?.writeIndices ? g.inputs.find((v) => v.name === io.writeIndices!.name) : undefined;
+    const nonpad = io?.nonpadKvSeqlen ? g.inputs.find((v) => v.name === io.nonpadKvSeqlen!.name) : undefined;
+    const statics = write && nonpad ? { write, nonpad } : null;
     let picked: Value;
     if (mask) {
       // The call's own mask columns are the last S of [B, past + S]. Each row's last real
@@ -82,12 +89,20 @@ export const lastLogitsPass: Pass = {
       const index = e.cast(e.reduceSum(before, [1], true), DataType.INT64);
       const width = e.op('Concat', [e.i64([1, 1]), e.op('Slice', [e.op('Shape', [h]), e.i64([2]), e.i64([3])])], { axis: 0 });
       picked = e.op('GatherElements', [h, e.op('Expand', [e.unsqueeze(index, [2]), width])], { axis: 1 });
+    } else if (statics) {
+      // A static cache: the call's real tokens per row are nonpad_kv_seqlen - write_indices
+      // (right padding), so the last real position is that count minus one.
+      const [write, nonpad] = [statics.write, statics.nonpad].map((v) => e.cast(v, DataType.INT64));
+      const index = e.op('Max', [e.op('Sub', [e.op('Sub', [nonpad!, write!]), e.i64(1)]), e.i64(0)]);
+      const width = e.op('Concat', [e.i64([1, 1]), e.op('Slice', [e.op('Shape', [h]), e.i64([2]), e.i64([3])])], { axis: 0 });
+      picked = e.op('GatherElements', [h, e.op('Expand', [e.unsqueeze(index, [1, 2]), width])], { axis: 1 });
     } else {
       picked = e.op('Slice', [h, e.i64([-1]), e.i64([Number.MAX_SAFE_INTEGER]), e.i64([1])]);
     }
     head.setInput(0, picked);
     logits.type = withSequenceOne(logits.type);
     writeLogitsPositions(model, 'last');
-    return { changed: true, notes: [`${head.describe()} reads each row's last ${mask ? 'real position (from attention_mask)' : 'position'}: logits [B, 1, V]`] };
+    const from = mask ? 'real position (from attention_mask)' : statics ? `real position (from ${statics.nonpad.name} - ${statics.write.name})` : 'position';
+    return { changed: true, notes: [`${head.describe()} reads each row's last ${from}: logits [B, 1, V]`] };
   },
 };
