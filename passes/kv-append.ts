@@ -64,7 +64,7 @@ const TYPE_OF_INPUT: Record<string, number> = {
   Where: 1, DequantizeLinear: 1,
 };
 /** Ops whose outputs have another type than their first input, and are not listed above: unknown. */
-const UNKNOWN_OPS = new Set(['QuantizeLinear', 'DynamicQuantizeLinear', 'TopK', 'Unique', 'MatMulInteger', 'ConvInteger', 'If', 'Loop', 'Scan', 'RandomNormalLike', 'RandomUniformLike', 'Multinomial', 'OneHot', 'CastLike', 'EyeLike', 'Bernoulli']);
+const UNKNOWN_OPS = new Set(['QuantizeLinear', 'DynamicQuantizeLinear', 'TopK', 'Unique', 'MatMulInteger', 'ConvInteger', 'Loop', 'Scan', 'RandomNormalLike', 'RandomUniformLike', 'Multinomial', 'OneHot', 'CastLike', 'EyeLike', 'Bernoulli']);
 
 /** Element types of modc op outputs (runtime-ops/ops.ts): -1 means "of input 0". */
 const MODC_OUTPUTS: Record<string, number[]> = {
@@ -91,6 +91,9 @@ export function elementTypeOf(v: Value, memo = new Map<Value, number | undefined
       t = k === -1 ? input(0) : k;
     } else if (n.domain !== '' && n.domain !== 'ai.onnx' && n.domain !== 'com.microsoft') {
       t = undefined;
+    } else if (n.opType === 'If') {
+      const branch = n.subgraphs()[0]?.outputs[slot];
+      t = branch ? elementTypeOf(branch, memo) : undefined;
     } else if (n.opType === 'Cast') {
       t = n.attrInt('to');
     } else if (n.opType === 'Constant') {

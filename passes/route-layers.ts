@@ -185,6 +185,8 @@ class LayerRouter {
   }
 
   private readonly gathered = new Map<Value, Value>();
+  /** The layer took the decode fast path (its cache appended outside its If). */
+  appendsOutsideIf = false;
 
   /** `v` at the selected tokens (one GatherTokens per value and layer). */
   private gather(v: Value): Value {
@@ -259,7 +261,10 @@ class LayerRouter {
 
     if ('appends' in kv) {
       const out = this.appendOutsideIf(layerNodes(), scatter, passed, kv.appends, kv.pastLength);
-      if (out) return out;
+      if (out) {
+        this.appendsOutsideIf = true;
+        return out;
+      }
       // A value the branches hand on has an element type no rule covers: the general structure.
       const pairs = this.packCompacted(kv.pastLength);
       return this.skipWhenNothingSelected(layerNodes(), [[scatter, passed], ...pairs]);
@@ -476,6 +481,7 @@ class LayerRouter {
         }, run),
       (skip) => [skip.addNode('Identity', [passed], [skip.newValue(`${passed.name}_skipped`)]).output(0)]);
     const out = outs[0]!;
+    out.type = elementType(passed) ?? ({ tensor_type: { elem_type: streamElementType(this.s) } } as TypeProto);
     const inner = new Set<Node>([...g.allNodes()].filter((n) => n.graph !== g));
     for (const use of [...scatter.uses]) if (!inner.has(use.node)) use.node.setInput(use.index, out);
     if (g.outputs.includes(scatter)) {
@@ -547,7 +553,8 @@ class LayerRouter {
 }
 
 export interface RouteReport {
-  routed: { layer: number; part: RoutedPart }[];
+  /** `appendsOutsideIf`: the layer's cache is appended outside its If (the decode fast path). */
+  routed: { layer: number; part: RoutedPart; appendsOutsideIf: boolean }[];
   /** `part` absent for a whole block. */
   skipped: { layer: number; part?: RoutedPart; reason: string }[];
 }
@@ -574,9 +581,10 @@ export function routeLayers(model: Model, opts: RouteOptions): RouteReport {
   const carried = new Map<Value, Value>();
   for (const [region, routing] of plans) {
     const input = carried.get(region.input) ?? region.input;
-    const out = new LayerRouter(model, s, region, routing, opts, input).route();
+    const router = new LayerRouter(model, s, region, routing, opts, input);
+    const out = router.route();
     if (region.output.kind === 'stream') carried.set(region.output.value, out);
-    report.routed.push({ layer: region.layer.index, part: region.part });
+    report.routed.push({ layer: region.layer.index, part: region.part, appendsOutsideIf: router.appendsOutsideIf });
   }
   model.graph.toposort();
   if (meta) {
@@ -601,6 +609,7 @@ export function routeLayersPass(opts: RouteOptions): Pass {
         changed: r.routed.length > 0,
         notes: [
           ...(r.routed.length ? [`routed layers ${r.routed.map(describeLayerPart).join(', ')} (${opts.gated ? 'gated' : 'ungated'})`] : []),
+          ...(r.routed.some((x) => x.appendsOutsideIf) ? [`KV cache appended outside the layer's If (decode fast path): ${r.routed.filter((x) => x.appendsOutsideIf).map(describeLayerPart).join(', ')}`] : []),
           ...r.skipped.map((sk) => `layer ${describeLayerPart({ layer: sk.layer, part: sk.part ?? 'block' })} not converted: ${sk.reason}`),
         ],
       };
