@@ -188,11 +188,15 @@ class LayerRouter {
   /** The layer took the decode fast path (its cache appended outside its If). */
   appendsOutsideIf = false;
 
-  /** `v` at the selected tokens (one GatherTokens per value and layer). */
-  private gather(v: Value): Value {
+  /**
+   * `v` at the selected tokens (one gather per value and layer). A [B, S] value (token ids,
+   * positions, the gate) is GatherTokens' semantics in one standard kernel, GatherElements on
+   * axis 1; others take GatherTokens.
+   */
+  private gather(v: Value, rank2 = v.shape?.length === 2): Value {
     let out = this.gathered.get(v);
     if (!out) {
-      out = this.call('GatherTokens', [v, this.routing.indices])[0]!;
+      out = rank2 ? this.e.op('GatherElements', [v, this.routing.indices], { axis: 1 }) : this.call('GatherTokens', [v, this.routing.indices])[0]!;
       this.gathered.set(v, out);
     }
     return out;
@@ -245,13 +249,13 @@ class LayerRouter {
     let passed: Value;
     if (r.output.kind === 'stream') {
       scatter = (this.opts.gated
-        ? this.call('ScatterTokensGated', [x, routing.indices, routing.valid, xSel, y, this.gather(this.e.op('Sigmoid', [routing.score]))])
+        ? this.call('ScatterTokensGated', [x, routing.indices, routing.valid, xSel, y, this.gather(this.e.op('Sigmoid', [routing.score]), true)])
         : this.call('ScatterTokens', [x, routing.indices, routing.valid, xSel, y]))[0]!;
       passed = x;
     } else {
       const zerosSel = this.e.op('ConstantOfShape', [this.e.op('Shape', [y])], { value: zeroTensor(streamElementType(this.s)) });
       scatter = (this.opts.gated
-        ? this.call('ScatterTokensGated', [zeros!, routing.indices, routing.valid, zerosSel, y, this.gather(this.e.op('Sigmoid', [routing.score]))])
+        ? this.call('ScatterTokensGated', [zeros!, routing.indices, routing.valid, zerosSel, y, this.gather(this.e.op('Sigmoid', [routing.score]), true)])
         : this.call('ScatterTokens', [zeros!, routing.indices, routing.valid, zerosSel, y]))[0]!;
       passed = zeros!;
     }
@@ -398,7 +402,8 @@ class LayerRouter {
     for (const a of appends) if ([...a.full.uses].some((u) => !bodySet.has(u.node))) return null;
 
     const tag = `modc/${this.tag}`;
-    const cond = this.e.op('Greater', [this.e.reduceSum(this.selectedCount(), [0], false), this.e.i64(0)]);
+    const count = this.selectedCount();
+    const cond = this.e.op('Greater', [this.e.reduceSum(count, [0], false), this.e.i64(0)]);
     const seqAxis = 2;
 
     // 1. The new keys and values of the selected tokens; none when no row selects a token.
@@ -421,11 +426,11 @@ class LayerRouter {
     const freshKv = fresh.slice(0, appends.length);
 
     // 2. Lengths, and whether Concat(past, new) is already packed (every slot of every row kept).
-    const count = this.selectedCount();
     const presentLength = this.e.op('Add', [pastLength, count]);
     presentLength.name = g.uniqueName(presentLengthName(this.l));
     presentLength.type = tensorType(DataType.INT64, ['batch']);
     g.outputs.push(presentLength);
+    // (The layer's own capacity value is one of its nodes, now inside its If: read it again here.)
     const capacity = this.e.dimScalar(appends[0]!.past, seqAxis);
     const appended = this.e.dimScalar(freshKv[0]!, seqAxis);
     const slots = this.e.op('Mul', [this.e.op('Size', [pastLength]), this.e.op('Add', [capacity, appended])]);
