@@ -202,6 +202,24 @@ class LayerRouter {
     return out;
   }
 
+  private slotIndex?: Value;
+
+  /**
+   * A stream value ([B, S, H], the stream's float type) at the selected tokens: GatherTokens'
+   * semantics as one GatherND with batch_dims 1 from opset 13 (its CUDA kernel covers the
+   * float types from there), else GatherTokens.
+   */
+  private gatherStream(v: Value): Value {
+    if (this.e.opset < 13) return this.gather(v, false);
+    let out = this.gathered.get(v);
+    if (!out) {
+      this.slotIndex ??= this.e.unsqueeze(this.routing.indices, [2]);
+      out = this.e.op('GatherND', [v, this.slotIndex], { batch_dims: 1 });
+      this.gathered.set(v, out);
+    }
+    return out;
+  }
+
   /**
    * Tokens selected per row, [B] int64, counted from `valid`: Compact's own `count` output read
    * inside an If branch makes ORT warn that it cannot rename it when inlining the function.
@@ -222,8 +240,8 @@ class LayerRouter {
     const zeros = r.output.kind === 'update' ? this.e.op('ConstantOfShape', [this.e.op('Shape', [x])], { value: zeroTensor(streamElementType(this.s)) }) : null;
     const existing = new Set(g.nodes);
     const y = r.output.value;
-    const xSel = this.gather(x);
-    if (r.part === 'block' && layer.entryBoundary) replaceUsesWithin(this.region, layer.entryBoundary.normed, this.gather(layer.entryBoundary.normed));
+    const xSel = this.gatherStream(x);
+    if (r.part === 'block' && layer.entryBoundary) replaceUsesWithin(this.region, layer.entryBoundary.normed, this.gatherStream(layer.entryBoundary.normed));
     replaceUsesWithin(this.region, x, xSel);
 
     const recompute: Value[] = [];
