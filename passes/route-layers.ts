@@ -23,6 +23,10 @@
  *   u_full = ScatterTokens[Gated](0, indices, valid, 0_sel, u)   replaces u at its join Add
  *
  * An attention part compacts the layer's KV cache as a block does; an MLP part leaves it alone.
+ *
+ * Where the cache is appended by `Concat(past, new)` (the unfused form), the append stays in the
+ * main graph and no full cache passes through an If (`appendOutsideIf`, the decode fast path);
+ * the fused forms keep the layer, with its cache packing, inside one If (`skipWhenNothingSelected`).
  */
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
 import { kvCompactionBlocker } from '../compiler/analysis/attention.js';
