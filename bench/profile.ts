@@ -80,6 +80,8 @@ function feedsFor(path: string, ids: number[], past: number, capacity: number): 
     feeds[b.pastKey] = emptyTensor(b.dtype, dims);
     if (b.pastValue) feeds[b.pastValue] = emptyTensor(b.dtype, dims);
     feeds[b.pastLength] = typed('int64', [n], [1]);
+    // A routed sliding-window layer: its cached tokens' original positions (the last n before the step).
+    if (b.pastPositions) feeds[b.pastPositions] = typed('int64', Array.from({ length: n }, (_, i) => past - n + i), [1, n]);
   }
   return feeds;
 }

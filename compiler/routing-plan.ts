@@ -90,6 +90,9 @@ function checkRange(name: string, v: number | undefined, ok: (v: number) => bool
 }
 
 export function planRouting(req: PlanRequest): RoutingPlan {
+  for (const [name, v] of [['hidden size', req.hiddenSize], ['layer count', req.numLayers]] as const) {
+    if (!Number.isSafeInteger(v) || v < 1) throw new ModcError(`cannot plan routing for a model whose ${name} is ${v}: it must be a positive integer`);
+  }
   checkRange('--threshold', req.threshold, (v) => v >= 0 && v <= 1, '[0, 1]');
   checkRange('--capacity', req.capacity, (v) => v > 0 && v <= 1, '(0, 1]');
   const unconverted: RoutingPlan['unconverted'] = [];

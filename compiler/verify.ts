@@ -35,6 +35,8 @@ export interface VerifyOptions {
   tolerance?: number;
   /** Where the compiled model and the anchor pair run (the reference executor runs on the CPU). */
   executionProvider?: ExecutionProvider;
+  /** The prompt is the default one: cut its rows to one length for a model that cannot mask padding. */
+  defaultPrompt?: boolean;
 }
 
 export interface CheckResult {
@@ -140,7 +142,10 @@ export async function verifyCompiled(originalPath: string, compiledPath: string,
   const compiledModel = loadModel(compiledPath);
   checkCompiledFrom(original, compiledModel, originalPath, compiledPath);
   const plan = routingPlanOf(compiledModel);
-  const sided = { ...opts, pad: resolvePadSide(decoderIo(original), opts.pad) };
+  const originalIo = decoderIo(original);
+  const shortest = Math.min(...opts.prompt.map((r) => r.length));
+  const prompt = originalIo.unpaddable && opts.defaultPrompt ? opts.prompt.map((r) => r.slice(0, shortest)) : opts.prompt;
+  const sided = { ...opts, prompt, pad: resolvePadSide(originalIo, opts.pad) };
   const work = mkdtempSync(join(tmpdir(), 'modc-verify-'));
   try {
     log(`semantics: ${compiledPath} against the reference executor on ${originalPath}`);

@@ -27,6 +27,7 @@ import { routerTensorPrefix } from '../compiler/routers.js';
 import { subLayersOf } from '../compiler/analysis/sub-layers.js';
 import { describeLayerPart } from '../compiler/routing-plan.js';
 import { streamElementType } from './mod-common.js';
+import { staticTokenInputs } from './static-cache.js';
 
 /** This call's token mask [B,S] and past length (T - S), built once for all routers. */
 function tokenInputs(model: Model): { tokenMask: Value; pastLength: Value } {
@@ -36,6 +37,9 @@ function tokenInputs(model: Model): { tokenMask: Value; pastLength: Value } {
   const ids = g.inputs.find((v) => v.name === 'input_ids') ?? g.inputs.find((v) => v.name === 'inputs_embeds');
   if (!ids) throw new ModcError("routing needs the 'input_ids' (or 'inputs_embeds') input");
   const mask = g.inputs.find((v) => v.name === 'attention_mask');
+  // Static KV caches carry each row's real tokens in write_indices / nonpad_kv_seqlen (passes/static-cache.ts).
+  const fromStatic = mask ? null : staticTokenInputs(model, e, ids);
+  if (fromStatic) return fromStatic;
   if (!mask) {
     const batchAndLength = e.op('Slice', [e.op('Shape', [ids]), e.i64([0]), e.i64([2])]);
     const ones = e.op('ConstantOfShape', [batchAndLength], { value: Tensor.fromArray('', [1], BigInt64Array.of(1n)) });

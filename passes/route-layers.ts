@@ -32,6 +32,7 @@ import { analyzeDecoder } from '../compiler/analysis/analyze.js';
 import { kvCompactionBlocker } from '../compiler/analysis/attention.js';
 import type { DecoderStructure, KvTensor, LayerInfo, SideInput } from '../compiler/analysis/types.js';
 import { subLayersOf } from '../compiler/analysis/sub-layers.js';
+import { tokenCouplingBlocker } from '../compiler/analysis/token-coupling.js';
 import { ModcError } from '../compiler/errors.js';
 import { DataType, type DataTypeCode } from '../compiler/ir/dtype.js';
 import { Graph, type Node, Value } from '../compiler/ir/graph.js';
@@ -48,6 +49,9 @@ import { describeLayerPart } from '../compiler/routing-plan.js';
 import { Tensor } from '../compiler/ir/tensor.js';
 import { routingOf, type LayerRouting, streamElementType } from './mod-common.js';
 import { elementTypeOf, kvAppendsOf, sliceWithin, type KvAppend } from './kv-append.js';
+import { isStaticLayout } from '../compiler/analysis/types.js';
+import { compactStaticCache, maskCompactedKeys } from './static-cache.js';
+import { originalPositions } from './window-mask.js';
 
 export interface RouteOptions {
   gated: boolean;
@@ -81,7 +85,7 @@ interface RoutedRegion {
 /** The region of a layer part, or why it cannot be routed (found before anything is changed). */
 function regionOf(model: Model, layer: LayerInfo, part: RoutedPart): RoutedRegion | { reason: string } {
   if (part === 'block') {
-    const why = blockBlocker(layer) ?? kvCompactionBlocker(layer.attention) ?? sideInputBlocker(model, layer.sideInputs);
+    const why = blockBlocker(layer) ?? kvCompactionBlocker(layer.attention) ?? sideInputBlocker(model, layer.sideInputs) ?? tokenCouplingBlocker(layer.nodes);
     if (why) return { reason: why };
     return {
       layer, part, input: layer.residualIn, nodes: new Set(layer.nodes.filter((n) => n.domain !== MODC_DOMAIN)), sideInputs: layer.sideInputs,
@@ -96,7 +100,7 @@ function regionOf(model: Model, layer: LayerInfo, part: RoutedPart): RoutedRegio
   const sub = parts[part];
   const joinFused = sub.join.opType !== 'Add' || sub.join.domain !== '';
   const why = (joinFused ? `its ${part} update is added by ${sub.join.describe()}, not a plain Add (run split-fused-boundaries with within=${layer.index} first)` : null)
-    ?? sub.blocker ?? (part === 'attention' ? kvCompactionBlocker(layer.attention) : null) ?? sideInputBlocker(model, sub.sideInputs)
+    ?? sub.blocker ?? (part === 'attention' ? kvCompactionBlocker(layer.attention) : null) ?? sideInputBlocker(model, sub.sideInputs) ?? tokenCouplingBlocker(sub.nodes)
     ?? (part === 'mlp' && sub.sideInputs.some((si) => si.kind !== 'weight') ? `its MLP reads ${sub.sideInputs.find((si) => si.kind !== 'weight')!.value}, which is not a weight` : null);
   if (why) return { reason: why };
   return {
@@ -311,6 +315,15 @@ class LayerRouter {
     const { layer, routing } = this;
     const g = this.model.graph;
     const kv = layer.kv;
+    // Static caches (TensorScatter buffers): passes/static-cache.ts.
+    if (isStaticLayout(kv.layout)) {
+      return {
+        pairs: compactStaticCache({
+          model: this.model, layer, e: this.e, region: this.region, selectedCount: () => this.selectedCount(), recompute, suffix: this.suffix(), tokens: () => this.e.dimScalar(routing.indices, 1),
+          substitutes: (pastLength, capacity) => this.substitutes(xSel, pastLength, capacity, this.e.dimScalar(routing.indices, 1), false),
+        }),
+      };
+    }
     const pastKey = kv.key.input;
     const seqAxis = kv.layout === 'combined-2BHTD' ? 3 : 2;
     const pastLength = g.addInput(new Value(pastLengthName(this.l), tensorType(DataType.INT64, ['batch'])));
@@ -342,13 +355,20 @@ class LayerRouter {
     const keep = gqa
       ? this.call('PrefixMask', [this.e.op('Add', [pastLength, this.selectedCount()]), this.e.op('Add', [capacity, k])])[0]!
       : this.call('KeyMask', [pastLength, capacity, routing.valid])[0]!;
+    // A standard Attention causal by is_causal=1 alone: its padding slots masked (passes/static-cache.ts).
+    if (layer.attention.form === 'StandardAttention' && !layer.attention.node.input(3)) maskCompactedKeys(this.e, layer.attention.node, keep, k);
     const tensors: KvTensor[] = kv.layout === 'combined-2BHTD' ? [kv.key] : [kv.key, kv.value];
     const packed = this.packPresent(tensors, keep, seqAxis, kv.layout === 'combined-2BHTD' ? 'GatherKvCombined' : 'GatherKv');
     const presentLength = this.e.reduceSum(this.e.cast(keep, DataType.INT64), [1], false);
     presentLength.name = g.uniqueName(presentLengthName(this.l));
     presentLength.type = tensorType(DataType.INT64, ['batch']);
     g.outputs.push(presentLength);
-    return [...packed.map((p, i) => [p, tensors[i]!.input] as [Value, Value]), [presentLength, pastLength]];
+    // GroupQueryAttention numbers rotary angles and its window by slot: back to original positions.
+    const positions = originalPositions({
+      graph: g, e: this.e, call: (op, inputs) => this.call(op, inputs), core: layer.attention, layer: this.l,
+      tokens: this.residualIn, indices: routing.indices, pastLength, presentLength,
+    });
+    return [...packed.map((p, i) => [p, tensors[i]!.input] as [Value, Value]), [presentLength, pastLength], ...positions];
   }
 
   /**

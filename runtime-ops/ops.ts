@@ -20,6 +20,8 @@
  * | KeyMask            | past_length int64[B], past_capacity int64[], valid bool[B,K] | bool[B,P+K]: a layer's valid keys |
  * | GatherKv           | kv T[B,H,T,D], indices int64[B,K]                         | T[B,H,K,D] (per-row gather on the sequence axis) |
  * | GatherKvCombined   | kv T[2,B,H,T,D], indices int64[B,K]                       | T[2,B,H,K,D]                   |
+ * | SlotPositions      | past_positions int64[B,P], past_length int64[B], positions int64[B,K] | int64[B,P+K]: the original position of each key slot |
+ * | WindowBias         | query_positions int64[B,K], key_positions int64[B,T], window int64[] | T[B,1,K,T]: 0 or lowest |
  *
  * Semantics (SPEC.md): score = w.x + b in fp32; threshold-p selects r = sigmoid(score) >= p;
  * top-k selects per row the ceil(c * n) highest scores among the n real tokens (ceil taken of
@@ -254,9 +256,55 @@ const gatherKvCombined: ModcOpDef = {
   },
 };
 
+/**
+ * Key slots of a compacted GroupQueryAttention layer, as the op lays them out (it writes this
+ * call's keys at each row's own past length): row b's valid cache slots, then this call's K
+ * slots, then the rest of its cache (padding). A permutation of Concat(past, positions).
+ */
+const slotPositions: ModcOpDef = {
+  name: 'SlotPositions',
+  inputs: ['past_positions', 'past_length', 'positions'],
+  outputs: ['slot_positions'],
+  doc: 'out[b, t] = past_positions[b, t] for t < past_length[b], positions[b, t - past_length[b]] for the next K slots, then past_positions[b, t - K]',
+  body(e, [past, pastLength, positions]) {
+    const p = e.dimScalar(past!, 1);
+    const k = e.dimScalar(positions!, 1);
+    const t = e.unsqueeze(e.op('Range', [e.i64(0), e.op('Add', [p, k]), e.i64(1)]), [0]);
+    const len = e.unsqueeze(pastLength!, [1]);
+    const current = e.op('Add', [p, e.op('Sub', [t, len])]);
+    const rest = e.op('Sub', [t, k]);
+    const idx = e.op('Where', [e.op('Less', [t, len]), t, e.op('Where', [e.op('Less', [t, e.op('Add', [len, k])]), current, rest])]);
+    const all = e.op('Concat', [past!, positions!], { axis: 1 });
+    return [e.op('GatherElements', [all, idx], { axis: 1 })];
+  },
+};
+
+/**
+ * Sliding-window attention by original position, as an additive bias for GroupQueryAttention:
+ * a query at position p sees a key at position q iff p - window < q <= p (ONNX Runtime's
+ * local_window_size convention: the query and the window - 1 keys before it).
+ */
+const windowBias: ModcOpDef = {
+  name: 'WindowBias',
+  inputs: ['query_positions', 'key_positions', 'window'],
+  outputs: ['bias'],
+  doc: 'bias[b, 0, i, j] = 0 where query_positions[b,i] - window < key_positions[b,j] <= query_positions[b,i], else the lowest value of T',
+  body(e, [queryPositions, keyPositions, window], ctx) {
+    const q = e.op('Reshape', [queryPositions!, e.i64([0, 1, -1, 1])]);
+    const k = e.op('Reshape', [keyPositions!, e.i64([0, 1, 1, -1])]);
+    const visible = e.op('And', [e.op('Not', [e.op('Greater', [k, q])]), e.op('Greater', [k, e.op('Sub', [q, window!])])]);
+    if (ctx.dtype === DataType.BFLOAT16) {
+      // Where has no bfloat16 kernel on CPU: choose in float32, then cast (bfloat16's lowest finite value is exact in float32).
+      return [e.cast(e.op('Where', [visible, e.f32(0), e.f32(-3.3895313892515355e38)]), DataType.BFLOAT16)];
+    }
+    const lowest = ctx.dtype === DataType.FLOAT16 ? -65504 : LOWEST_FLOAT;
+    return [e.op('Where', [visible, e.scalar(0, ctx.dtype), e.scalar(lowest, ctx.dtype)])];
+  },
+};
+
 export const MODC_OPS: readonly ModcOpDef[] = [
   router, selectThreshold, selectTopK, compact, gatherTokens, scatterTokens, scatterTokensGated, gatherMask,
-  prefixMaskOp, keyMask, gatherKv, gatherKvCombined,
+  prefixMaskOp, keyMask, gatherKv, gatherKvCombined, slotPositions, windowBias,
 ];
 
 export function modcOp(name: string): ModcOpDef {

@@ -10,13 +10,13 @@ export const LAYERS = 3;
 export const VOCAB = 512;
 
 /** Seeded sequences of ids with some structure (a noisy repeating pattern), as JSON lines. */
-export function writeData(path: string, lines: number, length: number, seed: number): void {
+export function writeData(path: string, lines: number, length: number, seed: number, vocab = VOCAB): void {
   const next = mulberry32(seed);
   const out: string[] = [];
   for (let i = 0; i < lines; i++) {
     const period = 3 + Math.floor(next() * 5);
-    const base = Array.from({ length: period }, () => Math.floor(next() * VOCAB));
-    const ids = Array.from({ length }, (_, t) => (next() < 0.2 ? Math.floor(next() * VOCAB) : base[t % period]!));
+    const base = Array.from({ length: period }, () => Math.floor(next() * vocab));
+    const ids = Array.from({ length }, (_, t) => (next() < 0.2 ? Math.floor(next() * vocab) : base[t % period]!));
     out.push(JSON.stringify({ ids }));
   }
   writeFileSync(path, out.join('\n') + '\n');

@@ -2,12 +2,12 @@
  * modc calibrate: the closed-form fit, thresholds that select the requested fraction, determinism,
  * a router file that compiles with no other flag, one-line CLI errors (bounded memory: test/slow/calibrate-memory.test.ts).
  */
-import { readFileSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { calibrate, type CalibrationResult } from '../compiler/calibration/calibrate.js';
 import { readDataset } from '../compiler/data/index.js';
-import { RidgeStats, solveRidge } from '../compiler/calibration/ridge.js';
+import { RidgeStats, solveRidge, thresholdKeeping } from '../compiler/calibration/ridge.js';
 import { routerFileMetadata, writeCalibratedRouters } from '../compiler/calibration/router-file.js';
 import { loadModel } from '../compiler/io/load.js';
 import { ModReference } from '../compiler/reference/mod-reference.js';
@@ -122,6 +122,57 @@ describe('modc calibrate on llama-tiny', () => {
     const routing = readRoutingMetadata(loadModel(out))!;
     expect(routing.gated).toBe(false);
     expect(routing.layers.map((l) => describeLayerPart(l))).toEqual(result.routers.map((r) => describeLayerPart(r)));
+  });
+});
+
+describe('thresholds', () => {
+  it('keep the requested fraction and equal no score, ties included', () => {
+    const values = Float64Array.from([3, 1, 2, 2, 2, 5, 4, 0, 2, 6]);
+    for (const keep of [0.1, 0.25, 0.5, 0.7, 0.9, 1]) {
+      const t = thresholdKeeping(values, keep);
+      expect(values.every((v) => v !== t), `keep ${keep}: threshold ${t}`).toBe(true);
+      const kept = values.filter((v) => v >= t).length;
+      // Ties move the cut to the next distinct value: never more than the group of equal values away.
+      expect(Math.abs(kept - Math.round(keep * values.length)), `keep ${keep}`).toBeLessThanOrEqual(4);
+    }
+    // Sorted: 0 1 2 2 2 2 3 4 5 6. Keeping 5 would cut between two 2s: the cut moves up to 2.5.
+    expect(thresholdKeeping(values, 0.5)).toBe(2.5);
+    expect(thresholdKeeping(values, 0.3)).toBe(3.5);
+    expect(thresholdKeeping(values, 1)).toBe(-1);
+    expect(thresholdKeeping(Float64Array.from([2, 2, 2]), 0.5)).toBe(1);
+  });
+});
+
+describe('modc calibrate on a decoder fed inputs_embeds (fixtures/forms-embeds-tiny)', () => {
+  const dir = tempDir('modc-calibrate-embeds');
+  const data = join(dir, 'calib.jsonl');
+  const embeds = join(ROOT, 'fixtures', 'forms-embeds-tiny', 'model.onnx');
+  // The same weights with the token table inside, fed input_ids.
+  const same = join(ROOT, 'fixtures', 'forms-unsorted-tiny', 'unsorted.onnx');
+  const opts = { targetCompute: 0.85, granularity: 'auto' as const, capacities: [0.75, 0.5], sensitivityTokens: 512, seed: 5 };
+
+  it('calibrates through the embedding model genai_config.json names: the routers of the same model fed input_ids', async () => {
+    writeData(data, 24, 32, 13, 256);
+    const rows = readDataset(data, { vocabSize: null });
+    const [a, b] = [await calibrate(embeds, rows, opts), await calibrate(same, rows, opts)];
+    expect(a.routers.length).toBeGreaterThan(0);
+    expect(a.routers.map((r) => [describeLayerPart(r), r.capacity])).toEqual(b.routers.map((r) => [describeLayerPart(r), r.capacity]));
+    a.routers.forEach((r, i) => {
+      const w = b.routers[i]!.weight;
+      const scale = Math.max(...Array.from(w, Math.abs));
+      expect(Math.max(...Array.from(r.weight, (v, j) => Math.abs(v - w[j]!)))).toBeLessThan(1e-3 * scale);
+      expect(r.bias).toBeCloseTo(b.routers[i]!.bias, 3);
+    });
+    expect(a.report.computeFraction).toBeCloseTo(b.report.computeFraction, 6);
+  });
+
+  it('refuses, in one line, a decoder fed inputs_embeds with no embedding model beside it', async () => {
+    const lone = join(dir, 'lone', 'model.onnx');
+    mkdirSync(join(dir, 'lone'));
+    copyFileSync(embeds, lone);
+    writeData(data, 4, 16, 13, 256);
+    const res = await runCli('calibrate', lone, '--data', data, '--target-compute', '0.9', '-o', join(dir, 'lone', 'r.safetensors'));
+    expectOneLineError(res, 1, /takes inputs_embeds: calibrate needs the embedding model that genai_config\.json beside it names/);
   });
 });
 

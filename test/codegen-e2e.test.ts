@@ -23,6 +23,8 @@ const CASES = [
   { name: 'llama-random', source: 'llama-tiny', compile: ['--router-init', 'random', '--seed', '3'], prompt: [[5, 6, 7, 8, 9], [10, 11, 12]] },
   { name: 'qwen2-gqa-topk', source: 'ort-qwen2-gqa', compile: ['--router-init', 'random', '--routing', 'topk', '--capacity', '0.5'], prompt: [[5, 6, 7, 8, 9, 10], [11, 12, 13]] },
   { name: 'hybrid-random', source: 'forms-hybrid-tiny', compile: ['--router-init', 'random'], prompt: [[5, 6, 7, 8], [9, 10, 11, 12]] },
+  // Routed sliding-window layers carry past_positions.l / present_positions.l.
+  { name: 'gqa-window-random', source: 'forms-gqa-window-tiny', compile: ['--router-init', 'random'], prompt: [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17]] },
 ] as const;
 const FORCE = [3, 17, 4];
 

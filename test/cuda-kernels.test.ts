@@ -248,14 +248,22 @@ describe('the kernel table', () => {
   });
 });
 
+/**
+ * A gap the original model has already: the same key, or the same node rewired by route-layers
+ * (a compacted GroupQueryAttention's inputs change: attention_bias, rotary moved out), with the
+ * same op, opset and output types.
+ */
+const opOf = (k: string) => k.replace(/\(.*\)->/, '->');
+
 describe.each(contractModels())('$name', ({ path }) => {
   const original = gaps(loadModel(path));
+  const originalOps = new Set([...original.keys()].map(opOf));
 
   it.each(VARIANTS)('compiled ($name): every node modc adds has a CUDA kernel at its opset and types', (v) => {
     const model = compiled(path, v);
     const all = instances(model);
     expect(all.length).toBeGreaterThan(0);
-    const added = [...gaps(model)].filter(([k]) => !original.has(k)).map(([k, [why, where]]) => `${k}: ${why} (at ${where})`);
+    const added = [...gaps(model)].filter(([k]) => !original.has(k) && !originalOps.has(opOf(k))).map(([k, [why, where]]) => `${k}: ${why} (at ${where})`);
     expect(added).toEqual([]);
   });
 });

@@ -173,6 +173,31 @@ describe('weight-only quantized models', () => {
       for (const w of found) expect(layer.sideInputs.find((si) => si.value === w.weight)?.kind ?? 'computed in the layer', `${w.node.describe()}`).toMatch(/weight|computed/);
     }
   });
+
+  it('dynamic activation quantization (DynamicQuantizeLinear) couples the tokens of a call: its layer stays dense, with the reason', async () => {
+    // The integer fixture with layer 1's static QuantizeLinear nodes made dynamic (scale and
+    // zero point from the whole activation tensor), as ORT's dynamic quantizer writes them.
+    const proto = decodeModelProto(readFileSync(fixture('forms-integer-tiny')));
+    let made = 0;
+    for (const n of proto.graph!.node) {
+      if (n.op_type !== 'QuantizeLinear' || !/layers\.1\//.test(n.name ?? '')) continue;
+      n.op_type = 'DynamicQuantizeLinear';
+      n.input = [n.input[0]!];
+      n.output = [n.output[0]!, `${n.output[0]}_scale`, `${n.output[0]}_zero_point`];
+      made++;
+    }
+    expect(made).toBeGreaterThan(0);
+    const path = join(tmp, 'dynamic-quant', 'model.onnx');
+    saveModel(modelFromBytes(encodeModelProto(proto), fixture('forms-integer-tiny')), path);
+    await ModSession.create(path); // a model ONNX Runtime runs
+    const res = await runCli('compile', path, '-o', join(tmp, 'dynamic-quant', 'mod.onnx'), '--router-init', 'random', '--json');
+    expect(res.code).toBe(0);
+    const routing = JSON.parse(res.stdout).routing;
+    expect(routing.notConverted).toEqual([{ layer: 1, reason: expect.stringMatching(/^DynamicQuantizeLinear '.*' quantizes its input with one scale taken over all tokens of the call/) }]);
+    expect(routing.converted.length, JSON.stringify(routing)).toBeGreaterThan(0);
+    const mlp = JSON.parse((await runCli('compile', path, '-o', join(tmp, 'dynamic-quant', 'mlp.onnx'), '--router-init', 'random', '--granularity', 'mlp', '--json')).stdout).routing;
+    expect(JSON.stringify(mlp.notConverted)).toMatch(/"layer":1.*DynamicQuantizeLinear/);
+  });
 });
 
 describe('decoders fed by inputs_embeds (fixtures/forms-embeds-tiny: decoder, embedding.onnx, genai_config.json)', () => {
@@ -253,28 +278,7 @@ describe('modc eval on the forms', () => {
   });
 });
 
-describe('sliding-window attention (fixtures/forms-gqa-window-tiny: local_window_size 4 on layers 0 and 2)', () => {
-  const window = fixture('forms-gqa-window-tiny');
-
-  it('the window matters: the same weights without it give other logits on a prompt longer than the window', async () => {
-    const rows = [[5, 6, 7, 8, 9, 10, 11, 12, 13]];
-    const [a, b] = [await ModSession.create(window), await ModSession.create(fixture('forms-gqa-tiny'))];
-    expect(worstReal(await a.forward(rows), await b.forward(rows), rows, 'right')).toBeGreaterThan(1e-3);
-  });
-
-  it('a windowed layer keeps its KV cache full: block routing leaves it dense (saying why), MLP-only routing still converts it', async () => {
-    const out = join(tmp, 'window-block', 'model.onnx');
-    const res = await runCli('compile', window, '-o', out, '--router-init', 'random', '--json');
-    expect(res.code).toBe(0);
-    const text = JSON.stringify(JSON.parse(res.stdout));
-    for (const l of [0, 2]) expect(text).toMatch(new RegExp(`layer ${l}[^"]*sliding-window attention[^"]*local_window_size=4`));
-    const meta = JSON.parse((await runCli('inspect', out, '--json')).stdout).routing;
-    expect(meta.layers.map((l: { layer: number }) => l.layer)).toEqual([1]);
-    const mlp = join(tmp, 'window-mlp', 'model.onnx');
-    expect((await runCli('compile', window, '-o', mlp, '-q', '--router-init', 'random', '--granularity', 'mlp')).code).toBe(0);
-    expect(JSON.parse((await runCli('inspect', mlp, '--json')).stdout).routing.layers.map((l: { layer: number }) => l.layer)).toEqual([0, 1, 2]);
-  });
-});
+// Sliding-window attention and attention sinks: test/forms-window.test.ts.
 
 describe('standard ONNX opset-23/24 forms', () => {
   it('RMSNormalization (fixtures/forms-rmsnorm-tiny, opset 23) is a norm like any other: layers found', () => {
@@ -282,23 +286,7 @@ describe('standard ONNX opset-23/24 forms', () => {
     expect(s.layers).toHaveLength(3);
     expect(s.layers[0]!.steps[0]!.norm.node.opType).toBe('RMSNormalization');
   });
-
-  it.each([
-    ['Attention', 3, /standard ONNX Attention \(opset 23\) is not supported yet/],
-    ['TensorScatter', 2, /static KV caches written with TensorScatter \(opset 24\) are not supported yet/],
-    ['RotaryEmbedding', 3, /standard ONNX RotaryEmbedding \(opset 23\) is not supported yet/],
-  ] as const)('a model with a standard %s is refused in one line, naming the node (never routed on a guess)', async (op, arity, why) => {
-    const model = loadModel(fixture('forms-int32-tiny'));
-    const g = model.graph;
-    const x = g.inputs.find((v) => v.name === 'past_key_values.0.key')!;
-    const node = g.addNode(op, Array(arity).fill(x), 1, { name: `standard_${op}` });
-    g.outputs.push(node.output(0));
-    node.output(0).type = x.type;
-    const path = join(tmp, `standard-${op}`, 'model.onnx');
-    saveModel(model, path);
-    expect(() => analyzeDecoder(loadModel(path))).toThrow(why);
-    expectOneLineError(await runCli('compile', path, '-o', join(tmp, `standard-${op}-out`, 'model.onnx'), '--router-init', 'all-pass'), 1, new RegExp(`standard_${op}.*${why.source}`));
-  });
+  // The opset-23/24 attention forms (Attention, RotaryEmbedding, TensorScatter): test/forms-static.test.ts.
 });
 
 describe('checked-in form fixtures', () => {

@@ -24,7 +24,7 @@ import { decoderIo } from '../compiler/runtime/decoder-io.js';
 import { createSession, emptyTensor, ort } from '../compiler/runtime/ort.js';
 import { lastPosition, ModSession, typed } from '../compiler/runtime/session.js';
 import { contractModels, expectOneLineError, fixture, runCli, tempDir } from './helpers.js';
-import { compileWith, expectSameRun, padSides, PROMPTS, tolerance, worstReal, worstRows } from './mod-helpers.js';
+import { compileWith, expectSameRun, padSides, prefillSelection, PROMPTS, splittingThreshold, tolerance, worstReal, worstRows } from './mod-helpers.js';
 
 const tmp = tempDir('modc-granularity');
 let counter = 0;
@@ -44,12 +44,6 @@ async function agreeWithReference(mod: ModSession, ref: ModReference, rows: numb
   }
   expect(mod.layerCacheLengths()).toEqual(ref.layerCacheLengths());
   expect(mod.kvBytes()).toBe(ref.kvBytes());
-}
-
-/** Selected and real tokens of the prefill, summed over the routed parts the reference ran. */
-function prefillSelection(ref: ModReference, rows: number[][]): { selected: number; real: number } {
-  const parts = [...ref.selections[0]!.values()];
-  return { selected: parts.flat(2).length, real: parts.length * rows.flat().length };
 }
 
 /**
@@ -75,9 +69,11 @@ describe.each(contractModels())('$name', ({ path }) => {
 
     it.each(CASES[part])('random routers, %s routing (gated %s), agree with the reference executor', async (mode, gated) => {
       const tol = await tolerance(path, 1e-4);
-      const compiled = compileWith(tmp, path, 'random', { mode, gated, threshold: 0.5, capacity: 0.5, granularity: part });
       const pad = padSides(path).at(-1)!;
       const rows = PROMPTS.b3;
+      // p = 0.5 can pass none or all tokens of a trained model: a threshold that splits them.
+      const threshold = mode === 'threshold' ? await splittingThreshold(tmp, path, rows, pad, { gated, granularity: part }) : 0.5;
+      const compiled = compileWith(tmp, path, 'random', { mode, gated, threshold, capacity: 0.5, granularity: part });
       const mod = await ModSession.create(compiled.path);
       const ref = await ModReference.create(path, compiled.plan, join(tmp, `ref${counter++}`));
       try {

@@ -7,6 +7,7 @@ import { saveModel } from '../compiler/io/save.js';
 import { runPipeline } from '../compiler/pass-manager.js';
 import { planRouting, type PlanRequest, type RoutedPart, type RoutingMode, type RoutingPlan } from '../compiler/routing-plan.js';
 import { argmax, lastPosition, ModSession, type Logits } from '../compiler/runtime/session.js';
+import { decoderIo } from '../compiler/runtime/decoder-io.js';
 import { routingPlanOf, worstReal as realDiff } from '../compiler/verify.js';
 import { modPipeline } from '../passes/index.js';
 import { ModReference } from '../compiler/reference/mod-reference.js';
@@ -80,10 +81,9 @@ export function worstRows(a: Float32Array[], b: Float32Array[]): number {
   return worst;
 }
 
-/** GroupQueryAttention takes right padding only (per-row lengths); the others take both sides. */
+/** GroupQueryAttention and static KV caches take right padding only (per-row lengths); the others take both sides. */
 export function padSides(path: string): ('left' | 'right')[] {
-  const s = analyzeDecoder(loadModel(path));
-  return s.layers.some((l) => l.attention.form === 'GroupQueryAttention') ? ['right'] : ['left', 'right'];
+  return decoderIo(loadModel(path)).paddingSides;
 }
 
 export const PROMPTS = { b1: [[5, 6, 7, 8, 9, 10, 11]], b3: [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19]] };

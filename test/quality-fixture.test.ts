@@ -7,36 +7,17 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { createSession, emptyTensor, int64Tensor, ort } from '../compiler/runtime/ort.js';
+import { createSession, type ort } from '../compiler/runtime/ort.js';
 import { ROOT } from './helpers.js';
+import { emptyPast, readTorchReference, replayInOrt, rows } from './torch-reference.js';
 
 const DIR = join(ROOT, 'fixtures', 'quality-lm');
 
-interface Case {
-  name: string;
-  input_ids: number[][];
-  attention_mask: number[][];
-  position_ids: number[][];
-  logits: number[][][];
-}
-interface Reference {
-  config: { layers: number; kvHeads: number; headSize: number; vocab: number };
-  cases: Case[];
-}
-
-const reference = JSON.parse(readFileSync(join(DIR, 'reference.json'), 'utf8')) as Reference;
-const { layers, kvHeads, headSize, vocab } = reference.config;
+const reference = readTorchReference(DIR);
+const vocab = reference.config.vocab!;
 
 function readLines(file: string): number[][] {
   return readFileSync(join(DIR, file), 'utf8').trim().split('\n').map((l) => (JSON.parse(l) as { ids: number[] }).ids);
-}
-
-const rows = (r: number[][]) => int64Tensor(r.flat(), [r.length, r[0]!.length]);
-
-function emptyPast(feeds: Record<string, ort.Tensor>, batch: number): void {
-  for (let l = 0; l < layers; l++) {
-    for (const kv of ['key', 'value']) feeds[`past_key_values.${l}.${kv}`] = emptyTensor('float32', [batch, kvHeads, 0, headSize]);
-  }
 }
 
 /** Entropy (nats) of the byte frequencies of every predicted byte (each byte after a line's first). */
@@ -75,7 +56,7 @@ describe('quality-lm fixture', () => {
         attention_mask: rows(chunk.map((l) => l.map(() => 1))),
         position_ids: rows(chunk.map((l) => l.map((_, t) => t))),
       };
-      emptyPast(feeds, B);
+      emptyPast(feeds, reference.config, B);
       const logits = (await session.run(feeds)).logits!.data as Float32Array;
       for (let b = 0; b < B; b++) {
         for (let t = 0; t + 1 < S; t++) {
@@ -98,15 +79,8 @@ describe('quality-lm fixture', () => {
   });
 
   it('ONNX Runtime reproduces torch logits: prefill of 3 rows (one left-padded), then 2 decode steps', async () => {
-    const session = await createSession(join(DIR, 'model.onnx'));
-    let previous: ort.InferenceSession.OnnxValueMapType | null = null;
     expect(reference.cases.map((c) => c.name)).toEqual(['prefill', 'decode1', 'decode2']);
-    for (const c of reference.cases) {
-      const feeds: Record<string, ort.Tensor> = { input_ids: rows(c.input_ids), attention_mask: rows(c.attention_mask), position_ids: rows(c.position_ids) };
-      if (previous === null) emptyPast(feeds, c.input_ids.length);
-      else for (let l = 0; l < layers; l++) for (const kv of ['key', 'value']) feeds[`past_key_values.${l}.${kv}`] = previous[`present.${l}.${kv}`] as ort.Tensor;
-      const out = await session.run(feeds);
-      const got = out.logits!.data as Float32Array;
+    for (const { case: c, logits: got } of await replayInOrt(DIR, reference)) {
       const mask = c.attention_mask;
       const S = c.input_ids[0]!.length;
       const want = c.logits;
@@ -126,7 +100,6 @@ describe('quality-lm fixture', () => {
       }
       expect(scale, `${c.name}: logits are not tiny`).toBeGreaterThan(1);
       expect(worst, `${c.name}: max |ORT - torch|`).toBeLessThan(1e-4);
-      previous = out;
     }
   });
 });

@@ -6,7 +6,8 @@ import { chmodSync, cpSync, existsSync, linkSync, mkdirSync, readdirSync, readFi
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ModcError, quote } from '../compiler/errors.js';
-import { loadModel } from '../compiler/io/load.js';
+import { modelToProto } from '../compiler/io/convert.js';
+import { loadModel, modelFromBytes } from '../compiler/io/load.js';
 import { checkOutputPath, removeStaleTemporaries, saveModel } from '../compiler/io/save.js';
 import { Value } from '../compiler/ir/graph.js';
 import { verifyModel } from '../compiler/ir/verify.js';
@@ -204,6 +205,69 @@ describe('outputs ONNX Runtime would reject', () => {
     gone.graph.removeInitializer(w);
     expect(refusal(() => saveModel(gone, join(tmp, 'gone', 'model.onnx'))).message).toMatch(/which nothing defines/);
     expect(existsSync(join(tmp, 'gone', 'model.onnx'))).toBe(false);
+  });
+
+  it('a value renamed to the empty name, which ONNX reads as omitted (fuzz seed 21, case 94495)', () => {
+    const m = loadModel(join(FIX, 'ort-qwen2-gqa', 'model.onnx'));
+    const skip = m.graph.nodes.find((n) => n.opType === 'SkipLayerNormalization' && n.inputs[0]?.producer)!;
+    skip.inputs[0]!.name = '';
+    runPipeline(m, []);
+    expect(verifyModel(m).map((i) => i.message)).toContainEqual(expect.stringMatching(/SkipLayerNormalization node .* input 0 reads a value with the empty name/));
+    expect(refusal(() => saveModel(m, join(tmp, 'empty', 'model.onnx'))).message).toMatch(/the model is invalid/);
+    expect(existsSync(join(tmp, 'empty', 'model.onnx'))).toBe(false);
+
+    const input = loadModel(join(FIX, 'llama-tiny', 'model.onnx'));
+    input.graph.inputs[0]!.name = '';
+    expect(verifyModel(input).map((i) => i.message).join('\n')).toMatch(/a graph input has the empty name/);
+  });
+
+  it('an input rewired to a value of a rank the op cannot take (fuzz seed 21, case 2850: Gather of a scalar)', async () => {
+    const m = loadModel(join(FIX, 'gpt2-tiny', 'model.onnx'));
+    const g = m.graph;
+    // Gather(Shape(x), Constant scalar) is a scalar; the token embedding's Gather is rewired to read it.
+    const scalar = g.nodes.find((n) => n.opType === 'Gather' && n.inputs[0]?.producer?.opType === 'Shape')!.output(0);
+    const gather = g.nodes.find((n) => n.opType === 'Gather' && n.inputs[0]?.initializer?.dims.length === 2)!;
+    gather.setInput(0, scalar);
+    // Found in a graph not sorted again too (fuzz seed 31, cases 16017 and 31173: saved with --passes none).
+    g.setNodes([gather, ...g.nodes.filter((n) => n !== gather)]);
+    expect(g.indexOf(gather)).toBeLessThan(g.indexOf(scalar.producer!));
+    expect(verifyModel(m, { order: false }).map((i) => i.message)).toContainEqual(expect.stringMatching(/reads a scalar as its data/));
+    g.toposort();
+    expect(verifyModel(m).map((i) => i.message)).toContainEqual(expect.stringMatching(/reads a scalar as its data; it needs rank >= 1/));
+    expect(refusal(() => saveModel(m, join(tmp, 'rank', 'model.onnx'))).message).toMatch(/Gather .* reads a scalar/);
+    // The check is ONNX Runtime's own: the same model, written without modc's verifier, fails to load there.
+    const dir = join(tmp, 'rank-raw');
+    cpSync(join(FIX, 'gpt2-tiny'), dir, { recursive: true });
+    writeFileSync(join(dir, 'model.onnx'), encodeModelProto(modelToProto(m, (v) => v.initializer!.proto)));
+    await expect(createSession(join(dir, 'model.onnx'))).rejects.toThrow(/rank >= 1/);
+  });
+
+  it('a hidden size declared as 0 or -1 (fuzz seed 32, case 50720: inputs_embeds [B, S, -1]) is refused by analysis and by planRouting', async () => {
+    const { analyzeDecoder } = await import('../compiler/analysis/analyze.js');
+    const { planRouting } = await import('../compiler/routing-plan.js');
+    for (const h of [0, -1]) {
+      const path = mutant('forms-embeds-tiny', (m) => {
+        const input = m.graph!.input.find((i) => i.name === 'inputs_embeds')!;
+        input.type!.tensor_type!.shape!.dim[2] = { dim_value: h } as never;
+      });
+      expect(refusal(() => analyzeDecoder(loadModel(path))).message).toMatch(new RegExp(`declares hidden size ${h}; it must be a positive integer`));
+      expect(refusal(() => planRouting({ numLayers: 3, hiddenSize: h, routers: { kind: 'all-pass' } })).message).toMatch(/hidden size is -?\d: it must be a positive integer/);
+    }
+  });
+
+  it('modelFromBytes anchored in a folder that does not exist: a refusal once external data needs it', () => {
+    const bytes = readFileSync(join(FIX, 'genai-tiny', 'model.onnx'));
+    expect(refusal(() => modelFromBytes(bytes, join(tmp, 'no-such-folder', 'model.onnx'))).message).toMatch(/missing external data: 'model.onnx.data'/);
+    // A model without external data needs no folder.
+    expect(modelFromBytes(readFileSync(join(FIX, 'llama-tiny', 'model.onnx')), join(tmp, 'no-such-folder', 'model.onnx')).graph.nodes.length).toBeGreaterThan(0);
+  });
+
+  it('rank checks refuse only what is certain: every fixture and its MoD compile pass them', async () => {
+    const { rankIssues } = await import('../compiler/ir/ranks.js');
+    for (const f of ['llama-tiny', 'gpt2-tiny', 'neox-tiny', 'genai-tiny', 'ort-gpt2-fused', 'ort-qwen2-gqa', 'quality-lm']) {
+      expect([f, rankIssues(loadModel(join(FIX, f, 'model.onnx')).graph)]).toEqual([f, []]);
+    }
+    expect(rankIssues(loadModel(await compiledLlama()).graph)).toEqual([]);
   });
 });
 

@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { saveModel } from '../compiler/io/save.js';
 import { DataType } from '../compiler/ir/dtype.js';
-import { Graph, Value } from '../compiler/ir/graph.js';
+import { attribute, Graph, Value } from '../compiler/ir/graph.js';
 import { Model } from '../compiler/ir/model.js';
 import { createSession, ort } from '../compiler/runtime/ort.js';
 import { callModcOp, modcOp, reference as ref } from '../runtime-ops/index.js';
@@ -45,6 +45,7 @@ async function runOp(op: string, feeds: Feed[], opts: { inline: boolean; opset: 
     Compact: [DataType.INT64, DataType.BOOL, DataType.INT64], GatherTokens: [ONNX_TYPE[feeds[0]!.type]],
     ScatterTokens: [DataType.FLOAT], ScatterTokensGated: [DataType.FLOAT], GatherMask: [DataType.FLOAT],
     PrefixMask: [DataType.BOOL], KeyMask: [DataType.BOOL], GatherKv: [DataType.FLOAT], GatherKvCombined: [DataType.FLOAT],
+    SlotPositions: [DataType.INT64], WindowBias: [DataType.FLOAT],
   };
   outs.forEach((v, i) => (v.type = { tensor_type: { elem_type: outTypes[op]![i]! } }));
   g.outputs = outs;
@@ -202,6 +203,52 @@ describe.each(modes)('modc cache ops (inline=$inline, opset $opset)', (mode) => 
     const c = ref.compact(keep, [3, 5]);
     const [out] = await runOp(op, [f32('kv', dims, kv), i64('indices', [3, c.K], c.indices)], mode);
     expect(data(out!)).toEqual(Array.from(ref.gatherKv(kv, dims, c.indices, c.K)));
+  });
+});
+
+describe.each(modes)('modc position ops for sliding windows (inline=$inline, opset $opset)', (mode) => {
+  it('SlotPositions lays out each row\'s key positions as GroupQueryAttention writes its keys (past, this call, rest)', async () => {
+    const past = [10, 11, 12, 0, 20, 21, 0, 0, 30, 0, 0, 0];
+    const lengths = [3, 2, 1];
+    const positions = [40, 41, 50, 51, 60, 61];
+    const [out] = await runOp('SlotPositions', [i64('past_positions', [3, 4], past), i64('past_length', [3], lengths), i64('positions', [3, 2], positions)], mode);
+    expect(out!.dims).toEqual([3, 6]);
+    expect(data(out!)).toEqual(ref.slotPositions(past, [3, 4], lengths, positions, 2));
+    expect(data(out!)).toEqual([10, 11, 12, 40, 41, 0, 20, 21, 50, 51, 0, 0, 30, 60, 61, 0, 0, 0]);
+    // A prefill: no past at all.
+    const [first] = await runOp('SlotPositions', [i64('past_positions', [2, 0], []), i64('past_length', [2], [0, 0]), i64('positions', [2, 3], [0, 2, 5, 1, 3, 4])], mode);
+    expect(data(first!)).toEqual([0, 2, 5, 1, 3, 4]);
+  });
+
+  it('WindowBias: a query at p sees a key at q iff p - window < q <= p', async () => {
+    const q = [0, 3, 7, 9, 4, 5];
+    const k = [0, 1, 3, 5, 7, 8, 9, 2, 3, 4, 5, 6, 7, 8];
+    const [out] = await runOp('WindowBias', [i64('query_positions', [2, 3], q), i64('key_positions', [2, 7], k), i64('window', [], [3])], mode);
+    expect(out!.dims).toEqual([2, 1, 3, 7]);
+    const want = ref.windowBias(q, k, [2, 3, 7], 3, -3.4028234663852886e38);
+    expect(data(out!)).toEqual(Array.from(want));
+    // Query 7 of row 0 sees keys 5 and 7 only (window 3: positions 5, 6, 7).
+    expect(data(out!).slice(14, 21).map((v) => v === 0)).toEqual([false, false, false, true, true, false, false]);
+  });
+
+  it('WindowBias in float16 and bfloat16 models: 0 and the type\'s lowest finite value', async () => {
+    // bfloat16 casts exist from opset 13.
+    const types = [[DataType.FLOAT16, -65504], [DataType.BFLOAT16, -3.3895313892515355e38]] as const;
+    for (const [dtype, lowest] of types.filter(([t]) => t !== DataType.BFLOAT16 || mode.opset >= 13)) {
+      const g = new Graph('op');
+      const int64 = (name: string, rank: number) => g.addInput(new Value(name, { tensor_type: { elem_type: DataType.INT64, shape: { dim: Array.from({ length: rank }, (_, i) => ({ dim_param: `${name}_d${i}` })) } } }));
+      const model = new Model(g, 8);
+      model.opsetImports = [{ domain: '', version: mode.opset }];
+      const [bias] = callModcOp(model, 'WindowBias', [int64('q', 2), int64('k', 2), int64('w', 0)], { dtype, inline: mode.inline });
+      const out = g.addNode('Cast', [bias!], [g.newValue('out', { tensor_type: { elem_type: DataType.FLOAT } })], { attributes: [attribute('to', DataType.FLOAT)] }).output(0);
+      g.outputs = [out];
+      const path = join(tmp, `WindowBias-${dtype}-${counter++}.onnx`);
+      saveModel(model, path);
+      const result = await (await createSession(path)).run({
+        q: new ort.Tensor('int64', BigInt64Array.from([3n, 5n]), [1, 2]), k: new ort.Tensor('int64', BigInt64Array.from([1n, 2n, 3n, 4n, 5n]), [1, 5]), w: new ort.Tensor('int64', BigInt64Array.of(2n), []),
+      });
+      expect(Array.from(result.out!.data as Float32Array)).toEqual(Array.from(ref.windowBias([3, 5], [1, 2, 3, 4, 5], [1, 2, 5], 2, lowest)));
+    }
   });
 });
 

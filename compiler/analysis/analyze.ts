@@ -26,7 +26,6 @@ export interface AnalyzeOptions {
 
 export function analyzeDecoder(model: Model, opts: AnalyzeOptions = {}): DecoderStructure {
   const graph = model.graph;
-  refuseUnsupportedForms(graph);
   assertContractRanks(graph);
   const facts = new GraphFacts(graph);
   assertTopologicalOrder(graph, facts);
@@ -60,23 +59,6 @@ export function analyzeDecoder(model: Model, opts: AnalyzeOptions = {}): Decoder
     mask: maskInfo(graph, layers, isSharedNode, facts.order),
     explain,
   };
-}
-
-/**
- * Standard ONNX ops (opset 23/24) that replace the contrib attention ops are not routed yet, and
- * guessing at them could give a model that runs and is silently wrong: refused, naming the node.
- */
-const UNSUPPORTED_STANDARD_OPS: Record<string, string> = {
-  Attention: 'standard ONNX Attention (opset 23) is not supported yet (modc routes com.microsoft Attention, MultiHeadAttention, GroupQueryAttention and unfused Softmax attention)',
-  TensorScatter: 'static KV caches written with TensorScatter (opset 24) are not supported yet (modc compacts caches that grow by Concat or by the attention op)',
-  RotaryEmbedding: 'standard ONNX RotaryEmbedding (opset 23) is not supported yet (modc handles com.microsoft RotaryEmbedding and rotary computed in the graph)',
-};
-
-function refuseUnsupportedForms(graph: Graph): void {
-  for (const n of graph.nodes) {
-    const why = n.domain === '' || n.domain === 'ai.onnx' ? UNSUPPORTED_STANDARD_OPS[n.opType] : undefined;
-    if (why) throw new ModcError(`${n.describe()}: ${why}`);
-  }
 }
 
 /** The contract's token inputs are [batch, sequence]; another declared rank would mis-shape every routing op. */

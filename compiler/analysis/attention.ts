@@ -10,7 +10,7 @@ import { ModcError } from '../errors.js';
 import type { Node, Value } from '../ir/graph.js';
 import { DataType } from '../ir/dtype.js';
 import type { GraphFacts } from './graph-facts.js';
-import { fusedAttentionSchema, isDefaultDomain, SCORE_PASS_THROUGH, type FusedAttentionSchema } from './ops.js';
+import { fusedAttentionSchema, isDefaultDomain, isStandardAttention, isTensorScatter, SCORE_PASS_THROUGH, type FusedAttentionSchema } from './ops.js';
 import type { AttentionCore, KvCacheSpec, KvTensor } from './types.js';
 
 export interface AttentionContext {
@@ -30,7 +30,8 @@ export function findAttentionCores(nodes: readonly Node[], ctx: AttentionContext
   const cores: AttentionCore[] = [];
   for (const n of nodes) {
     const schema = fusedAttentionSchema(n);
-    if (schema) cores.push(fusedCore(n, schema, ctx));
+    if (schema && isStandardAttention(n)) cores.push(standardCore(n, ctx));
+    else if (schema) cores.push(fusedCore(n, schema, ctx));
     else if (n.opType === 'Softmax' && isDefaultDomain(n)) {
       const core = unfusedCore(n, inBranch, ctx);
       if (core) cores.push(core);
@@ -89,17 +90,27 @@ function prefixSources(v: Value, ctx: AttentionContext): Value[] {
 function nearestDownstreamOutput(start: Value, ctx: AttentionContext): Value | null {
   const rank = ctx.facts.rank(start);
   const dtype = ctx.facts.dtype(start);
+  const downstream = (v: Value) => [...v.uses].flatMap((u) => u.node.outputs);
+  const isPresent = (v: Value) => ctx.graphOutputs.has(v) && ctx.facts.rank(v) === rank && ctx.facts.dtype(v) === dtype;
+  return breadthFirst(start, downstream, isPresent, false);
+}
+
+/**
+ * The value nearest `start` (itself included when `includeStart`) that `match` accepts, walking
+ * breadth first along `next`.
+ */
+function breadthFirst(start: Value, next: (v: Value) => readonly Value[], match: (v: Value) => boolean, includeStart: boolean): Value | null {
   let frontier = [start];
   const seen = new Set<Value>();
   while (frontier.length) {
-    const next: Value[] = [];
+    const after: Value[] = [];
     for (const v of frontier) {
       if (seen.has(v)) continue;
       seen.add(v);
-      if (v !== start && ctx.graphOutputs.has(v) && ctx.facts.rank(v) === rank && ctx.facts.dtype(v) === dtype) return v;
-      for (const u of v.uses) next.push(...u.node.outputs);
+      if ((includeStart || v !== start) && match(v)) return v;
+      after.push(...next(v));
     }
-    frontier = next;
+    frontier = after;
   }
   return null;
 }
@@ -118,6 +129,66 @@ function fusedCore(n: Node, schema: FusedAttentionSchema, ctx: AttentionContext)
   if (!headSize) throw new ModcError(`${n.describe()}: past ${key.input} needs a static head size dim`);
   const kv: KvCacheSpec = { key, value, layout: combined ? 'combined-2BHTD' : 'BHTD', numKvHeads, headSize };
   return { form: schema.form, node: n, numHeads, kv };
+}
+
+/**
+ * The standard ONNX Attention (opset 23/24). With past_key / past_value it keeps its own cache
+ * (present = past + this call's keys, [B, kv heads, T, head]). Without, its K and V must be the
+ * buffers TensorScatter wrote: a static cache, a graph input written at write_indices and given
+ * back as a graph output, with nonpad_kv_seqlen counting each row's valid keys.
+ */
+function standardCore(n: Node, ctx: AttentionContext): AttentionCore {
+  const q = n.inputs[0]!;
+  const qShape = q.shape ?? [];
+  const numHeads = n.attrInt('q_num_heads') ?? (qShape.length === 4 && typeof qShape[1] === 'number' ? qShape[1] : undefined);
+  if (!numHeads) throw new ModcError(`${n.describe()}: standard Attention needs q_num_heads (3-D inputs) or a static head count on its 4-D query`);
+  if (n.inputs[4] || n.inputs[5]) {
+    const key = cacheTensor(n, 4, 1, ctx);
+    const value = cacheTensor(n, 5, 2, ctx);
+    const shape = key.input.shape ?? [];
+    const numKvHeads = n.attrInt('kv_num_heads') ?? shape[1];
+    if (shape.length !== 4 || typeof numKvHeads !== 'number' || typeof shape[3] !== 'number') {
+      throw new ModcError(`${n.describe()}: past_key ${key.input} must be [batch, kv heads, past length, head size] with static heads and head size`);
+    }
+    return { form: 'StandardAttention', node: n, numHeads, kv: { key, value, layout: 'BHTD', numKvHeads, headSize: shape[3] } };
+  }
+  const key = staticWrite(n, 1, ctx);
+  const value = staticWrite(n, 2, ctx);
+  if (!key || !value) {
+    throw new ModcError(`${n.describe()}: standard Attention with no past_key/past_value must read K and V from TensorScatter writes of a cache buffer (a graph input given back as a graph output): modc needs a KV cache it can follow`);
+  }
+  if (!n.inputs[6]) throw new ModcError(`${n.describe()}: a static KV cache (TensorScatter) without nonpad_kv_seqlen is not supported: the valid keys of each row must be given`);
+  const shape = key.tensor.input.shape ?? [];
+  const kvAttr = n.attrInt('kv_num_heads');
+  const [layout, numKvHeads, headSize] = shape.length === 3
+    ? ['static-BTH' as const, kvAttr, typeof shape[2] === 'number' && kvAttr ? shape[2] / kvAttr : undefined]
+    : ['static-BHTD' as const, kvAttr ?? shape[1], shape[3]];
+  if ((shape.length !== 3 && shape.length !== 4) || typeof numKvHeads !== 'number' || typeof headSize !== 'number' || !Number.isInteger(headSize)) {
+    throw new ModcError(`${n.describe()}: static cache ${key.tensor.input} must be [batch, max length, kv heads * head size] (with kv_num_heads) or [batch, kv heads, max length, head size], static but for batch and length`);
+  }
+  for (const w of [key.node, value.node]) {
+    const mode = w.attrString('mode') ?? 'linear';
+    if (mode !== 'linear') throw new ModcError(`${w.describe()}: TensorScatter mode '${mode}' is not supported: a circular (ring-buffer) cache overwrites its oldest slots, which a compacted cache cannot follow (only mode 'linear')`);
+    const rank = shape.length;
+    const axis = w.attrInt('axis', -2) ?? -2;
+    const want = layout === 'static-BTH' ? 1 : 2;
+    if ((axis + rank) % rank !== want) throw new ModcError(`${w.describe()}: TensorScatter writes axis ${axis} of ${key.tensor.input}; modc supports static caches written along their sequence axis (${want})`);
+  }
+  return { form: 'StandardAttention', node: n, numHeads, kv: { key: key.tensor, value: value.tensor, layout, numKvHeads, headSize, writes: { key: key.node, value: value.node } } };
+}
+
+const LAYOUT_OPS = new Set(['Reshape', 'Transpose', 'Identity', 'Cast', 'Unsqueeze', 'Squeeze']);
+
+/** The TensorScatter write feeding Attention input `slot`: past buffer (graph input) -> present (graph output). */
+function staticWrite(n: Node, slot: number, ctx: AttentionContext): { tensor: KvTensor; node: Node } | null {
+  // The buffer may reach Attention reshaped (3-D -> 4-D heads), transposed or cast.
+  let w = n.inputs[slot]?.producer;
+  for (let hops = 0; w && LAYOUT_OPS.has(w.opType) && hops < 4; hops++) w = w.inputs[0]?.producer;
+  if (!w || !isTensorScatter(w)) return null;
+  const input = w.inputs[0];
+  const output = w.outputs[0];
+  if (!input || !ctx.graphInputs.has(input) || !output || !ctx.graphOutputs.has(output)) return null;
+  return { tensor: { input, output }, node: w };
 }
 
 function cacheTensor(n: Node, inSlot: number, outSlot: number, ctx: AttentionContext): KvTensor {
@@ -195,20 +266,11 @@ function cacheBehind(operand: Value, inBranch: ReadonlySet<Node>, ctx: Attention
  * data, so shape arithmetic never leads to the other cache.
  */
 function nearestUpstream(start: Value, inBranch: ReadonlySet<Node>, match: (v: Value) => boolean, skipStart = false): Value | null {
-  let frontier = [start];
-  const seen = new Set<Value>();
-  while (frontier.length) {
-    const next: Value[] = [];
-    for (const v of frontier) {
-      if (seen.has(v)) continue;
-      seen.add(v);
-      if (!(skipStart && v === start) && match(v)) return v;
-      const p = v.producer;
-      if (p && inBranch.has(p) && p.opType !== 'Shape') next.push(...p.inputs.filter((i): i is Value => i !== null));
-    }
-    frontier = next;
-  }
-  return null;
+  const upstream = (v: Value) => {
+    const p = v.producer;
+    return p && inBranch.has(p) && p.opType !== 'Shape' ? p.inputs.filter((i): i is Value => i !== null) : [];
+  };
+  return breadthFirst(start, upstream, match, !skipStart);
 }
 
 const projectionHeads = (rows: unknown, headSize: number): number | undefined => (typeof rows === 'number' && rows % headSize === 0 ? rows / headSize : undefined);
@@ -237,15 +299,86 @@ function headsFromOutputProjection(context: Node, inBranch: ReadonlySet<Node>, h
   return undefined;
 }
 
+/** GroupQueryAttention input slots (com.microsoft, ONNX Runtime 1.29). */
+export const GQA_POSITION_IDS = 9;
+export const GQA_ATTENTION_BIAS = 10;
+export const GQA_HEAD_SINK = 11;
+
+/**
+ * What a GroupQueryAttention node numbers by cache slot: its rotary angles (do_rotary; the op
+ * ignores a position_ids input in a prefill) and its sliding window (local_window_size >= 0; null: none). A compacted
+ * cache renumbers the slots, so route-layers ties both back to original positions
+ * (passes/window-mask.ts). Null for any other attention.
+ */
+export function slotNumbered(core: AttentionCore): { node: Node; rotary: boolean; window: number | null } | null {
+  if (core.form !== 'GroupQueryAttention') return null;
+  const node = core.node;
+  const rotary = node.attrInt('do_rotary', 0) === 1;
+  const w = node.attrInt('local_window_size', -1) ?? -1;
+  return { node, rotary, window: w >= 0 ? w : null };
+}
+
 /**
  * Why a layer's KV cache cannot be compacted, or null. GroupQueryAttention's local_window_size
- * (sliding-window attention) counts cache slots: once a routed layer keeps only its selected
- * tokens (and packs each row), slot distance is no longer position distance, so the window
- * would silently cover other tokens. Such a layer stays dense (its MLP part may still route).
+ * (sliding-window attention) counts cache slots; a compacted layer gets it as a mask by original
+ * position instead (passes/window-mask.ts), which needs the positions of this call's tokens
+ * (its position_ids input, or attention_mask) and no attention_bias of its own to merge with.
+ * Such a layer otherwise stays dense (its MLP part may still route).
  */
 export function kvCompactionBlocker(core: AttentionCore): string | null {
-  if (core.form !== 'GroupQueryAttention') return null;
-  const window = core.node.attrInt('local_window_size', -1) ?? -1;
-  if (window >= 0) return `sliding-window attention (${core.node.describe()} local_window_size=${window}) counts cache slots, which a compacted cache renumbers; the layer's KV cache is kept full`;
+  if (core.form === 'StandardAttention' && core.kv.writes && core.node.inputs[3] && readsPositions(core.node.inputs[3])) {
+    return `the attn_mask of ${core.node.describe()} is computed from position_ids: it compares cache slots with positions, which a compacted buffer renumbers; the layer's KV cache is kept full`;
+  }
+  const staticMask = core.form === 'StandardAttention' && core.kv.writes ? core.node.inputs[3] : null;
+  const comparisons = staticMask ? comparisonsBehind(staticMask) : 0;
+  if (comparisons > 1 && core.form === 'StandardAttention') {
+    return `the attn_mask of ${core.node.describe()} makes ${comparisons} comparisons of cache slots (a sliding window or block overlay counts slots, which a compacted buffer renumbers; modc rebuilds only the causal one); the layer's KV cache is kept full`;
+  }
+  if (core.form === 'StandardAttention' && core.kv.layout === 'BHTD' && !core.node.inputs[3] && core.node.attrInt('is_causal', 0) !== 1) {
+    return `${core.node.describe()} has neither an attn_mask nor is_causal=1: modc routes causal attention only`;
+  }
+  const s = slotNumbered(core);
+  if (!s || s.window === null) return null;
+  const what = `sliding-window attention (${s.node.describe()} local_window_size=${s.window})`;
+  if (s.window === 0) return `${what}: a window of 0 slots is not supported; the layer's KV cache is kept full`;
+  if (s.node.input(GQA_ATTENTION_BIAS)) return `${what} also takes an attention_bias input, which modc does not merge with a window by position; the layer's KV cache is kept full`;
+  if (!s.node.input(GQA_POSITION_IDS) && !s.node.graph?.inputs.some((v) => v.name === 'attention_mask')) {
+    return `${what}: the model has no attention_mask input to take original positions from; the layer's KV cache is kept full`;
+  }
   return null;
+}
+
+/** Whether `v` is computed from the position_ids graph input through data (not only its shape). */
+function readsPositions(v: Value): boolean {
+  const stack = [v];
+  const seen = new Set<Value>();
+  while (stack.length) {
+    const x = stack.pop()!;
+    if (seen.has(x)) continue;
+    seen.add(x);
+    if (x.name === 'position_ids' && !x.producer) return true;
+    const p = x.producer;
+    if (!p || p.opType === 'Shape') continue;
+    for (const i of p.inputs) if (i) stack.push(i);
+  }
+  return false;
+}
+
+const COMPARISONS = new Set(['Less', 'LessOrEqual', 'Greater', 'GreaterOrEqual']);
+
+/** Comparison nodes `v` is computed from (shape arithmetic left out): a static cache's causal mask makes one. */
+function comparisonsBehind(v: Value): number {
+  const stack = [v];
+  const seen = new Set<Value>();
+  const nodes = new Set<Node>();
+  while (stack.length) {
+    const x = stack.pop()!;
+    if (seen.has(x)) continue;
+    seen.add(x);
+    const p = x.producer;
+    if (!p || p.opType === 'Shape') continue;
+    if (COMPARISONS.has(p.opType)) nodes.add(p);
+    for (const i of p.inputs) if (i) stack.push(i);
+  }
+  return nodes.size;
 }

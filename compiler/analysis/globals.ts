@@ -3,7 +3,7 @@ import { ModcError } from '../errors.js';
 import { DataType } from '../ir/dtype.js';
 import type { Graph, Node, Value } from '../ir/graph.js';
 import type { GraphFacts } from './graph-facts.js';
-import { isRotaryOp } from './ops.js';
+import { isRotaryOp, isStandardRotary } from './ops.js';
 import type { EmbeddingInfo, FloatType, LayerInfo, MaskInfo, PositionalScheme } from './types.js';
 
 const FLOAT_TYPES: Record<number, FloatType> = { [DataType.FLOAT]: 'float32', [DataType.FLOAT16]: 'float16', [DataType.BFLOAT16]: 'bfloat16' };
@@ -18,12 +18,13 @@ export function streamDtype(embedding: EmbeddingInfo, facts: GraphFacts): FloatT
 export function hiddenSizeOf(embedding: EmbeddingInfo): number {
   const h = embedding.table === embedding.output ? embedding.table.shape?.[2] : embedding.table.shape?.[1];
   if (typeof h !== 'number') throw new ModcError(`embedding table ${embedding.table} has no static hidden size`);
+  if (!Number.isSafeInteger(h) || h < 1) throw new ModcError(`embedding table ${embedding.table} declares hidden size ${h}; it must be a positive integer`);
   return h;
 }
 
 export function positionalScheme(embedding: EmbeddingInfo, layers: readonly LayerInfo[]): PositionalScheme {
   const nodes = layers.flatMap((l) => l.nodes);
-  if (nodes.some(isRotaryOp)) return 'rotary-op';
+  if (nodes.some((n) => isRotaryOp(n) || isStandardRotary(n))) return 'rotary-op';
   if (layers.some((l) => l.attention.form === 'GroupQueryAttention' && l.attention.node.attrInt('do_rotary', 0) === 1)) return 'rotary-gqa';
   const sides = layers.flatMap((l) => l.sideInputs);
   if (sides.some((s) => s.kind === 'per-token' && (s.role === 'rotary-cos' || s.role === 'rotary-sin'))) return 'rotary-graph';

@@ -64,8 +64,36 @@ export const ROTARY_SLOTS: Record<number, AttentionSlot> = {
   1: { role: 'positions' }, 2: { role: 'rotary-cache', which: 'cos' }, 3: { role: 'rotary-cache', which: 'sin' },
 };
 
+/**
+ * The standard ONNX Attention (opset 23/24): Q, K, V, attn_mask, past_key, past_value,
+ * nonpad_kv_seqlen (24) -> Y, present_key, present_value. With a static cache K and V are the
+ * whole buffers TensorScatter wrote, and nonpad_kv_seqlen counts each row's valid keys.
+ */
+export const STANDARD_ATTENTION: FusedAttentionSchema = {
+  form: 'StandardAttention',
+  inputs: { 3: { role: 'mask', form: 'additive-bias' }, 4: { role: 'past-key' }, 5: { role: 'past-value' }, 6: { role: 'sequence-length', length: 'nonpad_kv_seqlen' } },
+  presentKey: 1,
+  presentValue: 2,
+};
+
+export const isStandardAttention = (n: Node) => n.opType === 'Attention' && isDefaultDomain(n);
+export const isTensorScatter = (n: Node) => n.opType === 'TensorScatter' && isDefaultDomain(n);
+export const isStandardRotary = (n: Node) => n.opType === 'RotaryEmbedding' && isDefaultDomain(n);
+
 export function fusedAttentionSchema(n: Node): FusedAttentionSchema | undefined {
+  if (isStandardAttention(n)) return STANDARD_ATTENTION;
   return n.domain === MS_DOMAIN ? FUSED_ATTENTION[n.opType] : undefined;
+}
+
+/**
+ * Slots of the other standard ops a layer reads side inputs at: TensorScatter's write_indices
+ * (input 2) and RotaryEmbedding-23's position_ids (input 3; its cos/sin caches are weights, or
+ * per-token values when it takes no position_ids).
+ */
+export function standardSlot(n: Node, index: number): AttentionSlot | undefined {
+  if (isTensorScatter(n) && index === 2) return { role: 'sequence-length', length: 'write_indices' };
+  if (isStandardRotary(n) && index === 3) return { role: 'positions' };
+  return undefined;
 }
 
 export const isRotaryOp = (n: Node) => n.domain === MS_DOMAIN && n.opType === 'RotaryEmbedding';

@@ -6,7 +6,7 @@
  */
 import type { Graph, Node, Value } from '../ir/graph.js';
 import type { GraphFacts } from './graph-facts.js';
-import { fusedAttentionSchema, isRotaryOp, ROTARY_SLOTS, type AttentionSlot } from './ops.js';
+import { fusedAttentionSchema, isRotaryOp, ROTARY_SLOTS, standardSlot, type AttentionSlot } from './ops.js';
 import { trackAxes, type AxisFact } from './token-axes.js';
 import type { KvCacheSpec, SideInput } from './types.js';
 
@@ -55,6 +55,9 @@ export class SideInputClassifier {
     if (names.includes('attention_mask')) return this.mask(v, (this.facts.rank(v) ?? 4) >= 3 ? 'additive-bias' : 'raw-2d');
     if (names.includes('position_ids')) return this.perToken(v, v.name === 'position_ids' ? 'positions' : 'rotary-angles');
     if (names.includes('input_ids')) return this.perToken(v, 'other');
+    // Computed from a static cache's write_indices / nonpad_kv_seqlen (and shapes): a length, rebuilt per routed layer.
+    const lengthInputs = [...o.data].map(staticLengthRole);
+    if (lengthInputs.length && lengthInputs.every((r) => r)) return { kind: 'sequence-length', value: v, role: lengthInputs.includes('write_indices') ? 'write_indices' : 'nonpad_kv_seqlen' };
     if (o.data.size === 0 && o.shape.size > 0) return { kind: 'sequence-length', value: v, role: 'shape-derived' };
     return { kind: 'other', value: v, reason: this.graphInputs.has(v) ? 'a graph input of unknown role' : `computed from ${names.join(', ') || 'nothing known'}` };
   }
@@ -110,6 +113,15 @@ export class SideInputClassifier {
   }
 }
 
+/** A graph input a static cache reads as its write index (TensorScatter input 2) or valid-key count (Attention input 6). */
+function staticLengthRole(x: Value): 'write_indices' | 'nonpad_kv_seqlen' | null {
+  for (const u of x.uses) {
+    const slot = standardSlot(u.node, u.index) ?? (fusedAttentionSchema(u.node)?.form === 'StandardAttention' ? fusedAttentionSchema(u.node)!.inputs[u.index] : undefined);
+    if (slot?.role === 'sequence-length' && (slot.length === 'write_indices' || slot.length === 'nonpad_kv_seqlen')) return slot.length;
+  }
+  return null;
+}
+
 function pastRole(v: Value, kv: KvCacheSpec): 'key' | 'value' | 'key-and-value' | null {
   if (kv.key.input === v && kv.value.input === v) return 'key-and-value';
   if (kv.key.input === v) return 'key';
@@ -122,7 +134,7 @@ function slotOf(v: Value, readers: ReadonlySet<Node>): AttentionSlot | undefined
   for (const u of v.uses) {
     if (!readers.has(u.node)) continue;
     const schema = fusedAttentionSchema(u.node);
-    const slot = schema ? schema.inputs[u.index] : isRotaryOp(u.node) ? ROTARY_SLOTS[u.index] : undefined;
+    const slot = schema ? schema.inputs[u.index] : isRotaryOp(u.node) ? ROTARY_SLOTS[u.index] : standardSlot(u.node, u.index);
     if (slot) return slot;
   }
   return undefined;

@@ -12,7 +12,7 @@ import type { Node, Value } from '../ir/graph.js';
  * or convolution layers of hybrid models); its `kv` names that state, its `node` is the first
  * node reading it. Such layers are found and kept dense.
  */
-export type AttentionForm = 'unfused' | 'Attention' | 'MultiHeadAttention' | 'GroupQueryAttention' | 'recurrent';
+export type AttentionForm = 'unfused' | 'Attention' | 'MultiHeadAttention' | 'GroupQueryAttention' | 'StandardAttention' | 'recurrent';
 
 /**
  * How positions enter the model: learned absolute embeddings added to the stream start;
@@ -21,8 +21,19 @@ export type AttentionForm = 'unfused' | 'Attention' | 'MultiHeadAttention' | 'Gr
  */
 export type PositionalScheme = 'absolute' | 'rotary-graph' | 'rotary-op' | 'rotary-gqa' | 'none';
 
-/** [batch, kv heads, time, head size] per tensor, or ORT's one [2, batch, heads, time, head] tensor. */
-export type KvLayout = 'BHTD' | 'combined-2BHTD';
+/**
+ * [batch, kv heads, time, head size] per tensor, or ORT's one [2, batch, heads, time, head] tensor;
+ * or a static cache (a fixed-size buffer written by TensorScatter at write_indices, opset 24):
+ * [batch, max length, kv heads * head size] ('static-BTH') or [batch, kv heads, max length, head size]
+ * ('static-BHTD').
+ */
+export type KvLayout = 'BHTD' | 'combined-2BHTD' | 'static-BTH' | 'static-BHTD';
+
+/** Whether a layout is a static cache (a buffer the layer writes in place). */
+export const isStaticLayout = (layout: KvLayout): boolean => layout === 'static-BTH' || layout === 'static-BHTD';
+
+/** The sequence axis of a cache tensor in a layout. */
+export const kvSequenceAxis = (layout: KvLayout): number => (layout === 'combined-2BHTD' ? 3 : layout === 'static-BTH' ? 1 : 2);
 
 export type FloatType = 'float32' | 'float16' | 'bfloat16';
 
@@ -42,6 +53,8 @@ export interface KvCacheSpec {
   layout: KvLayout;
   numKvHeads: number;
   headSize: number;
+  /** Static layouts: the TensorScatter nodes writing the key and value buffers. */
+  writes?: { key: Node; value: Node };
 }
 
 /** The attention of one layer: the fused op, or the Q·K^T MatMul, Softmax and P·V MatMul. */
@@ -103,7 +116,7 @@ export interface ExitSite {
 }
 
 /** The role of a sequence-length scalar. */
-export type SequenceLengthRole = 'seqlens_k' | 'total_sequence_length' | 'past_sequence_length' | 'shape-derived';
+export type SequenceLengthRole = 'seqlens_k' | 'total_sequence_length' | 'past_sequence_length' | 'shape-derived' | 'write_indices' | 'nonpad_kv_seqlen';
 
 /**
  * A value a layer reads that it does not compute. Axes are for the value as the layer reads it

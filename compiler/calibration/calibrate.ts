@@ -9,7 +9,7 @@
  *   3. score: run the model compiled with every candidate router (all selecting every token, so
  *      the activations are the original's) and keep each part's scores on the data;
  *   4. sensitivity: the NLL increase when one part alone is routed at a few capacities, each
- *      capacity set by the score quantile (exact: the real compiled model);
+ *      capacity set by a threshold between scores (exact: the real compiled model);
  *   5. allocate: greedy by loss per compute saved, to the target compute fraction;
  *   6. refine: with every chosen part routed, re-set each part's threshold from the scores its
  *      router now sees (upstream routing shifts them), so each part keeps its capacity.
@@ -29,12 +29,13 @@ import { decoderIo } from '../runtime/decoder-io.js';
 import type { SessionOptions } from '../runtime/ort.js';
 import { splitFusedBoundaries } from '../../passes/split-fused-boundaries.js';
 import { allocate, type PartSensitivity } from './allocate.js';
-import { ActivationCapture, layerPoints, type LayerPoints, promptBatch } from './capture.js';
+import { ActivationCapture, layerPoints, type LayerPoints } from './capture.js';
 import { modelCosts, type ModelCosts } from '../analysis/cost.js';
 import { denseMacs, savedMacs } from './compute.js';
 import { type PartRouter, RoutedEvaluator } from './evaluate.js';
+import { type EmbeddingSource, genaiEmbeddingModel } from '../runtime/embeddings.js';
 import { allowedParts, type Granularity, partKey, type PartRef, type RoutedPart } from './parts.js';
-import { quantile, RidgeStats, solveRidge } from './ridge.js';
+import { RidgeStats, solveRidge, thresholdKeeping } from './ridge.js';
 import { importanceTargets, partValues, TARGET_KINDS, type TargetKind } from './targets.js';
 
 export interface CalibrateOptions {
@@ -204,6 +205,8 @@ export class Calibrator {
     readonly sensitivity: PartSensitivity[],
     /** Tokens each sensitivity measurement ran on. */
     readonly sensitivityTokens: number,
+    /** Where a decoder fed inputs_embeds gets its embeddings (the model genai_config.json names). */
+    private readonly embeddings: EmbeddingSource | null,
   ) {}
 
   get lengths(): number[] {
@@ -227,6 +230,10 @@ export class Calibrator {
     const points = layerPoints(structure);
     const H = structure.hiddenSize;
 
+    // A decoder fed inputs_embeds is calibrated on the real token embeddings, as eval scores it.
+    const embeddingModel = io.inputsEmbeds ? genaiEmbeddingModel(modelPath) : null;
+    if (io.inputsEmbeds && !embeddingModel) throw new ModcError(`${modelPath} takes inputs_embeds: calibrate needs the embedding model that genai_config.json beside it names`);
+    const embeddings: EmbeddingSource | null = embeddingModel ? { kind: 'model', path: embeddingModel } : null;
     const rows = pickSequences(sequences, o.maxTokens, o.seed);
     checkData(rows, io.vocabSize, io.maxPositions);
     const perToken = 4 * Math.max((2 * points.length + 1) * H, io.vocabSize ?? 0);
@@ -241,11 +248,11 @@ export class Calibrator {
     try {
       // 1. capture -> ridge statistics
       const inputs = groupByInput(points, candidates, H);
-      const capture = await ActivationCapture.create(modelPath, workDir, opts.session);
+      const capture = await ActivationCapture.create(modelPath, workDir, opts.session, embeddings);
       try {
         for (let bi = 0; bi < batches.length; bi++) {
           progress({ stage: 'capture', done: bi, total: batches.length });
-          const batch = promptBatch(capture.io, batches[bi]!);
+          const batch = await capture.batch(batches[bi]!);
           const values = await capture.run(batch);
           for (const g of inputs) {
             const t = g.parts.flatMap((p) => {
@@ -274,7 +281,7 @@ export class Calibrator {
 
       // 3. dense scores per part (every router selects every token: the original activations)
       for (const [name, parts] of familiesOf(candidates)) {
-        evaluators.set(name, await RoutedEvaluator.create(modelPath, parts.map((p) => fits.get(partKey(p))!.router), workDir, `calib-${name}`, opts.session));
+        evaluators.set(name, await RoutedEvaluator.create(modelPath, parts.map((p) => fits.get(partKey(p))!.router), workDir, `calib-${name}`, opts.session, embeddings));
       }
       const first = [...evaluators.values()][0]!;
       let denseNll = 0;
@@ -285,7 +292,7 @@ export class Calibrator {
       for (const ev of evaluators.values()) {
         for (const rowsOfBatch of batches) {
           progress({ stage: 'score', done: step++, total: batches.length * evaluators.size });
-          const r = await ev.run(ev.batch(rowsOfBatch), new Map(), { scores: true, logits: ev === first });
+          const r = await ev.run(await ev.batch(rowsOfBatch), new Map(), { scores: true, logits: ev === first });
           if (ev === first) {
             denseNll += r.nll;
             predicted += r.predicted;
@@ -314,14 +321,14 @@ export class Calibrator {
         const pts: { capacity: number; deltaNll: number }[] = [];
         for (const c of o.capacities) {
           progress({ stage: 'sensitivity', done: done++, total });
-          const bias = -quantile(denseScores.get(key)!, 1 - c);
+          const bias = -thresholdKeeping(denseScores.get(key)!, c);
           let nll = 0;
-          for (const bi of sensBatches) nll += (await ev.run(ev.batch(batches[bi]!), new Map([[key, bias]]))).nll;
+          for (const bi of sensBatches) nll += (await ev.run(await ev.batch(batches[bi]!), new Map([[key, bias]]))).nll;
           pts.push({ capacity: c, deltaNll: (nll - sensDense) / sensPredicted });
         }
         sensitivity.push({ ...p, points: pts });
       }
-      return new Calibrator(modelPath, o, workDir, ownDir, costs, rows, batches, fits, denseScores, denseNll / predicted, predicted, sensitivity, sensBatches.reduce((a, bi) => a + batches[bi]!.reduce((x, r) => x + r.length, 0), 0));
+      return new Calibrator(modelPath, o, workDir, ownDir, costs, rows, batches, fits, denseScores, denseNll / predicted, predicted, sensitivity, sensBatches.reduce((a, bi) => a + batches[bi]!.reduce((x, r) => x + r.length, 0), 0), embeddings);
     } catch (e) {
       if (ownDir) rmSync(ownDir, { recursive: true, force: true });
       throw e;
@@ -349,10 +356,10 @@ export class Calibrator {
     }
 
     const chosen = alloc.parts.map((p) => ({ ...this.fits.get(partKey(p))!.router, capacity: p.capacity }));
-    const biases = new Map(chosen.map((p) => [partKey(p), -quantile(this.denseScores.get(partKey(p))!, 1 - p.capacity)]));
+    const biases = new Map(chosen.map((p) => [partKey(p), -thresholdKeeping(this.denseScores.get(partKey(p))!, p.capacity)]));
     let final = { nll: this.denseNll * this.predicted, selected: new Map<string, number>() };
     if (chosen.length > 0) {
-      const ev = await RoutedEvaluator.create(this.modelPath, chosen, this.workDir, 'calib-chosen', this.o.session);
+      const ev = await RoutedEvaluator.create(this.modelPath, chosen, this.workDir, 'calib-chosen', this.o.session, this.embeddings);
       try {
         const rounds = o.refineRounds;
         for (let round = 0; round <= rounds; round++) {
@@ -361,12 +368,12 @@ export class Calibrator {
           const selected = new Map<string, number>();
           for (let bi = 0; bi < this.batches.length; bi++) {
             progress({ stage: 'refine', done: round * this.batches.length + bi, total: (rounds + 1) * this.batches.length });
-            const r = await ev.run(ev.batch(this.batches[bi]!), biases, { scores: round < rounds, logits: round === rounds });
+            const r = await ev.run(await ev.batch(this.batches[bi]!), biases, { scores: round < rounds, logits: round === rounds });
             nll += r.nll;
             for (const [k, v] of r.selected) selected.set(k, (selected.get(k) ?? 0) + v);
             if (r.scores) for (const [k, sc] of r.scores) pushTo(scoreChunks, k, sc);
           }
-          if (round < rounds) for (const p of chosen) biases.set(partKey(p), -quantile(concat(scoreChunks.get(partKey(p))!), 1 - p.capacity));
+          if (round < rounds) for (const p of chosen) biases.set(partKey(p), -thresholdKeeping(concat(scoreChunks.get(partKey(p))!), p.capacity));
           else final = { nll, selected };
         }
       } finally {

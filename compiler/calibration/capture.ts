@@ -15,8 +15,9 @@ import { DataType } from '../ir/dtype.js';
 import type { Value } from '../ir/graph.js';
 import type { Model } from '../ir/model.js';
 import { decoderIo, type DecoderIo } from '../runtime/decoder-io.js';
+import { type EmbeddingSource, TokenEmbedder } from '../runtime/embeddings.js';
 import { createSession, emptyTensor, ort, toFloat32, type SessionOptions } from '../runtime/ort.js';
-import { padRows, promptPositions, typed, zeroStates } from '../runtime/session.js';
+import { checkUnpadded, initialCacheDims, padRows, promptPositions, staticLengthFeeds, typed, zeroStates } from '../runtime/session.js';
 import { splitFusedBoundaries } from '../../passes/split-fused-boundaries.js';
 
 /** Where a layer's routed parts read and write the residual stream, as graph value names. */
@@ -32,7 +33,7 @@ export interface LayerPoints {
   parallel: boolean;
   /** Nothing can be routed: the layer has state besides its KV cache (route-layers keeps it dense). */
   stateful: boolean;
-  /** Only the MLP part can be routed: a sliding window keeps the KV cache full. */
+  /** Only the MLP part can be routed: a sliding window modc cannot move to original positions keeps the KV cache full. */
   mlpOnly: boolean;
 }
 
@@ -68,19 +69,32 @@ function isParallel(l: LayerInfo): boolean {
   return of !== null && of === l.residualIn;
 }
 
-export function promptBatch(io: DecoderIo, rows: number[][]): Batch {
+/**
+ * The feeds of one prompt batch, right-padded. A decoder fed `inputs_embeds` gets the token
+ * embeddings from `embedder` (the embedding model beside it).
+ */
+export async function promptBatch(io: DecoderIo, rows: number[][], embedder: TokenEmbedder | null = null): Promise<Batch> {
+  checkUnpadded(io, rows);
   const { ids, mask, width } = padRows(rows, 'right');
   const B = rows.length;
-  if (io.inputsEmbeds) throw new ModcError(`the model takes inputs_embeds: calibrating a decoder fed by embeddings is not supported yet`);
   // State besides the KV cache (hybrid models) starts at zero, as in every runner.
-  const feeds: Record<string, ort.Tensor> = { ...Object.fromEntries(zeroStates(io, B)), [io.inputIds.name]: typed(io.inputIds.dtype, ids, [B, width]) };
+  const feeds: Record<string, ort.Tensor> = Object.fromEntries(zeroStates(io, B));
+  if (io.inputsEmbeds) {
+    if (!embedder) throw new ModcError(`the model takes inputs_embeds: calibration needs the embedding model that genai_config.json beside it names`);
+    feeds[io.inputsEmbeds.name] = await embedder.embed(ids, [B, width]);
+  } else {
+    feeds[io.inputIds.name] = typed(io.inputIds.dtype, ids, [B, width]);
+  }
   if (io.attentionMask) feeds[io.attentionMask.name] = typed(io.attentionMask.dtype, mask.flat(), [B, width]);
   if (io.positionIds) feeds[io.positionIds.name] = typed(io.positionIds.dtype, promptPositions(mask), [B, width]);
+  // Static KV caches: zero buffers, and each row's write index and valid keys.
+  Object.assign(feeds, staticLengthFeeds(io, mask, width));
   for (const b of io.kv) {
-    const dims = b.layout === 'combined-2BHTD' ? [2, B, b.numHeads, 0, b.headSize] : [B, b.numHeads, 0, b.headSize];
+    const dims = initialCacheDims(io, b, B);
     feeds[b.pastKey] = emptyTensor(b.dtype, dims);
     if (b.pastValue) feeds[b.pastValue] = emptyTensor(b.dtype, dims);
     if (b.pastLength) feeds[b.pastLength] = typed('int64', Array(B).fill(0), [B]);
+    if (b.pastPositions) feeds[b.pastPositions] = typed('int64', [], [B, 0]);
   }
   const real: number[] = [];
   mask.forEach((m, b) => m.forEach((v, s) => v && real.push(b * width + s)));
@@ -109,10 +123,14 @@ export class ActivationCapture {
     readonly points: LayerPoints[],
     readonly hiddenSize: number,
     readonly structure: { numLayers: number; hiddenSize: number },
+    private readonly embedder: TokenEmbedder | null,
   ) {}
 
-  /** Builds the capture model under `workDir` and opens it. */
-  static async create(modelPath: string, workDir: string, opts: SessionOptions = {}): Promise<ActivationCapture> {
+  /**
+   * Builds the capture model under `workDir` and opens it; `embeddings` feeds a decoder that
+   * takes inputs_embeds.
+   */
+  static async create(modelPath: string, workDir: string, opts: SessionOptions = {}, embeddings: EmbeddingSource | null = null): Promise<ActivationCapture> {
     const model = loadModel(modelPath);
     const io = decoderIo(model);
     splitFusedBoundaries(model, analyzeDecoder(model));
@@ -123,7 +141,12 @@ export class ActivationCapture {
     const path = join(workDir, 'capture.onnx');
     saveModel(model, path);
     const session = await createSession(path, opts);
-    return new ActivationCapture(session, io, points, s.hiddenSize, { numLayers: s.layers.length, hiddenSize: s.hiddenSize });
+    const embedder = io.inputsEmbeds && embeddings ? await TokenEmbedder.create(io, embeddings, opts) : null;
+    return new ActivationCapture(session, io, points, s.hiddenSize, { numLayers: s.layers.length, hiddenSize: s.hiddenSize }, embedder);
+  }
+
+  batch(rows: number[][]): Promise<Batch> {
+    return promptBatch(this.io, rows, this.embedder);
   }
 
   /** Runs one batch and returns every captured value as float32 [B*S, H] (padding rows included). */
@@ -139,6 +162,7 @@ export class ActivationCapture {
   }
 
   async release(): Promise<void> {
+    await this.embedder?.release();
     await this.session.release();
   }
 }

@@ -15,6 +15,7 @@ import { DataType } from '../ir/dtype.js';
 import { runPipeline } from '../pass-manager.js';
 import type { RoutingPlan } from '../routing-plan.js';
 import { decoderIo, type DecoderIo } from '../runtime/decoder-io.js';
+import { type EmbeddingSource, TokenEmbedder } from '../runtime/embeddings.js';
 import { createSession, ort, toFloat32, type SessionOptions } from '../runtime/ort.js';
 import { modPipeline } from '../../passes/index.js';
 import { exposeValues, promptBatch, type Batch } from './capture.js';
@@ -66,9 +67,10 @@ export class RoutedEvaluator {
     readonly io: DecoderIo,
     /** Per part key: the bias input's name and the score output's name. */
     readonly parts: Map<string, { ref: PartRef; bias: string; score: string }>,
+    private readonly embedder: TokenEmbedder | null,
   ) {}
 
-  static async create(modelPath: string, routers: readonly PartRouter[], workDir: string, name: string, opts: SessionOptions = {}): Promise<RoutedEvaluator> {
+  static async create(modelPath: string, routers: readonly PartRouter[], workDir: string, name: string, opts: SessionOptions = {}, embeddings: EmbeddingSource | null = null): Promise<RoutedEvaluator> {
     const model = loadModel(modelPath);
     runPipeline(model, modPipeline({ plan: partPlan(routers) }), { verify: false });
     const g = model.graph;
@@ -95,11 +97,13 @@ export class RoutedEvaluator {
     const io = decoderIo(model);
     const path = join(workDir, `${name}.onnx`);
     saveModel(model, path);
-    return new RoutedEvaluator(await createSession(path, opts), io, parts);
+    const session = await createSession(path, opts);
+    const embedder = io.inputsEmbeds && embeddings ? await TokenEmbedder.create(io, embeddings, opts) : null;
+    return new RoutedEvaluator(session, io, parts, embedder);
   }
 
-  batch(rows: number[][]): Batch {
-    return promptBatch(this.io, rows);
+  batch(rows: number[][]): Promise<Batch> {
+    return promptBatch(this.io, rows, this.embedder);
   }
 
   /**
@@ -140,6 +144,7 @@ export class RoutedEvaluator {
   }
 
   async release(): Promise<void> {
+    await this.embedder?.release();
     await this.session.release();
   }
 }

@@ -165,12 +165,24 @@ export function choleskySolve(a: Float64Array, b: Float64Array, d: number): Floa
   return x;
 }
 
-/** The q-quantile (0..1) of `values` by linear interpolation between order statistics. */
-export function quantile(values: Float32Array | Float64Array, q: number): number {
+/**
+ * A threshold that keeps the values at or above it, about a fraction `keep` of them, and that
+ * equals none of them: halfway between the highest value dropped and the lowest kept (the next
+ * distinct value when they tie). A threshold equal to a token's score would leave that token's
+ * selection to float rounding, which the compiled model and the reference can resolve differently.
+ */
+export function thresholdKeeping(values: Float32Array | Float64Array, keep: number): number {
   const sorted = Float64Array.from(values).sort();
-  if (sorted.length === 0) return 0;
-  const pos = Math.min(Math.max(q, 0), 1) * (sorted.length - 1);
-  const lo = Math.floor(pos);
-  const hi = Math.min(lo + 1, sorted.length - 1);
-  return sorted[lo]! + (pos - lo) * (sorted[hi]! - sorted[lo]!);
+  const n = sorted.length;
+  if (n === 0) return 0;
+  const drop = Math.min(Math.max(Math.round((1 - keep) * n), 0), n);
+  if (drop === 0) return sorted[0]! - 1;
+  if (drop === n) return sorted[n - 1]! + 1;
+  const lo = sorted[drop - 1]!;
+  let up = drop;
+  while (up < n && sorted[up] === lo) up++;
+  if (up < n) return (lo + sorted[up]!) / 2;
+  let down = drop - 1;
+  while (down >= 0 && sorted[down] === lo) down--;
+  return down >= 0 ? (sorted[down]! + lo) / 2 : lo - 1;
 }

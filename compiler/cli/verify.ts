@@ -35,7 +35,7 @@ export const verifyCommand: Command = {
     if (tolerance !== undefined && !(tolerance >= 0)) throw new UsageError('--tolerance must be a non-negative number');
     const prompt = parseIdRows(stringFlag(values, 'ids') ?? '5,6,7,8,9,10,11;12,13,14;15,16,17,18,19');
     const progress = progressOf(io);
-    const report = await verifyCompiled(original, compiled, { prompt, steps, pad: padSide(values), tolerance, executionProvider: executionProvider(values) }, (m) => progress.stage(m));
+    const report = await verifyCompiled(original, compiled, { prompt, steps, pad: padSide(values), tolerance, executionProvider: executionProvider(values), defaultPrompt: stringFlag(values, 'ids') === undefined }, (m) => progress.stage(m));
     progress.stop();
     if (values.json) {
       io.out(JSON.stringify(report, null, 2));

@@ -50,11 +50,14 @@ function signature(v: Value): TensorSignature {
 
 export function sessionContract(model: Model, source: string): SessionContract {
   const g = model.graph;
+  const io = decoderIo(model);
+  const fixed = io.kv.find((b) => b.layout === 'static-BTH' || b.layout === 'static-BHTD');
+  if (fixed) throw new ModcError(`codegen does not support static KV caches yet (${fixed.pastKey} is a TensorScatter buffer): drive this model with ModSession`);
   return {
     source,
     inputs: g.inputs.filter((v) => !g.initializers.has(v.name)).map(signature),
     outputs: g.outputs.map(signature),
-    io: decoderIo(model),
+    io,
     routing: readRoutingMetadata(model),
     logits: logitsPositions(model),
   };

@@ -100,6 +100,8 @@ function contractConstants(sf: SourceFile, c: SessionContract): void {
       { name: 'dtype', type: '\'float32\' | \'float16\'' },
       { name: 'pastLength', type: 'InputName | null', docs: ['int64 [B]: how many tokens this layer\'s cache holds per row (a routed layer caches only selected tokens).'] },
       { name: 'presentLength', type: 'OutputName | null' },
+      { name: 'pastPositions', type: 'InputName | null', docs: ['int64 [B, P]: the original position of each cache slot (a routed sliding-window layer), carried like the cache.'] },
+      { name: 'presentPositions', type: 'OutputName | null' },
     ].map((p) => ({ ...p, isReadonly: true })),
   });
   sf.addInterface({
@@ -135,6 +137,7 @@ function contractConstants(sf: SourceFile, c: SessionContract): void {
   const kv = io.kv.map((b) => ({
     layer: b.layer, pastKey: b.pastKey, pastValue: b.pastValue, presentKey: b.presentKey, presentValue: b.presentValue,
     layout: b.layout, numHeads: b.numHeads, headSize: b.headSize, dtype: b.dtype, pastLength: b.pastLength, presentLength: b.presentLength,
+    pastPositions: b.pastPositions, presentPositions: b.presentPositions,
   }));
   const state = io.state.map((s) => ({ layer: s.layer, past: s.past, present: s.present, dims: s.dims, dtype: s.dtype }));
   const routing = c.routing ? { mode: c.routing.mode, gated: c.routing.gated, layers: c.routing.layers.map((l) => ({ layer: l.layer, part: l.part, selected: l.selected, threshold: l.threshold, capacity: l.capacity })) } : null;
@@ -332,6 +335,7 @@ function sessionClass(sf: SourceFile, c: SessionContract, className: string): vo
           '  this.caches.set(l.pastKey, zeros(l.dtype, dims));',
           '  if (l.pastValue) this.caches.set(l.pastValue, zeros(l.dtype, dims));',
           '  if (l.pastLength) this.lengths.set(l.layer, Array<number>(B).fill(0));',
+          '  if (l.pastPositions) this.caches.set(l.pastPositions, ints(\'int64\', [], [B, 0]));',
           '}',
           'for (const s of STATE) this.caches.set(s.past, zeros(s.dtype, s.dims.map((d) => (d < 0 ? B : d))));',
         ],
@@ -369,6 +373,7 @@ function sessionClass(sf: SourceFile, c: SessionContract, className: string): vo
           '  this.caches.set(l.pastKey, fetched(out, l.presentKey));',
           '  if (l.pastValue && l.presentValue) this.caches.set(l.pastValue, fetched(out, l.presentValue));',
           '  if (l.presentLength) this.lengths.set(l.layer, Array.from(fetched(out, l.presentLength).data as BigInt64Array, Number));',
+          '  if (l.pastPositions && l.presentPositions) this.caches.set(l.pastPositions, fetched(out, l.presentPositions));',
           '}',
           'for (const s of STATE) this.caches.set(s.past, fetched(out, s.present));',
           'const logits = fetched(out, DECODER.logits);',

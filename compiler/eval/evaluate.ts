@@ -71,11 +71,13 @@ const LOGITS_BUDGET = 2 ** 27;
 
 export async function evaluate(modelPath: string, sequences: number[][], opts: EvalOptions = {}): Promise<EvalResult> {
   if (sequences.length === 0) throw new ModcError('no sequences to evaluate');
-  const batchSize = opts.batchSize ?? 8;
-  if (!Number.isInteger(batchSize) || batchSize < 1) throw new ModcError(`batch size must be a positive integer, got ${batchSize}`);
+  const requested = opts.batchSize ?? 8;
+  if (!Number.isInteger(requested) || requested < 1) throw new ModcError(`batch size must be a positive integer, got ${requested}`);
 
   const model = opts.model ?? loadModel(modelPath);
   const io = decoderIo(model);
+  // A model that cannot mask padding (DecoderIo.unpaddable) runs one sequence per batch.
+  const batchSize = io.unpaddable ? 1 : requested;
   if (logitsPositions(model) === 'last') {
     throw new ModcError(`${modelPath} computes logits for the last position only (compiled with --logits last): eval needs every position's; compile with --logits all`);
   }

@@ -70,11 +70,21 @@ function sortGraphs(g: Graph, path: string): void {
 
 /** Validates external-data references against the model folder; caches per sidecar file. */
 class ExternalDataResolver {
-  private readonly realBase: string;
+  private base: string | undefined;
   private readonly files = new Map<string, { path: string; size: number }>();
 
-  constructor(readonly baseDir: string) {
-    this.realBase = realpathSync(baseDir);
+  constructor(readonly baseDir: string) {}
+
+  /** The model folder's real path, taken when the first external tensor needs it. */
+  private get realBase(): string {
+    if (this.base === undefined) {
+      try {
+        this.base = realpathSync(this.baseDir);
+      } catch (e) {
+        throw new ModcError(`the model has external data, but its folder ${quote(this.baseDir)} cannot be opened (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`);
+      }
+    }
+    return this.base;
   }
 
   resolve(tp: TensorProto): ExternalLocation {

@@ -8,6 +8,7 @@
 import { ModcError, quote } from '../errors.js';
 import type { Graph, Node, Value } from './graph.js';
 import type { Model, OnnxFunction } from './model.js';
+import { rankIssues } from './ranks.js';
 
 export interface VerifyIssue {
   graph: string;
@@ -199,7 +200,11 @@ function verifyGraph(g: Graph, outer: ReadonlySet<Value>, issues: VerifyIssue[],
   const defined = new Set<Value>();
   const byName = new Map<string, { value: Value; where: string }>();
   const define = (v: Value, where: string) => {
-    if (v.name === '') return; // an omitted optional output
+    if (v.name === '') {
+      // An omitted optional output; anything that reads it reads "omitted" in ONNX.
+      if (!where.startsWith('an output of')) report(`${where} has the empty name, which ONNX reads as an omitted value`);
+      return;
+    }
     if (defined.has(v)) report(`${where} redefines ${val(v)}`);
     const clash = byName.get(v.name);
     if (clash && clash.value !== v) report(`value name ${quote(v.name)} is defined twice in graph ${quote(g.name)} (${clash.where} and ${where})`);
@@ -223,6 +228,7 @@ function verifyGraph(g: Graph, outer: ReadonlySet<Value>, issues: VerifyIssue[],
     verifyArity(n, report, ctx);
     n.inputs.forEach((v, i) => {
       if (!v) return;
+      if (v.name === '') report(`${n.describe()} input ${i} reads a value with the empty name, which ONNX reads as an omitted input`);
       if (![...v.uses].some((u) => u.node === n && u.index === i)) report(`${n.describe()} input ${i} (${val(v)}) is missing from that value's use list`);
       if (visible(v)) return;
       if (producedHere.has(v) && v.producer?.graph === g) {
@@ -252,10 +258,12 @@ function verifyGraph(g: Graph, outer: ReadonlySet<Value>, issues: VerifyIssue[],
   }
   const outNames = new Set<string>();
   for (const v of g.outputs) {
+    if (v.name === '') report(`graph ${quote(g.name)} has an output with the empty name`);
     if (outNames.has(v.name)) report(`graph ${quote(g.name)} lists output ${val(v)} twice`);
     outNames.add(v.name);
   }
   if (isMain) {
+    for (const m of rankIssues(g)) report(m);
     for (const v of g.inputs) if (!v.type) report(`graph input ${val(v)} has no type`);
     for (const v of g.outputs) if (!v.type) report(`graph output ${val(v)} has no type`);
   }

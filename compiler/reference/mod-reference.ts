@@ -21,7 +21,7 @@
  */
 import { join } from 'node:path';
 import { analyzeDecoder } from '../analysis/analyze.js';
-import { extractUnits, layerUnit, type LayerUnit } from '../analysis/extract.js';
+import { extractUnits, layerUnit, type LayerUnit, type RunnableUnit } from '../analysis/extract.js';
 import type { LoadedUnit } from '../analysis/layer-executor.js';
 import { GraphFacts } from '../analysis/graph-facts.js';
 import { subLayersOf, type SubLayer } from '../analysis/sub-layers.js';
@@ -29,13 +29,17 @@ import type { DecoderStructure, LayerInfo } from '../analysis/types.js';
 import { ModcError } from '../errors.js';
 import { loadModel } from '../io/load.js';
 import { floatToHalf } from '../ir/dtype.js';
-import type { Node } from '../ir/graph.js';
+import { attribute, type Node, Value } from '../ir/graph.js';
+import { DataType } from '../ir/dtype.js';
+import type { TypeProto } from '../proto/index.js';
+import { GQA_ATTENTION_BIAS, kvCompactionBlocker, slotNumbered } from '../analysis/attention.js';
+import { Tensor } from '../ir/tensor.js';
 import type { Model } from '../ir/model.js';
 import { describeLayerPart, type LayerPlan, type RoutingPlan } from '../routing-plan.js';
 import { decoderIo, type DecoderIo, type KvBinding, resolvePadSide } from '../runtime/decoder-io.js';
 import { type EmbeddingSource, TokenEmbedder } from '../runtime/embeddings.js';
 import { emptyTensor, ort, toFloat32, type SessionOptions } from '../runtime/ort.js';
-import { type Logits, nextPositions, padRows, promptPositions, typed, zeroStates } from '../runtime/session.js';
+import { checkUnpadded, initialCacheDims, type Logits, nextPositions, padRows, promptPositions, staticLengthFeeds, typed, zeroStates } from '../runtime/session.js';
 import { splitFusedBoundaries } from '../../passes/split-fused-boundaries.js';
 import * as kernels from '../../runtime-ops/reference.js';
 import { loadUnit, releaseUnits, runUnit } from './units.js';
@@ -47,7 +51,22 @@ interface RowCache {
   key: ort.Tensor;
   value: ort.Tensor | null;
   length: number;
+  /** The original position of each cached token, in cache order. */
+  positions: number[];
 }
+
+/**
+ * A converted layer's GroupQueryAttention numbers tokens by cache slot (rotary angles, the
+ * sliding window); on the layer's own cache the reference gives it original positions instead:
+ * position_ids (input 9) and, for a window w, local_window_size -1 with an attention_bias
+ * (input 10) letting a query at p see a key at q iff p - w < q <= p. Fed per row by name.
+ */
+interface SlotFix {
+  positions: string | null;
+  window: { size: number; bias: string; dtype: 'float32' | 'float16' } | null;
+}
+
+const LOWEST = { float32: -3.4028234663852886e38, float16: -65504 } as const;
 
 /** A [1|B, S, H] residual tensor as float32 rows, and back in its own dtype. */
 function rowsOf(t: ort.Tensor): { data: Float32Array; S: number; H: number } {
@@ -83,6 +102,8 @@ export class ModReference {
 
   /** Layers whose KV cache holds only their selected tokens (routed block or attention part). */
   private readonly compacted: ReadonlySet<number>;
+  /** Per compacted GroupQueryAttention layer: how its positions are fed. */
+  private slotFixes = new Map<number, SlotFix>();
 
   private constructor(
     private readonly prefix: LoadedUnit,
@@ -105,6 +126,13 @@ export class ModReference {
     if (stateful) throw new ModcError(`layer ${stateful.layer} carries state besides the KV cache and is never routed: take the routing plan from the compiled model (routingPlanOf)`);
     const groups = unitGroups(model, structure, routing);
     const units = extractUnits(model, groups.map((g) => g.group));
+    const compacted = new Set(routing.layers.filter((l) => l.part !== 'mlp').map((l) => l.layer));
+    const fixes = new Map<number, SlotFix>();
+    units.forEach((u, i) => {
+      const layer = structure.layers[groups[i]!.layer];
+      const fix = layer && compacted.has(layer.index) ? originalPositionInputs(u, layer, structure.dtype === 'float16') : null;
+      if (fix) fixes.set(layer!.index, fix);
+    });
     const dir = join(workDir, 'units');
     const loaded: LoadedUnit[] = [];
     for (const u of units) loaded.push(await loadUnit(u, dir, opts));
@@ -122,7 +150,9 @@ export class ModReference {
       }
     }
     const embedder = io.inputsEmbeds ? await TokenEmbedder.create(io, opts.embeddings ?? { kind: 'random', seed: 0 }, opts) : null;
-    return new ModReference(loaded[0]!, layers, loaded.at(-1)!, io, routing, embedder);
+    const ref = new ModReference(loaded[0]!, layers, loaded.at(-1)!, io, routing, embedder);
+    ref.slotFixes = fixes;
+    return ref;
   }
 
   get batch(): number {
@@ -130,15 +160,17 @@ export class ModReference {
   }
 
   async forward(rows: number[][], opts: { pad?: 'left' | 'right' } = {}): Promise<Logits> {
+    checkUnpadded(this.io, rows);
     const { ids, mask, width } = padRows(rows, resolvePadSide(this.io, opts.pad));
     this.mask = mask;
     this.ids = mask.map((_, b) => ids.slice(b * width, (b + 1) * width));
     this.fullCaches.clear();
     this.rowCaches.clear();
     for (const b of this.io.kv) {
-      const dims = (B: number) => (b.layout === 'combined-2BHTD' ? [2, B, b.numHeads, 0, b.headSize] : [B, b.numHeads, 0, b.headSize]);
+      // Growing caches start empty; a static cache (TensorScatter) is a zero buffer, per row for a converted layer.
+      const dims = (B: number) => initialCacheDims(this.io, b, B);
       if (this.compacted.has(b.layer)) {
-        this.rowCaches.set(b.layer, rows.map(() => ({ key: emptyTensor(b.dtype, dims(1)), value: b.pastValue ? emptyTensor(b.dtype, dims(1)) : null, length: 0 })));
+        this.rowCaches.set(b.layer, rows.map(() => ({ key: emptyTensor(b.dtype, dims(1)), value: b.pastValue ? emptyTensor(b.dtype, dims(1)) : null, length: 0, positions: [] })));
       } else {
         this.fullCaches.set(b.pastKey, emptyTensor(b.dtype, dims(rows.length)));
         if (b.pastValue) this.fullCaches.set(b.pastValue, emptyTensor(b.dtype, dims(rows.length)));
@@ -171,7 +203,9 @@ export class ModReference {
   kvBytes(): number {
     const lengths = this.layerCacheLengths();
     return this.io.kv.reduce((total, b, i) => {
-      const slots = this.compacted.has(b.layer) ? Math.max(0, ...lengths[i]!) : this.mask[0]!.length;
+      // A static cache holds its whole buffer, whatever it holds in it.
+      const fixed = b.layout === 'static-BTH' || b.layout === 'static-BHTD' ? initialCacheDims(this.io, b, 1)[b.layout === 'static-BTH' ? 1 : 2]! : null;
+      const slots = fixed ?? (this.compacted.has(b.layer) ? Math.max(0, ...lengths[i]!) : this.mask[0]!.length);
       const perToken = 2 * b.numHeads * b.headSize * (b.dtype === 'float16' ? 2 : 4);
       return total + this.batch * slots * perToken;
     }, 0);
@@ -181,6 +215,12 @@ export class ModReference {
     const B = this.batch;
     const values = await this.feeds(ids, [B, S], this.mask, positions);
     for (const [name, t] of this.fullCaches) values.set(name, t);
+    // The prefix may read a static buffer for its length (a mask over its slots): a converted
+    // layer's rows have their own buffers, so it sees a zero buffer of the same shape here.
+    for (const b of this.io.kv) {
+      if (!this.compacted.has(b.layer) || !b.layout.startsWith('static')) continue;
+      for (const name of [b.pastKey, b.pastValue]) if (name) values.set(name, emptyTensor(b.dtype, initialCacheDims(this.io, b, B)));
+    }
     await runUnit(this.prefix, values);
     const chosen = new Map<string, number[][]>();
     for (const run of this.layers) {
@@ -213,6 +253,8 @@ export class ModReference {
     const values: Values = new Map([tokens]);
     if (io.attentionMask) values.set(io.attentionMask.name, typed(io.attentionMask.dtype, mask.flat(), [mask.length, mask[0]!.length]));
     if (io.positionIds) values.set(io.positionIds.name, typed(io.positionIds.dtype, positions, dims));
+    // Static caches: write index = the row's tokens before this call, valid keys = after it (for a row view: its own cache).
+    for (const [name, t] of Object.entries(staticLengthFeeds(io, mask, dims[1]))) values.set(name, t);
     return values;
   }
 
@@ -258,6 +300,7 @@ export class ModReference {
       cache.key = view.get(unit.kv.key.output)!;
       if (cache.value) cache.value = view.get(unit.kv.value.output)!;
       cache.length += picks.length;
+      cache.positions.push(...picks.map((s) => positions[b * S + s]!));
     }
     values.set(unit.residualOut, asTensor(out, xT.dims as number[], xT));
     return chosen;
@@ -283,6 +326,15 @@ export class ModReference {
     await runUnit(this.prefix, view);
     view.set(binding.pastKey, cache.key);
     if (binding.pastValue && cache.value) view.set(binding.pastValue, cache.value);
+    const fix = this.slotFixes.get(binding.layer);
+    if (fix?.positions) view.set(fix.positions, typed('int64', pos, [1, pos.length]));
+    if (fix?.window) {
+      // SPEC step 3 with a window w: a query at original position p sees its keys at p - w < q <= p.
+      const { size, bias, dtype } = fix.window;
+      const keys = [...cache.positions, ...pos];
+      const data = pos.flatMap((p) => keys.map((q) => (p - size < q && q <= p ? 0 : LOWEST[dtype])));
+      view.set(bias, dtype === 'float16' ? new ort.Tensor('float16', Uint16Array.from(data, floatToHalf), [1, 1, pos.length, keys.length]) : new ort.Tensor('float32', Float32Array.from(data), [1, 1, pos.length, keys.length]));
+    }
     return view;
   }
 
@@ -332,6 +384,7 @@ export class ModReference {
         cache.key = view.get(binding.presentKey)!;
         if (cache.value) cache.value = view.get(binding.presentValue!)!;
         cache.length += picks.length;
+        cache.positions.push(...picks.map((s) => positions[b * S + s]!));
       }
     }
     values.set(sub.update.name, asTensor(update, xT.dims as number[], xT));
@@ -342,6 +395,57 @@ export class ModReference {
     await this.embedder?.release();
     await releaseUnits([this.prefix, ...this.layers.flatMap((l) => (l.kind === 'whole' ? [l.loaded] : l.pieces.map((p) => p.loaded))), this.suffix]);
   }
+}
+
+/**
+ * Gives a converted layer's GroupQueryAttention (in its own unit) original positions, as new
+ * unit inputs fed per row: rotary angles by com.microsoft RotaryEmbedding on Q and K (do_rotary
+ * off: the op would ignore positions in a prefill), and for a window w local_window_size -1 with
+ * an attention_bias. Null when the unit holds no such op.
+ */
+function originalPositionInputs(unit: RunnableUnit, layer: LayerInfo, half: boolean): SlotFix | null {
+  const s = slotNumbered(layer.attention);
+  const node = s && unit.model.graph.nodes.find((n) => n.opType === 'GroupQueryAttention' && n.domain === 'com.microsoft');
+  if (!s || !node || (!s.rotary && s.window === null)) return null;
+  const g = unit.model.graph;
+  const fix: SlotFix = { positions: null, window: null };
+  const input = (name: string, elem: number) => {
+    unit.inputs.push(name);
+    return g.addInput(new Value(name, { tensor_type: { elem_type: elem } } as TypeProto));
+  };
+  if (s.rotary) {
+    fix.positions = `modc.reference.positions.${layer.index}`;
+    const pos = input(fix.positions, DataType.INT64);
+    const ins = [...node.inputs];
+    const { numHeads, kv } = layer.attention;
+    if (!ins[1]) {
+      const sizes = [numHeads, kv.numKvHeads, kv.numKvHeads].map((h) => h * kv.headSize);
+      const split = (unit.model.opsetVersion('') ?? 13) >= 13
+        ? g.addNode('Split', [ins[0]!, g.addInitializer(new Value('modc.reference.split'), Tensor.fromArray('', [3], BigInt64Array.from(sizes.map(BigInt))))], 3, { before: node, attributes: [attribute('axis', 2)] })
+        : g.addNode('Split', [ins[0]!], 3, { before: node, attributes: [attribute('axis', 2), attribute('split', sizes)] });
+      [ins[0], ins[1], ins[2]] = split.outputs;
+    }
+    const rotaryDim = ins[7]!.initializer?.dims[1];
+    for (const [i, heads] of [[0, numHeads], [1, kv.numKvHeads]] as const) {
+      const attrs = [attribute('num_heads', heads), attribute('interleaved', node.attrInt('rotary_interleaved', 0) ?? 0)];
+      if (typeof rotaryDim === 'number' && rotaryDim * 2 !== kv.headSize) attrs.push(attribute('rotary_embedding_dim', rotaryDim * 2));
+      ins[i] = g.addNode('RotaryEmbedding', [ins[i]!, pos, ins[7]!, ins[8]!], 1, { domain: 'com.microsoft', before: node, attributes: attrs }).output(0);
+    }
+    ins[7] = null;
+    ins[8] = null;
+    while (ins.length && !ins.at(-1)) ins.pop();
+    node.setInputs(ins);
+    node.setAttr(attribute('do_rotary', 0));
+  }
+  if (s.window !== null) {
+    const blocked = kvCompactionBlocker(layer.attention);
+    if (blocked) throw new ModcError(`reference: layer ${layer.index} cannot be converted: ${blocked}`);
+    const [elem, dtype] = half ? [DataType.FLOAT16, 'float16' as const] : [DataType.FLOAT, 'float32' as const];
+    fix.window = { size: s.window, bias: `modc.reference.window_bias.${layer.index}`, dtype };
+    node.setAttr(attribute('local_window_size', -1));
+    node.setInput(GQA_ATTENTION_BIAS, input(fix.window.bias, elem));
+  }
+  return fix;
 }
 
 interface UnitGroup {

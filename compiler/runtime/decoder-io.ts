@@ -9,7 +9,8 @@ import { DataType } from '../ir/dtype.js';
 import type { Value } from '../ir/graph.js';
 import type { Model } from '../ir/model.js';
 
-export type KvLayout = 'BHTD' | 'combined-2BHTD';
+/** See compiler/analysis/types.ts: the static layouts are fixed-size buffers written by TensorScatter. */
+export type KvLayout = 'BHTD' | 'combined-2BHTD' | 'static-BTH' | 'static-BHTD';
 
 export interface KvBinding {
   layer: number;
@@ -25,6 +26,19 @@ export interface KvBinding {
   /** modc-compiled layer: the per-row cache length input and output. */
   pastLength: string | null;
   presentLength: string | null;
+  /** Static layouts: the buffer length when the model fixes it (null: the runner chooses). */
+  maxLength: number | null;
+  /**
+   * modc-compiled sliding-window layer: the original position of each cache slot, int64
+   * [B, P_l] in and out (zeros-wide at the start), carried like the cache.
+   */
+  pastPositions: string | null;
+  presentPositions: string | null;
+}
+
+/** A static cache's buffer dims for a batch of `B` and a buffer of `length` slots. */
+export function staticCacheDims(b: KvBinding, B: number, length: number): number[] {
+  return b.layout === 'static-BTH' ? [B, length, b.numHeads * b.headSize] : [B, b.numHeads, length, b.headSize];
 }
 
 /**
@@ -55,10 +69,37 @@ export interface DecoderIo {
   maxPositions: number | null;
   /**
    * The padding sides the model's attention gives meaningful outputs for, the default first.
-   * GroupQueryAttention reads per-row valid lengths (seqlens_k), i.e. right padding only.
+   * GroupQueryAttention reads per-row valid lengths (seqlens_k), i.e. right padding only; so does a
+   * static KV cache (each row's keys are the first nonpad_kv_seqlen slots of its buffer).
    */
   paddingSides: PadSide[];
+  /** Why only right padding (the op that reads per-row valid lengths); null when both sides work. */
+  rightPaddingOnly: string | null;
+  /**
+   * Static KV caches (TensorScatter, opset 24): the write index input [B] (each row's real tokens
+   * before this call) and the valid-key count input [B] (after it: write index + the call's real
+   * tokens); null when the model has none.
+   */
+  writeIndices: { name: string; dtype: 'int32' | 'int64' } | null;
+  nonpadKvSeqlen: { name: string; dtype: 'int32' | 'int64' } | null;
+  /** Slots a runner allocates per static buffer whose length the model leaves open. */
+  staticCacheLength: number | null;
+  /**
+   * Why the model cannot take padding at all (rows must have one length), or null. A static-cache
+   * Attention with is_causal=1 and no attn_mask aligns causality on nonpad_kv_seqlen minus the
+   * call's length, which a shorter (padded) row breaks.
+   */
+  unpaddable: string | null;
 }
+
+/** Metadata a compile writes when it opens a static buffer's length: the original's length. */
+export const STATIC_CACHE_LENGTH_KEY = 'modc.static_cache_length';
+
+/** Metadata a compile writes with the names of the model's write index and valid-key inputs (JSON). */
+export const STATIC_CACHE_INPUTS_KEY = 'modc.static_cache_inputs';
+
+/** Static caches a runner allocates this many slots for when neither the model nor its positions say. */
+export const DEFAULT_STATIC_CACHE_LENGTH = 2048;
 
 export type PadSide = 'left' | 'right';
 
@@ -68,8 +109,12 @@ const intType = (v: Value): 'int32' | 'int64' => (v.dtype === DataType.INT32 ? '
 const PAST_SPLIT = /^past_key_values\.(\d+)\.(key|value)$/;
 const PAST_COMBINED = /^past_(\d+)$/;
 const PAST_STATE = /^past_key_values\.(\d+)\.(\w+)$/;
+/** Static caches as onnxruntime/mobius names them: `key_cache.N` -> `updated_key_cache.N`. */
+const PAST_STATIC = /^(key|value)_cache\.(\d+)$/;
 export const pastLengthName = (layer: number) => `past_lengths.${layer}`;
 export const presentLengthName = (layer: number) => `present_lengths.${layer}`;
+export const pastPositionsName = (layer: number) => `past_positions.${layer}`;
+export const presentPositionsName = (layer: number) => `present_positions.${layer}`;
 
 export function decoderIo(model: Model): DecoderIo {
   const g = model.graph;
@@ -87,7 +132,21 @@ export function decoderIo(model: Model): DecoderIo {
 
   const kv = new Map<number, KvBinding>();
   const state: StateBinding[] = [];
+  const statics = staticCaches(model);
   for (const v of inputs.values()) {
+    const mobius = PAST_STATIC.exec(v.name);
+    if (mobius) {
+      const layer = Number(mobius[2]);
+      const kind = mobius[1] as 'key' | 'value';
+      const entry = kv.get(layer) ?? emptyBinding(layer, v, inputs, outputs);
+      const layout = statics.get(v);
+      if (!layout) throw new ModcError(`input ${v.name} is named like a static cache but no TensorScatter writes it`);
+      Object.assign(entry, staticShape(v, layout));
+      if (kind === 'key') [entry.pastKey, entry.presentKey] = [v.name, pick(outputs, [`updated_key_cache.${layer}`, `present.${layer}.key`], v.name)];
+      else [entry.pastValue, entry.presentValue] = [v.name, pick(outputs, [`updated_value_cache.${layer}`, `present.${layer}.value`], v.name)];
+      kv.set(layer, entry);
+      continue;
+    }
     const extra = PAST_SPLIT.test(v.name) ? null : PAST_STATE.exec(v.name);
     if (extra) {
       state.push(stateBinding(v, Number(extra[1]), pick(outputs, [`present.${extra[1]}.${extra[2]}`, `present_key_values.${extra[1]}.${extra[2]}`], v.name)));
@@ -106,6 +165,9 @@ export function decoderIo(model: Model): DecoderIo {
       dtype: v.dtype === DataType.FLOAT16 ? 'float16' : 'float32',
       pastLength: inputs.has(pastLengthName(layer)) ? pastLengthName(layer) : null,
       presentLength: outputs.has(presentLengthName(layer)) ? presentLengthName(layer) : null,
+      maxLength: null,
+      pastPositions: inputs.has(pastPositionsName(layer)) ? pastPositionsName(layer) : null,
+      presentPositions: outputs.has(presentPositionsName(layer)) ? presentPositionsName(layer) : null,
     } satisfies KvBinding;
     if (combined) {
       entry.pastKey = v.name;
@@ -117,6 +179,8 @@ export function decoderIo(model: Model): DecoderIo {
       entry.pastValue = v.name;
       entry.presentValue = pick(outputs, [`present.${layer}.value`, `present_key_values.${layer}.value`], v.name);
     }
+    const layout = statics.get(v);
+    if (layout) Object.assign(entry, staticShape(v, layout));
     kv.set(layer, entry);
   }
   const layers = [...kv.values()].sort((a, b) => a.layer - b.layer);
@@ -124,6 +188,10 @@ export function decoderIo(model: Model): DecoderIo {
     if (!b.numHeads || !b.headSize) throw new ModcError(`past input ${b.pastKey} needs static head count and head size dims`);
   }
   const vocab = logits.shape?.at(-1);
+  const writes = staticLengthInputs(model, inputs);
+  const staticLengths = layers.filter((b) => b.layout.startsWith('static')).map((b) => b.maxLength);
+  const positions = maxPositions(model, pos ?? null);
+  const lengthBased = lengthBasedAttention(model) ?? (staticLengths.length ? 'a static KV cache (TensorScatter) reads each row\'s valid keys (nonpad_kv_seqlen) from the start of its buffer' : null);
   return {
     inputIds: ids ? { name: ids.name, dtype: intType(ids) } : { name: 'input_ids', dtype: 'int64' },
     inputsEmbeds: embeds ? { name: embeds.name, hiddenSize: hidden as number, dtype: embeds.dtype === DataType.FLOAT16 ? 'float16' : 'float32' } : null,
@@ -133,9 +201,96 @@ export function decoderIo(model: Model): DecoderIo {
     kv: layers,
     state,
     vocabSize: typeof vocab === 'number' ? vocab : null,
-    maxPositions: maxPositions(model, pos ?? null),
-    paddingSides: lengthBasedAttention(model) ? ['right'] : ['left', 'right'],
+    maxPositions: positions,
+    paddingSides: lengthBased ? ['right'] : ['left', 'right'],
+    rightPaddingOnly: lengthBased,
+    writeIndices: writes.write,
+    nonpadKvSeqlen: writes.nonpad,
+    unpaddable: unpaddable(model),
+    staticCacheLength: staticLengths.length ? Math.max(0, ...staticLengths.map((n) => n ?? 0), recordedLength(model)) || positions || DEFAULT_STATIC_CACHE_LENGTH : null,
   };
+}
+
+function unpaddable(model: Model): string | null {
+  for (const n of model.graph.nodes) {
+    if (n.opType !== 'Attention' || (n.domain !== '' && n.domain !== 'ai.onnx') || n.input(3) || n.attrInt('is_causal', 0) !== 1) continue;
+    if (n.input(6) && n.input(1)?.producer?.opType === 'TensorScatter') return `${n.describe()} is causal by is_causal=1 aligned on nonpad_kv_seqlen, with no attn_mask to mask padding`;
+    if (n.input(4)) return `${n.describe()} is causal by is_causal=1, with no attn_mask to mask padding`;
+  }
+  return null;
+}
+
+function recordedLength(model: Model): number {
+  const n = Number(model.metadataProps.find((p) => p.key === STATIC_CACHE_LENGTH_KEY)?.value);
+  return Number.isInteger(n) && n > 0 ? n : 0;
+}
+
+function emptyBinding(layer: number, v: Value, inputs: Map<string, Value>, outputs: Map<string, Value>): KvBinding {
+  return {
+    layer, pastKey: '', pastValue: null, presentKey: '', presentValue: null, layout: 'BHTD', numHeads: 0, headSize: 0,
+    dtype: v.dtype === DataType.FLOAT16 ? 'float16' : 'float32',
+    pastLength: inputs.has(pastLengthName(layer)) ? pastLengthName(layer) : null,
+    presentLength: outputs.has(presentLengthName(layer)) ? presentLengthName(layer) : null,
+    maxLength: null, pastPositions: null, presentPositions: null,
+  };
+}
+
+/** Every graph input TensorScatter writes (input 0), with its layout and kv heads (from the Attention reading the write). */
+function staticCaches(model: Model): Map<Value, { layout: 'static-BTH' | 'static-BHTD'; kvHeads: number | undefined }> {
+  const out = new Map<Value, { layout: 'static-BTH' | 'static-BHTD'; kvHeads: number | undefined }>();
+  for (const n of model.allNodes()) {
+    if (n.opType !== 'TensorScatter' || (n.domain !== '' && n.domain !== 'ai.onnx')) continue;
+    const past = n.input(0);
+    if (!past || past.producer || past.isConstant) continue;
+    const attention = n.output(0).consumers().find((c) => c.opType === 'Attention');
+    out.set(past, { layout: past.shape?.length === 3 ? 'static-BTH' : 'static-BHTD', kvHeads: attention?.attrInt('kv_num_heads') });
+  }
+  return out;
+}
+
+function staticShape(v: Value, s: { layout: 'static-BTH' | 'static-BHTD'; kvHeads: number | undefined }): Pick<KvBinding, 'layout' | 'numHeads' | 'headSize' | 'maxLength'> {
+  const shape = v.shape ?? [];
+  const num = (d: unknown) => (typeof d === 'number' ? d : 0);
+  if (s.layout === 'static-BTH') {
+    const heads = s.kvHeads ?? 0;
+    return { layout: s.layout, numHeads: heads, headSize: heads ? num(shape[2]) / heads : 0, maxLength: typeof shape[1] === 'number' ? shape[1] : null };
+  }
+  return { layout: s.layout, numHeads: num(shape[1]), headSize: num(shape[3]), maxLength: typeof shape[2] === 'number' ? shape[2] : null };
+}
+
+/** The graph inputs a static cache's writes and attention read: write_indices (TensorScatter input 2) and nonpad_kv_seqlen (Attention input 6). */
+function staticLengthInputs(model: Model, inputs: Map<string, Value>): { write: DecoderIo['writeIndices']; nonpad: DecoderIo['nonpadKvSeqlen'] } {
+  let write: DecoderIo['writeIndices'] = null;
+  let nonpad: DecoderIo['nonpadKvSeqlen'] = null;
+  // A compiled layer writes at its own past_lengths.l: those are not the model's write indices.
+  const own = /^past_lengths\.\d+$/;
+  const source = (v: Value | null): Value | null => {
+    for (let cur = v, hops = 0; cur && hops < 4; hops++) {
+      if (inputs.get(cur.name) === cur) return own.test(cur.name) ? null : cur;
+      const p = cur.producer;
+      cur = p && (p.opType === 'Cast' || p.opType === 'Identity') ? p.input(0) : null;
+    }
+    return null;
+  };
+  for (const n of model.allNodes()) {
+    if (n.domain !== '' && n.domain !== 'ai.onnx') continue;
+    const w = n.opType === 'TensorScatter' ? source(n.input(2)) : null;
+    if (w) write ??= { name: w.name, dtype: intType(w) };
+    const np = n.opType === 'Attention' ? source(n.input(6)) : null;
+    if (np) nonpad ??= { name: np.name, dtype: intType(np) };
+  }
+  // Every layer converted: the routers still read them, under the names the compile recorded.
+  let recorded: Record<string, unknown> = {};
+  try {
+    recorded = JSON.parse(model.metadataProps.find((p) => p.key === STATIC_CACHE_INPUTS_KEY)?.value ?? '{}') as Record<string, unknown>;
+  } catch {
+    recorded = {};
+  }
+  const named = (key: string) => {
+    const name = typeof recorded[key] === 'string' ? recorded[key] : key;
+    return inputs.has(name) ? { name, dtype: intType(inputs.get(name)!) } : null;
+  };
+  return { write: write ?? named('write_indices'), nonpad: nonpad ?? named('nonpad_kv_seqlen') };
 }
 
 /** An attention op that takes per-row valid lengths instead of a mask (right padding only). */
@@ -151,7 +306,8 @@ function lengthBasedAttention(model: Model): string | null {
 export function resolvePadSide(io: DecoderIo, asked: PadSide | undefined): PadSide {
   if (asked === undefined) return io.paddingSides[0]!;
   if (!io.paddingSides.includes(asked)) {
-    throw new UsageError(`--pad ${asked} is not supported for this model: its GroupQueryAttention takes per-row valid lengths (seqlens_k), so only right padding gives meaningful outputs`);
+    const why = io.rightPaddingOnly?.startsWith('a static') ? io.rightPaddingOnly : 'its GroupQueryAttention takes per-row valid lengths (seqlens_k)';
+    throw new UsageError(`--pad ${asked} is not supported for this model: ${why}, so only right padding gives meaningful outputs`);
   }
   return asked;
 }
@@ -168,6 +324,8 @@ function maxPositions(model: Model, positionIds: Value | null): number | null {
   for (const n of model.allNodes()) {
     const slot = POSITION_TABLES[n.opType];
     if (slot !== undefined && n.domain === 'com.microsoft' && (n.opType !== 'GroupQueryAttention' || n.attrInt('do_rotary', 0) === 1)) tableRows(n.input(slot));
+    // The standard RotaryEmbedding (opset 23) reads its cos cache at input 1, indexed by position_ids (input 3).
+    if (n.opType === 'RotaryEmbedding' && (n.domain === '' || n.domain === 'ai.onnx') && n.input(3)) tableRows(n.input(1));
     if (n.opType === 'Gather' && positionIds && readsThrough(n.input(1), positionIds)) tableRows(n.input(0));
   }
   return rows.length ? Math.min(...rows) : null;

@@ -24,6 +24,8 @@ export async function createSession(path: string, opts: SessionOptions = {}): Pr
     return await ort.InferenceSession.create(path, {
       executionProviders: [ep],
       graphOptimizationLevel: opts.optimization ?? 'all',
+      // Errors only: ORT's CPU TensorScatter warns at every call that it copies the cache (static KV caches).
+      logSeverityLevel: 3,
       ...(opts.intraOpThreads ? { intraOpNumThreads: opts.intraOpThreads } : {}),
       // Run Q/DQ nodes as ONNX defines them. ORT's QDQ fusions otherwise turn DequantizeLinear ->
       // MatMul into a matmul that quantizes the activations per tensor at run time: results then

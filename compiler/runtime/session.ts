@@ -13,7 +13,7 @@
 import { ModcError } from '../errors.js';
 import { loadModel } from '../io/load.js';
 import { logitsPositions, type LogitsPositions } from '../logits-metadata.js';
-import { decoderIo, type DecoderIo, type KvBinding, type PadSide, resolvePadSide } from './decoder-io.js';
+import { decoderIo, type DecoderIo, type KvBinding, type PadSide, resolvePadSide, staticCacheDims } from './decoder-io.js';
 import { type EmbeddingSource, embedsTensor, TokenEmbedder } from './embeddings.js';
 import { createSession, emptyTensor, ort, toFloat32, type SessionOptions } from './ort.js';
 
@@ -83,6 +83,8 @@ export class ModSession {
   /** State besides the KV cache (hybrid models), by past input name. */
   private states = new Map<string, ort.Tensor>();
   private lengths = new Map<number, number[]>();
+  /** Sliding-window layers of a compiled model: the original position of each cache slot, by past input name. */
+  private positions = new Map<string, ort.Tensor>();
   /** Every output of the last call, by name: logits, presents, and outputs a tool added (modc eval's selection masks). */
   lastOutputs: ort.InferenceSession.OnnxValueMapType = {};
 
@@ -116,6 +118,7 @@ export class ModSession {
 
   /** Runs the prompt (past length 0) and keeps the caches. */
   async forward(rows: number[][], opts: ForwardOptions = {}): Promise<Logits> {
+    checkUnpadded(this.io, rows);
     const { ids, mask, width } = padRows(rows, this.padSide(opts.pad));
     this.checkVocab(ids);
     this.begin(mask);
@@ -141,12 +144,14 @@ export class ModSession {
     this.mask = mask;
     this.caches.clear();
     this.lengths.clear();
+    this.positions.clear();
     const B = mask.length;
     for (const b of this.io.kv) {
-      const dims = b.layout === 'combined-2BHTD' ? [2, B, b.numHeads, 0, b.headSize] : [B, b.numHeads, 0, b.headSize];
+      const dims = initialCacheDims(this.io, b, B);
       this.caches.set(b.pastKey, emptyTensor(b.dtype, dims));
       if (b.pastValue) this.caches.set(b.pastValue, emptyTensor(b.dtype, dims));
       if (b.pastLength) this.lengths.set(b.layer, Array(B).fill(0));
+      if (b.pastPositions) this.positions.set(b.pastPositions, typed('int64', [], [B, 0]));
     }
     this.states = zeroStates(this.io, B);
   }
@@ -248,7 +253,9 @@ export class ModSession {
     if (io.positionIds) feeds[io.positionIds.name] = typed(io.positionIds.dtype, positions, dims);
     for (const [name, t] of this.caches) feeds[name] = t;
     for (const [name, t] of this.states) feeds[name] = t;
+    for (const [name, t] of this.positions) feeds[name] = t;
     for (const b of io.kv) if (b.pastLength) feeds[b.pastLength] = typed('int64', this.lengths.get(b.layer)!, [this.batch]);
+    Object.assign(feeds, staticLengthFeeds(io, this.mask, dims[1]));
     let out: ort.InferenceSession.OnnxValueMapType;
     try {
       out = await this.session.run(feeds);
@@ -270,6 +277,42 @@ export class ModSession {
       const t = out[b.presentLength] as ort.Tensor;
       this.lengths.set(b.layer, Array.from(t.data as BigInt64Array, Number));
     }
+    if (b.pastPositions && b.presentPositions) this.positions.set(b.pastPositions, out[b.presentPositions] as ort.Tensor);
+  }
+}
+
+/**
+ * A layer's cache before the first call: empty ([.., 0, ..]) for a growing cache; for a static
+ * cache (TensorScatter) a zero buffer of the model's length (or `io.staticCacheLength` slots when
+ * the model leaves it open, as a compiled layer's own buffer does).
+ */
+export function initialCacheDims(io: DecoderIo, b: KvBinding, B: number): number[] {
+  if (b.layout === 'static-BTH' || b.layout === 'static-BHTD') return staticCacheDims(b, B, b.maxLength ?? io.staticCacheLength!);
+  return b.layout === 'combined-2BHTD' ? [2, B, b.numHeads, 0, b.headSize] : [B, b.numHeads, 0, b.headSize];
+}
+
+/**
+ * Static caches' length inputs for a call of `S` tokens per row, from the mask over every token fed
+ * so far (right padding): write_indices = the row's real tokens before the call, nonpad_kv_seqlen =
+ * after it. Refuses a call that would write past a buffer's end.
+ */
+export function staticLengthFeeds(io: DecoderIo, mask: number[][], S: number): Record<string, ort.Tensor> {
+  if (!io.writeIndices && !io.nonpadKvSeqlen) return {};
+  const after = mask.map((m) => m.reduce((a, v) => a + v, 0));
+  const before = mask.map((m, b) => after[b]! - m.slice(m.length - S).reduce((a, v) => a + v, 0));
+  const slots = Math.min(...io.kv.filter((b) => b.layout.startsWith('static')).map((b) => b.maxLength ?? io.staticCacheLength!));
+  const need = Math.max(...before) + S;
+  if (need > slots) throw new ModcError(`a context of ${need} tokens does not fit the model's static KV cache of ${slots} slots`);
+  const feeds: Record<string, ort.Tensor> = {};
+  if (io.writeIndices) feeds[io.writeIndices.name] = typed(io.writeIndices.dtype, before, [mask.length]);
+  if (io.nonpadKvSeqlen) feeds[io.nonpadKvSeqlen.name] = typed(io.nonpadKvSeqlen.dtype, after, [mask.length]);
+  return feeds;
+}
+
+/** Refuses rows of different lengths for a model that cannot mask padding (DecoderIo.unpaddable). */
+export function checkUnpadded(io: DecoderIo, rows: number[][]): void {
+  if (io.unpaddable && rows.some((r) => r.length !== rows[0]!.length)) {
+    throw new ModcError(`rows of different lengths need padding, which this model cannot mask (${io.unpaddable}): give rows of one length`);
   }
 }
 

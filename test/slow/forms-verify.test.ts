@@ -40,6 +40,12 @@ describe('a routed compile of every form passes modc verify', () => {
     ['sliding window (windowed layers stay dense)', fixture('forms-gqa-window-tiny'), []],
     ['sliding window, MLP-only routing', fixture('forms-gqa-window-tiny'), ['--granularity', 'mlp']],
     ['RMSNormalization op (opset 23)', fixture('forms-rmsnorm-tiny'), ['--routing', 'topk']],
+    ['standard Attention over static caches (TensorScatter, opset 24)', fixture('forms-static-tiny'), ['--routing', 'topk']],
+    ['static caches, attention-part routing', fixture('forms-static-tiny'), ['--granularity', 'attention']],
+    ['static caches, is_causal=1 without a mask (verify cuts its prompt to one length)', fixture('forms-static-causal-tiny', 'causal.onnx'), []],
+    ['standard Attention with past/present (opset 23)', fixture('forms-attention23-tiny'), ['--granularity', 'attention']],
+    ['opset-23 Attention, is_causal=1 + padding mask', fixture('forms-attention23-padmask-tiny'), ['--routing', 'topk']],
+    ['opset-23 Attention, is_causal=1 without any mask', fixture('forms-attention23-causal-tiny', 'causal.onnx'), []],
   ] as const)('%s', async (_, path, args) => {
     await compileAndVerify(path, `${path.split('/').at(-2)!}-${args.join('')}`, '--router-init', 'random', ...args);
   });
