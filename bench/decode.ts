@@ -35,7 +35,8 @@ Prefills a long prompt, then decodes token by token with forced (seeded) token i
 original, the MoD compile (top-k capacity c on every other layer, gated, random routers) and the
 all-pass compile, interleaved step by step: every model takes step t before any takes step t+1,
 and the model that goes first rotates. Prints KV bytes and per-token latency against their
-ideals: median, mean, min - max, the ratio of medians and the median of per-step ratios.
+ideals: median, mean, min - max, the ratio of medians and the median of per-step ratios,
+and the process's CPU time per step (less sensitive than wall time to other load).
 --keep keeps the folder with original.onnx, mod.onnx and all-pass.onnx.
 
 ${flagHelp(DECODE_FLAGS)}`;
@@ -64,7 +65,9 @@ export async function decodeBench(argv: readonly string[]): Promise<void> {
     // model, in rotating order, before step t + 1), so load drift hits all alike and every step
     // gives a paired ratio. The compiled model's cache lengths after each step tell which
     // converted layers ran (for some row).
-    interface Run { session: ModSession; prefillMs: number; kvAfterPrefill: number; lengthsAfterPrefill: number[][]; lengths: number[][]; steps: number[]; ran: Map<number, number> }
+    // cpu: the process's CPU time (user + system, every thread) per step: what a step costs, less
+    // sensitive than wall time to other processes on a shared machine.
+    interface Run { session: ModSession; prefillMs: number; kvAfterPrefill: number; lengthsAfterPrefill: number[][]; lengths: number[][]; steps: number[]; cpu: number[]; ran: Map<number, number> }
     const runs = new Map<string, Run>();
     for (const [name, path] of models) {
       const session = await ModSession.create(path, opts);
@@ -73,7 +76,7 @@ export async function decodeBench(argv: readonly string[]): Promise<void> {
       await session.forward(prompt);
       const prefillMs = performance.now() - t0;
       const lengths = cacheLengths(session);
-      runs.set(name, { session, prefillMs, kvAfterPrefill: session.kvBytes(), lengthsAfterPrefill: lengths, lengths, steps: [], ran: new Map(converted.map((l) => [l, 0])) });
+      runs.set(name, { session, prefillMs, kvAfterPrefill: session.kvBytes(), lengthsAfterPrefill: lengths, lengths, steps: [], cpu: [], ran: new Map(converted.map((l) => [l, 0])) });
       log(`prefill ${name}: ${prefillMs.toFixed(0)} ms`);
     }
     const order = [...runs.values()];
@@ -82,12 +85,15 @@ export async function decodeBench(argv: readonly string[]): Promise<void> {
       for (const m of rotation(order.length, t)) {
         const run = order[m]!;
         if (f.gc) gcMs.push(collectGarbage());
+        const c0 = process.cpuUsage();
         const t0 = performance.now();
         await run.session.step(forced[t]!);
         const took = performance.now() - t0;
+        const c1 = process.cpuUsage(c0);
         const now = cacheLengths(run.session);
         if (t >= f.warmup) {
           run.steps.push(took);
+          run.cpu.push((c1.user + c1.system) / 1000);
           for (const l of converted) if (now[l]!.some((n, b) => n > run.lengths[l]![b]!)) run.ran.set(l, run.ran.get(l)! + 1);
         }
         run.lengths = now;
@@ -127,7 +133,7 @@ export async function decodeBench(argv: readonly string[]): Promise<void> {
     const achievedOverIdeal = (oMed / mMed) * (1 - saved);
 
     if (f.json) {
-      const stats = (name: string, r: Run) => ({ model: name, prefillMs: r.prefillMs, median: median(r.steps), mean: mean(r.steps), min: Math.min(...r.steps), max: Math.max(...r.steps), vsOriginal: { ofMedians: median(r.steps) / oMed, medianOfPaired: paired(r) }, kvBytesAtEnd: kvAtEnd.get(name)!, steps: r.steps });
+      const stats = (name: string, r: Run) => ({ model: name, prefillMs: r.prefillMs, median: median(r.steps), mean: mean(r.steps), min: Math.min(...r.steps), max: Math.max(...r.steps), vsOriginal: { ofMedians: median(r.steps) / oMed, medianOfPaired: paired(r) }, cpuMs: { median: median(r.cpu), vsOriginal: { ofMedians: median(r.cpu) / median(original.cpu), medianOfPaired: medianOfPaired(original.cpu, r.cpu) } }, kvBytesAtEnd: kvAtEnd.get(name)!, steps: r.steps, cpuSteps: r.cpu });
       console.log(JSON.stringify({
         bench: 'decode', settings: { ...settingsJson(f, command), batch: B, prompt: f.prompt, warmupSteps: f.warmup, timedSteps: f.runs, order: 'interleaved step by step, rotating', converted, capacity: f.capacity, gcMedianMs: median(gcMs) },
         kv: { afterPrefill: { original: kvAfter.prefill.original, mod: kvAfter.prefill.mod, exactIdeal: exactIdeal(kvAfter.prefill.lengths) }, atEnd: { original: kvAfter.end.original, mod: kvAfter.end.mod, exactIdeal: exactIdeal(kvAfter.end.lengths) } },
@@ -162,6 +168,10 @@ export async function decodeBench(argv: readonly string[]): Promise<void> {
       ['MoD ideal', ms(idealMed, 2), ms(idealMean, 2), '', ratio(idealMed / oMed), '', '', ''],
       ...(allPass ? [[`all-pass (${f.layers}/${f.layers} layers, ungated; KV ${mib(kvAtEnd.get('all-pass')!)} at the end)`, ms(median(allPass.steps), 2), ms(mean(allPass.steps), 2), spread(allPass.steps), ratio(allPassRatio), ratio(paired(allPass)), '<= 1.05x', yesNo(allPassRatio <= 1.05)]] : []),
     ]), '');
+    const oCpu = median(original.cpu);
+    out.push(`CPU time per step (process user + system, all threads; less sensitive than wall time to other load on the machine):`, '');
+    out.push(table(['model', 'median CPU per token', 'min - max', 'vs original (ratio of medians)', 'vs original (median of per-step ratios)'],
+      [...runs].map(([n, r]) => [n, ms(median(r.cpu), 2), spread(r.cpu), ratio(median(r.cpu) / oCpu), ratio(medianOfPaired(original.cpu, r.cpu))])), '');
     out.push(table(['d (converted layers\' share of a step)', 'mean skip rate of converted layers', 'ideal speedup', 'achieved (median)', 'achieved / ideal (median)', 'target', 'met', 'achieved (mean)', 'achieved / ideal (mean)'], [
       [pct(d), pct(meanSkip), ratio(1 / (1 - saved)), ratio(oMed / mMed), achievedOverIdeal.toFixed(3), '>= 0.95', yesNo(achievedOverIdeal >= 0.95), ratio(oMean / mMean), ((oMean / mMean) * (1 - saved)).toFixed(3)],
     ]), '');

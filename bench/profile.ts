@@ -31,7 +31,7 @@ interface ProfileEvent {
   name: string;
   ts: number;
   dur: number;
-  args?: { op_name?: string };
+  args?: { op_name?: string; output_size?: string };
 }
 
 interface LayerTime {
@@ -52,8 +52,15 @@ interface Summary {
   nodesPerRun: number;
   /** Sum of kernel times, control-flow nodes excluded (their subgraph nodes are counted). */
   kernelMs: number;
-  /** If node time not spent in its subgraph's kernels. */
+  /** Time of the outermost If nodes not spent in their subgraphs' kernels (nested Ifs counted once). */
   ifOverheadMs: number;
+  /** If nodes run per run (nested ones included). */
+  ifsPerRun: number;
+  /**
+   * Kernels per run whose outputs total at least 1 MiB, and the MB they write: at decode these
+   * are the cache copies (Concat, Identity, GatherKv), independent of machine load.
+   */
+  largeWrites: { count: number; mb: number };
   byOp: Map<string, { ms: number; count: number }>;
   byLayer: Map<number, LayerTime>;
   /** Original nodes outside the layers: prefix (embedding, mask, rotary) and suffix (norm, lm_head). */
@@ -90,7 +97,7 @@ function summarize(events: ProfileEvent[], wallMs: number, timedRuns: number, or
   const inTimedRun = (e: ProfileEvent) => runs.some((r) => e.ts >= r.ts && e.ts <= r.ts + r.dur);
   // Per-run averages: every duration is divided by the number of timed runs.
   const nodes = events.filter((e) => e.cat === 'Node' && e.name.endsWith('_kernel_time') && inTimedRun(e)).map((e) => ({ ...e, dur: e.dur / runs.length }));
-  const s: Summary = { wallMs, plainWallMs: NaN, nodesPerRun: nodes.length / runs.length, kernelMs: 0, ifOverheadMs: 0, byOp: new Map(), byLayer: new Map(), outside: 0, names: new Set() };
+  const s: Summary = { wallMs, plainWallMs: NaN, nodesPerRun: nodes.length / runs.length, kernelMs: 0, ifOverheadMs: 0, ifsPerRun: 0, largeWrites: { count: 0, mb: 0 }, byOp: new Map(), byLayer: new Map(), outside: 0, names: new Set() };
   const ifs = nodes.filter((e) => e.args?.op_name === 'If').map((e) => ({ layer: Number(/modc\/layer(\d+)/.exec(e.name)?.[1] ?? -1), start: e.ts, end: e.ts + e.dur * runs.length, dur: e.dur / 1000, inner: 0 }));
   const layer = (l: number) => {
     const v = s.byLayer.get(l) ?? { layer: l, original: 0, routingInIf: 0, routingBefore: 0 };
@@ -102,6 +109,11 @@ function summarize(events: ProfileEvent[], wallMs: number, timedRuns: number, or
     const name = e.name.replace(/_kernel_time$/, '');
     s.names.add(name);
     if (CONTROL_FLOW.has(op)) continue;
+    const bytes = Number(e.args?.output_size ?? 0);
+    if (bytes >= 1 << 20) {
+      s.largeWrites.count += 1 / runs.length;
+      s.largeWrites.mb += bytes / 1e6 / runs.length;
+    }
     const t = e.dur / 1000;
     s.kernelMs += t;
     const o = s.byOp.get(op) ?? { ms: 0, count: 0 };
@@ -110,7 +122,8 @@ function summarize(events: ProfileEvent[], wallMs: number, timedRuns: number, or
     s.byOp.set(op, o);
     const own = /^\/model\/layers\.(\d+)\//.exec(name);
     const inIf = ifs.find((w) => e.ts >= w.start && e.ts <= w.end);
-    if (inIf) inIf.inner += t;
+    // Every If whose window holds the kernel (an outer one holds its nested Ifs' kernels too).
+    for (const w of ifs) if (e.ts >= w.start && e.ts <= w.end) w.inner += t;
     if (own) layer(Number(own[1])).original += t;
     else if (inIf) layer(inIf.layer).routingInIf += t;
     else if (!originalNames || originalNames.has(name)) s.outside += t;
@@ -120,7 +133,10 @@ function summarize(events: ProfileEvent[], wallMs: number, timedRuns: number, or
       else s.outside += t;
     }
   }
-  s.ifOverheadMs = ifs.reduce((a, w) => a + Math.max(0, w.dur - w.inner), 0);
+  // An If inside another's window is nested: its kernels are already in the outer one's.
+  const outermost = ifs.filter((w) => !ifs.some((o) => o !== w && o.start <= w.start && o.end >= w.end && (o.start < w.start || o.end > w.end)));
+  s.ifOverheadMs = outermost.reduce((a, w) => a + Math.max(0, w.dur - w.inner), 0);
+  s.ifsPerRun = ifs.length / runs.length;
   return s;
 }
 
@@ -175,7 +191,7 @@ export async function profileBench(argv: readonly string[]): Promise<void> {
       console.log(JSON.stringify({
         bench: 'profile', mode: f.mode, settings: { ...settingsJson(f, `npm run bench -- profile ${argv.join(' ')}`.trimEnd()), prompt: f.prompt, warmup: f.warmup, runs: Math.max(1, f.runs) },
         models: summaries.map(([n, s]) => ({
-          model: n, wallMs: s.plainWallMs, profiledWallMs: s.wallMs, kernelEventsPerRun: s.nodesPerRun, kernelMs: s.kernelMs, ifOverheadMs: s.ifOverheadMs, outsideLayersMs: s.outside, routingMs: routing(s),
+          model: n, wallMs: s.plainWallMs, profiledWallMs: s.wallMs, kernelEventsPerRun: s.nodesPerRun, ifsPerRun: s.ifsPerRun, largeWrites: s.largeWrites, kernelMs: s.kernelMs, ifOverheadMs: s.ifOverheadMs, outsideLayersMs: s.outside, routingMs: routing(s),
           byOp: Object.fromEntries(s.byOp), byLayer: [...s.byLayer.values()],
         })),
       }, null, 2));
@@ -188,8 +204,8 @@ export async function profileBench(argv: readonly string[]): Promise<void> {
       ...(f.mode === 'decode' ? [`decode feeds: zero past K/V of ${f.prompt} tokens (converted layers of the MoD compile: ceil(c x ${f.prompt})); whether a converted layer runs depends on its router`] : []),
       `per model: ${f.warmup} untimed + ${Math.max(1, f.runs)} timed runs with profiling off, then the same with enableProfiling on (wall: median; kernel times: per-run mean of the profiled runs); If nodes are not summed, their subgraph kernels are`,
       'caution: the profiler costs tens of microseconds per kernel event (compare the two wall columns), and part of it lands in the kernel times: the many small routing nodes are over-counted', '```', '');
-    out.push(table(['model', 'wall, profiling off (median)', 'wall, profiling on (median)', 'kernel events per run', 'sum of kernel times', 'layer ops', 'routing (added nodes)', 'If overhead', 'outside layers (prefix, suffix)'], summaries.map(([n, s]) => [
-      n, ms(s.plainWallMs), ms(s.wallMs), s.nodesPerRun.toFixed(0), ms(s.kernelMs), ms([...s.byLayer.values()].reduce((a, l) => a + l.original, 0)), ms(routing(s)), ms(s.ifOverheadMs), ms(s.outside),
+    out.push(table(['model', 'wall, profiling off (median)', 'wall, profiling on (median)', 'kernel events per run', 'If nodes run', 'kernels writing >= 1 MiB (MB)', 'sum of kernel times', 'layer ops', 'routing (added nodes)', 'If overhead', 'outside layers (prefix, suffix)'], summaries.map(([n, s]) => [
+      n, ms(s.plainWallMs), ms(s.wallMs), s.nodesPerRun.toFixed(0), s.ifsPerRun.toFixed(0), `${s.largeWrites.count.toFixed(0)} (${s.largeWrites.mb.toFixed(1)})`, ms(s.kernelMs), ms([...s.byLayer.values()].reduce((a, l) => a + l.original, 0)), ms(routing(s)), ms(s.ifOverheadMs), ms(s.outside),
     ])), '');
     const ops = new Map<string, number>();
     for (const [, s] of summaries) for (const [op, v] of s.byOp) ops.set(op, Math.max(ops.get(op) ?? 0, v.ms));

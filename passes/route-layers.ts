@@ -23,6 +23,10 @@
  *   u_full = ScatterTokens[Gated](0, indices, valid, 0_sel, u)   replaces u at its join Add
  *
  * An attention part compacts the layer's KV cache as a block does; an MLP part leaves it alone.
+ *
+ * Where the cache is appended by `Concat(past, new)` (the unfused form), the append stays in the
+ * main graph and no full cache passes through an If (`appendOutsideIf`, the decode fast path);
+ * the fused forms keep the layer, with its cache packing, inside one If (`skipWhenNothingSelected`).
  */
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
 import { kvCompactionBlocker } from '../compiler/analysis/attention.js';
@@ -30,7 +34,7 @@ import type { DecoderStructure, KvTensor, LayerInfo, SideInput } from '../compil
 import { subLayersOf } from '../compiler/analysis/sub-layers.js';
 import { tokenCouplingBlocker } from '../compiler/analysis/token-coupling.js';
 import { ModcError } from '../compiler/errors.js';
-import { DataType } from '../compiler/ir/dtype.js';
+import { DataType, type DataTypeCode } from '../compiler/ir/dtype.js';
 import { Graph, type Node, Value } from '../compiler/ir/graph.js';
 import type { Model } from '../compiler/ir/model.js';
 import { graphInputsReached, recomputeWith, replaceUsesWithin } from '../compiler/ir/rewrite.js';
@@ -44,6 +48,7 @@ import type { RoutedPart } from '../compiler/routers.js';
 import { describeLayerPart } from '../compiler/routing-plan.js';
 import { Tensor } from '../compiler/ir/tensor.js';
 import { routingOf, type LayerRouting, streamElementType } from './mod-common.js';
+import { elementTypeOf, kvAppendsOf, sliceWithin, type KvAppend } from './kv-append.js';
 import { isStaticLayout } from '../compiler/analysis/types.js';
 import { compactStaticCache, maskCompactedKeys } from './static-cache.js';
 import { originalPositions } from './window-mask.js';
@@ -175,8 +180,7 @@ class LayerRouter {
    * `If(cond)` in the main graph with branches built by the callbacks; returns its outputs,
    * typed like the then-branch's (element type only: shapes may differ between branches).
    */
-  private ifElse(name: string, cond: Value, thenBranch: (g: Graph) => Value[], elseBranch: (g: Graph) => Value[]): Value[] {
-    const g = this.model.graph;
+  private ifElse(name: string, cond: Value, thenBranch: (g: Graph) => Value[], elseBranch: (g: Graph) => Value[], g: Graph = this.model.graph): Value[] {
     const branches = [new Graph(`${name}_then`, g), new Graph(`${name}_else`, g)] as const;
     branches[0].outputs = thenBranch(branches[0]);
     branches[1].outputs = elseBranch(branches[1]);
@@ -189,12 +193,36 @@ class LayerRouter {
   }
 
   private readonly gathered = new Map<Value, Value>();
+  /** The layer took the decode fast path (its cache appended outside its If). */
+  appendsOutsideIf = false;
 
-  /** `v` at the selected tokens (one GatherTokens per value and layer). */
-  private gather(v: Value): Value {
+  /**
+   * `v` at the selected tokens (one gather per value and layer). A [B, S] value (token ids,
+   * positions, the gate) is GatherTokens' semantics in one standard kernel, GatherElements on
+   * axis 1; others take GatherTokens.
+   */
+  private gather(v: Value, rank2 = v.shape?.length === 2): Value {
     let out = this.gathered.get(v);
     if (!out) {
-      out = this.call('GatherTokens', [v, this.routing.indices])[0]!;
+      out = rank2 ? this.e.op('GatherElements', [v, this.routing.indices], { axis: 1 }) : this.call('GatherTokens', [v, this.routing.indices])[0]!;
+      this.gathered.set(v, out);
+    }
+    return out;
+  }
+
+  private slotIndex?: Value;
+
+  /**
+   * A stream value ([B, S, H], the stream's float type) at the selected tokens: GatherTokens'
+   * semantics as one GatherND with batch_dims 1 from opset 13 (its CUDA kernel covers the
+   * float types from there), else GatherTokens.
+   */
+  private gatherStream(v: Value): Value {
+    if (this.e.opset < 13) return this.gather(v, false);
+    let out = this.gathered.get(v);
+    if (!out) {
+      this.slotIndex ??= this.e.unsqueeze(this.routing.indices, [2]);
+      out = this.e.op('GatherND', [v, this.slotIndex], { batch_dims: 1 });
       this.gathered.set(v, out);
     }
     return out;
@@ -220,8 +248,8 @@ class LayerRouter {
     const zeros = r.output.kind === 'update' ? this.e.op('ConstantOfShape', [this.e.op('Shape', [x])], { value: zeroTensor(streamElementType(this.s)) }) : null;
     const existing = new Set(g.nodes);
     const y = r.output.value;
-    const xSel = this.gather(x);
-    if (r.part === 'block' && layer.entryBoundary) replaceUsesWithin(this.region, layer.entryBoundary.normed, this.gather(layer.entryBoundary.normed));
+    const xSel = this.gatherStream(x);
+    if (r.part === 'block' && layer.entryBoundary) replaceUsesWithin(this.region, layer.entryBoundary.normed, this.gatherStream(layer.entryBoundary.normed));
     replaceUsesWithin(this.region, x, xSel);
 
     const recompute: Value[] = [];
@@ -241,27 +269,37 @@ class LayerRouter {
       for (const v of perToken) replaceUsesWithin(this.region, v, recomputed.get(v)!);
     }
 
-    const kvPairs = r.compactsKv ? this.compactKv(xSel, recompute) : [];
+    const kv = r.compactsKv ? this.compactKv(xSel, recompute) : { pairs: [] };
 
     let scatter: Value;
     let passed: Value;
     if (r.output.kind === 'stream') {
       scatter = (this.opts.gated
-        ? this.call('ScatterTokensGated', [x, routing.indices, routing.valid, xSel, y, this.gather(this.e.op('Sigmoid', [routing.score]))])
+        ? this.call('ScatterTokensGated', [x, routing.indices, routing.valid, xSel, y, this.gather(this.e.op('Sigmoid', [routing.score]), true)])
         : this.call('ScatterTokens', [x, routing.indices, routing.valid, xSel, y]))[0]!;
       passed = x;
     } else {
       const zerosSel = this.e.op('ConstantOfShape', [this.e.op('Shape', [y])], { value: zeroTensor(streamElementType(this.s)) });
       scatter = (this.opts.gated
-        ? this.call('ScatterTokensGated', [zeros!, routing.indices, routing.valid, zerosSel, y, this.gather(this.e.op('Sigmoid', [routing.score]))])
+        ? this.call('ScatterTokensGated', [zeros!, routing.indices, routing.valid, zerosSel, y, this.gather(this.e.op('Sigmoid', [routing.score]), true)])
         : this.call('ScatterTokens', [zeros!, routing.indices, routing.valid, zerosSel, y]))[0]!;
       passed = zeros!;
     }
-    const layerNodes = new Set([...this.region, ...g.nodes.filter((n) => !existing.has(n))]);
-    for (const use of [...y.uses]) if (!layerNodes.has(use.node)) use.node.setInput(use.index, scatter);
+    const layerNodes = () => new Set([...this.region, ...g.nodes.filter((n) => !existing.has(n))]);
+    for (const use of [...y.uses]) if (!layerNodes().has(use.node)) use.node.setInput(use.index, scatter);
     if (g.outputs.includes(y)) g.outputs = g.outputs.map((v) => (v === y ? scatter : v));
 
-    return this.skipWhenNothingSelected(layerNodes, [[scatter, passed], ...kvPairs]);
+    if ('appends' in kv) {
+      const out = this.appendOutsideIf(layerNodes(), scatter, passed, kv.appends, kv.pastLength);
+      if (out) {
+        this.appendsOutsideIf = true;
+        return out;
+      }
+      // A value the branches hand on has an element type no rule covers: the general structure.
+      const pairs = this.packCompacted(kv.pastLength);
+      return this.skipWhenNothingSelected(layerNodes(), [[scatter, passed], ...pairs]);
+    }
+    return this.skipWhenNothingSelected(layerNodes(), [[scatter, passed], ...kv.pairs]);
   }
 
   private suffix(): string {
@@ -273,16 +311,18 @@ class LayerRouter {
    * present caches re-packed, `past_lengths.l` in and `present_lengths.l` out. Returns the
    * [computed, passed when skipped] pairs for the If.
    */
-  private compactKv(xSel: Value, recompute: Value[]): [Value, Value][] {
+  private compactKv(xSel: Value, recompute: Value[]): { pairs: [Value, Value][] } | { appends: KvAppend[]; pastLength: Value } {
     const { layer, routing } = this;
     const g = this.model.graph;
     const kv = layer.kv;
     // Static caches (TensorScatter buffers): passes/static-cache.ts.
     if (isStaticLayout(kv.layout)) {
-      return compactStaticCache({
-        model: this.model, layer, e: this.e, region: this.region, selectedCount: () => this.selectedCount(), recompute, suffix: this.suffix(), tokens: () => this.e.dimScalar(routing.indices, 1),
-        substitutes: (pastLength, capacity) => this.substitutes(xSel, pastLength, capacity, this.e.dimScalar(routing.indices, 1), false),
-      });
+      return {
+        pairs: compactStaticCache({
+          model: this.model, layer, e: this.e, region: this.region, selectedCount: () => this.selectedCount(), recompute, suffix: this.suffix(), tokens: () => this.e.dimScalar(routing.indices, 1),
+          substitutes: (pastLength, capacity) => this.substitutes(xSel, pastLength, capacity, this.e.dimScalar(routing.indices, 1), false),
+        }),
+      };
     }
     const pastKey = kv.key.input;
     const seqAxis = kv.layout === 'combined-2BHTD' ? 3 : 2;
@@ -296,7 +336,21 @@ class LayerRouter {
       const recomputed = recomputeWith(g, recompute, substitute, `_${this.suffix()}`);
       for (const v of recompute) replaceUsesWithin(this.region, v, recomputed.get(v)!);
     }
+    const appends = kvAppendsOf(layer, this.region);
+    if (!('reason' in appends) && this.region.size > 0 && ![...this.region].some((n) => n.subgraphs().length > 0)) return { appends, pastLength };
+    return { pairs: this.packCompacted(pastLength) };
+  }
 
+  /** The general structure: the presents re-packed inside the layer's If, with the lengths. */
+  private packCompacted(pastLength: Value): [Value, Value][] {
+    const { layer, routing } = this;
+    const g = this.model.graph;
+    const kv = layer.kv;
+    const pastKey = kv.key.input;
+    const seqAxis = kv.layout === 'combined-2BHTD' ? 3 : 2;
+    const capacity = this.e.dimScalar(pastKey, seqAxis);
+    const k = this.e.dimScalar(routing.indices, 1);
+    const gqa = layer.attention.form === 'GroupQueryAttention';
     // Keep this layer's valid cache slots and this call's valid tokens, each row packed left.
     const keep = gqa
       ? this.call('PrefixMask', [this.e.op('Add', [pastLength, this.selectedCount()]), this.e.op('Add', [capacity, k])])[0]!
@@ -347,6 +401,144 @@ class LayerRouter {
       }
     });
     return outs[0]!;
+  }
+
+  /**
+   * The decode fast path for a cache appended by `Concat(past, new)` (README, "How a layer is
+   * routed"). No full cache passes through an If branch or out of an If:
+   *
+   *   kv_new, v_new, h.. = If(any selected) { the nodes computing the new K/V from the selected
+   *                          tokens } else { [B,H,0,D] slices of the past; empty stand-ins }
+   *   present_lengths   = past_lengths + count                      (main graph)
+   *   aligned           = every row keeps every slot of Concat(past, new)
+   *   present           = If(aligned) { Concat(past, new) } else { GatherKv(Concat(past, new), Compact(keep)) }
+   *   out               = If(any selected) { If(aligned) { rest of the layer, reading present }
+   *                                          else { the same nodes on a local Concat(past, new) } }
+   *                       else { x }
+   *
+   * At batch 1, and whenever all rows select alike, `present` is the one Concat the original
+   * makes (computed into the If's output), and the layer's If returns only [B, S, H]. `h..` are
+   * the values the new K/V nodes share with the rest of the layer (the normed input, rotary
+   * tables). Returns the value carrying the layer's output, or null (graph unchanged) when a
+   * shared value's element type is not known, so the else branch cannot stand in for it.
+   */
+  private appendOutsideIf(nodes: ReadonlySet<Node>, scatter: Value, passed: Value, appends: KvAppend[], pastLength: Value): Value | null {
+    const g = this.model.graph;
+    g.toposort();
+    const order = g.nodes.filter((n) => nodes.has(n));
+    const concats = new Set(appends.map((a) => a.concat));
+    const rest = new Set(order.filter((n) => !concats.has(n)));
+    const kvNodes = sliceWithin(appends.map((a) => a.fresh), rest, order);
+    const kvSet = new Set(kvNodes);
+    const body = order.filter((n) => rest.has(n) && !kvSet.has(n));
+    const bodySet = new Set(body);
+    // Values the K/V nodes compute that the rest of the layer reads.
+    const shared: Value[] = [];
+    for (const n of kvNodes) for (const o of n.outputs) if ([...o.uses].some((u) => bodySet.has(u.node)) && !shared.includes(o)) shared.push(o);
+    for (const n of kvNodes) for (const o of n.outputs) {
+      if ([...o.uses].some((u) => !bodySet.has(u.node) && !kvSet.has(u.node) && !concats.has(u.node)) || g.outputs.includes(o)) return null;
+    }
+    const memo = new Map<Value, number | undefined>();
+    const sharedTypes = shared.map((v) => elementTypeOf(v, memo));
+    if (sharedTypes.some((t) => t === undefined)) return null;
+    for (const a of appends) if ([...a.full.uses].some((u) => !bodySet.has(u.node))) return null;
+
+    const tag = `modc/${this.tag}`;
+    const count = this.selectedCount();
+    const cond = this.e.op('Greater', [this.e.reduceSum(count, [0], false), this.e.i64(0)]);
+    const seqAxis = 2;
+
+    // 1. The new keys and values of the selected tokens; none when no row selects a token.
+    const fresh = this.ifElse(`${tag}/kv_new`, cond,
+      (run) => {
+        g.moveNodesTo(kvSet, run);
+        return [...appends.map((a) => a.fresh), ...shared];
+      },
+      (skip) => {
+        const e = new Emitter(skip, this.e.opset, `${tag}/kv_none/`);
+        const none = appends.map((a) => e.op('Slice', [a.past, e.i64([0]), e.i64([0]), e.i64([seqAxis])]));
+        const standIns = sharedTypes.map((t) => e.constant(Tensor.fromBytes('', t! as DataTypeCode, [0], new Uint8Array(0))));
+        return [...none, ...standIns];
+      });
+    fresh.forEach((out, i) => {
+      const inner = i < appends.length ? appends[i]!.fresh : shared[i - appends.length]!;
+      out.type = inner.type ?? (i < appends.length ? elementType(appends[i]!.past) : { tensor_type: { elem_type: sharedTypes[i - appends.length]! } } as TypeProto);
+      for (const use of [...inner.uses]) if (use.node.graph === g) use.node.setInput(use.index, out);
+    });
+    const freshKv = fresh.slice(0, appends.length);
+
+    // 2. Lengths, and whether Concat(past, new) is already packed (every slot of every row kept).
+    const presentLength = this.e.op('Add', [pastLength, count]);
+    presentLength.name = g.uniqueName(presentLengthName(this.l));
+    presentLength.type = tensorType(DataType.INT64, ['batch']);
+    g.outputs.push(presentLength);
+    // (The layer's own capacity value is one of its nodes, now inside its If: read it again here.)
+    const capacity = this.e.dimScalar(appends[0]!.past, seqAxis);
+    const appended = this.e.dimScalar(freshKv[0]!, seqAxis);
+    const slots = this.e.op('Mul', [this.e.op('Size', [pastLength]), this.e.op('Add', [capacity, appended])]);
+    const aligned = this.e.op('Equal', [this.e.reduceSum(presentLength, [0], false), slots]);
+
+    // 3. The presents: the Concat itself when aligned, re-packed otherwise.
+    const names = appends.map((a) => a.full.name);
+    const types = appends.map((a) => withDim(a.full.type, seqAxis, `present_sequence_length_${this.l}`));
+    for (const a of appends) {
+      a.full.name = g.uniqueName(`${a.full.name}_full`);
+      // A branch output declares its element type only (its length differs between branches).
+      a.full.type = elementType(a.full);
+    }
+    const presents = this.ifElse(`${tag}/pack_cache`, aligned,
+      (keepAll) => {
+        g.moveNodesTo(concats, keepAll);
+        return appends.map((a) => a.full);
+      },
+      (pack) => {
+        const mapping = new Map<Value, Value>();
+        pack.cloneNodes(appends.map((a) => a.concat), mapping, { suffix: '_packed' });
+        const e = new Emitter(pack, this.e.opset, `${tag}/pack/`);
+        const valid = e.op('Slice', [this.routing.valid, e.unsqueeze(e.i64(0), [0]), e.unsqueeze(appended, [0]), e.i64([1])]);
+        const keep = this.call('KeyMask', [pastLength, capacity, valid], pack)[0]!;
+        const [kept] = this.call('Compact', [keep], pack);
+        return appends.map((a) => this.call('GatherKv', [mapping.get(a.full)!, kept!], pack)[0]!);
+      });
+    presents.forEach((out, i) => {
+      const a = appends[i]!;
+      out.name = names[i]!;
+      out.type = types[i];
+      g.outputs = g.outputs.map((v) => (v === a.full ? out : v));
+      a.past.type = withDim(a.past.type, seqAxis, `past_sequence_length_${this.l}`);
+    });
+
+    // 4. The rest of the layer, reading the present by reference (or a local Concat when re-packed).
+    const outs = this.ifElse(`${tag}/if_selected`, cond,
+      (run) => this.ifElse(`${tag}/attend`, aligned,
+        (packed) => {
+          for (const n of body) n.inputs.forEach((v, j) => {
+            const k = appends.findIndex((a) => a.full === v);
+            if (k >= 0) n.setInput(j, presents[k]!);
+          });
+          g.moveNodesTo(bodySet, packed);
+          return [scatter];
+        },
+        (unpacked) => {
+          const mapping = new Map<Value, Value>();
+          unpacked.cloneNodes(appends.map((a) => a.concat), mapping, { suffix: '_attend' });
+          presents.forEach((p, k) => mapping.set(p, mapping.get(appends[k]!.full)!));
+          unpacked.cloneNodes(body, mapping, { suffix: '_unpacked' });
+          return [mapping.get(scatter)!];
+        }, run),
+      (skip) => [skip.addNode('Identity', [passed], [skip.newValue(`${passed.name}_skipped`)]).output(0)]);
+    const out = outs[0]!;
+    out.type = elementType(passed) ?? ({ tensor_type: { elem_type: streamElementType(this.s) } } as TypeProto);
+    const inner = new Set<Node>([...g.allNodes()].filter((n) => n.graph !== g));
+    for (const use of [...scatter.uses]) if (!inner.has(use.node)) use.node.setInput(use.index, out);
+    if (g.outputs.includes(scatter)) {
+      const name = scatter.name;
+      scatter.name = g.uniqueName(`${name}_run`);
+      out.name = name;
+      out.type = scatter.type;
+      g.outputs = g.outputs.map((v) => (v === scatter ? out : v));
+    }
+    return out;
   }
 
   /** What the shared mask / length builders read, in this layer's terms. */
@@ -408,7 +600,8 @@ class LayerRouter {
 }
 
 export interface RouteReport {
-  routed: { layer: number; part: RoutedPart }[];
+  /** `appendsOutsideIf`: the layer's cache is appended outside its If (the decode fast path). */
+  routed: { layer: number; part: RoutedPart; appendsOutsideIf: boolean }[];
   /** `part` absent for a whole block. */
   skipped: { layer: number; part?: RoutedPart; reason: string }[];
 }
@@ -435,9 +628,10 @@ export function routeLayers(model: Model, opts: RouteOptions): RouteReport {
   const carried = new Map<Value, Value>();
   for (const [region, routing] of plans) {
     const input = carried.get(region.input) ?? region.input;
-    const out = new LayerRouter(model, s, region, routing, opts, input).route();
+    const router = new LayerRouter(model, s, region, routing, opts, input);
+    const out = router.route();
     if (region.output.kind === 'stream') carried.set(region.output.value, out);
-    report.routed.push({ layer: region.layer.index, part: region.part });
+    report.routed.push({ layer: region.layer.index, part: region.part, appendsOutsideIf: router.appendsOutsideIf });
   }
   model.graph.toposort();
   if (meta) {
@@ -462,6 +656,7 @@ export function routeLayersPass(opts: RouteOptions): Pass {
         changed: r.routed.length > 0,
         notes: [
           ...(r.routed.length ? [`routed layers ${r.routed.map(describeLayerPart).join(', ')} (${opts.gated ? 'gated' : 'ungated'})`] : []),
+          ...(r.routed.some((x) => x.appendsOutsideIf) ? [`KV cache appended outside the layer's If (decode fast path): ${r.routed.filter((x) => x.appendsOutsideIf).map(describeLayerPart).join(', ')}`] : []),
           ...r.skipped.map((sk) => `layer ${describeLayerPart({ layer: sk.layer, part: sk.part ?? 'block' })} not converted: ${sk.reason}`),
         ],
       };

@@ -143,10 +143,16 @@ const gatherTokens: ModcOpDef = {
   },
 };
 
+/**
+ * x with x[b, indices[b, k], ...] = updates[b, k, ...]: one ScatterND on (row, position) index
+ * pairs [B, K, 2], with no flattening of x (fewer kernels than offsets into a [B*S, ...] view).
+ */
 function scatterRows(e: Emitter, x: Value, indices: Value, updates: Value): Value {
-  const flatIdx = e.op('Reshape', [e.op('Add', [indices, rowOffsets(e, x)]), e.i64([-1, 1])]);
-  const flatUpd = flattenRows(e, updates);
-  return e.op('Reshape', [e.op('ScatterND', [flattenRows(e, x), flatIdx, flatUpd]), e.op('Shape', [x])]);
+  const shape = e.op('Shape', [indices]);
+  const rows = e.op('Range', [e.i64(0), e.op('Gather', [shape, e.i64(0)], { axis: 0 }), e.i64(1)]);
+  const rowOfSlot = e.op('Expand', [e.unsqueeze(rows, [1]), shape]);
+  const pairs = e.op('Concat', [e.unsqueeze(rowOfSlot, [2]), e.unsqueeze(indices, [2])], { axis: 2 });
+  return e.op('ScatterND', [x, pairs, updates]);
 }
 
 const scatterTokens: ModcOpDef = {
