@@ -16,11 +16,12 @@
  *   --json           print the final figures as JSON
  * Exit code: 0 when no failure was found, 1 otherwise.
  */
+import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
-import { fuzz, type FuzzStats } from '../test/fuzz/pool.js';
+import { fuzz, type FuzzStats, WITH_MEMORY_LIMIT } from '../test/fuzz/pool.js';
 import { runCase } from '../test/fuzz/run-case.js';
 import { modelFolders, seedModels } from '../test/fuzz/seeds.js';
 
@@ -47,6 +48,11 @@ async function main(): Promise<number> {
     if (!Number.isFinite(n) || n < 0) throw new Error(`not a number: ${v}`);
     return n;
   };
+  if (values.replay && !process.env.MODC_FUZZ_LIMITED) {
+    // Under the workers' memory limit, so a replay ends as the case did.
+    const r = spawnSync('/bin/sh', ['-c', WITH_MEMORY_LIMIT, process.execPath, ...process.execArgv, process.argv[1]!, ...process.argv.slice(2)], { stdio: 'inherit', env: { ...process.env, MODC_FUZZ_LIMITED: '1' } });
+    return r.status ?? 1;
+  }
   if (values.replay) {
     const c = JSON.parse(readFileSync(values.replay, 'utf8')) as { fixture: string; seed: number; index: number; kind: string };
     const work = mkdtempSync(join(tmpdir(), 'modc-replay-'));

@@ -2,13 +2,14 @@
  * Regressions for each failure class the mutation fuzzer found (issue 12), each from a minimal
  * reproducer: one mutation of a fixture. A crash here would be a non-ModcError escaping.
  */
-import { chmodSync, cpSync, existsSync, linkSync, mkdirSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, cpSync, existsSync, linkSync, mkdirSync, readdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ModcError, quote } from '../compiler/errors.js';
 import { modelToProto } from '../compiler/io/convert.js';
 import { loadModel, modelFromBytes } from '../compiler/io/load.js';
 import { checkOutputPath, removeStaleTemporaries, saveModel } from '../compiler/io/save.js';
+import { DataType } from '../compiler/ir/dtype.js';
 import { Value } from '../compiler/ir/graph.js';
 import { verifyModel } from '../compiler/ir/verify.js';
 import type { ModelProto } from '../compiler/proto/index.js';
@@ -262,12 +263,32 @@ describe('outputs ONNX Runtime would reject', () => {
     expect(modelFromBytes(readFileSync(join(FIX, 'llama-tiny', 'model.onnx')), join(tmp, 'no-such-folder', 'model.onnx')).graph.nodes.length).toBeGreaterThan(0);
   });
 
-  it('rank checks refuse only what is certain: every fixture and its MoD compile pass them', async () => {
+  it('rank and element-type checks refuse only what is certain: every fixture model and a MoD compile pass them', async () => {
     const { rankIssues } = await import('../compiler/ir/ranks.js');
-    for (const f of ['llama-tiny', 'gpt2-tiny', 'neox-tiny', 'genai-tiny', 'ort-gpt2-fused', 'ort-qwen2-gqa', 'quality-lm']) {
-      expect([f, rankIssues(loadModel(join(FIX, f, 'model.onnx')).graph)]).toEqual([f, []]);
+    const { elemTypeIssues } = await import('../compiler/ir/elem-types.js');
+    const models = readdirSync(FIX).flatMap((d) => (statSync(join(FIX, d)).isDirectory() ? readdirSync(join(FIX, d)).filter((f) => f.endsWith('.onnx')).map((f) => join(FIX, d, f)) : []));
+    expect(models.length).toBeGreaterThan(20);
+    for (const path of models) {
+      const g = loadModel(path).graph;
+      expect([path, rankIssues(g), elemTypeIssues(g)]).toEqual([path, [], []]);
     }
-    expect(rankIssues(loadModel(await compiledLlama()).graph)).toEqual([]);
+    const compiled = loadModel(await compiledLlama()).graph;
+    expect([rankIssues(compiled), elemTypeIssues(compiled)]).toEqual([[], []]);
+  });
+
+  it('an input rewired to a value of an element type the op cannot take (fuzz seed 32, case 99691: Slice ends of float)', async () => {
+    const m = loadModel(join(FIX, 'llama-builder-tiny', 'model.onnx'));
+    const g = m.graph;
+    const slice = g.nodes.find((n) => n.opType === 'Slice' && n.inputs[2])!;
+    const weight = [...g.initializers.values()].find((v) => v.initializer!.dataType === DataType.FLOAT)!;
+    slice.setInput(2, weight);
+    expect(verifyModel(m).map((i) => i.message)).toContainEqual(expect.stringMatching(/Slice node .* input 2 is float; Slice takes int32 or int64 there/));
+    expect(refusal(() => saveModel(m, join(tmp, 'type', 'model.onnx'))).message).toMatch(/input 2 is float/);
+    // ONNX Runtime refuses the same model written without the check.
+    const dir = join(tmp, 'type-raw');
+    cpSync(join(FIX, 'llama-builder-tiny'), dir, { recursive: true });
+    writeFileSync(join(dir, 'model.onnx'), encodeModelProto(modelToProto(m, (v) => v.initializer!.proto)));
+    await expect(createSession(join(dir, 'model.onnx'))).rejects.toThrow(/Type Error/);
   });
 });
 

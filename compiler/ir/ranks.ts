@@ -24,7 +24,7 @@ const BROADCAST = new Set(['Add', 'Sub', 'Mul', 'Div', 'Pow', 'Equal', 'Less', '
  * The nodes in an order where each comes after the producers it reads (stable: a sorted graph
  * keeps its order), without reordering the graph itself; nodes on a cycle are left out.
  */
-function dependencyOrder(g: Graph): Node[] {
+export function dependencyOrder(g: Graph): Node[] {
   const waiting = new Map<Node, number>();
   const readers = new Map<Node, Node[]>();
   for (const n of g.nodes) {

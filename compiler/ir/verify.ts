@@ -8,6 +8,7 @@
 import { ModcError, quote } from '../errors.js';
 import type { Graph, Node, Value } from './graph.js';
 import type { Model, OnnxFunction } from './model.js';
+import { elemTypeIssues } from './elem-types.js';
 import { rankIssues } from './ranks.js';
 
 export interface VerifyIssue {
@@ -263,7 +264,7 @@ function verifyGraph(g: Graph, outer: ReadonlySet<Value>, issues: VerifyIssue[],
     outNames.add(v.name);
   }
   if (isMain) {
-    for (const m of rankIssues(g)) report(m);
+    for (const m of [...rankIssues(g), ...elemTypeIssues(g)]) report(m);
     for (const v of g.inputs) if (!v.type) report(`graph input ${val(v)} has no type`);
     for (const v of g.outputs) if (!v.type) report(`graph output ${val(v)} has no type`);
   }

@@ -2,12 +2,12 @@
  * The fuzz driver: hands cases to child processes (so a case that hangs or kills its process is
  * caught and classified), gathers the outcomes, and writes a reproducer for each distinct failure.
  */
-import { type ChildProcess, fork } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { cpSync, existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { cleanCase, FAILURES, type CaseSpec, type Outcome, type OutcomeKind } from './run-case.js';
+import { cleanCase, FAILURES, ORT_INPUT_STAGE, type CaseSpec, type Outcome, type OutcomeKind } from './run-case.js';
 
 export interface FuzzOptions {
   /** Seed folders (each with model.onnx). */
@@ -67,12 +67,33 @@ const CHILD = (() => {
   return self.endsWith('.ts') ? { path: self.replace(/pool\.ts$/, 'child.ts'), execArgv: ['--import', 'tsx'] } : { path: self.replace(/pool\.js$/, 'child.js'), execArgv: [] };
 })();
 
+/**
+ * Workers run with their data segment limited (RLIMIT_DATA, 6 GiB): a mutated input that makes
+ * ONNX Runtime allocate without bound (an Expand to a shape of 2^40 elements, folded at load)
+ * then fails with bad_alloc in that worker instead of taking the machine's memory. The shell
+ * sets the limit and execs node, which keeps the IPC channel.
+ */
+export const WITH_MEMORY_LIMIT = `ulimit -d ${6 * 2 ** 20} && exec "$0" "$@"`;
+
 interface Worker {
   proc: ChildProcess;
   spec?: CaseSpec;
   timer?: NodeJS.Timeout;
   /** The tail of the process's stderr: why it died. */
   stderr: string;
+  /** The stage the running case last reported. */
+  stage?: string;
+}
+
+/**
+ * What a case that stopped answering (timeout) or whose process died ends as: while ONNX Runtime
+ * was loading the mutated input, that is the input's problem and the case counts as accepted
+ * (modc had already written and reloaded its output); anywhere else it is a hang or a crash.
+ */
+function lost(spec: CaseSpec, stage: string | undefined, why: string, kind: 'hang' | 'crash'): Outcome {
+  const log = [`fixture ${spec.fixture}`, `seed ${spec.seed} index ${spec.index}`];
+  if (stage === ORT_INPUT_STAGE) return { kind: 'accepted', stage: 'done', message: `ONNX Runtime did not load the input (${why})`, log, inputLoadsInOrt: false };
+  return { kind, stage: kind === 'hang' ? 'timeout' : 'process', message: `${why}${stage ? ` in stage ${stage}` : ''}`, log };
 }
 
 export async function fuzz(opts: FuzzOptions): Promise<FuzzStats> {
@@ -130,7 +151,7 @@ export async function fuzz(opts: FuzzOptions): Promise<FuzzStats> {
   await new Promise<void>((done) => {
     let live = 0;
     const start = (): void => {
-      const proc = fork(CHILD.path, [], { execArgv: CHILD.execArgv, stdio: ['ignore', 'ignore', 'pipe', 'ipc'] });
+      const proc = spawn('/bin/sh', ['-c', WITH_MEMORY_LIMIT, process.execPath, ...CHILD.execArgv, CHILD.path], { stdio: ['ignore', 'ignore', 'pipe', 'ipc'] });
       const w: Worker = { proc, stderr: '' };
       proc.stderr?.on('data', (d: Buffer) => (w.stderr = (w.stderr + d.toString()).slice(-6000)));
       live++;
@@ -142,15 +163,20 @@ export async function fuzz(opts: FuzzOptions): Promise<FuzzStats> {
         const index = next++;
         issued++;
         w.spec = { fixture: opts.fixtures[index % opts.fixtures.length]!, seed: opts.seed, index, ort: sampled(opts.seed, index, ortSample), work: join(scratch, `c${index}`) };
+        w.stage = undefined;
         proc.send(w.spec);
         w.timer = setTimeout(() => {
           const spec = w.spec!;
           w.spec = undefined;
-          record(spec, { kind: 'hang', stage: 'timeout', message: `no answer after ${timeoutMs} ms`, log: [`fixture ${spec.fixture}`, `seed ${spec.seed} index ${spec.index}`] });
+          record(spec, lost(spec, w.stage, `no answer after ${timeoutMs} ms`, 'hang'));
           proc.kill('SIGKILL');
         }, timeoutMs);
       };
-      proc.on('message', (o: Outcome) => {
+      proc.on('message', (o: Outcome | { stage: string }) => {
+        if (!('kind' in o)) {
+          w.stage = o.stage;
+          return;
+        }
         clearTimeout(w.timer);
         const spec = w.spec;
         w.spec = undefined;
@@ -163,7 +189,8 @@ export async function fuzz(opts: FuzzOptions): Promise<FuzzStats> {
         if (w.spec) {
           const spec = w.spec;
           w.spec = undefined;
-          record(spec, { kind: 'crash', stage: 'process', message: `worker process died (${signal ?? `exit ${code}`}): ${w.stderr.trim().split('\n').filter((l) => /error|Error|at /.test(l)).slice(0, 6).join(' | ')}`, log: [`fixture ${spec.fixture}`, `seed ${spec.seed} index ${spec.index}`] });
+          const why = `worker process died (${signal ?? `exit ${code}`}): ${w.stderr.trim().split('\n').filter((l) => /error|Error|at /.test(l)).slice(0, 6).join(' | ')}`;
+          record(spec, lost(spec, w.stage, why, 'crash'));
         }
         if (more()) start();
         else if (live === 0) done();

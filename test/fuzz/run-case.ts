@@ -84,9 +84,25 @@ export function isOneLine(message: string): boolean {
   return !/[\u0000-\u0008\u000a-\u001f\u007f\u2028\u2029]/.test(message);
 }
 
+/** The stage a case is in; `onEnter` hears each change (the fuzz worker tells its parent). */
 class Stage {
-  name = 'load';
+  private current = 'load';
+  constructor(private readonly onEnter: (name: string) => void = () => {}) {}
+  get name(): string {
+    return this.current;
+  }
+  set name(next: string) {
+    this.current = next;
+    this.onEnter(next);
+  }
 }
+
+/**
+ * The stage in which ONNX Runtime loads the mutated input, before modc's output is checked. A
+ * case that runs out of time or memory there is ONNX Runtime's trouble with the input, not a
+ * modc failure (an int64 constant changed so that ORT's session setup allocates without bound).
+ */
+export const ORT_INPUT_STAGE = 'ort-input';
 
 /** Builds a case's mutant and writes it to `<work>/in`; returns the input path and the log. */
 export function prepareCase(spec: CaseSpec): { input: string; rng: Rng; log: string[] } {
@@ -97,9 +113,9 @@ export function prepareCase(spec: CaseSpec): { input: string; rng: Rng; log: str
   return { input, rng, log: [`fixture ${spec.fixture}`, ...m.log] };
 }
 
-export async function runCase(spec: CaseSpec): Promise<Outcome> {
+export async function runCase(spec: CaseSpec, onStage?: (name: string) => void): Promise<Outcome> {
   const { input, rng, log } = prepareCase(spec);
-  const stage = new Stage();
+  const stage = new Stage(onStage);
   const output = join(spec.work, 'out', 'model.onnx');
   try {
     const outcome = await runStages(input, output, rng, log, stage, spec.ort);
@@ -169,7 +185,9 @@ async function runStages(input: string, output: string, rng: Rng, log: string[],
       return ((e as Error).message ?? String(e)).split('\n')[0]!;
     }
   };
+  stage.name = ORT_INPUT_STAGE;
   const inErr = await tryLoad(input);
+  stage.name = 'ort';
   if (inErr !== null) return { kind: 'accepted', stage: 'done', message: `input does not load in ORT: ${inErr}`, log, inputLoadsInOrt: false };
   const outErr = await tryLoad(output);
   if (outErr !== null) return { kind: 'ort-rejected', stage: 'ort', message: outErr, log, inputLoadsInOrt: true };
