@@ -256,6 +256,29 @@ describe('outputs ONNX Runtime would reject', () => {
     }
   });
 
+  it('a Cast to element type 0 is refused on load (fuzz seed 33, case 22182: compile then wrote a constant of type 0)', () => {
+    const path = mutant('llama-tiny', (m) => {
+      const cast = m.graph!.node.find((n) => n.op_type === 'Cast')!;
+      cast.attribute.find((a) => a.name === 'to')!.i = 0 as never;
+    });
+    expect(refusal(() => loadModel(path)).message).toMatch(/Cast node '.*' casts to element type 0, which is not a tensor type/);
+  });
+
+  it('a cycle that closes through an If branch reading a later value is refused before save (fuzz seed 33, case 28485)', async () => {
+    const m = loadModel(await compiledLlama());
+    const g = m.graph;
+    const ifNode = g.nodes.find((n) => n.opType === 'If')!;
+    // The branch reads a value computed from the If's own output: a cycle only through the subgraph.
+    const later = g.nodes.find((n) => g.indexOf(n) > g.indexOf(ifNode) && n.inputs.some((v) => v && v.producer === ifNode))!.output(0);
+    const branch = ifNode.attributes.get('then_branch')!.graph!;
+    const reader = branch.nodes.find((n) => n.inputs.length > 0)!;
+    const slot = reader.inputs.findIndex((v) => v !== null);
+    reader.setInput(slot, later);
+    const issues = verifyModel(m, { order: false }).map((i) => i.message);
+    expect(issues).toContainEqual(expect.stringMatching(/has a cycle through .*; ONNX graphs must be acyclic/));
+    expect(refusal(() => saveModel(m, join(tmp, 'cycle', 'model.onnx'))).message).toMatch(/cycle/);
+  });
+
   it('modelFromBytes anchored in a folder that does not exist: a refusal once external data needs it', () => {
     const bytes = readFileSync(join(FIX, 'genai-tiny', 'model.onnx'));
     expect(refusal(() => modelFromBytes(bytes, join(tmp, 'no-such-folder', 'model.onnx'))).message).toMatch(/missing external data: 'model.onnx.data'/);

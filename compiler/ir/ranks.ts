@@ -11,7 +11,7 @@
  * never refused for a rank this pass merely failed to infer.
  */
 import { int64ToNumber } from '../proto/index.js';
-import type { Graph, Node, Value } from './graph.js';
+import { externalInputsOf, type Graph, type Node, type Value } from './graph.js';
 
 const SAME_RANK = new Set([
   'Identity', 'Cast', 'Neg', 'Abs', 'Sqrt', 'Exp', 'Log', 'Reciprocal', 'Sigmoid', 'Tanh', 'Relu', 'Erf', 'Sin', 'Cos', 'Not',
@@ -29,7 +29,7 @@ export function dependencyOrder(g: Graph): Node[] {
   const readers = new Map<Node, Node[]>();
   for (const n of g.nodes) {
     const deps = new Set<Node>();
-    for (const v of n.inputs) if (v?.producer && v.producer.graph === g && v.producer !== n) deps.add(v.producer);
+    for (const v of externalInputsOf(n)) if (v.producer && v.producer.graph === g && v.producer !== n) deps.add(v.producer);
     waiting.set(n, deps.size);
     for (const d of deps) {
       const list = readers.get(d);

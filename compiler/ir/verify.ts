@@ -6,8 +6,9 @@
  * from the message alone.
  */
 import { ModcError, quote } from '../errors.js';
-import type { Graph, Node, Value } from './graph.js';
+import { externalInputsOf, type Graph, type Node, type Value } from './graph.js';
 import type { Model, OnnxFunction } from './model.js';
+import { DataType } from './dtype.js';
 import { elemTypeIssues } from './elem-types.js';
 import { rankIssues } from './ranks.js';
 
@@ -98,6 +99,9 @@ const ARITY: Record<string, [number, number, number, number]> = {
   Attention: [3, 7, 1, 4], RotaryEmbedding: [3, 4, 1, 1], Sin: [1, 1, 1, 1], Cos: [1, 1, 1, 1],
 };
 
+/** Element type codes a tensor can have (TensorProto.DataType, UNDEFINED excluded). */
+const KNOWN_TYPES: ReadonlySet<number> = new Set<number>(Object.values(DataType).filter((t) => t !== DataType.UNDEFINED));
+
 /**
  * Fused com.microsoft ops the analysis reads: input slots (min, max), outputs (min, max), and the
  * slots that must be present (others may be omitted with '').
@@ -147,6 +151,10 @@ function verifyArity(n: Node, report: (m: string) => void, ctx: Ctx): void {
   const required = n.inputs.slice(0, inMin).filter((v) => v !== null).length;
   if (ins < inMin || required < inMin || ins > inMax) report(`${n.describe()} has ${ins} input${ins === 1 ? '' : 's'}${required < ins ? ` (${ins - required} of the first ${inMin} omitted)` : ''}; ${n.opType} takes ${inMin === inMax ? inMin : `${inMin} to ${inMax === Infinity ? 'any number' : inMax}`}`);
   if (outs < outMin || outs > outMax) report(`${n.describe()} has ${outs} output${outs === 1 ? '' : 's'}; ${n.opType} gives ${outMin === outMax ? outMin : `${outMin} to ${outMax === Infinity ? 'any number' : outMax}`}`);
+  if (n.opType === 'Cast') {
+    const to = n.attrInt('to');
+    if (to === undefined || !KNOWN_TYPES.has(to)) report(`${n.describe()} casts to ${to === undefined ? 'no type (attribute to is missing)' : `element type ${to}, which is not a tensor type`}`);
+  }
   if (n.opType === 'If') {
     for (const branch of ['then_branch', 'else_branch']) {
       const g = n.attributes.get(branch)?.graph;
@@ -162,7 +170,8 @@ function cycleMember(g: Graph): Node | null {
   const dependents = new Map<Node, Node[]>();
   for (const n of g.nodes) {
     const deps = new Set<Node>();
-    for (const v of n.inputs) if (v?.producer && v.producer.graph === g) deps.add(v.producer);
+    // Subgraphs' reads of this graph's values count: an If whose branch reads a later value waits on it.
+    for (const v of externalInputsOf(n)) if (v.producer && v.producer.graph === g) deps.add(v.producer);
     pending.set(n, deps.size);
     for (const d of deps) dependents.set(d, [...(dependents.get(d) ?? []), n]);
   }
@@ -183,7 +192,7 @@ function cycleMember(g: Graph): Node | null {
   const seen = new Set<Node>();
   while (!seen.has(n)) {
     seen.add(n);
-    const p = n.inputs.map((v) => v?.producer).find((x) => x && x.graph === g && pending.get(x)! > 0);
+    const p = externalInputsOf(n).map((v) => v.producer).find((x) => x && x.graph === g && pending.get(x)! > 0);
     if (!p) break;
     n = p;
   }
@@ -250,7 +259,7 @@ function verifyGraph(g: Graph, outer: ReadonlySet<Value>, issues: VerifyIssue[],
       define(v, `an output of ${n.describe()}`);
     }
   }
-  if (forward && !ctx.order) {
+  if (!ctx.order && (forward || g.nodes.some((n) => n.subgraphs().length > 0))) {
     const stuck = cycleMember(g);
     if (stuck) report(`graph ${quote(g.name)} has a cycle through ${stuck.describe()}; ONNX graphs must be acyclic`);
   }
