@@ -51,7 +51,6 @@ const SAME_TYPE_INPUTS: Record<string, number[]> = {
   LessOrEqual: [0, 1], GreaterOrEqual: [0, 1], And: [0, 1], Or: [0, 1], Xor: [0, 1], Where: [1, 2], Range: [0, 1, 2],
 };
 
-
 /** The element type of each value whose type is certain. */
 export function certainElemTypes(g: Graph): Map<Value, number> {
   const type = new Map<Value, number>();
