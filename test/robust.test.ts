@@ -279,6 +279,23 @@ describe('outputs ONNX Runtime would reject', () => {
     expect(refusal(() => saveModel(m, join(tmp, 'cycle', 'model.onnx'))).message).toMatch(/cycle/);
   });
 
+  it('a MatMul rewired to an input whose last dim cannot meet its weight (fuzz seed 34, case 91638)', () => {
+    const m = loadModel(join(FIX, 'forms-hybrid-tiny', 'model.onnx'));
+    const g = m.graph;
+    const [gate, up] = ['gate_proj', 'up_proj'].map((p) => g.nodes.find((n) => n.opType === 'MatMul' && n.name.includes(`layers.2/mlp/${p}`))!);
+    gate!.setInput(0, up!.output(0)); // [B, S, 64] into a [32, 64] weight
+    g.toposort();
+    expect(verifyModel(m).map((i) => i.message)).toContainEqual(expect.stringMatching(/gate_proj\/MatMul' multiplies an input whose last dim is 64 by one whose second-to-last dim is 32/));
+  });
+
+  it('a head count outside int32 (fuzz seed 34, case 90939: kv_num_heads 2^32 + 1) is refused by analysis', async () => {
+    const { analyzeDecoder } = await import('../compiler/analysis/analyze.js');
+    const path = mutant('forms-gqa-tiny', (m) => {
+      for (const n of m.graph!.node) if (n.op_type === 'GroupQueryAttention') n.attribute.find((a) => a.name === 'kv_num_heads')!.i = 4294967297 as never;
+    });
+    expect(refusal(() => analyzeDecoder(loadModel(path))).message).toMatch(/has kv_num_heads 4294967297; a head count must be in \[1, 2\^31 - 1\]/);
+  });
+
   it('modelFromBytes anchored in a folder that does not exist: a refusal once external data needs it', () => {
     const bytes = readFileSync(join(FIX, 'genai-tiny', 'model.onnx'));
     expect(refusal(() => modelFromBytes(bytes, join(tmp, 'no-such-folder', 'model.onnx'))).message).toMatch(/missing external data: 'model.onnx.data'/);

@@ -125,6 +125,10 @@ function fusedCore(n: Node, schema: FusedAttentionSchema, ctx: AttentionContext)
   const shape = key.input.shape ?? [];
   const [headsDim, headDim] = combined ? [shape[2], shape[4]] : [shape[1], shape[3]];
   const numKvHeads = n.attrInt('kv_num_heads') ?? (typeof headsDim === 'number' ? headsDim : numHeads);
+  // ONNX Runtime reads head counts as int32; modc writes them into ops that check the range.
+  for (const [name, v] of [['num_heads', numHeads], ['kv_num_heads', numKvHeads]] as const) {
+    if (!Number.isSafeInteger(v) || v < 1 || v > 2 ** 31 - 1) throw new ModcError(`${n.describe()} has ${name} ${v}; a head count must be in [1, 2^31 - 1]`);
+  }
   const headSize = typeof headDim === 'number' ? headDim : undefined;
   if (!headSize) throw new ModcError(`${n.describe()}: past ${key.input} needs a static head size dim`);
   const kv: KvCacheSpec = { key, value, layout: combined ? 'combined-2BHTD' : 'BHTD', numKvHeads, headSize };

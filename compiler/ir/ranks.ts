@@ -138,9 +138,89 @@ function constantInts(v: Value | null): number[] | undefined {
   return undefined;
 }
 
+/** Ops whose output has exactly the shape of input 0. */
+const SAME_SHAPE = new Set([
+  'Identity', 'Cast', 'Neg', 'Abs', 'Sqrt', 'Exp', 'Log', 'Reciprocal', 'Sigmoid', 'Tanh', 'Relu', 'Erf', 'Sin', 'Cos', 'Not',
+  'Softmax', 'LogSoftmax', 'Floor', 'Ceil', 'Round', 'Sign', 'Gelu', 'Dropout', 'IsNaN', 'IsInf', 'LayerNormalization',
+  'RMSNormalization', 'SimplifiedLayerNormalization', 'CumSum', 'Trilu',
+]);
+const BROADCAST_SHAPE = new Set(['Add', 'Sub', 'Mul', 'Div']);
+
+type Dims = (number | null)[];
+
+/**
+ * Dims that are certain (null where a dim is symbolic or unknown), for values whose rank is
+ * certain: from declared inputs and initializers, through shape-preserving ops, broadcasting
+ * arithmetic, Transpose and MatMul. Enough to see a MatMul whose inner dims cannot agree.
+ */
+export function certainDims(g: Graph): Map<Value, Dims> {
+  const dims = new Map<Value, Dims>();
+  for (const v of g.inputs) {
+    const s = v.type?.tensor_type?.shape;
+    if (s) dims.set(v, s.dim.map((d) => (d.dim_value !== undefined && d.dim_value !== null && !d.dim_param ? int64ToNumber(d.dim_value) : null)).map((d) => (d !== null && d > 0 ? d : null)));
+  }
+  for (const v of g.initializers.values()) if (v.initializer) dims.set(v, v.initializer.dims);
+  for (const n of dependencyOrder(g)) {
+    if ((n.domain !== '' && n.domain !== 'ai.onnx') || !n.outputs[0]) continue;
+    const d = (i: number) => (n.inputs[i] ? dims.get(n.inputs[i]!) : undefined);
+    let out: Dims | undefined;
+    if (SAME_SHAPE.has(n.opType)) out = d(0);
+    else if (n.opType === 'Transpose') {
+      const a = d(0);
+      const perm = n.attrInts('perm');
+      if (a && perm?.length === a.length && perm.every((p) => p >= 0 && p < a.length)) out = perm.map((p) => a[p]!);
+    } else if (n.opType === 'MatMul') {
+      const [a, b] = [d(0), d(1)];
+      if (a && b && a.length >= 2 && b.length >= 2) out = [...Array(Math.max(a.length, b.length) - 2).fill(null), a[a.length - 2]!, b[b.length - 1]!];
+    } else if (BROADCAST_SHAPE.has(n.opType)) {
+      const [a, b] = [d(0), d(1)];
+      if (a && b) {
+        const r = Math.max(a.length, b.length);
+        out = Array.from({ length: r }, (_, i) => {
+          const x = a[a.length - r + i] ?? 1;
+          const y = b[b.length - r + i] ?? 1;
+          if (x !== null && y !== null) return x === y || y === 1 ? x : x === 1 ? y : null;
+          const known = x ?? y;
+          return known !== null && known > 1 ? known : null;
+        });
+      }
+    }
+    if (out) dims.set(n.outputs[0], out);
+  }
+  return dims;
+}
+
+/**
+ * The last dim of each value where it is certain, also when its other dims (or its rank) are not:
+ * a MatMul by a weight [K, N] ends in N whatever its input, and shape-preserving and
+ * broadcasting ops keep a last dim greater than 1.
+ */
+export function certainLastDims(g: Graph, dims: ReadonlyMap<Value, Dims>): Map<Value, number> {
+  const last = new Map<Value, number>();
+  for (const [v, d] of dims) if (typeof d.at(-1) === 'number') last.set(v, d.at(-1) as number);
+  for (const n of dependencyOrder(g)) {
+    if ((n.domain !== '' && n.domain !== 'ai.onnx') || !n.outputs[0] || last.has(n.outputs[0])) continue;
+    const l = (i: number) => (n.inputs[i] ? last.get(n.inputs[i]!) : undefined);
+    let out: number | undefined;
+    if (SAME_SHAPE.has(n.opType)) out = l(0);
+    else if (n.opType === 'MatMul') {
+      const b = n.inputs[1] ? dims.get(n.inputs[1]) : undefined;
+      if (b && b.length >= 2 && typeof b.at(-1) === 'number') out = b.at(-1) as number;
+    } else if (BROADCAST_SHAPE.has(n.opType)) {
+      const [x, y] = [l(0), l(1)];
+      if (x !== undefined && y !== undefined) out = x === y || y === 1 ? x : x === 1 ? y : undefined;
+      else out = [x, y].find((k) => k !== undefined && k > 1);
+    }
+    if (out !== undefined) last.set(n.outputs[0], out);
+  }
+  return last;
+}
+
 /** Messages for ops whose input ranks ONNX shape inference refuses. */
 export function rankIssues(g: Graph): string[] {
   const rank = certainRanks(g);
+  const dims = certainDims(g);
+  const lastDims = certainLastDims(g, dims);
   const issues: string[] = [];
   const inAxis = (axis: number, r: number) => axis >= -r && axis < r;
   for (const n of g.nodes) {
@@ -158,9 +238,17 @@ export function rankIssues(g: Graph): string[] {
         if (n.opType === 'GatherElements' && d !== undefined && r(1) !== undefined && r(1) !== d) say(`has data of rank ${d} and indices of rank ${r(1)}; they must match`);
         break;
       }
-      case 'MatMul':
-        if (r(0) === 0 || r(1) === 0) say('multiplies a scalar; MatMul needs inputs of rank >= 1');
+      case 'MatMul': {
+        if (r(0) === 0 || r(1) === 0) {
+          say('multiplies a scalar; MatMul needs inputs of rank >= 1');
+          break;
+        }
+        const [a, b] = [n.inputs[0] ? dims.get(n.inputs[0]) : undefined, n.inputs[1] ? dims.get(n.inputs[1]) : undefined];
+        const k = a?.[a.length - 1] ?? (n.inputs[0] ? lastDims.get(n.inputs[0]) : undefined);
+        const kb = b ? b[b.length >= 2 ? b.length - 2 : 0] : undefined;
+        if (typeof k === 'number' && typeof kb === 'number' && k !== kb) say(`multiplies an input whose last dim is ${k} by one whose ${b!.length >= 2 ? 'second-to-last' : 'only'} dim is ${kb}; they must agree`);
         break;
+      }
       case 'Transpose': {
         const perm = n.attrInts('perm');
         const d = r(0);
