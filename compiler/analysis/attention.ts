@@ -69,21 +69,28 @@ export function stateTensors(nodes: readonly Node[], exclude: ReadonlySet<Value>
   return out;
 }
 
-/** The graph inputs a value is computed from through prefix data edges (not through Shape): itself if it is one. */
-function prefixSources(v: Value, ctx: AttentionContext): Value[] {
-  const found: Value[] = [];
-  const stack = [v];
+/**
+ * Every value `v` is computed from through data edges (not through Shape, whose output depends
+ * only on a shape), `v` included, in depth-first order; a value `blocked` says is visited but not
+ * walked past.
+ */
+function dataUpstream(v: Value, blocked: (x: Value) => boolean = () => false): Set<Value> {
   const seen = new Set<Value>();
+  const stack = [v];
   while (stack.length) {
     const x = stack.pop()!;
     if (seen.has(x)) continue;
     seen.add(x);
-    if (ctx.graphInputs.has(x)) found.push(x);
     const p = x.producer;
-    if (!p || ctx.dependent.has(x) || p.opType === 'Shape') continue;
+    if (!p || blocked(x) || p.opType === 'Shape') continue;
     for (const i of p.inputs) if (i) stack.push(i);
   }
-  return found;
+  return seen;
+}
+
+/** The graph inputs a value is computed from through prefix data edges (not through Shape): itself if it is one. */
+function prefixSources(v: Value, ctx: AttentionContext): Value[] {
+  return [...dataUpstream(v, (x) => ctx.dependent.has(x))].filter((x) => ctx.graphInputs.has(x));
 }
 
 /** The graph output of `start`'s rank and element type nearest downstream of it, breadth first. */
@@ -354,18 +361,7 @@ export function kvCompactionBlocker(core: AttentionCore): string | null {
 
 /** Whether `v` is computed from the position_ids graph input through data (not only its shape). */
 function readsPositions(v: Value): boolean {
-  const stack = [v];
-  const seen = new Set<Value>();
-  while (stack.length) {
-    const x = stack.pop()!;
-    if (seen.has(x)) continue;
-    seen.add(x);
-    if (x.name === 'position_ids' && !x.producer) return true;
-    const p = x.producer;
-    if (!p || p.opType === 'Shape') continue;
-    for (const i of p.inputs) if (i) stack.push(i);
-  }
-  return false;
+  return [...dataUpstream(v)].some((x) => x.name === 'position_ids' && !x.producer);
 }
 
 const COMPARISONS = new Set(['Less', 'LessOrEqual', 'Greater', 'GreaterOrEqual']);
