@@ -10,14 +10,14 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
-import { loadModel } from '../compiler/io/load.js';
-import { externalReads } from '../compiler/ir/tensor.js';
-import { runPipeline } from '../compiler/pass-manager.js';
-import { planRouting } from '../compiler/routing-plan.js';
+import { loadModel } from '../compiler/core/io/load.js';
+import { externalReads } from '../compiler/core/ir/tensor.js';
+import { runPipeline } from '../compiler/passes/pass-manager.js';
+import { planRouting } from '../compiler/routing/routing-plan.js';
 import { writeGenaiModel, writeLlamaModel } from '../fixtures/builder/index.js';
-import { modPipeline } from '../passes/index.js';
+import { modPipeline } from '../compiler/passes/pipeline.js';
 import { median, parseFlags, table, type FlagSpecs } from './common.js';
-import { UsageError } from '../compiler/errors.js';
+import { UsageError } from '../compiler/core/errors.js';
 
 export const ANALYSIS_FLAGS = {
   runs: { kind: 'int', default: 5, help: 'in-process runs of the 7B analysis (median)' },

@@ -10,18 +10,18 @@ import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
 import { extractDecoder } from '../compiler/analysis/extract.js';
-import { LayerByLayerRunner } from '../compiler/analysis/layer-executor.js';
-import { UsageError } from '../compiler/errors.js';
-import { loadModel } from '../compiler/io/load.js';
-import { saveModel } from '../compiler/io/save.js';
-import { runPipeline } from '../compiler/pass-manager.js';
-import { planRouting, type PlanRequest, type RoutingPlan } from '../compiler/routing-plan.js';
-import { type DecoderIo } from '../compiler/runtime/decoder-io.js';
+import { LayerByLayerRunner } from '../compiler/runtime/layer-runner.js';
+import { UsageError } from '../compiler/core/errors.js';
+import { loadModel } from '../compiler/core/io/load.js';
+import { saveModel } from '../compiler/core/io/save.js';
+import { runPipeline } from '../compiler/passes/pass-manager.js';
+import { planRouting, type PlanRequest, type RoutingPlan } from '../compiler/routing/routing-plan.js';
+import { type DecoderIo } from '../compiler/metadata/decoder-io.js';
 import { ort, type SessionOptions } from '../compiler/runtime/ort.js';
 import { typed } from '../compiler/runtime/session.js';
 import { type DecoderConfig, writeLlamaModel } from '../fixtures/builder/index.js';
-import { splitFusedBoundaries } from '../passes/split-fused-boundaries.js';
-import { defaultRegistry, modPipeline } from '../passes/index.js';
+import { splitFusedBoundaries } from '../compiler/passes/split-fused-boundaries.js';
+import { defaultRegistry, modPipeline } from '../compiler/passes/pipeline.js';
 
 // ---------------------------------------------------------------- flags
 
@@ -165,7 +165,7 @@ export function collectGarbage(): number {
 
 // ---------------------------------------------------------------- statistics and output
 
-import { median } from '../compiler/benchmark.js';
+import { median } from '../compiler/apps/benchmark/benchmark.js';
 
 export { median };
 

@@ -7,7 +7,7 @@
  *   node dist/bench/compile-probe.js MODEL.onnx OUT.onnx [extra modc compile flags]
  */
 import { main } from '../compiler/cli/main.js';
-import { externalReads } from '../compiler/ir/tensor.js';
+import { externalReads } from '../compiler/core/ir/tensor.js';
 
 const [model, out, ...extra] = process.argv.slice(2);
 if (!model || !out) {

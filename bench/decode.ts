@@ -13,7 +13,7 @@
  *   latency ideal      = original x (1 - sum over converted l of d_l x skip_l)
  */
 import { collectGarbage, environment, flagHelp, log, mean, median, mib, modelFlags, modelLine, ms, originalFeeds, parseFlags, pct, ratio, sessionOptions, settingsJson, table, timeUnits, tokenIds, Workdir, applyQuick, buildModel, compileModel, type FlagSpecs } from './common.js';
-import { medianOfPaired, rotation } from '../compiler/benchmark.js';
+import { medianOfPaired, rotation } from '../compiler/apps/benchmark/benchmark.js';
 import { ModSession } from '../compiler/runtime/session.js';
 
 /** Per layer, per row: the tokens its cache holds. */

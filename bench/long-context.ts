@@ -11,8 +11,8 @@
  * the ratio of medians and the median of per-round ratios.
  */
 import { spawnSync } from 'node:child_process';
-import { medianOfPaired, rotation } from '../compiler/benchmark.js';
-import { UsageError } from '../compiler/errors.js';
+import { medianOfPaired, rotation } from '../compiler/apps/benchmark/benchmark.js';
+import { UsageError } from '../compiler/core/errors.js';
 import { applyQuick, buildModel, compileModel, environment, flagHelp, log, median, mib, modelFlags, modelLine, ms, parseFlags, ratio, settingsJson, table, Workdir, type FlagSpecs, type PlanChoice } from './common.js';
 
 export const LONG_CONTEXT_FLAGS = {

@@ -5,10 +5,10 @@
  * quality bench's `--json` output. With both kinds, two files: OUT-capacity.svg and OUT-quality.svg.
  */
 import { readFileSync } from 'node:fs';
-import { UsageError, ModcError } from '../compiler/errors.js';
-import { writeTextAtomic } from '../compiler/codegen/write-text.js';
-import { capacityFigure, qualityFigure, renderSvg } from '../compiler/plot/figures.js';
-import { collectPoints } from '../compiler/plot/sources.js';
+import { UsageError, ModcError } from '../compiler/core/errors.js';
+import { writeTextAtomic } from '../compiler/core/io/write-text.js';
+import { capacityFigure, qualityFigure, renderSvg } from '../compiler/apps/plot/figures.js';
+import { collectPoints } from '../compiler/apps/plot/sources.js';
 
 export const PLOT_USAGE = `usage: node dist/bench/run.js plot FILE.json... --out FIG.svg
 

@@ -17,7 +17,7 @@
  * now runs the lm_head on one position), so f_l is each layer's share of that smaller total.
  */
 import { collectGarbage, environment, flagHelp, lastLogitsModel, log, median, modelFlags, modelLine, ms, originalFeeds, parseFlags, pct, ratio, sessionOptions, settingsJson, table, timeUnits, tokenIds, Workdir, applyQuick, buildModel, compileModel, type FlagSpecs, type UnitTimes } from './common.js';
-import { medianOfPaired, rotation } from '../compiler/benchmark.js';
+import { medianOfPaired, rotation } from '../compiler/apps/benchmark/benchmark.js';
 import { ModSession } from '../compiler/runtime/session.js';
 
 export const PREFILL_FLAGS = {

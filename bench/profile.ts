@@ -6,9 +6,9 @@
  * cost per kernel event is what separates the two.
  */
 import { readdirSync, readFileSync } from 'node:fs';
-import { loadModel } from '../compiler/io/load.js';
-import { decoderIo } from '../compiler/runtime/decoder-io.js';
-import { UsageError } from '../compiler/errors.js';
+import { loadModel } from '../compiler/core/io/load.js';
+import { decoderIo } from '../compiler/metadata/decoder-io.js';
+import { UsageError } from '../compiler/core/errors.js';
 import { emptyTensor, ort } from '../compiler/runtime/ort.js';
 import { typed } from '../compiler/runtime/session.js';
 import { applyQuick, buildModel, collectGarbage, compileModel, environment, flagHelp, log, median, modelFlags, modelLine, ms, originalFeeds, parseFlags, pct, sessionOptions, settingsJson, table, tokenIds, Workdir, type FlagSpecs } from './common.js';

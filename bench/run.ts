@@ -3,7 +3,7 @@
  * `npm run bench -- NAME [flags]`). Tables go to stdout, progress to stderr.
  */
 import { spawnSync } from 'node:child_process';
-import { ModcError } from '../compiler/errors.js';
+import { ModcError } from '../compiler/core/errors.js';
 import { MALLOC_ENV } from './common.js';
 import { ANALYSIS_USAGE, analysisBench } from './analysis.js';
 import { DECODE_USAGE, decodeBench } from './decode.js';

@@ -5,8 +5,8 @@
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
-import { loadModel } from '../compiler/io/load.js';
-import { externalReads } from '../compiler/ir/tensor.js';
+import { loadModel } from '../compiler/core/io/load.js';
+import { externalReads } from '../compiler/core/ir/tensor.js';
 import { writeGenaiModel, writeLlamaModel } from '../fixtures/builder/index.js';
 import { tempDir } from './helpers.js';
 

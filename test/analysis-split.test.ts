@@ -5,12 +5,12 @@
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
-import { loadModel } from '../compiler/io/load.js';
-import { saveModel } from '../compiler/io/save.js';
-import { assertValid } from '../compiler/ir/verify.js';
-import { decoderIo } from '../compiler/runtime/decoder-io.js';
+import { loadModel } from '../compiler/core/io/load.js';
+import { saveModel } from '../compiler/core/io/save.js';
+import { assertValid } from '../compiler/core/ir/validate.js';
+import { decoderIo } from '../compiler/metadata/decoder-io.js';
 import { createSession } from '../compiler/runtime/ort.js';
-import { splitFusedBoundaries } from '../passes/split-fused-boundaries.js';
+import { splitFusedBoundaries } from '../compiler/passes/split-fused-boundaries.js';
 import { decodeStep, maxAbsDiff, prefill, type Feeds } from './extract-feeds.js';
 import { ROOT, FIXTURES, tempDir } from './helpers.js';
 

@@ -8,8 +8,8 @@ import { describe, expect, it } from 'vitest';
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
 import { formatExplanation, formatLayerTable, summarizeStructure } from '../compiler/analysis/report.js';
 import type { DecoderStructure, LayerInfo, SideInput } from '../compiler/analysis/types.js';
-import { ModcError } from '../compiler/errors.js';
-import { loadModel } from '../compiler/io/load.js';
+import { ModcError } from '../compiler/core/errors.js';
+import { loadModel } from '../compiler/core/io/load.js';
 import { ROOT, FIXTURES } from './helpers.js';
 
 const fixture = (name: string) => join(ROOT, 'fixtures', name, 'model.onnx');
@@ -188,9 +188,9 @@ describe('reports', () => {
 
 describe('models that are not decoders fail with one line saying what was missing', () => {
   it('a MatMul + Relu model has no token embedding', async () => {
-    const { Graph, Value } = await import('../compiler/ir/graph.js');
-    const { Model } = await import('../compiler/ir/model.js');
-    const { Tensor } = await import('../compiler/ir/tensor.js');
+    const { Graph, Value } = await import('../compiler/core/ir/graph.js');
+    const { Model } = await import('../compiler/core/ir/model.js');
+    const { Tensor } = await import('../compiler/core/ir/tensor.js');
     const g = new Graph('mlp');
     const x = g.addInput(new Value('x', { tensor_type: { elem_type: 1, shape: { dim: [{ dim_value: 2 }, { dim_value: 4 }] } } }));
     const w = g.addInitializer(new Value('w'), Tensor.fromArray('w', [4, 4], new Float32Array(16)));
@@ -204,9 +204,9 @@ describe('models that are not decoders fail with one line saying what was missin
   });
 
   it('an embedding followed by an MLP has no residual step', async () => {
-    const { Graph, Value } = await import('../compiler/ir/graph.js');
-    const { Model } = await import('../compiler/ir/model.js');
-    const { Tensor } = await import('../compiler/ir/tensor.js');
+    const { Graph, Value } = await import('../compiler/core/ir/graph.js');
+    const { Model } = await import('../compiler/core/ir/model.js');
+    const { Tensor } = await import('../compiler/core/ir/tensor.js');
     const g = new Graph('bag');
     const ids = g.addInput(new Value('input_ids', { tensor_type: { elem_type: 7, shape: { dim: [{ dim_param: 'b' }, { dim_param: 's' }] } } }));
     const table = g.addInitializer(new Value('table'), Tensor.fromArray('table', [10, 4], new Float32Array(40)));

@@ -5,7 +5,7 @@
  */
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { interleaved, median, medianOfPaired, rotation, spread } from '../compiler/benchmark.js';
+import { interleaved, median, medianOfPaired, rotation, spread } from '../compiler/apps/benchmark/benchmark.js';
 import { lastPosition, ModSession } from '../compiler/runtime/session.js';
 import { expectOneLineError, ROOT, runCli, tempDir } from './helpers.js';
 

@@ -6,9 +6,9 @@
 import { readdirSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { loadModel } from '../compiler/io/load.js';
-import { DataType, floatToHalf } from '../compiler/ir/dtype.js';
-import { verifyModel } from '../compiler/ir/verify.js';
+import { loadModel } from '../compiler/core/io/load.js';
+import { DataType, floatToHalf } from '../compiler/core/ir/dtype.js';
+import { verifyModel } from '../compiler/core/ir/validate.js';
 import { createSession, emptyTensor, int64Tensor, ort, toFloat32 } from '../compiler/runtime/ort.js';
 import { BUILDER_FIXTURES, buildFixtures, FIXTURES_DIR } from '../fixtures/build-fixtures.js';
 import { type DecoderConfig, resolveConfig } from '../fixtures/builder/config.js';

@@ -1,7 +1,7 @@
 /** The calibration tests' model (llama-tiny) and its dims, and seeded data for it. */
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { mulberry32 } from '../compiler/routers.js';
+import { mulberry32 } from '../compiler/core/random.js';
 import { ROOT } from './helpers.js';
 
 export const MODEL = join(ROOT, 'fixtures', 'llama-tiny', 'model.onnx');

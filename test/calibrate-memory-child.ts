@@ -3,9 +3,9 @@
  * parent gave node, sampling memory at every progress step, and prints the peaks as JSON.
  *   node --max-old-space-size=N --expose-gc --import tsx test/calibrate-memory-child.ts MODEL DATA OUT
  */
-import { calibrate } from '../compiler/calibration/calibrate.js';
-import { readDataset } from '../compiler/data/index.js';
-import { routerFileMetadata, writeCalibratedRouters } from '../compiler/calibration/router-file.js';
+import { calibrate } from '../compiler/apps/calibration/calibrate.js';
+import { readDataset } from '../compiler/apps/data/index.js';
+import { routerFileMetadata, writeCalibratedRouters } from '../compiler/apps/calibration/router-file.js';
 
 const [model, data, out] = process.argv.slice(2) as [string, string, string];
 const peak = { heapUsed: 0, arrayBuffers: 0, external: 0, rss: 0 };

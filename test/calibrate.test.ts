@@ -5,15 +5,15 @@
 import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { calibrate, type CalibrationResult } from '../compiler/calibration/calibrate.js';
-import { readDataset } from '../compiler/data/index.js';
-import { RidgeStats, solveRidge, thresholdKeeping } from '../compiler/calibration/ridge.js';
-import { routerFileMetadata, writeCalibratedRouters } from '../compiler/calibration/router-file.js';
-import { loadModel } from '../compiler/io/load.js';
-import { ModReference } from '../compiler/reference/mod-reference.js';
-import { mulberry32 } from '../compiler/routers.js';
-import { readRoutingMetadata } from '../compiler/routing-metadata.js';
-import { describeLayerPart, planRouting } from '../compiler/routing-plan.js';
+import { calibrate, type CalibrationResult } from '../compiler/apps/calibration/calibrate.js';
+import { readDataset } from '../compiler/apps/data/index.js';
+import { RidgeStats, solveRidge, thresholdKeeping } from '../compiler/apps/calibration/ridge.js';
+import { routerFileMetadata, writeCalibratedRouters } from '../compiler/apps/calibration/router-file.js';
+import { loadModel } from '../compiler/core/io/load.js';
+import { ModReference } from '../compiler/apps/reference/mod-reference.js';
+import { mulberry32 } from '../compiler/core/random.js';
+import { readRoutingMetadata } from '../compiler/metadata/routing-metadata.js';
+import { describeLayerPart, planRouting } from '../compiler/routing/routing-plan.js';
 import { expectOneLineError, ROOT, runCli, tempDir } from './helpers.js';
 import { HIDDEN, LAYERS, MODEL, VOCAB, writeData } from './calibrate-data.js';
 

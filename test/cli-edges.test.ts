@@ -7,9 +7,9 @@ import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { attachNegativeValues } from '../compiler/cli/main.js';
-import { loadModel } from '../compiler/io/load.js';
-import { saveModel } from '../compiler/io/save.js';
-import { checkCompiledFrom, graphFingerprint, readSource } from '../compiler/source-fingerprint.js';
+import { loadModel } from '../compiler/core/io/load.js';
+import { saveModel } from '../compiler/core/io/save.js';
+import { checkCompiledFrom, graphFingerprint, readSource } from '../compiler/metadata/source-fingerprint.js';
 import { expectOneLineError, fixture, runCli, tempDir } from './helpers.js';
 
 const tmp = tempDir('modc-edges');

@@ -1,9 +1,9 @@
 import { copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { saveModel } from '../compiler/io/save.js';
-import { loadModel } from '../compiler/io/load.js';
-import { decodeModelProto, encodeModelProto } from '../compiler/proto/index.js';
+import { saveModel } from '../compiler/core/io/save.js';
+import { loadModel } from '../compiler/core/io/load.js';
+import { decodeModelProto, encodeModelProto } from '../compiler/core/proto/index.js';
 import { expectOneLineError, ROOT, runCli, FIXTURES, tempDir } from './helpers.js';
 
 const tmp = tempDir('modc-cli');

@@ -5,8 +5,8 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { generateSession, sessionContract } from '../compiler/codegen/index.js';
-import { loadModel } from '../compiler/io/load.js';
+import { generateSession, sessionContract } from '../compiler/apps/codegen/index.js';
+import { loadModel } from '../compiler/core/io/load.js';
 import { expectOneLineError, fixture, runCli, tempDir } from './helpers.js';
 
 const dir = tempDir('modc-codegen-unit');

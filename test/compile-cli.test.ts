@@ -2,7 +2,7 @@
 import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { writeRouterFile } from '../compiler/routers.js';
+import { writeRouterFile } from '../compiler/routing/router-weights.js';
 import { ModSession } from '../compiler/runtime/session.js';
 import { ort } from '../compiler/runtime/ort.js';
 import { expectOneLineError, ROOT, runCli, FIXTURES, tempDir } from './helpers.js';
@@ -140,9 +140,9 @@ describe('modc compile refuses bad routing input with one line', () => {
   it('a model that is not a decoder', async () => {
     // A fixture with its graph cut to a single MatMul: no embedding, no residual stream.
     const dir = join(tmp, 'notdec');
-    const { Graph, Value } = await import('../compiler/ir/graph.js');
-    const { Model } = await import('../compiler/ir/model.js');
-    const { saveModel } = await import('../compiler/io/save.js');
+    const { Graph, Value } = await import('../compiler/core/ir/graph.js');
+    const { Model } = await import('../compiler/core/ir/model.js');
+    const { saveModel } = await import('../compiler/core/io/save.js');
     const g = new Graph('g');
     const t = { tensor_type: { elem_type: 1, shape: { dim: [{ dim_value: 2 }] } } };
     const x = g.addInput(new Value('x', t));

@@ -6,10 +6,10 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
 import { denseUsage, executedMacs, kvElements, modelCosts, readCosts, type ModelCosts } from '../compiler/analysis/cost.js';
-import { loadModel } from '../compiler/io/load.js';
-import { runPipeline } from '../compiler/pass-manager.js';
-import { planRouting } from '../compiler/routing-plan.js';
-import { modPipeline } from '../passes/index.js';
+import { loadModel } from '../compiler/core/io/load.js';
+import { runPipeline } from '../compiler/passes/pass-manager.js';
+import { planRouting } from '../compiler/routing/routing-plan.js';
+import { modPipeline } from '../compiler/passes/pipeline.js';
 import { ROOT, fixture } from './helpers.js';
 
 const costsOf = (path: string) => modelCosts(analyzeDecoder(loadModel(path)));

@@ -12,13 +12,13 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
-import { DataType, dataTypeName } from '../compiler/ir/dtype.js';
-import type { Graph, Node, Value } from '../compiler/ir/graph.js';
-import type { Model, OnnxFunction } from '../compiler/ir/model.js';
-import { loadModel } from '../compiler/io/load.js';
-import { runPipeline } from '../compiler/pass-manager.js';
-import { planRouting, type RoutedPart, type RoutingMode } from '../compiler/routing-plan.js';
-import { modPipeline } from '../passes/index.js';
+import { DataType, dataTypeName } from '../compiler/core/ir/dtype.js';
+import type { Graph, Node, Value } from '../compiler/core/ir/graph.js';
+import type { Model, OnnxFunction } from '../compiler/core/ir/model.js';
+import { loadModel } from '../compiler/core/io/load.js';
+import { runPipeline } from '../compiler/passes/pass-manager.js';
+import { planRouting, type RoutedPart, type RoutingMode } from '../compiler/routing/routing-plan.js';
+import { modPipeline } from '../compiler/passes/pipeline.js';
 import { contractModels, ROOT } from './helpers.js';
 
 // ------------------------------------------------------------------ the kernel table

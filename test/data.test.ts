@@ -1,7 +1,7 @@
 import { copyFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { loadDataset, readDataset } from '../compiler/data/index.js';
+import { loadDataset, readDataset } from '../compiler/apps/data/index.js';
 import { ROOT, tempDir } from './helpers.js';
 
 const DATA = join(ROOT, 'fixtures/data');

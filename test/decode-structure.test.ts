@@ -12,9 +12,9 @@
  */
 import { describe, expect, it } from 'vitest';
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
-import { loadModel } from '../compiler/io/load.js';
-import type { Graph, Node, Value } from '../compiler/ir/graph.js';
-import { readRoutingMetadata } from '../compiler/routing-metadata.js';
+import { loadModel } from '../compiler/core/io/load.js';
+import type { Graph, Node, Value } from '../compiler/core/ir/graph.js';
+import { readRoutingMetadata } from '../compiler/metadata/routing-metadata.js';
 import { allModels, tempDir } from './helpers.js';
 import { compileWith } from './mod-helpers.js';
 

@@ -7,12 +7,12 @@ import { spawnSync } from 'node:child_process';
 import { copyFileSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { Graph, Value } from '../compiler/ir/graph.js';
-import { Model } from '../compiler/ir/model.js';
-import { loadModel } from '../compiler/io/load.js';
-import { saveModel } from '../compiler/io/save.js';
-import { writeRouterFile } from '../compiler/routers.js';
-import { decodeModelProto, encodeModelProto } from '../compiler/proto/index.js';
+import { Graph, Value } from '../compiler/core/ir/graph.js';
+import { Model } from '../compiler/core/ir/model.js';
+import { loadModel } from '../compiler/core/io/load.js';
+import { saveModel } from '../compiler/core/io/save.js';
+import { writeRouterFile } from '../compiler/routing/router-weights.js';
+import { decodeModelProto, encodeModelProto } from '../compiler/core/proto/index.js';
 import { expectOneLineError, fixture, ROOT, runCli, tempDir } from './helpers.js';
 
 const tmp = tempDir('modc-errors');

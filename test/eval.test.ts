@@ -6,10 +6,10 @@
 import { readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { readDataset } from '../compiler/data/index.js';
-import { evaluate } from '../compiler/eval/index.js';
-import { loadModel } from '../compiler/io/load.js';
-import { saveModel } from '../compiler/io/save.js';
+import { readDataset } from '../compiler/apps/data/index.js';
+import { evaluate } from '../compiler/apps/eval/index.js';
+import { loadModel } from '../compiler/core/io/load.js';
+import { saveModel } from '../compiler/core/io/save.js';
 import { ModSession } from '../compiler/runtime/session.js';
 import { ROOT, fixture, runCli, tempDir } from './helpers.js';
 

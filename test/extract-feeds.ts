@@ -3,7 +3,7 @@
  * rows of different lengths, empty past) and a decode step on top of the prefill's presents.
  * Positions count real tokens only (cumsum(mask) - 1, floored at 0).
  */
-import type { DecoderIo } from '../compiler/runtime/decoder-io.js';
+import type { DecoderIo } from '../compiler/metadata/decoder-io.js';
 import { emptyTensor, ort, toFloat32 } from '../compiler/runtime/ort.js';
 
 export type Feeds = Record<string, ort.Tensor>;

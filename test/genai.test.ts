@@ -6,7 +6,7 @@
 import { copyFileSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { loadModel } from '../compiler/io/load.js';
+import { loadModel } from '../compiler/core/io/load.js';
 import { expectOneLineError, FIXTURES, fixture, runCli, tempDir } from './helpers.js';
 
 const dir = tempDir('modc-genai');

@@ -4,9 +4,9 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { afterAll, expect } from 'vitest';
 import { main } from '../compiler/cli/main.js';
-import type { Value } from '../compiler/ir/graph.js';
-import type { Model } from '../compiler/ir/model.js';
-import { DataType } from '../compiler/ir/dtype.js';
+import type { Value } from '../compiler/core/ir/graph.js';
+import type { Model } from '../compiler/core/ir/model.js';
+import { DataType } from '../compiler/core/ir/dtype.js';
 import { ort } from '../compiler/runtime/ort.js';
 
 export const ROOT = resolve(import.meta.dirname, '..');

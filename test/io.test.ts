@@ -1,14 +1,14 @@
 import { readFileSync, writeFileSync, mkdirSync, symlinkSync, rmSync, existsSync, statSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { loadModel } from '../compiler/io/load.js';
-import { saveModel } from '../compiler/io/save.js';
-import { DataType } from '../compiler/ir/dtype.js';
-import { Graph, Value, attribute } from '../compiler/ir/graph.js';
-import { Model } from '../compiler/ir/model.js';
-import { externalReads, Tensor } from '../compiler/ir/tensor.js';
-import { decodeModelProto, encodeMessage, encodeModelProto, fromPlainObject, toPlainObject } from '../compiler/proto/index.js';
-import { summarizeModel } from '../compiler/summary.js';
+import { loadModel } from '../compiler/core/io/load.js';
+import { saveModel } from '../compiler/core/io/save.js';
+import { DataType } from '../compiler/core/ir/dtype.js';
+import { Graph, Value, attribute } from '../compiler/core/ir/graph.js';
+import { Model } from '../compiler/core/ir/model.js';
+import { externalReads, Tensor } from '../compiler/core/ir/tensor.js';
+import { decodeModelProto, encodeMessage, encodeModelProto, fromPlainObject, toPlainObject } from '../compiler/core/proto/index.js';
+import { summarizeModel } from '../compiler/core/ir/model-summary.js';
 import { createSession } from '../compiler/runtime/ort.js';
 import { allModels, prefillFeeds, runCli, tempDir } from './helpers.js';
 

@@ -1,12 +1,12 @@
 import { describe, expect, it } from 'vitest';
-import { DataType, floatToHalf, halfToFloat } from '../compiler/ir/dtype.js';
-import { Graph, Value } from '../compiler/ir/graph.js';
-import { Model } from '../compiler/ir/model.js';
-import { Tensor } from '../compiler/ir/tensor.js';
-import { verifyModel } from '../compiler/ir/verify.js';
-import { PassRegistry, runPipeline, type Pass } from '../compiler/pass-manager.js';
-import { defaultRegistry } from '../passes/index.js';
-import { loadModel } from '../compiler/io/load.js';
+import { DataType, floatToHalf, halfToFloat } from '../compiler/core/ir/dtype.js';
+import { Graph, Value } from '../compiler/core/ir/graph.js';
+import { Model } from '../compiler/core/ir/model.js';
+import { Tensor } from '../compiler/core/ir/tensor.js';
+import { verifyModel } from '../compiler/core/ir/validate.js';
+import { PassRegistry, runPipeline, type Pass } from '../compiler/passes/pass-manager.js';
+import { defaultRegistry } from '../compiler/passes/pipeline.js';
+import { loadModel } from '../compiler/core/io/load.js';
 import { join } from 'node:path';
 import { allModels, ROOT } from './helpers.js';
 

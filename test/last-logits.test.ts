@@ -11,13 +11,13 @@
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
-import { loadModel } from '../compiler/io/load.js';
-import { saveModel } from '../compiler/io/save.js';
-import { logitsPositions } from '../compiler/logits-metadata.js';
-import { runPipeline } from '../compiler/pass-manager.js';
-import { planRouting } from '../compiler/routing-plan.js';
+import { loadModel } from '../compiler/core/io/load.js';
+import { saveModel } from '../compiler/core/io/save.js';
+import { logitsPositions } from '../compiler/metadata/logits-metadata.js';
+import { runPipeline } from '../compiler/passes/pass-manager.js';
+import { planRouting } from '../compiler/routing/routing-plan.js';
 import { ModSession, type Logits } from '../compiler/runtime/session.js';
-import { defaultRegistry, lastLogitsPass, modPipeline } from '../passes/index.js';
+import { defaultRegistry, lastLogitsPass, modPipeline } from '../compiler/passes/pipeline.js';
 import { allModels, contractModels, expectOneLineError, runCli, tempDir } from './helpers.js';
 import { padSides, tolerance } from './mod-helpers.js';
 

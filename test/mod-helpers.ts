@@ -2,16 +2,16 @@
 import { join } from 'node:path';
 import { expect } from 'vitest';
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
-import { loadModel } from '../compiler/io/load.js';
-import { saveModel } from '../compiler/io/save.js';
-import { runPipeline } from '../compiler/pass-manager.js';
-import { planRouting, type PlanRequest, type RoutedPart, type RoutingMode, type RoutingPlan } from '../compiler/routing-plan.js';
+import { loadModel } from '../compiler/core/io/load.js';
+import { saveModel } from '../compiler/core/io/save.js';
+import { runPipeline } from '../compiler/passes/pass-manager.js';
+import { planRouting, type PlanRequest, type RoutedPart, type RoutingMode, type RoutingPlan } from '../compiler/routing/routing-plan.js';
 import { argmax, lastPosition, ModSession, type Logits } from '../compiler/runtime/session.js';
-import { decoderIo } from '../compiler/runtime/decoder-io.js';
-import { routingPlanOf, worstReal as realDiff } from '../compiler/verify.js';
-import { modPipeline } from '../passes/index.js';
-import { ModReference } from '../compiler/reference/mod-reference.js';
-import { describeLayerPart } from '../compiler/routing-plan.js';
+import { decoderIo } from '../compiler/metadata/decoder-io.js';
+import { routingPlanOf, worstReal as realDiff } from '../compiler/apps/verify/verify.js';
+import { modPipeline } from '../compiler/passes/pipeline.js';
+import { ModReference } from '../compiler/apps/reference/mod-reference.js';
+import { describeLayerPart } from '../compiler/routing/routing-plan.js';
 
 export interface Compiled {
   path: string;

@@ -8,7 +8,7 @@
  */
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { ModReference } from '../compiler/reference/mod-reference.js';
+import { ModReference } from '../compiler/apps/reference/mod-reference.js';
 import { lastPosition, ModSession } from '../compiler/runtime/session.js';
 import { contractModels, tempDir } from './helpers.js';
 import { compileWith, expectSameRun, padSides, prefillSelection, PROMPTS, splittingThreshold, tolerance, worstReal, worstRows } from './mod-helpers.js';

@@ -18,16 +18,16 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
-import { loadModel } from '../compiler/io/load.js';
-import { saveModel } from '../compiler/io/save.js';
-import { runPipeline } from '../compiler/pass-manager.js';
-import { exposeSelections, type Selection } from '../compiler/eval/selection.js';
-import { readRoutingMetadata } from '../compiler/routing-metadata.js';
-import { planRouting, type RoutingMode } from '../compiler/routing-plan.js';
-import { decoderIo } from '../compiler/runtime/decoder-io.js';
+import { loadModel } from '../compiler/core/io/load.js';
+import { saveModel } from '../compiler/core/io/save.js';
+import { runPipeline } from '../compiler/passes/pass-manager.js';
+import { exposeSelections, type Selection } from '../compiler/apps/eval/selection.js';
+import { readRoutingMetadata } from '../compiler/metadata/routing-metadata.js';
+import { planRouting, type RoutingMode } from '../compiler/routing/routing-plan.js';
+import { decoderIo } from '../compiler/metadata/decoder-io.js';
 import { createSession, emptyTensor, type ort } from '../compiler/runtime/ort.js';
 import { ModSession, padRows, promptPositions, typed, type Logits } from '../compiler/runtime/session.js';
-import { modPipeline } from '../passes/index.js';
+import { modPipeline } from '../compiler/passes/pipeline.js';
 import { contractModels, ROOT, tempDir } from './helpers.js';
 
 interface OracleCall {

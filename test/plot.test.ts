@@ -3,9 +3,9 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { plotBench } from '../bench/plot.js';
-import { ModcError } from '../compiler/errors.js';
-import { capacityFigure, qualityFigure, renderSvg, type CapacityPoint } from '../compiler/plot/figures.js';
-import { collectPoints } from '../compiler/plot/sources.js';
+import { ModcError } from '../compiler/core/errors.js';
+import { capacityFigure, qualityFigure, renderSvg, type CapacityPoint } from '../compiler/apps/plot/figures.js';
+import { collectPoints } from '../compiler/apps/plot/sources.js';
 import { fixture, runCli, tempDir } from './helpers.js';
 
 const dir = tempDir('modc-plot');

@@ -5,17 +5,17 @@
 import { chmodSync, cpSync, existsSync, linkSync, mkdirSync, readdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { ModcError, quote } from '../compiler/errors.js';
-import { modelToProto } from '../compiler/io/convert.js';
-import { loadModel, modelFromBytes } from '../compiler/io/load.js';
-import { checkOutputPath, removeStaleTemporaries, saveModel } from '../compiler/io/save.js';
-import { DataType } from '../compiler/ir/dtype.js';
-import { Value } from '../compiler/ir/graph.js';
-import { verifyModel } from '../compiler/ir/verify.js';
-import type { ModelProto } from '../compiler/proto/index.js';
-import { AttributeType, decodeModelProto, encodeModelProto, int64ToNumber } from '../compiler/proto/index.js';
-import { readRoutingMetadata } from '../compiler/routing-metadata.js';
-import { runPipeline } from '../compiler/pass-manager.js';
+import { ModcError, quote } from '../compiler/core/errors.js';
+import { modelToProto } from '../compiler/core/io/convert.js';
+import { loadModel, modelFromBytes } from '../compiler/core/io/load.js';
+import { checkOutputPath, removeStaleTemporaries, saveModel } from '../compiler/core/io/save.js';
+import { DataType } from '../compiler/core/ir/dtype.js';
+import { Value } from '../compiler/core/ir/graph.js';
+import { verifyModel } from '../compiler/core/ir/validate.js';
+import type { ModelProto } from '../compiler/core/proto/index.js';
+import { AttributeType, decodeModelProto, encodeModelProto, int64ToNumber } from '../compiler/core/proto/index.js';
+import { readRoutingMetadata } from '../compiler/metadata/routing-metadata.js';
+import { runPipeline } from '../compiler/passes/pass-manager.js';
 import { createSession } from '../compiler/runtime/ort.js';
 import { expectOneLineError, runCli, tempDir } from './helpers.js';
 
@@ -245,7 +245,7 @@ describe('outputs ONNX Runtime would reject', () => {
 
   it('a hidden size declared as 0 or -1 (fuzz seed 32, case 50720: inputs_embeds [B, S, -1]) is refused by analysis and by planRouting', async () => {
     const { analyzeDecoder } = await import('../compiler/analysis/analyze.js');
-    const { planRouting } = await import('../compiler/routing-plan.js');
+    const { planRouting } = await import('../compiler/routing/routing-plan.js');
     for (const h of [0, -1]) {
       const path = mutant('forms-embeds-tiny', (m) => {
         const input = m.graph!.input.find((i) => i.name === 'inputs_embeds')!;
@@ -304,8 +304,8 @@ describe('outputs ONNX Runtime would reject', () => {
   });
 
   it('rank and element-type checks refuse only what is certain: every fixture model and a MoD compile pass them', async () => {
-    const { rankIssues } = await import('../compiler/ir/ranks.js');
-    const { elemTypeIssues } = await import('../compiler/ir/elem-types.js');
+    const { rankIssues } = await import('../compiler/core/ir/ranks.js');
+    const { elemTypeIssues } = await import('../compiler/core/ir/elem-types.js');
     const models = readdirSync(FIX).flatMap((d) => (statSync(join(FIX, d)).isDirectory() ? readdirSync(join(FIX, d)).filter((f) => f.endsWith('.onnx')).map((f) => join(FIX, d, f)) : []));
     expect(models.length).toBeGreaterThan(20);
     for (const path of models) {

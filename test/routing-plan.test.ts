@@ -1,8 +1,8 @@
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { loadRouterFile, readRouterFile, writeRouterFile } from '../compiler/routers.js';
-import { parseLayerSpec, planRouting, prdRetention } from '../compiler/routing-plan.js';
+import { loadRouterFile, readRouterFile, writeRouterFile } from '../compiler/routing/router-weights.js';
+import { parseLayerSpec, planRouting, prdRetention } from '../compiler/routing/routing-plan.js';
 import { tempDir } from './helpers.js';
 
 const tmp = tempDir('modc-routers');

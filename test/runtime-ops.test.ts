@@ -6,13 +6,13 @@
  */
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { saveModel } from '../compiler/io/save.js';
-import { DataType } from '../compiler/ir/dtype.js';
-import { attribute, Graph, Value } from '../compiler/ir/graph.js';
-import { Model } from '../compiler/ir/model.js';
+import { saveModel } from '../compiler/core/io/save.js';
+import { DataType } from '../compiler/core/ir/dtype.js';
+import { attribute, Graph, Value } from '../compiler/core/ir/graph.js';
+import { Model } from '../compiler/core/ir/model.js';
 import { createSession, ort } from '../compiler/runtime/ort.js';
-import { callModcOp, modcOp, reference as ref } from '../runtime-ops/index.js';
-import { mulberry32 } from '../compiler/routers.js';
+import { callModcOp, modcOp, reference as ref } from '../compiler/passes/modc-ops/index.js';
+import { mulberry32 } from '../compiler/core/random.js';
 import { tempDir } from './helpers.js';
 
 const tmp = tempDir('modc-ops');

@@ -1,9 +1,9 @@
 /** `modc verify`: passes a faithful compile, fails one whose graph and routing disagree. (`modc bench`: test/bench.test.ts) */
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { loadModel } from '../compiler/io/load.js';
-import { saveModel } from '../compiler/io/save.js';
-import { readRoutingMetadata, writeRoutingMetadata } from '../compiler/routing-metadata.js';
+import { loadModel } from '../compiler/core/io/load.js';
+import { saveModel } from '../compiler/core/io/save.js';
+import { readRoutingMetadata, writeRoutingMetadata } from '../compiler/metadata/routing-metadata.js';
 import { expectOneLineError, ROOT, runCli, tempDir } from './helpers.js';
 
 const tmp = tempDir('modc-verify');

@@ -6,9 +6,9 @@
  * Cost is linear in the graph: one facts pass, one stream-dependence pass, branch walks that
  * each visit their own nodes, and one ownership pass. External weights are never read.
  */
-import { ModcError } from '../errors.js';
-import type { Graph, Node, Value } from '../ir/graph.js';
-import type { Model } from '../ir/model.js';
+import { ModcError } from '../core/errors.js';
+import type { Graph, Node, Value } from '../core/ir/graph.js';
+import type { Model } from '../core/ir/model.js';
 import { findEmbedding } from './embedding.js';
 import { GraphFacts } from './graph-facts.js';
 import { hiddenSizeOf, maskInfo, positionalScheme, streamDtype } from './globals.js';

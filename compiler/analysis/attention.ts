@@ -6,9 +6,9 @@
  * mask) followed by MatMul(P, V): the key cache is the present output feeding the score MatMul's
  * second operand, the value cache the one feeding the context MatMul's second operand.
  */
-import { ModcError } from '../errors.js';
-import type { Node, Value } from '../ir/graph.js';
-import { DataType } from '../ir/dtype.js';
+import { ModcError } from '../core/errors.js';
+import type { Node, Value } from '../core/ir/graph.js';
+import { DataType } from '../core/ir/dtype.js';
 import type { GraphFacts } from './graph-facts.js';
 import { fusedAttentionSchema, isDefaultDomain, isStandardAttention, isTensorScatter, SCORE_PASS_THROUGH, type FusedAttentionSchema } from './ops.js';
 import type { AttentionCore, KvCacheSpec, KvTensor } from './types.js';
@@ -319,7 +319,7 @@ export const GQA_HEAD_SINK = 11;
  * What a GroupQueryAttention node numbers by cache slot: its rotary angles (do_rotary; the op
  * ignores a position_ids input in a prefill) and its sliding window (local_window_size >= 0; null: none). A compacted
  * cache renumbers the slots, so route-layers ties both back to original positions
- * (passes/window-mask.ts). Null for any other attention.
+ * (compiler/passes/window-mask.ts). Null for any other attention.
  */
 export function slotNumbered(core: AttentionCore): { node: Node; rotary: boolean; window: number | null } | null {
   if (core.form !== 'GroupQueryAttention') return null;
@@ -332,7 +332,7 @@ export function slotNumbered(core: AttentionCore): { node: Node; rotary: boolean
 /**
  * Why a layer's KV cache cannot be compacted, or null. GroupQueryAttention's local_window_size
  * (sliding-window attention) counts cache slots; a compacted layer gets it as a mask by original
- * position instead (passes/window-mask.ts), which needs the positions of this call's tokens
+ * position instead (compiler/passes/window-mask.ts), which needs the positions of this call's tokens
  * (its position_ids input, or attention_mask) and no attention_bias of its own to merge with.
  * Such a layer otherwise stays dense (its MLP part may still route).
  */

@@ -3,7 +3,7 @@
  * found by walking backwards until stream values, normalised copies made by fused ops, or
  * values that do not depend on the stream at all (masks, positions, weights).
  */
-import type { Node, Value } from '../ir/graph.js';
+import type { Node, Value } from '../core/ir/graph.js';
 import { isNormOp } from './ops.js';
 import type { NormEvidence } from './types.js';
 

@@ -10,8 +10,8 @@
  * weighted sum of V. A router costs H per token per routed part, lm_head H * V per token;
  * embeddings and norms cost nothing here.
  */
-import type { Node, Value } from '../ir/graph.js';
-import type { Model } from '../ir/model.js';
+import type { Node, Value } from '../core/ir/graph.js';
+import type { Model } from '../core/ir/model.js';
 import type { DecoderStructure, LayerInfo } from './types.js';
 
 export const COSTS_METADATA_KEY = 'modc.costs';

@@ -3,8 +3,8 @@
  * Gather of a [vocab, hidden] table by input_ids plus whatever stream-independent terms are
  * added to it before the first layer (absolute position embeddings, a constant scale).
  */
-import { ModcError } from '../errors.js';
-import type { Graph, Node, Value } from '../ir/graph.js';
+import { ModcError } from '../core/errors.js';
+import type { Graph, Node, Value } from '../core/ir/graph.js';
 import type { GraphFacts } from './graph-facts.js';
 import { EMBED_SUM_OUTPUT, isDefaultDomain, isEmbedLayerNorm } from './ops.js';
 import type { EmbeddingInfo, Explanation } from './types.js';

@@ -10,10 +10,10 @@
  * nodes and what is computed from them alone) are copied into it; weights are shared Tensor
  * objects (external data is referenced, never read here).
  */
-import { ModcError } from '../errors.js';
-import { Graph, Node, Value } from '../ir/graph.js';
-import { Model } from '../ir/model.js';
-import type { TypeProto } from '../proto/index.js';
+import { ModcError } from '../core/errors.js';
+import { Graph, Node, Value } from '../core/ir/graph.js';
+import { Model } from '../core/ir/model.js';
+import type { TypeProto } from '../core/proto/index.js';
 import { GraphFacts } from './graph-facts.js';
 import type { DecoderStructure, KvCacheSpec, SideInput } from './types.js';
 

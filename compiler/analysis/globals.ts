@@ -1,7 +1,7 @@
 /** Model-wide facts read off the layers: sizes, dtype, positional scheme, and the shared mask. */
-import { ModcError } from '../errors.js';
-import { DataType } from '../ir/dtype.js';
-import type { Graph, Node, Value } from '../ir/graph.js';
+import { ModcError } from '../core/errors.js';
+import { DataType } from '../core/ir/dtype.js';
+import type { Graph, Node, Value } from '../core/ir/graph.js';
 import type { GraphFacts } from './graph-facts.js';
 import { isRotaryOp, isStandardRotary } from './ops.js';
 import type { EmbeddingInfo, FloatType, LayerInfo, MaskInfo, PositionalScheme } from './types.js';

@@ -4,9 +4,9 @@
  * whether a value is computable from constants alone. One forward pass in graph order, table
  * driven; anything a rule does not cover stays unknown rather than guessed.
  */
-import { DataType } from '../ir/dtype.js';
-import type { Graph, Node, Value } from '../ir/graph.js';
-import { Tensor } from '../ir/tensor.js';
+import { DataType } from '../core/ir/dtype.js';
+import type { Graph, Node, Value } from '../core/ir/graph.js';
+import { Tensor } from '../core/ir/tensor.js';
 
 /** Constants larger than this are never decoded (they are weights, not shapes or axes). */
 const SMALL_CONSTANT = 64;

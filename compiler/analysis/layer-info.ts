@@ -1,5 +1,5 @@
 /** Assembling LayerInfo records from the residual steps and the node ownership map. */
-import type { Graph, Node, Value } from '../ir/graph.js';
+import type { Graph, Node, Value } from '../core/ir/graph.js';
 import { type AttentionContext, stateTensors } from './attention.js';
 import { exitBoundaryOf, mlpNodesOf, type NodeOwnership } from './layers.js';
 import type { SideInputClassifier } from './side-inputs.js';

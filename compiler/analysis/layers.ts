@@ -8,7 +8,7 @@
  * suffix (layer count). A value computed in layer l from the stream's shape and read in layer
  * l+3 therefore leaves layer l+3 intact instead of dragging it into layer l.
  */
-import type { Graph, Node, Value } from '../ir/graph.js';
+import type { Graph, Node, Value } from '../core/ir/graph.js';
 import type { AttentionCore, EmbeddingInfo, FusedBoundary, StreamStep } from './types.js';
 
 export const PREFIX = -1;

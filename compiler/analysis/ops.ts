@@ -2,7 +2,7 @@
  * The op vocabulary the decoder analysis understands, as tables: fused attention ops and the
  * meaning of their input/output slots, norm ops, and fused residual+norm ops.
  */
-import type { Node } from '../ir/graph.js';
+import type { Node } from '../core/ir/graph.js';
 import type { AttentionForm, FusedBoundaryOp, SequenceLengthRole } from './types.js';
 
 export const MS_DOMAIN = 'com.microsoft';

@@ -4,7 +4,7 @@
  * then dataflow: rotary tables (Cos/Sin of positions), masks (computed from attention_mask),
  * positions, and lengths computed only from tensor shapes.
  */
-import type { Graph, Node, Value } from '../ir/graph.js';
+import type { Graph, Node, Value } from '../core/ir/graph.js';
 import type { GraphFacts } from './graph-facts.js';
 import { fusedAttentionSchema, isRotaryOp, ROTARY_SLOTS, standardSlot, type AttentionSlot } from './ops.js';
 import { trackAxes, type AxisFact } from './token-axes.js';

@@ -5,8 +5,8 @@
  * attention core starts a new layer, which covers sequential pre-norm (two adds per layer)
  * and parallel residual (one add of attn + mlp, or two adds) alike.
  */
-import { ModcError } from '../errors.js';
-import type { Node, Value } from '../ir/graph.js';
+import { ModcError } from '../core/errors.js';
+import type { Node, Value } from '../core/ir/graph.js';
 import { findAttentionCores, type AttentionContext } from './attention.js';
 import { findNormEvidence, walkBranch, type StreamState } from './branch.js';
 import type { EmbeddingFound } from './embedding.js';

@@ -11,7 +11,7 @@
  * positions, past KV) and each other's outputs only, and nothing outside it reads what it computes
  * besides the join (its update) and the graph outputs (present KV). `blocker` says why not.
  */
-import type { Node, Value } from '../ir/graph.js';
+import type { Node, Value } from '../core/ir/graph.js';
 import { coreNodes } from './layers.js';
 import type { LayerInfo, SideInput } from './types.js';
 

@@ -4,7 +4,7 @@
  * prefix (Unsqueeze, Transpose, broadcasting, Gather by indices, ...). An axis that an op may
  * move in a way the rules do not model (Reshape, Squeeze of that axis) becomes unknown (null).
  */
-import type { Graph, Node, Value } from '../ir/graph.js';
+import type { Graph, Node, Value } from '../core/ir/graph.js';
 import { axesOf, type GraphFacts } from './graph-facts.js';
 
 /** Rank of a value and the positions of the tracked axes in it (null: lost). */

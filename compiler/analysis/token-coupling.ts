@@ -7,8 +7,8 @@
  * them with another scale than the dense model does: the all-pass compile would not equal the
  * original. Such a region stays dense.
  */
-import type { Node } from '../ir/graph.js';
-import { quote } from '../errors.js';
+import type { Node } from '../core/ir/graph.js';
+import { quote } from '../core/errors.js';
 
 const COUPLING: Record<string, string> = {
   DynamicQuantizeLinear: 'quantizes its input with one scale taken over all tokens of the call',

@@ -5,7 +5,7 @@
  * Everything here refers to IR objects (Value, Node) of the analysed model; the structure goes
  * stale as soon as a pass edits the graph, so re-analyse after a transformation.
  */
-import type { Node, Value } from '../ir/graph.js';
+import type { Node, Value } from '../core/ir/graph.js';
 
 /**
  * 'recurrent': a token mixer with state besides a KV cache and no attention (the linear-attention

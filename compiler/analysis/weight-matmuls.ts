@@ -5,7 +5,7 @@
  * what the analysis treats as a weight (the weight operands are constants, so side inputs of
  * kind 'weight').
  */
-import type { Node, Value } from '../ir/graph.js';
+import type { Node, Value } from '../core/ir/graph.js';
 import type { GraphFacts } from './graph-facts.js';
 import { isDefaultDomain, MS_DOMAIN } from './ops.js';
 

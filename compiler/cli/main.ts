@@ -3,10 +3,23 @@
  * graph surgery itself. Exit codes: 0 success, 1 error (bad model, failed check), 2 usage.
  */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
-import { ModcError, UsageError } from '../errors.js';
-import type { CliOption, CliValues } from './command.js';
-import { COMMANDS, type Command } from './commands.js';
-import { createProgress, PROGRESS_OPTIONS, progressMode, type Progress } from './progress.js';
+import { ModcError, UsageError } from '../core/errors.js';
+import type { CliOption, CliValues, Command, Io, Progress } from './command.js';
+import { benchCommand } from './commands/bench.js';
+import { calibrateCommand } from './commands/calibrate.js';
+import { codegenCommand } from './commands/codegen.js';
+import { compileCommand } from './commands/compile.js';
+import { evalCommand } from './commands/eval.js';
+import { generateCommand } from './commands/generate.js';
+import { inspectCommand } from './commands/inspect.js';
+import { runCommand } from './commands/run.js';
+import { verifyCommand } from './commands/verify.js';
+import { createProgress, PROGRESS_OPTIONS, progressMode } from './progress.js';
+
+export type { Io } from './command.js';
+
+/** The subcommands, in the order `modc --help` lists them. */
+const COMMANDS: Command[] = [inspectCommand, compileCommand, runCommand, generateCommand, verifyCommand, benchCommand, calibrateCommand, evalCommand, codegenCommand];
 
 export const VERSION = '0.1.0';
 
@@ -69,15 +82,6 @@ export function attachNegativeValues(args: string[], options: Record<string, Cli
     }
   }
   return out;
-}
-
-export interface Io {
-  out: (text: string) => void;
-  err: (text: string) => void;
-  /** The real stderr, when `err` writes to it: progress bars draw on it if it is a TTY. */
-  errStream?: NodeJS.WritableStream & { isTTY?: boolean };
-  /** Set by main() for the command it runs; read it with progressOf(io) (compiler/cli/progress.ts). */
-  progress?: Progress;
 }
 
 const defaultIo: Io = {

@@ -1,7 +1,7 @@
 /**
  * Progress on stderr for long commands, shared by every command.
  *
- *   const progress = progressOf(io);
+ *   const progress = progressOf(io);   // shared.ts
  *   progress.stage('decode', steps);   // a bar of `steps` units (or `stage(label)`: one line)
  *   for (...) { ...; progress.tick(); }
  *   progress.stop();                   // optional: main() stops it on every exit, error or not
@@ -14,17 +14,7 @@
  * - `--quiet` / `-q`: nothing, whatever stderr is.
  */
 import cliProgress from 'cli-progress';
-import type { CliOption, CliValues } from './command.js';
-import type { Io } from './main.js';
-
-export interface Progress {
-  /** Starts a stage (ending the one before): a bar of `total` units, or with no total one line. */
-  stage(label: string, total?: number): void;
-  /** `n` (default 1) more units of the current stage are done. */
-  tick(n?: number): void;
-  /** Ends the current stage; a TTY bar is cleared. Safe to call more than once. */
-  stop(): void;
-}
+import { SILENT_PROGRESS, type CliOption, type CliValues, type Io, type Progress } from './command.js';
 
 /** The flags every command takes (main() adds them to each command's options). */
 export const PROGRESS_OPTIONS: Record<string, CliOption> = {
@@ -41,16 +31,9 @@ export function progressMode(values: CliValues, errIsTty: boolean): ProgressMode
   return values.progress ? 'lines' : 'off';
 }
 
-const SILENT: Progress = { stage() {}, tick() {}, stop() {} };
-
-/** The command's progress reporter (silent when main() did not make one, e.g. a library call). */
-export function progressOf(io: Io): Progress {
-  return io.progress ?? SILENT;
-}
-
 /** Makes the reporter for `mode`; `stream` is the real stderr (needed for the bar). */
 export function createProgress(mode: ProgressMode, io: Pick<Io, 'err'>, stream?: NodeJS.WritableStream): Progress {
-  if (mode === 'off') return SILENT;
+  if (mode === 'off') return SILENT_PROGRESS;
   if (mode === 'lines' || !stream) return lineProgress(io);
   return barProgress(stream);
 }

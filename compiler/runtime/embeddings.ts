@@ -10,10 +10,10 @@
  */
 import { existsSync, readFileSync } from 'node:fs';
 import { dirname, extname, join } from 'node:path';
-import { ModcError, UsageError } from '../errors.js';
-import { floatToHalf, halfToFloat } from '../ir/dtype.js';
-import { mulberry32 } from '../routers.js';
-import type { DecoderIo } from './decoder-io.js';
+import { ModcError, UsageError } from '../core/errors.js';
+import { floatToHalf, halfToFloat } from '../core/ir/dtype.js';
+import { mulberry32 } from '../core/random.js';
+import type { DecoderIo } from '../metadata/decoder-io.js';
 import { createSession, ort, type SessionOptions, toFloat32 } from './ort.js';
 
 export type EmbeddingSource = { kind: 'random'; seed: number } | { kind: 'model'; path: string };

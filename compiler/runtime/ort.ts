@@ -3,8 +3,8 @@
  * as plain typed arrays. Everything that executes a model goes through here.
  */
 import ort from 'onnxruntime-node';
-import { ModcError } from '../errors.js';
-import { halfToFloat } from '../ir/dtype.js';
+import { ModcError } from '../core/errors.js';
+import { halfToFloat } from '../core/ir/dtype.js';
 import { cudaProviderProblem } from './cuda.js';
 
 export type ExecutionProvider = 'cpu' | 'cuda';

@@ -10,10 +10,10 @@
  * the only side it takes, for GroupQueryAttention); positions
  * count real tokens only (cumsum(mask) - 1, as Hugging Face does), so padding never shifts them.
  */
-import { ModcError } from '../errors.js';
-import { loadModel } from '../io/load.js';
-import { logitsPositions, type LogitsPositions } from '../logits-metadata.js';
-import { decoderIo, type DecoderIo, type KvBinding, type PadSide, resolvePadSide, staticCacheDims } from './decoder-io.js';
+import { ModcError } from '../core/errors.js';
+import { loadModel } from '../core/io/load.js';
+import { logitsPositions, type LogitsPositions } from '../metadata/logits-metadata.js';
+import { decoderIo, type DecoderIo, type KvBinding, type PadSide, resolvePadSide, staticCacheDims } from '../metadata/decoder-io.js';
 import { type EmbeddingSource, embedsTensor, TokenEmbedder } from './embeddings.js';
 import { createSession, emptyTensor, ort, toFloat32, type SessionOptions } from './ort.js';
 

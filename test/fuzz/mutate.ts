@@ -8,10 +8,10 @@
  */
 import type {
   AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto,
-} from '../../compiler/proto/index.js';
-import { AttributeType, create, decodeModelProto, encodeModelProto } from '../../compiler/proto/index.js';
-import type { Model } from '../../compiler/ir/model.js';
-import { Value } from '../../compiler/ir/graph.js';
+} from '../../compiler/core/proto/index.js';
+import { AttributeType, create, decodeModelProto, encodeModelProto } from '../../compiler/core/proto/index.js';
+import type { Model } from '../../compiler/core/ir/model.js';
+import { Value } from '../../compiler/core/ir/graph.js';
 
 /** mulberry32: small, fast, good enough for choosing mutations. */
 export class Rng {

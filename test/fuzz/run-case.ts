@@ -6,16 +6,16 @@
  */
 import { mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, join, relative } from 'node:path';
-import { ModcError } from '../../compiler/errors.js';
-import { loadModel } from '../../compiler/io/load.js';
-import { saveModel } from '../../compiler/io/save.js';
-import { runPipeline, type PipelineStep } from '../../compiler/pass-manager.js';
-import { readRoutingMetadata } from '../../compiler/routing-metadata.js';
-import { planRouting, type RoutingMode } from '../../compiler/routing-plan.js';
-import { summarizeModel } from '../../compiler/summary.js';
+import { ModcError } from '../../compiler/core/errors.js';
+import { loadModel } from '../../compiler/core/io/load.js';
+import { saveModel } from '../../compiler/core/io/save.js';
+import { runPipeline, type PipelineStep } from '../../compiler/passes/pass-manager.js';
+import { readRoutingMetadata } from '../../compiler/metadata/routing-metadata.js';
+import { planRouting, type RoutingMode } from '../../compiler/routing/routing-plan.js';
+import { summarizeModel } from '../../compiler/core/ir/model-summary.js';
 import { analyzeDecoder } from '../../compiler/analysis/analyze.js';
 import { ort } from '../../compiler/runtime/ort.js';
-import { defaultRegistry, modPipeline } from '../../passes/index.js';
+import { defaultRegistry, modPipeline } from '../../compiler/passes/pipeline.js';
 import { caseSeed, irEdit, mutate, Rng } from './mutate.js';
 
 export type OutcomeKind = 'refused' | 'accepted' | 'crash' | 'hang' | 'multi-line' | 'ort-rejected' | 'unloadable-output';

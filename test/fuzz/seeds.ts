@@ -5,11 +5,11 @@
 import { existsSync, mkdirSync, readdirSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { analyzeDecoder } from '../../compiler/analysis/analyze.js';
-import { loadModel } from '../../compiler/io/load.js';
-import { saveModel } from '../../compiler/io/save.js';
-import { runPipeline } from '../../compiler/pass-manager.js';
-import { planRouting } from '../../compiler/routing-plan.js';
-import { modPipeline } from '../../passes/index.js';
+import { loadModel } from '../../compiler/core/io/load.js';
+import { saveModel } from '../../compiler/core/io/save.js';
+import { runPipeline } from '../../compiler/passes/pass-manager.js';
+import { planRouting } from '../../compiler/routing/routing-plan.js';
+import { modPipeline } from '../../compiler/passes/pipeline.js';
 
 export const FIXTURES = resolve(import.meta.dirname, '../../fixtures');
 

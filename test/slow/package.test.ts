@@ -32,7 +32,7 @@ describe('npm package', () => {
   }, 600_000);
 
   it('ships the build, the command, the docs and the licence, and no tests, fixtures or sources', () => {
-    for (const f of ['package.json', 'README.md', 'LICENSE', 'docs/SPEC.md', 'bin/modc.js', 'dist/compiler/index.js', 'dist/compiler/index.d.ts', 'dist/compiler/cli/main.js', 'dist/passes/index.js', 'examples/library.ts']) {
+    for (const f of ['package.json', 'README.md', 'LICENSE', 'docs/SPEC.md', 'bin/modc.js', 'dist/compiler/index.js', 'dist/compiler/index.d.ts', 'dist/compiler/cli/main.js', 'dist/compiler/passes/pipeline.js', 'examples/library.ts']) {
       expect(files, f).toContain(f);
     }
     expect(files.filter((f) => /^(test|fixtures|bench|compiler|passes)\/|^dist\/(test|fixtures|bench)\/|\.map$|\.onnx$/.test(f))).toEqual([]);

@@ -1,0 +1,503 @@
+/**
+ * `calibrate`: routers that keep quality, from the model and a little data.
+ *
+ *   1. capture: run the original model batch by batch with each layer's stream points exposed;
+ *      reduce each batch to ridge statistics per routed part (input Gram matrix, input-target
+ *      sums) and drop it;
+ *   2. fit: one router per part in closed form (ridge regression of a per-token importance
+ *      target on the part's input), scaled so scores are in standard deviations;
+ *   3. score: run the model compiled with every candidate router (all selecting every token, so
+ *      the activations are the original's) and keep each part's scores on the data;
+ *   4. sensitivity: the NLL increase when one part alone is routed at a few capacities, each
+ *      capacity set by a threshold between scores (exact: the real compiled model);
+ *   5. allocate: greedy by loss per compute saved, to the target compute fraction;
+ *   6. refine: with every chosen part routed, re-set each part's threshold from the scores its
+ *      router now sees (upstream routing shifts them), so each part keeps its capacity.
+ *
+ * Every threshold is baked into the router's bias, so p = 0.5 selects the calibrated fraction,
+ * and top-k decode (r >= 0.5) agrees with it.
+ */
+import { mkdtempSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import type { Model } from '../../core/ir/model.js';
+import { analyzeDecoder } from '../../analysis/analyze.js';
+import { ModcError, UsageError } from '../../core/errors.js';
+import { loadModel } from '../../core/io/load.js';
+import { mulberry32 } from '../../core/random.js';
+import { decoderIo } from '../../metadata/decoder-io.js';
+import { type EmbeddingSource, genaiEmbeddingModel } from '../../runtime/embeddings.js';
+import type { SessionOptions } from '../../runtime/ort.js';
+import { splitFusedBoundaries } from '../../passes/split-fused-boundaries.js';
+import { allocate, type PartSensitivity } from './allocate.js';
+import { ActivationCapture, layerPoints, type LayerPoints } from './capture.js';
+import { modelCosts, type ModelCosts } from '../../analysis/cost.js';
+import { denseMacs, savedMacs } from './compute.js';
+import { type PartRouter, RoutedEvaluator } from './sensitivity.js';
+import { allowedParts, type Granularity, partKey, type PartRef, type RoutedPart } from './parts.js';
+import { RidgeStats, solveRidge, thresholdKeeping } from './ridge.js';
+import { importanceTargets, partValues, TARGET_KINDS, type TargetKind } from './targets.js';
+
+export interface CalibrateOptions {
+  /** Compute fraction to reach, in (0, 1]. */
+  targetCompute: number;
+  granularity?: Granularity;
+  mode?: 'threshold' | 'topk';
+  /** Use at most this many tokens of the data (sequences drawn in a seeded order). */
+  maxTokens?: number;
+  seed?: number;
+  target?: TargetKind;
+  /** Ridge penalty on standardised inputs. */
+  ridge?: number;
+  /** Capacities at which each part's sensitivity is measured. */
+  capacities?: number[];
+  /** Tokens used for the sensitivity runs. */
+  sensitivityTokens?: number;
+  /** Aim this much below the target on the calibration data (threshold drift on unseen data). */
+  margin?: number;
+  gated?: boolean;
+  /** Tokens per batch (bounds memory: one batch of activations at a time); default from batchBytes. */
+  batchTokens?: number;
+  batchBytes?: number;
+  /** Threshold refinement rounds with every chosen part routed. */
+  refineRounds?: number;
+  workDir?: string;
+  session?: SessionOptions;
+  onProgress?: (p: Progress) => void;
+}
+
+export interface Progress {
+  stage: 'capture' | 'fit' | 'score' | 'sensitivity' | 'refine' | 'done';
+  done: number;
+  total: number;
+}
+
+/** A calibrated router as written to the router file. */
+export interface CalibratedRouter extends PartRouter {
+  capacity: number;
+  threshold: number;
+}
+
+export interface PartReport extends PartRef {
+  capacity: number;
+  /** Selected fraction on the calibration data with every chosen part routed. */
+  selectedFraction: number;
+  r2: number;
+  predictedDeltaNll: number;
+}
+
+export interface CalibrationReport {
+  tokens: number;
+  sequences: number;
+  denseNll: number;
+  /** NLL on the calibration data with the chosen routers (threshold or top-k as chosen; measured in threshold form). */
+  nll: number;
+  /** Compute fraction on the calibration data by the cost model, with the selected fractions measured. */
+  computeFraction: number;
+  predictedCompute: number;
+  parts: PartReport[];
+  sensitivity: { layer: number; part: RoutedPart; points: { capacity: number; deltaNll: number }[]; r2: number }[];
+}
+
+export interface CalibrationResult {
+  routers: CalibratedRouter[];
+  mode: 'threshold' | 'topk';
+  gated: boolean;
+  report: CalibrationReport;
+  /** The recipe: every option that shaped the result, for the file's metadata. */
+  recipe: Record<string, unknown>;
+}
+
+export const DEFAULTS = {
+  granularity: 'auto' as Granularity,
+  mode: 'threshold' as const,
+  maxTokens: 65536,
+  seed: 0,
+  target: 'relative' as TargetKind,
+  ridge: 1e-3,
+  capacities: [0.75, 0.5, 0.25],
+  /** Default: about 6 passes over the data in total, 1024 to 8192 tokens per measurement. */
+  sensitivityTokens: 0,
+  margin: 0.02,
+  /** Bytes of activations (or logits) one batch may hold; sets the batch size when batchTokens is absent. */
+  batchBytes: 64 * 2 ** 20,
+  refineRounds: 2,
+};
+
+/** Checks option ranges (usage errors), before any work. */
+export function checkCalibrateOptions(o: CalibrateOptions): void {
+  if (!(o.targetCompute > 0 && o.targetCompute <= 1)) throw new UsageError(`--target-compute must be in (0, 1], got ${o.targetCompute}`);
+  if (o.maxTokens !== undefined && !(Number.isInteger(o.maxTokens) && o.maxTokens >= 2)) throw new UsageError(`--max-tokens must be an integer >= 2, got ${o.maxTokens}`);
+  if (o.capacities?.some((c) => !(c > 0 && c < 1))) throw new UsageError('sensitivity capacities must be in (0, 1)');
+  if (o.ridge !== undefined && !(o.ridge > 0)) throw new UsageError(`the ridge penalty must be > 0, got ${o.ridge}`);
+}
+
+/** Sequences in a seeded order, cut to `maxTokens` in total. */
+export function pickSequences(sequences: readonly number[][], maxTokens: number, seed: number): number[][] {
+  const order = sequences.map((_, i) => i);
+  const next = mulberry32(seed);
+  for (let i = order.length - 1; i > 0; i--) {
+    const j = Math.floor(next() * (i + 1));
+    [order[i], order[j]] = [order[j]!, order[i]!];
+  }
+  const out: number[][] = [];
+  let total = 0;
+  for (const i of order) {
+    const s = sequences[i]!;
+    if (s.length < 2) continue;
+    const take = Math.min(s.length, maxTokens - total);
+    if (take < 2) break;
+    out.push(s.slice(0, take));
+    total += take;
+  }
+  return out;
+}
+
+/** Consecutive groups of rows holding about `batchTokens` tokens (padded width x rows). */
+export function batchesOf(rows: readonly number[][], batchTokens: number): number[][][] {
+  const out: number[][][] = [];
+  let cur: number[][] = [];
+  let width = 0;
+  for (const r of rows) {
+    const w = Math.max(width, r.length);
+    if (cur.length > 0 && w * (cur.length + 1) > batchTokens) {
+      out.push(cur);
+      cur = [];
+    }
+    cur.push(r);
+    width = Math.max(...cur.map((c) => c.length));
+  }
+  if (cur.length) out.push(cur);
+  return out;
+}
+
+/** Checks the data against the model: ids in the vocabulary, lengths within its positions. */
+function checkData(sequences: readonly number[][], vocab: number | null, maxPositions: number | null): void {
+  if (sequences.length === 0) throw new ModcError('the calibration data has no sequence of at least 2 tokens');
+  sequences.forEach((s, i) => {
+    const bad = s.find((id) => !Number.isInteger(id) || id < 0 || (vocab !== null && id >= vocab));
+    if (bad !== undefined) throw new ModcError(`calibration sequence ${i + 1}: token id ${bad} is outside the model's vocabulary${vocab !== null ? ` (0-${vocab - 1})` : ''}`);
+    if (maxPositions !== null && s.length > maxPositions) throw new ModcError(`calibration sequence ${i + 1} has ${s.length} tokens, more than the model's ${maxPositions} positions (split the data, e.g. with a max length)`);
+  });
+}
+
+/** One ridge accumulator per distinct part input; targets are (part, kind) pairs. */
+interface InputStats {
+  input: string;
+  parts: { ref: PartRef; from: string; to: string }[];
+  stats: RidgeStats;
+}
+
+/** Everything calibration measures before choosing: fits, dense scores, per-part sensitivity. */
+export class Calibrator {
+  private constructor(
+    readonly modelPath: string,
+    private readonly o: ResolvedOptions,
+    private readonly workDir: string,
+    private readonly ownDir: string | null,
+    readonly costs: ModelCosts,
+    readonly rows: number[][],
+    private readonly batches: number[][][],
+    readonly fits: Map<string, { router: PartRouter; r2: number }>,
+    private readonly denseScores: Map<string, Float32Array>,
+    readonly denseNll: number,
+    private readonly predicted: number,
+    readonly sensitivity: PartSensitivity[],
+    /** Tokens each sensitivity measurement ran on. */
+    readonly sensitivityTokens: number,
+    /** Where a decoder fed inputs_embeds gets its embeddings (the model genai_config.json names). */
+    private readonly embeddings: EmbeddingSource | null,
+  ) {}
+
+  get lengths(): number[] {
+    return this.rows.map((r) => r.length);
+  }
+
+  get tokens(): number {
+    return this.rows.reduce((a, r) => a + r.length, 0);
+  }
+
+  /** Steps 1-4: capture, fit, dense scores, sensitivity of every part `opts.granularity` allows. */
+  static async prepare(modelPath: string, sequences: readonly number[][], opts: CalibrateOptions): Promise<Calibrator> {
+    checkCalibrateOptions(opts);
+    const o = resolveOptions(opts);
+    const progress = opts.onProgress ?? (() => {});
+    const model = loadModel(modelPath);
+    const io = decoderIo(model);
+    splitFusedBoundaries(model, analyzeDecoder(model));
+    const structure = analyzeDecoder(model);
+    const costs = modelCosts(structure);
+    const points = layerPoints(structure);
+    const H = structure.hiddenSize;
+
+    // A decoder fed inputs_embeds is calibrated on the real token embeddings, as eval scores it.
+    const embeddingModel = io.inputsEmbeds ? genaiEmbeddingModel(modelPath) : null;
+    if (io.inputsEmbeds && !embeddingModel) throw new ModcError(`${modelPath} takes inputs_embeds: calibrate needs the embedding model that genai_config.json beside it names`);
+    const embeddings: EmbeddingSource | null = embeddingModel ? { kind: 'model', path: embeddingModel } : null;
+    const rows = pickSequences(sequences, o.maxTokens, o.seed);
+    checkData(rows, io.vocabSize, io.maxPositions);
+    const perToken = 4 * Math.max((2 * points.length + 1) * H, io.vocabSize ?? 0);
+    const batches = batchesOf(rows, opts.batchTokens ?? Math.max(Math.floor(o.batchBytes / perToken), 1));
+
+    const candidates = candidateParts(points, allowedParts(o.granularity));
+    if (candidates.length === 0) throw new ModcError(`no layer of this model can be routed at granularity ${o.granularity}`);
+
+    const ownDir = opts.workDir ? null : workFolder(modelPath, model);
+    const workDir = opts.workDir ?? ownDir!;
+    const evaluators = new Map<string, RoutedEvaluator>();
+    try {
+      // 1. capture -> ridge statistics
+      const inputs = groupByInput(points, candidates, H);
+      const capture = await ActivationCapture.create(modelPath, workDir, opts.session, embeddings);
+      try {
+        for (let bi = 0; bi < batches.length; bi++) {
+          progress({ stage: 'capture', done: bi, total: batches.length });
+          const batch = await capture.batch(batches[bi]!);
+          const values = await capture.run(batch);
+          for (const g of inputs) {
+            const t = g.parts.flatMap((p) => {
+              const all = importanceTargets(values.get(p.from)!, values.get(p.to)!, batch.real, H);
+              return TARGET_KINDS.map((k) => all[k]);
+            });
+            g.stats.add(values.get(g.input)!, batch.real, t);
+          }
+        }
+      } finally {
+        await capture.release();
+      }
+
+      // 2. fit: scores in standard deviations of the fitted target
+      const kindIndex = TARGET_KINDS.indexOf(o.target);
+      const fits = new Map<string, { router: PartRouter; r2: number }>();
+      let fitted = 0;
+      for (const g of inputs) {
+        g.parts.forEach((p, i) => {
+          progress({ stage: 'fit', done: fitted++, total: candidates.length });
+          const fit = solveRidge(g.stats, o.ridge, i * TARGET_KINDS.length + kindIndex);
+          const scale = fit.predictionStd > 0 ? 1 / fit.predictionStd : 1;
+          fits.set(partKey(p.ref), { router: { ...p.ref, weight: Float32Array.from(fit.weight, (w) => w * scale), bias: 0 }, r2: fit.r2 });
+        });
+      }
+
+      // 3. dense scores per part (every router selects every token: the original activations)
+      for (const [name, parts] of familiesOf(candidates)) {
+        evaluators.set(name, await RoutedEvaluator.create(modelPath, parts.map((p) => fits.get(partKey(p))!.router), workDir, `calib-${name}`, opts.session, embeddings));
+      }
+      const first = [...evaluators.values()][0]!;
+      let denseNll = 0;
+      let predicted = 0;
+      const perBatchDense: number[] = [];
+      const chunks = new Map<string, Float32Array[]>();
+      let step = 0;
+      for (const ev of evaluators.values()) {
+        for (const rowsOfBatch of batches) {
+          progress({ stage: 'score', done: step++, total: batches.length * evaluators.size });
+          const r = await ev.run(await ev.batch(rowsOfBatch), new Map(), { scores: true, logits: ev === first });
+          if (ev === first) {
+            denseNll += r.nll;
+            predicted += r.predicted;
+            perBatchDense.push(r.nll);
+          }
+          for (const [k, sc] of r.scores!) pushTo(chunks, k, sc);
+        }
+      }
+      const denseScores = new Map([...chunks].map(([k, list]) => [k, concat(list)]));
+
+      // 4. sensitivity: one part routed alone, on the first batches (about sensitivityTokens tokens)
+      const sensTokens = o.sensitivityTokens || defaultSensitivityTokens(rows, candidates.length * o.capacities.length);
+      const sensBatches: number[] = [];
+      for (let bi = 0, n = 0; bi < batches.length && n < sensTokens; bi++) {
+        sensBatches.push(bi);
+        n += batches[bi]!.reduce((a, r) => a + r.length, 0);
+      }
+      const sensDense = sensBatches.reduce((a, bi) => a + perBatchDense[bi]!, 0);
+      const sensPredicted = sensBatches.reduce((a, bi) => a + batches[bi]!.reduce((x, r) => x + r.length - 1, 0), 0);
+      const sensitivity: PartSensitivity[] = [];
+      const total = candidates.length * o.capacities.length;
+      let done = 0;
+      for (const p of candidates) {
+        const ev = evaluators.get(familyOf(p.part))!;
+        const key = partKey(p);
+        const pts: { capacity: number; deltaNll: number }[] = [];
+        for (const c of o.capacities) {
+          progress({ stage: 'sensitivity', done: done++, total });
+          const bias = -thresholdKeeping(denseScores.get(key)!, c);
+          let nll = 0;
+          for (const bi of sensBatches) nll += (await ev.run(await ev.batch(batches[bi]!), new Map([[key, bias]]))).nll;
+          pts.push({ capacity: c, deltaNll: (nll - sensDense) / sensPredicted });
+        }
+        sensitivity.push({ ...p, points: pts });
+      }
+      return new Calibrator(modelPath, o, workDir, ownDir, costs, rows, batches, fits, denseScores, denseNll / predicted, predicted, sensitivity, sensBatches.reduce((a, bi) => a + batches[bi]!.reduce((x, r) => x + r.length, 0), 0), embeddings);
+    } catch (e) {
+      if (ownDir) rmSync(ownDir, { recursive: true, force: true });
+      throw e;
+    } finally {
+      for (const ev of evaluators.values()) await ev.release();
+    }
+  }
+
+  /**
+   * Steps 5-6 for one target: allocate, then refine each chosen part's threshold with every
+   * chosen part routed. `granularity` may narrow what `prepare` measured.
+   */
+  async finish(target: { targetCompute: number; granularity?: Granularity; mode?: 'threshold' | 'topk'; gated?: boolean; margin?: number }, onProgress?: (p: Progress) => void): Promise<CalibrationResult> {
+    checkCalibrateOptions({ targetCompute: target.targetCompute });
+    const o = { ...this.o, ...Object.fromEntries(Object.entries(target).filter(([, v]) => v !== undefined)) } as ResolvedOptions;
+    const progress = onProgress ?? this.o.onProgress ?? (() => {});
+    const allowed = allowedParts(o.granularity);
+    const sens = this.sensitivity.filter((s) => allowed.includes(s.part));
+    if (sens.length === 0) throw new ModcError(`no layer of this model can be routed at granularity ${o.granularity}`);
+    const lengths = this.lengths;
+    const tokens = this.tokens;
+    const alloc = allocate(sens, this.costs, lengths, Math.max(o.targetCompute - o.margin, 0));
+    if (alloc.predictedCompute > o.targetCompute) {
+      throw new ModcError(`cannot reach compute fraction ${o.targetCompute} by routing ${o.granularity === 'auto' ? 'parts' : `${o.granularity} parts`} at the measured capacities (lowest reachable: ${alloc.predictedCompute.toFixed(3)})`);
+    }
+
+    const chosen = alloc.parts.map((p) => ({ ...this.fits.get(partKey(p))!.router, capacity: p.capacity }));
+    const biases = new Map(chosen.map((p) => [partKey(p), -thresholdKeeping(this.denseScores.get(partKey(p))!, p.capacity)]));
+    let final = { nll: this.denseNll * this.predicted, selected: new Map<string, number>() };
+    if (chosen.length > 0) {
+      const ev = await RoutedEvaluator.create(this.modelPath, chosen, this.workDir, 'calib-chosen', this.o.session, this.embeddings);
+      try {
+        const rounds = o.refineRounds;
+        for (let round = 0; round <= rounds; round++) {
+          const scoreChunks = new Map<string, Float32Array[]>();
+          let nll = 0;
+          const selected = new Map<string, number>();
+          for (let bi = 0; bi < this.batches.length; bi++) {
+            progress({ stage: 'refine', done: round * this.batches.length + bi, total: (rounds + 1) * this.batches.length });
+            const r = await ev.run(await ev.batch(this.batches[bi]!), biases, { scores: round < rounds, logits: round === rounds });
+            nll += r.nll;
+            for (const [k, v] of r.selected) selected.set(k, (selected.get(k) ?? 0) + v);
+            if (r.scores) for (const [k, sc] of r.scores) pushTo(scoreChunks, k, sc);
+          }
+          if (round < rounds) for (const p of chosen) biases.set(partKey(p), -thresholdKeeping(concat(scoreChunks.get(partKey(p))!), p.capacity));
+          else final = { nll, selected };
+        }
+      } finally {
+        await ev.release();
+      }
+    }
+    progress({ stage: 'done', done: 1, total: 1 });
+
+    const fractions = new Map(chosen.map((p) => [partKey(p), (final.selected.get(partKey(p)) ?? 0) / tokens]));
+    const routers: CalibratedRouter[] = chosen.map((p) => ({ layer: p.layer, part: p.part, weight: p.weight, bias: biases.get(partKey(p))!, capacity: p.capacity, threshold: 0.5 }));
+    return {
+      routers,
+      mode: o.mode,
+      gated: !!o.gated,
+      report: {
+        tokens,
+        sequences: this.rows.length,
+        denseNll: this.denseNll,
+        nll: final.nll / this.predicted,
+        computeFraction: computeFraction(this.costs, lengths, chosen.map((p) => ({ ...p, capacity: fractions.get(partKey(p))! }))),
+        predictedCompute: alloc.predictedCompute,
+        parts: alloc.parts.map((p) => ({ layer: p.layer, part: p.part, capacity: p.capacity, selectedFraction: fractions.get(partKey(p))!, r2: this.fits.get(partKey(p))!.r2, predictedDeltaNll: p.predictedDeltaNll })),
+        sensitivity: this.sensitivity.map((s) => ({ layer: s.layer, part: s.part, points: s.points, r2: this.fits.get(partKey(s))!.r2 })),
+      },
+      recipe: {
+        targetCompute: o.targetCompute, granularity: o.granularity, mode: o.mode, gated: !!o.gated, target: o.target,
+        ridge: o.ridge, capacities: o.capacities, sensitivityTokens: this.sensitivityTokens, margin: o.margin,
+        maxTokens: o.maxTokens, seed: o.seed, refineRounds: o.refineRounds,
+      },
+    };
+  }
+
+  /** Removes the temp folder (when calibration made it). */
+  release(): void {
+    if (this.ownDir) rmSync(this.ownDir, { recursive: true, force: true });
+  }
+}
+
+/** Capture, fit, measure, allocate, refine: routers for `opts.targetCompute`. */
+export async function calibrate(modelPath: string, sequences: readonly number[][], opts: CalibrateOptions): Promise<CalibrationResult> {
+  const c = await Calibrator.prepare(modelPath, sequences, opts);
+  try {
+    return await c.finish(opts);
+  } finally {
+    c.release();
+  }
+}
+
+type ResolvedOptions = typeof DEFAULTS & CalibrateOptions & { gated?: boolean };
+
+function resolveOptions(opts: CalibrateOptions): ResolvedOptions {
+  return { ...DEFAULTS, ...Object.fromEntries(Object.entries(opts).filter(([, v]) => v !== undefined)) } as ResolvedOptions;
+}
+
+/** Tokens per sensitivity measurement: about 6 passes over the data for all of them together. */
+function defaultSensitivityTokens(rows: readonly number[][], measurements: number): number {
+  const tokens = rows.reduce((a, r) => a + r.length, 0);
+  return Math.min(8192, Math.max(1024, Math.floor((6 * tokens) / Math.max(measurements, 1))));
+}
+
+/**
+ * Where the calibration models go: the system temp folder, unless the model's external weights
+ * lie on another disk (a hard link cannot reach, a copy would duplicate them); then a hidden
+ * folder beside the model, if that folder is writable.
+ */
+function workFolder(modelPath: string, model: Model): string {
+  const external = [...model.graph.initializers.values()].some((v) => v.initializer?.external);
+  const modelDir = dirname(resolve(modelPath));
+  if (external && statSync(tmpdir()).dev !== statSync(modelDir).dev) {
+    try {
+      return mkdtempSync(join(modelDir, '.modc-calibrate-'));
+    } catch {
+      // A read-only model folder: the weights get copied to the temp folder instead.
+    }
+  }
+  return mkdtempSync(join(tmpdir(), 'modc-calibrate-'));
+}
+
+function pushTo(m: Map<string, Float32Array[]>, k: string, v: Float32Array): void {
+  const list = m.get(k);
+  if (list) list.push(v);
+  else m.set(k, [v]);
+}
+
+/** The cost model's compute fraction with these parts keeping these fractions of tokens. */
+export function computeFraction(cost: ModelCosts, lengths: readonly number[], parts: readonly (PartRef & { capacity: number })[]): number {
+  const dense = denseMacs(cost, lengths);
+  return 1 - parts.reduce((a, p) => a + savedMacs(cost, p.layer, p.part, p.capacity, lengths), 0) / dense;
+}
+
+function candidateParts(points: readonly LayerPoints[], allowed: readonly RoutedPart[]): PartRef[] {
+  return points.flatMap((p) => allowed.filter((part) => partValues(p, part) !== null && !p.stateful && !(p.mlpOnly && part !== 'mlp')).map((part) => ({ layer: p.layer, part })));
+}
+
+function groupByInput(points: readonly LayerPoints[], candidates: readonly PartRef[], H: number): InputStats[] {
+  const byInput = new Map<string, { ref: PartRef; from: string; to: string }[]>();
+  for (const ref of candidates) {
+    const v = partValues(points[ref.layer]!, ref.part)!;
+    const list = byInput.get(v.input) ?? [];
+    list.push({ ref, from: v.from, to: v.to });
+    byInput.set(v.input, list);
+  }
+  return [...byInput].map(([input, parts]) => ({ input, parts, stats: new RidgeStats(H, parts.length * TARGET_KINDS.length) }));
+}
+
+/** Whole-block routers exclude sub-layer ones on a layer: they are measured in separate compiles. */
+const familyOf = (part: RoutedPart): string => (part === 'block' ? 'block' : 'sublayer');
+
+function familiesOf(candidates: readonly PartRef[]): Map<string, PartRef[]> {
+  const out = new Map<string, PartRef[]>();
+  for (const p of candidates) {
+    const f = familyOf(p.part);
+    out.set(f, [...(out.get(f) ?? []), p]);
+  }
+  return out;
+}
+
+function concat(list: readonly Float32Array[]): Float32Array {
+  const out = new Float32Array(list.reduce((a, l) => a + l.length, 0));
+  let at = 0;
+  for (const l of list) {
+    out.set(l, at);
+    at += l.length;
+  }
+  return out;
+}
+

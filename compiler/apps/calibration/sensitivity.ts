@@ -1,0 +1,171 @@
+/**
+ * Exact evaluation of routing choices with the real compiled model: the original compiled with
+ * a router on every candidate part (threshold-p, p = 0.5, ungated), each router's bias turned
+ * into a graph input (an overridable initializer) and each router's score exposed as an output.
+ * Feeding a bias of +100 (scores are in standard deviations) makes a part select every token, which ungated reproduces the original
+ * layer (SPEC.md's equivalence anchor); feeding -q selects the tokens whose score w.x is at least
+ * q. One compile then measures any single part, or any combination, at any capacity.
+ */
+import { join } from 'node:path';
+import { ModcError } from '../../core/errors.js';
+import { loadModel } from '../../core/io/load.js';
+import { saveModel } from '../../core/io/save.js';
+import { DataType } from '../../core/ir/dtype.js';
+
+import { runPipeline } from '../../passes/pass-manager.js';
+import type { RoutingPlan } from '../../routing/routing-plan.js';
+import { decoderIo, type DecoderIo } from '../../metadata/decoder-io.js';
+import { type EmbeddingSource, TokenEmbedder } from '../../runtime/embeddings.js';
+import { createSession, ort, toFloat32, type SessionOptions } from '../../runtime/ort.js';
+import { modPipeline } from '../../passes/pipeline.js';
+import { exposeValues, promptBatch, type Batch } from './capture.js';
+import { partKey, type PartRef, type RoutedPart } from './parts.js';
+
+/** A fitted router for one part: score = w . x + bias. */
+export interface PartRouter extends PartRef {
+  weight: Float32Array;
+  bias: number;
+}
+
+/** A bias large enough that every token's score is positive: the part runs on every token. */
+export const ALL_PASS_BIAS = 100;
+
+export interface EvalResult {
+  /** Summed negative log-likelihood (nats) over the predicted tokens. */
+  nll: number;
+  predicted: number;
+  /** Real tokens of the batch. */
+  tokens: number;
+  /** Per part key: real tokens selected. */
+  selected: Map<string, number>;
+  /** Per part key, with `scores`: w . x (bias excluded) of every real token, in batch order. */
+  scores?: Map<string, Float32Array>;
+}
+
+const BIAS_NAME = /^modc\.router\.(\d+)(?:\.(attn|attention|mlp|block))?\.bias$/;
+
+function partOfName(tag: string | undefined): RoutedPart {
+  return tag === 'attn' || tag === 'attention' ? 'attention' : tag === 'mlp' ? 'mlp' : 'block';
+}
+
+/** The routing plan of a set of part routers: threshold p = 0.5, ungated, biases as given. */
+export function partPlan(routers: readonly PartRouter[], gated = false): RoutingPlan {
+  return {
+    mode: 'threshold',
+    gated,
+    layers: routers.map((r) => {
+      const entry = { layer: r.layer, part: r.part, router: { layer: r.layer, part: r.part, weight: r.weight, bias: r.bias }, threshold: 0.5, capacity: 1 };
+      return entry;
+    }),
+    unconverted: [],
+  };
+}
+
+export class RoutedEvaluator {
+  private constructor(
+    private readonly session: ort.InferenceSession,
+    readonly io: DecoderIo,
+    /** Per part key: the bias input's name and the score output's name. */
+    readonly parts: Map<string, { ref: PartRef; bias: string; score: string }>,
+    private readonly embedder: TokenEmbedder | null,
+  ) {}
+
+  static async create(modelPath: string, routers: readonly PartRouter[], workDir: string, name: string, opts: SessionOptions = {}, embeddings: EmbeddingSource | null = null): Promise<RoutedEvaluator> {
+    const model = loadModel(modelPath);
+    runPipeline(model, modPipeline({ plan: partPlan(routers) }), { verify: false });
+    const g = model.graph;
+    const parts = new Map<string, { ref: PartRef; bias: string; score: string }>();
+    const scores: string[] = [];
+    for (const n of g.nodes) {
+      if (n.domain !== 'modc' || n.opType !== 'Router') continue;
+      const bias = n.input(2);
+      const m = bias ? BIAS_NAME.exec(bias.name) : null;
+      if (!bias || !m || !bias.initializer) continue;
+      if (parts.has(`${m[1]}.${partOfName(m[2])}`)) continue;
+      const ref = { layer: Number(m[1]), part: partOfName(m[2]) };
+      // A plain graph input: onnxruntime-node feeds only the inputs it lists, which leave out
+      // initializers (overridable or not).
+      g.removeInitializer(bias);
+      bias.type = { tensor_type: { elem_type: DataType.FLOAT, shape: { dim: [{ dim_value: 1 }] } } };
+      if (!g.inputs.includes(bias)) g.inputs.push(bias);
+      scores.push(n.outputs[0]!.name);
+      parts.set(partKey(ref), { ref, bias: bias.name, score: n.outputs[0]!.name });
+    }
+    const missing = routers.filter((r) => !parts.has(partKey(r)));
+    if (missing.length) throw new ModcError(`the compiled model has no router for ${missing.map(partKey).join(', ')} (the compiler could not route it)`);
+    exposeValues(model, scores, DataType.FLOAT);
+    const io = decoderIo(model);
+    const path = join(workDir, `${name}.onnx`);
+    saveModel(model, path);
+    const session = await createSession(path, opts);
+    const embedder = io.inputsEmbeds && embeddings ? await TokenEmbedder.create(io, embeddings, opts) : null;
+    return new RoutedEvaluator(session, io, parts, embedder);
+  }
+
+  batch(rows: number[][]): Promise<Batch> {
+    return promptBatch(this.io, rows, this.embedder);
+  }
+
+  /**
+   * Runs a batch with these biases (parts not listed select every token) and scores it:
+   * NLL of each next token at real positions, and how many real tokens each part selected.
+   */
+  async run(batch: Batch, biases: ReadonlyMap<string, number>, opts: { scores?: boolean; logits?: boolean } = {}): Promise<EvalResult> {
+    const feeds = { ...batch.feeds };
+    for (const [key, p] of this.parts) feeds[p.bias] = new ort.Tensor('float32', Float32Array.of(biases.get(key) ?? ALL_PASS_BIAS), [1]);
+    const fetch = [...[...this.parts.values()].map((p) => p.score), ...(opts.logits === false ? [] : [this.io.logits])];
+    let out: ort.InferenceSession.OnnxValueMapType;
+    try {
+      out = await this.session.run(feeds, fetch);
+    } catch (e) {
+      throw new ModcError(`onnxruntime failed running the calibration model: ${(e as Error).message.split('\n')[0]}`);
+    }
+    const selected = new Map<string, number>();
+    const scores = opts.scores ? new Map<string, Float32Array>() : undefined;
+    for (const [key, p] of this.parts) {
+      const s = (out[p.score] as ort.Tensor).data as Float32Array;
+      const bias = biases.get(key) ?? ALL_PASS_BIAS;
+      let count = 0;
+      const raw = scores ? new Float32Array(batch.real.length) : null;
+      batch.real.forEach((i, k) => {
+        if (s[i]! >= 0) count++;
+        if (raw) raw[k] = s[i]! - bias;
+      });
+      selected.set(key, count);
+      if (scores && raw) scores.set(key, raw);
+    }
+    let nll = 0;
+    let predicted = 0;
+    if (opts.logits !== false) {
+      const logits = out[this.io.logits] as ort.Tensor;
+      ({ nll, predicted } = nextTokenNll(toFloat32(logits), logits.dims as number[], batch));
+    }
+    return { nll, predicted, tokens: batch.real.length, selected, ...(scores ? { scores } : {}) };
+  }
+
+  async release(): Promise<void> {
+    await this.embedder?.release();
+    await this.session.release();
+  }
+}
+
+/** Summed NLL of each row's token t+1 given its logits at t, over real (right-padded) rows. */
+export function nextTokenNll(logits: Float32Array, dims: readonly number[], batch: Batch): { nll: number; predicted: number } {
+  const [, S, V] = dims as [number, number, number];
+  let nll = 0;
+  let predicted = 0;
+  batch.rows.forEach((row, b) => {
+    for (let t = 0; t + 1 < row.length; t++) {
+      const base = (b * S + t) * V;
+      let max = -Infinity;
+      for (let v = 0; v < V; v++) if (logits[base + v]! > max) max = logits[base + v]!;
+      let sum = 0;
+      for (let v = 0; v < V; v++) sum += Math.exp(logits[base + v]! - max);
+      nll += max + Math.log(sum) - logits[base + row[t + 1]!]!;
+      predicted++;
+    }
+  });
+  return { nll, predicted };
+}
+
+

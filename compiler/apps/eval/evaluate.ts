@@ -1,0 +1,244 @@
+/**
+ * `evaluate`: language-model quality and the compute actually spent, on an original or a
+ * modc-compiled model, over sequences of token ids. Each sequence is one prefill (past length
+ * 0); sequences run in batches, padded, and are never split here (split them when reading).
+ *
+ * Metrics (README, "Metrics"; the MAC accounting is compiler/analysis/cost.ts):
+ * - nll: mean over every predicted token (each token after the first of a sequence) of
+ *   -log softmax(logits at t)[id at t+1], in nats; perplexity = exp(nll).
+ * - selectedFraction of a routed (layer, part): tokens that ran it / real tokens.
+ * - computeFraction: MACs executed / MACs of the dense original on the same tokens.
+ * - kvFraction: KV-cache elements held for real tokens / the dense original's.
+ */
+import { mkdtempSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { basename, dirname, join, resolve } from 'node:path';
+import { analyzeDecoder } from '../../analysis/analyze.js';
+import { denseUsage, executedMacs, kvElements, modelCosts, readCosts, type ModelCosts, type RowUsage } from '../../analysis/cost.js';
+import { ModcError } from '../../core/errors.js';
+import { loadModel } from '../../core/io/load.js';
+import type { Model } from '../../core/ir/model.js';
+import { saveModel } from '../../core/io/save.js';
+import { logitsPositions } from '../../metadata/logits-metadata.js';
+import { readRoutingMetadata } from '../../metadata/routing-metadata.js';
+import { decoderIo, resolvePadSide, type DecoderIo } from '../../metadata/decoder-io.js';
+import { genaiEmbeddingModel } from '../../runtime/embeddings.js';
+import type { ExecutionProvider, ort } from '../../runtime/ort.js';
+import { ModSession } from '../../runtime/session.js';
+import { exposeSelections, type Part, type Selection } from './selection.js';
+
+export interface EvalOptions {
+  /** Sequences per forward at most (default 8); fewer when the logits would pass ~512 MiB. */
+  batchSize?: number;
+  /** Padding side (default right where the model supports it, as every attention form does; GroupQueryAttention only it). */
+  pad?: 'left' | 'right';
+  executionProvider?: ExecutionProvider;
+  /** The model, already loaded from modelPath (evaluate adds graph outputs to it). */
+  model?: Model;
+  /** Called before the first batch and after each batch with the sequences done so far. */
+  onProgress?: (done: number, total: number) => void;
+}
+
+export interface LayerEval {
+  layer: number;
+  /** The routed part; 'block' with routed false for a layer that runs densely. */
+  part: Part;
+  routed: boolean;
+  selectedFraction: number;
+}
+
+export interface EvalResult {
+  /** Mean negative log-likelihood per predicted token, nats. */
+  nll: number;
+  perplexity: number;
+  /** Predicted tokens (the NLL's denominator): each token after the first of a sequence. */
+  tokens: number;
+  /** Tokens fed (every token of every sequence). */
+  inputTokens: number;
+  sequences: number;
+  computeFraction: number;
+  kvFraction: number;
+  /** The MAC totals behind computeFraction. */
+  macs: { executed: number; dense: number };
+  layers: LayerEval[];
+  routing: { mode: 'threshold' | 'topk'; gated: boolean } | null;
+  /** The padding side the batches used. */
+  pad: 'left' | 'right';
+}
+
+/** Budget for one batch's logits, in float32 elements (~512 MiB). */
+const LOGITS_BUDGET = 2 ** 27;
+
+export async function evaluate(modelPath: string, sequences: number[][], opts: EvalOptions = {}): Promise<EvalResult> {
+  if (sequences.length === 0) throw new ModcError('no sequences to evaluate');
+  const requested = opts.batchSize ?? 8;
+  if (!Number.isInteger(requested) || requested < 1) throw new ModcError(`batch size must be a positive integer, got ${requested}`);
+
+  const model = opts.model ?? loadModel(modelPath);
+  const io = decoderIo(model);
+  // A model that cannot mask padding (DecoderIo.unpaddable) runs one sequence per batch.
+  const batchSize = io.unpaddable ? 1 : requested;
+  if (logitsPositions(model) === 'last') {
+    throw new ModcError(`${modelPath} computes logits for the last position only (compiled with --logits last): eval needs every position's; compile with --logits all`);
+  }
+  checkSequences(io, sequences);
+  const pad = resolvePadSide(io, opts.pad ?? (io.paddingSides.includes('right') ? 'right' : undefined));
+  // A decoder fed inputs_embeds needs the real token embeddings: random ones would make the NLL meaningless.
+  const embeddingModel = io.inputsEmbeds ? genaiEmbeddingModel(modelPath) : null;
+  if (io.inputsEmbeds && !embeddingModel) {
+    throw new ModcError(`${modelPath} takes inputs_embeds: eval needs the embedding model that genai_config.json beside it names`);
+  }
+  const routing = readRoutingMetadata(model);
+  let costs: ModelCosts;
+  let selections: Selection[] = [];
+  let runPath = modelPath;
+  let temp: string | null = null;
+  if (routing) {
+    const recorded = readCosts(model);
+    if (!recorded) throw new ModcError(`${modelPath} is modc-compiled but has no modc.costs metadata (compiled by an older modc): recompile it to measure its compute`);
+    costs = recorded;
+    selections = exposeSelections(model, routing);
+  } else {
+    costs = modelCosts(analyzeDecoder(model));
+  }
+
+  let session: ModSession | null = null;
+  // Ctrl-C skips `finally`: remove the temp copy first, then let the signal do what it would have.
+  const onSignal = (signal: NodeJS.Signals) => {
+    if (temp) rmSync(temp, { recursive: true, force: true });
+    process.kill(process.pid, signal);
+  };
+  try {
+    if (selections.length) {
+      temp = copyFolder(modelPath, model);
+      process.once('SIGINT', onSignal).once('SIGTERM', onSignal);
+      runPath = saveModel(model, join(temp, basename(modelPath))).path;
+    }
+    const run = (session = await ModSession.create(runPath, {
+      executionProvider: opts.executionProvider,
+      ...(embeddingModel ? { embeddings: { kind: 'model', path: embeddingModel } } : {}),
+    }));
+    const acc = new Accumulator(costs, selections);
+    const order = sequences.map((_, i) => i).sort((a, b) => sequences[b]!.length - sequences[a]!.length);
+    let done = 0;
+    opts.onProgress?.(0, order.length);
+    while (done < order.length) {
+      const width = sequences[order[done]!]!.length;
+      const fit = Math.max(1, Math.floor(LOGITS_BUDGET / (width * Math.max(1, costs.vocabSize))));
+      const rows = order.slice(done, done + Math.min(batchSize, fit)).map((i) => sequences[i]!);
+      await runBatch(run, rows, pad, selections, acc);
+      done += rows.length;
+      opts.onProgress?.(done, order.length);
+    }
+    return { ...acc.result(sequences.length, routing ? { mode: routing.mode, gated: routing.gated } : null), pad };
+  } finally {
+    process.off('SIGINT', onSignal).off('SIGTERM', onSignal);
+    await session?.session.release();
+    if (temp) rmSync(temp, { recursive: true, force: true });
+  }
+}
+
+/**
+ * Where the instrumented copy goes: the system temp folder, unless the model's external weights
+ * lie on another disk, where a hard link cannot reach and the copy would duplicate them; then a
+ * hidden folder beside the model (removed afterwards), if that folder is writable.
+ */
+function copyFolder(modelPath: string, model: Model): string {
+  const external = [...model.graph.initializers.values()].some((v) => v.initializer?.external);
+  const modelDir = dirname(resolve(modelPath));
+  if (external && statSync(tmpdir()).dev !== statSync(modelDir).dev) {
+    try {
+      return mkdtempSync(join(modelDir, '.modc-eval-'));
+    } catch {
+      // A read-only model folder: the weights get copied to the temp folder instead.
+    }
+  }
+  return mkdtempSync(join(tmpdir(), 'modc-eval-'));
+}
+
+function checkSequences(io: DecoderIo, sequences: number[][]): void {
+  const V = io.vocabSize;
+  sequences.forEach((s, i) => {
+    if (s.length === 0) throw new ModcError(`sequence ${i + 1} is empty`);
+    if (io.maxPositions !== null && s.length > io.maxPositions) {
+      throw new ModcError(`sequence ${i + 1} has ${s.length} tokens, more than the model's context of ${io.maxPositions}: split it (--max-length)`);
+    }
+    const bad = s.find((id) => !Number.isInteger(id) || id < 0 || (V !== null && id >= V));
+    if (bad !== undefined) throw new ModcError(`sequence ${i + 1}: token id ${bad} is outside the vocabulary${V !== null ? ` (0-${V - 1})` : ''}`);
+  });
+}
+
+async function runBatch(session: ModSession, rows: number[][], pad: 'left' | 'right', selections: Selection[], acc: Accumulator): Promise<void> {
+  const { data: logits, dims: [, width, V] } = await session.forward(rows, { pad });
+  const masks = selections.map((s) => (session.lastOutputs[s.output] as ort.Tensor).data as Uint8Array);
+  rows.forEach((row, b) => {
+    const offset = pad === 'left' ? width - row.length : 0;
+    let nll = 0;
+    for (let t = 0; t + 1 < row.length; t++) nll += tokenNll(logits, (b * width + offset + t) * V, V, row[t + 1]!);
+    const selected = masks.map((m) => {
+      let count = 0;
+      for (let t = 0; t < row.length; t++) count += m[b * width + offset + t] ? 1 : 0;
+      return count;
+    });
+    acc.addRow(row.length, nll, selected);
+  });
+}
+
+/** -log softmax(logits[at .. at+V))[target], in float64. */
+function tokenNll(logits: Float32Array, at: number, V: number, target: number): number {
+  let max = -Infinity;
+  for (let v = 0; v < V; v++) max = Math.max(max, logits[at + v]!);
+  let sum = 0;
+  for (let v = 0; v < V; v++) sum += Math.exp(logits[at + v]! - max);
+  return Math.log(sum) + max - logits[at + target]!;
+}
+
+/** Sums over rows: NLL, tokens, tokens selected per routed part, executed and dense MACs and KV. */
+class Accumulator {
+  private nll = 0;
+  private predicted = 0;
+  private fed = 0;
+  private selected: number[];
+  private macs = { executed: 0, dense: 0 };
+  private kv = { held: 0, dense: 0 };
+
+  constructor(private readonly costs: ModelCosts, private readonly selections: Selection[]) {
+    this.selected = selections.map(() => 0);
+  }
+
+  addRow(tokens: number, nll: number, selected: number[]): void {
+    this.nll += nll;
+    this.predicted += tokens - 1;
+    this.fed += tokens;
+    selected.forEach((s, i) => (this.selected[i]! += s));
+    const dense = denseUsage(this.costs, tokens);
+    const usage: RowUsage = { tokens, layers: dense.layers.map((l) => ({ ...l })) };
+    this.selections.forEach((sel, i) => {
+      const u = usage.layers[sel.layer];
+      if (!u) throw new ModcError(`modc.routing names layer ${sel.layer}, but modc.costs has ${this.costs.layers.length} layers`);
+      if (sel.part !== 'mlp') u.attention = selected[i]!;
+      if (sel.part !== 'attention') u.mlp = selected[i]!;
+      u.routers += 1;
+    });
+    this.macs.executed += executedMacs(this.costs, usage);
+    this.macs.dense += executedMacs(this.costs, dense);
+    this.kv.held += kvElements(this.costs, usage);
+    this.kv.dense += kvElements(this.costs, dense);
+  }
+
+  result(sequences: number, routing: EvalResult['routing']): Omit<EvalResult, 'pad'> {
+    const nll = this.predicted > 0 ? this.nll / this.predicted : NaN;
+    const routed = new Set(this.selections.map((s) => s.layer));
+    const layers = this.costs.layers.flatMap((c): LayerEval[] =>
+      routed.has(c.layer)
+        ? this.selections.flatMap((s, i) => (s.layer === c.layer ? [{ layer: c.layer, part: s.part, routed: true, selectedFraction: this.selected[i]! / this.fed }] : []))
+        : [{ layer: c.layer, part: 'block' as const, routed: false, selectedFraction: 1 }],
+    );
+    return {
+      nll, perplexity: Math.exp(nll), tokens: this.predicted, inputTokens: this.fed, sequences,
+      computeFraction: this.macs.executed / this.macs.dense,
+      kvFraction: this.kv.dense > 0 ? this.kv.held / this.kv.dense : 1,
+      macs: { ...this.macs }, layers, routing,
+    };
+  }
+}

@@ -1,0 +1,166 @@
+/**
+ * Checking a compiled model against its original, as `modc verify` does:
+ * - semantics: the compiled model agrees with the MoD reference executor running the original
+ *   with the compiled model's own routers (logits, per-layer cache lengths, KV bytes);
+ * - anchor: the original compiled with every token selected, ungated, on the same layers and
+ *   parts (block, attention, MLP), reproduces the original.
+ * Both run a prompt and then a number of teacher-forced steps.
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { analyzeDecoder } from '../../analysis/analyze.js';
+import { ModcError } from '../../core/errors.js';
+import { loadModel } from '../../core/io/load.js';
+import { saveModel } from '../../core/io/save.js';
+import type { Model } from '../../core/ir/model.js';
+import { runPipeline } from '../../passes/pass-manager.js';
+import { ModReference } from '../reference/mod-reference.js';
+import { readRoutingMetadata } from '../../metadata/routing-metadata.js';
+import { allPassRouters, routerTensorPrefix } from '../../routing/router-weights.js';
+import { DEFAULT_THRESHOLD, describeLayerPart, type RoutingPlan } from '../../routing/routing-plan.js';
+import { cudaProviderProblem } from '../../runtime/cuda.js';
+import { decoderIo, resolvePadSide } from '../../metadata/decoder-io.js';
+import type { ExecutionProvider } from '../../runtime/ort.js';
+import { argmax, lastPosition, type Logits, ModSession } from '../../runtime/session.js';
+import { modPipeline } from '../../passes/pipeline.js';
+import { checkCompiledFrom } from '../../metadata/source-fingerprint.js';
+
+export interface VerifyOptions {
+  prompt: number[][];
+  steps: number;
+  /** Padding side; default: the original model's (left, or right for GroupQueryAttention). */
+  pad?: 'left' | 'right';
+  /** Largest allowed |logit difference| (default: 1e-4, or 1e-2 for float16 models). */
+  tolerance?: number;
+  /** Where the compiled model and the anchor pair run (the reference executor runs on the CPU). */
+  executionProvider?: ExecutionProvider;
+  /** The prompt is the default one: cut its rows to one length for a model that cannot mask padding. */
+  defaultPrompt?: boolean;
+}
+
+export interface CheckResult {
+  name: 'semantics' | 'anchor';
+  passed: boolean;
+  /** Largest |logit difference| at real positions: the prefill, then each step. */
+  maxDiff: number[];
+  cacheLengthsMatch: boolean;
+  kvBytesMatch: boolean;
+}
+
+export interface VerifyReport {
+  tolerance: number;
+  checks: CheckResult[];
+  passed: boolean;
+}
+
+/** The routing plan a compiled model carries: its metadata plus its router initializers. */
+export function routingPlanOf(compiled: Model): RoutingPlan {
+  const meta = readRoutingMetadata(compiled);
+  if (!meta) throw new ModcError('the compiled model has no modc routing metadata: was it compiled by modc compile?');
+  const inits = compiled.graph.initializers;
+  const layers = meta.layers.map((l) => {
+    const prefix = `modc.${routerTensorPrefix(l.layer, l.part)}`;
+    const w = inits.get(`${prefix}.weight`)?.initializer;
+    const b = inits.get(`${prefix}.bias`)?.initializer;
+    if (!w || !b) throw new ModcError(`the compiled model lacks the router tensors of layer ${describeLayerPart(l)} (${prefix}.weight, ${prefix}.bias)`);
+    return { layer: l.layer, part: l.part, threshold: l.threshold, capacity: l.capacity, router: { layer: l.layer, part: l.part, weight: Float32Array.from(w.toNumbers()), bias: b.toNumbers()[0]! } };
+  });
+  return { mode: meta.mode, gated: meta.gated, layers, unconverted: [] };
+}
+
+/**
+ * The equivalence anchor's plan for the same layers and parts as `plan`: every token selected
+ * (all-pass routers, threshold routing), ungated.
+ */
+export function anchorPlanFor(plan: RoutingPlan, hiddenSize: number): RoutingPlan {
+  return {
+    mode: 'threshold',
+    gated: false,
+    layers: plan.layers.map((l) => ({ layer: l.layer, part: l.part, threshold: DEFAULT_THRESHOLD, capacity: 1, router: allPassRouters([l.layer], hiddenSize, l.part)[0]! })),
+    unconverted: [],
+  };
+}
+
+interface Runner {
+  forward(rows: number[][], opts: { pad: 'left' | 'right' }): Promise<Logits>;
+  step(next: number[]): Promise<Logits>;
+  layerCacheLengths(): number[][];
+  kvBytes(): number;
+}
+
+/** Each row's logits at its last real token: position 0 of last-position logits ([B, 1, V]), else found from the padding. */
+export function lastRealOf(l: Logits, rows: number[][], pad: 'left' | 'right'): Float32Array[] {
+  const [B, S, V] = l.dims;
+  return Array.from({ length: B }, (_, r) => {
+    const t = S === 1 || pad === 'left' ? S - 1 : rows[r]!.length - 1;
+    return l.data.subarray((r * S + t) * V, (r * S + t + 1) * V);
+  });
+}
+
+const worstRows = (a: Float32Array[], b: Float32Array[]) => Math.max(...a.map((row, r) => row.reduce((m, v, i) => Math.max(m, Math.abs(v - b[r]![i]!)), 0)));
+
+/**
+ * Largest |a - b| over the real (non-padding) positions of a prompt's logits; over each row's
+ * last real token when either model gives only that one (`--logits last`).
+ */
+export function worstReal(a: Logits, b: Logits, rows: number[][], pad: 'left' | 'right'): number {
+  if (a.dims[1] !== b.dims[1]) return worstRows(lastRealOf(a, rows, pad), lastRealOf(b, rows, pad));
+  const [B, S, V] = a.dims;
+  let worst = 0;
+  for (let r = 0; r < B; r++) {
+    const n = rows[r]!.length;
+    for (let t = pad === 'left' ? S - n : 0; t < (pad === 'left' ? S : n); t++) {
+      for (let v = 0; v < V; v++) worst = Math.max(worst, Math.abs(a.data[(r * S + t) * V + v]! - b.data[(r * S + t) * V + v]!));
+    }
+  }
+  return worst;
+}
+
+/** Runs both on the prompt and `steps` tokens (the first runner's argmax, fed to both). */
+async function compare(name: CheckResult['name'], a: Runner, b: Runner, opts: VerifyOptions & { pad: 'left' | 'right' }, tolerance: number): Promise<CheckResult> {
+  const first = await a.forward(opts.prompt, { pad: opts.pad });
+  const maxDiff = [worstReal(first, await b.forward(opts.prompt, { pad: opts.pad }), opts.prompt, opts.pad)];
+  let next = lastRealOf(first, opts.prompt, opts.pad).map(argmax);
+  for (let t = 0; t < opts.steps; t++) {
+    const la = lastPosition(await a.step(next));
+    const lb = lastPosition(await b.step(next));
+    maxDiff.push(worstRows(la, lb));
+    next = la.map(argmax);
+  }
+  const cacheLengthsMatch = JSON.stringify(a.layerCacheLengths()) === JSON.stringify(b.layerCacheLengths());
+  const kvBytesMatch = a.kvBytes() === b.kvBytes();
+  return { name, passed: maxDiff.every((d) => d <= tolerance) && cacheLengthsMatch && kvBytesMatch, maxDiff, cacheLengthsMatch, kvBytesMatch };
+}
+
+export async function verifyCompiled(originalPath: string, compiledPath: string, opts: VerifyOptions, log: (m: string) => void = () => {}): Promise<VerifyReport> {
+  const problem = opts.executionProvider === 'cuda' ? cudaProviderProblem() : null;
+  if (problem) throw new ModcError(problem);
+  const original = loadModel(originalPath);
+  const structure = analyzeDecoder(original);
+  const tolerance = opts.tolerance ?? (structure.dtype === 'float16' ? 1e-2 : 1e-4);
+  const compiledModel = loadModel(compiledPath);
+  checkCompiledFrom(original, compiledModel, originalPath, compiledPath);
+  const plan = routingPlanOf(compiledModel);
+  const originalIo = decoderIo(original);
+  const shortest = Math.min(...opts.prompt.map((r) => r.length));
+  const prompt = originalIo.unpaddable && opts.defaultPrompt ? opts.prompt.map((r) => r.slice(0, shortest)) : opts.prompt;
+  const sided = { ...opts, prompt, pad: resolvePadSide(originalIo, opts.pad) };
+  const work = mkdtempSync(join(tmpdir(), 'modc-verify-'));
+  try {
+    log(`semantics: ${compiledPath} against the reference executor on ${originalPath}`);
+    const reference = await ModReference.create(originalPath, plan, work);
+    const ep = { executionProvider: opts.executionProvider ?? 'cpu' } as const;
+    const semantics = await compare('semantics', await ModSession.create(compiledPath, ep), reference, sided, tolerance);
+    await reference.release();
+
+    log('anchor: every token selected, ungated, against the original');
+    runPipeline(original, modPipeline({ plan: anchorPlanFor(plan, structure.hiddenSize) }));
+    const anchorPath = join(work, 'anchor', 'model.onnx');
+    saveModel(original, anchorPath);
+    const anchor = await compare('anchor', await ModSession.create(originalPath, ep), await ModSession.create(anchorPath, ep), sided, tolerance);
+    return { tolerance, checks: [semantics, anchor], passed: semantics.passed && anchor.passed };
+  } finally {
+    rmSync(work, { recursive: true, force: true });
+  }
+}

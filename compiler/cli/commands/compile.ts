@@ -1,0 +1,188 @@
+/** `modc compile`: load, analyse, run the MoD pipeline (or named passes), save. */
+import { resolve } from 'node:path';
+import { analyzeDecoder } from '../../analysis/analyze.js';
+import { ModcError, UsageError } from '../../core/errors.js';
+import { loadModel } from '../../core/io/load.js';
+import { checkOutputPath, saveModel } from '../../core/io/save.js';
+import type { Model } from '../../core/ir/model.js';
+import { runPipeline } from '../../passes/pass-manager.js';
+import { readRoutingMetadata } from '../../metadata/routing-metadata.js';
+import { graphFingerprint, recordSource } from '../../metadata/source-fingerprint.js';
+import { describeLayerPart, planRouting, type RoutedPart, type RouterSource, type RoutingMode, type RoutingPlan, type Schedule } from '../../routing/routing-plan.js';
+import { summarizeModel } from '../../core/ir/model-summary.js';
+import { describeGenai, readGenaiConfig, writeGenaiConfig } from '../../apps/genai/genai-config.js';
+import { defaultRegistry, modPipeline } from '../../passes/pipeline.js';
+import type { CliValues, Command } from '../command.js';
+import { formatBytes, listFlag, numberFlag, onePositional, oneOf, progressOf, routedLayerJson, short, stringFlag } from '../shared.js';
+
+function routerSource(values: CliValues): RouterSource | undefined {
+  const file = stringFlag(values, 'routers');
+  const init = stringFlag(values, 'router-init');
+  if (file && init) throw new UsageError('give either --routers FILE or --router-init MODE, not both');
+  if (file) return { kind: 'file', path: file };
+  if (init === undefined) return undefined;
+  if (init === 'all-pass') return { kind: 'all-pass' };
+  if (init === 'random') {
+    const seed = numberFlag(values, 'seed') ?? 0;
+    if (!Number.isInteger(seed)) throw new UsageError(`--seed must be an integer, got ${seed}`);
+    return { kind: 'random', seed };
+  }
+  throw new UsageError(`--router-init must be all-pass or random, got '${init}'`);
+}
+
+function resolvePlan(model: Model, values: CliValues): RoutingPlan | undefined {
+  const routers = routerSource(values);
+  if (!routers) {
+    for (const flag of ['threshold', 'capacity', 'routing', 'layers', 'schedule', 'gated', 'ungated', 'inline-ops', 'granularity']) {
+      if (values[flag] !== undefined) throw new UsageError(`--${flag} needs routers: give --routers FILE or --router-init all-pass|random`);
+    }
+    return undefined;
+  }
+  if (values.gated && values.ungated) throw new UsageError('give --gated or --ungated, not both');
+  const s = analyzeDecoder(model);
+  const mode = oneOf<RoutingMode>(values, 'routing', ['threshold', 'topk']);
+  const threshold = numberFlag(values, 'threshold');
+  const capacity = numberFlag(values, 'capacity');
+  if (mode === 'topk' && threshold !== undefined) throw new UsageError('--threshold applies to --routing threshold; use --capacity with topk');
+  // With a router file and no --routing, the file's metadata may choose topk.
+  if ((mode ?? (routers.kind === 'file' ? undefined : 'threshold')) === 'threshold' && capacity !== undefined && oneOf(values, 'schedule', ['uniform', 'every-other', 'prd']) !== 'prd') {
+    throw new UsageError('--capacity applies to --routing topk (or --schedule prd); use --threshold with threshold routing');
+  }
+  return planRouting({
+    numLayers: s.layers.length,
+    hiddenSize: s.hiddenSize,
+    routers,
+    mode,
+    // Unset lets a router file's metadata decide (default gated).
+    gated: values.ungated ? false : values.gated ? true : undefined,
+    granularity: oneOf<RoutedPart>(values, 'granularity', ['block', 'attention', 'mlp']),
+    threshold,
+    capacity,
+    layers: stringFlag(values, 'layers'),
+    schedule: oneOf<Schedule>(values, 'schedule', ['uniform', 'every-other', 'prd']),
+  });
+}
+
+function modcOpCounts(model: Model): Record<string, number> {
+  return summarizeModel(model).ops['modc'] ?? {};
+}
+
+export const compileCommand: Command = {
+  name: 'compile',
+  summary: 'turn a decoder into a Mixture-of-Depths model (or run named passes)',
+  usage: 'modc compile MODEL.onnx -o OUT.onnx (--routers FILE | --router-init all-pass|random) [options]\n       modc compile MODEL.onnx -o OUT.onnx --passes LIST',
+  details: [
+    'With routers, runs the MoD pipeline: record-costs, split-fused-boundaries, insert-routers,',
+    'route-layers, [last-logits with --logits last,] cleanup [, inline-modc-ops with --inline-ops]. Without',
+    '--layers or --schedule, a router file converts exactly the layers it has routers for;',
+    '--router-init converts every layer.',
+    '',
+    '--granularity says what a converted layer routes: its whole block (default), its attention',
+    'sub-layer (a skipped token gets no attention update and is no key/value: the KV cache is',
+    'compacted) or its MLP (attention and the KV cache stay full). A router file sets the part per',
+    'layer with router.{l}.attn.* / router.{l}.mlp.* tensors; there --granularity keeps only that',
+    'part\'s routers. The file\'s __metadata__ "modc" entry supplies mode, gating and per-part',
+    'capacities unless --routing, --gated/--ungated or --capacity are given.',
+    '',
+    'LIST is comma-separated pass names, each optionally with options `name{opt=value;opt=value}`.',
+    '`--passes none` loads and saves the model unchanged (a round trip).',
+    `passes: ${defaultRegistry().list().map((p) => `\n  ${p.name.padEnd(22)} ${p.description}`).join('')}`,
+    '',
+    'The output is written atomically (temp file, then rename) and never over the input. External',
+    'weights stay referenced when the output is in the input\'s folder, and are hard-linked (or',
+    'copied) next to the output otherwise, so the output folder is self-contained.',
+    'A genai_config.json beside the input is rewritten beside the output, and the summary says whether',
+    'onnxruntime-genai can still drive the model (README, "Serving a compiled model").',
+  ].join('\n'),
+  options: {
+    output: { type: 'string', short: 'o', valueName: 'OUT.onnx', help: 'where to write the compiled model (required)' },
+    routers: { type: 'string', valueName: 'FILE', help: 'router weights (safetensors: router.{l}[.attn|.mlp].weight/bias[/threshold], F32/F16/BF16)' },
+    granularity: { type: 'string', valueName: 'PART', help: 'what a converted layer routes: block (default), attention or mlp' },
+    'router-init': { type: 'string', valueName: 'MODE', help: 'all-pass (every token selected) or random (seeded, --seed N)' },
+    seed: { type: 'string', valueName: 'N', help: 'seed for --router-init random (default 0)' },
+    routing: { type: 'string', valueName: 'MODE', help: 'threshold (default: sigmoid(score) >= p) or topk (capacity per row)' },
+    threshold: { type: 'string', valueName: 'P', help: 'threshold p in [0, 1] (default 0.5; a threshold in the router file wins)' },
+    capacity: { type: 'string', valueName: 'C', help: 'top-k capacity in (0, 1] (default 0.5; the mean retention for --schedule prd)' },
+    layers: { type: 'string', valueName: 'SPEC', help: 'layers to convert: all, even, odd, or a list like 1,3,5-7' },
+    schedule: { type: 'string', valueName: 'NAME', help: 'uniform (default), every-other (layers 1,3,5,...), or prd (p-MoD progressive ratio decay)' },
+    gated: { type: 'boolean', help: 'out = x + r * (y - x) for selected tokens (default)' },
+    ungated: { type: 'boolean', help: 'out = y for selected tokens' },
+    'inline-ops': { type: 'boolean', help: 'emit the modc op bodies inline instead of as local functions' },
+    logits: { type: 'string', valueName: 'WHICH', help: 'all (default: logits [B, S, V]) or last (the lm_head for each row\'s last real token only: [B, 1, V])' },
+    passes: { type: 'string', valueName: 'LIST', help: 'run these passes instead of the MoD pipeline (`none` for a round trip)' },
+    'dump-after': { type: 'string', multiple: true, valueName: 'PASS', help: 'after PASS (or `*`), write the model as NN-PASS.onnx and .txt' },
+    'dump-dir': { type: 'string', valueName: 'DIR', help: 'folder for dumps (default: the output\'s folder)' },
+    'no-verify': { type: 'boolean', help: 'skip the IR verifier between passes' },
+    'external-data-threshold': { type: 'string', valueName: 'BYTES', help: 'write new tensors of at least BYTES to OUT.onnx.data (default: only past 2 GB)' },
+    json: { type: 'boolean', help: 'print a JSON report on stdout' },
+    quiet: { type: 'boolean', short: 'q', help: 'no progress on stderr' },
+  },
+  async run(positionals, values, io) {
+    const input = onePositional(positionals, 'model path', 'compile');
+    const output = stringFlag(values, 'output');
+    if (!output) throw new UsageError('missing -o OUT.onnx');
+    if (resolve(input) === resolve(output)) throw new ModcError(`refusing to overwrite the input model ${input}; choose another output path`);
+    const passes = stringFlag(values, 'passes');
+    const threshold = numberFlag(values, 'external-data-threshold');
+    // Pipeline stages go to the progress reporter; the summary prints on success only, so a failure leaves one line.
+    const progress = progressOf(io);
+    const summary: string[] = [];
+    const say = values.quiet || values.json ? () => {} : (m: string) => void summary.push(m);
+    const log = (m: string): void => (/^\[\d+\/\d+\] /.test(m) ? progress.stage(`compile ${m}`) : say(m));
+
+    if (passes !== undefined) defaultRegistry().parsePipeline(passes); // unknown names fail before loading
+    const logits = oneOf(values, 'logits', ['all', 'last'] as const);
+    if (logits !== undefined && passes !== undefined) throw new UsageError('--logits applies to the MoD pipeline; with --passes, name last-logits in LIST');
+    const t0 = performance.now();
+    progress.stage(`load ${input}`);
+    const model = loadModel(input);
+    checkOutputPath(output, model); // before any work: never over the input or its data files
+    const source = graphFingerprint(model); // recorded in the output, checked by `modc verify`
+    const genai = readGenaiConfig(input); // onnxruntime-genai's config beside the input, rewritten beside the output
+    const plan = resolvePlan(model, values);
+    if (!plan && passes === undefined) throw new UsageError('nothing to do: give --routers FILE or --router-init all-pass|random (or --passes LIST)');
+    log(`loaded ${input} (${model.graph.nodes.length} nodes) in ${(performance.now() - t0).toFixed(0)} ms`);
+    const mod = plan ? { plan, inlineOps: !!values['inline-ops'], logits } : undefined;
+    const steps = passes !== undefined ? defaultRegistry(mod).parsePipeline(passes) : modPipeline(mod!);
+    const dumpAfter = listFlag(values, 'dump-after');
+    const notRun = dumpAfter.filter((name) => name !== '*' && !steps.some((st) => st.pass.name === name));
+    if (notRun.length) throw new UsageError(`--dump-after ${notRun.join(', ')}: no such pass in this pipeline (${steps.map((st) => st.pass.name).join(', ')}, or *)`);
+    const opsBefore = modcOpCounts(model);
+    const records = runPipeline(model, steps, {
+      verify: !values['no-verify'],
+      dumpAfter,
+      dumpDir: stringFlag(values, 'dump-dir') ?? resolve(output, '..'),
+      log,
+    });
+    for (const r of records) log(`  ${r.pass}: ${r.ms.toFixed(1)} ms, nodes ${r.nodesBefore} -> ${r.nodesAfter}${r.notes.length ? `\n    ${r.notes.join('\n    ')}` : ''}`);
+    progress.stage(`save ${output}`);
+    if (plan) recordSource(model, source); // a MoD compile; --passes (e.g. none, a round trip) leaves metadata alone
+    const saved = saveModel(model, output, threshold !== undefined ? { externalizeThreshold: threshold } : {});
+    const genaiResult = genai ? writeGenaiConfig(genai, model, saved.path) : null;
+    const opsAfter = modcOpCounts(model);
+    const opsAdded = Object.fromEntries(Object.entries(opsAfter).map(([op, n]) => [op, n - (opsBefore[op] ?? 0)]).filter(([, n]) => (n as number) > 0));
+    // The plan's dense layers, plus those route-layers could not route (recorded in the model).
+    const skipped = readRoutingMetadata(model)?.skipped ?? [];
+    const notConverted = [...(plan?.unconverted ?? []), ...skipped].sort((a, b) => a.layer - b.layer);
+    const converted = (plan?.layers ?? []).filter((l) => !skipped.some((u) => u.layer === l.layer && (u.part ?? 'block') === l.part));
+    if (plan) {
+      const setting = (l: { threshold: number; capacity: number }) => (plan.mode === 'threshold' ? `p=${short(l.threshold)}` : `c=${short(l.capacity)}`);
+      const what = (l: { part: RoutedPart }) => (l.part === 'block' ? '' : `${l.part}, `);
+      log(`converted ${converted.length} layer(s): ${converted.map((l) => `${l.layer} (${what(l)}${setting(l)})`).join(', ') || 'none'}; ${plan.mode}, ${plan.gated ? 'gated' : 'ungated'}`);
+      log(`modc ops added: ${Object.entries(opsAdded).map(([op, n]) => `${op} ${n}`).join(', ') || (values['inline-ops'] ? 'none (inlined)' : 'none')}`);
+      for (const u of notConverted) log(`not converted: layer ${'part' in u && u.part ? describeLayerPart({ layer: u.layer, part: u.part as RoutedPart }) : u.layer}: ${u.reason}`);
+    }
+    progress.stop();
+    log(`wrote ${saved.path} (${formatBytes(saved.bytes)})${saved.externalFiles.map((f) => `, ${f.location} ${f.how}`).join('')}`);
+    if (genaiResult) log(describeGenai(genaiResult));
+    for (const m of summary) io.err(m);
+    if (values.json) {
+      io.out(JSON.stringify({
+        input, output: saved.path, bytes: saved.bytes, externalFiles: saved.externalFiles, passes: records,
+        ...(genaiResult ? { genaiConfig: genaiResult } : {}),
+        ...(plan ? { routing: { mode: plan.mode, gated: plan.gated, converted: converted.map((l) => routedLayerJson(plan.mode, { layer: l.layer, part: l.part, threshold: l.threshold, capacity: l.capacity })), notConverted, opsAdded } } : {}),
+      }, null, 2));
+    }
+    return 0;
+  },
+};

@@ -1,0 +1,68 @@
+/** The routing a compiled model carries in its metadata, for `modc inspect` and tools. */
+import { ModcError } from '../core/errors.js';
+import type { Model } from '../core/ir/model.js';
+import type { RoutedPart } from '../routing/router-weights.js';
+
+/** One routed part of a layer in a compiled model. */
+export interface RoutedLayerMetadata {
+  layer: number;
+  /** 'block' (the whole layer), 'attention' or 'mlp'; models compiled before sub-layer routing read as 'block'. */
+  part: RoutedPart;
+  /**
+   * The graph value (main graph, outside any If) holding this part's selection, bool [B, S]:
+   * true = the token runs this part; padding is false. Empty for models compiled before it was recorded.
+   */
+  selected: string;
+  threshold: number;
+  capacity: number;
+}
+
+/** What a compiled model records about its routing, in metadata_props under `modc.routing`. */
+export interface RoutingMetadata {
+  mode: 'threshold' | 'topk';
+  gated: boolean;
+  layers: RoutedLayerMetadata[];
+  /** Layers that had routers but could not be routed, and why (absent when none). */
+  skipped?: { layer: number; part?: RoutedPart; reason: string }[];
+}
+
+export const ROUTING_METADATA_KEY = 'modc.routing';
+
+export function readRoutingMetadata(model: Model): RoutingMetadata | null {
+  const entry = model.metadataProps.find((p) => p.key === ROUTING_METADATA_KEY);
+  if (!entry?.value) return null;
+  let meta: unknown;
+  try {
+    meta = JSON.parse(entry.value);
+  } catch (e) {
+    throw new ModcError(`metadata ${ROUTING_METADATA_KEY} is not valid JSON (${(e as Error).message})`);
+  }
+  const problem = routingMetadataProblem(meta);
+  if (problem) throw new ModcError(`metadata ${ROUTING_METADATA_KEY} is malformed: ${problem}`);
+  const parsed = meta as RoutingMetadata;
+  parsed.layers = parsed.layers.map((l) => ({ ...l, part: l.part ?? 'block', selected: l.selected ?? '' }));
+  return parsed;
+}
+
+/** What is wrong with a parsed `modc.routing` value, or null when it has the documented shape. */
+function routingMetadataProblem(m: unknown): string | null {
+  const isObj = (x: unknown): x is Record<string, unknown> => typeof x === 'object' && x !== null && !Array.isArray(x);
+  const isLayer = (x: unknown) => Number.isSafeInteger(x) && (x as number) >= 0;
+  if (!isObj(m)) return 'not a JSON object';
+  if (m.mode !== 'threshold' && m.mode !== 'topk') return 'mode must be "threshold" or "topk"';
+  if (typeof m.gated !== 'boolean') return 'gated must be true or false';
+  if (!Array.isArray(m.layers)) return 'layers must be a list';
+  for (const l of m.layers) {
+    if (!isObj(l) || !isLayer(l.layer) || typeof l.threshold !== 'number' || typeof l.capacity !== 'number') return 'each layer needs a layer index, a threshold and a capacity';
+    if (l.part !== undefined && l.part !== 'block' && l.part !== 'attention' && l.part !== 'mlp') return 'a layer part must be "block", "attention" or "mlp"';
+    if (l.selected !== undefined && typeof l.selected !== 'string') return 'a layer\'s selected must be a value name';
+  }
+  if (m.skipped !== undefined) {
+    if (!Array.isArray(m.skipped) || m.skipped.some((s) => !isObj(s) || !isLayer(s.layer) || typeof s.reason !== 'string')) return 'skipped must be a list of { layer, reason }';
+  }
+  return null;
+}
+
+export function writeRoutingMetadata(model: Model, meta: RoutingMetadata): void {
+  model.metadataProps = [...model.metadataProps.filter((p) => p.key !== ROUTING_METADATA_KEY), { key: ROUTING_METADATA_KEY, value: JSON.stringify(meta) }];
+}

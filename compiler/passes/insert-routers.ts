@@ -1,0 +1,104 @@
+/**
+ * insert-routers: for each routed part of the routing plan, a router on the stream value the
+ * part reads (the layer's residual input for a block or an attention part; for an MLP part the
+ * stream after the attention add, or the layer input in a parallel-residual layer) and the token
+ * selection:
+ *
+ *   score = modc.Router(x, w, b)
+ *   selected = modc.SelectThreshold(score, token_mask, p)          (threshold-p)
+ *            | modc.SelectTopK(score, token_mask, c, past_length)  (top-k)
+ *   indices, valid, count = modc.Compact(selected)
+ *
+ * token_mask is this call's columns of attention_mask. The selection value is named
+ * `modc.selected.{l}[.attn|.mlp]` and recorded in the `modc.routing` metadata, which is how
+ * route-layers (and tools measuring what ran) find each part's routing.
+ */
+import { ModcError } from '../core/errors.js';
+import { analyzeDecoder } from '../analysis/analyze.js';
+import type { Value } from '../core/ir/graph.js';
+import type { Model } from '../core/ir/model.js';
+import { Tensor } from '../core/ir/tensor.js';
+import type { Pass } from './pass-manager.js';
+import type { RoutingPlan } from '../routing/routing-plan.js';
+import { Emitter } from './modc-ops/emitter.js';
+import { callModcOp, defaultOpset } from './modc-ops/index.js';
+import { type RoutedLayerMetadata, writeRoutingMetadata } from '../metadata/routing-metadata.js';
+import { routerTensorPrefix } from '../routing/router-weights.js';
+import { subLayersOf } from '../analysis/sub-layers.js';
+import { describeLayerPart } from '../routing/routing-plan.js';
+import { streamElementType } from './mod-common.js';
+import { staticTokenInputs } from './static-cache.js';
+
+/** This call's token mask [B,S] and past length (T - S), built once for all routers. */
+function tokenInputs(model: Model): { tokenMask: Value; pastLength: Value } {
+  const g = model.graph;
+  const e = new Emitter(g, defaultOpset(model), 'modc/');
+  // The tokens of this call: input_ids [B, S], or inputs_embeds [B, S, H] for an embeddings-fed decoder.
+  const ids = g.inputs.find((v) => v.name === 'input_ids') ?? g.inputs.find((v) => v.name === 'inputs_embeds');
+  if (!ids) throw new ModcError("routing needs the 'input_ids' (or 'inputs_embeds') input");
+  const mask = g.inputs.find((v) => v.name === 'attention_mask');
+  // Static KV caches carry each row's real tokens in write_indices / nonpad_kv_seqlen (compiler/passes/static-cache.ts).
+  const fromStatic = mask ? null : staticTokenInputs(model, e, ids);
+  if (fromStatic) return fromStatic;
+  if (!mask) {
+    const batchAndLength = e.op('Slice', [e.op('Shape', [ids]), e.i64([0]), e.i64([2])]);
+    const ones = e.op('ConstantOfShape', [batchAndLength], { value: Tensor.fromArray('', [1], BigInt64Array.of(1n)) });
+    return { tokenMask: ones, pastLength: e.i64(0) };
+  }
+  const s = e.dim(ids, 1);
+  const tokenMask = e.op('Slice', [mask, e.op('Neg', [s]), e.i64([Number.MAX_SAFE_INTEGER]), e.i64([1])]);
+  const pastLength = e.op('Sub', [e.dimScalar(mask, 1), e.dimScalar(ids, 1)]);
+  return { tokenMask, pastLength };
+}
+
+function scalarInit(model: Model, name: string, value: number): Value {
+  const g = model.graph;
+  const v = g.newValue(name);
+  return g.addInitializer(v, Tensor.fromArray(v.name, [], Float32Array.of(value)));
+}
+
+export function insertRouters(model: Model, plan: RoutingPlan): string[] {
+  const s = analyzeDecoder(model);
+  const g = model.graph;
+  const dtype = streamElementType(s);
+  const { tokenMask, pastLength } = tokenInputs(model);
+  const notes: string[] = [];
+  const recorded: RoutedLayerMetadata[] = [];
+  const graphOutputs = new Set(g.outputs);
+  for (const lp of plan.layers) {
+    const layer = s.layers[lp.layer];
+    if (!layer) throw new ModcError(`the routing plan names layer ${lp.layer}, but the model has ${s.layers.length} layers`);
+    const twice = plan.layers.find((o) => o !== lp && o.layer === lp.layer && (o.part === lp.part || o.part === 'block' || lp.part === 'block'));
+    if (twice) throw new ModcError(`the routing plan routes layer ${lp.layer} as ${lp.part} and as ${twice.part}; a layer routes its whole block, or its attention and/or its MLP`);
+    if (lp.router.weight.length !== s.hiddenSize) throw new ModcError(`router for layer ${describeLayerPart(lp)} has ${lp.router.weight.length} weights, the hidden size is ${s.hiddenSize}`);
+    // An MLP router reads the stream the MLP reads; when the layer has no sub-layer boundary
+    // route-layers refuses the part and removes this router again.
+    const parts = lp.part === 'block' ? null : subLayersOf(layer, graphOutputs);
+    const input = parts && !('reason' in parts) ? parts[lp.part as 'attention' | 'mlp'].input : layer.residualIn;
+    const prefix = `modc.${routerTensorPrefix(lp.layer, lp.part)}`;
+    const w = g.addInitializer(g.newValue(`${prefix}.weight`), Tensor.fromArray(`${prefix}.weight`, [s.hiddenSize], lp.router.weight));
+    const b = g.addInitializer(g.newValue(`${prefix}.bias`), Tensor.fromArray(`${prefix}.bias`, [1], Float32Array.of(lp.router.bias)));
+    const opts = { dtype, name: `modc/layer${lp.layer}${lp.part === 'block' ? '' : `/${lp.part}`}` };
+    const [score] = callModcOp(model, 'Router', [input, w, b], opts);
+    const [selected] = plan.mode === 'threshold'
+      ? callModcOp(model, 'SelectThreshold', [score!, tokenMask, scalarInit(model, `${prefix}.threshold`, lp.threshold)], opts)
+      : callModcOp(model, 'SelectTopK', [score!, tokenMask, scalarInit(model, `${prefix}.capacity`, lp.capacity), pastLength], opts);
+    selected!.name = g.uniqueName(prefix.replace('modc.router.', 'modc.selected.'));
+    callModcOp(model, 'Compact', [selected!], opts);
+    recorded.push({ layer: lp.layer, part: lp.part, selected: selected!.name, threshold: lp.threshold, capacity: lp.capacity });
+    notes.push(`layer ${describeLayerPart(lp)}: router on ${input}, ${plan.mode === 'threshold' ? `p = ${lp.threshold}` : `capacity ${lp.capacity}`}`);
+  }
+  g.toposort();
+  writeRoutingMetadata(model, { mode: plan.mode, gated: plan.gated, layers: recorded });
+  return notes;
+}
+
+export function insertRoutersPass(plan: RoutingPlan): Pass {
+  return {
+    name: 'insert-routers',
+    description: 'add a router and token selection on each converted layer\'s residual input',
+    run(model) {
+      return { changed: plan.layers.length > 0, notes: insertRouters(model, plan) };
+    },
+  };
+}

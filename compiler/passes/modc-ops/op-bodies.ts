@@ -1,0 +1,314 @@
+/**
+ * The `modc` op domain: the routing primitives of a Mixture-of-Depths layer. Each op is an ONNX
+ * function body (so compiled models run on stock ONNX Runtime, CPU or CUDA, with no native
+ * library); `reference.ts` has the TypeScript kernel each body is tested against.
+ *
+ * Shapes: B batch rows, S tokens in this call, H hidden size, K selected slots per row
+ * (K = max over rows of the selected count, at least 1, so no tensor is ever empty).
+ *
+ * | op                 | inputs                                                   | outputs                        |
+ * |--------------------|----------------------------------------------------------|--------------------------------|
+ * | Router             | x T[B,S,H], weight T'[H], bias T'[] or [1]              | score float[B,S]               |
+ * | SelectThreshold    | score float[B,S], token_mask int[B,S], threshold float[] | selected bool[B,S]             |
+ * | SelectTopK         | score, token_mask, capacity float[], past_length int64[] | selected bool[B,S]             |
+ * | Compact            | selected bool[B,S]                                        | indices int64[B,K], valid bool[B,K], count int64[B] |
+ * | GatherTokens       | x [B,S,...], indices int64[B,K]                           | [B,K,...]                      |
+ * | ScatterTokens      | x T[B,S,H], indices, valid, x_sel T[B,K,H], y T[B,K,H]    | T[B,S,H]                       |
+ * | ScatterTokensGated | same + gate float[B,K]                                    | T[B,S,H]                       |
+ * | GatherMask         | mask M[B|1,h,Sq,T], q_idx int64[B,K], k_idx int64[B,K2], k_valid bool[B,K2], fill M[] | M[B,h,K,K2] |
+ * | PrefixMask         | lengths int64[B], total int64[]                           | bool[B,total]: j < lengths[b]  |
+ * | KeyMask            | past_length int64[B], past_capacity int64[], valid bool[B,K] | bool[B,P+K]: a layer's valid keys |
+ * | GatherKv           | kv T[B,H,T,D], indices int64[B,K]                         | T[B,H,K,D] (per-row gather on the sequence axis) |
+ * | GatherKvCombined   | kv T[2,B,H,T,D], indices int64[B,K]                       | T[2,B,H,K,D]                   |
+ * | SlotPositions      | past_positions int64[B,P], past_length int64[B], positions int64[B,K] | int64[B,P+K]: the original position of each key slot |
+ * | WindowBias         | query_positions int64[B,K], key_positions int64[B,T], window int64[] | T[B,1,K,T]: 0 or lowest |
+ *
+ * Semantics (SPEC.md): score = w.x + b in fp32; threshold-p selects r = sigmoid(score) >= p;
+ * top-k selects per row the ceil(c * n) highest scores among the n real tokens (ceil taken of
+ * the float32 product; ties to the earlier token), and in a one-token step with a past
+ * (S = 1, past_length > 0) falls back to r >= 0.5. Padding (token_mask = 0) is never selected.
+ * Compact lists each row's selected positions in ascending order, then pads the row up to K
+ * with its lowest unselected positions, marked invalid: every index in a row is distinct, so a
+ * scatter never writes one position twice, and padded slots write back the value they read.
+ */
+import { DataType } from '../../core/ir/dtype.js';
+import type { Value } from '../../core/ir/graph.js';
+import type { Emitter } from './emitter.js';
+
+export interface OpContext {
+  /** Element type of the residual stream (float or float16). */
+  dtype: number;
+}
+
+export interface ModcOpDef {
+  name: string;
+  inputs: string[];
+  outputs: string[];
+  doc: string;
+  body(e: Emitter, inputs: Value[], ctx: OpContext): Value[];
+}
+
+const LOWEST_FLOAT = -3.4028234663852886e38;
+
+/** Row offsets b*S as an int64 [B,1] column (to index the flattened [B*S, ...] tensor). */
+function rowOffsets(e: Emitter, like: Value): Value {
+  const b = e.dimScalar(like, 0);
+  const s = e.dimScalar(like, 1);
+  const rows = e.op('Range', [e.i64(0), b, e.i64(1)]);
+  return e.unsqueeze(e.op('Mul', [rows, s]), [1]);
+}
+
+/** x reshaped to [B*S, ...rest]. */
+function flattenRows(e: Emitter, x: Value): Value {
+  // Slice clamps its end to the dimension, so any large end means "to the end".
+  const rest = e.op('Slice', [e.op('Shape', [x]), e.i64([2]), e.i64([Number.MAX_SAFE_INTEGER])]);
+  return e.op('Reshape', [x, e.op('Concat', [e.i64([-1]), rest], { axis: 0 })]);
+}
+
+const router: ModcOpDef = {
+  name: 'Router',
+  inputs: ['x', 'weight', 'bias'],
+  outputs: ['score'],
+  doc: 'score = x . weight + bias per token, computed in float32',
+  body(e, [x, w, b]) {
+    const xf = e.cast(x!, DataType.FLOAT);
+    const wf = e.cast(w!, DataType.FLOAT);
+    const bf = e.cast(b!, DataType.FLOAT);
+    return [e.op('Add', [e.op('MatMul', [xf, wf]), bf])];
+  },
+};
+
+const selectThreshold: ModcOpDef = {
+  name: 'SelectThreshold',
+  inputs: ['score', 'token_mask', 'threshold'],
+  outputs: ['selected'],
+  doc: 'selected = sigmoid(score) >= threshold, and never padding',
+  body(e, [score, mask, p]) {
+    const r = e.op('Sigmoid', [score!]);
+    return [e.op('And', [e.greaterOrEqual(r, p!), e.cast(mask!, DataType.BOOL)])];
+  },
+};
+
+const selectTopK: ModcOpDef = {
+  name: 'SelectTopK',
+  inputs: ['score', 'token_mask', 'capacity', 'past_length'],
+  outputs: ['selected'],
+  doc: 'per row, the ceil(capacity * real tokens) highest scores (ties: earlier token); one-token steps with a past: sigmoid(score) >= 0.5',
+  body(e, [score, mask, capacity, pastLength]) {
+    const real = e.cast(mask!, DataType.BOOL);
+    const n = e.reduceSum(e.cast(mask!, DataType.FLOAT), [1], true);
+    const k = e.op('Ceil', [e.op('Mul', [capacity!, n])]);
+    const masked = e.op('Where', [real, score!, e.f32(LOWEST_FLOAT)]);
+    const s = e.dimScalar(score!, 1);
+    const [, order] = e.node('TopK', [masked, e.dim(score!, 1)], { axis: 1, largest: 1, sorted: 1 }, 2);
+    const ranks = e.cast(e.op('Range', [e.i64(0), s, e.i64(1)]), DataType.FLOAT);
+    const chosenInOrder = e.cast(e.op('Less', [ranks, k]), DataType.FLOAT);
+    const zeros = e.op('ConstantOfShape', [e.op('Shape', [score!])]);
+    const chosen = e.op('ScatterElements', [zeros, order!, chosenInOrder], { axis: 1 });
+    const byTopK = e.op('And', [e.cast(chosen, DataType.BOOL), real]);
+    const byThreshold = e.op('And', [e.greaterOrEqual(e.op('Sigmoid', [score!]), e.f32(0.5)), real]);
+    const isStep = e.op('And', [e.op('Equal', [s, e.i64(1)]), e.op('Greater', [pastLength!, e.i64(0)])]);
+    // ORT has no bool Where kernel: blend with logic ops instead.
+    return [e.op('Or', [e.op('And', [isStep, byThreshold]), e.op('And', [e.op('Not', [isStep]), byTopK])])];
+  },
+};
+
+const compact: ModcOpDef = {
+  name: 'Compact',
+  inputs: ['selected'],
+  outputs: ['indices', 'valid', 'count'],
+  doc: "each row's selected positions in order, padded to K with unselected positions marked invalid",
+  body(e, [selected]) {
+    const s = e.dimScalar(selected!, 1);
+    const sf = e.cast(s, DataType.FLOAT);
+    const pos = e.cast(e.op('Range', [e.i64(0), s, e.i64(1)]), DataType.FLOAT);
+    // Selected tokens sort first (keys in (S, 2S]), unselected after (keys in (0, S]), each group by position.
+    const key = e.op('Where', [selected!, e.op('Sub', [e.op('Mul', [sf, e.f32(2)]), pos]), e.op('Sub', [sf, pos])]);
+    const countF = e.reduceSum(e.cast(selected!, DataType.FLOAT), [1], false);
+    const kf = e.op('Max', [e.reduceMax(countF, [0], true), e.f32(1)]);
+    const [values, indices] = e.node('TopK', [key, e.cast(kf, DataType.INT64)], { axis: 1, largest: 1, sorted: 1 }, 2);
+    const valid = e.op('Greater', [values!, sf]);
+    return [indices!, valid, e.cast(countF, DataType.INT64)];
+  },
+};
+
+const gatherTokens: ModcOpDef = {
+  name: 'GatherTokens',
+  inputs: ['x', 'indices'],
+  outputs: ['y'],
+  doc: 'y[b, k, ...] = x[b, indices[b, k], ...]',
+  body(e, [x, indices]) {
+    const flatIdx = e.op('Add', [indices!, rowOffsets(e, x!)]);
+    return [e.op('Gather', [flattenRows(e, x!), flatIdx], { axis: 0 })];
+  },
+};
+
+/**
+ * x with x[b, indices[b, k], ...] = updates[b, k, ...]: one ScatterND on (row, position) index
+ * pairs [B, K, 2], with no flattening of x (fewer kernels than offsets into a [B*S, ...] view).
+ */
+function scatterRows(e: Emitter, x: Value, indices: Value, updates: Value): Value {
+  const shape = e.op('Shape', [indices]);
+  const rows = e.op('Range', [e.i64(0), e.op('Gather', [shape, e.i64(0)], { axis: 0 }), e.i64(1)]);
+  const rowOfSlot = e.op('Expand', [e.unsqueeze(rows, [1]), shape]);
+  const pairs = e.op('Concat', [e.unsqueeze(rowOfSlot, [2]), e.unsqueeze(indices, [2])], { axis: 2 });
+  return e.op('ScatterND', [x, pairs, updates]);
+}
+
+const scatterTokens: ModcOpDef = {
+  name: 'ScatterTokens',
+  inputs: ['x', 'indices', 'valid', 'x_sel', 'y'],
+  outputs: ['out'],
+  doc: 'out = x with out[b, indices[b,k]] = y[b,k] where valid (ungated: selected tokens take the layer output exactly)',
+  body(e, [x, indices, valid, xSel, y]) {
+    const upd = e.op('Where', [e.unsqueeze(valid!, [2]), y!, xSel!]);
+    return [scatterRows(e, x!, indices!, upd)];
+  },
+};
+
+const scatterTokensGated: ModcOpDef = {
+  name: 'ScatterTokensGated',
+  inputs: ['x', 'indices', 'valid', 'x_sel', 'y', 'gate'],
+  outputs: ['out'],
+  doc: 'out = x with out[b, indices[b,k]] = x_sel + gate * (y - x_sel) where valid',
+  body(e, [x, indices, valid, xSel, y, gate], ctx) {
+    const g = e.unsqueeze(e.cast(gate!, ctx.dtype), [2]);
+    const mixed = e.op('Add', [xSel!, e.op('Mul', [g, e.op('Sub', [y!, xSel!])])]);
+    const upd = e.op('Where', [e.unsqueeze(valid!, [2]), mixed, xSel!]);
+    return [scatterRows(e, x!, indices!, upd)];
+  },
+};
+
+const gatherMask: ModcOpDef = {
+  name: 'GatherMask',
+  inputs: ['mask', 'q_idx', 'k_idx', 'k_valid', 'fill'],
+  outputs: ['out'],
+  doc: 'out[b,h,i,j] = mask[b,h,q_idx[b,i],k_idx[b,j]] where k_valid[b,j], else fill',
+  body(e, [mask, qIdx, kIdx, kValid, fill]) {
+    const b = e.dim(qIdx!, 0);
+    const h = e.dim(mask!, 1);
+    const sq = e.dim(mask!, 2);
+    const t = e.dim(mask!, 3);
+    const k = e.dim(qIdx!, 1);
+    const k2 = e.dim(kIdx!, 1);
+    const full = e.op('Expand', [mask!, e.op('Concat', [b, h, sq, t], { axis: 0 })]);
+    const qi = e.op('Expand', [e.op('Reshape', [qIdx!, e.i64([0, 1, -1, 1])]), e.op('Concat', [b, h, k, t], { axis: 0 })]);
+    const rows = e.op('GatherElements', [full, qi], { axis: 2 });
+    const ki = e.op('Expand', [e.op('Reshape', [kIdx!, e.i64([0, 1, 1, -1])]), e.op('Concat', [b, h, k, k2], { axis: 0 })]);
+    const cols = e.op('GatherElements', [rows, ki], { axis: 3 });
+    return [e.op('Where', [e.op('Reshape', [kValid!, e.i64([0, 1, 1, -1])]), cols, fill!])];
+  },
+};
+
+/** j < lengths[b] for j in [0, total): valid-prefix masks (right padding). */
+function prefixMask(e: Emitter, lengths: Value, total: Value): Value {
+  const j = e.op('Range', [e.i64(0), total, e.i64(1)]);
+  return e.op('Less', [e.unsqueeze(j, [0]), e.unsqueeze(lengths, [1])]);
+}
+
+const prefixMaskOp: ModcOpDef = {
+  name: 'PrefixMask',
+  inputs: ['lengths', 'total'],
+  outputs: ['mask'],
+  doc: 'mask[b, j] = j < lengths[b], j in [0, total)',
+  body(e, [lengths, total]) {
+    return [prefixMask(e, lengths!, total!)];
+  },
+};
+
+const keyMask: ModcOpDef = {
+  name: 'KeyMask',
+  inputs: ['past_length', 'past_capacity', 'valid'],
+  outputs: ['mask'],
+  doc: "a layer's valid keys: its cache slots j < past_length[b], then this call's valid slots",
+  body(e, [pastLength, capacity, valid]) {
+    return [e.op('Concat', [prefixMask(e, pastLength!, capacity!), valid!], { axis: 1 })];
+  },
+};
+
+/** Gathers `indices` [B,K] along the sequence axis of a [.., B, H, T, D] cache (batch at `batchAxis`). */
+function gatherSequence(e: Emitter, kv: Value, indices: Value, batchAxis: 0 | 1): Value {
+  const seqAxis = batchAxis + 2;
+  const k = e.dim(indices, 1);
+  const lead = batchAxis === 1 ? [e.dim(kv, 0)] : [];
+  const target = e.op('Concat', [...lead, e.dim(kv, batchAxis), e.dim(kv, batchAxis + 1), k, e.dim(kv, seqAxis + 1)], { axis: 0 });
+  const shaped = e.unsqueeze(indices, batchAxis === 1 ? [0, 2, 4] : [1, 3]);
+  return e.op('GatherElements', [kv, e.op('Expand', [shaped, target])], { axis: seqAxis });
+}
+
+const gatherKv: ModcOpDef = {
+  name: 'GatherKv',
+  inputs: ['kv', 'indices'],
+  outputs: ['out'],
+  doc: 'out[b,h,k,d] = kv[b,h,indices[b,k],d]',
+  body(e, [kv, indices]) {
+    return [gatherSequence(e, kv!, indices!, 0)];
+  },
+};
+
+const gatherKvCombined: ModcOpDef = {
+  name: 'GatherKvCombined',
+  inputs: ['kv', 'indices'],
+  outputs: ['out'],
+  doc: 'out[i,b,h,k,d] = kv[i,b,h,indices[b,k],d] for the combined [2,B,H,T,D] cache',
+  body(e, [kv, indices]) {
+    return [gatherSequence(e, kv!, indices!, 1)];
+  },
+};
+
+/**
+ * Key slots of a compacted GroupQueryAttention layer, as the op lays them out (it writes this
+ * call's keys at each row's own past length): row b's valid cache slots, then this call's K
+ * slots, then the rest of its cache (padding). A permutation of Concat(past, positions).
+ */
+const slotPositions: ModcOpDef = {
+  name: 'SlotPositions',
+  inputs: ['past_positions', 'past_length', 'positions'],
+  outputs: ['slot_positions'],
+  doc: 'out[b, t] = past_positions[b, t] for t < past_length[b], positions[b, t - past_length[b]] for the next K slots, then past_positions[b, t - K]',
+  body(e, [past, pastLength, positions]) {
+    const p = e.dimScalar(past!, 1);
+    const k = e.dimScalar(positions!, 1);
+    const t = e.unsqueeze(e.op('Range', [e.i64(0), e.op('Add', [p, k]), e.i64(1)]), [0]);
+    const len = e.unsqueeze(pastLength!, [1]);
+    const current = e.op('Add', [p, e.op('Sub', [t, len])]);
+    const rest = e.op('Sub', [t, k]);
+    const idx = e.op('Where', [e.op('Less', [t, len]), t, e.op('Where', [e.op('Less', [t, e.op('Add', [len, k])]), current, rest])]);
+    const all = e.op('Concat', [past!, positions!], { axis: 1 });
+    return [e.op('GatherElements', [all, idx], { axis: 1 })];
+  },
+};
+
+/**
+ * Sliding-window attention by original position, as an additive bias for GroupQueryAttention:
+ * a query at position p sees a key at position q iff p - window < q <= p (ONNX Runtime's
+ * local_window_size convention: the query and the window - 1 keys before it).
+ */
+const windowBias: ModcOpDef = {
+  name: 'WindowBias',
+  inputs: ['query_positions', 'key_positions', 'window'],
+  outputs: ['bias'],
+  doc: 'bias[b, 0, i, j] = 0 where query_positions[b,i] - window < key_positions[b,j] <= query_positions[b,i], else the lowest value of T',
+  body(e, [queryPositions, keyPositions, window], ctx) {
+    const q = e.op('Reshape', [queryPositions!, e.i64([0, 1, -1, 1])]);
+    const k = e.op('Reshape', [keyPositions!, e.i64([0, 1, 1, -1])]);
+    const visible = e.op('And', [e.op('Not', [e.op('Greater', [k, q])]), e.op('Greater', [k, e.op('Sub', [q, window!])])]);
+    if (ctx.dtype === DataType.BFLOAT16) {
+      // Where has no bfloat16 kernel on CPU: choose in float32, then cast (bfloat16's lowest finite value is exact in float32).
+      return [e.cast(e.op('Where', [visible, e.f32(0), e.f32(-3.3895313892515355e38)]), DataType.BFLOAT16)];
+    }
+    const lowest = ctx.dtype === DataType.FLOAT16 ? -65504 : LOWEST_FLOAT;
+    return [e.op('Where', [visible, e.scalar(0, ctx.dtype), e.scalar(lowest, ctx.dtype)])];
+  },
+};
+
+export const MODC_OPS: readonly ModcOpDef[] = [
+  router, selectThreshold, selectTopK, compact, gatherTokens, scatterTokens, scatterTokensGated, gatherMask,
+  prefixMaskOp, keyMask, gatherKv, gatherKvCombined, slotPositions, windowBias,
+];
+
+export function modcOp(name: string): ModcOpDef {
+  const op = MODC_OPS.find((o) => o.name === name);
+  if (!op) throw new Error(`no modc op ${name}`);
+  return op;
+}

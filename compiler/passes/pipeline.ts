@@ -1,0 +1,62 @@
+/**
+ * Every pass modc knows, by name (what `--passes` resolves against), and the default MoD
+ * pipeline: record-costs -> split-fused-boundaries -> insert-routers -> route-layers -> cleanup
+ * [-> inline-modc-ops].
+ */
+import { UsageError } from '../core/errors.js';
+import { PassRegistry, type Pass, type PipelineStep } from './pass-manager.js';
+import type { RoutingPlan } from '../routing/routing-plan.js';
+import { cleanupPass } from './cleanup.js';
+import { inlineModcOpsPass } from './inline-modc-ops.js';
+import { insertRoutersPass } from './insert-routers.js';
+import { lastLogitsPass } from './last-logits.js';
+import { liftConstantsPass } from './lift-constants.js';
+import { recordCostsPass } from './record-costs.js';
+import { routeLayersPass } from './route-layers.js';
+import { splitFusedBoundariesPass } from './split-fused-boundaries.js';
+
+/** What the MoD passes need beyond their own options: the resolved routing plan. */
+export interface ModOptions {
+  plan: RoutingPlan;
+  inlineOps?: boolean;
+  /** 'last': add last-logits (the lm_head for each row's last real position only). Default 'all'. */
+  logits?: 'all' | 'last';
+}
+
+function needsPlan(name: string, description: string): Pass {
+  return {
+    name,
+    description,
+    run() {
+      throw new UsageError(`pass ${name} needs routers: give --routers FILE or --router-init all-pass|random`);
+    },
+  };
+}
+
+export function defaultRegistry(mod?: ModOptions): PassRegistry {
+  const reg = new PassRegistry()
+    .register(cleanupPass)
+    .register(liftConstantsPass)
+    .register(splitFusedBoundariesPass)
+    .register(inlineModcOpsPass)
+    .register(recordCostsPass)
+    .register(lastLogitsPass);
+  if (mod) return reg.register(insertRoutersPass(mod.plan)).register(routeLayersPass({ gated: mod.plan.gated }));
+  return reg
+    .register(needsPlan('insert-routers', 'add a router and token selection on each converted layer\'s residual input'))
+    .register(needsPlan('route-layers', 'run each routed layer on its selected tokens only, with a compacted KV cache'));
+}
+
+/** The default `modc compile` pipeline for a routing plan. */
+export function modPipeline(mod: ModOptions): PipelineStep[] {
+  const reg = defaultRegistry(mod);
+  const layers = [...new Set(mod.plan.layers.map((l) => l.layer))].join(',');
+  // Sub-layer parts need the stream between attention and MLP as a value: split fusions there too.
+  const within = [...new Set(mod.plan.layers.filter((l) => l.part !== 'block').map((l) => l.layer))].join(',');
+  const split = `split-fused-boundaries{layers=${layers}${within ? `;within=${within}` : ''}}`;
+  return reg.parsePipeline(
+    `record-costs,${split},insert-routers,route-layers${mod.logits === 'last' ? ',last-logits' : ''},cleanup${mod.inlineOps ? ',inline-modc-ops' : ''}`,
+  );
+}
+
+export { cleanupPass, inlineModcOpsPass, insertRoutersPass, lastLogitsPass, liftConstantsPass, recordCostsPass, routeLayersPass, splitFusedBoundariesPass };

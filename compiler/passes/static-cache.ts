@@ -1,0 +1,173 @@
+/**
+ * Static KV caches in the MoD passes: a layer whose standard ONNX Attention (opset 24) reads a
+ * fixed-size buffer that TensorScatter writes at `write_indices`, with `nonpad_kv_seqlen` counting
+ * each row's valid keys (compiler/analysis/attention.ts finds them).
+ *
+ * A compacted static layer l keeps its own buffer and its own per-row valid length:
+ *
+ *   past_lengths.l  int64 [B]   valid slots of each row of layer l's buffer (its write index)
+ *   TensorScatter(buffer_l, k_sel, past_lengths.l)      the selected tokens, packed at the row's end
+ *   Attention(.., nonpad_kv_seqlen = past_lengths.l + selected count, mask rebuilt from past_lengths.l;
+ *             is_causal=1 without a mask becomes that mask by slot, is_causal=0)
+ *   present_lengths.l = past_lengths.l + selected count
+ *
+ * The buffer's length dim becomes `max_sequence_length_l` (a runner may size it smaller than the
+ * original's, as long as every call fits: past_lengths.l + S <= length). The original
+ * write_indices / nonpad_kv_seqlen stay the inputs of the layers that are not converted.
+ */
+import type { KvTensor, LayerInfo } from '../analysis/types.js';
+import { DataType } from '../core/ir/dtype.js';
+import { attribute, type Graph, type Node, Value } from '../core/ir/graph.js';
+import type { Model } from '../core/ir/model.js';
+import { recomputeWith, replaceUsesWithin } from '../core/ir/rewrite.js';
+import type { TypeProto } from '../core/proto/index.js';
+import { Tensor } from '../core/ir/tensor.js';
+import { pastLengthName, presentLengthName, STATIC_CACHE_INPUTS_KEY, STATIC_CACHE_LENGTH_KEY } from '../metadata/decoder-io.js';
+import type { Emitter } from './modc-ops/emitter.js';
+
+/** The graph inputs the static caches' writes and attention read (through casts), or null. */
+export function staticCacheInputs(graph: Graph): { write: Value; nonpad: Value | null } | null {
+  const inputs = new Set(graph.inputs);
+  const source = (v: Value | null): Value | null => {
+    for (let cur = v, hops = 0; cur && hops < 4; hops++) {
+      if (inputs.has(cur)) return cur;
+      const p = cur.producer;
+      cur = p && (p.opType === 'Cast' || p.opType === 'Identity') ? p.input(0) : null;
+    }
+    return null;
+  };
+  let write: Value | null = null;
+  let nonpad: Value | null = null;
+  for (const n of graph.nodes) {
+    if (n.domain !== '' && n.domain !== 'ai.onnx') continue;
+    if (n.opType === 'TensorScatter') write ??= source(n.input(2));
+    if (n.opType === 'Attention') nonpad ??= source(n.input(6));
+  }
+  return write ? { write, nonpad } : null;
+}
+
+/**
+ * The routers' token mask and past length for a model with no attention_mask. With static caches:
+ * token t of row b is real iff t < nonpad_kv_seqlen[b] - write_indices[b] (the row's real tokens of
+ * this call, right padding), and the past length is the longest row's write index.
+ */
+export function staticTokenInputs(model: Model, e: Emitter, ids: Value): { tokenMask: Value; pastLength: Value } | null {
+  const inputs = staticCacheInputs(model.graph);
+  if (!inputs?.nonpad) return positionTokenInputs(model, e, ids);
+  const write = e.cast(inputs.write, DataType.INT64);
+  const real = e.op('Sub', [e.cast(inputs.nonpad, DataType.INT64), write]);
+  const t = e.op('Range', [e.i64(0), e.dimScalar(ids, 1), e.i64(1)]);
+  const tokenMask = e.cast(e.op('Less', [e.unsqueeze(t, [0]), e.unsqueeze(real, [1])]), DataType.INT64);
+  return { tokenMask, pastLength: e.reduceMax(write, [0], false) };
+}
+
+/**
+ * A model with neither attention_mask nor static cache lengths (a causal export that cannot pad):
+ * every token is real, and the past length is what position_ids say (max position + 1 - S), so
+ * a decode step is told from a one-token prompt. Null without position_ids.
+ */
+function positionTokenInputs(model: Model, e: Emitter, ids: Value): { tokenMask: Value; pastLength: Value } | null {
+  const positions = model.graph.inputs.find((v) => v.name === 'position_ids');
+  if (!positions) return null;
+  const batchAndLength = e.op('Slice', [e.op('Shape', [ids]), e.i64([0]), e.i64([2])]);
+  const tokenMask = e.op('ConstantOfShape', [batchAndLength], { value: Tensor.fromArray('', [1], BigInt64Array.of(1n)) });
+  const last = e.reduceMax(e.reduceMax(e.cast(positions, DataType.INT64), [1], false), [0], false);
+  return { tokenMask, pastLength: e.op('Sub', [e.op('Add', [last, e.i64(1)]), e.dimScalar(ids, 1)]) };
+}
+
+/** What route-layers hands the static-cache rewrite of one routed region. */
+export interface StaticRegion {
+  model: Model;
+  layer: LayerInfo;
+  e: Emitter;
+  /** The region's nodes (rewired in place). */
+  region: ReadonlySet<Node>;
+  /** Tokens selected per row, [B] int64. */
+  selectedCount: () => Value;
+  /** route-layers' substitutes for rebuilding shared masks and lengths in this layer's terms. */
+  substitutes: (pastLength: Value, capacity: Value) => Map<Value, Value>;
+  /** Masks and sequence lengths the region reads, to rebuild from this layer's own lengths. */
+  recompute: Value[];
+  /** Tokens this layer runs on per row (K), an int64 scalar. */
+  tokens: () => Value;
+  suffix: string;
+}
+
+/** Rewrites a routed region's static cache as described above; returns the [computed, passed when skipped] pairs for its If. */
+export function compactStaticCache(r: StaticRegion): [Value, Value][] {
+  const g = r.model.graph;
+  const { e, layer } = r;
+  const kv = layer.kv;
+  const writes = kv.writes!;
+  const attention = layer.attention.form === 'StandardAttention' ? layer.attention.node : null;
+  const l = layer.index;
+  const seqAxis = kv.layout === 'static-BTH' ? 1 : 2;
+  const pastLength = g.addInput(new Value(pastLengthName(l), tensorType(DataType.INT64, ['batch'])));
+  const valid = e.op('Add', [pastLength, r.selectedCount()]);
+  const like = (v: Value, x: Value | null) => (x?.dtype !== undefined && x.dtype !== DataType.INT64 ? e.cast(v, x.dtype) : v);
+
+  const substitute = r.substitutes(pastLength, e.dimScalar(kv.key.input, seqAxis));
+  const inputs = staticCacheInputs(g);
+  if (inputs) {
+    substitute.set(inputs.write, like(pastLength, inputs.write));
+    if (inputs.nonpad) substitute.set(inputs.nonpad, like(valid, inputs.nonpad));
+  }
+  if (r.recompute.length) {
+    const recomputed = recomputeWith(g, r.recompute, substitute, `_${r.suffix}`);
+    for (const v of r.recompute) replaceUsesWithin(r.region, v, recomputed.get(v)!);
+  }
+  // Whatever the original computed them from: this layer writes at its own valid length, and its
+  // valid keys are those plus this call's selected tokens.
+  for (const w of [writes.key, writes.value]) w.setInput(2, like(pastLength, w.input(2)));
+  if (attention) attention.setInput(6, like(valid, attention.input(6)));
+  // is_causal=1 with no mask aligns causality on nonpad_kv_seqlen - K, which holds only for rows
+  // that selected all K tokens: state it by slot instead (key j visible to token i iff
+  // j <= past_lengths.l + i; the selected tokens come first, in order).
+  if (attention && !attention.input(3) && attention.attrInt('is_causal', 0) === 1) {
+    const i = e.op('Range', [e.i64(0), r.tokens(), e.i64(1)]);
+    const j = e.op('Range', [e.i64(0), e.dimScalar(kv.key.input, seqAxis), e.i64(1)]);
+    const last = e.op('Add', [e.unsqueeze(pastLength, [1]), e.unsqueeze(i, [0])]);
+    attention.setInput(3, e.unsqueeze(e.op('LessOrEqual', [j, e.unsqueeze(last, [2])]), [1]));
+    attention.setAttr(attribute('is_causal', 0));
+  }
+
+  const presentLength = e.op('Identity', [valid]);
+  presentLength.name = g.uniqueName(presentLengthName(l));
+  presentLength.type = tensorType(DataType.INT64, ['batch']);
+  g.outputs.push(presentLength);
+  const tensors: KvTensor[] = [kv.key, kv.value];
+  // The original's buffer length, for runners that size this layer's (now open) buffer like it.
+  const original = kv.key.input.shape?.[seqAxis];
+  if (typeof original === 'number' && !r.model.metadataProps.some((p) => p.key === STATIC_CACHE_LENGTH_KEY)) {
+    r.model.metadataProps = [...r.model.metadataProps, { key: STATIC_CACHE_LENGTH_KEY, value: String(original) }];
+  }
+  // The model's own write index and valid-key inputs, which no converted layer reads any more.
+  if (inputs && !r.model.metadataProps.some((p) => p.key === STATIC_CACHE_INPUTS_KEY)) {
+    r.model.metadataProps = [...r.model.metadataProps, { key: STATIC_CACHE_INPUTS_KEY, value: JSON.stringify({ write_indices: inputs.write.name, nonpad_kv_seqlen: inputs.nonpad?.name ?? null }) }];
+  }
+  for (const t of tensors) {
+    t.input.type = withDim(t.input.type, seqAxis, `max_sequence_length_${l}`);
+    t.output.type = withDim(t.output.type, seqAxis, `max_sequence_length_${l}`);
+  }
+  return [...tensors.map((t) => [t.output, t.input] as [Value, Value]), [presentLength, pastLength]];
+}
+
+function tensorType(elem: number, dims: (number | string)[]): TypeProto {
+  return { tensor_type: { elem_type: elem, shape: { dim: dims.map((d) => (typeof d === 'number' ? { dim_value: d } : { dim_param: d })) } } } as TypeProto;
+}
+
+function withDim(type: TypeProto | undefined, axis: number, name: string): TypeProto | undefined {
+  const t = type?.tensor_type;
+  if (!t?.shape) return type;
+  return { tensor_type: { elem_type: t.elem_type, shape: { dim: t.shape.dim.map((d, i) => (i === axis ? { dim_param: name } : d)) } } } as TypeProto;
+}
+
+/**
+ * A standard Attention with its own past (growing cache), is_causal=1 and no attn_mask: a
+ * compacted cache pads rows to the longest, so the layer gets a mask of its valid keys
+ * ([B, 1, K, P + K], from KeyMask), and is_causal=1 keeps causality (query i sees slot j <= P + i).
+ */
+export function maskCompactedKeys(e: Emitter, attention: Node, keep: Value, tokens: Value): void {
+  const rows = e.op('Concat', [e.i64([1, 1]), e.unsqueeze(tokens, [0]), e.i64([1])], { axis: 0 });
+  attention.setInput(3, e.op('Expand', [e.unsqueeze(keep, [1, 2]), rows]));
+}

@@ -1,8 +1,0 @@
-/** Loading and running the reference executor's units (standalone ONNX models chained by value name). */
-import type { LoadedUnit } from '../analysis/layer-executor.js';
-
-export { loadUnit, runUnit } from '../analysis/layer-executor.js';
-
-export async function releaseUnits(units: readonly LoadedUnit[]): Promise<void> {
-  for (const u of units) await u.session.release();
-}
