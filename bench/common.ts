@@ -15,13 +15,13 @@ import { UsageError } from '../compiler/core/errors.js';
 import { loadModel } from '../compiler/core/io/load.js';
 import { saveModel } from '../compiler/core/io/save.js';
 import { runPipeline } from '../compiler/passes/pass-manager.js';
-import { planRouting, type PlanRequest, type RoutingPlan } from '../compiler/routing/routing-plan.js';
+import { type PlanRequest, type RoutingPlan } from '../compiler/routing/routing-plan.js';
 import { type DecoderIo } from '../compiler/metadata/decoder-io.js';
 import { ort, type SessionOptions } from '../compiler/runtime/ort.js';
 import { typed } from '../compiler/runtime/session.js';
 import { type DecoderConfig, writeLlamaModel } from '../fixtures/builder/index.js';
 import { splitFusedBoundaries } from '../compiler/passes/split-fused-boundaries.js';
-import { defaultRegistry, modPipeline } from '../compiler/passes/pipeline.js';
+import { defaultRegistry } from '../compiler/passes/pipeline.js';
 
 // ---------------------------------------------------------------- flags
 
@@ -166,6 +166,7 @@ export function collectGarbage(): number {
 // ---------------------------------------------------------------- statistics and output
 
 import { median } from '../compiler/apps/benchmark/benchmark.js';
+import { compile } from '../compiler/passes/compile.js';
 
 export { median };
 
@@ -240,9 +241,7 @@ export type PlanChoice = Omit<PlanRequest, 'numLayers' | 'hiddenSize'>;
 export function compileModel(source: string, out: string, choice: PlanChoice, logits: 'all' | 'last' = 'all'): { plan: RoutingPlan; ms: number } {
   const t0 = performance.now();
   const model = loadModel(source);
-  const s = analyzeDecoder(model);
-  const plan = planRouting({ numLayers: s.layers.length, hiddenSize: s.hiddenSize, ...choice });
-  runPipeline(model, modPipeline({ plan, logits }));
+  const { plan } = compile(model, { ...choice, logits });
   saveModel(model, out);
   const took = performance.now() - t0;
   log(`compiled ${out} in ${(took / 1000).toFixed(1)} s`);

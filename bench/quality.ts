@@ -24,12 +24,11 @@ import { readDataset } from '../compiler/apps/data/index.js';
 import { evaluate } from '../compiler/apps/eval/index.js';
 import { loadModel } from '../compiler/core/io/load.js';
 import { saveModel } from '../compiler/core/io/save.js';
-import { runPipeline } from '../compiler/passes/pass-manager.js';
 import { mulberry32 } from '../compiler/core/random.js';
 import { planRouting, type RoutingPlan } from '../compiler/routing/routing-plan.js';
-import { modPipeline } from '../compiler/passes/pipeline.js';
 import { UsageError } from '../compiler/core/errors.js';
 import { flagHelp, log, parseFlags, table } from './common.js';
+import { compile } from '../compiler/passes/compile.js';
 
 const FLAGS = {
   model: { kind: 'string', default: 'fixtures/quality-lm/model.onnx', help: 'the trained model' },
@@ -98,7 +97,7 @@ export async function qualityBench(argv: readonly string[]): Promise<void> {
     let n = 0;
     const compileEval = async (plan: RoutingPlan) => {
       const model = loadModel(f.model);
-      runPipeline(model, modPipeline({ plan }), { verify: false });
+      compile(model, { plan, verify: false });
       const out = join(dir, `m${n++}.onnx`);
       saveModel(model, out);
       const r = await evaluate(out, evalSeqs);

@@ -1,12 +1,13 @@
 /**
- * modc's programmatic API: load -> analyse -> run passes -> save -> run.
+ * modc's programmatic API: load -> compile -> save -> run.
  *
- *   import { loadModel, analyzeDecoder, planRouting, modPipeline, runPipeline, saveModel } from 'modc';
+ *   import { compile, loadModel, saveModel, ModSession } from 'modc';
  *   const model = loadModel('model.onnx');
- *   const s = analyzeDecoder(model);
- *   const plan = planRouting({ numLayers: s.layers.length, hiddenSize: s.hiddenSize, routers: { kind: 'all-pass' } });
- *   runPipeline(model, modPipeline({ plan }));
+ *   const { report } = compile(model, { routers: { kind: 'all-pass' } });
  *   saveModel(model, 'out.onnx');
+ *   const session = await ModSession.create('out.onnx');
+ *
+ * The lower floors (analysis, plan, passes) are exported for tools that need them.
  */
 export { ModcError, UsageError, quote } from './core/errors.js';
 export { loadModel, modelFromBytes } from './core/io/load.js';
@@ -20,6 +21,7 @@ export { verifyModel, assertValid, type VerifyIssue } from './core/ir/validate.j
 export { PassRegistry, runPipeline, type Pass, type PassContext, type PassResult, type PassRecord, type PipelineStep, type PipelineOptions, type OptionSpec } from './passes/pass-manager.js';
 export { summarizeModel, type ModelSummary } from './core/ir/model-summary.js';
 export { createSession, type SessionOptions, type ExecutionProvider } from './runtime/ort.js';
+export { compile, type CompileRequest, type CompileOptions, type CompileResult, type CompileReport, type ConvertedPart, type DenseLayer, type RoutingRequest } from './passes/compile.js';
 export { defaultRegistry } from './passes/pipeline.js';
 export { analyzeDecoder, extractDecoder, summarizeStructure, formatLayerTable } from './analysis/index.js';
 export { LayerByLayerRunner } from './runtime/layer-runner.js';

@@ -9,20 +9,18 @@
 import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { analyzeDecoder, loadModel, modPipeline, ModSession, planRouting, runPipeline, saveModel } from 'modc';
+import { compile, loadModel, ModSession, saveModel } from 'modc';
 
 async function main(): Promise<void> {
   const input = process.argv[2] ?? 'fixtures/llama-tiny/model.onnx';
   const outDir = process.argv[3] ?? mkdtempSync(join(tmpdir(), 'modc-example-'));
   const output = join(outDir, 'model.onnx');
 
-  // load -> analyse -> plan -> passes -> save
+  // load -> compile (analyse, plan, passes) -> save
   const model = loadModel(input);
-  const s = analyzeDecoder(model);
-  const plan = planRouting({ numLayers: s.layers.length, hiddenSize: s.hiddenSize, routers: { kind: 'random', seed: 1 }, schedule: 'every-other' });
-  runPipeline(model, modPipeline({ plan }));
+  const { report } = compile(model, { routers: { kind: 'random', seed: 1 }, schedule: 'every-other' });
   const saved = saveModel(model, output);
-  console.log(`${input}: ${s.layers.length} layers, converted ${plan.layers.map((l) => l.layer).join(', ')}; wrote ${saved.path} (${saved.bytes} bytes)`);
+  console.log(`${input}: converted layers ${report.converted.map((l) => l.layer).join(', ')}; wrote ${saved.path} (${saved.bytes} bytes)`);
 
   // The same session API runs the original and the compiled model.
   const session = await ModSession.create(output);

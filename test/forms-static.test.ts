@@ -4,7 +4,7 @@
  * Attention with its own past/present key and value (fixtures/forms-attention23-tiny). Both use
  * RotaryEmbedding-23 and RMSNormalization-23 and hold the same weights as forms-unsorted-tiny.
  */
-import { writeFileSync } from 'node:fs';
+import { existsSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
@@ -176,14 +176,18 @@ describe('analysis', () => {
     expect(s.layers.map((l) => [l.kv.layout, l.kv.key.input.name])).toEqual([0, 1, 2].map((i) => ['static-BTH', `key_cache.${i}`]));
   });
 
-  it('a static-cache mask computed from position_ids (slots compared with positions) keeps the layer dense, saying why', async () => {
+  it('a static-cache mask computed from position_ids (slots compared with positions) keeps every layer dense: the compile fails in one line, saying why', async () => {
     const path = join(tmp, 'positions', 'model.onnx');
     writeFormModel(buildFormDecoder(FORMS_CONFIG, TINY_SEED, { attention: 'static', staticCausal: 'positions' }), path);
     const [a, b] = [await ModSession.create(path), await ModSession.create(STATIC)];
     expect(worstReal(await a.forward(ROWS, { pad: 'right' }), await b.forward(ROWS, { pad: 'right' }), ROWS, 'right')).toBeLessThan(1e-5);
-    const res = await runCli('compile', path, '-o', join(tmp, 'positions-out', 'model.onnx'), '--router-init', 'random', '--json');
-    expect(res.code).toBe(0);
-    expect(JSON.stringify(JSON.parse(res.stdout))).toMatch(/layer 0[^"]*computed from position_ids: it compares cache slots with positions/);
+    const out = join(tmp, 'positions-out', 'model.onnx');
+    const res = await runCli('compile', path, '-o', out, '--router-init', 'random', '--json');
+    expect(res.code).toBe(1);
+    expect(res.stdout).toBe('');
+    expect(res.stderr.trim().split('\n')).toHaveLength(1);
+    expect(res.stderr).toMatch(/^modc: no layer was converted \(layer 0: [^;]*computed from position_ids: it compares cache slots with positions.*; layers 1, 2 also stayed dense\)\n?$/);
+    expect(existsSync(out)).toBe(false);
   });
 
   it('a static cache without nonpad_kv_seqlen is refused in one line, naming the node', async () => {
@@ -195,15 +199,18 @@ describe('analysis', () => {
     expectOneLineError(await runCli('compile', path, '-o', join(tmp, 'no-nonpad-out', 'model.onnx'), '--router-init', 'all-pass'), 1, /Attention.*a static KV cache \(TensorScatter\) without nonpad_kv_seqlen is not supported/);
   });
 
-  it('a static-cache mask with a sliding window (a second comparison of slots) keeps the layer dense, saying why', async () => {
+  it('a static-cache mask with a sliding window (a second comparison of slots) keeps every layer dense: the compile fails in one line, saying why', async () => {
     const path = join(tmp, 'window', 'model.onnx');
     writeFormModel(buildFormDecoder(FORMS_CONFIG, TINY_SEED, { attention: 'static', localWindow: 3 }), path);
     // The window matters: other logits than the full causal mask once the prompt is longer than it.
     const [a, b] = [await ModSession.create(path), await ModSession.create(STATIC)];
     expect(worstReal(await a.forward(ROWS, { pad: 'right' }), await b.forward(ROWS, { pad: 'right' }), ROWS, 'right')).toBeGreaterThan(1e-3);
-    const res = await runCli('compile', path, '-o', join(tmp, 'window-out', 'model.onnx'), '--router-init', 'random', '--json');
-    expect(res.code).toBe(0);
-    expect(JSON.stringify(JSON.parse(res.stdout))).toMatch(/layer 0[^"]*makes 2 comparisons of cache slots \(a sliding window/);
+    const out = join(tmp, 'window-out', 'model.onnx');
+    const res = await runCli('compile', path, '-o', out, '--router-init', 'random', '--json');
+    expect(res.code).toBe(1);
+    expect(res.stderr.trim().split('\n')).toHaveLength(1);
+    expect(res.stderr).toMatch(/^modc: no layer was converted \(layer 0: [^;]*makes 2 comparisons of cache slots \(a sliding window/);
+    expect(existsSync(out)).toBe(false);
   });
 
   it('a circular TensorScatter (ring buffer) is refused in one line, naming the node', async () => {

@@ -105,10 +105,10 @@ describe.runIf(process.env.MODC_TEST_MODELS !== 'rest')('last-logits in the tool
 
   it('running the pass twice changes nothing the second time', () => {
     const model = loadModel(llama);
-    expect(lastLogitsPass.run(model, {}, { log: () => {} }).changed).toBe(true);
+    expect(runPipeline(model, [{ pass: lastLogitsPass, options: {} }])[0]!.changed).toBe(true);
     const nodes = model.graph.nodes.length;
-    const again = lastLogitsPass.run(model, {}, { log: () => {} });
-    expect(again.changed).toBe(false);
+    const [again] = runPipeline(model, [{ pass: lastLogitsPass, options: {} }]);
+    expect(again!.changed).toBe(false);
     expect(model.graph.nodes.length).toBe(nodes);
   });
 

@@ -4,14 +4,13 @@ import { expect } from 'vitest';
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
 import { loadModel } from '../compiler/core/io/load.js';
 import { saveModel } from '../compiler/core/io/save.js';
-import { runPipeline } from '../compiler/passes/pass-manager.js';
-import { planRouting, type PlanRequest, type RoutedPart, type RoutingMode, type RoutingPlan } from '../compiler/routing/routing-plan.js';
+import { type PlanRequest, type RoutedPart, type RoutingMode, type RoutingPlan } from '../compiler/routing/routing-plan.js';
 import { argmax, lastPosition, ModSession, type Logits } from '../compiler/runtime/session.js';
 import { decoderIo } from '../compiler/metadata/decoder-io.js';
 import { routingPlanOf, worstReal as realDiff } from '../compiler/apps/verify/verify.js';
-import { modPipeline } from '../compiler/passes/pipeline.js';
 import { ModReference } from '../compiler/apps/reference/mod-reference.js';
 import { describeLayerPart } from '../compiler/routing/routing-plan.js';
+import { compile } from '../compiler/passes/compile.js';
 
 export interface Compiled {
   path: string;
@@ -33,13 +32,8 @@ let counter = 0;
 /** Compiles `source` with all-pass or seeded random routers (or a router file) into a fresh folder under `dir`. */
 export function compileWith(dir: string, source: string, routers: 'all-pass' | 'random' | 'file', opts: CompileOptions): Compiled {
   const model = loadModel(source);
-  const s = analyzeDecoder(model);
   const source_: PlanRequest['routers'] = routers === 'all-pass' ? { kind: 'all-pass' } : routers === 'random' ? { kind: 'random', seed: 11 } : { kind: 'file', path: opts.routerFile! };
-  const plan = planRouting({
-    numLayers: s.layers.length, hiddenSize: s.hiddenSize, routers: source_,
-    mode: opts.mode, gated: opts.gated, threshold: opts.threshold, capacity: opts.capacity, granularity: opts.granularity,
-  });
-  runPipeline(model, modPipeline({ plan }));
+  compile(model, { routers: source_, mode: opts.mode, gated: opts.gated, threshold: opts.threshold, capacity: opts.capacity, granularity: opts.granularity });
   const path = join(dir, `c${counter++}`, 'model.onnx');
   saveModel(model, path);
   // The plan the compiled model carries: parts the compiler could not route stay dense.

@@ -5,15 +5,15 @@
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { ModcError, UsageError } from '../core/errors.js';
 import type { CliOption, CliValues, Command, Io, Progress } from './command.js';
-import { benchCommand } from './commands/bench.js';
-import { calibrateCommand } from './commands/calibrate.js';
-import { codegenCommand } from './commands/codegen.js';
-import { compileCommand } from './commands/compile.js';
-import { evalCommand } from './commands/eval.js';
-import { generateCommand } from './commands/generate.js';
-import { inspectCommand } from './commands/inspect.js';
-import { runCommand } from './commands/run.js';
-import { verifyCommand } from './commands/verify.js';
+import { benchCommand } from './commands/bench-command.js';
+import { calibrateCommand } from './commands/calibrate-command.js';
+import { codegenCommand } from './commands/codegen-command.js';
+import { compileCommand } from './commands/compile-command.js';
+import { evalCommand } from './commands/eval-command.js';
+import { generateCommand } from './commands/generate-command.js';
+import { inspectCommand } from './commands/inspect-command.js';
+import { runCommand } from './commands/run-command.js';
+import { verifyCommand } from './commands/verify-command.js';
 import { createProgress, PROGRESS_OPTIONS, progressMode } from './progress.js';
 
 export type { Io } from './command.js';

@@ -15,6 +15,7 @@
  */
 import { ModcError } from '../core/errors.js';
 import { analyzeDecoder } from '../analysis/analyze.js';
+import type { DecoderStructure } from '../analysis/types.js';
 import type { Value } from '../core/ir/graph.js';
 import type { Model } from '../core/ir/model.js';
 import { Tensor } from '../core/ir/tensor.js';
@@ -57,8 +58,7 @@ function scalarInit(model: Model, name: string, value: number): Value {
   return g.addInitializer(v, Tensor.fromArray(v.name, [], Float32Array.of(value)));
 }
 
-export function insertRouters(model: Model, plan: RoutingPlan): string[] {
-  const s = analyzeDecoder(model);
+export function insertRouters(model: Model, plan: RoutingPlan, s: DecoderStructure = analyzeDecoder(model)): string[] {
   const g = model.graph;
   const dtype = streamElementType(s);
   const { tokenMask, pastLength } = tokenInputs(model);
@@ -97,8 +97,10 @@ export function insertRoutersPass(plan: RoutingPlan): Pass {
   return {
     name: 'insert-routers',
     description: 'add a router and token selection on each converted layer\'s residual input',
-    run(model) {
-      return { changed: plan.layers.length > 0, notes: insertRouters(model, plan) };
+    // Routers only read stream values: the layers, their boundaries and caches stay as analysed.
+    preserves: ['structure'],
+    run(model, _options, ctx) {
+      return { changed: plan.layers.length > 0, notes: insertRouters(model, plan, ctx.structure()) };
     },
   };
 }

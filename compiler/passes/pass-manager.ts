@@ -1,13 +1,18 @@
 /**
  * Passes and pipelines, after MLIR's pass manager: a pass is a named transformation with
  * declared options; a pipeline runs passes in order, verifies the IR after each, records time
- * and node-count changes, and can dump the model after any pass.
+ * and node-count changes, and can dump the model after any pass. The decoder analysis is an
+ * analysis in MLIR's sense: computed once, handed to every pass that asks for it
+ * (`ctx.structure()`), and recomputed only after a pass that changed the graph without declaring
+ * that it preserves the structure.
  */
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { ModcError, UsageError } from '../core/errors.js';
 import { saveModel } from '../core/io/save.js';
 import type { Model } from '../core/ir/model.js';
+import { analyzeDecoder } from '../analysis/analyze.js';
+import type { DecoderStructure } from '../analysis/types.js';
 import { printModel } from '../core/ir/print.js';
 import { assertValid } from '../core/ir/validate.js';
 
@@ -24,7 +29,12 @@ export interface OptionSpec {
 export interface PassContext {
   /** Progress and notes for the user (stderr in the CLI). */
   log(message: string): void;
+  /** The decoder analysis of the model as it is now (cached across passes). */
+  structure(): DecoderStructure;
 }
+
+/** Analyses a pass can keep valid while it changes the model. */
+export type PreservedAnalysis = 'structure';
 
 export interface PassResult {
   /** Whether the pass changed the model. */
@@ -37,6 +47,11 @@ export interface Pass<O extends Record<string, OptionValue> = Record<string, Opt
   name: string;
   description: string;
   options?: OptionSpec[];
+  /**
+   * Analyses still valid after this pass changed the model: 'structure' for a pass that only
+   * writes metadata or adds nodes that read the stream without rewiring what the analysis found.
+   */
+  preserves?: readonly PreservedAnalysis[];
   run(model: Model, options: O, ctx: PassContext): PassResult;
 }
 
@@ -44,6 +59,11 @@ export interface Pass<O extends Record<string, OptionValue> = Record<string, Opt
 export interface PipelineStep {
   pass: Pass;
   options: Record<string, OptionValue>;
+}
+
+/** A step of `pass` with its typed options. */
+export function stepOf<O extends Record<string, OptionValue>>(pass: Pass<O>, options: O): PipelineStep {
+  return { pass: pass as unknown as Pass, options };
 }
 
 export interface PassRecord {
@@ -63,6 +83,8 @@ export interface PipelineOptions {
   /** Folder for dumps: `<NN>-<pass>.onnx` and `.txt`. */
   dumpDir?: string;
   log?: (message: string) => void;
+  /** The caller's analysis of the model as it is before the first pass (saves analysing it again). */
+  structure?: DecoderStructure;
 }
 
 export class PassRegistry {
@@ -142,18 +164,23 @@ function nodeCount(model: Model): number {
 export function runPipeline(model: Model, steps: readonly PipelineStep[], opts: PipelineOptions = {}): PassRecord[] {
   const log = opts.log ?? (() => {});
   const dumpAll = opts.dumpAfter?.includes('*') ?? false;
+  const notRun = (opts.dumpAfter ?? []).filter((name) => name !== '*' && !steps.some((st) => st.pass.name === name));
+  if (notRun.length) throw new UsageError(`--dump-after ${notRun.join(', ')}: no such pass in this pipeline (${steps.map((st) => st.pass.name).join(', ')}, or *)`);
   const records: PassRecord[] = [];
+  let structure = opts.structure;
+  const ctx: PassContext = { log, structure: () => (structure ??= analyzeDecoder(model)) };
   steps.forEach((step, i) => {
     const nodesBefore = nodeCount(model);
     const t0 = performance.now();
     log(`[${i + 1}/${steps.length}] ${step.pass.name}`);
     let result: PassResult;
     try {
-      result = step.pass.run(model, step.options, { log });
+      result = step.pass.run(model, step.options, ctx);
     } catch (e) {
       if (e instanceof ModcError) throw new ModcError(`pass ${step.pass.name}: ${e.message}`, e.exitCode);
       throw e;
     }
+    if (result.changed && !step.pass.preserves?.includes('structure')) structure = undefined;
     if (opts.verify !== false) assertValid(model, `IR after pass ${step.pass.name}`);
     const ms = performance.now() - t0;
     records.push({ pass: step.pass.name, ms, nodesBefore, nodesAfter: nodeCount(model), changed: result.changed, notes: result.notes ?? [] });

@@ -4,7 +4,7 @@
  * [-> inline-modc-ops].
  */
 import { UsageError } from '../core/errors.js';
-import { PassRegistry, type Pass, type PipelineStep } from './pass-manager.js';
+import { PassRegistry, stepOf, type Pass, type PipelineStep } from './pass-manager.js';
 import type { RoutingPlan } from '../routing/routing-plan.js';
 import { cleanupPass } from './cleanup.js';
 import { inlineModcOpsPass } from './inline-modc-ops.js';
@@ -49,14 +49,18 @@ export function defaultRegistry(mod?: ModOptions): PassRegistry {
 
 /** The default `modc compile` pipeline for a routing plan. */
 export function modPipeline(mod: ModOptions): PipelineStep[] {
-  const reg = defaultRegistry(mod);
   const layers = [...new Set(mod.plan.layers.map((l) => l.layer))].join(',');
   // Sub-layer parts need the stream between attention and MLP as a value: split fusions there too.
   const within = [...new Set(mod.plan.layers.filter((l) => l.part !== 'block').map((l) => l.layer))].join(',');
-  const split = `split-fused-boundaries{layers=${layers}${within ? `;within=${within}` : ''}}`;
-  return reg.parsePipeline(
-    `record-costs,${split},insert-routers,route-layers${mod.logits === 'last' ? ',last-logits' : ''},cleanup${mod.inlineOps ? ',inline-modc-ops' : ''}`,
-  );
+  return [
+    stepOf(recordCostsPass, {}),
+    stepOf(splitFusedBoundariesPass, { layers, within }),
+    stepOf(insertRoutersPass(mod.plan), {}),
+    stepOf(routeLayersPass({ gated: mod.plan.gated }), {}),
+    ...(mod.logits === 'last' ? [stepOf(lastLogitsPass, {})] : []),
+    stepOf(cleanupPass, {}),
+    ...(mod.inlineOps ? [stepOf(inlineModcOpsPass, {})] : []),
+  ];
 }
 
 export { cleanupPass, inlineModcOpsPass, insertRoutersPass, lastLogitsPass, liftConstantsPass, recordCostsPass, routeLayersPass, splitFusedBoundariesPass };

@@ -606,8 +606,7 @@ export interface RouteReport {
   skipped: { layer: number; part?: RoutedPart; reason: string }[];
 }
 
-export function routeLayers(model: Model, opts: RouteOptions): RouteReport {
-  const s = analyzeDecoder(model);
+export function routeLayers(model: Model, opts: RouteOptions, s: DecoderStructure = analyzeDecoder(model)): RouteReport {
   const meta = readRoutingMetadata(model);
   const report: RouteReport = { routed: [], skipped: [] };
   const plans: [RoutedRegion, LayerRouting][] = [];
@@ -649,8 +648,8 @@ export function routeLayersPass(opts: RouteOptions): Pass {
   return {
     name: 'route-layers',
     description: 'run each routed layer on its selected tokens only, with a compacted KV cache',
-    run(model) {
-      const r = routeLayers(model, opts);
+    run(model, _options, ctx) {
+      const r = routeLayers(model, opts, ctx.structure());
       if (r.routed.length === 0 && r.skipped.length === 0) throw new ModcError('no routers found: run insert-routers first');
       return {
         changed: r.routed.length > 0,

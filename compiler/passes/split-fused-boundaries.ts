@@ -128,7 +128,15 @@ function isUsed(v: Value | undefined, g: Graph): boolean {
   return !!v && v.name !== '' && (v.uses.size > 0 || g.outputs.includes(v));
 }
 
-/** The pass-manager wrapper: analyses the model, then splits the requested layers' boundaries. */
+/**
+ * Splits the requested fused boundaries and returns the analysis of the model as it is then
+ * (analysed again only when a node was split): what the tools that cut a model into units need.
+ */
+export function splitAndAnalyze(model: Model, opts: SplitOptions = {}, structure: DecoderStructure = analyzeDecoder(model)): DecoderStructure {
+  return splitFusedBoundaries(model, structure, opts).changed ? analyzeDecoder(model) : structure;
+}
+
+/** The pass-manager wrapper: splits the requested layers' boundaries of the analysed model. */
 function layerList(option: string, name: string): number[] | undefined {
   const layers = option ? option.split(',').map((s) => Number(s.trim())) : undefined;
   if (layers?.some((l) => !Number.isInteger(l) || l < 0)) throw new ModcError(`split-fused-boundaries: ${name} must be comma-separated indices, got '${option}'`);
@@ -142,9 +150,9 @@ export const splitFusedBoundariesPass: Pass<{ layers: string; within: string }> 
     { name: 'layers', type: 'string', description: 'comma-separated layer indices (default: all)', default: '' },
     { name: 'within', type: 'string', description: 'layers whose sub-layer boundary (attention to MLP) to split too (default: none)', default: '' },
   ],
-  run(model, options) {
+  run(model, options, ctx) {
     const layers = layerList(options.layers, 'layers');
     const within = layerList(options.within, 'within');
-    return splitFusedBoundaries(model, analyzeDecoder(model), { ...(layers ? { layers } : {}), ...(within ? { within } : {}) });
+    return splitFusedBoundaries(model, ctx.structure(), { ...(layers ? { layers } : {}), ...(within ? { within } : {}) });
   },
 };

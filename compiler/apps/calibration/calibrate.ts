@@ -17,18 +17,17 @@
  * Every threshold is baked into the router's bias, so p = 0.5 selects the calibrated fraction,
  * and top-k decode (r >= 0.5) agrees with it.
  */
-import { mkdtempSync, rmSync, statSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { dirname, join, resolve } from 'node:path';
+import { rmSync } from 'node:fs';
 import type { Model } from '../../core/ir/model.js';
-import { analyzeDecoder } from '../../analysis/analyze.js';
 import { ModcError, UsageError } from '../../core/errors.js';
+import { cloneModel } from '../../core/io/convert.js';
 import { loadModel } from '../../core/io/load.js';
+import { workFolder } from '../../core/io/work-folder.js';
 import { mulberry32 } from '../../core/random.js';
 import { decoderIo } from '../../metadata/decoder-io.js';
 import { type EmbeddingSource, genaiEmbeddingModel } from '../../runtime/embeddings.js';
 import type { SessionOptions } from '../../runtime/ort.js';
-import { splitFusedBoundaries } from '../../passes/split-fused-boundaries.js';
+import { splitAndAnalyze } from '../../passes/split-fused-boundaries.js';
 import { allocate, type PartSensitivity } from './allocate.js';
 import { ActivationCapture, layerPoints, type LayerPoints } from './capture.js';
 import { modelCosts, type ModelCosts } from '../../analysis/cost.js';
@@ -189,25 +188,55 @@ interface InputStats {
 }
 
 /** Everything calibration measures before choosing: fits, dense scores, per-part sensitivity. */
+/** What `Calibrator.prepare` measured, kept for `finish`. */
+interface Measured {
+  /** The model with its fused layer boundaries split, as the routed evaluators compile it. */
+  model: Model;
+  o: ResolvedOptions;
+  workDir: string;
+  /** The temp folder calibration made (removed by release), or null for the caller's workDir. */
+  ownDir: string | null;
+  costs: ModelCosts;
+  rows: number[][];
+  batches: number[][][];
+  fits: Map<string, { router: PartRouter; r2: number }>;
+  denseScores: Map<string, Float32Array>;
+  /** Mean dense NLL per predicted token, and the number of predicted tokens. */
+  denseNll: number;
+  predicted: number;
+  sensitivity: PartSensitivity[];
+  /** Tokens each sensitivity measurement ran on. */
+  sensitivityTokens: number;
+  /** Where a decoder fed inputs_embeds gets its embeddings (the model genai_config.json names). */
+  embeddings: EmbeddingSource | null;
+}
+
 export class Calibrator {
-  private constructor(
-    readonly modelPath: string,
-    private readonly o: ResolvedOptions,
-    private readonly workDir: string,
-    private readonly ownDir: string | null,
-    readonly costs: ModelCosts,
-    readonly rows: number[][],
-    private readonly batches: number[][][],
-    readonly fits: Map<string, { router: PartRouter; r2: number }>,
-    private readonly denseScores: Map<string, Float32Array>,
-    readonly denseNll: number,
-    private readonly predicted: number,
-    readonly sensitivity: PartSensitivity[],
-    /** Tokens each sensitivity measurement ran on. */
-    readonly sensitivityTokens: number,
-    /** Where a decoder fed inputs_embeds gets its embeddings (the model genai_config.json names). */
-    private readonly embeddings: EmbeddingSource | null,
-  ) {}
+  private constructor(private readonly m: Measured) {}
+
+  get costs(): ModelCosts {
+    return this.m.costs;
+  }
+
+  get rows(): number[][] {
+    return this.m.rows;
+  }
+
+  get fits(): Map<string, { router: PartRouter; r2: number }> {
+    return this.m.fits;
+  }
+
+  get denseNll(): number {
+    return this.m.denseNll;
+  }
+
+  get sensitivity(): PartSensitivity[] {
+    return this.m.sensitivity;
+  }
+
+  get sensitivityTokens(): number {
+    return this.m.sensitivityTokens;
+  }
 
   get lengths(): number[] {
     return this.rows.map((r) => r.length);
@@ -217,21 +246,25 @@ export class Calibrator {
     return this.rows.reduce((a, r) => a + r.length, 0);
   }
 
-  /** Steps 1-4: capture, fit, dense scores, sensitivity of every part `opts.granularity` allows. */
-  static async prepare(modelPath: string, sequences: readonly number[][], opts: CalibrateOptions): Promise<Calibrator> {
+  /**
+   * Steps 1-4: capture, fit, dense scores, sensitivity of every part `opts.granularity` allows.
+   * `original` is a path or a model loadModel read; it is not changed.
+   */
+  static async prepare(original: Model | string, sequences: readonly number[][], opts: CalibrateOptions): Promise<Calibrator> {
     checkCalibrateOptions(opts);
+    if (typeof original === 'string') original = loadModel(original);
     const o = resolveOptions(opts);
     const progress = opts.onProgress ?? (() => {});
-    const model = loadModel(modelPath);
-    const io = decoderIo(model);
-    splitFusedBoundaries(model, analyzeDecoder(model));
-    const structure = analyzeDecoder(model);
+    const modelPath = original.sourcePath ?? 'the model';
+    const io = decoderIo(original);
+    const model = cloneModel(original);
+    const structure = splitAndAnalyze(model);
     const costs = modelCosts(structure);
     const points = layerPoints(structure);
     const H = structure.hiddenSize;
 
     // A decoder fed inputs_embeds is calibrated on the real token embeddings, as eval scores it.
-    const embeddingModel = io.inputsEmbeds ? genaiEmbeddingModel(modelPath) : null;
+    const embeddingModel = io.inputsEmbeds && original.sourcePath ? genaiEmbeddingModel(original.sourcePath) : null;
     if (io.inputsEmbeds && !embeddingModel) throw new ModcError(`${modelPath} takes inputs_embeds: calibrate needs the embedding model that genai_config.json beside it names`);
     const embeddings: EmbeddingSource | null = embeddingModel ? { kind: 'model', path: embeddingModel } : null;
     const rows = pickSequences(sequences, o.maxTokens, o.seed);
@@ -242,13 +275,13 @@ export class Calibrator {
     const candidates = candidateParts(points, allowedParts(o.granularity));
     if (candidates.length === 0) throw new ModcError(`no layer of this model can be routed at granularity ${o.granularity}`);
 
-    const ownDir = opts.workDir ? null : workFolder(modelPath, model);
+    const ownDir = opts.workDir ? null : workFolder(model, 'modc-calibrate');
     const workDir = opts.workDir ?? ownDir!;
     const evaluators = new Map<string, RoutedEvaluator>();
     try {
       // 1. capture -> ridge statistics
       const inputs = groupByInput(points, candidates, H);
-      const capture = await ActivationCapture.create(modelPath, workDir, opts.session, embeddings);
+      const capture = await ActivationCapture.create(model, structure, workDir, opts.session, embeddings);
       try {
         for (let bi = 0; bi < batches.length; bi++) {
           progress({ stage: 'capture', done: bi, total: batches.length });
@@ -281,7 +314,7 @@ export class Calibrator {
 
       // 3. dense scores per part (every router selects every token: the original activations)
       for (const [name, parts] of familiesOf(candidates)) {
-        evaluators.set(name, await RoutedEvaluator.create(modelPath, parts.map((p) => fits.get(partKey(p))!.router), workDir, `calib-${name}`, opts.session, embeddings));
+        evaluators.set(name, await RoutedEvaluator.create(model, parts.map((p) => fits.get(partKey(p))!.router), workDir, `calib-${name}`, opts.session, embeddings));
       }
       const first = [...evaluators.values()][0]!;
       let denseNll = 0;
@@ -328,7 +361,8 @@ export class Calibrator {
         }
         sensitivity.push({ ...p, points: pts });
       }
-      return new Calibrator(modelPath, o, workDir, ownDir, costs, rows, batches, fits, denseScores, denseNll / predicted, predicted, sensitivity, sensBatches.reduce((a, bi) => a + batches[bi]!.reduce((x, r) => x + r.length, 0), 0), embeddings);
+      const sensitivityTokens = sensBatches.reduce((a, bi) => a + batches[bi]!.reduce((x, r) => x + r.length, 0), 0);
+      return new Calibrator({ model, o, workDir, ownDir, costs, rows, batches, fits, denseScores, denseNll: denseNll / predicted, predicted, sensitivity, sensitivityTokens, embeddings });
     } catch (e) {
       if (ownDir) rmSync(ownDir, { recursive: true, force: true });
       throw e;
@@ -343,32 +377,32 @@ export class Calibrator {
    */
   async finish(target: { targetCompute: number; granularity?: Granularity; mode?: 'threshold' | 'topk'; gated?: boolean; margin?: number }, onProgress?: (p: Progress) => void): Promise<CalibrationResult> {
     checkCalibrateOptions({ targetCompute: target.targetCompute });
-    const o = { ...this.o, ...Object.fromEntries(Object.entries(target).filter(([, v]) => v !== undefined)) } as ResolvedOptions;
-    const progress = onProgress ?? this.o.onProgress ?? (() => {});
+    const o = { ...this.m.o, ...Object.fromEntries(Object.entries(target).filter(([, v]) => v !== undefined)) } as ResolvedOptions;
+    const progress = onProgress ?? this.m.o.onProgress ?? (() => {});
     const allowed = allowedParts(o.granularity);
-    const sens = this.sensitivity.filter((s) => allowed.includes(s.part));
+    const sens = this.m.sensitivity.filter((s) => allowed.includes(s.part));
     if (sens.length === 0) throw new ModcError(`no layer of this model can be routed at granularity ${o.granularity}`);
     const lengths = this.lengths;
     const tokens = this.tokens;
-    const alloc = allocate(sens, this.costs, lengths, Math.max(o.targetCompute - o.margin, 0));
+    const alloc = allocate(sens, this.m.costs, lengths, Math.max(o.targetCompute - o.margin, 0));
     if (alloc.predictedCompute > o.targetCompute) {
       throw new ModcError(`cannot reach compute fraction ${o.targetCompute} by routing ${o.granularity === 'auto' ? 'parts' : `${o.granularity} parts`} at the measured capacities (lowest reachable: ${alloc.predictedCompute.toFixed(3)})`);
     }
 
-    const chosen = alloc.parts.map((p) => ({ ...this.fits.get(partKey(p))!.router, capacity: p.capacity }));
-    const biases = new Map(chosen.map((p) => [partKey(p), -thresholdKeeping(this.denseScores.get(partKey(p))!, p.capacity)]));
-    let final = { nll: this.denseNll * this.predicted, selected: new Map<string, number>() };
+    const chosen = alloc.parts.map((p) => ({ ...this.m.fits.get(partKey(p))!.router, capacity: p.capacity }));
+    const biases = new Map(chosen.map((p) => [partKey(p), -thresholdKeeping(this.m.denseScores.get(partKey(p))!, p.capacity)]));
+    let final = { nll: this.m.denseNll * this.m.predicted, selected: new Map<string, number>() };
     if (chosen.length > 0) {
-      const ev = await RoutedEvaluator.create(this.modelPath, chosen, this.workDir, 'calib-chosen', this.o.session, this.embeddings);
+      const ev = await RoutedEvaluator.create(this.m.model, chosen, this.m.workDir, 'calib-chosen', this.m.o.session, this.m.embeddings);
       try {
         const rounds = o.refineRounds;
         for (let round = 0; round <= rounds; round++) {
           const scoreChunks = new Map<string, Float32Array[]>();
           let nll = 0;
           const selected = new Map<string, number>();
-          for (let bi = 0; bi < this.batches.length; bi++) {
-            progress({ stage: 'refine', done: round * this.batches.length + bi, total: (rounds + 1) * this.batches.length });
-            const r = await ev.run(await ev.batch(this.batches[bi]!), biases, { scores: round < rounds, logits: round === rounds });
+          for (let bi = 0; bi < this.m.batches.length; bi++) {
+            progress({ stage: 'refine', done: round * this.m.batches.length + bi, total: (rounds + 1) * this.m.batches.length });
+            const r = await ev.run(await ev.batch(this.m.batches[bi]!), biases, { scores: round < rounds, logits: round === rounds });
             nll += r.nll;
             for (const [k, v] of r.selected) selected.set(k, (selected.get(k) ?? 0) + v);
             if (r.scores) for (const [k, sc] of r.scores) pushTo(scoreChunks, k, sc);
@@ -390,17 +424,17 @@ export class Calibrator {
       gated: !!o.gated,
       report: {
         tokens,
-        sequences: this.rows.length,
-        denseNll: this.denseNll,
-        nll: final.nll / this.predicted,
-        computeFraction: computeFraction(this.costs, lengths, chosen.map((p) => ({ ...p, capacity: fractions.get(partKey(p))! }))),
+        sequences: this.m.rows.length,
+        denseNll: this.m.denseNll,
+        nll: final.nll / this.m.predicted,
+        computeFraction: computeFraction(this.m.costs, lengths, chosen.map((p) => ({ ...p, capacity: fractions.get(partKey(p))! }))),
         predictedCompute: alloc.predictedCompute,
-        parts: alloc.parts.map((p) => ({ layer: p.layer, part: p.part, capacity: p.capacity, selectedFraction: fractions.get(partKey(p))!, r2: this.fits.get(partKey(p))!.r2, predictedDeltaNll: p.predictedDeltaNll })),
-        sensitivity: this.sensitivity.map((s) => ({ layer: s.layer, part: s.part, points: s.points, r2: this.fits.get(partKey(s))!.r2 })),
+        parts: alloc.parts.map((p) => ({ layer: p.layer, part: p.part, capacity: p.capacity, selectedFraction: fractions.get(partKey(p))!, r2: this.m.fits.get(partKey(p))!.r2, predictedDeltaNll: p.predictedDeltaNll })),
+        sensitivity: this.m.sensitivity.map((s) => ({ layer: s.layer, part: s.part, points: s.points, r2: this.m.fits.get(partKey(s))!.r2 })),
       },
       recipe: {
         targetCompute: o.targetCompute, granularity: o.granularity, mode: o.mode, gated: !!o.gated, target: o.target,
-        ridge: o.ridge, capacities: o.capacities, sensitivityTokens: this.sensitivityTokens, margin: o.margin,
+        ridge: o.ridge, capacities: o.capacities, sensitivityTokens: this.m.sensitivityTokens, margin: o.margin,
         maxTokens: o.maxTokens, seed: o.seed, refineRounds: o.refineRounds,
       },
     };
@@ -408,13 +442,13 @@ export class Calibrator {
 
   /** Removes the temp folder (when calibration made it). */
   release(): void {
-    if (this.ownDir) rmSync(this.ownDir, { recursive: true, force: true });
+    if (this.m.ownDir) rmSync(this.m.ownDir, { recursive: true, force: true });
   }
 }
 
 /** Capture, fit, measure, allocate, refine: routers for `opts.targetCompute`. */
-export async function calibrate(modelPath: string, sequences: readonly number[][], opts: CalibrateOptions): Promise<CalibrationResult> {
-  const c = await Calibrator.prepare(modelPath, sequences, opts);
+export async function calibrate(model: Model | string, sequences: readonly number[][], opts: CalibrateOptions): Promise<CalibrationResult> {
+  const c = await Calibrator.prepare(model, sequences, opts);
   try {
     return await c.finish(opts);
   } finally {
@@ -432,24 +466,6 @@ function resolveOptions(opts: CalibrateOptions): ResolvedOptions {
 function defaultSensitivityTokens(rows: readonly number[][], measurements: number): number {
   const tokens = rows.reduce((a, r) => a + r.length, 0);
   return Math.min(8192, Math.max(1024, Math.floor((6 * tokens) / Math.max(measurements, 1))));
-}
-
-/**
- * Where the calibration models go: the system temp folder, unless the model's external weights
- * lie on another disk (a hard link cannot reach, a copy would duplicate them); then a hidden
- * folder beside the model, if that folder is writable.
- */
-function workFolder(modelPath: string, model: Model): string {
-  const external = [...model.graph.initializers.values()].some((v) => v.initializer?.external);
-  const modelDir = dirname(resolve(modelPath));
-  if (external && statSync(tmpdir()).dev !== statSync(modelDir).dev) {
-    try {
-      return mkdtempSync(join(modelDir, '.modc-calibrate-'));
-    } catch {
-      // A read-only model folder: the weights get copied to the temp folder instead.
-    }
-  }
-  return mkdtempSync(join(tmpdir(), 'modc-calibrate-'));
 }
 
 function pushTo(m: Map<string, Float32Array[]>, k: string, v: Float32Array): void {

@@ -5,11 +5,10 @@
  * so memory is one batch of activations, whatever the data set's size.
  */
 import { join } from 'node:path';
-import { analyzeDecoder } from '../../analysis/analyze.js';
 import type { DecoderStructure, LayerInfo } from '../../analysis/types.js';
 import { kvCompactionBlocker } from '../../analysis/attention.js';
 import { ModcError } from '../../core/errors.js';
-import { loadModel } from '../../core/io/load.js';
+import { cloneModel } from '../../core/io/convert.js';
 import { saveModel } from '../../core/io/save.js';
 import { DataType } from '../../core/ir/dtype.js';
 import type { Value } from '../../core/ir/graph.js';
@@ -18,7 +17,6 @@ import { decoderIo, type DecoderIo } from '../../metadata/decoder-io.js';
 import { type EmbeddingSource, TokenEmbedder } from '../../runtime/embeddings.js';
 import { createSession, emptyTensor, ort, toFloat32, type SessionOptions } from '../../runtime/ort.js';
 import { checkUnpadded, initialCacheDims, padRows, promptPositions, staticLengthFeeds, typed, zeroStates } from '../../runtime/session.js';
-import { splitFusedBoundaries } from '../../passes/split-fused-boundaries.js';
 
 /** Where a layer's routed parts read and write the residual stream, as graph value names. */
 export interface LayerPoints {
@@ -127,14 +125,13 @@ export class ActivationCapture {
   ) {}
 
   /**
-   * Builds the capture model under `workDir` and opens it; `embeddings` feeds a decoder that
+   * Builds the capture model under `workDir` from `split` (a model whose fused layer boundaries
+   * are split, analysed as `s`; not changed) and opens it; `embeddings` feeds a decoder that
    * takes inputs_embeds.
    */
-  static async create(modelPath: string, workDir: string, opts: SessionOptions = {}, embeddings: EmbeddingSource | null = null): Promise<ActivationCapture> {
-    const model = loadModel(modelPath);
+  static async create(split: Model, s: DecoderStructure, workDir: string, opts: SessionOptions = {}, embeddings: EmbeddingSource | null = null): Promise<ActivationCapture> {
+    const model = cloneModel(split);
     const io = decoderIo(model);
-    splitFusedBoundaries(model, analyzeDecoder(model));
-    const s = analyzeDecoder(model);
     const points = layerPoints(s);
     const names = [...new Set(points.flatMap((p) => [p.x, ...(p.h ? [p.h] : []), p.out]))];
     exposeValues(model, names, STREAM_TYPE[s.dtype]);

@@ -8,18 +8,18 @@
  */
 import { join } from 'node:path';
 import { ModcError } from '../../core/errors.js';
-import { loadModel } from '../../core/io/load.js';
+import { cloneModel } from '../../core/io/convert.js';
 import { saveModel } from '../../core/io/save.js';
 import { DataType } from '../../core/ir/dtype.js';
 
-import { runPipeline } from '../../passes/pass-manager.js';
+import type { Model } from '../../core/ir/model.js';
 import type { RoutingPlan } from '../../routing/routing-plan.js';
 import { decoderIo, type DecoderIo } from '../../metadata/decoder-io.js';
 import { type EmbeddingSource, TokenEmbedder } from '../../runtime/embeddings.js';
 import { createSession, ort, toFloat32, type SessionOptions } from '../../runtime/ort.js';
-import { modPipeline } from '../../passes/pipeline.js';
 import { exposeValues, promptBatch, type Batch } from './capture.js';
 import { partKey, type PartRef, type RoutedPart } from './parts.js';
+import { compile } from '../../passes/compile.js';
 
 /** A fitted router for one part: score = w . x + bias. */
 export interface PartRouter extends PartRef {
@@ -70,9 +70,9 @@ export class RoutedEvaluator {
     private readonly embedder: TokenEmbedder | null,
   ) {}
 
-  static async create(modelPath: string, routers: readonly PartRouter[], workDir: string, name: string, opts: SessionOptions = {}, embeddings: EmbeddingSource | null = null): Promise<RoutedEvaluator> {
-    const model = loadModel(modelPath);
-    runPipeline(model, modPipeline({ plan: partPlan(routers) }), { verify: false });
+  static async create(original: Model, routers: readonly PartRouter[], workDir: string, name: string, opts: SessionOptions = {}, embeddings: EmbeddingSource | null = null): Promise<RoutedEvaluator> {
+    const model = cloneModel(original);
+    compile(model, { plan: partPlan(routers), verify: false });
     const g = model.graph;
     const parts = new Map<string, { ref: PartRef; bias: string; score: string }>();
     const scores: string[] = [];

@@ -10,15 +10,16 @@
  * - computeFraction: MACs executed / MACs of the dense original on the same tokens.
  * - kvFraction: KV-cache elements held for real tokens / the dense original's.
  */
-import { mkdtempSync, rmSync, statSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { basename, dirname, join, resolve } from 'node:path';
+import { rmSync } from 'node:fs';
+import { basename, join } from 'node:path';
 import { analyzeDecoder } from '../../analysis/analyze.js';
 import { denseUsage, executedMacs, kvElements, modelCosts, readCosts, type ModelCosts, type RowUsage } from '../../analysis/cost.js';
 import { ModcError } from '../../core/errors.js';
 import { loadModel } from '../../core/io/load.js';
 import type { Model } from '../../core/ir/model.js';
 import { saveModel } from '../../core/io/save.js';
+import { cloneModel } from '../../core/io/convert.js';
+import { workFolder } from '../../core/io/work-folder.js';
 import { logitsPositions } from '../../metadata/logits-metadata.js';
 import { readRoutingMetadata } from '../../metadata/routing-metadata.js';
 import { decoderIo, resolvePadSide, type DecoderIo } from '../../metadata/decoder-io.js';
@@ -33,8 +34,6 @@ export interface EvalOptions {
   /** Padding side (default right where the model supports it, as every attention form does; GroupQueryAttention only it). */
   pad?: 'left' | 'right';
   executionProvider?: ExecutionProvider;
-  /** The model, already loaded from modelPath (evaluate adds graph outputs to it). */
-  model?: Model;
   /** Called before the first batch and after each batch with the sequences done so far. */
   onProgress?: (done: number, total: number) => void;
 }
@@ -69,12 +68,15 @@ export interface EvalResult {
 /** Budget for one batch's logits, in float32 elements (~512 MiB). */
 const LOGITS_BUDGET = 2 ** 27;
 
-export async function evaluate(modelPath: string, sequences: number[][], opts: EvalOptions = {}): Promise<EvalResult> {
+/** Scores `model` (a path, or a model loadModel read; it is not changed) on `sequences`. */
+export async function evaluate(model: Model | string, sequences: number[][], opts: EvalOptions = {}): Promise<EvalResult> {
   if (sequences.length === 0) throw new ModcError('no sequences to evaluate');
   const requested = opts.batchSize ?? 8;
   if (!Number.isInteger(requested) || requested < 1) throw new ModcError(`batch size must be a positive integer, got ${requested}`);
 
-  const model = opts.model ?? loadModel(modelPath);
+  if (typeof model === 'string') model = loadModel(model);
+  const modelPath = model.sourcePath;
+  if (!modelPath) throw new ModcError('evaluate needs a model read from a file (loadModel), to run it');
   const io = decoderIo(model);
   // A model that cannot mask padding (DecoderIo.unpaddable) runs one sequence per batch.
   const batchSize = io.unpaddable ? 1 : requested;
@@ -97,6 +99,7 @@ export async function evaluate(modelPath: string, sequences: number[][], opts: E
     const recorded = readCosts(model);
     if (!recorded) throw new ModcError(`${modelPath} is modc-compiled but has no modc.costs metadata (compiled by an older modc): recompile it to measure its compute`);
     costs = recorded;
+    model = cloneModel(model);
     selections = exposeSelections(model, routing);
   } else {
     costs = modelCosts(analyzeDecoder(model));
@@ -110,7 +113,7 @@ export async function evaluate(modelPath: string, sequences: number[][], opts: E
   };
   try {
     if (selections.length) {
-      temp = copyFolder(modelPath, model);
+      temp = workFolder(model, 'modc-eval');
       process.once('SIGINT', onSignal).once('SIGTERM', onSignal);
       runPath = saveModel(model, join(temp, basename(modelPath))).path;
     }
@@ -136,24 +139,6 @@ export async function evaluate(modelPath: string, sequences: number[][], opts: E
     await session?.session.release();
     if (temp) rmSync(temp, { recursive: true, force: true });
   }
-}
-
-/**
- * Where the instrumented copy goes: the system temp folder, unless the model's external weights
- * lie on another disk, where a hard link cannot reach and the copy would duplicate them; then a
- * hidden folder beside the model (removed afterwards), if that folder is writable.
- */
-function copyFolder(modelPath: string, model: Model): string {
-  const external = [...model.graph.initializers.values()].some((v) => v.initializer?.external);
-  const modelDir = dirname(resolve(modelPath));
-  if (external && statSync(tmpdir()).dev !== statSync(modelDir).dev) {
-    try {
-      return mkdtempSync(join(modelDir, '.modc-eval-'));
-    } catch {
-      // A read-only model folder: the weights get copied to the temp folder instead.
-    }
-  }
-  return mkdtempSync(join(tmpdir(), 'modc-eval-'));
 }
 
 function checkSequences(io: DecoderIo, sequences: number[][]): void {

@@ -20,7 +20,6 @@
  * both implement the semantics.
  */
 import { join } from 'node:path';
-import { analyzeDecoder } from '../../analysis/analyze.js';
 import { extractUnits, layerUnit, type LayerUnit, type RunnableUnit } from '../../analysis/extract.js';
 import type { LoadedUnit } from '../../runtime/layer-runner.js';
 import { GraphFacts } from '../../analysis/graph-facts.js';
@@ -40,7 +39,7 @@ import { decoderIo, type DecoderIo, type KvBinding, resolvePadSide } from '../..
 import { type EmbeddingSource, TokenEmbedder } from '../../runtime/embeddings.js';
 import { emptyTensor, ort, toFloat32, type SessionOptions } from '../../runtime/ort.js';
 import { checkUnpadded, initialCacheDims, type Logits, nextPositions, padRows, promptPositions, staticLengthFeeds, typed, zeroStates } from '../../runtime/session.js';
-import { splitFusedBoundaries } from '../../passes/split-fused-boundaries.js';
+import { splitAndAnalyze } from '../../passes/split-fused-boundaries.js';
 import * as kernels from '../../passes/modc-ops/kernels.js';
 import { loadUnit, releaseUnits, runUnit } from './units.js';
 
@@ -120,8 +119,7 @@ export class ModReference {
     const model = loadModel(modelPath);
     const io = decoderIo(model);
     const cut = [...new Set(routing.layers.filter((l) => l.part !== 'block').map((l) => l.layer))];
-    splitFusedBoundaries(model, analyzeDecoder(model), { within: cut });
-    const structure = analyzeDecoder(model);
+    const structure = splitAndAnalyze(model, { within: cut });
     const stateful = routing.layers.find((l) => structure.layers[l.layer]?.state.length);
     if (stateful) throw new ModcError(`layer ${stateful.layer} carries state besides the KV cache and is never routed: take the routing plan from the compiled model (routingPlanOf)`);
     const groups = unitGroups(model, structure, routing);

@@ -14,7 +14,6 @@ import { ModcError } from '../../core/errors.js';
 import { loadModel } from '../../core/io/load.js';
 import { saveModel } from '../../core/io/save.js';
 import type { Model } from '../../core/ir/model.js';
-import { runPipeline } from '../../passes/pass-manager.js';
 import { ModReference } from '../reference/mod-reference.js';
 import { readRoutingMetadata } from '../../metadata/routing-metadata.js';
 import { allPassRouters, routerTensorPrefix } from '../../routing/router-weights.js';
@@ -23,8 +22,8 @@ import { cudaProviderProblem } from '../../runtime/cuda.js';
 import { decoderIo, resolvePadSide } from '../../metadata/decoder-io.js';
 import type { ExecutionProvider } from '../../runtime/ort.js';
 import { argmax, lastPosition, type Logits, ModSession } from '../../runtime/session.js';
-import { modPipeline } from '../../passes/pipeline.js';
 import { checkCompiledFrom } from '../../metadata/source-fingerprint.js';
+import { compile } from '../../passes/compile.js';
 
 export interface VerifyOptions {
   prompt: number[][];
@@ -155,7 +154,7 @@ export async function verifyCompiled(originalPath: string, compiledPath: string,
     await reference.release();
 
     log('anchor: every token selected, ungated, against the original');
-    runPipeline(original, modPipeline({ plan: anchorPlanFor(plan, structure.hiddenSize) }));
+    compile(original, { plan: anchorPlanFor(plan, structure.hiddenSize), structure });
     const anchorPath = join(work, 'anchor', 'model.onnx');
     saveModel(original, anchorPath);
     const anchor = await compare('anchor', await ModSession.create(originalPath, ep), await ModSession.create(anchorPath, ep), sided, tolerance);

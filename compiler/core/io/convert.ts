@@ -321,3 +321,21 @@ function functionToProto(f: OnnxFunction, tensorProto: (v: Value) => TensorProto
   out.metadata_props = f.metadataProps;
   return out as unknown as FunctionProto;
 }
+
+/**
+ * A copy of `model` that passes can rewrite while the original stays as it is: the graph, its
+ * nodes and values are new; tensors, which no pass changes in place, are shared.
+ */
+export function cloneModel(model: Model): Model {
+  const tensors = new Map<TensorProto, Tensor>();
+  const proto = modelToProto(model, (v) => {
+    const t = v.initializer!;
+    const p = t.proto.name === v.name ? t.proto : ({ ...copyMessage(t.proto), name: v.name } as unknown as TensorProto);
+    tensors.set(p, t);
+    return p;
+  });
+  const copy = modelFromProto(proto, (tp) => tensors.get(tp) ?? new Tensor(tp));
+  copy.sourcePath = model.sourcePath;
+  copy.baseDir = model.baseDir;
+  return copy;
+}

@@ -53,7 +53,7 @@ export const evalCommand: Command = {
     };
     let result: EvalResult;
     try {
-      result = await evaluate(path, dataset.sequences, { model, batchSize: batch, pad, executionProvider: ep, onProgress });
+      result = await evaluate(model, dataset.sequences, { batchSize: batch, pad, executionProvider: ep, onProgress });
     } finally {
       progress.stop();
     }

@@ -100,7 +100,7 @@ export const calibrateCommand: Command = {
     const sequences = readDataset(data, { model: modelPath, vocabSize, maxLength });
 
     const quiet = !!values.quiet;
-    const result = await calibrate(modelPath, sequences, { ...opts, onProgress: reportTo(progressOf(io)) });
+    const result = await calibrate(model, sequences, { ...opts, onProgress: reportTo(progressOf(io)) });
     mkdirSync(dirname(resolve(output)), { recursive: true });
     const r = result.report;
     writeCalibratedRouters(output, result, routerFileMetadata(result, { path: data, tokens: r.tokens, sequences: r.sequences }));

@@ -1,17 +1,15 @@
 /** `modc compile`: load, analyse, run the MoD pipeline (or named passes), save. */
 import { resolve } from 'node:path';
-import { analyzeDecoder } from '../../analysis/analyze.js';
+import { describeGenai, readGenaiConfig, writeGenaiConfig } from '../../apps/genai/genai-config.js';
 import { ModcError, UsageError } from '../../core/errors.js';
 import { loadModel } from '../../core/io/load.js';
 import { checkOutputPath, saveModel } from '../../core/io/save.js';
-import type { Model } from '../../core/ir/model.js';
-import { runPipeline } from '../../passes/pass-manager.js';
-import { readRoutingMetadata } from '../../metadata/routing-metadata.js';
+import { analyzeDecoder } from '../../analysis/analyze.js';
 import { graphFingerprint, recordSource } from '../../metadata/source-fingerprint.js';
-import { describeLayerPart, planRouting, type RoutedPart, type RouterSource, type RoutingMode, type RoutingPlan, type Schedule } from '../../routing/routing-plan.js';
-import { summarizeModel } from '../../core/ir/model-summary.js';
-import { describeGenai, readGenaiConfig, writeGenaiConfig } from '../../apps/genai/genai-config.js';
-import { defaultRegistry, modPipeline } from '../../passes/pipeline.js';
+import { compile, modcOpCounts, planFor, routingReport, type CompileReport, type CompileRequest, type ConvertedPart } from '../../passes/compile.js';
+import { runPipeline, type PassRecord } from '../../passes/pass-manager.js';
+import { defaultRegistry } from '../../passes/pipeline.js';
+import { describeLayerPart, type RoutedPart, type RouterSource, type RoutingMode, type Schedule } from '../../routing/routing-plan.js';
 import type { CliValues, Command } from '../command.js';
 import { formatBytes, listFlag, numberFlag, onePositional, oneOf, progressOf, routedLayerJson, short, stringFlag } from '../shared.js';
 
@@ -30,7 +28,8 @@ function routerSource(values: CliValues): RouterSource | undefined {
   throw new UsageError(`--router-init must be all-pass or random, got '${init}'`);
 }
 
-function resolvePlan(model: Model, values: CliValues): RoutingPlan | undefined {
+/** The routing request the flags describe; undefined without routers (a --passes run). */
+function compileRequest(values: CliValues): CompileRequest | undefined {
   const routers = routerSource(values);
   if (!routers) {
     for (const flag of ['threshold', 'capacity', 'routing', 'layers', 'schedule', 'gated', 'ungated', 'inline-ops', 'granularity']) {
@@ -39,18 +38,17 @@ function resolvePlan(model: Model, values: CliValues): RoutingPlan | undefined {
     return undefined;
   }
   if (values.gated && values.ungated) throw new UsageError('give --gated or --ungated, not both');
-  const s = analyzeDecoder(model);
   const mode = oneOf<RoutingMode>(values, 'routing', ['threshold', 'topk']);
   const threshold = numberFlag(values, 'threshold');
   const capacity = numberFlag(values, 'capacity');
+  const schedule = oneOf<Schedule>(values, 'schedule', ['uniform', 'every-other', 'prd']);
   if (mode === 'topk' && threshold !== undefined) throw new UsageError('--threshold applies to --routing threshold; use --capacity with topk');
   // With a router file and no --routing, the file's metadata may choose topk.
-  if ((mode ?? (routers.kind === 'file' ? undefined : 'threshold')) === 'threshold' && capacity !== undefined && oneOf(values, 'schedule', ['uniform', 'every-other', 'prd']) !== 'prd') {
+  if ((mode ?? (routers.kind === 'file' ? undefined : 'threshold')) === 'threshold' && capacity !== undefined && schedule !== 'prd') {
     throw new UsageError('--capacity applies to --routing topk (or --schedule prd); use --threshold with threshold routing');
   }
-  return planRouting({
-    numLayers: s.layers.length,
-    hiddenSize: s.hiddenSize,
+  const logits = oneOf(values, 'logits', ['all', 'last'] as const);
+  return {
     routers,
     mode,
     // Unset lets a router file's metadata decide (default gated).
@@ -59,12 +57,10 @@ function resolvePlan(model: Model, values: CliValues): RoutingPlan | undefined {
     threshold,
     capacity,
     layers: stringFlag(values, 'layers'),
-    schedule: oneOf<Schedule>(values, 'schedule', ['uniform', 'every-other', 'prd']),
-  });
-}
-
-function modcOpCounts(model: Model): Record<string, number> {
-  return summarizeModel(model).ops['modc'] ?? {};
+    schedule,
+    inlineOps: !!values['inline-ops'],
+    ...(logits ? { logits } : {}),
+  };
 }
 
 export const compileCommand: Command = {
@@ -131,46 +127,43 @@ export const compileCommand: Command = {
     const log = (m: string): void => (/^\[\d+\/\d+\] /.test(m) ? progress.stage(`compile ${m}`) : say(m));
 
     if (passes !== undefined) defaultRegistry().parsePipeline(passes); // unknown names fail before loading
-    const logits = oneOf(values, 'logits', ['all', 'last'] as const);
-    if (logits !== undefined && passes !== undefined) throw new UsageError('--logits applies to the MoD pipeline; with --passes, name last-logits in LIST');
+    if (values.logits !== undefined && passes !== undefined) throw new UsageError('--logits applies to the MoD pipeline; with --passes, name last-logits in LIST');
+    const request = compileRequest(values);
+    if (!request && passes === undefined) throw new UsageError('nothing to do: give --routers FILE or --router-init all-pass|random (or --passes LIST)');
     const t0 = performance.now();
     progress.stage(`load ${input}`);
     const model = loadModel(input);
     checkOutputPath(output, model); // before any work: never over the input or its data files
-    const source = graphFingerprint(model); // recorded in the output, checked by `modc verify`
     const genai = readGenaiConfig(input); // onnxruntime-genai's config beside the input, rewritten beside the output
-    const plan = resolvePlan(model, values);
-    if (!plan && passes === undefined) throw new UsageError('nothing to do: give --routers FILE or --router-init all-pass|random (or --passes LIST)');
     log(`loaded ${input} (${model.graph.nodes.length} nodes) in ${(performance.now() - t0).toFixed(0)} ms`);
-    const mod = plan ? { plan, inlineOps: !!values['inline-ops'], logits } : undefined;
-    const steps = passes !== undefined ? defaultRegistry(mod).parsePipeline(passes) : modPipeline(mod!);
     const dumpAfter = listFlag(values, 'dump-after');
-    const notRun = dumpAfter.filter((name) => name !== '*' && !steps.some((st) => st.pass.name === name));
-    if (notRun.length) throw new UsageError(`--dump-after ${notRun.join(', ')}: no such pass in this pipeline (${steps.map((st) => st.pass.name).join(', ')}, or *)`);
-    const opsBefore = modcOpCounts(model);
-    const records = runPipeline(model, steps, {
-      verify: !values['no-verify'],
-      dumpAfter,
-      dumpDir: stringFlag(values, 'dump-dir') ?? resolve(output, '..'),
-      log,
-    });
+    const dumpDir = stringFlag(values, 'dump-dir') ?? resolve(output, '..');
+    const verify = !values['no-verify'];
+    let records: PassRecord[];
+    let report: CompileReport | undefined;
+    if (request && passes === undefined) {
+      ({ records, report } = compile(model, { ...request, verify, dumpAfter, dumpDir, log }));
+    } else {
+      // Named passes; with routers, the MoD passes among them get the plan.
+      const source = graphFingerprint(model);
+      const opsBefore = modcOpCounts(model);
+      const mod = request ? { plan: planFor(analyzeDecoder(model), request), inlineOps: request.inlineOps } : undefined;
+      records = runPipeline(model, defaultRegistry(mod).parsePipeline(passes!), { verify, dumpAfter, dumpDir, log });
+      if (mod) {
+        recordSource(model, source);
+        report = routingReport(model, mod.plan, opsBefore);
+      }
+    }
     for (const r of records) log(`  ${r.pass}: ${r.ms.toFixed(1)} ms, nodes ${r.nodesBefore} -> ${r.nodesAfter}${r.notes.length ? `\n    ${r.notes.join('\n    ')}` : ''}`);
     progress.stage(`save ${output}`);
-    if (plan) recordSource(model, source); // a MoD compile; --passes (e.g. none, a round trip) leaves metadata alone
     const saved = saveModel(model, output, threshold !== undefined ? { externalizeThreshold: threshold } : {});
     const genaiResult = genai ? writeGenaiConfig(genai, model, saved.path) : null;
-    const opsAfter = modcOpCounts(model);
-    const opsAdded = Object.fromEntries(Object.entries(opsAfter).map(([op, n]) => [op, n - (opsBefore[op] ?? 0)]).filter(([, n]) => (n as number) > 0));
-    // The plan's dense layers, plus those route-layers could not route (recorded in the model).
-    const skipped = readRoutingMetadata(model)?.skipped ?? [];
-    const notConverted = [...(plan?.unconverted ?? []), ...skipped].sort((a, b) => a.layer - b.layer);
-    const converted = (plan?.layers ?? []).filter((l) => !skipped.some((u) => u.layer === l.layer && (u.part ?? 'block') === l.part));
-    if (plan) {
-      const setting = (l: { threshold: number; capacity: number }) => (plan.mode === 'threshold' ? `p=${short(l.threshold)}` : `c=${short(l.capacity)}`);
+    if (report) {
+      const setting = (l: ConvertedPart) => (report!.mode === 'threshold' ? `p=${short(l.threshold)}` : `c=${short(l.capacity)}`);
       const what = (l: { part: RoutedPart }) => (l.part === 'block' ? '' : `${l.part}, `);
-      log(`converted ${converted.length} layer(s): ${converted.map((l) => `${l.layer} (${what(l)}${setting(l)})`).join(', ') || 'none'}; ${plan.mode}, ${plan.gated ? 'gated' : 'ungated'}`);
-      log(`modc ops added: ${Object.entries(opsAdded).map(([op, n]) => `${op} ${n}`).join(', ') || (values['inline-ops'] ? 'none (inlined)' : 'none')}`);
-      for (const u of notConverted) log(`not converted: layer ${'part' in u && u.part ? describeLayerPart({ layer: u.layer, part: u.part as RoutedPart }) : u.layer}: ${u.reason}`);
+      log(`converted ${report.converted.length} layer(s): ${report.converted.map((l) => `${l.layer} (${what(l)}${setting(l)})`).join(', ')}; ${report.mode}, ${report.gated ? 'gated' : 'ungated'}`);
+      log(`modc ops added: ${Object.entries(report.opsAdded).map(([op, n]) => `${op} ${n}`).join(', ') || (request?.inlineOps ? 'none (inlined)' : 'none')}`);
+      for (const u of report.notConverted) log(`not converted: layer ${u.part ? describeLayerPart({ layer: u.layer, part: u.part }) : u.layer}: ${u.reason}`);
     }
     progress.stop();
     log(`wrote ${saved.path} (${formatBytes(saved.bytes)})${saved.externalFiles.map((f) => `, ${f.location} ${f.how}`).join('')}`);
@@ -180,7 +173,7 @@ export const compileCommand: Command = {
       io.out(JSON.stringify({
         input, output: saved.path, bytes: saved.bytes, externalFiles: saved.externalFiles, passes: records,
         ...(genaiResult ? { genaiConfig: genaiResult } : {}),
-        ...(plan ? { routing: { mode: plan.mode, gated: plan.gated, converted: converted.map((l) => routedLayerJson(plan.mode, { layer: l.layer, part: l.part, threshold: l.threshold, capacity: l.capacity })), notConverted, opsAdded } } : {}),
+        ...(report ? { routing: { mode: report.mode, gated: report.gated, converted: report.converted.map((l) => routedLayerJson(report!.mode, l)), notConverted: report.notConverted, opsAdded: report.opsAdded } } : {}),
       }, null, 2));
     }
     return 0;
