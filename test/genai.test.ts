@@ -10,7 +10,17 @@ import { loadModel } from '../compiler/core/io/load.js';
 import { expectOneLineError, FIXTURES, fixture, runCli, tempDir } from './helpers.js';
 
 const dir = tempDir('modc-genai');
-const config = (folder: string) => JSON.parse(readFileSync(join(folder, 'genai_config.json'), 'utf8')) as Record<string, any>;
+interface ModcLayer {
+  layer: number;
+  past_key: string;
+  past_value: string | null;
+  past_length: string | null;
+  present_length: string | null;
+  shape: unknown[];
+}
+// eslint-disable-next-line @typescript-eslint/no-explicit-any -- genai_config.json is free-form JSON; the tests read the fields they check
+type GenaiConfig = { modc: { layers: ModcLayer[]; routing: { layers: { layer: number }[] } } & Record<string, any> } & Record<string, any>;
+const config = (folder: string) => JSON.parse(readFileSync(join(folder, 'genai_config.json'), 'utf8')) as GenaiConfig;
 const inputNames = (path: string) => loadModel(path).graph.inputs.map((v) => v.name).sort();
 
 describe('modc compile writes genai_config.json beside the output', () => {
@@ -25,16 +35,16 @@ describe('modc compile writes genai_config.json beside the output', () => {
     expect({ ...c.model, decoder: { ...c.model.decoder, filename: original.model.decoder.filename } }).toEqual(original.model);
     expect(c.modc.genai_loadable).toBe(false);
     expect(c.modc.inputs).toEqual({ past_lengths_names: 'past_lengths.%d' });
-    expect(c.modc.layers.map((l: any) => [l.past_key, l.past_length, l.present_length])).toEqual([
+    expect(c.modc.layers.map((l: ModcLayer) => [l.past_key, l.past_length, l.present_length])).toEqual([
       ['past_key_values.0.key', 'past_lengths.0', 'present_lengths.0'],
       ['past_key_values.1.key', 'past_lengths.1', 'present_lengths.1'],
     ]);
     // The shapes recorded are the compiled graph's: per-layer past lengths, 2 KV heads of 16.
     const compiled = loadModel(out);
     for (const l of c.modc.layers) expect(l.shape).toEqual(compiled.graph.inputs.find((v) => v.name === l.past_key)!.shape);
-    expect(new Set(c.modc.layers.map((l: any) => l.shape[2])).size).toBe(2);
+    expect(new Set(c.modc.layers.map((l: ModcLayer) => l.shape[2])).size).toBe(2);
     expect(c.modc.layers[0].shape[1]).toBe(original.model.decoder.num_key_value_heads);
-    expect(c.modc.routing.layers.map((l: any) => l.layer)).toEqual([0, 1]);
+    expect(c.modc.routing.layers.map((l) => l.layer)).toEqual([0, 1]);
   });
 
   it('MLP-only routing keeps the original cache interface: the config differs only in its file name, and says so', async () => {
@@ -54,7 +64,7 @@ describe('modc compile writes genai_config.json beside the output', () => {
     const res = await runCli('compile', fixture('ort-gpt2-fused'), '-o', out, '--router-init', 'random', '--layers', '1,3');
     expect(res.code).toBe(0);
     const c = config(join(dir, 'gpt2'));
-    expect(c.modc.layers.filter((l: any) => l.past_length).map((l: any) => l.layer)).toEqual([1, 3]);
+    expect(c.modc.layers.filter((l: ModcLayer) => l.past_length).map((l: ModcLayer) => l.layer)).toEqual([1, 3]);
     expect(c.modc.layers[0]).toMatchObject({ past_key: 'past_0', past_value: null, past_length: null });
     expect(c.modc.layers[1].shape.slice(0, 2)).toEqual([2, 'batch_size']);
     expect(res.stderr).toMatch(/routed layers 1, 3 cache/);

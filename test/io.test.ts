@@ -137,6 +137,7 @@ describe('IR 10 and 11 fields survive', () => {
     saveModel(m, raw);
     // Build the function and subgraph at the proto level so the test does not rely on the IR to create them.
     const proto = decodeModelProto(readFileSync(raw));
+    // eslint-disable-next-line @typescript-eslint/no-explicit-any -- a ModelProto as plain JSON, edited field by field
     const obj = toPlainObject('ModelProto', proto) as Record<string, any>;
     obj.functions = [{
       name: 'Twice', domain: 'test.fn', overload: 'o1', input: ['a'], output: ['b'], attribute: ['unused'],

@@ -70,7 +70,7 @@ describe('progress', () => {
     expect(res.tty).toMatch(/generate \[/);
     expect(res.tty).toMatch(/6\/6/);
     // clearOnComplete: the last thing written erases the line (ESC[2K) or is the cursor restore.
-    expect(res.tty.slice(-20)).toMatch(/\x1B\[(2K|\?25h)/);
+    expect(res.tty.slice(-20)).toMatch(new RegExp(`${String.fromCharCode(27)}\\[(2K|\\?25h)`));
     const quiet = await runOnTty('generate', MODEL, '--ids', '1,2,3', '--max-new', '5', '--quiet');
     expect(quiet.tty).toBe('');
   });

@@ -24,7 +24,12 @@ function readLines(file: string): number[][] {
 function unigramEntropy(lines: number[][]): number {
   const counts = new Array<number>(vocab).fill(0);
   let total = 0;
-  for (const line of lines) for (const id of line.slice(1)) (counts[id]! += 1, total += 1);
+  for (const line of lines) {
+    for (const id of line.slice(1)) {
+      counts[id]! += 1;
+      total += 1;
+    }
+  }
   return -counts.filter((c) => c > 0).reduce((h, c) => h + (c / total) * Math.log(c / total), 0);
 }
 

@@ -213,7 +213,7 @@ export function sampled(seed: number, index: number, rate: number): boolean {
 
 function writeReproducer(root: string, f: Failure, spec: CaseSpec): string {
   mkdirSync(root, { recursive: true });
-  let dir = '';
+  let dir: string;
   for (let i = 1; ; i++) {
     dir = join(root, `${f.kind}-${String(i).padStart(3, '0')}`);
     if (!existsSync(dir)) break;

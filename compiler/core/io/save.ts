@@ -79,7 +79,7 @@ export function checkOutputPath(outPath: string, model?: Model): void {
   if (outPath === '' || out.includes('\0')) throw new ModcError(`output path ${shown} is not a valid path`);
   if (model) {
     const target = statOrNull(out);
-    let realOut: string | null = null;
+    let realOut: string | null;
     try {
       realOut = realpathSync(out);
     } catch {

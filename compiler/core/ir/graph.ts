@@ -519,7 +519,7 @@ export class Graph {
 
   /** Looks a value up by name in this graph's scope and then in its parents'. */
   findValue(name: string): Value | undefined {
-    for (let g: Graph | null = this; g; g = g.parent) {
+    for (let g: Graph | null = this as Graph; g; g = g.parent) {
       for (const v of g.definedValues()) if (v.name === name) return v;
     }
     return undefined;
