@@ -40,7 +40,9 @@ export const ANALYSIS_USAGE = `usage: node dist/bench/run.js analysis [flags]
    memory of that process (node itself included), weight bytes read. Targets: the 405B graph in
    under 10 s and 300 MB, weights never read.
 
-${Object.entries(ANALYSIS_FLAGS).map(([k, v]) => `  --${k}${v.kind === 'bool' ? '' : ' V'}  ${v.help} (default: ${v.default})`).join('\n')}`;
+${Object.entries(ANALYSIS_FLAGS)
+  .map(([k, v]) => `  --${k}${v.kind === 'bool' ? '' : ' V'}  ${v.help} (default: ${v.default})`)
+  .join('\n')}`;
 
 const LLAMA_7B = { hiddenSize: 4096, numLayers: 32, numHeads: 32, numKvHeads: 32, intermediateSize: 11008, vocabSize: 32000, maxPositions: 4096 };
 const SHAPES = {
@@ -49,13 +51,24 @@ const SHAPES = {
   '405b': { hiddenSize: 16384, numLayers: 126, numHeads: 128, numKvHeads: 8, intermediateSize: 53248, vocabSize: 128256, maxPositions: 8192 },
 } as const;
 
-interface ProbeResult { code: number; compileMs: number; cpuMs: number; peakRssBytes: number; rssBeforeCompileBytes: number; weightBytesRead: number; stderr: string }
+interface ProbeResult {
+  code: number;
+  compileMs: number;
+  cpuMs: number;
+  peakRssBytes: number;
+  rssBeforeCompileBytes: number;
+  weightBytesRead: number;
+  stderr: string;
+}
 
 /** `modc compile` of `model` in a fresh node process (bench/compile-probe.js next to this file). */
 function probeCompile(model: string, out: string): ProbeResult & { processMs: number } {
   const probe = new URL('./compile-probe.js', import.meta.url).pathname;
   const t0 = performance.now();
-  const child = spawnSync(process.execPath, [probe, model, out, '--router-init', 'random', '--schedule', 'every-other'], { encoding: 'utf8', maxBuffer: 1 << 24 });
+  const child = spawnSync(process.execPath, [probe, model, out, '--router-init', 'random', '--schedule', 'every-other'], {
+    encoding: 'utf8',
+    maxBuffer: 1 << 24,
+  });
   const processMs = performance.now() - t0;
   const line = child.stdout.trim().split('\n').at(-1) ?? '';
   if (child.status !== 0 || !line.startsWith('{')) throw new Error(`compile probe failed on ${model}: ${child.stderr.trim() || line}`);
@@ -73,7 +86,10 @@ export async function analysisBench(argv: readonly string[]): Promise<void> {
   try {
     const rows: string[][] = [];
     const forms: Record<string, unknown>[] = [];
-    for (const [form, write] of [['llama', writeLlamaModel], ['genai', writeGenaiModel]] as const) {
+    for (const [form, write] of [
+      ['llama', writeLlamaModel],
+      ['genai', writeGenaiModel],
+    ] as const) {
       const path = join(dir, form, 'model.onnx');
       let t0 = performance.now();
       write(LLAMA_7B, { kind: 'external', path: 'model.onnx.data', sparse: true }, path);
@@ -118,7 +134,9 @@ export async function analysisBench(argv: readonly string[]): Promise<void> {
       const nodes = loadModel(path).graph.nodes.length;
       const probes = Array.from({ length: compileRuns }, (_, r) => {
         const res = probeCompile(path, join(dir, `scale-${sh}`, `mod-${r}.onnx`));
-        log(`${sh}: compile ${(res.compileMs / 1000).toFixed(2)} s wall, ${(res.cpuMs / 1000).toFixed(2)} s CPU, peak RSS ${(res.peakRssBytes / 2 ** 20).toFixed(0)} MiB`);
+        log(
+          `${sh}: compile ${(res.compileMs / 1000).toFixed(2)} s wall, ${(res.cpuMs / 1000).toFixed(2)} s CPU, peak RSS ${(res.peakRssBytes / 2 ** 20).toFixed(0)} MiB`,
+        );
         return res;
       });
       const compileMs = median(probes.map((p) => p.compileMs));
@@ -129,22 +147,86 @@ export async function analysisBench(argv: readonly string[]): Promise<void> {
       const is405 = sh === '405b';
       const met = compileMs < 10_000 && peak < 300 * 2 ** 20 && read === 0;
       const metAlone = cpuMs < 10_000 && peak < 300 * 2 ** 20 && read === 0;
-      scale.push({ shape: sh, config: cfg, nodes, modelFileBytes: saved.bytes, buildMs, compileMs, cpuMs, processMs, peakRssBytes: peak, rssBeforeCompileBytes: median(probes.map((p) => p.rssBeforeCompileBytes)), weightBytesRead: read, runs: probes.length, ...(is405 ? { target: { compileMsBelow: 10_000, peakRssBytesBelow: 300 * 2 ** 20, weightBytesRead: 0, met, metOnCpuTime: metAlone } } : {}) });
-      scaleRows.push([sh.toUpperCase(), `${cfg.numLayers} x ${cfg.hiddenSize}`, String(nodes), `${(buildMs / 1000).toFixed(1)} s`, `${(compileMs / 1000).toFixed(2)} s`, `${(cpuMs / 1000).toFixed(2)} s`, `${(processMs / 1000).toFixed(2)} s`, `${(peak / 2 ** 20).toFixed(0)} MiB`, String(read), is405 ? '< 10 s, < 300 MB, 0 bytes' : '', is405 ? `${met ? 'yes' : '**no**'} (wall), ${metAlone ? 'yes' : '**no**'} (CPU time)` : '']);
+      scale.push({
+        shape: sh,
+        config: cfg,
+        nodes,
+        modelFileBytes: saved.bytes,
+        buildMs,
+        compileMs,
+        cpuMs,
+        processMs,
+        peakRssBytes: peak,
+        rssBeforeCompileBytes: median(probes.map((p) => p.rssBeforeCompileBytes)),
+        weightBytesRead: read,
+        runs: probes.length,
+        ...(is405 ? { target: { compileMsBelow: 10_000, peakRssBytesBelow: 300 * 2 ** 20, weightBytesRead: 0, met, metOnCpuTime: metAlone } } : {}),
+      });
+      scaleRows.push([
+        sh.toUpperCase(),
+        `${cfg.numLayers} x ${cfg.hiddenSize}`,
+        String(nodes),
+        `${(buildMs / 1000).toFixed(1)} s`,
+        `${(compileMs / 1000).toFixed(2)} s`,
+        `${(cpuMs / 1000).toFixed(2)} s`,
+        `${(processMs / 1000).toFixed(2)} s`,
+        `${(peak / 2 ** 20).toFixed(0)} MiB`,
+        String(read),
+        is405 ? '< 10 s, < 300 MB, 0 bytes' : '',
+        is405 ? `${met ? 'yes' : '**no**'} (wall), ${metAlone ? 'yes' : '**no**'} (CPU time)` : '',
+      ]);
     }
 
     if (f.json) {
-      console.log(JSON.stringify({ bench: 'analysis', command: `npm run bench -- analysis ${argv.join(' ')}`.trimEnd(), date: new Date().toISOString(), logicalCores: cpus().length, node: process.version, runs, forms7b: forms, compileScale: scale }, null, 2));
+      console.log(
+        JSON.stringify(
+          {
+            bench: 'analysis',
+            command: `npm run bench -- analysis ${argv.join(' ')}`.trimEnd(),
+            date: new Date().toISOString(),
+            logicalCores: cpus().length,
+            node: process.version,
+            runs,
+            forms7b: forms,
+            compileScale: scale,
+          },
+          null,
+          2,
+        ),
+      );
       return;
     }
     console.log(`## Analysis of 32-layer 7B-shaped graphs (median of ${runs} runs)\n`);
     console.log(table(['form', 'nodes', 'build + save', 'load', 'analyse (first)', 'analyse (warm)', 'MoD compile (16 layers)', 'weight bytes read'], rows));
     if (scaleRows.length) {
-      console.log(`\n## modc compile at scale: Llama form, sparse external weights, --router-init random --schedule every-other (fresh process per run; median time of ${compileRuns}, largest peak RSS)\n`);
+      console.log(
+        `\n## modc compile at scale: Llama form, sparse external weights, --router-init random --schedule every-other (fresh process per run; median time of ${compileRuns}, largest peak RSS)\n`,
+      );
       console.log(`command: npm run bench -- analysis ${argv.join(' ')}`.trimEnd());
       console.log(`machine: ${cpus()[0]?.model ?? 'unknown CPU'}, ${cpus().length} logical cores, node ${process.version}; date ${new Date().toISOString()}\n`);
-      console.log('The compile is single-threaded: its CPU time is the wall time it takes on an otherwise idle core. Wall time on a shared machine is longer by the load (1-minute load average at the end of this run: ' + loadavg()[0]!.toFixed(1) + ` on ${cpus().length} cores).\n`);
-      console.log(table(['shape', 'layers x hidden', 'nodes', 'build + save (sparse)', 'modc compile, wall (load, analyse, passes, save)', 'modc compile, CPU time', 'process wall (node start to exit)', 'peak RSS of the process', 'weight bytes read', 'target', 'met'], scaleRows));
+      console.log(
+        'The compile is single-threaded: its CPU time is the wall time it takes on an otherwise idle core. Wall time on a shared machine is longer by the load (1-minute load average at the end of this run: ' +
+          loadavg()[0]!.toFixed(1) +
+          ` on ${cpus().length} cores).\n`,
+      );
+      console.log(
+        table(
+          [
+            'shape',
+            'layers x hidden',
+            'nodes',
+            'build + save (sparse)',
+            'modc compile, wall (load, analyse, passes, save)',
+            'modc compile, CPU time',
+            'process wall (node start to exit)',
+            'peak RSS of the process',
+            'weight bytes read',
+            'target',
+            'met',
+          ],
+          scaleRows,
+        ),
+      );
     }
   } finally {
     rmSync(dir, { recursive: true, force: true });

@@ -56,7 +56,8 @@ export function parseFlags<S extends FlagSpecs>(argv: readonly string[], specs: 
     if (spec.kind === 'string') out[name!] = raw;
     else {
       const v = Number(raw);
-      if (!Number.isFinite(v) || (spec.kind === 'int' && !Number.isInteger(v))) throw new UsageError(`--${name} needs ${spec.kind === 'int' ? 'an integer' : 'a number'}, got '${raw}'`);
+      if (!Number.isFinite(v) || (spec.kind === 'int' && !Number.isInteger(v)))
+        throw new UsageError(`--${name} needs ${spec.kind === 'int' ? 'an integer' : 'a number'}, got '${raw}'`);
       out[name!] = v;
     }
   }
@@ -64,7 +65,10 @@ export function parseFlags<S extends FlagSpecs>(argv: readonly string[], specs: 
 }
 
 export function flagHelp(specs: FlagSpecs): string {
-  const rows = Object.entries(specs).map(([k, s]) => [`--${k}${s.kind === 'bool' ? '' : ` ${s.kind === 'string' ? 'S' : 'N'}`}`, `${s.help} (default: ${s.default})`]);
+  const rows = Object.entries(specs).map(([k, s]) => [
+    `--${k}${s.kind === 'bool' ? '' : ` ${s.kind === 'string' ? 'S' : 'N'}`}`,
+    `${s.help} (default: ${s.default})`,
+  ]);
   const w = Math.max(...rows.map((r) => r[0]!.length));
   return rows.map(([a, b]) => `  ${a!.padEnd(w)}  ${b}`).join('\n');
 }
@@ -101,7 +105,18 @@ export type ModelFlags = Flags<ReturnType<typeof modelFlags>>;
 export function applyQuick<F extends ModelFlags>(f: F, argv: readonly string[], extra: Partial<Record<keyof F, number>> = {}): F {
   if (!f.quick) return f;
   const given = new Set(argv.filter((a) => a.startsWith('--')).map((a) => a.replace(/^--/, '').split('=')[0]));
-  const quick: Record<string, number> = { hidden: 256, layers: 4, heads: 4, 'kv-heads': 4, intermediate: 704, vocab: 4096, prompt: 128, runs: 2, warmup: 1, ...extra };
+  const quick: Record<string, number> = {
+    hidden: 256,
+    layers: 4,
+    heads: 4,
+    'kv-heads': 4,
+    intermediate: 704,
+    vocab: 4096,
+    prompt: 128,
+    runs: 2,
+    warmup: 1,
+    ...extra,
+  };
   const out: Record<string, unknown> = { ...f };
   for (const [k, v] of Object.entries(quick)) if (!given.has(k)) out[k] = v;
   return out as F;
@@ -109,8 +124,13 @@ export function applyQuick<F extends ModelFlags>(f: F, argv: readonly string[], 
 
 export function decoderConfig(f: ModelFlags): DecoderConfig {
   return {
-    hiddenSize: f.hidden, numLayers: f.layers, numHeads: f.heads, numKvHeads: f['kv-heads'],
-    intermediateSize: f.intermediate, vocabSize: f.vocab, maxPositions: f['max-positions'],
+    hiddenSize: f.hidden,
+    numLayers: f.layers,
+    numHeads: f.heads,
+    numKvHeads: f['kv-heads'],
+    intermediateSize: f.intermediate,
+    vocabSize: f.vocab,
+    maxPositions: f['max-positions'],
   };
 }
 
@@ -128,10 +148,27 @@ export function threadsLine(f: ModelFlags): string {
 export function settingsJson(f: ModelFlags, command: string): Record<string, unknown> {
   const cpu = cpus();
   return {
-    command, date: new Date().toISOString(), machine: { cpu: cpu[0]?.model ?? 'unknown', logicalCores: cpu.length, memoryGiB: Math.round(totalmem() / 2 ** 30) },
-    runtime: { node: process.version, onnxruntime: ort.env.versions.node ?? ort.env.versions.common, executionProvider: f.ep, threads: f.threads > 0 ? f.threads : 'ORT default' },
+    command,
+    date: new Date().toISOString(),
+    machine: { cpu: cpu[0]?.model ?? 'unknown', logicalCores: cpu.length, memoryGiB: Math.round(totalmem() / 2 ** 30) },
+    runtime: {
+      node: process.version,
+      onnxruntime: ort.env.versions.node ?? ort.env.versions.common,
+      executionProvider: f.ep,
+      threads: f.threads > 0 ? f.threads : 'ORT default',
+    },
     malloc: mallocLine(),
-    model: { form: 'builder Llama', dtype: 'float32', hidden: f.hidden, layers: f.layers, heads: f.heads, kvHeads: f['kv-heads'], intermediate: f.intermediate, vocab: f.vocab, weightSeed: f['weight-seed'] },
+    model: {
+      form: 'builder Llama',
+      dtype: 'float32',
+      hidden: f.hidden,
+      layers: f.layers,
+      heads: f.heads,
+      kvHeads: f['kv-heads'],
+      intermediate: f.intermediate,
+      vocab: f.vocab,
+      weightSeed: f['weight-seed'],
+    },
   };
 }
 
@@ -141,7 +178,9 @@ export function settingsJson(f: ModelFlags, command: string): Record<string, unk
 export const MALLOC_ENV = { MALLOC_MMAP_THRESHOLD_: '33554432', MALLOC_TRIM_THRESHOLD_: '4294967296' } as const;
 
 function mallocLine(): string {
-  const set = Object.keys(MALLOC_ENV).filter((k) => process.env[k] !== undefined).map((k) => `${k}=${process.env[k]}`);
+  const set = Object.keys(MALLOC_ENV)
+    .filter((k) => process.env[k] !== undefined)
+    .map((k) => `${k}=${process.env[k]}`);
   return set.length ? set.join(' ') : 'glibc defaults';
 }
 
@@ -293,7 +332,14 @@ export interface UnitTimes {
  * splitFusedBoundaries -> extractDecoder), and times each unit on the same inputs as the full
  * model: the median of `runs` chained runs after `warmup` untimed ones.
  */
-export async function timeUnits(modelPath: string, dir: string, feeds: Record<string, ort.Tensor>, runs: number, warmup: number, opts: SessionOptions): Promise<UnitTimes> {
+export async function timeUnits(
+  modelPath: string,
+  dir: string,
+  feeds: Record<string, ort.Tensor>,
+  runs: number,
+  warmup: number,
+  opts: SessionOptions,
+): Promise<UnitTimes> {
   const model = loadModel(modelPath);
   const split = splitFusedBoundaries(model, analyzeDecoder(model));
   if (split.changed) log(`split-fused-boundaries: ${split.notes.length} node(s) split`);

@@ -23,5 +23,15 @@ const compileMs = performance.now() - t0;
 const cpu = process.cpuUsage(cpu0);
 // CPU time (user + system) of this process during the compile: on a machine shared with other
 // work it is the wall time the compile would take alone (the compile is single-threaded).
-console.log(JSON.stringify({ code, compileMs, cpuMs: (cpu.user + cpu.system) / 1000, peakRssBytes: process.resourceUsage().maxRSS * 1024, rssBeforeCompileBytes: rssBefore * 1024, weightBytesRead: externalReads.bytes, stderr: err.trim() }));
+console.log(
+  JSON.stringify({
+    code,
+    compileMs,
+    cpuMs: (cpu.user + cpu.system) / 1000,
+    peakRssBytes: process.resourceUsage().maxRSS * 1024,
+    rssBeforeCompileBytes: rssBefore * 1024,
+    weightBytesRead: externalReads.bytes,
+    stderr: err.trim(),
+  }),
+);
 process.exitCode = code;

@@ -37,9 +37,16 @@ function summary(s: FuzzStats): string {
 async function main(): Promise<number> {
   const { values } = parseArgs({
     options: {
-      minutes: { type: 'string' }, cases: { type: 'string' }, seed: { type: 'string' }, workers: { type: 'string' },
-      'ort-sample': { type: 'string' }, 'timeout-ms': { type: 'string' }, out: { type: 'string' }, models: { type: 'string', multiple: true },
-      replay: { type: 'string' }, json: { type: 'boolean' },
+      minutes: { type: 'string' },
+      cases: { type: 'string' },
+      seed: { type: 'string' },
+      workers: { type: 'string' },
+      'ort-sample': { type: 'string' },
+      'timeout-ms': { type: 'string' },
+      out: { type: 'string' },
+      models: { type: 'string', multiple: true },
+      replay: { type: 'string' },
+      json: { type: 'boolean' },
     },
   });
   const num = (v: string | undefined, d: number) => {
@@ -50,7 +57,10 @@ async function main(): Promise<number> {
   };
   if (values.replay && !process.env.MODC_FUZZ_LIMITED) {
     // Under the workers' memory limit, so a replay ends as the case did.
-    const r = spawnSync('/bin/sh', ['-c', WITH_MEMORY_LIMIT, process.execPath, ...process.execArgv, process.argv[1]!, ...process.argv.slice(2)], { stdio: 'inherit', env: { ...process.env, MODC_FUZZ_LIMITED: '1' } });
+    const r = spawnSync('/bin/sh', ['-c', WITH_MEMORY_LIMIT, process.execPath, ...process.execArgv, process.argv[1]!, ...process.argv.slice(2)], {
+      stdio: 'inherit',
+      env: { ...process.env, MODC_FUZZ_LIMITED: '1' },
+    });
     return r.status ?? 1;
   }
   if (values.replay) {
@@ -63,13 +73,19 @@ async function main(): Promise<number> {
   }
   const scratch = mkdtempSync(join(tmpdir(), 'modc-fuzz-seeds-'));
   try {
-    const fixtures = seedModels(scratch, (values.models ?? []).flatMap((d) => modelFolders(resolve(d))));
+    const fixtures = seedModels(
+      scratch,
+      (values.models ?? []).flatMap((d) => modelFolders(resolve(d))),
+    );
     const seed = num(values.seed, 1);
     const minutes = num(values.minutes, values.cases ? Infinity : 1);
     const out = resolve(values.out ?? 'fuzz-out');
-    console.error(`fuzz: seed ${seed}, ${fixtures.length} seed models, ${Number.isFinite(minutes) ? `${minutes} min` : ''}${values.cases ? ` ${values.cases} cases` : ''}; reproducers in ${out}`);
+    console.error(
+      `fuzz: seed ${seed}, ${fixtures.length} seed models, ${Number.isFinite(minutes) ? `${minutes} min` : ''}${values.cases ? ` ${values.cases} cases` : ''}; reproducers in ${out}`,
+    );
     const stats = await fuzz({
-      fixtures, seed,
+      fixtures,
+      seed,
       cases: values.cases ? num(values.cases, 0) : undefined,
       durationMs: Number.isFinite(minutes) ? minutes * 60_000 : undefined,
       workers: num(values.workers, availableParallelism()),
@@ -80,9 +96,16 @@ async function main(): Promise<number> {
     });
     console.log(values.json ? JSON.stringify(stats, null, 2) : summary(stats));
     if (!values.json) {
-      console.log(`refused at: ${Object.entries(stats.refusedAt).map(([k, n]) => `${k} ${n}`).join(', ')}`);
+      console.log(
+        `refused at: ${Object.entries(stats.refusedAt)
+          .map(([k, n]) => `${k} ${n}`)
+          .join(', ')}`,
+      );
       console.log('most common refusals:');
-      for (const [sig, n] of Object.entries(stats.refusals).sort((a, b) => b[1] - a[1]).slice(0, 12)) console.log(`  ${String(n).padStart(6)}  ${sig}`);
+      for (const [sig, n] of Object.entries(stats.refusals)
+        .sort((a, b) => b[1] - a[1])
+        .slice(0, 12))
+        console.log(`  ${String(n).padStart(6)}  ${sig}`);
     }
     for (const f of stats.failures) console.log(`  ${f.kind} x${f.count} at ${f.stage}: ${f.message.split('\n')[0]} -> ${f.reproducer ?? '(no reproducer)'}`);
     return stats.failures.length ? 1 : 0;

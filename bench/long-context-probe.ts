@@ -31,7 +31,14 @@ for (const id of forced) {
   await session.step([id]);
   stepMs.push(performance.now() - t0);
 }
-console.log(JSON.stringify({
-  prefillMs, stepMs, kvAfterPrefill, kvBytes: session.kvBytes(), cacheLengths: session.layerCacheLengths().map((r) => r[0]),
-  peakRssBytes: process.resourceUsage().maxRSS * 1024, rssAtStartBytes: rssAtStart,
-}));
+console.log(
+  JSON.stringify({
+    prefillMs,
+    stepMs,
+    kvAfterPrefill,
+    kvBytes: session.kvBytes(),
+    cacheLengths: session.layerCacheLengths().map((r) => r[0]),
+    peakRssBytes: process.resourceUsage().maxRSS * 1024,
+    rssAtStartBytes: rssAtStart,
+  }),
+);

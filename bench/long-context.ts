@@ -13,7 +13,26 @@
 import { spawnSync } from 'node:child_process';
 import { medianOfPaired, rotation } from '../compiler/apps/benchmark/benchmark.js';
 import { UsageError } from '../compiler/core/errors.js';
-import { applyQuick, buildModel, compileModel, environment, flagHelp, log, median, mib, modelFlags, modelLine, ms, parseFlags, ratio, settingsJson, table, Workdir, type FlagSpecs, type PlanChoice } from './common.js';
+import {
+  applyQuick,
+  buildModel,
+  compileModel,
+  environment,
+  flagHelp,
+  log,
+  median,
+  mib,
+  modelFlags,
+  modelLine,
+  ms,
+  parseFlags,
+  ratio,
+  settingsJson,
+  table,
+  Workdir,
+  type FlagSpecs,
+  type PlanChoice,
+} from './common.js';
 
 export const LONG_CONTEXT_FLAGS = {
   ...modelFlags({ prompt: 0, runs: 1, warmup: 0 }),
@@ -37,20 +56,49 @@ context, in a fresh process: chunked prefill time, per-token decode latency, KV 
 
 ${flagHelp(LONG_CONTEXT_FLAGS)}`;
 
-interface Probe { prefillMs: number; stepMs: number[]; kvAfterPrefill: number; kvBytes: number; cacheLengths: number[]; peakRssBytes: number; rssAtStartBytes: number }
+interface Probe {
+  prefillMs: number;
+  stepMs: number[];
+  kvAfterPrefill: number;
+  kvBytes: number;
+  cacheLengths: number[];
+  peakRssBytes: number;
+  rssAtStartBytes: number;
+}
 
 const VARIANTS: { name: string; label: string; choice: PlanChoice | null }[] = [
   { name: 'original', label: 'original', choice: null },
   { name: 'every-layer', label: 'MoD: every layer, top-k c = 0.5', choice: { routers: { kind: 'random', seed: 1 }, mode: 'topk', capacity: 0.5, gated: true } },
-  { name: 'attention-only', label: 'MoD: attention sub-layers only, top-k c = 0.5', choice: { routers: { kind: 'random', seed: 1 }, mode: 'topk', capacity: 0.5, gated: true, granularity: 'attention' } },
-  { name: 'prd', label: 'MoD: PRD schedule, mean retention 0.5', choice: { routers: { kind: 'random', seed: 1 }, mode: 'topk', capacity: 0.5, schedule: 'prd', gated: true } },
+  {
+    name: 'attention-only',
+    label: 'MoD: attention sub-layers only, top-k c = 0.5',
+    choice: { routers: { kind: 'random', seed: 1 }, mode: 'topk', capacity: 0.5, gated: true, granularity: 'attention' },
+  },
+  {
+    name: 'prd',
+    label: 'MoD: PRD schedule, mean retention 0.5',
+    choice: { routers: { kind: 'random', seed: 1 }, mode: 'topk', capacity: 0.5, schedule: 'prd', gated: true },
+  },
 ];
 
 function probe(path: string, context: number, f: { chunk: number; steps: number; threads: number; vocab: number }): Probe {
   const script = new URL('./long-context-probe.js', import.meta.url).pathname;
-  const child = spawnSync(process.execPath, [script, path, String(context), String(f.chunk), String(f.steps), String(f.threads), String(f.vocab)], { encoding: 'utf8', maxBuffer: 1 << 24 });
+  const child = spawnSync(process.execPath, [script, path, String(context), String(f.chunk), String(f.steps), String(f.threads), String(f.vocab)], {
+    encoding: 'utf8',
+    maxBuffer: 1 << 24,
+  });
   const line = child.stdout.trim().split('\n').at(-1) ?? '';
-  if (child.status !== 0 || !line.startsWith('{')) throw new UsageError(`long-context probe failed on ${path} at ${context} tokens: ${(child.stderr.trim().split('\n').find((l) => /Error|modc/.test(l)) ?? child.stderr.trim().split('\n')[0] ?? line)}`);
+  if (child.status !== 0 || !line.startsWith('{'))
+    throw new UsageError(
+      `long-context probe failed on ${path} at ${context} tokens: ${
+        child.stderr
+          .trim()
+          .split('\n')
+          .find((l) => /Error|modc/.test(l)) ??
+        child.stderr.trim().split('\n')[0] ??
+        line
+      }`,
+    );
   return JSON.parse(line) as Probe;
 }
 
@@ -86,11 +134,21 @@ export async function longContextBench(argv: readonly string[]): Promise<void> {
         models: VARIANTS.map((v, m) => {
           const p = samples[m]!;
           return {
-            model: v.name, label: v.label,
-            prefillMs: stat(p, (x) => x.prefillMs), decodeMsPerToken: stat(p, step), kvBytes: stat(p, (x) => x.kvBytes), peakRssBytes: stat(p, (x) => x.peakRssBytes),
+            model: v.name,
+            label: v.label,
+            prefillMs: stat(p, (x) => x.prefillMs),
+            decodeMsPerToken: stat(p, step),
+            kvBytes: stat(p, (x) => x.kvBytes),
+            peakRssBytes: stat(p, (x) => x.peakRssBytes),
             kvFraction: stat(p, (x) => x.kvBytes) / stat(base, (x) => x.kvBytes),
             vsOriginal: {
-              prefill: { ofMedians: stat(p, (x) => x.prefillMs) / stat(base, (x) => x.prefillMs), medianOfPaired: medianOfPaired(base.map((x) => x.prefillMs), p.map((x) => x.prefillMs)) },
+              prefill: {
+                ofMedians: stat(p, (x) => x.prefillMs) / stat(base, (x) => x.prefillMs),
+                medianOfPaired: medianOfPaired(
+                  base.map((x) => x.prefillMs),
+                  p.map((x) => x.prefillMs),
+                ),
+              },
               decode: { ofMedians: stat(p, step) / stat(base, step), medianOfPaired: medianOfPaired(base.map(step), p.map(step)) },
               peakRss: stat(p, (x) => x.peakRssBytes) / stat(base, (x) => x.peakRssBytes),
             },
@@ -102,19 +160,68 @@ export async function longContextBench(argv: readonly string[]): Promise<void> {
     });
 
     if (f.json) {
-      console.log(JSON.stringify({ bench: 'long-context', settings: { ...settingsJson(f, command), chunk, steps, rounds: f.runs, order: 'one fresh process per model, context and round; order rotating per round' }, results: rows }, null, 2));
+      console.log(
+        JSON.stringify(
+          {
+            bench: 'long-context',
+            settings: {
+              ...settingsJson(f, command),
+              chunk,
+              steps,
+              rounds: f.runs,
+              order: 'one fresh process per model, context and round; order rotating per round',
+            },
+            results: rows,
+          },
+          null,
+          2,
+        ),
+      );
       return;
     }
     const out: string[] = [`## Long context: ${contexts.join(' and ')} tokens, batch 1`, ''];
-    out.push('```', `command: ${command}`, environment(f), modelLine(f),
+    out.push(
+      '```',
+      `command: ${command}`,
+      environment(f),
+      modelLine(f),
       `prompt: fed in chunks of ${chunk} tokens (ModSession.forward, then extend), then ${steps} forced decode steps; one fresh process per model, context and round (${f.runs} round(s), order rotating)`,
       'MoD compiles: random routers seed 1, gated; top-k on each prompt chunk, r >= 0.5 per decode step (SPEC.md)',
-      'peak RSS: getrusage maxrss of the process (node, ONNX Runtime, weights, caches and the copies onnxruntime-node makes of each output)', '```', '');
+      'peak RSS: getrusage maxrss of the process (node, ONNX Runtime, weights, caches and the copies onnxruntime-node makes of each output)',
+      '```',
+      '',
+    );
     for (const r of rows) {
       out.push(`Context ${r.context} tokens:`, '');
-      out.push(table(['model', 'KV bytes', 'KV / original', 'peak RSS', 'RSS / original', 'prefill', 'prefill / original', 'decode per token', 'decode / original (medians)', 'decode / original (paired)'], r.models.map((m) => [
-        m.label, mib(m.kvBytes), ratio(m.kvFraction), mib(m.peakRssBytes), ratio(m.vsOriginal.peakRss), ms(m.prefillMs, 0), ratio(m.vsOriginal.prefill.ofMedians), ms(m.decodeMsPerToken, 2), ratio(m.vsOriginal.decode.ofMedians), ratio(m.vsOriginal.decode.medianOfPaired),
-      ])), '');
+      out.push(
+        table(
+          [
+            'model',
+            'KV bytes',
+            'KV / original',
+            'peak RSS',
+            'RSS / original',
+            'prefill',
+            'prefill / original',
+            'decode per token',
+            'decode / original (medians)',
+            'decode / original (paired)',
+          ],
+          r.models.map((m) => [
+            m.label,
+            mib(m.kvBytes),
+            ratio(m.kvFraction),
+            mib(m.peakRssBytes),
+            ratio(m.vsOriginal.peakRss),
+            ms(m.prefillMs, 0),
+            ratio(m.vsOriginal.prefill.ofMedians),
+            ms(m.decodeMsPerToken, 2),
+            ratio(m.vsOriginal.decode.ofMedians),
+            ratio(m.vsOriginal.decode.medianOfPaired),
+          ]),
+        ),
+        '',
+      );
     }
     console.log(out.join('\n'));
   } finally {

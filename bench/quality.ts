@@ -37,7 +37,7 @@ const FLAGS = {
   targets: { kind: 'string', default: '0.95,0.85,0.75', help: 'target compute fractions, comma-separated' },
   seed: { kind: 'int', default: 0, help: 'seed for calibration and random routers' },
   target: { kind: 'string', default: 'relative', help: 'importance target the routers are fitted to: norm, relative, log-norm' },
-  'sensitivity-tokens': { kind: 'int', default: 0, help: 'tokens per sensitivity measurement (0: modc calibrate\'s default)' },
+  'sensitivity-tokens': { kind: 'int', default: 0, help: "tokens per sensitivity measurement (0: modc calibrate's default)" },
   json: { kind: 'bool', default: false, help: 'print the rows as JSON instead of a table' },
   quick: { kind: 'bool', default: false, help: 'one target (0.85): a smoke run' },
   'from-json': { kind: 'string', default: '', help: 'print the table of an earlier --json output instead of measuring' },
@@ -84,7 +84,15 @@ export async function qualityBench(argv: readonly string[]): Promise<void> {
     log(`dense eval of ${f.model} on ${f.eval} (${evalSeqs.length} sequences, ${evalTokens} tokens)`);
     const dense = await evaluate(f.model, evalSeqs);
     const rows: QualityRow[] = [];
-    const add = (target: number, method: string, granularity: QualityRow['granularity'], routing: QualityRow['routing'], gated: boolean, parts: string, r: { computeFraction: number; nll: number }) => {
+    const add = (
+      target: number,
+      method: string,
+      granularity: QualityRow['granularity'],
+      routing: QualityRow['routing'],
+      gated: boolean,
+      parts: string,
+      r: { computeFraction: number; nll: number },
+    ) => {
       rows.push({ target, method, granularity, routing, gated, parts, computeFraction: r.computeFraction, nll: r.nll, deltaNll: r.nll - dense.nll });
       log(`  ${target} ${method} ${granularity} ${routing}${gated ? ' gated' : ''}: compute ${r.computeFraction.toFixed(3)}, NLL ${r.nll.toFixed(4)}`);
     };
@@ -92,7 +100,12 @@ export async function qualityBench(argv: readonly string[]): Promise<void> {
 
     log(`preparing calibration on ${f.calib} (capture, fit, sensitivity of every part)`);
     const calib = await Calibrator.prepare(f.model, calibSeqs, {
-      targetCompute: 1, granularity: 'auto', seed: f.seed, target: f.target as TargetKind, sensitivityTokens: f['sensitivity-tokens'] || undefined, workDir: join(dir, 'work'),
+      targetCompute: 1,
+      granularity: 'auto',
+      seed: f.seed,
+      target: f.target as TargetKind,
+      sensitivityTokens: f['sensitivity-tokens'] || undefined,
+      workDir: join(dir, 'work'),
     });
     let n = 0;
     const compileEval = async (plan: RoutingPlan) => {
@@ -134,15 +147,27 @@ export async function qualityBench(argv: readonly string[]): Promise<void> {
           log(`  ${target} random ${part}: the target is out of reach routing every layer's ${part}`);
           continue;
         }
-        const plan = randomPlan(Array.from({ length: numLayers }, (_, layer) => ({ layer, part, capacity: c })), hiddenSize, f.seed);
+        const plan = randomPlan(
+          Array.from({ length: numLayers }, (_, layer) => ({ layer, part, capacity: c })),
+          hiddenSize,
+          f.seed,
+        );
         add(target, 'random (every layer)', part, 'topk', false, `all@${c.toFixed(2)}`, await compileEval(plan));
       }
     }
     calib.release();
 
     const report: QualityReport = {
-      model: f.model, calib: f.calib, eval: f.eval, target: f.target, calibSequences: calibSeqs.length, evalTokens, predictedTokens: dense.tokens,
-      denseNll: dense.nll, seconds: (performance.now() - t0) / 1000, rows,
+      model: f.model,
+      calib: f.calib,
+      eval: f.eval,
+      target: f.target,
+      calibSequences: calibSeqs.length,
+      evalTokens,
+      predictedTokens: dense.tokens,
+      denseNll: dense.nll,
+      seconds: (performance.now() - t0) / 1000,
+      rows,
     };
     if (f.json) console.log(JSON.stringify(report, null, 2));
     else printTable(report);
@@ -169,11 +194,25 @@ function printTable(r: QualityReport): void {
   const calib = r.calibSequences !== undefined ? ` (${r.calibSequences} sequences)` : '';
   const tokens = r.predictedTokens !== undefined ? `${r.predictedTokens} predicted tokens` : `${r.evalTokens} tokens`;
   console.log(`model ${r.model}; calibration ${r.calib}${calib}, importance target ${r.target}; NLL on ${r.eval} (${tokens}), nats/token`);
-  console.log(`dense NLL ${r.denseNll.toFixed(4)}. compute: measured by modc eval (MACs run / dense MACs). parts: layer (a = attention, m = mlp, none = block) @ capacity`);
+  console.log(
+    `dense NLL ${r.denseNll.toFixed(4)}. compute: measured by modc eval (MACs run / dense MACs). parts: layer (a = attention, m = mlp, none = block) @ capacity`,
+  );
   console.log('');
-  console.log(table(['target', 'method', 'granularity', 'routing', 'compute', 'NLL', 'NLL increase', 'parts'], r.rows.map((x) => [
-    x.target === 1 ? '-' : x.target.toFixed(2), x.method, x.granularity, `${x.routing}${x.gated ? ', gated' : ''}`, x.computeFraction.toFixed(3), x.nll.toFixed(4), x.deltaNll.toFixed(4), x.parts,
-  ])));
+  console.log(
+    table(
+      ['target', 'method', 'granularity', 'routing', 'compute', 'NLL', 'NLL increase', 'parts'],
+      r.rows.map((x) => [
+        x.target === 1 ? '-' : x.target.toFixed(2),
+        x.method,
+        x.granularity,
+        `${x.routing}${x.gated ? ', gated' : ''}`,
+        x.computeFraction.toFixed(3),
+        x.nll.toFixed(4),
+        x.deltaNll.toFixed(4),
+        x.parts,
+      ]),
+    ),
+  );
   console.log(`\n(${r.seconds.toFixed(0)} s)`);
 }
 

@@ -37,7 +37,9 @@ benchmarks:
 Every benchmark takes --quick (small sizes, for a smoke run) and --help.
 
 On Linux the benchmarks re-run themselves with glibc's malloc told to keep freed memory
-(${Object.entries(MALLOC_ENV).map(([k, v]) => `${k}=${v}`).join(' ')}): every decode step
+(${Object.entries(MALLOC_ENV)
+  .map(([k, v]) => `${k}=${v}`)
+  .join(' ')}): every decode step
 frees and allocates the whole KV cache (8 MB tensors at 2K context), and with the defaults glibc
 hands that memory back to the kernel and faults it in again (about 6000 page faults, 60-80 ms,
 on every other step here), which buried the model's own time. --default-malloc keeps the defaults.`;

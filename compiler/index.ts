@@ -18,10 +18,29 @@ export { Tensor, externalReads, type ExternalLocation } from './core/ir/tensor.j
 export { DataType, dataTypeName } from './core/ir/dtype.js';
 export { printGraph, printModel } from './core/ir/print.js';
 export { verifyModel, assertValid, type VerifyIssue } from './core/ir/validate.js';
-export { PassRegistry, runPipeline, type Pass, type PassContext, type PassResult, type PassRecord, type PipelineStep, type PipelineOptions, type OptionSpec } from './passes/pass-manager.js';
+export {
+  PassRegistry,
+  runPipeline,
+  type Pass,
+  type PassContext,
+  type PassResult,
+  type PassRecord,
+  type PipelineStep,
+  type PipelineOptions,
+  type OptionSpec,
+} from './passes/pass-manager.js';
 export { summarizeModel, type ModelSummary } from './core/ir/model-summary.js';
 export { createSession, type SessionOptions, type ExecutionProvider } from './runtime/ort.js';
-export { compile, type CompileRequest, type CompileOptions, type CompileResult, type CompileReport, type ConvertedPart, type DenseLayer, type RoutingRequest } from './passes/compile.js';
+export {
+  compile,
+  type CompileRequest,
+  type CompileOptions,
+  type CompileResult,
+  type CompileReport,
+  type ConvertedPart,
+  type DenseLayer,
+  type RoutingRequest,
+} from './passes/compile.js';
 export { defaultRegistry } from './passes/pipeline.js';
 export { analyzeDecoder, extractDecoder, summarizeStructure, formatLayerTable } from './analysis/index.js';
 export { LayerByLayerRunner } from './runtime/layer-runner.js';

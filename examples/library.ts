@@ -24,7 +24,13 @@ async function main(): Promise<void> {
 
   // The same session API runs the original and the compiled model.
   const session = await ModSession.create(output);
-  const result = await session.generate([[5, 6, 7, 8], [9, 10]], { maxNewTokens: 6 });
+  const result = await session.generate(
+    [
+      [5, 6, 7, 8],
+      [9, 10],
+    ],
+    { maxNewTokens: 6 },
+  );
   result.ids.forEach((ids, row) => console.log(`row ${row}: ${ids.join(' ')}`));
   console.log(`KV cache: ${session.kvBytes()} bytes; real tokens per layer and row: ${JSON.stringify(session.layerCacheLengths())}`);
 }

@@ -14,7 +14,10 @@ const LLAMA_7B = { hiddenSize: 4096, numLayers: 32, numHeads: 32, numKvHeads: 32
 
 describe('analysis of a 7B-shaped graph', () => {
   const dir = tempDir('modc-analysis-scale');
-  it.each([['llama', writeLlamaModel], ['genai', writeGenaiModel]] as const)('%s form: 32 layers, no weight bytes read', (form, write) => {
+  it.each([
+    ['llama', writeLlamaModel],
+    ['genai', writeGenaiModel],
+  ] as const)('%s form: 32 layers, no weight bytes read', (form, write) => {
     const path = join(dir, form, 'model.onnx');
     write(LLAMA_7B, { kind: 'external', path: 'model.onnx.data', sparse: true }, path);
     const model = loadModel(path);

@@ -40,7 +40,14 @@ describe.each(FUSED)('split-fused-boundaries on $name', ({ path, pad, tolerance 
     saveModel(model, splitPath);
     const io = decoderIo(model);
     const [original, split] = await Promise.all([createSession(path), createSession(splitPath)]);
-    const first = prefill(io, [[5, 6, 7, 8, 9], [10, 11, 12]], pad);
+    const first = prefill(
+      io,
+      [
+        [5, 6, 7, 8, 9],
+        [10, 11, 12],
+      ],
+      pad,
+    );
     const expected = (await original.run(first.feeds)) as Feeds;
     compare(expected, (await split.run(first.feeds)) as Feeds, tolerance);
     const second = decodeStep(io, first, expected, [13, 14]);

@@ -20,7 +20,11 @@ const residualIns = (s: DecoderStructure) => names(s.layers.map((l) => l.residua
 const residualOuts = (s: DecoderStructure) => names(s.layers.map((l) => l.residualOut));
 const kvNames = (l: LayerInfo) => [l.kv.key.input.name, l.kv.key.output.name, l.kv.value.input.name, l.kv.value.output.name];
 /** Non-weight side inputs as `kind:name`. */
-const sideKinds = (l: LayerInfo) => l.sideInputs.filter((s) => s.kind !== 'weight').map((s) => `${s.kind}:${s.value.name}`).sort();
+const sideKinds = (l: LayerInfo) =>
+  l.sideInputs
+    .filter((s) => s.kind !== 'weight')
+    .map((s) => `${s.kind}:${s.value.name}`)
+    .sort();
 const side = (l: LayerInfo, name: string): SideInput | undefined => l.sideInputs.find((s) => s.value.name === name);
 const torchKv = (l: number) => [`past_key_values.${l}.key`, `present.${l}.key`, `past_key_values.${l}.value`, `present.${l}.value`];
 
@@ -61,8 +65,11 @@ describe('torch-exported, unfused', () => {
       expect(l.attention.numHeads).toBe(4);
       expect(l.steps[0]!.norm.kind).toBe('decomposed');
       expect(sideKinds(l)).toEqual([
-        'attention-mask:/Where_output_0', `past-kv:past_key_values.${i}.key`, `past-kv:past_key_values.${i}.value`,
-        'per-token:/rotary/Unsqueeze_1_output_0', 'per-token:/rotary/Unsqueeze_2_output_0',
+        'attention-mask:/Where_output_0',
+        `past-kv:past_key_values.${i}.key`,
+        `past-kv:past_key_values.${i}.value`,
+        'per-token:/rotary/Unsqueeze_1_output_0',
+        'per-token:/rotary/Unsqueeze_2_output_0',
       ]);
       // position_ids [B,S] -> Unsqueeze(2) -> * inv_freq [1,1,8] -> Concat -> Cos -> Unsqueeze(1): [B,1,S,16]
       expect(side(l, '/rotary/Unsqueeze_1_output_0')).toMatchObject({ kind: 'per-token', role: 'rotary-cos', batchAxis: 0, sequenceAxis: 2 });
@@ -177,7 +184,13 @@ describe('reports', () => {
     const s = analyzeDecoder(loadModel(shared('ort-gpt2-fused')));
     const json = summarizeStructure(s);
     expect(JSON.parse(JSON.stringify(json))).toEqual(json);
-    expect(json.layers[4]).toMatchObject({ index: 4, attention: 'Attention', residualIn: '/transformer/h.3/Add_1_output_0', residualOut: null, kv: { key: { input: 'past_4', output: 'present_4' } } });
+    expect(json.layers[4]).toMatchObject({
+      index: 4,
+      attention: 'Attention',
+      residualIn: '/transformer/h.3/Add_1_output_0',
+      residualOut: null,
+      kv: { key: { input: 'past_4', output: 'present_4' } },
+    });
     expect(json.layers[0]!.sideInputs).toContainEqual({ name: 'attention_mask', kind: 'attention-mask', form: 'raw-2d', queryAxis: null, keyAxis: 1 });
     expect(formatLayerTable(s)).toContain('layer 4: Attention');
     const explanation = formatExplanation(s);
@@ -200,7 +213,9 @@ describe('models that are not decoders fail with one line saying what was missin
     const m = new Model(g);
     m.opsetImports = [{ domain: '', version: 17 }];
     expect(() => analyzeDecoder(m)).toThrow(ModcError);
-    expect(() => analyzeDecoder(m)).toThrow(/^no residual stream: expected a token embedding Gather by input_ids, but the model has no input_ids input \(inputs: x\)$/);
+    expect(() => analyzeDecoder(m)).toThrow(
+      /^no residual stream: expected a token embedding Gather by input_ids, but the model has no input_ids input \(inputs: x\)$/,
+    );
   });
 
   it('an embedding followed by an MLP has no residual step', async () => {
@@ -222,7 +237,9 @@ describe('models that are not decoders fail with one line saying what was missin
     } catch (e) {
       message = (e as Error).message;
     }
-    expect(message).toMatch(/^no residual stream: expected an Add fed by the embedding output %embed_out and a branch computed from a normalised copy of it; %embed_out is read by Relu node/);
+    expect(message).toMatch(
+      /^no residual stream: expected an Add fed by the embedding output %embed_out and a branch computed from a normalised copy of it; %embed_out is read by Relu node/,
+    );
     expect(message).not.toContain('\n');
   });
 });

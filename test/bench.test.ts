@@ -14,7 +14,12 @@ const LLAMA = join(ROOT, 'fixtures', 'llama-tiny', 'model.onnx');
 
 describe('interleaving', () => {
   it('rotates the first model so each goes first equally often', () => {
-    expect([0, 1, 2, 3].map((r) => rotation(2, r))).toEqual([[0, 1], [1, 0], [0, 1], [1, 0]]);
+    expect([0, 1, 2, 3].map((r) => rotation(2, r))).toEqual([
+      [0, 1],
+      [1, 0],
+      [0, 1],
+      [1, 0],
+    ]);
     expect([0, 1, 2].map((r) => rotation(3, r)[0])).toEqual([0, 1, 2]);
   });
 
@@ -60,7 +65,11 @@ describe('modc bench', () => {
     // Every layer routed with about half the tokens: the compiled caches hold fewer tokens.
     expect(b.kvBytes).toBeLessThan(a.kvBytes);
     expect(r.kvBytes).toBeCloseTo(b.kvBytes / a.kvBytes, 10);
-    expect(a.cacheLengths).toEqual([[19, 19], [19, 19], [19, 19]]);
+    expect(a.cacheLengths).toEqual([
+      [19, 19],
+      [19, 19],
+      [19, 19],
+    ]);
     expect(b.cacheLengths.flat().every((n: number) => n < 19)).toBe(true);
   });
 
@@ -76,7 +85,7 @@ describe('modc bench', () => {
   });
 });
 
-describe('ModSession.extend: a prompt in chunks (the long-context benchmark\'s prefill)', () => {
+describe("ModSession.extend: a prompt in chunks (the long-context benchmark's prefill)", () => {
   it('gives the same last logits, next step and caches as one forward, original and threshold-routed', async () => {
     const routed = join(tmp, 'extend', 'model.onnx');
     expect((await runCli('compile', LLAMA, '-o', routed, '--router-init', 'random', '--seed', '4', '-q')).code).toBe(0);
@@ -98,7 +107,10 @@ describe('ModSession.extend: a prompt in chunks (the long-context benchmark\'s p
   it('refuses rows of different lengths and a call before forward()', async () => {
     const s = await ModSession.create(LLAMA);
     await expect(s.extend([[1, 2]])).rejects.toThrow(/before forward/);
-    await s.forward([[1, 2], [3, 4]]);
+    await s.forward([
+      [1, 2],
+      [3, 4],
+    ]);
     await expect(s.extend([[1, 2], [3]])).rejects.toThrow(/same number of tokens/);
   });
 });

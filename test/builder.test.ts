@@ -35,7 +35,11 @@ interface StepResult {
 }
 
 class Decoder {
-  private constructor(private readonly session: ort.InferenceSession, private readonly cfg: DecoderConfig, private readonly kvType: 'float32' | 'float16') {}
+  private constructor(
+    private readonly session: ort.InferenceSession,
+    private readonly cfg: DecoderConfig,
+    private readonly kvType: 'float32' | 'float16',
+  ) {}
 
   static async open(path: string, cfg: DecoderConfig, kvType: 'float32' | 'float16'): Promise<Decoder> {
     return new Decoder(await createSession(path), cfg, kvType);
@@ -48,14 +52,17 @@ class Decoder {
     const c = resolveConfig(this.cfg);
     for (let l = 0; l < c.numLayers; l++) {
       for (const kind of ['key', 'value']) {
-        feeds[`past_key_values.${l}.${kind}`] = past ? (past.outputs[`present.${l}.${kind}`] as ort.Tensor)
+        feeds[`past_key_values.${l}.${kind}`] = past
+          ? (past.outputs[`present.${l}.${kind}`] as ort.Tensor)
           : emptyTensor(this.kvType, [step.ids.length, c.numKvHeads, 0, c.headSize]);
       }
     }
     const outputs = await this.session.run(feeds);
     const flat = toFloat32(outputs.logits!);
     const [batch, seq, vocab] = outputs.logits!.dims as number[];
-    const logits = Array.from({ length: batch! }, (_, b) => Array.from({ length: seq! }, (_, s) => flat.slice((b * seq! + s) * vocab!, (b * seq! + s + 1) * vocab!)));
+    const logits = Array.from({ length: batch! }, (_, b) =>
+      Array.from({ length: seq! }, (_, s) => flat.slice((b * seq! + s) * vocab!, (b * seq! + s + 1) * vocab!)),
+    );
     return { logits, outputs };
   }
 }
@@ -91,7 +98,10 @@ function maxAbsDiff(a: Float32Array, b: Float32Array): number {
 
 const PROMPT = [17, 4, 301, 99, 250, 8, 42];
 /** Batch 2: row 0 left-padded by 2 (pad id 0), row 1 full. */
-const PADDED = [[0, 0, 17, 4, 301, 99, 250], [3, 77, 150, 12, 64, 500, 9]];
+const PADDED = [
+  [0, 0, 17, 4, 301, 99, 250],
+  [3, 77, 150, 12, 64, 500, 9],
+];
 
 const TINY_LLAMA: DecoderConfig = { hiddenSize: 64, numLayers: 3, numHeads: 4, numKvHeads: 2, intermediateSize: 128, vocabSize: 512, maxPositions: 256 };
 
@@ -105,7 +115,8 @@ describe.each([
     const model = build(cfg, { kind: 'random', seed: 1 });
     expect(verifyModel(model)).toEqual([]);
     const signature = (vs: readonly { name: string; dtype: number | undefined; shape: unknown }[]) => vs.map((v) => [v.name, v.dtype, v.shape]);
-    const cache = (prefix: string, len: string) => [0, 1, 2].flatMap((i) => ['key', 'value'].map((k) => [`${prefix}${i}.${k}`, floatType, ['batch', kvHeads, len, 16]]));
+    const cache = (prefix: string, len: string) =>
+      [0, 1, 2].flatMap((i) => ['key', 'value'].map((k) => [`${prefix}${i}.${k}`, floatType, ['batch', kvHeads, len, 16]]));
     expect(signature(model.graph.inputs)).toEqual([
       ['input_ids', DataType.INT64, ['batch', 'sequence_length']],
       ['attention_mask', DataType.INT64, ['batch', 'total_sequence_length']],
@@ -184,8 +195,14 @@ describe('genai form (onnxruntime-genai builder shape)', () => {
     expect(count('Softmax', '')).toBe(0);
     const mha = model.graph.nodes.find((n) => n.opType === 'MultiHeadAttention')!;
     expect(mha.inputs.map((v) => v?.name ?? '')).toEqual([
-      expect.stringContaining('q_rotary'), expect.stringContaining('k_rotary'), expect.stringContaining('v_proj'), '', '',
-      expect.stringContaining('attn_mask'), 'past_key_values.0.key', 'past_key_values.0.value',
+      expect.stringContaining('q_rotary'),
+      expect.stringContaining('k_rotary'),
+      expect.stringContaining('v_proj'),
+      '',
+      '',
+      expect.stringContaining('attn_mask'),
+      'past_key_values.0.key',
+      'past_key_values.0.value',
     ]);
     expect(model.graph.outputs.map((v) => [v.name, v.dtype])).toContainEqual(['logits', DataType.FLOAT16]);
   });
@@ -218,7 +235,10 @@ describe('checked-in builder fixtures', () => {
       const files = readdirSync(join(root, dir)).sort();
       expect(readdirSync(join(FIXTURES_DIR, dir)).sort(), dir).toEqual(files);
       for (const f of files) {
-        expect(readFileSync(join(root, dir, f)).equals(readFileSync(join(FIXTURES_DIR, dir, f))), `${dir}/${f} differs: run npx tsx fixtures/build-fixtures.ts`).toBe(true);
+        expect(
+          readFileSync(join(root, dir, f)).equals(readFileSync(join(FIXTURES_DIR, dir, f))),
+          `${dir}/${f} differs: run npx tsx fixtures/build-fixtures.ts`,
+        ).toBe(true);
       }
     }
   });

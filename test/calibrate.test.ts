@@ -32,7 +32,11 @@ describe('closed-form ridge fit', () => {
         for (let i = 0; i < d; i++) v += w[i]! * x[r * d + i]!;
         return v;
       });
-      stats.add(x, Int32Array.from({ length: n }, (_, r) => r), [t]);
+      stats.add(
+        x,
+        Int32Array.from({ length: n }, (_, r) => r),
+        [t],
+      );
     }
     const fit = solveRidge(stats, 1e-9);
     for (let i = 0; i < d; i++) expect(fit.weight[i]).toBeCloseTo(w[i]!, 4);
@@ -108,7 +112,11 @@ describe('modc calibrate on llama-tiny', () => {
       expect(l.router.bias).toBeCloseTo(result.routers[i]!.bias, 5);
       expect(l.threshold).toBe(0.5);
     });
-    const header = JSON.parse(readFileSync(file).subarray(8, 8 + Number(readFileSync(file).readBigUInt64LE(0))).toString());
+    const header = JSON.parse(
+      readFileSync(file)
+        .subarray(8, 8 + Number(readFileSync(file).readBigUInt64LE(0)))
+        .toString(),
+    );
     const meta = JSON.parse(header.__metadata__.modc);
     expect(meta.mode).toBe('threshold');
     expect(meta.gated).toBe(false);
@@ -130,7 +138,10 @@ describe('thresholds', () => {
     const values = Float64Array.from([3, 1, 2, 2, 2, 5, 4, 0, 2, 6]);
     for (const keep of [0.1, 0.25, 0.5, 0.7, 0.9, 1]) {
       const t = thresholdKeeping(values, keep);
-      expect(values.every((v) => v !== t), `keep ${keep}: threshold ${t}`).toBe(true);
+      expect(
+        values.every((v) => v !== t),
+        `keep ${keep}: threshold ${t}`,
+      ).toBe(true);
       const kept = values.filter((v) => v >= t).length;
       // Ties move the cut to the next distinct value: never more than the group of equal values away.
       expect(Math.abs(kept - Math.round(keep * values.length)), `keep ${keep}`).toBeLessThanOrEqual(4);
@@ -182,31 +193,69 @@ describe('modc calibrate CLI errors', () => {
   beforeAll(() => writeData(data, 4, 16, 1));
 
   it('refuses a target compute outside (0, 1]', async () => {
-    for (const f of ['0', '1.5', '-0.2']) expectOneLineError(await runCli('calibrate', MODEL, '--data', data, '-o', join(dir, 'r.safetensors'), `--target-compute=${f}`), 2, /--target-compute must be in \(0, 1\]/);
+    for (const f of ['0', '1.5', '-0.2'])
+      expectOneLineError(
+        await runCli('calibrate', MODEL, '--data', data, '-o', join(dir, 'r.safetensors'), `--target-compute=${f}`),
+        2,
+        /--target-compute must be in \(0, 1\]/,
+      );
   });
 
   it('refuses missing flags and unknown granularities', async () => {
     expectOneLineError(await runCli('calibrate', MODEL, '-o', join(dir, 'r.safetensors'), '--target-compute', '0.8'), 2, /missing --data/);
     expectOneLineError(await runCli('calibrate', MODEL, '--data', data, '--target-compute', '0.8'), 2, /missing -o/);
-    expectOneLineError(await runCli('calibrate', MODEL, '--data', data, '-o', join(dir, 'r.safetensors'), '--target-compute', '0.8', '--granularity', 'head'), 2, /--granularity must be one of/);
+    expectOneLineError(
+      await runCli('calibrate', MODEL, '--data', data, '-o', join(dir, 'r.safetensors'), '--target-compute', '0.8', '--granularity', 'head'),
+      2,
+      /--granularity must be one of/,
+    );
   });
 
   it('refuses an output it cannot write, before any work', async () => {
     writeFileSync(join(dir, 'afile'), 'x');
-    expectOneLineError(await runCli('calibrate', MODEL, '--data', data, '-o', join(dir, 'afile', 'r.safetensors'), '--target-compute', '0.8'), 1, /afile' is a file, not a folder/);
+    expectOneLineError(
+      await runCli('calibrate', MODEL, '--data', data, '-o', join(dir, 'afile', 'r.safetensors'), '--target-compute', '0.8'),
+      1,
+      /afile' is a file, not a folder/,
+    );
     expectOneLineError(await runCli('calibrate', MODEL, '--data', data, '-o', dir, '--target-compute', '0.8'), 1, /is a directory/);
     expectOneLineError(await runCli('calibrate', MODEL, '--data', data, '-o', MODEL, '--target-compute', '0.8'), 1, /refusing to overwrite the input/);
-    expectOneLineError(await runCli('calibrate', MODEL, '--data', data, '-o', data, '--target-compute', '0.8'), 1, /refusing to overwrite the calibration data/);
+    expectOneLineError(
+      await runCli('calibrate', MODEL, '--data', data, '-o', data, '--target-compute', '0.8'),
+      1,
+      /refusing to overwrite the calibration data/,
+    );
   });
 
   it('refuses data that does not fit the model', async () => {
     const bad = join(dir, 'bad.jsonl');
     writeFileSync(bad, JSON.stringify({ ids: [1, 2, 3, VOCAB] }) + '\n');
-    expectOneLineError(await runCli('calibrate', MODEL, '--data', bad, '-o', join(dir, 'r.safetensors'), '--target-compute', '0.8'), 1, /line 1: token id 512 is outside the model.s vocabulary \(0-511\)/);
+    expectOneLineError(
+      await runCli('calibrate', MODEL, '--data', bad, '-o', join(dir, 'r.safetensors'), '--target-compute', '0.8'),
+      1,
+      /line 1: token id 512 is outside the model.s vocabulary \(0-511\)/,
+    );
     const long = join(dir, 'long.jsonl');
     writeFileSync(long, JSON.stringify({ ids: Array.from({ length: 300 }, (_, i) => i % VOCAB) }) + '\n');
-    expectOneLineError(await runCli('calibrate', join(ROOT, 'fixtures', 'gpt2-tiny', 'model.onnx'), '--data', long, '--max-length', '300', '-o', join(dir, 'r.safetensors'), '--target-compute', '0.8'), 2, /--max-length 300 is longer than the model's context of 256 positions/);
-    await expect(calibrate(join(ROOT, 'fixtures', 'gpt2-tiny', 'model.onnx'), [Array.from({ length: 300 }, (_, i) => i % VOCAB)], { targetCompute: 0.8 })).rejects.toThrow(/300 tokens, more than the model's 256 positions/);
+    expectOneLineError(
+      await runCli(
+        'calibrate',
+        join(ROOT, 'fixtures', 'gpt2-tiny', 'model.onnx'),
+        '--data',
+        long,
+        '--max-length',
+        '300',
+        '-o',
+        join(dir, 'r.safetensors'),
+        '--target-compute',
+        '0.8',
+      ),
+      2,
+      /--max-length 300 is longer than the model's context of 256 positions/,
+    );
+    await expect(
+      calibrate(join(ROOT, 'fixtures', 'gpt2-tiny', 'model.onnx'), [Array.from({ length: 300 }, (_, i) => i % VOCAB)], { targetCompute: 0.8 }),
+    ).rejects.toThrow(/300 tokens, more than the model's 256 positions/);
     const empty = join(dir, 'empty.jsonl');
     writeFileSync(empty, '\n');
     expectOneLineError(await runCli('calibrate', MODEL, '--data', empty, '-o', join(dir, 'r.safetensors'), '--target-compute', '0.8'), 1, /is empty/);

@@ -23,7 +23,11 @@ describe('--dump-after', () => {
     const res = await runCli('compile', LLAMA, '-o', o, '--router-init', 'random', '--dump-after', 'route-layer');
     expectOneLineError(res, 2, /--dump-after route-layer: no such pass in this pipeline \(.*route-layers.*, or \*\)/);
     expect(existsSync(join(o, '..'))).toBe(false);
-    expectOneLineError(await runCli('compile', LLAMA, '-o', out(), '--passes', 'cleanup', '--dump-after', 'insert-routers'), 2, /--dump-after insert-routers: no such pass/);
+    expectOneLineError(
+      await runCli('compile', LLAMA, '-o', out(), '--passes', 'cleanup', '--dump-after', 'insert-routers'),
+      2,
+      /--dump-after insert-routers: no such pass/,
+    );
   });
 
   it('still dumps after a pass that runs', async () => {
@@ -35,7 +39,11 @@ describe('--dump-after', () => {
 
 describe('negative numbers', () => {
   it('a negative value after a flag that takes one is its value, not "ambiguous"', () => {
-    const opts = { seed: { type: 'string' as const, help: '' }, json: { type: 'boolean' as const, help: '' }, steps: { type: 'string' as const, short: 's', help: '' } };
+    const opts = {
+      seed: { type: 'string' as const, help: '' },
+      json: { type: 'boolean' as const, help: '' },
+      steps: { type: 'string' as const, short: 's', help: '' },
+    };
     expect(attachNegativeValues(['m.onnx', '--seed', '-1', '--json'], opts)).toEqual(['m.onnx', '--seed=-1', '--json']);
     expect(attachNegativeValues(['-s', '-2.5'], opts)).toEqual(['--steps=-2.5']);
     expect(attachNegativeValues(['--json', '-1'], opts)).toEqual(['--json', '-1']);
@@ -46,7 +54,10 @@ describe('negative numbers', () => {
     const [a, b] = [out(), out()];
     expect((await runCli('compile', LLAMA, '-o', a, '--router-init', 'random', '--seed', '-1', '-q')).code).toBe(0);
     expect((await runCli('compile', LLAMA, '-o', b, '--router-init', 'random', '--seed', '1', '-q')).code).toBe(0);
-    const weights = (p: string) => [...loadModel(p).graph.initializers.keys()].filter((k) => /router/i.test(k)).map((k) => Array.from(loadModel(p).graph.initializers.get(k)!.initializer!.proto.raw_data ?? []).join(','));
+    const weights = (p: string) =>
+      [...loadModel(p).graph.initializers.keys()]
+        .filter((k) => /router/i.test(k))
+        .map((k) => Array.from(loadModel(p).graph.initializers.get(k)!.initializer!.proto.raw_data ?? []).join(','));
     expect(weights(a).length).toBeGreaterThan(0);
     expect(weights(a)).not.toEqual(weights(b));
   });
@@ -65,7 +76,11 @@ describe('negative numbers', () => {
 
 describe('--layers out of range', () => {
   it('is a usage error (exit 2)', async () => {
-    expectOneLineError(await runCli('compile', LLAMA, '-o', out(), '--router-init', 'random', '--layers', '1,9'), 2, /--layers names layer 9, but the model has 3 layers \(0-2\)/);
+    expectOneLineError(
+      await runCli('compile', LLAMA, '-o', out(), '--router-init', 'random', '--layers', '1,9'),
+      2,
+      /--layers names layer 9, but the model has 3 layers \(0-2\)/,
+    );
   });
 });
 
@@ -105,7 +120,7 @@ describe('verify refuses a compiled model made from another original', () => {
 });
 
 describe('--json reports what applies', () => {
-  it('threshold mode: each layer\'s threshold and no capacity; topk: the capacity and no threshold', async () => {
+  it("threshold mode: each layer's threshold and no capacity; topk: the capacity and no threshold", async () => {
     const th = JSON.parse((await runCli('compile', LLAMA, '-o', out(), '--router-init', 'random', '--threshold', '0.3', '--json')).stdout);
     expect(th.routing.mode).toBe('threshold');
     type Entry = Record<string, unknown>;
@@ -128,7 +143,8 @@ describe('--json reports what applies', () => {
 describe('--help documents every flag', () => {
   it('compile: --dump-dir, --no-verify, --external-data-threshold, -q; every command: --progress, -q', async () => {
     const help = (await runCli('compile', '--help')).stdout;
-    for (const flag of [/--dump-dir DIR\s+\S/, /--no-verify\s+\S/, /--external-data-threshold BYTES\s+\S/, /-q, --quiet\s+\S/, /--progress\s+\S/]) expect(help).toMatch(flag);
+    for (const flag of [/--dump-dir DIR\s+\S/, /--no-verify\s+\S/, /--external-data-threshold BYTES\s+\S/, /-q, --quiet\s+\S/, /--progress\s+\S/])
+      expect(help).toMatch(flag);
     for (const cmd of ['inspect', 'run', 'generate', 'verify', 'bench']) {
       const h = (await runCli(cmd, '--help')).stdout;
       expect(h, cmd).toMatch(/-q, --quiet/);

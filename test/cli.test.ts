@@ -24,7 +24,16 @@ describe('modc inspect', () => {
     expect(res.code).toBe(0);
     const j = JSON.parse(res.stdout);
     expect(j.irVersion).toBe(6);
-    expect(j.inputs.map((i: { name: string }) => i.name)).toEqual(['input_ids', 'position_ids', 'attention_mask', 'past_0', 'past_1', 'past_2', 'past_3', 'past_4']);
+    expect(j.inputs.map((i: { name: string }) => i.name)).toEqual([
+      'input_ids',
+      'position_ids',
+      'attention_mask',
+      'past_0',
+      'past_1',
+      'past_2',
+      'past_3',
+      'past_4',
+    ]);
     expect(j.outputs[0]).toEqual({ name: 'logits', dtype: 'float', shape: ['batch_size', 'seq_len', 1000] });
     expect(j.ops['com.microsoft'].Attention).toBe(5);
     expect(j.ops[''].MatMul).toBe(16);
@@ -131,7 +140,14 @@ describe('the modc command', () => {
     const { spawn } = await import('node:child_process');
     // Megabytes of logits: far more than a pipe buffer, so writes are still pending when it closes.
     const ids = Array.from({ length: 200 }, (_, i) => i % 500).join(',');
-    const child = spawn(process.execPath, [join(ROOT, 'bin', 'modc.js'), 'run', join(ROOT, 'fixtures', 'gpt2-tiny', 'model.onnx'), '--ids', `${ids};${ids}`, '--json']);
+    const child = spawn(process.execPath, [
+      join(ROOT, 'bin', 'modc.js'),
+      'run',
+      join(ROOT, 'fixtures', 'gpt2-tiny', 'model.onnx'),
+      '--ids',
+      `${ids};${ids}`,
+      '--json',
+    ]);
     let stderr = '';
     child.stderr.on('data', (d) => (stderr += d));
     child.stdout.once('data', () => child.stdout.destroy());

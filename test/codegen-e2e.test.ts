@@ -19,12 +19,52 @@ const TSC_ARGS = ['--noEmit', '--strict', '--module', 'nodenext', '--moduleResol
 
 /** Each case: a model (original or compiled here) and the prompt the wrapper and ModSession both run. */
 const CASES = [
-  { name: 'llama-original', source: 'llama-tiny', compile: null, prompt: [[5, 6, 7, 8, 9], [10, 11, 12]] },
-  { name: 'llama-random', source: 'llama-tiny', compile: ['--router-init', 'random', '--seed', '3'], prompt: [[5, 6, 7, 8, 9], [10, 11, 12]] },
-  { name: 'qwen2-gqa-topk', source: 'ort-qwen2-gqa', compile: ['--router-init', 'random', '--routing', 'topk', '--capacity', '0.5'], prompt: [[5, 6, 7, 8, 9, 10], [11, 12, 13]] },
-  { name: 'hybrid-random', source: 'forms-hybrid-tiny', compile: ['--router-init', 'random'], prompt: [[5, 6, 7, 8], [9, 10, 11, 12]] },
+  {
+    name: 'llama-original',
+    source: 'llama-tiny',
+    compile: null,
+    prompt: [
+      [5, 6, 7, 8, 9],
+      [10, 11, 12],
+    ],
+  },
+  {
+    name: 'llama-random',
+    source: 'llama-tiny',
+    compile: ['--router-init', 'random', '--seed', '3'],
+    prompt: [
+      [5, 6, 7, 8, 9],
+      [10, 11, 12],
+    ],
+  },
+  {
+    name: 'qwen2-gqa-topk',
+    source: 'ort-qwen2-gqa',
+    compile: ['--router-init', 'random', '--routing', 'topk', '--capacity', '0.5'],
+    prompt: [
+      [5, 6, 7, 8, 9, 10],
+      [11, 12, 13],
+    ],
+  },
+  {
+    name: 'hybrid-random',
+    source: 'forms-hybrid-tiny',
+    compile: ['--router-init', 'random'],
+    prompt: [
+      [5, 6, 7, 8],
+      [9, 10, 11, 12],
+    ],
+  },
   // Routed sliding-window layers carry past_positions.l / present_positions.l.
-  { name: 'gqa-window-random', source: 'forms-gqa-window-tiny', compile: ['--router-init', 'random'], prompt: [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17]] },
+  {
+    name: 'gqa-window-random',
+    source: 'forms-gqa-window-tiny',
+    compile: ['--router-init', 'random'],
+    prompt: [
+      [5, 6, 7, 8, 9, 10, 11, 12],
+      [13, 14, 15, 16, 17],
+    ],
+  },
 ] as const;
 const FORCE = [3, 17, 4];
 
@@ -70,7 +110,9 @@ beforeAll(async () => {
     '}',
     'async function main() {',
     '  const out: Record<string, unknown> = {};',
-    ...CASES.map((c, i) => `  out[${JSON.stringify(c.name)}] = await trace(await S${i}.create(${JSON.stringify(models.get(c.name))}), ${JSON.stringify(c.prompt)});`),
+    ...CASES.map(
+      (c, i) => `  out[${JSON.stringify(c.name)}] = await trace(await S${i}.create(${JSON.stringify(models.get(c.name))}), ${JSON.stringify(c.prompt)});`,
+    ),
     '  process.stdout.write(JSON.stringify(out));',
     '}',
     'main().catch((e) => { console.error(e); process.exit(1); });',
@@ -82,7 +124,10 @@ beforeAll(async () => {
 
 describe('modc codegen: the generated wrapper compiles and runs', () => {
   it.each(CASES.map((c) => c.name))('%s passes tsc --strict --module nodenext in a folder with no package.json', async (name) => {
-    const res = await run(TSC, TSC_ARGS, { cwd: join(dir, name) }).then(() => ({ ok: true, out: '' }), (e: { stdout?: string }) => ({ ok: false, out: e.stdout ?? String(e) }));
+    const res = await run(TSC, TSC_ARGS, { cwd: join(dir, name) }).then(
+      () => ({ ok: true, out: '' }),
+      (e: { stdout?: string }) => ({ ok: false, out: e.stdout ?? String(e) }),
+    );
     expect(res.out).toBe('');
     expect(res.ok).toBe(true);
   });
@@ -95,19 +140,24 @@ describe('modc codegen: the generated wrapper compiles and runs', () => {
     }
   });
 
-  it.each(CASES)('$name: prefill and steps give ModSession\'s logits and cache lengths', async (c) => {
+  it.each(CASES)("$name: prefill and steps give ModSession's logits and cache lengths", async (c) => {
     const session = await ModSession.create(models.get(c.name)!);
-    const want = await session.generate(c.prompt.map((r) => [...r]), { maxNewTokens: FORCE.length, force: FORCE });
+    const want = await session.generate(
+      c.prompt.map((r) => [...r]),
+      { maxNewTokens: FORCE.length, force: FORCE },
+    );
     const got = traces[c.name]!;
     expect(got.logits).toHaveLength(FORCE.length + 1);
-    got.logits.forEach((rows, t) => rows.forEach((row, b) => {
-      const ref = want.steps[t]![b]!;
-      expect(row).toHaveLength(ref.length);
-      let worst = 0;
-      for (let i = 0; i < ref.length; i++) worst = Math.max(worst, Math.abs(row[i]! - ref[i]!));
-      expect(worst, `step ${t} row ${b}`).toBeLessThanOrEqual(1e-5);
-      expect(row.some((v) => v !== 0)).toBe(true);
-    }));
+    got.logits.forEach((rows, t) =>
+      rows.forEach((row, b) => {
+        const ref = want.steps[t]![b]!;
+        expect(row).toHaveLength(ref.length);
+        let worst = 0;
+        for (let i = 0; i < ref.length; i++) worst = Math.max(worst, Math.abs(row[i]! - ref[i]!));
+        expect(worst, `step ${t} row ${b}`).toBeLessThanOrEqual(1e-5);
+        expect(row.some((v) => v !== 0)).toBe(true);
+      }),
+    );
     // After the last step: the same per-layer lengths ModSession reports.
     expect(got.lengths.at(-1)).toEqual(session.layerCacheLengths());
   });

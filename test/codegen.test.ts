@@ -32,11 +32,17 @@ describe('modc codegen: what the wrapper declares', () => {
 
   it('a compiled model: routing metadata as constants, past_lengths.l / present_lengths.l per layer', async () => {
     const out = join(dir, 'llama', 'model.onnx');
-    expect((await runCli('compile', fixture('llama-tiny'), '-o', out, '--router-init', 'random', '--routing', 'topk', '--capacity', '0.25', '-q')).code).toBe(0);
+    expect((await runCli('compile', fixture('llama-tiny'), '-o', out, '--router-init', 'random', '--routing', 'topk', '--capacity', '0.25', '-q')).code).toBe(
+      0,
+    );
     const src = generateSession(loadModel(out), out);
     const routing = constant(src, 'ROUTING') as { mode: string; layers: { layer: number; capacity: number; selected: string }[] };
     expect(routing.mode).toBe('topk');
-    expect(routing.layers.map((l) => [l.layer, l.capacity])).toEqual([[0, 0.25], [1, 0.25], [2, 0.25]]);
+    expect(routing.layers.map((l) => [l.layer, l.capacity])).toEqual([
+      [0, 0.25],
+      [1, 0.25],
+      [2, 0.25],
+    ]);
     expect(routing.layers.every((l) => l.selected.length > 0)).toBe(true);
     const kv = constant(src, 'KV_LAYERS') as { layer: number; pastLength: string; presentLength: string }[];
     expect(kv.map((l) => [l.pastLength, l.presentLength])).toEqual([0, 1, 2].map((l) => [`past_lengths.${l}`, `present_lengths.${l}`]));

@@ -18,9 +18,25 @@ describe('modc compile with routers', () => {
     expect(res.code).toBe(0);
     const j = JSON.parse(res.stdout);
     expect(j.routing.converted.map((l: { layer: number }) => l.layer)).toEqual([1]);
-    expect(j.routing.notConverted).toEqual([{ layer: 0, reason: 'not selected' }, { layer: 2, reason: 'not selected' }]);
+    expect(j.routing.notConverted).toEqual([
+      { layer: 0, reason: 'not selected' },
+      { layer: 2, reason: 'not selected' },
+    ]);
     expect(j.routing.opsAdded.Router).toBe(1);
-    const text = await runCli('compile', LLAMA, '-o', join(tmp, 'eo2', 'model.onnx'), '--router-init', 'random', '--layers', '0,2', '--routing', 'topk', '--capacity', '0.25');
+    const text = await runCli(
+      'compile',
+      LLAMA,
+      '-o',
+      join(tmp, 'eo2', 'model.onnx'),
+      '--router-init',
+      'random',
+      '--layers',
+      '0,2',
+      '--routing',
+      'topk',
+      '--capacity',
+      '0.25',
+    );
     expect(text.stderr).toMatch(/converted 2 layer\(s\): 0 \(c=0.25\), 2 \(c=0.25\); topk, gated/);
     expect(text.stderr).toMatch(/modc ops added: Router 2, SelectTopK 2/);
     expect(text.stderr).toMatch(/not converted: layer 1: not selected/);
@@ -34,7 +50,10 @@ describe('modc compile with routers', () => {
     const j = JSON.parse(res.stdout);
     expect(j.routing.converted).toEqual([]);
     expect(j.routing.notConverted).toHaveLength(5);
-    expect(j.routing.notConverted[0]).toEqual({ layer: 0, reason: expect.stringMatching(/SkipLayerNorm_AddBias_1' is not a plain Add \(run split-fused-boundaries first\)/) });
+    expect(j.routing.notConverted[0]).toEqual({
+      layer: 0,
+      reason: expect.stringMatching(/SkipLayerNorm_AddBias_1' is not a plain Add \(run split-fused-boundaries first\)/),
+    });
     const meta = JSON.parse((await runCli('inspect', out, '--json')).stdout).routing;
     expect(meta.layers).toEqual([]);
     expect(meta.skipped.map((s: { layer: number }) => s.layer)).toEqual([0, 1, 2, 3, 4]);
@@ -49,7 +68,11 @@ describe('modc compile with routers', () => {
     expect(res.stdout).toMatch(/routing\s+modc threshold, gated; routers on layer 2 \(p=0\.4\)/);
     expect(res.stdout).toMatch(/modc\s+.*Router 1/);
     const j = JSON.parse((await runCli('inspect', out, '--json')).stdout);
-    expect(j.routing).toEqual({ mode: 'threshold', gated: true, layers: [{ layer: 2, part: 'block', selected: 'modc.selected.2', threshold: expect.closeTo(0.4, 6) }] });
+    expect(j.routing).toEqual({
+      mode: 'threshold',
+      gated: true,
+      layers: [{ layer: 2, part: 'block', selected: 'modc.selected.2', threshold: expect.closeTo(0.4, 6) }],
+    });
     expect(j.functions).toContain('modc::Router');
     expect(j.opsets).toContainEqual({ domain: 'modc', version: 1 });
   });
@@ -63,7 +86,10 @@ describe('modc compile with routers', () => {
     expect(j.functions).toEqual([]);
     expect(j.ops.modc).toBeUndefined();
     expect(j.opsets.map((o: { domain: string }) => o.domain)).not.toContain('modc');
-    const rows = [[1, 2, 3, 4, 5], [6, 7]];
+    const rows = [
+      [1, 2, 3, 4, 5],
+      [6, 7],
+    ];
     const [a, b] = await Promise.all([ModSession.create(withFns), ModSession.create(inline)]);
     const [la, lb] = [await a.forward(rows), await b.forward(rows)];
     let worst = 0;
@@ -170,7 +196,11 @@ describe('modc inspect on decoders', () => {
     expect(j.numHeads).toBe(4);
     expect(j.numKvHeads).toBe(2);
     expect(j.layers).toHaveLength(3);
-    expect(j.layers[1]).toMatchObject({ index: 1, attention: 'unfused', kv: { key: { input: 'past_key_values.1.key', output: 'present.1.key' }, value: { input: 'past_key_values.1.value', output: 'present.1.value' } } });
+    expect(j.layers[1]).toMatchObject({
+      index: 1,
+      attention: 'unfused',
+      kv: { key: { input: 'past_key_values.1.key', output: 'present.1.key' }, value: { input: 'past_key_values.1.value', output: 'present.1.value' } },
+    });
   });
 
   it('--explain lists accepted and rejected boundaries', async () => {

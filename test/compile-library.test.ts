@@ -28,12 +28,27 @@ describe('compile(model, request)', () => {
     expect(records.map((r) => r.pass)).toEqual(['record-costs', 'split-fused-boundaries', 'insert-routers', 'route-layers', 'cleanup']);
     const lib = saveModel(model, join(tmp, 'lib', 'model.onnx')).path;
     const cli = join(tmp, 'cli', 'model.onnx');
-    const res = await runCli('compile', LLAMA, '-o', cli, '--router-init', 'random', '--seed', '3', '--schedule', 'every-other', '--routing', 'topk', '--capacity', '0.5');
+    const res = await runCli(
+      'compile',
+      LLAMA,
+      '-o',
+      cli,
+      '--router-init',
+      'random',
+      '--seed',
+      '3',
+      '--schedule',
+      'every-other',
+      '--routing',
+      'topk',
+      '--capacity',
+      '0.5',
+    );
     expect(res.code).toBe(0);
     expect(readFileSync(lib).equals(readFileSync(cli))).toBe(true);
   });
 
-  it('takes a plan made already, and the caller\'s analysis', () => {
+  it("takes a plan made already, and the caller's analysis", () => {
     const model = loadModel(LLAMA);
     const structure = analyzeDecoder(model);
     const first = compile(loadModel(LLAMA), { routers: { kind: 'all-pass' }, layers: '0,2' });
@@ -62,7 +77,10 @@ describe('the decoder analysis across passes', () => {
     const model = loadModel(LLAMA);
     const given = analyzeDecoder(model);
     const seen: DecoderStructure[] = [];
-    const steps = [probe('a', seen, false), probe('b', seen, true, true), probe('c', seen, true), probe('d', seen, false)].map((pass) => ({ pass, options: {} }));
+    const steps = [probe('a', seen, false), probe('b', seen, true, true), probe('c', seen, true), probe('d', seen, false)].map((pass) => ({
+      pass,
+      options: {},
+    }));
     runPipeline(model, steps, { structure: given, verify: false });
     expect(seen[0]).toBe(given);
     expect(seen[1]).toBe(given);

@@ -15,7 +15,12 @@ import { ROOT, fixture } from './helpers.js';
 const costsOf = (path: string) => modelCosts(analyzeDecoder(loadModel(path)));
 
 // llama-tiny: H 64, 4 heads of 16, 2 KV heads, MLP 128 (gate, up, down), vocab 512, 3 layers.
-const H = 64, HEADS = 4, HD = 16, KVH = 2, I = 128, V = 512;
+const H = 64,
+  HEADS = 4,
+  HD = 16,
+  KVH = 2,
+  I = 128,
+  V = 512;
 const LLAMA_ATTENTION = H * HEADS * HD + 2 * H * KVH * HD + HEADS * HD * H; // q, k, v, o
 const LLAMA_MLP = 3 * H * I;
 const PAIR = 2 * HEADS * HD;
@@ -44,10 +49,17 @@ describe('MACs per token and per (query, key) pair', () => {
 
   it('quantized forms (QDQ, MatMulNBits, MatMulInteger): the same MACs as the float weights they stand for', () => {
     // fixtures/build-fixtures.ts forms: hidden 32, 4 heads of 8, 2 KV heads, MLP 64 (gate, up, down), vocab 256.
-    const h = 32, hd = 8;
+    const h = 32,
+      hd = 8;
     for (const form of ['forms-qdq-tiny', 'forms-nbits-tiny', 'forms-integer-tiny']) {
       const c = costsOf(fixture(form));
-      expect(c.layers[1], form).toEqual({ layer: 1, attention: h * 4 * hd + 2 * h * 2 * hd + 4 * hd * h, attentionPair: 2 * 4 * hd, mlp: 3 * h * 64, kvPerToken: 2 * 2 * hd });
+      expect(c.layers[1], form).toEqual({
+        layer: 1,
+        attention: h * 4 * hd + 2 * h * 2 * hd + 4 * hd * h,
+        attentionPair: 2 * 4 * hd,
+        mlp: 3 * h * 64,
+        kvPerToken: 2 * 2 * hd,
+      });
     }
   });
 
@@ -62,7 +74,7 @@ describe('MACs per token and per (query, key) pair', () => {
 describe('executed MACs of a row', () => {
   const costs: ModelCosts = costsOf(join(ROOT, 'fixtures/llama-tiny/model.onnx'));
   const n = 10;
-  const denseHand = 3 * (LLAMA_ATTENTION + LLAMA_MLP) * n + 3 * PAIR * (n * (n + 1)) / 2 + H * V * n;
+  const denseHand = 3 * (LLAMA_ATTENTION + LLAMA_MLP) * n + (3 * PAIR * (n * (n + 1))) / 2 + H * V * n;
 
   it('dense: every part on every token, n(n+1)/2 causal pairs per layer, lm_head', () => {
     expect(executedMacs(costs, denseUsage(costs, n))).toBe(denseHand);
@@ -71,11 +83,24 @@ describe('executed MACs of a row', () => {
 
   it('routed: a part runs on its selected tokens, pairs among them, a router per routed part on every token', () => {
     // layer 0 dense; layer 1 block-routed, 4 tokens; layer 2 attention on 3 tokens and MLP on 6, each routed.
-    const usage = { tokens: n, layers: [{ attention: n, mlp: n, routers: 0 }, { attention: 4, mlp: 4, routers: 1 }, { attention: 3, mlp: 6, routers: 2 }] };
+    const usage = {
+      tokens: n,
+      layers: [
+        { attention: n, mlp: n, routers: 0 },
+        { attention: 4, mlp: 4, routers: 1 },
+        { attention: 3, mlp: 6, routers: 2 },
+      ],
+    };
     const hand =
-      (LLAMA_ATTENTION + LLAMA_MLP) * n + PAIR * 55 +
-      (LLAMA_ATTENTION + LLAMA_MLP) * 4 + PAIR * 10 + H * n +
-      LLAMA_ATTENTION * 3 + PAIR * 6 + LLAMA_MLP * 6 + 2 * H * n +
+      (LLAMA_ATTENTION + LLAMA_MLP) * n +
+      PAIR * 55 +
+      (LLAMA_ATTENTION + LLAMA_MLP) * 4 +
+      PAIR * 10 +
+      H * n +
+      LLAMA_ATTENTION * 3 +
+      PAIR * 6 +
+      LLAMA_MLP * 6 +
+      2 * H * n +
       H * V * n;
     expect(executedMacs(costs, usage)).toBe(hand);
     expect(kvElements(costs, usage)).toBe((n + 4 + 3) * 2 * KVH * HD);
@@ -83,7 +108,7 @@ describe('executed MACs of a row', () => {
 });
 
 describe('record-costs', () => {
-  it('the MoD pipeline records the original model\'s costs in modc.costs', () => {
+  it("the MoD pipeline records the original model's costs in modc.costs", () => {
     const path = join(ROOT, 'fixtures/llama-tiny/model.onnx');
     const model = loadModel(path);
     const plan = planRouting({ numLayers: 3, hiddenSize: H, routers: { kind: 'random', seed: 1 }, schedule: 'every-other' });

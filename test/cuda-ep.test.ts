@@ -17,7 +17,9 @@ describe('the CUDA provider check', () => {
   it('names the provider libraries missing from a folder', () => {
     const dir = join(tmp, 'empty');
     mkdirSync(dir, { recursive: true });
-    expect(cudaProviderProblem(dir)).toMatch(/not installed: libonnxruntime_providers_shared\.so and libonnxruntime_providers_cuda\.so are missing from .*empty \(see README, "CUDA"\)/);
+    expect(cudaProviderProblem(dir)).toMatch(
+      /not installed: libonnxruntime_providers_shared\.so and libonnxruntime_providers_cuda\.so are missing from .*empty \(see README, "CUDA"\)/,
+    );
     writeFileSync(join(dir, 'libonnxruntime_providers_shared.so'), 'x');
     expect(cudaProviderProblem(dir)).toMatch(/not installed: libonnxruntime_providers_cuda\.so is missing from/);
   });
@@ -38,7 +40,7 @@ describe('the CUDA provider check', () => {
     expect(cudaProviderProblem(dir)).toBeNull();
   });
 
-  it('looks in onnxruntime-node\'s binding folder', () => {
+  it("looks in onnxruntime-node's binding folder", () => {
     expect(ortBindingDir()).toMatch(/onnxruntime-node[/\\]bin[/\\]napi-v6[/\\]/);
   });
 });

@@ -23,16 +23,30 @@ import { contractModels, ROOT } from './helpers.js';
 
 // ------------------------------------------------------------------ the kernel table
 
-interface Param { name: string; type: string }
-interface Signature { inputs: Param[]; outputs: Param[] }
-interface KernelRow { from: number; to: number; constraints: Map<string, Set<string>> }
-interface KernelOp { signatures: Signature[]; rows: KernelRow[] }
+interface Param {
+  name: string;
+  type: string;
+}
+interface Signature {
+  inputs: Param[];
+  outputs: Param[];
+}
+interface KernelRow {
+  from: number;
+  to: number;
+  constraints: Map<string, Set<string>>;
+}
+interface KernelOp {
+  signatures: Signature[];
+  rows: KernelRow[];
+}
 
 /** `*in* A:**T**<br> *out* C:**T**<br><br>or<br><br>...` -> signatures. */
 function parseSignatures(cell: string): Signature[] {
   return cell.split('<br><br>or<br><br>').map((alt) => {
     const sig: Signature = { inputs: [], outputs: [] };
-    for (const m of alt.matchAll(/\*(in|out)\* ([A-Za-z0-9_.]+):\*\*([^*]+)\*\*/g)) (m[1] === 'in' ? sig.inputs : sig.outputs).push({ name: m[2]!, type: m[3]! });
+    for (const m of alt.matchAll(/\*(in|out)\* ([A-Za-z0-9_.]+):\*\*([^*]+)\*\*/g))
+      (m[1] === 'in' ? sig.inputs : sig.outputs).push({ name: m[2]!, type: m[3]! });
     return sig;
   });
 }
@@ -86,10 +100,60 @@ const TABLE = loadKernelTable(join(ROOT, 'third_party', 'onnxruntime', 'Operator
 
 type Types = Map<Value, number>;
 
-const SAME_AS_FIRST = new Set(['Add', 'Sub', 'Mul', 'Div', 'Pow', 'Neg', 'Sqrt', 'Tanh', 'Sigmoid', 'Erf', 'Cos', 'Sin', 'Relu', 'Ceil', 'Abs', 'Exp', 'Log', 'MatMulNBits',
-  'Identity', 'Reshape', 'Transpose', 'Unsqueeze', 'Squeeze', 'Expand', 'Slice', 'Gather', 'GatherElements', 'GatherND', 'Concat', 'Split',
-  'Softmax', 'CumSum', 'ReduceSum', 'ReduceMax', 'ReduceMin', 'ReduceMean', 'Max', 'Min', 'Tile', 'ScatterND', 'ScatterElements', 'Trilu',
-  'MatMul', 'Gemm', 'Range', 'FusedMatMul', 'FastGelu', 'Gelu', 'QuickGelu', 'RotaryEmbedding', 'MultiHeadAttention', 'Attention']);
+const SAME_AS_FIRST = new Set([
+  'Add',
+  'Sub',
+  'Mul',
+  'Div',
+  'Pow',
+  'Neg',
+  'Sqrt',
+  'Tanh',
+  'Sigmoid',
+  'Erf',
+  'Cos',
+  'Sin',
+  'Relu',
+  'Ceil',
+  'Abs',
+  'Exp',
+  'Log',
+  'MatMulNBits',
+  'Identity',
+  'Reshape',
+  'Transpose',
+  'Unsqueeze',
+  'Squeeze',
+  'Expand',
+  'Slice',
+  'Gather',
+  'GatherElements',
+  'GatherND',
+  'Concat',
+  'Split',
+  'Softmax',
+  'CumSum',
+  'ReduceSum',
+  'ReduceMax',
+  'ReduceMin',
+  'ReduceMean',
+  'Max',
+  'Min',
+  'Tile',
+  'ScatterND',
+  'ScatterElements',
+  'Trilu',
+  'MatMul',
+  'Gemm',
+  'Range',
+  'FusedMatMul',
+  'FastGelu',
+  'Gelu',
+  'QuickGelu',
+  'RotaryEmbedding',
+  'MultiHeadAttention',
+  'Attention',
+]);
 const BOOLEAN = new Set(['Equal', 'Less', 'Greater', 'LessOrEqual', 'GreaterOrEqual', 'Not', 'And', 'Or', 'Xor']);
 const INT64 = new Set(['Shape', 'Size', 'NonZero', 'ArgMax', 'ArgMin']);
 
@@ -120,8 +184,10 @@ function outputTypes(n: Node, types: Types, infer: (g: Graph) => void): number[]
   if (op === 'QuantizeLinear') return [n.input(2) ? t(2) : n.attrInt('output_dtype', DataType.UINT8)!];
   if (op === 'MatMulInteger') return [DataType.INT32];
   if (op === 'TopK') return [t(0), DataType.INT64];
-  if (op === 'LayerNormalization' || op === 'SimplifiedLayerNormalization') return n.outputs.map((_, i) => (i === 0 ? t(op === 'SimplifiedLayerNormalization' ? 1 : 0) : DataType.FLOAT));
-  if (op === 'SkipLayerNormalization' || op === 'SkipSimplifiedLayerNormalization') return n.outputs.map((_, i) => (i === 1 || i === 2 ? DataType.FLOAT : t(0)));
+  if (op === 'LayerNormalization' || op === 'SimplifiedLayerNormalization')
+    return n.outputs.map((_, i) => (i === 0 ? t(op === 'SimplifiedLayerNormalization' ? 1 : 0) : DataType.FLOAT));
+  if (op === 'SkipLayerNormalization' || op === 'SkipSimplifiedLayerNormalization')
+    return n.outputs.map((_, i) => (i === 1 || i === 2 ? DataType.FLOAT : t(0)));
   // ONNX RMSNormalization-23: Y has the scale's type V (stash_type only sets the compute precision).
   if (op === 'RMSNormalization' && standard) return [t(1)];
   // ONNX Attention-23/24: Y and qk_matmul_output are T1 (Q's type), present_key T1, present_value T2 (V's type).
@@ -139,7 +205,14 @@ function outputTypes(n: Node, types: Types, infer: (g: Graph) => void): number[]
 // ------------------------------------------------------------------ the check
 
 /** One node instance as the CUDA EP would see it: op, opset, input and output element types. */
-interface Instance { domain: string; op: string; opset: number; inputs: (string | null)[]; outputs: string[]; where: string }
+interface Instance {
+  domain: string;
+  op: string;
+  opset: number;
+  inputs: (string | null)[];
+  outputs: string[];
+  where: string;
+}
 
 const key = (i: Instance) => `${i.domain || 'ai.onnx'}:${i.op}@${i.opset}(${i.inputs.map((t) => t ?? '-').join(',')})->(${i.outputs.join(',')})`;
 
@@ -148,20 +221,24 @@ export function missingKernel(i: Instance): string | null {
   const op = TABLE.get(`${i.domain}:${i.op}`);
   if (!op) return `no CUDA kernel for ${i.domain || 'ai.onnx'}:${i.op} at all`;
   const row = op.rows.find((r) => i.opset >= r.from && i.opset <= r.to);
-  if (!row) return `no CUDA kernel for ${i.op} at opset ${i.opset} (kernels: ${op.rows.map((r) => (r.to === Infinity ? `${r.from}+` : `[${r.from}, ${r.to}]`)).join(', ')})`;
+  if (!row)
+    return `no CUDA kernel for ${i.op} at opset ${i.opset} (kernels: ${op.rows.map((r) => (r.to === Infinity ? `${r.from}+` : `[${r.from}, ${r.to}]`)).join(', ')})`;
   const fits = (sig: Signature) => {
-    const check = (params: Param[], got: (string | null)[]) => got.every((type, k) => {
-      if (type === null) return true;
-      const p = params[Math.min(k, params.length - 1)];
-      if (!p) return false;
-      const concrete = /^tensor\(([a-z0-9]+)\)$/.exec(p.type);
-      if (concrete) return concrete[1] === type;
-      const allowed = row.constraints.get(p.type);
-      return !allowed || allowed.has(type);
-    });
+    const check = (params: Param[], got: (string | null)[]) =>
+      got.every((type, k) => {
+        if (type === null) return true;
+        const p = params[Math.min(k, params.length - 1)];
+        if (!p) return false;
+        const concrete = /^tensor\(([a-z0-9]+)\)$/.exec(p.type);
+        if (concrete) return concrete[1] === type;
+        const allowed = row.constraints.get(p.type);
+        return !allowed || allowed.has(type);
+      });
     return check(sig.inputs, i.inputs) && check(sig.outputs, i.outputs);
   };
-  return op.signatures.some(fits) ? null : `no CUDA kernel for ${i.op} at opset ${i.opset} with types (${i.inputs.map((t) => t ?? '-').join(', ')}) -> (${i.outputs.join(', ')})`;
+  return op.signatures.some(fits)
+    ? null
+    : `no CUDA kernel for ${i.op} at opset ${i.opset} with types (${i.inputs.map((t) => t ?? '-').join(', ')}) -> (${i.outputs.join(', ')})`;
 }
 
 /**
@@ -175,7 +252,7 @@ function instances(model: Model): Instance[] {
   for (const v of model.graph.initializers.values()) if (v.dtype !== undefined) types.set(v, v.dtype);
   const out: Instance[] = [];
   const opsetOf = (imports: { domain?: string; version?: unknown }[], domain: string) => {
-    const e = imports.find((o) => (o.domain === 'ai.onnx' ? '' : o.domain ?? '') === domain);
+    const e = imports.find((o) => (o.domain === 'ai.onnx' ? '' : (o.domain ?? '')) === domain);
     return e ? Number(e.version) : undefined;
   };
   const walk = (g: Graph, imports: { domain?: string; version?: unknown }[], where: string) => {
@@ -191,8 +268,12 @@ function instances(model: Model): Instance[] {
       n.outputs.forEach((v, k) => types.set(v, outs[k]!));
       if (n.opType === 'Constant' && domain === '') continue;
       out.push({
-        domain, op: n.opType, opset: opsetOf(imports, domain) ?? 1, where: `${where} > ${n.name || n.opType}`,
-        inputs: n.inputs.map((v) => (v ? dataTypeName(types.get(v)!) : null)), outputs: outs.map(dataTypeName),
+        domain,
+        op: n.opType,
+        opset: opsetOf(imports, domain) ?? 1,
+        where: `${where} > ${n.name || n.opType}`,
+        inputs: n.inputs.map((v) => (v ? dataTypeName(types.get(v)!) : null)),
+        outputs: outs.map(dataTypeName),
       });
     }
   };
@@ -218,7 +299,14 @@ function gaps(model: Model): Map<string, [string, string]> {
   return found;
 }
 
-interface Variant { name: string; mode: RoutingMode; gated: boolean; inlineOps: boolean; logits: 'all' | 'last'; granularity?: RoutedPart }
+interface Variant {
+  name: string;
+  mode: RoutingMode;
+  gated: boolean;
+  inlineOps: boolean;
+  logits: 'all' | 'last';
+  granularity?: RoutedPart;
+}
 const VARIANTS: Variant[] = [
   { name: 'threshold, gated, functions', mode: 'threshold', gated: true, inlineOps: false, logits: 'all' },
   { name: 'threshold, ungated, inlined, last logits', mode: 'threshold', gated: false, inlineOps: true, logits: 'last' },
@@ -231,31 +319,55 @@ const VARIANTS: Variant[] = [
 function compiled(path: string, v: Variant): Model {
   const model = loadModel(path);
   const s = analyzeDecoder(model);
-  const plan = planRouting({ numLayers: s.layers.length, hiddenSize: s.hiddenSize, routers: { kind: 'random', seed: 2 }, mode: v.mode, gated: v.gated, granularity: v.granularity });
+  const plan = planRouting({
+    numLayers: s.layers.length,
+    hiddenSize: s.hiddenSize,
+    routers: { kind: 'random', seed: 2 },
+    mode: v.mode,
+    gated: v.gated,
+    granularity: v.granularity,
+  });
   runPipeline(model, modPipeline({ plan, inlineOps: v.inlineOps, logits: v.logits }));
   return model;
 }
 
 describe('the kernel table', () => {
-  it('reads ORT\'s CUDA rows: opset ranges, signatures and type constraints', () => {
-    expect(TABLE.get(':Add')!.rows.map((r) => [r.from, r.to])).toEqual([[14, Infinity], [13, 13], [7, 12]]);
+  it("reads ORT's CUDA rows: opset ranges, signatures and type constraints", () => {
+    expect(TABLE.get(':Add')!.rows.map((r) => [r.from, r.to])).toEqual([
+      [14, Infinity],
+      [13, 13],
+      [7, 12],
+    ]);
     expect(TABLE.get('com.microsoft:GroupQueryAttention')!.rows[0]!.constraints.get('T')).toEqual(new Set(['bfloat16', 'float16']));
     expect(TABLE.size).toBeGreaterThan(60);
   });
 
   it('finds the gaps it must: int64 Max before opset 12, float32 GroupQueryAttention, an op with no CUDA kernel', () => {
-    const inst = (op: string, opset: number, inputs: (string | null)[], outputs: string[], domain = ''): Instance => ({ domain, op, opset, inputs, outputs, where: 'test' });
+    const inst = (op: string, opset: number, inputs: (string | null)[], outputs: string[], domain = ''): Instance => ({
+      domain,
+      op,
+      opset,
+      inputs,
+      outputs,
+      where: 'test',
+    });
     expect(missingKernel(inst('Max', 11, ['int64', 'int64'], ['int64']))).toMatch(/Max at opset 11 with types/);
     expect(missingKernel(inst('Max', 13, ['int64', 'int64'], ['int64']))).toBeNull();
     expect(missingKernel(inst('Where', 17, ['bool', 'float', 'float'], ['float']))).toBeNull();
     expect(missingKernel(inst('Where', 17, ['bool', 'bool', 'bool'], ['bool']))).toMatch(/no CUDA kernel for Where/);
     expect(missingKernel(inst('CumSum', 11, ['float16', 'int64'], ['float16']))).toMatch(/CumSum at opset 11/);
-    expect(missingKernel(inst('GroupQueryAttention', 1, ['float', 'float', 'float', 'float', 'float', 'int32', 'int32'], ['float', 'float', 'float'], 'com.microsoft'))).toMatch(/GroupQueryAttention/);
+    expect(
+      missingKernel(
+        inst('GroupQueryAttention', 1, ['float', 'float', 'float', 'float', 'float', 'int32', 'int32'], ['float', 'float', 'float'], 'com.microsoft'),
+      ),
+    ).toMatch(/GroupQueryAttention/);
     expect(missingKernel(inst('Einsum', 17, ['float'], ['float']))).toMatch(/at all/);
     // the standard opset-23/24 ops of the forms-attention23-* and forms-static-* fixtures
     expect(missingKernel(inst('Attention', 23, ['float', 'float', 'float', 'bool', 'float', 'float'], ['float', 'float', 'float']))).toBeNull();
     expect(missingKernel(inst('Attention', 24, ['float', 'float', 'float', 'bool', null, null, 'int64'], ['float']))).toBeNull();
-    expect(missingKernel(inst('Attention', 24, ['float', 'float', 'float', 'int64'], ['float']))).toMatch(/no CUDA kernel for Attention at opset 24 with types/);
+    expect(missingKernel(inst('Attention', 24, ['float', 'float', 'float', 'int64'], ['float']))).toMatch(
+      /no CUDA kernel for Attention at opset 24 with types/,
+    );
     expect(missingKernel(inst('TensorScatter', 24, ['float16', 'float16', 'int64'], ['float16']))).toBeNull();
     expect(missingKernel(inst('TensorScatter', 23, ['float', 'float', 'int64'], ['float']))).toMatch(/TensorScatter at opset 23 \(kernels: 24\+\)/);
     expect(missingKernel(inst('RotaryEmbedding', 23, ['float', 'float', 'float', 'int64'], ['float']))).toBeNull();
@@ -274,8 +386,13 @@ const opOf = (k: string) => k.replace(/\(.*\)->/, '->');
  * The fixtures' second models (`causal.onnx`: standard Attention with is_causal=1 and no mask),
  * which contractModels() does not list; checked in the slow project only, so each runs once.
  */
-const SECOND_MODELS = process.env.MODC_TEST_MODELS === 'quick' ? [] : ['forms-static-causal-tiny', 'forms-attention23-causal-tiny']
-  .map((name) => ({ name: `fixtures/${name}/causal.onnx`, path: join(ROOT, 'fixtures', name, 'causal.onnx') }));
+const SECOND_MODELS =
+  process.env.MODC_TEST_MODELS === 'quick'
+    ? []
+    : ['forms-static-causal-tiny', 'forms-attention23-causal-tiny'].map((name) => ({
+        name: `fixtures/${name}/causal.onnx`,
+        path: join(ROOT, 'fixtures', name, 'causal.onnx'),
+      }));
 
 describe.each([...contractModels(), ...SECOND_MODELS])('$name', ({ path }) => {
   const original = gaps(loadModel(path));

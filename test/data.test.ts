@@ -16,7 +16,11 @@ function file(text: string, name = `d${n++}.jsonl`): string {
 
 describe('JSON lines data', () => {
   it('reads one sequence per non-blank line', () => {
-    expect(readDataset(join(DATA, 'tiny.jsonl'), { vocabSize: 512 })).toEqual([[1, 2, 3, 4, 5], [6, 7], [8, 9, 10, 11, 12, 13, 14]]);
+    expect(readDataset(join(DATA, 'tiny.jsonl'), { vocabSize: 512 })).toEqual([
+      [1, 2, 3, 4, 5],
+      [6, 7],
+      [8, 9, 10, 11, 12, 13, 14],
+    ]);
   });
 
   it('splits sequences longer than maxLength into consecutive pieces', () => {

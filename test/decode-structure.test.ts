@@ -45,7 +45,11 @@ describe.each(allModels())('$name', ({ path }) => {
       const present = [layer.kv.key.output.name, layer.kv.value.output.name].map((n) => g.outputs.find((v) => v.name === n)!);
       const full = new Set<Value>([...past, ...present]);
       for (const n of nodesOf(g)) {
-        if (n.opType === 'Identity') expect(n.inputs.some((v) => v && full.has(v)), `${n.describe()} copies a cache of layer ${l}`).toBe(false);
+        if (n.opType === 'Identity')
+          expect(
+            n.inputs.some((v) => v && full.has(v)),
+            `${n.describe()} copies a cache of layer ${l}`,
+          ).toBe(false);
       }
       for (const p of present) {
         const producer = p.producer!;

@@ -69,7 +69,10 @@ const MODEL_ERRORS: [string, RegExp][] = [
   ['externalEscapes', /escapes the model folder/],
   // inspect, compile, verify's original: the analysis; run, generate, bench: the session's I/O
   // check; verify's compiled side: the missing routing.
-  ['notDecoder', /(not a decoder modc can handle: )?no residual stream: expected a token embedding|model has no 'input_ids' (or 'inputs_embeds' )?input \(inputs: x\)|the compiled model has no modc routing metadata/],
+  [
+    'notDecoder',
+    /(not a decoder modc can handle: )?no residual stream: expected a token embedding|model has no 'input_ids' (or 'inputs_embeds' )?input \(inputs: x\)|the compiled model has no modc routing metadata/,
+  ],
 ];
 
 /** Every command, with the model argument at `M` (twice for the commands that take two models). */
@@ -83,7 +86,10 @@ const COMMANDS: [string, (m: string) => string[]][] = [
   ['bench (original)', (m) => ['bench', m, compiled, '--prompt', '4', '--steps', '1', '--runs', '1', '--warmup', '0']],
   ['bench (compiled)', (m) => ['bench', LLAMA, m, '--prompt', '4', '--steps', '1', '--runs', '1', '--warmup', '0']],
   ['eval', (m) => ['eval', m, '--data', data()]],
-  ['calibrate', (m) => ['calibrate', m, '--data', data(), '-o', join(tmp, 'routers', `${Math.random().toString(36).slice(2)}.safetensors`), '--target-compute', '0.8']],
+  [
+    'calibrate',
+    (m) => ['calibrate', m, '--data', data(), '-o', join(tmp, 'routers', `${Math.random().toString(36).slice(2)}.safetensors`), '--target-compute', '0.8'],
+  ],
   ['codegen', (m) => ['codegen', m, '-o', join(tmp, 'codegen', `${Math.random().toString(36).slice(2)}.ts`)]],
 ];
 
@@ -95,9 +101,33 @@ describe.each(MODEL_ERRORS)('bad model: %s', (which, pattern) => {
 });
 
 describe('bad usage, every command: exit 2, one line', () => {
-  const models: Record<string, string[]> = { inspect: ['M'], compile: ['M', '-o', 'OUT', '--router-init', 'random'], run: ['M', '--ids', '1'], generate: ['M', '--ids', '1', '--max-new', '1'], verify: ['M', 'C'], bench: ['M', 'C'],
-    eval: ['M', '--data', 'DATA'], calibrate: ['M', '--data', 'DATA', '-o', 'ROUTERS', '--target-compute', '0.8'], codegen: ['M', '-o', 'TS'] };
-  const fill = (args: string[]) => args.map((a) => (a === 'M' ? LLAMA : a === 'C' ? compiled : a === 'OUT' ? join(tmp, 'usage', 'o.onnx') : a === 'DATA' ? data() : a === 'ROUTERS' ? join(tmp, 'usage', 'r.safetensors') : a === 'TS' ? join(tmp, 'usage', 's.ts') : a));
+  const models: Record<string, string[]> = {
+    inspect: ['M'],
+    compile: ['M', '-o', 'OUT', '--router-init', 'random'],
+    run: ['M', '--ids', '1'],
+    generate: ['M', '--ids', '1', '--max-new', '1'],
+    verify: ['M', 'C'],
+    bench: ['M', 'C'],
+    eval: ['M', '--data', 'DATA'],
+    calibrate: ['M', '--data', 'DATA', '-o', 'ROUTERS', '--target-compute', '0.8'],
+    codegen: ['M', '-o', 'TS'],
+  };
+  const fill = (args: string[]) =>
+    args.map((a) =>
+      a === 'M'
+        ? LLAMA
+        : a === 'C'
+          ? compiled
+          : a === 'OUT'
+            ? join(tmp, 'usage', 'o.onnx')
+            : a === 'DATA'
+              ? data()
+              : a === 'ROUTERS'
+                ? join(tmp, 'usage', 'r.safetensors')
+                : a === 'TS'
+                  ? join(tmp, 'usage', 's.ts')
+                  : a,
+    );
   it.each(Object.keys(models))('%s: an unknown flag, a missing or an extra model path', async (cmd) => {
     expectOneLineError(await runCli(cmd, ...fill(models[cmd]!), '--frobnicate'), 2, /frobnicate/);
     const positional = models[cmd]!.filter((a) => a === 'M' || a === 'C').length;
@@ -155,7 +185,11 @@ describe('bad work input: exit 1, one line', () => {
     expectOneLineError(await runCli('compile', p, '-o', p, '--router-init', 'random'), 1, /refusing to overwrite the input model/);
     const routers = join(tmp, 'wide.safetensors');
     writeRouterFile(routers, [{ layer: 0, weight: new Float32Array(100), bias: 0 }]);
-    expectOneLineError(await runCli('compile', LLAMA, '-o', join(tmp, 'r1', 'm.onnx'), '--routers', routers), 1, /'router\.0\.weight' has shape \[100\], expected \[64\]/);
+    expectOneLineError(
+      await runCli('compile', LLAMA, '-o', join(tmp, 'r1', 'm.onnx'), '--routers', routers),
+      1,
+      /'router\.0\.weight' has shape \[100\], expected \[64\]/,
+    );
     writeFileSync(routers, 'nonsense');
     expectOneLineError(await runCli('compile', LLAMA, '-o', join(tmp, 'r2', 'm.onnx'), '--routers', routers), 1, /not a safetensors file/);
     expectOneLineError(await runCli('compile', LLAMA, '-o', join(tmp, 'r3', 'm.onnx'), '--routers', join(tmp, 'none.safetensors')), 1, /none\.safetensors/);
@@ -163,7 +197,11 @@ describe('bad work input: exit 1, one line', () => {
   });
 
   it('verify: a model modc did not compile; a compiled model made from another original', async () => {
-    expectOneLineError(await runCli('verify', LLAMA, LLAMA, '--steps', '0'), 1, /the compiled model has no modc routing metadata: was it compiled by modc compile\?/);
+    expectOneLineError(
+      await runCli('verify', LLAMA, LLAMA, '--steps', '0'),
+      1,
+      /the compiled model has no modc routing metadata: was it compiled by modc compile\?/,
+    );
     expectOneLineError(await runCli('verify', fixture('gpt2-tiny'), compiled, '--steps', '0'), 1, /was not compiled from/);
   });
 });

@@ -17,7 +17,13 @@ describe('modc eval', () => {
     const j = JSON.parse(res.stdout);
     // tiny.jsonl: lines of 5, 2 and 7 ids; split at 4: 4+1, 2, 4+3 -> 5 sequences, 14 - 5 = 9 predicted tokens.
     expect(j).toMatchObject({
-      model: LLAMA, tokens: 9, inputTokens: 14, sequences: 5, computeFraction: 1, kvFraction: 1, routing: null,
+      model: LLAMA,
+      tokens: 9,
+      inputTokens: 14,
+      sequences: 5,
+      computeFraction: 1,
+      kvFraction: 1,
+      routing: null,
       data: { path: join(DATA, 'tiny.jsonl'), format: 'jsonl', tokenizer: null, lines: 3, sequences: 5 },
       settings: { maxLength: 4, batch: 2, pad: 'right', ep: 'cpu' },
     });
@@ -25,7 +31,7 @@ describe('modc eval', () => {
     expect(j.layers).toEqual([0, 1, 2].map((layer) => ({ layer, part: 'block', routed: false, selectedFraction: 1 })));
   });
 
-  it('a compiled model: a readable summary with each routed layer\'s selected fraction', async () => {
+  it("a compiled model: a readable summary with each routed layer's selected fraction", async () => {
     const out = join(dir, 'topk/model.onnx');
     expect((await runCli('compile', LLAMA, '-o', out, '--router-init', 'random', '--routing', 'topk', '--capacity', '0.5', '--layers', '1')).code).toBe(0);
     const res = await runCli('eval', out, '--data', join(DATA, 'tiny.jsonl'));
@@ -40,7 +46,11 @@ describe('modc eval', () => {
 
   it('its NLL agrees with one computed from `modc run --json` logits of each line', async () => {
     const out = join(dir, 'topk/model.onnx'); // compiled by the test above
-    const lines = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10, 11, 12, 13, 14]]; // fixtures/data/tiny.jsonl
+    const lines = [
+      [1, 2, 3, 4, 5],
+      [6, 7],
+      [8, 9, 10, 11, 12, 13, 14],
+    ]; // fixtures/data/tiny.jsonl
     let total = 0;
     for (const line of lines) {
       const run = JSON.parse((await runCli('run', out, '--ids', line.join(','), '--json')).stdout) as { logits: number[][][] };
@@ -98,7 +108,9 @@ describe('modc eval', () => {
 
   it('refuses a compiled model without recorded costs', async () => {
     const out = join(dir, 'no-costs/model.onnx');
-    expect((await runCli('compile', LLAMA, '-o', out, '--passes', 'split-fused-boundaries,insert-routers,route-layers,cleanup', '--router-init', 'all-pass')).code).toBe(0);
+    expect(
+      (await runCli('compile', LLAMA, '-o', out, '--passes', 'split-fused-boundaries,insert-routers,route-layers,cleanup', '--router-init', 'all-pass')).code,
+    ).toBe(0);
     expectOneLineError(await runCli('eval', out, '--data', join(DATA, 'tiny.jsonl')), 1, /has no modc\.costs metadata.*recompile it/);
   });
 });

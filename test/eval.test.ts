@@ -15,10 +15,17 @@ import { ROOT, fixture, runCli, tempDir } from './helpers.js';
 
 const LLAMA = join(ROOT, 'fixtures/llama-tiny/model.onnx');
 const QWEN = fixture('ort-qwen2-gqa');
-const LINES = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13], [5, 6, 7], [300, 511, 0, 42, 42, 42, 7, 100, 200, 17]];
+const LINES = [
+  [1, 2, 3, 4, 5, 6, 7, 8],
+  [9, 10, 11, 12, 13],
+  [5, 6, 7],
+  [300, 511, 0, 42, 42, 42, 7, 100, 200, 17],
+];
 
 // llama-tiny, by hand: H 64, 4 heads of 16, 2 KV heads, MLP 128 (gate, up, down), vocab 512, 3 layers.
-const H = 64, V = 512, L = 3;
+const H = 64,
+  V = 512,
+  L = 3;
 const ATTENTION = H * 64 + 2 * H * 32 + 64 * H;
 const MLP = 3 * H * 128;
 const PAIR = 2 * 4 * 16;
@@ -89,7 +96,9 @@ describe('NLL is the mean over every predicted token', () => {
     expect(Math.abs((await evaluate(hybrid, BYTES, { batchSize: 4 })).nll - (await referenceNll(hybrid, BYTES)))).toBeLessThan(1e-3);
     const embeds = fixture('forms-embeds-tiny');
     const r = await evaluate(embeds, BYTES, { batchSize: 4 });
-    expect(Math.abs(r.nll - (await referenceNll(embeds, BYTES, { embeddings: { kind: 'model', path: join(dirname(embeds), 'embedding.onnx') } })))).toBeLessThan(1e-3);
+    expect(
+      Math.abs(r.nll - (await referenceNll(embeds, BYTES, { embeddings: { kind: 'model', path: join(dirname(embeds), 'embedding.onnx') } }))),
+    ).toBeLessThan(1e-3);
   });
 
   it('compiled model (threshold routers, batched with padding on either side): agrees too', async () => {
@@ -148,31 +157,42 @@ describe('compute and KV-cache fractions', () => {
     expect(r.routing).toEqual({ mode: 'topk', gated: true });
   });
 
-  it('sub-layer parts: an attention part counts its tokens\' projections, pairs and KV; an MLP part its MLP only', async () => {
+  it("sub-layer parts: an attention part counts its tokens' projections, pairs and KV; an MLP part its MLP only", async () => {
     // The top-k model's metadata rewritten to say layer 0 routes its attention and layer 2 its MLP, each
     // with the selection value named (the graph is unchanged: eval trusts modc.routing, which is the point).
     const model = loadModel(compiled.topk);
-    const selectOf = (layer: number) => model.graph.nodes.find((n) => n.opType === 'SelectTopK' && n.input(0)!.producer!.input(1)!.name === `modc.router.${layer}.weight`)!.outputs[0]!.name;
-    const routing = { mode: 'topk', gated: true, layers: [
-      { layer: 0, part: 'attention', selected: selectOf(0), threshold: 0.5, capacity: 0.5 },
-      { layer: 2, part: 'mlp', selected: selectOf(2), threshold: 0.5, capacity: 0.5 },
-    ] };
+    const selectOf = (layer: number) =>
+      model.graph.nodes.find((n) => n.opType === 'SelectTopK' && n.input(0)!.producer!.input(1)!.name === `modc.router.${layer}.weight`)!.outputs[0]!.name;
+    const routing = {
+      mode: 'topk',
+      gated: true,
+      layers: [
+        { layer: 0, part: 'attention', selected: selectOf(0), threshold: 0.5, capacity: 0.5 },
+        { layer: 2, part: 'mlp', selected: selectOf(2), threshold: 0.5, capacity: 0.5 },
+      ],
+    };
     model.metadataProps = model.metadataProps.map((p) => (p.key === 'modc.routing' ? { key: p.key, value: JSON.stringify(routing) } : p));
     const path = join(dir, 'parts/model.onnx');
     saveModel(model, path);
 
     const r = await evaluate(path, LINES);
     const ks = ns.map((n) => Math.ceil(n / 2));
-    const executed = sum(ns.map((n, i) => {
-      const k = ks[i]!;
-      const layer0 = ATTENTION * k + PAIR * pairs(k) + MLP * n + H * n;
-      const layer1 = (ATTENTION + MLP) * n + PAIR * pairs(n);
-      const layer2 = ATTENTION * n + PAIR * pairs(n) + MLP * k + H * n;
-      return layer0 + layer1 + layer2 + H * V * n;
-    }));
+    const executed = sum(
+      ns.map((n, i) => {
+        const k = ks[i]!;
+        const layer0 = ATTENTION * k + PAIR * pairs(k) + MLP * n + H * n;
+        const layer1 = (ATTENTION + MLP) * n + PAIR * pairs(n);
+        const layer2 = ATTENTION * n + PAIR * pairs(n) + MLP * k + H * n;
+        return layer0 + layer1 + layer2 + H * V * n;
+      }),
+    );
     expect(r.macs).toEqual({ executed, dense: sum(ns.map(denseMacs)) });
     expect(r.kvFraction).toBeCloseTo((sum(ks) + 2 * sum(ns)) / (3 * sum(ns)), 12);
-    expect(r.layers.map((l) => [l.layer, l.part, l.routed])).toEqual([[0, 'attention', true], [1, 'block', false], [2, 'mlp', true]]);
+    expect(r.layers.map((l) => [l.layer, l.part, l.routed])).toEqual([
+      [0, 'attention', true],
+      [1, 'block', false],
+      [2, 'mlp', true],
+    ]);
   });
 
   for (const part of ['attention', 'mlp'] as const) {
@@ -187,7 +207,9 @@ describe('compute and KV-cache fractions', () => {
       // Skipping attention drops the token from that layer's cache; skipping the MLP keeps the cache full.
       expect(r.kvFraction).toBeCloseTo(part === 'attention' ? (2 * sum(ks) + sum(ns)) / (3 * sum(ns)) : 1, 12);
       expect(r.layers.map((l) => [l.layer, l.part, l.routed, l.selectedFraction])).toEqual([
-        [0, part, true, sum(ks) / sum(ns)], [1, 'block', false, 1], [2, part, true, sum(ks) / sum(ns)],
+        [0, part, true, sum(ks) / sum(ns)],
+        [1, 'block', false, 1],
+        [2, part, true, sum(ks) / sum(ns)],
       ]);
       expect(Math.abs(r.nll - (await referenceNll(compiled[part], LINES)))).toBeLessThan(1e-3);
     });
@@ -218,7 +240,12 @@ describe('refusals', () => {
   it('a sequence longer than the model context, an id outside the vocabulary, no sequences', async () => {
     const gpt2 = join(ROOT, 'fixtures/gpt2-tiny/model.onnx');
     await expect(evaluate(gpt2, [Array(257).fill(1)])).rejects.toThrow(/sequence 1 has 257 tokens, more than the model's context of 256/);
-    await expect(evaluate(LLAMA, [[1, 2], [3, 512]])).rejects.toThrow(/sequence 2: token id 512 is outside the vocabulary \(0-511\)/);
+    await expect(
+      evaluate(LLAMA, [
+        [1, 2],
+        [3, 512],
+      ]),
+    ).rejects.toThrow(/sequence 2: token id 512 is outside the vocabulary \(0-511\)/);
     await expect(evaluate(LLAMA, [])).rejects.toThrow(/no sequences/);
     await expect(evaluate(QWEN, [[1, 2]], { pad: 'left' })).rejects.toThrow(/--pad left is not supported for this model: its GroupQueryAttention/);
   });

@@ -44,7 +44,12 @@ export function decodeStep(io: DecoderIo, previous: Conversation, outputs: Feeds
   const B = next.length;
   const feeds: Feeds = { [io.inputIds.name]: ints(io.inputIds.dtype, next, [B, 1]) };
   if (io.attentionMask) feeds[io.attentionMask.name] = ints(io.attentionMask.dtype, mask.flat(), [B, mask[0]!.length]);
-  if (io.positionIds) feeds[io.positionIds.name] = ints(io.positionIds.dtype, positions(mask).map((p) => p.at(-1)!), [B, 1]);
+  if (io.positionIds)
+    feeds[io.positionIds.name] = ints(
+      io.positionIds.dtype,
+      positions(mask).map((p) => p.at(-1)!),
+      [B, 1],
+    );
   for (const kv of io.kv) {
     feeds[kv.pastKey] = outputs[kv.presentKey]!;
     if (kv.pastValue) feeds[kv.pastValue] = outputs[kv.presentValue!]!;

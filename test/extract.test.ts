@@ -48,7 +48,14 @@ describe.each(MODELS)('layer-by-layer execution of $name', ({ path, pad, toleran
     const original = await createSession(path);
     const runner = await LayerByLayerRunner.create(decoder, dir);
     try {
-      const first = prefill(io, [[5, 6, 7, 8, 9], [10, 11, 12]], pad);
+      const first = prefill(
+        io,
+        [
+          [5, 6, 7, 8, 9],
+          [10, 11, 12],
+        ],
+        pad,
+      );
       const expected = (await original.run(first.feeds)) as Feeds;
       compare(expected, await runner.run(first.feeds), tolerance);
       const second = decodeStep(io, first, expected, [13, 14]);
@@ -67,7 +74,11 @@ describe('layer units', () => {
     expect(layer.inputs[0]).toBe('/layers.0/Add_4_output_0');
     expect(layer.residualOut).toBe('/layers.1/Add_4_output_0');
     expect(layer.outputs).toEqual(expect.arrayContaining(['/layers.1/Add_4_output_0', 'present.1.key', 'present.1.value']));
-    expect(layer.kv).toEqual({ key: { input: 'past_key_values.1.key', output: 'present.1.key' }, value: { input: 'past_key_values.1.value', output: 'present.1.value' }, layout: 'BHTD' });
+    expect(layer.kv).toEqual({
+      key: { input: 'past_key_values.1.key', output: 'present.1.key' },
+      value: { input: 'past_key_values.1.value', output: 'present.1.value' },
+      layout: 'BHTD',
+    });
     expect(perTokenInputs(layer).map((s) => [s.value.name, s.role, s.sequenceAxis])).toEqual([
       ['/rotary/Unsqueeze_1_output_0', 'rotary-cos', 2],
       ['/rotary/Unsqueeze_2_output_0', 'rotary-sin', 2],
@@ -80,7 +91,9 @@ describe('layer units', () => {
   it('refuse a fused boundary until it is split', () => {
     const model = loadModel(join(FIXTURES, 'ort-qwen2-gqa', 'model.onnx'));
     expect(() => extractDecoder(model, analyzeDecoder(model))).toThrow(ModcError);
-    expect(() => extractDecoder(model, analyzeDecoder(model))).toThrow(/^layer 0 cannot be extracted: its boundary is fused into com\.microsoft::SkipLayerNormalization node 'SkipLayerNorm_1'; run split-fused-boundaries first$/);
+    expect(() => extractDecoder(model, analyzeDecoder(model))).toThrow(
+      /^layer 0 cannot be extracted: its boundary is fused into com\.microsoft::SkipLayerNormalization node 'SkipLayerNorm_1'; run split-fused-boundaries first$/,
+    );
   });
 });
 
@@ -113,7 +126,14 @@ describe('units cut anywhere', () => {
     expect(declared(3, '/model/layers.0/self_attn/Mul_8/output_0')).toEqual({ elem: DataType.FLOAT, rank: 3 });
     // Chained in ORT, the pieces give the original outputs.
     const io = decoderIo(model);
-    const { feeds } = prefill(io, [[5, 6, 7, 8, 9], [10, 11, 12]], 'left');
+    const { feeds } = prefill(
+      io,
+      [
+        [5, 6, 7, 8, 9],
+        [10, 11, 12],
+      ],
+      'left',
+    );
     const expected = (await (await createSession(path)).run(feeds)) as Feeds;
     const values = new Map(Object.entries(feeds));
     for (const u of units) {

@@ -35,7 +35,11 @@ const tmp = tempDir('modc-window');
 const WINDOW = join(FIXTURES_DIR, 'forms-gqa-window-tiny', 'model.onnx');
 const SINK = join(FIXTURES_DIR, 'forms-gqa-sink-tiny', 'model.onnx');
 /** Right padding (GroupQueryAttention's side); every row longer than the windows (4 and 3). */
-const ROWS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [20, 21, 22, 23, 24, 25, 26], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39]];
+const ROWS = [
+  [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16],
+  [20, 21, 22, 23, 24, 25, 26],
+  [30, 31, 32, 33, 34, 35, 36, 37, 38, 39],
+];
 const STEPS = 8;
 let counter = 0;
 
@@ -88,7 +92,7 @@ function lastOf(l: Logits, row: number, t: number): Float32Array {
   return l.data.slice((row * S + t) * V, (row * S + t + 1) * V);
 }
 
-describe('ONNX Runtime\'s local_window_size, by experiment on the dense model', () => {
+describe("ONNX Runtime's local_window_size, by experiment on the dense model", () => {
   it('a query at position p sees the keys at p - w < q <= p (w keys, itself included): prefill and 8 steps', async () => {
     const original = await ModSession.create(WINDOW);
     expect(await worstOverRun(original, await ModSession.create(windowAsBias(WINDOW, 'exclusive')))).toBe(0);
@@ -102,14 +106,25 @@ describe('ONNX Runtime\'s local_window_size, by experiment on the dense model', 
   });
 });
 
-const PARTS: [RoutedPart, RoutingMode, boolean][] = [['block', 'threshold', true], ['block', 'topk', false], ['attention', 'threshold', false], ['attention', 'topk', true]];
+const PARTS: [RoutedPart, RoutingMode, boolean][] = [
+  ['block', 'threshold', true],
+  ['block', 'topk', false],
+  ['attention', 'threshold', false],
+  ['attention', 'topk', true],
+];
 
-describe.each([['window', WINDOW], ['sink', SINK]] as const)('sliding windows on routed layers (forms-gqa-%s-tiny)', (_name, path) => {
-  it.each(['block', 'attention'] as const)('%s: every token selected, ungated, reproduces the original (prefill and 8 decode steps, batch 3, contexts past the window)', async (granularity) => {
-    const compiled = compileWith(tmp, path, 'all-pass', { gated: false, granularity });
-    expect(compiled.plan.layers.map((l) => l.layer)).toEqual([0, 1, 2]);
-    await expectSameRun(await ModSession.create(path), await ModSession.create(compiled.path), ROWS, 'right', STEPS, 1e-4, `${granularity} all-pass`);
-  });
+describe.each([
+  ['window', WINDOW],
+  ['sink', SINK],
+] as const)('sliding windows on routed layers (forms-gqa-%s-tiny)', (_name, path) => {
+  it.each(['block', 'attention'] as const)(
+    '%s: every token selected, ungated, reproduces the original (prefill and 8 decode steps, batch 3, contexts past the window)',
+    async (granularity) => {
+      const compiled = compileWith(tmp, path, 'all-pass', { gated: false, granularity });
+      expect(compiled.plan.layers.map((l) => l.layer)).toEqual([0, 1, 2]);
+      await expectSameRun(await ModSession.create(path), await ModSession.create(compiled.path), ROWS, 'right', STEPS, 1e-4, `${granularity} all-pass`);
+    },
+  );
 
   it('the reference executor with every token selected reproduces the original too', async () => {
     const compiled = compileWith(tmp, path, 'all-pass', { gated: false });
@@ -121,21 +136,24 @@ describe.each([['window', WINDOW], ['sink', SINK]] as const)('sliding windows on
     }
   });
 
-  it.each(PARTS)('%s, %s routing (gated %s): random routers agree with the reference over 8 decode steps, and routing drops tokens', async (granularity, mode, gated) => {
-    const compiled = compileWith(tmp, path, 'random', { mode, gated, threshold: 0.5, capacity: 0.5, granularity });
-    expect(compiled.plan.layers.map((l) => l.layer)).toEqual([0, 1, 2]);
-    const ref = await ModReference.create(path, compiled.plan, join(tmp, `ref${counter++}`));
-    try {
-      const mod = await ModSession.create(compiled.path);
-      expect(await worstOverRun(mod, ref)).toBeLessThan(1e-4);
-      expect(mod.layerCacheLengths()).toEqual(ref.layerCacheLengths());
-      const { selected, real } = prefillSelection(ref, ROWS);
-      expect(selected).toBeGreaterThan(0);
-      expect(selected).toBeLessThan(real);
-    } finally {
-      await ref.release();
-    }
-  });
+  it.each(PARTS)(
+    '%s, %s routing (gated %s): random routers agree with the reference over 8 decode steps, and routing drops tokens',
+    async (granularity, mode, gated) => {
+      const compiled = compileWith(tmp, path, 'random', { mode, gated, threshold: 0.5, capacity: 0.5, granularity });
+      expect(compiled.plan.layers.map((l) => l.layer)).toEqual([0, 1, 2]);
+      const ref = await ModReference.create(path, compiled.plan, join(tmp, `ref${counter++}`));
+      try {
+        const mod = await ModSession.create(compiled.path);
+        expect(await worstOverRun(mod, ref)).toBeLessThan(1e-4);
+        expect(mod.layerCacheLengths()).toEqual(ref.layerCacheLengths());
+        const { selected, real } = prefillSelection(ref, ROWS);
+        expect(selected).toBeGreaterThan(0);
+        expect(selected).toBeLessThan(real);
+      } finally {
+        await ref.release();
+      }
+    },
+  );
 });
 
 describe('float16 (fixtures/ort-qwen2-gqa with a window of 3 set on every layer)', () => {
@@ -198,7 +216,9 @@ describe('the window is applied by original position, not by cache slot', () => 
     try {
       const mod = await ModSession.create(compiled.path);
       expect(mod.io.kv.map((b) => [b.pastPositions, b.presentPositions])).toEqual([
-        ['past_positions.0', 'present_positions.0'], [null, null], ['past_positions.2', 'present_positions.2'],
+        ['past_positions.0', 'present_positions.0'],
+        [null, null],
+        ['past_positions.2', 'present_positions.2'],
       ]);
       await worstOverRun(mod, ref);
       let dropped = 0;
@@ -224,26 +244,29 @@ describe('the window is applied by original position, not by cache slot', () => 
     }
   });
 
-  it.each(['block', 'attention'] as const)('%s: the same compiled model with the window put back on cache slots disagrees with the reference', async (granularity) => {
-    const { compiled, ref } = await routedRun(granularity);
-    try {
-      const model = loadModel(compiled.path);
-      let changed = 0;
-      for (const n of gqaNodes(model)) {
-        const bias = n.input(10);
-        if (!bias || bias.producer?.opType !== 'WindowBias') continue;
-        n.setAttr(attribute('local_window_size', 4));
-        n.setInput(10, null);
-        changed++;
+  it.each(['block', 'attention'] as const)(
+    '%s: the same compiled model with the window put back on cache slots disagrees with the reference',
+    async (granularity) => {
+      const { compiled, ref } = await routedRun(granularity);
+      try {
+        const model = loadModel(compiled.path);
+        let changed = 0;
+        for (const n of gqaNodes(model)) {
+          const bias = n.input(10);
+          if (!bias || bias.producer?.opType !== 'WindowBias') continue;
+          n.setAttr(attribute('local_window_size', 4));
+          n.setInput(10, null);
+          changed++;
+        }
+        expect(changed).toBe(2);
+        const bySlot = join(tmp, `by-slot${counter++}`, 'model.onnx');
+        saveModel(model, bySlot);
+        expect(await worstOverRun(await ModSession.create(bySlot), ref)).toBeGreaterThan(1e-3);
+      } finally {
+        await ref.release();
       }
-      expect(changed).toBe(2);
-      const bySlot = join(tmp, `by-slot${counter++}`, 'model.onnx');
-      saveModel(model, bySlot);
-      expect(await worstOverRun(await ModSession.create(bySlot), ref)).toBeGreaterThan(1e-3);
-    } finally {
-      await ref.release();
-    }
-  });
+    },
+  );
 });
 
 describe('attention sinks (GroupQueryAttention head_sink, fixtures/forms-gqa-sink-tiny)', () => {
@@ -254,7 +277,7 @@ describe('attention sinks (GroupQueryAttention head_sink, fixtures/forms-gqa-sin
     expect(worstReal(await a.forward(ROWS), await b.forward(ROWS), ROWS, 'right')).toBeGreaterThan(1e-3);
   });
 
-  it('a per-head sink depends on no position: every routed layer\'s op keeps reading the same sink weights', () => {
+  it("a per-head sink depends on no position: every routed layer's op keeps reading the same sink weights", () => {
     const compiled = compileWith(tmp, SINK, 'random', { threshold: 0.5 });
     const nodes = gqaNodes(loadModel(compiled.path));
     expect(nodes).toHaveLength(3);
@@ -275,7 +298,10 @@ describe('runners and refusals', () => {
     const out = join(tmp, 'cli-block', 'model.onnx');
     const run = await runCli('run', out, '--ids', '1,2,3,4,5,6;7,8', '--json');
     expect(run.code, run.stderr).toBe(0);
-    expect(JSON.parse(run.stdout).attentionMask).toEqual([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]]);
+    expect(JSON.parse(run.stdout).attentionMask).toEqual([
+      [1, 1, 1, 1, 1, 1],
+      [1, 1, 0, 0, 0, 0],
+    ]);
     const gen = await runCli('generate', out, '--ids', '1,2,3,4,5,6;7,8', '--max-new', '9', '--json');
     expect(gen.code, gen.stderr).toBe(0);
     expect(JSON.parse(gen.stdout).ids.map((r: number[]) => r.length)).toEqual([15, 11]);

@@ -18,7 +18,11 @@ import { expectOneLineError, runCli, tempDir } from './helpers.js';
 
 const tmp = tempDir('modc-forms');
 const fixture = (dir: string) => join(FIXTURES_DIR, dir, 'model.onnx');
-const ROWS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19]];
+const ROWS = [
+  [5, 6, 7, 8, 9, 10, 11],
+  [12, 13, 14],
+  [15, 16, 17, 18, 19],
+];
 
 const node = (op: string, input: string[], output: string[]): NodeProto => create<NodeProto>('NodeProto', { op_type: op, input, output, name: `${op}_node` });
 
@@ -29,9 +33,18 @@ function cyclicModel(): Uint8Array {
     ir_version: 8,
     opset_import: [{ domain: '', version: 17 }],
     graph: {
-      name: 'cyclic', node: [node('Abs', ['b'], ['d']), node('Relu', ['b'], ['a']), node('Neg', ['a'], ['b']), node('Identity', ['x'], ['y'])],
-      input: [{ name: 'x', type: f32, metadata_props: [] }], output: [{ name: 'y', type: f32, metadata_props: [] }, { name: 'd', type: f32, metadata_props: [] }],
-      initializer: [], sparse_initializer: [], value_info: [], quantization_annotation: [], metadata_props: [],
+      name: 'cyclic',
+      node: [node('Abs', ['b'], ['d']), node('Relu', ['b'], ['a']), node('Neg', ['a'], ['b']), node('Identity', ['x'], ['y'])],
+      input: [{ name: 'x', type: f32, metadata_props: [] }],
+      output: [
+        { name: 'y', type: f32, metadata_props: [] },
+        { name: 'd', type: f32, metadata_props: [] },
+      ],
+      initializer: [],
+      sparse_initializer: [],
+      value_info: [],
+      quantization_annotation: [],
+      metadata_props: [],
     } as never,
   });
   return encodeModelProto(proto);
@@ -48,7 +61,9 @@ describe('graphs not in topological order (fixtures/forms-unsorted-tiny)', () =>
 
   it('loads sorted (stably: a sorted graph keeps its order), keeps every name, and finds the layers', () => {
     const model = loadModel(path);
-    const names = decodeModelProto(readFileSync(path)).graph!.node.map((n) => n.name).sort();
+    const names = decodeModelProto(readFileSync(path))
+      .graph!.node.map((n) => n.name)
+      .sort();
     expect(model.graph.nodes.map((n) => n.name).sort()).toEqual(names);
     const seen = new Set(model.graph.inputs.concat([...model.graph.initializers.values()]));
     for (const n of model.graph.nodes) {
@@ -72,7 +87,11 @@ describe('graphs not in topological order (fixtures/forms-unsorted-tiny)', () =>
 describe('int32 input_ids / attention_mask / position_ids (fixtures/forms-int32-tiny)', () => {
   it('runs like the same model with int64 inputs', async () => {
     const int32 = fixture('forms-int32-tiny');
-    expect(loadModel(int32).graph.inputs.filter((v) => v.dtype === 6).map((v) => v.name)).toEqual(['input_ids', 'attention_mask', 'position_ids']);
+    expect(
+      loadModel(int32)
+        .graph.inputs.filter((v) => v.dtype === 6)
+        .map((v) => v.name),
+    ).toEqual(['input_ids', 'attention_mask', 'position_ids']);
     const [a, b] = [await ModSession.create(int32), await ModSession.create(join(FIXTURES_DIR, 'forms-unsorted-tiny', 'unsorted.onnx'))];
     expect(worstReal(await a.forward(ROWS), await b.forward(ROWS), ROWS, 'left')).toBe(0);
   });
@@ -84,11 +103,20 @@ describe('GroupQueryAttention takes right padding only (fixtures/forms-gqa-tiny)
   it('every runner defaults to right padding: run --json reports it per row', async () => {
     const res = await runCli('run', gqa, '--ids', '1,2,3;4,5', '--json');
     expect(res.code).toBe(0);
-    expect(JSON.parse(res.stdout).attentionMask).toEqual([[1, 1, 1], [1, 1, 0]]);
+    expect(JSON.parse(res.stdout).attentionMask).toEqual([
+      [1, 1, 1],
+      [1, 1, 0],
+    ]);
     const session = await ModSession.create(gqa);
     expect(session.padSide()).toBe('right');
-    await session.forward([[1, 2, 3], [4, 5]]);
-    expect(session.attentionMask()).toEqual([[1, 1, 1], [1, 1, 0]]);
+    await session.forward([
+      [1, 2, 3],
+      [4, 5],
+    ]);
+    expect(session.attentionMask()).toEqual([
+      [1, 1, 1],
+      [1, 1, 0],
+    ]);
   });
 
   it('an explicit --pad left is refused with a one-line reason, by every runner and the session', async () => {
@@ -111,7 +139,8 @@ describe('state besides the KV cache: hybrid models (fixtures/forms-hybrid-tiny)
     const s = analyzeDecoder(loadModel(hybrid));
     expect(s.layers.map((l) => l.attention.form)).toEqual(['recurrent', 'unfused', 'unfused']);
     expect(s.layers[0]!.state.map((t) => [t.input.name, t.output.name])).toEqual([
-      ['past_key_values.0.conv_state', 'present.0.conv_state'], ['past_key_values.0.recurrent_state', 'present.0.recurrent_state'],
+      ['past_key_values.0.conv_state', 'present.0.conv_state'],
+      ['past_key_values.0.recurrent_state', 'present.0.recurrent_state'],
     ]);
     expect(s.layers.slice(1).map((l) => l.state)).toEqual([[], []]);
     expect([s.numHeads, s.numKvHeads, s.headSize]).toEqual([4, 2, 8]);
@@ -143,7 +172,11 @@ describe('state besides the KV cache: hybrid models (fixtures/forms-hybrid-tiny)
 });
 
 describe('weight-only quantized models', () => {
-  const FORMS = [['nbits', 'MatMulNBits (int4, com.microsoft)'], ['qdq', 'DequantizeLinear -> MatMul'], ['integer', 'QuantizeLinear -> MatMulInteger']] as const;
+  const FORMS = [
+    ['nbits', 'MatMulNBits (int4, com.microsoft)'],
+    ['qdq', 'DequantizeLinear -> MatMul'],
+    ['integer', 'QuantizeLinear -> MatMulInteger'],
+  ] as const;
 
   it.each(FORMS)('%s (%s): the fixture agrees with ONNX Runtime running the dequantized float32 model', async (quant) => {
     const reference = join(tmp, `${quant}-dequantized`, 'model.onnx');
@@ -168,9 +201,16 @@ describe('weight-only quantized models', () => {
     for (const layer of s.layers) {
       const found = weightMatMuls(layer.nodes, facts);
       expect(found.map((w) => [w.form, w.inFeatures, w.outFeatures])).toEqual([
-        [form, 32, 32], [form, 32, 16], [form, 32, 16], [form, 32, 32], [form, 32, 64], [form, 32, 64], [form, 64, 32],
+        [form, 32, 32],
+        [form, 32, 16],
+        [form, 32, 16],
+        [form, 32, 32],
+        [form, 32, 64],
+        [form, 32, 64],
+        [form, 64, 32],
       ]);
-      for (const w of found) expect(layer.sideInputs.find((si) => si.value === w.weight)?.kind ?? 'computed in the layer', `${w.node.describe()}`).toMatch(/weight|computed/);
+      for (const w of found)
+        expect(layer.sideInputs.find((si) => si.value === w.weight)?.kind ?? 'computed in the layer', `${w.node.describe()}`).toMatch(/weight|computed/);
     }
   });
 
@@ -193,9 +233,13 @@ describe('weight-only quantized models', () => {
     const res = await runCli('compile', path, '-o', join(tmp, 'dynamic-quant', 'mod.onnx'), '--router-init', 'random', '--json');
     expect(res.code).toBe(0);
     const routing = JSON.parse(res.stdout).routing;
-    expect(routing.notConverted).toEqual([{ layer: 1, reason: expect.stringMatching(/^DynamicQuantizeLinear '.*' quantizes its input with one scale taken over all tokens of the call/) }]);
+    expect(routing.notConverted).toEqual([
+      { layer: 1, reason: expect.stringMatching(/^DynamicQuantizeLinear '.*' quantizes its input with one scale taken over all tokens of the call/) },
+    ]);
     expect(routing.converted.length, JSON.stringify(routing)).toBeGreaterThan(0);
-    const mlp = JSON.parse((await runCli('compile', path, '-o', join(tmp, 'dynamic-quant', 'mlp.onnx'), '--router-init', 'random', '--granularity', 'mlp', '--json')).stdout).routing;
+    const mlp = JSON.parse(
+      (await runCli('compile', path, '-o', join(tmp, 'dynamic-quant', 'mlp.onnx'), '--router-init', 'random', '--granularity', 'mlp', '--json')).stdout,
+    ).routing;
     expect(JSON.stringify(mlp.notConverted)).toMatch(/"layer":1.*DynamicQuantizeLinear/);
   });
 });
@@ -206,7 +250,9 @@ describe('decoders fed by inputs_embeds (fixtures/forms-embeds-tiny: decoder, em
 
   /** Rows of the token table for `ids`: [1, S, H] float32. */
   function tableRows(ids: number[]): Float32Array {
-    const table = loadModel(join(FIXTURES_DIR, 'forms-embeds-tiny', 'embedding.onnx')).graph.initializers.get('model.embed_tokens.weight')!.initializer!.toArray() as Float32Array;
+    const table = loadModel(join(FIXTURES_DIR, 'forms-embeds-tiny', 'embedding.onnx'))
+      .graph.initializers.get('model.embed_tokens.weight')!
+      .initializer!.toArray() as Float32Array;
     const H = FORMS_CONFIG.hiddenSize;
     const out = new Float32Array(ids.length * H);
     ids.forEach((id, i) => out.set(table.subarray(id * H, (id + 1) * H), i * H));
@@ -241,7 +287,10 @@ describe('decoders fed by inputs_embeds (fixtures/forms-embeds-tiny: decoder, em
     const [a, b] = [await runCli('run', embeds, '--ids', '5,6,7;8,9', '--json'), await runCli('run', same, '--ids', '5,6,7;8,9', '--json')];
     expect(a.stderr).toBe('');
     const [ja, jb] = [JSON.parse(a.stdout), JSON.parse(b.stdout)];
-    expect(ja.attentionMask).toEqual([[1, 1, 1], [0, 1, 1]]);
+    expect(ja.attentionMask).toEqual([
+      [1, 1, 1],
+      [0, 1, 1],
+    ]);
     expect(ja.attentionMask).toEqual(jb.attentionMask);
     expect(Math.max(...ja.logits.flat(2).map((v: number, i: number) => Math.abs(v - jb.logits.flat(2)[i])))).toBeLessThan(1e-5);
   });
@@ -249,7 +298,10 @@ describe('decoders fed by inputs_embeds (fixtures/forms-embeds-tiny: decoder, em
   it('--embeds FILE (.npy or safetensors) is the prompt; generate embeds the new tokens through the embedding model', async () => {
     const ids = [5, 6, 7, 8];
     const want = JSON.parse((await runCli('generate', same, '--ids', ids.join(','), '--max-new', '3', '--logits', '--json')).stdout);
-    for (const [ext, bytes] of [['npy', npy(tableRows(ids), [1, 4, 32])], ['safetensors', safetensors(tableRows(ids), [4, 32])]] as const) {
+    for (const [ext, bytes] of [
+      ['npy', npy(tableRows(ids), [1, 4, 32])],
+      ['safetensors', safetensors(tableRows(ids), [4, 32])],
+    ] as const) {
       const file = join(tmp, `prompt.${ext}`);
       writeFileSync(file, bytes);
       const run = JSON.parse((await runCli('run', embeds, '--embeds', file, '--json')).stdout);
@@ -258,7 +310,9 @@ describe('decoders fed by inputs_embeds (fixtures/forms-embeds-tiny: decoder, em
       const gen = await runCli('generate', embeds, '--embeds', file, '--max-new', '3', '--logits', '--json');
       const got = JSON.parse(gen.stdout);
       expect(got.ids).toEqual([want.ids[0].slice(4)]);
-      got.steps.forEach((s: { logits: number[][] }, t: number) => expect(Math.max(...s.logits[0]!.map((v, i) => Math.abs(v - want.steps[t].logits[0][i]))), `step ${t}`).toBeLessThan(1e-4));
+      got.steps.forEach((s: { logits: number[][] }, t: number) =>
+        expect(Math.max(...s.logits[0]!.map((v, i) => Math.abs(v - want.steps[t].logits[0][i]))), `step ${t}`).toBeLessThan(1e-4),
+      );
     }
     expectOneLineError(await runCli('run', embeds, '--embeds', join(tmp, 'nothing.npy')), 1, /cannot read --embeds file .*no such file/);
   });
@@ -297,7 +351,10 @@ describe('checked-in form fixtures', () => {
       const files = readdirSync(join(root, dir)).sort();
       expect(readdirSync(join(FIXTURES_DIR, dir)).sort(), dir).toEqual(files);
       for (const f of files) {
-        expect(readFileSync(join(root, dir, f)).equals(readFileSync(join(FIXTURES_DIR, dir, f))), `${dir}/${f} differs: run npx tsx fixtures/build-fixtures.ts`).toBe(true);
+        expect(
+          readFileSync(join(root, dir, f)).equals(readFileSync(join(FIXTURES_DIR, dir, f))),
+          `${dir}/${f} differs: run npx tsx fixtures/build-fixtures.ts`,
+        ).toBe(true);
         expect(statSync(join(FIXTURES_DIR, dir, f)).size).toBeLessThan(1 << 20);
       }
     }

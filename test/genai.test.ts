@@ -21,14 +21,19 @@ interface ModcLayer {
 // eslint-disable-next-line @typescript-eslint/no-explicit-any -- genai_config.json is free-form JSON; the tests read the fields they check
 type GenaiConfig = { modc: { layers: ModcLayer[]; routing: { layers: { layer: number }[] } } & Record<string, any> } & Record<string, any>;
 const config = (folder: string) => JSON.parse(readFileSync(join(folder, 'genai_config.json'), 'utf8')) as GenaiConfig;
-const inputNames = (path: string) => loadModel(path).graph.inputs.map((v) => v.name).sort();
+const inputNames = (path: string) =>
+  loadModel(path)
+    .graph.inputs.map((v) => v.name)
+    .sort();
 
 describe('modc compile writes genai_config.json beside the output', () => {
   it('a routed model (GQA, fp16): the modc section carries per-layer cache names, lengths and shapes; the summary says genai cannot drive it', async () => {
     const out = join(dir, 'qwen', 'model.onnx');
     const res = await runCli('compile', fixture('ort-qwen2-gqa'), '-o', out, '--router-init', 'random');
     expect(res.code).toBe(0);
-    expect(res.stderr).toMatch(/genai_config\.json: onnxruntime-genai cannot drive the compiled model: routed layers 0, 1 cache a different number of tokens per row/);
+    expect(res.stderr).toMatch(
+      /genai_config\.json: onnxruntime-genai cannot drive the compiled model: routed layers 0, 1 cache a different number of tokens per row/,
+    );
     const original = config(join(FIXTURES, 'ort-qwen2-gqa'));
     const c = config(join(dir, 'qwen'));
     expect(c.model.decoder.filename).toBe('model.onnx');
@@ -70,7 +75,7 @@ describe('modc compile writes genai_config.json beside the output', () => {
     expect(res.stderr).toMatch(/routed layers 1, 3 cache/);
   });
 
-  it('an output in the input\'s folder leaves the input\'s config alone and says it was not written', async () => {
+  it("an output in the input's folder leaves the input's config alone and says it was not written", async () => {
     const folder = join(dir, 'same');
     mkdirSync(folder, { recursive: true });
     copyFileSync(fixture('ort-qwen2-gqa'), join(folder, 'model.onnx'));

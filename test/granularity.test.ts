@@ -31,8 +31,14 @@ let counter = 0;
 
 /** Each part meets both routing modes and both gatings across its two cases. */
 const CASES: Record<'attention' | 'mlp', [RoutingMode, boolean][]> = {
-  attention: [['threshold', true], ['topk', false]],
-  mlp: [['threshold', false], ['topk', true]],
+  attention: [
+    ['threshold', true],
+    ['topk', false],
+  ],
+  mlp: [
+    ['threshold', false],
+    ['topk', true],
+  ],
 };
 
 /** The compiled model and the reference agree on a prompt and `steps` teacher-forced steps. */
@@ -103,10 +109,20 @@ function bothPartsFile(path: string, dir: string): string {
   const s = analyzeDecoder(loadModel(path));
   const all = s.layers.map((l) => l.index);
   const file = join(dir, `both${counter++}.safetensors`);
-  writeRouterFile(file, [
-    ...randomRouters(all, s.hiddenSize, 5, 'attention'),
-    ...randomRouters(all.filter((l) => l % 2 === 1), s.hiddenSize, 6, 'mlp'),
-  ], { mode: 'topk', gated: true }, { dtype: 'BF16' });
+  writeRouterFile(
+    file,
+    [
+      ...randomRouters(all, s.hiddenSize, 5, 'attention'),
+      ...randomRouters(
+        all.filter((l) => l % 2 === 1),
+        s.hiddenSize,
+        6,
+        'mlp',
+      ),
+    ],
+    { mode: 'topk', gated: true },
+    { dtype: 'BF16' },
+  );
   return file;
 }
 
@@ -116,7 +132,7 @@ const BOTH_PARTS = ONCE ? ['neox-tiny', 'genai-tiny'] : ['llama-tiny', 'ort-gpt2
 describe.each(BOTH_PARTS)('both parts on one layer: %s', (name) => {
   const path = fixture(name);
 
-  it('agrees with the reference executor (mode and gating from the file\'s metadata)', async () => {
+  it("agrees with the reference executor (mode and gating from the file's metadata)", async () => {
     const tol = await tolerance(path, 1e-4);
     const compiled = compileWith(tmp, path, 'file', { routerFile: bothPartsFile(path, tmp) });
     expect(compiled.plan.mode).toBe('topk');
@@ -136,7 +152,11 @@ describe.each(BOTH_PARTS)('both parts on one layer: %s', (name) => {
     const s = analyzeDecoder(loadModel(path));
     const file = join(tmp, `allpass${counter++}.safetensors`);
     const zero = new Float32Array(s.hiddenSize);
-    writeRouterFile(file, s.layers.flatMap((l) => (['attention', 'mlp'] as RoutedPart[]).map((part) => ({ layer: l.index, part, weight: zero, bias: 20 }))), { mode: 'threshold', gated: false });
+    writeRouterFile(
+      file,
+      s.layers.flatMap((l) => (['attention', 'mlp'] as RoutedPart[]).map((part) => ({ layer: l.index, part, weight: zero, bias: 20 }))),
+      { mode: 'threshold', gated: false },
+    );
     const compiled = compileWith(tmp, path, 'file', { gated: false, routerFile: file });
     expect(compiled.plan.layers).toHaveLength(2 * s.layers.length);
     const pad = padSides(path).at(-1)!;
@@ -189,7 +209,7 @@ describe.runIf(!ONCE)('one-add parallel residual (out = x + (a + m))', () => {
 });
 
 describe.runIf(ONCE)('routing metadata of sub-layer parts', () => {
-  it('names each part\'s selection: a bool [B, S] value equal to what the reference selected', async () => {
+  it("names each part's selection: a bool [B, S] value equal to what the reference selected", async () => {
     const path = fixture('llama-tiny');
     const compiled = compileWith(tmp, path, 'file', { gated: true, routerFile: bothPartsFile(path, tmp) });
     const model = loadModel(compiled.path);
@@ -208,8 +228,16 @@ describe.runIf(ONCE)('routing metadata of sub-layer parts', () => {
     const rows = PROMPTS.b1[0]!;
     const feeds: Record<string, ort.Tensor> = {
       [io.inputIds.name]: typed(io.inputIds.dtype, rows, [1, rows.length]),
-      [io.attentionMask!.name]: typed(io.attentionMask!.dtype, rows.map(() => 1), [1, rows.length]),
-      [io.positionIds!.name]: typed(io.positionIds!.dtype, rows.map((_, i) => i), [1, rows.length]),
+      [io.attentionMask!.name]: typed(
+        io.attentionMask!.dtype,
+        rows.map(() => 1),
+        [1, rows.length],
+      ),
+      [io.positionIds!.name]: typed(
+        io.positionIds!.dtype,
+        rows.map((_, i) => i),
+        [1, rows.length],
+      ),
     };
     for (const b of io.kv) {
       feeds[b.pastKey] = emptyTensor(b.dtype, [1, b.numHeads, 0, b.headSize]);
@@ -247,9 +275,17 @@ describe.runIf(ONCE)('modc compile --granularity', () => {
 
   it('refuses an unknown granularity (exit 2) and a router file whose part tensor does not fit (exit 1), naming it', async () => {
     const path = fixture('llama-tiny');
-    expectOneLineError(await runCli('compile', path, '-o', join(tmp, 'x.onnx'), '--router-init', 'random', '--granularity', 'head'), 2, /--granularity must be one of block, attention, mlp/);
+    expectOneLineError(
+      await runCli('compile', path, '-o', join(tmp, 'x.onnx'), '--router-init', 'random', '--granularity', 'head'),
+      2,
+      /--granularity must be one of block, attention, mlp/,
+    );
     const file = join(tmp, 'bad-part.safetensors');
     writeRouterFile(file, [{ layer: 1, part: 'mlp', weight: new Float32Array(10), bias: 0 }], undefined, { dtype: 'BF16' });
-    expectOneLineError(await runCli('compile', path, '-o', join(tmp, 'y.onnx'), '--routers', file), 1, /'router\.1\.mlp\.weight' has shape \[10\], expected \[64\]/);
+    expectOneLineError(
+      await runCli('compile', path, '-o', join(tmp, 'y.onnx'), '--routers', file),
+      1,
+      /'router\.1\.mlp\.weight' has shape \[10\], expected \[64\]/,
+    );
   });
 });

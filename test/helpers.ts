@@ -87,7 +87,10 @@ export async function runCli(...args: string[]): Promise<CliResult> {
 }
 
 const ORT_TYPES: Record<number, ort.Tensor.Type> = {
-  [DataType.FLOAT]: 'float32', [DataType.FLOAT16]: 'float16', [DataType.INT64]: 'int64', [DataType.INT32]: 'int32',
+  [DataType.FLOAT]: 'float32',
+  [DataType.FLOAT16]: 'float16',
+  [DataType.INT64]: 'int64',
+  [DataType.INT32]: 'int32',
 };
 
 /**
@@ -122,9 +125,21 @@ function feedFor(v: Value, batch: number, seq: number): ort.Tensor {
     return 0;
   };
   switch (type) {
-    case 'int64': return new ort.Tensor('int64', BigInt64Array.from({ length: n }, (_, i) => BigInt(fill(i))), dims);
-    case 'int32': return new ort.Tensor('int32', Int32Array.from({ length: n }, (_, i) => fill(i)), dims);
-    case 'float16': return new ort.Tensor('float16', new Uint16Array(n), dims);
-    default: return new ort.Tensor('float32', new Float32Array(n), dims);
+    case 'int64':
+      return new ort.Tensor(
+        'int64',
+        BigInt64Array.from({ length: n }, (_, i) => BigInt(fill(i))),
+        dims,
+      );
+    case 'int32':
+      return new ort.Tensor(
+        'int32',
+        Int32Array.from({ length: n }, (_, i) => fill(i)),
+        dims,
+      );
+    case 'float16':
+      return new ort.Tensor('float16', new Uint16Array(n), dims);
+    default:
+      return new ort.Tensor('float32', new Float32Array(n), dims);
   }
 }

@@ -26,7 +26,14 @@ function floatType(dims: (number | string)[]) {
 function tinyLinear(): Model {
   const g = new Graph('tiny');
   const x = g.addInput(new Value('x', floatType(['batch', 4])));
-  const w = g.addInitializer(new Value('W'), Tensor.fromArray('W', [4, 4], Float32Array.from({ length: 16 }, (_, i) => i / 16)));
+  const w = g.addInitializer(
+    new Value('W'),
+    Tensor.fromArray(
+      'W',
+      [4, 4],
+      Float32Array.from({ length: 16 }, (_, i) => i / 16),
+    ),
+  );
   const b = g.addInitializer(new Value('b'), Tensor.fromArray('b', [4], Float32Array.from([1, 2, 3, 4])));
   const mm = g.addNode('MatMul', [x, w]);
   const y = g.addNode('Add', [mm.output(0), b], [new Value('y', floatType(['batch', 4]))]);
@@ -139,22 +146,37 @@ describe('IR 10 and 11 fields survive', () => {
     const proto = decodeModelProto(readFileSync(raw));
     // eslint-disable-next-line @typescript-eslint/no-explicit-any -- a ModelProto as plain JSON, edited field by field
     const obj = toPlainObject('ModelProto', proto) as Record<string, any>;
-    obj.functions = [{
-      name: 'Twice', domain: 'test.fn', overload: 'o1', input: ['a'], output: ['b'], attribute: ['unused'],
-      attribute_proto: [{ name: 'alpha', type: 1, f: 0.5 }],
-      node: [{ input: ['a', 'a'], output: ['b'], op_type: 'Add', domain: '' }],
-      opset_import: [{ domain: '', version: 17 }],
-      value_info: [{ name: 'b', type: floatType([4]), metadata_props: [{ key: 'k', value: 'v' }] }],
-      metadata_props: [{ key: 'fn', value: 'meta' }],
-    }];
+    obj.functions = [
+      {
+        name: 'Twice',
+        domain: 'test.fn',
+        overload: 'o1',
+        input: ['a'],
+        output: ['b'],
+        attribute: ['unused'],
+        attribute_proto: [{ name: 'alpha', type: 1, f: 0.5 }],
+        node: [{ input: ['a', 'a'], output: ['b'], op_type: 'Add', domain: '' }],
+        opset_import: [{ domain: '', version: 17 }],
+        value_info: [{ name: 'b', type: floatType([4]), metadata_props: [{ key: 'k', value: 'v' }] }],
+        metadata_props: [{ key: 'fn', value: 'meta' }],
+      },
+    ];
     obj.graph.node.push({
-      input: ['y'], output: ['z'], op_type: 'If', attribute: [],
+      input: ['y'],
+      output: ['z'],
+      op_type: 'If',
+      attribute: [],
     });
     obj.graph.node[2].input = ['cond'];
     obj.graph.input.push({ name: 'cond', type: { tensor_type: { elem_type: DataType.BOOL, shape: { dim: [] } } } });
     obj.graph.node[2].attribute = ['then_branch', 'else_branch'].map((n, i) => ({
-      name: n, type: 5,
-      g: { name: n, node: [{ input: ['y'], output: [`${n}_out`], op_type: i ? 'Neg' : 'Identity' }], output: [{ name: `${n}_out`, type: floatType(['batch', 4]) }] },
+      name: n,
+      type: 5,
+      g: {
+        name: n,
+        node: [{ input: ['y'], output: [`${n}_out`], op_type: i ? 'Neg' : 'Identity' }],
+        output: [{ name: `${n}_out`, type: floatType(['batch', 4]) }],
+      },
     }));
     obj.graph.output.push({ name: 'z', type: floatType(['batch', 4]) });
     const src = join(tmp, 'fn-src.onnx');

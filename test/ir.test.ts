@@ -29,7 +29,12 @@ describe('graph IR', () => {
   it('tracks producers and uses, and replaceAllUsesWith rewires every reader', () => {
     const { g, x, relu, neg, dead } = chain();
     expect(relu.output(0).producer).toBe(relu);
-    expect(relu.output(0).consumers().sort((a, b) => a.opType.localeCompare(b.opType))).toEqual([dead, neg]);
+    expect(
+      relu
+        .output(0)
+        .consumers()
+        .sort((a, b) => a.opType.localeCompare(b.opType)),
+    ).toEqual([dead, neg]);
     const sig = g.addNode('Sigmoid', [x], 1, { before: neg });
     relu.output(0).replaceAllUsesWith(sig.output(0));
     expect(neg.input(0)).toBe(sig.output(0));
@@ -137,7 +142,9 @@ describe('pass manager', () => {
   it('verifies after each pass and names the pass that broke the IR', () => {
     const { model } = chain();
     const reg = new PassRegistry().register(breakIt);
-    expect(() => runPipeline(model, reg.parsePipeline('break-it'))).toThrow(/invalid IR after pass break-it: Relu node .* reads %dangling, which nothing defines/);
+    expect(() => runPipeline(model, reg.parsePipeline('break-it'))).toThrow(
+      /invalid IR after pass break-it: Relu node .* reads %dangling, which nothing defines/,
+    );
   });
 
   it('parses pass options and rejects unknown ones', () => {

@@ -56,7 +56,11 @@ function maxDiff(a: Float32Array, b: Float32Array): number {
   return worst;
 }
 
-const ROWS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19]];
+const ROWS = [
+  [5, 6, 7, 8, 9, 10, 11],
+  [12, 13, 14],
+  [15, 16, 17, 18, 19],
+];
 const FORCED = [3, 1, 4, 1];
 
 /** Prefill and 4 forced steps on both; the last-only model matches the full one at each row's last real token. */
@@ -84,7 +88,7 @@ async function expectSameLastLogits(fullPath: string, lastPath: string, pad: 'le
 }
 
 describe.each(contractModels())('$name', ({ path }) => {
-  it('last-logits alone gives each row\'s last real token, [B, 1, V]; decode steps unchanged', async () => {
+  it("last-logits alone gives each row's last real token, [B, 1, V]; decode steps unchanged", async () => {
     const tol = await tolerance(path, 1e-4); // fp16: 1e-2 scaled to the logits
     const last = lastOnly(path);
     expect(logitsPositions(loadModel(last))).toBe('last');

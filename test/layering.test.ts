@@ -39,13 +39,23 @@ describe('source layering', () => {
   });
 
   it('no module imports a module of a layer above its own', () => {
-    const upward = files.flatMap((f) => imports.get(f)!.filter((d) => layerOf(d) > layerOf(f)).map((d) => `${rel(f)} -> ${rel(d)}`));
+    const upward = files.flatMap((f) =>
+      imports
+        .get(f)!
+        .filter((d) => layerOf(d) > layerOf(f))
+        .map((d) => `${rel(f)} -> ${rel(d)}`),
+    );
     expect(upward).toEqual([]);
   });
 
   it('cli commands import no other command', () => {
     const commands = files.filter((f) => rel(f).startsWith('cli/commands/'));
-    const crossing = commands.flatMap((f) => imports.get(f)!.filter((d) => d !== f && rel(d).startsWith('cli/commands/')).map((d) => `${rel(f)} -> ${rel(d)}`));
+    const crossing = commands.flatMap((f) =>
+      imports
+        .get(f)!
+        .filter((d) => d !== f && rel(d).startsWith('cli/commands/'))
+        .map((d) => `${rel(f)} -> ${rel(d)}`),
+    );
     expect(crossing).toEqual([]);
   });
 

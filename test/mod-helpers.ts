@@ -32,7 +32,8 @@ let counter = 0;
 /** Compiles `source` with all-pass or seeded random routers (or a router file) into a fresh folder under `dir`. */
 export function compileWith(dir: string, source: string, routers: 'all-pass' | 'random' | 'file', opts: CompileOptions): Compiled {
   const model = loadModel(source);
-  const source_: PlanRequest['routers'] = routers === 'all-pass' ? { kind: 'all-pass' } : routers === 'random' ? { kind: 'random', seed: 11 } : { kind: 'file', path: opts.routerFile! };
+  const source_: PlanRequest['routers'] =
+    routers === 'all-pass' ? { kind: 'all-pass' } : routers === 'random' ? { kind: 'random', seed: 11 } : { kind: 'file', path: opts.routerFile! };
   compile(model, { routers: source_, mode: opts.mode, gated: opts.gated, threshold: opts.threshold, capacity: opts.capacity, granularity: opts.granularity });
   const path = join(dir, `c${counter++}`, 'model.onnx');
   saveModel(model, path);
@@ -80,7 +81,14 @@ export function padSides(path: string): ('left' | 'right')[] {
   return decoderIo(loadModel(path)).paddingSides;
 }
 
-export const PROMPTS = { b1: [[5, 6, 7, 8, 9, 10, 11]], b3: [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19]] };
+export const PROMPTS = {
+  b1: [[5, 6, 7, 8, 9, 10, 11]],
+  b3: [
+    [5, 6, 7, 8, 9, 10, 11],
+    [12, 13, 14],
+    [15, 16, 17, 18, 19],
+  ],
+};
 
 /** Anything driven like a decoder session (ModSession, ModReference). */
 type Driven = Pick<ModSession, 'forward' | 'step' | 'layerCacheLengths'>;
@@ -90,7 +98,15 @@ type Driven = Pick<ModSession, 'forward' | 'step' | 'layerCacheLengths'>;
  * greedy steps (the original's argmax fed to both) within `tol` with the same greedy tokens, and
  * the same per-layer cache lengths at the end.
  */
-export async function expectSameRun(orig: Driven, mod: Driven, rows: number[][], pad: 'left' | 'right', steps: number, tol: number, what: string): Promise<void> {
+export async function expectSameRun(
+  orig: Driven,
+  mod: Driven,
+  rows: number[][],
+  pad: 'left' | 'right',
+  steps: number,
+  tol: number,
+  what: string,
+): Promise<void> {
   expect(worstReal(await orig.forward(rows, { pad }), await mod.forward(rows, { pad }), rows, pad), `prefill, ${what}`).toBeLessThan(tol);
   let stepsOrig = lastPosition(await orig.step(rows.map(() => 1)));
   let stepsMod = lastPosition(await mod.step(rows.map(() => 1)));
@@ -127,7 +143,10 @@ export async function splittingThreshold(dir: string, path: string, rows: number
   try {
     await ref.forward(rows, { pad });
     const first = describeLayerPart(probe.plan.layers[0]!);
-    const probs = ref.scores[0]!.get(first)!.flat().map(sigmoid32).sort((a, b) => a - b);
+    const probs = ref.scores[0]!.get(first)!
+      .flat()
+      .map(sigmoid32)
+      .sort((a, b) => a - b);
     const mid = probs.length >> 1;
     const [lo, hi] = [probs[mid - 1]!, probs[mid]!];
     const p = (lo + hi) / 2;

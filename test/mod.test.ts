@@ -32,18 +32,26 @@ describe.each(contractModels())('$name', ({ path }) => {
   // All-pass routers give r = sigmoid(20) = 1 in float32 and select every token under either mode:
   // top-k at capacity 1 keeps every real token, and gating multiplies by exactly 1.
   it.each([
-    ['threshold', true], ['topk', false], ['topk', true],
-  ] as const)('all tokens selected, %s routing (gated %s, capacity 1), reproduces the original: prefill and 4 greedy steps, batch 3 with padding', async (mode, gated) => {
-    const compiled = compile(path, 'all-pass', { mode, gated, capacity: 1 });
-    expect(compiled.plan.mode).toBe(mode);
-    expect(compiled.plan.gated).toBe(gated);
-    const pad = padSides(path).at(-1)!;
-    const [orig, mod] = await Promise.all([ModSession.create(path), ModSession.create(compiled.path)]);
-    await expectSameRun(orig, mod, PROMPTS.b3, pad, 4, await tolerance(path, 1e-4), `${mode}, gated ${gated}, pad ${pad}`);
-  });
+    ['threshold', true],
+    ['topk', false],
+    ['topk', true],
+  ] as const)(
+    'all tokens selected, %s routing (gated %s, capacity 1), reproduces the original: prefill and 4 greedy steps, batch 3 with padding',
+    async (mode, gated) => {
+      const compiled = compile(path, 'all-pass', { mode, gated, capacity: 1 });
+      expect(compiled.plan.mode).toBe(mode);
+      expect(compiled.plan.gated).toBe(gated);
+      const pad = padSides(path).at(-1)!;
+      const [orig, mod] = await Promise.all([ModSession.create(path), ModSession.create(compiled.path)]);
+      await expectSameRun(orig, mod, PROMPTS.b3, pad, 4, await tolerance(path, 1e-4), `${mode}, gated ${gated}, pad ${pad}`);
+    },
+  );
 
   it.each([
-    ['threshold', true], ['threshold', false], ['topk', true], ['topk', false],
+    ['threshold', true],
+    ['threshold', false],
+    ['topk', true],
+    ['topk', false],
   ] as const)('random routers, %s routing (gated %s), agree with the reference executor', async (mode, gated) => {
     const tol = await tolerance(path, 1e-4);
     const pad = padSides(path).at(-1)!;

@@ -97,18 +97,41 @@ function realSlices(l: Logits, lengths: number[], pad: 'left' | 'right', slice: 
 function worst(a: number[][][], b: number[][][]): number {
   if (JSON.stringify(a.map((r) => r.map((p) => p.length))) !== JSON.stringify(b.map((r) => r.map((p) => p.length)))) return Infinity;
   let w = 0;
-  a.forEach((row, r) => row.forEach((pos, t) => pos.forEach((v, i) => {
-    const d = Math.abs(v - b[r]![t]![i]!);
-    w = Number.isNaN(d) ? Infinity : Math.max(w, d);
-  })));
+  a.forEach((row, r) =>
+    row.forEach((pos, t) =>
+      pos.forEach((v, i) => {
+        const d = Math.abs(v - b[r]![t]![i]!);
+        w = Number.isNaN(d) ? Infinity : Math.max(w, d);
+      }),
+    ),
+  );
   return w;
 }
 
 /** Runs a model over the case's prompt and steps: per call, the real positions' logit slices and the cache lengths. */
 async function runCase(path: string, c: OracleCase, slice: number[]): Promise<{ logits: number[][][]; cacheLengths: number[][] }[]> {
   const session = await ModSession.create(path);
-  const out = [{ logits: realSlices(await session.forward(c.prompt, { pad: c.pad }), c.prompt.map((r) => r.length), c.pad, slice), cacheLengths: session.layerCacheLengths() }];
-  for (const step of c.steps) out.push({ logits: realSlices(await session.step(step), step.map(() => 1), 'left', slice), cacheLengths: session.layerCacheLengths() });
+  const out = [
+    {
+      logits: realSlices(
+        await session.forward(c.prompt, { pad: c.pad }),
+        c.prompt.map((r) => r.length),
+        c.pad,
+        slice,
+      ),
+      cacheLengths: session.layerCacheLengths(),
+    },
+  ];
+  for (const step of c.steps)
+    out.push({
+      logits: realSlices(
+        await session.step(step),
+        step.map(() => 1),
+        'left',
+        slice,
+      ),
+      cacheLengths: session.layerCacheLengths(),
+    });
   return out;
 }
 
@@ -131,23 +154,33 @@ async function prefillSelections(compiled: Compiled, c: OracleCase): Promise<Map
     if (b.pastLength) feeds[b.pastLength] = typed('int64', Array(B).fill(0), [B]);
   }
   compiled.instrumented.session ??= await createSession(compiled.instrumented.path);
-  const out = await compiled.instrumented.session.run(feeds, selections.map((s) => s.output));
+  const out = await compiled.instrumented.session.run(
+    feeds,
+    selections.map((s) => s.output),
+  );
   const result = new Map<string, boolean[][]>();
   for (const s of selections) {
     const data = (out[s.output] as ort.Tensor).data as Uint8Array;
     expect(data.length, `layer ${s.layer} ${s.part}: selection [B, S]`).toBe(B * width);
-    result.set(`${s.layer}/${s.part}`, mask.map((m, b) => m.flatMap((real, t) => {
-      const chosen = data[b * width + t] !== 0;
-      if (real === 0) expect(chosen, `layer ${s.layer} ${s.part}: padding (row ${b}, column ${t}) is never selected`).toBe(false);
-      return real === 1 ? [chosen] : [];
-    })));
+    result.set(
+      `${s.layer}/${s.part}`,
+      mask.map((m, b) =>
+        m.flatMap((real, t) => {
+          const chosen = data[b * width + t] !== 0;
+          if (real === 0) expect(chosen, `layer ${s.layer} ${s.part}: padding (row ${b}, column ${t}) is never selected`).toBe(false);
+          return real === 1 ? [chosen] : [];
+        }),
+      ),
+    );
   }
   return result;
 }
 
 /** The fixtures the oracle covers; `npm test` runs those in QUICK_MODELS, `npm run test:slow` the others. */
 const ORACLE_MODELS = ['llama-tiny', 'gpt2-tiny', 'neox-tiny'];
-const models = contractModels().map((m) => m.name.replace(/^fixtures\//, '')).filter((n) => ORACLE_MODELS.includes(n));
+const models = contractModels()
+  .map((m) => m.name.replace(/^fixtures\//, ''))
+  .filter((n) => ORACLE_MODELS.includes(n));
 
 it('runs on at least one of its fixtures in this test project', () => {
   expect(models.length).toBeGreaterThan(0);
@@ -164,7 +197,12 @@ describe.each(models)('oracle %s', (name) => {
 
   it('covers threshold and top-k, gated and ungated, both padding sides, every granularity, BF16 and file metadata', () => {
     const block = cases.filter((c) => c.granularity === 'block');
-    expect([...new Set(block.map((c) => `${c.routing.mode}/${c.routing.gated}`))].sort()).toEqual(['threshold/false', 'threshold/true', 'topk/false', 'topk/true']);
+    expect([...new Set(block.map((c) => `${c.routing.mode}/${c.routing.gated}`))].sort()).toEqual([
+      'threshold/false',
+      'threshold/true',
+      'topk/false',
+      'topk/true',
+    ]);
     expect([...new Set(block.map((c) => c.pad))].sort()).toEqual(['left', 'right']);
     expect([...new Set(cases.map((c) => c.granularity))].sort()).toEqual(['attention', 'block', 'mixed', 'mlp']);
     expect([...new Set(cases.flatMap((c) => c.requires))].sort()).toEqual(['bf16', 'router-metadata', 'sub-layer']);
@@ -192,7 +230,7 @@ describe.each(models)('oracle %s', (name) => {
     const dense = original.get(key)!;
     // worst() turns NaN and shape mismatches into Infinity, which a "greater than" would accept.
     const effect = dense.map((d, i) => worst(d.logits, c.calls[i]!.logits));
-    expect(effect.every(Number.isFinite), 'original logits: finite, shaped like the oracle\'s').toBe(true);
+    expect(effect.every(Number.isFinite), "original logits: finite, shaped like the oracle's").toBe(true);
     expect(Math.max(...effect), 'max |original - oracle|').toBeGreaterThan(MIN_EFFECT);
   });
 });

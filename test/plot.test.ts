@@ -12,8 +12,9 @@ const dir = tempDir('modc-plot');
 
 /** The data marks of an SVG, from Vega's aria labels: `field: value` pairs per point. */
 function points(svg: string): Record<string, string>[] {
-  return [...svg.matchAll(/aria-label="([^"]*series: [^"]*)"/g)]
-    .map((m) => Object.fromEntries(m[1]!.split('; ').map((kv) => kv.split(': ') as [string, string])));
+  return [...svg.matchAll(/aria-label="([^"]*series: [^"]*)"/g)].map((m) =>
+    Object.fromEntries(m[1]!.split('; ').map((kv) => kv.split(': ') as [string, string])),
+  );
 }
 const axisX = 'capacity (fraction of tokens a routed layer runs)';
 
@@ -29,8 +30,15 @@ describe('figures', () => {
     expect(svg.trimEnd().endsWith('</svg>')).toBe(true);
     const marks = points(svg);
     for (const p of pts) {
-      for (const [series, key, v] of [['prefill', 'speedup', p.prefillSpeedup], ['decode', 'speedup', p.decodeSpeedup], ['KV bytes', 'KV bytes ratio', p.kvRatio]] as const) {
-        expect(marks.some((m) => m.series === series && Number(m[axisX]) === p.capacity && Number(m[key]) === v), `${series} at ${p.capacity}`).toBe(true);
+      for (const [series, key, v] of [
+        ['prefill', 'speedup', p.prefillSpeedup],
+        ['decode', 'speedup', p.decodeSpeedup],
+        ['KV bytes', 'KV bytes ratio', p.kvRatio],
+      ] as const) {
+        expect(
+          marks.some((m) => m.series === series && Number(m[axisX]) === p.capacity && Number(m[key]) === v),
+          `${series} at ${p.capacity}`,
+        ).toBe(true);
       }
     }
     expect(svg).toMatch(/legend[^"]*2 values: decode, prefill/);
@@ -43,13 +51,28 @@ describe('figures', () => {
       { series: 'random', computeFraction: 0.75, nll: 4.25 },
     ];
     const marks = points(await renderSvg(qualityFigure(pts)));
-    for (const p of pts) expect(marks.some((m) => m.series === p.series && Number(m['held-out NLL (nats/token)']) === p.nll && Number(m['compute (fraction of dense MACs)']) === p.computeFraction)).toBe(true);
+    for (const p of pts)
+      expect(
+        marks.some(
+          (m) =>
+            m.series === p.series && Number(m['held-out NLL (nats/token)']) === p.nll && Number(m['compute (fraction of dense MACs)']) === p.computeFraction,
+        ),
+      ).toBe(true);
   });
 
   it('points from eval results and quality-bench rows; an unknown document is refused', () => {
     const { quality, capacity } = collectPoints([
       { name: 'a.json', doc: { nll: 3.9, computeFraction: 0.6, routing: { mode: 'topk' } } },
-      { name: 'q.json', doc: { denseNll: 3.5, rows: [{ method: 'dense', granularity: 'dense', computeFraction: 1, nll: 3.5 }, { method: 'calibrated', granularity: 'block', computeFraction: 0.8, nll: 3.7 }] } },
+      {
+        name: 'q.json',
+        doc: {
+          denseNll: 3.5,
+          rows: [
+            { method: 'dense', granularity: 'dense', computeFraction: 1, nll: 3.5 },
+            { method: 'calibrated', granularity: 'block', computeFraction: 0.8, nll: 3.7 },
+          ],
+        },
+      },
     ]);
     expect(capacity).toEqual([]);
     expect(quality).toEqual([
@@ -62,11 +85,28 @@ describe('figures', () => {
 });
 
 describe('modc bench --plot and bench plot', () => {
-  it('modc bench --plot draws the measured ratios at the compiled model\'s capacity', async () => {
+  it("modc bench --plot draws the measured ratios at the compiled model's capacity", async () => {
     const compiled = join(dir, 'c.onnx');
-    expect((await runCli('compile', fixture('llama-tiny'), '-o', compiled, '--router-init', 'random', '--routing', 'topk', '--capacity', '0.5', '-q')).code).toBe(0);
+    expect(
+      (await runCli('compile', fixture('llama-tiny'), '-o', compiled, '--router-init', 'random', '--routing', 'topk', '--capacity', '0.5', '-q')).code,
+    ).toBe(0);
     const svgPath = join(dir, 'bench.svg');
-    const res = await runCli('bench', fixture('llama-tiny'), compiled, '--prompt', '8', '--steps', '2', '--runs', '1', '--warmup', '0', '--json', '--plot', svgPath);
+    const res = await runCli(
+      'bench',
+      fixture('llama-tiny'),
+      compiled,
+      '--prompt',
+      '8',
+      '--steps',
+      '2',
+      '--runs',
+      '1',
+      '--warmup',
+      '0',
+      '--json',
+      '--plot',
+      svgPath,
+    );
     expect(res.code, res.stderr).toBe(0);
     writeFileSync(join(dir, 'bench.json'), res.stdout);
     const report = JSON.parse(res.stdout);
@@ -82,7 +122,9 @@ describe('modc bench --plot and bench plot', () => {
     writeFileSync(join(dir, 'eval.json'), JSON.stringify({ nll: 4.5, computeFraction: 0.7, routing: null }));
     await plotBench([join(dir, 'bench.json'), join(dir, 'eval.json'), '--out', join(dir, 'fig.svg')]);
     expect(points(readFileSync(join(dir, 'fig-capacity.svg'), 'utf8')).some((m) => m.series === 'KV bytes' && Number(m[axisX]) === 0.5)).toBe(true);
-    expect(points(readFileSync(join(dir, 'fig-quality.svg'), 'utf8')).some((m) => m.series === 'modc eval' && m['held-out NLL (nats/token)'] === '4.5')).toBe(true);
+    expect(points(readFileSync(join(dir, 'fig-quality.svg'), 'utf8')).some((m) => m.series === 'modc eval' && m['held-out NLL (nats/token)'] === '4.5')).toBe(
+      true,
+    );
     expect(existsSync(join(dir, 'fig.svg'))).toBe(false);
   });
 });

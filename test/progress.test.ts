@@ -57,7 +57,13 @@ describe('progress', () => {
     const lines = await runCli('calibrate', MODEL, '--data', data, '--target-compute', '0.9', '-o', out('a'), '--progress');
     expect(lines.code).toBe(0);
     const stages = lines.stderr.split('\n').filter((l) => l.startsWith('['));
-    expect(stages.map((l) => l.replace(/\].*/, ']'))).toEqual(['[capturing activations]', '[fitting routers]', '[scoring tokens]', '[measuring sensitivity]', '[refining thresholds]']);
+    expect(stages.map((l) => l.replace(/\].*/, ']'))).toEqual([
+      '[capturing activations]',
+      '[fitting routers]',
+      '[scoring tokens]',
+      '[measuring sensitivity]',
+      '[refining thresholds]',
+    ]);
     const quiet = await runCli('calibrate', MODEL, '--data', data, '--target-compute', '0.9', '-o', out('b'), '--progress', '-q');
     expect(quiet.code).toBe(0);
     expect(quiet.stderr).toBe('');
@@ -76,7 +82,10 @@ describe('progress', () => {
   });
 
   it('every command takes --progress and -q', async () => {
-    for (const args of [['inspect', MODEL], ['run', MODEL, '--ids', '1,2']]) {
+    for (const args of [
+      ['inspect', MODEL],
+      ['run', MODEL, '--ids', '1,2'],
+    ]) {
       expect((await runCli(...args, '-q')).code).toBe(0);
       expect((await runCli(...args, '--progress')).code).toBe(0);
     }

@@ -17,7 +17,10 @@ const reference = readTorchReference(DIR);
 const vocab = reference.config.vocab!;
 
 function readLines(file: string): number[][] {
-  return readFileSync(join(DIR, file), 'utf8').trim().split('\n').map((l) => (JSON.parse(l) as { ids: number[] }).ids);
+  return readFileSync(join(DIR, file), 'utf8')
+    .trim()
+    .split('\n')
+    .map((l) => (JSON.parse(l) as { ids: number[] }).ids);
 }
 
 /** Entropy (nats) of the byte frequencies of every predicted byte (each byte after a line's first). */

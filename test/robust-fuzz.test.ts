@@ -17,7 +17,9 @@ afterAll(() => rmSync(scratch, { recursive: true, force: true }));
 describe('mutation fuzzing (short run)', () => {
   it('500 cases, seed 12: no crash, hang, multi-line error or output ONNX Runtime rejects', async () => {
     const stats = await fuzz({ fixtures: seedModels(scratch, [], 2 ** 21), seed: 12, cases: 500, workers: 2, ortSample: 0.1, timeoutMs: 60_000 });
-    const report = stats.failures.map((f) => `${f.kind} x${f.count} at ${f.stage} (seed ${f.seed}, case ${f.index}, ${f.fixture}): ${f.message.split('\n')[0]} [${f.log.join('; ')}]`);
+    const report = stats.failures.map(
+      (f) => `${f.kind} x${f.count} at ${f.stage} (seed ${f.seed}, case ${f.index}, ${f.fixture}): ${f.message.split('\n')[0]} [${f.log.join('; ')}]`,
+    );
     expect(report).toEqual([]);
     expect(stats.cases).toBe(500);
     // The run exercised both sides: inputs refused, and outputs compiled, saved and loaded back.

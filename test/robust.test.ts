@@ -54,7 +54,11 @@ async function compiledLlama(extra: string[] = []): Promise<string> {
 
 describe('crashes are refusals naming their cause', () => {
   it('modc.routing metadata that is not JSON, or not the documented shape', () => {
-    for (const [value, why] of [['{', /not valid JSON/], ['[]', /not a JSON object/], ['{"mode":"threshold","gated":true,"layers":[{"layer":"x"}]}', /layer index/]] as const) {
+    for (const [value, why] of [
+      ['{', /not valid JSON/],
+      ['[]', /not a JSON object/],
+      ['{"mode":"threshold","gated":true,"layers":[{"layer":"x"}]}', /layer index/],
+    ] as const) {
       const path = mutant('llama-tiny', (m) => m.metadata_props.push({ key: 'modc.routing', value }));
       const e = refusal(() => readRoutingMetadata(loadModel(path)));
       expect(e.message).toMatch(why);
@@ -109,10 +113,14 @@ describe('crashes are refusals naming their cause', () => {
 
   it('a call to a local modc function that declares fewer outputs (with --inline-ops)', async () => {
     const compiled = await compiledLlama();
-    const path = mutant('', (m) => {
-      const f = m.functions.find((fn) => fn.output.length > 1)!;
-      f.output.pop();
-    }, compiled);
+    const path = mutant(
+      '',
+      (m) => {
+        const f = m.functions.find((fn) => fn.output.length > 1)!;
+        f.output.pop();
+      },
+      compiled,
+    );
     expect(refusal(() => loadModel(path)).message).toMatch(/expects \d outputs from local function 'modc::\w+', which declares \d/);
     expectOneLineError(await runCli('compile', path, '-o', join(tmp, 'fn', 'out.onnx'), '--passes', 'inline-modc-ops'), 1, /local function/);
   });
@@ -144,7 +152,11 @@ describe('outputs ONNX Runtime would reject', () => {
       const g = m.graph!;
       for (const t of g.initializer) {
         if (!g.input.some((v) => v.name === t.name)) {
-          g.input.push({ name: t.name, type: { tensor_type: { elem_type: t.data_type, shape: { dim: t.dims.map((d) => ({ dim_value: d })) } } }, metadata_props: [] });
+          g.input.push({
+            name: t.name,
+            type: { tensor_type: { elem_type: t.data_type, shape: { dim: t.dims.map((d) => ({ dim_value: d })) } } },
+            metadata_props: [],
+          });
         }
       }
     });
@@ -157,8 +169,14 @@ describe('outputs ONNX Runtime would reject', () => {
   });
 
   it('a missing or renamed default-domain opset import is refused, not guessed', async () => {
-    for (const edit of [(m: ModelProto) => void m.opset_import.splice(m.opset_import.findIndex((o) => !o.domain), 1),
-      (m: ModelProto) => void (m.opset_import.find((o) => !o.domain)!.domain = 'bogus')]) {
+    for (const edit of [
+      (m: ModelProto) =>
+        void m.opset_import.splice(
+          m.opset_import.findIndex((o) => !o.domain),
+          1,
+        ),
+      (m: ModelProto) => void (m.opset_import.find((o) => !o.domain)!.domain = 'bogus'),
+    ]) {
       const path = mutant('llama-tiny', edit);
       expect(refusal(() => loadModel(path)).message).toMatch(/imports no ai\.onnx opset/);
     }
@@ -174,7 +192,7 @@ describe('outputs ONNX Runtime would reject', () => {
     await (await createSession(out)).release();
   });
 
-  it('a graph output named like an input keeps the input\'s type', () => {
+  it("a graph output named like an input keeps the input's type", () => {
     const path = mutant('llama-tiny', (m) => {
       const input = m.graph!.input[0]!;
       m.graph!.output.push({ name: input.name, type: { tensor_type: { elem_type: 1, shape: { dim: [{ dim_value: 3 }] } } }, metadata_props: [] });
@@ -213,13 +231,19 @@ describe('outputs ONNX Runtime would reject', () => {
     const skip = m.graph.nodes.find((n) => n.opType === 'SkipLayerNormalization' && n.inputs[0]?.producer)!;
     skip.inputs[0]!.name = '';
     runPipeline(m, []);
-    expect(verifyModel(m).map((i) => i.message)).toContainEqual(expect.stringMatching(/SkipLayerNormalization node .* input 0 reads a value with the empty name/));
+    expect(verifyModel(m).map((i) => i.message)).toContainEqual(
+      expect.stringMatching(/SkipLayerNormalization node .* input 0 reads a value with the empty name/),
+    );
     expect(refusal(() => saveModel(m, join(tmp, 'empty', 'model.onnx'))).message).toMatch(/the model is invalid/);
     expect(existsSync(join(tmp, 'empty', 'model.onnx'))).toBe(false);
 
     const input = loadModel(join(FIX, 'llama-tiny', 'model.onnx'));
     input.graph.inputs[0]!.name = '';
-    expect(verifyModel(input).map((i) => i.message).join('\n')).toMatch(/a graph input has the empty name/);
+    expect(
+      verifyModel(input)
+        .map((i) => i.message)
+        .join('\n'),
+    ).toMatch(/a graph input has the empty name/);
   });
 
   it('an input rewired to a value of a rank the op cannot take (fuzz seed 21, case 2850: Gather of a scalar)', async () => {
@@ -252,7 +276,9 @@ describe('outputs ONNX Runtime would reject', () => {
         input.type!.tensor_type!.shape!.dim[2] = { dim_value: h } as never;
       });
       expect(refusal(() => analyzeDecoder(loadModel(path))).message).toMatch(new RegExp(`declares hidden size ${h}; it must be a positive integer`));
-      expect(refusal(() => planRouting({ numLayers: 3, hiddenSize: h, routers: { kind: 'all-pass' } })).message).toMatch(/hidden size is -?\d: it must be a positive integer/);
+      expect(refusal(() => planRouting({ numLayers: 3, hiddenSize: h, routers: { kind: 'all-pass' } })).message).toMatch(
+        /hidden size is -?\d: it must be a positive integer/,
+      );
     }
   });
 
@@ -285,7 +311,9 @@ describe('outputs ONNX Runtime would reject', () => {
     const [gate, up] = ['gate_proj', 'up_proj'].map((p) => g.nodes.find((n) => n.opType === 'MatMul' && n.name.includes(`layers.2/mlp/${p}`))!);
     gate!.setInput(0, up!.output(0)); // [B, S, 64] into a [32, 64] weight
     g.toposort();
-    expect(verifyModel(m).map((i) => i.message)).toContainEqual(expect.stringMatching(/gate_proj\/MatMul' multiplies an input whose last dim is 64 by one whose second-to-last dim is 32/));
+    expect(verifyModel(m).map((i) => i.message)).toContainEqual(
+      expect.stringMatching(/gate_proj\/MatMul' multiplies an input whose last dim is 64 by one whose second-to-last dim is 32/),
+    );
   });
 
   it('a head count outside int32 (fuzz seed 34, case 90939: kv_num_heads 2^32 + 1) is refused by analysis', async () => {
@@ -300,13 +328,21 @@ describe('outputs ONNX Runtime would reject', () => {
     const bytes = readFileSync(join(FIX, 'genai-tiny', 'model.onnx'));
     expect(refusal(() => modelFromBytes(bytes, join(tmp, 'no-such-folder', 'model.onnx'))).message).toMatch(/missing external data: 'model.onnx.data'/);
     // A model without external data needs no folder.
-    expect(modelFromBytes(readFileSync(join(FIX, 'llama-tiny', 'model.onnx')), join(tmp, 'no-such-folder', 'model.onnx')).graph.nodes.length).toBeGreaterThan(0);
+    expect(modelFromBytes(readFileSync(join(FIX, 'llama-tiny', 'model.onnx')), join(tmp, 'no-such-folder', 'model.onnx')).graph.nodes.length).toBeGreaterThan(
+      0,
+    );
   });
 
   it('rank and element-type checks refuse only what is certain: every fixture model and a MoD compile pass them', async () => {
     const { rankIssues } = await import('../compiler/core/ir/ranks.js');
     const { elemTypeIssues } = await import('../compiler/core/ir/elem-types.js');
-    const models = readdirSync(FIX).flatMap((d) => (statSync(join(FIX, d)).isDirectory() ? readdirSync(join(FIX, d)).filter((f) => f.endsWith('.onnx')).map((f) => join(FIX, d, f)) : []));
+    const models = readdirSync(FIX).flatMap((d) =>
+      statSync(join(FIX, d)).isDirectory()
+        ? readdirSync(join(FIX, d))
+            .filter((f) => f.endsWith('.onnx'))
+            .map((f) => join(FIX, d, f))
+        : [],
+    );
     expect(models.length).toBeGreaterThan(20);
     for (const path of models) {
       const g = loadModel(path).graph;
@@ -339,7 +375,7 @@ describe('data safety', () => {
     return join(dir, 'model.onnx');
   }
 
-  it('refuses -o onto the input\'s external-data file, directly, through a symlink and through a hard link', async () => {
+  it("refuses -o onto the input's external-data file, directly, through a symlink and through a hard link", async () => {
     const input = genaiCopy();
     const data = join(input, '..', 'model.onnx.data');
     const before = readFileSync(data);
@@ -355,9 +391,13 @@ describe('data safety', () => {
 
   it('a new sidecar never replaces a data file the model reads, however its location is spelled', () => {
     const input = genaiCopy();
-    const path = mutant('', (m) => {
-      for (const t of m.graph!.initializer) for (const e of t.external_data) if (e.key === 'location') e.value = './model.onnx.data';
-    }, input);
+    const path = mutant(
+      '',
+      (m) => {
+        for (const t of m.graph!.initializer) for (const e of t.external_data) if (e.key === 'location') e.value = './model.onnx.data';
+      },
+      input,
+    );
     const data = join(path, '..', 'model.onnx.data');
     const before = readFileSync(data);
     const model = loadModel(path);
@@ -396,7 +436,7 @@ describe('data safety', () => {
     expect(existsSync(deep)).toBe(true);
   });
 
-  it('checkOutputPath is the library\'s check too', () => {
+  it("checkOutputPath is the library's check too", () => {
     const model = loadModel(join(FIX, 'llama-tiny', 'model.onnx'));
     expect(refusal(() => checkOutputPath(join(FIX, 'llama-tiny', 'model.onnx'), model)).message).toMatch(/refusing to overwrite the input model/);
     expect(refusal(() => saveModel(model, '/dev/null')).message).toMatch(/not a regular file/);
@@ -442,9 +482,13 @@ describe('data safety', () => {
 
   it('external locations resolve the way the OS opens them', () => {
     const input = genaiCopy();
-    const path = mutant('', (m) => {
-      for (const t of m.graph!.initializer) for (const e of t.external_data) if (e.key === 'location') e.value = 'sub/../model.onnx.data';
-    }, input);
+    const path = mutant(
+      '',
+      (m) => {
+        for (const t of m.graph!.initializer) for (const e of t.external_data) if (e.key === 'location') e.value = 'sub/../model.onnx.data';
+      },
+      input,
+    );
     cpSync(join(input, '..', 'model.onnx.data'), join(path, '..', 'model.onnx.data'));
     expect(refusal(() => loadModel(path)).message).toMatch(/missing external data: 'sub\/\.\.\/model\.onnx\.data'/);
     mkdirSync(join(path, '..', 'sub'));
@@ -455,7 +499,7 @@ describe('data safety', () => {
     expect(loadModel(out).graph.initializers.size).toBe(model.graph.initializers.size);
   });
 
-  it('a later save removes the temporaries a killed save left, and keeps a live writer\'s', () => {
+  it("a later save removes the temporaries a killed save left, and keeps a live writer's", () => {
     const dir = join(tmp, 'stale');
     mkdirSync(dir, { recursive: true });
     const dead = join(dir, '.model.onnx.tmp-modc-999999999-abc123');

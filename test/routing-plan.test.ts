@@ -72,10 +72,21 @@ describe('router file', () => {
     for (const dtype of ['F32', 'F16', 'BF16'] as const) {
       const p = join(tmp, `rt-${dtype}.safetensors`);
       const w = dtype === 'F16' ? weight.slice(0, 3) : weight;
-      writeRouterFile(p, [{ layer: 1, part: 'mlp', weight: w, bias: 0.5, threshold: 0.75 }, { layer: 0, part: 'attention', weight: w, bias: -1 }], meta, { dtype });
+      writeRouterFile(
+        p,
+        [
+          { layer: 1, part: 'mlp', weight: w, bias: 0.5, threshold: 0.75 },
+          { layer: 0, part: 'attention', weight: w, bias: -1 },
+        ],
+        meta,
+        { dtype },
+      );
       const { routers, metadata } = loadRouterFile(p, { ...model, hiddenSize: w.length });
       expect(metadata).toEqual(meta);
-      expect(routers.map((r) => [r.layer, r.part, r.bias, r.threshold])).toEqual([[0, 'attention', -1, undefined], [1, 'mlp', 0.5, 0.75]]);
+      expect(routers.map((r) => [r.layer, r.part, r.bias, r.threshold])).toEqual([
+        [0, 'attention', -1, undefined],
+        [1, 'mlp', 0.5, 0.75],
+      ]);
       const expected = { F32: Array.from(weight), F16: [1, -2.5, 0.0999755859375], BF16: [1, -2.5, 0.10009765625, 299008] }[dtype];
       expect(Array.from(routers[1]!.weight)).toEqual(expected);
     }
@@ -93,7 +104,9 @@ describe('router file', () => {
       'router.1.attn.bias': { dtype: 'F32', shape: [], bytes: f32(0) },
     };
     handWritten(p, tensors);
-    expect(() => readRouterFile(p, model)).toThrow(/'router\.1\.attn\.weight' routes a sub-layer of layer 1, whose whole block 'router\.1\.weight' already routes/);
+    expect(() => readRouterFile(p, model)).toThrow(
+      /'router\.1\.attn\.weight' routes a sub-layer of layer 1, whose whole block 'router\.1\.weight' already routes/,
+    );
     const ok = { 'router.1.attn.weight': tensors['router.1.attn.weight'], 'router.1.attn.bias': tensors['router.1.attn.bias'] };
     handWritten(p, ok, { modc: '{"mode": "sometimes"}' });
     expect(() => loadRouterFile(p, model)).toThrow(/__metadata__ 'modc': mode must be "threshold" or "topk"/);
@@ -122,7 +135,11 @@ describe('router file', () => {
     const p = join(tmp, 'nobias.safetensors');
     handWritten(p, { 'router.2.weight': { dtype: 'F32', shape: [4], bytes: f32(1, 2, 3, 4) } });
     expect(() => readRouterFile(p, model)).toThrow(/layer 2 has no tensor 'router\.2\.bias'/);
-    handWritten(p, { 'router.2.weight': { dtype: 'F32', shape: [4], bytes: f32(1, 2, 3, 4) }, 'router.2.bias': { dtype: 'F32', shape: [], bytes: f32(0) }, 'router.2.threshold': { dtype: 'F32', shape: [], bytes: f32(1.5) } });
+    handWritten(p, {
+      'router.2.weight': { dtype: 'F32', shape: [4], bytes: f32(1, 2, 3, 4) },
+      'router.2.bias': { dtype: 'F32', shape: [], bytes: f32(0) },
+      'router.2.threshold': { dtype: 'F32', shape: [], bytes: f32(1.5) },
+    });
     expect(() => readRouterFile(p, model)).toThrow(/threshold must be in \[0, 1\]/);
     writeFileSync(p, 'definitely not safetensors');
     expect(() => readRouterFile(p, model)).toThrow(/not a safetensors file/);
@@ -146,7 +163,11 @@ describe('routing plan', () => {
 
   it('every-other converts layers 1, 3, 5 with the uniform threshold', () => {
     const plan = planRouting({ ...model, routers: { kind: 'random', seed: 1 }, schedule: 'every-other', threshold: 0.3 });
-    expect(plan.layers.map((l) => [l.layer, l.threshold])).toEqual([[1, 0.3], [3, 0.3], [5, 0.3]]);
+    expect(plan.layers.map((l) => [l.layer, l.threshold])).toEqual([
+      [1, 0.3],
+      [3, 0.3],
+      [5, 0.3],
+    ]);
     expect(plan.unconverted.map((u) => u.layer)).toEqual([0, 2, 4]);
   });
 
@@ -169,33 +190,58 @@ describe('routing plan', () => {
       { layer: 4, weight: new Float32Array(4), bias: 0 },
     ]);
     const plan = planRouting({ ...model, routers: { kind: 'file', path: p }, threshold: 0.2 });
-    expect(plan.layers.map((l) => [l.layer, l.threshold])).toEqual([[2, 0.75], [4, 0.2]]);
+    expect(plan.layers.map((l) => [l.layer, l.threshold])).toEqual([
+      [2, 0.75],
+      [4, 0.2],
+    ]);
     const picked = planRouting({ ...model, routers: { kind: 'file', path: p }, layers: '1,2' });
     expect(picked.layers.map((l) => l.layer)).toEqual([2]);
     expect(picked.unconverted.find((u) => u.layer === 1)!.reason).toMatch(/no router for layer 1/);
   });
 
-  it('a router file sets each layer\'s parts; its metadata sets mode, gating and capacity unless the request does', () => {
+  it("a router file sets each layer's parts; its metadata sets mode, gating and capacity unless the request does", () => {
     const p = join(tmp, 'parts-plan.safetensors');
     const w = new Float32Array(4);
-    writeRouterFile(p, [
-      { layer: 1, part: 'attention', weight: w, bias: 0 },
-      { layer: 1, part: 'mlp', weight: w, bias: 0, threshold: 0.6 },
-      { layer: 3, part: 'mlp', weight: w, bias: 0 },
-    ], { mode: 'topk', gated: false, layers: [{ layer: 1, part: 'mlp', capacity: 0.25, threshold: 0.9 }, { layer: 3, part: 'mlp', threshold: 0.8 }] });
+    writeRouterFile(
+      p,
+      [
+        { layer: 1, part: 'attention', weight: w, bias: 0 },
+        { layer: 1, part: 'mlp', weight: w, bias: 0, threshold: 0.6 },
+        { layer: 3, part: 'mlp', weight: w, bias: 0 },
+      ],
+      {
+        mode: 'topk',
+        gated: false,
+        layers: [
+          { layer: 1, part: 'mlp', capacity: 0.25, threshold: 0.9 },
+          { layer: 3, part: 'mlp', threshold: 0.8 },
+        ],
+      },
+    );
     const plan = planRouting({ ...model, routers: { kind: 'file', path: p } });
     expect([plan.mode, plan.gated]).toEqual(['topk', false]);
-    expect(plan.layers.map((l) => [l.layer, l.part, l.capacity, l.threshold])).toEqual([[1, 'attention', 0.5, 0.5], [1, 'mlp', 0.25, Math.fround(0.6)], [3, 'mlp', 0.5, 0.8]]);
+    expect(plan.layers.map((l) => [l.layer, l.part, l.capacity, l.threshold])).toEqual([
+      [1, 'attention', 0.5, 0.5],
+      [1, 'mlp', 0.25, Math.fround(0.6)],
+      [3, 'mlp', 0.5, 0.8],
+    ]);
     const explicit = planRouting({ ...model, routers: { kind: 'file', path: p }, mode: 'threshold', gated: true, capacity: 0.75 });
     expect([explicit.mode, explicit.gated, explicit.layers[1]!.capacity]).toEqual(['threshold', true, 0.75]);
     const mlpOnly = planRouting({ ...model, routers: { kind: 'file', path: p }, granularity: 'mlp' });
-    expect(mlpOnly.layers.map((l) => [l.layer, l.part])).toEqual([[1, 'mlp'], [3, 'mlp']]);
+    expect(mlpOnly.layers.map((l) => [l.layer, l.part])).toEqual([
+      [1, 'mlp'],
+      [3, 'mlp'],
+    ]);
     expect(() => planRouting({ ...model, routers: { kind: 'file', path: p }, granularity: 'block' })).toThrow(/has no block router/);
   });
 
   it('router inits route the requested part of every selected layer', () => {
     const plan = planRouting({ ...model, routers: { kind: 'random', seed: 1 }, granularity: 'attention', schedule: 'every-other' });
-    expect(plan.layers.map((l) => [l.layer, l.part, l.router.part])).toEqual([[1, 'attention', 'attention'], [3, 'attention', 'attention'], [5, 'attention', 'attention']]);
+    expect(plan.layers.map((l) => [l.layer, l.part, l.router.part])).toEqual([
+      [1, 'attention', 'attention'],
+      [3, 'attention', 'attention'],
+      [5, 'attention', 'attention'],
+    ]);
     expect(planRouting({ ...model, routers: { kind: 'all-pass' } }).layers.every((l) => l.part === 'block')).toBe(true);
   });
 

@@ -34,18 +34,31 @@ let counter = 0;
 /** Runs one modc op in ORT on the feeds (ranks fixed, dims symbolic so shapes really vary). */
 async function runOp(op: string, feeds: Feed[], opts: { inline: boolean; opset: number }): Promise<ort.Tensor[]> {
   const g = new Graph('op');
-  const inputs = feeds.map((f) => g.addInput(new Value(f.name, {
-    tensor_type: { elem_type: ONNX_TYPE[f.type], shape: { dim: f.dims.map((_, i) => ({ dim_param: `${f.name}_d${i}` })) } },
-  })));
+  const inputs = feeds.map((f) =>
+    g.addInput(
+      new Value(f.name, {
+        tensor_type: { elem_type: ONNX_TYPE[f.type], shape: { dim: f.dims.map((_, i) => ({ dim_param: `${f.name}_d${i}` })) } },
+      }),
+    ),
+  );
   const model = new Model(g, 8);
   model.opsetImports = [{ domain: '', version: opts.opset }];
   const outs = callModcOp(model, op, inputs, { dtype: DataType.FLOAT, inline: opts.inline });
   const outTypes: Record<string, number[]> = {
-    Router: [DataType.FLOAT], SelectThreshold: [DataType.BOOL], SelectTopK: [DataType.BOOL],
-    Compact: [DataType.INT64, DataType.BOOL, DataType.INT64], GatherTokens: [ONNX_TYPE[feeds[0]!.type]],
-    ScatterTokens: [DataType.FLOAT], ScatterTokensGated: [DataType.FLOAT], GatherMask: [DataType.FLOAT],
-    PrefixMask: [DataType.BOOL], KeyMask: [DataType.BOOL], GatherKv: [DataType.FLOAT], GatherKvCombined: [DataType.FLOAT],
-    SlotPositions: [DataType.INT64], WindowBias: [DataType.FLOAT],
+    Router: [DataType.FLOAT],
+    SelectThreshold: [DataType.BOOL],
+    SelectTopK: [DataType.BOOL],
+    Compact: [DataType.INT64, DataType.BOOL, DataType.INT64],
+    GatherTokens: [ONNX_TYPE[feeds[0]!.type]],
+    ScatterTokens: [DataType.FLOAT],
+    ScatterTokensGated: [DataType.FLOAT],
+    GatherMask: [DataType.FLOAT],
+    PrefixMask: [DataType.BOOL],
+    KeyMask: [DataType.BOOL],
+    GatherKv: [DataType.FLOAT],
+    GatherKvCombined: [DataType.FLOAT],
+    SlotPositions: [DataType.INT64],
+    WindowBias: [DataType.FLOAT],
   };
   outs.forEach((v, i) => (v.type = { tensor_type: { elem_type: outTypes[op]![i]! } }));
   g.outputs = outs;
@@ -106,7 +119,12 @@ describe.each(modes)('modc ops (inline=$inline, opset $opset)', (mode) => {
   });
 
   it.each([
-    [1, 0.5, 0], [4, 0.5, 0], [4, 0.3, 0], [4, 1.0, 0], [4, 0.01, 0], [4, 0.5, 3],
+    [1, 0.5, 0],
+    [4, 0.5, 0],
+    [4, 0.3, 0],
+    [4, 1.0, 0],
+    [4, 0.01, 0],
+    [4, 0.5, 3],
   ])('SelectTopK (batch %i, capacity %f, past %i)', async (B, c, past) => {
     const r = rng(3);
     const S = past > 0 ? 1 : 9;
@@ -114,7 +132,11 @@ describe.each(modes)('modc ops (inline=$inline, opset $opset)', (mode) => {
     // Ties: equal scores must go to the earlier token.
     if (S > 3) score[1] = score[2] = score[3] = 0.125;
     const mask = past > 0 ? Array(B * S).fill(1) : masks(B, S);
-    const [sel] = await runOp('SelectTopK', [f32('score', [B, S], score), i64('token_mask', [B, S], mask), f32('capacity', [], [c]), i64('past_length', [], [past])], mode);
+    const [sel] = await runOp(
+      'SelectTopK',
+      [f32('score', [B, S], score), i64('token_mask', [B, S], mask), f32('capacity', [], [c]), i64('past_length', [], [past])],
+      mode,
+    );
     expect(data(sel!)).toEqual(Array.from(ref.selectTopK(score, mask, [B, S], c, past)));
   });
 
@@ -147,7 +169,8 @@ describe.each(modes)('modc ops (inline=$inline, opset $opset)', (mode) => {
   });
 
   it.each([
-    ['ScatterTokens', false], ['ScatterTokensGated', true],
+    ['ScatterTokens', false],
+    ['ScatterTokensGated', true],
   ])('%s writes back only valid slots', async (op, gated) => {
     const r = rng(5);
     const [B, S, H] = [4, 6, 3];
@@ -157,7 +180,13 @@ describe.each(modes)('modc ops (inline=$inline, opset $opset)', (mode) => {
     const xSel = ref.gatherTokens(x, [B, S], H, c.indices, c.K);
     const y = randn(r, B * c.K * H);
     const gate = Float32Array.from({ length: B * c.K }, () => r());
-    const feeds = [f32('x', [B, S, H], x), i64('indices', [B, c.K], c.indices), bool('valid', [B, c.K], c.valid), f32('x_sel', [B, c.K, H], xSel), f32('y', [B, c.K, H], y)];
+    const feeds = [
+      f32('x', [B, S, H], x),
+      i64('indices', [B, c.K], c.indices),
+      bool('valid', [B, c.K], c.valid),
+      f32('x_sel', [B, c.K, H], xSel),
+      f32('y', [B, c.K, H], y),
+    ];
     if (gated) feeds.push(f32('gate', [B, c.K], gate));
     const [out] = await runOp(op, feeds, mode);
     const want = ref.scatterTokens(x, [B, S, H], c.indices, c.valid, c.K, y, gated ? gate : undefined);
@@ -174,16 +203,24 @@ describe.each(modes)('modc ops (inline=$inline, opset $opset)', (mode) => {
     const kSel = Array.from({ length: B * T }, (_, i) => (i % 3 ? 1 : 0));
     const q = ref.compact(qSel, [B, S]);
     const k = ref.compact(kSel, [B, T]);
-    const [out] = await runOp('GatherMask', [
-      f32('mask', [1, 1, S, T], mask), i64('q_idx', [B, q.K], q.indices), i64('k_idx', [B, k.K], k.indices), bool('k_valid', [B, k.K], k.valid), f32('fill', [], [-1e9]),
-    ], mode);
+    const [out] = await runOp(
+      'GatherMask',
+      [
+        f32('mask', [1, 1, S, T], mask),
+        i64('q_idx', [B, q.K], q.indices),
+        i64('k_idx', [B, k.K], k.indices),
+        bool('k_valid', [B, k.K], k.valid),
+        f32('fill', [], [-1e9]),
+      ],
+      mode,
+    );
     expect(out!.dims).toEqual([B, 1, q.K, k.K]);
     expect(data(out!)).toEqual(Array.from(ref.gatherMask(mask, [1, 1, S, T], B, q.indices, q.K, k.indices, k.K, k.valid, -1e9)));
   });
 });
 
 describe.each(modes)('modc cache ops (inline=$inline, opset $opset)', (mode) => {
-  it('PrefixMask and KeyMask mark a layer\'s valid cache slots and this call\'s valid slots', async () => {
+  it("PrefixMask and KeyMask mark a layer's valid cache slots and this call's valid slots", async () => {
     const lengths = [0, 3, 1, 4];
     const [pm] = await runOp('PrefixMask', [i64('lengths', [4], lengths), i64('total', [], [4])], mode);
     expect(data(pm!)).toEqual(Array.from(ref.prefixMask(lengths, 4)));
@@ -198,7 +235,10 @@ describe.each(modes)('modc cache ops (inline=$inline, opset $opset)', (mode) => 
     ['GatherKvCombined', [2, 3, 2, 5, 4]],
   ])('%s re-packs each row of a cache', async (op, dims) => {
     const r = rng(7);
-    const kv = randn(r, dims.reduce((a, b) => a * b, 1));
+    const kv = randn(
+      r,
+      dims.reduce((a, b) => a * b, 1),
+    );
     const keep = [1, 0, 1, 1, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1];
     const c = ref.compact(keep, [3, 5]);
     const [out] = await runOp(op, [f32('kv', dims, kv), i64('indices', [3, c.K], c.indices)], mode);
@@ -207,16 +247,24 @@ describe.each(modes)('modc cache ops (inline=$inline, opset $opset)', (mode) => 
 });
 
 describe.each(modes)('modc position ops for sliding windows (inline=$inline, opset $opset)', (mode) => {
-  it('SlotPositions lays out each row\'s key positions as GroupQueryAttention writes its keys (past, this call, rest)', async () => {
+  it("SlotPositions lays out each row's key positions as GroupQueryAttention writes its keys (past, this call, rest)", async () => {
     const past = [10, 11, 12, 0, 20, 21, 0, 0, 30, 0, 0, 0];
     const lengths = [3, 2, 1];
     const positions = [40, 41, 50, 51, 60, 61];
-    const [out] = await runOp('SlotPositions', [i64('past_positions', [3, 4], past), i64('past_length', [3], lengths), i64('positions', [3, 2], positions)], mode);
+    const [out] = await runOp(
+      'SlotPositions',
+      [i64('past_positions', [3, 4], past), i64('past_length', [3], lengths), i64('positions', [3, 2], positions)],
+      mode,
+    );
     expect(out!.dims).toEqual([3, 6]);
     expect(data(out!)).toEqual(ref.slotPositions(past, [3, 4], lengths, positions, 2));
     expect(data(out!)).toEqual([10, 11, 12, 40, 41, 0, 20, 21, 50, 51, 0, 0, 30, 60, 61, 0, 0, 0]);
     // A prefill: no past at all.
-    const [first] = await runOp('SlotPositions', [i64('past_positions', [2, 0], []), i64('past_length', [2], [0, 0]), i64('positions', [2, 3], [0, 2, 5, 1, 3, 4])], mode);
+    const [first] = await runOp(
+      'SlotPositions',
+      [i64('past_positions', [2, 0], []), i64('past_length', [2], [0, 0]), i64('positions', [2, 3], [0, 2, 5, 1, 3, 4])],
+      mode,
+    );
     expect(data(first!)).toEqual([0, 2, 5, 1, 3, 4]);
   });
 
@@ -228,24 +276,42 @@ describe.each(modes)('modc position ops for sliding windows (inline=$inline, ops
     const want = ref.windowBias(q, k, [2, 3, 7], 3, -3.4028234663852886e38);
     expect(data(out!)).toEqual(Array.from(want));
     // Query 7 of row 0 sees keys 5 and 7 only (window 3: positions 5, 6, 7).
-    expect(data(out!).slice(14, 21).map((v) => v === 0)).toEqual([false, false, false, true, true, false, false]);
+    expect(
+      data(out!)
+        .slice(14, 21)
+        .map((v) => v === 0),
+    ).toEqual([false, false, false, true, true, false, false]);
   });
 
-  it('WindowBias in float16 and bfloat16 models: 0 and the type\'s lowest finite value', async () => {
+  it("WindowBias in float16 and bfloat16 models: 0 and the type's lowest finite value", async () => {
     // bfloat16 casts exist from opset 13.
-    const types = [[DataType.FLOAT16, -65504], [DataType.BFLOAT16, -3.3895313892515355e38]] as const;
+    const types = [
+      [DataType.FLOAT16, -65504],
+      [DataType.BFLOAT16, -3.3895313892515355e38],
+    ] as const;
     for (const [dtype, lowest] of types.filter(([t]) => t !== DataType.BFLOAT16 || mode.opset >= 13)) {
       const g = new Graph('op');
-      const int64 = (name: string, rank: number) => g.addInput(new Value(name, { tensor_type: { elem_type: DataType.INT64, shape: { dim: Array.from({ length: rank }, (_, i) => ({ dim_param: `${name}_d${i}` })) } } }));
+      const int64 = (name: string, rank: number) =>
+        g.addInput(
+          new Value(name, {
+            tensor_type: { elem_type: DataType.INT64, shape: { dim: Array.from({ length: rank }, (_, i) => ({ dim_param: `${name}_d${i}` })) } },
+          }),
+        );
       const model = new Model(g, 8);
       model.opsetImports = [{ domain: '', version: mode.opset }];
       const [bias] = callModcOp(model, 'WindowBias', [int64('q', 2), int64('k', 2), int64('w', 0)], { dtype, inline: mode.inline });
-      const out = g.addNode('Cast', [bias!], [g.newValue('out', { tensor_type: { elem_type: DataType.FLOAT } })], { attributes: [attribute('to', DataType.FLOAT)] }).output(0);
+      const out = g
+        .addNode('Cast', [bias!], [g.newValue('out', { tensor_type: { elem_type: DataType.FLOAT } })], { attributes: [attribute('to', DataType.FLOAT)] })
+        .output(0);
       g.outputs = [out];
       const path = join(tmp, `WindowBias-${dtype}-${counter++}.onnx`);
       saveModel(model, path);
-      const result = await (await createSession(path)).run({
-        q: new ort.Tensor('int64', BigInt64Array.from([3n, 5n]), [1, 2]), k: new ort.Tensor('int64', BigInt64Array.from([1n, 2n, 3n, 4n, 5n]), [1, 5]), w: new ort.Tensor('int64', BigInt64Array.of(2n), []),
+      const result = await (
+        await createSession(path)
+      ).run({
+        q: new ort.Tensor('int64', BigInt64Array.from([3n, 5n]), [1, 2]),
+        k: new ort.Tensor('int64', BigInt64Array.from([1n, 2n, 3n, 4n, 5n]), [1, 5]),
+        w: new ort.Tensor('int64', BigInt64Array.of(2n), []),
       });
       expect(Array.from(result.out!.data as Float32Array)).toEqual(Array.from(ref.windowBias([3, 5], [1, 2, 3, 4, 5], [1, 2, 5], 2, lowest)));
     }

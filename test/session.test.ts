@@ -8,7 +8,12 @@ import { describe, expect, it } from 'vitest';
 import { ModSession } from '../compiler/runtime/session.js';
 import { ROOT, FIXTURES, runCli } from './helpers.js';
 
-interface Case { name: string; input_ids: number[][]; attention_mask: number[][]; logits: number[][][] }
+interface Case {
+  name: string;
+  input_ids: number[][];
+  attention_mask: number[][];
+  logits: number[][][];
+}
 
 function maxDiff(a: Float32Array, b: number[]): number {
   expect(a.length).toBe(b.length);
@@ -32,7 +37,11 @@ describe.each(['gpt2-tiny', 'llama-tiny', 'neox-tiny'])('ModSession on %s', (nam
     const decode = byName('decode_b2_leftpad');
     const d = await s.step(decode.input_ids.map((r) => r[0]!));
     expect(maxDiff(d.data, decode.logits.flat(2))).toBeLessThan(1e-5);
-    expect(s.layerCacheLengths()).toEqual([[6, 8], [6, 8], [6, 8]]);
+    expect(s.layerCacheLengths()).toEqual([
+      [6, 8],
+      [6, 8],
+      [6, 8],
+    ]);
     const kvHeads = name === 'llama-tiny' ? 2 : 4;
     expect(s.kvBytes()).toBe(3 * 2 * 2 * kvHeads * 8 * 16 * 4);
   });
@@ -53,8 +62,14 @@ describe('modc run', () => {
     expect(j.logits).toHaveLength(2);
     expect(j.logits[1]).toHaveLength(3);
     expect(j.logits[1][2]).toHaveLength(1000);
-    expect(j.attentionMask).toEqual([[1, 1, 1], [0, 1, 1]]);
-    expect(j.inputIds).toEqual([[5, 6, 7], [0, 8, 9]]);
+    expect(j.attentionMask).toEqual([
+      [1, 1, 1],
+      [0, 1, 1],
+    ]);
+    expect(j.inputIds).toEqual([
+      [5, 6, 7],
+      [0, 8, 9],
+    ]);
   });
 
   it('converts float16 logits to numbers', async () => {
@@ -89,7 +104,11 @@ describe('modc generate', () => {
         expect(j.ids[b][[3, 2][b]! + t]).toBe(l.indexOf(Math.max(...l)));
       }
     }
-    expect(j.cacheLengths).toEqual([[6, 5], [6, 5], [6, 5]]);
+    expect(j.cacheLengths).toEqual([
+      [6, 5],
+      [6, 5],
+      [6, 5],
+    ]);
     expect(j.kvBytes).toBe(3 * 2 * 2 * 2 * 6 * 16 * 4);
   });
 

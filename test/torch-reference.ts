@@ -41,7 +41,9 @@ export async function replayInOrt(modelDir: string, ref: TorchReference): Promis
   for (const c of ref.cases) {
     const feeds: Record<string, ort.Tensor> = { input_ids: rows(c.input_ids), attention_mask: rows(c.attention_mask), position_ids: rows(c.position_ids) };
     if (c.name.startsWith('prefill') || previous === null) emptyPast(feeds, ref.config, c.input_ids.length);
-    else for (let l = 0; l < ref.config.layers; l++) for (const kv of ['key', 'value']) feeds[`past_key_values.${l}.${kv}`] = previous[`present.${l}.${kv}`] as ort.Tensor;
+    else
+      for (let l = 0; l < ref.config.layers; l++)
+        for (const kv of ['key', 'value']) feeds[`past_key_values.${l}.${kv}`] = previous[`present.${l}.${kv}`] as ort.Tensor;
     const out = await session.run(feeds);
     results.push({ case: c, logits: out.logits!.data as Float32Array });
     previous = out;

@@ -42,7 +42,8 @@ export function analyzeDecoder(model: Model, opts: AnalyzeOptions = {}): Decoder
   explainBoundaries(layers, explain);
   const final = finalInfo(graph, steps, ownership, layers.length, opts, explain);
   const first = layers.find((l) => l.attention.form !== 'recurrent');
-  if (!first) throw new ModcError(`no attention layer: all ${layers.length} layers mix tokens through state only (recurrent), and modc routes attention layers`);
+  if (!first)
+    throw new ModcError(`no attention layer: all ${layers.length} layers mix tokens through state only (recurrent), and modc routes attention layers`);
   return {
     embedding: embedding.info,
     steps,
@@ -66,7 +67,8 @@ function assertContractRanks(graph: Graph): void {
   for (const v of graph.inputs) {
     if (!['input_ids', 'attention_mask', 'position_ids'].includes(v.name)) continue;
     const rank = v.shape?.length;
-    if (rank !== undefined && rank !== 2) throw new ModcError(`input ${v.name} has rank ${rank}; a decoder's input_ids, attention_mask and position_ids are [batch, sequence]`);
+    if (rank !== undefined && rank !== 2)
+      throw new ModcError(`input ${v.name} has rank ${rank}; a decoder's input_ids, attention_mask and position_ids are [batch, sequence]`);
   }
 }
 
@@ -89,21 +91,35 @@ function explainBoundaries(layers: readonly LayerInfo[], explain: Explanation[])
     if (!b) continue;
     const next = b.normedForLayer === layers.length ? 'the final norm' : `layer ${b.normedForLayer}'s normed input`;
     const sum = b.sum ? `outputs the sum ${b.sum}` : 'does not output the sum';
-    explain.push({ subject: b.node.describe(), verdict: 'note', layer: l.index, reason: `fused layer boundary: adds layer ${l.index}'s residual (${sum}) and computes ${next} ${b.normed}` });
+    explain.push({
+      subject: b.node.describe(),
+      verdict: 'note',
+      layer: l.index,
+      reason: `fused layer boundary: adds layer ${l.index}'s residual (${sum}) and computes ${next} ${b.normed}`,
+    });
   }
 }
 
 /** The end of the stream, checked: logits come after it and no attention follows the last layer. */
-function finalInfo(graph: Graph, steps: readonly StreamStep[], ownership: NodeOwnership, layerCount: number, opts: AnalyzeOptions, explain: Explanation[]): FinalInfo {
+function finalInfo(
+  graph: Graph,
+  steps: readonly StreamStep[],
+  ownership: NodeOwnership,
+  layerCount: number,
+  opts: AnalyzeOptions,
+  explain: Explanation[],
+): FinalInfo {
   const last = steps.at(-1)!;
-  const logits = opts.logits ? graph.outputs.find((v) => v.name === opts.logits) : graph.outputs.find((v) => v.name === 'logits') ?? graph.outputs[0];
+  const logits = opts.logits ? graph.outputs.find((v) => v.name === opts.logits) : (graph.outputs.find((v) => v.name === 'logits') ?? graph.outputs[0]);
   if (!logits) throw new ModcError(`no logits output${opts.logits ? ` named '${opts.logits}'` : ''}`);
   const endText = last.sum ? `${last.sum}` : `the sum inside ${last.node.describe()}`;
   const suffix = graph.nodes.filter((n) => ownership.nodeLayer.get(n) === layerCount);
   const stray = suffix.find((n) => fusedAttentionSchema(n) || n.opType === 'Softmax');
   if (stray) {
     const why = [...explain].reverse().find((e) => e.verdict === 'rejected');
-    throw new ModcError(`the residual stream ends at ${endText} after layer ${layerCount - 1}, but ${stray.describe()} follows it: expected an Add of the stream and a branch computed from a normalised copy of it${why ? ` (last rejected: ${why.subject}: ${why.reason})` : ''}`);
+    throw new ModcError(
+      `the residual stream ends at ${endText} after layer ${layerCount - 1}, but ${stray.describe()} follows it: expected an Add of the stream and a branch computed from a normalised copy of it${why ? ` (last rejected: ${why.subject}: ${why.reason})` : ''}`,
+    );
   }
   if (!logits.producer || ownership.nodeLayer.get(logits.producer) !== layerCount) {
     throw new ModcError(`logits ${logits} is not computed from the end of the residual stream (${endText})`);

@@ -133,7 +133,10 @@ function fusedCore(n: Node, schema: FusedAttentionSchema, ctx: AttentionContext)
   const [headsDim, headDim] = combined ? [shape[2], shape[4]] : [shape[1], shape[3]];
   const numKvHeads = n.attrInt('kv_num_heads') ?? (typeof headsDim === 'number' ? headsDim : numHeads);
   // ONNX Runtime reads head counts as int32; modc writes them into ops that check the range.
-  for (const [name, v] of [['num_heads', numHeads], ['kv_num_heads', numKvHeads]] as const) {
+  for (const [name, v] of [
+    ['num_heads', numHeads],
+    ['kv_num_heads', numKvHeads],
+  ] as const) {
     if (!Number.isSafeInteger(v) || v < 1 || v > 2 ** 31 - 1) throw new ModcError(`${n.describe()} has ${name} ${v}; a head count must be in [1, 2^31 - 1]`);
   }
   const headSize = typeof headDim === 'number' ? headDim : undefined;
@@ -166,26 +169,45 @@ function standardCore(n: Node, ctx: AttentionContext): AttentionCore {
   const key = staticWrite(n, 1, ctx);
   const value = staticWrite(n, 2, ctx);
   if (!key || !value) {
-    throw new ModcError(`${n.describe()}: standard Attention with no past_key/past_value must read K and V from TensorScatter writes of a cache buffer (a graph input given back as a graph output): modc needs a KV cache it can follow`);
+    throw new ModcError(
+      `${n.describe()}: standard Attention with no past_key/past_value must read K and V from TensorScatter writes of a cache buffer (a graph input given back as a graph output): modc needs a KV cache it can follow`,
+    );
   }
-  if (!n.inputs[6]) throw new ModcError(`${n.describe()}: a static KV cache (TensorScatter) without nonpad_kv_seqlen is not supported: the valid keys of each row must be given`);
+  if (!n.inputs[6])
+    throw new ModcError(
+      `${n.describe()}: a static KV cache (TensorScatter) without nonpad_kv_seqlen is not supported: the valid keys of each row must be given`,
+    );
   const shape = key.tensor.input.shape ?? [];
   const kvAttr = n.attrInt('kv_num_heads');
-  const [layout, numKvHeads, headSize] = shape.length === 3
-    ? ['static-BTH' as const, kvAttr, typeof shape[2] === 'number' && kvAttr ? shape[2] / kvAttr : undefined]
-    : ['static-BHTD' as const, kvAttr ?? shape[1], shape[3]];
+  const [layout, numKvHeads, headSize] =
+    shape.length === 3
+      ? ['static-BTH' as const, kvAttr, typeof shape[2] === 'number' && kvAttr ? shape[2] / kvAttr : undefined]
+      : ['static-BHTD' as const, kvAttr ?? shape[1], shape[3]];
   if ((shape.length !== 3 && shape.length !== 4) || typeof numKvHeads !== 'number' || typeof headSize !== 'number' || !Number.isInteger(headSize)) {
-    throw new ModcError(`${n.describe()}: static cache ${key.tensor.input} must be [batch, max length, kv heads * head size] (with kv_num_heads) or [batch, kv heads, max length, head size], static but for batch and length`);
+    throw new ModcError(
+      `${n.describe()}: static cache ${key.tensor.input} must be [batch, max length, kv heads * head size] (with kv_num_heads) or [batch, kv heads, max length, head size], static but for batch and length`,
+    );
   }
   for (const w of [key.node, value.node]) {
     const mode = w.attrString('mode') ?? 'linear';
-    if (mode !== 'linear') throw new ModcError(`${w.describe()}: TensorScatter mode '${mode}' is not supported: a circular (ring-buffer) cache overwrites its oldest slots, which a compacted cache cannot follow (only mode 'linear')`);
+    if (mode !== 'linear')
+      throw new ModcError(
+        `${w.describe()}: TensorScatter mode '${mode}' is not supported: a circular (ring-buffer) cache overwrites its oldest slots, which a compacted cache cannot follow (only mode 'linear')`,
+      );
     const rank = shape.length;
     const axis = w.attrInt('axis', -2) ?? -2;
     const want = layout === 'static-BTH' ? 1 : 2;
-    if ((axis + rank) % rank !== want) throw new ModcError(`${w.describe()}: TensorScatter writes axis ${axis} of ${key.tensor.input}; modc supports static caches written along their sequence axis (${want})`);
+    if ((axis + rank) % rank !== want)
+      throw new ModcError(
+        `${w.describe()}: TensorScatter writes axis ${axis} of ${key.tensor.input}; modc supports static caches written along their sequence axis (${want})`,
+      );
   }
-  return { form: 'StandardAttention', node: n, numHeads, kv: { key: key.tensor, value: value.tensor, layout, numKvHeads, headSize, writes: { key: key.node, value: value.node } } };
+  return {
+    form: 'StandardAttention',
+    node: n,
+    numHeads,
+    kv: { key: key.tensor, value: value.tensor, layout, numKvHeads, headSize, writes: { key: key.node, value: value.node } },
+  };
 }
 
 const LAYOUT_OPS = new Set(['Reshape', 'Transpose', 'Identity', 'Cast', 'Unsqueeze', 'Squeeze']);
@@ -205,8 +227,10 @@ function staticWrite(n: Node, slot: number, ctx: AttentionContext): { tensor: Kv
 function cacheTensor(n: Node, inSlot: number, outSlot: number, ctx: AttentionContext): KvTensor {
   const input = n.inputs[inSlot] ?? null;
   const output = n.outputs[outSlot];
-  if (!input || !ctx.graphInputs.has(input)) throw new ModcError(`${n.describe()}: expected a past KV graph input at input ${inSlot}, found ${input ?? 'none'}`);
-  if (!output || !ctx.graphOutputs.has(output)) throw new ModcError(`${n.describe()}: expected a present KV graph output at output ${outSlot}, found ${output ?? 'none'}`);
+  if (!input || !ctx.graphInputs.has(input))
+    throw new ModcError(`${n.describe()}: expected a past KV graph input at input ${inSlot}, found ${input ?? 'none'}`);
+  if (!output || !ctx.graphOutputs.has(output))
+    throw new ModcError(`${n.describe()}: expected a present KV graph output at output ${outSlot}, found ${output ?? 'none'}`);
   return { input, output };
 }
 
@@ -284,7 +308,8 @@ function nearestUpstream(start: Value, inBranch: ReadonlySet<Node>, match: (v: V
   return breadthFirst(start, upstream, match, !skipStart);
 }
 
-const projectionHeads = (rows: unknown, headSize: number): number | undefined => (typeof rows === 'number' && rows % headSize === 0 ? rows / headSize : undefined);
+const projectionHeads = (rows: unknown, headSize: number): number | undefined =>
+  typeof rows === 'number' && rows % headSize === 0 ? rows / headSize : undefined;
 
 /** Heads from the output projection after P·V: its weight is [heads * head size, hidden]. */
 function headsFromOutputProjection(context: Node, inBranch: ReadonlySet<Node>, headSize: number, facts: GraphFacts): number | undefined {
@@ -352,7 +377,8 @@ export function kvCompactionBlocker(core: AttentionCore): string | null {
   if (!s || s.window === null) return null;
   const what = `sliding-window attention (${s.node.describe()} local_window_size=${s.window})`;
   if (s.window === 0) return `${what}: a window of 0 slots is not supported; the layer's KV cache is kept full`;
-  if (s.node.input(GQA_ATTENTION_BIAS)) return `${what} also takes an attention_bias input, which modc does not merge with a window by position; the layer's KV cache is kept full`;
+  if (s.node.input(GQA_ATTENTION_BIAS))
+    return `${what} also takes an attention_bias input, which modc does not merge with a window by position; the layer's KV cache is kept full`;
   if (!s.node.input(GQA_POSITION_IDS) && !s.node.graph?.inputs.some((v) => v.name === 'attention_mask')) {
     return `${what}: the model has no attention_mask input to take original positions from; the layer's KV cache is kept full`;
   }

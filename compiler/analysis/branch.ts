@@ -52,7 +52,12 @@ export function walkBranch(branch: Value, state: StreamState): BranchWalk {
 function normOpReading(reader: Node, walk: BranchWalk): Node | null {
   if (isNormOp(reader)) return reader;
   if (reader.opType !== 'Cast') return null;
-  return reader.output(0).consumers().find((n) => isNormOp(n) && walk.nodes.has(n)) ?? null;
+  return (
+    reader
+      .output(0)
+      .consumers()
+      .find((n) => isNormOp(n) && walk.nodes.has(n)) ?? null
+  );
 }
 
 /** Ops a decomposed norm applies to x before its ReduceMean (x², x - mean, casts). */

@@ -92,7 +92,10 @@ export function layerCost(layer: LayerInfo): LayerCost {
   const { numHeads, kv } = layer.attention;
   return {
     layer: layer.index,
-    attention: partMacs(layer.nodes.filter((n) => !mlp.has(n)), weights),
+    attention: partMacs(
+      layer.nodes.filter((n) => !mlp.has(n)),
+      weights,
+    ),
     attentionPair: 2 * numHeads * kv.headSize,
     mlp: partMacs(layer.mlpNodes, weights),
     kvPerToken: 2 * kv.numKvHeads * kv.headSize,
@@ -101,7 +104,7 @@ export function layerCost(layer: LayerInfo): LayerCost {
 
 export function modelCosts(s: DecoderStructure): ModelCosts {
   const vocab = s.final.logits.shape?.at(-1);
-  const vocabSize = typeof vocab === 'number' ? vocab : (s.embedding.table.shape?.[0] as number | undefined) ?? 0;
+  const vocabSize = typeof vocab === 'number' ? vocab : ((s.embedding.table.shape?.[0] as number | undefined) ?? 0);
   return { hiddenSize: s.hiddenSize, vocabSize, router: s.hiddenSize, lmHead: s.hiddenSize * vocabSize, layers: s.layers.map(layerCost) };
 }
 

@@ -24,18 +24,32 @@ export function findEmbedding(graph: Graph, facts: GraphFacts, explain: Explanat
   const ids = graph.inputs.find((v) => v.name === 'input_ids');
   const embeds = graph.inputs.find((v) => v.name === 'inputs_embeds');
   if (!ids && embeds) {
-    if (facts.rank(embeds) !== 3) throw new ModcError(`no residual stream: inputs_embeds must be [batch, sequence, hidden], found rank ${facts.rank(embeds) ?? 'unknown'}`);
-    explain.push({ subject: `%${embeds.name}`, verdict: 'accepted', reason: 'stream start: the decoder is fed embeddings (inputs_embeds), the token table lives in another model' });
+    if (facts.rank(embeds) !== 3)
+      throw new ModcError(`no residual stream: inputs_embeds must be [batch, sequence, hidden], found rank ${facts.rank(embeds) ?? 'unknown'}`);
+    explain.push({
+      subject: `%${embeds.name}`,
+      verdict: 'accepted',
+      reason: 'stream start: the decoder is fed embeddings (inputs_embeds), the token table lives in another model',
+    });
     const { output, positionTable } = absorbStreamIndependentTerms(embeds, facts, explain);
     return { info: { output, table: embeds, positionTable, boundary: null }, seeds: [output] };
   }
   if (!ids) {
-    const names = graph.inputs.filter((v) => !v.isConstant).map((v) => v.name).join(', ');
-    throw new ModcError(`no residual stream: expected a token embedding Gather by input_ids, but the model has no input_ids input (inputs: ${names || 'none'})`);
+    const names = graph.inputs
+      .filter((v) => !v.isConstant)
+      .map((v) => v.name)
+      .join(', ');
+    throw new ModcError(
+      `no residual stream: expected a token embedding Gather by input_ids, but the model has no input_ids input (inputs: ${names || 'none'})`,
+    );
   }
   const gather = tokenGather(ids, facts);
   if (!gather) {
-    const readers = ids.consumers().map((n) => n.describe()).join(', ') || 'nothing';
+    const readers =
+      ids
+        .consumers()
+        .map((n) => n.describe())
+        .join(', ') || 'nothing';
     throw new ModcError(`no residual stream: expected a Gather of a 2-D [vocab, hidden] initializer by input_ids; input_ids is read by ${readers}`);
   }
   explain.push({ subject: gather.describe(), verdict: 'accepted', reason: `token embedding: Gather of ${gather.inputs[0]!} by input_ids` });
@@ -46,10 +60,16 @@ export function findEmbedding(graph: Graph, facts: GraphFacts, explain: Explanat
 function fusedEmbedding(node: Node, explain: Explanation[]): EmbeddingFound {
   const sum = node.outputs[EMBED_SUM_OUTPUT];
   if (!sum || sum.name === '') {
-    throw new ModcError(`no residual stream: ${node.describe()} does not output the embedding sum (output ${EMBED_SUM_OUTPUT}), so the stream start is not a value in the graph`);
+    throw new ModcError(
+      `no residual stream: ${node.describe()} does not output the embedding sum (output ${EMBED_SUM_OUTPUT}), so the stream start is not a value in the graph`,
+    );
   }
   const normed = node.output(0);
-  explain.push({ subject: node.describe(), verdict: 'accepted', reason: `stream start: output ${EMBED_SUM_OUTPUT} ${sum} (embedding sum); output 0 ${normed} is layer 0's normed input` });
+  explain.push({
+    subject: node.describe(),
+    verdict: 'accepted',
+    reason: `stream start: output ${EMBED_SUM_OUTPUT} ${sum} (embedding sum); output 0 ${normed} is layer 0's normed input`,
+  });
   const positions = node.inputs[3] ?? null;
   return {
     info: {
@@ -98,7 +118,11 @@ function absorbStreamIndependentTerms(start: Node | Value, facts: GraphFacts, ex
     if (n.opType === 'Add' && other && !dependsOn(other, token)) {
       const table = other.producer?.opType === 'Gather' && isTable(other.producer.inputs[0], facts) ? other.producer.inputs[0]! : null;
       positionTable ??= table;
-      explain.push({ subject: n.describe(), verdict: 'accepted', reason: `embedding term ${other} added before the first layer${table ? ` (position table ${table})` : ''}` });
+      explain.push({
+        subject: n.describe(),
+        verdict: 'accepted',
+        reason: `embedding term ${other} added before the first layer${table ? ` (position table ${table})` : ''}`,
+      });
     } else if ((n.opType === 'Mul' || n.opType === 'Div') && other && facts.isConstant(other)) {
       explain.push({ subject: n.describe(), verdict: 'accepted', reason: 'constant embedding scale' });
     } else if (n.opType !== 'Cast') {

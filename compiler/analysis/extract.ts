@@ -77,7 +77,15 @@ export function layerUnit(unit: RunnableUnit, index: number, residualIn: Value, 
   const sideInputs = sides.filter((s): s is Exclude<SideInput, { kind: 'weight' }> => s.kind !== 'weight');
   const first = [residualIn.name, ...sideInputs.map((s) => s.value.name)];
   const inputs = [...first.filter((n) => unit.inputs.includes(n)), ...unit.inputs.filter((n) => !first.includes(n))];
-  return { ...unit, inputs, index, residualIn: residualIn.name, residualOut: residualOut.name, kv: { key: io(kv.key), value: io(kv.value), layout: kv.layout }, sideInputs };
+  return {
+    ...unit,
+    inputs,
+    index,
+    residualIn: residualIn.name,
+    residualOut: residualOut.name,
+    kv: { key: io(kv.key), value: io(kv.value), layout: kv.layout },
+    sideInputs,
+  };
 }
 
 /**
@@ -86,7 +94,11 @@ export function layerUnit(unit: RunnableUnit, index: number, residualIn: Value, 
  */
 export function extractUnits(model: Model, groups: readonly { name: string; nodes: readonly Node[] }[]): RunnableUnit[] {
   const facts = new GraphFacts(model.graph);
-  const wiring = wire(model.graph, groups.map((g) => [...g.nodes]), facts);
+  const wiring = wire(
+    model.graph,
+    groups.map((g) => [...g.nodes]),
+    facts,
+  );
   return groups.map((g, i) => buildUnit(model, g.name, g.nodes, wiring.inputs[i]!, wiring.outputs[i]!, facts));
 }
 
@@ -103,7 +115,8 @@ function wire(graph: Graph, groups: readonly Node[][], facts: GraphFacts): { inp
         if (!v || facts.isConstant(v)) continue;
         const from = v.producer ? unitOf.get(v.producer) : undefined;
         if (from === i) continue;
-        if (v.producer && from === undefined) throw new ModcError(`extraction: ${n.describe()} reads ${v}, computed by ${v.producer.describe()} which belongs to no unit`);
+        if (v.producer && from === undefined)
+          throw new ModcError(`extraction: ${n.describe()} reads ${v}, computed by ${v.producer.describe()} which belongs to no unit`);
         add(inputs[i]!, v);
         if (from !== undefined) add(outputs[from]!, v);
       }

@@ -18,16 +18,73 @@ const INT64_OPS = new Set(['Shape', 'Size', 'NonZero', 'ArgMax', 'ArgMin']);
  * rank is (an operand of unknown rank may be the largest: Mul(x, scale[H]) is not rank 1).
  */
 const BROADCASTING = new Set([
-  'Add', 'Sub', 'Mul', 'Div', 'Pow', 'Where', 'Equal', 'Less', 'LessOrEqual', 'Greater', 'GreaterOrEqual', 'And', 'Or', 'Xor',
-  'Max', 'Min', 'Mod', 'Sum', 'Mean',
+  'Add',
+  'Sub',
+  'Mul',
+  'Div',
+  'Pow',
+  'Where',
+  'Equal',
+  'Less',
+  'LessOrEqual',
+  'Greater',
+  'GreaterOrEqual',
+  'And',
+  'Or',
+  'Xor',
+  'Max',
+  'Min',
+  'Mod',
+  'Sum',
+  'Mean',
 ]);
 /** Ops whose output has the rank of their first input (the data; other inputs are parameters). */
 const RANK_OF_FIRST = new Set([
-  'Not', 'Cast', 'Neg', 'Sqrt', 'Reciprocal', 'Exp', 'Log', 'Erf', 'Tanh', 'Sigmoid', 'Relu', 'Gelu', 'FastGelu', 'BiasGelu',
-  'Cos', 'Sin', 'Abs', 'Identity', 'Softmax', 'LayerNormalization', 'SimplifiedLayerNormalization', 'RMSNormalization', 'Transpose',
-  'Slice', 'Split', 'CumSum', 'Tile', 'Pad', 'Trilu', 'Clip', 'Floor', 'Ceil', 'Round', 'Sign', 'IsNaN', 'IsInf', 'QuickGelu',
-  'SkipLayerNormalization', 'SkipSimplifiedLayerNormalization', 'RotaryEmbedding', 'Dropout',
-  'QuantizeLinear', 'DequantizeLinear', 'DynamicQuantizeLinear', 'MatMulNBits',
+  'Not',
+  'Cast',
+  'Neg',
+  'Sqrt',
+  'Reciprocal',
+  'Exp',
+  'Log',
+  'Erf',
+  'Tanh',
+  'Sigmoid',
+  'Relu',
+  'Gelu',
+  'FastGelu',
+  'BiasGelu',
+  'Cos',
+  'Sin',
+  'Abs',
+  'Identity',
+  'Softmax',
+  'LayerNormalization',
+  'SimplifiedLayerNormalization',
+  'RMSNormalization',
+  'Transpose',
+  'Slice',
+  'Split',
+  'CumSum',
+  'Tile',
+  'Pad',
+  'Trilu',
+  'Clip',
+  'Floor',
+  'Ceil',
+  'Round',
+  'Sign',
+  'IsNaN',
+  'IsInf',
+  'QuickGelu',
+  'SkipLayerNormalization',
+  'SkipSimplifiedLayerNormalization',
+  'RotaryEmbedding',
+  'Dropout',
+  'QuantizeLinear',
+  'DequantizeLinear',
+  'DynamicQuantizeLinear',
+  'MatMulNBits',
 ]);
 const REDUCE_OPS = new Set(['ReduceMean', 'ReduceSum', 'ReduceMax', 'ReduceMin', 'ReduceProd', 'ReduceL2', 'ReduceSumSquare', 'ReduceLogSumExp']);
 
@@ -186,7 +243,11 @@ export class GraphFacts {
     }
     if (n.opType === 'Concat') {
       const lens = n.inputs.map((v) => this.length1d(v));
-      if (lens.every((x) => x !== undefined)) this.lengths.set(out, (lens as number[]).reduce((a, b) => a + b, 0));
+      if (lens.every((x) => x !== undefined))
+        this.lengths.set(
+          out,
+          (lens as number[]).reduce((a, b) => a + b, 0),
+        );
     }
     if (n.opType === 'Unsqueeze' && n.inputs[0] && this.ranks.get(n.inputs[0]) === 0) this.lengths.set(out, 1);
     if (n.opType === 'Cast' && n.inputs[0] && this.lengths.has(n.inputs[0])) this.lengths.set(out, this.lengths.get(n.inputs[0])!);

@@ -5,7 +5,14 @@ import { exitBoundaryOf, mlpNodesOf, type NodeOwnership } from './layers.js';
 import type { SideInputClassifier } from './side-inputs.js';
 import type { EmbeddingInfo, LayerInfo, SideInput, StreamStep } from './types.js';
 
-export function buildLayers(graph: Graph, steps: readonly StreamStep[], ownership: NodeOwnership, embedding: EmbeddingInfo, classifier: SideInputClassifier, ctx: AttentionContext): LayerInfo[] {
+export function buildLayers(
+  graph: Graph,
+  steps: readonly StreamStep[],
+  ownership: NodeOwnership,
+  embedding: EmbeddingInfo,
+  classifier: SideInputClassifier,
+  ctx: AttentionContext,
+): LayerInfo[] {
   const count = steps.at(-1)!.layer + 1;
   const nodesByLayer = Array.from({ length: count }, () => [] as Node[]);
   for (const n of graph.nodes) {
@@ -19,7 +26,10 @@ export function buildLayers(graph: Graph, steps: readonly StreamStep[], ownershi
     const last = own.at(-1)!;
     const attention = first.attention!;
     const nodes = nodesByLayer[l]!;
-    const state = attention.form === 'recurrent' ? [...new Set([attention.kv.key, attention.kv.value])] : stateTensors(nodes, new Set([attention.kv.key.input, attention.kv.value.input]), ctx);
+    const state =
+      attention.form === 'recurrent'
+        ? [...new Set([attention.kv.key, attention.kv.value])]
+        : stateTensors(nodes, new Set([attention.kv.key.input, attention.kv.value.input]), ctx);
     const stateInputs = new Set(state.map((t) => t.input));
     layers.push({
       index: l,
@@ -41,7 +51,12 @@ export function buildLayers(graph: Graph, steps: readonly StreamStep[], ownershi
 }
 
 /** Values the layer's nodes read that the layer neither computes nor receives as its stream. */
-function sideInputsOf(layer: number, nodes: readonly Node[], ownership: NodeOwnership, classify: (v: Value, readers: ReadonlySet<Node>) => SideInput): SideInput[] {
+function sideInputsOf(
+  layer: number,
+  nodes: readonly Node[],
+  ownership: NodeOwnership,
+  classify: (v: Value, readers: ReadonlySet<Node>) => SideInput,
+): SideInput[] {
   const readers = new Set(nodes);
   const seen = new Set<Value>();
   const out: SideInput[] = [];

@@ -34,14 +34,22 @@ export interface FusedAttentionSchema {
 export const FUSED_ATTENTION: Record<string, FusedAttentionSchema> = {
   Attention: {
     form: 'Attention',
-    inputs: { 3: { role: 'mask', form: 'raw-2d' }, 4: { role: 'past-combined' }, 5: { role: 'mask', form: 'additive-bias' }, 6: { role: 'sequence-length', length: 'past_sequence_length' } },
+    inputs: {
+      3: { role: 'mask', form: 'raw-2d' },
+      4: { role: 'past-combined' },
+      5: { role: 'mask', form: 'additive-bias' },
+      6: { role: 'sequence-length', length: 'past_sequence_length' },
+    },
     presentKey: 1,
     presentValue: 1,
   },
   MultiHeadAttention: {
     form: 'MultiHeadAttention',
     inputs: {
-      4: { role: 'mask', form: 'key-padding' }, 5: { role: 'mask', form: 'additive-bias' }, 6: { role: 'past-key' }, 7: { role: 'past-value' },
+      4: { role: 'mask', form: 'key-padding' },
+      5: { role: 'mask', form: 'additive-bias' },
+      6: { role: 'past-key' },
+      7: { role: 'past-value' },
       8: { role: 'sequence-length', length: 'past_sequence_length' },
     },
     presentKey: 1,
@@ -50,9 +58,14 @@ export const FUSED_ATTENTION: Record<string, FusedAttentionSchema> = {
   GroupQueryAttention: {
     form: 'GroupQueryAttention',
     inputs: {
-      3: { role: 'past-key' }, 4: { role: 'past-value' }, 5: { role: 'sequence-length', length: 'seqlens_k' },
-      6: { role: 'sequence-length', length: 'total_sequence_length' }, 7: { role: 'rotary-cache', which: 'cos' }, 8: { role: 'rotary-cache', which: 'sin' },
-      9: { role: 'positions' }, 10: { role: 'mask', form: 'additive-bias' },
+      3: { role: 'past-key' },
+      4: { role: 'past-value' },
+      5: { role: 'sequence-length', length: 'seqlens_k' },
+      6: { role: 'sequence-length', length: 'total_sequence_length' },
+      7: { role: 'rotary-cache', which: 'cos' },
+      8: { role: 'rotary-cache', which: 'sin' },
+      9: { role: 'positions' },
+      10: { role: 'mask', form: 'additive-bias' },
     },
     presentKey: 1,
     presentValue: 2,
@@ -61,7 +74,9 @@ export const FUSED_ATTENTION: Record<string, FusedAttentionSchema> = {
 
 /** RotaryEmbedding (com.microsoft): input, position_ids, cos_cache, sin_cache. */
 export const ROTARY_SLOTS: Record<number, AttentionSlot> = {
-  1: { role: 'positions' }, 2: { role: 'rotary-cache', which: 'cos' }, 3: { role: 'rotary-cache', which: 'sin' },
+  1: { role: 'positions' },
+  2: { role: 'rotary-cache', which: 'cos' },
+  3: { role: 'rotary-cache', which: 'sin' },
 };
 
 /**
@@ -71,7 +86,12 @@ export const ROTARY_SLOTS: Record<number, AttentionSlot> = {
  */
 export const STANDARD_ATTENTION: FusedAttentionSchema = {
   form: 'StandardAttention',
-  inputs: { 3: { role: 'mask', form: 'additive-bias' }, 4: { role: 'past-key' }, 5: { role: 'past-value' }, 6: { role: 'sequence-length', length: 'nonpad_kv_seqlen' } },
+  inputs: {
+    3: { role: 'mask', form: 'additive-bias' },
+    4: { role: 'past-key' },
+    5: { role: 'past-value' },
+    6: { role: 'sequence-length', length: 'nonpad_kv_seqlen' },
+  },
   presentKey: 1,
   presentValue: 2,
 };

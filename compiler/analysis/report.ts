@@ -80,18 +80,28 @@ function layerSummary(l: LayerInfo): LayerSummary {
 export function sideInputSummary(x: Exclude<SideInput, { kind: 'weight' }>): SideInputSummary {
   const base = { name: x.value.name };
   switch (x.kind) {
-    case 'past-kv': return { ...base, kind: x.kind, role: x.role };
-    case 'per-token': return { ...base, kind: x.kind, role: x.role, batchAxis: x.batchAxis, sequenceAxis: x.sequenceAxis };
-    case 'attention-mask': return { ...base, kind: x.kind, form: x.form, queryAxis: x.queryAxis, keyAxis: x.keyAxis };
-    case 'sequence-length': return { ...base, kind: x.kind, role: x.role };
-    case 'other': return { ...base, kind: x.kind, reason: x.reason };
+    case 'past-kv':
+      return { ...base, kind: x.kind, role: x.role };
+    case 'per-token':
+      return { ...base, kind: x.kind, role: x.role, batchAxis: x.batchAxis, sequenceAxis: x.sequenceAxis };
+    case 'attention-mask':
+      return { ...base, kind: x.kind, form: x.form, queryAxis: x.queryAxis, keyAxis: x.keyAxis };
+    case 'sequence-length':
+      return { ...base, kind: x.kind, role: x.role };
+    case 'other':
+      return { ...base, kind: x.kind, reason: x.reason };
   }
 }
 
 /** Short text for one side input: `kind(name, details)`. */
 function sideInputText(x: SideInputSummary): string {
   const axis = (label: string, a: number | null | undefined) => (a === undefined ? [] : [`${label} ${a ?? '?'}`]);
-  const details = [x.role ?? x.form ?? x.reason, ...axis('seq axis', x.sequenceAxis), ...axis('query axis', x.queryAxis), ...axis('key axis', x.keyAxis)].filter(Boolean);
+  const details = [
+    x.role ?? x.form ?? x.reason,
+    ...axis('seq axis', x.sequenceAxis),
+    ...axis('query axis', x.queryAxis),
+    ...axis('key axis', x.keyAxis),
+  ].filter(Boolean);
   return `${x.kind}(${x.name}${details.length ? `: ${details.join(', ')}` : ''})`;
 }
 
@@ -104,10 +114,20 @@ export function formatLayerTable(s: DecoderStructure): string {
     `stream: ${s.embedding.output} ... ${s.final.residual ?? `(inside ${s.layers.at(-1)!.exit.node.describe()})`} -> ${s.final.logits}`,
   ];
   for (const l of summary.layers) {
-    const kv = l.kv.layout === 'combined-2BHTD' ? `${l.kv.key.input} -> ${l.kv.key.output} (combined)` : `${l.kv.key.input} -> ${l.kv.key.output}, ${l.kv.value.input} -> ${l.kv.value.output}`;
+    const kv =
+      l.kv.layout === 'combined-2BHTD'
+        ? `${l.kv.key.input} -> ${l.kv.key.output} (combined)`
+        : `${l.kv.key.input} -> ${l.kv.key.output}, ${l.kv.value.input} -> ${l.kv.value.output}`;
     lines.push(`layer ${l.index}: ${l.attention}, ${l.nodeCount} nodes, %${l.residualIn} -> ${l.residualOut ? `%${l.residualOut}` : '(fused, no value)'}`);
     lines.push(`  kv: ${kv}`);
-    lines.push(`  reads: ${l.sideInputs.filter((x) => x.kind !== 'past-kv').map(sideInputText).join(', ') || 'nothing else'}; ${l.weights} weights`);
+    lines.push(
+      `  reads: ${
+        l.sideInputs
+          .filter((x) => x.kind !== 'past-kv')
+          .map(sideInputText)
+          .join(', ') || 'nothing else'
+      }; ${l.weights} weights`,
+    );
   }
   return lines.join('\n');
 }

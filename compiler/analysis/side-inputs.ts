@@ -23,14 +23,23 @@ export class SideInputClassifier {
   private readonly axes = new Map<Value, Map<Value, AxisFact>>();
   private readonly graphInputs: Set<Value>;
 
-  constructor(private readonly graph: Graph, private readonly facts: GraphFacts, private readonly isPrefix: (n: Node) => boolean) {
+  constructor(
+    private readonly graph: Graph,
+    private readonly facts: GraphFacts,
+    private readonly isPrefix: (n: Node) => boolean,
+  ) {
     this.graphInputs = new Set(graph.inputs);
   }
 
   classify(v: Value, readers: ReadonlySet<Node>, kv: KvCacheSpec, state: ReadonlySet<Value> = new Set()): SideInput {
     if (this.facts.isConstant(v)) return { kind: 'weight', value: v };
     // Checked before the KV cache: a recurrent layer's `kv` names its state.
-    if (state.has(v)) return { kind: 'other', value: v, reason: 'state besides the KV cache (conv/recurrent state of a hybrid model): a layer with state stays dense and its state passes through untouched' };
+    if (state.has(v))
+      return {
+        kind: 'other',
+        value: v,
+        reason: 'state besides the KV cache (conv/recurrent state of a hybrid model): a layer with state stays dense and its state passes through untouched',
+      };
     const past = pastRole(v, kv);
     if (past) return { kind: 'past-kv', value: v, role: past };
     const slot = slotOf(v, readers);
@@ -40,11 +49,16 @@ export class SideInputClassifier {
 
   private bySlot(v: Value, slot: AttentionSlot): SideInput {
     switch (slot.role) {
-      case 'mask': return this.mask(v, slot.form);
-      case 'sequence-length': return { kind: 'sequence-length', value: v, role: slot.length };
-      case 'positions': return this.perToken(v, 'positions');
-      case 'rotary-cache': return { kind: 'other', value: v, reason: `a computed rotary ${slot.which} cache` };
-      default: return { kind: 'other', value: v, reason: `read as ${slot.role} but not this layer's cache` };
+      case 'mask':
+        return this.mask(v, slot.form);
+      case 'sequence-length':
+        return { kind: 'sequence-length', value: v, role: slot.length };
+      case 'positions':
+        return this.perToken(v, 'positions');
+      case 'rotary-cache':
+        return { kind: 'other', value: v, reason: `a computed rotary ${slot.which} cache` };
+      default:
+        return { kind: 'other', value: v, reason: `read as ${slot.role} but not this layer's cache` };
     }
   }
 
@@ -57,9 +71,14 @@ export class SideInputClassifier {
     if (names.includes('input_ids')) return this.perToken(v, 'other');
     // Computed from a static cache's write_indices / nonpad_kv_seqlen (and shapes): a length, rebuilt per routed layer.
     const lengthInputs = [...o.data].map(staticLengthRole);
-    if (lengthInputs.length && lengthInputs.every((r) => r)) return { kind: 'sequence-length', value: v, role: lengthInputs.includes('write_indices') ? 'write_indices' : 'nonpad_kv_seqlen' };
+    if (lengthInputs.length && lengthInputs.every((r) => r))
+      return { kind: 'sequence-length', value: v, role: lengthInputs.includes('write_indices') ? 'write_indices' : 'nonpad_kv_seqlen' };
     if (o.data.size === 0 && o.shape.size > 0) return { kind: 'sequence-length', value: v, role: 'shape-derived' };
-    return { kind: 'other', value: v, reason: this.graphInputs.has(v) ? 'a graph input of unknown role' : `computed from ${names.join(', ') || 'nothing known'}` };
+    return {
+      kind: 'other',
+      value: v,
+      reason: this.graphInputs.has(v) ? 'a graph input of unknown role' : `computed from ${names.join(', ') || 'nothing known'}`,
+    };
   }
 
   private mask(v: Value, form: 'raw-2d' | 'additive-bias' | 'key-padding'): SideInput {
@@ -116,7 +135,8 @@ export class SideInputClassifier {
 /** A graph input a static cache reads as its write index (TensorScatter input 2) or valid-key count (Attention input 6). */
 function staticLengthRole(x: Value): 'write_indices' | 'nonpad_kv_seqlen' | null {
   for (const u of x.uses) {
-    const slot = standardSlot(u.node, u.index) ?? (fusedAttentionSchema(u.node)?.form === 'StandardAttention' ? fusedAttentionSchema(u.node)!.inputs[u.index] : undefined);
+    const slot =
+      standardSlot(u.node, u.index) ?? (fusedAttentionSchema(u.node)?.form === 'StandardAttention' ? fusedAttentionSchema(u.node)!.inputs[u.index] : undefined);
     if (slot?.role === 'sequence-length' && (slot.length === 'write_indices' || slot.length === 'nonpad_kv_seqlen')) return slot.length;
   }
   return null;

@@ -32,7 +32,10 @@ class StreamWalker {
   private layer = -1;
   readonly steps: StreamStep[] = [];
 
-  constructor(private readonly ctx: StreamContext, private readonly explain: Explanation[]) {}
+  constructor(
+    private readonly ctx: StreamContext,
+    private readonly explain: Explanation[],
+  ) {}
 
   private get state(): StreamState {
     return { dependent: this.ctx.dependent, streamValues: this.streamValues, normedCopies: this.normedCopies };
@@ -71,12 +74,20 @@ class StreamWalker {
     }
     const startsLayer = trial.step.attention !== null;
     if (!startsLayer && this.layer < 0) {
-      this.note(c.node, 'rejected', 'its branch has no attention core, and the first layer must start with one (com.microsoft Attention/MultiHeadAttention/GroupQueryAttention, or Softmax over MatMul(Q, K^T))');
+      this.note(
+        c.node,
+        'rejected',
+        'its branch has no attention core, and the first layer must start with one (com.microsoft Attention/MultiHeadAttention/GroupQueryAttention, or Softmax over MatMul(Q, K^T))',
+      );
       return null;
     }
     if (startsLayer) this.layer++;
     const what = startsLayer ? `starts layer ${this.layer} (${trial.step.attention!.form} attention in the branch)` : `continues layer ${this.layer}`;
-    this.note(c.node, 'accepted', `residual step: ${current} + ${trial.step.branch}; ${what}; branch reads a normalised copy via ${trial.step.norm.node.describe()}`);
+    this.note(
+      c.node,
+      'accepted',
+      `residual step: ${current} + ${trial.step.branch}; ${what}; branch reads a normalised copy via ${trial.step.norm.node.describe()}`,
+    );
     return { ...trial.step, layer: this.layer };
   }
 
@@ -116,11 +127,27 @@ class StreamWalker {
     if (cores.length > 1) return { reason: `its branch holds ${cores.length} attention cores; one per layer is supported` };
     const allowed = cores.length ? new Set([current]) : new Set([...this.layerValues, current]);
     const norm = findNormEvidence(walk, allowed, this.state);
-    if (!norm) return { reason: `its branch ${branch} is not computed from a normalised copy of a stream value of this layer (no norm op, decomposed norm or fused norm output reads it)` };
+    if (!norm)
+      return {
+        reason: `its branch ${branch} is not computed from a normalised copy of a stream value of this layer (no norm op, decomposed norm or fused norm output reads it)`,
+      };
     const kind = skipNormOp(c.node) ?? 'Add';
     const sumOut = kind === 'Add' ? c.node.output(0) : c.node.outputs[SKIP_SUM_OUTPUT];
     const sum = sumOut && sumOut.name !== '' ? sumOut : null;
-    return { step: { node: c.node, kind, streamIn: current, streamOperandIndex: c.streamOperandIndex, branchOperandIndex, branch, sum, norm, branchNodes, attention: cores[0] ?? null } };
+    return {
+      step: {
+        node: c.node,
+        kind,
+        streamIn: current,
+        streamOperandIndex: c.streamOperandIndex,
+        branchOperandIndex,
+        branch,
+        sum,
+        norm,
+        branchNodes,
+        attention: cores[0] ?? null,
+      },
+    };
   }
 
   private note(node: Node, verdict: Explanation['verdict'], reason: string): void {
@@ -132,10 +159,16 @@ export function walkResidualStream(start: EmbeddingFound, ctx: StreamContext, ex
   const steps = new StreamWalker(ctx, explain).run(start);
   if (steps.length === 0) {
     const out = start.info.output;
-    const readers = out.consumers().map((n) => n.describe()).join(', ') || 'nothing';
+    const readers =
+      out
+        .consumers()
+        .map((n) => n.describe())
+        .join(', ') || 'nothing';
     const why = explain.find((e) => e.verdict === 'rejected');
     const detail = why ? ` (${why.subject}: ${why.reason})` : '';
-    throw new ModcError(`no residual stream: expected an Add fed by the embedding output ${out} and a branch computed from a normalised copy of it; ${out} is read by ${readers}${detail}`);
+    throw new ModcError(
+      `no residual stream: expected an Add fed by the embedding output ${out} and a branch computed from a normalised copy of it; ${out} is read by ${readers}${detail}`,
+    );
   }
   return steps;
 }

@@ -52,9 +52,10 @@ export function subLayersOf(layer: LayerInfo, graphOutputs: ReadonlySet<Value>):
   let parts: Omit<SubLayer, 'sideInputs' | 'blocker'>[];
   let parallel: boolean;
   if (steps.length === 2 && steps[0]!.attention && !steps[1]!.attention) {
-    const [a, m] = steps as [typeof steps[0], typeof steps[0]];
+    const [a, m] = steps as [(typeof steps)[0], (typeof steps)[0]];
     const mlpInput = m.norm.of;
-    if (!mlpInput || (mlpInput !== x && mlpInput !== a.sum)) return { reason: `its MLP step ${m.node.describe()} reads a normalised copy of neither the layer input nor the stream after attention` };
+    if (!mlpInput || (mlpInput !== x && mlpInput !== a.sum))
+      return { reason: `its MLP step ${m.node.describe()} reads a normalised copy of neither the layer input nor the stream after attention` };
     parallel = mlpInput === x;
     parts = [
       { part: 'attention', input: x, update: a.branch, join: a.node, nodes: own(a.branchNodes) },
@@ -81,7 +82,12 @@ export function subLayersOf(layer: LayerInfo, graphOutputs: ReadonlySet<Value>):
 }
 
 /** Why a part is not a closed function of its input and side inputs (see the file comment). */
-function closedness(p: Omit<SubLayer, 'sideInputs' | 'blocker'>, inLayer: ReadonlySet<Node>, streamValues: ReadonlySet<Value>, graphOutputs: ReadonlySet<Value>): string | null {
+function closedness(
+  p: Omit<SubLayer, 'sideInputs' | 'blocker'>,
+  inLayer: ReadonlySet<Node>,
+  streamValues: ReadonlySet<Value>,
+  graphOutputs: ReadonlySet<Value>,
+): string | null {
   const region = new Set(p.nodes);
   if (!p.update.producer || !region.has(p.update.producer)) return `its update ${p.update} is not computed inside it`;
   for (const n of p.nodes) {

@@ -13,10 +13,54 @@ export interface AxisFact {
   axes: (number | null)[];
 }
 
-const SAME_SHAPE = new Set(['Cast', 'Cos', 'Sin', 'Neg', 'Sqrt', 'Reciprocal', 'Exp', 'Log', 'Identity', 'Not', 'Abs', 'Erf', 'Tanh',
-  'Sigmoid', 'Relu', 'Floor', 'Ceil', 'Round', 'Sign', 'CumSum', 'Slice', 'Tile', 'Pad', 'Clip', 'Softmax']);
-const BROADCAST = new Set(['Add', 'Sub', 'Mul', 'Div', 'Pow', 'Where', 'Equal', 'Less', 'LessOrEqual', 'Greater', 'GreaterOrEqual',
-  'And', 'Or', 'Xor', 'Max', 'Min', 'Mod', 'Concat', 'Expand']);
+const SAME_SHAPE = new Set([
+  'Cast',
+  'Cos',
+  'Sin',
+  'Neg',
+  'Sqrt',
+  'Reciprocal',
+  'Exp',
+  'Log',
+  'Identity',
+  'Not',
+  'Abs',
+  'Erf',
+  'Tanh',
+  'Sigmoid',
+  'Relu',
+  'Floor',
+  'Ceil',
+  'Round',
+  'Sign',
+  'CumSum',
+  'Slice',
+  'Tile',
+  'Pad',
+  'Clip',
+  'Softmax',
+]);
+const BROADCAST = new Set([
+  'Add',
+  'Sub',
+  'Mul',
+  'Div',
+  'Pow',
+  'Where',
+  'Equal',
+  'Less',
+  'LessOrEqual',
+  'Greater',
+  'GreaterOrEqual',
+  'And',
+  'Or',
+  'Xor',
+  'Max',
+  'Min',
+  'Mod',
+  'Concat',
+  'Expand',
+]);
 
 type AxisRule = (n: Node, slot: number, fact: AxisFact, f: GraphFacts) => AxisFact | null;
 

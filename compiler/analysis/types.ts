@@ -84,9 +84,7 @@ export interface FusedBoundary {
 
 /** Why the branch of a step counts as computed from a normalised copy of the stream. */
 export type NormEvidence =
-  | { kind: 'op'; node: Node; of: Value }
-  | { kind: 'decomposed'; node: Node; of: Value }
-  | { kind: 'fused'; node: Node; of: Value | null };
+  { kind: 'op'; node: Node; of: Value } | { kind: 'decomposed'; node: Node; of: Value } | { kind: 'fused'; node: Node; of: Value | null };
 
 /**
  * One residual step: `sum = stream + branch`, an Add or a fused skip-norm whose input 0/1 are
@@ -126,7 +124,13 @@ export type SequenceLengthRole = 'seqlens_k' | 'total_sequence_length' | 'past_s
 export type SideInput =
   | { kind: 'weight'; value: Value }
   | { kind: 'past-kv'; value: Value; role: 'key' | 'value' | 'key-and-value' }
-  | { kind: 'per-token'; value: Value; role: 'positions' | 'rotary-cos' | 'rotary-sin' | 'rotary-angles' | 'other'; batchAxis: number | null; sequenceAxis: number | null }
+  | {
+      kind: 'per-token';
+      value: Value;
+      role: 'positions' | 'rotary-cos' | 'rotary-sin' | 'rotary-angles' | 'other';
+      batchAxis: number | null;
+      sequenceAxis: number | null;
+    }
   | { kind: 'attention-mask'; value: Value; form: 'raw-2d' | 'additive-bias' | 'key-padding'; queryAxis: number | null; keyAxis: number | null }
   | { kind: 'sequence-length'; value: Value; role: SequenceLengthRole }
   | { kind: 'other'; value: Value; reason: string };

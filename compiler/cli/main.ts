@@ -19,7 +19,17 @@ import { createProgress, PROGRESS_OPTIONS, progressMode } from './progress.js';
 export type { Io } from './command.js';
 
 /** The subcommands, in the order `modc --help` lists them. */
-const COMMANDS: Command[] = [inspectCommand, compileCommand, runCommand, generateCommand, verifyCommand, benchCommand, calibrateCommand, evalCommand, codegenCommand];
+const COMMANDS: Command[] = [
+  inspectCommand,
+  compileCommand,
+  runCommand,
+  generateCommand,
+  verifyCommand,
+  benchCommand,
+  calibrateCommand,
+  evalCommand,
+  codegenCommand,
+];
 
 export const VERSION = '0.1.0';
 
@@ -54,7 +64,10 @@ export function commandHelp(cmd: Command): string {
   const common = Object.entries(PROGRESS_OPTIONS).filter(([name]) => !(name in cmd.options));
   const label = ([name, o]: [string, CliOption]) => `${o.short ? `-${o.short}, ` : '    '}--${name}${o.type === 'string' ? ` ${o.valueName ?? 'VALUE'}` : ''}`;
   const width = Math.max(...[...own, ...common].map((e) => label(e).length));
-  for (const [title, opts] of [['options:', own], ['common options:', common]] as const) {
+  for (const [title, opts] of [
+    ['options:', own],
+    ['common options:', common],
+  ] as const) {
     if (!opts.length) continue;
     lines.push('', title);
     for (const e of opts) lines.push(`  ${label(e).padEnd(width)}  ${e[1].help}`);
@@ -74,7 +87,13 @@ export function attachNegativeValues(args: string[], options: Record<string, Cli
     const next = args[i + 1];
     const long = /^--([^=]+)$/.exec(a)?.[1];
     const name = long ?? Object.entries(options).find(([, o]) => o.short !== undefined && a === `-${o.short}`)?.[0];
-    if (name !== undefined && options[name]?.type === 'string' && next !== undefined && /^-(\d|\.\d|Infinity)/.test(next) && args.slice(0, i).indexOf('--') < 0) {
+    if (
+      name !== undefined &&
+      options[name]?.type === 'string' &&
+      next !== undefined &&
+      /^-(\d|\.\d|Infinity)/.test(next) &&
+      args.slice(0, i).indexOf('--') < 0
+    ) {
       out.push(`--${name}=${next}`);
       i++;
     } else {
@@ -112,7 +131,12 @@ export async function main(argv: string[], io: Io = defaultIo): Promise<number> 
     }
     let parsed;
     try {
-      const options = Object.fromEntries(Object.entries({ ...PROGRESS_OPTIONS, ...cmd.options }).map(([k, o]) => [k, { type: o.type, ...(o.short ? { short: o.short } : {}), ...(o.multiple ? { multiple: true } : {}) }])) as ParseArgsConfig['options'];
+      const options = Object.fromEntries(
+        Object.entries({ ...PROGRESS_OPTIONS, ...cmd.options }).map(([k, o]) => [
+          k,
+          { type: o.type, ...(o.short ? { short: o.short } : {}), ...(o.multiple ? { multiple: true } : {}) },
+        ]),
+      ) as ParseArgsConfig['options'];
       parsed = parseArgs({ args: attachNegativeValues(rest, { ...PROGRESS_OPTIONS, ...cmd.options }), options, allowPositionals: true, strict: true });
     } catch (e) {
       throw new UsageError(`${(e as Error).message.split('\n')[0]} (see 'modc ${cmd.name} --help')`);

@@ -57,14 +57,17 @@ function barProgress(stream: NodeJS.WritableStream): Progress {
   return {
     stage(label, total) {
       stop();
-      bar = new cliProgress.SingleBar({
-        stream,
-        format: total === undefined ? `${label} ...` : `${label} [{bar}] {value}/{total} | {duration_formatted}`,
-        clearOnComplete: true,
-        hideCursor: true,
-        barsize: 30,
-        fps: 10,
-      }, cliProgress.Presets.shades_classic);
+      bar = new cliProgress.SingleBar(
+        {
+          stream,
+          format: total === undefined ? `${label} ...` : `${label} [{bar}] {value}/{total} | {duration_formatted}`,
+          clearOnComplete: true,
+          hideCursor: true,
+          barsize: 30,
+          fps: 10,
+        },
+        cliProgress.Presets.shades_classic,
+      );
       bar.start(total ?? 1, 0);
     },
     tick(n = 1) {

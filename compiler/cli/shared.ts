@@ -25,7 +25,10 @@ export function listFlag(values: CliValues, name: string): string[] {
   const v = values[name];
   if (v === undefined) return [];
   const items = Array.isArray(v) ? v : [String(v)];
-  return items.flatMap((s) => s.split(',')).map((s) => s.trim()).filter(Boolean);
+  return items
+    .flatMap((s) => s.split(','))
+    .map((s) => s.trim())
+    .filter(Boolean);
 }
 
 export function numberFlag(values: CliValues, name: string): number | undefined {
@@ -92,9 +95,17 @@ export function padSide(values: Record<string, unknown>): 'left' | 'right' | und
 /** Options `run` and `generate` share. */
 export const PROMPT_OPTIONS = {
   ids: { type: 'string', valueName: 'IDS', help: 'token ids: rows separated by ";", ids by ","' },
-  pad: { type: 'string', valueName: 'SIDE', help: 'pad shorter rows on the left or right (default left; right, the only side it takes, for GroupQueryAttention)' },
+  pad: {
+    type: 'string',
+    valueName: 'SIDE',
+    help: 'pad shorter rows on the left or right (default left; right, the only side it takes, for GroupQueryAttention)',
+  },
   ep: { type: 'string', valueName: 'EP', help: 'execution provider: cpu (default) or cuda' },
-  embeds: { type: 'string', valueName: 'FILE', help: 'inputs_embeds decoders: the prompt as a [B, S, H] .npy/.safetensors tensor, or "random" (seeded embeddings of --ids); default: the embedding model genai_config.json names' },
+  embeds: {
+    type: 'string',
+    valueName: 'FILE',
+    help: 'inputs_embeds decoders: the prompt as a [B, S, H] .npy/.safetensors tensor, or "random" (seeded embeddings of --ids); default: the embedding model genai_config.json names',
+  },
   json: { type: 'boolean', help: 'print the result as JSON' },
 } as const satisfies Record<string, CliOption>;
 
@@ -102,7 +113,10 @@ export const PROMPT_OPTIONS = {
 export const short = (v: number) => Number(v.toPrecision(6));
 
 /** A routed layer as --json reports it: its threshold in threshold mode, its capacity in top-k mode. */
-export function routedLayerJson<T extends { threshold: number; capacity: number }>(mode: 'threshold' | 'topk', layer: T): Omit<T, 'threshold' | 'capacity'> & ({ threshold: number } | { capacity: number }) {
+export function routedLayerJson<T extends { threshold: number; capacity: number }>(
+  mode: 'threshold' | 'topk',
+  layer: T,
+): Omit<T, 'threshold' | 'capacity'> & ({ threshold: number } | { capacity: number }) {
   const { threshold, capacity, ...rest } = layer;
   return mode === 'threshold' ? { ...rest, threshold } : { ...rest, capacity };
 }
@@ -137,7 +151,14 @@ function formatShape(s: TensorSignature['shape']): string {
 
 export function table(rows: string[][], indent = '  '): string[] {
   const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length)));
-  return rows.map((r) => indent + r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]!))).join('  ').trimEnd());
+  return rows.map(
+    (r) =>
+      indent +
+      r
+        .map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]!)))
+        .join('  ')
+        .trimEnd(),
+  );
 }
 
 export function formatSummary(s: ModelSummary): string {
@@ -146,16 +167,30 @@ export function formatSummary(s: ModelSummary): string {
   lines.push(`ir         ${s.irVersion}    opsets: ${s.opsets.map((o) => `${o.domain || 'ai.onnx'} ${o.version}`).join(', ')}`);
   lines.push(`producer   ${[s.producer.name, s.producer.version].filter(Boolean).join(' ') || '(none)'}`);
   lines.push(`inputs     ${s.inputs.length}`);
-  lines.push(...table(s.inputs.map((v) => [v.name, v.dtype, formatShape(v.shape)]), '  '));
+  lines.push(
+    ...table(
+      s.inputs.map((v) => [v.name, v.dtype, formatShape(v.shape)]),
+      '  ',
+    ),
+  );
   lines.push(`outputs    ${s.outputs.length}`);
-  lines.push(...table(s.outputs.map((v) => [v.name, v.dtype, formatShape(v.shape)]), '  '));
+  lines.push(
+    ...table(
+      s.outputs.map((v) => [v.name, v.dtype, formatShape(v.shape)]),
+      '  ',
+    ),
+  );
   lines.push(`nodes      ${formatCount(s.nodes)}`);
   for (const [domain, ops] of Object.entries(s.ops).sort(([a], [b]) => a.localeCompare(b))) {
-    const hist = Object.entries(ops).sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0])).map(([op, n]) => `${op} ${n}`);
+    const hist = Object.entries(ops)
+      .sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0]))
+      .map(([op, n]) => `${op} ${n}`);
     lines.push(`  ${(domain || 'ai.onnx').padEnd(14)} ${hist.join(', ')}`);
   }
   if (s.functions.length) lines.push(`functions  ${s.functions.join(', ')}`);
   const p = s.parameters;
-  lines.push(`params     ${formatCount(p.elements)} in ${p.tensors} tensors, ${formatBytes(p.bytes)} (inline ${formatBytes(p.internalBytes)}, external ${formatBytes(p.externalBytes)}${p.externalFiles.length ? ` in ${p.externalFiles.join(', ')}` : ''})`);
+  lines.push(
+    `params     ${formatCount(p.elements)} in ${p.tensors} tensors, ${formatBytes(p.bytes)} (inline ${formatBytes(p.internalBytes)}, external ${formatBytes(p.externalBytes)}${p.externalFiles.length ? ` in ${p.externalFiles.join(', ')}` : ''})`,
+  );
   return lines.join('\n');
 }

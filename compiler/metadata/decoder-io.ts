@@ -158,17 +158,24 @@ export function decoderIo(model: Model): DecoderIo {
     const layer = Number((split ?? combined)![1]);
     const shape = v.shape ?? [];
     const [heads, head] = combined ? [shape[2], shape[4]] : [shape[1], shape[3]];
-    const entry = kv.get(layer) ?? {
-      layer, pastKey: '', pastValue: null, presentKey: '', presentValue: null,
-      layout: combined ? 'combined-2BHTD' : 'BHTD',
-      numHeads: typeof heads === 'number' ? heads : 0, headSize: typeof head === 'number' ? head : 0,
-      dtype: v.dtype === DataType.FLOAT16 ? 'float16' : 'float32',
-      pastLength: inputs.has(pastLengthName(layer)) ? pastLengthName(layer) : null,
-      presentLength: outputs.has(presentLengthName(layer)) ? presentLengthName(layer) : null,
-      maxLength: null,
-      pastPositions: inputs.has(pastPositionsName(layer)) ? pastPositionsName(layer) : null,
-      presentPositions: outputs.has(presentPositionsName(layer)) ? presentPositionsName(layer) : null,
-    } satisfies KvBinding;
+    const entry =
+      kv.get(layer) ??
+      ({
+        layer,
+        pastKey: '',
+        pastValue: null,
+        presentKey: '',
+        presentValue: null,
+        layout: combined ? 'combined-2BHTD' : 'BHTD',
+        numHeads: typeof heads === 'number' ? heads : 0,
+        headSize: typeof head === 'number' ? head : 0,
+        dtype: v.dtype === DataType.FLOAT16 ? 'float16' : 'float32',
+        pastLength: inputs.has(pastLengthName(layer)) ? pastLengthName(layer) : null,
+        presentLength: outputs.has(presentLengthName(layer)) ? presentLengthName(layer) : null,
+        maxLength: null,
+        pastPositions: inputs.has(pastPositionsName(layer)) ? pastPositionsName(layer) : null,
+        presentPositions: outputs.has(presentPositionsName(layer)) ? presentPositionsName(layer) : null,
+      } satisfies KvBinding);
     if (combined) {
       entry.pastKey = v.name;
       entry.presentKey = pick(outputs, [`present_${layer}`], v.name);
@@ -191,7 +198,9 @@ export function decoderIo(model: Model): DecoderIo {
   const writes = staticLengthInputs(model, inputs);
   const staticLengths = layers.filter((b) => b.layout.startsWith('static')).map((b) => b.maxLength);
   const positions = maxPositions(model, pos ?? null);
-  const lengthBased = lengthBasedAttention(model) ?? (staticLengths.length ? 'a static KV cache (TensorScatter) reads each row\'s valid keys (nonpad_kv_seqlen) from the start of its buffer' : null);
+  const lengthBased =
+    lengthBasedAttention(model) ??
+    (staticLengths.length ? "a static KV cache (TensorScatter) reads each row's valid keys (nonpad_kv_seqlen) from the start of its buffer" : null);
   return {
     inputIds: ids ? { name: ids.name, dtype: intType(ids) } : { name: 'input_ids', dtype: 'int64' },
     inputsEmbeds: embeds ? { name: embeds.name, hiddenSize: hidden as number, dtype: embeds.dtype === DataType.FLOAT16 ? 'float16' : 'float32' } : null,
@@ -207,14 +216,17 @@ export function decoderIo(model: Model): DecoderIo {
     writeIndices: writes.write,
     nonpadKvSeqlen: writes.nonpad,
     unpaddable: unpaddable(model),
-    staticCacheLength: staticLengths.length ? Math.max(0, ...staticLengths.map((n) => n ?? 0), recordedLength(model)) || positions || DEFAULT_STATIC_CACHE_LENGTH : null,
+    staticCacheLength: staticLengths.length
+      ? Math.max(0, ...staticLengths.map((n) => n ?? 0), recordedLength(model)) || positions || DEFAULT_STATIC_CACHE_LENGTH
+      : null,
   };
 }
 
 function unpaddable(model: Model): string | null {
   for (const n of model.graph.nodes) {
     if (n.opType !== 'Attention' || (n.domain !== '' && n.domain !== 'ai.onnx') || n.input(3) || n.attrInt('is_causal', 0) !== 1) continue;
-    if (n.input(6) && n.input(1)?.producer?.opType === 'TensorScatter') return `${n.describe()} is causal by is_causal=1 aligned on nonpad_kv_seqlen, with no attn_mask to mask padding`;
+    if (n.input(6) && n.input(1)?.producer?.opType === 'TensorScatter')
+      return `${n.describe()} is causal by is_causal=1 aligned on nonpad_kv_seqlen, with no attn_mask to mask padding`;
     if (n.input(4)) return `${n.describe()} is causal by is_causal=1, with no attn_mask to mask padding`;
   }
   return null;
@@ -227,11 +239,20 @@ function recordedLength(model: Model): number {
 
 function emptyBinding(layer: number, v: Value, inputs: Map<string, Value>, outputs: Map<string, Value>): KvBinding {
   return {
-    layer, pastKey: '', pastValue: null, presentKey: '', presentValue: null, layout: 'BHTD', numHeads: 0, headSize: 0,
+    layer,
+    pastKey: '',
+    pastValue: null,
+    presentKey: '',
+    presentValue: null,
+    layout: 'BHTD',
+    numHeads: 0,
+    headSize: 0,
     dtype: v.dtype === DataType.FLOAT16 ? 'float16' : 'float32',
     pastLength: inputs.has(pastLengthName(layer)) ? pastLengthName(layer) : null,
     presentLength: outputs.has(presentLengthName(layer)) ? presentLengthName(layer) : null,
-    maxLength: null, pastPositions: null, presentPositions: null,
+    maxLength: null,
+    pastPositions: null,
+    presentPositions: null,
   };
 }
 
@@ -242,13 +263,19 @@ function staticCaches(model: Model): Map<Value, { layout: 'static-BTH' | 'static
     if (n.opType !== 'TensorScatter' || (n.domain !== '' && n.domain !== 'ai.onnx')) continue;
     const past = n.input(0);
     if (!past || past.producer || past.isConstant) continue;
-    const attention = n.output(0).consumers().find((c) => c.opType === 'Attention');
+    const attention = n
+      .output(0)
+      .consumers()
+      .find((c) => c.opType === 'Attention');
     out.set(past, { layout: past.shape?.length === 3 ? 'static-BTH' : 'static-BHTD', kvHeads: attention?.attrInt('kv_num_heads') });
   }
   return out;
 }
 
-function staticShape(v: Value, s: { layout: 'static-BTH' | 'static-BHTD'; kvHeads: number | undefined }): Pick<KvBinding, 'layout' | 'numHeads' | 'headSize' | 'maxLength'> {
+function staticShape(
+  v: Value,
+  s: { layout: 'static-BTH' | 'static-BHTD'; kvHeads: number | undefined },
+): Pick<KvBinding, 'layout' | 'numHeads' | 'headSize' | 'maxLength'> {
   const shape = v.shape ?? [];
   const num = (d: unknown) => (typeof d === 'number' ? d : 0);
   if (s.layout === 'static-BTH') {

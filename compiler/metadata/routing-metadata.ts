@@ -53,12 +53,14 @@ function routingMetadataProblem(m: unknown): string | null {
   if (typeof m.gated !== 'boolean') return 'gated must be true or false';
   if (!Array.isArray(m.layers)) return 'layers must be a list';
   for (const l of m.layers) {
-    if (!isObj(l) || !isLayer(l.layer) || typeof l.threshold !== 'number' || typeof l.capacity !== 'number') return 'each layer needs a layer index, a threshold and a capacity';
+    if (!isObj(l) || !isLayer(l.layer) || typeof l.threshold !== 'number' || typeof l.capacity !== 'number')
+      return 'each layer needs a layer index, a threshold and a capacity';
     if (l.part !== undefined && l.part !== 'block' && l.part !== 'attention' && l.part !== 'mlp') return 'a layer part must be "block", "attention" or "mlp"';
-    if (l.selected !== undefined && typeof l.selected !== 'string') return 'a layer\'s selected must be a value name';
+    if (l.selected !== undefined && typeof l.selected !== 'string') return "a layer's selected must be a value name";
   }
   if (m.skipped !== undefined) {
-    if (!Array.isArray(m.skipped) || m.skipped.some((s) => !isObj(s) || !isLayer(s.layer) || typeof s.reason !== 'string')) return 'skipped must be a list of { layer, reason }';
+    if (!Array.isArray(m.skipped) || m.skipped.some((s) => !isObj(s) || !isLayer(s.layer) || typeof s.reason !== 'string'))
+      return 'skipped must be a list of { layer, reason }';
   }
   return null;
 }

@@ -74,6 +74,8 @@ export function checkCompiledFrom(original: Model, compiled: Model, originalPath
   if (recorded === undefined) return;
   const actual = graphFingerprint(original);
   if (recorded !== actual) {
-    throw new ModcError(`${compiledPath} was not compiled from ${originalPath}: its recorded source graph is ${recorded.slice(0, 12)}, ${originalPath} is ${actual.slice(0, 12)}`);
+    throw new ModcError(
+      `${compiledPath} was not compiled from ${originalPath}: its recorded source graph is ${recorded.slice(0, 12)}, ${originalPath} is ${actual.slice(0, 12)}`,
+    );
   }
 }

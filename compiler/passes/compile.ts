@@ -113,7 +113,11 @@ export function routingReport(model: Model, plan: RoutingPlan, opsBefore: Record
     .filter((l) => !skipped.some((u) => u.layer === l.layer && (u.part ?? 'block') === l.part))
     .map(({ layer, part, threshold, capacity }) => ({ layer, part, threshold, capacity }));
   const opsAfter = modcOpCounts(model);
-  const opsAdded = Object.fromEntries(Object.entries(opsAfter).map(([op, n]) => [op, n - (opsBefore[op] ?? 0)]).filter(([, n]) => (n as number) > 0));
+  const opsAdded = Object.fromEntries(
+    Object.entries(opsAfter)
+      .map(([op, n]) => [op, n - (opsBefore[op] ?? 0)])
+      .filter(([, n]) => (n as number) > 0),
+  );
   return { mode: plan.mode, gated: plan.gated, converted, notConverted, opsAdded };
 }
 

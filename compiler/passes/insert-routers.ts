@@ -69,8 +69,12 @@ export function insertRouters(model: Model, plan: RoutingPlan, s: DecoderStructu
     const layer = s.layers[lp.layer];
     if (!layer) throw new ModcError(`the routing plan names layer ${lp.layer}, but the model has ${s.layers.length} layers`);
     const twice = plan.layers.find((o) => o !== lp && o.layer === lp.layer && (o.part === lp.part || o.part === 'block' || lp.part === 'block'));
-    if (twice) throw new ModcError(`the routing plan routes layer ${lp.layer} as ${lp.part} and as ${twice.part}; a layer routes its whole block, or its attention and/or its MLP`);
-    if (lp.router.weight.length !== s.hiddenSize) throw new ModcError(`router for layer ${describeLayerPart(lp)} has ${lp.router.weight.length} weights, the hidden size is ${s.hiddenSize}`);
+    if (twice)
+      throw new ModcError(
+        `the routing plan routes layer ${lp.layer} as ${lp.part} and as ${twice.part}; a layer routes its whole block, or its attention and/or its MLP`,
+      );
+    if (lp.router.weight.length !== s.hiddenSize)
+      throw new ModcError(`router for layer ${describeLayerPart(lp)} has ${lp.router.weight.length} weights, the hidden size is ${s.hiddenSize}`);
     // An MLP router reads the stream the MLP reads; when the layer has no sub-layer boundary
     // route-layers refuses the part and removes this router again.
     const parts = lp.part === 'block' ? null : subLayersOf(layer, graphOutputs);
@@ -80,9 +84,10 @@ export function insertRouters(model: Model, plan: RoutingPlan, s: DecoderStructu
     const b = g.addInitializer(g.newValue(`${prefix}.bias`), Tensor.fromArray(`${prefix}.bias`, [1], Float32Array.of(lp.router.bias)));
     const opts = { dtype, name: `modc/layer${lp.layer}${lp.part === 'block' ? '' : `/${lp.part}`}` };
     const [score] = callModcOp(model, 'Router', [input, w, b], opts);
-    const [selected] = plan.mode === 'threshold'
-      ? callModcOp(model, 'SelectThreshold', [score!, tokenMask, scalarInit(model, `${prefix}.threshold`, lp.threshold)], opts)
-      : callModcOp(model, 'SelectTopK', [score!, tokenMask, scalarInit(model, `${prefix}.capacity`, lp.capacity), pastLength], opts);
+    const [selected] =
+      plan.mode === 'threshold'
+        ? callModcOp(model, 'SelectThreshold', [score!, tokenMask, scalarInit(model, `${prefix}.threshold`, lp.threshold)], opts)
+        : callModcOp(model, 'SelectTopK', [score!, tokenMask, scalarInit(model, `${prefix}.capacity`, lp.capacity), pastLength], opts);
     selected!.name = g.uniqueName(prefix.replace('modc.router.', 'modc.selected.'));
     callModcOp(model, 'Compact', [selected!], opts);
     recorded.push({ layer: lp.layer, part: lp.part, selected: selected!.name, threshold: lp.threshold, capacity: lp.capacity });
@@ -96,7 +101,7 @@ export function insertRouters(model: Model, plan: RoutingPlan, s: DecoderStructu
 export function insertRoutersPass(plan: RoutingPlan): Pass {
   return {
     name: 'insert-routers',
-    description: 'add a router and token selection on each converted layer\'s residual input',
+    description: "add a router and token selection on each converted layer's residual input",
     // Routers only read stream values: the layers, their boundaries and caches stay as analysed.
     preserves: ['structure'],
     run(model, _options, ctx) {

@@ -36,7 +36,8 @@ export function kvAppendsOf(layer: LayerInfo, nodes: ReadonlySet<Node>): KvAppen
     const concat = t.output.producer;
     if (!concat || concat.opType !== 'Concat' || concat.domain !== '' || !nodes.has(concat)) return { reason: `${t.output} is not a Concat of the layer` };
     const axis = concat.attrInt('axis');
-    if (concat.inputs.length !== 2 || concat.input(0) !== t.input || (axis !== 2 && axis !== -2)) return { reason: `${concat.describe()} is not Concat(past, new) on the sequence axis` };
+    if (concat.inputs.length !== 2 || concat.input(0) !== t.input || (axis !== 2 && axis !== -2))
+      return { reason: `${concat.describe()} is not Concat(past, new) on the sequence axis` };
     const fresh = concat.input(1);
     if (!fresh?.producer || !nodes.has(fresh.producer)) return { reason: `the new entries of ${t.output} are not computed by the layer` };
     appends.push({ concat, past: t.input, fresh, full: t.output });
@@ -61,16 +62,42 @@ const BOOL_OPS = new Set(['Equal', 'Less', 'LessOrEqual', 'Greater', 'GreaterOrE
 const INT64_OPS = new Set(['Shape', 'Size', 'NonZero', 'ArgMax', 'ArgMin']);
 /** Ops whose every output has the element type of input `n` (data ops, element-wise math). */
 const TYPE_OF_INPUT: Record<string, number> = {
-  Where: 1, DequantizeLinear: 1,
+  Where: 1,
+  DequantizeLinear: 1,
 };
 /** Ops whose outputs have another type than their first input, and are not listed above: unknown. */
-const UNKNOWN_OPS = new Set(['QuantizeLinear', 'DynamicQuantizeLinear', 'TopK', 'Unique', 'MatMulInteger', 'ConvInteger', 'Loop', 'Scan', 'RandomNormalLike', 'RandomUniformLike', 'Multinomial', 'OneHot', 'CastLike', 'EyeLike', 'Bernoulli']);
+const UNKNOWN_OPS = new Set([
+  'QuantizeLinear',
+  'DynamicQuantizeLinear',
+  'TopK',
+  'Unique',
+  'MatMulInteger',
+  'ConvInteger',
+  'Loop',
+  'Scan',
+  'RandomNormalLike',
+  'RandomUniformLike',
+  'Multinomial',
+  'OneHot',
+  'CastLike',
+  'EyeLike',
+  'Bernoulli',
+]);
 
 /** Element types of modc op outputs (compiler/passes/modc-ops/op-bodies.ts): -1 means "of input 0". */
 const MODC_OUTPUTS: Record<string, number[]> = {
-  Router: [DataType.FLOAT], SelectThreshold: [DataType.BOOL], SelectTopK: [DataType.BOOL],
-  Compact: [DataType.INT64, DataType.BOOL, DataType.INT64], GatherTokens: [-1], ScatterTokens: [-1], ScatterTokensGated: [-1],
-  GatherMask: [-1], PrefixMask: [DataType.BOOL], KeyMask: [DataType.BOOL], GatherKv: [-1], GatherKvCombined: [-1],
+  Router: [DataType.FLOAT],
+  SelectThreshold: [DataType.BOOL],
+  SelectTopK: [DataType.BOOL],
+  Compact: [DataType.INT64, DataType.BOOL, DataType.INT64],
+  GatherTokens: [-1],
+  ScatterTokens: [-1],
+  ScatterTokensGated: [-1],
+  GatherMask: [-1],
+  PrefixMask: [DataType.BOOL],
+  KeyMask: [DataType.BOOL],
+  GatherKv: [-1],
+  GatherKvCombined: [-1],
 };
 
 /**
@@ -98,7 +125,13 @@ export function elementTypeOf(v: Value, memo = new Map<Value, number | undefined
       t = n.attrInt('to');
     } else if (n.opType === 'Constant') {
       const a = n.attr('value');
-      t = a?.t ? new Tensor(a.t).dataType : n.attr('value_int') || n.attr('value_ints') ? DataType.INT64 : n.attr('value_float') || n.attr('value_floats') ? DataType.FLOAT : undefined;
+      t = a?.t
+        ? new Tensor(a.t).dataType
+        : n.attr('value_int') || n.attr('value_ints')
+          ? DataType.INT64
+          : n.attr('value_float') || n.attr('value_floats')
+            ? DataType.FLOAT
+            : undefined;
     } else if (n.opType === 'ConstantOfShape') {
       const a = n.attr('value');
       t = a?.t ? new Tensor(a.t).dataType : DataType.FLOAT;

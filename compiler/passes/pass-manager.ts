@@ -117,7 +117,7 @@ export class PassRegistry {
     const re = /\s*([A-Za-z0-9_-]+)(?:\{([^}]*)\})?\s*(?:,|$)/y;
     let m: RegExpExecArray | null;
     let at = 0;
-    while (at < trimmed.length && (re.lastIndex = at, (m = re.exec(trimmed)))) {
+    while (at < trimmed.length && ((re.lastIndex = at), (m = re.exec(trimmed)))) {
       at = re.lastIndex;
       const pass = this.get(m[1]!);
       steps.push({ pass, options: parseOptions(pass, m[2] ?? '') });
@@ -130,10 +130,16 @@ export class PassRegistry {
 function parseOptions(pass: Pass, text: string): Record<string, OptionValue> {
   const out: Record<string, OptionValue> = {};
   for (const spec of pass.options ?? []) if (spec.default !== undefined) out[spec.name] = spec.default;
-  for (const part of text.split(';').map((s) => s.trim()).filter(Boolean)) {
+  for (const part of text
+    .split(';')
+    .map((s) => s.trim())
+    .filter(Boolean)) {
     const [key, raw = 'true'] = part.split('=', 2).map((s) => s.trim()) as [string, string?];
     const spec = pass.options?.find((o) => o.name === key);
-    if (!spec) throw new UsageError(`pass ${pass.name} has no option '${key}'${pass.options?.length ? ` (options: ${pass.options.map((o) => o.name).join(', ')})` : ''}`);
+    if (!spec)
+      throw new UsageError(
+        `pass ${pass.name} has no option '${key}'${pass.options?.length ? ` (options: ${pass.options.map((o) => o.name).join(', ')})` : ''}`,
+      );
     out[key] = coerce(pass.name, spec, raw);
   }
   return out;
@@ -165,7 +171,8 @@ export function runPipeline(model: Model, steps: readonly PipelineStep[], opts: 
   const log = opts.log ?? (() => {});
   const dumpAll = opts.dumpAfter?.includes('*') ?? false;
   const notRun = (opts.dumpAfter ?? []).filter((name) => name !== '*' && !steps.some((st) => st.pass.name === name));
-  if (notRun.length) throw new UsageError(`--dump-after ${notRun.join(', ')}: no such pass in this pipeline (${steps.map((st) => st.pass.name).join(', ')}, or *)`);
+  if (notRun.length)
+    throw new UsageError(`--dump-after ${notRun.join(', ')}: no such pass in this pipeline (${steps.map((st) => st.pass.name).join(', ')}, or *)`);
   const records: PassRecord[] = [];
   let structure = opts.structure;
   const ctx: PassContext = { log, structure: () => (structure ??= analyzeDecoder(model)) };

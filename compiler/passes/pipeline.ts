@@ -43,7 +43,7 @@ export function defaultRegistry(mod?: ModOptions): PassRegistry {
     .register(lastLogitsPass);
   if (mod) return reg.register(insertRoutersPass(mod.plan)).register(routeLayersPass({ gated: mod.plan.gated }));
   return reg
-    .register(needsPlan('insert-routers', 'add a router and token selection on each converted layer\'s residual input'))
+    .register(needsPlan('insert-routers', "add a router and token selection on each converted layer's residual input"))
     .register(needsPlan('route-layers', 'run each routed layer on its selected tokens only, with a compacted KV cache'));
 }
 

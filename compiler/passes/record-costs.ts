@@ -8,7 +8,7 @@ import type { Pass } from './pass-manager.js';
 
 export const recordCostsPass: Pass = {
   name: 'record-costs',
-  description: 'record the dense model\'s MACs per layer and part in the metadata (modc.costs), for modc eval',
+  description: "record the dense model's MACs per layer and part in the metadata (modc.costs), for modc eval",
   preserves: ['structure'],
   run(model, _options, ctx) {
     // A model compiled before keeps the costs of its original: they describe the dense model.

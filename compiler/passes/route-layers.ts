@@ -88,8 +88,13 @@ function regionOf(model: Model, layer: LayerInfo, part: RoutedPart): RoutedRegio
     const why = blockBlocker(layer) ?? kvCompactionBlocker(layer.attention) ?? sideInputBlocker(model, layer.sideInputs) ?? tokenCouplingBlocker(layer.nodes);
     if (why) return { reason: why };
     return {
-      layer, part, input: layer.residualIn, nodes: new Set(layer.nodes.filter((n) => n.domain !== MODC_DOMAIN)), sideInputs: layer.sideInputs,
-      output: { kind: 'stream', value: layer.residualOut! }, compactsKv: true,
+      layer,
+      part,
+      input: layer.residualIn,
+      nodes: new Set(layer.nodes.filter((n) => n.domain !== MODC_DOMAIN)),
+      sideInputs: layer.sideInputs,
+      output: { kind: 'stream', value: layer.residualOut! },
+      compactsKv: true,
     };
   }
   // Like a block, no part of a layer with state besides the KV cache is routed (it stays dense).
@@ -99,13 +104,26 @@ function regionOf(model: Model, layer: LayerInfo, part: RoutedPart): RoutedRegio
   if ('reason' in parts) return { reason: `no sub-layer boundary: ${parts.reason}` };
   const sub = parts[part];
   const joinFused = sub.join.opType !== 'Add' || sub.join.domain !== '';
-  const why = (joinFused ? `its ${part} update is added by ${sub.join.describe()}, not a plain Add (run split-fused-boundaries with within=${layer.index} first)` : null)
-    ?? sub.blocker ?? (part === 'attention' ? kvCompactionBlocker(layer.attention) : null) ?? sideInputBlocker(model, sub.sideInputs) ?? tokenCouplingBlocker(sub.nodes)
-    ?? (part === 'mlp' && sub.sideInputs.some((si) => si.kind !== 'weight') ? `its MLP reads ${sub.sideInputs.find((si) => si.kind !== 'weight')!.value}, which is not a weight` : null);
+  const why =
+    (joinFused
+      ? `its ${part} update is added by ${sub.join.describe()}, not a plain Add (run split-fused-boundaries with within=${layer.index} first)`
+      : null) ??
+    sub.blocker ??
+    (part === 'attention' ? kvCompactionBlocker(layer.attention) : null) ??
+    sideInputBlocker(model, sub.sideInputs) ??
+    tokenCouplingBlocker(sub.nodes) ??
+    (part === 'mlp' && sub.sideInputs.some((si) => si.kind !== 'weight')
+      ? `its MLP reads ${sub.sideInputs.find((si) => si.kind !== 'weight')!.value}, which is not a weight`
+      : null);
   if (why) return { reason: why };
   return {
-    layer, part, input: sub.input, nodes: new Set(sub.nodes), sideInputs: sub.sideInputs,
-    output: { kind: 'update', value: sub.update }, compactsKv: part === 'attention',
+    layer,
+    part,
+    input: sub.input,
+    nodes: new Set(sub.nodes),
+    sideInputs: sub.sideInputs,
+    output: { kind: 'update', value: sub.update },
+    compactsKv: part === 'attention',
   };
 }
 
@@ -164,7 +182,14 @@ class LayerRouter {
    * @param residualIn the value now carrying the region's input: the original, or the scatter
    *   output of the routed layer before it
    */
-  constructor(private readonly model: Model, private readonly s: DecoderStructure, private readonly r: RoutedRegion, private readonly routing: LayerRouting, private readonly opts: RouteOptions, private readonly residualIn: Value) {
+  constructor(
+    private readonly model: Model,
+    private readonly s: DecoderStructure,
+    private readonly r: RoutedRegion,
+    private readonly routing: LayerRouting,
+    private readonly opts: RouteOptions,
+    private readonly residualIn: Value,
+  ) {
     this.layer = r.layer;
     this.l = r.layer.index;
     this.tag = r.part === 'block' ? `layer${this.l}` : `layer${this.l}/${r.part}`;
@@ -274,15 +299,19 @@ class LayerRouter {
     let scatter: Value;
     let passed: Value;
     if (r.output.kind === 'stream') {
-      scatter = (this.opts.gated
-        ? this.call('ScatterTokensGated', [x, routing.indices, routing.valid, xSel, y, this.gather(this.e.op('Sigmoid', [routing.score]), true)])
-        : this.call('ScatterTokens', [x, routing.indices, routing.valid, xSel, y]))[0]!;
+      scatter = (
+        this.opts.gated
+          ? this.call('ScatterTokensGated', [x, routing.indices, routing.valid, xSel, y, this.gather(this.e.op('Sigmoid', [routing.score]), true)])
+          : this.call('ScatterTokens', [x, routing.indices, routing.valid, xSel, y])
+      )[0]!;
       passed = x;
     } else {
       const zerosSel = this.e.op('ConstantOfShape', [this.e.op('Shape', [y])], { value: zeroTensor(streamElementType(this.s)) });
-      scatter = (this.opts.gated
-        ? this.call('ScatterTokensGated', [zeros!, routing.indices, routing.valid, zerosSel, y, this.gather(this.e.op('Sigmoid', [routing.score]), true)])
-        : this.call('ScatterTokens', [zeros!, routing.indices, routing.valid, zerosSel, y]))[0]!;
+      scatter = (
+        this.opts.gated
+          ? this.call('ScatterTokensGated', [zeros!, routing.indices, routing.valid, zerosSel, y, this.gather(this.e.op('Sigmoid', [routing.score]), true)])
+          : this.call('ScatterTokens', [zeros!, routing.indices, routing.valid, zerosSel, y])
+      )[0]!;
       passed = zeros!;
     }
     const layerNodes = () => new Set([...this.region, ...g.nodes.filter((n) => !existing.has(n))]);
@@ -319,7 +348,14 @@ class LayerRouter {
     if (isStaticLayout(kv.layout)) {
       return {
         pairs: compactStaticCache({
-          model: this.model, layer, e: this.e, region: this.region, selectedCount: () => this.selectedCount(), recompute, suffix: this.suffix(), tokens: () => this.e.dimScalar(routing.indices, 1),
+          model: this.model,
+          layer,
+          e: this.e,
+          region: this.region,
+          selectedCount: () => this.selectedCount(),
+          recompute,
+          suffix: this.suffix(),
+          tokens: () => this.e.dimScalar(routing.indices, 1),
           substitutes: (pastLength, capacity) => this.substitutes(xSel, pastLength, capacity, this.e.dimScalar(routing.indices, 1), false),
         }),
       };
@@ -365,8 +401,15 @@ class LayerRouter {
     g.outputs.push(presentLength);
     // GroupQueryAttention numbers rotary angles and its window by slot: back to original positions.
     const positions = originalPositions({
-      graph: g, e: this.e, call: (op, inputs) => this.call(op, inputs), core: layer.attention, layer: this.l,
-      tokens: this.residualIn, indices: routing.indices, pastLength, presentLength,
+      graph: g,
+      e: this.e,
+      call: (op, inputs) => this.call(op, inputs),
+      core: layer.attention,
+      layer: this.l,
+      tokens: this.residualIn,
+      indices: routing.indices,
+      pastLength,
+      presentLength,
     });
     return [...packed.map((p, i) => [p, tensors[i]!.input] as [Value, Value]), [presentLength, pastLength], ...positions];
   }
@@ -381,12 +424,15 @@ class LayerRouter {
     const g = this.model.graph;
     g.toposort();
     const cond = this.e.op('Greater', [this.e.reduceSum(this.selectedCount(), [0], false), this.e.i64(0)]);
-    const outs = this.ifElse(`modc/${this.tag}/if_selected`, cond,
+    const outs = this.ifElse(
+      `modc/${this.tag}/if_selected`,
+      cond,
       (run) => {
         g.moveNodesTo(nodes, run);
         return pairs.map(([computed]) => computed);
       },
-      (skip) => pairs.map(([, passed]) => skip.addNode('Identity', [passed], [skip.newValue(`${passed.name}_skipped`)]).output(0)));
+      (skip) => pairs.map(([, passed]) => skip.addNode('Identity', [passed], [skip.newValue(`${passed.name}_skipped`)]).output(0)),
+    );
     const run = outs[0]!.producer!.subgraphs()[0]!;
     pairs.forEach(([computed], i) => {
       const out = outs[i]!;
@@ -428,16 +474,21 @@ class LayerRouter {
     const order = g.nodes.filter((n) => nodes.has(n));
     const concats = new Set(appends.map((a) => a.concat));
     const rest = new Set(order.filter((n) => !concats.has(n)));
-    const kvNodes = sliceWithin(appends.map((a) => a.fresh), rest, order);
+    const kvNodes = sliceWithin(
+      appends.map((a) => a.fresh),
+      rest,
+      order,
+    );
     const kvSet = new Set(kvNodes);
     const body = order.filter((n) => rest.has(n) && !kvSet.has(n));
     const bodySet = new Set(body);
     // Values the K/V nodes compute that the rest of the layer reads.
     const shared: Value[] = [];
     for (const n of kvNodes) for (const o of n.outputs) if ([...o.uses].some((u) => bodySet.has(u.node)) && !shared.includes(o)) shared.push(o);
-    for (const n of kvNodes) for (const o of n.outputs) {
-      if ([...o.uses].some((u) => !bodySet.has(u.node) && !kvSet.has(u.node) && !concats.has(u.node)) || g.outputs.includes(o)) return null;
-    }
+    for (const n of kvNodes)
+      for (const o of n.outputs) {
+        if ([...o.uses].some((u) => !bodySet.has(u.node) && !kvSet.has(u.node) && !concats.has(u.node)) || g.outputs.includes(o)) return null;
+      }
     const memo = new Map<Value, number | undefined>();
     const sharedTypes = shared.map((v) => elementTypeOf(v, memo));
     if (sharedTypes.some((t) => t === undefined)) return null;
@@ -449,7 +500,9 @@ class LayerRouter {
     const seqAxis = 2;
 
     // 1. The new keys and values of the selected tokens; none when no row selects a token.
-    const fresh = this.ifElse(`${tag}/kv_new`, cond,
+    const fresh = this.ifElse(
+      `${tag}/kv_new`,
+      cond,
       (run) => {
         g.moveNodesTo(kvSet, run);
         return [...appends.map((a) => a.fresh), ...shared];
@@ -459,10 +512,12 @@ class LayerRouter {
         const none = appends.map((a) => e.op('Slice', [a.past, e.i64([0]), e.i64([0]), e.i64([seqAxis])]));
         const standIns = sharedTypes.map((t) => e.constant(Tensor.fromBytes('', t! as DataTypeCode, [0], new Uint8Array(0))));
         return [...none, ...standIns];
-      });
+      },
+    );
     fresh.forEach((out, i) => {
       const inner = i < appends.length ? appends[i]!.fresh : shared[i - appends.length]!;
-      out.type = inner.type ?? (i < appends.length ? elementType(appends[i]!.past) : { tensor_type: { elem_type: sharedTypes[i - appends.length]! } } as TypeProto);
+      out.type =
+        inner.type ?? (i < appends.length ? elementType(appends[i]!.past) : ({ tensor_type: { elem_type: sharedTypes[i - appends.length]! } } as TypeProto));
       for (const use of [...inner.uses]) if (use.node.graph === g) use.node.setInput(use.index, out);
     });
     const freshKv = fresh.slice(0, appends.length);
@@ -486,20 +541,27 @@ class LayerRouter {
       // A branch output declares its element type only (its length differs between branches).
       a.full.type = elementType(a.full);
     }
-    const presents = this.ifElse(`${tag}/pack_cache`, aligned,
+    const presents = this.ifElse(
+      `${tag}/pack_cache`,
+      aligned,
       (keepAll) => {
         g.moveNodesTo(concats, keepAll);
         return appends.map((a) => a.full);
       },
       (pack) => {
         const mapping = new Map<Value, Value>();
-        pack.cloneNodes(appends.map((a) => a.concat), mapping, { suffix: '_packed' });
+        pack.cloneNodes(
+          appends.map((a) => a.concat),
+          mapping,
+          { suffix: '_packed' },
+        );
         const e = new Emitter(pack, this.e.opset, `${tag}/pack/`);
         const valid = e.op('Slice', [this.routing.valid, e.unsqueeze(e.i64(0), [0]), e.unsqueeze(appended, [0]), e.i64([1])]);
         const keep = this.call('KeyMask', [pastLength, capacity, valid], pack)[0]!;
         const [kept] = this.call('Compact', [keep], pack);
         return appends.map((a) => this.call('GatherKv', [mapping.get(a.full)!, kept!], pack)[0]!);
-      });
+      },
+    );
     presents.forEach((out, i) => {
       const a = appends[i]!;
       out.name = names[i]!;
@@ -509,24 +571,37 @@ class LayerRouter {
     });
 
     // 4. The rest of the layer, reading the present by reference (or a local Concat when re-packed).
-    const outs = this.ifElse(`${tag}/if_selected`, cond,
-      (run) => this.ifElse(`${tag}/attend`, aligned,
-        (packed) => {
-          for (const n of body) n.inputs.forEach((v, j) => {
-            const k = appends.findIndex((a) => a.full === v);
-            if (k >= 0) n.setInput(j, presents[k]!);
-          });
-          g.moveNodesTo(bodySet, packed);
-          return [scatter];
-        },
-        (unpacked) => {
-          const mapping = new Map<Value, Value>();
-          unpacked.cloneNodes(appends.map((a) => a.concat), mapping, { suffix: '_attend' });
-          presents.forEach((p, k) => mapping.set(p, mapping.get(appends[k]!.full)!));
-          unpacked.cloneNodes(body, mapping, { suffix: '_unpacked' });
-          return [mapping.get(scatter)!];
-        }, run),
-      (skip) => [skip.addNode('Identity', [passed], [skip.newValue(`${passed.name}_skipped`)]).output(0)]);
+    const outs = this.ifElse(
+      `${tag}/if_selected`,
+      cond,
+      (run) =>
+        this.ifElse(
+          `${tag}/attend`,
+          aligned,
+          (packed) => {
+            for (const n of body)
+              n.inputs.forEach((v, j) => {
+                const k = appends.findIndex((a) => a.full === v);
+                if (k >= 0) n.setInput(j, presents[k]!);
+              });
+            g.moveNodesTo(bodySet, packed);
+            return [scatter];
+          },
+          (unpacked) => {
+            const mapping = new Map<Value, Value>();
+            unpacked.cloneNodes(
+              appends.map((a) => a.concat),
+              mapping,
+              { suffix: '_attend' },
+            );
+            presents.forEach((p, k) => mapping.set(p, mapping.get(appends[k]!.full)!));
+            unpacked.cloneNodes(body, mapping, { suffix: '_unpacked' });
+            return [mapping.get(scatter)!];
+          },
+          run,
+        ),
+      (skip) => [skip.addNode('Identity', [passed], [skip.newValue(`${passed.name}_skipped`)]).output(0)],
+    );
     const out = outs[0]!;
     out.type = elementType(passed) ?? ({ tensor_type: { elem_type: streamElementType(this.s) } } as TypeProto);
     const inner = new Set<Node>([...g.allNodes()].filter((n) => n.graph !== g));
@@ -582,12 +657,15 @@ class LayerRouter {
     });
     const kept = this.e.reduceSum(this.e.cast(keep, DataType.INT64), [0, 1], false);
     const everySlotKept = this.e.op('Equal', [kept, this.e.op('Size', [keep])]);
-    const packed = this.ifElse(`modc/${this.tag}/pack_cache`, everySlotKept,
+    const packed = this.ifElse(
+      `modc/${this.tag}/pack_cache`,
+      everySlotKept,
       (branch) => fulls.map(({ full }) => branch.addNode('Identity', [full], [branch.newValue(`${full.name}_kept`)]).output(0)),
       (branch) => {
         const [slots] = this.call('Compact', [keep], branch);
         return fulls.map(({ full }) => this.call(op, [full, slots!], branch)[0]!);
-      });
+      },
+    );
     return fulls.map(({ t, full, name }, i) => {
       const out = packed[i]!;
       out.name = name;
@@ -614,7 +692,10 @@ export function routeLayers(model: Model, opts: RouteOptions, s: DecoderStructur
     const selected = entry.selected ? model.graph.findValue(entry.selected) : undefined;
     const routing = selected ? routingOf(selected) : null;
     const layer = s.layers[entry.layer];
-    if (!routing || !layer) throw new ModcError(`route-layers: the routing metadata names ${entry.selected ? `selection ${entry.selected}` : 'no selection value'} for layer ${describeLayerPart(entry)}, which the graph does not compute (run insert-routers first)`);
+    if (!routing || !layer)
+      throw new ModcError(
+        `route-layers: the routing metadata names ${entry.selected ? `selection ${entry.selected}` : 'no selection value'} for layer ${describeLayerPart(entry)}, which the graph does not compute (run insert-routers first)`,
+      );
     const region = regionOf(model, layer, entry.part);
     if ('reason' in region) {
       report.skipped.push({ layer: entry.layer, ...(entry.part !== 'block' ? { part: entry.part } : {}), reason: region.reason });
@@ -655,7 +736,14 @@ export function routeLayersPass(opts: RouteOptions): Pass {
         changed: r.routed.length > 0,
         notes: [
           ...(r.routed.length ? [`routed layers ${r.routed.map(describeLayerPart).join(', ')} (${opts.gated ? 'gated' : 'ungated'})`] : []),
-          ...(r.routed.some((x) => x.appendsOutsideIf) ? [`KV cache appended outside the layer's If (decode fast path): ${r.routed.filter((x) => x.appendsOutsideIf).map(describeLayerPart).join(', ')}`] : []),
+          ...(r.routed.some((x) => x.appendsOutsideIf)
+            ? [
+                `KV cache appended outside the layer's If (decode fast path): ${r.routed
+                  .filter((x) => x.appendsOutsideIf)
+                  .map(describeLayerPart)
+                  .join(', ')}`,
+              ]
+            : []),
           ...r.skipped.map((sk) => `layer ${describeLayerPart({ layer: sk.layer, part: sk.part ?? 'block' })} not converted: ${sk.reason}`),
         ],
       };

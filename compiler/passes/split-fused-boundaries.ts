@@ -78,7 +78,8 @@ function splitSkipNorm(g: Graph, node: Node, structure: DecoderStructure): strin
   const attrs = [attribute('axis', -1, 'int'), attribute('epsilon', epsilon, 'float'), attribute('stash_type', 1, 'int')];
   const normOp = simplified ? 'SimplifiedLayerNormalization' : 'LayerNormalization';
   const statsUsed = [1, 2].filter((i) => isUsed(node.outputs[i], g));
-  if (simplified && statsUsed.includes(1)) throw new ModcError(`split-fused-boundaries: ${node.describe()} output 1 (mean) is read, which SimplifiedLayerNormalization cannot produce`);
+  if (simplified && statsUsed.includes(1))
+    throw new ModcError(`split-fused-boundaries: ${node.describe()} output 1 (mean) is read, which SimplifiedLayerNormalization cannot produce`);
   const normOutputs = [node.output(0), ...statsUsed.map((i) => node.outputs[i]!)];
   if (!simplified && statsUsed.length === 1 && statsUsed[0] === 2) normOutputs.splice(1, 0, g.newValue(`${base}/mean`));
   g.addNode(normOp, simplified ? [sum, gamma] : [sum, gamma, beta], normOutputs, { name: `${base}/norm`, before: node, attributes: attrs });
@@ -89,7 +90,8 @@ function splitSkipNorm(g: Graph, node: Node, structure: DecoderStructure): strin
 function splitEmbedLayerNorm(g: Graph, node: Node): string {
   const [ids, segmentIds, word, positions, segments, gamma, beta, , positionIds] = Array.from({ length: 9 }, (_, i) => node.inputs[i] ?? null);
   const base = node.name || 'embed_layer_norm';
-  const gather = (table: Value, indices: Value, tag: string) => g.addNode('Gather', [table, indices], 1, { name: `${base}/${tag}`, before: node, attributes: [attribute('axis', 0, 'int')] }).output(0);
+  const gather = (table: Value, indices: Value, tag: string) =>
+    g.addNode('Gather', [table, indices], 1, { name: `${base}/${tag}`, before: node, attributes: [attribute('axis', 0, 'int')] }).output(0);
   const terms = [gather(word!, ids!, 'word_gather')];
   if (positions) terms.push(gather(positions, positionIds ?? defaultPositions(g, node, ids!, base), 'position_gather'));
   if (segments && segmentIds) terms.push(gather(segments, segmentIds, 'segment_gather'));
@@ -110,9 +112,12 @@ function splitEmbedLayerNorm(g: Graph, node: Node): string {
 
 /** Positions 0..S-1 (what EmbedLayerNormalization uses without position_ids), shape [S]. */
 function defaultPositions(g: Graph, node: Node, ids: Value, base: string): Value {
-  const scalar = (name: string, v: number) => g.addInitializer(g.newValue(`${base}/${name}`), Tensor.fromArray(`${base}/${name}`, [], BigInt64Array.from([BigInt(v)]), DataType.INT64));
+  const scalar = (name: string, v: number) =>
+    g.addInitializer(g.newValue(`${base}/${name}`), Tensor.fromArray(`${base}/${name}`, [], BigInt64Array.from([BigInt(v)]), DataType.INT64));
   const shape = g.addNode('Shape', [ids], 1, { name: `${base}/ids_shape`, before: node }).output(0);
-  const length = g.addNode('Gather', [shape, scalar('one', 1)], 1, { name: `${base}/seq_len`, before: node, attributes: [attribute('axis', 0, 'int')] }).output(0);
+  const length = g
+    .addNode('Gather', [shape, scalar('one', 1)], 1, { name: `${base}/seq_len`, before: node, attributes: [attribute('axis', 0, 'int')] })
+    .output(0);
   return g.addNode('Range', [scalar('zero', 0), length, scalar('step', 1)], 1, { name: `${base}/positions`, before: node }).output(0);
 }
 
@@ -120,7 +125,11 @@ function defaultPositions(g: Graph, node: Node, ids: Value, base: string): Value
 function keepMaskIndex(g: Graph, node: Node): void {
   const maskIndex = node.outputs[1];
   if (!isUsed(maskIndex, g)) return;
-  const copy = g.addNode(node.opType, node.inputs, [g.newValue(`${node.name}/unused_output`), maskIndex!], { domain: node.domain, name: `${node.name}/mask_index`, before: node });
+  const copy = g.addNode(node.opType, node.inputs, [g.newValue(`${node.name}/unused_output`), maskIndex!], {
+    domain: node.domain,
+    name: `${node.name}/mask_index`,
+    before: node,
+  });
   for (const a of node.attributes.values()) copy.setAttr(a.proto);
 }
 
@@ -139,7 +148,8 @@ export function splitAndAnalyze(model: Model, opts: SplitOptions = {}, structure
 /** The pass-manager wrapper: splits the requested layers' boundaries of the analysed model. */
 function layerList(option: string, name: string): number[] | undefined {
   const layers = option ? option.split(',').map((s) => Number(s.trim())) : undefined;
-  if (layers?.some((l) => !Number.isInteger(l) || l < 0)) throw new ModcError(`split-fused-boundaries: ${name} must be comma-separated indices, got '${option}'`);
+  if (layers?.some((l) => !Number.isInteger(l) || l < 0))
+    throw new ModcError(`split-fused-boundaries: ${name} must be comma-separated indices, got '${option}'`);
   return layers;
 }
 

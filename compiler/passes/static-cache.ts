@@ -143,7 +143,10 @@ export function compactStaticCache(r: StaticRegion): [Value, Value][] {
   }
   // The model's own write index and valid-key inputs, which no converted layer reads any more.
   if (inputs && !r.model.metadataProps.some((p) => p.key === STATIC_CACHE_INPUTS_KEY)) {
-    r.model.metadataProps = [...r.model.metadataProps, { key: STATIC_CACHE_INPUTS_KEY, value: JSON.stringify({ write_indices: inputs.write.name, nonpad_kv_seqlen: inputs.nonpad?.name ?? null }) }];
+    r.model.metadataProps = [
+      ...r.model.metadataProps,
+      { key: STATIC_CACHE_INPUTS_KEY, value: JSON.stringify({ write_indices: inputs.write.name, nonpad_kv_seqlen: inputs.nonpad?.name ?? null }) },
+    ];
   }
   for (const t of tensors) {
     t.input.type = withDim(t.input.type, seqAxis, `max_sequence_length_${l}`);

@@ -91,10 +91,18 @@ function rotaryOutside(h: PositionHook, node: Node, positions: Value): void {
   }
   const cos = node.input(7)!;
   const rotaryDim = cos.initializer?.dims[1];
-  const rotate = (x: Value, n: number) => e.node('RotaryEmbedding', [x, positions, cos, node.input(8)!], {
-    interleaved: node.attrInt('rotary_interleaved', 0) ?? 0, num_heads: n,
-    ...(typeof rotaryDim === 'number' && rotaryDim * 2 !== size ? { rotary_embedding_dim: rotaryDim * 2 } : {}),
-  }, 1, MS_DOMAIN)[0]!;
+  const rotate = (x: Value, n: number) =>
+    e.node(
+      'RotaryEmbedding',
+      [x, positions, cos, node.input(8)!],
+      {
+        interleaved: node.attrInt('rotary_interleaved', 0) ?? 0,
+        num_heads: n,
+        ...(typeof rotaryDim === 'number' && rotaryDim * 2 !== size ? { rotary_embedding_dim: rotaryDim * 2 } : {}),
+      },
+      1,
+      MS_DOMAIN,
+    )[0]!;
   const inputs = [...node.inputs];
   inputs[0] = rotate(q, heads);
   inputs[1] = rotate(k, kvHeads);

@@ -90,17 +90,24 @@ export function loadRouterFile(path: string, model: { hiddenSize: number; numLay
   const byPart = new Map<string, Partial<LayerRouter> & { layer: number; part: RoutedPart }>();
   for (const [name, t] of tensors) {
     const m = NAME.exec(name);
-    if (!m) throw new ModcError(`router file ${path}: unexpected tensor '${name}' (expected router.{layer}.weight, .bias or .threshold, optionally under router.{layer}.attn or router.{layer}.mlp)`);
+    if (!m)
+      throw new ModcError(
+        `router file ${path}: unexpected tensor '${name}' (expected router.{layer}.weight, .bias or .threshold, optionally under router.{layer}.attn or router.{layer}.mlp)`,
+      );
     const layer = Number(m[1]);
     const part = m[2] ? PART_OF_TAG[m[2]]! : 'block';
     const kind = m[3] as 'weight' | 'bias' | 'threshold';
-    if (layer >= model.numLayers) throw new ModcError(`router file ${path}: tensor '${name}' is for layer ${layer}, but the model has ${model.numLayers} layers (0-${model.numLayers - 1})`);
+    if (layer >= model.numLayers)
+      throw new ModcError(
+        `router file ${path}: tensor '${name}' is for layer ${layer}, but the model has ${model.numLayers} layers (0-${model.numLayers - 1})`,
+      );
     const key = routerTensorPrefix(layer, part);
     const entry = byPart.get(key) ?? { layer, part };
     byPart.set(key, entry);
     const shape = `[${t.shape.join(', ')}]`;
     if (kind === 'weight') {
-      if (t.shape.length !== 1 || t.shape[0] !== model.hiddenSize) throw new ModcError(`router file ${path}: tensor '${name}' has shape ${shape}, expected [${model.hiddenSize}] (the model's hidden size)`);
+      if (t.shape.length !== 1 || t.shape[0] !== model.hiddenSize)
+        throw new ModcError(`router file ${path}: tensor '${name}' has shape ${shape}, expected [${model.hiddenSize}] (the model's hidden size)`);
       const bad = t.values.findIndex((v) => !Number.isFinite(v));
       if (bad >= 0) throw new ModcError(`router file ${path}: tensor '${name}' holds ${t.values[bad]} at index ${bad}; router weights must be finite`);
       entry.weight = t.values;
@@ -121,7 +128,9 @@ export function loadRouterFile(path: string, model: { hiddenSize: number; numLay
   });
   for (const r of routers) {
     if (r.part !== 'block' && byPart.has(routerTensorPrefix(r.layer))) {
-      throw new ModcError(`router file ${path}: tensor '${routerTensorPrefix(r.layer, r.part)}.weight' routes a sub-layer of layer ${r.layer}, whose whole block 'router.${r.layer}.weight' already routes; give one or the other`);
+      throw new ModcError(
+        `router file ${path}: tensor '${routerTensorPrefix(r.layer, r.part)}.weight' routes a sub-layer of layer ${r.layer}, whose whole block 'router.${r.layer}.weight' already routes; give one or the other`,
+      );
     }
   }
   return { routers, metadata: metadata ? checkMetadata(metadata, path, model.numLayers) : null };
@@ -139,7 +148,8 @@ function checkMetadata(text: string, path: string, numLayers: number): RouterFil
   } catch {
     throw new ModcError(`router file ${path}: __metadata__ '${METADATA_KEY}' is not JSON`);
   }
-  if (typeof meta !== 'object' || meta === null || Array.isArray(meta)) throw new ModcError(`router file ${path}: __metadata__ '${METADATA_KEY}' must be a JSON object`);
+  if (typeof meta !== 'object' || meta === null || Array.isArray(meta))
+    throw new ModcError(`router file ${path}: __metadata__ '${METADATA_KEY}' must be a JSON object`);
   const m = meta as Record<string, unknown>;
   const bad = (what: string) => new ModcError(`router file ${path}: __metadata__ '${METADATA_KEY}': ${what}`);
   if (m.mode !== undefined && m.mode !== 'threshold' && m.mode !== 'topk') throw bad(`mode must be "threshold" or "topk", got ${JSON.stringify(m.mode)}`);
@@ -149,11 +159,14 @@ function checkMetadata(text: string, path: string, numLayers: number): RouterFil
     m.layers.forEach((raw: unknown, i) => {
       const e = (raw ?? {}) as Record<string, unknown>;
       const at = `layers[${i}]`;
-      if (!Number.isInteger(e.layer) || (e.layer as number) < 0 || (e.layer as number) >= numLayers) throw bad(`${at}.layer must be a layer index 0-${numLayers - 1}, got ${JSON.stringify(e.layer)}`);
+      if (!Number.isInteger(e.layer) || (e.layer as number) < 0 || (e.layer as number) >= numLayers)
+        throw bad(`${at}.layer must be a layer index 0-${numLayers - 1}, got ${JSON.stringify(e.layer)}`);
       if (e.part === undefined) e.part = 'block';
       if (!ROUTED_PARTS.includes(e.part as RoutedPart)) throw bad(`${at}.part must be block, attention or mlp, got ${JSON.stringify(e.part)}`);
-      if (e.capacity !== undefined && !(typeof e.capacity === 'number' && e.capacity > 0 && e.capacity <= 1)) throw bad(`${at}.capacity must be in (0, 1], got ${JSON.stringify(e.capacity)}`);
-      if (e.threshold !== undefined && !(typeof e.threshold === 'number' && e.threshold >= 0 && e.threshold <= 1)) throw bad(`${at}.threshold must be in [0, 1], got ${JSON.stringify(e.threshold)}`);
+      if (e.capacity !== undefined && !(typeof e.capacity === 'number' && e.capacity > 0 && e.capacity <= 1))
+        throw bad(`${at}.capacity must be in (0, 1], got ${JSON.stringify(e.capacity)}`);
+      if (e.threshold !== undefined && !(typeof e.threshold === 'number' && e.threshold >= 0 && e.threshold <= 1))
+        throw bad(`${at}.threshold must be in [0, 1], got ${JSON.stringify(e.threshold)}`);
     });
   }
   return m as RouterFileMetadata;
@@ -189,14 +202,16 @@ function encode(values: Float32Array, dtype: RouterDtype): Buffer {
 function parseSafetensors(bytes: Buffer, path: string): { tensors: Map<string, { shape: number[]; values: Float32Array }>; metadata: string | null } {
   if (bytes.length < 8) throw new ModcError(`router file ${path}: too short to be safetensors`);
   const headerLength = Number(bytes.readBigUInt64LE(0));
-  if (headerLength <= 0 || 8 + headerLength > bytes.length) throw new ModcError(`router file ${path}: not a safetensors file (header length ${headerLength} does not fit a ${bytes.length}-byte file)`);
+  if (headerLength <= 0 || 8 + headerLength > bytes.length)
+    throw new ModcError(`router file ${path}: not a safetensors file (header length ${headerLength} does not fit a ${bytes.length}-byte file)`);
   let header: Record<string, SafetensorsEntry | Record<string, string>>;
   try {
     header = JSON.parse(bytes.subarray(8, 8 + headerLength).toString('utf8'));
   } catch {
     throw new ModcError(`router file ${path}: not a safetensors file (header is not JSON)`);
   }
-  if (typeof header !== 'object' || header === null || Array.isArray(header)) throw new ModcError(`router file ${path}: not a safetensors file (header is not a JSON object)`);
+  if (typeof header !== 'object' || header === null || Array.isArray(header))
+    throw new ModcError(`router file ${path}: not a safetensors file (header is not a JSON object)`);
   const data = bytes.subarray(8 + headerLength);
   const out = new Map<string, { shape: number[]; values: Float32Array }>();
   let metadata: string | null = null;
@@ -204,7 +219,8 @@ function parseSafetensors(bytes: Buffer, path: string): { tensors: Map<string, {
     if (name === '__metadata__') {
       const m = (raw ?? {}) as Record<string, unknown>;
       if (m[METADATA_KEY] !== undefined) {
-        if (typeof m[METADATA_KEY] !== 'string') throw new ModcError(`router file ${path}: __metadata__ '${METADATA_KEY}' must be a string (safetensors metadata maps strings to strings)`);
+        if (typeof m[METADATA_KEY] !== 'string')
+          throw new ModcError(`router file ${path}: __metadata__ '${METADATA_KEY}' must be a string (safetensors metadata maps strings to strings)`);
         metadata = m[METADATA_KEY] as string;
       }
       continue;

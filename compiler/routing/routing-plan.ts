@@ -66,7 +66,10 @@ export function parseLayerSpec(spec: string, numLayers: number): number[] {
   if (s === 'even') return all.filter((l) => l % 2 === 0);
   if (s === 'odd') return all.filter((l) => l % 2 === 1);
   const out = new Set<number>();
-  for (const part of s.split(',').map((p) => p.trim()).filter(Boolean)) {
+  for (const part of s
+    .split(',')
+    .map((p) => p.trim())
+    .filter(Boolean)) {
     const m = /^(\d+)(?:-(\d+))?$/.exec(part);
     if (!m) throw new UsageError(`--layers: cannot parse '${part}' (use all, even, odd, or a list like 1,3,5-7)`);
     const [a, b] = [Number(m[1]), Number(m[2] ?? m[1])];
@@ -90,7 +93,10 @@ function checkRange(name: string, v: number | undefined, ok: (v: number) => bool
 }
 
 export function planRouting(req: PlanRequest): RoutingPlan {
-  for (const [name, v] of [['hidden size', req.hiddenSize], ['layer count', req.numLayers]] as const) {
+  for (const [name, v] of [
+    ['hidden size', req.hiddenSize],
+    ['layer count', req.numLayers],
+  ] as const) {
     if (!Number.isSafeInteger(v) || v < 1) throw new ModcError(`cannot plan routing for a model whose ${name} is ${v}: it must be a positive integer`);
   }
   checkRange('--threshold', req.threshold, (v) => v >= 0 && v <= 1, '[0, 1]');
@@ -103,9 +109,14 @@ export function planRouting(req: PlanRequest): RoutingPlan {
   let fromFile = file?.routers;
   const filteredOut = new Map<number, string>();
   if (fromFile && req.granularity) {
-    for (const r of fromFile) if ((r.part ?? 'block') !== req.granularity) filteredOut.set(r.layer, `the router file routes its ${r.part ?? 'block'}, not its ${req.granularity} (--granularity ${req.granularity})`);
+    for (const r of fromFile)
+      if ((r.part ?? 'block') !== req.granularity)
+        filteredOut.set(r.layer, `the router file routes its ${r.part ?? 'block'}, not its ${req.granularity} (--granularity ${req.granularity})`);
     fromFile = fromFile.filter((r) => (r.part ?? 'block') === req.granularity);
-    if (fromFile.length === 0) throw new ModcError(`the router file ${(req.routers as { path: string }).path} has no ${req.granularity} router (its tensors are router.{l}${req.granularity === 'block' ? '' : req.granularity === 'attention' ? '.attn' : '.mlp'}.* for that part)`);
+    if (fromFile.length === 0)
+      throw new ModcError(
+        `the router file ${(req.routers as { path: string }).path} has no ${req.granularity} router (its tensors are router.{l}${req.granularity === 'block' ? '' : req.granularity === 'attention' ? '.attn' : '.mlp'}.* for that part)`,
+      );
   }
   const granularity = req.granularity ?? 'block';
 

@@ -36,7 +36,11 @@ export function genaiEmbeddingModel(modelPath: string): string | null {
 
 /** Turns token ids into the decoder's inputs_embeds tensor. */
 export class TokenEmbedder {
-  private constructor(private readonly io: NonNullable<DecoderIo['inputsEmbeds']>, private readonly source: EmbeddingSource, private readonly session: ort.InferenceSession | null) {}
+  private constructor(
+    private readonly io: NonNullable<DecoderIo['inputsEmbeds']>,
+    private readonly source: EmbeddingSource,
+    private readonly session: ort.InferenceSession | null,
+  ) {}
 
   static async create(io: DecoderIo, source: EmbeddingSource, opts: SessionOptions = {}): Promise<TokenEmbedder> {
     if (!io.inputsEmbeds) throw new ModcError('the model takes input_ids, not inputs_embeds');
@@ -52,10 +56,19 @@ export class TokenEmbedder {
     const H = this.io.hiddenSize;
     let data: Float32Array;
     if (this.session) {
-      const out = await this.session.run({ input_ids: new ort.Tensor('int64', BigInt64Array.from(ids, (v) => BigInt(v)), dims) });
+      const out = await this.session.run({
+        input_ids: new ort.Tensor(
+          'int64',
+          BigInt64Array.from(ids, (v) => BigInt(v)),
+          dims,
+        ),
+      });
       const t = out['inputs_embeds'] ?? out[this.session.outputNames[0]!]!;
       data = toFloat32(t as ort.Tensor);
-      if (data.length !== ids.length * H) throw new ModcError(`embedding model ${(this.source as { path: string }).path} gives ${data.length / ids.length} values per token, the decoder takes ${H}`);
+      if (data.length !== ids.length * H)
+        throw new ModcError(
+          `embedding model ${(this.source as { path: string }).path} gives ${data.length / ids.length} values per token, the decoder takes ${H}`,
+        );
     } else {
       data = new Float32Array(ids.length * H);
       ids.forEach((id, i) => data.set(randomEmbedding((this.source as { seed: number }).seed, id, H), i * H));
@@ -111,7 +124,11 @@ function readNpy(bytes: Buffer, path: string): { data: Float32Array; shape: numb
   if (!descr) throw new ModcError(`--embeds ${path}: only little-endian float32/float16 arrays are read (header ${header.trim()})`);
   if (/'fortran_order':\s*True/.test(header)) throw new ModcError(`--embeds ${path}: Fortran-ordered arrays are not read; save it C-ordered`);
   const shapeText = /'shape':\s*\(([^)]*)\)/.exec(header)?.[1] ?? '';
-  const shape = shapeText.split(',').map((s) => s.trim()).filter((s) => s !== '').map(Number);
+  const shape = shapeText
+    .split(',')
+    .map((s) => s.trim())
+    .filter((s) => s !== '')
+    .map(Number);
   const count = shape.reduce((a, b) => a * b, 1);
   return { data: decode(bytes.subarray(start + headerLength), descr[2] as 'f4' | 'f2', count, path), shape };
 }
@@ -134,7 +151,15 @@ function readSafetensors(bytes: Buffer, path: string): { data: Float32Array; sha
   if (!dtype) throw new ModcError(`--embeds ${path}: tensor ${name} is ${t.dtype}; F32 or F16 expected`);
   const body = bytes.subarray(8 + headerLength);
   const [a, b] = t.data_offsets;
-  return { data: decode(body.subarray(a, b), dtype, t.shape.reduce((x, y) => x * y, 1), path), shape: t.shape };
+  return {
+    data: decode(
+      body.subarray(a, b),
+      dtype,
+      t.shape.reduce((x, y) => x * y, 1),
+      path,
+    ),
+    shape: t.shape,
+  };
 }
 
 export interface EmbeddingChoice {
@@ -158,6 +183,9 @@ export function embeddingChoice(modelPath: string, io: DecoderIo, flag: string |
   const tokens: EmbeddingSource = model ? { kind: 'model', path: model } : { kind: 'random', seed: 0 };
   if (flag === 'random') return { source: { kind: 'random', seed: 0 }, prompt: null };
   if (flag !== undefined) return { source: tokens, prompt: readEmbedsFile(flag, io.inputsEmbeds.hiddenSize) };
-  if (!model) throw new UsageError(`${modelPath} takes inputs_embeds: give --embeds FILE (.npy or .safetensors), or --embeds random, or put the embedding model genai_config.json names beside it`);
+  if (!model)
+    throw new UsageError(
+      `${modelPath} takes inputs_embeds: give --embeds FILE (.npy or .safetensors), or --embeds random, or put the embedding model genai_config.json names beside it`,
+    );
   return { source: tokens, prompt: null };
 }

@@ -46,7 +46,12 @@ export async function runUnit(loaded: LoadedUnit, values: Map<string, ort.Tensor
 }
 
 export class LayerByLayerRunner {
-  private constructor(readonly decoder: ExtractedDecoder, readonly prefix: LoadedUnit, readonly layers: LoadedUnit[], readonly suffix: LoadedUnit) {}
+  private constructor(
+    readonly decoder: ExtractedDecoder,
+    readonly prefix: LoadedUnit,
+    readonly layers: LoadedUnit[],
+    readonly suffix: LoadedUnit,
+  ) {}
 
   /** Saves every unit under `dir` (weights of external-data models are linked, not copied) and opens sessions. */
   static async create(decoder: ExtractedDecoder, dir: string, opts: SessionOptions = {}): Promise<LayerByLayerRunner> {

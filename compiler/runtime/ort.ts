@@ -72,5 +72,4 @@ export function toFloat32(t: ort.Tensor): Float32Array {
   return Float32Array.from(t.data as ArrayLike<number>);
 }
 
-
 export { ort };

@@ -89,7 +89,13 @@ export class ModSession {
   lastOutputs: ort.InferenceSession.OnnxValueMapType = {};
 
   /** @param logits 'last': the model gives each row's last real position only ([B, 1, V], `modc compile --logits last`). */
-  private constructor(readonly session: ort.InferenceSession, readonly io: DecoderIo, readonly path: string, readonly logits: LogitsPositions, private readonly embedder: TokenEmbedder | null) {}
+  private constructor(
+    readonly session: ort.InferenceSession,
+    readonly io: DecoderIo,
+    readonly path: string,
+    readonly logits: LogitsPositions,
+    private readonly embedder: TokenEmbedder | null,
+  ) {}
 
   /**
    * `embeddings` applies to decoders fed by inputs_embeds: where token ids get their embeddings
@@ -133,7 +139,8 @@ export class ModSession {
     const e = this.io.inputsEmbeds;
     if (!e) throw new ModcError(`${this.path} takes input_ids, not embeddings`);
     const [B, S, H] = dims;
-    if (H !== e.hiddenSize || data.length !== B * S * H) throw new ModcError(`embeddings [${dims.join(', ')}] do not fit the model's hidden size ${e.hiddenSize}`);
+    if (H !== e.hiddenSize || data.length !== B * S * H)
+      throw new ModcError(`embeddings [${dims.join(', ')}] do not fit the model's hidden size ${e.hiddenSize}`);
     this.begin(Array.from({ length: B }, () => Array(S).fill(1)));
     return this.run(Array(B * S).fill(0), [B, S], promptPositions(this.mask), embedsTensor(data, dims, e.dtype));
   }
@@ -246,7 +253,7 @@ export class ModSession {
   private async run(ids: number[], dims: [number, number], positions: number[], embeds?: ort.Tensor): Promise<Logits> {
     const io = this.io;
     const feeds: Record<string, ort.Tensor> = io.inputsEmbeds
-      ? { [io.inputsEmbeds.name]: embeds ?? await this.embedder!.embed(ids, dims) }
+      ? { [io.inputsEmbeds.name]: embeds ?? (await this.embedder!.embed(ids, dims)) }
       : { [io.inputIds.name]: typed(io.inputIds.dtype, ids, dims) };
     const total = this.mask[0]!.length;
     if (io.attentionMask) feeds[io.attentionMask.name] = typed(io.attentionMask.dtype, this.mask.flat(), [this.batch, total]);
@@ -318,7 +325,15 @@ export function checkUnpadded(io: DecoderIo, rows: number[][]): void {
 
 /** Every state input of the model, zeros for a batch of `B` (the start of a sequence). */
 export function zeroStates(io: DecoderIo, B: number): Map<string, ort.Tensor> {
-  return new Map(io.state.map((s) => [s.past, emptyTensor(s.dtype, s.dims.map((d) => (d < 0 ? B : d)))]));
+  return new Map(
+    io.state.map((s) => [
+      s.past,
+      emptyTensor(
+        s.dtype,
+        s.dims.map((d) => (d < 0 ? B : d)),
+      ),
+    ]),
+  );
 }
 
 /** The last position's logits of each row. */

@@ -6,9 +6,7 @@
  *
  * Everything is driven by one `Rng`, so (fixture, seed, case index) reproduces a case exactly.
  */
-import type {
-  AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto,
-} from '../../compiler/core/proto/index.js';
+import type { AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto } from '../../compiler/core/proto/index.js';
 import { AttributeType, create, decodeModelProto, encodeModelProto } from '../../compiler/core/proto/index.js';
 import type { Model } from '../../compiler/core/ir/model.js';
 import { Value } from '../../compiler/core/ir/graph.js';
@@ -91,7 +89,11 @@ function allNodes(m: ModelProto): NodeProto[] {
 function allInitializers(m: ModelProto): TensorProto[] {
   const out: TensorProto[] = [];
   for (const g of allGraphs(m)) out.push(...g.initializer);
-  for (const n of allNodes(m)) for (const a of n.attribute) { if (a.t) out.push(a.t); out.push(...a.tensors); }
+  for (const n of allNodes(m))
+    for (const a of n.attribute) {
+      if (a.t) out.push(a.t);
+      out.push(...a.tensors);
+    }
   return out;
 }
 
@@ -117,7 +119,21 @@ function renameEverywhere(m: ModelProto, from: string, to: string): void {
   }
 }
 
-const NASTY_NAMES = ['a\nb', 'x\0y', '', ' ', 'name with spaces', '\u001b[31mred', 'tab\there', 'é✓', 'line\r\nbreak', '../../etc', '%', "quo'te", 'x'.repeat(300)];
+const NASTY_NAMES = [
+  'a\nb',
+  'x\0y',
+  '',
+  ' ',
+  'name with spaces',
+  '\u001b[31mred',
+  'tab\there',
+  'é✓',
+  'line\r\nbreak',
+  '../../etc',
+  '%',
+  "quo'te",
+  'x'.repeat(300),
+];
 
 function nastyName(rng: Rng, base: string): string {
   const n = rng.pick(NASTY_NAMES)!;
@@ -248,21 +264,24 @@ const names: Mutator = ({ rng, model, log }) => {
   if (!g) return false;
   const what = rng.int(8);
   switch (what) {
-    case 0: { // a value name with control characters
+    case 0: {
+      // a value name with control characters
       const name = rng.pick(valueNames(model));
       if (name === undefined) return false;
       renameEverywhere(model, name, nastyName(rng, name));
       log.push(`renamed value ${JSON.stringify(name)} (nasty)`);
       return true;
     }
-    case 1: { // a node name
+    case 1: {
+      // a node name
       const n = rng.pick(allNodes(model));
       if (!n) return false;
       n.name = nastyName(rng, n.name ?? '');
       log.push(`renamed node ${JSON.stringify(n.op_type)} (nasty)`);
       return true;
     }
-    case 2: { // a graph output renamed to an input's name
+    case 2: {
+      // a graph output renamed to an input's name
       const out = rng.pick(g.output);
       const inp = rng.pick(g.input);
       if (!out || !inp) return false;
@@ -271,7 +290,8 @@ const names: Mutator = ({ rng, model, log }) => {
       log.push(`output ${JSON.stringify(old)} renamed to input ${JSON.stringify(inp.name)}`);
       return true;
     }
-    case 3: { // two node outputs share a name
+    case 3: {
+      // two node outputs share a name
       const nodes = g.node.filter((n) => n.output.length);
       const a = rng.pick(nodes);
       const b = rng.pick(nodes);
@@ -280,7 +300,8 @@ const names: Mutator = ({ rng, model, log }) => {
       log.push(`node output ${JSON.stringify(b.output[0])} defined twice`);
       return true;
     }
-    case 4: { // a use renamed to nothing defined
+    case 4: {
+      // a use renamed to nothing defined
       const n = rng.pick(g.node.filter((x) => x.input.length));
       if (!n) return false;
       const i = rng.int(n.input.length);
@@ -288,7 +309,8 @@ const names: Mutator = ({ rng, model, log }) => {
       log.push(`${n.op_type} input ${i} -> ${JSON.stringify(n.input[i])}`);
       return true;
     }
-    case 5: { // an initializer renamed to an input's or a node output's name
+    case 5: {
+      // an initializer renamed to an input's or a node output's name
       const t = rng.pick(g.initializer);
       const other = rng.pick(valueNames(model));
       if (!t || other === undefined) return false;
@@ -296,7 +318,8 @@ const names: Mutator = ({ rng, model, log }) => {
       log.push(`initializer renamed to ${JSON.stringify(other)}`);
       return true;
     }
-    case 6: { // graph name / input name nasty
+    case 6: {
+      // graph name / input name nasty
       const v = rng.pick([...g.input, ...g.output]);
       if (!v) return false;
       const old = v.name ?? '';
@@ -337,7 +360,8 @@ const opsets: Mutator = ({ rng, model, log }) => {
       model.opset_import.push(create('OperatorSetIdProto', { domain: rng.pick(['', 'modc', 'com.microsoft', 'ai.onnx'])!, version: rng.int(30) }));
       log.push('extra opset import');
       break;
-    case 5: { // a node's domain respelled
+    case 5: {
+      // a node's domain respelled
       const n = rng.pick(allNodes(model));
       if (!n) return false;
       n.domain = rng.pick(['ai.onnx', 'com.microsoft', 'modc', 'bogus', ''])!;
@@ -349,7 +373,15 @@ const opsets: Mutator = ({ rng, model, log }) => {
       if (rng.chance(0.5)) {
         // IR 3 wants initializers listed as inputs.
         const g = model.graph;
-        if (g) for (const t of g.initializer) if (!g.input.some((v) => v.name === t.name)) g.input.push(create<ValueInfoProto>('ValueInfoProto', { name: t.name, type: { tensor_type: { elem_type: t.data_type, shape: { dim: t.dims.map((d) => ({ dim_value: d })) } } } }));
+        if (g)
+          for (const t of g.initializer)
+            if (!g.input.some((v) => v.name === t.name))
+              g.input.push(
+                create<ValueInfoProto>('ValueInfoProto', {
+                  name: t.name,
+                  type: { tensor_type: { elem_type: t.data_type, shape: { dim: t.dims.map((d) => ({ dim_value: d })) } } },
+                }),
+              );
       }
       log.push(`ir_version ${String(model.ir_version)} (old)`);
   }
@@ -357,9 +389,19 @@ const opsets: Mutator = ({ rng, model, log }) => {
 };
 
 const ROUTING_VALUES = [
-  '{', 'not json', 'null', '[]', '42', '"s"', '{"mode":"threshold"}', '{"mode":"topk","gated":true,"layers":null}',
-  '{"mode":"x","gated":1,"layers":[{"layer":"a"}]}', '{"mode":"threshold","gated":false,"layers":[{"layer":0,"threshold":0.5,"capacity":1}],"skipped":[{"layer":"z","reason":null}]}',
-  '{"mode":"threshold","gated":false,"layers":[{"layer":1e9,"threshold":0.5,"capacity":1}]}', '\u0000', '{"a":\n1}',
+  '{',
+  'not json',
+  'null',
+  '[]',
+  '42',
+  '"s"',
+  '{"mode":"threshold"}',
+  '{"mode":"topk","gated":true,"layers":null}',
+  '{"mode":"x","gated":1,"layers":[{"layer":"a"}]}',
+  '{"mode":"threshold","gated":false,"layers":[{"layer":0,"threshold":0.5,"capacity":1}],"skipped":[{"layer":"z","reason":null}]}',
+  '{"mode":"threshold","gated":false,"layers":[{"layer":1e9,"threshold":0.5,"capacity":1}]}',
+  '\u0000',
+  '{"a":\n1}',
 ];
 
 const metadata: Mutator = ({ rng, model, log }) => {
@@ -379,8 +421,21 @@ const metadata: Mutator = ({ rng, model, log }) => {
   return true;
 };
 
-const EXTERNAL_LOCATIONS = ['sub/../model.onnx.data', 'nosuch/../model.onnx.data', '../model.onnx.data', '/etc/passwd', 'x\0y', '', '.', 'sub', 'model.onnx',
-  'C:\\x.data', './model.onnx.data', 'model.onnx.data/', 'link.data'];
+const EXTERNAL_LOCATIONS = [
+  'sub/../model.onnx.data',
+  'nosuch/../model.onnx.data',
+  '../model.onnx.data',
+  '/etc/passwd',
+  'x\0y',
+  '',
+  '.',
+  'sub',
+  'model.onnx',
+  'C:\\x.data',
+  './model.onnx.data',
+  'model.onnx.data/',
+  'link.data',
+];
 
 const external: Mutator = ({ rng, model, files, log }) => {
   const ext = allInitializers(model).filter((t) => t.data_location === 1);
@@ -406,7 +461,8 @@ const external: Mutator = ({ rng, model, files, log }) => {
     else t.external_data.push(create('StringStringEntryProto', { key, value }));
   };
   switch (what) {
-    case 0: case 1: {
+    case 0:
+    case 1: {
       const loc = rng.pick(EXTERNAL_LOCATIONS)!;
       set('location', loc);
       if (loc === 'sub' && rng.chance(0.5)) files.set('sub/keep', new Uint8Array(1));
@@ -439,9 +495,9 @@ const structure: Mutator = ({ rng, model, log }) => {
       g.node.splice(g.node.indexOf(n), 1);
       log.push(`node ${n.op_type} removed`);
       break;
-    case 1: // a node loses an input (an attention MatMul losing one is the classic)
-    {
-      const mm = rng.chance(0.5) ? rng.pick(g.node.filter((x) => x.op_type === 'MatMul')) ?? n : n;
+    case 1: {
+      // a node loses an input (an attention MatMul losing one is the classic)
+      const mm = rng.chance(0.5) ? (rng.pick(g.node.filter((x) => x.op_type === 'MatMul')) ?? n) : n;
       if (!mm || !mm.input.length) return false;
       mm.input.splice(rng.int(mm.input.length), 1);
       log.push(`${mm.op_type} lost an input`);
@@ -573,7 +629,13 @@ const types: Mutator = ({ rng, model, log }) => {
 const semantics: Mutator = ({ rng, model, log }) => {
   const nodes = allNodes(model);
   if (rng.chance(0.5)) {
-    const n = rng.pick(nodes.filter((x) => x.attribute.some((a) => /heads|axis|axes|perm|scale|interleaved|to|split|keepdims|epsilon|rotary|window|softcap|do_rotary|past_present|unidirectional/.test(a.name ?? ''))));
+    const n = rng.pick(
+      nodes.filter((x) =>
+        x.attribute.some((a) =>
+          /heads|axis|axes|perm|scale|interleaved|to|split|keepdims|epsilon|rotary|window|softcap|do_rotary|past_present|unidirectional/.test(a.name ?? ''),
+        ),
+      ),
+    );
     if (!n) return false;
     const a = rng.pick(n.attribute)!;
     if (a.ints.length) {
@@ -586,7 +648,9 @@ const semantics: Mutator = ({ rng, model, log }) => {
     return true;
   }
   // A small int64 constant (a shape, axes, split sizes): one element changed.
-  const small = allInitializers(model).filter((t) => t.data_type === 7 && t.dims.reduce((x: number, d) => x * Number(d), 1) <= 8 && t.dims.reduce((x: number, d) => x * Number(d), 1) > 0);
+  const small = allInitializers(model).filter(
+    (t) => t.data_type === 7 && t.dims.reduce((x: number, d) => x * Number(d), 1) <= 8 && t.dims.reduce((x: number, d) => x * Number(d), 1) > 0,
+  );
   const t = rng.pick(small);
   if (!t) return false;
   if (t.raw_data?.length) {
@@ -614,9 +678,17 @@ const unknownField: Mutator = ({ model, log }) => {
 };
 
 const MUTATORS: [string, Mutator, number][] = [
-  ['attributes', attributes, 3], ['tensors', tensors, 3], ['names', names, 3], ['opsets', opsets, 2], ['metadata', metadata, 1],
-  ['external', external, 2], ['structure', structure, 3], ['functions', functions, 1], ['unknown', unknownField, 1],
-  ['types', types, 2], ['semantics', semantics, 3],
+  ['attributes', attributes, 3],
+  ['tensors', tensors, 3],
+  ['names', names, 3],
+  ['opsets', opsets, 2],
+  ['metadata', metadata, 1],
+  ['external', external, 2],
+  ['structure', structure, 3],
+  ['functions', functions, 1],
+  ['unknown', unknownField, 1],
+  ['types', types, 2],
+  ['semantics', semantics, 3],
 ];
 const TOTAL_WEIGHT = MUTATORS.reduce((a, m) => a + m[2], 0);
 
@@ -667,7 +739,7 @@ export function irEdit(model: Model, rng: Rng): string | null {
     const n = rng.pick(g.nodes.filter((x) => x.inputs.length));
     if (!n) return null;
     const later = g.nodes.slice(g.nodes.indexOf(n) + 1).flatMap((x) => [...x.outputs]);
-    const to = rng.chance(0.5) ? new Value('dangling') : rng.pick(later) ?? new Value('dangling');
+    const to = rng.chance(0.5) ? new Value('dangling') : (rng.pick(later) ?? new Value('dangling'));
     n.setInput(rng.int(n.inputs.length), to);
     return `IR: ${n.opType} input rewired to ${to.producer ? 'a later value' : 'an undefined value'}`;
   }

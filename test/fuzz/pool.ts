@@ -58,13 +58,20 @@ export interface FuzzStats {
 
 /** Failure identity: kind, stage and the message with numbers and quoted names blurred. */
 export function signatureOf(o: Outcome): string {
-  const first = o.message.split('\n')[0]!.replace(/'[^']*'/g, "'…'").replace(/"[^"]*"/g, '"…"').replace(/\d+/g, 'N').slice(0, 160);
+  const first = o.message
+    .split('\n')[0]!
+    .replace(/'[^']*'/g, "'…'")
+    .replace(/"[^"]*"/g, '"…"')
+    .replace(/\d+/g, 'N')
+    .slice(0, 160);
   return `${o.kind}|${o.stage}|${first}`;
 }
 
 const CHILD = (() => {
   const self = fileURLToPath(import.meta.url);
-  return self.endsWith('.ts') ? { path: self.replace(/pool\.ts$/, 'child.ts'), execArgv: ['--import', 'tsx'] } : { path: self.replace(/pool\.js$/, 'child.js'), execArgv: [] };
+  return self.endsWith('.ts')
+    ? { path: self.replace(/pool\.ts$/, 'child.ts'), execArgv: ['--import', 'tsx'] }
+    : { path: self.replace(/pool\.js$/, 'child.js'), execArgv: [] };
 })();
 
 /**
@@ -92,7 +99,8 @@ interface Worker {
  */
 function lost(spec: CaseSpec, stage: string | undefined, why: string, kind: 'hang' | 'crash'): Outcome {
   const log = [`fixture ${spec.fixture}`, `seed ${spec.seed} index ${spec.index}`];
-  if (stage === ORT_INPUT_STAGE) return { kind: 'accepted', stage: 'done', message: `ONNX Runtime did not load the input (${why})`, log, inputLoadsInOrt: false };
+  if (stage === ORT_INPUT_STAGE)
+    return { kind: 'accepted', stage: 'done', message: `ONNX Runtime did not load the input (${why})`, log, inputLoadsInOrt: false };
   return { kind, stage: kind === 'hang' ? 'timeout' : 'process', message: `${why}${stage ? ` in stage ${stage}` : ''}`, log };
 }
 
@@ -104,7 +112,13 @@ export async function fuzz(opts: FuzzOptions): Promise<FuzzStats> {
   const total = opts.cases ?? Infinity;
   const scratch = mkdtempSync(join(tmpdir(), 'modc-fuzz-'));
   const stats: FuzzStats = {
-    cases: 0, ms: 0, ortChecked: 0, ortInputLoaded: 0, failures: [], refusedAt: {}, refusals: {},
+    cases: 0,
+    ms: 0,
+    ortChecked: 0,
+    ortInputLoaded: 0,
+    failures: [],
+    refusedAt: {},
+    refusals: {},
     outcomes: { refused: 0, accepted: 0, crash: 0, hang: 0, 'multi-line': 0, 'ort-rejected': 0, 'unloadable-output': 0 },
   };
   const bySig = new Map<string, Failure>();
@@ -118,7 +132,9 @@ export async function fuzz(opts: FuzzOptions): Promise<FuzzStats> {
     stats.outcomes[o.kind]++;
     if (o.kind === 'refused') {
       stats.refusedAt[o.stage] = (stats.refusedAt[o.stage] ?? 0) + 1;
-      const sig = signatureOf(o).replace(/^refused\|/, '').replace(/^([^|]*)\|[^:]*\.onnx: /, '$1|');
+      const sig = signatureOf(o)
+        .replace(/^refused\|/, '')
+        .replace(/^([^|]*)\|[^:]*\.onnx: /, '$1|');
       stats.refusals[sig] = (stats.refusals[sig] ?? 0) + 1;
     }
     if (o.inputLoadsInOrt !== undefined) {
@@ -162,7 +178,13 @@ export async function fuzz(opts: FuzzOptions): Promise<FuzzStats> {
         }
         const index = next++;
         issued++;
-        w.spec = { fixture: opts.fixtures[index % opts.fixtures.length]!, seed: opts.seed, index, ort: sampled(opts.seed, index, ortSample), work: join(scratch, `c${index}`) };
+        w.spec = {
+          fixture: opts.fixtures[index % opts.fixtures.length]!,
+          seed: opts.seed,
+          index,
+          ort: sampled(opts.seed, index, ortSample),
+          work: join(scratch, `c${index}`),
+        };
         w.stage = undefined;
         proc.send(w.spec);
         w.timer = setTimeout(() => {
@@ -189,7 +211,12 @@ export async function fuzz(opts: FuzzOptions): Promise<FuzzStats> {
         if (w.spec) {
           const spec = w.spec;
           w.spec = undefined;
-          const why = `worker process died (${signal ?? `exit ${code}`}): ${w.stderr.trim().split('\n').filter((l) => /error|Error|at /.test(l)).slice(0, 6).join(' | ')}`;
+          const why = `worker process died (${signal ?? `exit ${code}`}): ${w.stderr
+            .trim()
+            .split('\n')
+            .filter((l) => /error|Error|at /.test(l))
+            .slice(0, 6)
+            .join(' | ')}`;
           record(spec, lost(spec, w.stage, why, 'crash'));
         }
         if (more()) start();
@@ -220,6 +247,9 @@ function writeReproducer(root: string, f: Failure, spec: CaseSpec): string {
   }
   mkdirSync(dir, { recursive: true });
   if (existsSync(join(spec.work, 'in'))) cpSync(join(spec.work, 'in'), join(dir, 'in'), { recursive: true });
-  writeFileSync(join(dir, 'case.json'), JSON.stringify({ ...f, reproducer: undefined, replay: `npm run fuzz -- --replay ${join(dir, 'case.json')}` }, null, 2) + '\n');
+  writeFileSync(
+    join(dir, 'case.json'),
+    JSON.stringify({ ...f, reproducer: undefined, replay: `npm run fuzz -- --replay ${join(dir, 'case.json')}` }, null, 2) + '\n',
+  );
   return dir;
 }

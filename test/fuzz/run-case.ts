@@ -146,7 +146,14 @@ async function runStages(input: string, output: string, rng: Rng, log: string[],
     log.push('action: --passes none');
     steps = [];
   } else if (action < 0.35) {
-    const list = rng.pick(['inline-modc-ops', 'cleanup', 'lift-constants', 'split-fused-boundaries', 'cleanup,lift-constants', 'lift-constants,inline-modc-ops'])!;
+    const list = rng.pick([
+      'inline-modc-ops',
+      'cleanup',
+      'lift-constants',
+      'split-fused-boundaries',
+      'cleanup,lift-constants',
+      'lift-constants,inline-modc-ops',
+    ])!;
     log.push(`action: --passes ${list}`);
     steps = defaultRegistry().parsePipeline(list);
   } else {
@@ -159,7 +166,14 @@ async function runStages(input: string, output: string, rng: Rng, log: string[],
     const routers = rng.chance(0.5) ? { kind: 'all-pass' as const } : { kind: 'random' as const, seed: rng.int(100) };
     const layers = rng.pick([undefined, 'all', 'even', 'odd', '0', '1'])!;
     log.push(`action: compile ${mode} ${gated ? 'gated' : 'ungated'}${inlineOps ? ' --inline-ops' : ''} ${routers.kind} layers=${layers ?? 'default'}`);
-    const plan = planRouting({ numLayers: s.layers.length, hiddenSize: s.hiddenSize, routers, mode, gated, layers: layers !== undefined && s.layers.length > 1 ? layers : undefined });
+    const plan = planRouting({
+      numLayers: s.layers.length,
+      hiddenSize: s.hiddenSize,
+      routers,
+      mode,
+      gated,
+      layers: layers !== undefined && s.layers.length > 1 ? layers : undefined,
+    });
     steps = modPipeline({ plan, inlineOps });
   }
   stage.name = 'passes';

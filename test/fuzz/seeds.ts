@@ -16,7 +16,10 @@ export const FIXTURES = resolve(import.meta.dirname, '../../fixtures');
 /** Folders under `root` holding a model.onnx. */
 export function modelFolders(root: string): string[] {
   if (!existsSync(root)) return [];
-  return readdirSync(root).sort().map((e) => join(root, e)).filter((d) => existsSync(join(d, 'model.onnx')));
+  return readdirSync(root)
+    .sort()
+    .map((e) => join(root, e))
+    .filter((d) => existsSync(join(d, 'model.onnx')));
 }
 
 /** Bytes of a model folder's files (model and sidecars). */
@@ -30,14 +33,23 @@ function folderBytes(dir: string): number {
  */
 export function seedModels(scratch: string, extra: string[] = [], maxBytes = Infinity): string[] {
   const seeds = [...modelFolders(FIXTURES).filter((d) => folderBytes(d) <= maxBytes), ...extra];
-  for (const [name, inlineOps] of [['llama-tiny', false], ['gpt2-tiny', true], ['genai-tiny', false]] as const) {
+  for (const [name, inlineOps] of [
+    ['llama-tiny', false],
+    ['gpt2-tiny', true],
+    ['genai-tiny', false],
+  ] as const) {
     const src = join(FIXTURES, name, 'model.onnx');
     if (!existsSync(src)) continue;
     const dir = join(scratch, `${name}-mod`);
     mkdirSync(dir, { recursive: true });
     const model = loadModel(src);
     const s = analyzeDecoder(model);
-    const plan = planRouting({ numLayers: s.layers.length, hiddenSize: s.hiddenSize, routers: { kind: 'random', seed: 1 }, mode: inlineOps ? 'topk' : 'threshold' });
+    const plan = planRouting({
+      numLayers: s.layers.length,
+      hiddenSize: s.hiddenSize,
+      routers: { kind: 'random', seed: 1 },
+      mode: inlineOps ? 'topk' : 'threshold',
+    });
     runPipeline(model, modPipeline({ plan, inlineOps }));
     saveModel(model, join(dir, 'model.onnx'));
     seeds.push(dir);

@@ -21,7 +21,20 @@ describe('bounded memory', () => {
     expect(activationBytes).toBeGreaterThan(1.5 * heapMiB * 2 ** 20);
     const data = join(dir, 'big.jsonl');
     writeData(data, lines, length, 5);
-    const child = spawnSync(process.execPath, [`--max-old-space-size=${heapMiB}`, '--expose-gc', '--import', 'tsx', join(ROOT, 'test', 'calibrate-memory-child.ts'), MODEL, data, join(dir, 'r.safetensors')], { cwd: ROOT, encoding: 'utf8', timeout: 400_000 });
+    const child = spawnSync(
+      process.execPath,
+      [
+        `--max-old-space-size=${heapMiB}`,
+        '--expose-gc',
+        '--import',
+        'tsx',
+        join(ROOT, 'test', 'calibrate-memory-child.ts'),
+        MODEL,
+        data,
+        join(dir, 'r.safetensors'),
+      ],
+      { cwd: ROOT, encoding: 'utf8', timeout: 400_000 },
+    );
     expect(child.stderr).not.toMatch(/heap out of memory|Error/);
     expect(child.status).toBe(0);
     const report = JSON.parse(child.stdout.trim().split('\n').at(-1)!) as { peak: { heapUsed: number; arrayBuffers: number }; tokens: number };

@@ -19,7 +19,13 @@ async function compileAndVerify(source: string, name: string, ...args: string[])
   expect(compiled.code).toBe(0);
   const verified = await runCli('verify', source, out, '--json');
   const report = JSON.parse(verified.stdout) as { passed: boolean; checks: { name: string; passed: boolean; maxDiff: number[] }[] };
-  expect(report.checks.map((c) => [c.name, c.passed]), verified.stdout).toEqual([['semantics', true], ['anchor', true]]);
+  expect(
+    report.checks.map((c) => [c.name, c.passed]),
+    verified.stdout,
+  ).toEqual([
+    ['semantics', true],
+    ['anchor', true],
+  ]);
   expect(verified.code).toBe(0);
   return out;
 }

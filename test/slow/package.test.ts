@@ -32,7 +32,18 @@ describe('npm package', () => {
   }, 600_000);
 
   it('ships the build, the command, the docs and the licence, and no tests, fixtures or sources', () => {
-    for (const f of ['package.json', 'README.md', 'LICENSE', 'docs/SPEC.md', 'bin/modc.js', 'dist/compiler/index.js', 'dist/compiler/index.d.ts', 'dist/compiler/cli/main.js', 'dist/compiler/passes/pipeline.js', 'examples/library.ts']) {
+    for (const f of [
+      'package.json',
+      'README.md',
+      'LICENSE',
+      'docs/SPEC.md',
+      'bin/modc.js',
+      'dist/compiler/index.js',
+      'dist/compiler/index.d.ts',
+      'dist/compiler/cli/main.js',
+      'dist/compiler/passes/pipeline.js',
+      'examples/library.ts',
+    ]) {
       expect(files, f).toContain(f);
     }
     expect(files.filter((f) => /^(test|fixtures|bench|compiler|passes)\/|^dist\/(test|fixtures|bench)\/|\.map$|\.onnx$/.test(f))).toEqual([]);
@@ -54,8 +65,28 @@ describe('npm package', () => {
     symlinkSync(join(prefix, 'lib', 'node_modules', 'modc'), join(app, 'node_modules', 'modc'));
     copyFileSync(join(ROOT, 'examples', 'library.ts'), join(app, 'library.ts'));
     const tsc = join(ROOT, 'node_modules', 'typescript', 'bin', 'tsc');
-    run(process.execPath, [tsc, '--strict', '--module', 'nodenext', '--moduleResolution', 'nodenext', '--target', 'es2022', '--skipLibCheck',
-      '--typeRoots', join(ROOT, 'node_modules', '@types'), '--types', 'node', '--outDir', join(app, 'out'), join(app, 'library.ts')], app);
+    run(
+      process.execPath,
+      [
+        tsc,
+        '--strict',
+        '--module',
+        'nodenext',
+        '--moduleResolution',
+        'nodenext',
+        '--target',
+        'es2022',
+        '--skipLibCheck',
+        '--typeRoots',
+        join(ROOT, 'node_modules', '@types'),
+        '--types',
+        'node',
+        '--outDir',
+        join(app, 'out'),
+        join(app, 'library.ts'),
+      ],
+      app,
+    );
     const stdout = run(process.execPath, [join(app, 'out', 'library.js'), fixture('llama-tiny'), join(tmp, 'example-out')], app);
     expect(stdout).toMatch(/converted 1; wrote /);
     expect(stdout).toMatch(/^row 0: 5 6 7 8( \d+){6}$/m);

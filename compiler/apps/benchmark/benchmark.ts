@@ -104,7 +104,12 @@ export function rotation(count: number, round: number): number[] {
  * model (round by round). `timed(round)` says whether a round counts; `firstRound` continues the
  * rotation of an earlier call.
  */
-export async function interleaved(count: number, rounds: number, call: (model: number, round: number) => Promise<void>, opts: { timed: (round: number) => boolean; beforeCall?: () => void; firstRound?: number }): Promise<number[][]> {
+export async function interleaved(
+  count: number,
+  rounds: number,
+  call: (model: number, round: number) => Promise<void>,
+  opts: { timed: (round: number) => boolean; beforeCall?: () => void; firstRound?: number },
+): Promise<number[][]> {
   const samples = Array.from({ length: count }, () => [] as number[]);
   for (let r = 0; r < rounds; r++) {
     for (const m of rotation(count, (opts.firstRound ?? 0) + r)) {
@@ -140,10 +145,23 @@ export async function benchModels(paths: readonly string[], vocab: number, opts:
     for (let run = 0; run < opts.warmup + opts.runs; run++) {
       const timed = run >= opts.warmup;
       const keep = (into: number[][], got: number[][]) => got.forEach((xs, m) => into[m]!.push(...xs));
-      keep(prefill, await interleaved(paths.length, 1, (m) => sessions[m]!.forward(prompt).then(() => {}), { timed: () => timed, beforeCall: opts.beforeCall, firstRound: run }));
-      const steps = await interleaved(paths.length, opts.steps, (m, s) => sessions[m]!.step(prompt.map((r) => r[s % r.length]!)).then(() => {}), { timed: () => timed, beforeCall: opts.beforeCall, firstRound: run * opts.steps });
+      keep(
+        prefill,
+        await interleaved(paths.length, 1, (m) => sessions[m]!.forward(prompt).then(() => {}), {
+          timed: () => timed,
+          beforeCall: opts.beforeCall,
+          firstRound: run,
+        }),
+      );
+      const steps = await interleaved(paths.length, opts.steps, (m, s) => sessions[m]!.step(prompt.map((r) => r[s % r.length]!)).then(() => {}), {
+        timed: () => timed,
+        beforeCall: opts.beforeCall,
+        firstRound: run * opts.steps,
+      });
       keep(decode, steps);
-      opts.log?.(`${timed ? 'run' : 'warm-up'} ${run + 1}/${opts.warmup + opts.runs}: prefill ${paths.map((_, m) => `${prefill[m]!.at(-1)?.toFixed(0) ?? '-'}`).join(' / ')} ms`);
+      opts.log?.(
+        `${timed ? 'run' : 'warm-up'} ${run + 1}/${opts.warmup + opts.runs}: prefill ${paths.map((_, m) => `${prefill[m]!.at(-1)?.toFixed(0) ?? '-'}`).join(' / ')} ms`,
+      );
     }
     const models: BenchModel[] = paths.map((model, m) => ({
       model,
@@ -165,9 +183,15 @@ export async function benchModels(paths: readonly string[], vocab: number, opts:
     }));
     return {
       settings: {
-        promptLength: opts.promptLength, batch: opts.batch, steps: opts.steps, runs: opts.runs, warmup: opts.warmup,
-        executionProvider: ep, threads: threads > 0 ? threads : 'ORT default', logicalCores: cpus().length,
-        order: 'interleaved: per run every prefill in turn, then every model\'s decode step 1, step 2, ...; the first model rotates each turn',
+        promptLength: opts.promptLength,
+        batch: opts.batch,
+        steps: opts.steps,
+        runs: opts.runs,
+        warmup: opts.warmup,
+        executionProvider: ep,
+        threads: threads > 0 ? threads : 'ORT default',
+        logicalCores: cpus().length,
+        order: "interleaved: per run every prefill in turn, then every model's decode step 1, step 2, ...; the first model rotates each turn",
       },
       models,
       ratios,

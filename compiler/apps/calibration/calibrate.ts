@@ -126,7 +126,8 @@ export const DEFAULTS = {
 /** Checks option ranges (usage errors), before any work. */
 export function checkCalibrateOptions(o: CalibrateOptions): void {
   if (!(o.targetCompute > 0 && o.targetCompute <= 1)) throw new UsageError(`--target-compute must be in (0, 1], got ${o.targetCompute}`);
-  if (o.maxTokens !== undefined && !(Number.isInteger(o.maxTokens) && o.maxTokens >= 2)) throw new UsageError(`--max-tokens must be an integer >= 2, got ${o.maxTokens}`);
+  if (o.maxTokens !== undefined && !(Number.isInteger(o.maxTokens) && o.maxTokens >= 2))
+    throw new UsageError(`--max-tokens must be an integer >= 2, got ${o.maxTokens}`);
   if (o.capacities?.some((c) => !(c > 0 && c < 1))) throw new UsageError('sensitivity capacities must be in (0, 1)');
   if (o.ridge !== undefined && !(o.ridge > 0)) throw new UsageError(`the ridge penalty must be > 0, got ${o.ridge}`);
 }
@@ -175,8 +176,12 @@ function checkData(sequences: readonly number[][], vocab: number | null, maxPosi
   if (sequences.length === 0) throw new ModcError('the calibration data has no sequence of at least 2 tokens');
   sequences.forEach((s, i) => {
     const bad = s.find((id) => !Number.isInteger(id) || id < 0 || (vocab !== null && id >= vocab));
-    if (bad !== undefined) throw new ModcError(`calibration sequence ${i + 1}: token id ${bad} is outside the model's vocabulary${vocab !== null ? ` (0-${vocab - 1})` : ''}`);
-    if (maxPositions !== null && s.length > maxPositions) throw new ModcError(`calibration sequence ${i + 1} has ${s.length} tokens, more than the model's ${maxPositions} positions (split the data, e.g. with a max length)`);
+    if (bad !== undefined)
+      throw new ModcError(`calibration sequence ${i + 1}: token id ${bad} is outside the model's vocabulary${vocab !== null ? ` (0-${vocab - 1})` : ''}`);
+    if (maxPositions !== null && s.length > maxPositions)
+      throw new ModcError(
+        `calibration sequence ${i + 1} has ${s.length} tokens, more than the model's ${maxPositions} positions (split the data, e.g. with a max length)`,
+      );
   });
 }
 
@@ -265,7 +270,8 @@ export class Calibrator {
 
     // A decoder fed inputs_embeds is calibrated on the real token embeddings, as eval scores it.
     const embeddingModel = io.inputsEmbeds && original.sourcePath ? genaiEmbeddingModel(original.sourcePath) : null;
-    if (io.inputsEmbeds && !embeddingModel) throw new ModcError(`${modelPath} takes inputs_embeds: calibrate needs the embedding model that genai_config.json beside it names`);
+    if (io.inputsEmbeds && !embeddingModel)
+      throw new ModcError(`${modelPath} takes inputs_embeds: calibrate needs the embedding model that genai_config.json beside it names`);
     const embeddings: EmbeddingSource | null = embeddingModel ? { kind: 'model', path: embeddingModel } : null;
     const rows = pickSequences(sequences, o.maxTokens, o.seed);
     checkData(rows, io.vocabSize, io.maxPositions);
@@ -314,7 +320,17 @@ export class Calibrator {
 
       // 3. dense scores per part (every router selects every token: the original activations)
       for (const [name, parts] of familiesOf(candidates)) {
-        evaluators.set(name, await RoutedEvaluator.create(model, parts.map((p) => fits.get(partKey(p))!.router), workDir, `calib-${name}`, opts.session, embeddings));
+        evaluators.set(
+          name,
+          await RoutedEvaluator.create(
+            model,
+            parts.map((p) => fits.get(partKey(p))!.router),
+            workDir,
+            `calib-${name}`,
+            opts.session,
+            embeddings,
+          ),
+        );
       }
       const first = [...evaluators.values()][0]!;
       let denseNll = 0;
@@ -362,7 +378,22 @@ export class Calibrator {
         sensitivity.push({ ...p, points: pts });
       }
       const sensitivityTokens = sensBatches.reduce((a, bi) => a + batches[bi]!.reduce((x, r) => x + r.length, 0), 0);
-      return new Calibrator({ model, o, workDir, ownDir, costs, rows, batches, fits, denseScores, denseNll: denseNll / predicted, predicted, sensitivity, sensitivityTokens, embeddings });
+      return new Calibrator({
+        model,
+        o,
+        workDir,
+        ownDir,
+        costs,
+        rows,
+        batches,
+        fits,
+        denseScores,
+        denseNll: denseNll / predicted,
+        predicted,
+        sensitivity,
+        sensitivityTokens,
+        embeddings,
+      });
     } catch (e) {
       if (ownDir) rmSync(ownDir, { recursive: true, force: true });
       throw e;
@@ -375,7 +406,10 @@ export class Calibrator {
    * Steps 5-6 for one target: allocate, then refine each chosen part's threshold with every
    * chosen part routed. `granularity` may narrow what `prepare` measured.
    */
-  async finish(target: { targetCompute: number; granularity?: Granularity; mode?: 'threshold' | 'topk'; gated?: boolean; margin?: number }, onProgress?: (p: Progress) => void): Promise<CalibrationResult> {
+  async finish(
+    target: { targetCompute: number; granularity?: Granularity; mode?: 'threshold' | 'topk'; gated?: boolean; margin?: number },
+    onProgress?: (p: Progress) => void,
+  ): Promise<CalibrationResult> {
     checkCalibrateOptions({ targetCompute: target.targetCompute });
     const o = { ...this.m.o, ...Object.fromEntries(Object.entries(target).filter(([, v]) => v !== undefined)) } as ResolvedOptions;
     const progress = onProgress ?? this.m.o.onProgress ?? (() => {});
@@ -386,7 +420,9 @@ export class Calibrator {
     const tokens = this.tokens;
     const alloc = allocate(sens, this.m.costs, lengths, Math.max(o.targetCompute - o.margin, 0));
     if (alloc.predictedCompute > o.targetCompute) {
-      throw new ModcError(`cannot reach compute fraction ${o.targetCompute} by routing ${o.granularity === 'auto' ? 'parts' : `${o.granularity} parts`} at the measured capacities (lowest reachable: ${alloc.predictedCompute.toFixed(3)})`);
+      throw new ModcError(
+        `cannot reach compute fraction ${o.targetCompute} by routing ${o.granularity === 'auto' ? 'parts' : `${o.granularity} parts`} at the measured capacities (lowest reachable: ${alloc.predictedCompute.toFixed(3)})`,
+      );
     }
 
     const chosen = alloc.parts.map((p) => ({ ...this.m.fits.get(partKey(p))!.router, capacity: p.capacity }));
@@ -417,7 +453,14 @@ export class Calibrator {
     progress({ stage: 'done', done: 1, total: 1 });
 
     const fractions = new Map(chosen.map((p) => [partKey(p), (final.selected.get(partKey(p)) ?? 0) / tokens]));
-    const routers: CalibratedRouter[] = chosen.map((p) => ({ layer: p.layer, part: p.part, weight: p.weight, bias: biases.get(partKey(p))!, capacity: p.capacity, threshold: 0.5 }));
+    const routers: CalibratedRouter[] = chosen.map((p) => ({
+      layer: p.layer,
+      part: p.part,
+      weight: p.weight,
+      bias: biases.get(partKey(p))!,
+      capacity: p.capacity,
+      threshold: 0.5,
+    }));
     return {
       routers,
       mode: o.mode,
@@ -427,15 +470,35 @@ export class Calibrator {
         sequences: this.m.rows.length,
         denseNll: this.m.denseNll,
         nll: final.nll / this.m.predicted,
-        computeFraction: computeFraction(this.m.costs, lengths, chosen.map((p) => ({ ...p, capacity: fractions.get(partKey(p))! }))),
+        computeFraction: computeFraction(
+          this.m.costs,
+          lengths,
+          chosen.map((p) => ({ ...p, capacity: fractions.get(partKey(p))! })),
+        ),
         predictedCompute: alloc.predictedCompute,
-        parts: alloc.parts.map((p) => ({ layer: p.layer, part: p.part, capacity: p.capacity, selectedFraction: fractions.get(partKey(p))!, r2: this.m.fits.get(partKey(p))!.r2, predictedDeltaNll: p.predictedDeltaNll })),
+        parts: alloc.parts.map((p) => ({
+          layer: p.layer,
+          part: p.part,
+          capacity: p.capacity,
+          selectedFraction: fractions.get(partKey(p))!,
+          r2: this.m.fits.get(partKey(p))!.r2,
+          predictedDeltaNll: p.predictedDeltaNll,
+        })),
         sensitivity: this.m.sensitivity.map((s) => ({ layer: s.layer, part: s.part, points: s.points, r2: this.m.fits.get(partKey(s))!.r2 })),
       },
       recipe: {
-        targetCompute: o.targetCompute, granularity: o.granularity, mode: o.mode, gated: !!o.gated, target: o.target,
-        ridge: o.ridge, capacities: o.capacities, sensitivityTokens: this.m.sensitivityTokens, margin: o.margin,
-        maxTokens: o.maxTokens, seed: o.seed, refineRounds: o.refineRounds,
+        targetCompute: o.targetCompute,
+        granularity: o.granularity,
+        mode: o.mode,
+        gated: !!o.gated,
+        target: o.target,
+        ridge: o.ridge,
+        capacities: o.capacities,
+        sensitivityTokens: this.m.sensitivityTokens,
+        margin: o.margin,
+        maxTokens: o.maxTokens,
+        seed: o.seed,
+        refineRounds: o.refineRounds,
       },
     };
   }
@@ -481,7 +544,9 @@ export function computeFraction(cost: ModelCosts, lengths: readonly number[], pa
 }
 
 function candidateParts(points: readonly LayerPoints[], allowed: readonly RoutedPart[]): PartRef[] {
-  return points.flatMap((p) => allowed.filter((part) => partValues(p, part) !== null && !p.stateful && !(p.mlpOnly && part !== 'mlp')).map((part) => ({ layer: p.layer, part })));
+  return points.flatMap((p) =>
+    allowed.filter((part) => partValues(p, part) !== null && !p.stateful && !(p.mlpOnly && part !== 'mlp')).map((part) => ({ layer: p.layer, part })),
+  );
 }
 
 function groupByInput(points: readonly LayerPoints[], candidates: readonly PartRef[], H: number): InputStats[] {
@@ -516,4 +581,3 @@ function concat(list: readonly Float32Array[]): Float32Array {
   }
   return out;
 }
-

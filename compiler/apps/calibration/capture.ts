@@ -51,7 +51,15 @@ export function layerPoints(s: DecoderStructure): LayerPoints[] {
     const out = l.residualOut;
     if (!out) throw new ModcError(`layer ${l.index}: its residual output is not a value in the graph, so it cannot be captured`);
     const mlpOnly = kvCompactionBlocker(l.attention) !== null;
-    return { layer: l.index, x: l.residualIn.name, h: midStream(l)?.name ?? null, out: out.name, parallel: isParallel(l), stateful: l.state.length > 0, mlpOnly };
+    return {
+      layer: l.index,
+      x: l.residualIn.name,
+      h: midStream(l)?.name ?? null,
+      out: out.name,
+      parallel: isParallel(l),
+      stateful: l.state.length > 0,
+      mlpOnly,
+    };
   });
 }
 
@@ -129,7 +137,13 @@ export class ActivationCapture {
    * are split, analysed as `s`; not changed) and opens it; `embeddings` feeds a decoder that
    * takes inputs_embeds.
    */
-  static async create(split: Model, s: DecoderStructure, workDir: string, opts: SessionOptions = {}, embeddings: EmbeddingSource | null = null): Promise<ActivationCapture> {
+  static async create(
+    split: Model,
+    s: DecoderStructure,
+    workDir: string,
+    opts: SessionOptions = {},
+    embeddings: EmbeddingSource | null = null,
+  ): Promise<ActivationCapture> {
     const model = cloneModel(split);
     const io = decoderIo(model);
     const points = layerPoints(s);

@@ -27,7 +27,10 @@ export class RidgeStats {
   readonly gram: Float64Array;
   readonly targets: TargetSums[];
 
-  constructor(readonly dim: number, targets = 1) {
+  constructor(
+    readonly dim: number,
+    targets = 1,
+  ) {
     this.sumX = new Float64Array(dim);
     this.gram = new Float64Array(dim * dim);
     this.targets = Array.from({ length: targets }, () => new TargetSums(dim));

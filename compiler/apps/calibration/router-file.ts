@@ -22,7 +22,11 @@ export function routerFileMetadata(result: CalibrationResult, data: { path: stri
 export function writeCalibratedRouters(path: string, result: CalibrationResult, metadata: RouterFileMetadata): void {
   const tmp = join(dirname(path), `.${basename(path)}.tmp-${process.pid}`);
   try {
-    writeRouterFile(tmp, result.routers.map((r) => ({ layer: r.layer, part: r.part, weight: r.weight, bias: r.bias, threshold: r.threshold })), metadata);
+    writeRouterFile(
+      tmp,
+      result.routers.map((r) => ({ layer: r.layer, part: r.part, weight: r.weight, bias: r.bias, threshold: r.threshold })),
+      metadata,
+    );
     renameSync(tmp, path);
   } catch (e) {
     rmSync(tmp, { force: true });

@@ -70,7 +70,14 @@ export class RoutedEvaluator {
     private readonly embedder: TokenEmbedder | null,
   ) {}
 
-  static async create(original: Model, routers: readonly PartRouter[], workDir: string, name: string, opts: SessionOptions = {}, embeddings: EmbeddingSource | null = null): Promise<RoutedEvaluator> {
+  static async create(
+    original: Model,
+    routers: readonly PartRouter[],
+    workDir: string,
+    name: string,
+    opts: SessionOptions = {},
+    embeddings: EmbeddingSource | null = null,
+  ): Promise<RoutedEvaluator> {
     const model = cloneModel(original);
     compile(model, { plan: partPlan(routers), verify: false });
     const g = model.graph;
@@ -167,5 +174,3 @@ export function nextTokenNll(logits: Float32Array, dims: readonly number[], batc
   });
   return { nll, predicted };
 }
-
-

@@ -14,10 +14,19 @@ import { decoderIo, type DecoderIo } from '../../metadata/decoder-io.js';
 
 /** onnxruntime-node's names for the element types a graph input or output may have. */
 const ORT_TYPES: Record<number, string> = {
-  [DataType.FLOAT]: 'float32', [DataType.FLOAT16]: 'float16', [DataType.DOUBLE]: 'float64',
-  [DataType.INT8]: 'int8', [DataType.UINT8]: 'uint8', [DataType.INT16]: 'int16', [DataType.UINT16]: 'uint16',
-  [DataType.INT32]: 'int32', [DataType.UINT32]: 'uint32', [DataType.INT64]: 'int64', [DataType.UINT64]: 'uint64',
-  [DataType.BOOL]: 'bool', [DataType.STRING]: 'string',
+  [DataType.FLOAT]: 'float32',
+  [DataType.FLOAT16]: 'float16',
+  [DataType.DOUBLE]: 'float64',
+  [DataType.INT8]: 'int8',
+  [DataType.UINT8]: 'uint8',
+  [DataType.INT16]: 'int16',
+  [DataType.UINT16]: 'uint16',
+  [DataType.INT32]: 'int32',
+  [DataType.UINT32]: 'uint32',
+  [DataType.INT64]: 'int64',
+  [DataType.UINT64]: 'uint64',
+  [DataType.BOOL]: 'bool',
+  [DataType.STRING]: 'string',
 };
 
 /** A dim: a number when static, a name when symbolic, null when unknown. */
@@ -44,7 +53,10 @@ export interface SessionContract {
 function signature(v: Value): TensorSignature {
   const code = v.dtype;
   const type = code === undefined ? undefined : ORT_TYPES[code];
-  if (!type) throw new ModcError(`graph I/O ${JSON.stringify(v.name)} has element type ${code === undefined ? 'unknown' : dataTypeName(code)}, which onnxruntime-node cannot feed`);
+  if (!type)
+    throw new ModcError(
+      `graph I/O ${JSON.stringify(v.name)} has element type ${code === undefined ? 'unknown' : dataTypeName(code)}, which onnxruntime-node cannot feed`,
+    );
   return { name: v.name, type, shape: v.shape ?? null };
 }
 
@@ -52,7 +64,8 @@ export function sessionContract(model: Model, source: string): SessionContract {
   const g = model.graph;
   const io = decoderIo(model);
   const fixed = io.kv.find((b) => b.layout === 'static-BTH' || b.layout === 'static-BHTD');
-  if (fixed) throw new ModcError(`codegen does not support static KV caches yet (${fixed.pastKey} is a TensorScatter buffer): drive this model with ModSession`);
+  if (fixed)
+    throw new ModcError(`codegen does not support static KV caches yet (${fixed.pastKey} is a TensorScatter buffer): drive this model with ModSession`);
   return {
     source,
     inputs: g.inputs.filter((v) => !g.initializers.has(v.name)).map(signature),

@@ -51,7 +51,10 @@ export function loadDataset(path: string, opts: DatasetOptions = {}): Dataset {
   } catch (e) {
     throw new ModcError(`cannot read data ${path}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
   }
-  const lines = text.split(/\r?\n/).map((line, i) => ({ line, number: i + 1 })).filter((l) => l.line.trim() !== '');
+  const lines = text
+    .split(/\r?\n/)
+    .map((line, i) => ({ line, number: i + 1 }))
+    .filter((l) => l.line.trim() !== '');
   if (lines.length === 0) throw new ModcError(`data ${path} is empty: give one sequence per line`);
 
   const format = lines[0]!.line.trimStart().startsWith('{') ? 'jsonl' : 'text';
@@ -62,7 +65,9 @@ export function loadDataset(path: string, opts: DatasetOptions = {}): Dataset {
   } else {
     tokenizer = opts.tokenizer ?? (opts.model ? tokenizerBeside(opts.model) : null);
     if (!tokenizer) {
-      throw new ModcError(`data ${path} is plain text but there is no tokenizer.json beside the model${opts.model ? ` (${opts.model})` : ''}: put one there, or give JSON lines {"ids": [...]}`);
+      throw new ModcError(
+        `data ${path} is plain text but there is no tokenizer.json beside the model${opts.model ? ` (${opts.model})` : ''}: put one there, or give JSON lines {"ids": [...]}`,
+      );
     }
     const tok = loadTokenizer(tokenizer);
     rows = lines.map(({ line, number }) => ({ ids: tok.encode(line), number }));

@@ -81,7 +81,9 @@ export async function evaluate(model: Model | string, sequences: number[][], opt
   // A model that cannot mask padding (DecoderIo.unpaddable) runs one sequence per batch.
   const batchSize = io.unpaddable ? 1 : requested;
   if (logitsPositions(model) === 'last') {
-    throw new ModcError(`${modelPath} computes logits for the last position only (compiled with --logits last): eval needs every position's; compile with --logits all`);
+    throw new ModcError(
+      `${modelPath} computes logits for the last position only (compiled with --logits last): eval needs every position's; compile with --logits all`,
+    );
   }
   checkSequences(io, sequences);
   const pad = resolvePadSide(io, opts.pad ?? (io.paddingSides.includes('right') ? 'right' : undefined));
@@ -97,7 +99,8 @@ export async function evaluate(model: Model | string, sequences: number[][], opt
   let temp: string | null = null;
   if (routing) {
     const recorded = readCosts(model);
-    if (!recorded) throw new ModcError(`${modelPath} is modc-compiled but has no modc.costs metadata (compiled by an older modc): recompile it to measure its compute`);
+    if (!recorded)
+      throw new ModcError(`${modelPath} is modc-compiled but has no modc.costs metadata (compiled by an older modc): recompile it to measure its compute`);
     costs = recorded;
     model = cloneModel(model);
     selections = exposeSelections(model, routing);
@@ -154,7 +157,10 @@ function checkSequences(io: DecoderIo, sequences: number[][]): void {
 }
 
 async function runBatch(session: ModSession, rows: number[][], pad: 'left' | 'right', selections: Selection[], acc: Accumulator): Promise<void> {
-  const { data: logits, dims: [, width, V] } = await session.forward(rows, { pad });
+  const {
+    data: logits,
+    dims: [, width, V],
+  } = await session.forward(rows, { pad });
   const masks = selections.map((s) => (session.lastOutputs[s.output] as ort.Tensor).data as Uint8Array);
   rows.forEach((row, b) => {
     const offset = pad === 'left' ? width - row.length : 0;
@@ -187,7 +193,10 @@ class Accumulator {
   private macs = { executed: 0, dense: 0 };
   private kv = { held: 0, dense: 0 };
 
-  constructor(private readonly costs: ModelCosts, private readonly selections: Selection[]) {
+  constructor(
+    private readonly costs: ModelCosts,
+    private readonly selections: Selection[],
+  ) {
     this.selected = selections.map(() => 0);
   }
 
@@ -216,14 +225,22 @@ class Accumulator {
     const routed = new Set(this.selections.map((s) => s.layer));
     const layers = this.costs.layers.flatMap((c): LayerEval[] =>
       routed.has(c.layer)
-        ? this.selections.flatMap((s, i) => (s.layer === c.layer ? [{ layer: c.layer, part: s.part, routed: true, selectedFraction: this.selected[i]! / this.fed }] : []))
+        ? this.selections.flatMap((s, i) =>
+            s.layer === c.layer ? [{ layer: c.layer, part: s.part, routed: true, selectedFraction: this.selected[i]! / this.fed }] : [],
+          )
         : [{ layer: c.layer, part: 'block' as const, routed: false, selectedFraction: 1 }],
     );
     return {
-      nll, perplexity: Math.exp(nll), tokens: this.predicted, inputTokens: this.fed, sequences,
+      nll,
+      perplexity: Math.exp(nll),
+      tokens: this.predicted,
+      inputTokens: this.fed,
+      sequences,
       computeFraction: this.macs.executed / this.macs.dense,
       kvFraction: this.kv.dense > 0 ? this.kv.held / this.kv.dense : 1,
-      macs: { ...this.macs }, layers, routing,
+      macs: { ...this.macs },
+      layers,
+      routing,
     };
   }
 }

@@ -21,7 +21,8 @@ import { writeTextAtomic } from '../../core/io/write-text.js';
 
 export const GENAI_CONFIG = 'genai_config.json';
 /** Files onnxruntime-genai reads from the model folder besides the config and the model. */
-const COMPANIONS = /^(tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt|tokenizer\.model|generation_config\.json|chat_template\.jinja)$/;
+const COMPANIONS =
+  /^(tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt|tokenizer\.model|generation_config\.json|chat_template\.jinja)$/;
 
 export interface GenaiSource {
   path: string;
@@ -57,7 +58,11 @@ export function readGenaiConfig(modelPath: string): GenaiSource | null {
 }
 
 /** The config for the compiled model: the file name, and the modc section where genai's contract no longer holds. */
-export function genaiConfigFor(source: GenaiSource, compiled: Model, outputFile: string): { config: Record<string, unknown>; loadable: boolean; reason: string | null } {
+export function genaiConfigFor(
+  source: GenaiSource,
+  compiled: Model,
+  outputFile: string,
+): { config: Record<string, unknown>; loadable: boolean; reason: string | null } {
   const config = structuredClone(source.config) as { model: { decoder: Record<string, unknown> } } & Record<string, unknown>;
   config.model.decoder.filename = outputFile;
   delete config.modc;
@@ -65,7 +70,10 @@ export function genaiConfigFor(source: GenaiSource, compiled: Model, outputFile:
   const ownLength = io.kv.filter((b) => b.pastLength !== null);
   const logits = logitsPositions(compiled);
   if (ownLength.length === 0) {
-    const reason = logits === 'last' ? 'logits are [batch, 1, vocab] (--logits last): onnxruntime-genai versions that read the prompt\'s logits at every position need --logits all' : null;
+    const reason =
+      logits === 'last'
+        ? "logits are [batch, 1, vocab] (--logits last): onnxruntime-genai versions that read the prompt's logits at every position need --logits all"
+        : null;
     return { config, loadable: true, reason };
   }
   const g = compiled.graph;
@@ -80,8 +88,12 @@ export function genaiConfigFor(source: GenaiSource, compiled: Model, outputFile:
     outputs: { present_lengths_names: 'present_lengths.%d' },
     layers: io.kv.map((b) => ({
       layer: b.layer,
-      past_key: b.pastKey, past_value: b.pastValue, present_key: b.presentKey, present_value: b.presentValue,
-      past_length: b.pastLength, present_length: b.presentLength,
+      past_key: b.pastKey,
+      past_value: b.pastValue,
+      present_key: b.presentKey,
+      present_value: b.presentValue,
+      past_length: b.pastLength,
+      present_length: b.presentLength,
       shape: shape(b.pastKey),
     })),
   };
@@ -98,7 +110,12 @@ export function writeGenaiConfig(source: GenaiSource, compiled: Model, outputPat
   const target = join(outDir, GENAI_CONFIG);
   const { config, loadable, reason } = genaiConfigFor(source, compiled, basename(outputPath));
   if (resolve(target) === resolve(source.path)) {
-    return { path: null, loadable, reason: `not written: the output is in the input's folder, whose ${GENAI_CONFIG} describes the original model${reason ? `; ${reason}` : ''}`, copied: [] };
+    return {
+      path: null,
+      loadable,
+      reason: `not written: the output is in the input's folder, whose ${GENAI_CONFIG} describes the original model${reason ? `; ${reason}` : ''}`,
+      copied: [],
+    };
   }
   writeTextAtomic(target, `${JSON.stringify(config, null, 4)}\n`);
   const copied: string[] = [];
@@ -114,6 +131,7 @@ export function writeGenaiConfig(source: GenaiSource, compiled: Model, outputPat
 export function describeGenai(r: GenaiResult): string {
   if (!r.path) return `${GENAI_CONFIG}: ${r.reason}`;
   const copied = r.copied.length ? ` (copied ${r.copied.join(', ')})` : '';
-  if (r.loadable) return `wrote ${r.path}${copied}: the compiled model keeps onnxruntime-genai's contract (same inputs, outputs and cache shapes; new file name)${r.reason ? `, but ${r.reason}` : ''}`;
+  if (r.loadable)
+    return `wrote ${r.path}${copied}: the compiled model keeps onnxruntime-genai's contract (same inputs, outputs and cache shapes; new file name)${r.reason ? `, but ${r.reason}` : ''}`;
   return `wrote ${r.path}${copied}: onnxruntime-genai cannot drive the compiled model: ${r.reason}; drive it with ModSession, \`modc codegen\` or a client that feeds the lengths (README "Serving a compiled model")`;
 }

@@ -16,7 +16,12 @@ export function modelCapacity(report: BenchReport, index: number, path: string):
   const parts = routing?.layers.filter((l) => l.part !== 'mlp') ?? [];
   if (!routing || parts.length === 0) return 1;
   if (routing.mode === 'topk') return parts.reduce((a, l) => a + l.capacity, 0) / parts.length;
-  return keptFraction(report, index, decoderIo(model).kv.map((b) => b.layer), parts.map((l) => l.layer));
+  return keptFraction(
+    report,
+    index,
+    decoderIo(model).kv.map((b) => b.layer),
+    parts.map((l) => l.layer),
+  );
 }
 
 /** Draws the report (one or more compiled models) to `out` as SVG. */

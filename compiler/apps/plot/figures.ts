@@ -46,16 +46,37 @@ export function capacityFigure(points: readonly CapacityPoint[], title = 'Mixtur
     title,
     hconcat: [
       {
-        title: 'speedup (original time / compiled time)', width: WIDTH, height: HEIGHT, data: { values: speed },
+        title: 'speedup (original time / compiled time)',
+        width: WIDTH,
+        height: HEIGHT,
+        data: { values: speed },
         layer: [
           { mark: { type: 'rule', strokeDash: [4, 4], color: 'gray' }, encoding: { y: { datum: 1 } } },
-          { mark: { type: 'line', point: true }, encoding: { x, y: { field: 'speedup', type: 'quantitative', title: 'speedup', scale: { zero: false } }, color: { field: 'series', type: 'nominal', title: null }, order: { field: 'capacity' }, tooltip: [{ field: 'model' }] } },
+          {
+            mark: { type: 'line', point: true },
+            encoding: {
+              x,
+              y: { field: 'speedup', type: 'quantitative', title: 'speedup', scale: { zero: false } },
+              color: { field: 'series', type: 'nominal', title: null },
+              order: { field: 'capacity' },
+              tooltip: [{ field: 'model' }],
+            },
+          },
         ],
       },
       {
-        title: 'KV cache bytes (compiled / original)', width: WIDTH, height: HEIGHT, data: { values: kv },
+        title: 'KV cache bytes (compiled / original)',
+        width: WIDTH,
+        height: HEIGHT,
+        data: { values: kv },
         mark: { type: 'line', point: true },
-        encoding: { x, y: { field: 'kv', type: 'quantitative', title: 'KV bytes ratio', scale: { domain: [0, 1.1] } }, color: { field: 'series', type: 'nominal', title: null }, order: { field: 'capacity' }, tooltip: [{ field: 'model' }] },
+        encoding: {
+          x,
+          y: { field: 'kv', type: 'quantitative', title: 'KV bytes ratio', scale: { domain: [0, 1.1] } },
+          color: { field: 'series', type: 'nominal', title: null },
+          order: { field: 'capacity' },
+          tooltip: [{ field: 'model' }],
+        },
       },
     ],
     resolve: { scale: { color: 'independent' } },
@@ -66,7 +87,9 @@ export function qualityFigure(points: readonly QualityPoint[], title = 'Quality 
   if (points.length === 0) throw new ModcError('nothing to plot: no quality points');
   return {
     $schema: 'https://vega.github.io/schema/vega-lite/v6.json',
-    title, width: WIDTH * 1.5, height: HEIGHT * 1.3,
+    title,
+    width: WIDTH * 1.5,
+    height: HEIGHT * 1.3,
     data: { values: points.map((p) => ({ ...p })) },
     mark: { type: 'line', point: true },
     encoding: {
@@ -95,13 +118,15 @@ export async function renderSvg(spec: TopLevelSpec): Promise<string> {
 export function benchPoints(reports: readonly BenchReport[], capacityOf: (model: string, report: BenchReport, index: number) => number): CapacityPoint[] {
   const points: CapacityPoint[] = [];
   for (const r of reports) {
-    r.ratios.forEach((ratio, i) => points.push({
-      capacity: capacityOf(ratio.model, r, i + 1),
-      label: ratio.model,
-      prefillSpeedup: 1 / ratio.prefill.medianOfPaired,
-      decodeSpeedup: r.settings.steps > 0 ? 1 / ratio.decode.medianOfPaired : NaN,
-      kvRatio: ratio.kvBytes,
-    }));
+    r.ratios.forEach((ratio, i) =>
+      points.push({
+        capacity: capacityOf(ratio.model, r, i + 1),
+        label: ratio.model,
+        prefillSpeedup: 1 / ratio.prefill.medianOfPaired,
+        decodeSpeedup: r.settings.steps > 0 ? 1 / ratio.decode.medianOfPaired : NaN,
+        kvRatio: ratio.kvBytes,
+      }),
+    );
   }
   const original = reports[0]?.models[0]?.model ?? 'original';
   return [{ capacity: 1, label: original, prefillSpeedup: 1, decodeSpeedup: 1, kvRatio: 1 }, ...points].filter((p) => Number.isFinite(p.prefillSpeedup));

@@ -17,8 +17,10 @@ export interface PlotSource {
 
 const isObj = (x: unknown): x is Record<string, unknown> => typeof x === 'object' && x !== null && !Array.isArray(x);
 const isBench = (d: unknown): d is BenchReport => isObj(d) && isObj(d.settings) && Array.isArray(d.models) && Array.isArray(d.ratios);
-const isEval = (d: unknown): d is { nll: number; computeFraction: number; routing: { mode: string } | null } => isObj(d) && typeof d.nll === 'number' && typeof d.computeFraction === 'number';
-const isQualityBench = (d: unknown): d is { denseNll: number; rows: { method: string; granularity: string; computeFraction: number; nll: number }[] } => isObj(d) && typeof d.denseNll === 'number' && Array.isArray(d.rows);
+const isEval = (d: unknown): d is { nll: number; computeFraction: number; routing: { mode: string } | null } =>
+  isObj(d) && typeof d.nll === 'number' && typeof d.computeFraction === 'number';
+const isQualityBench = (d: unknown): d is { denseNll: number; rows: { method: string; granularity: string; computeFraction: number; nll: number }[] } =>
+  isObj(d) && typeof d.denseNll === 'number' && Array.isArray(d.rows);
 
 export function collectPoints(sources: readonly PlotSource[]): { capacity: CapacityPoint[]; quality: QualityPoint[] } {
   const reports: BenchReport[] = [];
@@ -28,7 +30,8 @@ export function collectPoints(sources: readonly PlotSource[]): { capacity: Capac
     if (isBench(s.doc)) reports.push(s.doc);
     else if (isQualityBench(s.doc)) {
       quality.push({ series: 'dense', computeFraction: 1, nll: s.doc.denseNll });
-      for (const r of s.doc.rows) if (r.granularity !== 'dense') quality.push({ series: `${r.method}, ${r.granularity}`, computeFraction: r.computeFraction, nll: r.nll });
+      for (const r of s.doc.rows)
+        if (r.granularity !== 'dense') quality.push({ series: `${r.method}, ${r.granularity}`, computeFraction: r.computeFraction, nll: r.nll });
     } else if (isEval(s.doc)) evals.push({ name: basename(s.name), nll: s.doc.nll, computeFraction: s.doc.computeFraction, dense: s.doc.routing === null });
     else throw new ModcError(`${s.name} is not a modc bench, modc eval or quality-bench JSON document`);
   }

@@ -38,7 +38,17 @@ import { describeLayerPart, type LayerPlan, type RoutingPlan } from '../../routi
 import { decoderIo, type DecoderIo, type KvBinding, resolvePadSide } from '../../metadata/decoder-io.js';
 import { type EmbeddingSource, TokenEmbedder } from '../../runtime/embeddings.js';
 import { emptyTensor, ort, toFloat32, type SessionOptions } from '../../runtime/ort.js';
-import { checkUnpadded, initialCacheDims, type Logits, nextPositions, padRows, promptPositions, staticLengthFeeds, typed, zeroStates } from '../../runtime/session.js';
+import {
+  checkUnpadded,
+  initialCacheDims,
+  type Logits,
+  nextPositions,
+  padRows,
+  promptPositions,
+  staticLengthFeeds,
+  typed,
+  zeroStates,
+} from '../../runtime/session.js';
 import { splitAndAnalyze } from '../../passes/split-fused-boundaries.js';
 import * as kernels from '../../passes/modc-ops/kernels.js';
 import { loadUnit, releaseUnits, runUnit } from './units.js';
@@ -80,8 +90,7 @@ function asTensor(data: Float32Array, dims: number[], like: ort.Tensor): ort.Ten
 
 /** How one layer runs: whole (routed as a block or not at all), or cut at its sub-layer boundary. */
 type LayerRun =
-  | { kind: 'whole'; loaded: LoadedUnit; unit: LayerUnit; plan: LayerPlan | null }
-  | { kind: 'parts'; index: number; pieces: Piece[]; attentionRouted: boolean };
+  { kind: 'whole'; loaded: LoadedUnit; unit: LayerUnit; plan: LayerPlan | null } | { kind: 'parts'; index: number; pieces: Piece[]; attentionRouted: boolean };
 
 /** A piece of a cut layer: a routed part (run on its selected tokens) or the rest (run on every token). */
 type Piece = { loaded: LoadedUnit; routed: { sub: SubLayer; plan: LayerPlan } | null };
@@ -115,15 +124,26 @@ export class ModReference {
     this.compacted = new Set(routing.layers.filter((l) => l.part !== 'mlp').map((l) => l.layer));
   }
 
-  static async create(modelPath: string, routing: RoutingPlan, workDir: string, opts: SessionOptions & { embeddings?: EmbeddingSource } = {}): Promise<ModReference> {
+  static async create(
+    modelPath: string,
+    routing: RoutingPlan,
+    workDir: string,
+    opts: SessionOptions & { embeddings?: EmbeddingSource } = {},
+  ): Promise<ModReference> {
     const model = loadModel(modelPath);
     const io = decoderIo(model);
     const cut = [...new Set(routing.layers.filter((l) => l.part !== 'block').map((l) => l.layer))];
     const structure = splitAndAnalyze(model, { within: cut });
     const stateful = routing.layers.find((l) => structure.layers[l.layer]?.state.length);
-    if (stateful) throw new ModcError(`layer ${stateful.layer} carries state besides the KV cache and is never routed: take the routing plan from the compiled model (routingPlanOf)`);
+    if (stateful)
+      throw new ModcError(
+        `layer ${stateful.layer} carries state besides the KV cache and is never routed: take the routing plan from the compiled model (routingPlanOf)`,
+      );
     const groups = unitGroups(model, structure, routing);
-    const units = extractUnits(model, groups.map((g) => g.group));
+    const units = extractUnits(
+      model,
+      groups.map((g) => g.group),
+    );
     const compacted = new Set(routing.layers.filter((l) => l.part !== 'mlp').map((l) => l.layer));
     const fixes = new Map<number, SlotFix>();
     units.forEach((u, i) => {
@@ -168,7 +188,10 @@ export class ModReference {
       // Growing caches start empty; a static cache (TensorScatter) is a zero buffer, per row for a converted layer.
       const dims = (B: number) => initialCacheDims(this.io, b, B);
       if (this.compacted.has(b.layer)) {
-        this.rowCaches.set(b.layer, rows.map(() => ({ key: emptyTensor(b.dtype, dims(1)), value: b.pastValue ? emptyTensor(b.dtype, dims(1)) : null, length: 0, positions: [] })));
+        this.rowCaches.set(
+          b.layer,
+          rows.map(() => ({ key: emptyTensor(b.dtype, dims(1)), value: b.pastValue ? emptyTensor(b.dtype, dims(1)) : null, length: 0, positions: [] })),
+        );
       } else {
         this.fullCaches.set(b.pastKey, emptyTensor(b.dtype, dims(rows.length)));
         if (b.pastValue) this.fullCaches.set(b.pastValue, emptyTensor(b.dtype, dims(rows.length)));
@@ -233,7 +256,11 @@ export class ModReference {
       }
       for (const piece of run.pieces) {
         if (!piece.routed) await runUnit(piece.loaded, values);
-        else chosen.set(describeLayerPart(piece.routed.plan), await this.routedPart(piece.loaded, piece.routed.sub, piece.routed.plan, values, S, pastLength, positions));
+        else
+          chosen.set(
+            describeLayerPart(piece.routed.plan),
+            await this.routedPart(piece.loaded, piece.routed.sub, piece.routed.plan, values, S, pastLength, positions),
+          );
       }
       if (!run.attentionRouted) this.keepFull(run.index, values);
     }
@@ -247,7 +274,9 @@ export class ModReference {
 
   private async feeds(ids: number[], dims: [number, number], mask: number[][], positions: number[]): Promise<Values> {
     const io = this.io;
-    const tokens = io.inputsEmbeds ? [io.inputsEmbeds.name, await this.embedder!.embed(ids, dims)] as const : [io.inputIds.name, typed(io.inputIds.dtype, ids, dims)] as const;
+    const tokens = io.inputsEmbeds
+      ? ([io.inputsEmbeds.name, await this.embedder!.embed(ids, dims)] as const)
+      : ([io.inputIds.name, typed(io.inputIds.dtype, ids, dims)] as const);
     const values: Values = new Map([tokens]);
     if (io.attentionMask) values.set(io.attentionMask.name, typed(io.attentionMask.dtype, mask.flat(), [mask.length, mask[0]!.length]));
     if (io.positionIds) values.set(io.positionIds.name, typed(io.positionIds.dtype, positions, dims));
@@ -331,20 +360,34 @@ export class ModReference {
       const { size, bias, dtype } = fix.window;
       const keys = [...cache.positions, ...pos];
       const data = pos.flatMap((p) => keys.map((q) => (p - size < q && q <= p ? 0 : LOWEST[dtype])));
-      view.set(bias, dtype === 'float16' ? new ort.Tensor('float16', Uint16Array.from(data, floatToHalf), [1, 1, pos.length, keys.length]) : new ort.Tensor('float32', Float32Array.from(data), [1, 1, pos.length, keys.length]));
+      view.set(
+        bias,
+        dtype === 'float16'
+          ? new ort.Tensor('float16', Uint16Array.from(data, floatToHalf), [1, 1, pos.length, keys.length])
+          : new ort.Tensor('float32', Float32Array.from(data), [1, 1, pos.length, keys.length]),
+      );
     }
     return view;
   }
 
   /** SPEC.md steps 1-2: router scores and the selection of this call's tokens. */
-  private select(x: Float32Array, dims: [number, number, number], lp: LayerPlan, pastLength: number): { score: Float32Array; selected: ArrayLike<boolean | number> } {
+  private select(
+    x: Float32Array,
+    dims: [number, number, number],
+    lp: LayerPlan,
+    pastLength: number,
+  ): { score: Float32Array; selected: ArrayLike<boolean | number> } {
     const [B, S] = dims;
     const tokenMask = this.mask.flatMap((m) => m.slice(m.length - S));
     const score = kernels.router(x, dims, lp.router.weight, lp.router.bias);
-    this.callScores.set(describeLayerPart(lp), Array.from({ length: B }, (_, b) => [...Array(S).keys()].filter((s) => tokenMask[b * S + s]).map((s) => score[b * S + s]!)));
-    const selected = this.routing.mode === 'threshold'
-      ? kernels.selectThreshold(score, tokenMask, lp.threshold)
-      : kernels.selectTopK(score, tokenMask, [B, S], lp.capacity, pastLength);
+    this.callScores.set(
+      describeLayerPart(lp),
+      Array.from({ length: B }, (_, b) => [...Array(S).keys()].filter((s) => tokenMask[b * S + s]).map((s) => score[b * S + s]!)),
+    );
+    const selected =
+      this.routing.mode === 'threshold'
+        ? kernels.selectThreshold(score, tokenMask, lp.threshold)
+        : kernels.selectTopK(score, tokenMask, [B, S], lp.capacity, pastLength);
     return { score, selected };
   }
 
@@ -353,7 +396,15 @@ export class ModReference {
    * selected tokens only (an attention part on its own cache, as a routed layer does); its update
    * becomes g * u at those tokens and 0 elsewhere. Returns each row's selected positions.
    */
-  private async routedPart(loaded: LoadedUnit, sub: SubLayer, lp: LayerPlan, values: Values, S: number, pastLength: number, positions: number[]): Promise<number[][]> {
+  private async routedPart(
+    loaded: LoadedUnit,
+    sub: SubLayer,
+    lp: LayerPlan,
+    values: Values,
+    S: number,
+    pastLength: number,
+    positions: number[],
+  ): Promise<number[][]> {
     const B = this.batch;
     const xT = values.get(sub.input.name)!;
     const x = rowsOf(xT);
@@ -418,13 +469,22 @@ function originalPositionInputs(unit: RunnableUnit, layer: LayerInfo, half: bool
     const { numHeads, kv } = layer.attention;
     if (!ins[1]) {
       const sizes = [numHeads, kv.numKvHeads, kv.numKvHeads].map((h) => h * kv.headSize);
-      const split = (unit.model.opsetVersion('') ?? 13) >= 13
-        ? g.addNode('Split', [ins[0]!, g.addInitializer(new Value('modc.reference.split'), Tensor.fromArray('', [3], BigInt64Array.from(sizes.map(BigInt))))], 3, { before: node, attributes: [attribute('axis', 2)] })
-        : g.addNode('Split', [ins[0]!], 3, { before: node, attributes: [attribute('axis', 2), attribute('split', sizes)] });
+      const split =
+        (unit.model.opsetVersion('') ?? 13) >= 13
+          ? g.addNode(
+              'Split',
+              [ins[0]!, g.addInitializer(new Value('modc.reference.split'), Tensor.fromArray('', [3], BigInt64Array.from(sizes.map(BigInt))))],
+              3,
+              { before: node, attributes: [attribute('axis', 2)] },
+            )
+          : g.addNode('Split', [ins[0]!], 3, { before: node, attributes: [attribute('axis', 2), attribute('split', sizes)] });
       [ins[0], ins[1], ins[2]] = split.outputs;
     }
     const rotaryDim = ins[7]!.initializer?.dims[1];
-    for (const [i, heads] of [[0, numHeads], [1, kv.numKvHeads]] as const) {
+    for (const [i, heads] of [
+      [0, numHeads],
+      [1, kv.numKvHeads],
+    ] as const) {
       const attrs = [attribute('num_heads', heads), attribute('interleaved', node.attrInt('rotary_interleaved', 0) ?? 0)];
       if (typeof rotaryDim === 'number' && rotaryDim * 2 !== kv.headSize) attrs.push(attribute('rotary_embedding_dim', rotaryDim * 2));
       ins[i] = g.addNode('RotaryEmbedding', [ins[i]!, pos, ins[7]!, ins[8]!], 1, { domain: 'com.microsoft', before: node, attributes: attrs }).output(0);
@@ -498,17 +558,18 @@ function partGroups(model: Model, layer: LayerInfo, plans: readonly LayerPlan[])
       const p = v?.producer;
       if (!p) continue;
       const r = regionOf.get(p);
-      l = Math.max(l, r !== undefined ? r + 1 : level.get(p) ?? 0);
+      l = Math.max(l, r !== undefined ? r + 1 : (level.get(p) ?? 0));
     }
     level.set(n, l);
     rests[l]!.push(n);
   }
   // A routed part must not read the rest that follows it.
   routed.forEach((r, i) => {
-    for (const n of r.sub.nodes) for (const v of n.inputs) {
-      const p = v?.producer;
-      if (p && (level.get(p) ?? 0) > i) throw new ModcError(`reference: layer ${describeLayerPart(r.plan)} reads ${v}, computed after it`);
-    }
+    for (const n of r.sub.nodes)
+      for (const v of n.inputs) {
+        const p = v?.producer;
+        if (p && (level.get(p) ?? 0) > i) throw new ModcError(`reference: layer ${describeLayerPart(r.plan)} reads ${v}, computed after it`);
+      }
   });
   const out: UnitGroup[] = [];
   rests.forEach((nodes, i) => {

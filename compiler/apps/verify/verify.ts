@@ -63,7 +63,13 @@ export function routingPlanOf(compiled: Model): RoutingPlan {
     const w = inits.get(`${prefix}.weight`)?.initializer;
     const b = inits.get(`${prefix}.bias`)?.initializer;
     if (!w || !b) throw new ModcError(`the compiled model lacks the router tensors of layer ${describeLayerPart(l)} (${prefix}.weight, ${prefix}.bias)`);
-    return { layer: l.layer, part: l.part, threshold: l.threshold, capacity: l.capacity, router: { layer: l.layer, part: l.part, weight: Float32Array.from(w.toNumbers()), bias: b.toNumbers()[0]! } };
+    return {
+      layer: l.layer,
+      part: l.part,
+      threshold: l.threshold,
+      capacity: l.capacity,
+      router: { layer: l.layer, part: l.part, weight: Float32Array.from(w.toNumbers()), bias: b.toNumbers()[0]! },
+    };
   });
   return { mode: meta.mode, gated: meta.gated, layers, unconverted: [] };
 }
@@ -76,7 +82,13 @@ export function anchorPlanFor(plan: RoutingPlan, hiddenSize: number): RoutingPla
   return {
     mode: 'threshold',
     gated: false,
-    layers: plan.layers.map((l) => ({ layer: l.layer, part: l.part, threshold: DEFAULT_THRESHOLD, capacity: 1, router: allPassRouters([l.layer], hiddenSize, l.part)[0]! })),
+    layers: plan.layers.map((l) => ({
+      layer: l.layer,
+      part: l.part,
+      threshold: DEFAULT_THRESHOLD,
+      capacity: 1,
+      router: allPassRouters([l.layer], hiddenSize, l.part)[0]!,
+    })),
     unconverted: [],
   };
 }
@@ -117,7 +129,13 @@ export function worstReal(a: Logits, b: Logits, rows: number[][], pad: 'left' | 
 }
 
 /** Runs both on the prompt and `steps` tokens (the first runner's argmax, fed to both). */
-async function compare(name: CheckResult['name'], a: Runner, b: Runner, opts: VerifyOptions & { pad: 'left' | 'right' }, tolerance: number): Promise<CheckResult> {
+async function compare(
+  name: CheckResult['name'],
+  a: Runner,
+  b: Runner,
+  opts: VerifyOptions & { pad: 'left' | 'right' },
+  tolerance: number,
+): Promise<CheckResult> {
   const first = await a.forward(opts.prompt, { pad: opts.pad });
   const maxDiff = [worstReal(first, await b.forward(opts.prompt, { pad: opts.pad }), opts.prompt, opts.pad)];
   let next = lastRealOf(first, opts.prompt, opts.pad).map(argmax);
@@ -132,7 +150,12 @@ async function compare(name: CheckResult['name'], a: Runner, b: Runner, opts: Ve
   return { name, passed: maxDiff.every((d) => d <= tolerance) && cacheLengthsMatch && kvBytesMatch, maxDiff, cacheLengthsMatch, kvBytesMatch };
 }
 
-export async function verifyCompiled(originalPath: string, compiledPath: string, opts: VerifyOptions, log: (m: string) => void = () => {}): Promise<VerifyReport> {
+export async function verifyCompiled(
+  originalPath: string,
+  compiledPath: string,
+  opts: VerifyOptions,
+  log: (m: string) => void = () => {},
+): Promise<VerifyReport> {
   const problem = opts.executionProvider === 'cuda' ? cudaProviderProblem() : null;
   if (problem) throw new ModcError(problem);
   const original = loadModel(originalPath);

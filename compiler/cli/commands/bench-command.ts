@@ -12,10 +12,11 @@ const x = (v: number) => `${v.toFixed(3)}x`;
 export const benchCommand: Command = {
   name: 'bench',
   summary: 'time prefill and decode, and measure KV bytes, of an original and its compiled model',
-  usage: 'modc bench ORIGINAL.onnx COMPILED.onnx [--prompt N] [--batch B] [--steps N] [--runs N] [--warmup N] [--threads N] [--ep cpu|cuda] [--json] [--plot OUT.svg]',
+  usage:
+    'modc bench ORIGINAL.onnx COMPILED.onnx [--prompt N] [--batch B] [--steps N] [--runs N] [--warmup N] [--threads N] [--ep cpu|cuda] [--json] [--plot OUT.svg]',
   details: [
     'Both models get the same pseudo-random prompt, interleaved: in each run both prefills, then',
-    'both models\' decode step 1, step 2, ...; which model goes first alternates. Reported: median',
+    "both models' decode step 1, step 2, ...; which model goes first alternates. Reported: median",
     '(min - max) of the timed prefills and of every timed decode step, and compiled / original as',
     'the ratio of the medians and as the median of the per-run (prefill) and per-step (decode)',
     'ratios, which a change in machine load during the run does not skew. KV bytes and per-layer',
@@ -30,7 +31,7 @@ export const benchCommand: Command = {
     steps: { type: 'string', valueName: 'N', help: 'decode steps per run (default 16)' },
     runs: { type: 'string', valueName: 'N', help: 'timed runs (default 3)' },
     warmup: { type: 'string', valueName: 'N', help: 'untimed runs first (default 1)' },
-    threads: { type: 'string', valueName: 'N', help: 'ORT intra-op threads (default 0: ORT\'s default, one per physical core)' },
+    threads: { type: 'string', valueName: 'N', help: "ORT intra-op threads (default 0: ORT's default, one per physical core)" },
     ep: { type: 'string', valueName: 'EP', help: 'execution provider: cpu (default) or cuda' },
     json: { type: 'boolean', help: 'print the report as JSON' },
     plot: { type: 'string', valueName: 'OUT.svg', help: 'also draw speedup and KV bytes vs capacity (the original at capacity 1) as an SVG' },
@@ -61,14 +62,23 @@ export const benchCommand: Command = {
       return 0;
     }
     const s = report.settings;
-    const [a, b] = report.models as [typeof report.models[0], typeof report.models[0]];
+    const [a, b] = report.models as [(typeof report.models)[0], (typeof report.models)[0]];
     const r = report.ratios[0]!;
-    io.out(`prompt ${s.promptLength} x batch ${s.batch}, ${s.steps} decode steps per run, ${s.runs} timed runs after ${s.warmup} warm-up, ${s.executionProvider} EP, intra-op threads ${s.threads} (${s.logicalCores} logical cores); models interleaved step by step`);
-    io.out(table([['', 'prefill: median (min - max)', 'decode per token: median (min - max)', 'KV bytes'],
-      ['original', span(a.prefill, 1), span(a.decode, 2), formatBytes(a.kvBytes)],
-      ['compiled', span(b.prefill, 1), span(b.decode, 2), formatBytes(b.kvBytes)],
-      ['compiled / original, ratio of medians', x(r.prefill.ofMedians), x(r.decode.ofMedians), x(r.kvBytes)],
-      ['compiled / original, median of paired ratios', x(r.prefill.medianOfPaired), x(r.decode.medianOfPaired), '']], '').join('\n'));
+    io.out(
+      `prompt ${s.promptLength} x batch ${s.batch}, ${s.steps} decode steps per run, ${s.runs} timed runs after ${s.warmup} warm-up, ${s.executionProvider} EP, intra-op threads ${s.threads} (${s.logicalCores} logical cores); models interleaved step by step`,
+    );
+    io.out(
+      table(
+        [
+          ['', 'prefill: median (min - max)', 'decode per token: median (min - max)', 'KV bytes'],
+          ['original', span(a.prefill, 1), span(a.decode, 2), formatBytes(a.kvBytes)],
+          ['compiled', span(b.prefill, 1), span(b.decode, 2), formatBytes(b.kvBytes)],
+          ['compiled / original, ratio of medians', x(r.prefill.ofMedians), x(r.decode.ofMedians), x(r.kvBytes)],
+          ['compiled / original, median of paired ratios', x(r.prefill.medianOfPaired), x(r.decode.medianOfPaired), ''],
+        ],
+        '',
+      ).join('\n'),
+    );
     return 0;
   },
 };

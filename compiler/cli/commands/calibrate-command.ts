@@ -14,7 +14,12 @@ import type { Command, Progress as ProgressReporter } from '../command.js';
 import { intFlag, numberFlag, onePositional, oneOf, progressOf, stringFlag } from '../shared.js';
 
 const STAGES: Record<Progress['stage'], string> = {
-  capture: 'capturing activations', fit: 'fitting routers', score: 'scoring tokens', sensitivity: 'measuring sensitivity', refine: 'refining thresholds', done: 'done',
+  capture: 'capturing activations',
+  fit: 'fitting routers',
+  score: 'scoring tokens',
+  sensitivity: 'measuring sensitivity',
+  refine: 'refining thresholds',
+  done: 'done',
 };
 
 /** Feeds calibrate()'s stage reports to the shared progress reporter (a bar on a TTY). */
@@ -38,14 +43,15 @@ function reportTo(progress: ProgressReporter): (p: Progress) => void {
 export const calibrateCommand: Command = {
   name: 'calibrate',
   summary: 'fit routers that keep quality, from the model and a little data (writes a router file)',
-  usage: 'modc calibrate MODEL.onnx --data FILE -o ROUTERS.safetensors --target-compute F [--granularity auto|block|attention|mlp] [--routing threshold|topk] [--max-tokens N] [--seed S] [--json]',
+  usage:
+    'modc calibrate MODEL.onnx --data FILE -o ROUTERS.safetensors --target-compute F [--granularity auto|block|attention|mlp] [--routing threshold|topk] [--max-tokens N] [--seed S] [--json]',
   details: [
     'Runs the original model over the data batch by batch (bounded memory), fits one router per',
-    'routed part in closed form (ridge regression of each token\'s update norm, relative to the',
-    'stream it is added to, on the part\'s input), measures each part\'s NLL increase when routed',
+    "routed part in closed form (ridge regression of each token's update norm, relative to the",
+    "stream it is added to, on the part's input), measures each part's NLL increase when routed",
     'alone, and routes the parts that cost least per compute saved until the compute fraction',
     '(MACs run / dense MACs) is at most F. Thresholds are set on the data and baked into the',
-    'router biases (p = 0.5). The file\'s __metadata__ records',
+    "router biases (p = 0.5). The file's __metadata__ records",
     'mode, gating, per-part capacities and thresholds, and the calibration report, so',
     '`modc compile MODEL.onnx --routers ROUTERS.safetensors -o OUT.onnx` needs no other flag.',
     'DATA: one sequence per line, JSON lines {"ids": [1, 2, 3]} or plain text tokenized by the',
@@ -58,11 +64,15 @@ export const calibrateCommand: Command = {
     granularity: { type: 'string', valueName: 'G', help: 'auto (default: block, attention and mlp parts), block, attention or mlp' },
     routing: { type: 'string', valueName: 'MODE', help: 'threshold (default) or topk: the mode recorded for compile' },
     'max-tokens': { type: 'string', valueName: 'N', help: `use at most N tokens of the data (default ${DEFAULTS.maxTokens})` },
-    'max-length': { type: 'string', valueName: 'N', help: 'split longer sequences into pieces of at most N tokens (default: the model\'s context)' },
+    'max-length': { type: 'string', valueName: 'N', help: "split longer sequences into pieces of at most N tokens (default: the model's context)" },
     seed: { type: 'string', valueName: 'S', help: 'seed for the order sequences are drawn in (default 0); same seed, same file' },
     target: { type: 'string', valueName: 'KIND', help: `importance target: ${TARGET_KINDS.join(', ')} (default ${DEFAULTS.target})` },
     gated: { type: 'boolean', help: 'record gated routing (out = x + r (y - x)); default ungated' },
-    'sensitivity-tokens': { type: 'string', valueName: 'N', help: 'tokens per sensitivity measurement (default: about 6 passes over the data in all, 1024-8192 each)' },
+    'sensitivity-tokens': {
+      type: 'string',
+      valueName: 'N',
+      help: 'tokens per sensitivity measurement (default: about 6 passes over the data in all, 1024-8192 each)',
+    },
     margin: { type: 'string', valueName: 'M', help: `aim M below the target on the calibration data (default ${DEFAULTS.margin})` },
     json: { type: 'boolean', help: 'print the calibration report as JSON' },
     quiet: { type: 'boolean', short: 'q', help: 'no progress or summary on stderr' },
@@ -93,7 +103,7 @@ export const calibrateCommand: Command = {
     checkOutputPath(output, model); // never over the model or its data files; writable, before any work
     if (resolve(output) === resolve(data)) throw new ModcError(`refusing to overwrite the calibration data ${output}; choose another output path`);
     const { vocabSize, maxPositions } = decoderIo(model);
-    const maxLength = values['max-length'] === undefined ? maxPositions ?? undefined : intFlag(values, 'max-length', 0, 2);
+    const maxLength = values['max-length'] === undefined ? (maxPositions ?? undefined) : intFlag(values, 'max-length', 0, 2);
     if (maxLength !== undefined && maxPositions !== null && maxLength > maxPositions) {
       throw new UsageError(`--max-length ${maxLength} is longer than the model's context of ${maxPositions} positions`);
     }
@@ -107,8 +117,11 @@ export const calibrateCommand: Command = {
     if (values.json) {
       io.out(JSON.stringify({ output, mode: result.mode, gated: result.gated, ...r }, null, 2));
     } else if (!quiet) {
-      io.err(`calibrated on ${r.tokens} tokens (${r.sequences} sequences): dense NLL ${r.denseNll.toFixed(4)}, routed NLL ${r.nll.toFixed(4)}, compute fraction ${r.computeFraction.toFixed(3)} (target ${targetCompute})`);
-      for (const p of r.parts) io.err(`  layer ${p.layer} ${p.part}: capacity ${p.capacity.toFixed(3)}, selected ${p.selectedFraction.toFixed(3)}, fit R2 ${p.r2.toFixed(2)}`);
+      io.err(
+        `calibrated on ${r.tokens} tokens (${r.sequences} sequences): dense NLL ${r.denseNll.toFixed(4)}, routed NLL ${r.nll.toFixed(4)}, compute fraction ${r.computeFraction.toFixed(3)} (target ${targetCompute})`,
+      );
+      for (const p of r.parts)
+        io.err(`  layer ${p.layer} ${p.part}: capacity ${p.capacity.toFixed(3)}, selected ${p.selectedFraction.toFixed(3)}, fit R2 ${p.r2.toFixed(2)}`);
       io.err(`wrote ${output}: ${result.routers.length} router(s), ${result.mode}, ${result.gated ? 'gated' : 'ungated'}`);
     }
     return 0;

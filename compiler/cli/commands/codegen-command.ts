@@ -39,8 +39,19 @@ export const codegenCommand: Command = {
     const { writeTextAtomic } = await import('../../core/io/write-text.js');
     const contract = sessionContract(model, basename(input));
     writeTextAtomic(output, emitSession(contract, { className }));
-    const facts = { output, inputs: contract.inputs.length, outputs: contract.outputs.length, layers: contract.io.kv.length, state: contract.io.state.length, routed: contract.routing?.layers.length ?? 0 };
-    io.out(values.json ? JSON.stringify(facts, null, 2) : `wrote ${output}: ${className} over ${facts.inputs} inputs, ${facts.outputs} outputs, ${facts.layers} cached layers${facts.state ? `, ${facts.state} state tensors` : ''}${facts.routed ? `, ${facts.routed} routed parts` : ''}`);
+    const facts = {
+      output,
+      inputs: contract.inputs.length,
+      outputs: contract.outputs.length,
+      layers: contract.io.kv.length,
+      state: contract.io.state.length,
+      routed: contract.routing?.layers.length ?? 0,
+    };
+    io.out(
+      values.json
+        ? JSON.stringify(facts, null, 2)
+        : `wrote ${output}: ${className} over ${facts.inputs} inputs, ${facts.outputs} outputs, ${facts.layers} cached layers${facts.state ? `, ${facts.state} state tensors` : ''}${facts.routed ? `, ${facts.routed} routed parts` : ''}`,
+    );
     return 0;
   },
 };

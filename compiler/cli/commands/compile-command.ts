@@ -66,7 +66,8 @@ function compileRequest(values: CliValues): CompileRequest | undefined {
 export const compileCommand: Command = {
   name: 'compile',
   summary: 'turn a decoder into a Mixture-of-Depths model (or run named passes)',
-  usage: 'modc compile MODEL.onnx -o OUT.onnx (--routers FILE | --router-init all-pass|random) [options]\n       modc compile MODEL.onnx -o OUT.onnx --passes LIST',
+  usage:
+    'modc compile MODEL.onnx -o OUT.onnx (--routers FILE | --router-init all-pass|random) [options]\n       modc compile MODEL.onnx -o OUT.onnx --passes LIST',
   details: [
     'With routers, runs the MoD pipeline: record-costs, split-fused-boundaries, insert-routers,',
     'route-layers, [last-logits with --logits last,] cleanup [, inline-modc-ops with --inline-ops]. Without',
@@ -82,10 +83,13 @@ export const compileCommand: Command = {
     '',
     'LIST is comma-separated pass names, each optionally with options `name{opt=value;opt=value}`.',
     '`--passes none` loads and saves the model unchanged (a round trip).',
-    `passes: ${defaultRegistry().list().map((p) => `\n  ${p.name.padEnd(22)} ${p.description}`).join('')}`,
+    `passes: ${defaultRegistry()
+      .list()
+      .map((p) => `\n  ${p.name.padEnd(22)} ${p.description}`)
+      .join('')}`,
     '',
     'The output is written atomically (temp file, then rename) and never over the input. External',
-    'weights stay referenced when the output is in the input\'s folder, and are hard-linked (or',
+    "weights stay referenced when the output is in the input's folder, and are hard-linked (or",
     'copied) next to the output otherwise, so the output folder is self-contained.',
     'A genai_config.json beside the input is rewritten beside the output, and the summary says whether',
     'onnxruntime-genai can still drive the model (README, "Serving a compiled model").',
@@ -104,10 +108,14 @@ export const compileCommand: Command = {
     gated: { type: 'boolean', help: 'out = x + r * (y - x) for selected tokens (default)' },
     ungated: { type: 'boolean', help: 'out = y for selected tokens' },
     'inline-ops': { type: 'boolean', help: 'emit the modc op bodies inline instead of as local functions' },
-    logits: { type: 'string', valueName: 'WHICH', help: 'all (default: logits [B, S, V]) or last (the lm_head for each row\'s last real token only: [B, 1, V])' },
+    logits: {
+      type: 'string',
+      valueName: 'WHICH',
+      help: "all (default: logits [B, S, V]) or last (the lm_head for each row's last real token only: [B, 1, V])",
+    },
     passes: { type: 'string', valueName: 'LIST', help: 'run these passes instead of the MoD pipeline (`none` for a round trip)' },
     'dump-after': { type: 'string', multiple: true, valueName: 'PASS', help: 'after PASS (or `*`), write the model as NN-PASS.onnx and .txt' },
-    'dump-dir': { type: 'string', valueName: 'DIR', help: 'folder for dumps (default: the output\'s folder)' },
+    'dump-dir': { type: 'string', valueName: 'DIR', help: "folder for dumps (default: the output's folder)" },
     'no-verify': { type: 'boolean', help: 'skip the IR verifier between passes' },
     'external-data-threshold': { type: 'string', valueName: 'BYTES', help: 'write new tensors of at least BYTES to OUT.onnx.data (default: only past 2 GB)' },
     json: { type: 'boolean', help: 'print a JSON report on stdout' },
@@ -127,7 +135,8 @@ export const compileCommand: Command = {
     const log = (m: string): void => (/^\[\d+\/\d+\] /.test(m) ? progress.stage(`compile ${m}`) : say(m));
 
     if (passes !== undefined) defaultRegistry().parsePipeline(passes); // unknown names fail before loading
-    if (values.logits !== undefined && passes !== undefined) throw new UsageError('--logits applies to the MoD pipeline; with --passes, name last-logits in LIST');
+    if (values.logits !== undefined && passes !== undefined)
+      throw new UsageError('--logits applies to the MoD pipeline; with --passes, name last-logits in LIST');
     const request = compileRequest(values);
     if (!request && passes === undefined) throw new UsageError('nothing to do: give --routers FILE or --router-init all-pass|random (or --passes LIST)');
     const t0 = performance.now();
@@ -154,15 +163,24 @@ export const compileCommand: Command = {
         report = routingReport(model, mod.plan, opsBefore);
       }
     }
-    for (const r of records) log(`  ${r.pass}: ${r.ms.toFixed(1)} ms, nodes ${r.nodesBefore} -> ${r.nodesAfter}${r.notes.length ? `\n    ${r.notes.join('\n    ')}` : ''}`);
+    for (const r of records)
+      log(`  ${r.pass}: ${r.ms.toFixed(1)} ms, nodes ${r.nodesBefore} -> ${r.nodesAfter}${r.notes.length ? `\n    ${r.notes.join('\n    ')}` : ''}`);
     progress.stage(`save ${output}`);
     const saved = saveModel(model, output, threshold !== undefined ? { externalizeThreshold: threshold } : {});
     const genaiResult = genai ? writeGenaiConfig(genai, model, saved.path) : null;
     if (report) {
       const setting = (l: ConvertedPart) => (report!.mode === 'threshold' ? `p=${short(l.threshold)}` : `c=${short(l.capacity)}`);
       const what = (l: { part: RoutedPart }) => (l.part === 'block' ? '' : `${l.part}, `);
-      log(`converted ${report.converted.length} layer(s): ${report.converted.map((l) => `${l.layer} (${what(l)}${setting(l)})`).join(', ')}; ${report.mode}, ${report.gated ? 'gated' : 'ungated'}`);
-      log(`modc ops added: ${Object.entries(report.opsAdded).map(([op, n]) => `${op} ${n}`).join(', ') || (request?.inlineOps ? 'none (inlined)' : 'none')}`);
+      log(
+        `converted ${report.converted.length} layer(s): ${report.converted.map((l) => `${l.layer} (${what(l)}${setting(l)})`).join(', ')}; ${report.mode}, ${report.gated ? 'gated' : 'ungated'}`,
+      );
+      log(
+        `modc ops added: ${
+          Object.entries(report.opsAdded)
+            .map(([op, n]) => `${op} ${n}`)
+            .join(', ') || (request?.inlineOps ? 'none (inlined)' : 'none')
+        }`,
+      );
       for (const u of report.notConverted) log(`not converted: layer ${u.part ? describeLayerPart({ layer: u.layer, part: u.part }) : u.layer}: ${u.reason}`);
     }
     progress.stop();
@@ -170,11 +188,31 @@ export const compileCommand: Command = {
     if (genaiResult) log(describeGenai(genaiResult));
     for (const m of summary) io.err(m);
     if (values.json) {
-      io.out(JSON.stringify({
-        input, output: saved.path, bytes: saved.bytes, externalFiles: saved.externalFiles, passes: records,
-        ...(genaiResult ? { genaiConfig: genaiResult } : {}),
-        ...(report ? { routing: { mode: report.mode, gated: report.gated, converted: report.converted.map((l) => routedLayerJson(report!.mode, l)), notConverted: report.notConverted, opsAdded: report.opsAdded } } : {}),
-      }, null, 2));
+      io.out(
+        JSON.stringify(
+          {
+            input,
+            output: saved.path,
+            bytes: saved.bytes,
+            externalFiles: saved.externalFiles,
+            passes: records,
+            ...(genaiResult ? { genaiConfig: genaiResult } : {}),
+            ...(report
+              ? {
+                  routing: {
+                    mode: report.mode,
+                    gated: report.gated,
+                    converted: report.converted.map((l) => routedLayerJson(report!.mode, l)),
+                    notConverted: report.notConverted,
+                    opsAdded: report.opsAdded,
+                  },
+                }
+              : {}),
+          },
+          null,
+          2,
+        ),
+      );
     }
     return 0;
   },

@@ -14,7 +14,7 @@ export const evalCommand: Command = {
   details: [
     'MODEL is an original or a modc-compiled model. FILE holds one sequence per line: JSON lines',
     '{"ids": [...]}, or plain text when a tokenizer.json sits beside the model. Each sequence is one',
-    'forward pass; sequences longer than --max-length (default: the model\'s context, or no limit) are',
+    "forward pass; sequences longer than --max-length (default: the model's context, or no limit) are",
     'split. nll is the mean over every predicted token (each token after the first of a sequence), in',
     'nats. computeFraction: multiply-accumulates executed (routed parts on their selected tokens only)',
     '/ the dense model\'s on the same tokens; kvFraction: KV-cache entries held / dense (README, "Metrics").',
@@ -23,7 +23,7 @@ export const evalCommand: Command = {
   ].join('\n'),
   options: {
     data: { type: 'string', valueName: 'FILE', help: 'the data: JSON lines {"ids": [...]}, or text with a tokenizer.json beside the model' },
-    'max-length': { type: 'string', valueName: 'N', help: 'split longer sequences into pieces of at most N tokens (default: the model\'s context)' },
+    'max-length': { type: 'string', valueName: 'N', help: "split longer sequences into pieces of at most N tokens (default: the model's context)" },
     batch: { type: 'string', valueName: 'B', help: 'sequences per forward pass, at most (default 8)' },
     pad: { type: 'string', valueName: 'SIDE', help: 'pad shorter sequences on the right (default) or left; GroupQueryAttention needs right' },
     ep: { type: 'string', valueName: 'EP', help: 'execution provider: cpu (default) or cuda' },
@@ -39,7 +39,7 @@ export const evalCommand: Command = {
     const ep = executionProvider(values);
     const model = loadModel(path);
     const { vocabSize, maxPositions } = decoderIo(model);
-    const maxLength = values['max-length'] === undefined ? maxPositions ?? undefined : intFlag(values, 'max-length', 0, 1);
+    const maxLength = values['max-length'] === undefined ? (maxPositions ?? undefined) : intFlag(values, 'max-length', 0, 1);
     if (maxLength !== undefined && maxPositions !== null && maxLength > maxPositions) {
       throw new UsageError(`--max-length ${maxLength} is longer than the model's context of ${maxPositions} positions`);
     }
@@ -69,13 +69,19 @@ export const evalCommand: Command = {
     }
     const routing = result.routing ? `modc-compiled, ${result.routing.mode}${result.routing.gated ? ', gated' : ', ungated'}` : 'original';
     io.out(`model      ${path} (${routing})`);
-    io.out(`data       ${data} (${dataset.format}${dataset.tokenizer ? `, ${dataset.tokenizer}` : ''}): ${dataset.lines} lines -> ${result.sequences} sequences, ${result.inputTokens} tokens${maxLength !== undefined ? `, max length ${maxLength}` : ''}`);
+    io.out(
+      `data       ${data} (${dataset.format}${dataset.tokenizer ? `, ${dataset.tokenizer}` : ''}): ${dataset.lines} lines -> ${result.sequences} sequences, ${result.inputTokens} tokens${maxLength !== undefined ? `, max length ${maxLength}` : ''}`,
+    );
     io.out(`nll        ${result.nll.toFixed(4)} nats per token over ${result.tokens} predicted tokens`);
     io.out(`perplexity ${result.perplexity.toFixed(3)}`);
     io.out(`compute    ${result.computeFraction.toFixed(4)} of the dense model's multiply-accumulates`);
     io.out(`kv cache   ${result.kvFraction.toFixed(4)} of the dense model's entries`);
     io.out('layers');
-    io.out(table([['layer', 'part', 'selected'], ...result.layers.map((l) => [String(l.layer), l.routed ? l.part : 'dense', l.selectedFraction.toFixed(4)])]).join('\n'));
+    io.out(
+      table([['layer', 'part', 'selected'], ...result.layers.map((l) => [String(l.layer), l.routed ? l.part : 'dense', l.selectedFraction.toFixed(4)])]).join(
+        '\n',
+      ),
+    );
     return 0;
   },
 };

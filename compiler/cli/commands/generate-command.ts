@@ -16,15 +16,15 @@ export const generateCommand: Command = {
     'for every row, so two models can be compared step by step. With --json it prints',
     '  {"ids": [[...]], "steps": [{"logits": [[...]]}], "kvBytes": n, "cacheLengths": [[...]]}',
     'ids: per row, the prompt then the new tokens. steps: N+1 entries (after the prefill, then',
-    'after each fed token), each with the last position\'s logits per row when --logits is given.',
+    "after each fed token), each with the last position's logits per row when --logits is given.",
     'kvBytes: bytes the KV cache tensors hold at the end. cacheLengths: [layer][row], the real',
-    'tokens each layer\'s cache holds at the end.',
+    "tokens each layer's cache holds at the end.",
   ].join('\n'),
   options: {
     ...PROMPT_OPTIONS,
     'max-new': { type: 'string', valueName: 'N', help: 'decode steps to run (required)' },
     force: { type: 'string', valueName: 'IDS', help: 'feed these ids (one per step) instead of the argmax' },
-    logits: { type: 'boolean', help: 'include each step\'s last-position logits in the JSON' },
+    logits: { type: 'boolean', help: "include each step's last-position logits in the JSON" },
   },
   async run(positionals, values, io) {
     const path = onePositional(positionals, 'model path', 'generate');
@@ -40,15 +40,23 @@ export const generateCommand: Command = {
     progress.stage('load');
     const session = await ModSession.create(path, { executionProvider: executionProvider(values), embeddings: embeds?.source });
     progress.stage('generate', maxNew + 1);
-    const result = await session.generate(rows, { maxNewTokens: maxNew, force, pad: padSide(values), embeds: embeds?.prompt ?? undefined, onStep: () => progress.tick() });
+    const result = await session.generate(rows, {
+      maxNewTokens: maxNew,
+      force,
+      pad: padSide(values),
+      embeds: embeds?.prompt ?? undefined,
+      onStep: () => progress.tick(),
+    });
     progress.stop();
     if (values.json) {
-      io.out(JSON.stringify({
-        ids: result.ids,
-        steps: result.steps.map((rowsLogits) => (values.logits ? { logits: rowsLogits.map((l) => Array.from(l)) } : {})),
-        kvBytes: session.kvBytes(),
-        cacheLengths: session.layerCacheLengths(),
-      }));
+      io.out(
+        JSON.stringify({
+          ids: result.ids,
+          steps: result.steps.map((rowsLogits) => (values.logits ? { logits: rowsLogits.map((l) => Array.from(l)) } : {})),
+          kvBytes: session.kvBytes(),
+          cacheLengths: session.layerCacheLengths(),
+        }),
+      );
     } else {
       result.ids.forEach((ids, b) => io.out(`row ${b}: ${ids.join(' ')}`));
       io.out(`kv cache: ${session.kvBytes()} bytes; per-layer lengths ${JSON.stringify(session.layerCacheLengths())}`);

@@ -9,7 +9,9 @@ import type { Command } from '../command.js';
 import { formatSummary, onePositional, routedLayerJson, short } from '../shared.js';
 
 function formatRouting(meta: RoutingMetadata): string {
-  const per = meta.layers.map((l) => `${l.layer} (${l.part === 'block' ? '' : `${l.part}, `}${meta.mode === 'threshold' ? `p=${short(l.threshold)}` : `c=${short(l.capacity)}`})`);
+  const per = meta.layers.map(
+    (l) => `${l.layer} (${l.part === 'block' ? '' : `${l.part}, `}${meta.mode === 'threshold' ? `p=${short(l.threshold)}` : `c=${short(l.capacity)}`})`,
+  );
   return `routing    modc ${meta.mode}, ${meta.gated ? 'gated' : 'ungated'}; routers on layer${per.length === 1 ? '' : 's'} ${per.join(', ')}`;
 }
 
@@ -18,7 +20,7 @@ export const inspectCommand: Command = {
   summary: 'show a model: versions, I/O, op histogram, parameters, and its decoder layers',
   usage: 'modc inspect MODEL.onnx [--json] [--explain]',
   details: [
-    'External weights are never read: sizes come from the model\'s own metadata. For a decoder it',
+    "External weights are never read: sizes come from the model's own metadata. For a decoder it",
     'also prints the layer table found by dataflow analysis (residual in/out, attention form, KV',
     'names, node count) and the global facts; for a modc-compiled model, its routers. A model that',
     'is not a decoder modc can handle prints the basics and a one-line error (exit code 1).',
@@ -51,7 +53,13 @@ export const inspectCommand: Command = {
       throw new ModcError(`not a decoder modc can handle: ${e.message}`);
     }
     if (values.json) {
-      io.out(JSON.stringify({ ...summary, ...summarizeStructure(structure), ...(values.explain ? { explain: structure.explain.map((x) => ({ ...x })) } : {}) }, null, 2));
+      io.out(
+        JSON.stringify(
+          { ...summary, ...summarizeStructure(structure), ...(values.explain ? { explain: structure.explain.map((x) => ({ ...x })) } : {}) },
+          null,
+          2,
+        ),
+      );
     } else {
       const parts = [formatSummary(summary), '', 'decoder', formatLayerTable(structure)];
       if (values.explain) parts.push('', 'explanation', formatExplanation(structure));

@@ -38,13 +38,15 @@ export const runCommand: Command = {
     const [B, S, V] = logits.dims;
     if (values.json) {
       const ids = embeds?.prompt ? null : padRows(rows, session.padSide(pad)).ids;
-      const nested = Array.from({ length: B }, (_, b) => Array.from({ length: S }, (_, s) => Array.from(logits.data.subarray((b * S + s) * V, (b * S + s + 1) * V))));
+      const nested = Array.from({ length: B }, (_, b) =>
+        Array.from({ length: S }, (_, s) => Array.from(logits.data.subarray((b * S + s) * V, (b * S + s + 1) * V))),
+      );
       const mask = session.attentionMask();
       const width = mask[0]!.length;
       const inputIds = ids ? mask.map((_, b) => ids.slice(b * width, (b + 1) * width)) : null;
       io.out(JSON.stringify({ logits: nested, dims: [B, S, V], attentionMask: mask, inputIds, positions: session.logits }));
     } else {
-      io.out(`logits [${B}, ${S}, ${V}]${session.logits === 'last' ? ' (each row\'s last real token only)' : ''}`);
+      io.out(`logits [${B}, ${S}, ${V}]${session.logits === 'last' ? " (each row's last real token only)" : ''}`);
       session.lastReal(logits).forEach((l, b) => io.out(`  row ${b}: last real token argmax ${argmax(l)} (logit ${l[argmax(l)]!.toFixed(4)})`));
     }
     return 0;

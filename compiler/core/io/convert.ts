@@ -3,9 +3,7 @@
  * is copied from the proto the object was loaded from, so an unchanged model saves to the same
  * protobuf content (and, for models written by protobuf's C++ serializer, the same bytes).
  */
-import type {
-  AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto,
-} from '../proto/index.js';
+import type { AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto } from '../proto/index.js';
 import { AttributeType, has, int64ToNumber } from '../proto/index.js';
 import { ModcError, quote } from '../errors.js';
 import { Graph, Node, Value } from '../ir/graph.js';
@@ -97,7 +95,7 @@ export function graphFromProto(gp: GraphProto, parent: Graph | null, makeTensor:
   // Outputs of every node first, so forward references (unsorted graphs) still resolve.
   const nodes = gp.node.map((np) => {
     // 'ai.onnx' is another spelling of the default domain: one spelling in the IR.
-    const n = new Node(np.op_type ?? '', np.domain === 'ai.onnx' ? '' : np.domain ?? '', np.name ?? '');
+    const n = new Node(np.op_type ?? '', np.domain === 'ai.onnx' ? '' : (np.domain ?? ''), np.name ?? '');
     n.graph = g;
     g.claimName(n.name);
     n.setOutputs(np.output.map((name) => new Value(name)));
@@ -181,9 +179,19 @@ function attributeFromProto(ap: AttributeProto, node: Node, owner: Graph, makeTe
 
 /** The data field of each attribute type (AttributeProto.type -> field). */
 const ATTRIBUTE_FIELD: Record<number, string> = {
-  [AttributeType.FLOAT]: 'f', [AttributeType.INT]: 'i', [AttributeType.STRING]: 's', [AttributeType.TENSOR]: 't', [AttributeType.GRAPH]: 'g',
-  [AttributeType.SPARSE_TENSOR]: 'sparse_tensor', [AttributeType.TYPE_PROTO]: 'tp', [AttributeType.FLOATS]: 'floats', [AttributeType.INTS]: 'ints',
-  [AttributeType.STRINGS]: 'strings', [AttributeType.TENSORS]: 'tensors', [AttributeType.GRAPHS]: 'graphs', [AttributeType.SPARSE_TENSORS]: 'sparse_tensors',
+  [AttributeType.FLOAT]: 'f',
+  [AttributeType.INT]: 'i',
+  [AttributeType.STRING]: 's',
+  [AttributeType.TENSOR]: 't',
+  [AttributeType.GRAPH]: 'g',
+  [AttributeType.SPARSE_TENSOR]: 'sparse_tensor',
+  [AttributeType.TYPE_PROTO]: 'tp',
+  [AttributeType.FLOATS]: 'floats',
+  [AttributeType.INTS]: 'ints',
+  [AttributeType.STRINGS]: 'strings',
+  [AttributeType.TENSORS]: 'tensors',
+  [AttributeType.GRAPHS]: 'graphs',
+  [AttributeType.SPARSE_TENSORS]: 'sparse_tensors',
   [AttributeType.TYPE_PROTOS]: 'type_protos',
 };
 
@@ -214,15 +222,25 @@ function functionFromProto(fp: FunctionProto, makeTensor: TensorFactory): OnnxFu
   fn.attributeProtos = [...fp.attribute_proto];
   fn.opsetImports = [...fp.opset_import];
   const asGraph = {
-    node: fp.node, name: fp.name, initializer: [], sparse_initializer: [], input: fp.input.map((name) => ({ name, metadata_props: [] })),
-    output: fp.output.map((name) => ({ name, metadata_props: [] })), value_info: fp.value_info, quantization_annotation: [], metadata_props: [],
+    node: fp.node,
+    name: fp.name,
+    initializer: [],
+    sparse_initializer: [],
+    input: fp.input.map((name) => ({ name, metadata_props: [] })),
+    output: fp.output.map((name) => ({ name, metadata_props: [] })),
+    value_info: fp.value_info,
+    quantization_annotation: [],
+    metadata_props: [],
   } as unknown as GraphProto;
   const parsed = graphFromProto(asGraph, null, makeTensor);
   body.inputs = parsed.inputs;
   body.outputs = parsed.outputs;
   body.setNodes([...parsed.nodes]);
   body.valueInfo = parsed.valueInfo;
-  for (const v of parsed.definedValues()) { v.graph = body; body.claimName(v.name); }
+  for (const v of parsed.definedValues()) {
+    v.graph = body;
+    body.claimName(v.name);
+  }
   return fn;
 }
 
@@ -245,7 +263,12 @@ export function modelToProto(model: Model, tensorProto: (v: Value) => TensorProt
   const out = copyMessage(model.source);
   out.ir_version = model.irVersion;
   out.opset_import = model.opsetImports;
-  for (const [field, value] of [['producer_name', model.producerName], ['producer_version', model.producerVersion], ['domain', model.domain], ['doc_string', model.docString]] as const) {
+  for (const [field, value] of [
+    ['producer_name', model.producerName],
+    ['producer_version', model.producerVersion],
+    ['domain', model.domain],
+    ['doc_string', model.docString],
+  ] as const) {
     if (value === undefined) delete out[field];
     else out[field] = value;
   }

@@ -35,7 +35,8 @@ export function modelFromBytes(bytes: Uint8Array, path: string): Model {
   try {
     proto = decodeModelProto(bytes);
   } catch (e) {
-    if (e instanceof ProtoDecodeError) throw new ModcError(`${path}: corrupt or truncated ONNX protobuf (${e.message.replace(/^not a valid ONNX protobuf \((.*)\)$/, '$1')})`);
+    if (e instanceof ProtoDecodeError)
+      throw new ModcError(`${path}: corrupt or truncated ONNX protobuf (${e.message.replace(/^not a valid ONNX protobuf \((.*)\)$/, '$1')})`);
     throw e;
   }
   if (!proto.graph || int64ToNumber(proto.ir_version) <= 0) {
@@ -49,7 +50,8 @@ export function modelFromBytes(bytes: Uint8Array, path: string): Model {
   sortGraphs(model.graph, path);
   // What ONNX Runtime would refuse to load is refused here, before analysis or a pass meets it.
   const issues = verifyModel(model, { order: false });
-  if (issues.length) throw new ModcError(`${path}: ${issues[0]!.message}${issues.length > 1 ? ` (and ${issues.length - 1} more problem${issues.length > 2 ? 's' : ''})` : ''}`);
+  if (issues.length)
+    throw new ModcError(`${path}: ${issues[0]!.message}${issues.length > 1 ? ` (and ${issues.length - 1} more problem${issues.length > 2 ? 's' : ''})` : ''}`);
   return model;
 }
 
@@ -81,7 +83,9 @@ class ExternalDataResolver {
       try {
         this.base = realpathSync(this.baseDir);
       } catch (e) {
-        throw new ModcError(`the model has external data, but its folder ${quote(this.baseDir)} cannot be opened (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`);
+        throw new ModcError(
+          `the model has external data, but its folder ${quote(this.baseDir)} cannot be opened (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`,
+        );
       }
     }
     return this.base;
@@ -100,10 +104,15 @@ class ExternalDataResolver {
       return /^\d+$/.test(text.trim()) ? Number(text) : NaN;
     };
     const offset = integer('offset', 0);
-    const expected = byteSize(tp.data_type ?? 0, tp.dims.reduce((a: number, d) => a * int64ToNumber(d), 1));
+    const expected = byteSize(
+      tp.data_type ?? 0,
+      tp.dims.reduce((a: number, d) => a * int64ToNumber(d), 1),
+    );
     const length = integer('length', expected);
     if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length)) {
-      throw new ModcError(`tensor ${name}: bad external data offset/length (${quote(entries.get('offset') ?? '0')}, ${quote(entries.get('length') ?? String(expected))})`);
+      throw new ModcError(
+        `tensor ${name}: bad external data offset/length (${quote(entries.get('offset') ?? '0')}, ${quote(entries.get('length') ?? String(expected))})`,
+      );
     }
     if (tp.data_type !== 8 && length !== expected) {
       throw new ModcError(`tensor ${name}: external data length ${length} does not match its dims (${expected} bytes)`);
@@ -133,7 +142,9 @@ class ExternalDataResolver {
       real = realpathSync.native(`${this.baseDir}${sep}${location}`);
     } catch (e) {
       const code = (e as NodeJS.ErrnoException).code;
-      throw new ModcError(`missing external data: ${loc} for tensor ${tensor} (${code === 'ENOENT' || code === 'ENOTDIR' ? `no file at ${quote(joined)}` : `cannot open it: ${code ?? (e as Error).message}`})`);
+      throw new ModcError(
+        `missing external data: ${loc} for tensor ${tensor} (${code === 'ENOENT' || code === 'ENOTDIR' ? `no file at ${quote(joined)}` : `cannot open it: ${code ?? (e as Error).message}`})`,
+      );
     }
     if (!inside(this.realBase, real)) {
       throw new ModcError(`tensor ${tensor}: external data location ${loc} resolves outside the model folder (through a symlink, to ${quote(real)})`);
@@ -150,4 +161,3 @@ function inside(dir: string, path: string): boolean {
   const rel = relative(dir, path);
   return rel !== '' && !rel.startsWith('..' + sep) && rel !== '..' && !isAbsolute(rel);
 }
-

@@ -6,8 +6,22 @@
  * the model is verified, so modc never writes a model that cannot load.
  */
 import {
-  accessSync, closeSync, constants, copyFileSync, fsyncSync, linkSync, lstatSync, mkdirSync, openSync, readdirSync, realpathSync, renameSync, rmSync,
-  statSync, type Stats, writeSync,
+  accessSync,
+  closeSync,
+  constants,
+  copyFileSync,
+  fsyncSync,
+  linkSync,
+  lstatSync,
+  mkdirSync,
+  openSync,
+  readdirSync,
+  realpathSync,
+  renameSync,
+  rmSync,
+  statSync,
+  type Stats,
+  writeSync,
 } from 'node:fs';
 import { basename, dirname, join, normalize, resolve, sep } from 'node:path';
 import { ModcError, quote } from '../errors.js';
@@ -43,9 +57,19 @@ export interface SaveResult {
 function fsError(e: unknown, what: string, path: string): ModcError {
   const err = e as NodeJS.ErrnoException;
   const why: Record<string, string> = {
-    EACCES: 'permission denied', EPERM: 'operation not permitted', EROFS: 'read-only file system', ENOSPC: 'no space left on the device',
-    EISDIR: 'is a directory', ENOTDIR: 'a component of the path is not a folder', ENOENT: 'no such file or folder', EEXIST: 'already exists',
-    ENAMETOOLONG: 'name too long', EDQUOT: 'disk quota exceeded', EMLINK: 'too many links', EXDEV: 'on another device', ELOOP: 'too many symbolic links',
+    EACCES: 'permission denied',
+    EPERM: 'operation not permitted',
+    EROFS: 'read-only file system',
+    ENOSPC: 'no space left on the device',
+    EISDIR: 'is a directory',
+    ENOTDIR: 'a component of the path is not a folder',
+    ENOENT: 'no such file or folder',
+    EEXIST: 'already exists',
+    ENAMETOOLONG: 'name too long',
+    EDQUOT: 'disk quota exceeded',
+    EMLINK: 'too many links',
+    EXDEV: 'on another device',
+    ELOOP: 'too many symbolic links',
   };
   const reason = (err.code && why[err.code]) ?? err.code ?? String(err.message ?? e).split('\n')[0];
   return new ModcError(`cannot ${what} ${quote(path)}: ${reason}`);
@@ -87,9 +111,18 @@ export function checkOutputPath(outPath: string, model?: Model): void {
     }
     for (const f of inputFiles(model)) {
       const st = statOrNull(f);
-      const same = (realOut !== null && realOut === (() => { try { return realpathSync(f); } catch { return resolve(f); } })())
-        || (target !== null && st !== null && target.ino === st.ino && target.dev === st.dev)
-        || resolve(f) === out;
+      const same =
+        (realOut !== null &&
+          realOut ===
+            (() => {
+              try {
+                return realpathSync(f);
+              } catch {
+                return resolve(f);
+              }
+            })()) ||
+        (target !== null && st !== null && target.ino === st.ino && target.dev === st.dev) ||
+        resolve(f) === out;
       if (same) {
         const what = f === model.sourcePath ? 'the input model' : `an external-data file of the input model (${quote(basename(f))})`;
         throw new ModcError(`refusing to overwrite ${what} with ${shown}; choose another output path`);
@@ -141,7 +174,10 @@ export function saveModel(model: Model, outPath: string, opts: SaveOptions = {})
   const out = resolve(outPath);
   checkOutputPath(outPath, model);
   const issues = verifyModel(model, { order: false });
-  if (issues.length) throw new ModcError(`not writing ${quote(outPath)}: the model is invalid: ${issues[0]!.message}${issues.length > 1 ? ` (and ${issues.length - 1} more)` : ''}`);
+  if (issues.length)
+    throw new ModcError(
+      `not writing ${quote(outPath)}: the model is invalid: ${issues[0]!.message}${issues.length > 1 ? ` (and ${issues.length - 1} more)` : ''}`,
+    );
   const outDir = dirname(out);
   try {
     mkdirSync(outDir, { recursive: true });
@@ -223,9 +259,16 @@ export function saveModel(model: Model, outPath: string, opts: SaveOptions = {})
             offset += pad;
             const data = t.bytes();
             writeSync(fd, data);
-            const proto = { ...copyMessage(t.proto), name: v.name, data_location: DataLocation.EXTERNAL, external_data: [
-              { key: 'location', value: name }, { key: 'offset', value: String(offset) }, { key: 'length', value: String(data.length) },
-            ] } as unknown as TensorProto;
+            const proto = {
+              ...copyMessage(t.proto),
+              name: v.name,
+              data_location: DataLocation.EXTERNAL,
+              external_data: [
+                { key: 'location', value: name },
+                { key: 'offset', value: String(offset) },
+                { key: 'length', value: String(data.length) },
+              ],
+            } as unknown as TensorProto;
             delete (proto as Partial<TensorProto>).raw_data;
             spilled.set(v, proto);
             offset += data.length;
@@ -252,7 +295,8 @@ export function saveModel(model: Model, outPath: string, opts: SaveOptions = {})
     const ir = requiredIrVersion(model);
     if (model.irVersion < ir) proto.ir_version = ir;
     const bytes = encodeModelProto(proto);
-    if (bytes.length > 2 ** 31 - 1) throw new ModcError(`the model's protobuf would be ${bytes.length} bytes, over protobuf's 2 GB limit; save with an externalize threshold`);
+    if (bytes.length > 2 ** 31 - 1)
+      throw new ModcError(`the model's protobuf would be ${bytes.length} bytes, over protobuf's 2 GB limit; save with an externalize threshold`);
     const tmp = tempName(out);
     temps.push(tmp);
     writeFile(tmp, out, (fd) => writeSync(fd, bytes));

@@ -1,9 +1,30 @@
 /** ONNX tensor element types: names, sizes, and the typed arrays we decode them into. */
 export const DataType = {
-  UNDEFINED: 0, FLOAT: 1, UINT8: 2, INT8: 3, UINT16: 4, INT16: 5, INT32: 6, INT64: 7, STRING: 8,
-  BOOL: 9, FLOAT16: 10, DOUBLE: 11, UINT32: 12, UINT64: 13, COMPLEX64: 14, COMPLEX128: 15,
-  BFLOAT16: 16, FLOAT8E4M3FN: 17, FLOAT8E4M3FNUZ: 18, FLOAT8E5M2: 19, FLOAT8E5M2FNUZ: 20,
-  UINT4: 21, INT4: 22, FLOAT4E2M1: 23, FLOAT8E8M0: 24,
+  UNDEFINED: 0,
+  FLOAT: 1,
+  UINT8: 2,
+  INT8: 3,
+  UINT16: 4,
+  INT16: 5,
+  INT32: 6,
+  INT64: 7,
+  STRING: 8,
+  BOOL: 9,
+  FLOAT16: 10,
+  DOUBLE: 11,
+  UINT32: 12,
+  UINT64: 13,
+  COMPLEX64: 14,
+  COMPLEX128: 15,
+  BFLOAT16: 16,
+  FLOAT8E4M3FN: 17,
+  FLOAT8E4M3FNUZ: 18,
+  FLOAT8E5M2: 19,
+  FLOAT8E5M2FNUZ: 20,
+  UINT4: 21,
+  INT4: 22,
+  FLOAT4E2M1: 23,
+  FLOAT8E8M0: 24,
 } as const;
 export type DataTypeCode = number;
 
@@ -17,19 +38,34 @@ export function dataTypeName(code: DataTypeCode): string {
 /** Bits per element (4 for int4/uint4/float4, 0 for string/undefined). */
 export function dataTypeBits(code: DataTypeCode): number {
   switch (code) {
-    case DataType.BOOL: case DataType.UINT8: case DataType.INT8:
-    case DataType.FLOAT8E4M3FN: case DataType.FLOAT8E4M3FNUZ: case DataType.FLOAT8E5M2:
-    case DataType.FLOAT8E5M2FNUZ: case DataType.FLOAT8E8M0:
+    case DataType.BOOL:
+    case DataType.UINT8:
+    case DataType.INT8:
+    case DataType.FLOAT8E4M3FN:
+    case DataType.FLOAT8E4M3FNUZ:
+    case DataType.FLOAT8E5M2:
+    case DataType.FLOAT8E5M2FNUZ:
+    case DataType.FLOAT8E8M0:
       return 8;
-    case DataType.UINT16: case DataType.INT16: case DataType.FLOAT16: case DataType.BFLOAT16:
+    case DataType.UINT16:
+    case DataType.INT16:
+    case DataType.FLOAT16:
+    case DataType.BFLOAT16:
       return 16;
-    case DataType.FLOAT: case DataType.INT32: case DataType.UINT32:
+    case DataType.FLOAT:
+    case DataType.INT32:
+    case DataType.UINT32:
       return 32;
-    case DataType.DOUBLE: case DataType.INT64: case DataType.UINT64: case DataType.COMPLEX64:
+    case DataType.DOUBLE:
+    case DataType.INT64:
+    case DataType.UINT64:
+    case DataType.COMPLEX64:
       return 64;
     case DataType.COMPLEX128:
       return 128;
-    case DataType.UINT4: case DataType.INT4: case DataType.FLOAT4E2M1:
+    case DataType.UINT4:
+    case DataType.INT4:
+    case DataType.FLOAT4E2M1:
       return 4;
     default:
       return 0;

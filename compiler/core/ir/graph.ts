@@ -315,7 +315,12 @@ export class Graph {
    * Creates a node and places it (at the end unless `before`/`after` is given).
    * `outputs` is a count of fresh outputs or explicit values.
    */
-  addNode(opType: string, inputs: readonly (Value | null)[], outputs: number | Value[] = 1, opts: { domain?: string; name?: string; before?: Node; after?: Node; attributes?: AttributeProto[] } = {}): Node {
+  addNode(
+    opType: string,
+    inputs: readonly (Value | null)[],
+    outputs: number | Value[] = 1,
+    opts: { domain?: string; name?: string; before?: Node; after?: Node; attributes?: AttributeProto[] } = {},
+  ): Node {
     const node = new Node(opType, opts.domain ?? '', opts.name ? this.uniqueName(opts.name) : '');
     node.graph = this;
     node.setInputs(inputs);
@@ -456,7 +461,9 @@ export class Graph {
     const seen = new Set<Node>();
     while (!seen.has(n)) {
       seen.add(n);
-      const p = externalInputsOf(n).map((v) => v.producer).find((x) => x && x.graph === this && pending.get(x)! > 0);
+      const p = externalInputsOf(n)
+        .map((v) => v.producer)
+        .find((x) => x && x.graph === this && pending.get(x)! > 0);
       if (!p) break;
       n = p;
     }
@@ -470,7 +477,11 @@ export class Graph {
   eliminateDeadCode(opts: { keepInitializers?: boolean } = {}): number {
     const live = new Set<Node>();
     const stack: Value[] = [...this.outputs];
-    for (const n of this._nodes) if (n.outputs.length === 0) { live.add(n); stack.push(...externalInputsOf(n)); }
+    for (const n of this._nodes)
+      if (n.outputs.length === 0) {
+        live.add(n);
+        stack.push(...externalInputsOf(n));
+      }
     while (stack.length) {
       const v = stack.pop()!;
       const p = v.producer;
@@ -503,11 +514,16 @@ export class Graph {
         mapping.set(v, c);
         return c;
       });
-      const clone = this.addNode(n.opType, n.inputs.map((v) => (v ? mapping.get(v) ?? v : null)), outs, {
-        domain: n.domain,
-        name: n.name ? n.name + suffix : undefined,
-        before: opts.before,
-      });
+      const clone = this.addNode(
+        n.opType,
+        n.inputs.map((v) => (v ? (mapping.get(v) ?? v) : null)),
+        outs,
+        {
+          domain: n.domain,
+          name: n.name ? n.name + suffix : undefined,
+          before: opts.before,
+        },
+      );
       for (const [, a] of n.attributes) {
         if (a.graph || a.graphs) throw new ModcError(`cloning ${n.describe()}: nodes with subgraphs cannot be cloned yet`);
         clone.setAttr(a.proto);
@@ -555,18 +571,38 @@ function isInside(scope: Graph | null, root: Graph): boolean {
 /** Builds an AttributeProto from a plain value. */
 export function attribute(name: string, value: number | string | number[] | string[] | Tensor, kind?: 'int' | 'float'): AttributeProto {
   const a = { name } as AttributeProto;
-  a.floats = []; a.ints = []; a.strings = []; a.tensors = []; a.graphs = []; a.sparse_tensors = []; a.type_protos = [];
+  a.floats = [];
+  a.ints = [];
+  a.strings = [];
+  a.tensors = [];
+  a.graphs = [];
+  a.sparse_tensors = [];
+  a.type_protos = [];
   if (typeof value === 'number') {
-    if (kind === 'float' || (kind !== 'int' && !Number.isInteger(value))) { a.type = AttributeType.FLOAT; a.f = value; }
-    else { a.type = AttributeType.INT; a.i = value; }
+    if (kind === 'float' || (kind !== 'int' && !Number.isInteger(value))) {
+      a.type = AttributeType.FLOAT;
+      a.f = value;
+    } else {
+      a.type = AttributeType.INT;
+      a.i = value;
+    }
   } else if (typeof value === 'string') {
-    a.type = AttributeType.STRING; a.s = Buffer.from(value, 'utf8');
+    a.type = AttributeType.STRING;
+    a.s = Buffer.from(value, 'utf8');
   } else if (Array.isArray(value)) {
-    if (value.length > 0 && typeof value[0] === 'string') { a.type = AttributeType.STRINGS; a.strings = (value as string[]).map((s) => Buffer.from(s, 'utf8')); }
-    else if (kind === 'float') { a.type = AttributeType.FLOATS; a.floats = value as number[]; }
-    else { a.type = AttributeType.INTS; a.ints = value as number[]; }
+    if (value.length > 0 && typeof value[0] === 'string') {
+      a.type = AttributeType.STRINGS;
+      a.strings = (value as string[]).map((s) => Buffer.from(s, 'utf8'));
+    } else if (kind === 'float') {
+      a.type = AttributeType.FLOATS;
+      a.floats = value as number[];
+    } else {
+      a.type = AttributeType.INTS;
+      a.ints = value as number[];
+    }
   } else {
-    a.type = AttributeType.TENSOR; a.t = value.proto;
+    a.type = AttributeType.TENSOR;
+    a.t = value.proto;
   }
   return a;
 }

@@ -54,7 +54,7 @@ export class Model {
 
   /** The opset version imported for a domain ('' and 'ai.onnx' are the same domain). */
   opsetVersion(domain: string): number | undefined {
-    const norm = (d: string | undefined) => (d === 'ai.onnx' ? '' : d ?? '');
+    const norm = (d: string | undefined) => (d === 'ai.onnx' ? '' : (d ?? ''));
     const entry = this.opsetImports.find((o) => norm(o.domain) === norm(domain));
     return entry ? int64ToNumber(entry.version) : undefined;
   }

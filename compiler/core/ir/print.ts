@@ -14,7 +14,8 @@ export function printGraph(g: Graph, indent = ''): string {
   const lines: string[] = [];
   lines.push(`${indent}graph ${g.name || '<unnamed>'} (`);
   for (const v of g.inputs) lines.push(`${indent}  in  %${v.name}${typeOf(v)}`);
-  for (const v of g.initializers.values()) if (!g.inputs.includes(v)) lines.push(`${indent}  init %${v.name}${typeOf(v)}${v.initializer?.isExternal ? ' (external)' : ''}`);
+  for (const v of g.initializers.values())
+    if (!g.inputs.includes(v)) lines.push(`${indent}  init %${v.name}${typeOf(v)}${v.initializer?.isExternal ? ' (external)' : ''}`);
   lines.push(`${indent}) {`);
   for (const n of g.nodes) {
     const attrs = [...n.attributes.keys()];

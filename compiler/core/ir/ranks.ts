@@ -14,11 +14,61 @@ import { int64ToNumber } from '../proto/index.js';
 import { externalInputsOf, type Graph, type Node, type Value } from './graph.js';
 
 const SAME_RANK = new Set([
-  'Identity', 'Cast', 'Neg', 'Abs', 'Sqrt', 'Exp', 'Log', 'Reciprocal', 'Sigmoid', 'Tanh', 'Relu', 'Erf', 'Sin', 'Cos', 'Not',
-  'Softmax', 'LogSoftmax', 'Floor', 'Ceil', 'Round', 'Sign', 'CumSum', 'Gelu', 'LayerNormalization', 'RMSNormalization',
-  'SimplifiedLayerNormalization', 'Trilu', 'IsNaN', 'IsInf', 'Slice', 'Transpose', 'Dropout', 'ScatterND', 'ScatterElements',
+  'Identity',
+  'Cast',
+  'Neg',
+  'Abs',
+  'Sqrt',
+  'Exp',
+  'Log',
+  'Reciprocal',
+  'Sigmoid',
+  'Tanh',
+  'Relu',
+  'Erf',
+  'Sin',
+  'Cos',
+  'Not',
+  'Softmax',
+  'LogSoftmax',
+  'Floor',
+  'Ceil',
+  'Round',
+  'Sign',
+  'CumSum',
+  'Gelu',
+  'LayerNormalization',
+  'RMSNormalization',
+  'SimplifiedLayerNormalization',
+  'Trilu',
+  'IsNaN',
+  'IsInf',
+  'Slice',
+  'Transpose',
+  'Dropout',
+  'ScatterND',
+  'ScatterElements',
 ]);
-const BROADCAST = new Set(['Add', 'Sub', 'Mul', 'Div', 'Pow', 'Equal', 'Less', 'LessOrEqual', 'Greater', 'GreaterOrEqual', 'And', 'Or', 'Xor', 'Where', 'Max', 'Min', 'Mod', 'BitShift']);
+const BROADCAST = new Set([
+  'Add',
+  'Sub',
+  'Mul',
+  'Div',
+  'Pow',
+  'Equal',
+  'Less',
+  'LessOrEqual',
+  'Greater',
+  'GreaterOrEqual',
+  'And',
+  'Or',
+  'Xor',
+  'Where',
+  'Max',
+  'Min',
+  'Mod',
+  'BitShift',
+]);
 
 /**
  * The nodes in an order where each comes after the producers it reads (stable: a sorted graph
@@ -86,7 +136,9 @@ function outputRank(n: Node, rank: ReadonlyMap<Value, number>): number | undefin
     return rs.length && rs.every((x) => x !== undefined) ? Math.max(...(rs as number[])) : undefined;
   }
   switch (op) {
-    case 'Shape': case 'NonZero': case 'Range':
+    case 'Shape':
+    case 'NonZero':
+    case 'Range':
       return op === 'NonZero' ? 2 : 1;
     case 'Size':
       return 0;
@@ -98,7 +150,8 @@ function outputRank(n: Node, rank: ReadonlyMap<Value, number>): number | undefin
       return undefined;
     }
     case 'Gather': {
-      const d = r(0), q = r(1);
+      const d = r(0),
+        q = r(1);
       return d !== undefined && q !== undefined && d >= 1 ? d + q - 1 : undefined;
     }
     case 'GatherElements':
@@ -111,7 +164,8 @@ function outputRank(n: Node, rank: ReadonlyMap<Value, number>): number | undefin
       const shape = n.inputs[0]?.initializer;
       return shape && shape.dims.length === 1 ? shape.dims[0] : undefined;
     }
-    case 'Unsqueeze': case 'Squeeze': {
+    case 'Unsqueeze':
+    case 'Squeeze': {
       const axes = n.attrInts('axes') ?? constantInts(n.inputs[1] ?? null);
       const d = r(0);
       if (d === undefined || axes === undefined) return undefined;
@@ -140,9 +194,36 @@ function constantInts(v: Value | null): number[] | undefined {
 
 /** Ops whose output has exactly the shape of input 0. */
 const SAME_SHAPE = new Set([
-  'Identity', 'Cast', 'Neg', 'Abs', 'Sqrt', 'Exp', 'Log', 'Reciprocal', 'Sigmoid', 'Tanh', 'Relu', 'Erf', 'Sin', 'Cos', 'Not',
-  'Softmax', 'LogSoftmax', 'Floor', 'Ceil', 'Round', 'Sign', 'Gelu', 'Dropout', 'IsNaN', 'IsInf', 'LayerNormalization',
-  'RMSNormalization', 'SimplifiedLayerNormalization', 'CumSum', 'Trilu',
+  'Identity',
+  'Cast',
+  'Neg',
+  'Abs',
+  'Sqrt',
+  'Exp',
+  'Log',
+  'Reciprocal',
+  'Sigmoid',
+  'Tanh',
+  'Relu',
+  'Erf',
+  'Sin',
+  'Cos',
+  'Not',
+  'Softmax',
+  'LogSoftmax',
+  'Floor',
+  'Ceil',
+  'Round',
+  'Sign',
+  'Gelu',
+  'Dropout',
+  'IsNaN',
+  'IsInf',
+  'LayerNormalization',
+  'RMSNormalization',
+  'SimplifiedLayerNormalization',
+  'CumSum',
+  'Trilu',
 ]);
 const BROADCAST_SHAPE = new Set(['Add', 'Sub', 'Mul', 'Div']);
 
@@ -157,7 +238,13 @@ export function certainDims(g: Graph): Map<Value, Dims> {
   const dims = new Map<Value, Dims>();
   for (const v of g.inputs) {
     const s = v.type?.tensor_type?.shape;
-    if (s) dims.set(v, s.dim.map((d) => (d.dim_value !== undefined && d.dim_value !== null && !d.dim_param ? int64ToNumber(d.dim_value) : null)).map((d) => (d !== null && d > 0 ? d : null)));
+    if (s)
+      dims.set(
+        v,
+        s.dim
+          .map((d) => (d.dim_value !== undefined && d.dim_value !== null && !d.dim_param ? int64ToNumber(d.dim_value) : null))
+          .map((d) => (d !== null && d > 0 ? d : null)),
+      );
   }
   for (const v of g.initializers.values()) if (v.initializer) dims.set(v, v.initializer.dims);
   for (const n of dependencyOrder(g)) {
@@ -231,11 +318,13 @@ export function rankIssues(g: Graph): string[] {
     };
     const say = (what: string) => issues.push(`${n.describe()} ${what}`);
     switch (n.opType) {
-      case 'Gather': case 'GatherElements': {
+      case 'Gather':
+      case 'GatherElements': {
         const d = r(0);
         if (d === 0) say('reads a scalar as its data; it needs rank >= 1');
         else if (d !== undefined && !inAxis(n.attrInt('axis', 0), d)) say(`has axis ${n.attrInt('axis', 0)} for data of rank ${d}`);
-        if (n.opType === 'GatherElements' && d !== undefined && r(1) !== undefined && r(1) !== d) say(`has data of rank ${d} and indices of rank ${r(1)}; they must match`);
+        if (n.opType === 'GatherElements' && d !== undefined && r(1) !== undefined && r(1) !== d)
+          say(`has data of rank ${d} and indices of rank ${r(1)}; they must match`);
         break;
       }
       case 'MatMul': {
@@ -246,7 +335,8 @@ export function rankIssues(g: Graph): string[] {
         const [a, b] = [n.inputs[0] ? dims.get(n.inputs[0]) : undefined, n.inputs[1] ? dims.get(n.inputs[1]) : undefined];
         const k = a?.[a.length - 1] ?? (n.inputs[0] ? lastDims.get(n.inputs[0]) : undefined);
         const kb = b ? b[b.length >= 2 ? b.length - 2 : 0] : undefined;
-        if (typeof k === 'number' && typeof kb === 'number' && k !== kb) say(`multiplies an input whose last dim is ${k} by one whose ${b!.length >= 2 ? 'second-to-last' : 'only'} dim is ${kb}; they must agree`);
+        if (typeof k === 'number' && typeof kb === 'number' && k !== kb)
+          say(`multiplies an input whose last dim is ${k} by one whose ${b!.length >= 2 ? 'second-to-last' : 'only'} dim is ${kb}; they must agree`);
         break;
       }
       case 'Transpose': {
@@ -258,10 +348,12 @@ export function rankIssues(g: Graph): string[] {
       case 'Concat': {
         const ranks = n.inputs.map((v) => (v ? rank.get(v) : undefined)).filter((x): x is number => x !== undefined);
         if (new Set(ranks).size > 1) say(`joins inputs of ranks ${[...new Set(ranks)].join(' and ')}; they must match`);
-        else if (ranks.length && (ranks[0] === 0 || !inAxis(n.attrInt('axis', 0), ranks[0]!))) say(`has axis ${n.attrInt('axis', 0)} for inputs of rank ${ranks[0]}`);
+        else if (ranks.length && (ranks[0] === 0 || !inAxis(n.attrInt('axis', 0), ranks[0]!)))
+          say(`has axis ${n.attrInt('axis', 0)} for inputs of rank ${ranks[0]}`);
         break;
       }
-      case 'Softmax': case 'LogSoftmax': {
+      case 'Softmax':
+      case 'LogSoftmax': {
         const d = r(0);
         if (d !== undefined && d > 0 && !inAxis(n.attrInt('axis', -1), d)) say(`has axis ${n.attrInt('axis', -1)} for an input of rank ${d}`);
         break;

@@ -44,14 +44,18 @@ export function readExternalBytes(loc: ExternalLocation): Uint8Array {
   }
 }
 
-export type NumericArray = Float32Array | Float64Array | Int32Array | BigInt64Array | BigUint64Array | Uint8Array | Int8Array | Uint16Array | Int16Array | Uint32Array;
+export type NumericArray =
+  Float32Array | Float64Array | Int32Array | BigInt64Array | BigUint64Array | Uint8Array | Int8Array | Uint16Array | Int16Array | Uint32Array;
 
 export class Tensor {
   /**
    * @param proto the TensorProto as loaded or built (for an external tensor, raw_data is absent
    *   and `external` tells where the bytes are).
    */
-  constructor(readonly proto: TensorProto, readonly external?: ExternalLocation) {}
+  constructor(
+    readonly proto: TensorProto,
+    readonly external?: ExternalLocation,
+  ) {}
 
   get name(): string {
     return this.proto.name ?? '';
@@ -92,16 +96,27 @@ export class Tensor {
     const raw = this.bytes();
     const buf = raw.buffer.slice(raw.byteOffset, raw.byteOffset + raw.byteLength);
     switch (this.dataType) {
-      case DataType.FLOAT: return new Float32Array(buf);
-      case DataType.DOUBLE: return new Float64Array(buf);
-      case DataType.INT32: return new Int32Array(buf);
-      case DataType.INT64: return new BigInt64Array(buf);
-      case DataType.UINT64: return new BigUint64Array(buf);
-      case DataType.UINT8: case DataType.BOOL: return new Uint8Array(buf);
-      case DataType.INT8: return new Int8Array(buf);
-      case DataType.UINT16: return new Uint16Array(buf);
-      case DataType.INT16: return new Int16Array(buf);
-      case DataType.UINT32: return new Uint32Array(buf);
+      case DataType.FLOAT:
+        return new Float32Array(buf);
+      case DataType.DOUBLE:
+        return new Float64Array(buf);
+      case DataType.INT32:
+        return new Int32Array(buf);
+      case DataType.INT64:
+        return new BigInt64Array(buf);
+      case DataType.UINT64:
+        return new BigUint64Array(buf);
+      case DataType.UINT8:
+      case DataType.BOOL:
+        return new Uint8Array(buf);
+      case DataType.INT8:
+        return new Int8Array(buf);
+      case DataType.UINT16:
+        return new Uint16Array(buf);
+      case DataType.INT16:
+        return new Int16Array(buf);
+      case DataType.UINT32:
+        return new Uint32Array(buf);
       case DataType.FLOAT16: {
         const h = new Uint16Array(buf);
         const out = new Float32Array(h.length);
@@ -130,10 +145,25 @@ export class Tensor {
     return new Tensor(create<TensorProto>('TensorProto', { name, data_type: dataType, dims, raw_data: bytes }));
   }
 
-  static fromArray(name: string, dims: number[], data: Float32Array | BigInt64Array | Int32Array | Uint8Array | Uint16Array | Float64Array, dataType?: DataTypeCode): Tensor {
-    const dt = dataType ?? (data instanceof Float32Array ? DataType.FLOAT : data instanceof BigInt64Array ? DataType.INT64
-      : data instanceof Int32Array ? DataType.INT32 : data instanceof Float64Array ? DataType.DOUBLE
-      : data instanceof Uint16Array ? DataType.FLOAT16 : DataType.UINT8);
+  static fromArray(
+    name: string,
+    dims: number[],
+    data: Float32Array | BigInt64Array | Int32Array | Uint8Array | Uint16Array | Float64Array,
+    dataType?: DataTypeCode,
+  ): Tensor {
+    const dt =
+      dataType ??
+      (data instanceof Float32Array
+        ? DataType.FLOAT
+        : data instanceof BigInt64Array
+          ? DataType.INT64
+          : data instanceof Int32Array
+            ? DataType.INT32
+            : data instanceof Float64Array
+              ? DataType.DOUBLE
+              : data instanceof Uint16Array
+                ? DataType.FLOAT16
+                : DataType.UINT8);
     const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength).slice();
     return Tensor.fromBytes(name, dt, dims, bytes);
   }
@@ -177,19 +207,29 @@ export function checkTensorProto(p: TensorProto, where: string): void {
   // Packed sub-byte types store two elements per int32_data entry.
   const want = dataTypeBits(dt) === 4 ? Math.ceil(size / 2) : size;
   if (typed !== want) {
-    throw new ModcError(`${where}: dims [${dims.join(', ')}] hold ${size} elements of ${dataTypeName(dt)} but the tensor's data has ${typed === 0 && size > 0 ? 'none' : typed}`);
+    throw new ModcError(
+      `${where}: dims [${dims.join(', ')}] hold ${size} elements of ${dataTypeName(dt)} but the tensor's data has ${typed === 0 && size > 0 ? 'none' : typed}`,
+    );
   }
 }
 
 /** How many entries the typed field that carries `dt` holds. */
 function typedFieldCount(p: TensorProto, dt: DataTypeCode): number {
   switch (dt) {
-    case DataType.FLOAT: case DataType.COMPLEX64: return dt === DataType.COMPLEX64 ? p.float_data.length / 2 : p.float_data.length;
-    case DataType.DOUBLE: return p.double_data.length;
-    case DataType.COMPLEX128: return p.double_data.length / 2;
-    case DataType.INT64: return p.int64_data.length;
-    case DataType.UINT64: case DataType.UINT32: return p.uint64_data.length;
-    default: return p.int32_data.length;
+    case DataType.FLOAT:
+    case DataType.COMPLEX64:
+      return dt === DataType.COMPLEX64 ? p.float_data.length / 2 : p.float_data.length;
+    case DataType.DOUBLE:
+      return p.double_data.length;
+    case DataType.COMPLEX128:
+      return p.double_data.length / 2;
+    case DataType.INT64:
+      return p.int64_data.length;
+    case DataType.UINT64:
+    case DataType.UINT32:
+      return p.uint64_data.length;
+    default:
+      return p.int32_data.length;
   }
 }
 
@@ -203,16 +243,29 @@ function typedFieldsToRaw(p: TensorProto): Uint8Array {
   const dt = p.data_type ?? 0;
   const n = p.dims.reduce((a: number, d) => a * int64ToNumber(d), 1);
   switch (dt) {
-    case DataType.FLOAT: return bytesOf(Float32Array.from(p.float_data));
-    case DataType.DOUBLE: return bytesOf(Float64Array.from(p.double_data));
-    case DataType.INT64: return bytesOf(BigInt64Array.from(p.int64_data, (v) => BigInt(v.toString())));
-    case DataType.UINT64: return bytesOf(BigUint64Array.from(p.uint64_data, (v) => BigInt.asUintN(64, BigInt(v.toString()))));
-    case DataType.INT32: return bytesOf(Int32Array.from(p.int32_data));
-    case DataType.UINT8: case DataType.BOOL: return Uint8Array.from(p.int32_data);
-    case DataType.INT8: return bytesOf(Int8Array.from(p.int32_data));
-    case DataType.UINT16: case DataType.FLOAT16: case DataType.BFLOAT16: return bytesOf(Uint16Array.from(p.int32_data));
-    case DataType.INT16: return bytesOf(Int16Array.from(p.int32_data));
-    case DataType.UINT32: return bytesOf(Uint32Array.from(p.uint64_data, (v) => Number(v.toString())));
+    case DataType.FLOAT:
+      return bytesOf(Float32Array.from(p.float_data));
+    case DataType.DOUBLE:
+      return bytesOf(Float64Array.from(p.double_data));
+    case DataType.INT64:
+      return bytesOf(BigInt64Array.from(p.int64_data, (v) => BigInt(v.toString())));
+    case DataType.UINT64:
+      return bytesOf(BigUint64Array.from(p.uint64_data, (v) => BigInt.asUintN(64, BigInt(v.toString()))));
+    case DataType.INT32:
+      return bytesOf(Int32Array.from(p.int32_data));
+    case DataType.UINT8:
+    case DataType.BOOL:
+      return Uint8Array.from(p.int32_data);
+    case DataType.INT8:
+      return bytesOf(Int8Array.from(p.int32_data));
+    case DataType.UINT16:
+    case DataType.FLOAT16:
+    case DataType.BFLOAT16:
+      return bytesOf(Uint16Array.from(p.int32_data));
+    case DataType.INT16:
+      return bytesOf(Int16Array.from(p.int32_data));
+    case DataType.UINT32:
+      return bytesOf(Uint32Array.from(p.uint64_data, (v) => Number(v.toString())));
     default:
       if (n === 0) return new Uint8Array(0);
       throw new ModcError(`tensor ${p.name ?? ''}: cannot read data of type ${dt} from typed fields`);

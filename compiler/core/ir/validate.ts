@@ -70,14 +70,19 @@ function verifyOpsets(model: Model, issues: VerifyIssue[]): void {
   const report = (message: string) => issues.push({ graph: model.graph.name, message });
   const seen = new Map<string, number>();
   for (const o of model.opsetImports) {
-    const domain = o.domain === 'ai.onnx' ? '' : o.domain ?? '';
+    const domain = o.domain === 'ai.onnx' ? '' : (o.domain ?? '');
     const version = typeof o.version === 'number' ? o.version : Number(o.version ?? 0);
-    if (seen.has(domain) && seen.get(domain) !== version) report(`opset ${quote(domain || 'ai.onnx')} is imported twice, at versions ${seen.get(domain)} and ${version}`);
+    if (seen.has(domain) && seen.get(domain) !== version)
+      report(`opset ${quote(domain || 'ai.onnx')} is imported twice, at versions ${seen.get(domain)} and ${version}`);
     seen.set(domain, version);
     if (!Number.isSafeInteger(version) || version < 1) report(`opset ${quote(domain || 'ai.onnx')} is imported at version ${String(o.version)}`);
   }
   let usesDefault = false;
-  for (const n of nodesAndFunctionNodes(model)) if (n.domain === '' || n.domain === 'ai.onnx') { usesDefault = true; break; }
+  for (const n of nodesAndFunctionNodes(model))
+    if (n.domain === '' || n.domain === 'ai.onnx') {
+      usesDefault = true;
+      break;
+    }
   if (usesDefault && !seen.has('')) report('the model uses default-domain (ai.onnx) operators but imports no ai.onnx opset');
 }
 
@@ -86,17 +91,62 @@ function verifyOpsets(model: Model, issues: VerifyIssue[]): void {
  * writes. A node outside these bounds cannot load in ONNX Runtime, and analysis must not meet it.
  */
 const ARITY: Record<string, [number, number, number, number]> = {
-  MatMul: [2, 2, 1, 1], Add: [2, 2, 1, 1], Sub: [2, 2, 1, 1], Mul: [2, 2, 1, 1], Div: [2, 2, 1, 1], Pow: [2, 2, 1, 1],
-  Equal: [2, 2, 1, 1], Less: [2, 2, 1, 1], Greater: [2, 2, 1, 1], And: [2, 2, 1, 1], Or: [2, 2, 1, 1], Where: [3, 3, 1, 1],
-  Gemm: [2, 3, 1, 1], Softmax: [1, 1, 1, 1], Transpose: [1, 1, 1, 1], Reshape: [2, 2, 1, 1], Expand: [2, 2, 1, 1],
-  Gather: [2, 2, 1, 1], GatherElements: [2, 2, 1, 1], Concat: [1, Infinity, 1, 1], Slice: [1, 5, 1, 1], Shape: [1, 1, 1, 1],
-  Unsqueeze: [1, 2, 1, 1], Squeeze: [1, 2, 1, 1], Cast: [1, 1, 1, 1], Sqrt: [1, 1, 1, 1], Neg: [1, 1, 1, 1], Not: [1, 1, 1, 1],
-  Sigmoid: [1, 1, 1, 1], Tanh: [1, 1, 1, 1], Relu: [1, 1, 1, 1], Erf: [1, 1, 1, 1], Exp: [1, 1, 1, 1], Reciprocal: [1, 1, 1, 1],
-  Identity: [1, 1, 1, 1], ReduceMean: [1, 2, 1, 1], ReduceSum: [1, 2, 1, 1], ReduceMax: [1, 2, 1, 1], CumSum: [2, 2, 1, 1],
-  Range: [3, 3, 1, 1], Trilu: [1, 2, 1, 1], LayerNormalization: [2, 3, 1, 3], SimplifiedLayerNormalization: [2, 3, 1, 3],
-  RMSNormalization: [2, 2, 1, 1], If: [1, 1, 1, Infinity], ScatterND: [3, 3, 1, 1], ScatterElements: [3, 3, 1, 1],
-  TopK: [2, 2, 2, 2], NonZero: [1, 1, 1, 1], ConstantOfShape: [1, 1, 1, 1], Constant: [0, 0, 1, 1], Split: [1, 2, 1, Infinity],
-  Attention: [3, 7, 1, 4], RotaryEmbedding: [3, 4, 1, 1], Sin: [1, 1, 1, 1], Cos: [1, 1, 1, 1],
+  MatMul: [2, 2, 1, 1],
+  Add: [2, 2, 1, 1],
+  Sub: [2, 2, 1, 1],
+  Mul: [2, 2, 1, 1],
+  Div: [2, 2, 1, 1],
+  Pow: [2, 2, 1, 1],
+  Equal: [2, 2, 1, 1],
+  Less: [2, 2, 1, 1],
+  Greater: [2, 2, 1, 1],
+  And: [2, 2, 1, 1],
+  Or: [2, 2, 1, 1],
+  Where: [3, 3, 1, 1],
+  Gemm: [2, 3, 1, 1],
+  Softmax: [1, 1, 1, 1],
+  Transpose: [1, 1, 1, 1],
+  Reshape: [2, 2, 1, 1],
+  Expand: [2, 2, 1, 1],
+  Gather: [2, 2, 1, 1],
+  GatherElements: [2, 2, 1, 1],
+  Concat: [1, Infinity, 1, 1],
+  Slice: [1, 5, 1, 1],
+  Shape: [1, 1, 1, 1],
+  Unsqueeze: [1, 2, 1, 1],
+  Squeeze: [1, 2, 1, 1],
+  Cast: [1, 1, 1, 1],
+  Sqrt: [1, 1, 1, 1],
+  Neg: [1, 1, 1, 1],
+  Not: [1, 1, 1, 1],
+  Sigmoid: [1, 1, 1, 1],
+  Tanh: [1, 1, 1, 1],
+  Relu: [1, 1, 1, 1],
+  Erf: [1, 1, 1, 1],
+  Exp: [1, 1, 1, 1],
+  Reciprocal: [1, 1, 1, 1],
+  Identity: [1, 1, 1, 1],
+  ReduceMean: [1, 2, 1, 1],
+  ReduceSum: [1, 2, 1, 1],
+  ReduceMax: [1, 2, 1, 1],
+  CumSum: [2, 2, 1, 1],
+  Range: [3, 3, 1, 1],
+  Trilu: [1, 2, 1, 1],
+  LayerNormalization: [2, 3, 1, 3],
+  SimplifiedLayerNormalization: [2, 3, 1, 3],
+  RMSNormalization: [2, 2, 1, 1],
+  If: [1, 1, 1, Infinity],
+  ScatterND: [3, 3, 1, 1],
+  ScatterElements: [3, 3, 1, 1],
+  TopK: [2, 2, 2, 2],
+  NonZero: [1, 1, 1, 1],
+  ConstantOfShape: [1, 1, 1, 1],
+  Constant: [0, 0, 1, 1],
+  Split: [1, 2, 1, Infinity],
+  Attention: [3, 7, 1, 4],
+  RotaryEmbedding: [3, 4, 1, 1],
+  Sin: [1, 1, 1, 1],
+  Cos: [1, 1, 1, 1],
 };
 
 /** Element type codes a tensor can have (TensorProto.DataType, UNDEFINED excluded). */
@@ -125,8 +175,10 @@ function verifyArity(n: Node, report: (m: string) => void, ctx: Ctx): void {
   if (n.opType === '') report(`${n.describe()} has no op type`);
   const fn = ctx.functions.get(functionKey(n.domain, n.opType, n.overload));
   if (fn) {
-    if (n.inputs.length > fn.body.inputs.length) report(`${n.describe()} passes ${n.inputs.length} inputs to local function ${quote(fn.key)}, which declares ${fn.body.inputs.length}`);
-    if (n.outputs.length > fn.body.outputs.length) report(`${n.describe()} expects ${n.outputs.length} outputs from local function ${quote(fn.key)}, which declares ${fn.body.outputs.length}`);
+    if (n.inputs.length > fn.body.inputs.length)
+      report(`${n.describe()} passes ${n.inputs.length} inputs to local function ${quote(fn.key)}, which declares ${fn.body.inputs.length}`);
+    if (n.outputs.length > fn.body.outputs.length)
+      report(`${n.describe()} expects ${n.outputs.length} outputs from local function ${quote(fn.key)}, which declares ${fn.body.outputs.length}`);
     return;
   }
   if (n.domain === 'com.microsoft') {
@@ -137,7 +189,9 @@ function verifyArity(n: Node, report: (m: string) => void, ctx: Ctx): void {
     const outs = lastPresent(n.outputs.map((v) => (v.name === '' ? null : v)));
     const missing = required.filter((i) => !n.inputs[i]);
     if (missing.length || ins > inMax) {
-      report(`${n.describe()} ${missing.length ? `lacks required input${missing.length > 1 ? 's' : ''} ${missing.join(', ')}` : `has ${ins} inputs`}; ${n.opType} takes ${inMin} to ${inMax}`);
+      report(
+        `${n.describe()} ${missing.length ? `lacks required input${missing.length > 1 ? 's' : ''} ${missing.join(', ')}` : `has ${ins} inputs`}; ${n.opType} takes ${inMin} to ${inMax}`,
+      );
     }
     if (outs < outMin || outs > outMax) report(`${n.describe()} has ${outs} outputs; ${n.opType} gives ${outMin} to ${outMax}`);
     return;
@@ -149,11 +203,18 @@ function verifyArity(n: Node, report: (m: string) => void, ctx: Ctx): void {
   const outs = lastPresent(n.outputs.map((v) => (v.name === '' ? null : v)));
   const [inMin, inMax, outMin, outMax] = a;
   const required = n.inputs.slice(0, inMin).filter((v) => v !== null).length;
-  if (ins < inMin || required < inMin || ins > inMax) report(`${n.describe()} has ${ins} input${ins === 1 ? '' : 's'}${required < ins ? ` (${ins - required} of the first ${inMin} omitted)` : ''}; ${n.opType} takes ${inMin === inMax ? inMin : `${inMin} to ${inMax === Infinity ? 'any number' : inMax}`}`);
-  if (outs < outMin || outs > outMax) report(`${n.describe()} has ${outs} output${outs === 1 ? '' : 's'}; ${n.opType} gives ${outMin === outMax ? outMin : `${outMin} to ${outMax === Infinity ? 'any number' : outMax}`}`);
+  if (ins < inMin || required < inMin || ins > inMax)
+    report(
+      `${n.describe()} has ${ins} input${ins === 1 ? '' : 's'}${required < ins ? ` (${ins - required} of the first ${inMin} omitted)` : ''}; ${n.opType} takes ${inMin === inMax ? inMin : `${inMin} to ${inMax === Infinity ? 'any number' : inMax}`}`,
+    );
+  if (outs < outMin || outs > outMax)
+    report(
+      `${n.describe()} has ${outs} output${outs === 1 ? '' : 's'}; ${n.opType} gives ${outMin === outMax ? outMin : `${outMin} to ${outMax === Infinity ? 'any number' : outMax}`}`,
+    );
   if (n.opType === 'Cast') {
     const to = n.attrInt('to');
-    if (to === undefined || !KNOWN_TYPES.has(to)) report(`${n.describe()} casts to ${to === undefined ? 'no type (attribute to is missing)' : `element type ${to}, which is not a tensor type`}`);
+    if (to === undefined || !KNOWN_TYPES.has(to))
+      report(`${n.describe()} casts to ${to === undefined ? 'no type (attribute to is missing)' : `element type ${to}, which is not a tensor type`}`);
   }
   if (n.opType === 'If') {
     for (const branch of ['then_branch', 'else_branch']) {
@@ -192,7 +253,9 @@ function cycleMember(g: Graph): Node | null {
   const seen = new Set<Node>();
   while (!seen.has(n)) {
     seen.add(n);
-    const p = externalInputsOf(n).map((v) => v.producer).find((x) => x && x.graph === g && pending.get(x)! > 0);
+    const p = externalInputsOf(n)
+      .map((v) => v.producer)
+      .find((x) => x && x.graph === g && pending.get(x)! > 0);
     if (!p) break;
     n = p;
   }

@@ -12,11 +12,24 @@ import { ONNX_PROTO } from './onnx-schema.js';
 
 export type Int64 = number | Long;
 
-export interface StringStringEntryProto { key?: string; value?: string }
-export interface OperatorSetIdProto { domain?: string; version?: Int64 }
+export interface StringStringEntryProto {
+  key?: string;
+  value?: string;
+}
+export interface OperatorSetIdProto {
+  domain?: string;
+  version?: Int64;
+}
 
-export interface TensorShapeDimProto { dim_value?: Int64; dim_param?: string; denotation?: string; value?: string }
-export interface TensorShapeProto { dim: TensorShapeDimProto[] }
+export interface TensorShapeDimProto {
+  dim_value?: Int64;
+  dim_param?: string;
+  denotation?: string;
+  value?: string;
+}
+export interface TensorShapeProto {
+  dim: TensorShapeDimProto[];
+}
 export interface TypeProto {
   tensor_type?: { elem_type?: number; shape?: TensorShapeProto };
   sequence_type?: { elem_type?: TypeProto };
@@ -27,7 +40,12 @@ export interface TypeProto {
   denotation?: string;
   value?: string;
 }
-export interface ValueInfoProto { name?: string; type?: TypeProto; doc_string?: string; metadata_props: StringStringEntryProto[] }
+export interface ValueInfoProto {
+  name?: string;
+  type?: TypeProto;
+  doc_string?: string;
+  metadata_props: StringStringEntryProto[];
+}
 
 export interface TensorProto {
   dims: Int64[];
@@ -46,7 +64,11 @@ export interface TensorProto {
   uint64_data: Int64[];
   metadata_props: StringStringEntryProto[];
 }
-export interface SparseTensorProto { values?: TensorProto; indices?: TensorProto; dims: Int64[] }
+export interface SparseTensorProto {
+  values?: TensorProto;
+  indices?: TensorProto;
+  dims: Int64[];
+}
 
 export interface AttributeProto {
   name?: string;
@@ -126,8 +148,21 @@ export interface ModelProto {
 }
 
 export const AttributeType = {
-  UNDEFINED: 0, FLOAT: 1, INT: 2, STRING: 3, TENSOR: 4, GRAPH: 5, FLOATS: 6, INTS: 7, STRINGS: 8,
-  TENSORS: 9, GRAPHS: 10, SPARSE_TENSOR: 11, SPARSE_TENSORS: 12, TYPE_PROTO: 13, TYPE_PROTOS: 14,
+  UNDEFINED: 0,
+  FLOAT: 1,
+  INT: 2,
+  STRING: 3,
+  TENSOR: 4,
+  GRAPH: 5,
+  FLOATS: 6,
+  INTS: 7,
+  STRINGS: 8,
+  TENSORS: 9,
+  GRAPHS: 10,
+  SPARSE_TENSOR: 11,
+  SPARSE_TENSORS: 12,
+  TYPE_PROTO: 13,
+  TYPE_PROTOS: 14,
 } as const;
 
 export const DataLocation = { DEFAULT: 0, EXTERNAL: 1 } as const;

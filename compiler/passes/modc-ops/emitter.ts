@@ -20,7 +20,12 @@ export class Emitter {
    * @param prefix prefix of new value names (keeps inlined bodies readable)
    * @param before insert before this node instead of appending
    */
-  constructor(readonly graph: Graph, readonly opset: number, readonly prefix = '', readonly before?: Node) {}
+  constructor(
+    readonly graph: Graph,
+    readonly opset: number,
+    readonly prefix = '',
+    readonly before?: Node,
+  ) {}
 
   /** One node; returns its outputs. */
   node(op: string, inputs: (Value | null)[], attrs: Record<string, AttrValue> = {}, outputs = 1, domain = ''): Value[] {

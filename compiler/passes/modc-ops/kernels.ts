@@ -73,7 +73,13 @@ export function compact(selected: ArrayLike<number>, [B, S]: number[]): Compacte
 }
 
 /** y[b,k,...] = x[b, indices[b,k], ...]; `inner` is the product of the dims after the first two. */
-export function gatherTokens<T extends Float32Array | Float64Array | BigInt64Array | Uint8Array>(x: T, [B, S]: number[], inner: number, indices: number[], K: number): T {
+export function gatherTokens<T extends Float32Array | Float64Array | BigInt64Array | Uint8Array>(
+  x: T,
+  [B, S]: number[],
+  inner: number,
+  indices: number[],
+  K: number,
+): T {
   const Ctor = x.constructor as new (n: number) => T;
   const out = new Ctor(B! * K * inner);
   for (let b = 0; b < B!; b++) {
@@ -86,7 +92,15 @@ export function gatherTokens<T extends Float32Array | Float64Array | BigInt64Arr
 }
 
 /** x with each valid slot's token replaced by y (or x_sel + gate * (y - x_sel) when gated). */
-export function scatterTokens(x: Float32Array, [B, S, H]: number[], indices: number[], valid: Uint8Array, K: number, y: Float32Array, gate?: Float32Array): Float32Array {
+export function scatterTokens(
+  x: Float32Array,
+  [B, S, H]: number[],
+  indices: number[],
+  valid: Uint8Array,
+  K: number,
+  y: Float32Array,
+  gate?: Float32Array,
+): Float32Array {
   const out = Float32Array.from(x);
   for (let b = 0; b < B!; b++) {
     for (let k = 0; k < K; k++) {
@@ -104,7 +118,17 @@ export function scatterTokens(x: Float32Array, [B, S, H]: number[], indices: num
 }
 
 /** out[b,h,i,j] = mask[b|0, h, qIdx[b,i], kIdx[b,j]] where kValid[b,j], else fill. */
-export function gatherMask(mask: Float32Array, [MB, Hm, Sq, T]: number[], B: number, qIdx: number[], K: number, kIdx: number[], K2: number, kValid: Uint8Array, fill: number): Float32Array {
+export function gatherMask(
+  mask: Float32Array,
+  [MB, Hm, Sq, T]: number[],
+  B: number,
+  qIdx: number[],
+  K: number,
+  kIdx: number[],
+  K2: number,
+  kValid: Uint8Array,
+  fill: number,
+): Float32Array {
   const out = new Float32Array(B * Hm! * K * K2);
   for (let b = 0; b < B; b++) {
     const mb = MB === 1 ? 0 : b;
@@ -144,11 +168,14 @@ export function keyMask(pastLength: number[], capacity: number, valid: Uint8Arra
 export function gatherKv(kv: Float32Array, dims: number[], indices: number[], K: number): Float32Array {
   const [lead, B, H, T, D] = dims.length === 5 ? dims : [1, ...dims];
   const out = new Float32Array(lead! * B! * H! * K * D!);
-  for (let i = 0; i < lead!; i++) for (let b = 0; b < B!; b++) for (let h = 0; h < H!; h++) for (let k = 0; k < K; k++) {
-    const src = ((((i * B! + b) * H! + h) * T! + indices[b * K + k]!) * D!);
-    const dst = ((((i * B! + b) * H! + h) * K + k) * D!);
-    out.set(kv.subarray(src, src + D!), dst);
-  }
+  for (let i = 0; i < lead!; i++)
+    for (let b = 0; b < B!; b++)
+      for (let h = 0; h < H!; h++)
+        for (let k = 0; k < K; k++) {
+          const src = (((i * B! + b) * H! + h) * T! + indices[b * K + k]!) * D!;
+          const dst = (((i * B! + b) * H! + h) * K + k) * D!;
+          out.set(kv.subarray(src, src + D!), dst);
+        }
   return out;
 }
 
@@ -167,10 +194,12 @@ export function slotPositions(past: number[], [B, P]: number[], pastLength: numb
 /** bias[b, 0, i, j] = 0 where q - window < k <= q (q, k the query's and key's positions), else `lowest`. */
 export function windowBias(queryPositions: number[], keyPositions: number[], [B, K, T]: number[], window: number, lowest: number): Float32Array {
   const out = new Float32Array(B * K * T);
-  for (let b = 0; b < B; b++) for (let i = 0; i < K; i++) for (let j = 0; j < T; j++) {
-    const q = queryPositions[b * K + i]!;
-    const k = keyPositions[b * T + j]!;
-    out[(b * K + i) * T + j] = q - window < k && k <= q ? 0 : lowest;
-  }
+  for (let b = 0; b < B; b++)
+    for (let i = 0; i < K; i++)
+      for (let j = 0; j < T; j++) {
+        const q = queryPositions[b * K + i]!;
+        const k = keyPositions[b * T + j]!;
+        out[(b * K + i) * T + j] = q - window < k && k <= q ? 0 : lowest;
+      }
   return out;
 }

@@ -303,8 +303,20 @@ const windowBias: ModcOpDef = {
 };
 
 export const MODC_OPS: readonly ModcOpDef[] = [
-  router, selectThreshold, selectTopK, compact, gatherTokens, scatterTokens, scatterTokensGated, gatherMask,
-  prefixMaskOp, keyMask, gatherKv, gatherKvCombined, slotPositions, windowBias,
+  router,
+  selectThreshold,
+  selectTopK,
+  compact,
+  gatherTokens,
+  scatterTokens,
+  scatterTokensGated,
+  gatherMask,
+  prefixMaskOp,
+  keyMask,
+  gatherKv,
+  gatherKvCombined,
+  slotPositions,
+  windowBias,
 ];
 
 export function modcOp(name: string): ModcOpDef {
