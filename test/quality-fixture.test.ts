@@ -1,8 +1,9 @@
 /**
- * The quality fixture (fixtures/quality-lm, trained by fixtures/torch/train_lm.py) is a real
- * language model: ONNX Runtime running it over the held-out eval.jsonl reaches an NLL per byte
- * far below the unigram entropy of the same bytes (computed here from the data), and it
- * reproduces torch's logits committed at export time (prefill with left padding, two decode steps).
+ * The quality fixtures (fixtures/quality-lm and fixtures/quality-lm-deep, trained by
+ * fixtures/torch/train_lm.py) are real language models: ONNX Runtime running each over its
+ * held-out eval.jsonl reaches an NLL per byte far below the unigram entropy of the same bytes
+ * (computed here from the data), and it reproduces torch's logits committed at export time
+ * (prefill with left padding, two decode steps).
  */
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -11,20 +12,21 @@ import { createSession, type ort } from '../compiler/runtime/ort.js';
 import { ROOT } from './helpers.js';
 import { emptyPast, readTorchReference, replayInOrt, rows } from './torch-reference.js';
 
-const DIR = join(ROOT, 'fixtures', 'quality-lm');
+/** Each fixture folder and its layer count (as a check that the right model was read). */
+const FIXTURES = [
+  { name: 'quality-lm', layers: 6 },
+  { name: 'quality-lm-deep', layers: 12 },
+];
 
-const reference = readTorchReference(DIR);
-const vocab = reference.config.vocab!;
-
-function readLines(file: string): number[][] {
-  return readFileSync(join(DIR, file), 'utf8')
+function readLines(dir: string, file: string): number[][] {
+  return readFileSync(join(dir, file), 'utf8')
     .trim()
     .split('\n')
     .map((l) => (JSON.parse(l) as { ids: number[] }).ids);
 }
 
 /** Entropy (nats) of the byte frequencies of every predicted byte (each byte after a line's first). */
-function unigramEntropy(lines: number[][]): number {
+function unigramEntropy(lines: number[][], vocab: number): number {
   const counts = new Array<number>(vocab).fill(0);
   let total = 0;
   for (const line of lines) {
@@ -36,11 +38,15 @@ function unigramEntropy(lines: number[][]): number {
   return -counts.filter((c) => c > 0).reduce((h, c) => h + (c / total) * Math.log(c / total), 0);
 }
 
-describe('quality-lm fixture', () => {
-  const evalLines = readLines('eval.jsonl');
-  const calibLines = readLines('calib.jsonl');
+describe.each(FIXTURES)('$name fixture', ({ name, layers }) => {
+  const DIR = join(ROOT, 'fixtures', name);
+  const reference = readTorchReference(DIR);
+  const vocab = reference.config.vocab!;
+  const evalLines = readLines(DIR, 'eval.jsonl');
+  const calibLines = readLines(DIR, 'calib.jsonl');
 
   it('has held-out data: 256-byte lines, eval and calib disjoint', () => {
+    expect(reference.config.layers).toBe(layers);
     expect(evalLines.length).toBeGreaterThanOrEqual(64);
     expect(calibLines.length).toBeGreaterThanOrEqual(64);
     for (const l of [...evalLines, ...calibLines]) {
@@ -79,7 +85,7 @@ describe('quality-lm fixture', () => {
       }
     }
     const meanNll = nll / count;
-    const entropy = unigramEntropy(evalLines);
+    const entropy = unigramEntropy(evalLines, vocab);
     expect(count).toBe(evalLines.length * 255);
     expect(Number.isFinite(meanNll)).toBe(true);
     expect(entropy).toBeGreaterThan(2.5); // text bytes, not a degenerate file
