@@ -438,8 +438,8 @@ class LayerRouter {
   }
 
   /**
-   * The decode fast path for a cache appended by `Concat(past, new)` (README, "How a layer is
-   * routed"). No full cache passes through an If branch or out of an If:
+   * The decode fast path for a cache appended by `Concat(past, new)` (docs/routing.md, "How a layer
+   * is routed"). No full cache passes through an If branch or out of an If:
    *
    *   kv_new, v_new, h.. = If(any selected) { the nodes computing the new K/V from the selected
    *                          tokens } else { [B,H,0,D] slices of the past; empty stand-ins }
