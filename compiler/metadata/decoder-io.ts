@@ -46,6 +46,10 @@ export function staticCacheDims(b: KvBinding, B: number, length: number): number
  * -> `present.N.*`): zeros at the start, the present fed back as the past at every step.
  */
 export interface StateBinding {
+  /**
+   * The layer the names number (`past_key_values.N.*`): a label only. The analysis binds state to
+   * a layer by dataflow; state may be read and written by the prefix or the suffix instead.
+   */
   layer: number;
   past: string;
   present: string;

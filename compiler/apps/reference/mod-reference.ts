@@ -197,7 +197,7 @@ export class ModReference {
         if (b.pastValue) this.fullCaches.set(b.pastValue, emptyTensor(b.dtype, dims(rows.length)));
       }
     }
-    // State besides the KV cache: its layers are never routed; keepFull carries it like a cache.
+    // State besides the KV cache starts at zero; call() carries it after each call.
     for (const [name, t] of zeroStates(this.io, rows.length)) this.fullCaches.set(name, t);
     return this.call(ids, width, promptPositions(mask), 0);
   }
@@ -268,6 +268,10 @@ export class ModReference {
     this.scores.push(this.callScores);
     this.callScores = new Map();
     await runUnit(this.suffix, values);
+    // State besides the KV cache is carried whole, whichever unit wrote it: a layer holding state
+    // is never routed (create refuses it), and state the prefix or suffix reads and writes, or
+    // that a name numbers for a routed layer, belongs to no layer's carry.
+    for (const st of this.io.state) this.fullCaches.set(st.past, values.get(st.present)!);
     const logits = values.get(this.io.logits)!;
     return { data: toFloat32(logits), dims: logits.dims as [number, number, number] };
   }
@@ -291,8 +295,6 @@ export class ModReference {
       this.fullCaches.set(b.pastKey, values.get(b.presentKey)!);
       if (b.pastValue) this.fullCaches.set(b.pastValue, values.get(b.presentValue!)!);
     }
-    // State besides the KV cache (a recurrent layer has no KV binding): carried like a full cache.
-    for (const st of this.io.state) if (st.layer === layer) this.fullCaches.set(st.past, values.get(st.present)!);
   }
 
   /** SPEC.md steps 1-5 for one converted layer; returns each row's selected positions. */
