@@ -4,12 +4,15 @@
  * state outside every layer, a shared prefix reading a layer's cache, a fused embedding sum,
  * a batch-1-only mask, and what `modc verify` says about a model it cannot check.
  */
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
 import { loadModel } from '../compiler/core/io/load.js';
 import { decoderIo } from '../compiler/metadata/decoder-io.js';
+import { decodeModelProto } from '../compiler/core/proto/index.js';
 import { buildFormDecoder, writeFormModel } from '../fixtures/builder/forms.js';
+import { writeGenaiModel } from '../fixtures/builder/genai.js';
 import { runCli, tempDir } from './helpers.js';
 
 const tmp = tempDir('modc-forms-exports');
@@ -30,7 +33,10 @@ async function compileAndVerify(source: string, tag: string, args: string[], ste
   const verified = await runCli('verify', source, out, '--steps', String(steps), '--json');
   expect(verified.stderr).toBe('');
   const report = JSON.parse(verified.stdout) as Report;
-  expect(report.checks.map((c) => [c.name, c.passed, c.maxDiff.length]), verified.stdout).toEqual([
+  expect(
+    report.checks.map((c) => [c.name, c.passed, c.maxDiff.length]),
+    verified.stdout,
+  ).toEqual([
     ['semantics', true, steps + 1],
     ['anchor', true, steps + 1],
   ]);
@@ -53,5 +59,68 @@ describe('GroupQueryAttention decoder with state outside every layer, added into
 
   it('a random-router compile verifies against the reference', async () => {
     await compileAndVerify(model, 'suffix-state-random', ['--router-init', 'random']);
+  });
+});
+
+describe('onnxruntime-genai fp16 Llama whose shared mask reads the past length off past_key_values.0.key (unsorted, external data)', () => {
+  const model = join(tmp, 'genai-pastkey', 'model.onnx');
+  writeGenaiModel({ ...CONFIG, numKvHeads: CONFIG.numHeads }, { kind: 'random', seed: SEED }, model, { pastLengthFrom: 'cache', unsorted: true });
+
+  it('the fixture is that form: the shared mask reads Shape(past_key_values.0.key), the node list is unsorted, the weights external', () => {
+    const proto = decodeModelProto(readFileSync(model));
+    const nodes = proto.graph!.node;
+    expect(nodes.some((n) => n.op_type === 'Shape' && n.input[0] === 'past_key_values.0.key')).toBe(true);
+    const producedAt = new Map(nodes.flatMap((n, i) => n.output.map((o) => [o, i] as const)));
+    expect(nodes.some((n, i) => n.input.some((v) => (producedAt.get(v) ?? -1) > i))).toBe(true);
+    expect(existsSync(`${model}.data`)).toBe(true);
+  });
+
+  it('the dense-past-length pass alone: the mask no longer reads the shape of the cache, and the logits are unchanged', async () => {
+    const out = join(tmp, 'genai-pastkey-pass', 'model.onnx');
+    const res = await runCli('compile', model, '-o', out, '--passes', 'dense-past-length,cleanup', '--json');
+    expect(res.code).toBe(0);
+    const shapeOfPast = (path: string) =>
+      decodeModelProto(readFileSync(path))
+        .graph!.node.filter((n) => n.op_type === 'Shape' && n.input[0] === 'past_key_values.0.key')
+        .map((n) => n.output[0]);
+    // The mask's read is gone; what is left reads the cache's other dims for the rewrite's Concat.
+    expect(shapeOfPast(model)).toHaveLength(1);
+    expect(shapeOfPast(out)).not.toContain(shapeOfPast(model)[0]);
+    expect(shapeOfPast(out).every((v) => v!.startsWith('modc/dense_past/'))).toBe(true);
+    const logits = async (path: string) => JSON.parse((await runCli('run', path, '--ids', '5,6,7;8,9', '--json')).stdout).logits;
+    expect(await logits(out)).toEqual(await logits(model));
+  });
+
+  it.each([
+    ['every layer routed, left padding', [], 'left'],
+    ['every layer routed, right padding', [], 'right'],
+    ['layer 0 routed alone (layers 1 and 2 read the shared mask at decode), left padding', ['--layers', '0'], 'left'],
+    ['layer 0 routed alone, right padding', ['--layers', '0'], 'right'],
+  ] as const)('random routers, %s: modc verify passes (prefill and 3 decode steps)', async (_, layers, pad) => {
+    const tag = `genai-pastkey-${layers.join('')}`;
+    const out = join(tmp, tag, 'model.onnx');
+    if (!existsSync(out)) {
+      const compiled = await runCli('compile', model, '-o', out, '-q', '--router-init', 'random', ...layers);
+      expect(compiled.stderr).toBe('');
+    }
+    const verified = await runCli('verify', model, out, '--steps', '3', '--pad', pad);
+    expect(verified.stderr).toBe('');
+    expect(verified.stdout).toMatch(/^PASS semantics: .*\nPASS anchor: /);
+    expect(verified.code).toBe(0);
+  });
+
+  it('layer 0 routed alone: generate decodes (the dense layers get a mask as wide as their own caches)', async () => {
+    const out = join(tmp, 'genai-pastkey-gen', 'model.onnx');
+    expect((await runCli('compile', model, '-o', out, '-q', '--router-init', 'random', '--layers', '0')).code).toBe(0);
+    const res = await runCli('generate', out, '--ids', '1,2,3,4,5;6,7', '--max-new', '3', '--json');
+    expect(res.stderr).toBe('');
+    expect(res.code).toBe(0);
+    const json = JSON.parse(res.stdout) as { ids: number[][]; cacheLengths: number[][] };
+    expect(json.ids.map((r) => r.length)).toEqual([8, 5]);
+    // The dense layers cached every token of each row.
+    expect(json.cacheLengths.slice(1)).toEqual([
+      [8, 5],
+      [8, 5],
+    ]);
   });
 });

@@ -7,7 +7,7 @@
  *   saveModel(model, 'model.mod.onnx');
  *
  * It analyses the model once, resolves the routing plan against it, runs the MoD pipeline
- * (record-costs, split-fused-boundaries, insert-routers, route-layers, [last-logits,] cleanup
+ * (record-costs, dense-past-length, split-fused-boundaries, insert-routers, route-layers, [last-logits,] cleanup
  * [, inline-modc-ops]) with that analysis handed to the passes, and records the source
  * fingerprint `modc verify` checks. The model is rewritten in place. Reading and writing files
  * (the model, genai_config.json) is the caller's.

@@ -236,11 +236,15 @@ export class ModReference {
     const B = this.batch;
     const values = await this.feeds(ids, [B, S], this.mask, positions);
     for (const [name, t] of this.fullCaches) values.set(name, t);
-    // The prefix may read a static buffer for its length (a mask over its slots): a converted
-    // layer's rows have their own buffers, so it sees a zero buffer of the same shape here.
+    // The prefix may read a converted layer's past for its length (a static buffer's slots, or a
+    // growing cache's past length, as onnxruntime-genai's shared mask does). A converted layer's
+    // rows have their own caches, so here it sees what the original model's prefix reads at this
+    // call: zeros of the dense shape (a growing cache holds every past slot).
     for (const b of this.io.kv) {
-      if (!this.compacted.has(b.layer) || !b.layout.startsWith('static')) continue;
-      for (const name of [b.pastKey, b.pastValue]) if (name) values.set(name, emptyTensor(b.dtype, initialCacheDims(this.io, b, B)));
+      if (!this.compacted.has(b.layer)) continue;
+      const dims = initialCacheDims(this.io, b, B);
+      if (!b.layout.startsWith('static')) dims[b.layout === 'combined-2BHTD' ? 3 : 2] = pastLength;
+      for (const name of [b.pastKey, b.pastValue]) if (name) values.set(name, emptyTensor(b.dtype, dims));
     }
     await runUnit(this.prefix, values);
     const chosen = new Map<string, number[][]>();
