@@ -4,16 +4,17 @@
  * state outside every layer, a shared prefix reading a layer's cache, a fused embedding sum,
  * a batch-1-only mask, and what `modc verify` says about a model it cannot check.
  */
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
 import { loadModel } from '../compiler/core/io/load.js';
+import { saveModel } from '../compiler/core/io/save.js';
 import { decoderIo } from '../compiler/metadata/decoder-io.js';
 import { decodeModelProto } from '../compiler/core/proto/index.js';
 import { buildFormDecoder, writeFormModel } from '../fixtures/builder/forms.js';
 import { writeGenaiModel } from '../fixtures/builder/genai.js';
-import { runCli, tempDir } from './helpers.js';
+import { expectOneLineError, runCli, tempDir } from './helpers.js';
 
 const tmp = tempDir('modc-forms-exports');
 const CONFIG = { hiddenSize: 64, numLayers: 3, numHeads: 4, numKvHeads: 2, intermediateSize: 64, vocabSize: 256, maxPositions: 256 };
@@ -122,5 +123,109 @@ describe('onnxruntime-genai fp16 Llama whose shared mask reads the past length o
       [8, 5],
       [8, 5],
     ]);
+  });
+});
+
+describe("mobius's embedding: token and learned position embeddings summed by the first SkipLayerNormalization", () => {
+  const gqa = writeFormModel(buildFormDecoder(CONFIG, SEED, { attention: 'gqa', embedding: 'skip-norm' }), join(tmp, 'skipnorm-gqa', 'model.onnx'));
+  const standard = writeFormModel(
+    buildFormDecoder(CONFIG, SEED, { attention: 'standard', staticCausal: 'padding', embedding: 'skip-norm' }),
+    join(tmp, 'skipnorm-standard', 'model.onnx'),
+  );
+
+  it("the skip-norm is the embedding's fused boundary: the stream starts at its output 3, layer 0 reads its output 0", () => {
+    const s = analyzeDecoder(loadModel(gqa));
+    const node = s.embedding.boundary?.node;
+    expect(node?.opType).toBe('SkipLayerNormalization');
+    expect(s.embedding.output).toBe(node!.outputs[3]);
+    expect(s.embedding.positionTable?.name).toBe('model.embed_positions.weight');
+    expect(s.layers.map((l) => l.residualIn)).toHaveLength(3);
+    expect(s.layers[0]!.residualIn).toBe(node!.outputs[3]);
+    expect(s.layers[0]!.entryBoundary?.normed).toBe(node!.outputs[0]);
+    expect(s.explain.some((e) => e.subject === 'function com.microsoft::SkipLayerNormalization' && /runs the contrib kernel/.test(e.reason))).toBe(true);
+  });
+
+  it('the model-local function of the same name is not what runs: a body that differs changes neither ONNX Runtime nor the analysis', async () => {
+    const model = loadModel(gqa);
+    const fn = model.findFunction('com.microsoft', 'SkipLayerNormalization')!;
+    fn.body.nodes.find((n) => n.opType === 'Add')!.opType = 'Sub';
+    const changed = join(tmp, 'skipnorm-shadow', 'model.onnx');
+    saveModel(model, changed);
+    const logits = async (path: string) => JSON.parse((await runCli('run', path, '--ids', '5,6,7;8,9', '--json')).stdout).logits;
+    expect(await logits(changed)).toEqual(await logits(gqa));
+    const layers = (path: string) => analyzeDecoder(loadModel(path)).layers.map((l) => [l.residualIn.name, l.nodes.length]);
+    expect(layers(changed)).toEqual(layers(gqa));
+  });
+
+  it.each([
+    ['GroupQueryAttention', 'block'],
+    ['GroupQueryAttention', 'attention'],
+    ['GroupQueryAttention', 'mlp'],
+    ['standard Attention', 'block'],
+    ['standard Attention', 'attention'],
+    ['standard Attention', 'mlp'],
+  ] as const)('%s, %s routing: a random-router compile verifies, and keeps the function', async (form, granularity) => {
+    const source = form === 'standard Attention' ? standard : gqa;
+    await compileAndVerify(source, `skipnorm-${form.split(' ')[0]}-${granularity}`, ['--router-init', 'random', '--granularity', granularity], 2);
+    const compiled = loadModel(join(tmp, `skipnorm-${form.split(' ')[0]}-${granularity}`, 'model.onnx'));
+    expect(compiled.findFunction('com.microsoft', 'SkipLayerNormalization')).toBeDefined();
+  });
+
+  it('an all-pass ungated compile verifies (prefill and 3 decode steps)', async () => {
+    await compileAndVerify(standard, 'skipnorm-ap', ['--router-init', 'all-pass', '--ungated']);
+  });
+});
+
+describe("mobius's batch-1-only mask (the mask's rows land on the query axis)", () => {
+  const model = writeFormModel(
+    buildFormDecoder(CONFIG, SEED, { attention: 'standard', staticCausal: 'padding', embedding: 'skip-norm', batchOneMask: true }),
+    join(tmp, 'batch-one', 'model.onnx'),
+  );
+  const data = join(tmp, 'batch-one', 'data.jsonl');
+  writeFileSync(
+    data,
+    [
+      [5, 6, 7, 8, 9, 10],
+      [11, 12, 13],
+      [14, 15, 16, 17, 18],
+      [19, 20, 21, 22],
+      [23, 24, 25, 26, 27, 28, 29],
+    ]
+      .map((ids) => JSON.stringify({ ids }))
+      .join('\n') + '\n',
+  );
+  const compiled = join(tmp, 'batch-one-random', 'model.onnx');
+
+  it('is found by dataflow, naming the Unsqueeze that moves the batch; the same model with a [B, 1, S, T] mask is not', () => {
+    expect(decoderIo(loadModel(model)).batchOne).toMatch(/^Unsqueeze node '\/model\/attn_mask\/Unsqueeze' moves attention_mask's batch axis to axis 1/);
+    expect(decoderIo(loadModel(join(tmp, 'skipnorm-standard', 'model.onnx'))).batchOne).toBeNull();
+  });
+
+  it('run and generate take one row, and refuse two in one line (the original and a compiled model)', async () => {
+    expect((await compileAndVerify(model, 'batch-one-random', ['--router-init', 'random'])).passed).toBe(true);
+    for (const path of [model, compiled]) {
+      expect((await runCli('run', path, '--ids', '5,6,7')).code).toBe(0);
+      expectOneLineError(await runCli('run', path, '--ids', '5,6,7;8,9'), 1, /this model runs one row at a time \(Unsqueeze node .*\): give one row, not 2/);
+      expectOneLineError(await runCli('generate', path, '--ids', '5,6;8,9', '--max-new', '2'), 1, /runs one row at a time/);
+    }
+  });
+
+  it('verify (default prompt), eval (default batch), calibrate and bench run it one row at a time', async () => {
+    const verified = await runCli('verify', model, compiled, '--steps', '2');
+    expect(verified.stderr).toBe('');
+    expect(verified.code).toBe(0);
+    for (const path of [model, compiled]) {
+      const evaluated = await runCli('eval', path, '--data', data, '--json');
+      expect(evaluated.stderr).toBe('');
+      expect(JSON.parse(evaluated.stdout).tokens).toBeGreaterThan(0);
+    }
+    const routers = join(tmp, 'batch-one', 'routers.safetensors');
+    const calibrated = await runCli('calibrate', model, '--data', data, '-o', routers, '--target-compute', '0.8', '--sensitivity-tokens', '16', '-q');
+    expect(calibrated.stderr).toBe('');
+    expect(calibrated.code).toBe(0);
+    const bench = await runCli('bench', model, compiled, '--prompt', '4', '--steps', '1', '--runs', '1', '--warmup', '0', '--json');
+    expect(bench.stderr).toBe('');
+    expect(bench.code).toBe(0);
+    expectOneLineError(await runCli('bench', model, compiled, '--prompt', '4', '--steps', '1', '--runs', '1', '--batch', '2'), 1, /runs one row at a time/);
   });
 });

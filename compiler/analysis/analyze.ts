@@ -14,7 +14,7 @@ import { GraphFacts } from './graph-facts.js';
 import { hiddenSizeOf, maskInfo, positionalScheme, streamDtype } from './globals.js';
 import { buildLayers } from './layer-info.js';
 import { assignNodes, PREFIX, streamDependentValues, type NodeOwnership } from './layers.js';
-import { fusedAttentionSchema, isNormOp } from './ops.js';
+import { fusedAttentionSchema, isNormOp, MS_DOMAIN } from './ops.js';
 import { SideInputClassifier } from './side-inputs.js';
 import { walkResidualStream } from './stream.js';
 import type { DecoderStructure, Explanation, FinalInfo, LayerInfo, StreamStep } from './types.js';
@@ -30,6 +30,7 @@ export function analyzeDecoder(model: Model, opts: AnalyzeOptions = {}): Decoder
   const facts = new GraphFacts(graph);
   assertTopologicalOrder(graph, facts);
   const explain: Explanation[] = [];
+  explainShadowedContribOps(model, explain);
   const embedding = findEmbedding(graph, facts, explain);
   const dependent = streamDependentValues(graph, embedding.seeds);
   const ctx = { facts, dependent, graphInputs: new Set(graph.inputs), graphOutputs: new Set(graph.outputs) };
@@ -85,6 +86,35 @@ function assertTopologicalOrder(graph: Graph, facts: GraphFacts): void {
 }
 
 /** Notes on fused nodes spanning layer boundaries: the ones split-fused-boundaries would split. */
+/** The com.microsoft ops modc reads by their contrib semantics. */
+const CONTRIB_OPS_READ = new Set([
+  'Attention',
+  'EmbedLayerNormalization',
+  'FastGelu',
+  'GroupQueryAttention',
+  'MatMulNBits',
+  'MultiHeadAttention',
+  'RotaryEmbedding',
+  'SkipLayerNormalization',
+  'SkipSimplifiedLayerNormalization',
+]);
+
+/**
+ * A model-local function named like a contrib op (mobius writes com.microsoft::SkipLayerNormalization)
+ * does not change what its nodes compute: ONNX Runtime runs its registered contrib kernel for
+ * them, not the function, and modc reads them as that op too. The function stays in the model.
+ */
+function explainShadowedContribOps(model: Model, explain: Explanation[]): void {
+  for (const f of model.functions) {
+    if (f.domain !== MS_DOMAIN || !CONTRIB_OPS_READ.has(f.name) || !model.graph.nodes.some((n) => n.domain === f.domain && n.opType === f.name)) continue;
+    explain.push({
+      subject: `function ${f.domain}::${f.name}`,
+      verdict: 'accepted',
+      reason: `a model-local function shadows the contrib op of the same name; ONNX Runtime runs the contrib kernel for these nodes, not the function, and modc reads them as that op`,
+    });
+  }
+}
+
 function explainBoundaries(layers: readonly LayerInfo[], explain: Explanation[]): void {
   for (const l of layers) {
     const b = l.exitBoundary;

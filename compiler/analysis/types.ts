@@ -76,10 +76,12 @@ export interface FusedBoundary {
   sum: Value | null;
   /** The normalised copy of the sum (output 0). */
   normed: Value;
-  /** The layer whose residual add this node performs; -1 for EmbedLayerNormalization (the embedding). */
+  /** The layer whose residual add this node performs; -1 for the embedding (EmbedLayerNormalization, or a skip-norm summing the embedding terms). */
   addsForLayer: number;
   /** The layer reading `normed`; equal to the layer count when it is the final norm before lm_head. */
   normedForLayer: number;
+  /** A skip-norm starting the stream (it sums the embedding terms): the input slot (0 or 1) of the token embedding. */
+  streamOperandIndex?: number;
 }
 
 /** Why the branch of a step counts as computed from a normalised copy of the stream. */

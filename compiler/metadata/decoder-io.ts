@@ -8,6 +8,8 @@ import { ModcError, UsageError } from '../core/errors.js';
 import { DataType } from '../core/ir/dtype.js';
 import type { Value } from '../core/ir/graph.js';
 import type { Model } from '../core/ir/model.js';
+import { GraphFacts } from '../analysis/graph-facts.js';
+import { trackAxes } from '../analysis/token-axes.js';
 
 /** See compiler/analysis/types.ts: the static layouts are fixed-size buffers written by TensorScatter. */
 export type KvLayout = 'BHTD' | 'combined-2BHTD' | 'static-BTH' | 'static-BHTD';
@@ -94,7 +96,17 @@ export interface DecoderIo {
    * call's length, which a shorter (padded) row breaks.
    */
   unpaddable: string | null;
+  /**
+   * Why the model runs one row per call only, or null: an export whose mask puts attention_mask's
+   * batch axis on another axis of the mask an attention op reads (mobius's dynamic-cache GPT-2:
+   * Unsqueeze(attention_mask, 0) -> [1, B, T], expanded to [B, S, T], so the rows land on the
+   * query axis). ONNX Runtime refuses B > 1 there unless B equals S, and then mixes rows.
+   */
+  batchOne: string | null;
 }
+
+/** Metadata a compile writes when its original runs one row per call (DecoderIo.batchOne): the reason. */
+export const BATCH_ONE_KEY = 'modc.batch_one';
 
 /** Metadata a compile writes when it opens a static buffer's length: the original's length. */
 export const STATIC_CACHE_LENGTH_KEY = 'modc.static_cache_length';
@@ -220,6 +232,7 @@ export function decoderIo(model: Model): DecoderIo {
     writeIndices: writes.write,
     nonpadKvSeqlen: writes.nonpad,
     unpaddable: unpaddable(model),
+    batchOne: batchOne(model),
     staticCacheLength: staticLengths.length
       ? Math.max(0, ...staticLengths.map((n) => n ?? 0), recordedLength(model)) || positions || DEFAULT_STATIC_CACHE_LENGTH
       : null,
@@ -232,6 +245,47 @@ function unpaddable(model: Model): string | null {
     if (n.input(6) && n.input(1)?.producer?.opType === 'TensorScatter')
       return `${n.describe()} is causal by is_causal=1 aligned on nonpad_kv_seqlen, with no attn_mask to mask padding`;
     if (n.input(4)) return `${n.describe()} is causal by is_causal=1, with no attn_mask to mask padding`;
+  }
+  return null;
+}
+
+/** The inputs of attention ops that take a mask or bias, by op (domain::type). */
+const MASK_INPUTS: Record<string, number[]> = {
+  '::Attention': [3],
+  'com.microsoft::Attention': [3, 5],
+  'com.microsoft::MultiHeadAttention': [4, 5],
+  'com.microsoft::GroupQueryAttention': [10],
+};
+
+/** Keeps a batch-1-only original's reason in the compiled model (its masks may no longer show it). */
+export function recordBatchOne(model: Model, reason: string | null): void {
+  model.metadataProps = model.metadataProps.filter((p) => p.key !== BATCH_ONE_KEY);
+  if (reason) model.metadataProps.push({ key: BATCH_ONE_KEY, value: reason });
+}
+
+/** See DecoderIo.batchOne; a compiled model keeps its original's verdict in its metadata. */
+export function batchOne(model: Model): string | null {
+  const recorded = model.metadataProps.find((p) => p.key === BATCH_ONE_KEY)?.value;
+  if (recorded) return recorded;
+  const g = model.graph;
+  const mask = g.inputs.find((v) => v.name === 'attention_mask');
+  if (!mask || mask.shape?.length !== 2) return null;
+  const facts = new GraphFacts(g);
+  const tracked = trackAxes(g, mask, [0, 1], facts, () => true);
+  for (const n of model.allNodes()) {
+    for (const slot of MASK_INPUTS[`${n.domain === 'ai.onnx' ? '' : n.domain}::${n.opType}`] ?? []) {
+      const v = n.input(slot);
+      const axis = v ? tracked.get(v)?.axes[0] : undefined;
+      if (axis === undefined || axis === null || axis === 0) continue;
+      // The node that moved the batch off axis 0: walk back while the batch is off it.
+      let at = v!;
+      for (;;) {
+        const from = at.producer?.inputs.find((i) => i && tracked.has(i) && tracked.get(i)!.axes[0] !== 0);
+        if (!from) break;
+        at = from;
+      }
+      return `${at.producer?.describe() ?? at.name} moves attention_mask's batch axis to axis ${tracked.get(at)!.axes[0]} of ${at}, so the mask ${n.describe()} reads holds one row only`;
+    }
   }
   return null;
 }

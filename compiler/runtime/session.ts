@@ -316,8 +316,12 @@ export function staticLengthFeeds(io: DecoderIo, mask: number[][], S: number): R
   return feeds;
 }
 
-/** Refuses rows of different lengths for a model that cannot mask padding (DecoderIo.unpaddable). */
+/**
+ * Refuses more than one row for a model that runs one row per call (DecoderIo.batchOne), and rows
+ * of different lengths for a model that cannot mask padding (DecoderIo.unpaddable).
+ */
 export function checkUnpadded(io: DecoderIo, rows: number[][]): void {
+  if (io.batchOne && rows.length > 1) throw new ModcError(`this model runs one row at a time (${io.batchOne}): give one row, not ${rows.length}`);
   if (io.unpaddable && rows.some((r) => r.length !== rows[0]!.length)) {
     throw new ModcError(`rows of different lengths need padding, which this model cannot mask (${io.unpaddable}): give rows of one length`);
   }

@@ -37,7 +37,7 @@ export interface VerifyOptions {
   tolerance?: number;
   /** Where the compiled model and the anchor pair run (the reference executor runs on the CPU). */
   executionProvider?: ExecutionProvider;
-  /** The prompt is the default one: cut its rows to one length for a model that cannot mask padding. */
+  /** The prompt is the default one: cut to one row for a model that runs one row per call, its rows to one length for a model that cannot mask padding. */
   defaultPrompt?: boolean;
 }
 
@@ -215,7 +215,9 @@ export async function verifyCompiled(
   checkPlanFits(plan, structure, originalPath, compiledPath);
   const originalIo = decoderIo(original);
   const shortest = Math.min(...opts.prompt.map((r) => r.length));
-  const prompt = originalIo.unpaddable && opts.defaultPrompt ? opts.prompt.map((r) => r.slice(0, shortest)) : opts.prompt;
+  // The default prompt fits the model: one row for a model that runs one row per call, rows of one length for one that cannot pad.
+  let prompt = originalIo.unpaddable && opts.defaultPrompt ? opts.prompt.map((r) => r.slice(0, shortest)) : opts.prompt;
+  if (originalIo.batchOne && opts.defaultPrompt) prompt = prompt.slice(0, 1);
   const sided = { ...opts, prompt, pad: resolvePadSide(originalIo, opts.pad) };
   const work = mkdtempSync(join(tmpdir(), 'modc-verify-'));
   try {
