@@ -38,8 +38,8 @@ const CASES = [
     ],
   },
   {
-    name: 'qwen2-gqa-topk',
-    source: 'ort-qwen2-gqa',
+    name: 'gqa-fp16-topk',
+    source: 'forms-gqa-fp16-tiny',
     compile: ['--router-init', 'random', '--routing', 'topk', '--capacity', '0.5'],
     prompt: [
       [5, 6, 7, 8, 9, 10],

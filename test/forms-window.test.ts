@@ -156,9 +156,9 @@ describe.each([
   );
 });
 
-describe('float16 (fixtures/ort-qwen2-gqa with a window of 3 set on every layer)', () => {
+describe('float16 (fixtures/forms-gqa-fp16-tiny with a window of 3 set on every layer)', () => {
   it('all-pass reproduces the original and random routers agree with the reference (block and attention, 8 steps)', async () => {
-    const model = loadModel(join(FIXTURES_DIR, 'ort-qwen2-gqa', 'model.onnx'));
+    const model = loadModel(join(FIXTURES_DIR, 'forms-gqa-fp16-tiny', 'model.onnx'));
     for (const n of gqaNodes(model)) n.setAttr(attribute('local_window_size', 3));
     const path = join(tmp, 'qwen-window', 'model.onnx');
     saveModel(model, path);

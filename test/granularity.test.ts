@@ -127,7 +127,7 @@ function bothPartsFile(path: string, dir: string): string {
 }
 
 /** Both parts on one layer: two forms in `npm test`, two more in `npm run test:slow`. */
-const BOTH_PARTS = ONCE ? ['neox-tiny', 'genai-tiny'] : ['llama-tiny', 'ort-gpt2-fused'];
+const BOTH_PARTS = ONCE ? ['neox-tiny', 'genai-tiny'] : ['llama-tiny', 'forms-fused-gpt2-tiny'];
 
 describe.each(BOTH_PARTS)('both parts on one layer: %s', (name) => {
   const path = fixture(name);

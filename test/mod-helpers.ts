@@ -45,7 +45,7 @@ const logitScales = new Map<string, number>();
 
 /**
  * fp16 models get SPEC.md's fp16 tolerance, 1e-2, scaled down to the model's logits when they
- * are smaller than 1 (fixtures/ort-qwen2-gqa's are about 0.02: an absolute 1e-2 would pass
+ * are smaller than 1 (a tiny random export's can be about 0.02: an absolute 1e-2 would pass
  * logits off by half their size). The scale is the largest |logit| of the original model's
  * batch-3 prefill (right padding, which every attention form takes).
  */
