@@ -87,11 +87,12 @@ describe('the fixture (plain ONNX Runtime, masks built here)', () => {
 });
 
 describe('analysis', () => {
-  const s = analyzeDecoder(loadModel(PATH));
+  let analysed: ReturnType<typeof analyzeDecoder> | undefined;
+  const structure = () => (analysed ??= analyzeDecoder(loadModel(PATH)));
 
   it('takes the 4-D attention_mask as the caller-4d form: query axis 2, key axis 3', () => {
-    expect(s.mask.form).toBe('caller-4d');
-    for (const l of s.layers) {
+    expect(structure().mask.form).toBe('caller-4d');
+    for (const l of structure().layers) {
       const masks = l.sideInputs.filter((si) => si.kind === 'attention-mask');
       expect(masks.map((m) => [m.value.name, m.kind === 'attention-mask' && [m.form, m.queryAxis, m.keyAxis]])).toEqual([
         ['attention_mask', ['caller-4d', 2, 3]],
@@ -112,13 +113,13 @@ describe('analysis', () => {
   });
 
   it('follows each combined cache by dataflow: past_i through Split/Squeeze, present_i stacked after the concats', () => {
-    expect(s.layers.map((l) => [l.kv.key.input.name, l.kv.key.output.name, l.kv.value.input.name, l.kv.layout, l.kv.numKvHeads, l.kv.headSize])).toEqual(
-      [0, 1, 2].map((i) => [`past_${i}`, `present_${i}`, `past_${i}`, 'combined-2BHTD', 4, 8]),
-    );
+    expect(
+      structure().layers.map((l) => [l.kv.key.input.name, l.kv.key.output.name, l.kv.value.input.name, l.kv.layout, l.kv.numKvHeads, l.kv.headSize]),
+    ).toEqual([0, 1, 2].map((i) => [`past_${i}`, `present_${i}`, `past_${i}`, 'combined-2BHTD', 4, 8]));
   });
 
   it("owns the past's Split/Squeeze in the layer: it reads past_i itself, and no side input is left unexplained", () => {
-    for (const l of s.layers) {
+    for (const l of structure().layers) {
       const cut = l.nodes.filter((n) => n.inputs[0] === l.kv.key.input);
       expect(cut.map((n) => n.opType)).toEqual(['Split']);
       expect(l.nodes.filter((n) => n.opType === 'Squeeze')).toHaveLength(2);
@@ -127,11 +128,11 @@ describe('analysis', () => {
         ['attention-mask', 'attention_mask'],
       ]);
     }
-    expect(s.prefixNodes.map((n) => n.opType)).toEqual(['Gather', 'Gather', 'Add', 'Cast']);
+    expect(structure().prefixNodes.map((n) => n.opType)).toEqual(['Gather', 'Gather', 'Add', 'Cast']);
   });
 
   it('carries the stream through the no-op Casts: attention and MLP steps in every layer, each layer ending at its Cast', () => {
-    for (const l of s.layers) {
+    for (const l of structure().layers) {
       expect(l.steps.map((st) => [st.node.opType, st.carry.map((n) => n.opType)])).toEqual([
         ['Add', ['Cast']],
         ['Add', ['Cast']],
@@ -145,7 +146,7 @@ describe('analysis', () => {
       // The MLP reads the stream after the Cast that follows the attention add.
       expect(parts.mlp.input).toBe(l.steps[0]!.carried);
     }
-    expect(s.final.residual).toBe(s.layers[2]!.residualOut);
+    expect(structure().final.residual).toBe(structure().layers[2]!.residualOut);
   });
 
   it('refuses, naming the Add, a residual step the walk cannot follow, instead of leaving the MLP in the suffix', () => {
