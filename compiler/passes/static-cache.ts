@@ -17,10 +17,9 @@
  */
 import type { KvTensor, LayerInfo } from '../analysis/types.js';
 import { DataType } from '../core/ir/dtype.js';
-import { attribute, type Graph, type Node, Value } from '../core/ir/graph.js';
+import { attribute, type Graph, type Node, tensorType, Value, withDim } from '../core/ir/graph.js';
 import type { Model } from '../core/ir/model.js';
 import { recomputeWith, replaceUsesWithin } from '../core/ir/rewrite.js';
-import type { TypeProto } from '../core/proto/index.js';
 import { Tensor } from '../core/ir/tensor.js';
 import { pastLengthName, presentLengthName, STATIC_CACHE_INPUTS_KEY, STATIC_CACHE_LENGTH_KEY } from '../metadata/decoder-io.js';
 import type { Emitter } from './modc-ops/emitter.js';
@@ -153,16 +152,6 @@ export function compactStaticCache(r: StaticRegion): [Value, Value][] {
     t.output.type = withDim(t.output.type, seqAxis, `max_sequence_length_${l}`);
   }
   return [...tensors.map((t) => [t.output, t.input] as [Value, Value]), [presentLength, pastLength]];
-}
-
-function tensorType(elem: number, dims: (number | string)[]): TypeProto {
-  return { tensor_type: { elem_type: elem, shape: { dim: dims.map((d) => (typeof d === 'number' ? { dim_value: d } : { dim_param: d })) } } } as TypeProto;
-}
-
-function withDim(type: TypeProto | undefined, axis: number, name: string): TypeProto | undefined {
-  const t = type?.tensor_type;
-  if (!t?.shape) return type;
-  return { tensor_type: { elem_type: t.elem_type, shape: { dim: t.shape.dim.map((d, i) => (i === axis ? { dim_param: name } : d)) } } } as TypeProto;
 }
 
 /**
