@@ -334,6 +334,19 @@ describe('compiled', () => {
     }
   });
 
+  it("--logits last reads which of the call's tokens are real off the mask's diagonal: each row's last real logits, prefill and steps", async () => {
+    const out = join(tmp, 'last', 'model.onnx');
+    const res = await runCli('compile', PATH, '-o', out, '-q', '--router-init', 'all-pass', '--ungated', '--logits', 'last');
+    expect(res.code, res.stderr).toBe(0);
+    for (const pad of ['left', 'right'] as const) {
+      const [orig, last] = [await ModSession.create(PATH), await ModSession.create(out)];
+      const got = await last.forward(PROMPTS.b3, { pad });
+      expect(got.dims).toEqual([3, 1, 256]);
+      expect(worstRows(orig.lastReal(await orig.forward(PROMPTS.b3, { pad })), last.lastReal(got)), `prefill, pad ${pad}`).toBeLessThan(1e-4);
+      for (const id of [3, 4]) expect(worstRows(lastPosition(await orig.step([id, id, id])), lastPosition(await last.step([id, id, id])))).toBeLessThan(1e-4);
+    }
+  });
+
   it('the CLI: verify passes all-pass and random compiles; run, generate, bench, eval and calibrate drive the compiled model', async () => {
     const dir = join(tmp, 'cli');
     const allPass = join(dir, 'all-pass.onnx');
