@@ -65,6 +65,16 @@ const CASES = [
       [13, 14, 15, 16, 17],
     ],
   },
+  // The caller's 4-D mask [B, 1, 64, 64]: the wrapper builds it, and feeds past_sequence_length.
+  {
+    name: 'megatron-random',
+    source: 'forms-megatron-tiny',
+    compile: ['--router-init', 'random'],
+    prompt: [
+      [5, 6, 7, 8, 9, 10],
+      [11, 12, 13],
+    ],
+  },
 ] as const;
 const FORCE = [3, 17, 4];
 
