@@ -56,7 +56,8 @@ describe.each(REAL_EXPORTS)('$name', (e) => {
   it('a random-router compile passes modc verify: the reference executor and the anchor, prefill and 3 decode steps', async () => {
     const res = await runCli('compile', path, '-o', compiled('random'), '--router-init', 'random', '-q');
     expect(res.stderr).toBe('');
-    const verified = await runCli('verify', path, compiled('random'), '--steps', '3', '--json');
+    // The export's own prompt rows: ids within its vocabulary, one row where it runs one row per call.
+    const verified = await runCli('verify', path, compiled('random'), '--ids', idsFlag, '--steps', '3', '--json');
     expect(verified.stderr).toBe('');
     const report = JSON.parse(verified.stdout) as { checks: { name: string; passed: boolean; maxDiff: number[] }[] };
     expect(report.checks.map((c) => [c.name, c.passed, c.maxDiff.length])).toEqual([
