@@ -2,7 +2,8 @@
  * Benchmark dispatcher: `node dist/bench/run.js prefill|decode|profile|analysis [flags]` (or
  * `npm run bench -- NAME [flags]`). Tables go to stdout, progress to stderr.
  */
-import { spawnSync } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { rerunWithMallocEnv } from '../compiler/apps/benchmark/benchmark.js';
 import { ModcError } from '../compiler/core/errors.js';
 import { MALLOC_ENV } from './common.js';
 import { ANALYSIS_USAGE, analysisBench } from './analysis.js';
@@ -71,13 +72,5 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
-/** Re-runs this script with MALLOC_ENV set (glibc reads it at start-up only); null when not needed. */
-function rerunWithMallocEnv(argv: string[]): number | null {
-  if (process.platform !== 'linux' || argv.includes('--default-malloc') || Object.keys(MALLOC_ENV).every((k) => process.env[k] !== undefined)) return null;
-  const child = spawnSync(process.execPath, [...process.execArgv, process.argv[1]!, ...argv], { stdio: 'inherit', env: { ...process.env, ...MALLOC_ENV } });
-  if (child.error) throw child.error;
-  return child.status ?? 1;
-}
-
 const argv = process.argv.slice(2);
-process.exitCode = rerunWithMallocEnv(argv) ?? (await main(argv));
+process.exitCode = rerunWithMallocEnv(fileURLToPath(import.meta.url), argv) ?? (await main(argv));
