@@ -12,6 +12,8 @@ import { LONG_CONTEXT_USAGE, longContextBench } from './long-context.js';
 import { PREFILL_USAGE, prefillBench } from './prefill.js';
 import { PROFILE_USAGE, profileBench } from './profile.js';
 import { QUALITY_USAGE, qualityBench } from './quality.js';
+import { RECIPE_USAGE, recipeBench } from './recipe.js';
+import { SESSIONS_USAGE, sessionsBench } from './sessions.js';
 import { PLOT_USAGE, plotBench } from './plot.js';
 
 const BENCHES: Record<string, { usage: string; run: (argv: readonly string[]) => Promise<void> }> = {
@@ -21,18 +23,22 @@ const BENCHES: Record<string, { usage: string; run: (argv: readonly string[]) =>
   analysis: { usage: ANALYSIS_USAGE, run: analysisBench },
   'long-context': { usage: LONG_CONTEXT_USAGE, run: longContextBench },
   quality: { usage: QUALITY_USAGE, run: qualityBench },
+  recipe: { usage: RECIPE_USAGE, run: recipeBench },
+  sessions: { usage: SESSIONS_USAGE, run: sessionsBench },
   plot: { usage: PLOT_USAGE, run: plotBench },
 };
 
 const USAGE = `usage: node dist/bench/run.js <benchmark> [flags]   (npm run build && npm run bench -- <benchmark> [flags])
 
 benchmarks:
-  prefill   prefill time: original vs all-pass compile vs MoD compile, and the ideal MoD time
-  decode    KV-cache bytes and per-token decode latency at a long context: original vs MoD
+  prefill   prefill time of the all-pass and routed compiles against the original (one pair alive at a time), and the ideal routed time
+  decode    per-step decode ratios of the all-pass and routed compiles against the original (one pair alive at a time), KV bytes, achieved / ideal
   profile   ORT profile of one prefill (or decode step): where the time goes, by op and by layer
   analysis  load, analysis and MoD compile times of 7B-shaped graphs; modc compile of 7B/70B/405B shapes
   long-context  a small model at 8K/32K context: KV bytes, peak RSS, prefill and decode, original vs MoD
   quality   compute fraction vs held-out NLL: dense, calibrated and random routers (fixtures/quality-lm)
+  recipe    the parts and capacities modc calibrate picks on fixtures/quality-lm, placed on the bench model: speedups next to the NLL increase
+  sessions  one pair timed with 0 and with N extra idle sessions alive: per-step ratios, threads, resident memory
   plot      figures (SVG) from JSON: modc bench reports, modc eval results, bench quality --json
 
 Every benchmark takes --quick (small sizes, for a smoke run) and --help.
