@@ -7,6 +7,7 @@
  * file-backed resident memory with the extra sessions alive (each session prepacks its own copy
  * of the weights).
  */
+import { spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { ModSession } from '../compiler/runtime/session.js';
 import { UsageError } from '../compiler/core/errors.js';
@@ -55,25 +56,44 @@ without (the default here: they block).
 
 ${flagHelp(SESSIONS_FLAGS)}`;
 
-/** Threads and resident memory of this process (Linux; null elsewhere). */
-function processStatus(): { threads: number; rssAnonBytes: number; rssFileBytes: number } | null {
+/** Threads of this process (Linux; null elsewhere). */
+function processThreads(): number | null {
   try {
-    const text = readFileSync('/proc/self/status', 'utf8');
-    const kb = (key: string) => Number(new RegExp(`^${key}:\\s+(\\d+) kB`, 'm').exec(text)?.[1] ?? NaN) * 1024;
-    return { threads: Number(/^Threads:\s+(\d+)/m.exec(text)?.[1] ?? NaN), rssAnonBytes: kb('RssAnon'), rssFileBytes: kb('RssFile') };
+    return Number(/^Threads:\s+(\d+)/m.exec(readFileSync('/proc/self/status', 'utf8'))?.[1] ?? NaN);
   } catch {
     return null;
   }
+}
+
+interface ProbeRow {
+  sessions: number;
+  threads: number;
+  rssAnonBytes: number;
+  rssFileBytes: number;
+}
+
+/** Sessions of `model` created one by one in a fresh process (bench/sessions-probe.ts); null off Linux or when it fails. */
+function memoryProbe(model: string, count: number, threads: number, spinning: boolean, vocab: number): ProbeRow[] | null {
+  if (process.platform !== 'linux') return null;
+  const script = new URL('./sessions-probe.js', import.meta.url).pathname;
+  const child = spawnSync(process.execPath, [script, model, String(count), String(threads), spinning ? '1' : '0', String(vocab)], {
+    encoding: 'utf8',
+    maxBuffer: 1 << 24,
+  });
+  const line = child.stdout.trim().split('\n').at(-1) ?? '';
+  if (child.status !== 0 || !line.startsWith('[')) {
+    log(`memory probe failed: ${child.stderr.trim().split('\n')[0] ?? line}`);
+    return null;
+  }
+  return JSON.parse(line) as ProbeRow[];
 }
 
 interface Measurement {
   extra: number;
   repetition: number;
   t: PairTimes;
-  /** With the extra sessions alive and idle, before the pair is created. */
-  status: ReturnType<typeof processStatus>;
-  /** Without them (before they were created). */
-  baseline: ReturnType<typeof processStatus>;
+  /** Threads of the process with the extra sessions alive and idle, before the pair is created. */
+  threads: number | null;
 }
 
 export async function sessionsBench(argv: readonly string[]): Promise<void> {
@@ -104,7 +124,6 @@ export async function sessionsBench(argv: readonly string[]): Promise<void> {
     for (let r = 0; r < f.repeat; r++) {
       for (const extra of [0, f.extra]) {
         if (f.gc) collectGarbage();
-        const baseline = processStatus();
         const idle: ModSession[] = [];
         try {
           for (let i = 0; i < extra; i++) {
@@ -113,7 +132,7 @@ export async function sessionsBench(argv: readonly string[]): Promise<void> {
             idle.push(s);
           }
           if (f.gc) collectGarbage();
-          const status = processStatus();
+          const threads = processThreads();
           log(`repetition ${r + 1}/${f.repeat}: ${extra} extra idle session(s) of ${f['extra-model']} alive; timing ${compiled.name} against the original`);
           const t = await timePair(original, compiled.path, {
             prompt,
@@ -126,12 +145,16 @@ export async function sessionsBench(argv: readonly string[]): Promise<void> {
             gc: f.gc,
           });
           log(`  per-step ratio ${ratioSpan(t.ratios.decode.wall)} wall, ${ratioSpan(t.ratios.decode.cpu)} CPU`);
-          measurements.push({ extra, repetition: r + 1, t, status, baseline });
+          measurements.push({ extra, repetition: r + 1, t, threads });
         } finally {
           for (const s of idle) await s.session.release();
         }
       }
     }
+
+    log(`memory probe: ${f.extra} sessions of ${f['extra-model']} created one by one in a fresh process`);
+    const memory = memoryProbe(extraPath, f.extra, f.threads, f.spinning, f.vocab);
+    const perSession = memory && memory.length > 1 ? (pick: (r: ProbeRow) => number) => (pick(memory.at(-1)!) - pick(memory[0]!)) / (memory.length - 1) : null;
 
     const byExtra = (n: number) => measurements.filter((m) => m.extra === n);
     const pooled = (n: number, pick: (m: Measurement) => number[]) => median(byExtra(n).flatMap(pick));
@@ -165,10 +188,10 @@ export async function sessionsBench(argv: readonly string[]): Promise<void> {
               perStepRatio: { wall: m.t.ratios.decode.wall, cpu: m.t.ratios.decode.cpu },
               originalMedianStepMs: median(m.t.original.steps.map((s) => s.wallMs)),
               compiledMedianStepMs: median(m.t.compiled.steps.map((s) => s.wallMs)),
-              process: m.status,
-              processBeforeExtra: m.baseline,
+              threads: m.threads,
             })),
             summary,
+            memory: memory ? { freshProcess: memory, perSession: { rssAnonBytes: perSession!((r) => r.rssAnonBytes), threads: perSession!((r) => r.threads) } } : null,
           },
           null,
           2,
@@ -188,26 +211,16 @@ export async function sessionsBench(argv: readonly string[]): Promise<void> {
       '```',
       '',
     );
-    const mem = (s: Measurement['status']) => (s ? `${s.threads} threads, anon ${mib(s.rssAnonBytes)}, file ${mib(s.rssFileBytes)}` : 'n/a');
     out.push(
       table(
-        [
-          'extra idle sessions',
-          'repetition',
-          'per-step ratio: median (min - max)',
-          'CPU per-step ratio: median (min - max)',
-          'original median step',
-          'process before the extra sessions',
-          'with them alive',
-        ],
+        ['extra idle sessions', 'repetition', 'per-step ratio: median (min - max)', 'CPU per-step ratio: median (min - max)', 'original median step', 'process threads with the extra sessions alive'],
         measurements.map((m) => [
           String(m.extra),
           String(m.repetition),
           ratioSpan(m.t.ratios.decode.wall),
           ratioSpan(m.t.ratios.decode.cpu),
           `${median(m.t.original.steps.map((s) => s.wallMs)).toFixed(2)} ms`,
-          mem(m.baseline),
-          mem(m.status),
+          m.threads === null ? 'n/a' : String(m.threads),
         ]),
       ),
       '',
@@ -217,7 +230,19 @@ export async function sessionsBench(argv: readonly string[]): Promise<void> {
         ['extra idle sessions', 'per-step ratio, all repetitions pooled (median)', 'CPU, pooled (median)'],
         summary.map((s) => [String(s.extra), `${s.pooledPerStepRatio.wall.toFixed(3)}x`, `${s.pooledPerStepRatio.cpu.toFixed(3)}x`]),
       ),
+      '',
     );
+    if (memory) {
+      out.push(`Memory and threads as sessions of ${f['extra-model']} are created one by one (each run once) in a fresh process; these do not depend on machine load:`, '');
+      out.push(
+        table(
+          ['sessions alive', 'threads', 'anonymous resident', 'file-backed resident'],
+          memory.map((r) => [String(r.sessions), String(r.threads), mib(r.rssAnonBytes), mib(r.rssFileBytes)]),
+        ),
+        '',
+        `Each session adds ${mib(perSession!((r) => r.rssAnonBytes))} of anonymous memory (its own prepacked weights and buffers) and ${perSession!((r) => r.threads).toFixed(1)} threads.`,
+      );
+    }
     console.log(out.join('\n'));
   } finally {
     w.dispose();
