@@ -43,10 +43,11 @@ export function mallocSettings(env: NodeJS.ProcessEnv = process.env): string {
 /**
  * Runs `script` again in a child node process with MALLOC_ENV set (glibc reads it at start-up
  * only) and returns the child's exit code; null when that is not needed: not Linux, the settings
- * are already there, or `argv` has `--default-malloc`.
+ * are already there, or `argv` has `--default-malloc` (or asks for help).
  */
 export function rerunWithMallocEnv(script: string, argv: readonly string[]): number | null {
-  if (process.platform !== 'linux' || argv.includes('--default-malloc') || Object.keys(MALLOC_ENV).every((k) => process.env[k] !== undefined)) return null;
+  if (process.platform !== 'linux' || argv.includes('--default-malloc') || argv.includes('--help') || argv.includes('-h')) return null;
+  if (Object.keys(MALLOC_ENV).every((k) => process.env[k] !== undefined)) return null;
   const child = spawnSync(process.execPath, [...process.execArgv, script, ...argv], { stdio: 'inherit', env: { ...process.env, ...MALLOC_ENV } });
   if (child.error) throw child.error;
   return child.status ?? 1;
