@@ -105,7 +105,7 @@ export function modelFlags(defaults: { prompt: number; runs: number; warmup: num
       default: false,
       help: "let idle ORT worker threads spin (ORT's default); off, the default here, sets session.intra_op / inter_op.allow_spinning = 0",
     },
-    ep: { kind: 'string', default: 'cpu', help: 'execution provider: cpu or cuda (see README, "CUDA")' },
+    ep: { kind: 'string', default: 'cpu', help: 'execution provider: cpu or cuda (see docs/serving.md, "CUDA")' },
     json: { kind: 'bool', default: false, help: 'print the results as one JSON object on stdout instead of Markdown tables' },
     gc: { kind: 'bool', default: true, help: 'collect garbage (old logits and KV tensors) before each timed run, outside the timing; --no-gc leaves it to V8' },
     keep: { kind: 'bool', default: false, help: 'keep the temp folder with the models' },
