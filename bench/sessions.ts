@@ -191,7 +191,9 @@ export async function sessionsBench(argv: readonly string[]): Promise<void> {
               threads: m.threads,
             })),
             summary,
-            memory: memory ? { freshProcess: memory, perSession: { rssAnonBytes: perSession!((r) => r.rssAnonBytes), threads: perSession!((r) => r.threads) } } : null,
+            memory: memory
+              ? { freshProcess: memory, perSession: { rssAnonBytes: perSession!((r) => r.rssAnonBytes), threads: perSession!((r) => r.threads) } }
+              : null,
           },
           null,
           2,
@@ -213,7 +215,14 @@ export async function sessionsBench(argv: readonly string[]): Promise<void> {
     );
     out.push(
       table(
-        ['extra idle sessions', 'repetition', 'per-step ratio: median (min - max)', 'CPU per-step ratio: median (min - max)', 'original median step', 'process threads with the extra sessions alive'],
+        [
+          'extra idle sessions',
+          'repetition',
+          'per-step ratio: median (min - max)',
+          'CPU per-step ratio: median (min - max)',
+          'original median step',
+          'process threads with the extra sessions alive',
+        ],
         measurements.map((m) => [
           String(m.extra),
           String(m.repetition),
@@ -233,7 +242,10 @@ export async function sessionsBench(argv: readonly string[]): Promise<void> {
       '',
     );
     if (memory) {
-      out.push(`Memory and threads as sessions of ${f['extra-model']} are created one by one (each run once) in a fresh process; these do not depend on machine load:`, '');
+      out.push(
+        `Memory and threads as sessions of ${f['extra-model']} are created one by one (each run once) in a fresh process; these do not depend on machine load:`,
+        '',
+      );
       out.push(
         table(
           ['sessions alive', 'threads', 'anonymous resident', 'file-backed resident'],

@@ -123,11 +123,24 @@ describe('modc bench through bin/modc.js', () => {
 describe('bench/ flags', () => {
   it('defaults: the bench shape (hidden 1024, 8 layers, vocab 32000), llama form, block granularity', () => {
     const f = parseFlags([], DECODE_FLAGS);
-    expect([f.form, f.hidden, f.layers, f.heads, f.vocab, f.granularity, f.threads, f.gc, f.keep]).toEqual(['llama', 1024, 8, 16, 32000, 'block', 0, true, false]);
+    expect([f.form, f.hidden, f.layers, f.heads, f.vocab, f.granularity, f.threads, f.gc, f.keep]).toEqual([
+      'llama',
+      1024,
+      8,
+      16,
+      32000,
+      'block',
+      0,
+      true,
+      false,
+    ]);
   });
 
   it('takes --name value, --name=value, --no-flag and negative numbers as values', () => {
-    const f = parseFlags(['--form', 'gpt2', '--prompt=16', '--runs', '3', '--no-gc', '--keep', '--capacity', '0.25', '--granularity=mlp', '--batch', '2'], DECODE_FLAGS);
+    const f = parseFlags(
+      ['--form', 'gpt2', '--prompt=16', '--runs', '3', '--no-gc', '--keep', '--capacity', '0.25', '--granularity=mlp', '--batch', '2'],
+      DECODE_FLAGS,
+    );
     expect([f.form, f.prompt, f.runs, f.gc, f.keep, f.capacity, f.granularity, f.batch]).toEqual(['gpt2', 16, 3, false, true, 0.25, 'mlp', 2]);
     // A negative number after a flag is its value, refused by the range check rather than by the parser.
     expect(() => parseFlags(['--router-seed', '-3'], DECODE_FLAGS)).toThrow(/--router-seed must be an integer >= 0/);
@@ -157,7 +170,7 @@ describe('bench/ flags', () => {
     expect(() => granularityOf({ granularity: 'ffn' })).toThrow(/--granularity must be one of block, attention, mlp/);
   });
 
-  it('recipe: a quality layer l of L covers bench layers round(l L\'/L) .. round((l+1) L\'/L) - 1', () => {
+  it("recipe: a quality layer l of L covers bench layers round(l L'/L) .. round((l+1) L'/L) - 1", () => {
     expect([0, 1, 2, 3, 4, 5].map((l) => mapLayers(l, 6, 8))).toEqual([[0], [1, 2], [3], [4], [5, 6], [7]]);
     expect([0, 1, 2, 3, 4, 5].map((l) => mapLayers(l, 6, 4))).toEqual([[0], [], [1], [2], [], [3]]);
     expect([0, 1, 2].map((l) => mapLayers(l, 3, 3))).toEqual([[0], [1], [2]]);
@@ -215,7 +228,24 @@ describe('bench/ flags', () => {
 
   it('decode --form gpt2 --keep: the fused GPT-2 form at the given shape, compiled', () => {
     const sizes = ['--hidden', '32', '--layers', '2', '--heads', '2', '--kv-heads', '2', '--intermediate', '64', '--vocab', '128'];
-    const res = bench('decode', '--form', 'gpt2', ...sizes, '--prompt', '8', '--runs', '1', '--warmup', '0', '--unit-runs', '1', '--threads', '1', '--no-routed', '--keep');
+    const res = bench(
+      'decode',
+      '--form',
+      'gpt2',
+      ...sizes,
+      '--prompt',
+      '8',
+      '--runs',
+      '1',
+      '--warmup',
+      '0',
+      '--unit-runs',
+      '1',
+      '--threads',
+      '1',
+      '--no-routed',
+      '--keep',
+    );
     expect(res.status, res.stderr).toBe(0);
     const dir = /kept (\S+)/.exec(res.stderr)?.[1];
     try {
