@@ -320,7 +320,7 @@ describe('decoders fed by inputs_embeds (fixtures/forms-embeds-tiny: decoder, em
 });
 
 describe('modc eval on the forms', () => {
-  it('feeds state and embeddings: the inputs_embeds decoder scores as the same weights fed input_ids; the hybrid model's NLL is its logits', row by row', async () => {
+  it('feeds state and embeddings: the inputs_embeds decoder scores as the same weights fed input_ids; the hybrid model scores as its logits say, row by row', async () => {
     const data = join(tmp, 'eval.jsonl');
     writeFileSync(data, '{"ids": [5, 6, 7, 8, 9, 10]}\n{"ids": [11, 12, 13]}\n');
     const nll = async (path: string) => {
