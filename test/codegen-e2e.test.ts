@@ -1,5 +1,5 @@
 /**
- * `modc codegen` end to end: the generated wrapper passes the exact strict tsc command the README
+ * `modc codegen` end to end: the generated wrapper passes the exact strict tsc command docs/commands.md
  * promises, in a folder with no package.json and only onnxruntime-node beside it, and running it
  * (prefill then steps) gives the logits and per-layer cache lengths ModSession gives on the same ids.
  * Slow (several tsc runs): in the slow project (vitest.config.ts SLOW_FILES).
@@ -63,6 +63,16 @@ const CASES = [
     prompt: [
       [5, 6, 7, 8, 9, 10, 11, 12],
       [13, 14, 15, 16, 17],
+    ],
+  },
+  // The caller's 4-D mask [B, 1, 64, 64]: the wrapper builds it, and feeds past_sequence_length.
+  {
+    name: 'megatron-random',
+    source: 'forms-megatron-tiny',
+    compile: ['--router-init', 'random'],
+    prompt: [
+      [5, 6, 7, 8, 9, 10],
+      [11, 12, 13],
     ],
   },
 ] as const;

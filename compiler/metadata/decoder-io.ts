@@ -29,8 +29,10 @@ export interface KvBinding {
   /** Static layouts: the buffer length when the model fixes it (null: the runner chooses). */
   maxLength: number | null;
   /**
-   * modc-compiled sliding-window layer: the original position of each cache slot, int64
-   * [B, P_l] in and out (zeros-wide at the start), carried like the cache.
+   * modc-compiled layer whose cache slots carry an index, int64 [B, P_l] in and out (zero-wide at
+   * the start), carried like the cache: a sliding-window layer's original position of each slot
+   * (`past_positions.l`), or, in a model reading the caller's 4-D mask, each slot's sequence index
+   * (`past_sequence_indices.l`).
    */
   pastPositions: string | null;
   presentPositions: string | null;
@@ -59,7 +61,18 @@ export interface DecoderIo {
   inputIds: { name: string; dtype: 'int32' | 'int64' };
   /** Set when the decoder is fed embeddings [B, S, H] instead of ids (see runtime/embeddings.ts). */
   inputsEmbeds: { name: string; hiddenSize: number; dtype: 'float32' | 'float16' } | null;
-  attentionMask: { name: string; dtype: 'int32' | 'int64' } | null;
+  /**
+   * `dtype`: of a 2-D [B, T] mask. `caller4d`: the model takes the caller's 4-D mask [B, 1, M, M]
+   * instead, in sequence-index coordinates (1 or true = attend; the model slices each call's rows
+   * and columns): its element type and M (null when the model leaves it open).
+   */
+  attentionMask: { name: string; dtype: 'int32' | 'int64'; caller4d: { size: number | null; dtype: MaskElement } | null } | null;
+  /**
+   * A compiled model reading the caller's 4-D mask: the input taking each row's sequence length
+   * before this call (int64 [B], every token fed so far, padding included; 0 for a prefill), and
+   * the output giving it after the call.
+   */
+  sequenceLength: { past: string; present: string | null } | null;
   positionIds: { name: string; dtype: 'int32' | 'int64' } | null;
   logits: string;
   kv: KvBinding[];
@@ -103,6 +116,20 @@ export const DEFAULT_STATIC_CACHE_LENGTH = 2048;
 
 export type PadSide = 'left' | 'right';
 
+/** Element types a caller's 4-D attention mask can have. */
+export type MaskElement = 'float32' | 'float16' | 'bool' | 'int32' | 'int64';
+
+const MASK_ELEMENTS: Partial<Record<number, MaskElement>> = {
+  [DataType.FLOAT]: 'float32',
+  [DataType.FLOAT16]: 'float16',
+  [DataType.BOOL]: 'bool',
+  [DataType.INT32]: 'int32',
+  [DataType.INT64]: 'int64',
+};
+
+export const PAST_SEQUENCE_LENGTH = 'past_sequence_length';
+export const PRESENT_SEQUENCE_LENGTH = 'present_sequence_length';
+
 const intType = (v: Value): 'int32' | 'int64' => (v.dtype === DataType.INT32 ? 'int32' : 'int64');
 
 /** Past/present naming conventions: HF/GenAI `past_key_values.N.key` and ORT's `past_N` combined. */
@@ -115,6 +142,8 @@ export const pastLengthName = (layer: number) => `past_lengths.${layer}`;
 export const presentLengthName = (layer: number) => `present_lengths.${layer}`;
 export const pastPositionsName = (layer: number) => `past_positions.${layer}`;
 export const presentPositionsName = (layer: number) => `present_positions.${layer}`;
+export const pastSequenceIndicesName = (layer: number) => `past_sequence_indices.${layer}`;
+export const presentSequenceIndicesName = (layer: number) => `present_sequence_indices.${layer}`;
 
 export function decoderIo(model: Model): DecoderIo {
   const g = model.graph;
@@ -173,8 +202,7 @@ export function decoderIo(model: Model): DecoderIo {
         pastLength: inputs.has(pastLengthName(layer)) ? pastLengthName(layer) : null,
         presentLength: outputs.has(presentLengthName(layer)) ? presentLengthName(layer) : null,
         maxLength: null,
-        pastPositions: inputs.has(pastPositionsName(layer)) ? pastPositionsName(layer) : null,
-        presentPositions: outputs.has(presentPositionsName(layer)) ? presentPositionsName(layer) : null,
+        ...slotIndices(layer, inputs, outputs),
       } satisfies KvBinding);
     if (combined) {
       entry.pastKey = v.name;
@@ -197,14 +225,20 @@ export function decoderIo(model: Model): DecoderIo {
   const vocab = logits.shape?.at(-1);
   const writes = staticLengthInputs(model, inputs);
   const staticLengths = layers.filter((b) => b.layout.startsWith('static')).map((b) => b.maxLength);
-  const positions = maxPositions(model, pos ?? null);
+  const caller4d = mask && mask.shape?.length === 4 ? callerMask(mask) : null;
+  const tables = maxPositions(model, pos ?? null);
+  // The caller's mask covers M sequence indices: no context can be longer.
+  const positions = caller4d?.size ? Math.min(tables ?? caller4d.size, caller4d.size) : tables;
   const lengthBased =
     lengthBasedAttention(model) ??
     (staticLengths.length ? "a static KV cache (TensorScatter) reads each row's valid keys (nonpad_kv_seqlen) from the start of its buffer" : null);
   return {
     inputIds: ids ? { name: ids.name, dtype: intType(ids) } : { name: 'input_ids', dtype: 'int64' },
     inputsEmbeds: embeds ? { name: embeds.name, hiddenSize: hidden as number, dtype: embeds.dtype === DataType.FLOAT16 ? 'float16' : 'float32' } : null,
-    attentionMask: mask ? { name: mask.name, dtype: intType(mask) } : null,
+    attentionMask: mask ? { name: mask.name, dtype: intType(mask), caller4d } : null,
+    sequenceLength: inputs.has(PAST_SEQUENCE_LENGTH)
+      ? { past: PAST_SEQUENCE_LENGTH, present: outputs.has(PRESENT_SEQUENCE_LENGTH) ? PRESENT_SEQUENCE_LENGTH : null }
+      : null,
     positionIds: pos ? { name: pos.name, dtype: intType(pos) } : null,
     logits: logits.name,
     kv: layers,
@@ -220,6 +254,25 @@ export function decoderIo(model: Model): DecoderIo {
       ? Math.max(0, ...staticLengths.map((n) => n ?? 0), recordedLength(model)) || positions || DEFAULT_STATIC_CACHE_LENGTH
       : null,
   };
+}
+
+/** A caller's [B, 1, M, M] attention mask: its element type and M. */
+function callerMask(mask: Value): { size: number | null; dtype: MaskElement } {
+  const dtype = MASK_ELEMENTS[mask.dtype ?? DataType.FLOAT];
+  if (!dtype)
+    throw new ModcError(`input ${mask.name} is a 4-D attention mask of element type ${mask.dtype}; modc builds float, float16, bool or integer masks`);
+  const m = mask.shape![3];
+  return { size: typeof m === 'number' ? m : null, dtype };
+}
+
+/** A layer's per-slot index state (sliding-window positions, or sequence indices for a caller's 4-D mask). */
+function slotIndices(layer: number, inputs: Map<string, Value>, outputs: Map<string, Value>): Pick<KvBinding, 'pastPositions' | 'presentPositions'> {
+  for (const [past, present] of [
+    [pastPositionsName(layer), presentPositionsName(layer)],
+    [pastSequenceIndicesName(layer), presentSequenceIndicesName(layer)],
+  ])
+    if (inputs.has(past!)) return { pastPositions: past!, presentPositions: outputs.has(present!) ? present! : null };
+  return { pastPositions: null, presentPositions: null };
 }
 
 function unpaddable(model: Model): string | null {

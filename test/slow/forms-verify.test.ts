@@ -1,5 +1,5 @@
 /**
- * Decoder forms of real exports (issue 9), end to end: a routed compile of each form fixture
+ * Decoder forms of real exports (docs/forms.md), end to end: a routed compile of each form fixture
  * passes `modc verify` (MoD semantics against the reference executor, and the all-pass anchor),
  * with no flags besides the routing. The quick checks of each form are in test/forms.test.ts.
  */
@@ -52,6 +52,8 @@ describe('a routed compile of every form passes modc verify', () => {
     ['standard Attention with past/present (opset 23)', fixture('forms-attention23-tiny'), ['--granularity', 'attention']],
     ['opset-23 Attention, is_causal=1 + padding mask', fixture('forms-attention23-padmask-tiny'), ['--routing', 'topk']],
     ['opset-23 Attention, is_causal=1 without any mask', fixture('forms-attention23-causal-tiny', 'causal.onnx'), []],
+    ["Megatron: the caller's 4-D mask, combined caches cut by Split/Squeeze", fixture('forms-megatron-tiny'), ['--routing', 'topk']],
+    ['Megatron, attention-part routing', fixture('forms-megatron-tiny'), ['--granularity', 'attention']],
   ] as const)('%s', async (_, path, args) => {
     await compileAndVerify(path, `${path.split('/').at(-2)!}-${args.join('')}`, '--router-init', 'random', ...args);
   });
