@@ -16,7 +16,8 @@
  * used here: 0.249, 0.244, 0.128). MARGIN = 0.05 is under half the smallest gap seen. Routers
  * pointing the wrong way (the fitted weights negated, thresholds kept at the same capacities)
  * reach 2.251, worse than every random draw; negated weights with the calibrated biases select
- * other fractions and run at compute 0.972, over the target.
+ * other fractions and run at compute 0.972, over the target. The per-seed measurements are in
+ * bench/README.md ("The margin of the calibration quality test"), the test in docs/testing.md.
  *
  * Also: eval's selected fraction of each routed part equals the MoD reference executor's
  * selections counted on the same data (sequences of mixed lengths, left padding), exactly.
