@@ -156,3 +156,26 @@ export async function splittingThreshold(dir: string, path: string, rows: number
     await ref.release();
   }
 }
+
+/**
+ * Mean NLL per predicted token (nats) of `rows` on the model at `path`, computed here as a check
+ * of `modc eval`'s (which batches, pads and sums on its own): each row alone through ModSession
+ * (batch 1, no padding), -log softmax of the logits at t for the id at t + 1, in float64.
+ */
+export async function rowByRowNll(path: string, rows: number[][]): Promise<number> {
+  const session = await ModSession.create(path);
+  let sum = 0;
+  let count = 0;
+  for (const row of rows) {
+    const { data, dims } = await session.forward([row]);
+    const V = dims[2];
+    for (let t = 0; t + 1 < row.length; t++) {
+      const logits = Array.from(data.subarray(t * V, (t + 1) * V));
+      const max = Math.max(...logits);
+      const logSum = Math.log(logits.reduce((a, v) => a + Math.exp(v - max), 0)) + max;
+      sum += logSum - logits[row[t + 1]!]!;
+      count += 1;
+    }
+  }
+  return sum / count;
+}
