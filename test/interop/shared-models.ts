@@ -23,14 +23,14 @@ export interface RealExport {
 
 /**
  * The exports the suite checks end to end. ort-gpt2-megatron-4dmask (a caller-supplied 4-D float
- * mask) has its own checks in megatron.test.ts; here it would be one more entry,
- * `{ name: 'ort-gpt2-megatron-4dmask', file: 'gpt2_megatron.onnx', layers: 1 }`.
+ * mask) has further checks of its own in megatron.test.ts.
  */
 export const REAL_EXPORTS: readonly RealExport[] = [
   { name: 'ort-gpt2-fused', file: 'model.onnx', layers: 5 },
   { name: 'ort-qwen2-gqa', file: 'model.onnx', layers: 2 },
   { name: 'mobius-attn24-dynamic-kv', file: 'model.onnx', layers: 1, batchOne: true },
   { name: 'mobius-gqa-fp16-packed', file: 'model.onnx', layers: 1 },
+  { name: 'ort-gpt2-megatron-4dmask', file: 'gpt2_megatron.onnx', layers: 1 },
 ];
 
 /**

@@ -88,7 +88,7 @@ describe('npm package', () => {
       app,
     );
     const stdout = run(process.execPath, [join(app, 'out', 'library.js'), fixture('llama-tiny'), join(tmp, 'example-out')], app);
-    expect(stdout).toMatch(/converted 1; wrote /);
+    expect(stdout).toMatch(/converted layers 1; wrote /);
     expect(stdout).toMatch(/^row 0: 5 6 7 8( \d+){6}$/m);
     expect(stdout).toMatch(/^row 1: 9 10( \d+){6}$/m);
     expect(existsSync(join(tmp, 'example-out', 'model.onnx'))).toBe(true);
