@@ -1,7 +1,8 @@
 /**
  * Every pass modc knows, by name (what `--passes` resolves against), and the default MoD
- * pipeline: record-costs -> dense-past-length -> split-fused-boundaries -> insert-routers -> route-layers -> cleanup
- * [-> inline-modc-ops].
+ * pipeline: record-costs -> dense-past-length -> split-fused-boundaries -> insert-routers -> [route-kv ->]
+ * [route-layers ->] cleanup [-> inline-modc-ops]: route-kv when the plan routes a KV cache (kv parts),
+ * route-layers when it routes blocks, attention or MLPs.
  */
 import { UsageError } from '../core/errors.js';
 import { PassRegistry, stepOf, type Pass, type PipelineStep } from './pass-manager.js';
@@ -13,6 +14,7 @@ import { insertRoutersPass } from './insert-routers.js';
 import { lastLogitsPass } from './last-logits.js';
 import { liftConstantsPass } from './lift-constants.js';
 import { recordCostsPass } from './record-costs.js';
+import { routeKvPass } from './route-kv.js';
 import { routeLayersPass } from './route-layers.js';
 import { splitFusedBoundariesPass } from './split-fused-boundaries.js';
 
@@ -43,9 +45,14 @@ export function defaultRegistry(mod?: ModOptions): PassRegistry {
     .register(recordCostsPass)
     .register(densePastLengthPass)
     .register(lastLogitsPass);
-  if (mod) return reg.register(insertRoutersPass(mod.plan)).register(routeLayersPass({ gated: mod.plan.gated }));
+  if (mod)
+    return reg
+      .register(insertRoutersPass(mod.plan))
+      .register(routeKvPass)
+      .register(routeLayersPass({ gated: mod.plan.gated }));
   return reg
     .register(needsPlan('insert-routers', "add a router and token selection on each converted layer's residual input"))
+    .register(needsPlan('route-kv', routeKvPass.description))
     .register(needsPlan('route-layers', 'run each routed layer on its selected tokens only, with a compacted KV cache'));
 }
 
@@ -53,13 +60,14 @@ export function defaultRegistry(mod?: ModOptions): PassRegistry {
 export function modPipeline(mod: ModOptions): PipelineStep[] {
   const layers = [...new Set(mod.plan.layers.map((l) => l.layer))].join(',');
   // Sub-layer parts need the stream between attention and MLP as a value: split fusions there too.
-  const within = [...new Set(mod.plan.layers.filter((l) => l.part !== 'block').map((l) => l.layer))].join(',');
+  const within = [...new Set(mod.plan.layers.filter((l) => l.part === 'attention' || l.part === 'mlp').map((l) => l.layer))].join(',');
   return [
     stepOf(recordCostsPass, {}),
     stepOf(densePastLengthPass, {}),
     stepOf(splitFusedBoundariesPass, { layers, within }),
     stepOf(insertRoutersPass(mod.plan), {}),
-    stepOf(routeLayersPass({ gated: mod.plan.gated }), {}),
+    ...(mod.plan.layers.some((l) => l.part === 'kv') ? [stepOf(routeKvPass, {})] : []),
+    ...(mod.plan.layers.some((l) => l.part !== 'kv') ? [stepOf(routeLayersPass({ gated: mod.plan.gated }), {})] : []),
     ...(mod.logits === 'last' ? [stepOf(lastLogitsPass, {})] : []),
     stepOf(cleanupPass, {}),
     ...(mod.inlineOps ? [stepOf(inlineModcOpsPass, {})] : []),
@@ -74,6 +82,7 @@ export {
   lastLogitsPass,
   liftConstantsPass,
   recordCostsPass,
+  routeKvPass,
   routeLayersPass,
   splitFusedBoundariesPass,
 };

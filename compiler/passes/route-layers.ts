@@ -108,7 +108,7 @@ function regionOf(model: Model, layer: LayerInfo, part: RoutedPart): RoutedRegio
   if (stateful) return { reason: `side input ${stateful.value} is not understood (${(stateful as { reason: string }).reason})` };
   const parts = subLayersOf(layer, new Set(model.graph.outputs));
   if ('reason' in parts) return { reason: `no sub-layer boundary: ${parts.reason}` };
-  const sub = parts[part];
+  const sub = parts[part as 'attention' | 'mlp'];
   const joinFused = sub.join.opType !== 'Add' || sub.join.domain !== '';
   const why =
     (joinFused
@@ -729,6 +729,8 @@ export function routeLayers(model: Model, opts: RouteOptions, s: DecoderStructur
   const report: RouteReport = { routed: [], skipped: [] };
   const plans: [RoutedRegion, LayerRouting][] = [];
   for (const entry of meta?.layers ?? []) {
+    // Key/value routing is the route-kv pass's (compiler/passes/route-kv.ts).
+    if (entry.part === 'kv') continue;
     const selected = entry.selected ? model.graph.findValue(entry.selected) : undefined;
     const routing = selected ? routingOf(selected) : null;
     const layer = s.layers[entry.layer];
@@ -758,8 +760,8 @@ export function routeLayers(model: Model, opts: RouteOptions, s: DecoderStructur
     writeRoutingMetadata(model, {
       ...meta,
       gated: opts.gated,
-      layers: meta.layers.filter((l) => report.routed.some((r) => r.layer === l.layer && r.part === l.part)),
-      ...(report.skipped.length ? { skipped: report.skipped } : {}),
+      layers: meta.layers.filter((l) => l.part === 'kv' || report.routed.some((r) => r.layer === l.layer && r.part === l.part)),
+      ...(report.skipped.length || meta.skipped ? { skipped: [...(meta.skipped ?? []), ...report.skipped] } : {}),
     });
   }
   return report;

@@ -203,3 +203,31 @@ export function windowBias(queryPositions: number[], keyPositions: number[], [B,
       }
   return out;
 }
+
+/** Key/value routing's entry codes: -1 - p for a token held for good (kept, or one of the first `sinks`), else p. */
+export function kvCodes(positions: number[], keep: ArrayLike<number | boolean>, sinks: number): number[] {
+  return positions.map((p, i) => (keep[i] || p < sinks ? -1 - p : p));
+}
+
+/** visible[b, 0, i, j]: entry j (by its code) is a key for the query at position q[b, i]. */
+export function kvVisible(queryPositions: number[], codes: number[], [B, S, T]: number[], window: number): Uint8Array {
+  const out = new Uint8Array(B * S * T);
+  for (let b = 0; b < B; b++)
+    for (let i = 0; i < S; i++)
+      for (let j = 0; j < T; j++) {
+        const c = codes[b * T + j]!;
+        out[(b * S + i) * T + j] = c < 0 || queryPositions[b * S + i]! - c < window ? 1 : 0;
+      }
+  return out;
+}
+
+/** retain[b, j]: a valid entry held for good, or one of the `window` latest positions up to the row's last. */
+export function kvRetain(codes: number[], valid: ArrayLike<number | boolean>, last: number[], [B, T]: number[], window: number): Uint8Array {
+  const out = new Uint8Array(B * T);
+  for (let b = 0; b < B; b++)
+    for (let j = 0; j < T; j++) {
+      const c = codes[b * T + j]!;
+      out[b * T + j] = valid[b * T + j] && (c < 0 || c > last[b]! - window) ? 1 : 0;
+    }
+  return out;
+}

@@ -22,6 +22,9 @@
  * | GatherKvCombined   | kv T[2,B,H,T,D], indices int64[B,K]                       | T[2,B,H,K,D]                   |
  * | SlotPositions      | past_positions int64[B,P], past_length int64[B], positions int64[B,K] | int64[B,P+K]: the original position of each key slot |
  * | WindowBias         | query_positions int64[B,K], key_positions int64[B,T], window int64[] | T[B,1,K,T]: 0 or lowest |
+ * | KvCodes            | positions int64[B,S], keep bool[B,S], sinks int64[]       | int64[B,S]: p, or -1 - p for an entry held for good |
+ * | KvVisible          | query_positions int64[B,S], codes int64[B,T], window int64[] | bool[B,1,S,T]: key/value routing's visibility |
+ * | KvRetain           | codes int64[B,T], valid bool[B,T], last int64[B], window int64[] | bool[B,T]: the entries a kv layer's cache keeps |
  *
  * Semantics (SPEC.md): score = w.x + b in fp32; threshold-p selects r = sigmoid(score) >= p;
  * top-k selects per row the ceil(c * n) highest scores among the n real tokens (ceil taken of
@@ -302,6 +305,45 @@ const windowBias: ModcOpDef = {
   },
 };
 
+/**
+ * Key/value routing (SPEC.md, "Key/value routing"): each cache entry carries a code, its original
+ * position p while it may still leave the cache with the window, or -1 - p once it is held for
+ * good (one of the first `sinks` tokens, or a token its router kept).
+ */
+const kvCodes: ModcOpDef = {
+  name: 'KvCodes',
+  inputs: ['positions', 'keep', 'sinks'],
+  outputs: ['codes'],
+  doc: 'codes[b, s] = -1 - positions[b, s] where keep[b, s] or positions[b, s] < sinks (held for good), else positions[b, s]',
+  body(e, [positions, keep, sinks]) {
+    const held = e.op('Or', [keep!, e.op('Less', [positions!, sinks!])]);
+    return [e.op('Where', [held, e.op('Sub', [e.i64(-1), positions!]), positions!])];
+  },
+};
+
+const kvVisible: ModcOpDef = {
+  name: 'KvVisible',
+  inputs: ['query_positions', 'codes', 'window'],
+  outputs: ['visible'],
+  doc: 'visible[b, 0, i, j] = codes[b, j] < 0 (held for good) or query_positions[b, i] - codes[b, j] < window',
+  body(e, [queryPositions, codes, window]) {
+    const q = e.op('Reshape', [queryPositions!, e.i64([0, 1, -1, 1])]);
+    const c = e.op('Reshape', [codes!, e.i64([0, 1, 1, -1])]);
+    return [e.op('Or', [e.op('Less', [c, e.i64(0)]), e.op('Less', [e.op('Sub', [q, c]), window!])])];
+  },
+};
+
+const kvRetain: ModcOpDef = {
+  name: 'KvRetain',
+  inputs: ['codes', 'valid', 'last', 'window'],
+  outputs: ['retain'],
+  doc: "retain[b, j] = valid[b, j] and (codes[b, j] < 0 or codes[b, j] > last[b] - window): what stays after the row's last token",
+  body(e, [codes, valid, last, window]) {
+    const oldest = e.unsqueeze(e.op('Sub', [last!, window!]), [1]);
+    return [e.op('And', [valid!, e.op('Or', [e.op('Less', [codes!, e.i64(0)]), e.op('Greater', [codes!, oldest])])])];
+  },
+};
+
 export const MODC_OPS: readonly ModcOpDef[] = [
   router,
   selectThreshold,
@@ -317,6 +359,9 @@ export const MODC_OPS: readonly ModcOpDef[] = [
   gatherKvCombined,
   slotPositions,
   windowBias,
+  kvCodes,
+  kvVisible,
+  kvRetain,
 ];
 
 export function modcOp(name: string): ModcOpDef {
