@@ -3,7 +3,7 @@
  * - semantics: the compiled model agrees with the MoD reference executor running the original
  *   with the compiled model's own routers (logits, per-layer cache lengths, KV bytes);
  * - anchor: the original compiled with every token selected, ungated, on the same layers and
- *   parts (block, attention, MLP), reproduces the original.
+ *   parts (block, attention, MLP, kv), reproduces the original.
  * Both run a prompt and then a number of teacher-forced steps.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -78,7 +78,7 @@ export function routingPlanOf(compiled: Model): RoutingPlan {
       router: { layer: l.layer, part: l.part, weight: Float32Array.from(w.toNumbers()), bias: b.toNumbers()[0]! },
     };
   });
-  return { mode: meta.mode, gated: meta.gated, layers, unconverted: [] };
+  return { mode: meta.mode, gated: meta.gated, layers, unconverted: [], ...(meta.kv ? { kv: meta.kv } : {}) };
 }
 
 /**
@@ -138,6 +138,7 @@ export function anchorPlanFor(plan: RoutingPlan, hiddenSize: number): RoutingPla
       router: allPassRouters([l.layer], hiddenSize, l.part)[0]!,
     })),
     unconverted: [],
+    ...(plan.kv ? { kv: plan.kv } : {}),
   };
 }
 

@@ -18,8 +18,11 @@ export const evalCommand: Command = {
     'split. nll is the mean over every predicted token (each token after the first of a sequence), in',
     'nats. computeFraction: multiply-accumulates executed (routed parts on their selected tokens only)',
     '/ the dense model\'s on the same tokens; kvFraction: KV-cache entries held / dense (docs/commands.md, "Metrics").',
-    'With --json it prints {nll, perplexity, tokens, computeFraction, kvFraction, layers: [{layer, part,',
-    'routed, selectedFraction}], data, settings, ...}. Progress goes to stderr (see --progress, --quiet).',
+    'A kv part (key/value routing) runs every token; its attention is charged for the (query, key)',
+    'pairs its rule leaves, and its cache for the sinks, kept tokens and window it holds after each',
+    "sequence's last token. With --json it prints {nll, perplexity, tokens, computeFraction, kvFraction,",
+    'layers: [{layer, part, routed, selectedFraction, kvFraction (kv parts)}], data, settings, ...}.',
+    'Progress goes to stderr (see --progress, --quiet).',
   ].join('\n'),
   options: {
     data: { type: 'string', valueName: 'FILE', help: 'the data: JSON lines {"ids": [...]}, or text with a tokenizer.json beside the model' },
@@ -78,9 +81,15 @@ export const evalCommand: Command = {
     io.out(`kv cache   ${result.kvFraction.toFixed(4)} of the dense model's entries`);
     io.out('layers');
     io.out(
-      table([['layer', 'part', 'selected'], ...result.layers.map((l) => [String(l.layer), l.routed ? l.part : 'dense', l.selectedFraction.toFixed(4)])]).join(
-        '\n',
-      ),
+      table([
+        ['layer', 'part', 'selected', 'kv held'],
+        ...result.layers.map((l) => [
+          String(l.layer),
+          l.routed ? l.part : 'dense',
+          l.selectedFraction.toFixed(4),
+          (l.kvFraction ?? (l.routed && l.part !== 'mlp' ? l.selectedFraction : 1)).toFixed(4),
+        ]),
+      ]).join('\n'),
     );
     return 0;
   },
