@@ -736,8 +736,7 @@ function sliceSlots(t: ort.Tensor, seqAxis: number, slots: readonly number[]): o
   const inner = dims.slice(seqAxis + 1).reduce((a, d) => a * d, 1);
   const src = t.data as Float32Array | Uint16Array;
   const out = new (src.constructor as new (n: number) => Float32Array | Uint16Array)(outer * slots.length * inner);
-  for (let o = 0; o < outer; o++)
-    slots.forEach((j, k) => out.set(src.subarray((o * T + j) * inner, (o * T + j + 1) * inner), (o * slots.length + k) * inner));
+  for (let o = 0; o < outer; o++) slots.forEach((j, k) => out.set(src.subarray((o * T + j) * inner, (o * T + j + 1) * inner), (o * slots.length + k) * inner));
   const outDims = [...dims];
   outDims[seqAxis] = slots.length;
   return new ort.Tensor(t.type as 'float32' | 'float16', out, outDims);
