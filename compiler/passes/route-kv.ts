@@ -22,7 +22,10 @@
  * When every row retains every slot (a prefill shorter than sinks + window, or routers keeping
  * every token) the presents pass through unchanged. The interface is the compacted layers' one
  * (docs/interface.md): `past_lengths.l`, `past_positions.l` (codes here) and their presents.
- * A form whose masks cannot take a per-query rule is refused with the reason.
+ * Forms: unfused attention (Softmax over the scores), the standard ONNX Attention with a past
+ * (its attn_mask) and MultiHeadAttention (its attention_bias). A form whose masks cannot take a
+ * per-query rule is refused with the reason: ONNX Runtime's Attention (no attention_bias with a
+ * past), static caches, a caller's 4-D mask, recurrent state.
  */
 import type { DecoderStructure, KvTensor, LayerInfo } from '../analysis/types.js';
 import { isStaticLayout, kvSequenceAxis } from '../analysis/types.js';
@@ -55,19 +58,21 @@ const LOWEST: Partial<Record<number, number>> = {
 const BF16_LOWEST = -3.3895313892515355e38;
 
 /** The input slot where a fused attention op takes a mask or additive bias key/value routing can join. */
-const VISIBILITY_SLOT: Record<string, number> = { StandardAttention: 3, MultiHeadAttention: 5, Attention: 5 };
+const VISIBILITY_SLOT: Record<string, number> = { StandardAttention: 3, MultiHeadAttention: 5 };
 
 /** Why layer `layer` cannot route its KV cache, or null. */
 export function kvRoutingBlocker(model: Model, layer: LayerInfo): string | null {
   const a = layer.attention;
   if (layer.state.length) return `it carries state besides the KV cache (${layer.state[0]!.input}), which no routing changes`;
   if (a.form === 'recurrent') return 'it has no attention, so no KV cache to route';
-  if (!model.graph.inputs.some((v) => v.name === 'attention_mask'))
-    return "key/value routing takes each token's position off attention_mask (the real tokens before it), and the model has no attention_mask input";
   if (isStaticLayout(a.kv.layout))
     return `its cache is a static buffer (${a.kv.layout}) written in place at each row's write index; key/value routing drops an entry when it leaves the window, which needs a cache the layer can re-pack`;
+  if (!model.graph.inputs.some((v) => v.name === 'attention_mask'))
+    return "key/value routing takes each token's position off attention_mask (the real tokens before it), and the model has no attention_mask input";
+  if (a.form === 'Attention')
+    return `${a.node.describe()} (ONNX Runtime's Attention) takes no attention_bias together with a past cache, so the per-query visibility of key/value routing has no input to go to`;
   if (a.form === 'GroupQueryAttention')
-    return `${a.node.describe()} numbers its keys by cache slot and writes them into its own buffer layout; key/value routing rebuilds visibility per original position for unfused attention, the standard Attention, MultiHeadAttention and ORT's Attention only`;
+    return `${a.node.describe()} numbers its keys by cache slot and writes them into its own buffer layout; key/value routing rebuilds visibility per original position for unfused attention, the standard Attention and MultiHeadAttention only`;
   const other = layer.sideInputs.find((si) => si.kind === 'other');
   if (other) return `side input ${other.value} is not understood (${(other as { reason: string }).reason})`;
   const caller = layer.sideInputs.find((si) => si.kind === 'attention-mask' && si.form === 'caller-4d');
@@ -81,8 +86,6 @@ export function kvRoutingBlocker(model: Model, layer: LayerInfo): string | null 
   }
   const slot = VISIBILITY_SLOT[a.form];
   if (slot === undefined) return `${a.node.describe()} has no mask or bias input key/value routing can join`;
-  if (a.form === 'Attention' && a.node.attrInt('unidirectional', 0) !== 1)
-    return `${a.node.describe()} is not unidirectional (causal); key/value routing routes causal attention only`;
   if (a.form === 'MultiHeadAttention' && a.node.attrInt('unidirectional', 0) !== 1 && !a.node.input(5) && !a.node.input(4))
     return `${a.node.describe()} has no causal attribute and no mask; key/value routing routes causal attention only`;
   return null;
