@@ -45,7 +45,7 @@ import { DEFAULT_KV_POLICY, kvPolicyProblem, type KvPolicy, type RouterFileMetad
 import type { RoutingPlan } from '../../routing/routing-plan.js';
 import { type EmbeddingSource, genaiEmbeddingModel, TokenEmbedder } from '../../runtime/embeddings.js';
 import { createSession, ort, toFloat32, type SessionOptions } from '../../runtime/ort.js';
-import { batchesOf, type CalibratedRouter, type CalibrationResult, pickSequences } from './calibrate.js';
+import { batchesOf, calibrate, type CalibrateOptions, type CalibratedRouter, type CalibrationResult, pickSequences } from './calibrate.js';
 import { exposeValues, promptBatch, type Batch } from './capture.js';
 import { RidgeStats, solveRidge } from './ridge.js';
 import { ALL_PASS_BIAS, nextTokenNll } from './sensitivity.js';
@@ -95,7 +95,10 @@ export interface KvLayerReport {
 export interface KvCalibrationReport {
   tokens: number;
   sequences: number;
+  /** NLL on the calibration data of the original model (NaN from calibrateKv with compute routers alongside). */
   denseNll: number;
+  /** With MLP routers calibrated alongside: the NLL with those routed and no key/value routing. */
+  computeOnlyNll?: number;
   /** NLL on the calibration data with every chosen router routed. */
   nll: number;
   /** KV fraction on the calibration data, as modc eval counts it. */
@@ -502,7 +505,9 @@ export async function calibrateKv(original: Model | string, sequences: readonly 
         report: {
           tokens: rows.reduce((a, r) => a + r.length, 0),
           sequences: rows.length,
-          denseNll: dense.nll,
+          // With compute routers alongside the first run is not the original model (calibrateKvWithCompute fills it in).
+          denseNll: opts.alongside ? NaN : dense.nll,
+          ...(opts.alongside ? { computeOnlyNll: dense.nll } : {}),
           nll: final.nll,
           kvFraction: measured.kv,
           computeFraction: measured.compute,
@@ -594,6 +599,32 @@ function measure(
     macsDense += executedMacs(costs, dense);
   });
   return { kv: held / heldDense, compute: macs / macsDense };
+}
+
+/**
+ * Key/value routers for `kvOpts.targetKv` together with MLP routers for `compute.targetCompute`
+ * (`modc calibrate --target-kv F --target-compute C`). Key/value routing saves attention pairs on
+ * its own, so the MLP parts only make up the rest: kv routers are calibrated alone first, their
+ * compute fraction on the data measured, and the MLP parts calibrated for C plus what the kv
+ * routing saves (none when kv routing alone reaches C); then the kv thresholds are placed again
+ * with the MLP parts routed.
+ */
+export async function calibrateKvWithCompute(
+  original: Model | string,
+  sequences: readonly number[][],
+  kvOpts: KvCalibrateOptions,
+  computeOpts: CalibrateOptions,
+): Promise<{ kv: KvCalibrationResult; compute: CalibrationResult | null; computeTarget: number }> {
+  if (typeof original === 'string') original = loadModel(original);
+  const alone = await calibrateKv(original, sequences, kvOpts);
+  const saved = 1 - alone.report.computeFraction;
+  const computeTarget = computeOpts.targetCompute + saved;
+  if (computeTarget >= 1) return { kv: alone, compute: null, computeTarget };
+  const compute = await calibrate(original, sequences, { ...computeOpts, granularity: 'mlp', targetCompute: computeTarget });
+  const kv = await calibrateKv(original, sequences, { ...kvOpts, alongside: compute });
+  // The original model's NLL is the kv-alone run's (calibrateKv ran the second one with the MLP parts routed).
+  kv.report = { ...kv.report, denseNll: alone.report.denseNll };
+  return { kv, compute, computeTarget };
 }
 
 /** The router file's metadata: kv routers (and compute routers calibrated alongside), policy, reports. */

@@ -2,7 +2,7 @@
 import { existsSync, mkdirSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { calibrate, type CalibrationResult, checkCalibrateOptions, DEFAULTS, type Progress } from '../../apps/calibration/calibrate.js';
-import { calibrateKv, checkKvCalibrateOptions, type KvProgress, kvRouterFileMetadata } from '../../apps/calibration/kv-calibrate.js';
+import { calibrateKv, calibrateKvWithCompute, checkKvCalibrateOptions, type KvProgress, kvRouterFileMetadata } from '../../apps/calibration/kv-calibrate.js';
 import { readDataset } from '../../apps/data/index.js';
 import type { Granularity } from '../../apps/calibration/parts.js';
 import { routerFileMetadata, writeCalibratedRouters } from '../../apps/calibration/router-file.js';
@@ -64,8 +64,9 @@ export const calibrateCommand: Command = {
     "a token receives from queries at least the window later), from the dense model's attention",
     'probabilities (unfused attention); each layer gets the threshold that keeps its KV fraction on the',
     'data (entries held after each sequence, sinks and window counted) at F or below, refined once with',
-    'every layer routed. With --target-compute too, the compute routers are MLP parts (calibrated first),',
-    'and the kv thresholds are set with them routed; the file holds both.',
+    'every layer routed. With --target-compute too, the compute routers are MLP parts: key/value routing',
+    'saves attention pairs by itself, so the MLP parts are calibrated for the rest (kv routers first,',
+    'alone; then the MLP parts; then the kv thresholds again with the MLP parts routed); the file holds both.',
   ].join('\n'),
   options: {
     data: { type: 'string', valueName: 'FILE', help: 'calibration data (JSON lines {"ids": [...]}, or text with a tokenizer.json beside the model)' },
@@ -144,8 +145,12 @@ export const calibrateCommand: Command = {
     const quiet = !!values.quiet;
     const onProgress = reportTo(progressOf(io));
     if (kvOpts) {
-      const compute = targetCompute !== undefined ? await calibrate(model, sequences, { ...opts, onProgress }) : null;
-      const kv = await calibrateKv(model, sequences, { ...kvOpts, maxTokens: opts.maxTokens, seed: opts.seed, alongside: compute ?? undefined, onProgress });
+      const both =
+        targetCompute !== undefined
+          ? await calibrateKvWithCompute(model, sequences, { ...kvOpts, maxTokens: opts.maxTokens, seed: opts.seed, onProgress }, { ...opts, onProgress })
+          : null;
+      const compute = both?.compute ?? null;
+      const kv = both?.kv ?? (await calibrateKv(model, sequences, { ...kvOpts, maxTokens: opts.maxTokens, seed: opts.seed, onProgress }));
       mkdirSync(dirname(resolve(output)), { recursive: true });
       const merged = { routers: [...(compute?.routers ?? []), ...kv.routers] } as CalibrationResult;
       writeCalibratedRouters(output, merged, kvRouterFileMetadata(kv, compute, { path: data }));
@@ -153,9 +158,11 @@ export const calibrateCommand: Command = {
       if (values.json) {
         io.out(JSON.stringify({ output, mode: 'threshold', kv: { policy: kv.kv, ...k }, ...(compute ? { compute: compute.report } : {}) }, null, 2));
       } else if (!quiet) {
+        if (both && !compute)
+          io.err(`compute: key/value routing alone reaches compute fraction ${k.computeFraction.toFixed(3)} (target ${targetCompute}): no MLP part routed`);
         if (compute)
           io.err(
-            `compute: ${compute.report.parts.length} MLP part(s) at compute fraction ${compute.report.computeFraction.toFixed(3)} alone (target ${targetCompute})`,
+            `compute: ${compute.report.parts.length} MLP part(s) calibrated for ${both!.computeTarget.toFixed(3)} alone (target ${targetCompute} plus what key/value routing saves)`,
           );
         io.err(
           `calibrated on ${k.tokens} tokens (${k.sequences} sequences): dense NLL ${k.denseNll.toFixed(4)}, routed NLL ${k.nll.toFixed(4)}, KV fraction ${k.kvFraction.toFixed(3)} (target ${targetKv}; sinks ${kv.kv.sinks} and window ${kv.kv.window} alone: ${k.floor.toFixed(3)}), compute fraction ${k.computeFraction.toFixed(3)}`,
