@@ -199,6 +199,13 @@ describe('modc calibrate --target-kv: flag errors', () => {
     expect(existsSync(out)).toBe(false);
   });
 
+  it('a model none of whose layers can route its KV cache is a one-line error saying why', async () => {
+    const gqa = join(ROOT, 'fixtures', 'forms-gqa-tiny', 'model.onnx');
+    const res = await runCli('calibrate', gqa, '--data', CALIB, '-o', out, '--max-tokens', '512', '--target-kv', '0.6');
+    expectOneLineError(res, 1, /no layer of .* can route its KV cache for --target-kv \(layer 0: .*GroupQueryAttention/);
+    expect(existsSync(out)).toBe(false);
+  });
+
   it('a target below what sinks and window alone hold is a one-line error naming them', async () => {
     // 512 tokens in 2 rows of 256: sinks 4 + window 16 hold 20 / 256 = 0.078 of each row.
     const res = await run('--target-kv', '0.05');
