@@ -30,7 +30,8 @@ export interface KvBinding {
   maxLength: number | null;
   /**
    * modc-compiled sliding-window layer: the original position of each cache slot, int64
-   * [B, P_l] in and out (zeros-wide at the start), carried like the cache.
+   * [B, P_l] in and out (zeros-wide at the start), carried like the cache; beside a static cache
+   * a buffer like it, [B, max length] (zeros at the start), written at past_lengths.l.
    */
   pastPositions: string | null;
   presentPositions: string | null;
@@ -251,8 +252,8 @@ function emptyBinding(layer: number, v: Value, inputs: Map<string, Value>, outpu
     pastLength: inputs.has(pastLengthName(layer)) ? pastLengthName(layer) : null,
     presentLength: outputs.has(presentLengthName(layer)) ? presentLengthName(layer) : null,
     maxLength: null,
-    pastPositions: null,
-    presentPositions: null,
+    pastPositions: inputs.has(pastPositionsName(layer)) ? pastPositionsName(layer) : null,
+    presentPositions: outputs.has(presentPositionsName(layer)) ? presentPositionsName(layer) : null,
   };
 }
 

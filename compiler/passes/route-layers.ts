@@ -356,6 +356,9 @@ class LayerRouter {
           recompute,
           suffix: this.suffix(),
           tokens: () => this.e.dimScalar(routing.indices, 1),
+          indices: routing.indices,
+          stream: this.residualIn,
+          call: (op, inputs) => this.call(op, inputs),
           substitutes: (pastLength, capacity) => this.substitutes(xSel, pastLength, capacity, this.e.dimScalar(routing.indices, 1), false),
         }),
       };

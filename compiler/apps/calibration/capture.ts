@@ -16,7 +16,7 @@ import type { Model } from '../../core/ir/model.js';
 import { decoderIo, type DecoderIo } from '../../metadata/decoder-io.js';
 import { type EmbeddingSource, TokenEmbedder } from '../../runtime/embeddings.js';
 import { createSession, emptyTensor, ort, toFloat32, type SessionOptions } from '../../runtime/ort.js';
-import { checkUnpadded, initialCacheDims, padRows, promptPositions, staticLengthFeeds, typed, zeroStates } from '../../runtime/session.js';
+import { checkUnpadded, initialCacheDims, initialPositions, padRows, promptPositions, staticLengthFeeds, typed, zeroStates } from '../../runtime/session.js';
 
 /** Where a layer's routed parts read and write the residual stream, as graph value names. */
 export interface LayerPoints {
@@ -100,7 +100,7 @@ export async function promptBatch(io: DecoderIo, rows: number[][], embedder: Tok
     feeds[b.pastKey] = emptyTensor(b.dtype, dims);
     if (b.pastValue) feeds[b.pastValue] = emptyTensor(b.dtype, dims);
     if (b.pastLength) feeds[b.pastLength] = typed('int64', Array(B).fill(0), [B]);
-    if (b.pastPositions) feeds[b.pastPositions] = typed('int64', [], [B, 0]);
+    if (b.pastPositions) feeds[b.pastPositions] = initialPositions(io, b, B);
   }
   const real: number[] = [];
   mask.forEach((m, b) => m.forEach((v, s) => v && real.push(b * width + s)));
