@@ -68,11 +68,10 @@ function midStream(l: LayerInfo): Value | null {
   return l.steps[0]!.sum;
 }
 
-/** The MLP branch's norm reads the layer input, not the stream after the attention add. */
+/** The MLP branch is computed from the layer input, not the stream after the attention add. */
 function isParallel(l: LayerInfo): boolean {
   if (l.steps.length !== 2) return false;
-  const of = l.steps[1]!.norm.of;
-  return of !== null && of === l.residualIn;
+  return l.steps[1]!.input === l.residualIn;
 }
 
 /**
