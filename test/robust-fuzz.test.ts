@@ -1,22 +1,37 @@
 /**
  * The fuzzer's short run: a fixed seed, 500 mutated fixtures (those under 2 MB) through load -> inspect -> analyse ->
- * compile -> save -> reload, a sample loaded in ONNX Runtime. Any crash (an error that is not a
- * ModcError), hang, multi-line message, or output ONNX Runtime rejects while it loads the input
- * fails the suite, with the reproducing case in the message. The long run is `npm run fuzz`.
+ * compile -> save -> reload, a sample loaded in ONNX Runtime, and a few of those whose input
+ * loads checked by running them (all-pass compile against the original, random routers against
+ * the reference executor). Any crash (an error that is not a ModcError), hang, multi-line
+ * message, output ONNX Runtime rejects while it loads the input, or mismatch fails the suite,
+ * with the reproducing case in the message. The long run is `npm run fuzz`.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { fuzz } from './fuzz/pool.js';
-import { seedModels } from './fuzz/seeds.js';
+import { FIXTURES, seedModels } from './fuzz/seeds.js';
+import { differential } from './fuzz/differential.js';
+import { Rng } from './fuzz/mutate.js';
+import type { Model } from '../compiler/core/ir/model.js';
+import { Tensor } from '../compiler/core/ir/tensor.js';
+import { compileWith } from './mod-helpers.js';
 
 const scratch = mkdtempSync(join(tmpdir(), 'modc-fuzz-test-'));
 afterAll(() => rmSync(scratch, { recursive: true, force: true }));
 
 describe('mutation fuzzing (short run)', () => {
   it('500 cases, seed 12: no crash, hang, multi-line error or output ONNX Runtime rejects', async () => {
-    const stats = await fuzz({ fixtures: seedModels(scratch, [], 2 ** 21), seed: 12, cases: 500, workers: 2, ortSample: 0.1, timeoutMs: 60_000 });
+    const stats = await fuzz({
+      fixtures: seedModels(scratch, [], 2 ** 21),
+      seed: 12,
+      cases: 500,
+      workers: 2,
+      ortSample: 0.1,
+      diffSample: 0.25,
+      timeoutMs: 60_000,
+    });
     const report = stats.failures.map(
       (f) => `${f.kind} x${f.count} at ${f.stage} (seed ${f.seed}, case ${f.index}, ${f.fixture}): ${f.message.split('\n')[0]} [${f.log.join('; ')}]`,
     );
@@ -26,5 +41,44 @@ describe('mutation fuzzing (short run)', () => {
     expect(stats.outcomes.refused).toBeGreaterThan(100);
     expect(stats.outcomes.accepted).toBeGreaterThan(25);
     expect(stats.ortInputLoaded).toBeGreaterThan(0);
+    expect(stats.diffPassed).toBeGreaterThan(2);
   }, 600_000);
+});
+
+describe('the differential check', () => {
+  const fixture = (dir: string) => join(FIXTURES, dir, 'model.onnx');
+
+  it('passes on models modc compiles correctly (a sliding-window static cache, an MoE MLP, a layer with no norm, a model that cannot pad)', async () => {
+    const paths = [
+      ...['forms-static-window-tiny', 'forms-moe-tiny', 'forms-nonorm-tiny'].map(fixture),
+      join(FIXTURES, 'forms-static-causal-tiny', 'causal.onnx'),
+    ];
+    for (const [i, path] of paths.entries()) {
+      const d = await differential(path, join(scratch, `diff-ok${i}`), new Rng(i + 1));
+      expect(d.kind, `${path}: ${JSON.stringify(d)}`).toBe('passed');
+    }
+  });
+
+  it('reports a compiled model that does not keep the meaning as a mismatch, naming the failed check', async () => {
+    // A weight of the compiled model changed after the compile: it no longer agrees with the reference.
+    const breakLmHead = (m: Model) => {
+      const w = m.graph.initializers.get('lm_head.weight')!;
+      const t = w.initializer!;
+      const data = Float32Array.from(t.toArray() as Float32Array, (v) => v * 1.5);
+      m.graph.removeInitializer(w);
+      m.graph.addInitializer(w, Tensor.fromArray('', t.dims, data));
+    };
+    const d = await differential(join(FIXTURES, 'forms-unsorted-tiny', 'unsorted.onnx'), join(scratch, 'diff-broken'), new Rng(3), breakLmHead);
+    expect(d.kind).toBe('mismatch');
+    expect((d as { message: string }).message).toMatch(
+      /^random routers seed \d+, (threshold|topk), (gated|ungated), (block|attention|mlp): semantics: max \|logit diff\| /,
+    );
+  });
+
+  it('is not run, saying why, on a model it has no original to compare with (a file that does not load, a compiled model)', async () => {
+    const missing = await differential(join(scratch, 'nothing', 'model.onnx'), join(scratch, 'diff-missing'), new Rng(5));
+    expect(missing).toEqual({ kind: 'skipped', note: expect.stringMatching(/^the original does not run: /) });
+    const compiled = compileWith(scratch, fixture('llama-tiny'), 'random', {}).path;
+    expect(await differential(compiled, join(scratch, 'diff-compiled'), new Rng(6))).toEqual({ kind: 'skipped', note: 'the input is a compiled model' });
+  });
 });
