@@ -90,7 +90,7 @@ export function modelFlags(defaults: { prompt: number; runs: number; warmup: num
     'router-seed': { kind: 'int', default: 1, help: 'seed of the random routers' },
     'weight-seed': { kind: 'int', default: 7, help: 'seed of the model weights' },
     threads: { kind: 'int', default: 0, help: 'ORT intra-op threads (0: ORT default, one per physical core)' },
-    ep: { kind: 'string', default: 'cpu', help: 'execution provider: cpu or cuda (see README, "CUDA")' },
+    ep: { kind: 'string', default: 'cpu', help: 'execution provider: cpu or cuda (see docs/serving.md, "CUDA")' },
     json: { kind: 'bool', default: false, help: 'print the results as one JSON object on stdout instead of Markdown tables' },
     gc: { kind: 'bool', default: true, help: 'collect garbage (old logits and KV tensors) before each timed run, outside the timing; --no-gc leaves it to V8' },
     keep: { kind: 'bool', default: false, help: 'keep the temp folder with the models' },

@@ -1,6 +1,6 @@
 /**
- * `npm run fuzz -- --minutes N --seed S`: the seeded mutation fuzzer's long run (see README,
- * "Reliability"). Mutates the fixtures (and compiled versions of them) at the protobuf and IR
+ * `npm run fuzz -- --minutes N --seed S`: the seeded mutation fuzzer's long run (see
+ * docs/reliability.md). Mutates the fixtures (and compiled versions of them) at the protobuf and IR
  * level, runs each case through load -> inspect -> analyse -> compile -> save in a child process
  * with a time limit, loads a sample in ONNX Runtime, checks that compiling a sample of those
  * keeps the model's meaning (all-pass against the original, random routers against the reference

@@ -1,5 +1,5 @@
 /**
- * Long context (issue 10, item 4): where MoD's memory and latency gains should show. A small
+ * Long context: where MoD's memory and latency gains should show. A small
  * builder Llama model at long contexts (default 8K and 32K tokens), the original against MoD
  * compiles whose KV cache holds about half the tokens: every layer at capacity 0.5, attention-only
  * routing at 0.5 (the MLP runs on every token), and p-MoD's PRD schedule (mean retention 0.5).

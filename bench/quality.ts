@@ -45,7 +45,7 @@ const FLAGS = {
 
 export const QUALITY_USAGE = `usage: node dist/bench/run.js quality [flags]
 
-Compute fraction vs held-out NLL for dense, calibrated and random routers (README "Quality").
+Compute fraction vs held-out NLL for dense, calibrated and random routers (bench/README.md, "Quality: calibrated vs random routers").
 
 ${flagHelp(FLAGS)}`;
 

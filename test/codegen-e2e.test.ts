@@ -1,5 +1,5 @@
 /**
- * `modc codegen` end to end: the generated wrapper passes the exact strict tsc command the README
+ * `modc codegen` end to end: the generated wrapper passes the exact strict tsc command docs/commands.md
  * promises, in a folder with no package.json and only onnxruntime-node beside it, and running it
  * (prefill then steps) gives the logits and per-layer cache lengths ModSession gives on the same ids.
  * Slow (several tsc runs): in the slow project (vitest.config.ts SLOW_FILES).

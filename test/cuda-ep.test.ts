@@ -18,7 +18,7 @@ describe('the CUDA provider check', () => {
     const dir = join(tmp, 'empty');
     mkdirSync(dir, { recursive: true });
     expect(cudaProviderProblem(dir)).toMatch(
-      /not installed: libonnxruntime_providers_shared\.so and libonnxruntime_providers_cuda\.so are missing from .*empty \(see README, "CUDA"\)/,
+      /not installed: libonnxruntime_providers_shared\.so and libonnxruntime_providers_cuda\.so are missing from .*empty \(see docs\/serving\.md, "CUDA"\)/,
     );
     writeFileSync(join(dir, 'libonnxruntime_providers_shared.so'), 'x');
     expect(cudaProviderProblem(dir)).toMatch(/not installed: libonnxruntime_providers_cuda\.so is missing from/);

@@ -1,5 +1,5 @@
 /**
- * The decode fast path of route-layers (issue 10 item 1; README "How a layer is routed"): for a
+ * The decode fast path of route-layers (docs/routing.md, "How a layer is routed"): for a
  * layer whose cache is appended by `Concat(past, new)`, no full cache goes through an If branch
  * or out of one as a copy. Checked on the compiled graph of every fixture:
  * - no Identity anywhere reads a converted layer's past or present cache (the old structure

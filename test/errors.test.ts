@@ -1,6 +1,6 @@
 /**
- * Every bad input README.md lists under "Bad input", for every command that takes it: one
- * stderr line `modc: ...` naming the problem, no stack, and the README's exit code. One case
+ * Every bad input docs/commands.md lists under "Bad input", for every command that takes it: one
+ * stderr line `modc: ...` naming the problem, no stack, and the documented exit code. One case
  * also runs through bin/modc.js in a child process, so the real stderr is checked too.
  */
 import { spawnSync } from 'node:child_process';
@@ -58,7 +58,7 @@ beforeAll(async () => {
   expect((await runCli('compile', LLAMA, '-o', compiled, '--router-init', 'random', '-q')).code).toBe(0);
 });
 
-/** What each bad model must say (README "Bad input"). */
+/** What each bad model must say (docs/commands.md, "Bad input"). */
 const MODEL_ERRORS: [string, RegExp][] = [
   ['missing', /cannot read .*missing\.onnx: no such file/],
   ['directory', /a-folder is a directory, not an ONNX model file/],

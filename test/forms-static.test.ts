@@ -1,5 +1,5 @@
 /**
- * Standard ONNX attention (issue 9 item 2): opset-24 Attention over static KV caches written by
+ * Standard ONNX attention (docs/forms.md): opset-24 Attention over static KV caches written by
  * TensorScatter (fixtures/forms-static-tiny, onnxruntime/mobius's static-cache form), and opset-23
  * Attention with its own past/present key and value (fixtures/forms-attention23-tiny). Both use
  * RotaryEmbedding-23 and RMSNormalization-23 and hold the same weights as forms-unsorted-tiny.
@@ -43,7 +43,7 @@ const EQUAL = [
 let counter = 0;
 
 /**
- * What onnxruntime-node 1.29's CPU EP runs of the standard ops (README, "Supported forms"): one
+ * What onnxruntime-node 1.29's CPU EP runs of the standard ops (docs/forms.md, "Standard ONNX attention"): one
  * op per model, run on small inputs; the values checked are the semantics modc relies on.
  */
 describe('ONNX Runtime CPU: the standard attention ops', () => {

@@ -1,5 +1,5 @@
 /**
- * Sliding-window attention and attention sinks on routed layers (issue 9, item 6):
+ * Sliding-window attention and attention sinks on routed layers:
  * fixtures/forms-gqa-window-tiny (GroupQueryAttention local_window_size 4 on layers 0 and 2) and
  * fixtures/forms-gqa-sink-tiny (gpt-oss style: head_sink on every layer, window 3 on layers 0, 2).
  *

@@ -1,5 +1,5 @@
 /**
- * Decoder forms of real exports (issue 9), one fixture each from fixtures/builder/forms.ts:
+ * Decoder forms of real exports (docs/forms.md), one fixture each from fixtures/builder/forms.ts:
  * layers found, compiled (all-pass and routed), and `modc verify` passing on the result.
  */
 import { readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';

@@ -1,5 +1,5 @@
 /**
- * Regressions for each failure class the mutation fuzzer found (issue 12), each from a minimal
+ * Regressions for each failure class the mutation fuzzer found, each from a minimal
  * reproducer: one mutation of a fixture. A crash here would be a non-ModcError escaping.
  */
 import { chmodSync, cpSync, existsSync, linkSync, mkdirSync, readdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from 'node:fs';

@@ -1,7 +1,7 @@
 /**
  * The cost model: multiply-accumulates (MACs) of a decoder, per layer and per part, and the
  * accounting that turns "which tokens ran which part" into the compute and KV-cache fractions.
- * This file is the one definition of those metrics (README, "Metrics").
+ * This file is the one definition of those metrics (docs/commands.md, "Metrics").
  *
  * Per token, a part costs the elements of every weight its MatMul / Gemm / fused ops read
  * (x[.., K] @ W[K, N] is K*N MACs per row). The attention part is every such op of the layer

@@ -2,7 +2,7 @@
  * The decoder structure for people and tools: a stable JSON summary, a layer table, and the
  * explanation of every boundary the analysis accepted or rejected (`modc inspect --explain`).
  */
-import type { AttentionForm, DecoderStructure, FloatType, KvLayout, LayerInfo, MaskInfo, PositionalScheme, SideInput, SideInputKind } from './types.js';
+import type { AttentionForm, DecoderStructure, KvLayout, LayerInfo, MaskInfo, SideInput, SideInputKind } from './types.js';
 
 /** One side input by value name; the axis fields appear for the kinds that have them. */
 export interface SideInputSummary {
@@ -39,26 +39,21 @@ export interface LayerSummary {
  * added; names are ONNX value names; layers are in execution order; side inputs in the order
  * the layer's nodes first read them.
  */
-export interface StructureSummary {
+export type StructureSummary = Pick<DecoderStructure, 'hiddenSize' | 'numHeads' | 'numKvHeads' | 'headSize' | 'dtype' | 'positional'> & {
   layers: LayerSummary[];
-  hiddenSize: number;
-  numHeads: number;
-  numKvHeads: number;
-  headSize: number;
-  dtype: FloatType;
-  positional: PositionalScheme;
   mask: { form: MaskInfo['form']; inputs: string[]; outputs: string[]; nodeCount: number };
-}
+};
 
 export function summarizeStructure(s: DecoderStructure): StructureSummary {
+  const { hiddenSize, numHeads, numKvHeads, headSize, dtype, positional } = s;
   return {
     layers: s.layers.map(layerSummary),
-    hiddenSize: s.hiddenSize,
-    numHeads: s.numHeads,
-    numKvHeads: s.numKvHeads,
-    headSize: s.headSize,
-    dtype: s.dtype,
-    positional: s.positional,
+    hiddenSize,
+    numHeads,
+    numKvHeads,
+    headSize,
+    dtype,
+    positional,
     mask: { form: s.mask.form, inputs: s.mask.inputs.map((v) => v.name), outputs: s.mask.outputs.map((v) => v.name), nodeCount: s.mask.nodes.length },
   };
 }

@@ -1,6 +1,6 @@
 /**
- * Helpers of route-layers' decode fast path ("append outside the If", README "How a layer is
- * routed"): which layers can take it, the nodes that compute a layer's new keys and values,
+ * Helpers of route-layers' decode fast path ("append outside the If", docs/routing.md, "How a layer
+ * is routed"): which layers can take it, the nodes that compute a layer's new keys and values,
  * and the element types of the values a branch hands on (an If's else branch must return
  * values of the same element types as its then branch).
  */

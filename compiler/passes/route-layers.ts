@@ -35,7 +35,7 @@ import { subLayersOf } from '../analysis/sub-layers.js';
 import { tokenCouplingBlocker } from '../analysis/token-coupling.js';
 import { ModcError } from '../core/errors.js';
 import { DataType, type DataTypeCode } from '../core/ir/dtype.js';
-import { Graph, type Node, Value } from '../core/ir/graph.js';
+import { Graph, type Node, tensorType, Value, withDim } from '../core/ir/graph.js';
 import type { Model } from '../core/ir/model.js';
 import { graphInputsReached, recomputeWith, replaceUsesWithin } from '../core/ir/rewrite.js';
 import type { Pass } from './pass-manager.js';
@@ -152,18 +152,6 @@ function graphAttribute(name: string): AttributeProto {
 function elementType(v: Value): TypeProto | undefined {
   const elem = v.dtype;
   return elem === undefined ? undefined : ({ tensor_type: { elem_type: elem } } as TypeProto);
-}
-
-function tensorType(elem: number, dims: (number | string)[]): TypeProto {
-  return { tensor_type: { elem_type: elem, shape: { dim: dims.map((d) => (typeof d === 'number' ? { dim_value: d } : { dim_param: d })) } } } as TypeProto;
-}
-
-/** A copy of `type` with dim `axis` renamed (types can be shared objects: never edit in place). */
-function withDim(type: TypeProto | undefined, axis: number, name: string): TypeProto | undefined {
-  const t = type?.tensor_type;
-  if (!t?.shape) return type;
-  const dim = t.shape.dim.map((d, i) => (i === axis ? { dim_param: name } : d));
-  return { tensor_type: { elem_type: t.elem_type, shape: { dim } } } as TypeProto;
 }
 
 function zeroTensor(dtype: number): Tensor {
@@ -453,8 +441,8 @@ class LayerRouter {
   }
 
   /**
-   * The decode fast path for a cache appended by `Concat(past, new)` (README, "How a layer is
-   * routed"). No full cache passes through an If branch or out of an If:
+   * The decode fast path for a cache appended by `Concat(past, new)` (docs/routing.md, "How a layer
+   * is routed"). No full cache passes through an If branch or out of an If:
    *
    *   kv_new, v_new, h.. = If(any selected) { the nodes computing the new K/V from the selected
    *                          tokens } else { [B,H,0,D] slices of the past; empty stand-ins }

@@ -31,10 +31,9 @@
 import { staticWindow } from '../analysis/attention.js';
 import type { KvTensor, LayerInfo } from '../analysis/types.js';
 import { DataType } from '../core/ir/dtype.js';
-import { attribute, type Graph, type Node, Value } from '../core/ir/graph.js';
+import { attribute, type Graph, type Node, tensorType, Value, withDim } from '../core/ir/graph.js';
 import type { Model } from '../core/ir/model.js';
 import { recomputeWith, replaceUsesWithin } from '../core/ir/rewrite.js';
-import type { TypeProto } from '../core/proto/index.js';
 import { Tensor } from '../core/ir/tensor.js';
 import {
   pastLengthName,
@@ -205,16 +204,6 @@ function windowByPosition(r: StaticRegion, attention: Node, write: Value, pastLe
   g.outputs.push(present);
   attention.setInput(3, r.call('WindowBias', [selected, present, e.i64(window)])[0]!);
   return [[present, past]];
-}
-
-function tensorType(elem: number, dims: (number | string)[]): TypeProto {
-  return { tensor_type: { elem_type: elem, shape: { dim: dims.map((d) => (typeof d === 'number' ? { dim_value: d } : { dim_param: d })) } } } as TypeProto;
-}
-
-function withDim(type: TypeProto | undefined, axis: number, name: string): TypeProto | undefined {
-  const t = type?.tensor_type;
-  if (!t?.shape) return type;
-  return { tensor_type: { elem_type: t.elem_type, shape: { dim: t.shape.dim.map((d, i) => (i === axis ? { dim_param: name } : d)) } } } as TypeProto;
 }
 
 /**

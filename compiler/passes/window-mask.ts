@@ -23,8 +23,7 @@
 import { GQA_ATTENTION_BIAS, GQA_POSITION_IDS, slotNumbered } from '../analysis/attention.js';
 import type { AttentionCore } from '../analysis/types.js';
 import { DataType } from '../core/ir/dtype.js';
-import { attribute, type Graph, type Node, Value } from '../core/ir/graph.js';
-import type { TypeProto } from '../core/proto/index.js';
+import { attribute, type Graph, type Node, tensorType, Value } from '../core/ir/graph.js';
 import { pastPositionsName, presentPositionsName } from '../metadata/decoder-io.js';
 import type { Emitter } from './modc-ops/emitter.js';
 
@@ -59,7 +58,7 @@ export function originalPositions(h: PositionHook): [Value, Value][] {
   if (s.rotary) rotaryOutside(h, s.node, positions);
   if (s.window === null) return [];
 
-  const past = g.addInput(new Value(pastPositionsName(h.layer), int64Type(['batch', `past_sequence_length_${h.layer}`])));
+  const past = g.addInput(new Value(pastPositionsName(h.layer), tensorType(DataType.INT64, ['batch', `past_sequence_length_${h.layer}`])));
   const slots = h.call('SlotPositions', [past, h.pastLength, positions])[0]!;
   s.node.setAttr(attribute('local_window_size', -1));
   s.node.setInput(GQA_ATTENTION_BIAS, h.call('WindowBias', [positions, slots, e.i64(s.window)])[0]!);
@@ -67,7 +66,7 @@ export function originalPositions(h: PositionHook): [Value, Value][] {
   const longest = e.reduceMax(h.presentLength, [0], true);
   const present = e.op('Slice', [slots, e.i64([0]), longest, e.i64([1])]);
   present.name = g.uniqueName(presentPositionsName(h.layer));
-  present.type = int64Type(['batch', `present_sequence_length_${h.layer}`]);
+  present.type = tensorType(DataType.INT64, ['batch', `present_sequence_length_${h.layer}`]);
   g.outputs.push(present);
   return [[present, past]];
 }
@@ -121,8 +120,4 @@ function callPositions(h: PositionHook): Value {
   const counts = e.op('CumSum', [e.cast(mask, DataType.INT64), e.i64(1)], { exclusive: 1 });
   const total = e.dim(mask, 1);
   return e.op('Slice', [counts, e.op('Sub', [total, e.dim(h.tokens, 1)]), total, e.i64([1])]);
-}
-
-function int64Type(dims: string[]): TypeProto {
-  return { tensor_type: { elem_type: DataType.INT64, shape: { dim: dims.map((d) => ({ dim_param: d })) } } } as TypeProto;
 }

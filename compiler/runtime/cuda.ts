@@ -3,7 +3,7 @@
  * failure is a multi-line native log plus "Failed to load shared library", naming nothing).
  *
  * onnxruntime-node loads `libonnxruntime_providers_shared` and `libonnxruntime_providers_cuda`
- * from the folder of its native binding. They are not in the npm package (README, "CUDA"), and
+ * from the folder of its native binding. They are not in the npm package (docs/serving.md, "CUDA"), and
  * the CUDA one needs the CUDA runtime, cuBLAS and cuDNN libraries on the loader's path.
  */
 import { existsSync } from 'node:fs';
@@ -32,7 +32,7 @@ export function cudaProviderProblem(dir = ortBindingDir()): string | null {
   const files = ['onnxruntime_providers_shared', 'onnxruntime_providers_cuda'].map((n) => join(dir, name(n)));
   const missing = files.filter((f) => !existsSync(f));
   if (missing.length) {
-    return `the CUDA execution provider is not installed: ${missing.map((f) => f.slice(dir.length + 1)).join(' and ')} ${missing.length > 1 ? 'are' : 'is'} missing from ${dir} (see README, "CUDA")`;
+    return `the CUDA execution provider is not installed: ${missing.map((f) => f.slice(dir.length + 1)).join(' and ')} ${missing.length > 1 ? 'are' : 'is'} missing from ${dir} (see docs/serving.md, "CUDA")`;
   }
   for (const file of files) {
     try {
@@ -41,7 +41,7 @@ export function cudaProviderProblem(dir = ortBindingDir()): string | null {
       const msg = (e as Error).message.split('\n')[0]!;
       // A library that loads is still not a Node addon: that error means it loaded fine.
       if (/did not self-register|Module did not|napi_register_module/i.test(msg)) continue;
-      return `the CUDA execution provider cannot load ${file.slice(dir.length + 1)}: ${msg.replace(`${file}: `, '')} (put the CUDA and cuDNN libraries it needs on ${process.platform === 'win32' ? 'PATH' : 'LD_LIBRARY_PATH'}; see README, "CUDA")`;
+      return `the CUDA execution provider cannot load ${file.slice(dir.length + 1)}: ${msg.replace(`${file}: `, '')} (put the CUDA and cuDNN libraries it needs on ${process.platform === 'win32' ? 'PATH' : 'LD_LIBRARY_PATH'}; see docs/serving.md, "CUDA")`;
     }
   }
   return null;

@@ -34,7 +34,7 @@ export async function createSession(path: string, opts: SessionOptions = {}): Pr
     });
   } catch (e) {
     const msg = (e as Error).message.split('\n')[0];
-    if (ep === 'cuda') throw new ModcError(`cannot create a CUDA session for ${path}: ${msg} (see README, "CUDA")`);
+    if (ep === 'cuda') throw new ModcError(`cannot create a CUDA session for ${path}: ${msg} (see docs/serving.md, "CUDA")`);
     throw new ModcError(`onnxruntime cannot load ${path}: ${msg}`);
   }
 }

@@ -1,5 +1,5 @@
 /**
- * Decoder forms of real exports (issue 9), end to end: a routed compile of each form fixture
+ * Decoder forms of real exports (docs/forms.md), end to end: a routed compile of each form fixture
  * passes `modc verify` (MoD semantics against the reference executor, and the all-pass anchor),
  * with no flags besides the routing. The quick checks of each form are in test/forms.test.ts.
  */

@@ -18,8 +18,10 @@ import { decoderIo, type DecoderIo } from '../../metadata/decoder-io.js';
 import { type EmbeddingSource, TokenEmbedder } from '../../runtime/embeddings.js';
 import { createSession, ort, toFloat32, type SessionOptions } from '../../runtime/ort.js';
 import { exposeValues, promptBatch, type Batch } from './capture.js';
-import { partKey, type PartRef, type RoutedPart } from './parts.js';
+import { partKey, type PartRef } from './parts.js';
 import { compile } from '../../passes/compile.js';
+import { routingOf } from '../../passes/mod-common.js';
+import { readRoutingMetadata } from '../../metadata/routing-metadata.js';
 
 /** A fitted router for one part: score = w . x + bias. */
 export interface PartRouter extends PartRef {
@@ -40,12 +42,6 @@ export interface EvalResult {
   selected: Map<string, number>;
   /** Per part key, with `scores`: w . x (bias excluded) of every real token, in batch order. */
   scores?: Map<string, Float32Array>;
-}
-
-const BIAS_NAME = /^modc\.router\.(\d+)(?:\.(attn|attention|mlp|block))?\.bias$/;
-
-function partOfName(tag: string | undefined): RoutedPart {
-  return tag === 'attn' || tag === 'attention' ? 'attention' : tag === 'mlp' ? 'mlp' : 'block';
 }
 
 /** The routing plan of a set of part routers: threshold p = 0.5, ungated, biases as given. */
@@ -83,20 +79,20 @@ export class RoutedEvaluator {
     const g = model.graph;
     const parts = new Map<string, { ref: PartRef; bias: string; score: string }>();
     const scores: string[] = [];
-    for (const n of g.nodes) {
-      if (n.domain !== 'modc' || n.opType !== 'Router') continue;
-      const bias = n.input(2);
-      const m = bias ? BIAS_NAME.exec(bias.name) : null;
-      if (!bias || !m || !bias.initializer) continue;
-      if (parts.has(`${m[1]}.${partOfName(m[2])}`)) continue;
-      const ref = { layer: Number(m[1]), part: partOfName(m[2]) };
+    // Each routed part's Router, found from the selection its routing metadata names.
+    for (const entry of readRoutingMetadata(model)?.layers ?? []) {
+      const selected = g.findValue(entry.selected);
+      const router = selected ? routingOf(selected)?.nodes[0] : undefined;
+      const bias = router?.input(2);
+      if (!router || !bias?.initializer) continue;
+      const ref = { layer: entry.layer, part: entry.part };
       // A plain graph input: onnxruntime-node feeds only the inputs it lists, which leave out
       // initializers (overridable or not).
       g.removeInitializer(bias);
       bias.type = { tensor_type: { elem_type: DataType.FLOAT, shape: { dim: [{ dim_value: 1 }] } } };
       if (!g.inputs.includes(bias)) g.inputs.push(bias);
-      scores.push(n.outputs[0]!.name);
-      parts.set(partKey(ref), { ref, bias: bias.name, score: n.outputs[0]!.name });
+      scores.push(router.outputs[0]!.name);
+      parts.set(partKey(ref), { ref, bias: bias.name, score: router.outputs[0]!.name });
     }
     const missing = routers.filter((r) => !parts.has(partKey(r)));
     if (missing.length) throw new ModcError(`the compiled model has no router for ${missing.map(partKey).join(', ')} (the compiler could not route it)`);

@@ -5,7 +5,7 @@
  * - `relative`: ||d|| / ||s||, the update relative to the stream s it is added to;
  * - `log-norm`: log ||d||, the update's size on a log scale (less dominated by outliers).
  * `relative` is the default: on fixtures/quality-lm it gave the lowest held-out NLL at every
- * granularity (README, "modc calibrate").
+ * granularity (docs/commands.md, "modc calibrate").
  */
 import type { LayerPoints } from './capture.js';
 import type { RoutedPart } from './parts.js';

@@ -3,7 +3,7 @@
  * modc-compiled model, over sequences of token ids. Each sequence is one prefill (past length
  * 0); sequences run in batches, padded, and are never split here (split them when reading).
  *
- * Metrics (README, "Metrics"; the MAC accounting is compiler/analysis/cost.ts):
+ * Metrics (docs/commands.md, "Metrics"; the MAC accounting is compiler/analysis/cost.ts):
  * - nll: mean over every predicted token (each token after the first of a sequence) of
  *   -log softmax(logits at t)[id at t+1], in nats; perplexity = exp(nll).
  * - selectedFraction of a routed (layer, part): tokens that ran it / real tokens.

@@ -5,7 +5,7 @@
  * inputs besides ids, mask, positions and the caches. A compiled model fits that contract when
  * its caches keep the original interface (no routed layer, or MLP-only routing); then only the
  * file name changes. A routed attention or block layer has its own cache length per row
- * (`past_lengths.l` / `present_lengths.l`, docs in README "Compiled model interface"), which
+ * (`past_lengths.l` / `present_lengths.l`, docs/interface.md), which
  * onnxruntime-genai cannot feed: the config then carries a top-level `modc` section with the
  * per-layer cache contract, which onnxruntime-genai refuses at load (its parser rejects unknown
  * keys) instead of failing mid-generation.
@@ -133,5 +133,5 @@ export function describeGenai(r: GenaiResult): string {
   const copied = r.copied.length ? ` (copied ${r.copied.join(', ')})` : '';
   if (r.loadable)
     return `wrote ${r.path}${copied}: the compiled model keeps onnxruntime-genai's contract (same inputs, outputs and cache shapes; new file name)${r.reason ? `, but ${r.reason}` : ''}`;
-  return `wrote ${r.path}${copied}: onnxruntime-genai cannot drive the compiled model: ${r.reason}; drive it with ModSession, \`modc codegen\` or a client that feeds the lengths (README "Serving a compiled model")`;
+  return `wrote ${r.path}${copied}: onnxruntime-genai cannot drive the compiled model: ${r.reason}; drive it with ModSession, \`modc codegen\` or a client that feeds the lengths (docs/serving.md)`;
 }

@@ -92,7 +92,7 @@ export const compileCommand: Command = {
     "weights stay referenced when the output is in the input's folder, and are hard-linked (or",
     'copied) next to the output otherwise, so the output folder is self-contained.',
     'A genai_config.json beside the input is rewritten beside the output, and the summary says whether',
-    'onnxruntime-genai can still drive the model (README, "Serving a compiled model").',
+    'onnxruntime-genai can still drive the model (docs/serving.md, "onnxruntime-genai").',
   ].join('\n'),
   options: {
     output: { type: 'string', short: 'o', valueName: 'OUT.onnx', help: 'where to write the compiled model (required)' },

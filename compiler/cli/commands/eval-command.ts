@@ -18,7 +18,7 @@ export const evalCommand: Command = {
     "forward pass; sequences longer than --max-length (default: the model's context, or no limit) are",
     'split. nll is the mean over every predicted token (each token after the first of a sequence), in',
     'nats. computeFraction: multiply-accumulates executed (routed parts on their selected tokens only)',
-    '/ the dense model\'s on the same tokens; kvFraction: KV-cache entries held / dense (README, "Metrics").',
+    '/ the dense model\'s on the same tokens; kvFraction: KV-cache entries held / dense (docs/commands.md, "Metrics").',
     'With --json it prints {nll, perplexity, tokens, computeFraction, kvFraction, layers: [{layer, part,',
     'routed, selectedFraction}], data, settings, ...}. Progress goes to stderr (see --progress, --quiet).',
   ].join('\n'),

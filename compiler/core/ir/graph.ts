@@ -606,3 +606,15 @@ export function attribute(name: string, value: number | string | number[] | stri
   }
   return a;
 }
+
+/** A tensor type of element type `elem` and these dims (a number is a fixed size, a string a named one). */
+export function tensorType(elem: number, dims: readonly (number | string)[]): TypeProto {
+  return { tensor_type: { elem_type: elem, shape: { dim: dims.map((d) => (typeof d === 'number' ? { dim_value: d } : { dim_param: d })) } } } as TypeProto;
+}
+
+/** A copy of `type` with dim `axis` renamed `name` (types can be shared objects: never edit one in place). */
+export function withDim(type: TypeProto | undefined, axis: number, name: string): TypeProto | undefined {
+  const t = type?.tensor_type;
+  if (!t?.shape) return type;
+  return { tensor_type: { elem_type: t.elem_type, shape: { dim: t.shape.dim.map((d, i) => (i === axis ? { dim_param: name } : d)) } } } as TypeProto;
+}
