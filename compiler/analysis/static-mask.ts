@@ -143,7 +143,8 @@ export function staticMaskSemantics(mask: Value, ctx: StaticMaskContext): Static
 
 const symbolName = (s: Sym) => ({ t: 'the token index', j: 'the cache slot', w: 'write_indices', n: 'nonpad_kv_seqlen' })[s];
 
-function evaluate(v: Value, ctx: StaticMaskContext, memo: Map<Value, Sv>): Sv {
+function evaluate(v: Value | null, ctx: StaticMaskContext, memo: Map<Value, Sv>): Sv {
+  if (!v) throw new Unread('reads an omitted input');
   const known = memo.get(v);
   if (known) return known;
   const out = evaluateUncached(v, ctx, memo);
@@ -170,7 +171,8 @@ function evaluateUncached(v: Value, ctx: StaticMaskContext, memo: Map<Value, Sv>
     case 'Cast':
       return cast(n, arg(0));
     case 'Shape': {
-      const src = n.input(0)!;
+      const src = n.input(0);
+      if (!src) throw new Unread(`${n.describe()} has no input`);
       if (!ctx.buffers.has(src) && !ctx.tokenInputs.has(src))
         throw new Unread(`${n.describe()} reads the shape of ${src}, which is neither a static buffer nor a token input`);
       const start = n.attrInt('start', 0) ?? 0;
@@ -254,7 +256,8 @@ function constantOf(v: Value): Sv | null {
   throw new Unread(`reads the constant ${v}, whose values vary`);
 }
 
-function constantTensor(v: Value): { dims: number[]; values: number[] } | null {
+function constantTensor(v: Value | null): { dims: number[]; values: number[] } | null {
+  if (!v) return null;
   const read = (t: Tensor) => {
     if (t.isExternal || t.size > MAX_CONSTANT) return null;
     try {
@@ -409,7 +412,7 @@ function squeezeOrUnsqueeze(n: Node, a: Sv, axes: number[] | null): Sv {
 
 function expand(n: Node, a: Sv): Sv {
   const shape = n.input(1);
-  const length = shape?.shape?.[0] ?? constantTensor(shape!)?.values.length;
+  const length = shape?.shape?.[0] ?? constantTensor(shape)?.values.length;
   if (typeof length !== 'number') throw new Unread(`${n.describe()} expands to a shape of unknown rank`);
   if (a.kind === 'lin') return shift(a, Math.max(a.rank, length));
   if (a.kind === 'cond' || a.kind === 'bias') {
@@ -437,8 +440,8 @@ function dimOf(n: Node, source: Value, axis: number, rank: number, ctx: StaticMa
 }
 
 function slice(n: Node, ctx: StaticMaskContext, memo: Map<Value, Sv>): Sv {
-  const data = evaluate(n.input(0)!, ctx, memo);
-  const consts = (i: number) => (n.input(i) ? constantTensor(n.input(i)!)?.values : undefined);
+  const data = evaluate(n.input(0), ctx, memo);
+  const consts = (i: number) => constantTensor(n.input(i))?.values;
   const starts = consts(1);
   const axes = n.input(3) ? consts(3) : [0];
   const steps = n.input(4) ? consts(4) : [1];
@@ -452,7 +455,7 @@ function slice(n: Node, ctx: StaticMaskContext, memo: Map<Value, Sv>): Sv {
   }
   if (data.kind === 'arange' && starts[0] === 0) {
     // arange[:S] is the call's token index (the Range-free form of an exporter for runtimes without Range).
-    const end = evaluate(n.input(2)!, ctx, memo);
+    const end = evaluate(n.input(2), ctx, memo);
     if (end.kind === 'dim' && end.of === 'S') return lin(1, { t: 0 }, 0);
   }
   throw new Unread(`${n.describe()} slices a value modc does not read in a mask`);
