@@ -5,13 +5,17 @@
  * - anchor: the original compiled with every token selected, ungated, reproduces the original;
  * - semantics: a compile with seeded random routers agrees with the reference executor;
  *
- * each on a 3-row prompt, then two decode steps, within 1e-4 (fp32) or 1e-2 (fp16). A check
- * that fails, or a compiled model that fails to run where the original runs, is a `mismatch`.
+ * each on a 3-row prompt, then two decode steps, within 1e-4 (fp32) or 1e-2 (fp16), scaled up
+ * with the original's largest |logit| beyond 100: float32 keeps about 7 digits, so 1e-4 at
+ * logits of 100 is a relative 1e-6, and a mutated weight can make logits of 1e20 whose rounding
+ * alone differs by far more than 1e-4 between two correct compiles. A check that fails, or a
+ * compiled model that fails to run where the original runs, is a `mismatch`.
  * A model modc refuses, or whose original does not run (or gives non-finite logits), is not
  * checked: that is the mutation's doing, and the note says so.
  */
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
+import { analyzeDecoder } from '../../compiler/analysis/analyze.js';
 import { ModcError } from '../../compiler/core/errors.js';
 import { loadModel } from '../../compiler/core/io/load.js';
 import { saveModel } from '../../compiler/core/io/save.js';
@@ -52,9 +56,18 @@ export async function differential(input: string, dir: string, rng: Rng, afterCo
   const seed = rng.int(100);
   const what = `random routers seed ${seed}, ${mode}, ${gated ? 'gated' : 'ungated'}, ${granularity}`;
   let prompt: number[][];
+  let tolerance: number;
+  let half: boolean;
   try {
     const model = loadModel(input);
     if (readRoutingMetadata(model)) return { kind: 'skipped', note: 'the input is a compiled model' };
+    half = analyzeDecoder(model).dtype === 'float16';
+  } catch (e) {
+    if (e instanceof ModcError) return { kind: 'skipped', note: `refused: ${message(e)}` };
+    throw e;
+  }
+  try {
+    const model = loadModel(input);
     const io = decoderIo(model);
     prompt = promptFor(io.vocabSize);
     if (io.maxPositions !== null && io.maxPositions < Math.max(...prompt.map((r) => r.length)) + DIFF_STEPS)
@@ -65,6 +78,8 @@ export async function differential(input: string, dir: string, rng: Rng, afterCo
     const logits = [(await original.forward(rows, { pad: resolvePadSide(io, undefined) })).data];
     for (let t = 0; t < DIFF_STEPS; t++) logits.push(...lastPosition(await original.step(rows.map(() => 1))));
     if (logits.some((l) => l.some((v) => !Number.isFinite(v)))) return { kind: 'skipped', note: 'the original gives non-finite logits' };
+    const scale = Math.max(...logits.map((l) => l.reduce((m, v) => Math.max(m, Math.abs(v)), 0)));
+    tolerance = (half ? 1e-2 : 1e-4) * Math.max(1, scale / 100);
   } catch (e) {
     return { kind: 'skipped', note: `the original does not run: ${message(e)}` };
   }
@@ -80,7 +95,7 @@ export async function differential(input: string, dir: string, rng: Rng, afterCo
     throw e;
   }
   try {
-    const report = await verifyCompiled(input, out, { prompt, steps: DIFF_STEPS, defaultPrompt: true });
+    const report = await verifyCompiled(input, out, { prompt, steps: DIFF_STEPS, defaultPrompt: true, tolerance });
     if (report.passed) return { kind: 'passed', what };
     const failed = report.checks
       .filter((c) => !c.passed)
