@@ -19,13 +19,12 @@
  *   --json           print the final figures as JSON
  * Exit code: 0 when no failure was found, 1 otherwise.
  */
-import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
-import { fuzz, type FuzzStats, WITH_MEMORY_LIMIT } from '../test/fuzz/pool.js';
-import { runCase } from '../test/fuzz/run-case.js';
+import { fuzz, type FuzzStats } from '../test/fuzz/pool.js';
+import type { Outcome } from '../test/fuzz/run-case.js';
 import { modelFolders, seedModels } from '../test/fuzz/seeds.js';
 
 function summary(s: FuzzStats): string {
@@ -59,21 +58,24 @@ async function main(): Promise<number> {
     if (!Number.isFinite(n) || n < 0) throw new Error(`not a number: ${v}`);
     return n;
   };
-  if (values.replay && !process.env.MODC_FUZZ_LIMITED) {
-    // Under the workers' memory limit, so a replay ends as the case did.
-    const r = spawnSync('/bin/sh', ['-c', WITH_MEMORY_LIMIT, process.execPath, ...process.execArgv, process.argv[1]!, ...process.argv.slice(2)], {
-      stdio: 'inherit',
-      env: { ...process.env, MODC_FUZZ_LIMITED: '1' },
-    });
-    return r.status ?? 1;
-  }
   if (values.replay) {
+    // Through the pool, as the case ran: a worker under the memory limit, the same time limits,
+    // and a process that dies classified by the stage it died in.
     const c = JSON.parse(readFileSync(values.replay, 'utf8')) as { fixture: string; seed: number; index: number; kind: string };
-    const work = mkdtempSync(join(tmpdir(), 'modc-replay-'));
-    const o = await runCase({ fixture: c.fixture, seed: c.seed, index: c.index, ort: true, diff: true, work });
-    rmSync(work, { recursive: true, force: true });
-    console.log(JSON.stringify(o, null, 2));
-    return o.kind === 'refused' || o.kind === 'accepted' ? 0 : 1;
+    let outcome: Outcome | undefined;
+    await fuzz({
+      fixtures: [c.fixture],
+      seed: c.seed,
+      start: c.index,
+      cases: 1,
+      workers: 1,
+      ortSample: 1,
+      diffSample: 1,
+      timeoutMs: num(values['timeout-ms'], 30_000),
+      onOutcome: (_spec, o) => (outcome = o),
+    });
+    console.log(JSON.stringify(outcome, null, 2));
+    return outcome && (outcome.kind === 'refused' || outcome.kind === 'accepted') ? 0 : 1;
   }
   const scratch = mkdtempSync(join(tmpdir(), 'modc-fuzz-seeds-'));
   try {

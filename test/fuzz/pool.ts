@@ -8,6 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { cleanCase, FAILURES, ORT_INPUT_STAGE, type CaseSpec, type Outcome, type OutcomeKind } from './run-case.js';
+import { DIFF_ORIGINAL_STAGE } from './differential.js';
 
 export interface FuzzOptions {
   /** Seed folders (each with model.onnx). */
@@ -34,6 +35,8 @@ export interface FuzzOptions {
   /** First case index (to continue a run). */
   start?: number;
   progress?: (stats: FuzzStats) => void;
+  /** Hears every case's outcome (a replay prints it). */
+  onOutcome?: (spec: CaseSpec, outcome: Outcome) => void;
 }
 
 export interface Failure {
@@ -107,13 +110,24 @@ interface Worker {
 
 /**
  * What a case that stopped answering (timeout) or whose process died ends as: while ONNX Runtime
- * was loading the mutated input, that is the input's problem and the case counts as accepted
- * (modc had already written and reloaded its output); anywhere else it is a hang or a crash.
+ * was loading the mutated input, or running it for the differential check, that is the input's
+ * problem and the case counts as accepted (modc had already written and reloaded its output);
+ * anywhere else it is a hang or a crash.
  */
 function lost(spec: CaseSpec, stage: string | undefined, why: string, kind: 'hang' | 'crash'): Outcome {
   const log = [`fixture ${spec.fixture}`, `seed ${spec.seed} index ${spec.index}`];
   if (stage === ORT_INPUT_STAGE)
     return { kind: 'accepted', stage: 'done', message: `ONNX Runtime did not load the input (${why})`, log, inputLoadsInOrt: false };
+  // Running the original mutated model (before any compile) for the differential check.
+  if (stage === DIFF_ORIGINAL_STAGE)
+    return {
+      kind: 'accepted',
+      stage: 'done',
+      message: '',
+      log,
+      inputLoadsInOrt: true,
+      differential: `skipped: ONNX Runtime did not run the original (${why})`,
+    };
   return { kind, stage: kind === 'hang' ? 'timeout' : 'process', message: `${why}${stage ? ` in stage ${stage}` : ''}`, log };
 }
 
@@ -143,6 +157,7 @@ export async function fuzz(opts: FuzzOptions): Promise<FuzzStats> {
   let lastProgress = Date.now();
 
   const record = (spec: CaseSpec, o: Outcome) => {
+    opts.onOutcome?.(spec, o);
     stats.cases++;
     stats.outcomes[o.kind]++;
     if (o.kind === 'refused') {
@@ -222,7 +237,7 @@ export async function fuzz(opts: FuzzOptions): Promise<FuzzStats> {
       proc.on('message', (o: Outcome | { stage: string }) => {
         if (!('kind' in o)) {
           w.stage = o.stage;
-          if (o.stage === 'differential') arm(opts.diffTimeoutMs ?? 4 * timeoutMs);
+          if (o.stage === DIFF_ORIGINAL_STAGE) arm(opts.diffTimeoutMs ?? 4 * timeoutMs);
           return;
         }
         clearTimeout(w.timer);

@@ -214,7 +214,7 @@ async function runStages(input: string, output: string, rng: Rng, log: string[],
   if (outErr !== null) return { kind: 'ort-rejected', stage: 'ort', message: outErr, log, inputLoadsInOrt: true };
   if (!diffDir) return { kind: 'accepted', stage: 'done', message: '', log, inputLoadsInOrt: true };
   stage.name = 'differential';
-  const d = await differential(input, diffDir, rng);
+  const d = await differential(input, diffDir, rng, { onStage: (name) => (stage.name = name) });
   if (d.kind === 'mismatch') return { kind: 'mismatch', stage: 'differential', message: d.message, log, inputLoadsInOrt: true };
   const differentialNote = d.kind === 'passed' ? `passed (${d.what})` : `skipped: ${d.note}`;
   return { kind: 'accepted', stage: 'done', message: '', log, inputLoadsInOrt: true, differential: differentialNote };
