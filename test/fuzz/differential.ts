@@ -6,17 +6,20 @@
  * - semantics: a compile with seeded random routers agrees with the reference executor;
  *
  * each on a 3-row prompt, then two decode steps, within 1e-4 (fp32) or 1e-2 (fp16), scaled up
- * with the original's largest |logit| beyond 100: float32 keeps about 7 digits, so 1e-4 at
- * logits of 100 is a relative 1e-6, and a mutated weight can make logits of 1e20 whose rounding
- * alone differs by far more than 1e-4 between two correct compiles. A check that fails, or a
+ * with the original's largest |logit| beyond 100 (fp16: beyond 10): float32 keeps about 7
+ * digits, so 1e-4 at logits of 100 is a relative 1e-6 (float16: 3 digits, 1e-3), and a mutated
+ * weight can make logits of 1e20 whose rounding alone differs by far more than 1e-4 between two
+ * correct compiles. A check that fails, or a
  * compiled model that fails to run where the original runs, is a `mismatch`, unless the first
  * routing decision where the compiled model and the reference part ways is a near tie: a token
  * whose router score lies within rounding (1e-4, float16 models 2e-2) of the selection boundary,
  * which the two round to different sides (the compiled model runs the selected tokens batched,
  * the reference row by row, so their streams differ by rounding); every later decision then
  * follows from different caches. Such a case is not checked, and the note gives the scores.
- * A model modc refuses, or whose original does not run (or gives non-finite logits), is not
- * checked: that is the mutation's doing, and the note says so.
+ * A model modc refuses, whose original does not run (or gives non-finite logits), or whose rows
+ * depend on the rest of the batch (a row run alone gives other logits: MoD runs a converted
+ * layer's rows one at a time, as the reference does), is not checked: that is the mutation's
+ * doing, and the note says so.
  */
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
@@ -101,7 +104,21 @@ export async function differential(input: string, dir: string, rng: Rng, opts: D
     for (let t = 0; t < DIFF_STEPS; t++) logits.push(...lastPosition(await original.step(rows.map(() => 1))));
     if (logits.some((l) => l.some((v) => !Number.isFinite(v)))) return { kind: 'skipped', note: 'the original gives non-finite logits' };
     const scale = Math.max(...logits.map((l) => l.reduce((m, v) => Math.max(m, Math.abs(v)), 0)));
-    tolerance = (half ? 1e-2 : 1e-4) * Math.max(1, scale / 100);
+    tolerance = half ? 1e-2 * Math.max(1, scale / 10) : 1e-4 * Math.max(1, scale / 100);
+    // MoD's semantics run a converted layer's rows one at a time (the reference executor does):
+    // a model whose rows depend on the rest of the batch has none to check against.
+    const pad = resolvePadSide(io, undefined);
+    const together = await (await ModSession.create(input)).forward(rows, { pad });
+    for (const [b, row] of rows.entries()) {
+      const alone = await (await ModSession.create(input)).forward([row]);
+      const S = together.dims[1];
+      const V = together.dims[2];
+      const start = pad === 'left' ? S - row.length : 0;
+      let worst = 0;
+      for (let t = 0; t < row.length; t++)
+        for (let v = 0; v < V; v++) worst = Math.max(worst, Math.abs(alone.data[t * V + v]! - together.data[(b * S + start + t) * V + v]!));
+      if (worst > tolerance) return { kind: 'skipped', note: `the original's rows depend on the batch (row ${b} alone differs by ${worst.toExponential(2)})` };
+    }
   } catch (e) {
     return { kind: 'skipped', note: `the original does not run: ${message(e)}` };
   }
