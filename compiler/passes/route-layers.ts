@@ -42,7 +42,8 @@ import type { Model } from '../core/ir/model.js';
 import { graphInputsReached, recomputeWith, replaceUsesWithin } from '../core/ir/rewrite.js';
 import type { Pass } from './pass-manager.js';
 import { AttributeType, type AttributeProto, type TypeProto } from '../core/proto/index.js';
-import { pastLengthName, presentLengthName } from '../metadata/decoder-io.js';
+import { pastLengthName, pastSequenceIndicesName, presentLengthName, presentSequenceIndicesName } from '../metadata/decoder-io.js';
+import { callerMask, maskFill, sequenceLengthInput } from './caller-mask.js';
 import { Emitter } from './modc-ops/emitter.js';
 import { callModcOp, defaultOpset, MODC_DOMAIN } from './modc-ops/index.js';
 import { readRoutingMetadata, writeRoutingMetadata } from '../metadata/routing-metadata.js';
@@ -93,6 +94,7 @@ function regionOf(model: Model, layer: LayerInfo, part: RoutedPart, facts: () =>
       blockBlocker(layer) ??
       kvCompactionBlocker(layer.attention) ??
       sideInputBlocker(model, layer.sideInputs) ??
+      callerMaskBlocker(layer, layer.sideInputs) ??
       tokenCouplingBlocker(layer.nodes, { inputs, facts: facts(), exempt: core });
     if (why) return { reason: why };
     return {
@@ -119,6 +121,7 @@ function regionOf(model: Model, layer: LayerInfo, part: RoutedPart, facts: () =>
     sub.blocker ??
     (part === 'attention' ? kvCompactionBlocker(layer.attention) : null) ??
     sideInputBlocker(model, sub.sideInputs) ??
+    callerMaskBlocker(layer, sub.sideInputs) ??
     tokenCouplingBlocker(sub.nodes, { inputs: [sub.input], facts: facts(), exempt: core }) ??
     (part === 'mlp' && sub.sideInputs.some((si) => si.kind !== 'weight')
       ? `its MLP reads ${sub.sideInputs.find((si) => si.kind !== 'weight')!.value}, which is not a weight`
@@ -138,6 +141,20 @@ function regionOf(model: Model, layer: LayerInfo, part: RoutedPart, facts: () =>
 function blockBlocker(layer: LayerInfo): string | null {
   if (!layer.residualOut) return `its residual add is fused into ${layer.exit.node.describe()} (run split-fused-boundaries first)`;
   if (layer.exit.node.opType !== 'Add') return `its exit ${layer.exit.node.describe()} is not a plain Add (run split-fused-boundaries first)`;
+  return null;
+}
+
+/**
+ * A caller's 4-D mask is gathered at the sequence indices of the keys an unfused attention lays
+ * out as `Concat(cache, new)` (compiler/passes/caller-mask.ts); other attention forms order their
+ * keys otherwise.
+ */
+function callerMaskBlocker(layer: LayerInfo, sideInputs: readonly SideInput[]): string | null {
+  const mask = sideInputs.find((si) => si.kind === 'attention-mask' && si.form === 'caller-4d');
+  if (!mask) return null;
+  const a = layer.attention;
+  if (a.form !== 'unfused' || isStaticLayout(a.kv.layout))
+    return `it reads the caller's 4-D attention mask ${mask.value} with ${a.form} attention (${a.kv.layout} cache); modc gathers such a mask for unfused attention with a growing cache only`;
   return null;
 }
 
@@ -232,6 +249,8 @@ class LayerRouter {
   }
 
   private slotIndex?: Value;
+  /** A caller's 4-D mask: the sequence index of each key slot this call ([B, P_l + K]) and its past input. */
+  private slotSequence?: { past: Value; keys: Value };
 
   /**
    * A stream value ([B, S, H], the stream's float type) at the selected tokens: GatherTokens'
@@ -372,7 +391,8 @@ class LayerRouter {
       for (const v of recompute) replaceUsesWithin(this.region, v, recomputed.get(v)!);
     }
     const appends = kvAppendsOf(layer, this.region);
-    if (!('reason' in appends) && this.region.size > 0 && ![...this.region].some((n) => n.subgraphs().length > 0)) return { appends, pastLength };
+    if (!('reason' in appends) && !this.slotSequence && this.region.size > 0 && ![...this.region].some((n) => n.subgraphs().length > 0))
+      return { appends, pastLength };
     return { pairs: this.packCompacted(pastLength) };
   }
 
@@ -393,7 +413,8 @@ class LayerRouter {
     // A standard Attention causal by is_causal=1 alone: its padding slots masked (compiler/passes/static-cache.ts).
     if (layer.attention.form === 'StandardAttention' && !layer.attention.node.input(3)) maskCompactedKeys(this.e, layer.attention.node, keep, k);
     const tensors: KvTensor[] = kv.layout === 'combined-2BHTD' ? [kv.key] : [kv.key, kv.value];
-    const packed = this.packPresent(tensors, keep, seqAxis, kv.layout === 'combined-2BHTD' ? 'GatherKvCombined' : 'GatherKv');
+    const slots = this.slotSequence ? [{ keys: this.slotSequence.keys, name: presentSequenceIndicesName(this.l) }] : [];
+    const [packed, packedSlots] = this.packPresent(tensors, keep, seqAxis, kv.layout === 'combined-2BHTD' ? 'GatherKvCombined' : 'GatherKv', slots);
     const presentLength = this.e.reduceSum(this.e.cast(keep, DataType.INT64), [1], false);
     presentLength.name = g.uniqueName(presentLengthName(this.l));
     presentLength.type = tensorType(DataType.INT64, ['batch']);
@@ -410,7 +431,8 @@ class LayerRouter {
       pastLength,
       presentLength,
     });
-    return [...packed.map((p, i) => [p, tensors[i]!.input] as [Value, Value]), [presentLength, pastLength], ...positions];
+    const sequence = packedSlots.map((p) => [p, this.slotSequence!.past] as [Value, Value]);
+    return [...packed.map((p, i) => [p, tensors[i]!.input] as [Value, Value]), [presentLength, pastLength], ...positions, ...sequence];
   }
 
   /**
@@ -621,7 +643,16 @@ class LayerRouter {
     const { routing } = this;
     const sub = new Map<Value, Value>();
     const mask = g.inputs.find((v) => v.name === 'attention_mask');
-    if (mask) {
+    const caller = callerMask(g);
+    if (caller) {
+      // The caller's entries at each key slot's original sequence index (compiler/passes/caller-mask.ts).
+      const fresh = this.e.op('Add', [this.e.unsqueeze(sequenceLengthInput(this.model, this.e), [1]), routing.indices]);
+      const past = g.addInput(new Value(pastSequenceIndicesName(this.l), tensorType(DataType.INT64, ['batch', `past_sequence_length_${this.l}`])));
+      const keys = this.e.op('Concat', [past, fresh], { axis: 1 });
+      const valid = this.call('KeyMask', [pastLength, capacity, routing.valid])[0]!;
+      sub.set(caller, this.call('GatherMask', [caller, keys, keys, valid, maskFill(this.e, caller)])[0]!);
+      this.slotSequence = { past, keys };
+    } else if (mask) {
       const keys = gqa
         ? this.call('PrefixMask', [this.e.op('Add', [pastLength, k]), this.e.op('Add', [capacity, k])])[0]!
         : this.call('KeyMask', [pastLength, capacity, routing.valid])[0]!;
@@ -631,7 +662,7 @@ class LayerRouter {
       const v = g.inputs.find((i) => i.name === name);
       if (v) sub.set(v, this.gather(v));
     }
-    for (const stream of [this.s.embedding.output, ...this.s.steps.map((st) => st.sum)]) if (stream) sub.set(stream, xSel);
+    for (const stream of [this.s.embedding.output, ...this.s.steps.flatMap((st) => [st.sum, st.carried])]) if (stream) sub.set(stream, xSel);
     // Lengths read off another layer's cache mean "the past length": use this layer's own.
     for (const other of this.s.layers) {
       if (other === this.layer) continue;
@@ -645,8 +676,10 @@ class LayerRouter {
    * The present graph outputs become the re-packed caches (the op's own presents feed only
    * them). Packing copies the whole cache, so it runs only when some slot must go: a batch-1
    * step or an all-selected prefill keeps every slot, and then the present passes through.
+   * `slots` are [B, P_l + K] values indexed by key slot, packed the same way into new graph
+   * outputs named `name`. Returns the packed presents and the packed slot values.
    */
-  private packPresent(tensors: KvTensor[], keep: Value, seqAxis: number, op: string): Value[] {
+  private packPresent(tensors: KvTensor[], keep: Value, seqAxis: number, op: string, slots: { keys: Value; name: string }[] = []): [Value[], Value[]] {
     const g = this.model.graph;
     const fulls = tensors.map((t) => {
       const full = t.output;
@@ -659,13 +692,27 @@ class LayerRouter {
     const packed = this.ifElse(
       `modc/${this.tag}/pack_cache`,
       everySlotKept,
-      (branch) => fulls.map(({ full }) => branch.addNode('Identity', [full], [branch.newValue(`${full.name}_kept`)]).output(0)),
+      (branch) =>
+        [...fulls.map(({ full }) => full), ...slots.map((s) => s.keys)].map((v) =>
+          branch.addNode('Identity', [v], [branch.newValue(`${v.name}_kept`)]).output(0),
+        ),
       (branch) => {
-        const [slots] = this.call('Compact', [keep], branch);
-        return fulls.map(({ full }) => this.call(op, [full, slots!], branch)[0]!);
+        const [kept] = this.call('Compact', [keep], branch);
+        const e = new Emitter(branch, this.e.opset, `modc/${this.tag}/pack/`);
+        return [
+          ...fulls.map(({ full }) => this.call(op, [full, kept!], branch)[0]!),
+          ...slots.map((s) => e.op('GatherElements', [s.keys, kept!], { axis: 1 })),
+        ];
       },
     );
-    return fulls.map(({ t, full, name }, i) => {
+    const packedSlots = slots.map((s, i) => {
+      const out = packed[fulls.length + i]!;
+      out.name = g.uniqueName(s.name);
+      out.type = tensorType(DataType.INT64, ['batch', `present_sequence_length_${this.l}`]);
+      g.outputs.push(out);
+      return out;
+    });
+    const presents = fulls.map(({ t, full, name }, i) => {
       const out = packed[i]!;
       out.name = name;
       out.type = withDim(full.type, seqAxis, `present_sequence_length_${this.l}`);
@@ -673,6 +720,7 @@ class LayerRouter {
       t.input.type = withDim(t.input.type, seqAxis, `past_sequence_length_${this.l}`);
       return out;
     });
+    return [presents, packedSlots];
   }
 }
 

@@ -16,7 +16,18 @@ import type { Model } from '../../core/ir/model.js';
 import { decoderIo, type DecoderIo } from '../../metadata/decoder-io.js';
 import { type EmbeddingSource, TokenEmbedder } from '../../runtime/embeddings.js';
 import { createSession, emptyTensor, ort, toFloat32, type SessionOptions } from '../../runtime/ort.js';
-import { checkUnpadded, initialCacheDims, initialPositions, padRows, promptPositions, staticLengthFeeds, typed, zeroStates } from '../../runtime/session.js';
+import {
+  checkUnpadded,
+  initialCacheDims,
+  initialPositions,
+  maskFeed,
+  padRows,
+  promptPositions,
+  sequenceLengthFeeds,
+  staticLengthFeeds,
+  typed,
+  zeroStates,
+} from '../../runtime/session.js';
 
 /** Where a layer's routed parts read and write the residual stream, as graph value names. */
 export interface LayerPoints {
@@ -65,7 +76,7 @@ export function layerPoints(s: DecoderStructure): LayerPoints[] {
 
 function midStream(l: LayerInfo): Value | null {
   if (l.steps.length !== 2) return null;
-  return l.steps[0]!.sum;
+  return l.steps[0]!.carried;
 }
 
 /** The MLP branch is computed from the layer input, not the stream after the attention add. */
@@ -90,7 +101,9 @@ export async function promptBatch(io: DecoderIo, rows: number[][], embedder: Tok
   } else {
     feeds[io.inputIds.name] = typed(io.inputIds.dtype, ids, [B, width]);
   }
-  if (io.attentionMask) feeds[io.attentionMask.name] = typed(io.attentionMask.dtype, mask.flat(), [B, width]);
+  const maskT = maskFeed(io, mask);
+  if (maskT) feeds[io.attentionMask!.name] = maskT;
+  Object.assign(feeds, sequenceLengthFeeds(io, mask, width));
   if (io.positionIds) feeds[io.positionIds.name] = typed(io.positionIds.dtype, promptPositions(mask), [B, width]);
   // Static KV caches: zero buffers, and each row's write index and valid keys.
   Object.assign(feeds, staticLengthFeeds(io, mask, width));
