@@ -5,15 +5,17 @@
  * (64 x 256 bytes):
  * - eval's KV fraction is at most F + KV_SLACK. Calibrate holds each layer's KV fraction at its
  *   share of F on its own data; held-out text keeps a different number of tokens above the same
- *   thresholds. Measured with this recipe (2048 tokens, seed 0): eval KV 0.579 at F = 0.6; on the
- *   whole calib.jsonl, 0.488-0.592 for F = 0.5-0.9 on both fixtures (bench/README.md, "Quality
- *   vs memory"). KV_SLACK = 0.015 covers the differences seen there; it is not far below F either;
+ *   thresholds. Measured with this recipe (2048 tokens, seed 0): eval KV 0.579 at F = 0.6 (0.021
+ *   below); in every run measured (2048 tokens to the whole calib.jsonl, F 0.5 to 0.9, both
+ *   fixtures: bench/README.md, "Quality vs memory") eval KV landed 0.004 to 0.023 below F, never
+ *   above. KV_SLACK = 0.015 allows for a 2048-token sample landing above by as much as those
+ *   landed below; the test also requires it within 0.05 below F (not far below either);
  * - it beats key/value routers with random directions whose thresholds are placed the same way
  *   (the same F; at least as much KV on eval): each draw of seeds 1-4, and their mean by
  *   MEAN_MARGIN nats per byte. Measured 2026-12-06 with this recipe: calibrated NLL 1.6464 (dense
  *   1.6452) at KV 0.579; random directions, seeds 1-6: 1.6645, 1.6866, 1.6649, 1.7091, 1.6640,
  *   1.6484 (gaps 0.018, 0.040, 0.019, 0.063, 0.018, 0.002). This fixture is very local (sinks and
- *   window alone cost +0.02), so a lucky random draw comes close (seed 6) and no per-draw margin
+ *   window alone cost +0.021), so a lucky random draw comes close (seed 6) and no per-draw margin
  *   is safe; the mean of seeds 1-4 is 0.035 above, MEAN_MARGIN = 0.01 under a third of that;
  * - the threshold rule itself (kvThreshold) on hand-counted rows, and one-line flag errors.
  */
