@@ -243,6 +243,7 @@ describe.runIf(ONCE)('routing metadata of sub-layer parts', () => {
       feeds[b.pastKey] = emptyTensor(b.dtype, [1, b.numHeads, 0, b.headSize]);
       if (b.pastValue) feeds[b.pastValue] = emptyTensor(b.dtype, [1, b.numHeads, 0, b.headSize]);
       if (b.pastLength) feeds[b.pastLength] = typed('int64', [0], [1]);
+      if (b.pastValid) feeds[b.pastValid] = new ort.Tensor('bool', new Uint8Array(0), [1, 0]);
     }
     const session = await createSession(exposed);
     const out = await session.run(feeds);

@@ -10,7 +10,7 @@
  *             (packed QKV split first; the op itself ignores position_ids in a prefill)
  *   window w: slot_pos = SlotPositions(past_positions.l, past_lengths.l, pos_sel)   [B, P_l + K]
  *             GQA input 10 (attention_bias) = WindowBias(pos_sel, slot_pos, w),  local_window_size = -1
- *             present_positions.l = slot_pos[:, :max(present_lengths.l)]     (the cache's packing)
+ *             present_positions.l = slot_pos                                  (laid out like the op's present)
  *
  * A query at original position p then sees a key at original position q iff p - w < q <= p,
  * which is what the op computes on a full cache (where slot = position). The positions of this
@@ -41,7 +41,6 @@ export interface PositionHook {
   /** Compact's indices [B, K] of the selected tokens. */
   indices: Value;
   pastLength: Value;
-  presentLength: Value;
 }
 
 /**
@@ -62,13 +61,11 @@ export function originalPositions(h: PositionHook): [Value, Value][] {
   const slots = h.call('SlotPositions', [past, h.pastLength, positions])[0]!;
   s.node.setAttr(attribute('local_window_size', -1));
   s.node.setInput(GQA_ATTENTION_BIAS, h.call('WindowBias', [positions, slots, e.i64(s.window)])[0]!);
-  // The present cache is each row's valid slots packed first, as long as the longest row.
-  const longest = e.reduceMax(h.presentLength, [0], true);
-  const present = e.op('Slice', [slots, e.i64([0]), longest, e.i64([1])]);
-  present.name = g.uniqueName(presentPositionsName(h.layer));
-  present.type = tensorType(DataType.INT64, ['batch', `present_sequence_length_${h.layer}`]);
-  g.outputs.push(present);
-  return [[present, past]];
+  // The op's present holds P_l + K slots per row, each row's valid slots first: so do the positions.
+  slots.name = g.uniqueName(presentPositionsName(h.layer));
+  slots.type = tensorType(DataType.INT64, ['batch', `present_sequence_length_${h.layer}`]);
+  g.outputs.push(slots);
+  return [[slots, past]];
 }
 
 /**

@@ -120,15 +120,14 @@ const compact: ModcOpDef = {
   doc: "each row's selected positions in order, padded to K with unselected positions marked invalid",
   body(e, [selected]) {
     const s = e.dimScalar(selected!, 1);
-    const sf = e.cast(s, DataType.FLOAT);
-    const pos = e.cast(e.op('Range', [e.i64(0), s, e.i64(1)]), DataType.FLOAT);
-    // Selected tokens sort first (keys in (S, 2S]), unselected after (keys in (0, S]), each group by position.
-    const key = e.op('Where', [selected!, e.op('Sub', [e.op('Mul', [sf, e.f32(2)]), pos]), e.op('Sub', [sf, pos])]);
-    const countF = e.reduceSum(e.cast(selected!, DataType.FLOAT), [1], false);
-    const kf = e.op('Max', [e.reduceMax(countF, [0], true), e.f32(1)]);
-    const [values, indices] = e.node('TopK', [key, e.cast(kf, DataType.INT64)], { axis: 1, largest: 1, sorted: 1 }, 2);
-    const valid = e.op('Greater', [values!, sf]);
-    return [indices!, valid, e.cast(countF, DataType.INT64)];
+    const chosen = e.cast(selected!, DataType.INT64);
+    // Selected tokens sort first (keys (1 + 1) S - t in (S, 2S]), unselected after ((0 + 1) S - t in (0, S]), each group by position t.
+    const key = e.op('Sub', [e.op('Mul', [e.op('Add', [chosen, e.i64(1)]), s]), e.op('Range', [e.i64(0), s, e.i64(1)])]);
+    const count = e.reduceSum(chosen, [1], false);
+    // K = max(count, 1), as a [1] tensor (Max takes int64 only from opset 12).
+    const k = e.reduceMax(e.op('Concat', [count, e.i64([1])], { axis: 0 }), [0], true);
+    const [values, indices] = e.node('TopK', [key, k], { axis: 1, largest: 1, sorted: 1 }, 2);
+    return [indices!, e.op('Greater', [values!, s]), count];
   },
 };
 
@@ -144,15 +143,12 @@ const gatherTokens: ModcOpDef = {
 };
 
 /**
- * x with x[b, indices[b, k], ...] = updates[b, k, ...]: one ScatterND on (row, position) index
- * pairs [B, K, 2], with no flattening of x (fewer kernels than offsets into a [B*S, ...] view).
+ * x with x[b, indices[b, k], h] = updates[b, k, h] (x [B, S, H]): one ScatterElements on axis 1,
+ * its indices broadcast over H.
  */
 function scatterRows(e: Emitter, x: Value, indices: Value, updates: Value): Value {
-  const shape = e.op('Shape', [indices]);
-  const rows = e.op('Range', [e.i64(0), e.op('Gather', [shape, e.i64(0)], { axis: 0 }), e.i64(1)]);
-  const rowOfSlot = e.op('Expand', [e.unsqueeze(rows, [1]), shape]);
-  const pairs = e.op('Concat', [e.unsqueeze(rowOfSlot, [2]), e.unsqueeze(indices, [2])], { axis: 2 });
-  return e.op('ScatterND', [x, pairs, updates]);
+  const at = e.op('Expand', [e.unsqueeze(indices, [2]), e.op('Shape', [updates])]);
+  return e.op('ScatterElements', [x, at, updates], { axis: 1 });
 }
 
 const scatterTokens: ModcOpDef = {
