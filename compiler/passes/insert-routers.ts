@@ -9,11 +9,12 @@
  *            | modc.SelectTopK(score, token_mask, c, past_length)  (top-k)
  *   indices, valid, count = modc.Compact(selected)
  *
- * token_mask is this call's columns of attention_mask. The selection value is named
+ * token_mask is this call's columns of attention_mask, as bool. The selection value is named
  * `modc.selected.{l}[.attn|.mlp]` and recorded in the `modc.routing` metadata, which is how
  * route-layers (and tools measuring what ran) find each part's routing.
  */
 import { ModcError } from '../core/errors.js';
+import { DataType } from '../core/ir/dtype.js';
 import { analyzeDecoder } from '../analysis/analyze.js';
 import type { DecoderStructure } from '../analysis/types.js';
 import type { Value } from '../core/ir/graph.js';
@@ -61,7 +62,10 @@ function scalarInit(model: Model, name: string, value: number): Value {
 export function insertRouters(model: Model, plan: RoutingPlan, s: DecoderStructure = analyzeDecoder(model)): string[] {
   const g = model.graph;
   const dtype = streamElementType(s);
-  const { tokenMask, pastLength } = tokenInputs(model);
+  const tokens = tokenInputs(model);
+  // One bool mask for every router (the select ops' own casts of it are then no-ops ONNX Runtime drops).
+  const tokenMask = new Emitter(g, defaultOpset(model), 'modc/').cast(tokens.tokenMask, DataType.BOOL);
+  const { pastLength } = tokens;
   const notes: string[] = [];
   const recorded: RoutedLayerMetadata[] = [];
   const graphOutputs = new Set(g.outputs);

@@ -32,7 +32,7 @@ import { tensorType, Value } from '../core/ir/graph.js';
 import { pastLengthName, pastValidName, presentLengthName, presentValidName } from '../metadata/decoder-io.js';
 import { type CacheContext, type Carried, cacheTensors, type LayerCache, namedOutput, ownLengthDims, recomputeMasks } from './cache-contract.js';
 import { maskCompactedKeys, staticCache } from './static-cache.js';
-import { originalPositions } from './window-mask.js';
+import { callPositions, needsCallPositions, originalPositions } from './window-mask.js';
 
 /** Phase one of the layer's cache contract (see the file comment); `rewire` is phase two. */
 export function layerCache(c: CacheContext): LayerCache {
@@ -72,6 +72,7 @@ function prefixCache(c: CacheContext): LayerCache {
   const { e, routing } = c;
   const pastLength = g.addInput(new Value(pastLengthName(l), tensorType(DataType.INT64, ['batch'])));
   namedOutput(c, e.op('Add', [pastLength, routing.count]), presentLengthName(l), tensorType(DataType.INT64, ['batch']));
+  const callPos = needsCallPositions(c.layer.attention) ? callPositions(g, e, c.tokens) : null;
   return {
     rewire() {
       const k = e.dimScalar(routing.indices, 1);
@@ -88,9 +89,9 @@ function prefixCache(c: CacheContext): LayerCache {
         call: c.call,
         core: c.layer.attention,
         layer: l,
-        tokens: c.tokens,
         indices: routing.indices,
         pastLength,
+        positions: callPos,
       });
       ownLengthDims(c.layer);
       return [...cacheTensors(c.layer).map((t) => [t.output, t.input] as Carried), ...positions];

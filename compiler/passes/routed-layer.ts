@@ -18,7 +18,7 @@
  * A part scatters its update u into zeros instead, so the residual add it feeds adds nothing for
  * unselected tokens.
  */
-import type { DecoderStructure } from '../analysis/types.js';
+import type { DecoderStructure, SideInput } from '../analysis/types.js';
 import { DataType } from '../core/ir/dtype.js';
 import { Graph, type Node, type Value } from '../core/ir/graph.js';
 import type { Model } from '../core/ir/model.js';
@@ -79,10 +79,23 @@ export function routeRegion(
   const carried = cache ? cache.rewire() : [];
   const scatter = scatterOutput(L, xSel, passed);
   const y = r.output.value;
-  const inside = new Set([...r.nodes, ...g.nodes.filter((n) => !existing.has(n))]);
+  const added = g.nodes.filter((n) => !existing.has(n));
+  const inside = new Set([...r.nodes, ...added]);
   for (const use of [...y.uses]) if (!inside.has(use.node)) use.node.setInput(use.index, scatter);
   if (g.outputs.includes(y)) g.outputs = g.outputs.map((v) => (v === y ? scatter : v));
+  for (const n of dropUnread(g, added, new Set(carried.flat()))) inside.delete(n);
   return skipWhenNothingSelected(L, inside, any, [[scatter, passed], ...carried]);
+}
+
+/** Removes the added nodes nothing reads (a substitute no rebuilt mask needed); returns them. */
+function dropUnread(g: Graph, added: Node[], kept: ReadonlySet<Value>): Node[] {
+  const dropped: Node[] = [];
+  for (const n of [...added].reverse()) {
+    if (n.outputs.some((v) => v.uses.size > 0 || kept.has(v) || g.outputs.includes(v))) continue;
+    g.removeNode(n, true);
+    dropped.push(n);
+  }
+  return dropped;
 }
 
 function call(L: Layer, op: string, inputs: Value[]): Value[] {
@@ -141,9 +154,10 @@ function gatherInputs(L: Layer): Value {
 }
 
 /**
- * Per-token side inputs at the selected tokens: gathered when laid out [batch, sequence, ...];
- * otherwise (rotary tables of another layout) recomputed from the gathered ids and positions,
- * which gives the tokens' original positions.
+ * Per-token side inputs at the selected tokens: gathered when laid out [batch, sequence, ...] or
+ * unsqueezed from such a value (rotary cos/sin [B, 1, S, d]: the [B, S, d] tables are gathered and
+ * unsqueezed again); otherwise recomputed from the gathered ids and positions. Either way the
+ * tokens keep their original positions.
  */
 function gatherSideInputs(L: Layer): void {
   const { model, r } = L;
@@ -151,13 +165,36 @@ function gatherSideInputs(L: Layer): void {
   const recompute: Value[] = [];
   for (const si of r.sideInputs) {
     if (si.kind !== 'per-token') continue;
-    if (tokenMajor(si) || !fromTokenInputsOnly(model, si.value)) replaceUsesWithin(r.nodes, si.value, gather(L, si.value));
+    const unsqueezed = tokenMajor(si) ? null : unsqueezedTokenMajor(si);
+    if (unsqueezed) replaceUsesWithin(r.nodes, si.value, L.e.op('Unsqueeze', [gather(L, unsqueezed.input), ...unsqueezed.rest], unsqueezed.attrs));
+    else if (tokenMajor(si) || !fromTokenInputsOnly(model, si.value)) replaceUsesWithin(r.nodes, si.value, gather(L, si.value));
     else recompute.push(si.value);
   }
   if (!recompute.length) return;
   const tokens = new Map(g.inputs.filter((v) => v.name === 'position_ids' || v.name === 'input_ids').map((v) => [v, gather(L, v)]));
   const recomputed = recomputeWith(g, recompute, tokens, `_${suffix(L)}`);
   for (const v of recompute) replaceUsesWithin(r.nodes, v, recomputed.get(v)!);
+}
+
+/**
+ * A per-token value [B, ..., S at axis s, ...] made by an Unsqueeze of a [B, S, ...] value: that
+ * value, and the Unsqueeze's other inputs and attributes to apply again.
+ */
+function unsqueezedTokenMajor(si: SideInput): { input: Value; rest: (Value | null)[]; attrs: Record<string, number[]> } | null {
+  if (si.kind !== 'per-token' || si.batchAxis !== 0 || si.sequenceAxis === null) return null;
+  const n = si.value.producer;
+  if (!n || n.opType !== 'Unsqueeze' || n.domain !== '') return null;
+  const axes = n.input(1)?.initializer?.toNumbers() ?? constantInts(n.input(1)) ?? n.attrInts('axes');
+  if (!axes || axes.some((a) => a <= 0)) return null;
+  // The sequence axis must land on 1 once the inserted axes are taken out.
+  if (si.sequenceAxis - axes.filter((a) => a < si.sequenceAxis!).length !== 1) return null;
+  return { input: n.input(0)!, rest: n.inputs.slice(1), attrs: n.input(1) ? {} : { axes } };
+}
+
+/** The ints of a Constant node's value, or null. */
+function constantInts(v: Value | null): number[] | null {
+  const t = v?.producer?.opType === 'Constant' ? v.producer.attr('value')?.t : undefined;
+  return t ? new Tensor(t).toNumbers() : null;
 }
 
 /** What the shared mask and length builders read, in this layer's terms (the attention mask is the cache contract's). */

@@ -24,18 +24,31 @@ export function validSlots(valid: ort.Tensor): RowSlots {
   });
 }
 
+/** Per row, how many slots of a validity mask (bool [B, T]) hold a token. */
+export function validCounts(valid: ort.Tensor): number[] {
+  const [B, T] = valid.dims as [number, number];
+  const d = valid.data as Uint8Array;
+  const counts: number[] = [];
+  for (let b = 0; b < B; b++) {
+    let n = 0;
+    for (let t = b * T; t < (b + 1) * T; t++) n += d[t]!;
+    counts.push(n);
+  }
+  return counts;
+}
+
 /** The slots of per-row lengths (each row's valid slots first). */
 export function prefixSlots(lengths: readonly number[]): RowSlots {
   return lengths.map((n) => Array.from({ length: n }, (_, t) => t));
 }
 
 /**
- * Whether compacting pays: more than a quarter of the `T` slots per row would go (the longest
- * row's tokens stay). Never at batch 1, where a routed layer's cache has no empty slot.
+ * Whether compacting pays, given each row's token count: more than a quarter of the `T` slots
+ * per row would go (the longest row's tokens stay). Never at batch 1, where a routed layer's
+ * cache has no empty slot.
  */
-export function worthCompacting(slots: RowSlots, T: number): boolean {
-  const kept = Math.max(0, ...slots.map((r) => r.length));
-  return (T - kept) * 4 > T;
+export function worthCompacting(counts: readonly number[], T: number): boolean {
+  return (T - Math.max(0, ...counts)) * 4 > T;
 }
 
 /** A cache tensor with each row's `slots` moved to its front and the sequence axis cut to the longest row; the rest zeros. */

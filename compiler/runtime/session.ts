@@ -15,7 +15,7 @@ import { loadModel } from '../core/io/load.js';
 import { logitsPositions, type LogitsPositions } from '../metadata/logits-metadata.js';
 import { decoderIo, type DecoderIo, type KvBinding, type PadSide, resolvePadSide, staticCacheDims } from '../metadata/decoder-io.js';
 import { type EmbeddingSource, embedsTensor, TokenEmbedder } from './embeddings.js';
-import { compactRows, compactTensor, prefixSlots, prefixValid, type RowSlots, validSlots, worthCompacting } from './kv-compaction.js';
+import { compactRows, compactTensor, prefixSlots, prefixValid, validCounts, validSlots, worthCompacting } from './kv-compaction.js';
 import { createSession, emptyTensor, ort, toFloat32, type SessionOptions } from './ort.js';
 
 export interface Logits {
@@ -244,7 +244,7 @@ export class ModSession {
     const real = this.mask.map((m) => m.reduce((a, v) => a + v, 0));
     return this.io.kv.map((b) => {
       const valid = this.valid.get(b.layer);
-      return valid ? validSlots(valid).map((r) => r.length) : (this.lengths.get(b.layer) ?? real);
+      return valid ? validCounts(valid) : (this.lengths.get(b.layer) ?? real);
     });
   }
 
@@ -261,14 +261,14 @@ export class ModSession {
     if (b.layout.startsWith('static')) return;
     const valid = this.valid.get(b.layer);
     const lengths = this.lengths.get(b.layer);
-    const slots: RowSlots | null = valid ? validSlots(valid) : lengths ? prefixSlots(lengths) : null;
-    if (!slots) return;
+    const counts = valid ? validCounts(valid) : lengths;
+    if (!counts) return;
     const combined = b.layout === 'combined-2BHTD';
     const T = this.caches.get(b.pastKey)!.dims[combined ? 3 : 2]!;
-    const kept = Math.max(0, ...slots.map((r) => r.length));
-    if (kept === T || (!always && !worthCompacting(slots, T))) return;
+    if (Math.max(0, ...counts) === T || (!always && !worthCompacting(counts, T))) return;
+    const slots = valid ? validSlots(valid) : prefixSlots(counts);
     for (const name of [b.pastKey, b.pastValue]) if (name) this.caches.set(name, compactTensor(this.caches.get(name)!, slots, combined));
-    if (valid) this.valid.set(b.layer, prefixValid(slots.map((r) => r.length)));
+    if (valid) this.valid.set(b.layer, prefixValid(counts));
     if (b.pastPositions) this.positions.set(b.pastPositions, compactRows(this.positions.get(b.pastPositions)!, slots));
   }
 
