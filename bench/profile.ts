@@ -83,7 +83,7 @@ interface Summary {
   ifsPerRun: number;
   /**
    * Kernels per run whose outputs total at least 1 MiB, and the MB they write: at decode these
-   * are the cache copies (Concat, Identity, GatherKv), independent of machine load.
+   * are the cache copies (Concat, the fused attention ops, a skipped layer's Identity), independent of machine load.
    */
   largeWrites: { count: number; mb: number };
   byOp: Map<string, { ms: number; count: number }>;

@@ -153,32 +153,6 @@ export function prefixMask(lengths: number[], total: number): Uint8Array {
   return out;
 }
 
-/** A layer's valid keys: cache slots j < pastLength[b], then this call's valid slots. */
-export function keyMask(pastLength: number[], capacity: number, valid: Uint8Array, K: number): Uint8Array {
-  const B = pastLength.length;
-  const out = new Uint8Array(B * (capacity + K));
-  for (let b = 0; b < B; b++) {
-    for (let j = 0; j < capacity; j++) out[b * (capacity + K) + j] = j < pastLength[b]! ? 1 : 0;
-    for (let k = 0; k < K; k++) out[b * (capacity + K) + capacity + k] = valid[b * K + k]!;
-  }
-  return out;
-}
-
-/** out[.., b, h, k, d] = kv[.., b, h, indices[b, k], d] for dims [lead?, B, H, T, D]. */
-export function gatherKv(kv: Float32Array, dims: number[], indices: number[], K: number): Float32Array {
-  const [lead, B, H, T, D] = dims.length === 5 ? dims : [1, ...dims];
-  const out = new Float32Array(lead! * B! * H! * K * D!);
-  for (let i = 0; i < lead!; i++)
-    for (let b = 0; b < B!; b++)
-      for (let h = 0; h < H!; h++)
-        for (let k = 0; k < K; k++) {
-          const src = (((i * B! + b) * H! + h) * T! + indices[b * K + k]!) * D!;
-          const dst = (((i * B! + b) * H! + h) * K + k) * D!;
-          out.set(kv.subarray(src, src + D!), dst);
-        }
-  return out;
-}
-
 /** Key slot t of row b: its valid cache slots, this call's K positions, then the rest of its cache. */
 export function slotPositions(past: number[], [B, P]: number[], pastLength: number[], positions: number[], K: number): number[] {
   const out: number[] = [];

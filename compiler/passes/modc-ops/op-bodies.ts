@@ -17,9 +17,6 @@
  * | ScatterTokensGated | same + gate float[B,K]                                    | T[B,S,H]                       |
  * | GatherMask         | mask M[B|1,h,Sq,T], q_idx int64[B,K], k_idx int64[B,K2], k_valid bool[B,K2], fill M[] | M[B,h,K,K2] |
  * | PrefixMask         | lengths int64[B], total int64[]                           | bool[B,total]: j < lengths[b]  |
- * | KeyMask            | past_length int64[B], past_capacity int64[], valid bool[B,K] | bool[B,P+K]: a layer's valid keys |
- * | GatherKv           | kv T[B,H,T,D], indices int64[B,K]                         | T[B,H,K,D] (per-row gather on the sequence axis) |
- * | GatherKvCombined   | kv T[2,B,H,T,D], indices int64[B,K]                       | T[2,B,H,K,D]                   |
  * | SlotPositions      | past_positions int64[B,P], past_length int64[B], positions int64[B,K] | int64[B,P+K]: the original position of each key slot |
  * | WindowBias         | query_positions int64[B,K], key_positions int64[B,T], window int64[] | T[B,1,K,T]: 0 or lowest |
  *
@@ -121,13 +118,13 @@ const compact: ModcOpDef = {
   body(e, [selected]) {
     const s = e.dimScalar(selected!, 1);
     const chosen = e.cast(selected!, DataType.INT64);
-    // Selected tokens sort first (keys (1 + 1) S - t in (S, 2S]), unselected after ((0 + 1) S - t in (0, S]), each group by position t.
-    const key = e.op('Sub', [e.op('Mul', [e.op('Add', [chosen, e.i64(1)]), s]), e.op('Range', [e.i64(0), s, e.i64(1)])]);
+    // Selected tokens sort first (keys S - t in (0, S]), unselected after (keys -t in (-S, 0]), each group by position t.
+    const key = e.op('Sub', [e.op('Mul', [chosen, s]), e.op('Range', [e.i64(0), s, e.i64(1)])]);
     const count = e.reduceSum(chosen, [1], false);
     // K = max(count, 1), as a [1] tensor (Max takes int64 only from opset 12).
     const k = e.reduceMax(e.op('Concat', [count, e.i64([1])], { axis: 0 }), [0], true);
     const [values, indices] = e.node('TopK', [key, k], { axis: 1, largest: 1, sorted: 1 }, 2);
-    return [indices!, e.op('Greater', [values!, s]), count];
+    return [indices!, e.op('Greater', [values!, e.i64(0)]), count];
   },
 };
 
@@ -217,46 +214,6 @@ const prefixMaskOp: ModcOpDef = {
   },
 };
 
-const keyMask: ModcOpDef = {
-  name: 'KeyMask',
-  inputs: ['past_length', 'past_capacity', 'valid'],
-  outputs: ['mask'],
-  doc: "a layer's valid keys: its cache slots j < past_length[b], then this call's valid slots",
-  body(e, [pastLength, capacity, valid]) {
-    return [e.op('Concat', [prefixMask(e, pastLength!, capacity!), valid!], { axis: 1 })];
-  },
-};
-
-/** Gathers `indices` [B,K] along the sequence axis of a [.., B, H, T, D] cache (batch at `batchAxis`). */
-function gatherSequence(e: Emitter, kv: Value, indices: Value, batchAxis: 0 | 1): Value {
-  const seqAxis = batchAxis + 2;
-  const k = e.dim(indices, 1);
-  const lead = batchAxis === 1 ? [e.dim(kv, 0)] : [];
-  const target = e.op('Concat', [...lead, e.dim(kv, batchAxis), e.dim(kv, batchAxis + 1), k, e.dim(kv, seqAxis + 1)], { axis: 0 });
-  const shaped = e.unsqueeze(indices, batchAxis === 1 ? [0, 2, 4] : [1, 3]);
-  return e.op('GatherElements', [kv, e.op('Expand', [shaped, target])], { axis: seqAxis });
-}
-
-const gatherKv: ModcOpDef = {
-  name: 'GatherKv',
-  inputs: ['kv', 'indices'],
-  outputs: ['out'],
-  doc: 'out[b,h,k,d] = kv[b,h,indices[b,k],d]',
-  body(e, [kv, indices]) {
-    return [gatherSequence(e, kv!, indices!, 0)];
-  },
-};
-
-const gatherKvCombined: ModcOpDef = {
-  name: 'GatherKvCombined',
-  inputs: ['kv', 'indices'],
-  outputs: ['out'],
-  doc: 'out[i,b,h,k,d] = kv[i,b,h,indices[b,k],d] for the combined [2,B,H,T,D] cache',
-  body(e, [kv, indices]) {
-    return [gatherSequence(e, kv!, indices!, 1)];
-  },
-};
-
 /**
  * Key slots of a compacted GroupQueryAttention layer, as the op lays them out (it writes this
  * call's keys at each row's own past length): row b's valid cache slots, then this call's K
@@ -313,9 +270,6 @@ export const MODC_OPS: readonly ModcOpDef[] = [
   scatterTokensGated,
   gatherMask,
   prefixMaskOp,
-  keyMask,
-  gatherKv,
-  gatherKvCombined,
   slotPositions,
   windowBias,
 ];
