@@ -12,14 +12,17 @@ import { analyzeDecoder } from '../compiler/analysis/analyze.js';
 import { extractDecoder } from '../compiler/analysis/extract.js';
 import { LayerByLayerRunner } from '../compiler/runtime/layer-runner.js';
 import { UsageError } from '../compiler/core/errors.js';
+import type { CliOption } from '../compiler/cli/command.js';
+import { intFlag, numberFlag, parseOptions, stringFlag } from '../compiler/cli/shared.js';
 import { loadModel } from '../compiler/core/io/load.js';
 import { saveModel } from '../compiler/core/io/save.js';
 import { runPipeline } from '../compiler/passes/pass-manager.js';
-import { type PlanRequest, type RoutingPlan } from '../compiler/routing/routing-plan.js';
+import { type RoutingPlan } from '../compiler/routing/routing-plan.js';
 import { type DecoderIo } from '../compiler/metadata/decoder-io.js';
 import { ort, type SessionOptions } from '../compiler/runtime/ort.js';
 import { typed } from '../compiler/runtime/session.js';
-import { type DecoderConfig, writeLlamaModel } from '../fixtures/builder/index.js';
+import { type DecoderConfig, writeFusedGpt2Model, writeGenaiModel, writeLlamaModel } from '../fixtures/builder/index.js';
+import { buildFormDecoder } from '../fixtures/builder/forms.js';
 import { splitFusedBoundaries } from '../compiler/passes/split-fused-boundaries.js';
 import { defaultRegistry } from '../compiler/passes/pipeline.js';
 
@@ -29,39 +32,40 @@ export interface FlagSpec {
   kind: 'int' | 'float' | 'bool' | 'string';
   default: number | boolean | string;
   help: string;
+  /** Smallest value an int or float flag takes (default: 0 for int, none for float). */
+  min?: number;
 }
 
 export type FlagSpecs = Record<string, FlagSpec>;
 export type Flags<S extends FlagSpecs> = { [K in keyof S]: S[K]['kind'] extends 'bool' ? boolean : S[K]['kind'] extends 'string' ? string : number };
 
-/** `--name value`, `--name=value`, and `--flag` / `--no-flag` for booleans. */
+/**
+ * node:util parseArgs with the CLI's option helpers (compiler/cli/shared.ts): `--name value`,
+ * `--name=value`, negative numbers as values, `--flag` / `--no-flag` for booleans; an unknown
+ * flag, a missing value or a number out of range is a usage error naming the flag.
+ */
 export function parseFlags<S extends FlagSpecs>(argv: readonly string[], specs: S): Flags<S> {
+  const options = Object.fromEntries(
+    Object.entries(specs).map(([k, s]) => [k, { type: s.kind === 'bool' ? 'boolean' : 'string', help: s.help } satisfies CliOption]),
+  );
+  const { values } = parseOptions(argv, options, { allowPositionals: false, allowNegative: true, help: '--help' });
   const out: Record<string, number | boolean | string> = {};
-  for (const [k, s] of Object.entries(specs)) out[k] = s.default;
-  for (let i = 0; i < argv.length; i++) {
-    const arg = argv[i]!;
-    const m = /^--(no-)?([a-z0-9-]+)(?:=(.*))?$/.exec(arg);
-    if (!m) throw new UsageError(`unexpected argument '${arg}' (flags look like --name value; see --help)`);
-    const [, no, name, inline] = m;
-    const spec = specs[name!];
-    if (!spec) throw new UsageError(`unknown flag --${name} (see --help)`);
-    if (spec.kind === 'bool') {
-      if (inline !== undefined) throw new UsageError(`--${name} takes no value`);
-      out[name!] = !no;
-      continue;
-    }
-    if (no) throw new UsageError(`--no-${name}: only boolean flags can be negated`);
-    const raw = inline ?? argv[++i];
-    if (raw === undefined) throw new UsageError(`--${name} needs a value`);
-    if (spec.kind === 'string') out[name!] = raw;
+  for (const [k, s] of Object.entries(specs)) {
+    if (s.kind === 'bool') out[k] = typeof values[k] === 'boolean' ? (values[k] as boolean) : (s.default as boolean);
+    else if (s.kind === 'string') out[k] = stringFlag(values, k) ?? (s.default as string);
+    else if (s.kind === 'int') out[k] = intFlag(values, k, s.default as number, s.min ?? 0);
     else {
-      const v = Number(raw);
-      if (!Number.isFinite(v) || (spec.kind === 'int' && !Number.isInteger(v)))
-        throw new UsageError(`--${name} needs ${spec.kind === 'int' ? 'an integer' : 'a number'}, got '${raw}'`);
-      out[name!] = v;
+      const v = numberFlag(values, k) ?? (s.default as number);
+      if (s.min !== undefined && !(v >= s.min)) throw new UsageError(`--${k} must be a number >= ${s.min}`);
+      out[k] = v;
     }
   }
   return out as Flags<S>;
+}
+
+/** Flags given on the command line (so --quick does not override them). */
+export function givenFlags(argv: readonly string[]): Set<string> {
+  return new Set(argv.filter((a) => a.startsWith('--')).map((a) => a.replace(/^--(no-)?/, '').split('=')[0]!));
 }
 
 export function flagHelp(specs: FlagSpecs): string {
@@ -76,20 +80,31 @@ export function flagHelp(specs: FlagSpecs): string {
 /** Flags every benchmark takes for the model it builds. */
 export function modelFlags(defaults: { prompt: number; runs: number; warmup: number }) {
   return {
-    hidden: { kind: 'int', default: 1024, help: 'hidden size' },
-    layers: { kind: 'int', default: 8, help: 'decoder layers' },
-    heads: { kind: 'int', default: 16, help: 'attention heads' },
-    'kv-heads': { kind: 'int', default: 16, help: 'key/value heads (GQA when < heads)' },
-    intermediate: { kind: 'int', default: 2816, help: 'MLP intermediate size' },
-    vocab: { kind: 'int', default: 32000, help: 'vocabulary size' },
-    'max-positions': { kind: 'int', default: 2048, help: 'builder maxPositions (the Llama form computes RoPE in-graph; this does not cap positions)' },
-    prompt: { kind: 'int', default: defaults.prompt, help: 'prompt tokens (batch 1)' },
-    runs: { kind: 'int', default: defaults.runs, help: 'timed runs (median reported)' },
+    form: { kind: 'string', default: 'llama', help: `decoder form the fixture builder writes: ${FORMS.join(', ')} (see "Forms" in bench/README.md)` },
+    hidden: { kind: 'int', default: 1024, help: 'hidden size', min: 1 },
+    layers: { kind: 'int', default: 8, help: 'decoder layers', min: 1 },
+    heads: { kind: 'int', default: 16, help: 'attention heads', min: 1 },
+    'kv-heads': { kind: 'int', default: 16, help: 'key/value heads (GQA when < heads; the llama, gqa and standard forms)', min: 1 },
+    intermediate: { kind: 'int', default: 2816, help: 'MLP intermediate size', min: 1 },
+    vocab: { kind: 'int', default: 32000, help: 'vocabulary size', min: 2 },
+    'max-positions': {
+      kind: 'int',
+      default: 2048,
+      help: 'rows of the position tables (gqa, mha, standard: rotary caches; gpt2: wpe), raised to the context the benchmark needs; the llama form computes RoPE in-graph',
+      min: 1,
+    },
+    prompt: { kind: 'int', default: defaults.prompt, help: 'prompt tokens (batch 1)', min: 1 },
+    runs: { kind: 'int', default: defaults.runs, help: 'timed runs (median reported)', min: 1 },
     warmup: { kind: 'int', default: defaults.warmup, help: 'untimed warm-up runs' },
     capacity: { kind: 'float', default: 0.5, help: 'top-k capacity of the converted layers' },
     'router-seed': { kind: 'int', default: 1, help: 'seed of the random routers' },
     'weight-seed': { kind: 'int', default: 7, help: 'seed of the model weights' },
     threads: { kind: 'int', default: 0, help: 'ORT intra-op threads (0: ORT default, one per physical core)' },
+    spinning: {
+      kind: 'bool',
+      default: false,
+      help: "let idle ORT worker threads spin (ORT's default); off, the default here, sets session.intra_op / inter_op.allow_spinning = 0",
+    },
     ep: { kind: 'string', default: 'cpu', help: 'execution provider: cpu or cuda (see docs/serving.md, "CUDA")' },
     json: { kind: 'bool', default: false, help: 'print the results as one JSON object on stdout instead of Markdown tables' },
     gc: { kind: 'bool', default: true, help: 'collect garbage (old logits and KV tensors) before each timed run, outside the timing; --no-gc leaves it to V8' },
@@ -101,10 +116,37 @@ export function modelFlags(defaults: { prompt: number; runs: number; warmup: num
 
 export type ModelFlags = Flags<ReturnType<typeof modelFlags>>;
 
+/** The decoder forms the benchmarks build (fixtures/builder). */
+export const FORMS = ['llama', 'gqa', 'mha', 'standard', 'gpt2'] as const;
+export type Form = (typeof FORMS)[number];
+
+const FORM_LINES: Record<Form, string> = {
+  llama: 'builder Llama form (standard ops, unfused attention, Concat caches), fp32',
+  gqa: 'builder GQA form (com.microsoft GroupQueryAttention, do_rotary, seqlens_k from the mask), fp32',
+  mha: "builder GenAI form (onnxruntime-genai's MultiHeadAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization), fp16",
+  standard: 'builder standard form (opset-23 Attention with past/present, RotaryEmbedding-23, RMSNormalization-23), fp32',
+  gpt2: "builder fused GPT-2 form (ORT transformers optimizer's Attention with combined past, EmbedLayerNormalization, SkipLayerNormalization, FastGelu), fp32",
+};
+
+export function formOf(f: { form: string }): Form {
+  if (!(FORMS as readonly string[]).includes(f.form)) throw new UsageError(`--form must be one of ${FORMS.join(', ')}, got '${f.form}'`);
+  return f.form as Form;
+}
+
+/** What a converted layer routes: --granularity. */
+export const GRANULARITIES = ['block', 'attention', 'mlp'] as const;
+export type BenchGranularity = (typeof GRANULARITIES)[number];
+
+export function granularityOf(f: { granularity: string }): BenchGranularity {
+  if (!(GRANULARITIES as readonly string[]).includes(f.granularity))
+    throw new UsageError(`--granularity must be one of ${GRANULARITIES.join(', ')}, got '${f.granularity}'`);
+  return f.granularity as BenchGranularity;
+}
+
 /** --quick overrides the sizes a user did not give explicitly. */
 export function applyQuick<F extends ModelFlags>(f: F, argv: readonly string[], extra: Partial<Record<keyof F, number>> = {}): F {
   if (!f.quick) return f;
-  const given = new Set(argv.filter((a) => a.startsWith('--')).map((a) => a.replace(/^--/, '').split('=')[0]));
+  const given = givenFlags(argv);
   const quick: Record<string, number> = {
     hidden: 256,
     layers: 4,
@@ -122,7 +164,8 @@ export function applyQuick<F extends ModelFlags>(f: F, argv: readonly string[], 
   return out as F;
 }
 
-export function decoderConfig(f: ModelFlags): DecoderConfig {
+/** The builder config; `positions`: the longest context the benchmark runs (position tables get at least that many rows). */
+export function decoderConfig(f: ModelFlags, positions = 0): DecoderConfig {
   return {
     hiddenSize: f.hidden,
     numLayers: f.layers,
@@ -130,13 +173,14 @@ export function decoderConfig(f: ModelFlags): DecoderConfig {
     numKvHeads: f['kv-heads'],
     intermediateSize: f.intermediate,
     vocabSize: f.vocab,
-    maxPositions: f['max-positions'],
+    maxPositions: Math.max(f['max-positions'], positions),
   };
 }
 
+/** Session options of every timed session: the EP, the thread count, and idle workers that block instead of spinning. */
 export function sessionOptions(f: ModelFlags): SessionOptions {
   if (f.ep !== 'cpu' && f.ep !== 'cuda') throw new UsageError(`--ep must be cpu or cuda, got '${f.ep}'`);
-  return { executionProvider: f.ep, ...(f.threads > 0 ? { intraOpThreads: f.threads } : {}) };
+  return { executionProvider: f.ep, ...(f.threads > 0 ? { intraOpThreads: f.threads } : {}), allowSpinning: f.spinning };
 }
 
 /** The intra-op thread count as reported: the number asked for, or ORT's default and the core count. */
@@ -156,11 +200,12 @@ export function settingsJson(f: ModelFlags, command: string): Record<string, unk
       onnxruntime: ort.env.versions.node ?? ort.env.versions.common,
       executionProvider: f.ep,
       threads: f.threads > 0 ? f.threads : 'ORT default',
+      spinning: f.spinning ? 'ORT default' : 'off',
     },
-    malloc: mallocLine(),
+    malloc: mallocSettings(),
     model: {
-      form: 'builder Llama',
-      dtype: 'float32',
+      form: formOf(f),
+      dtype: formOf(f) === 'mha' ? 'float16' : 'float32',
       hidden: f.hidden,
       layers: f.layers,
       heads: f.heads,
@@ -174,15 +219,8 @@ export function settingsJson(f: ModelFlags, command: string): Record<string, unk
 
 // ---------------------------------------------------------------- memory
 
-/** glibc malloc settings run.ts starts the benchmarks with (see its usage text). */
-export const MALLOC_ENV = { MALLOC_MMAP_THRESHOLD_: '33554432', MALLOC_TRIM_THRESHOLD_: '4294967296' } as const;
-
-function mallocLine(): string {
-  const set = Object.keys(MALLOC_ENV)
-    .filter((k) => process.env[k] !== undefined)
-    .map((k) => `${k}=${process.env[k]}`);
-  return set.length ? set.join(' ') : 'glibc defaults';
-}
+/** glibc malloc settings run.ts starts the benchmarks with (the same as `modc bench`'s; see run.js --help). */
+export { MALLOC_ENV, mallocSettings };
 
 // ---------------------------------------------------------------- garbage collection
 
@@ -204,8 +242,8 @@ export function collectGarbage(): number {
 
 // ---------------------------------------------------------------- statistics and output
 
-import { median } from '../compiler/apps/benchmark/benchmark.js';
-import { compile } from '../compiler/passes/compile.js';
+import { MALLOC_ENV, mallocSettings, median } from '../compiler/apps/benchmark/benchmark.js';
+import { compile, type CompileReport, type RoutingRequest } from '../compiler/passes/compile.js';
 
 export { median };
 
@@ -228,13 +266,13 @@ export function environment(f: ModelFlags): string {
   return [
     `date: ${new Date().toISOString()}`,
     `machine: ${cpu[0]?.model ?? 'unknown CPU'}, ${cpu.length} logical cores, ${(totalmem() / 2 ** 30).toFixed(0)} GiB`,
-    `runtime: node ${process.version}, onnxruntime-node ${ort.env.versions.node ?? ort.env.versions.common}, ${f.ep === 'cuda' ? 'CUDA' : 'CPU'} execution provider, graph optimisation 'all', intra-op threads ${threadsLine(f)}`,
-    `malloc: ${mallocLine()}`,
+    `runtime: node ${process.version}, onnxruntime-node ${ort.env.versions.node ?? ort.env.versions.common}, ${f.ep === 'cuda' ? 'CUDA' : 'CPU'} execution provider, graph optimisation 'all', intra-op threads ${threadsLine(f)}, idle workers ${f.spinning ? "spin (ORT's default)" : 'block (allow_spinning 0)'}`,
+    `malloc: ${mallocSettings()}`,
   ].join('\n');
 }
 
 export function modelLine(f: ModelFlags): string {
-  return `model: builder Llama form, fp32, hidden ${f.hidden}, ${f.layers} layers, ${f.heads} heads, ${f['kv-heads']} kv heads, intermediate ${f.intermediate}, vocab ${f.vocab}, maxPositions ${f['max-positions']}, random weights seed ${f['weight-seed']} (external sidecar)`;
+  return `model: ${FORM_LINES[formOf(f)]}, hidden ${f.hidden}, ${f.layers} layers, ${f.heads} heads, ${f['kv-heads']} kv heads, intermediate ${f.intermediate}, vocab ${f.vocab}, random non-zero weights seed ${f['weight-seed']} (sidecar weights.bin)`;
 }
 
 export const log = (msg: string) => process.stderr.write(`[bench] ${msg}\n`);
@@ -262,29 +300,47 @@ export class Workdir {
   }
 }
 
-/** Writes the builder model (weights in a sidecar next to it) and returns its path. */
-export function buildModel(w: Workdir, f: ModelFlags): string {
+/**
+ * Writes the builder model of `--form` as `original.onnx` with its seeded random (non-zero)
+ * weights in the sidecar `weights.bin` next to it, and returns its path. `positions`: the
+ * longest context the benchmark runs (the position tables of the table forms get that many rows).
+ */
+export function buildModel(w: Workdir, f: ModelFlags, positions = 0): string {
   const path = w.path('original.onnx');
+  const form = formOf(f);
+  const cfg = decoderConfig(f, positions);
+  const seed = f['weight-seed'];
+  const sidecar = { kind: 'external', path: 'weights.bin', sparse: false, seed } as const;
   const t0 = performance.now();
-  writeLlamaModel(decoderConfig(f), { kind: 'external', path: 'weights.bin', sparse: false, seed: f['weight-seed'] }, path);
-  log(`built ${path} in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+  if ((form === 'mha' || form === 'gpt2') && f.heads !== f['kv-heads']) throw new UsageError(`--form ${form} needs --kv-heads equal to --heads (${f.heads})`);
+  if (form === 'llama') writeLlamaModel(cfg, sidecar, path);
+  else if (form === 'mha') writeGenaiModel(cfg, sidecar, path);
+  else if (form === 'gpt2') writeFusedGpt2Model(cfg, sidecar, path);
+  else saveModel(buildFormDecoder(cfg, seed, { attention: form }), path, { externalizeThreshold: 1024, externalDataName: 'weights.bin' });
+  log(`built ${path} (${form} form) in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
   return path;
 }
 
-export type PlanChoice = Omit<PlanRequest, 'numLayers' | 'hiddenSize'>;
+/** How to route a compile: the plan's choices (routers, mode, capacity, ...) or a plan made already. */
+export type PlanChoice = RoutingRequest;
 
 /**
  * Compiles `source` with the default MoD pipeline into the same folder (weights stay shared);
  * `logits: 'last'` adds the last-logits pass (`modc compile --logits last`).
  */
-export function compileModel(source: string, out: string, choice: PlanChoice, logits: 'all' | 'last' = 'all'): { plan: RoutingPlan; ms: number } {
+export function compileModel(
+  source: string,
+  out: string,
+  choice: PlanChoice,
+  logits: 'all' | 'last' = 'all',
+): { plan: RoutingPlan; report: CompileReport; ms: number } {
   const t0 = performance.now();
   const model = loadModel(source);
-  const { plan } = compile(model, { ...choice, logits });
+  const { plan, report } = compile(model, { ...choice, logits });
   saveModel(model, out);
   const took = performance.now() - t0;
   log(`compiled ${out} in ${(took / 1000).toFixed(1)} s`);
-  return { plan, ms: took };
+  return { plan, report, ms: took };
 }
 
 /** The original with only the last-logits pass (the lm_head for each row's last real token). */

@@ -6,6 +6,7 @@
  */
 import { readFileSync } from 'node:fs';
 import { UsageError, ModcError } from '../compiler/core/errors.js';
+import { parseOptions, stringFlag } from '../compiler/cli/shared.js';
 import { writeTextAtomic } from '../compiler/core/io/write-text.js';
 import { capacityFigure, qualityFigure, renderSvg } from '../compiler/apps/plot/figures.js';
 import { collectPoints } from '../compiler/apps/plot/sources.js';
@@ -17,13 +18,15 @@ results and \`bench quality --json\` output (quality vs compute). When both kind
 FIG-capacity.svg and FIG-quality.svg are written.`;
 
 export async function plotBench(argv: readonly string[]): Promise<void> {
-  const files: string[] = [];
-  let out: string | undefined;
-  for (let i = 0; i < argv.length; i++) {
-    if (argv[i] === '--out' || argv[i] === '-o') out = argv[++i];
-    else if (argv[i]!.startsWith('-')) throw new UsageError(`unknown flag ${argv[i]} (see --help)`);
-    else files.push(argv[i]!);
-  }
+  const { values, positionals: files } = parseOptions(
+    argv,
+    { out: { type: 'string', short: 'o', valueName: 'FIG.svg', help: 'the figure to write' } },
+    {
+      allowPositionals: true,
+      help: '--help',
+    },
+  );
+  const out = stringFlag(values, 'out');
   if (!out || !out.endsWith('.svg')) throw new UsageError('give --out FIG.svg');
   if (files.length === 0) throw new UsageError('give at least one JSON file');
   const sources = files.map((name) => {

@@ -2,7 +2,8 @@
  * Benchmark dispatcher: `node dist/bench/run.js prefill|decode|profile|analysis [flags]` (or
  * `npm run bench -- NAME [flags]`). Tables go to stdout, progress to stderr.
  */
-import { spawnSync } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { rerunWithMallocEnv } from '../compiler/apps/benchmark/benchmark.js';
 import { ModcError } from '../compiler/core/errors.js';
 import { MALLOC_ENV } from './common.js';
 import { ANALYSIS_USAGE, analysisBench } from './analysis.js';
@@ -11,6 +12,8 @@ import { LONG_CONTEXT_USAGE, longContextBench } from './long-context.js';
 import { PREFILL_USAGE, prefillBench } from './prefill.js';
 import { PROFILE_USAGE, profileBench } from './profile.js';
 import { QUALITY_USAGE, qualityBench } from './quality.js';
+import { RECIPE_USAGE, recipeBench } from './recipe.js';
+import { SESSIONS_USAGE, sessionsBench } from './sessions.js';
 import { PLOT_USAGE, plotBench } from './plot.js';
 
 const BENCHES: Record<string, { usage: string; run: (argv: readonly string[]) => Promise<void> }> = {
@@ -20,18 +23,22 @@ const BENCHES: Record<string, { usage: string; run: (argv: readonly string[]) =>
   analysis: { usage: ANALYSIS_USAGE, run: analysisBench },
   'long-context': { usage: LONG_CONTEXT_USAGE, run: longContextBench },
   quality: { usage: QUALITY_USAGE, run: qualityBench },
+  recipe: { usage: RECIPE_USAGE, run: recipeBench },
+  sessions: { usage: SESSIONS_USAGE, run: sessionsBench },
   plot: { usage: PLOT_USAGE, run: plotBench },
 };
 
 const USAGE = `usage: node dist/bench/run.js <benchmark> [flags]   (npm run build && npm run bench -- <benchmark> [flags])
 
 benchmarks:
-  prefill   prefill time: original vs all-pass compile vs MoD compile, and the ideal MoD time
-  decode    KV-cache bytes and per-token decode latency at a long context: original vs MoD
+  prefill   prefill time of the all-pass and routed compiles against the original (one pair alive at a time), and the ideal routed time
+  decode    per-step decode ratios of the all-pass and routed compiles against the original (one pair alive at a time), KV bytes, achieved / ideal
   profile   ORT profile of one prefill (or decode step): where the time goes, by op and by layer
   analysis  load, analysis and MoD compile times of 7B-shaped graphs; modc compile of 7B/70B/405B shapes
   long-context  a small model at 8K/32K context: KV bytes, peak RSS, prefill and decode, original vs MoD
   quality   compute fraction vs held-out NLL: dense, calibrated and random routers (fixtures/quality-lm)
+  recipe    the parts and capacities modc calibrate picks on fixtures/quality-lm, placed on the bench model: speedups next to the NLL increase
+  sessions  one pair timed with 0 and with N extra idle sessions alive: per-step ratios, threads, resident memory
   plot      figures (SVG) from JSON: modc bench reports, modc eval results, bench quality --json
 
 Every benchmark takes --quick (small sizes, for a smoke run) and --help.
@@ -71,13 +78,5 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
-/** Re-runs this script with MALLOC_ENV set (glibc reads it at start-up only); null when not needed. */
-function rerunWithMallocEnv(argv: string[]): number | null {
-  if (process.platform !== 'linux' || argv.includes('--default-malloc') || Object.keys(MALLOC_ENV).every((k) => process.env[k] !== undefined)) return null;
-  const child = spawnSync(process.execPath, [...process.execArgv, process.argv[1]!, ...argv], { stdio: 'inherit', env: { ...process.env, ...MALLOC_ENV } });
-  if (child.error) throw child.error;
-  return child.status ?? 1;
-}
-
 const argv = process.argv.slice(2);
-process.exitCode = rerunWithMallocEnv(argv) ?? (await main(argv));
+process.exitCode = rerunWithMallocEnv(fileURLToPath(import.meta.url), argv) ?? (await main(argv));

@@ -15,8 +15,8 @@ import { decodeStep, maxAbsDiff, prefill, type Feeds } from './extract-feeds.js'
 import { ROOT, FIXTURES, tempDir } from './helpers.js';
 
 const FUSED = [
-  { name: 'ort-gpt2-fused', path: join(FIXTURES, 'ort-gpt2-fused', 'model.onnx'), pad: 'left', tolerance: 1e-5 },
-  { name: 'ort-qwen2-gqa', path: join(FIXTURES, 'ort-qwen2-gqa', 'model.onnx'), pad: 'right', tolerance: 1e-4 }, // fp16, but its logits are about 0.02: 1e-2 would pass anything
+  { name: 'forms-fused-gpt2-tiny', path: join(FIXTURES, 'forms-fused-gpt2-tiny', 'model.onnx'), pad: 'left', tolerance: 1e-5 },
+  { name: 'forms-gqa-fp16-tiny', path: join(FIXTURES, 'forms-gqa-fp16-tiny', 'model.onnx'), pad: 'right', tolerance: 1e-2 }, // fp16
   { name: 'genai-tiny', path: join(ROOT, 'fixtures', 'genai-tiny', 'model.onnx'), pad: 'left', tolerance: 1e-2 },
 ] as const;
 

@@ -10,10 +10,9 @@ import { formatExplanation, formatLayerTable, summarizeStructure } from '../comp
 import type { DecoderStructure, LayerInfo, SideInput } from '../compiler/analysis/types.js';
 import { ModcError } from '../compiler/core/errors.js';
 import { loadModel } from '../compiler/core/io/load.js';
-import { ROOT, FIXTURES } from './helpers.js';
+import { ROOT } from './helpers.js';
 
 const fixture = (name: string) => join(ROOT, 'fixtures', name, 'model.onnx');
-const shared = (name: string) => join(FIXTURES, name, 'model.onnx');
 
 const names = (vs: readonly ({ name: string } | null)[]) => vs.map((v) => v?.name ?? null);
 const residualIns = (s: DecoderStructure) => names(s.layers.map((l) => l.residualIn));
@@ -99,9 +98,9 @@ describe('torch-exported, unfused', () => {
   });
 });
 
-describe('ONNX Runtime fused forms', () => {
-  it('ort-gpt2-fused: EmbedLayerNorm start, SkipLayerNorm across boundaries, combined past, last add fused into the final norm', () => {
-    const s = analyzeDecoder(loadModel(shared('ort-gpt2-fused')));
+describe("ONNX Runtime's fused forms (builder look-alikes; test/interop checks the same on the exports themselves)", () => {
+  it('forms-fused-gpt2-tiny: EmbedLayerNorm start, SkipLayerNorm across boundaries, combined past, last add fused into the final norm', () => {
+    const s = analyzeDecoder(loadModel(fixture('forms-fused-gpt2-tiny')));
     expect(s.layers).toHaveLength(5);
     expect(residualIns(s)).toEqual(['EmbedLayerNormalization_0_embedding_sum', ...[0, 1, 2, 3].map((l) => `/transformer/h.${l}/Add_1_output_0`)]);
     expect(residualOuts(s)).toEqual([...[0, 1, 2, 3].map((l) => `/transformer/h.${l}/Add_1_output_0`), null]);
@@ -129,8 +128,8 @@ describe('ONNX Runtime fused forms', () => {
     expect(names(s.mask.outputs)).toEqual(['attention_mask']);
   });
 
-  it('ort-qwen2-gqa: GroupQueryAttention with shared seqlens, SkipLayerNorm with the stream as input 0, fp16', () => {
-    const s = analyzeDecoder(loadModel(shared('ort-qwen2-gqa')));
+  it('forms-gqa-fp16-tiny: GroupQueryAttention with shared seqlens, SkipLayerNorm with the stream as input 0, fp16', () => {
+    const s = analyzeDecoder(loadModel(fixture('forms-gqa-fp16-tiny')));
     expect(s.layers).toHaveLength(2);
     expect(residualIns(s)).toEqual(['inputs_embeds', 'l0.r2']);
     expect(residualOuts(s)).toEqual(['l0.r2', null]);
@@ -181,7 +180,7 @@ describe('analysis reads dataflow, not names', () => {
 
 describe('reports', () => {
   it('summarises the structure as JSON that survives a round trip, and explains each boundary', () => {
-    const s = analyzeDecoder(loadModel(shared('ort-gpt2-fused')));
+    const s = analyzeDecoder(loadModel(fixture('forms-fused-gpt2-tiny')));
     const json = summarizeStructure(s);
     expect(JSON.parse(JSON.stringify(json))).toEqual(json);
     expect(json.layers[4]).toMatchObject({

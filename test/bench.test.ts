@@ -1,12 +1,21 @@
 /**
  * `modc bench` and the interleaving the benchmarks share: models take turns run by run and step
  * by step, the first one rotating; the report gives min/median/max, the ratio of medians, the
- * median of paired ratios and the thread count, as plain JSON.
+ * median of paired ratios and the thread count, as plain JSON. The benchmarks under bench/: their
+ * flags (node:util parseArgs through the CLI's option helpers), and the --keep contract of the
+ * decode benchmark (the kept folder holds the original with its weights and the compiled models).
  */
+import { spawnSync } from 'node:child_process';
+import { existsSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { interleaved, median, medianOfPaired, rotation, spread } from '../compiler/apps/benchmark/benchmark.js';
+import { interleaved, median, medianOfPaired, pairedRatios, rotation, spread } from '../compiler/apps/benchmark/benchmark.js';
+import { UsageError } from '../compiler/core/errors.js';
+import { loadModel } from '../compiler/core/io/load.js';
 import { lastPosition, ModSession } from '../compiler/runtime/session.js';
+import { formOf, granularityOf, parseFlags } from '../bench/common.js';
+import { DECODE_FLAGS } from '../bench/decode.js';
+import { mapLayers } from '../bench/recipe.js';
 import { expectOneLineError, ROOT, runCli, tempDir } from './helpers.js';
 
 const tmp = tempDir('modc-bench');
@@ -61,7 +70,12 @@ describe('modc bench', () => {
     }
     const r = report.ratios[0];
     expect(r.prefill.ofMedians).toBeCloseTo(b.prefillMs / a.prefillMs, 10);
-    expect(r.decode.medianOfPaired).toBeCloseTo(median(b.decodeSamples.map((t: number, i: number) => t / a.decodeSamples[i])), 10);
+    const perStep = b.decodeSamples.map((t: number, i: number) => t / a.decodeSamples[i]);
+    expect(r.decode.medianOfPaired).toBeCloseTo(median(perStep), 10);
+    expect(r.decode.paired).toEqual({ min: Math.min(...perStep), median: r.decode.medianOfPaired, max: Math.max(...perStep) });
+    expect(r.cpu.decode.medianOfPaired).toBeCloseTo(median(b.decodeCpuSamples.map((t: number, i: number) => t / a.decodeCpuSamples[i])), 10);
+    // Only the two sessions compared are alive, idle ORT workers block; in this process glibc's defaults.
+    expect(report.settings).toMatchObject({ liveSessions: 2, spinning: 'off', malloc: 'glibc defaults' });
     // Every layer routed with about half the tokens: the compiled caches hold fewer tokens.
     expect(b.kvBytes).toBeLessThan(a.kvBytes);
     expect(r.kvBytes).toBeCloseTo(b.kvBytes / a.kvBytes, 10);
@@ -82,6 +96,167 @@ describe('modc bench', () => {
     expect(res.stdout).toMatch(/median of paired ratios/);
     expectOneLineError(await runCli('bench', LLAMA, out, '--runs', '0'), 2, /--runs must be an integer >= 1/);
     expectOneLineError(await runCli('bench', LLAMA, out, '--threads=-1'), 2, /--threads must be an integer >= 0/);
+  });
+});
+
+describe('modc bench through bin/modc.js', () => {
+  it("runs itself again under the benchmarks' malloc settings, unless --default-malloc", async () => {
+    const out = join(tmp, 'malloc', 'model.onnx');
+    expect((await runCli('compile', LLAMA, '-o', out, '--router-init', 'all-pass', '-q')).code).toBe(0);
+    const run = (...extra: string[]) => {
+      const env = { ...process.env };
+      delete env.MALLOC_MMAP_THRESHOLD_;
+      delete env.MALLOC_TRIM_THRESHOLD_;
+      const res = spawnSync(
+        process.execPath,
+        [join(ROOT, 'bin', 'modc.js'), 'bench', LLAMA, out, '--prompt', '4', '--steps', '1', '--runs', '1', '--warmup', '0', '--json', ...extra],
+        { encoding: 'utf8', env },
+      );
+      expect(res.status, res.stderr).toBe(0);
+      return JSON.parse(res.stdout).settings.malloc as string;
+    };
+    if (process.platform === 'linux') expect(run()).toBe('MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296');
+    expect(run('--default-malloc')).toBe('glibc defaults');
+  });
+});
+
+describe('bench/ flags', () => {
+  it('defaults: the bench shape (hidden 1024, 8 layers, vocab 32000), llama form, block granularity', () => {
+    const f = parseFlags([], DECODE_FLAGS);
+    expect([f.form, f.hidden, f.layers, f.heads, f.vocab, f.granularity, f.threads, f.gc, f.keep]).toEqual([
+      'llama',
+      1024,
+      8,
+      16,
+      32000,
+      'block',
+      0,
+      true,
+      false,
+    ]);
+  });
+
+  it('takes --name value, --name=value, --no-flag and negative numbers as values', () => {
+    const f = parseFlags(
+      ['--form', 'gpt2', '--prompt=16', '--runs', '3', '--no-gc', '--keep', '--capacity', '0.25', '--granularity=mlp', '--batch', '2'],
+      DECODE_FLAGS,
+    );
+    expect([f.form, f.prompt, f.runs, f.gc, f.keep, f.capacity, f.granularity, f.batch]).toEqual(['gpt2', 16, 3, false, true, 0.25, 'mlp', 2]);
+    // A negative number after a flag is its value, refused by the range check rather than by the parser.
+    expect(() => parseFlags(['--router-seed', '-3'], DECODE_FLAGS)).toThrow(/--router-seed must be an integer >= 0/);
+  });
+
+  it('refuses unknown flags, missing values, stray arguments and values out of range, as usage errors', () => {
+    const bad: [string[], RegExp][] = [
+      [['--frob'], /Unknown option '--frob'.*\(see --help\)/],
+      [['--runs'], /--runs.*argument missing/],
+      [['decode'], /Unexpected argument 'decode'/],
+      [['--runs', '0'], /--runs must be an integer >= 1/],
+      [['--runs', '1.5'], /--runs must be an integer >= 1/],
+      [['--capacity', 'half'], /--capacity must be a number, got 'half'/],
+      [['--keep=yes'], /--keep.*does not take an argument/],
+    ];
+    for (const [argv, pattern] of bad) {
+      let err: unknown;
+      try {
+        parseFlags(argv, DECODE_FLAGS);
+      } catch (e) {
+        err = e;
+      }
+      expect(err, argv.join(' ')).toBeInstanceOf(UsageError);
+      expect((err as Error).message, argv.join(' ')).toMatch(pattern);
+    }
+    expect(() => formOf({ form: 'bert' })).toThrow(/--form must be one of llama, gqa, mha, standard, gpt2, got 'bert'/);
+    expect(() => granularityOf({ granularity: 'ffn' })).toThrow(/--granularity must be one of block, attention, mlp/);
+  });
+
+  it("recipe: a quality layer l of L covers bench layers round(l L'/L) .. round((l+1) L'/L) - 1", () => {
+    expect([0, 1, 2, 3, 4, 5].map((l) => mapLayers(l, 6, 8))).toEqual([[0], [1, 2], [3], [4], [5, 6], [7]]);
+    expect([0, 1, 2, 3, 4, 5].map((l) => mapLayers(l, 6, 4))).toEqual([[0], [], [1], [2], [], [3]]);
+    expect([0, 1, 2].map((l) => mapLayers(l, 3, 3))).toEqual([[0], [1], [2]]);
+  });
+
+  const bench = (...args: string[]) => spawnSync(process.execPath, [join(ROOT, 'dist', 'bench', 'run.js'), ...args], { encoding: 'utf8' });
+
+  it('run.js: --help per benchmark, and a bad flag is one line and exit code 2', () => {
+    for (const name of ['decode', 'prefill', 'recipe', 'sessions']) {
+      const res = bench(name, '--help');
+      expect(res.status, name).toBe(0);
+      expect(res.stdout).toMatch(/--form S/);
+      expect(res.stdout).toMatch(/--threads N/);
+    }
+    const res = bench('decode', '--frob', '--default-malloc');
+    expect(res.status).toBe(2);
+    expect(res.stderr.trim()).toMatch(/^bench: Unknown option '--frob'/);
+    expect(res.stderr.trim().split('\n')).toHaveLength(1);
+  });
+
+  it('decode --keep: prints "kept DIR"; DIR holds original.onnx with its non-zero weights and the compiled models; the JSON has one pair per compiled model', () => {
+    const sizes = ['--hidden', '32', '--layers', '2', '--heads', '2', '--kv-heads', '2', '--intermediate', '64', '--vocab', '128'];
+    const res = bench('decode', ...sizes, '--prompt', '8', '--runs', '2', '--warmup', '1', '--unit-runs', '1', '--threads', '1', '--keep', '--json');
+    expect(res.status, res.stderr).toBe(0);
+    const dir = /kept (\S+)/.exec(res.stderr)?.[1];
+    expect(dir).toBeDefined();
+    try {
+      for (const f of ['original.onnx', 'weights.bin', 'all-pass.onnx', 'routed.onnx']) expect(existsSync(join(dir!, f)), f).toBe(true);
+      const original = loadModel(join(dir!, 'original.onnx'));
+      const q = original.graph.initializers.get('model.layers.0.self_attn.q_proj.weight')!.initializer!;
+      expect(q.dims).toEqual([32, 32]);
+      expect((q.toArray() as Float32Array).every((v) => v !== 0)).toBe(true);
+      expect(readFileSync(join(dir!, 'weights.bin')).some((b) => b !== 0)).toBe(true);
+      const report = JSON.parse(res.stdout);
+      expect(report.form).toBe('llama');
+      expect(report.pairs.map((p: { model: string; liveSessions: number }) => [p.model, p.liveSessions])).toEqual([
+        ['all-pass', 2],
+        ['routed', 2],
+      ]);
+      for (const p of report.pairs) {
+        const perStep = pairedRatios(p.original.steps, p.compiled.steps);
+        expect(perStep).toHaveLength(2);
+        expect(p.perStepRatio.wall.paired).toEqual({ min: Math.min(...perStep), median: median(perStep), max: Math.max(...perStep) });
+      }
+      // The routed model: both layers routed, its skip rates from the timed steps, and an ideal.
+      expect(report.routed.parts.map((p: { layer: number; part: string; steps: number }) => [p.layer, p.part, p.steps])).toEqual([
+        [0, 'block', 2],
+        [1, 'block', 2],
+      ]);
+      expect(report.routed.ideal.achievedOverIdeal).toBeGreaterThan(0);
+    } finally {
+      rmSync(dir!, { recursive: true, force: true });
+    }
+  });
+
+  it('decode --form gpt2 --keep: the fused GPT-2 form at the given shape, compiled', () => {
+    const sizes = ['--hidden', '32', '--layers', '2', '--heads', '2', '--kv-heads', '2', '--intermediate', '64', '--vocab', '128'];
+    const res = bench(
+      'decode',
+      '--form',
+      'gpt2',
+      ...sizes,
+      '--prompt',
+      '8',
+      '--runs',
+      '1',
+      '--warmup',
+      '0',
+      '--unit-runs',
+      '1',
+      '--threads',
+      '1',
+      '--no-routed',
+      '--keep',
+    );
+    expect(res.status, res.stderr).toBe(0);
+    const dir = /kept (\S+)/.exec(res.stderr)?.[1];
+    try {
+      const ops = loadModel(join(dir!, 'original.onnx')).graph.nodes.map((n) => n.opType);
+      expect(ops.filter((o) => o === 'Attention')).toHaveLength(2);
+      expect(existsSync(join(dir!, 'all-pass.onnx'))).toBe(true);
+      expect(existsSync(join(dir!, 'routed.onnx'))).toBe(false);
+      expect(res.stdout).toMatch(/## Decode: gpt2 form/);
+    } finally {
+      rmSync(dir!, { recursive: true, force: true });
+    }
   });
 });
 

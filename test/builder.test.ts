@@ -1,7 +1,8 @@
 /**
  * The decoder builder (fixtures/builder): its Llama form is a correct decoder in ONNX Runtime,
- * its genai form computes the same function with ORT's fused ops, the checked-in fixtures are
- * what it produces, and 7B-shaped graphs build without materializing weights.
+ * its genai form computes the same function with ORT's fused ops, its fused GPT-2 form keeps its
+ * caches consistent and masks padding, the checked-in fixtures are what it produces, and
+ * 7B-shaped graphs build without materializing weights.
  */
 import { readdirSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
@@ -15,6 +16,9 @@ import { type DecoderConfig, resolveConfig } from '../fixtures/builder/config.js
 import { buildGenaiDecoder, writeGenaiModel } from '../fixtures/builder/genai.js';
 import { buildLlamaDecoder, writeLlamaModel } from '../fixtures/builder/llama.js';
 import { decoderWeightSpecs, sidecarLayout } from '../fixtures/builder/weights.js';
+import { writeFusedGpt2Model } from '../fixtures/builder/gpt2-fused.js';
+import { analyzeDecoder } from '../compiler/analysis/analyze.js';
+import { lastPosition, ModSession } from '../compiler/runtime/session.js';
 import { tempDir } from './helpers.js';
 
 const tmp = tempDir('modc-builder');
@@ -290,5 +294,42 @@ describe('scale: 7B-shaped graphs with sparse external weights', () => {
     const loaded = loadModel(path);
     expect(loaded.graph.initializers.get('lm_head.weight')!.initializer!.isExternal).toBe(true);
     expect(loaded.graph.outputs.map((v) => v.name)).toHaveLength(1 + 2 * 32);
+  });
+});
+
+describe('fused GPT-2 form (ORT transformers optimizer layout)', () => {
+  const cfg: DecoderConfig = { hiddenSize: 32, numLayers: 3, numHeads: 4, numKvHeads: 4, intermediateSize: 64, vocabSize: 512, maxPositions: 64 };
+  let path: string;
+  beforeAll(() => {
+    path = join(tmp, 'gpt2-fused', 'model.onnx');
+    writeFusedGpt2Model(cfg, { kind: 'external', path: 'weights.bin', sparse: false, seed: 5 }, path);
+  });
+
+  it('uses the fused ops with skip-norms across layer boundaries, and modc finds 3 Attention layers with combined caches', () => {
+    const model = loadModel(path);
+    const ops = model.graph.nodes.map((n) => n.opType);
+    expect(ops.filter((o) => o === 'Attention')).toHaveLength(3);
+    expect(ops.filter((o) => o === 'SkipLayerNormalization')).toHaveLength(6);
+    expect(ops.filter((o) => o === 'EmbedLayerNormalization')).toHaveLength(1);
+    expect(ops.filter((o) => o === 'FastGelu')).toHaveLength(3);
+    const s = analyzeDecoder(model);
+    expect(s.layers.map((l) => [l.attention.form, l.kv?.layout])).toEqual(Array(3).fill(['Attention', 'combined-2BHTD']));
+  });
+
+  it('prefill of 6 then one step gives the last logits of a prefill of 7; a left-padded row gives its unpadded logits', async () => {
+    const a = await ModSession.create(path);
+    const b = await ModSession.create(path);
+    const full = lastPosition(await a.forward([PROMPT]))[0]!;
+    await b.forward([PROMPT.slice(0, 6)]);
+    const stepped = lastPosition(await b.step([PROMPT[6]!]))[0]!;
+    expect(maxAbsDiff(full, stepped)).toBeLessThan(1e-4);
+    // Row 0 is PROMPT's last 5 tokens, left-padded to 7 by the session: the padding must not be seen.
+    const padded = a.lastReal(await a.forward([PROMPT.slice(2), PADDED[1]!]))[0]!;
+    const alone = lastPosition(await b.forward([PROMPT.slice(2)]))[0]!;
+    expect(maxAbsDiff(padded, alone)).toBeLessThan(1e-4);
+    // ... and the logits depend on the tokens (not flat).
+    expect(maxAbsDiff(full, alone)).toBeGreaterThan(1e-3);
+    await a.session.release();
+    await b.session.release();
   });
 });

@@ -9,8 +9,8 @@ import { describe, expect, it } from 'vitest';
 import { attachNegativeValues } from '../compiler/cli/main.js';
 import { loadModel } from '../compiler/core/io/load.js';
 import { saveModel } from '../compiler/core/io/save.js';
-import { checkCompiledFrom, graphFingerprint, readSource } from '../compiler/metadata/source-fingerprint.js';
-import { expectOneLineError, fixture, runCli, tempDir } from './helpers.js';
+import { checkCompiledFrom, graphFingerprint, readSource, SOURCE_METADATA_KEY } from '../compiler/metadata/source-fingerprint.js';
+import { type CliResult, expectOneLineError, fixture, runCli, tempDir } from './helpers.js';
 
 const tmp = tempDir('modc-edges');
 const LLAMA = fixture('llama-tiny');
@@ -116,6 +116,72 @@ describe('verify refuses a compiled model made from another original', () => {
     const copy = out();
     saveModel(loadModel(LLAMA), copy);
     expect(() => checkCompiledFrom(loadModel(copy), loadModel(compiled), copy, compiled)).not.toThrow();
+  });
+});
+
+describe('verify on a compiled model it cannot check: one line naming the problem, never a pass message', () => {
+  const HYBRID = fixture('forms-hybrid-tiny');
+  const INT32 = fixture('forms-int32-tiny');
+  /** A compiled model without its recorded source (one compiled before modc recorded it, or stripped). */
+  async function compiledWithoutSource(source: string, ...args: string[]): Promise<string> {
+    const path = out();
+    expect((await runCli('compile', source, '-o', path, '-q', ...args)).code).toBe(0);
+    const model = loadModel(path);
+    model.metadataProps = model.metadataProps.filter((p) => p.key !== SOURCE_METADATA_KEY);
+    const stripped = out();
+    saveModel(model, stripped);
+    return stripped;
+  }
+  const refused = (res: CliResult, pattern: RegExp) => {
+    expectOneLineError(res, 1, pattern);
+    expect(res.stderr).not.toMatch(/\bpass [a-z-]+:|insert-routers first|routingPlanOf/);
+    expect(res.stdout).toBe('');
+  };
+
+  it("a compiled model that routes no layer (a --passes pipeline wrote it): nothing to verify, with each layer's reason", async () => {
+    const compiled = out();
+    const res = await runCli(
+      'compile',
+      HYBRID,
+      '-o',
+      compiled,
+      '-q',
+      '--router-init',
+      'all-pass',
+      '--layers',
+      '0',
+      '--passes',
+      'insert-routers,route-layers,cleanup',
+    );
+    expect(res.code).toBe(0);
+    refused(
+      await runCli('verify', HYBRID, compiled, '--steps', '1'),
+      /the compiled model routes no layer, so there is nothing to verify \(layer 0: .*state besides the KV cache/,
+    );
+  });
+
+  it('an original with fewer layers than the compiled model routes: not its source', async () => {
+    const compiled = await compiledWithoutSource(fixture('quality-lm'), '--router-init', 'random', '--layers', '5');
+    refused(
+      await runCli('verify', LLAMA, compiled, '--steps', '1'),
+      /routes layer 5, but .*llama-tiny.* has 3 layers \(0-2\): it is not the compiled model's source/,
+    );
+  });
+
+  it('an original of another width: not its source (not a failed check)', async () => {
+    const compiled = await compiledWithoutSource(INT32, '--router-init', 'random', '--layers', '1');
+    refused(
+      await runCli('verify', LLAMA, compiled, '--steps', '1'),
+      /router of layer 1 reads 32 features, but .*hidden size is 64: it is not the compiled model's source/,
+    );
+  });
+
+  it('an original that cannot route the layer the compiled model routes: not its source, with the reason', async () => {
+    const compiled = await compiledWithoutSource(INT32, '--router-init', 'random', '--layers', '0');
+    refused(
+      await runCli('verify', HYBRID, compiled, '--steps', '1'),
+      /forms-hybrid-tiny.* cannot route layer 0 as the compiled model does \(.*state besides the KV cache.*\): it is not the compiled model's source/,
+    );
   });
 });
 

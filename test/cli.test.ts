@@ -7,14 +7,14 @@ import { decodeModelProto, encodeModelProto } from '../compiler/core/proto/index
 import { expectOneLineError, ROOT, runCli, FIXTURES, tempDir } from './helpers.js';
 
 const tmp = tempDir('modc-cli');
-const GPT2_FUSED = join(FIXTURES, 'ort-gpt2-fused', 'model.onnx');
+const GPT2_FUSED = join(FIXTURES, 'forms-fused-gpt2-tiny', 'model.onnx');
 
 describe('modc inspect', () => {
   it('prints versions, I/O, op histogram and parameters', async () => {
     const res = await runCli('inspect', GPT2_FUSED);
     expect(res.code).toBe(0);
     expect(res.stdout).toMatch(/opsets: ai\.onnx 11, com\.microsoft 1/);
-    expect(res.stdout).toMatch(/producer\s+onnxruntime\.transformers 1\.17\.0/);
+    expect(res.stdout).toMatch(/producer\s+modc fixtures\/builder/);
     expect(res.stdout).toMatch(/past_0\s+float\s+\[2, batch_size, 4, past_seq_len, 8\]/);
     expect(res.stdout).toMatch(/com\.microsoft\s+SkipLayerNormalization 10, Attention 5, FastGelu 5, EmbedLayerNormalization 1/);
   });

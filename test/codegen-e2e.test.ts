@@ -38,8 +38,8 @@ const CASES = [
     ],
   },
   {
-    name: 'qwen2-gqa-topk',
-    source: 'ort-qwen2-gqa',
+    name: 'gqa-fp16-topk',
+    source: 'forms-gqa-fp16-tiny',
     compile: ['--router-init', 'random', '--routing', 'topk', '--capacity', '0.5'],
     prompt: [
       [5, 6, 7, 8, 9, 10],
@@ -63,6 +63,16 @@ const CASES = [
     prompt: [
       [5, 6, 7, 8, 9, 10, 11, 12],
       [13, 14, 15, 16, 17],
+    ],
+  },
+  // The caller's 4-D mask [B, 1, 64, 64]: the wrapper builds it, and feeds past_sequence_length.
+  {
+    name: 'megatron-random',
+    source: 'forms-megatron-tiny',
+    compile: ['--router-init', 'random'],
+    prompt: [
+      [5, 6, 7, 8, 9, 10],
+      [11, 12, 13],
     ],
   },
 ] as const;

@@ -20,7 +20,7 @@ function constant(src: string, name: string): unknown {
 
 describe('modc codegen: what the wrapper declares', () => {
   it('an original model: every input typed with its dims, no routing, no cache lengths', () => {
-    const path = fixture('ort-gpt2-fused');
+    const path = fixture('forms-fused-gpt2-tiny');
     const src = generateSession(loadModel(path), path);
     expect(src).toMatch(/readonly "input_ids": "int32";/);
     expect(src).toMatch(/readonly "past_0": readonly \[2, "batch_size", 4, "past_seq_len", 8\];/);

@@ -9,7 +9,7 @@ import { expectOneLineError, ROOT, runCli, FIXTURES, tempDir } from './helpers.j
 
 const tmp = tempDir('modc-compile');
 const LLAMA = join(ROOT, 'fixtures', 'llama-tiny', 'model.onnx');
-const GPT2_FUSED = join(FIXTURES, 'ort-gpt2-fused', 'model.onnx');
+const GPT2_FUSED = join(FIXTURES, 'forms-fused-gpt2-tiny', 'model.onnx');
 
 describe('modc compile with routers', () => {
   it('prints what it converted and the layers it did not, and --json reports the same', async () => {
@@ -43,7 +43,7 @@ describe('modc compile with routers', () => {
   });
 
   it('reports layers route-layers could not route, with the reason, and records them in the model', async () => {
-    // Without split-fused-boundaries the fused exits of ort-gpt2-fused cannot be routed.
+    // Without split-fused-boundaries the fused exits of forms-fused-gpt2-tiny cannot be routed.
     const out = join(tmp, 'unsplit', 'model.onnx');
     const res = await runCli('compile', GPT2_FUSED, '-o', out, '--router-init', 'random', '--passes', 'insert-routers,route-layers,cleanup', '--json');
     expect(res.code).toBe(0);

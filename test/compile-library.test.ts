@@ -25,7 +25,7 @@ describe('compile(model, request)', () => {
     expect(plan.layers.map((l) => l.layer)).toEqual([1]);
     expect(report.converted).toEqual([{ layer: 1, part: 'block', threshold: 0.5, capacity: 0.5 }]);
     expect(report.notConverted.map((d) => d.layer)).toEqual([0, 2]);
-    expect(records.map((r) => r.pass)).toEqual(['record-costs', 'split-fused-boundaries', 'insert-routers', 'route-layers', 'cleanup']);
+    expect(records.map((r) => r.pass)).toEqual(['record-costs', 'dense-past-length', 'split-fused-boundaries', 'insert-routers', 'route-layers', 'cleanup']);
     const lib = saveModel(model, join(tmp, 'lib', 'model.onnx')).path;
     const cli = join(tmp, 'cli', 'model.onnx');
     const res = await runCli(

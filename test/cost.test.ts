@@ -63,9 +63,9 @@ describe('MACs per token and per (query, key) pair', () => {
     }
   });
 
-  it('ort-gpt2-fused (the fused Attention op reads the QKV weight)', () => {
+  it('forms-fused-gpt2-tiny (the fused Attention op reads the QKV weight)', () => {
     // hidden 32, 4 heads of 8, vocab 1000: QKV [32, 96] in Attention, output [32, 32], MLP 32 -> 128 -> 32.
-    const c = costsOf(fixture('ort-gpt2-fused'));
+    const c = costsOf(fixture('forms-fused-gpt2-tiny'));
     expect(c).toMatchObject({ hiddenSize: 32, lmHead: 32 * 1000 });
     expect(c.layers[0]).toEqual({ layer: 0, attention: 32 * 96 + 32 * 32, attentionPair: 2 * 32, mlp: 2 * 32 * 128, kvPerToken: 2 * 32 });
   });

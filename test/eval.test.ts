@@ -14,7 +14,7 @@ import { ModSession } from '../compiler/runtime/session.js';
 import { ROOT, fixture, runCli, tempDir } from './helpers.js';
 
 const LLAMA = join(ROOT, 'fixtures/llama-tiny/model.onnx');
-const QWEN = fixture('ort-qwen2-gqa');
+const QWEN = fixture('forms-gqa-fp16-tiny');
 const LINES = [
   [1, 2, 3, 4, 5, 6, 7, 8],
   [9, 10, 11, 12, 13],

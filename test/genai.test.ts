@@ -31,12 +31,12 @@ const inputNames = (path: string) =>
 describe('modc compile writes genai_config.json beside the output', () => {
   it('a routed model (GQA, fp16): the modc section carries per-layer cache names, lengths and shapes; the summary says genai cannot drive it', async () => {
     const out = join(dir, 'qwen', 'model.onnx');
-    const res = await runCli('compile', fixture('ort-qwen2-gqa'), '-o', out, '--router-init', 'random');
+    const res = await runCli('compile', fixture('forms-gqa-fp16-tiny'), '-o', out, '--router-init', 'random');
     expect(res.code).toBe(0);
     expect(res.stderr).toMatch(
       /genai_config\.json: onnxruntime-genai cannot drive the compiled model: routed layers 0, 1 cache a different number of tokens per row/,
     );
-    const original = config(join(FIXTURES, 'ort-qwen2-gqa'));
+    const original = config(join(FIXTURES, 'forms-gqa-fp16-tiny'));
     const c = config(join(dir, 'qwen'));
     expect(c.model.decoder.filename).toBe('model.onnx');
     expect({ ...c.model, decoder: { ...c.model.decoder, filename: original.model.decoder.filename } }).toEqual(original.model);
@@ -56,19 +56,19 @@ describe('modc compile writes genai_config.json beside the output', () => {
 
   it('MLP-only routing keeps the original cache interface: the config differs only in its file name, and says so', async () => {
     const out = join(dir, 'qwen-mlp', 'decoder-mod.onnx');
-    const res = await runCli('compile', fixture('ort-qwen2-gqa'), '-o', out, '--router-init', 'random', '--granularity', 'mlp', '--json');
+    const res = await runCli('compile', fixture('forms-gqa-fp16-tiny'), '-o', out, '--router-init', 'random', '--granularity', 'mlp', '--json');
     expect(res.code).toBe(0);
     const report = JSON.parse(res.stdout);
     expect(report.genaiConfig).toMatchObject({ path: join(dir, 'qwen-mlp', 'genai_config.json'), loadable: true, reason: null });
-    expect(inputNames(out)).toEqual(inputNames(fixture('ort-qwen2-gqa')));
-    const original = config(join(FIXTURES, 'ort-qwen2-gqa'));
+    expect(inputNames(out)).toEqual(inputNames(fixture('forms-gqa-fp16-tiny')));
+    const original = config(join(FIXTURES, 'forms-gqa-fp16-tiny'));
     original.model.decoder.filename = 'decoder-mod.onnx';
     expect(config(join(dir, 'qwen-mlp'))).toEqual(original);
   });
 
   it('the combined-past GPT-2 form: per-layer shapes [2, batch, heads, past_l, head]', async () => {
     const out = join(dir, 'gpt2', 'past.onnx');
-    const res = await runCli('compile', fixture('ort-gpt2-fused'), '-o', out, '--router-init', 'random', '--layers', '1,3');
+    const res = await runCli('compile', fixture('forms-fused-gpt2-tiny'), '-o', out, '--router-init', 'random', '--layers', '1,3');
     expect(res.code).toBe(0);
     const c = config(join(dir, 'gpt2'));
     expect(c.modc.layers.filter((l: ModcLayer) => l.past_valid).map((l: ModcLayer) => l.layer)).toEqual([1, 3]);
@@ -82,8 +82,8 @@ describe('modc compile writes genai_config.json beside the output', () => {
   it("an output in the input's folder leaves the input's config alone and says it was not written", async () => {
     const folder = join(dir, 'same');
     mkdirSync(folder, { recursive: true });
-    copyFileSync(fixture('ort-qwen2-gqa'), join(folder, 'model.onnx'));
-    copyFileSync(join(FIXTURES, 'ort-qwen2-gqa', 'genai_config.json'), join(folder, 'genai_config.json'));
+    copyFileSync(fixture('forms-gqa-fp16-tiny'), join(folder, 'model.onnx'));
+    copyFileSync(join(FIXTURES, 'forms-gqa-fp16-tiny', 'genai_config.json'), join(folder, 'genai_config.json'));
     const before = readFileSync(join(folder, 'genai_config.json'), 'utf8');
     const res = await runCli('compile', join(folder, 'model.onnx'), '-o', join(folder, 'mod.onnx'), '--router-init', 'random');
     expect(res.code).toBe(0);
@@ -94,7 +94,7 @@ describe('modc compile writes genai_config.json beside the output', () => {
   it('a genai_config.json that is not JSON fails before any work: one line, exit 1, no output', async () => {
     const folder = join(dir, 'bad');
     mkdirSync(folder, { recursive: true });
-    copyFileSync(fixture('ort-qwen2-gqa'), join(folder, 'model.onnx'));
+    copyFileSync(fixture('forms-gqa-fp16-tiny'), join(folder, 'model.onnx'));
     writeFileSync(join(folder, 'genai_config.json'), '{ "model": ');
     const out = join(dir, 'bad-out', 'model.onnx');
     expectOneLineError(await runCli('compile', join(folder, 'model.onnx'), '-o', out, '--router-init', 'random'), 1, /genai_config\.json is not valid JSON/);

@@ -10,19 +10,20 @@ import { DataType } from '../compiler/core/ir/dtype.js';
 import { ort } from '../compiler/runtime/ort.js';
 
 export const ROOT = resolve(import.meta.dirname, '..');
-/** The bundled models: ours, and the vendored third-party ones (fixtures/ort-*, see their SOURCE.md). */
+/**
+ * The bundled models, each made by the project's own scripts (fixtures/torch, fixtures/builder).
+ * Third-party exports are not bundled: test/interop reads them in place from ../shared/models.
+ */
 export const FIXTURES = join(ROOT, 'fixtures');
-/** @deprecated the third-party models moved into fixtures/; use FIXTURES or fixture(). Kept so older tests still merge. */
-export const SHARED_MODELS = FIXTURES;
 
-/** The path of a bundled model: fixture('ort-gpt2-fused') is fixtures/ort-gpt2-fused/model.onnx. */
+/** The path of a bundled model: fixture('llama-tiny') is fixtures/llama-tiny/model.onnx. */
 export function fixture(name: string): string {
   const path = join(FIXTURES, name, 'model.onnx');
   if (!existsSync(path)) throw new Error(`no fixture ${name} (${path})`);
   return path;
 }
 
-/** Every model the project must handle: every fixtures/NAME/model.onnx, ours and third-party. */
+/** Every bundled model the project must handle: every fixtures/NAME/model.onnx. */
 export function allModels(): { name: string; path: string }[] {
   const out: { name: string; path: string }[] = [];
   for (const entry of readdirSync(FIXTURES).sort()) {
@@ -33,11 +34,12 @@ export function allModels(): { name: string; path: string }[] {
 }
 
 /**
- * The models `npm test` runs the end-to-end MoD contract on: one per attention form (ORT's fused
- * Attention with a combined past; GroupQueryAttention in fp16 with right padding; a torch export
- * with rotary positions and a parallel residual). `npm run test:slow` runs the contract on the rest.
+ * The models `npm test` runs the end-to-end MoD contract on: one per attention form (ONNX Runtime's
+ * fused GPT-2 form, Attention with a combined past; its GroupQueryAttention form in fp16 with right
+ * padding; a torch export with rotary positions and a parallel residual). `npm run test:slow`
+ * runs the contract on the rest.
  */
-export const QUICK_MODELS = ['neox-tiny', 'ort-gpt2-fused', 'ort-qwen2-gqa'];
+export const QUICK_MODELS = ['neox-tiny', 'forms-fused-gpt2-tiny', 'forms-gqa-fp16-tiny'];
 
 /**
  * The models a slow per-model suite (SPLIT_BY_MODEL in vitest.config.ts) runs on, chosen by the vitest project

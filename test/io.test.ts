@@ -213,6 +213,15 @@ describe('external data', () => {
     expect(externalReads.count).toBe(before.count + 1);
   });
 
+  it('saving again into a folder that already links the weights leaves no temporary file behind', () => {
+    const path = externalModel(join(tmp, 'relink'));
+    const model = loadModel(path);
+    const out = join(tmp, 'relinked', 'model.onnx');
+    saveModel(model, out);
+    saveModel(model, out);
+    expect(readdirSync(join(tmp, 'relinked')).sort()).toEqual(['model.onnx', 'model.onnx.data']);
+  });
+
   it('keeps the reference when saving into the same folder, links or copies into another', async () => {
     const path = externalModel(join(tmp, 'ref'));
     const model = loadModel(path);

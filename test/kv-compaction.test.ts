@@ -68,11 +68,11 @@ describe('kv-compaction helpers', () => {
 });
 
 describe('ModSession compaction at batch 3', () => {
-  it.each(['llama-builder-tiny', 'ort-gpt2-fused', 'ort-qwen2-gqa'])(
+  it.each(['llama-builder-tiny', 'forms-fused-gpt2-tiny', 'forms-gqa-fp16-tiny'])(
     '%s: compacting after every step gives the logits of compacting past the bound, and packs every row',
     async (name) => {
       const path = fixture(name);
-      const pad = name === 'ort-qwen2-gqa' ? 'right' : 'left';
+      const pad = name === 'forms-gqa-fp16-tiny' ? 'right' : 'left';
       const threshold = await splittingThreshold(tmp, path, PROMPTS.b3, pad, { gated: true });
       const compiled = compileWith(tmp, path, 'random', { mode: 'threshold', gated: true, threshold });
       const [lazy, eager] = await Promise.all([ModSession.create(compiled.path), ModSession.create(compiled.path)]);

@@ -45,7 +45,7 @@ const logitScales = new Map<string, number>();
 
 /**
  * fp16 models get SPEC.md's fp16 tolerance, 1e-2, scaled down to the model's logits when they
- * are smaller than 1 (fixtures/ort-qwen2-gqa's are about 0.02: an absolute 1e-2 would pass
+ * are smaller than 1 (a tiny random export's can be about 0.02: an absolute 1e-2 would pass
  * logits off by half their size). The scale is the largest |logit| of the original model's
  * batch-3 prefill (right padding, which every attention form takes).
  */
@@ -155,4 +155,27 @@ export async function splittingThreshold(dir: string, path: string, rows: number
   } finally {
     await ref.release();
   }
+}
+
+/**
+ * Mean NLL per predicted token (nats) of `rows` on the model at `path`, computed here as a check
+ * of `modc eval`'s (which batches, pads and sums on its own): each row alone through ModSession
+ * (batch 1, no padding), -log softmax of the logits at t for the id at t + 1, in float64.
+ */
+export async function rowByRowNll(path: string, rows: number[][]): Promise<number> {
+  const session = await ModSession.create(path);
+  let sum = 0;
+  let count = 0;
+  for (const row of rows) {
+    const { data, dims } = await session.forward([row]);
+    const V = dims[2];
+    for (let t = 0; t + 1 < row.length; t++) {
+      const logits = Array.from(data.subarray(t * V, (t + 1) * V));
+      const max = Math.max(...logits);
+      const logSum = Math.log(logits.reduce((a, v) => a + Math.exp(v - max), 0)) + max;
+      sum += logSum - logits[row[t + 1]!]!;
+      count += 1;
+    }
+  }
+  return sum / count;
 }

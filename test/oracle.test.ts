@@ -13,7 +13,13 @@
  *   values, made outputs), and that padding is never selected.
  * Each case also checks that the oracle's routed logits differ from the original model's (run in
  * ONNX Runtime here) by far more than the tolerance, so a compiler that ignored routing fails.
+ * Some cases sit exactly on a boundary that SPEC.md alone decides (`exactDecisions`): zero routers
+ * (every score 0: top-k ties keep the earlier tokens, r = 0.5 is selected at p = 0.5 and in a
+ * decode step) and repeated ids at layer 0 of the rotary models (equal scores at the top-k cut).
+ * Each cases.json names the sha256 of the files that generated it and of its router files; a
+ * changed oracle, export.py or router file without regenerated cases fails here.
  */
+import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -48,11 +54,17 @@ interface OracleCase {
   pad: 'left' | 'right';
   prompt: number[][];
   steps: number[][];
+  /** Decisions exactly on their boundary (equal scores at the top-k cut, r = p), decided by SPEC.md's rules alone. */
+  exactDecisions: number;
   calls: OracleCall[];
 }
 interface OracleFile {
   model: string;
   vocabSlice: number[];
+  /** sha256 of each file that generated the cases, by path from the repository root. */
+  generatedBy: Record<string, string>;
+  /** sha256 of each router file the cases were computed with, by file name. */
+  routerFiles: Record<string, string>;
   cases: OracleCase[];
 }
 
@@ -187,6 +199,19 @@ it('runs on at least one of its fixtures in this test project', () => {
   expect(models.length).toBeGreaterThan(0);
 });
 
+const sha256 = (path: string) => createHash('sha256').update(readFileSync(path)).digest('hex');
+
+it.each(ORACLE_MODELS)('%s: cases.json is what the committed oracle.py and export.py wrote, with the committed router files', (name) => {
+  const oracle = JSON.parse(readFileSync(join(ROOT, 'fixtures', 'oracle', name, 'cases.json'), 'utf8')) as OracleFile;
+  expect(Object.keys(oracle.generatedBy).sort()).toEqual(['fixtures/oracle/oracle.py', 'fixtures/torch/export.py']);
+  for (const [path, sha] of Object.entries(oracle.generatedBy))
+    expect(sha256(join(ROOT, path)), `${path} changed since the cases were generated: rerun /usr/bin/python3 fixtures/oracle/oracle.py`).toBe(sha);
+  const files = [...new Set(oracle.cases.map((c) => c.routers))].sort();
+  expect(Object.keys(oracle.routerFiles).sort()).toEqual(files);
+  for (const [file, sha] of Object.entries(oracle.routerFiles))
+    expect(sha256(join(ROOT, 'fixtures', 'oracle', name, file)), `${name}/${file} is not the file the cases were computed with`).toBe(sha);
+});
+
 describe.each(models)('oracle %s', (name) => {
   const oracle = JSON.parse(readFileSync(join(ROOT, 'fixtures', 'oracle', name, 'cases.json'), 'utf8')) as OracleFile;
   const source = join(ROOT, 'fixtures', name, 'model.onnx');
@@ -208,6 +233,14 @@ describe.each(models)('oracle %s', (name) => {
     expect([...new Set(cases.map((c) => c.granularity))].sort()).toEqual(['attention', 'block', 'mixed', 'mlp']);
     expect([...new Set(cases.flatMap((c) => c.requires))].sort()).toEqual(['bf16', 'router-metadata', 'sub-layer']);
     expect(cases.some((c) => c.routing.fromFile)).toBe(true);
+    // Decisions exactly on the boundary: top-k ties, and r = p under threshold routing.
+    expect(cases.some((c) => c.routing.mode === 'topk' && c.exactDecisions > 0)).toBe(true);
+    expect(cases.some((c) => c.routing.mode === 'threshold' && c.exactDecisions > 0)).toBe(true);
+    // On a rotary model, repeated ids tie at layer 0 with a random router.
+    const repeated = cases.filter((c) => c.routers === 'layer0.safetensors');
+    expect(repeated.length).toBeGreaterThan(0);
+    const rotary = name !== 'gpt2-tiny';
+    for (const c of repeated) expect(c.exactDecisions > 0, `${c.name}: ties`).toBe(rotary);
   });
 
   it.each(cases.map((c) => [c.name, c] as const))('%s: compiled logits and cache lengths match the oracle', async (_, c) => {

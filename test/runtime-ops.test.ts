@@ -2,7 +2,9 @@
  * Each modc op's ONNX function body, run by onnxruntime-node, agrees with its TypeScript
  * reference kernel: on random inputs and on the edges (nothing selected, everything selected,
  * rows selecting different counts, all-padding rows), batch 1 and 4, as a local function and
- * inlined, at an old (11) and a current (17) opset.
+ * inlined, at an old (11) and a current (17) opset. The selection ops also meet their boundaries
+ * (r = p, equal top-k scores, one-token steps and prompts) with expected values written by hand
+ * from SPEC.md, which the body and the kernel must both give.
  */
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -135,6 +137,50 @@ describe.each(modes)('modc ops (inline=$inline, opset $opset)', (mode) => {
       mode,
     );
     expect(data(sel!)).toEqual(Array.from(ref.selectTopK(score, mask, [B, S], c, past)));
+  });
+
+  // The boundaries, with expected selections written by hand from SPEC.md (r >= p; top-k ties to
+  // the earlier token; a one-token step with a past uses r >= 0.5, a one-token prompt top-k):
+  // the op body and the reference kernel must both give them. In float32, sigmoid(0) = 0.5 and
+  // sigmoid(20) = 1 exactly; sigmoid(-1e-3) = 0.49975.
+  it.each([
+    ['r = p = 0.5 is selected', 0.5, [1, 1, 0, 1, 0, 0]],
+    ['r = p = 1 is selected', 1, [0, 0, 0, 1, 0, 0]],
+  ])('SelectThreshold on the boundary, by hand: %s', async (_, p, want) => {
+    // Row 0: scores 0, -0, -1e-3; row 1: 20 then two padding tokens (scores 0 and 20, never selected).
+    const score = [0, -0, -1e-3, 20, 0, 20];
+    const mask = [1, 1, 1, 1, 0, 0];
+    const [sel] = await runOp('SelectThreshold', [f32('score', [2, 3], score), i64('token_mask', [2, 3], mask), f32('threshold', [], [p])], mode);
+    expect(data(sel!), 'op body').toEqual(want);
+    expect(Array.from(ref.selectThreshold(Float32Array.from(score), mask, p)), 'reference kernel').toEqual(want);
+  });
+
+  it.each([
+    // c = 0.3. Row 0 (n = 5): k = ceil(1.5) = 2 of three tied 2s, the first two. Row 1 (left
+    // padding, n = 4): k = ceil(1.2) = 2 of four tied 5s; the padding's 9 does not count. Row 2
+    // (right padding, n = 3): k = ceil(0.9) = 1 of three tied -3s.
+    [
+      'equal scores at the cut go to the earlier tokens',
+      3,
+      5,
+      0.3,
+      0,
+      [1, 2, 2, 2, 0, 9, 5, 5, 5, 5, -3, -3, -3, 9, 9],
+      [0, 1, 1, 0, 0, 0, 1, 1, 0, 0, 1, 0, 0, 0, 0],
+    ],
+    // c = 0.5, a one-token step after 3 tokens: r >= 0.5 (r = 0.5, 0.49975, 0.73, 0.0067), where top-k would keep every row's token.
+    ['a one-token step with a past selects r >= 0.5', 4, 1, 0.5, 3, [0, -1e-3, 1, -5], [1, 0, 1, 0]],
+    // c = 0.1, a one-token prompt (no past): top-k keeps ceil(0.1) = 1 token whatever its r.
+    ['a one-token prompt is top-k: its token is kept', 2, 1, 0.1, 0, [-5, 0], [1, 1]],
+  ])('SelectTopK, by hand: %s', async (_, B, S, c, past, score, want) => {
+    const mask = S === 5 ? [1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0] : Array(B * S).fill(1);
+    const [sel] = await runOp(
+      'SelectTopK',
+      [f32('score', [B, S], score), i64('token_mask', [B, S], mask), f32('capacity', [], [c]), i64('past_length', [], [past])],
+      mode,
+    );
+    expect(data(sel!), 'op body').toEqual(want);
+    expect(Array.from(ref.selectTopK(Float32Array.from(score), mask, [B, S], c, past)), 'reference kernel').toEqual(want);
   });
 
   it.each([

@@ -55,7 +55,7 @@ describe.each(['gpt2-tiny', 'llama-tiny', 'neox-tiny'])('ModSession on %s', (nam
 
 describe('modc run', () => {
   it('--json prints logits as [batch][position][vocab] with the mask', async () => {
-    const res = await runCli('run', join(FIXTURES, 'ort-gpt2-fused', 'model.onnx'), '--ids', '5,6,7;8,9', '--json');
+    const res = await runCli('run', join(FIXTURES, 'forms-fused-gpt2-tiny', 'model.onnx'), '--ids', '5,6,7;8,9', '--json');
     expect(res.code).toBe(0);
     const j = JSON.parse(res.stdout);
     expect(j.dims).toEqual([2, 3, 1000]);
@@ -73,7 +73,7 @@ describe('modc run', () => {
   });
 
   it('converts float16 logits to numbers', async () => {
-    const res = await runCli('run', join(FIXTURES, 'ort-qwen2-gqa', 'model.onnx'), '--ids', '5,6,7', '--pad', 'right', '--json');
+    const res = await runCli('run', join(FIXTURES, 'forms-gqa-fp16-tiny', 'model.onnx'), '--ids', '5,6,7', '--pad', 'right', '--json');
     expect(res.code).toBe(0);
     expect(typeof JSON.parse(res.stdout).logits[0][0][0]).toBe('number');
   });
@@ -127,7 +127,7 @@ describe('modc generate', () => {
 
 describe('context length', () => {
   it('refuses a context longer than the model has positions for, at the prompt and at a step', async () => {
-    const s = await ModSession.create(join(FIXTURES, 'ort-gpt2-fused', 'model.onnx'));
+    const s = await ModSession.create(join(FIXTURES, 'forms-fused-gpt2-tiny', 'model.onnx'));
     expect(s.io.maxPositions).toBe(512);
     await expect(s.forward([Array(513).fill(1)])).rejects.toThrow(/a context of 513 tokens is longer than the model's 512 positions/);
     await s.forward([Array(511).fill(1)]);

@@ -241,11 +241,15 @@ function unfusedCore(softmax: Node, inBranch: ReadonlySet<Node>, ctx: AttentionC
   const key = cacheBehind(scores.inputs[1]!, inBranch, ctx, `${scores.describe()} (Q·K^T)`);
   const value = cacheBehind(context.inputs[1]!, inBranch, ctx, `${context.describe()} (P·V)`);
   const shape = key.input.shape ?? [];
-  const [numKvHeads, headSize] = [shape[1], shape[3]];
-  if (shape.length !== 4 || typeof numKvHeads !== 'number' || typeof headSize !== 'number') {
-    throw new ModcError(`past key ${key.input} of ${scores.describe()} must be [batch, kv heads, time, head size] with static heads and head size`);
+  // One past for both, [2, B, H, T, D]: ORT's combined layout (key at 0, value at 1 of axis 0).
+  const combined = key.input === value.input && key.output === value.output && shape.length === 5;
+  const [numKvHeads, headSize] = combined ? [shape[2], shape[4]] : [shape[1], shape[3]];
+  if ((shape.length !== 4 && !combined) || typeof numKvHeads !== 'number' || typeof headSize !== 'number') {
+    throw new ModcError(
+      `past key ${key.input} of ${scores.describe()} must be [batch, kv heads, time, head size] (or one [2, batch, kv heads, time, head size] past for key and value) with static heads and head size`,
+    );
   }
-  const kv: KvCacheSpec = { key, value, layout: 'BHTD', numKvHeads, headSize };
+  const kv: KvCacheSpec = { key, value, layout: combined ? 'combined-2BHTD' : 'BHTD', numKvHeads, headSize };
   const numHeads = headsFromOutputProjection(context, inBranch, headSize, ctx.facts) ?? numKvHeads;
   return { form: 'unfused', scores, softmax, context, numHeads, kv };
 }
@@ -284,16 +288,37 @@ function contextMatMul(softmax: Node, inBranch: ReadonlySet<Node>): Node | null 
 }
 
 /**
- * The cache behind an operand of the score or context MatMul: the nearest graph output upstream
- * (the present), and the float graph input of rank 4 nearest upstream of that (the past).
+ * The cache behind an operand of the score or context MatMul, followed by dataflow:
+ * - the present is a graph output upstream of the operand (`present = Concat(past, new)` feeding
+ *   the attention), and the past the float graph input of rank 4 nearest upstream of it;
+ * - otherwise the past is the float graph input of rank 4, or 5 for a combined [2, B, H, T, D]
+ *   cache, nearest upstream of the operand through the branch and through nodes that read no
+ *   stream value (a combined past cut by Split/Squeeze before the Concat), and the present is the
+ *   graph output of the past's rank and type nearest downstream of it (stacked after the Concat).
  */
 function cacheBehind(operand: Value, inBranch: ReadonlySet<Node>, ctx: AttentionContext, what: string): KvTensor {
   const output = nearestUpstream(operand, inBranch, (v) => ctx.graphOutputs.has(v));
-  if (!output) throw new ModcError(`no KV cache: the second operand of ${what} does not come from a present graph output`);
-  const isPast = (v: Value) => ctx.graphInputs.has(v) && ctx.facts.rank(v) === 4 && v !== operand;
-  const input = nearestUpstream(output, inBranch, isPast, true);
-  if (!input) throw new ModcError(`no KV cache: present ${output} (feeding ${what}) is not computed from a past graph input`);
-  return { input, output };
+  if (output) {
+    const isPast = (v: Value) => ctx.graphInputs.has(v) && ctx.facts.rank(v) === 4 && v !== operand;
+    const input = nearestUpstream(output, inBranch, isPast, true);
+    if (!input) throw new ModcError(`no KV cache: present ${output} (feeding ${what}) is not computed from a past graph input`);
+    return { input, output };
+  }
+  const upstream = (v: Value) => {
+    const p = v.producer;
+    return p && p.opType !== 'Shape' && (inBranch.has(p) || !ctx.dependent.has(v)) ? p.inputs.filter((i): i is Value => i !== null) : [];
+  };
+  const isPast = (v: Value) => {
+    if (v === operand || !ctx.graphInputs.has(v) || ctx.facts.isConstant(v)) return false;
+    const dt = ctx.facts.dtype(v);
+    const rank = ctx.facts.rank(v);
+    return (dt === DataType.FLOAT || dt === DataType.FLOAT16 || dt === DataType.BFLOAT16) && (rank === 4 || rank === 5);
+  };
+  const input = breadthFirst(operand, upstream, isPast, false);
+  if (!input) throw new ModcError(`no KV cache: the second operand of ${what} comes from neither a present graph output nor a past graph input`);
+  const present = nearestDownstreamOutput(input, ctx);
+  if (!present) throw new ModcError(`no KV cache: past ${input} (feeding ${what}) has no present graph output of its rank and type computed from it`);
+  return { input, output: present };
 }
 
 /**

@@ -1,13 +1,15 @@
 /**
  * The start of the residual stream: EmbedLayerNormalization's embedding sum, or the token
  * Gather of a [vocab, hidden] table by input_ids plus whatever stream-independent terms are
- * added to it before the first layer (absolute position embeddings, a constant scale).
+ * added to it before the first layer (absolute position embeddings, a constant scale). Where a
+ * skip-norm adds such a term (mobius: SkipLayerNormalization(token, position)), its sum output
+ * starts the stream and the node is the embedding's fused boundary, as EmbedLayerNormalization is.
  */
 import { ModcError } from '../core/errors.js';
 import type { Graph, Node, Value } from '../core/ir/graph.js';
 import type { GraphFacts } from './graph-facts.js';
-import { EMBED_SUM_OUTPUT, isDefaultDomain, isEmbedLayerNorm } from './ops.js';
-import type { EmbeddingInfo, Explanation } from './types.js';
+import { EMBED_SUM_OUTPUT, isDefaultDomain, isEmbedLayerNorm, SKIP_SUM_OUTPUT, skipNormOp } from './ops.js';
+import type { EmbeddingInfo, Explanation, FusedBoundary } from './types.js';
 
 export interface EmbeddingFound {
   info: EmbeddingInfo;
@@ -31,8 +33,8 @@ export function findEmbedding(graph: Graph, facts: GraphFacts, explain: Explanat
       verdict: 'accepted',
       reason: 'stream start: the decoder is fed embeddings (inputs_embeds), the token table lives in another model',
     });
-    const { output, positionTable } = absorbStreamIndependentTerms(embeds, facts, explain);
-    return { info: { output, table: embeds, positionTable, boundary: null }, seeds: [output] };
+    const { output, positionTable, boundary } = absorbStreamIndependentTerms(embeds, facts, explain);
+    return { info: { output, table: embeds, positionTable, boundary }, seeds: boundary ? [output, boundary.normed] : [output] };
   }
   if (!ids) {
     const names = graph.inputs
@@ -53,8 +55,8 @@ export function findEmbedding(graph: Graph, facts: GraphFacts, explain: Explanat
     throw new ModcError(`no residual stream: expected a Gather of a 2-D [vocab, hidden] initializer by input_ids; input_ids is read by ${readers}`);
   }
   explain.push({ subject: gather.describe(), verdict: 'accepted', reason: `token embedding: Gather of ${gather.inputs[0]!} by input_ids` });
-  const { output, positionTable } = absorbStreamIndependentTerms(gather, facts, explain);
-  return { info: { output, table: gather.inputs[0]!, positionTable, boundary: null }, seeds: [output] };
+  const { output, positionTable, boundary } = absorbStreamIndependentTerms(gather, facts, explain);
+  return { info: { output, table: gather.inputs[0]!, positionTable, boundary }, seeds: boundary ? [output, boundary.normed] : [output] };
 }
 
 function fusedEmbedding(node: Node, explain: Explanation[]): EmbeddingFound {
@@ -104,9 +106,14 @@ const isTable = (v: Value | null, facts: GraphFacts) => !!v && facts.isConstant(
 /**
  * Walks past terms added to the token embedding that do not depend on it (position and
  * token-type embeddings) and constant scalings, while the embedding has a single non-Shape
- * reader. Stops at the first reader that could be a layer.
+ * reader. Stops at the first reader that could be a layer, or at a skip-norm adding such a term
+ * (then the stream starts at its sum output, and the node is the embedding's fused boundary).
  */
-function absorbStreamIndependentTerms(start: Node | Value, facts: GraphFacts, explain: Explanation[]): { output: Value; positionTable: Value | null } {
+function absorbStreamIndependentTerms(
+  start: Node | Value,
+  facts: GraphFacts,
+  explain: Explanation[],
+): { output: Value; positionTable: Value | null; boundary: FusedBoundary | null } {
   const token = 'opType' in start ? start.output(0) : start;
   let output = token;
   let positionTable: Value | null = null;
@@ -115,8 +122,15 @@ function absorbStreamIndependentTerms(start: Node | Value, facts: GraphFacts, ex
     if (readers.length !== 1) break;
     const n = readers[0]!;
     const other = n.inputs.find((v) => v !== output) ?? null;
+    const fused = skipNormOp(n);
+    const slot = n.inputs.indexOf(output);
+    if (fused && (slot === 0 || slot === 1) && n.inputs[1 - slot] && !dependsOn(n.inputs[1 - slot]!, token)) {
+      const boundary = skipNormStart(n, fused, slot, facts, explain);
+      positionTable ??= tableOf(n.inputs[1 - slot]!, facts);
+      return { output: boundary.sum!, positionTable, boundary };
+    }
     if (n.opType === 'Add' && other && !dependsOn(other, token)) {
-      const table = other.producer?.opType === 'Gather' && isTable(other.producer.inputs[0], facts) ? other.producer.inputs[0]! : null;
+      const table = tableOf(other, facts);
       positionTable ??= table;
       explain.push({
         subject: n.describe(),
@@ -130,7 +144,31 @@ function absorbStreamIndependentTerms(start: Node | Value, facts: GraphFacts, ex
     }
     output = n.output(0);
   }
-  return { output, positionTable };
+  return { output, positionTable, boundary: null };
+}
+
+/** A Gather's [V, H] table, when `v` is a row lookup of one (a position or token-type embedding). */
+const tableOf = (v: Value, facts: GraphFacts): Value | null =>
+  v.producer?.opType === 'Gather' && isTable(v.producer.inputs[0], facts) ? v.producer.inputs[0]! : null;
+
+/**
+ * A skip-norm summing the embedding and a stream-independent term: its sum output starts the
+ * stream, its normed output is layer 0's normed input.
+ */
+function skipNormStart(n: Node, op: FusedBoundary['op'], slot: number, facts: GraphFacts, explain: Explanation[]): FusedBoundary {
+  const sum = n.outputs[SKIP_SUM_OUTPUT];
+  if (!sum || sum.name === '') {
+    throw new ModcError(
+      `no residual stream: ${n.describe()} sums the embedding terms but does not output the sum (output ${SKIP_SUM_OUTPUT}), so the stream start is not a value in the graph`,
+    );
+  }
+  const table = tableOf(n.inputs[1 - slot]!, facts);
+  explain.push({
+    subject: n.describe(),
+    verdict: 'accepted',
+    reason: `stream start: output ${SKIP_SUM_OUTPUT} ${sum} (embedding sum${table ? `, position table ${table}` : ''}); output 0 ${n.output(0)} is layer 0's normed input`,
+  });
+  return { node: n, op, sum, normed: n.output(0), addsForLayer: -1, normedForLayer: 0, streamOperandIndex: slot };
 }
 
 /** Whether `v` is computed from `target` (a backward walk over the few prefix nodes involved). */

@@ -239,7 +239,11 @@ export class GraphFacts {
     else if ((n.opType === 'Cast' || n.opType === 'Identity' || n.opType === 'Unsqueeze' || n.opType === 'Squeeze') && ins[0]) this.ints.set(out, ins[0]);
     if (n.opType === 'Shape' && n.inputs[0]) {
       const rank = this.ranks.get(n.inputs[0]);
-      if (rank !== undefined && n.attrInt('start') === undefined && n.attrInt('end') === undefined) this.lengths.set(out, rank);
+      if (rank !== undefined) {
+        // Opset 15's start/end slice the shape, clamped to [0, rank] after negatives count from the end.
+        const at = (v: number) => Math.min(rank, Math.max(0, v < 0 ? v + rank : v));
+        this.lengths.set(out, Math.max(0, at(n.attrInt('end') ?? rank) - at(n.attrInt('start') ?? 0)));
+      }
     }
     if (n.opType === 'Concat') {
       const lens = n.inputs.map((v) => this.length1d(v));

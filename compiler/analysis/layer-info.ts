@@ -34,7 +34,7 @@ export function buildLayers(
     layers.push({
       index: l,
       residualIn: first.streamIn,
-      residualOut: last.sum,
+      residualOut: last.carried,
       exit: { node: last.node, streamOperandIndex: last.streamOperandIndex, branchOperandIndex: last.branchOperandIndex },
       steps: own,
       nodes,

@@ -31,11 +31,26 @@ export function streamDependentValues(graph: Graph, seeds: readonly Value[]): Se
   return dependent;
 }
 
-export function assignNodes(graph: Graph, embedding: EmbeddingInfo, seeds: readonly Value[], steps: readonly StreamStep[]): NodeOwnership {
+/**
+ * `isConstant` tells weights and constants apart (they belong to no layer). A node that reads no
+ * stream value but computes only from layer l's past KV (data, not its shape: a combined past cut
+ * by Split/Squeeze before the layer reads it) belongs to layer l: it is part of how that layer
+ * reads its cache, not a value shared by every layer.
+ */
+export function assignNodes(
+  graph: Graph,
+  embedding: EmbeddingInfo,
+  seeds: readonly Value[],
+  steps: readonly StreamStep[],
+  isConstant: (v: Value) => boolean = () => false,
+): NodeOwnership {
+  const pastOf = new Map<Value, number>();
+  for (const s of steps) if (s.attention) for (const t of [s.attention.kv.key, s.attention.kv.value]) pastOf.set(t.input, s.layer);
   const overrides = new Map<Value, number>(seeds.map((v) => [v, 0]));
   for (const exit of exitSteps(steps)) {
     const next = exit.layer + 1;
-    if (exit.sum) overrides.set(exit.sum, next);
+    // The stream value leaving the layer (after any Cast/Identity carrying the sum) is the next layer's.
+    if (exit.carried) overrides.set(exit.carried, next);
     if (exit.kind !== 'Add') for (const o of exit.node.outputs) overrides.set(o, next);
   }
   const nodeLayer = new Map<Node, number>();
@@ -46,6 +61,7 @@ export function assignNodes(graph: Graph, embedding: EmbeddingInfo, seeds: reado
   for (const n of graph.nodes) {
     let layer = PREFIX;
     if (n !== embedNode && !shapeOfInputSeed(n, seeds)) for (const v of n.inputs) if (v) layer = Math.max(layer, valueLayer.get(v) ?? PREFIX);
+    if (layer === PREFIX && n !== embedNode) layer = pastReader(n, pastOf, isConstant) ?? PREFIX;
     nodeLayer.set(n, layer);
     for (const o of n.outputs) {
       const l = overrides.get(o) ?? layer;
@@ -53,6 +69,24 @@ export function assignNodes(graph: Graph, embedding: EmbeddingInfo, seeds: reado
     }
   }
   return { nodeLayer, valueLayer };
+}
+
+/**
+ * The layer whose past KV a prefix node computes from (through data: not Shape or Size), when
+ * every other input is a constant or another such value of the same layer; undefined otherwise.
+ * Records its outputs as that layer's past-derived values.
+ */
+function pastReader(n: Node, pastOf: Map<Value, number>, isConstant: (v: Value) => boolean): number | undefined {
+  if (n.opType === 'Shape' || n.opType === 'Size' || n.subgraphs().length) return undefined;
+  let owner: number | undefined;
+  for (const v of n.inputs) {
+    if (!v || isConstant(v)) continue;
+    const l = pastOf.get(v);
+    if (l === undefined || (owner !== undefined && owner !== l)) return undefined;
+    owner = l;
+  }
+  if (owner !== undefined) for (const o of n.outputs) pastOf.set(o, owner);
+  return owner;
 }
 
 /**

@@ -82,6 +82,12 @@ export class SideInputClassifier {
   }
 
   private mask(v: Value, form: 'raw-2d' | 'additive-bias' | 'key-padding'): SideInput {
+    const origin = this.graph.inputs.find((x) => x.name === 'attention_mask');
+    if (origin && this.facts.rank(origin) === 4 && this.originsOf(v).data.has(origin)) {
+      // The caller's [B, 1, M, M] mask: its batch, query and key axes tracked into v.
+      const axes = this.trackedFrom(v, 'attention_mask')?.axes;
+      return { kind: 'attention-mask', value: v, form: 'caller-4d', queryAxis: axes?.[1] ?? null, keyAxis: axes?.[2] ?? null };
+    }
     const tracked = this.trackedFrom(v, 'attention_mask');
     const rank = this.facts.rank(v);
     if (form === 'additive-bias') {
@@ -97,13 +103,16 @@ export class SideInputClassifier {
     return { kind: 'per-token', value: v, role, batchAxis: tracked?.axes[0] ?? null, sequenceAxis: tracked?.axes[1] ?? null };
   }
 
-  /** Batch and token axes of `v` if it is computed from the named [B, S] graph input. */
+  /**
+   * Batch and token axes of `v` if it is computed from the named [B, S] graph input; for the
+   * caller's 4-D attention_mask [B, 1, M, M], its batch, query and key axes.
+   */
   private trackedFrom(v: Value, inputName: string): AxisFact | undefined {
     const origin = this.graph.inputs.find((x) => x.name === inputName);
     if (!origin) return undefined;
     let map = this.axes.get(origin);
     if (!map) {
-      map = trackAxes(this.graph, origin, [0, 1], this.facts, this.isPrefix);
+      map = trackAxes(this.graph, origin, this.facts.rank(origin) === 4 ? [0, 2, 3] : [0, 1], this.facts, this.isPrefix);
       this.axes.set(origin, map);
     }
     return map.get(v);

@@ -91,14 +91,46 @@ class StreamWalker {
     return { ...trial.step, layer: this.layer };
   }
 
-  /** Records the step's sum as the new stream value; returns it (null ends the stream). */
+  /** Records the step's sum (and the values carrying it) as stream values; returns the new one (null ends the stream). */
   private advance(step: StreamStep): Value | null {
     if (step.attention) this.layerValues = new Set([step.streamIn]);
     if (step.kind !== 'Add' && step.sum) this.normedCopies.set(step.node.output(0), { node: step.node, of: step.sum });
     if (!step.sum) return null;
-    this.streamValues.add(step.sum);
-    this.layerValues.add(step.sum);
-    return step.sum;
+    for (const v of [step.sum, ...step.carry.map((n) => n.output(0))]) {
+      this.streamValues.add(v);
+      this.layerValues.add(v);
+    }
+    return step.carried;
+  }
+
+  /**
+   * The value-preserving nodes carrying `sum` on: while a value's only reader (Shape aside) is an
+   * Identity or a Cast to its own element type, the stream continues through it. A Cast to
+   * another type (a change of precision) does not carry the stream; the reason is recorded.
+   */
+  private carryOf(sum: Value): { carry: Node[]; carried: Value } {
+    const carry: Node[] = [];
+    let v = sum;
+    for (;;) {
+      const readers = v.consumers().filter((n) => n.opType !== 'Shape');
+      const n = readers.length === 1 ? readers[0]! : null;
+      if (!n || !isDefaultDomain(n) || n.inputs[0] !== v) break;
+      if (n.opType === 'Cast') {
+        const from = this.ctx.facts.dtype(v);
+        const to = n.attrInt('to');
+        if (from === undefined || to !== from) {
+          this.note(
+            n,
+            'rejected',
+            `the stream value ${v} is cast to another element type (${from ?? 'unknown'} -> ${to}); only a value-preserving Cast or Identity carries the residual stream`,
+          );
+          break;
+        }
+      } else if (n.opType !== 'Identity') break;
+      carry.push(n);
+      v = n.output(0);
+    }
+    return { carry, carried: v };
   }
 
   /** Adds and skip-norms reading `current` as operand 0 or 1, in graph order. */
@@ -134,6 +166,7 @@ class StreamWalker {
     const kind = skipNormOp(c.node) ?? 'Add';
     const sumOut = kind === 'Add' ? c.node.output(0) : c.node.outputs[SKIP_SUM_OUTPUT];
     const sum = sumOut && sumOut.name !== '' ? sumOut : null;
+    const { carry, carried } = kind === 'Add' && sum ? this.carryOf(sum) : { carry: [], carried: sum };
     return {
       step: {
         node: c.node,
@@ -143,6 +176,8 @@ class StreamWalker {
         branchOperandIndex,
         branch,
         sum,
+        carry,
+        carried,
         norm,
         branchNodes,
         attention: cores[0] ?? null,

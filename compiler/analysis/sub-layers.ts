@@ -54,11 +54,11 @@ export function subLayersOf(layer: LayerInfo, graphOutputs: ReadonlySet<Value>):
   if (steps.length === 2 && steps[0]!.attention && !steps[1]!.attention) {
     const [a, m] = steps as [(typeof steps)[0], (typeof steps)[0]];
     const mlpInput = m.norm.of;
-    if (!mlpInput || (mlpInput !== x && mlpInput !== a.sum))
+    if (!mlpInput || (mlpInput !== x && mlpInput !== a.carried))
       return { reason: `its MLP step ${m.node.describe()} reads a normalised copy of neither the layer input nor the stream after attention` };
     parallel = mlpInput === x;
     parts = [
-      { part: 'attention', input: x, update: a.branch, join: a.node, nodes: own(a.branchNodes) },
+      { part: 'attention', input: x, update: a.branch, join: a.node, nodes: own(withCacheNodes(layer, a.branchNodes)) },
       { part: 'mlp', input: mlpInput, update: m.branch, join: m.node, nodes: own(m.branchNodes) },
     ];
   } else if (steps.length === 1) {
@@ -66,19 +66,42 @@ export function subLayersOf(layer: LayerInfo, graphOutputs: ReadonlySet<Value>):
     if ('reason' in joined) return joined;
     parallel = true;
     parts = [
-      { part: 'attention', input: x, update: joined.attention, join: joined.join, nodes: own(joined.attentionNodes) },
+      { part: 'attention', input: x, update: joined.attention, join: joined.join, nodes: own(withCacheNodes(layer, joined.attentionNodes)) },
       { part: 'mlp', input: x, update: joined.mlp, join: joined.join, nodes: own(layer.mlpNodes) },
     ];
   } else {
     return { reason: `it has ${steps.length} residual steps; sub-layer routing needs an attention step then an MLP step, or one parallel step` };
   }
-  const streamValues = new Set<Value>(steps.flatMap((s) => (s.sum ? [s.streamIn, s.sum] : [s.streamIn])));
+  const streamValues = new Set<Value>(steps.flatMap((s) => [s.streamIn, ...(s.sum ? [s.sum] : []), ...s.carry.map((n) => n.output(0))]));
   const [attention, mlp] = parts.map((p) => ({
     ...p,
     sideInputs: layer.sideInputs.filter((si) => p.nodes.some((n) => n.inputs.includes(si.value))),
     blocker: closedness(p, inLayer, streamValues, graphOutputs),
   })) as [SubLayer, SubLayer];
   return { attention, mlp, parallel };
+}
+
+/**
+ * The attention part's nodes with the layer's cache plumbing outside every branch: nodes reading
+ * only the past (a combined past cut by Split/Squeeze) that feed the part, and nodes computing
+ * the present from the part's values (keys and values stacked into a combined present).
+ */
+function withCacheNodes(layer: LayerInfo, attention: readonly Node[]): Node[] {
+  const taken = new Set<Node>(layer.steps.flatMap((s) => [s.node, ...s.carry, ...s.branchNodes]));
+  const rest = layer.nodes.filter((n) => !taken.has(n));
+  if (rest.length === 0) return [...attention];
+  const part = new Set(attention);
+  const feeds = (n: Node) => n.outputs.some((o) => o.consumers().some((c) => part.has(c)));
+  const reads = (n: Node) => n.inputs.some((v) => v?.producer && part.has(v.producer));
+  for (let grown = true; grown;) {
+    grown = false;
+    for (const n of rest) {
+      if (part.has(n) || !(feeds(n) || reads(n))) continue;
+      part.add(n);
+      grown = true;
+    }
+  }
+  return layer.nodes.filter((n) => part.has(n));
 }
 
 /** Why a part is not a closed function of its input and side inputs (see the file comment). */

@@ -76,10 +76,12 @@ export interface FusedBoundary {
   sum: Value | null;
   /** The normalised copy of the sum (output 0). */
   normed: Value;
-  /** The layer whose residual add this node performs; -1 for EmbedLayerNormalization (the embedding). */
+  /** The layer whose residual add this node performs; -1 for the embedding (EmbedLayerNormalization, or a skip-norm summing the embedding terms). */
   addsForLayer: number;
   /** The layer reading `normed`; equal to the layer count when it is the final norm before lm_head. */
   normedForLayer: number;
+  /** A skip-norm starting the stream (it sums the embedding terms): the input slot (0 or 1) of the token embedding. */
+  streamOperandIndex?: number;
 }
 
 /** Why the branch of a step counts as computed from a normalised copy of the stream. */
@@ -97,8 +99,15 @@ export interface StreamStep {
   streamOperandIndex: number;
   branchOperandIndex: number;
   branch: Value;
-  /** The new stream value, or null when a fused op does not output the sum. */
+  /** The step's sum output, or null when a fused op does not output the sum. */
   sum: Value | null;
+  /**
+   * Value-preserving nodes the stream passes through after the sum (an Identity, or a Cast to the
+   * sum's own element type, as torch writes between residual adds), in order; usually none.
+   */
+  carry: Node[];
+  /** The new stream value: `sum`, or the output of the last `carry` node. */
+  carried: Value | null;
   norm: NormEvidence;
   /** Nodes computing the branch (between the stream and this step), in graph order. */
   branchNodes: Node[];
@@ -131,11 +140,24 @@ export type SideInput =
       batchAxis: number | null;
       sequenceAxis: number | null;
     }
-  | { kind: 'attention-mask'; value: Value; form: 'raw-2d' | 'additive-bias' | 'key-padding'; queryAxis: number | null; keyAxis: number | null }
+  | {
+      kind: 'attention-mask';
+      value: Value;
+      /**
+       * 'caller-4d': computed from the caller's 4-D attention_mask [B, 1, M, M], whose query and key
+       * axes count sequence indices (every token fed so far, padding included), not cache slots.
+       */
+      form: MaskForm;
+      queryAxis: number | null;
+      keyAxis: number | null;
+    }
   | { kind: 'sequence-length'; value: Value; role: SequenceLengthRole }
   | { kind: 'other'; value: Value; reason: string };
 
 export type SideInputKind = SideInput['kind'];
+
+/** How a layer reads the attention mask (see SideInput 'attention-mask'). */
+export type MaskForm = 'raw-2d' | 'additive-bias' | 'key-padding' | 'caller-4d';
 
 export interface LayerInfo {
   index: number;
@@ -191,7 +213,7 @@ export interface FinalInfo {
 
 /** How the attention mask reaches the layers, and the shared nodes that build it. */
 export interface MaskInfo {
-  form: 'additive-bias' | 'raw-2d' | 'key-padding' | 'seqlens' | 'none';
+  form: MaskForm | 'seqlens' | 'none';
   /** Graph inputs the mask is built from (typically attention_mask). */
   inputs: Value[];
   /** Values the layers read (the bias, the raw mask, seqlens_k and total_sequence_length). */

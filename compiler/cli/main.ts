@@ -2,7 +2,7 @@
  * The `modc` command line. Parses arguments, calls the library, formats results; it does no
  * graph surgery itself. Exit codes: 0 success, 1 error (bad model, failed check), 2 usage.
  */
-import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { rerunWithMallocEnv } from '../apps/benchmark/benchmark.js';
 import { ModcError, UsageError } from '../core/errors.js';
 import type { CliOption, CliValues, Command, Io, Progress } from './command.js';
 import { benchCommand } from './commands/bench-command.js';
@@ -15,8 +15,21 @@ import { inspectCommand } from './commands/inspect-command.js';
 import { runCommand } from './commands/run-command.js';
 import { verifyCommand } from './commands/verify-command.js';
 import { createProgress, PROGRESS_OPTIONS, progressMode } from './progress.js';
+import { parseOptions } from './shared.js';
 
 export type { Io } from './command.js';
+export { attachNegativeValues } from './shared.js';
+
+/**
+ * `modc bench` under the benchmarks' glibc malloc settings: runs `script` (the modc entry point)
+ * again with MALLOC_ENV set and returns its exit code; null for every other command, off Linux,
+ * with --default-malloc, or when the settings are already there.
+ */
+export function relaunchForBench(script: string, argv: readonly string[]): number | null {
+  const args = argv.filter((a) => a !== '--debug');
+  if (args[0] !== 'bench' || args.includes('-h') || args.includes('--help')) return null;
+  return rerunWithMallocEnv(script, argv);
+}
 
 /** The subcommands, in the order `modc --help` lists them. */
 const COMMANDS: Command[] = [
@@ -75,34 +88,6 @@ export function commandHelp(cmd: Command): string {
   return lines.join('\n');
 }
 
-/**
- * `--seed -1` as `--seed=-1`: node:util's parseArgs refuses a value that starts with a dash
- * ("argument is ambiguous"). A negative number after a flag that takes a value is that value;
- * each command then accepts or refuses it by its own range check.
- */
-export function attachNegativeValues(args: string[], options: Record<string, CliOption>): string[] {
-  const out: string[] = [];
-  for (let i = 0; i < args.length; i++) {
-    const a = args[i]!;
-    const next = args[i + 1];
-    const long = /^--([^=]+)$/.exec(a)?.[1];
-    const name = long ?? Object.entries(options).find(([, o]) => o.short !== undefined && a === `-${o.short}`)?.[0];
-    if (
-      name !== undefined &&
-      options[name]?.type === 'string' &&
-      next !== undefined &&
-      /^-(\d|\.\d|Infinity)/.test(next) &&
-      args.slice(0, i).indexOf('--') < 0
-    ) {
-      out.push(`--${name}=${next}`);
-      i++;
-    } else {
-      out.push(a);
-    }
-  }
-  return out;
-}
-
 const defaultIo: Io = {
   out: (t) => process.stdout.write(t.endsWith('\n') ? t : t + '\n'),
   err: (t) => process.stderr.write(t.endsWith('\n') ? t : t + '\n'),
@@ -129,18 +114,7 @@ export async function main(argv: string[], io: Io = defaultIo): Promise<number> 
       io.out(commandHelp(cmd));
       return 0;
     }
-    let parsed;
-    try {
-      const options = Object.fromEntries(
-        Object.entries({ ...PROGRESS_OPTIONS, ...cmd.options }).map(([k, o]) => [
-          k,
-          { type: o.type, ...(o.short ? { short: o.short } : {}), ...(o.multiple ? { multiple: true } : {}) },
-        ]),
-      ) as ParseArgsConfig['options'];
-      parsed = parseArgs({ args: attachNegativeValues(rest, { ...PROGRESS_OPTIONS, ...cmd.options }), options, allowPositionals: true, strict: true });
-    } catch (e) {
-      throw new UsageError(`${(e as Error).message.split('\n')[0]} (see 'modc ${cmd.name} --help')`);
-    }
+    const parsed = parseOptions(rest, { ...PROGRESS_OPTIONS, ...cmd.options }, { allowPositionals: true, help: `'modc ${cmd.name} --help'` });
     const values = parsed.values as CliValues;
     progress = createProgress(progressMode(values, io.errStream?.isTTY === true), io, io.errStream);
     return await cmd.run(parsed.positionals, values, { ...io, progress });

@@ -3,10 +3,67 @@
  * text formatting, the options and JSON shapes several commands have, and the progress reporter.
  * Commands import this module and command.ts, never each other.
  */
+import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { UsageError } from '../core/errors.js';
 import type { ModelSummary, TensorSignature } from '../core/ir/model-summary.js';
 import type { ExecutionProvider } from '../runtime/ort.js';
 import { SILENT_PROGRESS, type CliOption, type CliValues, type Io, type Progress } from './command.js';
+
+// --- parsing ------------------------------------------------------------------------------------
+
+/**
+ * `--seed -1` as `--seed=-1`: node:util's parseArgs refuses a value that starts with a dash
+ * ("argument is ambiguous"). A negative number after a flag that takes a value is that value;
+ * each command then accepts or refuses it by its own range check.
+ */
+export function attachNegativeValues(args: readonly string[], options: Record<string, CliOption>): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i]!;
+    const next = args[i + 1];
+    const long = /^--([^=]+)$/.exec(a)?.[1];
+    const name = long ?? Object.entries(options).find(([, o]) => o.short !== undefined && a === `-${o.short}`)?.[0];
+    if (
+      name !== undefined &&
+      options[name]?.type === 'string' &&
+      next !== undefined &&
+      /^-(\d|\.\d|Infinity)/.test(next) &&
+      args.slice(0, i).indexOf('--') < 0
+    ) {
+      out.push(`--${name}=${next}`);
+      i++;
+    } else {
+      out.push(a);
+    }
+  }
+  return out;
+}
+
+/**
+ * node:util parseArgs over `options` (strict: an unknown flag or a missing value is a usage
+ * error naming `help`). `allowNegative` takes `--no-NAME` for a boolean NAME as false.
+ */
+export function parseOptions(
+  args: readonly string[],
+  options: Record<string, CliOption>,
+  opts: { allowPositionals: boolean; allowNegative?: boolean; help: string },
+): { values: CliValues; positionals: string[] } {
+  const config = Object.fromEntries(
+    Object.entries(options).map(([k, o]) => [k, { type: o.type, ...(o.short ? { short: o.short } : {}), ...(o.multiple ? { multiple: true } : {}) }]),
+  ) as ParseArgsConfig['options'];
+  try {
+    const parsed = parseArgs({
+      args: attachNegativeValues(args, options),
+      options: config,
+      allowPositionals: opts.allowPositionals,
+      allowNegative: opts.allowNegative ?? false,
+      strict: true,
+    });
+    return { values: parsed.values as CliValues, positionals: parsed.positionals };
+  } catch (e) {
+    throw new UsageError(`${(e as Error).message.split('\n')[0]} (see ${opts.help})`);
+  }
+}
 
 // --- option values -----------------------------------------------------------------------------
 

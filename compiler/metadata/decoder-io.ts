@@ -8,6 +8,8 @@ import { ModcError, UsageError } from '../core/errors.js';
 import { DataType } from '../core/ir/dtype.js';
 import type { Value } from '../core/ir/graph.js';
 import type { Model } from '../core/ir/model.js';
+import { GraphFacts } from '../analysis/graph-facts.js';
+import { trackAxes } from '../analysis/token-axes.js';
 
 /** See compiler/analysis/types.ts: the static layouts are fixed-size buffers written by TensorScatter. */
 export type KvLayout = 'BHTD' | 'combined-2BHTD' | 'static-BTH' | 'static-BHTD';
@@ -38,8 +40,10 @@ export interface KvBinding {
   /** Static layouts: the buffer length when the model fixes it (null: the runner chooses). */
   maxLength: number | null;
   /**
-   * modc-compiled sliding-window layer: the original position of each cache slot, int64
-   * [B, P_l] in and out (zeros-wide at the start), carried like the cache.
+   * modc-compiled layer whose cache slots carry an index, int64 [B, P_l] in and out (zero-wide at
+   * the start), carried like the cache: a sliding-window layer's original position of each slot
+   * (`past_positions.l`), or, in a model reading the caller's 4-D mask, each slot's sequence index
+   * (`past_sequence_indices.l`).
    */
   pastPositions: string | null;
   presentPositions: string | null;
@@ -55,6 +59,10 @@ export function staticCacheDims(b: KvBinding, B: number, length: number): number
  * -> `present.N.*`): zeros at the start, the present fed back as the past at every step.
  */
 export interface StateBinding {
+  /**
+   * The layer the names number (`past_key_values.N.*`): a label only. The analysis binds state to
+   * a layer by dataflow; state may be read and written by the prefix or the suffix instead.
+   */
   layer: number;
   past: string;
   present: string;
@@ -68,7 +76,18 @@ export interface DecoderIo {
   inputIds: { name: string; dtype: 'int32' | 'int64' };
   /** Set when the decoder is fed embeddings [B, S, H] instead of ids (see runtime/embeddings.ts). */
   inputsEmbeds: { name: string; hiddenSize: number; dtype: 'float32' | 'float16' } | null;
-  attentionMask: { name: string; dtype: 'int32' | 'int64' } | null;
+  /**
+   * `dtype`: of a 2-D [B, T] mask. `caller4d`: the model takes the caller's 4-D mask [B, 1, M, M]
+   * instead, in sequence-index coordinates (1 or true = attend; the model slices each call's rows
+   * and columns): its element type and M (null when the model leaves it open).
+   */
+  attentionMask: { name: string; dtype: 'int32' | 'int64'; caller4d: { size: number | null; dtype: MaskElement } | null } | null;
+  /**
+   * A compiled model reading the caller's 4-D mask: the input taking each row's sequence length
+   * before this call (int64 [B], every token fed so far, padding included; 0 for a prefill), and
+   * the output giving it after the call.
+   */
+  sequenceLength: { past: string; present: string | null } | null;
   positionIds: { name: string; dtype: 'int32' | 'int64' } | null;
   logits: string;
   kv: KvBinding[];
@@ -99,7 +118,17 @@ export interface DecoderIo {
    * call's length, which a shorter (padded) row breaks.
    */
   unpaddable: string | null;
+  /**
+   * Why the model runs one row per call only, or null: an export whose mask puts attention_mask's
+   * batch axis on another axis of the mask an attention op reads (mobius's dynamic-cache GPT-2:
+   * Unsqueeze(attention_mask, 0) -> [1, B, T], expanded to [B, S, T], so the rows land on the
+   * query axis). ONNX Runtime refuses B > 1 there unless B equals S, and then mixes rows.
+   */
+  batchOne: string | null;
 }
+
+/** Metadata a compile writes when its original runs one row per call (DecoderIo.batchOne): the reason. */
+export const BATCH_ONE_KEY = 'modc.batch_one';
 
 /** Metadata a compile writes when it opens a static buffer's length: the original's length. */
 export const STATIC_CACHE_LENGTH_KEY = 'modc.static_cache_length';
@@ -111,6 +140,20 @@ export const STATIC_CACHE_INPUTS_KEY = 'modc.static_cache_inputs';
 export const DEFAULT_STATIC_CACHE_LENGTH = 2048;
 
 export type PadSide = 'left' | 'right';
+
+/** Element types a caller's 4-D attention mask can have. */
+export type MaskElement = 'float32' | 'float16' | 'bool' | 'int32' | 'int64';
+
+const MASK_ELEMENTS: Partial<Record<number, MaskElement>> = {
+  [DataType.FLOAT]: 'float32',
+  [DataType.FLOAT16]: 'float16',
+  [DataType.BOOL]: 'bool',
+  [DataType.INT32]: 'int32',
+  [DataType.INT64]: 'int64',
+};
+
+export const PAST_SEQUENCE_LENGTH = 'past_sequence_length';
+export const PRESENT_SEQUENCE_LENGTH = 'present_sequence_length';
 
 const intType = (v: Value): 'int32' | 'int64' => (v.dtype === DataType.INT32 ? 'int32' : 'int64');
 
@@ -126,6 +169,8 @@ export const pastValidName = (layer: number) => `past_valid.${layer}`;
 export const presentValidName = (layer: number) => `present_valid.${layer}`;
 export const pastPositionsName = (layer: number) => `past_positions.${layer}`;
 export const presentPositionsName = (layer: number) => `present_positions.${layer}`;
+export const pastSequenceIndicesName = (layer: number) => `past_sequence_indices.${layer}`;
+export const presentSequenceIndicesName = (layer: number) => `present_sequence_indices.${layer}`;
 
 export function decoderIo(model: Model): DecoderIo {
   const g = model.graph;
@@ -186,8 +231,7 @@ export function decoderIo(model: Model): DecoderIo {
         pastValid: inputs.has(pastValidName(layer)) ? pastValidName(layer) : null,
         presentValid: outputs.has(presentValidName(layer)) ? presentValidName(layer) : null,
         maxLength: null,
-        pastPositions: inputs.has(pastPositionsName(layer)) ? pastPositionsName(layer) : null,
-        presentPositions: outputs.has(presentPositionsName(layer)) ? presentPositionsName(layer) : null,
+        ...slotIndices(layer, inputs, outputs),
       } satisfies KvBinding);
     if (combined) {
       entry.pastKey = v.name;
@@ -210,14 +254,20 @@ export function decoderIo(model: Model): DecoderIo {
   const vocab = logits.shape?.at(-1);
   const writes = staticLengthInputs(model, inputs);
   const staticLengths = layers.filter((b) => b.layout.startsWith('static')).map((b) => b.maxLength);
-  const positions = maxPositions(model, pos ?? null);
+  const caller4d = mask && mask.shape?.length === 4 ? callerMask(mask) : null;
+  const tables = maxPositions(model, pos ?? null);
+  // The caller's mask covers M sequence indices: no context can be longer.
+  const positions = caller4d?.size ? Math.min(tables ?? caller4d.size, caller4d.size) : tables;
   const lengthBased =
     lengthBasedAttention(model) ??
     (staticLengths.length ? "a static KV cache (TensorScatter) reads each row's valid keys (nonpad_kv_seqlen) from the start of its buffer" : null);
   return {
     inputIds: ids ? { name: ids.name, dtype: intType(ids) } : { name: 'input_ids', dtype: 'int64' },
     inputsEmbeds: embeds ? { name: embeds.name, hiddenSize: hidden as number, dtype: embeds.dtype === DataType.FLOAT16 ? 'float16' : 'float32' } : null,
-    attentionMask: mask ? { name: mask.name, dtype: intType(mask) } : null,
+    attentionMask: mask ? { name: mask.name, dtype: intType(mask), caller4d } : null,
+    sequenceLength: inputs.has(PAST_SEQUENCE_LENGTH)
+      ? { past: PAST_SEQUENCE_LENGTH, present: outputs.has(PRESENT_SEQUENCE_LENGTH) ? PRESENT_SEQUENCE_LENGTH : null }
+      : null,
     positionIds: pos ? { name: pos.name, dtype: intType(pos) } : null,
     logits: logits.name,
     kv: layers,
@@ -229,10 +279,30 @@ export function decoderIo(model: Model): DecoderIo {
     writeIndices: writes.write,
     nonpadKvSeqlen: writes.nonpad,
     unpaddable: unpaddable(model),
+    batchOne: batchOne(model),
     staticCacheLength: staticLengths.length
       ? Math.max(0, ...staticLengths.map((n) => n ?? 0), recordedLength(model)) || positions || DEFAULT_STATIC_CACHE_LENGTH
       : null,
   };
+}
+
+/** A caller's [B, 1, M, M] attention mask: its element type and M. */
+function callerMask(mask: Value): { size: number | null; dtype: MaskElement } {
+  const dtype = MASK_ELEMENTS[mask.dtype ?? DataType.FLOAT];
+  if (!dtype)
+    throw new ModcError(`input ${mask.name} is a 4-D attention mask of element type ${mask.dtype}; modc builds float, float16, bool or integer masks`);
+  const m = mask.shape![3];
+  return { size: typeof m === 'number' ? m : null, dtype };
+}
+
+/** A layer's per-slot index state (sliding-window positions, or sequence indices for a caller's 4-D mask). */
+function slotIndices(layer: number, inputs: Map<string, Value>, outputs: Map<string, Value>): Pick<KvBinding, 'pastPositions' | 'presentPositions'> {
+  for (const [past, present] of [
+    [pastPositionsName(layer), presentPositionsName(layer)],
+    [pastSequenceIndicesName(layer), presentSequenceIndicesName(layer)],
+  ])
+    if (inputs.has(past!)) return { pastPositions: past!, presentPositions: outputs.has(present!) ? present! : null };
+  return { pastPositions: null, presentPositions: null };
 }
 
 function unpaddable(model: Model): string | null {
@@ -241,6 +311,47 @@ function unpaddable(model: Model): string | null {
     if (n.input(6) && n.input(1)?.producer?.opType === 'TensorScatter')
       return `${n.describe()} is causal by is_causal=1 aligned on nonpad_kv_seqlen, with no attn_mask to mask padding`;
     if (n.input(4)) return `${n.describe()} is causal by is_causal=1, with no attn_mask to mask padding`;
+  }
+  return null;
+}
+
+/** The inputs of attention ops that take a mask or bias, by op (domain::type). */
+const MASK_INPUTS: Record<string, number[]> = {
+  '::Attention': [3],
+  'com.microsoft::Attention': [3, 5],
+  'com.microsoft::MultiHeadAttention': [4, 5],
+  'com.microsoft::GroupQueryAttention': [10],
+};
+
+/** Keeps a batch-1-only original's reason in the compiled model (its masks may no longer show it). */
+export function recordBatchOne(model: Model, reason: string | null): void {
+  model.metadataProps = model.metadataProps.filter((p) => p.key !== BATCH_ONE_KEY);
+  if (reason) model.metadataProps.push({ key: BATCH_ONE_KEY, value: reason });
+}
+
+/** See DecoderIo.batchOne; a compiled model keeps its original's verdict in its metadata. */
+export function batchOne(model: Model): string | null {
+  const recorded = model.metadataProps.find((p) => p.key === BATCH_ONE_KEY)?.value;
+  if (recorded) return recorded;
+  const g = model.graph;
+  const mask = g.inputs.find((v) => v.name === 'attention_mask');
+  if (!mask || mask.shape?.length !== 2) return null;
+  const facts = new GraphFacts(g);
+  const tracked = trackAxes(g, mask, [0, 1], facts, () => true);
+  for (const n of model.allNodes()) {
+    for (const slot of MASK_INPUTS[`${n.domain === 'ai.onnx' ? '' : n.domain}::${n.opType}`] ?? []) {
+      const v = n.input(slot);
+      const axis = v ? tracked.get(v)?.axes[0] : undefined;
+      if (axis === undefined || axis === null || axis === 0) continue;
+      // The node that moved the batch off axis 0: walk back while the batch is off it.
+      let at = v!;
+      for (;;) {
+        const from = at.producer?.inputs.find((i) => i && tracked.has(i) && tracked.get(i)!.axes[0] !== 0);
+        if (!from) break;
+        at = from;
+      }
+      return `${at.producer?.describe() ?? at.name} moves attention_mask's batch axis to axis ${tracked.get(at)!.axes[0]} of ${at}, so the mask ${n.describe()} reads holds one row only`;
+    }
   }
   return null;
 }

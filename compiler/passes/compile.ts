@@ -7,7 +7,7 @@
  *   saveModel(model, 'model.mod.onnx');
  *
  * It analyses the model once, resolves the routing plan against it, runs the MoD pipeline
- * (record-costs, split-fused-boundaries, insert-routers, route-layers, [last-logits,] cleanup
+ * (record-costs, dense-past-length, split-fused-boundaries, insert-routers, route-layers, [last-logits,] cleanup
  * [, inline-modc-ops]) with that analysis handed to the passes, and records the source
  * fingerprint `modc verify` checks. The model is rewritten in place. Reading and writing files
  * (the model, genai_config.json) is the caller's.
@@ -17,6 +17,7 @@ import type { DecoderStructure } from '../analysis/types.js';
 import { ModcError } from '../core/errors.js';
 import { summarizeModel } from '../core/ir/model-summary.js';
 import type { Model } from '../core/ir/model.js';
+import { batchOne, recordBatchOne } from '../metadata/decoder-io.js';
 import { readRoutingMetadata } from '../metadata/routing-metadata.js';
 import { graphFingerprint, recordSource } from '../metadata/source-fingerprint.js';
 import { describeLayerPart, planRouting, type PlanRequest, type RoutedPart, type RoutingMode, type RoutingPlan } from '../routing/routing-plan.js';
@@ -84,6 +85,7 @@ export function compile(model: Model, request: CompileRequest): CompileResult {
   const plan = planFor(structure, request);
   const { logits, inlineOps, verify, dumpAfter, dumpDir, log } = request;
   const source = graphFingerprint(model);
+  const oneRow = batchOne(model);
   const opsBefore = modcOpCounts(model);
   const records = runPipeline(model, modPipeline({ plan, inlineOps, logits }), {
     structure,
@@ -95,6 +97,7 @@ export function compile(model: Model, request: CompileRequest): CompileResult {
   const report = routingReport(model, plan, opsBefore);
   if (report.converted.length === 0) throw new ModcError(noLayerConverted(readRoutingMetadata(model)?.skipped ?? report.notConverted));
   recordSource(model, source);
+  recordBatchOne(model, oneRow);
   return { model, plan, records, report };
 }
 

@@ -9,7 +9,8 @@
  *            | modc.SelectTopK(score, token_mask, c, past_length)  (top-k)
  *   indices, valid, count = modc.Compact(selected)
  *
- * token_mask is this call's columns of attention_mask, as bool. The selection value is named
+ * token_mask is this call's columns of attention_mask (of a caller's 4-D mask, its diagonal at the
+ * call's sequence indices: compiler/passes/caller-mask.ts), as bool. The selection value is named
  * `modc.selected.{l}[.attn|.mlp]` and recorded in the `modc.routing` metadata, which is how
  * route-layers (and tools measuring what ran) find each part's routing.
  */
@@ -30,6 +31,7 @@ import { subLayersOf } from '../analysis/sub-layers.js';
 import { describeLayerPart } from '../routing/routing-plan.js';
 import { streamElementType } from './mod-common.js';
 import { staticTokenInputs } from './static-cache.js';
+import { callerTokenInputs } from './caller-mask.js';
 
 /** This call's token mask [B,S] and past length (T - S), built once for all routers. */
 function tokenInputs(model: Model): { tokenMask: Value; pastLength: Value } {
@@ -47,6 +49,8 @@ function tokenInputs(model: Model): { tokenMask: Value; pastLength: Value } {
     const ones = e.op('ConstantOfShape', [batchAndLength], { value: Tensor.fromArray('', [1], BigInt64Array.of(1n)) });
     return { tokenMask: ones, pastLength: e.i64(0) };
   }
+  // The caller's 4-D mask [B, 1, M, M] (compiler/passes/caller-mask.ts).
+  if (mask.shape?.length === 4) return callerTokenInputs(model, e, ids, mask);
   const s = e.dim(ids, 1);
   const tokenMask = e.op('Slice', [mask, e.op('Neg', [s]), e.i64([Number.MAX_SAFE_INTEGER]), e.i64([1])]);
   const pastLength = e.op('Sub', [e.dimScalar(mask, 1), e.dimScalar(ids, 1)]);

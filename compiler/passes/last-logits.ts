@@ -5,7 +5,9 @@
  * elementwise op with a constant operand: bias, scale, soft-capping), h `[B, S, H]`.
  * Rewrite: the MatMul reads `GatherElements(h, idx, axis=1)`, `[B, 1, H]`, where idx is, per row,
  * the last position j of this call whose `attention_mask` column is 1 (right padding: the row's
- * length - 1; left padding: S - 1). A static KV cache (no attention_mask; write_indices and
+ * length - 1; left padding: S - 1); a caller's 4-D mask [B, 1, M, M] says which of the call's
+ * tokens are real on its diagonal, at sequence indices from `past_sequence_length` (an input the
+ * pass adds, compiler/passes/caller-mask.ts). A static KV cache (no attention_mask; write_indices and
  * nonpad_kv_seqlen per row, right padding) gives nonpad_kv_seqlen - write_indices - 1. With
  * neither it is S - 1. A decode step
  * (S = 1) gathers position 0: its logits are unchanged. The logits output becomes `[B, 1, V]`
@@ -24,6 +26,7 @@ import type { Pass } from './pass-manager.js';
 import type { TypeProto } from '../core/proto/index.js';
 import { defaultOpset } from './modc-ops/index.js';
 import { Emitter } from './modc-ops/emitter.js';
+import { callerMask, callerTokenInputs } from './caller-mask.js';
 
 /** Ops between the lm_head and the logits output that act on each position alone. */
 const TOKENWISE_UNARY = new Set(['Cast', 'Identity', 'Tanh']);
@@ -80,9 +83,11 @@ export const lastLogitsPass: Pass = {
       // The call's own mask columns are the last S of [B, past + S]. Each row's last real
       // position is the number of positions before it: those whose running count of real
       // tokens is still below the row's total.
+      // A caller's 4-D mask gives them on its diagonal at the call's sequence indices (compiler/passes/caller-mask.ts).
       const seq = e.op('Slice', [e.op('Shape', [h]), e.i64([1]), e.i64([2])]);
       const total = e.op('Slice', [e.op('Shape', [mask]), e.i64([1]), e.i64([2])]);
-      const current = e.cast(e.op('Slice', [mask, e.op('Sub', [total, seq]), total, e.i64([1])]), DataType.FLOAT);
+      const columns = callerMask(g) ? callerTokenInputs(model, e, h, mask).tokenMask : e.op('Slice', [mask, e.op('Sub', [total, seq]), total, e.i64([1])]);
+      const current = e.cast(columns, DataType.FLOAT);
       const running = e.op('CumSum', [current, e.i64(1)]);
       const real = e.reduceSum(current, [1], true);
       const before = e.cast(e.op('Less', [running, real]), DataType.FLOAT);

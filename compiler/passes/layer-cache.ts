@@ -29,7 +29,15 @@
 import { isStaticLayout, kvSequenceAxis } from '../analysis/types.js';
 import { DataType } from '../core/ir/dtype.js';
 import { tensorType, Value } from '../core/ir/graph.js';
-import { pastLengthName, pastValidName, presentLengthName, presentValidName } from '../metadata/decoder-io.js';
+import {
+  pastLengthName,
+  pastSequenceIndicesName,
+  pastValidName,
+  presentLengthName,
+  presentSequenceIndicesName,
+  presentValidName,
+} from '../metadata/decoder-io.js';
+import { callerMask, maskFill, sequenceLengthInput } from './caller-mask.js';
 import { type CacheContext, type Carried, cacheTensors, type LayerCache, namedOutput, ownLengthDims, recomputeMasks } from './cache-contract.js';
 import { maskCompactedKeys, staticCache } from './static-cache.js';
 import { callPositions, needsCallPositions, originalPositions } from './window-mask.js';
@@ -53,16 +61,35 @@ function validityCache(c: CacheContext): LayerCache {
       const keys = e.op('Concat', [pastValid, c.routing.valid], { axis: 1 });
       const sub = c.substitutes();
       const mask = g.inputs.find((v) => v.name === 'attention_mask');
-      if (mask) sub.set(mask, e.cast(keys, mask.dtype ?? DataType.INT64));
+      const caller = callerMask(g);
+      const carried: Carried[] = [];
+      if (caller) carried.push(callerMaskKeys(c, caller, keys, sub));
+      else if (mask) sub.set(mask, e.cast(keys, mask.dtype ?? DataType.INT64));
       recomputeMasks(c, sub);
       const attention = c.layer.attention;
       // A standard Attention causal by is_causal=1 alone: the holes and padding slots masked too.
       if (attention.form === 'StandardAttention' && !attention.node.input(3)) maskCompactedKeys(e, attention.node, keys, e.dimScalar(c.routing.indices, 1));
       ownLengthDims(c.layer);
       const presentValid = namedOutput(c, keys, presentValidName(l), tensorType(DataType.BOOL, ['batch', `present_sequence_length_${l}`]));
-      return [...cacheTensors(c.layer).map((t) => [t.output, t.input] as Carried), [presentValid, pastValid]];
+      return [...cacheTensors(c.layer).map((t) => [t.output, t.input] as Carried), [presentValid, pastValid], ...carried];
     },
   };
+}
+
+/**
+ * A caller's 4-D mask (compiler/passes/caller-mask.ts): the layer reads the caller's entries at
+ * each key slot's sequence index, carried as `past_sequence_indices.l` / `present_sequence_indices.l`
+ * (laid out like the cache). Returns that pair.
+ */
+function callerMaskKeys(c: CacheContext, caller: Value, keys: Value, sub: Map<Value, Value>): Carried {
+  const g = c.model.graph;
+  const { e } = c;
+  const l = c.layer.index;
+  const fresh = e.op('Add', [e.unsqueeze(sequenceLengthInput(c.model, e), [1]), c.routing.indices]);
+  const past = g.addInput(new Value(pastSequenceIndicesName(l), tensorType(DataType.INT64, ['batch', `past_sequence_length_${l}`])));
+  const seq = e.op('Concat', [past, fresh], { axis: 1 });
+  sub.set(caller, c.call('GatherMask', [caller, seq, seq, keys, maskFill(e, caller)])[0]!);
+  return [namedOutput(c, seq, presentSequenceIndicesName(l), tensorType(DataType.INT64, ['batch', `present_sequence_length_${l}`])), past];
 }
 
 /** GroupQueryAttention: each row's valid slots first, by construction of the op (see the file comment). */

@@ -1,12 +1,13 @@
 /**
  * Every pass modc knows, by name (what `--passes` resolves against), and the default MoD
- * pipeline: record-costs -> split-fused-boundaries -> insert-routers -> route-layers -> cleanup
+ * pipeline: record-costs -> dense-past-length -> split-fused-boundaries -> insert-routers -> route-layers -> cleanup
  * [-> inline-modc-ops].
  */
 import { UsageError } from '../core/errors.js';
 import { PassRegistry, stepOf, type Pass, type PipelineStep } from './pass-manager.js';
 import type { RoutingPlan } from '../routing/routing-plan.js';
 import { cleanupPass } from './cleanup.js';
+import { densePastLengthPass } from './dense-past-length.js';
 import { inlineModcOpsPass } from './inline-modc-ops.js';
 import { insertRoutersPass } from './insert-routers.js';
 import { lastLogitsPass } from './last-logits.js';
@@ -40,6 +41,7 @@ export function defaultRegistry(mod?: ModOptions): PassRegistry {
     .register(splitFusedBoundariesPass)
     .register(inlineModcOpsPass)
     .register(recordCostsPass)
+    .register(densePastLengthPass)
     .register(lastLogitsPass);
   if (mod) return reg.register(insertRoutersPass(mod.plan)).register(routeLayersPass({ gated: mod.plan.gated }));
   return reg
@@ -54,6 +56,7 @@ export function modPipeline(mod: ModOptions): PipelineStep[] {
   const within = [...new Set(mod.plan.layers.filter((l) => l.part !== 'block').map((l) => l.layer))].join(',');
   return [
     stepOf(recordCostsPass, {}),
+    stepOf(densePastLengthPass, {}),
     stepOf(splitFusedBoundariesPass, { layers, within }),
     stepOf(insertRoutersPass(mod.plan), {}),
     stepOf(routeLayersPass({ gated: mod.plan.gated }), {}),
@@ -63,4 +66,14 @@ export function modPipeline(mod: ModOptions): PipelineStep[] {
   ];
 }
 
-export { cleanupPass, inlineModcOpsPass, insertRoutersPass, lastLogitsPass, liftConstantsPass, recordCostsPass, routeLayersPass, splitFusedBoundariesPass };
+export {
+  cleanupPass,
+  densePastLengthPass,
+  inlineModcOpsPass,
+  insertRoutersPass,
+  lastLogitsPass,
+  liftConstantsPass,
+  recordCostsPass,
+  routeLayersPass,
+  splitFusedBoundariesPass,
+};

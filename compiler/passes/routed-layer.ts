@@ -206,7 +206,7 @@ function substitutes(L: Layer): Map<Value, Value> {
     if (v) sub.set(v, gather(L, v));
   }
   const xSel = gather(L, L.x);
-  for (const stream of [L.s.embedding.output, ...L.s.steps.map((st) => st.sum)]) if (stream) sub.set(stream, xSel);
+  for (const stream of [L.s.embedding.output, ...L.s.steps.flatMap((st) => [st.sum, st.carried])]) if (stream) sub.set(stream, xSel);
   // Lengths read off another layer's cache mean "the past length": use this layer's own.
   const own = L.r.layer.kv;
   for (const other of L.s.layers) {

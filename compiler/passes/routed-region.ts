@@ -6,7 +6,7 @@
 import { kvCompactionBlocker } from '../analysis/attention.js';
 import { subLayersOf } from '../analysis/sub-layers.js';
 import { tokenCouplingBlocker } from '../analysis/token-coupling.js';
-import type { LayerInfo, SideInput } from '../analysis/types.js';
+import { isStaticLayout, type LayerInfo, type SideInput } from '../analysis/types.js';
 import type { Node, Value } from '../core/ir/graph.js';
 import type { Model } from '../core/ir/model.js';
 import { graphInputsReached } from '../core/ir/rewrite.js';
@@ -49,7 +49,12 @@ export function regionOf(model: Model, layer: LayerInfo, part: RoutedPart): Rout
 }
 
 function blockRegion(model: Model, layer: LayerInfo): RoutedRegion | { reason: string } {
-  const why = blockBlocker(layer) ?? kvCompactionBlocker(layer.attention) ?? sideInputBlocker(model, layer.sideInputs) ?? tokenCouplingBlocker(layer.nodes);
+  const why =
+    blockBlocker(layer) ??
+    kvCompactionBlocker(layer.attention) ??
+    sideInputBlocker(model, layer.sideInputs) ??
+    callerMaskBlocker(layer, layer.sideInputs) ??
+    tokenCouplingBlocker(layer.nodes);
   if (why) return { reason: why };
   return {
     layer,
@@ -78,6 +83,7 @@ function partRegion(model: Model, layer: LayerInfo, part: 'attention' | 'mlp'): 
     sub.blocker ??
     (part === 'attention' ? kvCompactionBlocker(layer.attention) : null) ??
     sideInputBlocker(model, sub.sideInputs) ??
+    callerMaskBlocker(layer, sub.sideInputs) ??
     tokenCouplingBlocker(sub.nodes) ??
     (part === 'mlp' && nonWeight ? `its MLP reads ${nonWeight.value}, which is not a weight` : null);
   if (why) return { reason: why };
@@ -95,6 +101,20 @@ function partRegion(model: Model, layer: LayerInfo, part: 'attention' | 'mlp'): 
 function blockBlocker(layer: LayerInfo): string | null {
   if (!layer.residualOut) return `its residual add is fused into ${layer.exit.node.describe()} (run split-fused-boundaries first)`;
   if (layer.exit.node.opType !== 'Add') return `its exit ${layer.exit.node.describe()} is not a plain Add (run split-fused-boundaries first)`;
+  return null;
+}
+
+/**
+ * A caller's 4-D mask is gathered at the sequence indices of the keys an unfused attention lays
+ * out as `Concat(cache, new)` (compiler/passes/caller-mask.ts); other attention forms order their
+ * keys otherwise.
+ */
+function callerMaskBlocker(layer: LayerInfo, sideInputs: readonly SideInput[]): string | null {
+  const mask = sideInputs.find((si) => si.kind === 'attention-mask' && si.form === 'caller-4d');
+  if (!mask) return null;
+  const a = layer.attention;
+  if (a.form !== 'unfused' || isStaticLayout(a.kv.layout))
+    return `it reads the caller's 4-D attention mask ${mask.value} with ${a.form} attention (${a.kv.layout} cache); modc gathers such a mask for unfused attention with a growing cache only`;
   return null;
 }
 

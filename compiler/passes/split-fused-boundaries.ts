@@ -2,6 +2,7 @@
  * split-fused-boundaries: expose the residual stream where a fused op spans a layer boundary.
  *
  *   SkipLayerNormalization(in, skip, gamma, beta?, bias?)  -> Add(stream, Add(branch, bias)) + LayerNormalization
+ *                                                             (at the stream's start: Add(token embedding, other term))
  *   SkipSimplifiedLayerNormalization(in, skip, gamma, bias?) -> Add(stream, Add(branch, bias)) + SimplifiedLayerNormalization
  *   EmbedLayerNormalization(ids, seg, word, pos, segEmb, gamma, beta, mask, pos_ids)
  *                                                          -> Gather(word) + Gather(pos) (+ Gather(seg)) -> Add -> LayerNormalization
@@ -63,7 +64,9 @@ export function splitFusedBoundaries(model: Model, structure: DecoderStructure, 
 }
 
 function splitSkipNorm(g: Graph, node: Node, structure: DecoderStructure): string {
-  const step = structure.steps.find((s) => s.node === node);
+  // A skip-norm is a residual step, or the embedding's boundary when it sums the embedding terms.
+  const start = structure.embedding.boundary?.node === node ? structure.embedding.boundary.streamOperandIndex : undefined;
+  const step = structure.steps.find((s) => s.node === node) ?? (start !== undefined ? { streamOperandIndex: start, branchOperandIndex: 1 - start } : null);
   if (!step) throw new ModcError(`split-fused-boundaries: ${node.describe()} is not a residual step of the analysed structure`);
   const simplified = node.opType === 'SkipSimplifiedLayerNormalization';
   const [gamma, beta, bias] = simplified ? [node.inputs[2]!, null, node.inputs[3] ?? null] : [node.inputs[2]!, node.inputs[3] ?? null, node.inputs[4] ?? null];

@@ -14,6 +14,13 @@ export interface SessionOptions {
   /** ORT graph optimisation level; 'all' by default, as a user would run. */
   optimization?: 'disabled' | 'basic' | 'extended' | 'all';
   intraOpThreads?: number;
+  /**
+   * false: the intra-op and inter-op worker threads block when idle instead of spinning
+   * (`session.intra_op.allow_spinning` / `session.inter_op.allow_spinning` = 0). With more than
+   * one thread and several sessions in a process, idle sessions' spinning workers otherwise take
+   * the cores the running one needs. Default: ORT's (spinning allowed).
+   */
+  allowSpinning?: boolean;
 }
 
 export async function createSession(path: string, opts: SessionOptions = {}): Promise<ort.InferenceSession> {
@@ -30,7 +37,12 @@ export async function createSession(path: string, opts: SessionOptions = {}): Pr
       // Run Q/DQ nodes as ONNX defines them. ORT's QDQ fusions otherwise turn DequantizeLinear ->
       // MatMul into a matmul that quantizes the activations per tensor at run time: results then
       // depend on the other tokens of the batch, which no compiled or reference model can match.
-      extra: { session: { disable_quant_qdq: '1' } },
+      extra: {
+        session: {
+          disable_quant_qdq: '1',
+          ...(opts.allowSpinning === false ? { 'intra_op.allow_spinning': '0', 'inter_op.allow_spinning': '0' } : {}),
+        },
+      },
     });
   } catch (e) {
     const msg = (e as Error).message.split('\n')[0];

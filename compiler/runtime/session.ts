@@ -13,7 +13,7 @@
 import { ModcError } from '../core/errors.js';
 import { loadModel } from '../core/io/load.js';
 import { logitsPositions, type LogitsPositions } from '../metadata/logits-metadata.js';
-import { decoderIo, type DecoderIo, type KvBinding, type PadSide, resolvePadSide, staticCacheDims } from '../metadata/decoder-io.js';
+import { decoderIo, type DecoderIo, type KvBinding, type MaskElement, type PadSide, resolvePadSide, staticCacheDims } from '../metadata/decoder-io.js';
 import { type EmbeddingSource, embedsTensor, TokenEmbedder } from './embeddings.js';
 import { compactRows, compactTensor, prefixSlots, prefixValid, validCounts, validSlots, worthCompacting } from './kv-compaction.js';
 import { createSession, emptyTensor, ort, toFloat32, type SessionOptions } from './ort.js';
@@ -26,6 +26,12 @@ export interface Logits {
 
 export interface ForwardOptions {
   pad?: 'left' | 'right';
+}
+
+export interface ModSessionOptions extends SessionOptions {
+  embeddings?: EmbeddingSource;
+  /** A model taking the caller's 4-D attention mask: which keys each query attends (default causal). */
+  maskRule?: MaskRule;
 }
 
 export interface GenerateOptions {
@@ -44,6 +50,72 @@ export interface GenerateResult {
   ids: number[][];
   /** After the prefill and after each fed token: the last position's logits per row. */
   steps: Float32Array[][];
+}
+
+/**
+ * Which keys a query may attend in a model that takes the caller's 4-D attention mask, in
+ * sequence-index coordinates (every token fed so far, padding included): `query` and `key` are
+ * indices below the context length, `row` the batch row. Padding keys are masked whatever it says.
+ */
+export type MaskRule = (row: number, query: number, key: number) => boolean;
+
+/** The causal rule: a query attends itself and every key before it. */
+export const causalMask: MaskRule = (_row, query, key) => key <= query;
+
+/**
+ * The attention_mask feed for `mask` (per row, over every token fed so far: 1 real, 0 padding):
+ * the 2-D mask itself, or for a model taking the caller's 4-D mask, [B, 1, M, M] with
+ * m[b, 0, i, j] = rule(b, i, j) and key j real, for i, j below the context length (0 elsewhere;
+ * M the model's size, or the context length when the model leaves it open). A context longer
+ * than M is refused.
+ */
+export function maskFeed(io: DecoderIo, mask: number[][], rule: MaskRule = causalMask): ort.Tensor | null {
+  const binding = io.attentionMask;
+  if (!binding) return null;
+  const B = mask.length;
+  const T = mask[0]!.length;
+  if (!binding.caller4d) return typed(binding.dtype, mask.flat(), [B, T]);
+  const M = binding.caller4d.size ?? T;
+  checkMaskContext(io, T);
+  const data = new Uint8Array(B * M * M);
+  for (let b = 0; b < B; b++) for (let i = 0; i < T; i++) for (let j = 0; j < T; j++) if (mask[b]![j] && rule(b, i, j)) data[(b * M + i) * M + j] = 1;
+  return maskTensor(binding.caller4d.dtype, data, [B, 1, M, M]);
+}
+
+/** A 0/1 mask in the model's element type. */
+export function maskTensor(dtype: MaskElement, data: Uint8Array, dims: number[]): ort.Tensor {
+  switch (dtype) {
+    case 'bool':
+      return new ort.Tensor('bool', data, dims);
+    case 'float16':
+      return new ort.Tensor(
+        'float16',
+        Uint16Array.from(data, (v) => (v ? 0x3c00 : 0)),
+        dims,
+      );
+    case 'int32':
+      return new ort.Tensor('int32', Int32Array.from(data), dims);
+    case 'int64':
+      return new ort.Tensor('int64', BigInt64Array.from(data, BigInt), dims);
+    default:
+      return new ort.Tensor('float32', Float32Array.from(data), dims);
+  }
+}
+
+/** Refuses a context (every token fed, padding included) longer than the caller's 4-D mask covers. */
+export function checkMaskContext(io: DecoderIo, length: number): void {
+  const size = io.attentionMask?.caller4d?.size;
+  if (size != null && length > size)
+    throw new ModcError(
+      `a context of ${length} tokens (padding included) is longer than the model's ${size}-position attention mask (${io.attentionMask!.name})`,
+    );
+}
+
+/** A compiled model's past_sequence_length feed: every row's tokens fed before this call of `S`, padding included. */
+export function sequenceLengthFeeds(io: DecoderIo, mask: number[][], S: number): Record<string, ort.Tensor> {
+  if (!io.sequenceLength) return {};
+  const before = mask[0]!.length - S;
+  return { [io.sequenceLength.past]: typed('int64', Array(mask.length).fill(before), [mask.length]) };
 }
 
 export function typed(dtype: 'int32' | 'int64', values: number[], dims: number[]): ort.Tensor {
@@ -98,17 +170,18 @@ export class ModSession {
     readonly path: string,
     readonly logits: LogitsPositions,
     private readonly embedder: TokenEmbedder | null,
+    private readonly maskRule: MaskRule = causalMask,
   ) {}
 
   /**
    * `embeddings` applies to decoders fed by inputs_embeds: where token ids get their embeddings
    * (default: seeded random embeddings, seed 0, the same in every session and the reference).
    */
-  static async create(path: string, opts: SessionOptions & { embeddings?: EmbeddingSource } = {}): Promise<ModSession> {
+  static async create(path: string, opts: ModSessionOptions = {}): Promise<ModSession> {
     const model = loadModel(path);
     const io = decoderIo(model);
     const embedder = io.inputsEmbeds ? await TokenEmbedder.create(io, opts.embeddings ?? { kind: 'random', seed: 0 }, opts) : null;
-    return new ModSession(await createSession(path, opts), io, path, logitsPositions(model), embedder);
+    return new ModSession(await createSession(path, opts), io, path, logitsPositions(model), embedder, opts.maskRule);
   }
 
   get batch(): number {
@@ -274,6 +347,7 @@ export class ModSession {
 
   /** Refuses a context (`mask` plus `adding` tokens per row) needing positions the model has no table rows for. */
   private checkContext(mask: number[][], adding: number): void {
+    checkMaskContext(this.io, mask[0]!.length + adding);
     const max = this.io.maxPositions;
     const longest = Math.max(...nextPositions(mask)) + adding;
     if (max !== null && longest > max) throw new ModcError(`a context of ${longest} tokens is longer than the model's ${max} positions`);
@@ -290,8 +364,9 @@ export class ModSession {
     const feeds: Record<string, ort.Tensor> = io.inputsEmbeds
       ? { [io.inputsEmbeds.name]: embeds ?? (await this.embedder!.embed(ids, dims)) }
       : { [io.inputIds.name]: typed(io.inputIds.dtype, ids, dims) };
-    const total = this.mask[0]!.length;
-    if (io.attentionMask) feeds[io.attentionMask.name] = typed(io.attentionMask.dtype, this.mask.flat(), [this.batch, total]);
+    const mask = maskFeed(io, this.mask, this.maskRule);
+    if (mask) feeds[io.attentionMask!.name] = mask;
+    Object.assign(feeds, sequenceLengthFeeds(io, this.mask, dims[1]));
     if (io.positionIds) feeds[io.positionIds.name] = typed(io.positionIds.dtype, positions, dims);
     for (const [name, t] of this.caches) feeds[name] = t;
     for (const [name, t] of this.states) feeds[name] = t;
@@ -354,8 +429,12 @@ export function staticLengthFeeds(io: DecoderIo, mask: number[][], S: number): R
   return feeds;
 }
 
-/** Refuses rows of different lengths for a model that cannot mask padding (DecoderIo.unpaddable). */
+/**
+ * Refuses more than one row for a model that runs one row per call (DecoderIo.batchOne), and rows
+ * of different lengths for a model that cannot mask padding (DecoderIo.unpaddable).
+ */
 export function checkUnpadded(io: DecoderIo, rows: number[][]): void {
+  if (io.batchOne && rows.length > 1) throw new ModcError(`this model runs one row at a time (${io.batchOne}): give one row, not ${rows.length}`);
   if (io.unpaddable && rows.some((r) => r.length !== rows[0]!.length)) {
     throw new ModcError(`rows of different lengths need padding, which this model cannot mask (${io.unpaddable}): give rows of one length`);
   }

@@ -52,6 +52,8 @@ describe('a routed compile of every form passes modc verify', () => {
     ['standard Attention with past/present (opset 23)', fixture('forms-attention23-tiny'), ['--granularity', 'attention']],
     ['opset-23 Attention, is_causal=1 + padding mask', fixture('forms-attention23-padmask-tiny'), ['--routing', 'topk']],
     ['opset-23 Attention, is_causal=1 without any mask', fixture('forms-attention23-causal-tiny', 'causal.onnx'), []],
+    ["Megatron: the caller's 4-D mask, combined caches cut by Split/Squeeze", fixture('forms-megatron-tiny'), ['--routing', 'topk']],
+    ['Megatron, attention-part routing', fixture('forms-megatron-tiny'), ['--granularity', 'attention']],
   ] as const)('%s', async (_, path, args) => {
     await compileAndVerify(path, `${path.split('/').at(-2)!}-${args.join('')}`, '--router-init', 'random', ...args);
   });

@@ -52,7 +52,7 @@ describe('npm package', () => {
   it('installs a working modc: --version, compile and inspect a fixture', () => {
     expect(run(modc, ['--version']).trim()).toBe(version);
     const out = join(tmp, 'compiled', 'model.onnx');
-    run(modc, ['compile', fixture('ort-gpt2-fused'), '-o', out, '--router-init', 'all-pass', '-q']);
+    run(modc, ['compile', fixture('forms-fused-gpt2-tiny'), '-o', out, '--router-init', 'all-pass', '-q']);
     expect(existsSync(out)).toBe(true);
     const report = JSON.parse(run(modc, ['inspect', out, '--json'])) as Record<string, unknown>;
     expect(JSON.stringify(report)).toMatch(/Router/);
@@ -88,7 +88,7 @@ describe('npm package', () => {
       app,
     );
     const stdout = run(process.execPath, [join(app, 'out', 'library.js'), fixture('llama-tiny'), join(tmp, 'example-out')], app);
-    expect(stdout).toMatch(/converted 1; wrote /);
+    expect(stdout).toMatch(/converted layers 1; wrote /);
     expect(stdout).toMatch(/^row 0: 5 6 7 8( \d+){6}$/m);
     expect(stdout).toMatch(/^row 1: 9 10( \d+){6}$/m);
     expect(existsSync(join(tmp, 'example-out', 'model.onnx'))).toBe(true);

@@ -276,7 +276,8 @@ export class Calibrator {
     const rows = pickSequences(sequences, o.maxTokens, o.seed);
     checkData(rows, io.vocabSize, io.maxPositions);
     const perToken = 4 * Math.max((2 * points.length + 1) * H, io.vocabSize ?? 0);
-    const batches = batchesOf(rows, opts.batchTokens ?? Math.max(Math.floor(o.batchBytes / perToken), 1));
+    // A model that runs one row per call (DecoderIo.batchOne), or cannot mask padding, gets one row per batch.
+    const batches = io.batchOne || io.unpaddable ? rows.map((r) => [r]) : batchesOf(rows, opts.batchTokens ?? Math.max(Math.floor(o.batchBytes / perToken), 1));
 
     const candidates = candidateParts(points, allowedParts(o.granularity));
     if (candidates.length === 0) throw new ModcError(`no layer of this model can be routed at granularity ${o.granularity}`);

@@ -16,7 +16,17 @@ import type { Model } from '../../core/ir/model.js';
 import { decoderIo, type DecoderIo } from '../../metadata/decoder-io.js';
 import { type EmbeddingSource, TokenEmbedder } from '../../runtime/embeddings.js';
 import { createSession, emptyTensor, ort, toFloat32, type SessionOptions } from '../../runtime/ort.js';
-import { checkUnpadded, initialCacheDims, padRows, promptPositions, staticLengthFeeds, typed, zeroStates } from '../../runtime/session.js';
+import {
+  checkUnpadded,
+  initialCacheDims,
+  maskFeed,
+  padRows,
+  promptPositions,
+  sequenceLengthFeeds,
+  staticLengthFeeds,
+  typed,
+  zeroStates,
+} from '../../runtime/session.js';
 
 /** Where a layer's routed parts read and write the residual stream, as graph value names. */
 export interface LayerPoints {
@@ -65,7 +75,7 @@ export function layerPoints(s: DecoderStructure): LayerPoints[] {
 
 function midStream(l: LayerInfo): Value | null {
   if (l.steps.length !== 2) return null;
-  return l.steps[0]!.sum;
+  return l.steps[0]!.carried;
 }
 
 /** The MLP branch's norm reads the layer input, not the stream after the attention add. */
@@ -91,7 +101,9 @@ export async function promptBatch(io: DecoderIo, rows: number[][], embedder: Tok
   } else {
     feeds[io.inputIds.name] = typed(io.inputIds.dtype, ids, [B, width]);
   }
-  if (io.attentionMask) feeds[io.attentionMask.name] = typed(io.attentionMask.dtype, mask.flat(), [B, width]);
+  const maskT = maskFeed(io, mask);
+  if (maskT) feeds[io.attentionMask!.name] = maskT;
+  Object.assign(feeds, sequenceLengthFeeds(io, mask, width));
   if (io.positionIds) feeds[io.positionIds.name] = typed(io.positionIds.dtype, promptPositions(mask), [B, width]);
   // Static KV caches: zero buffers, and each row's write index and valid keys.
   Object.assign(feeds, staticLengthFeeds(io, mask, width));
@@ -100,6 +112,7 @@ export async function promptBatch(io: DecoderIo, rows: number[][], embedder: Tok
     feeds[b.pastKey] = emptyTensor(b.dtype, dims);
     if (b.pastValue) feeds[b.pastValue] = emptyTensor(b.dtype, dims);
     if (b.pastLength) feeds[b.pastLength] = typed('int64', Array(B).fill(0), [B]);
+    if (b.pastValid) feeds[b.pastValid] = new ort.Tensor('bool', new Uint8Array(0), [B, 0]);
     if (b.pastPositions) feeds[b.pastPositions] = typed('int64', [], [B, 0]);
   }
   const real: number[] = [];

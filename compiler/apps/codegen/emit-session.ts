@@ -155,7 +155,9 @@ function contractConstants(sf: SourceFile, c: SessionContract): void {
       {
         name: 'pastPositions',
         type: 'InputName | null',
-        docs: ['int64 [B, P]: the original position of each cache slot (a routed sliding-window layer), carried like the cache.'],
+        docs: [
+          "int64 [B, P]: an index per cache slot, carried like the cache: its original position (a routed sliding-window layer), or its sequence index (a routed layer reading the caller's 4-D mask).",
+        ],
       },
       { name: 'presentPositions', type: 'OutputName | null' },
     ].map((p) => ({ ...p, isReadonly: true })),
@@ -223,6 +225,7 @@ function contractConstants(sf: SourceFile, c: SessionContract): void {
     tokensType: io.inputsEmbeds ? io.inputsEmbeds.dtype : io.inputIds.dtype,
     hiddenSize: io.inputsEmbeds?.hiddenSize ?? null,
     attentionMask: io.attentionMask,
+    sequenceLength: io.sequenceLength,
     positionIds: io.positionIds,
     logits: io.logits,
     vocabSize: io.vocabSize,
@@ -269,6 +272,15 @@ function helpers(sf: SourceFile): void {
     ],
   });
   sf.addInterface({
+    name: 'MaskInput',
+    docs: ["attention_mask: a 2-D [B, T] mask (`dtype`), or the caller's 4-D [B, 1, M, M] mask in sequence-index coordinates (`caller4d`)."],
+    properties: [
+      { name: 'name', type: 'string' },
+      { name: 'dtype', type: "'int32' | 'int64'" },
+      { name: 'caller4d', type: "{ readonly size: number | null; readonly dtype: 'float32' | 'float16' | 'bool' | 'int32' | 'int64' } | null" },
+    ],
+  });
+  sf.addInterface({
     name: 'Logits',
     isExported: true,
     properties: [
@@ -298,6 +310,30 @@ function helpers(sf: SourceFile): void {
       statements: [
         'const n = dims.reduce((a, b) => a * b, 1);',
         "return type === 'float32' ? new ort.Tensor('float32', new Float32Array(n), dims) : new ort.Tensor('float16', new Uint16Array(n), dims);",
+      ],
+    },
+    {
+      name: 'causalMask',
+      docs: [
+        "The caller's 4-D mask for per-row masks `mask` (1 real, 0 padding): m[b, 0, i, j] = 1 where key j <= query i and j is real (sequence indices), in a [B, 1, M, M] tensor of the model's type.",
+      ],
+      parameters: [
+        { name: 'mask', type: 'number[][]' },
+        { name: 'size', type: 'number' },
+        { name: 'type', type: "'float32' | 'float16' | 'bool' | 'int32' | 'int64'" },
+      ],
+      returnType: 'ort.Tensor',
+      statements: [
+        'const B = mask.length;',
+        'const T = mask[0]!.length;',
+        'const bits = new Uint8Array(B * size * size);',
+        'for (let b = 0; b < B; b++) for (let i = 0; i < T; i++) for (let j = 0; j <= i; j++) if (mask[b]![j]) bits[(b * size + i) * size + j] = 1;',
+        'const dims = [B, 1, size, size];',
+        "if (type === 'bool') return new ort.Tensor('bool', bits, dims);",
+        "if (type === 'float16') return new ort.Tensor('float16', Uint16Array.from(bits, (v) => (v ? 0x3c00 : 0)), dims);",
+        "if (type === 'int32') return new ort.Tensor('int32', Int32Array.from(bits), dims);",
+        "if (type === 'int64') return new ort.Tensor('int64', BigInt64Array.from(bits, (v) => BigInt(v)), dims);",
+        "return new ort.Tensor('float32', Float32Array.from(bits), dims);",
       ],
     },
     {
@@ -553,6 +589,10 @@ function sessionClass(sf: SourceFile, c: SessionContract, className: string): vo
         ],
         returnType: 'void',
         statements: [
+          'const caller = (DECODER.attentionMask as MaskInput | null)?.caller4d;',
+          'const width = mask[0]!.length + adding;',
+          'if (caller && caller.size !== null && width > caller.size)',
+          "  throw new Error(`a context of ${width} tokens (padding included) is longer than the model's ${caller.size}-position attention mask`);",
           'const max = DECODER.maxPositions as number | null;',
           'const longest = Math.max(...mask.map((m) => m.reduce((a, v) => a + v, 0))) + adding;',
           "if (max !== null && longest > max) throw new Error(`a context of ${longest} tokens is longer than the model's ${max} positions`);",
@@ -584,8 +624,12 @@ function sessionClass(sf: SourceFile, c: SessionContract, className: string): vo
         statements: [
           'const B = this.batch;',
           'const feeds: Record<string, ort.Tensor> = { [DECODER.tokens]: tokens };',
-          'const mask = DECODER.attentionMask as IntInput | null;',
-          'if (mask) feeds[mask.name] = ints(mask.dtype, this.mask.flat(), [B, this.mask[0]!.length]);',
+          'const mask = DECODER.attentionMask as MaskInput | null;',
+          'const width = this.mask[0]!.length;',
+          'if (mask)',
+          '  feeds[mask.name] = mask.caller4d ? causalMask(this.mask, mask.caller4d.size ?? width, mask.caller4d.dtype) : ints(mask.dtype, this.mask.flat(), [B, width]);',
+          'const seq = DECODER.sequenceLength as { past: string; present: string | null } | null;',
+          "if (seq) feeds[seq.past] = ints('int64', Array<number>(B).fill(width - dims[1]), [B]);",
           'const pos = DECODER.positionIds as IntInput | null;',
           'if (pos) feeds[pos.name] = ints(pos.dtype, positions, dims);',
           'for (const [name, t] of this.caches) feeds[name] = t;',

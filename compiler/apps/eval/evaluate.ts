@@ -78,8 +78,9 @@ export async function evaluate(model: Model | string, sequences: number[][], opt
   const modelPath = model.sourcePath;
   if (!modelPath) throw new ModcError('evaluate needs a model read from a file (loadModel), to run it');
   const io = decoderIo(model);
-  // A model that cannot mask padding (DecoderIo.unpaddable) runs one sequence per batch.
-  const batchSize = io.unpaddable ? 1 : requested;
+  // A model that cannot mask padding (DecoderIo.unpaddable), or runs one row per call
+  // (DecoderIo.batchOne), runs one sequence per batch.
+  const batchSize = io.unpaddable || io.batchOne ? 1 : requested;
   if (logitsPositions(model) === 'last') {
     throw new ModcError(
       `${modelPath} computes logits for the last position only (compiled with --logits last): eval needs every position's; compile with --logits all`,

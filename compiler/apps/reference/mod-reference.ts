@@ -39,9 +39,13 @@ import { decoderIo, type DecoderIo, type KvBinding, resolvePadSide } from '../..
 import { type EmbeddingSource, TokenEmbedder } from '../../runtime/embeddings.js';
 import { emptyTensor, ort, toFloat32, type SessionOptions } from '../../runtime/ort.js';
 import {
+  causalMask,
   checkUnpadded,
   initialCacheDims,
   type Logits,
+  maskFeed,
+  type MaskRule,
+  maskTensor,
   nextPositions,
   padRows,
   promptPositions,
@@ -62,6 +66,8 @@ interface RowCache {
   length: number;
   /** The original position of each cached token, in cache order. */
   positions: number[];
+  /** The sequence index of each cached token (its column in the caller's 4-D mask), in cache order. */
+  sequence: number[];
 }
 
 /**
@@ -112,6 +118,9 @@ export class ModReference {
   private readonly compacted: ReadonlySet<number>;
   /** Per compacted GroupQueryAttention layer: how its positions are fed. */
   private slotFixes = new Map<number, SlotFix>();
+  /** The caller's 4-D mask of the current call (models that take one). */
+  private callMask: ort.Tensor | null = null;
+  private maskRule: MaskRule = causalMask;
 
   private constructor(
     private readonly prefix: LoadedUnit,
@@ -128,7 +137,7 @@ export class ModReference {
     modelPath: string,
     routing: RoutingPlan,
     workDir: string,
-    opts: SessionOptions & { embeddings?: EmbeddingSource } = {},
+    opts: SessionOptions & { embeddings?: EmbeddingSource; maskRule?: MaskRule } = {},
   ): Promise<ModReference> {
     const model = loadModel(modelPath);
     const io = decoderIo(model);
@@ -170,6 +179,7 @@ export class ModReference {
     const embedder = io.inputsEmbeds ? await TokenEmbedder.create(io, opts.embeddings ?? { kind: 'random', seed: 0 }, opts) : null;
     const ref = new ModReference(loaded[0]!, layers, loaded.at(-1)!, io, routing, embedder);
     ref.slotFixes = fixes;
+    if (opts.maskRule) ref.maskRule = opts.maskRule;
     return ref;
   }
 
@@ -190,14 +200,20 @@ export class ModReference {
       if (this.compacted.has(b.layer)) {
         this.rowCaches.set(
           b.layer,
-          rows.map(() => ({ key: emptyTensor(b.dtype, dims(1)), value: b.pastValue ? emptyTensor(b.dtype, dims(1)) : null, length: 0, positions: [] })),
+          rows.map(() => ({
+            key: emptyTensor(b.dtype, dims(1)),
+            value: b.pastValue ? emptyTensor(b.dtype, dims(1)) : null,
+            length: 0,
+            positions: [],
+            sequence: [],
+          })),
         );
       } else {
         this.fullCaches.set(b.pastKey, emptyTensor(b.dtype, dims(rows.length)));
         if (b.pastValue) this.fullCaches.set(b.pastValue, emptyTensor(b.dtype, dims(rows.length)));
       }
     }
-    // State besides the KV cache: its layers are never routed; keepFull carries it like a cache.
+    // State besides the KV cache starts at zero; call() carries it after each call.
     for (const [name, t] of zeroStates(this.io, rows.length)) this.fullCaches.set(name, t);
     return this.call(ids, width, promptPositions(mask), 0);
   }
@@ -234,13 +250,18 @@ export class ModReference {
 
   private async call(ids: number[], S: number, positions: number[], pastLength: number): Promise<Logits> {
     const B = this.batch;
+    this.callMask = maskFeed(this.io, this.mask, this.maskRule);
     const values = await this.feeds(ids, [B, S], this.mask, positions);
     for (const [name, t] of this.fullCaches) values.set(name, t);
-    // The prefix may read a static buffer for its length (a mask over its slots): a converted
-    // layer's rows have their own buffers, so it sees a zero buffer of the same shape here.
+    // The prefix may read a converted layer's past for its length (a static buffer's slots, or a
+    // growing cache's past length, as onnxruntime-genai's shared mask does). A converted layer's
+    // rows have their own caches, so here it sees what the original model's prefix reads at this
+    // call: zeros of the dense shape (a growing cache holds every past slot).
     for (const b of this.io.kv) {
-      if (!this.compacted.has(b.layer) || !b.layout.startsWith('static')) continue;
-      for (const name of [b.pastKey, b.pastValue]) if (name) values.set(name, emptyTensor(b.dtype, initialCacheDims(this.io, b, B)));
+      if (!this.compacted.has(b.layer)) continue;
+      const dims = initialCacheDims(this.io, b, B);
+      if (!b.layout.startsWith('static')) dims[b.layout === 'combined-2BHTD' ? 3 : 2] = pastLength;
+      for (const name of [b.pastKey, b.pastValue]) if (name) values.set(name, emptyTensor(b.dtype, dims));
     }
     await runUnit(this.prefix, values);
     const chosen = new Map<string, number[][]>();
@@ -268,17 +289,22 @@ export class ModReference {
     this.scores.push(this.callScores);
     this.callScores = new Map();
     await runUnit(this.suffix, values);
+    // State besides the KV cache is carried whole, whichever unit wrote it: a layer holding state
+    // is never routed (create refuses it), and state the prefix or suffix reads and writes, or
+    // that a name numbers for a routed layer, belongs to no layer's carry.
+    for (const st of this.io.state) this.fullCaches.set(st.past, values.get(st.present)!);
     const logits = values.get(this.io.logits)!;
     return { data: toFloat32(logits), dims: logits.dims as [number, number, number] };
   }
 
-  private async feeds(ids: number[], dims: [number, number], mask: number[][], positions: number[]): Promise<Values> {
+  /** `callerMask`: the attention_mask to feed instead of the one `mask` gives (a row view of a caller's 4-D mask). */
+  private async feeds(ids: number[], dims: [number, number], mask: number[][], positions: number[], callerMask: ort.Tensor | null = null): Promise<Values> {
     const io = this.io;
     const tokens = io.inputsEmbeds
       ? ([io.inputsEmbeds.name, await this.embedder!.embed(ids, dims)] as const)
       : ([io.inputIds.name, typed(io.inputIds.dtype, ids, dims)] as const);
     const values: Values = new Map([tokens]);
-    if (io.attentionMask) values.set(io.attentionMask.name, typed(io.attentionMask.dtype, mask.flat(), [mask.length, mask[0]!.length]));
+    if (io.attentionMask) values.set(io.attentionMask.name, callerMask ?? maskFeed(io, mask, this.maskRule)!);
     if (io.positionIds) values.set(io.positionIds.name, typed(io.positionIds.dtype, positions, dims));
     // Static caches: write index = the row's tokens before this call, valid keys = after it (for a row view: its own cache).
     for (const [name, t] of Object.entries(staticLengthFeeds(io, mask, dims[1]))) values.set(name, t);
@@ -291,8 +317,6 @@ export class ModReference {
       this.fullCaches.set(b.pastKey, values.get(b.presentKey)!);
       if (b.pastValue) this.fullCaches.set(b.pastValue, values.get(b.presentValue!)!);
     }
-    // State besides the KV cache (a recurrent layer has no KV binding): carried like a full cache.
-    for (const st of this.io.state) if (st.layer === layer) this.fullCaches.set(st.past, values.get(st.present)!);
   }
 
   /** SPEC.md steps 1-5 for one converted layer; returns each row's selected positions. */
@@ -313,7 +337,7 @@ export class ModReference {
       const cache = this.rowCaches.get(unit.index)![b]!;
       const xSel = new Float32Array(picks.length * H);
       picks.forEach((s, k) => xSel.set(x.data.subarray((b * S + s) * H, (b * S + s + 1) * H), k * H));
-      const view = await this.rowView(b, picks, S, positions, cache, binding);
+      const view = await this.rowView(b, picks, S, positions, pastLength, cache, binding);
       view.set(unit.residualIn, asTensor(xSel, [1, picks.length, H], xT));
       await runUnit(loaded, view);
       const y = toFloat32(view.get(unit.residualOut)!);
@@ -328,6 +352,7 @@ export class ModReference {
       if (cache.value) cache.value = view.get(unit.kv.value.output)!;
       cache.length += picks.length;
       cache.positions.push(...picks.map((s) => positions[b * S + s]!));
+      cache.sequence.push(...picks.map((s) => pastLength + s));
     }
     values.set(unit.residualOut, asTensor(out, xT.dims as number[], xT));
     return chosen;
@@ -335,14 +360,18 @@ export class ModReference {
 
   /**
    * The values a converted layer reads for one row's selected tokens: the prefix run on the
-   * view "this layer's cache + these tokens" (ids, original positions, a mask of ones).
+   * view "this layer's cache + these tokens" (ids, original positions, a mask of ones). A
+   * caller's 4-D mask is viewed the same way: its rows and columns at the view's tokens'
+   * sequence indices (the cache's, then this call's), so the layer sees exactly the entries
+   * the caller gave for those tokens, causal or not.
    */
-  private async rowView(b: number, picks: number[], S: number, positions: number[], cache: RowCache, binding: KvBinding): Promise<Values> {
+  private async rowView(b: number, picks: number[], S: number, positions: number[], pastLength: number, cache: RowCache, binding: KvBinding): Promise<Values> {
     const rowIds = this.ids[b]!.slice(this.ids[b]!.length - S);
     const ids = picks.map((s) => rowIds[s]!);
     const pos = picks.map((s) => positions[b * S + s]!);
     const mask = [Array(cache.length + picks.length).fill(1)];
-    const view = await this.feeds(ids, [1, picks.length], mask, pos);
+    const caller = this.io.attentionMask?.caller4d ? this.maskView(b, [...cache.sequence, ...picks.map((s) => pastLength + s)]) : null;
+    const view = await this.feeds(ids, [1, picks.length], mask, pos, caller);
     // The prefix may read pasts for their length: every past is this layer's own view.
     for (const k of this.io.kv) {
       view.set(k.pastKey, cache.key);
@@ -368,6 +397,18 @@ export class ModReference {
       );
     }
     return view;
+  }
+
+  /** Row b of the call's 4-D mask at rows and columns `sequence` (top left of an [1, 1, M, M] mask; 0 elsewhere). */
+  private maskView(b: number, sequence: number[]): ort.Tensor {
+    const full = this.callMask!;
+    const M = full.dims[3]!;
+    const n = sequence.length;
+    const size = Math.max(n, full.dims[2]!);
+    const data = new Uint8Array(size * size);
+    const src = full.data as ArrayLike<number | bigint | boolean>;
+    for (let i = 0; i < n; i++) for (let j = 0; j < n; j++) data[i * size + j] = Number(src[(b * full.dims[2]! + sequence[i]!) * M + sequence[j]!]) ? 1 : 0;
+    return maskTensor(this.io.attentionMask!.caller4d!.dtype, data, [1, 1, size, size]);
   }
 
   /** SPEC.md steps 1-2: router scores and the selection of this call's tokens. */
@@ -421,7 +462,7 @@ export class ModReference {
       picks.forEach((s, k) => xSel.set(x.data.subarray((b * S + s) * H, (b * S + s + 1) * H), k * H));
       const cache = lp.part === 'attention' ? this.rowCaches.get(lp.layer)![b]! : null;
       // An MLP part reads its input and weights only (route-layers refuses any other).
-      const view = cache ? await this.rowView(b, picks, S, positions, cache, binding) : new Map<string, ort.Tensor>();
+      const view = cache ? await this.rowView(b, picks, S, positions, pastLength, cache, binding) : new Map<string, ort.Tensor>();
       view.set(sub.input.name, asTensor(xSel, [1, picks.length, H], xT));
       await runUnit(loaded, view);
       const u = toFloat32(view.get(sub.update.name)!);
@@ -434,6 +475,7 @@ export class ModReference {
         if (cache.value) cache.value = view.get(binding.presentValue!)!;
         cache.length += picks.length;
         cache.positions.push(...picks.map((s) => positions[b * S + s]!));
+        cache.sequence.push(...picks.map((s) => pastLength + s));
       }
     }
     values.set(sub.update.name, asTensor(update, xT.dims as number[], xT));

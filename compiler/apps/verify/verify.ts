@@ -23,7 +23,10 @@ import { decoderIo, resolvePadSide } from '../../metadata/decoder-io.js';
 import type { ExecutionProvider } from '../../runtime/ort.js';
 import { argmax, lastPosition, type Logits, ModSession } from '../../runtime/session.js';
 import { checkCompiledFrom } from '../../metadata/source-fingerprint.js';
-import { compile } from '../../passes/compile.js';
+import { type CompileReport, routingReport } from '../../passes/compile.js';
+import { runPipeline } from '../../passes/pass-manager.js';
+import { modPipeline } from '../../passes/pipeline.js';
+import type { DecoderStructure } from '../../analysis/types.js';
 
 export interface VerifyOptions {
   prompt: number[][];
@@ -34,7 +37,7 @@ export interface VerifyOptions {
   tolerance?: number;
   /** Where the compiled model and the anchor pair run (the reference executor runs on the CPU). */
   executionProvider?: ExecutionProvider;
-  /** The prompt is the default one: cut its rows to one length for a model that cannot mask padding. */
+  /** The prompt is the default one: cut to one row for a model that runs one row per call, its rows to one length for a model that cannot mask padding. */
   defaultPrompt?: boolean;
 }
 
@@ -57,6 +60,10 @@ export interface VerifyReport {
 export function routingPlanOf(compiled: Model): RoutingPlan {
   const meta = readRoutingMetadata(compiled);
   if (!meta) throw new ModcError('the compiled model has no modc routing metadata: was it compiled by modc compile?');
+  if (meta.layers.length === 0) {
+    const why = (meta.skipped ?? []).map((u) => `layer ${describeLayerPart({ layer: u.layer, part: u.part ?? 'block' })}: ${u.reason}`).join('; ');
+    throw new ModcError(`the compiled model routes no layer, so there is nothing to verify${why ? ` (${why})` : ''}`);
+  }
   const inits = compiled.graph.initializers;
   const layers = meta.layers.map((l) => {
     const prefix = `modc.${routerTensorPrefix(l.layer, l.part)}`;
@@ -72,6 +79,47 @@ export function routingPlanOf(compiled: Model): RoutingPlan {
     };
   });
   return { mode: meta.mode, gated: meta.gated, layers, unconverted: [] };
+}
+
+/**
+ * Refuses a routing plan ORIGINAL cannot carry (a layer it does not have, routers of another
+ * width): ORIGINAL is then not the compiled model's source, whatever its metadata says.
+ */
+export function checkPlanFits(plan: RoutingPlan, structure: DecoderStructure, originalPath: string, compiledPath: string): void {
+  const n = structure.layers.length;
+  for (const l of plan.layers) {
+    if (l.layer >= n)
+      throw new ModcError(`${compiledPath} routes layer ${l.layer}, but ${originalPath} has ${n} layers (0-${n - 1}): it is not the compiled model's source`);
+    const width = l.router.weight.length;
+    if (width !== structure.hiddenSize) {
+      throw new ModcError(
+        `${compiledPath}'s router of layer ${describeLayerPart(l)} reads ${width} features, but ${originalPath}'s hidden size is ${structure.hiddenSize}: it is not the compiled model's source`,
+      );
+    }
+  }
+}
+
+/**
+ * The anchor model: ORIGINAL compiled on the plan's layers and parts with every token selected.
+ * Each of them must route there, as it does in the compiled model.
+ */
+function compileAnchor(original: Model, structure: DecoderStructure, plan: RoutingPlan, originalPath: string): void {
+  const anchorPlan = anchorPlanFor(plan, structure.hiddenSize);
+  let report: CompileReport;
+  try {
+    runPipeline(original, modPipeline({ plan: anchorPlan }), { structure });
+    report = routingReport(original, anchorPlan, {});
+  } catch (e) {
+    if (e instanceof ModcError) throw new ModcError(`anchor: compiling ${originalPath} with every token selected failed: ${e.message}`, e.exitCode);
+    throw e;
+  }
+  const missing = plan.layers.find((l) => !report.converted.some((c) => c.layer === l.layer && c.part === l.part));
+  if (missing) {
+    const why = report.notConverted.find((u) => u.layer === missing.layer && (u.part ?? 'block') === missing.part)?.reason ?? 'it is not converted';
+    throw new ModcError(
+      `${originalPath} cannot route layer ${describeLayerPart(missing)} as the compiled model does (${why}): it is not the compiled model's source`,
+    );
+  }
 }
 
 /**
@@ -169,12 +217,21 @@ export async function verifyCompiled(
   const compiledModel = loadModel(compiledPath);
   checkCompiledFrom(original, compiledModel, originalPath, compiledPath);
   const plan = routingPlanOf(compiledModel);
+  checkPlanFits(plan, structure, originalPath, compiledPath);
   const originalIo = decoderIo(original);
   const shortest = Math.min(...opts.prompt.map((r) => r.length));
-  const prompt = originalIo.unpaddable && opts.defaultPrompt ? opts.prompt.map((r) => r.slice(0, shortest)) : opts.prompt;
+  // The default prompt fits the model: one row for a model that runs one row per call, rows of one length for one that cannot pad.
+  let prompt = originalIo.unpaddable && opts.defaultPrompt ? opts.prompt.map((r) => r.slice(0, shortest)) : opts.prompt;
+  if (originalIo.batchOne && opts.defaultPrompt) prompt = prompt.slice(0, 1);
   const sided = { ...opts, prompt, pad: resolvePadSide(originalIo, opts.pad) };
   const work = mkdtempSync(join(tmpdir(), 'modc-verify-'));
   try {
+    // The anchor is compiled first: it refuses an original that cannot carry the compiled model's routing.
+    log('anchor: compiling the original with every token selected, ungated');
+    compileAnchor(original, structure, plan, originalPath);
+    const anchorPath = join(work, 'anchor', 'model.onnx');
+    saveModel(original, anchorPath);
+
     log(`semantics: ${compiledPath} against the reference executor on ${originalPath}`);
     const reference = await ModReference.create(originalPath, plan, work);
     const ep = { executionProvider: opts.executionProvider ?? 'cpu' } as const;
@@ -182,9 +239,6 @@ export async function verifyCompiled(
     await reference.release();
 
     log('anchor: every token selected, ungated, against the original');
-    compile(original, { plan: anchorPlanFor(plan, structure.hiddenSize), structure });
-    const anchorPath = join(work, 'anchor', 'model.onnx');
-    saveModel(original, anchorPath);
     const anchor = await compare('anchor', await ModSession.create(originalPath, ep), await ModSession.create(anchorPath, ep), sided, tolerance);
     return { tolerance, checks: [semantics, anchor], passed: semantics.passed && anchor.passed };
   } finally {

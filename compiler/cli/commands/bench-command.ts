@@ -13,17 +13,28 @@ export const benchCommand: Command = {
   name: 'bench',
   summary: 'time prefill and decode, and measure KV bytes, of an original and its compiled model',
   usage:
-    'modc bench ORIGINAL.onnx COMPILED.onnx [--prompt N] [--batch B] [--steps N] [--runs N] [--warmup N] [--threads N] [--ep cpu|cuda] [--json] [--plot OUT.svg]',
+    'modc bench ORIGINAL.onnx COMPILED.onnx [--prompt N] [--batch B] [--steps N] [--runs N] [--warmup N] [--threads N] [--spinning] [--ep cpu|cuda] [--default-malloc] [--json] [--plot OUT.svg]',
   details: [
     'Both models get the same pseudo-random prompt, interleaved: in each run both prefills, then',
     "both models' decode step 1, step 2, ...; which model goes first alternates. Reported: median",
     '(min - max) of the timed prefills and of every timed decode step, and compiled / original as',
     'the ratio of the medians and as the median of the per-run (prefill) and per-step (decode)',
-    'ratios, which a change in machine load during the run does not skew. KV bytes and per-layer',
-    'cache lengths are taken after the last run. --json prints',
-    '  { settings: { ..., threads, logicalCores }, models: [{ model, prefillMs, decodeMsPerToken,',
-    '    prefill: {min, median, max}, decode: {...}, prefillSamples, decodeSamples, kvBytes,',
-    '    cacheLengths }], ratios: [{ model, prefill: {ofMedians, medianOfPaired}, decode: {...}, kvBytes }] }',
+    'ratios (with their min and max), which a change in machine load during the run does not skew.',
+    'KV bytes and per-layer cache lengths are taken after the last run.',
+    '',
+    'It measures as the benchmarks do: only the two sessions alive, idle ORT workers blocking',
+    'instead of spinning (session.intra_op.allow_spinning and inter_op.allow_spinning = 0; --spinning',
+    "keeps ORT's default), and on Linux glibc malloc told to keep freed memory: modc bench runs",
+    'itself again with MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 unless',
+    'they are set or --default-malloc is given. Without them every decode step gives the KV cache',
+    'back to the kernel and faults it in again (thousands of page faults per step).',
+    '',
+    '--json prints',
+    '  { settings: { ..., threads, spinning, logicalCores, malloc, liveSessions }, models: [{ model,',
+    '    prefillMs, decodeMsPerToken, prefill: {min, median, max}, decode: {...}, prefillSamples,',
+    '    decodeSamples, prefillCpuSamples, decodeCpuSamples, kvBytes, cacheLengths }],',
+    '    ratios: [{ model, prefill: {ofMedians, medianOfPaired, paired: {min, median, max}},',
+    '    decode: {...}, cpu: { prefill: {...}, decode: {...} }, kvBytes }] }',
   ].join('\n'),
   options: {
     prompt: { type: 'string', valueName: 'N', help: 'prompt length in tokens (default 128)' },
@@ -32,7 +43,9 @@ export const benchCommand: Command = {
     runs: { type: 'string', valueName: 'N', help: 'timed runs (default 3)' },
     warmup: { type: 'string', valueName: 'N', help: 'untimed runs first (default 1)' },
     threads: { type: 'string', valueName: 'N', help: "ORT intra-op threads (default 0: ORT's default, one per physical core)" },
+    spinning: { type: 'boolean', help: "let idle ORT worker threads spin (ORT's default; the benchmark turns it off)" },
     ep: { type: 'string', valueName: 'EP', help: 'execution provider: cpu (default) or cuda' },
+    'default-malloc': { type: 'boolean', help: "keep glibc's malloc defaults instead of running again with MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_" },
     json: { type: 'boolean', help: 'print the report as JSON' },
     plot: { type: 'string', valueName: 'OUT.svg', help: 'also draw speedup and KV bytes vs capacity (the original at capacity 1) as an SVG' },
   },
@@ -47,6 +60,7 @@ export const benchCommand: Command = {
       warmup: intFlag(values, 'warmup', 1, 0),
       intraOpThreads: intFlag(values, 'threads', 0, 0),
       executionProvider: executionProvider(values),
+      allowSpinning: values.spinning === true,
       log: () => progress.tick(),
     };
     const plot = stringFlag(values, 'plot');
@@ -65,7 +79,7 @@ export const benchCommand: Command = {
     const [a, b] = report.models as [(typeof report.models)[0], (typeof report.models)[0]];
     const r = report.ratios[0]!;
     io.out(
-      `prompt ${s.promptLength} x batch ${s.batch}, ${s.steps} decode steps per run, ${s.runs} timed runs after ${s.warmup} warm-up, ${s.executionProvider} EP, intra-op threads ${s.threads} (${s.logicalCores} logical cores); models interleaved step by step`,
+      `prompt ${s.promptLength} x batch ${s.batch}, ${s.steps} decode steps per run, ${s.runs} timed runs after ${s.warmup} warm-up, ${s.executionProvider} EP, intra-op threads ${s.threads} (${s.logicalCores} logical cores), spinning ${s.spinning}; malloc: ${s.malloc}; models interleaved step by step, only these ${s.liveSessions} sessions alive`,
     );
     io.out(
       table(
@@ -75,6 +89,8 @@ export const benchCommand: Command = {
           ['compiled', span(b.prefill, 1), span(b.decode, 2), formatBytes(b.kvBytes)],
           ['compiled / original, ratio of medians', x(r.prefill.ofMedians), x(r.decode.ofMedians), x(r.kvBytes)],
           ['compiled / original, median of paired ratios', x(r.prefill.medianOfPaired), x(r.decode.medianOfPaired), ''],
+          ['paired ratios, min - max', `${x(r.prefill.paired.min)} - ${x(r.prefill.paired.max)}`, `${x(r.decode.paired.min)} - ${x(r.decode.paired.max)}`, ''],
+          ['process CPU time, median of paired ratios', x(r.cpu.prefill.medianOfPaired), x(r.cpu.decode.medianOfPaired), ''],
         ],
         '',
       ).join('\n'),

@@ -69,7 +69,7 @@ export const compileCommand: Command = {
   usage:
     'modc compile MODEL.onnx -o OUT.onnx (--routers FILE | --router-init all-pass|random) [options]\n       modc compile MODEL.onnx -o OUT.onnx --passes LIST',
   details: [
-    'With routers, runs the MoD pipeline: record-costs, split-fused-boundaries, insert-routers,',
+    'With routers, runs the MoD pipeline: record-costs, dense-past-length, split-fused-boundaries, insert-routers,',
     'route-layers, [last-logits with --logits last,] cleanup [, inline-modc-ops with --inline-ops]. Without',
     '--layers or --schedule, a router file converts exactly the layers it has routers for;',
     '--router-init converts every layer.',

@@ -1,5 +1,6 @@
 /** `modc inspect`: what a model is (and, for a decoder, its layers), as text or JSON. */
 import { analyzeDecoder } from '../../analysis/analyze.js';
+import { formatGpuReadiness, gpuReadiness } from '../../apps/gpu/gpu-readiness.js';
 import { formatExplanation, formatLayerTable, summarizeStructure } from '../../analysis/report.js';
 import { ModcError } from '../../core/errors.js';
 import { loadModel } from '../../core/io/load.js';
@@ -29,6 +30,19 @@ export const inspectCommand: Command = {
     'weights, sideInputs }], hiddenSize, numHeads, numKvHeads, headSize, dtype, positional, mask },',
     'and for a compiled model { routing: { mode, gated, layers: [{ layer, part, selected, threshold | capacity }] } }',
     '(threshold in threshold mode, capacity in topk mode).',
+    '',
+    'Both also report gpuReadiness, what one decode step asks of a GPU runtime, from the graph alone:',
+    '  { decodeStep: { ifs: [{ name, depth, layer, part, condition: { value, expression, kind },',
+    '      branches: { then: { nodes, ifs }, else: {...} } }], hostReads: [{ node, op, input, value, why,',
+    '      depth, layer }], allSelected: { kernels, ifs, hostReads }, allSkipped: {...},',
+    '      cudaGraphCapturable, cudaGraphBlockers },',
+    '    kernelsPerConvertedLayer: [{ layer, parts, selected: { kernels, ifs, hostReads }, skipped: {...}, ifs, maxIfDepth }],',
+    '    outsideLayers: { sharedRouting, model },',
+    '    weightsBelowOneIfLevel: { uses, bytes, weights: [{ node, op, weight, bytes, levelsBelow }] } }',
+    'Host reads are inputs whose values set a shape (or an If condition) computed on the device: one',
+    'device-to-host copy per call on CUDA each. Kernels count nodes (Constants and Ifs apart) with',
+    'modc ops inlined, before ONNX Runtime fuses anything. Weights two or more If levels below their',
+    'initializer run unpacked on the CPU (should be none). The text output has a short section.',
   ].join('\n'),
   options: {
     json: { type: 'boolean', help: 'print one JSON object on stdout instead of text' },
@@ -40,8 +54,14 @@ export const inspectCommand: Command = {
     const summary = summarizeModel(model);
     const routing = readRoutingMetadata(model);
     if (routing) {
-      const json = () => JSON.stringify({ ...summary, routing: { ...routing, layers: routing.layers.map((l) => routedLayerJson(routing.mode, l)) } }, null, 2);
-      io.out(values.json ? json() : `${formatSummary(summary)}\n${formatRouting(routing)}`);
+      const gpu = gpuReadiness(model, routing.layers);
+      const json = () =>
+        JSON.stringify(
+          { ...summary, routing: { ...routing, layers: routing.layers.map((l) => routedLayerJson(routing.mode, l)) }, gpuReadiness: gpu },
+          null,
+          2,
+        );
+      io.out(values.json ? json() : `${formatSummary(summary)}\n${formatRouting(routing)}\n\n${formatGpuReadiness(gpu)}`);
       return 0;
     }
     let structure;
@@ -52,16 +72,22 @@ export const inspectCommand: Command = {
       io.out(values.json ? JSON.stringify(summary, null, 2) : formatSummary(summary));
       throw new ModcError(`not a decoder modc can handle: ${e.message}`);
     }
+    const gpu = gpuReadiness(model);
     if (values.json) {
       io.out(
         JSON.stringify(
-          { ...summary, ...summarizeStructure(structure), ...(values.explain ? { explain: structure.explain.map((x) => ({ ...x })) } : {}) },
+          {
+            ...summary,
+            ...summarizeStructure(structure),
+            ...(values.explain ? { explain: structure.explain.map((x) => ({ ...x })) } : {}),
+            gpuReadiness: gpu,
+          },
           null,
           2,
         ),
       );
     } else {
-      const parts = [formatSummary(summary), '', 'decoder', formatLayerTable(structure)];
+      const parts = [formatSummary(summary), '', 'decoder', formatLayerTable(structure), '', formatGpuReadiness(gpu)];
       if (values.explain) parts.push('', 'explanation', formatExplanation(structure));
       io.out(parts.join('\n'));
     }

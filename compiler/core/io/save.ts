@@ -10,6 +10,7 @@ import {
   closeSync,
   constants,
   copyFileSync,
+  existsSync,
   fsyncSync,
   linkSync,
   lstatSync,
@@ -21,6 +22,7 @@ import {
   rmSync,
   statSync,
   type Stats,
+  unlinkSync,
   writeSync,
 } from 'node:fs';
 import { basename, dirname, join, normalize, resolve, sep } from 'node:path';
@@ -330,6 +332,9 @@ function writeFile(tmp: string, dest: string, write: (fd: number) => void): void
 function rename(tmp: string, dest: string): void {
   try {
     renameSync(tmp, dest);
+    // rename(2) between two links to one file does nothing: a weights file hard-linked here by
+    // an earlier save leaves the new link behind.
+    if (existsSync(tmp)) unlinkSync(tmp);
   } catch (e) {
     throw fsError(e, 'write', dest);
   }

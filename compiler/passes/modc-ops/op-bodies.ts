@@ -1,7 +1,7 @@
 /**
  * The `modc` op domain: the routing primitives of a Mixture-of-Depths layer. Each op is an ONNX
  * function body (so compiled models run on stock ONNX Runtime, CPU or CUDA, with no native
- * library); `reference.ts` has the TypeScript kernel each body is tested against.
+ * library); `kernels.ts` has the TypeScript kernel each body is tested against.
  *
  * Shapes: B batch rows, S tokens in this call, H hidden size, K selected slots per row
  * (K = max over rows of the selected count, at least 1, so no tensor is ever empty).

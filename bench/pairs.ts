@@ -1,0 +1,244 @@
+/**
+ * What the prefill, decode, recipe and sessions benchmarks share beyond common.ts: the compiled
+ * models they time (all-pass and routed), timing one original/compiled pair with only those two
+ * sessions alive (the interleaved core of compiler/apps/benchmark/benchmark.ts), what a routed
+ * model actually selected (its selection masks, run once outside the timing), and the ideal time
+ * from the original's unit times.
+ */
+import { analyzeDecoder } from '../compiler/analysis/analyze.js';
+import { type LayerCost, modelCosts } from '../compiler/analysis/cost.js';
+import {
+  type CallEvent,
+  type CallTime,
+  median,
+  pairedRatios,
+  ratioStats,
+  type RatioStats,
+  spread,
+  timeInterleaved,
+} from '../compiler/apps/benchmark/benchmark.js';
+import { exposeSelections } from '../compiler/apps/eval/index.js';
+import { loadModel } from '../compiler/core/io/load.js';
+import { saveModel } from '../compiler/core/io/save.js';
+import { readRoutingMetadata } from '../compiler/metadata/routing-metadata.js';
+import type { RoutedPart } from '../compiler/routing/routing-plan.js';
+import type { ort, SessionOptions } from '../compiler/runtime/ort.js';
+import { ModSession } from '../compiler/runtime/session.js';
+import { type BenchGranularity, collectGarbage, compileModel, log, type PlanChoice, type Workdir } from './common.js';
+
+/** A compiled model a benchmark times against the original. */
+export interface Compiled {
+  name: string;
+  label: string;
+  path: string;
+  /** The routed parts the compile converted. */
+  parts: { layer: number; part: RoutedPart; capacity: number }[];
+  compileMs: number;
+}
+
+/** The all-pass compile: every layer's `granularity` part converted, every token selected, ungated. */
+export function compileAllPass(w: Workdir, original: string, granularity: BenchGranularity, name = 'all-pass', logits: 'all' | 'last' = 'all'): Compiled {
+  const path = w.path(`${name}.onnx`);
+  const c = compileModel(original, path, { routers: { kind: 'all-pass' }, gated: false, granularity }, logits);
+  const parts = c.report.converted.map((p) => ({ layer: p.layer, part: p.part, capacity: 1 }));
+  return { name, label: `all-pass (${partsLabel(parts)}, ungated)`, path, parts, compileMs: c.ms };
+}
+
+/**
+ * The routed compile: random routers (seed), top-k capacity c on the prompt (a one-token step
+ * selects its token iff r >= 0.5, SPEC.md, so about half of them), on every layer or every other.
+ */
+export function compileRouted(
+  w: Workdir,
+  original: string,
+  o: { granularity: BenchGranularity; capacity: number; seed: number; schedule: 'uniform' | 'every-other'; gated: boolean },
+  name = 'routed',
+  logits: 'all' | 'last' = 'all',
+): Compiled {
+  const path = w.path(`${name}.onnx`);
+  const choice: PlanChoice = {
+    routers: { kind: 'random', seed: o.seed },
+    mode: 'topk',
+    capacity: o.capacity,
+    schedule: o.schedule,
+    gated: o.gated,
+    granularity: o.granularity,
+  };
+  const c = compileModel(original, path, choice, logits);
+  const parts = c.report.converted.map((p) => ({ layer: p.layer, part: p.part, capacity: p.capacity }));
+  return {
+    name,
+    label: `routed: random routers seed ${o.seed}, top-k c=${o.capacity} (${partsLabel(parts)}, ${o.gated ? 'gated' : 'ungated'})`,
+    path,
+    parts,
+    compileMs: c.ms,
+  };
+}
+
+/** "layers 0-7" / "attention of layers 1, 3" style. */
+export function partsLabel(parts: readonly { layer: number; part: RoutedPart }[]): string {
+  const kinds = [...new Set(parts.map((p) => p.part))];
+  const layers = parts.map((p) => p.layer);
+  const span = layers.length > 2 && layers.every((l, i) => i === 0 || l === layers[i - 1]! + 1) ? `${layers[0]}-${layers.at(-1)}` : layers.join(', ');
+  const what = kinds.length === 1 && kinds[0] !== 'block' ? `${kinds[0]} of ` : '';
+  return kinds.length > 1
+    ? parts.map((p) => `${p.layer}${p.part === 'block' ? '' : p.part === 'attention' ? 'a' : 'm'}`).join(' ')
+    : `${what}layer${layers.length === 1 ? '' : 's'} ${span}`;
+}
+
+/** The timed samples of one side of a pair. */
+export interface Side {
+  prefill: CallTime[];
+  steps: CallTime[];
+  kvAfterPrefill: number;
+  lengthsAfterPrefill: number[][];
+  kvAtEnd: number;
+  lengthsAtEnd: number[][];
+}
+
+export interface PairTimes {
+  original: Side;
+  compiled: Side;
+  /** compiled / original on wall time and on process CPU time, prefill (per round) and decode (per step). */
+  ratios: { prefill: { wall: RatioStats; cpu: RatioStats }; decode: { wall: RatioStats; cpu: RatioStats } };
+  gcMs: number[];
+}
+
+export interface PairPlan {
+  prompt: number[][];
+  /** Rounds of (prefill, steps); the first `warmupRounds` untimed. */
+  rounds: number;
+  warmupRounds: number;
+  steps: number;
+  warmupSteps: number;
+  stepIds: (step: number) => number[];
+  session: SessionOptions;
+  gc: boolean;
+}
+
+/**
+ * Times `original` against `compiled` with only their two sessions alive: created, timed
+ * interleaved (timeInterleaved) and released before this returns.
+ */
+export async function timePair(original: string, compiled: string, plan: PairPlan): Promise<PairTimes> {
+  const gcMs: number[] = [];
+  const after = [0, 1].map(() => ({ kvAfterPrefill: 0, lengthsAfterPrefill: [] as number[][] }));
+  const t = await timeInterleaved([original, compiled], {
+    prompt: plan.prompt,
+    rounds: plan.rounds,
+    warmupRounds: plan.warmupRounds,
+    steps: plan.steps,
+    warmupSteps: plan.warmupSteps,
+    stepIds: (_, s) => plan.stepIds(s),
+    session: plan.session,
+    beforeCall: plan.gc ? () => gcMs.push(collectGarbage()) : undefined,
+    afterCall: (e: CallEvent) => {
+      if (e.step === null) after[e.model] = { kvAfterPrefill: e.session.kvBytes(), lengthsAfterPrefill: e.session.layerCacheLengths() };
+    },
+  });
+  const side = (m: number): Side => ({
+    prefill: t.prefill[m]!,
+    steps: t.decode[m]!,
+    ...after[m]!,
+    kvAtEnd: t.kvBytes[m]!,
+    lengthsAtEnd: t.cacheLengths[m]!,
+  });
+  const [o, c] = [side(0), side(1)];
+  const wall = (xs: CallTime[]) => xs.map((x) => x.wallMs);
+  const cpu = (xs: CallTime[]) => xs.map((x) => x.cpuMs);
+  return {
+    original: o,
+    compiled: c,
+    ratios: {
+      prefill: { wall: ratioStats(wall(o.prefill), wall(c.prefill)), cpu: ratioStats(cpu(o.prefill), cpu(c.prefill)) },
+      decode: { wall: ratioStats(wall(o.steps), wall(c.steps)), cpu: ratioStats(cpu(o.steps), cpu(c.steps)) },
+    },
+    gcMs,
+  };
+}
+
+/** What one routed part selected: on the prompt, and at each timed decode step. */
+export interface PartSelection {
+  layer: number;
+  part: RoutedPart;
+  /** Selected tokens / real tokens of the prompt. */
+  promptFraction: number;
+  /** Timed decode steps in which some row selected the token (the part ran). */
+  stepsRun: number;
+  steps: number;
+}
+
+/**
+ * Runs the compiled model once more, outside any timing and alone, with its selection masks as
+ * extra outputs (`exposeSelections`, as modc eval does), on the same prompt and forced steps:
+ * the routing is deterministic, so these are the timed runs' selections.
+ */
+export async function measureSelections(
+  w: Workdir,
+  compiled: string,
+  o: { prompt: number[][]; steps: number; warmupSteps: number; stepIds: (step: number) => number[]; session: SessionOptions },
+): Promise<PartSelection[]> {
+  const model = loadModel(compiled);
+  const routing = readRoutingMetadata(model);
+  if (!routing) return [];
+  const selections = exposeSelections(model, routing);
+  const probePath = w.path(
+    `${compiled
+      .split('/')
+      .at(-1)!
+      .replace(/\.onnx$/, '')}.selections.onnx`,
+  );
+  saveModel(model, probePath);
+  const session = await ModSession.create(probePath, o.session);
+  try {
+    const masks = () => selections.map((s) => (session.lastOutputs[s.output] as ort.Tensor).data as Uint8Array);
+    await session.forward(o.prompt);
+    const real = o.prompt.reduce((a, r) => a + r.length, 0);
+    const out: PartSelection[] = selections.map((s, i) => ({
+      layer: s.layer,
+      part: s.part,
+      promptFraction: masks()[i]!.reduce((a, v) => a + (v ? 1 : 0), 0) / real,
+      stepsRun: 0,
+      steps: 0,
+    }));
+    for (let t = 0; t < o.steps; t++) {
+      await session.step(o.stepIds(t));
+      if (t < o.warmupSteps) continue;
+      masks().forEach((m, i) => {
+        out[i]!.steps++;
+        if (m.some((v) => v)) out[i]!.stepsRun++;
+      });
+    }
+    log(
+      `selections of ${compiled}: ${out.map((p) => `${p.layer}${p.part === 'block' ? '' : p.part[0]} ${p.promptFraction.toFixed(2)}/${p.stepsRun}`).join(', ')}`,
+    );
+    return out;
+  } finally {
+    await session.session.release();
+  }
+}
+
+/**
+ * A part's share of its layer's cost by the cost model (compiler/analysis/cost.ts) for `queries`
+ * tokens attending to `keys` keys each on average: the measured layer unit time is split between
+ * the attention and MLP parts in this proportion. A block is the whole layer.
+ */
+export function partShare(cost: LayerCost, part: RoutedPart, queries: number, keys: number): number {
+  if (part === 'block') return 1;
+  const attention = queries * (cost.attention + cost.attentionPair * keys);
+  const mlp = queries * cost.mlp;
+  const total = attention + mlp;
+  return total > 0 ? (part === 'attention' ? attention : mlp) / total : 0;
+}
+
+/** The original's layer costs, for partShare. */
+export function layerCosts(original: string): LayerCost[] {
+  return modelCosts(analyzeDecoder(loadModel(original))).layers;
+}
+
+/** Per-round or per-step ratios as "median (min - max)". */
+export function ratioSpan(r: RatioStats): string {
+  return `${r.medianOfPaired.toFixed(3)}x (${r.paired.min.toFixed(3)} - ${r.paired.max.toFixed(3)})`;
+}
+
+export { median, pairedRatios, spread };

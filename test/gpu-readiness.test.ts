@@ -1,0 +1,200 @@
+/**
+ * `modc inspect`'s GPU readiness report (compiler/apps/gpu/gpu-readiness.ts): the If nodes of a
+ * decode step, the host reads, the kernels per converted layer on the selected and skipped
+ * paths, and the weights two If levels below their initializer. Expectations are counted by
+ * hand: on a small graph built here node by node, and on fixture compiles from the structure
+ * route-layers gives a layer (see each case).
+ */
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { gpuReadiness } from '../compiler/apps/gpu/gpu-readiness.js';
+import { loadModel } from '../compiler/core/io/load.js';
+import { DataType } from '../compiler/core/ir/dtype.js';
+import { attribute, Graph, type Value } from '../compiler/core/ir/graph.js';
+import { Model } from '../compiler/core/ir/model.js';
+import { Tensor } from '../compiler/core/ir/tensor.js';
+import { AttributeType, type AttributeProto } from '../compiler/core/proto/index.js';
+import { tensorType } from '../fixtures/builder/graph-builder.js';
+import { FIXTURES, runCli, tempDir } from './helpers.js';
+
+const tmp = tempDir('modc-gpu');
+
+function graphAttr(name: string): AttributeProto {
+  return { name, type: AttributeType.GRAPH, floats: [], ints: [], strings: [], tensors: [], graphs: [], sparse_tensors: [], type_protos: [] } as AttributeProto;
+}
+
+/**
+ * main (every node named modc/layer0/...):
+ *   s = ReduceSum(x); c1 = Greater(s, 0); c2 = Equal(s, s)
+ *   k = Reshape(Cast(ReduceMax(x)), [1]); TopK(x, k)          <- k from data: a host read
+ *   Reshape(x, Shape(x))                                        <- shape from Shape: no host read
+ *   y = If(c1) { MatMul(x, W) -> Relu -> If(c2) { MatMul(., W) -> Neg } else { Identity } }
+ *              else { Identity(x) }
+ * W is a main-graph initializer: the first MatMul is one If level below it, the second two.
+ */
+function handBuilt(): Model {
+  const g = new Graph('main');
+  const x = g.addInput(g.newValue('x', tensorType(DataType.FLOAT, [1, 4])));
+  const w = g.addInitializer(g.newValue('W'), Tensor.fromArray('W', [4, 4], new Float32Array(16).fill(0.5)));
+  const shape1 = g.addInitializer(g.newValue('shape1'), Tensor.fromArray('shape1', [1], BigInt64Array.of(1n)));
+  const n = (op: string, inputs: (Value | null)[], name: string, attrs: AttributeProto[] = [], graph = g, outs = 1) =>
+    graph.addNode(op, inputs, outs, { name: `modc/layer0/${name}`, attributes: attrs });
+  const s = n('ReduceSum', [x], 'sum', [attribute('keepdims', 0)]).output(0);
+  const zero = n('Constant', [], 'zero', [attribute('value', Tensor.fromArray('', [], Float32Array.of(0)))]).output(0);
+  const c1 = n('Greater', [s, zero], 'greater').output(0);
+  const c2 = n('Equal', [s, s], 'equal').output(0);
+  const max = n('ReduceMax', [x], 'max', [attribute('keepdims', 0)]).output(0);
+  const k = n('Reshape', [n('Cast', [max], 'cast', [attribute('to', DataType.INT64)]).output(0), shape1], 'k').output(0);
+  const topk = n('TopK', [x, k], 'topk', [], g, 2);
+  const reshaped = n('Reshape', [x, n('Shape', [x], 'shape').output(0)], 'reshape').output(0);
+
+  const then1 = new Graph('then1', g);
+  const r = n('Relu', [n('MatMul', [x, w], 'mm1', [], then1).output(0)], 'relu', [], then1).output(0);
+  const then2 = new Graph('then2', then1);
+  then2.outputs = [n('Neg', [n('MatMul', [r, w], 'mm2', [], then2).output(0)], 'neg', [], then2).output(0)];
+  const else2 = new Graph('else2', then1);
+  else2.outputs = [n('Identity', [r], 'id2', [], else2).output(0)];
+  const if2 = n('If', [c2], 'inner', [], then1);
+  if2.setAttr(graphAttr('then_branch'), then2);
+  if2.setAttr(graphAttr('else_branch'), else2);
+  then1.outputs = [if2.output(0)];
+  const else1 = new Graph('else1', g);
+  else1.outputs = [n('Identity', [x], 'id1', [], else1).output(0)];
+  const if1 = n('If', [c1], 'outer');
+  if1.setAttr(graphAttr('then_branch'), then1);
+  if1.setAttr(graphAttr('else_branch'), else1);
+  g.outputs = [if1.output(0), topk.output(0), reshaped];
+  const model = new Model(g, 10);
+  model.importOpset('', 17);
+  return model;
+}
+
+describe('gpu readiness on a graph counted node by node', () => {
+  const r = gpuReadiness(handBuilt(), [{ layer: 0, part: 'block' }]);
+
+  it('lists both Ifs with their depth, condition and branch sizes', () => {
+    expect(r.decodeStep.ifs).toEqual([
+      {
+        name: 'modc/layer0/outer',
+        depth: 0,
+        layer: 0,
+        part: 'block',
+        condition: { value: 'modc/layer0/greater_out', expression: 'Greater(ReduceSum, 0)', kind: 'any selected' },
+        branches: { then: { nodes: 3, ifs: 1 }, else: { nodes: 1, ifs: 0 } },
+      },
+      {
+        name: 'modc/layer0/inner',
+        depth: 1,
+        layer: 0,
+        part: 'block',
+        condition: { value: 'modc/layer0/equal_out', expression: 'Equal(ReduceSum, ReduceSum)', kind: 'other' },
+        branches: { then: { nodes: 2, ifs: 0 }, else: { nodes: 1, ifs: 0 } },
+      },
+    ]);
+  });
+
+  it('flags the TopK k computed from data and both If conditions, not the Reshape fed by Shape', () => {
+    expect(r.decodeStep.hostReads.map((h) => [h.op, h.input, h.why, h.depth])).toEqual([
+      ['TopK', 1, 'data-dependent output shape', 0],
+      ['If', 0, 'If condition', 0],
+      ['If', 0, 'If condition', 1],
+    ]);
+  });
+
+  it('counts the selected path (then, then) and the skipped path (else)', () => {
+    // main: ReduceSum, Greater, Equal, ReduceMax, Cast, Reshape, TopK, Shape, Reshape = 9 kernels
+    // selected: + MatMul, Relu, MatMul, Neg; skipped: + Identity
+    expect(r.kernelsPerConvertedLayer).toEqual([
+      { layer: 0, parts: ['block'], selected: { kernels: 13, ifs: 2, hostReads: 3 }, skipped: { kernels: 10, ifs: 1, hostReads: 2 }, ifs: 2, maxIfDepth: 2 },
+    ]);
+    expect(r.decodeStep.allSelected).toEqual({ kernels: 13, ifs: 2, hostReads: 3 });
+    expect(r.decodeStep.allSkipped).toEqual({ kernels: 10, ifs: 1, hostReads: 2 });
+    expect(r.outsideLayers).toEqual({ sharedRouting: 0, model: 0 });
+  });
+
+  it('finds the one weight two If levels below its initializer', () => {
+    expect(r.weightsBelowOneIfLevel).toEqual({
+      uses: 1,
+      bytes: 64,
+      weights: [{ node: 'modc/layer0/mm2', op: 'MatMul', weight: 'W', bytes: 64, levelsBelow: 2 }],
+    });
+    expect(r.decodeStep.cudaGraphCapturable).toBe(false);
+    expect(r.decodeStep.cudaGraphBlockers).toEqual(['control flow: 2 If nodes', 'data-dependent shapes: 1 host read besides If conditions']);
+  });
+});
+
+describe('gpu readiness of fixture compiles', () => {
+  const compileTo = async (fixture: string, name: string, ...flags: string[]) => {
+    const out = join(tmp, name, 'model.onnx');
+    const res = await runCli('compile', join(FIXTURES, fixture, 'model.onnx'), '-o', out, '--router-init', 'all-pass', '--ungated', '-q', ...flags);
+    expect(res.code, res.stderr).toBe(0);
+    return out;
+  };
+  const report = (path: string) => {
+    const model = loadModel(path);
+    return gpuReadiness(
+      model,
+      [0, 1, 2].map((layer) => ({ layer, part: 'block' as const })),
+    );
+  };
+
+  it('an original decoder: no If, no host read, every non-Constant node one kernel', () => {
+    const model = loadModel(join(FIXTURES, 'llama-builder-tiny', 'model.onnx'));
+    const r = gpuReadiness(model);
+    expect(r.decodeStep.ifs).toEqual([]);
+    expect(r.decodeStep.hostReads).toEqual([]);
+    expect(r.decodeStep.allSelected.kernels).toBe(model.graph.nodes.filter((n) => n.opType !== 'Constant').length);
+    expect(r.kernelsPerConvertedLayer).toEqual([]);
+    // The cache grows by Concat: its length is symbolic.
+    expect(r.decodeStep.cudaGraphBlockers).toEqual(['growing KV cache: past inputs with a symbolic length, so buffer shapes change every step']);
+    expect(r.weightsBelowOneIfLevel.uses).toBe(0);
+  });
+
+  it('unfused Llama, block all-pass: one if_selected per layer in the main graph, no weight two levels deep', async () => {
+    const r = report(await compileTo('llama-builder-tiny', 'llama-block'));
+    const ifs = r.decodeStep.ifs.filter((x) => x.layer === 1);
+    expect(ifs.map((x) => [x.name, x.depth, x.condition.kind])).toEqual([['modc/layer1/if_selected', 0, 'any selected']]);
+    expect(r.decodeStep.ifs).toHaveLength(3);
+    // Per layer: Compact's TopK in the main graph and the If's condition.
+    expect(r.decodeStep.hostReads).toHaveLength(6);
+    for (const l of r.kernelsPerConvertedLayer) {
+      expect([l.layer, l.ifs, l.maxIfDepth, l.selected.ifs, l.skipped.ifs]).toEqual([l.layer, 1, 1, 1, 1]);
+      // Both paths read the same two values: the routing runs either way, the If picks a branch.
+      expect([l.selected.hostReads, l.skipped.hostReads]).toEqual([2, 2]);
+      expect(l.selected.kernels).toBeGreaterThan(l.skipped.kernels);
+    }
+    // Every weight of the layer is one If level below the main graph, where ORT prepacks it.
+    expect(r.weightsBelowOneIfLevel).toEqual({ uses: 0, bytes: 0, weights: [] });
+    expect(r.decodeStep.allSelected.kernels).toBe(
+      r.kernelsPerConvertedLayer.reduce((a, l) => a + l.selected.kernels, 0) + r.outsideLayers.sharedRouting + r.outsideLayers.model,
+    );
+  });
+
+  it('unfused Llama, attention all-pass: no weight two levels deep', async () => {
+    const r = report(await compileTo('llama-builder-tiny', 'llama-attention', '--granularity', 'attention'));
+    expect(r.decodeStep.ifs.map((x) => [x.name, x.depth])).toEqual([0, 1, 2].map((l) => [`modc/layer${l}/attention/if_selected`, 0]));
+    expect(r.weightsBelowOneIfLevel.uses).toBe(0);
+  });
+
+  it('GroupQueryAttention, block all-pass: one if_selected per layer, no nested If, no deep weight', async () => {
+    const r = report(await compileTo('forms-gqa-tiny', 'gqa-block'));
+    expect(r.decodeStep.ifs.map((x) => [x.name, x.depth, x.condition.kind])).toEqual([0, 1, 2].map((l) => [`modc/layer${l}/if_selected`, 0, 'any selected']));
+    for (const l of r.kernelsPerConvertedLayer) expect([l.selected.hostReads, l.skipped.hostReads, l.selected.ifs, l.skipped.ifs]).toEqual([2, 2, 1, 1]);
+    expect(r.weightsBelowOneIfLevel.uses).toBe(0);
+  });
+
+  it('modc inspect prints the section and --json carries gpuReadiness', async () => {
+    const path = await compileTo('forms-gqa-tiny', 'gqa-cli');
+    const text = await runCli('inspect', path);
+    expect(text.code).toBe(0);
+    expect(text.stdout).toMatch(/gpu readiness/);
+    expect(text.stdout).toMatch(/If nodes\s+3 \(nested 1 deep; 3 on "any token selected", 0 on other conditions\)/);
+    expect(text.stdout).toMatch(/deep weights\s+none/);
+    const json = await runCli('inspect', path, '--json');
+    const g = JSON.parse(json.stdout).gpuReadiness;
+    expect(g.decodeStep.ifs).toHaveLength(3);
+    expect(g.kernelsPerConvertedLayer.map((l: { layer: number }) => l.layer)).toEqual([0, 1, 2]);
+    const original = JSON.parse((await runCli('inspect', join(FIXTURES, 'forms-gqa-tiny', 'model.onnx'), '--json')).stdout).gpuReadiness;
+    expect(original.decodeStep.ifs).toEqual([]);
+  });
+});
