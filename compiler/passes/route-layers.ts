@@ -14,6 +14,9 @@
  * layer's exit must be a plain residual add: run split-fused-boundaries first.
  */
 import { analyzeDecoder } from '../analysis/analyze.js';
+import { GraphFacts } from '../analysis/graph-facts.js';
+import { coreNodes } from '../analysis/layers.js';
+import { tokenCouplingBlocker } from '../analysis/token-coupling.js';
 import type { DecoderStructure } from '../analysis/types.js';
 import { ModcError } from '../core/errors.js';
 import type { Value } from '../core/ir/graph.js';
@@ -57,9 +60,34 @@ export function routeLayers(model: Model, opts: RouteOptions, s: DecoderStructur
   return report;
 }
 
+/**
+ * The last layer (or the suffix, index L) holding a node that couples tokens (a reduction over
+ * the token or batch axis, dynamic quantization: compiler/analysis/token-coupling.ts), with the
+ * reason every layer up to it must stay dense. A routed layer leaves the tokens it skips
+ * unchanged, padding included, where the original processed them; a later node taking a
+ * statistic over the tokens would read those values, so even every-token routing would not
+ * reproduce the original.
+ */
+function lastTokenCoupling(s: DecoderStructure, facts: GraphFacts): { layer: number; reason: string } | null {
+  const last = s.layers.at(-1);
+  const end = s.final.residual ?? last?.exitBoundary?.normed;
+  const suffix = end ? tokenCouplingBlocker(s.suffixNodes, { inputs: [end], facts, exempt: [] }) : null;
+  if (suffix)
+    return { layer: s.layers.length, reason: `the model couples tokens after its last layer: ${suffix}; routing any layer would change what that node reads` };
+  for (const l of [...s.layers].reverse()) {
+    const inputs = [l.residualIn, ...(l.entryBoundary ? [l.entryBoundary.normed] : [])];
+    const why = tokenCouplingBlocker(l.nodes, { inputs, facts, exempt: coreNodes(l.attention) });
+    if (why) return { layer: l.index, reason: `layer ${l.index} couples tokens: ${why}; routing it or a layer before it would change what that node reads` };
+  }
+  return null;
+}
+
 /** The region and routing of every part the metadata names; a part that cannot be routed is reported and its router removed. */
 function routablePlans(model: Model, s: DecoderStructure, report: RouteReport): [RoutedRegion, LayerRouting][] {
   const plans: [RoutedRegion, LayerRouting][] = [];
+  let graphFacts: GraphFacts | undefined;
+  const facts = () => (graphFacts ??= new GraphFacts(model.graph));
+  let coupling: { layer: number; reason: string } | undefined;
   for (const entry of readRoutingMetadata(model)?.layers ?? []) {
     const selected = entry.selected ? model.graph.findValue(entry.selected) : undefined;
     const routing = selected ? routingOf(selected) : null;
@@ -68,7 +96,9 @@ function routablePlans(model: Model, s: DecoderStructure, report: RouteReport): 
       throw new ModcError(
         `route-layers: the routing metadata names ${entry.selected ? `selection ${entry.selected}` : 'no selection value'} for layer ${describeLayerPart(entry)}, which the graph does not compute (run insert-routers first)`,
       );
-    const region = regionOf(model, layer, entry.part);
+    // Every layer up to the last that couples tokens stays dense.
+    coupling ??= lastTokenCoupling(s, facts()) ?? { layer: -1, reason: '' };
+    const region: RoutedRegion | { reason: string } = entry.layer > coupling.layer ? regionOf(model, layer, entry.part, facts) : { reason: coupling.reason };
     if ('reason' in region) {
       report.skipped.push({ layer: entry.layer, ...(entry.part !== 'block' ? { part: entry.part } : {}), reason: region.reason });
       for (const n of routing.nodes.reverse()) model.graph.removeNode(n, true);

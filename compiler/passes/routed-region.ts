@@ -4,6 +4,8 @@
  * why the part cannot be routed. Found on the analysed graph before anything is changed.
  */
 import { kvCompactionBlocker } from '../analysis/attention.js';
+import type { GraphFacts } from '../analysis/graph-facts.js';
+import { coreNodes } from '../analysis/layers.js';
 import { subLayersOf } from '../analysis/sub-layers.js';
 import { tokenCouplingBlocker } from '../analysis/token-coupling.js';
 import { isStaticLayout, type LayerInfo, type SideInput } from '../analysis/types.js';
@@ -44,17 +46,18 @@ export function tokenMajor(si: SideInput): boolean {
 }
 
 /** The region of a layer part, or why it cannot be routed. */
-export function regionOf(model: Model, layer: LayerInfo, part: RoutedPart): RoutedRegion | { reason: string } {
-  return part === 'block' ? blockRegion(model, layer) : partRegion(model, layer, part);
+export function regionOf(model: Model, layer: LayerInfo, part: RoutedPart, facts: () => GraphFacts): RoutedRegion | { reason: string } {
+  return part === 'block' ? blockRegion(model, layer, facts) : partRegion(model, layer, part, facts);
 }
 
-function blockRegion(model: Model, layer: LayerInfo): RoutedRegion | { reason: string } {
+function blockRegion(model: Model, layer: LayerInfo, facts: () => GraphFacts): RoutedRegion | { reason: string } {
+  const inputs = [layer.residualIn, ...(layer.entryBoundary ? [layer.entryBoundary.normed] : [])];
   const why =
     blockBlocker(layer) ??
     kvCompactionBlocker(layer.attention) ??
     sideInputBlocker(model, layer.sideInputs) ??
     callerMaskBlocker(layer, layer.sideInputs) ??
-    tokenCouplingBlocker(layer.nodes);
+    tokenCouplingBlocker(layer.nodes, { inputs, facts: facts(), exempt: coreNodes(layer.attention) });
   if (why) return { reason: why };
   return {
     layer,
@@ -67,7 +70,7 @@ function blockRegion(model: Model, layer: LayerInfo): RoutedRegion | { reason: s
   };
 }
 
-function partRegion(model: Model, layer: LayerInfo, part: 'attention' | 'mlp'): RoutedRegion | { reason: string } {
+function partRegion(model: Model, layer: LayerInfo, part: 'attention' | 'mlp', facts: () => GraphFacts): RoutedRegion | { reason: string } {
   // Like a block, no part of a layer with state besides the KV cache is routed (it stays dense).
   const stateful = layer.sideInputs.find((si) => si.kind === 'other');
   if (stateful) return { reason: `side input ${stateful.value} is not understood (${(stateful as { reason: string }).reason})` };
@@ -84,7 +87,7 @@ function partRegion(model: Model, layer: LayerInfo, part: 'attention' | 'mlp'): 
     (part === 'attention' ? kvCompactionBlocker(layer.attention) : null) ??
     sideInputBlocker(model, sub.sideInputs) ??
     callerMaskBlocker(layer, sub.sideInputs) ??
-    tokenCouplingBlocker(sub.nodes) ??
+    tokenCouplingBlocker(sub.nodes, { inputs: [sub.input], facts: facts(), exempt: coreNodes(layer.attention) }) ??
     (part === 'mlp' && nonWeight ? `its MLP reads ${nonWeight.value}, which is not a weight` : null);
   if (why) return { reason: why };
   return {

@@ -14,13 +14,34 @@
  * The buffer's length dim becomes `max_sequence_length_l` (a runner may size it smaller than the
  * original's, as long as every call fits: past_lengths.l + S <= length). The original
  * write_indices / nonpad_kv_seqlen stay the inputs of the layers that are not converted.
+ *
+ * Recomputing the model's own mask with write_indices -> past_lengths.l is right for causality and
+ * validity, which compaction keeps (keys stay in order), and wrong for a distance: a sliding
+ * window (q - slot < W, compiler/analysis/static-mask.ts) counts slots of the original buffer,
+ * which are positions there but not in a compacted one. A windowed layer takes the window by
+ * original position instead, as a compacted GroupQueryAttention does (window-mask.ts):
+ *
+ *   pos_sel  = GatherElements(write_indices + t, indices)          [B, K]: each selected token's slot in the original
+ *   present_positions.l = TensorScatter(past_positions.l, pos_sel, past_lengths.l)   [B, max_sequence_length_l]
+ *   attn_mask = WindowBias(pos_sel, present_positions.l, W)         a query at p sees keys at p - W < q <= p
+ *
+ * with validity still from nonpad_kv_seqlen = past_lengths.l + selected count. past_positions.l is
+ * carried like the cache (zeros at the start), through the layer's If like its buffers.
  */
+import { staticWindow } from '../analysis/attention.js';
 import { kvSequenceAxis, type LayerInfo } from '../analysis/types.js';
 import { DataType } from '../core/ir/dtype.js';
 import { attribute, type Graph, type Node, tensorType, Value, withDim } from '../core/ir/graph.js';
 import type { Model } from '../core/ir/model.js';
 import { Tensor } from '../core/ir/tensor.js';
-import { pastLengthName, presentLengthName, STATIC_CACHE_INPUTS_KEY, STATIC_CACHE_LENGTH_KEY } from '../metadata/decoder-io.js';
+import {
+  pastLengthName,
+  pastPositionsName,
+  presentLengthName,
+  presentPositionsName,
+  STATIC_CACHE_INPUTS_KEY,
+  STATIC_CACHE_LENGTH_KEY,
+} from '../metadata/decoder-io.js';
 import { type CacheContext, type Carried, type LayerCache, namedOutput, recomputeMasks } from './cache-contract.js';
 import type { Emitter } from './modc-ops/emitter.js';
 
@@ -84,24 +105,32 @@ export function staticCache(c: CacheContext): LayerCache {
   // Valid keys after this call: the past and the row's selected tokens (0 when the layer is skipped).
   const valid = namedOutput(c, e.op('Add', [pastLength, c.routing.count]), presentLengthName(l), tensorType(DataType.INT64, ['batch']));
   recordStaticInputs(c.model, layer, seqAxis);
+  // A windowed layer's positions buffer (see the file comment): its input, beside the cache's.
+  const window = layer.attention.form === 'StandardAttention' ? staticWindow(layer.attention) : null;
+  const pastPositions = window !== null ? g.addInput(new Value(pastPositionsName(l), tensorType(DataType.INT64, ['batch', `max_sequence_length_${l}`]))) : null;
   return {
     rewire() {
-      rewireStatic(c, pastLength, valid, seqAxis);
+      const positions = rewireStatic(c, pastLength, valid, seqAxis, pastPositions && window !== null ? { past: pastPositions, window } : null);
       for (const t of [layer.kv.key, layer.kv.value]) {
         t.input.type = withDim(t.input.type, seqAxis, `max_sequence_length_${l}`);
         t.output.type = withDim(t.output.type, seqAxis, `max_sequence_length_${l}`);
       }
-      return [layer.kv.key, layer.kv.value].map((t) => [t.output, t.input] as Carried);
+      return [...[layer.kv.key, layer.kv.value].map((t) => [t.output, t.input] as Carried), ...positions];
     },
   };
 }
 
-/** Inside the layer: writes at past_lengths.l, valid keys up to past + count, causality by slot. */
-function rewireStatic(c: CacheContext, pastLength: Value, valid: Value, seqAxis: number): void {
+/**
+ * Inside the layer: writes at past_lengths.l, valid keys up to past + count, causality by slot,
+ * a window by original position. Returns the positions buffer's [present, past] pair, if any.
+ */
+function rewireStatic(c: CacheContext, pastLength: Value, valid: Value, seqAxis: number, windowed: { past: Value; window: number } | null): Carried[] {
   const g = c.model.graph;
   const { e, layer } = c;
   const writes = layer.kv.writes!;
   const attention = layer.attention.form === 'StandardAttention' ? layer.attention.node : null;
+  // The slot each of this call's tokens has in the original buffer, before the writes are rewired.
+  const originalWrite = writes.key.input(2);
   const like = (v: Value, x: Value | null) => (x?.dtype !== undefined && x.dtype !== DataType.INT64 ? e.cast(v, x.dtype) : v);
   const sub = c.substitutes();
   const mask = g.inputs.find((v) => v.name === 'attention_mask');
@@ -130,6 +159,23 @@ function rewireStatic(c: CacheContext, pastLength: Value, valid: Value, seqAxis:
     attention.setInput(3, e.unsqueeze(e.op('LessOrEqual', [j, e.unsqueeze(last, [2])]), [1]));
     attention.setAttr(attribute('is_causal', 0));
   }
+  return attention && windowed && originalWrite ? [windowByPosition(c, attention, originalWrite, pastLength, windowed.past, windowed.window)] : [];
+}
+
+/**
+ * The window of a compacted static layer by original position (see the file comment): the
+ * positions buffer out, and the Attention's attn_mask. Returns the [present, past] pair.
+ */
+function windowByPosition(c: CacheContext, attention: Node, write: Value, pastLength: Value, past: Value, window: number): Carried {
+  const { e } = c;
+  const l = c.layer.index;
+  const t = e.op('Range', [e.i64(0), e.dimScalar(c.tokens, 1), e.i64(1)]);
+  const slots = e.op('Add', [e.unsqueeze(e.cast(write, DataType.INT64), [1]), e.unsqueeze(t, [0])]);
+  const selected = e.op('GatherElements', [slots, c.routing.indices], { axis: 1 });
+  const present = e.op('TensorScatter', [past, selected, pastLength], { axis: 1 });
+  namedOutput(c, present, presentPositionsName(l), tensorType(DataType.INT64, ['batch', `max_sequence_length_${l}`]));
+  attention.setInput(3, c.call('WindowBias', [selected, present, e.i64(window)])[0]!);
+  return [present, past];
 }
 
 /** The original's buffer length and the model's own write index and valid-key inputs, as metadata (read by runners). */
