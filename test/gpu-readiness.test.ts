@@ -183,6 +183,33 @@ describe('gpu readiness of fixture compiles', () => {
     expect(r.weightsBelowOneIfLevel.uses).toBe(0);
   });
 
+  it.each([
+    ['genai-tiny', 3],
+    ['forms-gqa-window-tiny', 3],
+    ['forms-attention23-tiny', 3],
+    ['forms-static-tiny', 3],
+    ['forms-static-window-tiny', 3],
+    ['forms-fused-gpt2-tiny', 5],
+  ])('%s, block all-pass: one if_selected per layer in the main graph, Compact’s TopK K and the If condition read on either path', async (fixture, layers) => {
+    const model = loadModel(await compileTo(fixture, `${fixture}-block`));
+    const r = gpuReadiness(
+      model,
+      Array.from({ length: layers }, (_, layer) => ({ layer, part: 'block' as const })),
+    );
+    expect(r.decodeStep.ifs.map((x) => [x.name, x.depth, x.condition.kind])).toEqual(
+      Array.from({ length: layers }, (_, l) => [`modc/layer${l}/if_selected`, 0, 'any selected']),
+    );
+    for (const l of r.kernelsPerConvertedLayer)
+      expect([l.selected.hostReads, l.skipped.hostReads, l.selected.ifs, l.skipped.ifs, l.maxIfDepth]).toEqual([2, 2, 1, 1, 1]);
+    expect(r.decodeStep.hostReads.map((h) => [h.op, h.input, h.depth])).toEqual(
+      Array.from({ length: layers }, () => [
+        ['TopK', 1, 0],
+        ['If', 0, 0],
+      ]).flat(),
+    );
+    expect(r.weightsBelowOneIfLevel.uses).toBe(0);
+  });
+
   it('modc inspect prints the section and --json carries gpuReadiness', async () => {
     const path = await compileTo('forms-gqa-tiny', 'gqa-cli');
     const text = await runCli('inspect', path);
