@@ -78,7 +78,7 @@ function reducedAxes(n: Node, rank: number, facts: GraphFacts): number[] | null 
  */
 export function tokenCouplingBlocker(
   nodes: Iterable<Node>,
-  dataflow?: { inputs: readonly Value[]; facts: GraphFacts; exempt: readonly Node[] },
+  dataflow?: { inputs: readonly Value[]; facts: GraphFacts; exempt: readonly Node[]; paddingMask?: readonly Value[] },
 ): string | null {
   const list = [...nodes];
   for (const n of list) {
@@ -111,9 +111,44 @@ export function tokenCouplingBlocker(
         : batch !== null && batch !== undefined && reduced.includes(batch)
           ? 'batch'
           : null;
+    if (hit === 'token' && dataflow.paddingMask && zeroesPadding(input!, known, dataflow.paddingMask)) continue;
     if (hit) {
       return `${n.describe()} reduces over the ${hit} axis of ${input} (axis ${hit === 'token' ? token : batch}), so the selected tokens alone cannot reproduce it`;
     }
   }
   return null;
+}
+
+/** Whether `v` is a Mul of a stream value by a factor read from the padding mask alone (no stream value in it). */
+function zeroesPadding(v: Value, stream: ReadonlyMap<Value, AxisFact>, masks: readonly Value[]): boolean {
+  const mul = v.producer;
+  if (!mul || mul.opType !== 'Mul' || (mul.domain !== '' && mul.domain !== 'ai.onnx')) return false;
+  const [a, b] = [mul.input(0), mul.input(1)];
+  if (!a || !b) return false;
+  const factor = stream.has(a) && !stream.has(b) ? b : stream.has(b) && !stream.has(a) ? a : null;
+  return factor !== null && readsOnly(factor, new Set(masks));
+}
+
+/** Whether every graph input whose data reaches `v` is one of `allowed` (constants and shapes aside), and at least one is. */
+function readsOnly(v: Value, allowed: ReadonlySet<Value>): boolean {
+  const seen = new Set<Value>();
+  const stack = [v];
+  let reached = false;
+  while (stack.length > 0) {
+    const x = stack.pop()!;
+    if (seen.has(x)) continue;
+    seen.add(x);
+    if (allowed.has(x)) {
+      reached = true;
+      continue;
+    }
+    const p = x.producer;
+    if (!p) {
+      if (x.isConstant) continue;
+      return false;
+    }
+    if (p.opType === 'Shape' || p.opType === 'Size') continue; // reads no data
+    for (const i of p.inputs) if (i) stack.push(i);
+  }
+  return reached;
 }

@@ -71,7 +71,7 @@ export function routeLayers(model: Model, opts: RouteOptions, s: DecoderStructur
 function lastTokenCoupling(s: DecoderStructure, facts: GraphFacts): { layer: number; reason: string } | null {
   const last = s.layers.at(-1);
   const end = s.final.residual ?? last?.exitBoundary?.normed;
-  const suffix = end ? tokenCouplingBlocker(s.suffixNodes, { inputs: [end], facts, exempt: [] }) : null;
+  const suffix = end ? tokenCouplingBlocker(s.suffixNodes, { inputs: [end], facts, exempt: [], paddingMask: s.mask.inputs }) : null;
   if (suffix)
     return { layer: s.layers.length, reason: `the model couples tokens after its last layer: ${suffix}; routing any layer would change what that node reads` };
   for (const l of [...s.layers].reverse()) {
