@@ -106,11 +106,16 @@ export function staticCache(c: CacheContext): LayerCache {
   const valid = namedOutput(c, e.op('Add', [pastLength, c.routing.count]), presentLengthName(l), tensorType(DataType.INT64, ['batch']));
   recordStaticInputs(c.model, layer, seqAxis);
   // A windowed layer's positions buffer (see the file comment): its input, beside the cache's.
+  // The slot each of this call's tokens has in the original buffer is its write index + t.
   const window = layer.attention.form === 'StandardAttention' ? staticWindow(layer.attention) : null;
-  const pastPositions = window !== null ? g.addInput(new Value(pastPositionsName(l), tensorType(DataType.INT64, ['batch', `max_sequence_length_${l}`]))) : null;
+  const write = layer.kv.writes?.key.input(2) ?? null;
+  const windowed =
+    window !== null && write
+      ? { past: g.addInput(new Value(pastPositionsName(l), tensorType(DataType.INT64, ['batch', `max_sequence_length_${l}`]))), window, write }
+      : null;
   return {
     rewire() {
-      const positions = rewireStatic(c, pastLength, valid, seqAxis, pastPositions && window !== null ? { past: pastPositions, window } : null);
+      const positions = rewireStatic(c, pastLength, valid, seqAxis, windowed);
       for (const t of [layer.kv.key, layer.kv.value]) {
         t.input.type = withDim(t.input.type, seqAxis, `max_sequence_length_${l}`);
         t.output.type = withDim(t.output.type, seqAxis, `max_sequence_length_${l}`);
@@ -124,13 +129,17 @@ export function staticCache(c: CacheContext): LayerCache {
  * Inside the layer: writes at past_lengths.l, valid keys up to past + count, causality by slot,
  * a window by original position. Returns the positions buffer's [present, past] pair, if any.
  */
-function rewireStatic(c: CacheContext, pastLength: Value, valid: Value, seqAxis: number, windowed: { past: Value; window: number } | null): Carried[] {
+function rewireStatic(
+  c: CacheContext,
+  pastLength: Value,
+  valid: Value,
+  seqAxis: number,
+  windowed: { past: Value; window: number; write: Value } | null,
+): Carried[] {
   const g = c.model.graph;
   const { e, layer } = c;
   const writes = layer.kv.writes!;
   const attention = layer.attention.form === 'StandardAttention' ? layer.attention.node : null;
-  // The slot each of this call's tokens has in the original buffer, before the writes are rewired.
-  const originalWrite = writes.key.input(2);
   const like = (v: Value, x: Value | null) => (x?.dtype !== undefined && x.dtype !== DataType.INT64 ? e.cast(v, x.dtype) : v);
   const sub = c.substitutes();
   const mask = g.inputs.find((v) => v.name === 'attention_mask');
@@ -159,7 +168,7 @@ function rewireStatic(c: CacheContext, pastLength: Value, valid: Value, seqAxis:
     attention.setInput(3, e.unsqueeze(e.op('LessOrEqual', [j, e.unsqueeze(last, [2])]), [1]));
     attention.setAttr(attribute('is_causal', 0));
   }
-  return attention && windowed && originalWrite ? [windowByPosition(c, attention, originalWrite, pastLength, windowed.past, windowed.window)] : [];
+  return attention && windowed ? [windowByPosition(c, attention, windowed.write, pastLength, windowed.past, windowed.window)] : [];
 }
 
 /**
