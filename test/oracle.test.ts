@@ -32,7 +32,7 @@ import { exposeSelections, type Selection } from '../compiler/apps/eval/selectio
 import { readRoutingMetadata } from '../compiler/metadata/routing-metadata.js';
 import { planRouting, type RoutingMode } from '../compiler/routing/routing-plan.js';
 import { decoderIo } from '../compiler/metadata/decoder-io.js';
-import { createSession, emptyTensor, type ort } from '../compiler/runtime/ort.js';
+import { createSession, emptyTensor, ort } from '../compiler/runtime/ort.js';
 import { ModSession, padRows, promptPositions, typed, type Logits } from '../compiler/runtime/session.js';
 import { modPipeline } from '../compiler/passes/pipeline.js';
 import { contractModels, ROOT, tempDir } from './helpers.js';
@@ -174,6 +174,7 @@ async function prefillSelections(compiled: Compiled, c: OracleCase): Promise<Map
     if (b.pastValue) feeds[b.pastValue] = emptyTensor(b.dtype, [B, b.numHeads, 0, b.headSize]);
     if (b.pastLength) feeds[b.pastLength] = typed('int64', Array(B).fill(0), [B]);
     if (b.pastPositions) feeds[b.pastPositions] = typed('int64', [], [B, 0]);
+    if (b.pastValid) feeds[b.pastValid] = new ort.Tensor('bool', new Uint8Array(0), [B, 0]);
   }
   compiled.instrumented.session ??= await createSession(compiled.instrumented.path);
   const out = await compiled.instrumented.session.run(

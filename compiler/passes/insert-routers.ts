@@ -10,11 +10,12 @@
  *   indices, valid, count = modc.Compact(selected)
  *
  * token_mask is this call's columns of attention_mask (of a caller's 4-D mask, its diagonal at the
- * call's sequence indices: compiler/passes/caller-mask.ts). The selection value is named
+ * call's sequence indices: compiler/passes/caller-mask.ts), as bool. The selection value is named
  * `modc.selected.{l}[.attn|.mlp|.kv]` and recorded in the `modc.routing` metadata, which is how
  * route-layers (and tools measuring what ran) find each part's routing.
  */
 import { ModcError } from '../core/errors.js';
+import { DataType } from '../core/ir/dtype.js';
 import { analyzeDecoder } from '../analysis/analyze.js';
 import type { DecoderStructure } from '../analysis/types.js';
 import type { Value } from '../core/ir/graph.js';
@@ -65,7 +66,10 @@ function scalarInit(model: Model, name: string, value: number): Value {
 export function insertRouters(model: Model, plan: RoutingPlan, s: DecoderStructure = analyzeDecoder(model)): string[] {
   const g = model.graph;
   const dtype = streamElementType(s);
-  const { tokenMask, pastLength } = tokenInputs(model);
+  const tokens = tokenInputs(model);
+  // One bool mask for every router (the select ops' own casts of it are then no-ops ONNX Runtime drops).
+  const tokenMask = new Emitter(g, defaultOpset(model), 'modc/').cast(tokens.tokenMask, DataType.BOOL);
+  const { pastLength } = tokens;
   const notes: string[] = [];
   const recorded: RoutedLayerMetadata[] = [];
   const graphOutputs = new Set(g.outputs);

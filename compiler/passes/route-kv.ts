@@ -39,7 +39,7 @@ import { AttributeType, type AttributeProto, type TypeProto } from '../core/prot
 import { pastLengthName, pastPositionsName, presentLengthName, presentPositionsName } from '../metadata/decoder-io.js';
 import { readRoutingMetadata, writeRoutingMetadata } from '../metadata/routing-metadata.js';
 import { DEFAULT_KV_POLICY, type KvPolicy } from '../routing/router-weights.js';
-import { elementTypeOf } from './kv-append.js';
+import { elementTypeOf } from './element-type.js';
 import { Emitter } from './modc-ops/emitter.js';
 import { callModcOp, defaultOpset, MODC_DOMAIN } from './modc-ops/index.js';
 import { streamElementType } from './mod-common.js';

@@ -153,6 +153,31 @@ export function prefixMask(lengths: number[], total: number): Uint8Array {
   return out;
 }
 
+/** Key slot t of row b: its valid cache slots, this call's K positions, then the rest of its cache. */
+export function slotPositions(past: number[], [B, P]: number[], pastLength: number[], positions: number[], K: number): number[] {
+  const out: number[] = [];
+  for (let b = 0; b < B; b++) {
+    const len = pastLength[b]!;
+    for (let t = 0; t < P + K; t++) {
+      out.push(t < len ? past[b * P + t]! : t < len + K ? positions[b * K + t - len]! : past[b * P + t - K]!);
+    }
+  }
+  return out;
+}
+
+/** bias[b, 0, i, j] = 0 where q - window < k <= q (q, k the query's and key's positions), else `lowest`. */
+export function windowBias(queryPositions: number[], keyPositions: number[], [B, K, T]: number[], window: number, lowest: number): Float32Array {
+  const out = new Float32Array(B * K * T);
+  for (let b = 0; b < B; b++)
+    for (let i = 0; i < K; i++)
+      for (let j = 0; j < T; j++) {
+        const q = queryPositions[b * K + i]!;
+        const k = keyPositions[b * T + j]!;
+        out[(b * K + i) * T + j] = q - window < k && k <= q ? 0 : lowest;
+      }
+  return out;
+}
+
 /** A layer's valid keys: cache slots j < pastLength[b], then this call's valid slots. */
 export function keyMask(pastLength: number[], capacity: number, valid: Uint8Array, K: number): Uint8Array {
   const B = pastLength.length;
@@ -176,31 +201,6 @@ export function gatherKv(kv: Float32Array, dims: number[], indices: number[], K:
           const dst = (((i * B! + b) * H! + h) * K + k) * D!;
           out.set(kv.subarray(src, src + D!), dst);
         }
-  return out;
-}
-
-/** Key slot t of row b: its valid cache slots, this call's K positions, then the rest of its cache. */
-export function slotPositions(past: number[], [B, P]: number[], pastLength: number[], positions: number[], K: number): number[] {
-  const out: number[] = [];
-  for (let b = 0; b < B; b++) {
-    const len = pastLength[b]!;
-    for (let t = 0; t < P + K; t++) {
-      out.push(t < len ? past[b * P + t]! : t < len + K ? positions[b * K + t - len]! : past[b * P + t - K]!);
-    }
-  }
-  return out;
-}
-
-/** bias[b, 0, i, j] = 0 where q - window < k <= q (q, k the query's and key's positions), else `lowest`. */
-export function windowBias(queryPositions: number[], keyPositions: number[], [B, K, T]: number[], window: number, lowest: number): Float32Array {
-  const out = new Float32Array(B * K * T);
-  for (let b = 0; b < B; b++)
-    for (let i = 0; i < K; i++)
-      for (let j = 0; j < T; j++) {
-        const q = queryPositions[b * K + i]!;
-        const k = keyPositions[b * T + j]!;
-        out[(b * K + i) * T + j] = q - window < k && k <= q ? 0 : lowest;
-      }
   return out;
 }
 
