@@ -56,6 +56,9 @@ async function runOp(op: string, feeds: Feed[], opts: { inline: boolean; opset: 
     ScatterTokensGated: [DataType.FLOAT],
     GatherMask: [DataType.FLOAT],
     PrefixMask: [DataType.BOOL],
+    KeyMask: [DataType.BOOL],
+    GatherKv: [DataType.FLOAT],
+    GatherKvCombined: [DataType.FLOAT],
     SlotPositions: [DataType.INT64],
     WindowBias: [DataType.FLOAT],
     KvCodes: [DataType.INT64],
@@ -270,6 +273,29 @@ describe.each(modes)('modc cache ops (inline=$inline, opset $opset)', (mode) => 
     const lengths = [0, 3, 1, 4];
     const [pm] = await runOp('PrefixMask', [i64('lengths', [4], lengths), i64('total', [], [4])], mode);
     expect(data(pm!)).toEqual(Array.from(ref.prefixMask(lengths, 4)));
+  });
+
+  it("KeyMask marks a key/value-routed layer's valid cache slots and this call's valid slots", async () => {
+    const lengths = [0, 3, 1, 4];
+    const valid = [1, 0, 1, 1, 0, 0, 1, 0];
+    const [km] = await runOp('KeyMask', [i64('past_length', [4], lengths), i64('past_capacity', [], [4]), bool('valid', [4, 2], valid)], mode);
+    expect(km!.dims).toEqual([4, 6]);
+    expect(data(km!)).toEqual(Array.from(ref.keyMask(lengths, 4, Uint8Array.from(valid), 2)));
+  });
+
+  it.each([
+    ['GatherKv', [3, 2, 5, 4]],
+    ['GatherKvCombined', [2, 3, 2, 5, 4]],
+  ])('%s re-packs each row of a cache', async (op, dims) => {
+    const r = rng(7);
+    const kv = randn(
+      r,
+      dims.reduce((a, b) => a * b, 1),
+    );
+    const keep = [1, 0, 1, 1, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1];
+    const c = ref.compact(keep, [3, 5]);
+    const [out] = await runOp(op, [f32('kv', dims, kv), i64('indices', [3, c.K], c.indices)], mode);
+    expect(data(out!)).toEqual(Array.from(ref.gatherKv(kv, dims, c.indices, c.K)));
   });
 });
 
