@@ -8,7 +8,8 @@
  * that is not in the MLP (`LayerInfo.mlpNodes`): Q, K, V and output projections, fused QKV.
  * Attention itself costs 2 * numHeads * headSize MACs per (query, key) pair: Q.K and the
  * weighted sum of V. A router costs H per token per routed part, lm_head H * V per token;
- * embeddings and norms cost nothing here.
+ * embeddings and norms cost nothing here. A surrogate (an MLP part's linear stand-in,
+ * s(u) = (u A) B + c) costs 2 H rank per token it runs on (RowUsage's `surrogateMacs`).
  */
 import type { Node, Value } from '../core/ir/graph.js';
 import type { Model } from '../core/ir/model.js';
@@ -125,7 +126,8 @@ export function writeCosts(model: Model, costs: ModelCosts): void {
  */
 export interface RowUsage {
   tokens: number;
-  layers: { attention: number; mlp: number; routers: number }[];
+  /** `surrogateMacs`: what the layer's surrogates executed in this row (MACs per token times the tokens they ran on). */
+  layers: { attention: number; mlp: number; routers: number; surrogateMacs?: number }[];
 }
 
 export const denseUsage = (costs: ModelCosts, tokens: number): RowUsage => ({
@@ -139,6 +141,7 @@ export function executedMacs(costs: ModelCosts, row: RowUsage): number {
   costs.layers.forEach((c, l) => {
     const u = row.layers[l]!;
     macs += c.attention * u.attention + c.attentionPair * ((u.attention * (u.attention + 1)) / 2) + c.mlp * u.mlp + costs.router * u.routers * row.tokens;
+    macs += u.surrogateMacs ?? 0;
   });
   return macs;
 }

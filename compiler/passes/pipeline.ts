@@ -1,7 +1,7 @@
 /**
  * Every pass modc knows, by name (what `--passes` resolves against), and the default MoD
- * pipeline: record-costs -> dense-past-length -> split-fused-boundaries -> insert-routers -> route-layers -> cleanup
- * [-> inline-modc-ops].
+ * pipeline: record-costs -> dense-past-length -> split-fused-boundaries -> insert-routers ->
+ * [surrogates ->] route-layers -> cleanup [-> inline-modc-ops].
  */
 import { UsageError } from '../core/errors.js';
 import { PassRegistry, stepOf, type Pass, type PipelineStep } from './pass-manager.js';
@@ -15,6 +15,7 @@ import { liftConstantsPass } from './lift-constants.js';
 import { recordCostsPass } from './record-costs.js';
 import { routeLayersPass } from './route-layers.js';
 import { splitFusedBoundariesPass } from './split-fused-boundaries.js';
+import { planHasSurrogates, replacedLayers, surrogatesPass } from './surrogates.js';
 
 /** What the MoD passes need beyond their own options: the resolved routing plan. */
 export interface ModOptions {
@@ -43,23 +44,32 @@ export function defaultRegistry(mod?: ModOptions): PassRegistry {
     .register(recordCostsPass)
     .register(densePastLengthPass)
     .register(lastLogitsPass);
-  if (mod) return reg.register(insertRoutersPass(mod.plan)).register(routeLayersPass({ gated: mod.plan.gated }));
+  if (mod)
+    return reg
+      .register(insertRoutersPass(mod.plan))
+      .register(surrogatesPass(mod.plan))
+      .register(routeLayersPass({ gated: mod.plan.gated }));
   return reg
     .register(needsPlan('insert-routers', "add a router and token selection on each converted layer's residual input"))
+    .register(needsPlan('surrogates', 'give each MLP part with a surrogate its s(u) on the tokens it skips (or on every token when it has no router)'))
     .register(needsPlan('route-layers', 'run each routed layer on its selected tokens only, with a compacted KV cache'));
 }
 
 /** The default `modc compile` pipeline for a routing plan. */
 export function modPipeline(mod: ModOptions): PipelineStep[] {
-  const layers = [...new Set(mod.plan.layers.map((l) => l.layer))].join(',');
+  const replaced = replacedLayers(mod.plan);
+  const layers = [...new Set([...mod.plan.layers.map((l) => l.layer), ...replaced])].join(',');
   // Sub-layer parts need the stream between attention and MLP as a value: split fusions there too.
-  const within = [...new Set(mod.plan.layers.filter((l) => l.part !== 'block').map((l) => l.layer))].join(',');
+  const within = [...new Set([...mod.plan.layers.filter((l) => l.part !== 'block').map((l) => l.layer), ...replaced])].join(',');
+  // A plan that only replaces MLPs by their surrogates has no router to insert or route.
+  const routed = mod.plan.layers.length > 0;
   return [
     stepOf(recordCostsPass, {}),
     stepOf(densePastLengthPass, {}),
     stepOf(splitFusedBoundariesPass, { layers, within }),
-    stepOf(insertRoutersPass(mod.plan), {}),
-    stepOf(routeLayersPass({ gated: mod.plan.gated }), {}),
+    ...(routed ? [stepOf(insertRoutersPass(mod.plan), {})] : []),
+    ...(planHasSurrogates(mod.plan) ? [stepOf(surrogatesPass(mod.plan), {})] : []),
+    ...(routed ? [stepOf(routeLayersPass({ gated: mod.plan.gated }), {})] : []),
     ...(mod.logits === 'last' ? [stepOf(lastLogitsPass, {})] : []),
     stepOf(cleanupPass, {}),
     ...(mod.inlineOps ? [stepOf(inlineModcOpsPass, {})] : []),
@@ -76,4 +86,5 @@ export {
   recordCostsPass,
   routeLayersPass,
   splitFusedBoundariesPass,
+  surrogatesPass,
 };

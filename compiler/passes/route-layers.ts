@@ -134,6 +134,12 @@ function regionOf(model: Model, layer: LayerInfo, part: RoutedPart): RoutedRegio
   };
 }
 
+/** Why route-layers would leave this layer part dense, or null when it can route it. */
+export function routeBlocker(model: Model, layer: LayerInfo, part: RoutedPart): string | null {
+  const r = regionOf(model, layer, part);
+  return 'reason' in r ? r.reason : null;
+}
+
 function blockBlocker(layer: LayerInfo): string | null {
   if (!layer.residualOut) return `its residual add is fused into ${layer.exit.node.describe()} (run split-fused-boundaries first)`;
   if (layer.exit.node.opType !== 'Add') return `its exit ${layer.exit.node.describe()} is not a plain Add (run split-fused-boundaries first)`;

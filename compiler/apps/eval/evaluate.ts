@@ -7,7 +7,9 @@
  * - nll: mean over every predicted token (each token after the first of a sequence) of
  *   -log softmax(logits at t)[id at t+1], in nats; perplexity = exp(nll).
  * - selectedFraction of a routed (layer, part): tokens that ran it / real tokens.
- * - computeFraction: MACs executed / MACs of the dense original on the same tokens.
+ * - computeFraction: MACs executed / MACs of the dense original on the same tokens; a surrogate
+ *   (SPEC.md, "MLP routed with a surrogate") is charged its MACs on the tokens it ran on: the
+ *   real tokens its MLP part did not select, or every real token of an MLP it replaces.
  * - kvFraction: KV-cache elements held for real tokens / the dense original's.
  */
 import { rmSync } from 'node:fs';
@@ -44,6 +46,8 @@ export interface LayerEval {
   part: Part;
   routed: boolean;
   selectedFraction: number;
+  /** An MLP part with a surrogate: its rank, and the fraction of real tokens it ran on (1 - selected; 1 when it replaces the MLP). */
+  surrogate?: { rank: number; fraction: number };
 }
 
 export interface EvalResult {
@@ -125,7 +129,8 @@ export async function evaluate(model: Model | string, sequences: number[][], opt
       executionProvider: opts.executionProvider,
       ...(embeddingModel ? { embeddings: { kind: 'model', path: embeddingModel } } : {}),
     }));
-    const acc = new Accumulator(costs, selections);
+    const surrogates = selections.map((sel) => routing?.layers.find((l) => l.layer === sel.layer && l.part === sel.part)?.surrogate ?? null);
+    const acc = new Accumulator(costs, selections, surrogates, routing?.replaced ?? []);
     const order = sequences.map((_, i) => i).sort((a, b) => sequences[b]!.length - sequences[a]!.length);
     let done = 0;
     opts.onProgress?.(0, order.length);
@@ -197,6 +202,10 @@ class Accumulator {
   constructor(
     private readonly costs: ModelCosts,
     private readonly selections: Selection[],
+    /** Per selection: its surrogate (rank and MACs per token it runs on), or null. */
+    private readonly surrogates: ({ rank: number; macs: number } | null)[] = [],
+    /** MLP parts replaced by their surrogate: no router, the surrogate on every token. */
+    private readonly replaced: readonly { layer: number; surrogate: { rank: number; macs: number } }[] = [],
   ) {
     this.selected = selections.map(() => 0);
   }
@@ -214,7 +223,15 @@ class Accumulator {
       if (sel.part !== 'mlp') u.attention = selected[i]!;
       if (sel.part !== 'attention') u.mlp = selected[i]!;
       u.routers += 1;
+      const sur = this.surrogates[i];
+      if (sur) u.surrogateMacs = (u.surrogateMacs ?? 0) + sur.macs * (tokens - selected[i]!);
     });
+    for (const r of this.replaced) {
+      const u = usage.layers[r.layer];
+      if (!u) throw new ModcError(`modc.routing replaces layer ${r.layer}'s MLP, but modc.costs has ${this.costs.layers.length} layers`);
+      u.mlp = 0;
+      u.surrogateMacs = (u.surrogateMacs ?? 0) + r.surrogate.macs * tokens;
+    }
     this.macs.executed += executedMacs(this.costs, usage);
     this.macs.dense += executedMacs(this.costs, dense);
     this.kv.held += kvElements(this.costs, usage);
@@ -223,12 +240,28 @@ class Accumulator {
 
   result(sequences: number, routing: EvalResult['routing']): Omit<EvalResult, 'pad'> {
     const nll = this.predicted > 0 ? this.nll / this.predicted : NaN;
-    const routed = new Set(this.selections.map((s) => s.layer));
+    const routed = new Set([...this.selections.map((s) => s.layer), ...this.replaced.map((r) => r.layer)]);
     const layers = this.costs.layers.flatMap((c): LayerEval[] =>
       routed.has(c.layer)
-        ? this.selections.flatMap((s, i) =>
-            s.layer === c.layer ? [{ layer: c.layer, part: s.part, routed: true, selectedFraction: this.selected[i]! / this.fed }] : [],
-          )
+        ? [
+            ...this.selections.flatMap((s, i): LayerEval[] => {
+              if (s.layer !== c.layer) return [];
+              const fraction = this.selected[i]! / this.fed;
+              const sur = this.surrogates[i];
+              return [
+                {
+                  layer: c.layer,
+                  part: s.part,
+                  routed: true,
+                  selectedFraction: fraction,
+                  ...(sur ? { surrogate: { rank: sur.rank, fraction: 1 - fraction } } : {}),
+                },
+              ];
+            }),
+            ...this.replaced
+              .filter((r) => r.layer === c.layer)
+              .map((r) => ({ layer: c.layer, part: 'mlp' as const, routed: true, selectedFraction: 0, surrogate: { rank: r.surrogate.rank, fraction: 1 } })),
+          ]
         : [{ layer: c.layer, part: 'block' as const, routed: false, selectedFraction: 1 }],
     );
     return {
