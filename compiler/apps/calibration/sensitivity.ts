@@ -13,7 +13,7 @@ import { saveModel } from '../../core/io/save.js';
 import { DataType } from '../../core/ir/dtype.js';
 
 import type { Model } from '../../core/ir/model.js';
-import type { RoutingPlan } from '../../routing/routing-plan.js';
+import type { RoutingPlan, Surrogate } from '../../routing/routing-plan.js';
 import { decoderIo, type DecoderIo } from '../../metadata/decoder-io.js';
 import { type EmbeddingSource, TokenEmbedder } from '../../runtime/embeddings.js';
 import { createSession, ort, toFloat32, type SessionOptions } from '../../runtime/ort.js';
@@ -23,10 +23,11 @@ import { compile } from '../../passes/compile.js';
 import { routingOf } from '../../passes/mod-common.js';
 import { readRoutingMetadata } from '../../metadata/routing-metadata.js';
 
-/** A fitted router for one part: score = w . x + bias. */
+/** A fitted router for one part: score = w . x + bias; an MLP part may have a surrogate for the tokens it skips. */
 export interface PartRouter extends PartRef {
   weight: Float32Array;
   bias: number;
+  surrogate?: Surrogate;
 }
 
 /** A bias large enough that every token's score is positive: the part runs on every token. */
@@ -50,7 +51,8 @@ export function partPlan(routers: readonly PartRouter[], gated = false): Routing
     mode: 'threshold',
     gated,
     layers: routers.map((r) => {
-      const entry = { layer: r.layer, part: r.part, router: { layer: r.layer, part: r.part, weight: r.weight, bias: r.bias }, threshold: 0.5, capacity: 1 };
+      const router = { layer: r.layer, part: r.part, weight: r.weight, bias: r.bias, ...(r.surrogate ? { surrogate: r.surrogate } : {}) };
+      const entry = { layer: r.layer, part: r.part, router, threshold: 0.5, capacity: 1 };
       return entry;
     }),
     unconverted: [],

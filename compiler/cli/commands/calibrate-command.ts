@@ -1,7 +1,8 @@
 /** `modc calibrate`: fit routers that keep quality from a model and a little data; write the router file. */
-import { existsSync, mkdirSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
-import { calibrate, checkCalibrateOptions, DEFAULTS, type Progress } from '../../apps/calibration/calibrate.js';
+import { calibrate, checkCalibrateOptions, DEFAULTS, MARGIN_WITHOUT_SURROGATES, type Progress } from '../../apps/calibration/calibrate.js';
 import { readDataset } from '../../apps/data/index.js';
 import type { Granularity } from '../../apps/calibration/parts.js';
 import { routerFileMetadata, writeCalibratedRouters } from '../../apps/calibration/router-file.js';
@@ -51,8 +52,12 @@ export const calibrateCommand: Command = {
     "stream it is added to, on the part's input), measures each part's NLL increase when routed",
     'alone, and routes the parts that cost least per compute saved until the compute fraction',
     '(MACs run / dense MACs) is at most F. Thresholds are set on the data and baked into the',
-    "router biases (p = 0.5). The file's __metadata__ records",
-    'mode, gating, per-part capacities and thresholds, and the calibration report, so',
+    'router biases (p = 0.5). By default each MLP part also gets low-rank linear surrogates of its',
+    'update (ranks of about 5% and 10% of its MACs, tried as alternatives): a token the MLP skips gets',
+    "the surrogate's output, the router predicts the surrogate's error, and a part may be replaced",
+    "by its surrogate on every token (capacity 0). The file's __metadata__ records",
+    'mode, gating, per-part capacities and thresholds, surrogates, the calibration data (path, lines,',
+    'sha256) and the calibration report, so',
     '`modc compile MODEL.onnx --routers ROUTERS.safetensors -o OUT.onnx` needs no other flag.',
     'DATA: one sequence per line, JSON lines {"ids": [1, 2, 3]} or plain text tokenized by the',
     'tokenizer.json beside the model (as for modc eval).',
@@ -73,7 +78,13 @@ export const calibrateCommand: Command = {
       valueName: 'N',
       help: 'tokens per sensitivity measurement (default: about 6 passes over the data in all, 1024-8192 each)',
     },
-    margin: { type: 'string', valueName: 'M', help: `aim M below the target on the calibration data (default ${DEFAULTS.margin})` },
+    margin: {
+      type: 'string',
+      valueName: 'M',
+      help: `aim M below the target on the calibration data (default ${DEFAULTS.margin}, ${MARGIN_WITHOUT_SURROGATES} with --surrogate none)`,
+    },
+    surrogate: { type: 'string', valueName: 'KIND', help: 'lowrank (default): MLP parts get linear surrogates; none: a skipped token gets no update' },
+    'surrogate-ranks': { type: 'string', valueName: 'R,R', help: "surrogate ranks tried per MLP part (default: about 5% and 10% of the MLP's MACs)" },
     json: { type: 'boolean', help: 'print the calibration report as JSON' },
     quiet: { type: 'boolean', short: 'q', help: 'no progress or summary on stderr' },
   },
@@ -94,10 +105,12 @@ export const calibrateCommand: Command = {
       target: oneOf<TargetKind>(values, 'target', TARGET_KINDS) ?? DEFAULTS.target,
       gated: !!values.gated,
       sensitivityTokens: values['sensitivity-tokens'] !== undefined ? intFlag(values, 'sensitivity-tokens', 0, 2) : undefined,
-      margin: numberFlag(values, 'margin') ?? DEFAULTS.margin,
+      margin: numberFlag(values, 'margin'),
+      surrogate: oneOf(values, 'surrogate', ['none', 'lowrank'] as const) ?? DEFAULTS.surrogate,
+      surrogateRanks: ranksFlag(stringFlag(values, 'surrogate-ranks')),
     };
     checkCalibrateOptions(opts);
-    if (!(opts.margin >= 0 && opts.margin < 1)) throw new UsageError(`--margin must be in [0, 1), got ${opts.margin}`);
+    if (opts.margin !== undefined && !(opts.margin >= 0 && opts.margin < 1)) throw new UsageError(`--margin must be in [0, 1), got ${opts.margin}`);
     if (!existsSync(modelPath)) throw new ModcError(`cannot read model ${modelPath}: no such file`);
     const model = loadModel(modelPath);
     checkOutputPath(output, model); // never over the model or its data files; writable, before any work
@@ -113,17 +126,41 @@ export const calibrateCommand: Command = {
     const result = await calibrate(model, sequences, { ...opts, onProgress: reportTo(progressOf(io)) });
     mkdirSync(dirname(resolve(output)), { recursive: true });
     const r = result.report;
-    writeCalibratedRouters(output, result, routerFileMetadata(result, { path: data, tokens: r.tokens, sequences: r.sequences }));
+    const dataRecord = { path: data, ...fileRecord(data), tokens: r.tokens, sequences: r.sequences };
+    writeCalibratedRouters(output, result, routerFileMetadata(result, dataRecord));
     if (values.json) {
-      io.out(JSON.stringify({ output, mode: result.mode, gated: result.gated, ...r }, null, 2));
+      io.out(JSON.stringify({ output, mode: result.mode, gated: result.gated, data: dataRecord, ...r }, null, 2));
     } else if (!quiet) {
       io.err(
         `calibrated on ${r.tokens} tokens (${r.sequences} sequences): dense NLL ${r.denseNll.toFixed(4)}, routed NLL ${r.nll.toFixed(4)}, compute fraction ${r.computeFraction.toFixed(3)} (target ${targetCompute})`,
       );
-      for (const p of r.parts)
-        io.err(`  layer ${p.layer} ${p.part}: capacity ${p.capacity.toFixed(3)}, selected ${p.selectedFraction.toFixed(3)}, fit R2 ${p.r2.toFixed(2)}`);
-      io.err(`wrote ${output}: ${result.routers.length} router(s), ${result.mode}, ${result.gated ? 'gated' : 'ungated'}`);
+      for (const p of r.parts) {
+        const sur = p.surrogate ? `, surrogate rank ${p.surrogate.rank} (R2 ${p.surrogate.r2.toFixed(2)})` : '';
+        if (p.surrogate && p.capacity <= 0) io.err(`  layer ${p.layer} ${p.part}: replaced by its surrogate on every token${sur}`);
+        else
+          io.err(`  layer ${p.layer} ${p.part}: capacity ${p.capacity.toFixed(3)}, selected ${p.selectedFraction.toFixed(3)}, fit R2 ${p.r2.toFixed(2)}${sur}`);
+      }
+      io.err(
+        `wrote ${output}: ${result.routers.length} router(s)${result.replaced.length ? `, ${result.replaced.length} MLP(s) replaced by surrogates` : ''}, ${result.mode}, ${result.gated ? 'gated' : 'ungated'}`,
+      );
     }
     return 0;
   },
 };
+
+/** `--surrogate-ranks 16,32`: positive integers. */
+function ranksFlag(v: string | undefined): number[] | undefined {
+  if (v === undefined) return undefined;
+  const ranks = v.split(',').map((x) => Number(x.trim()));
+  if (ranks.length === 0 || ranks.some((r) => !(Number.isInteger(r) && r >= 1)))
+    throw new UsageError(`--surrogate-ranks must be a comma-separated list of integers >= 1, got '${v}'`);
+  return ranks;
+}
+
+/** The data file's lines and sha256, as the router file records them. */
+function fileRecord(path: string): { lines: number; sha256: string } {
+  const bytes = readFileSync(path);
+  const text = bytes.toString('utf8');
+  const lines = text.split('\n').filter((l) => l.trim() !== '').length;
+  return { lines, sha256: createHash('sha256').update(bytes).digest('hex') };
+}
