@@ -2,13 +2,16 @@
  * `npm run fuzz -- --minutes N --seed S`: the seeded mutation fuzzer's long run (see
  * docs/reliability.md). Mutates the fixtures (and compiled versions of them) at the protobuf and IR
  * level, runs each case through load -> inspect -> analyse -> compile -> save in a child process
- * with a time limit, loads a sample in ONNX Runtime, and writes a reproducer per distinct failure.
+ * with a time limit, loads a sample in ONNX Runtime, checks that compiling a sample of those
+ * keeps the model's meaning (all-pass against the original, random routers against the reference
+ * executor), and writes a reproducer per distinct failure.
  *
  *   --minutes N      stop after N minutes (default 1)
  *   --cases N        ... or after N cases
  *   --seed S         run seed (default 1)
  *   --workers W      child processes (default: CPU count)
  *   --ort-sample R   fraction of accepted cases loaded in ONNX Runtime (default 0.05)
+ *   --diff-sample R  fraction of those whose input loads that also run the differential check (default 1)
  *   --timeout-ms T   a case slower than this is a hang (default 30000)
  *   --out DIR        reproducers (default fuzz-out/)
  *   --models DIR     also use the models in DIR's subfolders as seeds
@@ -16,21 +19,20 @@
  *   --json           print the final figures as JSON
  * Exit code: 0 when no failure was found, 1 otherwise.
  */
-import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
-import { fuzz, type FuzzStats, WITH_MEMORY_LIMIT } from '../test/fuzz/pool.js';
-import { runCase } from '../test/fuzz/run-case.js';
+import { fuzz, type FuzzStats } from '../test/fuzz/pool.js';
+import type { Outcome } from '../test/fuzz/run-case.js';
 import { modelFolders, seedModels } from '../test/fuzz/seeds.js';
 
 function summary(s: FuzzStats): string {
   const o = s.outcomes;
   const rate = s.ms ? (s.cases / (s.ms / 1000)).toFixed(1) : '0';
   return [
-    `${s.cases} cases in ${(s.ms / 1000).toFixed(0)} s (${rate}/s): refused ${o.refused}, accepted ${o.accepted}; crash ${o.crash}, hang ${o.hang}, multi-line ${o['multi-line']}, ort-rejected ${o['ort-rejected']}, unloadable-output ${o['unloadable-output']}`,
-    `ORT checks: ${s.ortChecked} accepted cases loaded, ${s.ortInputLoaded} with an input ORT loads; distinct failures: ${s.failures.length}`,
+    `${s.cases} cases in ${(s.ms / 1000).toFixed(0)} s (${rate}/s): refused ${o.refused}, accepted ${o.accepted}; crash ${o.crash}, hang ${o.hang}, multi-line ${o['multi-line']}, ort-rejected ${o['ort-rejected']}, unloadable-output ${o['unloadable-output']}, mismatch ${o.mismatch}`,
+    `ORT checks: ${s.ortChecked} accepted cases loaded, ${s.ortInputLoaded} with an input ORT loads; differential checks: ${s.diffPassed} passed, ${o.mismatch} mismatched, ${Object.values(s.diffSkipped).reduce((a, n) => a + n, 0)} not run; distinct failures: ${s.failures.length}`,
   ].join('\n');
 }
 
@@ -42,6 +44,7 @@ async function main(): Promise<number> {
       seed: { type: 'string' },
       workers: { type: 'string' },
       'ort-sample': { type: 'string' },
+      'diff-sample': { type: 'string' },
       'timeout-ms': { type: 'string' },
       out: { type: 'string' },
       models: { type: 'string', multiple: true },
@@ -55,21 +58,24 @@ async function main(): Promise<number> {
     if (!Number.isFinite(n) || n < 0) throw new Error(`not a number: ${v}`);
     return n;
   };
-  if (values.replay && !process.env.MODC_FUZZ_LIMITED) {
-    // Under the workers' memory limit, so a replay ends as the case did.
-    const r = spawnSync('/bin/sh', ['-c', WITH_MEMORY_LIMIT, process.execPath, ...process.execArgv, process.argv[1]!, ...process.argv.slice(2)], {
-      stdio: 'inherit',
-      env: { ...process.env, MODC_FUZZ_LIMITED: '1' },
-    });
-    return r.status ?? 1;
-  }
   if (values.replay) {
+    // Through the pool, as the case ran: a worker under the memory limit, the same time limits,
+    // and a process that dies classified by the stage it died in.
     const c = JSON.parse(readFileSync(values.replay, 'utf8')) as { fixture: string; seed: number; index: number; kind: string };
-    const work = mkdtempSync(join(tmpdir(), 'modc-replay-'));
-    const o = await runCase({ fixture: c.fixture, seed: c.seed, index: c.index, ort: true, work });
-    rmSync(work, { recursive: true, force: true });
-    console.log(JSON.stringify(o, null, 2));
-    return o.kind === 'refused' || o.kind === 'accepted' ? 0 : 1;
+    let outcome: Outcome | undefined;
+    await fuzz({
+      fixtures: [c.fixture],
+      seed: c.seed,
+      start: c.index,
+      cases: 1,
+      workers: 1,
+      ortSample: 1,
+      diffSample: 1,
+      timeoutMs: num(values['timeout-ms'], 30_000),
+      onOutcome: (_spec, o) => (outcome = o),
+    });
+    console.log(JSON.stringify(outcome, null, 2));
+    return outcome && (outcome.kind === 'refused' || outcome.kind === 'accepted') ? 0 : 1;
   }
   const scratch = mkdtempSync(join(tmpdir(), 'modc-fuzz-seeds-'));
   try {
@@ -90,6 +96,7 @@ async function main(): Promise<number> {
       durationMs: Number.isFinite(minutes) ? minutes * 60_000 : undefined,
       workers: num(values.workers, availableParallelism()),
       ortSample: num(values['ort-sample'], 0.05),
+      diffSample: num(values['diff-sample'], 1),
       timeoutMs: num(values['timeout-ms'], 30_000),
       reproDir: out,
       progress: (s) => console.error(summary(s).split('\n')[0]),
@@ -101,6 +108,11 @@ async function main(): Promise<number> {
           .map(([k, n]) => `${k} ${n}`)
           .join(', ')}`,
       );
+      const skips = Object.entries(stats.diffSkipped).sort((a, b) => b[1] - a[1]);
+      if (skips.length) {
+        console.log('differential checks not run:');
+        for (const [why, n] of skips.slice(0, 8)) console.log(`  ${String(n).padStart(6)}  ${why}`);
+      }
       console.log('most common refusals:');
       for (const [sig, n] of Object.entries(stats.refusals)
         .sort((a, b) => b[1] - a[1])

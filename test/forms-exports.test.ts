@@ -61,6 +61,21 @@ describe('GroupQueryAttention decoder with state outside every layer, added into
   it('a random-router compile verifies against the reference', async () => {
     await compileAndVerify(model, 'suffix-state-random', ['--router-init', 'random']);
   });
+
+  it('the same sum over the logits without the padding mask couples the tokens: no layer is converted, naming the node', async () => {
+    const m = buildFormDecoder(CONFIG, SEED, { attention: 'gqa', suffixState: true });
+    const sum = m.graph.nodes.find((n) => n.opType === 'ReduceSum' && n.name.startsWith('/model/suffix_state'))!;
+    const masked = sum.input(0)!.producer!;
+    expect(masked.opType).toBe('Mul');
+    sum.setInput(0, masked.input(0)!); // the raw logits, padding rows included
+    const path = writeFormModel(m, join(tmp, 'suffix-unmasked', 'model.onnx'));
+    const res = await runCli('compile', path, '-o', join(tmp, 'suffix-unmasked-out', 'model.onnx'), '--router-init', 'all-pass');
+    expectOneLineError(
+      res,
+      1,
+      /^modc: no layer was converted \(layer 0: the model couples tokens after its last layer: ReduceSum node '\/model\/suffix_state\/ReduceSum' reduces over the token axis/,
+    );
+  });
 });
 
 describe('onnxruntime-genai fp16 Llama whose shared mask reads the past length off past_key_values.0.key (unsorted, external data)', () => {

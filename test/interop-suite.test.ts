@@ -14,7 +14,13 @@ const tmp = tempDir('modc-interop-harness');
 describe('the interop suite', () => {
   it('reads the exports in place from ../shared/models beside the clone, one entry per export', () => {
     expect(SHARED_MODELS).toBe(resolve(ROOT, '..', 'shared', 'models'));
-    expect(REAL_EXPORTS.map((e) => e.name)).toEqual(['ort-gpt2-fused', 'ort-qwen2-gqa', 'mobius-attn24-dynamic-kv', 'mobius-gqa-fp16-packed']);
+    expect(REAL_EXPORTS.map((e) => e.name)).toEqual([
+      'ort-gpt2-fused',
+      'ort-qwen2-gqa',
+      'mobius-attn24-dynamic-kv',
+      'mobius-gqa-fp16-packed',
+      'ort-gpt2-megatron-4dmask',
+    ]);
   });
 
   it('without the folder: one line naming what is missing and where to get it', () => {

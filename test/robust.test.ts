@@ -17,6 +17,8 @@ import { AttributeType, decodeModelProto, encodeModelProto, int64ToNumber } from
 import { readRoutingMetadata } from '../compiler/metadata/routing-metadata.js';
 import { runPipeline } from '../compiler/passes/pass-manager.js';
 import { createSession } from '../compiler/runtime/ort.js';
+import { ModSession } from '../compiler/runtime/session.js';
+import { worstReal } from '../compiler/apps/verify/verify.js';
 import { expectOneLineError, runCli, tempDir } from './helpers.js';
 
 const FIX = join(import.meta.dirname, '..', 'fixtures');
@@ -365,6 +367,44 @@ describe('outputs ONNX Runtime would reject', () => {
     cpSync(join(FIX, 'llama-builder-tiny'), dir, { recursive: true });
     writeFileSync(join(dir, 'model.onnx'), encodeModelProto(modelToProto(m, (v) => v.initializer!.proto)));
     await expect(createSession(join(dir, 'model.onnx'))).rejects.toThrow(/Type Error/);
+  });
+});
+
+describe('compiles that do not keep the meaning (the differential check)', () => {
+  /** A norm's ReduceMean in forms-nbits-tiny reducing over `axes` (the mutation: its axes attribute changed). */
+  const reduceOver = (name: string, axes: number[]) =>
+    mutant('forms-nbits-tiny', (m) => {
+      const n = m.graph!.node.find((x) => x.name === name)!;
+      n.attribute.find((a) => a.name === 'axes')!.ints = axes;
+    });
+  const ROWS = [
+    [5, 6, 7, 8, 9, 10, 11],
+    [12, 13, 14],
+    [15, 16, 17, 18, 19],
+  ];
+
+  it('a norm reducing over every axis, tokens included (fuzz seed 41, case 1690): every layer up to it stays dense, naming the node', async () => {
+    const path = reduceOver('/model/layers.2/post_attention_layernorm/ReduceMean', []);
+    const res = await runCli('compile', path, '-o', join(tmp, `c${counter++}`, 'model.onnx'), '--router-init', 'all-pass');
+    expectOneLineError(
+      res,
+      1,
+      /^modc: no layer was converted \(layer 0: layer 2 couples tokens: ReduceMean node '\/model\/layers\.2\/post_attention_layernorm\/ReduceMean' reduces over the token axis of .* \(axis 1\), so the selected tokens alone cannot reproduce it; routing it or a layer before it would change what that node reads; layers 1, 2 also stayed dense\)/,
+    );
+  });
+
+  it('a norm reducing over the tokens in layer 1: layers 0 and 1 stay dense, layer 2 routes, and every-token routing reproduces the original with padding on either side', async () => {
+    const path = reduceOver('/model/layers.1/input_layernorm/ReduceMean', [1]);
+    const out = join(tmp, `c${counter++}`, 'model.onnx');
+    const res = await runCli('compile', path, '-o', out, '--router-init', 'all-pass', '--ungated', '--json');
+    expect(res.code, res.stderr).toBe(0);
+    const routing = JSON.parse(res.stdout).routing;
+    expect(routing.converted.map((l: { layer: number }) => l.layer)).toEqual([2]);
+    expect(routing.notConverted.map((l: { layer: number }) => l.layer)).toEqual([0, 1]);
+    for (const pad of ['left', 'right'] as const) {
+      const [a, b] = await Promise.all([ModSession.create(path), ModSession.create(out)]);
+      expect(worstReal(await a.forward(ROWS, { pad }), await b.forward(ROWS, { pad }), ROWS, pad), pad).toBeLessThan(1e-4);
+    }
   });
 });
 

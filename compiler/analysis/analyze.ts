@@ -41,7 +41,7 @@ export function analyzeDecoder(model: Model, opts: AnalyzeOptions = {}): Decoder
   const classifier = new SideInputClassifier(graph, facts, isPrefix);
   const layers = buildLayers(graph, steps, ownership, embedding.info, classifier, ctx);
   explainBoundaries(layers, explain);
-  const final = finalInfo(graph, steps, ownership, layers.length, opts, explain, dependent);
+  const final = finalInfo(graph, facts, steps, ownership, layers.length, opts, explain, dependent);
   const first = layers.find((l) => l.attention.form !== 'recurrent');
   if (!first)
     throw new ModcError(`no attention layer: all ${layers.length} layers mix tokens through state only (recurrent), and modc routes attention layers`);
@@ -146,6 +146,7 @@ function explainBoundaries(layers: readonly LayerInfo[], explain: Explanation[])
 /** The end of the stream, checked: logits come after it and no attention follows the last layer. */
 function finalInfo(
   graph: Graph,
+  facts: GraphFacts,
   steps: readonly StreamStep[],
   ownership: NodeOwnership,
   layerCount: number,
@@ -161,9 +162,16 @@ function finalInfo(
   const suffix = graph.nodes.filter((n) => ownership.nodeLayer.get(n) === layerCount);
   const stray = suffix.find((n) => fusedAttentionSchema(n) || n.opType === 'Softmax');
   if (stray) {
+    // Post-norm: the stream itself passes through a norm between layers, which no step can add to.
+    const through = end ? finalNormAfter(end) : null;
+    if (through) {
+      throw new ModcError(
+        `a post-norm residual stream: ${endText} after layer ${layerCount - 1} passes through ${through.describe()} before ${stray.describe()} (the norm is applied to the stream itself, not to a copy a branch reads); modc routes pre-norm residual streams only`,
+      );
+    }
     const why = [...explain].reverse().find((e) => e.verdict === 'rejected');
     throw new ModcError(
-      `the residual stream ends at ${endText} after layer ${layerCount - 1}, but ${stray.describe()} follows it: expected an Add of the stream and a branch computed from a normalised copy of it${why ? ` (last rejected: ${why.subject}: ${why.reason})` : ''}`,
+      `the residual stream ends at ${endText} after layer ${layerCount - 1}, but ${stray.describe()} follows it: expected an Add of the stream and a branch computed from it${why ? ` (last rejected: ${why.subject}: ${why.reason})` : ''}`,
     );
   }
   const step = end ? untakenStep(suffix, end, dependent) : null;
@@ -177,8 +185,45 @@ function finalInfo(
     throw new ModcError(`logits ${logits} is not computed from the end of the residual stream (${endText})`);
   }
   const norm = last.kind !== 'Add' ? last.node : finalNormAfter(end!);
-  explain.push({ subject: norm?.describe() ?? endText, verdict: 'note', reason: `final norm before lm_head; stream ends at ${endText}` });
-  return { residual: end, norm, logits };
+  const projection = vocabularyProjection(logits, new Set(suffix), facts);
+  const kind = projection ? 'logits' : 'hidden';
+  explain.push({
+    subject: norm?.describe() ?? endText,
+    verdict: 'note',
+    reason: projection
+      ? `final norm before lm_head (${projection.describe()}); stream ends at ${endText}`
+      : `final norm; stream ends at ${endText}; the output ${logits} holds hidden states: no vocabulary projection follows the stream`,
+  });
+  return { residual: end, norm, logits, kind };
+}
+
+/** Ops that project activations by a weight (lm_head's forms, float and quantized). */
+const PROJECTIONS = new Set([
+  'MatMul',
+  'Gemm',
+  'FusedMatMul',
+  'MatMulNBits',
+  'MatMulInteger',
+  'MatMulIntegerToFloat',
+  'QGemm',
+  'QLinearMatMul',
+  'DynamicQuantizeMatMul',
+]);
+
+/** The weight projection the output is computed through after the stream, if any (lm_head). */
+function vocabularyProjection(output: Value, suffix: ReadonlySet<Node>, facts: GraphFacts): Node | null {
+  const seen = new Set<Value>();
+  const stack = [output];
+  while (stack.length) {
+    const v = stack.pop()!;
+    if (seen.has(v)) continue;
+    seen.add(v);
+    const p = v.producer;
+    if (!p || !suffix.has(p)) continue;
+    if (PROJECTIONS.has(p.opType) && p.inputs.some((x) => x !== null && facts.isConstant(x))) return p;
+    for (const i of p.inputs) if (i && !facts.isConstant(i)) stack.push(i);
+  }
+  return null;
 }
 
 /**

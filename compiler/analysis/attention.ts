@@ -11,7 +11,8 @@ import type { Node, Value } from '../core/ir/graph.js';
 import { DataType } from '../core/ir/dtype.js';
 import type { GraphFacts } from './graph-facts.js';
 import { fusedAttentionSchema, isDefaultDomain, isStandardAttention, isTensorScatter, SCORE_PASS_THROUGH, type FusedAttentionSchema } from './ops.js';
-import type { AttentionCore, KvCacheSpec, KvTensor } from './types.js';
+import { staticMaskSemantics, type StaticMaskContext, type StaticMaskSemantics } from './static-mask.js';
+import { kvSequenceAxis, type AttentionCore, type KvCacheSpec, type KvTensor } from './types.js';
 
 export interface AttentionContext {
   facts: GraphFacts;
@@ -380,20 +381,86 @@ export function slotNumbered(core: AttentionCore): { node: Node; rotary: boolean
 }
 
 /**
+ * The static-cache context of a standard Attention reading TensorScatter buffers: the inputs its
+ * mask may be computed from (compiler/analysis/static-mask.ts).
+ */
+function staticMaskContext(core: AttentionCore & { node: Node }): StaticMaskContext {
+  const graph = core.node.graph;
+  const inputs = new Set(graph?.inputs ?? []);
+  const source = (v: Value | null): Value | null => {
+    for (let cur = v, hops = 0; cur && hops < 4; hops++) {
+      if (inputs.has(cur)) return cur;
+      const p = cur.producer;
+      cur = p && (p.opType === 'Cast' || p.opType === 'Identity') ? p.input(0) : null;
+    }
+    return v;
+  };
+  const buffers = new Map<Value, number>();
+  for (const n of graph?.nodes ?? []) {
+    if (!isTensorScatter(n)) continue;
+    const rank = n.input(0)?.shape?.length ?? 3;
+    const axis = ((n.attrInt('axis', -2) ?? -2) + rank) % rank;
+    for (const v of [n.input(0), n.outputs[0]]) if (v) buffers.set(v, axis);
+  }
+  const seqAxis = kvSequenceAxis(core.kv.layout);
+  const length = core.kv.key.input.shape?.[seqAxis];
+  return {
+    write: source(core.kv.writes?.key.input(2) ?? null),
+    nonpad: source(core.node.input(6)),
+    buffers,
+    length: typeof length === 'number' ? length : null,
+    tokenInputs: new Set([...inputs].filter((v) => ['input_ids', 'inputs_embeds', 'position_ids'].includes(v.name))),
+  };
+}
+
+const staticMasks = new WeakMap<Value, StaticMaskSemantics | { reason: string }>();
+
+/** What the attn_mask of a static-cache layer computes, or why it cannot be read; null for other layers. */
+export function staticMaskOf(core: AttentionCore): StaticMaskSemantics | { reason: string } | null {
+  if (core.form !== 'StandardAttention' || !core.kv.writes) return null;
+  const mask = core.node.input(3);
+  if (!mask) return null;
+  let m = staticMasks.get(mask);
+  if (!m) {
+    m = staticMaskSemantics(mask, staticMaskContext(core));
+    staticMasks.set(mask, m);
+  }
+  return m;
+}
+
+/**
+ * The sliding window (in slots of the original buffer, which are positions) a static-cache
+ * layer's mask applies, or null. A compacted layer applies it by original position
+ * (compiler/passes/static-cache.ts).
+ */
+export function staticWindow(core: AttentionCore): number | null {
+  const m = staticMaskOf(core);
+  return m && !('reason' in m) ? m.window : null;
+}
+
+/**
  * Why a layer's KV cache cannot be compacted, or null. GroupQueryAttention's local_window_size
  * (sliding-window attention) counts cache slots; a compacted layer gets it as a mask by original
  * position instead (compiler/passes/window-mask.ts), which needs the positions of this call's tokens
  * (its position_ids input, or attention_mask) and no attention_bias of its own to merge with.
+ * A static cache's attn_mask must be read as causality, a window and validity (static-mask.ts);
+ * its window too is then applied by original position (compiler/passes/static-cache.ts).
  * Such a layer otherwise stays dense (its MLP part may still route).
  */
 export function kvCompactionBlocker(core: AttentionCore): string | null {
   if (core.form === 'StandardAttention' && core.kv.writes && core.node.inputs[3] && readsPositions(core.node.inputs[3])) {
     return `the attn_mask of ${core.node.describe()} is computed from position_ids: it compares cache slots with positions, which a compacted buffer renumbers; the layer's KV cache is kept full`;
   }
-  const staticMask = core.form === 'StandardAttention' && core.kv.writes ? core.node.inputs[3] : null;
-  const comparisons = staticMask ? comparisonsBehind(staticMask) : 0;
-  if (comparisons > 1 && core.form === 'StandardAttention') {
-    return `the attn_mask of ${core.node.describe()} makes ${comparisons} comparisons of cache slots (a sliding window or block overlay counts slots, which a compacted buffer renumbers; modc rebuilds only the causal one); the layer's KV cache is kept full`;
+  const mask = staticMaskOf(core);
+  if (mask && core.form === 'StandardAttention') {
+    const causalOp = core.node.attrInt('is_causal', 0) === 1;
+    if ('reason' in mask) return `the attn_mask of ${core.node.describe()} ${mask.reason}; the layer's KV cache is kept full`;
+    if (!mask.causal && !causalOp) {
+      return `the attn_mask of ${core.node.describe()} does not hide later slots (no slot <= write_indices + t) and is_causal=0: modc routes causal attention only; the layer's KV cache is kept full`;
+    }
+    if (mask.window !== null && causalOp) {
+      return `${core.node.describe()} takes a sliding-window attn_mask with is_causal=1, which modc does not rebuild by position; the layer's KV cache is kept full`;
+    }
   }
   if (core.form === 'StandardAttention' && core.kv.layout === 'BHTD' && !core.node.inputs[3] && core.node.attrInt('is_causal', 0) !== 1) {
     return `${core.node.describe()} has neither an attn_mask nor is_causal=1: modc routes causal attention only`;
@@ -413,23 +480,4 @@ export function kvCompactionBlocker(core: AttentionCore): string | null {
 /** Whether `v` is computed from the position_ids graph input through data (not only its shape). */
 function readsPositions(v: Value): boolean {
   return [...dataUpstream(v)].some((x) => x.name === 'position_ids' && !x.producer);
-}
-
-const COMPARISONS = new Set(['Less', 'LessOrEqual', 'Greater', 'GreaterOrEqual']);
-
-/** Comparison nodes `v` is computed from (shape arithmetic left out): a static cache's causal mask makes one. */
-function comparisonsBehind(v: Value): number {
-  const stack = [v];
-  const seen = new Set<Value>();
-  const nodes = new Set<Node>();
-  while (stack.length) {
-    const x = stack.pop()!;
-    if (seen.has(x)) continue;
-    seen.add(x);
-    const p = x.producer;
-    if (!p || p.opType === 'Shape') continue;
-    if (COMPARISONS.has(p.opType)) nodes.add(p);
-    for (const i of p.inputs) if (i) stack.push(i);
-  }
-  return nodes.size;
 }

@@ -10,6 +10,11 @@
  * weighted sum of V. A router costs H per token per routed part, lm_head H * V per token;
  * embeddings and norms cost nothing here. A surrogate (an MLP part's linear stand-in,
  * s(u) = (u A) B + c) costs 2 H rank per token it runs on (RowUsage's `surrogateMacs`).
+ *
+ * A mixture-of-experts MLP in one com.microsoft MoE / QMoE op runs each token through its top k
+ * experts: k times one expert's fc1 + fc2 (+ fc3) weight elements per token (QMoE's packed
+ * weights counted unpacked, 8 / expert_weight_bits values per byte), plus the gate MatMul that
+ * scores the experts.
  */
 import type { Node, Value } from '../core/ir/graph.js';
 import type { Model } from '../core/ir/model.js';
@@ -55,7 +60,30 @@ const WEIGHT_MACS: Record<string, (n: Node, weights: ReadonlySet<Value>) => numb
   QLinearMatMul: (n, w) => weightOperands(n, w, [0, 3]),
   QGemm: (n, w) => weightOperands(n, w, [3]),
   QAttention: (n, w) => weightOperands(n, w, [1]),
+  // com.microsoft MoE: input, router_probs, fc1, fc1 bias, fc2, fc2 bias, fc3, fc3 bias.
+  MoE: (n, w) => expertMacs(n, w, [2, 4, 6], 1),
+  // com.microsoft QMoE: input, router_probs, fc1, fc1 scales, fc1 bias, fc2, fc2 scales, fc2 bias, fc3, ...
+  QMoE: (n, w) => expertMacs(n, w, [2, 5, 8], 8 / (n.attrInt('expert_weight_bits', 4) || 4)),
 };
+
+/** k experts per token, each costing its share of the expert weights (`pack` values per stored element). */
+function expertMacs(n: Node, weights: ReadonlySet<Value>, slots: number[], pack: number): number {
+  const fc1 = n.input(slots[0]!);
+  const experts = fc1 ? leadingDim(fc1) : null;
+  if (!experts) return 0;
+  const perExpert = (weightOperands(n, weights, slots) * pack) / experts;
+  return (n.attrInt('k', 1) ?? 1) * perExpert;
+}
+
+/** Dim 0 of a constant weight (its initializer's, through casts). */
+function leadingDim(v: Value): number | null {
+  for (let cur: Value | null = v, hops = 0; cur && hops < 8; hops++) {
+    const d = (cur.initializer?.dims ?? cur.shape)?.[0];
+    if (typeof d === 'number') return d;
+    cur = cur.producer?.input(0) ?? null;
+  }
+  return null;
+}
 
 function weightOperands(n: Node, weights: ReadonlySet<Value>, slots: number[]): number {
   let macs = 0;
@@ -105,7 +133,8 @@ export function layerCost(layer: LayerInfo): LayerCost {
 
 export function modelCosts(s: DecoderStructure): ModelCosts {
   const vocab = s.final.logits.shape?.at(-1);
-  const vocabSize = typeof vocab === 'number' ? vocab : ((s.embedding.table.shape?.[0] as number | undefined) ?? 0);
+  // A hidden-states output has no lm_head (its last dim is the hidden size, not a vocabulary).
+  const vocabSize = s.final.kind === 'hidden' ? 0 : typeof vocab === 'number' ? vocab : ((s.embedding.table.shape?.[0] as number | undefined) ?? 0);
   return { hiddenSize: s.hiddenSize, vocabSize, router: s.hiddenSize, lmHead: s.hiddenSize * vocabSize, layers: s.layers.map(layerCost) };
 }
 

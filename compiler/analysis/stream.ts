@@ -1,9 +1,15 @@
 /**
  * Walks the residual stream forward from its start. A step is an Add (or a fused skip-norm)
  * with the current stream value as one operand and, as the other, a branch computed from a
- * normalised copy of a stream value of the current layer. A step whose branch holds an
+ * stream value of the current layer: usually from a normalised copy of it (the norm is recorded
+ * as evidence), or from the value itself in a layer with no norm. A step whose branch holds an
  * attention core starts a new layer, which covers sequential pre-norm (two adds per layer)
  * and parallel residual (one add of attn + mlp, or two adds) alike.
+ *
+ * What keeps other adds out needs no norm: a bias add's other operand is a constant, a mask
+ * add's operands are not stream values, and the branch must depend on a stream value of this
+ * layer. A post-norm model (the stream itself passes through the norm) ends the walk at its
+ * first norm; the analysis then refuses it by name (analyze.ts).
  */
 import { ModcError } from '../core/errors.js';
 import type { Node, Value } from '../core/ir/graph.js';
@@ -83,11 +89,8 @@ class StreamWalker {
     }
     if (startsLayer) this.layer++;
     const what = startsLayer ? `starts layer ${this.layer} (${trial.step.attention!.form} attention in the branch)` : `continues layer ${this.layer}`;
-    this.note(
-      c.node,
-      'accepted',
-      `residual step: ${current} + ${trial.step.branch}; ${what}; branch reads a normalised copy via ${trial.step.norm.node.describe()}`,
-    );
+    const via = trial.step.norm ? `branch reads a normalised copy via ${trial.step.norm.node.describe()}` : `branch reads ${trial.step.input} with no norm`;
+    this.note(c.node, 'accepted', `residual step: ${current} + ${trial.step.branch}; ${what}; ${via}`);
     return { ...trial.step, layer: this.layer };
   }
 
@@ -159,10 +162,14 @@ class StreamWalker {
     if (cores.length > 1) return { reason: `its branch holds ${cores.length} attention cores; one per layer is supported` };
     const allowed = cores.length ? new Set([current]) : new Set([...this.layerValues, current]);
     const norm = findNormEvidence(walk, allowed, this.state);
-    if (!norm)
-      return {
-        reason: `its branch ${branch} is not computed from a normalised copy of a stream value of this layer (no norm op, decomposed norm or fused norm output reads it)`,
-      };
+    // No norm: the branch reads a stream value of this layer directly (the latest one it reads).
+    const read = norm
+      ? null
+      : [...walk.reads.keys()]
+          .filter((v) => allowed.has(v))
+          .sort((a, b) => this.streamOrder(a) - this.streamOrder(b))
+          .at(-1);
+    if (!norm && !read) return { reason: `its branch ${branch} is computed from no stream value of this layer` };
     const kind = skipNormOp(c.node) ?? 'Add';
     const sumOut = kind === 'Add' ? c.node.output(0) : c.node.outputs[SKIP_SUM_OUTPUT];
     const sum = sumOut && sumOut.name !== '' ? sumOut : null;
@@ -179,10 +186,16 @@ class StreamWalker {
         carry,
         carried,
         norm,
+        input: norm?.of ?? read!,
         branchNodes,
         attention: cores[0] ?? null,
       },
     };
+  }
+
+  /** Stream values in the order the walk accepted them. */
+  private streamOrder(v: Value): number {
+    return [...this.streamValues].indexOf(v);
   }
 
   private note(node: Node, verdict: Explanation['verdict'], reason: string): void {
@@ -202,7 +215,7 @@ export function walkResidualStream(start: EmbeddingFound, ctx: StreamContext, ex
     const why = explain.find((e) => e.verdict === 'rejected');
     const detail = why ? ` (${why.subject}: ${why.reason})` : '';
     throw new ModcError(
-      `no residual stream: expected an Add fed by the embedding output ${out} and a branch computed from a normalised copy of it; ${out} is read by ${readers}${detail}`,
+      `no residual stream: expected an Add fed by the embedding output ${out} and a branch computed from it (usually through a norm); ${out} is read by ${readers}${detail}`,
     );
   }
   return steps;

@@ -53,9 +53,9 @@ export function subLayersOf(layer: LayerInfo, graphOutputs: ReadonlySet<Value>):
   let parallel: boolean;
   if (steps.length === 2 && steps[0]!.attention && !steps[1]!.attention) {
     const [a, m] = steps as [(typeof steps)[0], (typeof steps)[0]];
-    const mlpInput = m.norm.of;
-    if (!mlpInput || (mlpInput !== x && mlpInput !== a.carried))
-      return { reason: `its MLP step ${m.node.describe()} reads a normalised copy of neither the layer input nor the stream after attention` };
+    const mlpInput = m.input;
+    if (mlpInput !== x && mlpInput !== a.carried)
+      return { reason: `its MLP step ${m.node.describe()} is computed from neither the layer input nor the stream after attention` };
     parallel = mlpInput === x;
     parts = [
       { part: 'attention', input: x, update: a.branch, join: a.node, nodes: own(withCacheNodes(layer, a.branchNodes)) },

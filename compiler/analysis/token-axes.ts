@@ -126,11 +126,19 @@ function step(n: Node, slot: number, fact: AxisFact, f: GraphFacts): AxisFact | 
 }
 
 /**
- * Axis facts for every value computed from `origin` through the nodes `within` accepts (the
- * prefix). When two operands carry the origin with different axes the result is unknown.
+ * Axis facts for every value computed from `origin` (of `rank`, by default its known rank)
+ * through the nodes `within` accepts (the prefix, or a routed region). When two operands carry
+ * the origin with different axes the result is unknown.
  */
-export function trackAxes(graph: Graph, origin: Value, axes: number[], facts: GraphFacts, within: (n: Node) => boolean): Map<Value, AxisFact> {
-  const known = new Map<Value, AxisFact>([[origin, { rank: facts.rank(origin) ?? axes.length, axes }]]);
+export function trackAxes(
+  graph: Graph,
+  origin: Value,
+  axes: number[],
+  facts: GraphFacts,
+  within: (n: Node) => boolean,
+  rank: number = facts.rank(origin) ?? axes.length,
+): Map<Value, AxisFact> {
+  const known = new Map<Value, AxisFact>([[origin, { rank, axes }]]);
   for (const n of graph.nodes) {
     if (!within(n)) continue;
     let result: AxisFact | null | undefined;

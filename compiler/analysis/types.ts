@@ -108,7 +108,10 @@ export interface StreamStep {
   carry: Node[];
   /** The new stream value: `sum`, or the output of the last `carry` node. */
   carried: Value | null;
-  norm: NormEvidence;
+  /** How the branch normalises its input; null for a branch that reads the stream with no norm. */
+  norm: NormEvidence | null;
+  /** The stream value of this layer the branch is computed from: the one its norm normalises, or the one it reads. */
+  input: Value;
   /** Nodes computing the branch (between the stream and this step), in graph order. */
   branchNodes: Node[];
   attention: AttentionCore | null;
@@ -208,7 +211,14 @@ export interface FinalInfo {
   residual: Value | null;
   /** The final norm node (the fused exit boundary when `residual` is null), if recognised. */
   norm: Node | null;
+  /** The model's output: logits, or (kind 'hidden') the hidden states. */
   logits: Value;
+  /**
+   * 'logits' when a vocabulary projection (a MatMul/Gemm-like op with a constant weight) lies
+   * between the end of the stream and the output; 'hidden' when none does (the output is the
+   * final norm's, a decoder whose lm_head lives elsewhere).
+   */
+  kind: 'logits' | 'hidden';
 }
 
 /** How the attention mask reaches the layers, and the shared nodes that build it. */

@@ -34,7 +34,8 @@ export interface KvBinding {
    * modc-compiled layer whose cache slots carry an index, int64 [B, P_l] in and out (zero-wide at
    * the start), carried like the cache: a sliding-window layer's original position of each slot
    * (`past_positions.l`), or, in a model reading the caller's 4-D mask, each slot's sequence index
-   * (`past_sequence_indices.l`).
+   * (`past_sequence_indices.l`). Beside a static cache, a sliding-window layer's positions are a
+   * buffer like it, [B, max length] (zeros at the start), written at past_lengths.l.
    */
   pastPositions: string | null;
   presentPositions: string | null;
@@ -362,8 +363,7 @@ function emptyBinding(layer: number, v: Value, inputs: Map<string, Value>, outpu
     pastLength: inputs.has(pastLengthName(layer)) ? pastLengthName(layer) : null,
     presentLength: outputs.has(presentLengthName(layer)) ? presentLengthName(layer) : null,
     maxLength: null,
-    pastPositions: null,
-    presentPositions: null,
+    ...slotIndices(layer, inputs, outputs),
   };
 }
 

@@ -20,7 +20,7 @@
 import { ModcError } from '../core/errors.js';
 import { DataType } from '../core/ir/dtype.js';
 import type { Node, Value } from '../core/ir/graph.js';
-import { logitsPositions, writeLogitsPositions } from '../metadata/logits-metadata.js';
+import { logitsPositions, requireLogits, writeLogitsPositions } from '../metadata/logits-metadata.js';
 import { decoderIo } from '../metadata/decoder-io.js';
 import type { Pass } from './pass-manager.js';
 import type { TypeProto } from '../core/proto/index.js';
@@ -65,6 +65,7 @@ export const lastLogitsPass: Pass = {
   description: 'compute the lm_head for the last real position of each row only (logits [B, 1, V])',
   run(model) {
     if (logitsPositions(model) === 'last') return { changed: false, notes: ['logits are already last-position only'] };
+    requireLogits(model, '--logits last');
     const g = model.graph;
     const logits = g.outputs.find((v) => v.name === 'logits') ?? g.outputs[0];
     if (!logits) throw new ModcError('the model has no outputs');

@@ -33,6 +33,8 @@ import { kvCompactionBlocker } from '../analysis/attention.js';
 import type { DecoderStructure, KvTensor, LayerInfo, SideInput } from '../analysis/types.js';
 import { subLayersOf } from '../analysis/sub-layers.js';
 import { tokenCouplingBlocker } from '../analysis/token-coupling.js';
+import { GraphFacts } from '../analysis/graph-facts.js';
+import { coreNodes } from '../analysis/layers.js';
 import { ModcError } from '../core/errors.js';
 import { DataType, type DataTypeCode } from '../core/ir/dtype.js';
 import { Graph, type Node, tensorType, Value, withDim } from '../core/ir/graph.js';
@@ -84,14 +86,16 @@ interface RoutedRegion {
 }
 
 /** The region of a layer part, or why it cannot be routed (found before anything is changed). */
-function regionOf(model: Model, layer: LayerInfo, part: RoutedPart): RoutedRegion | { reason: string } {
+function regionOf(model: Model, layer: LayerInfo, part: RoutedPart, facts: () => GraphFacts): RoutedRegion | { reason: string } {
+  const core = coreNodes(layer.attention);
   if (part === 'block') {
+    const inputs = [layer.residualIn, ...(layer.entryBoundary ? [layer.entryBoundary.normed] : [])];
     const why =
       blockBlocker(layer) ??
       kvCompactionBlocker(layer.attention) ??
       sideInputBlocker(model, layer.sideInputs) ??
       callerMaskBlocker(layer, layer.sideInputs) ??
-      tokenCouplingBlocker(layer.nodes);
+      tokenCouplingBlocker(layer.nodes, { inputs, facts: facts(), exempt: core });
     if (why) return { reason: why };
     return {
       layer,
@@ -118,7 +122,7 @@ function regionOf(model: Model, layer: LayerInfo, part: RoutedPart): RoutedRegio
     (part === 'attention' ? kvCompactionBlocker(layer.attention) : null) ??
     sideInputBlocker(model, sub.sideInputs) ??
     callerMaskBlocker(layer, sub.sideInputs) ??
-    tokenCouplingBlocker(sub.nodes) ??
+    tokenCouplingBlocker(sub.nodes, { inputs: [sub.input], facts: facts(), exempt: core }) ??
     (part === 'mlp' && sub.sideInputs.some((si) => si.kind !== 'weight')
       ? `its MLP reads ${sub.sideInputs.find((si) => si.kind !== 'weight')!.value}, which is not a weight`
       : null);
@@ -136,7 +140,8 @@ function regionOf(model: Model, layer: LayerInfo, part: RoutedPart): RoutedRegio
 
 /** Why route-layers would leave this layer part dense, or null when it can route it. */
 export function routeBlocker(model: Model, layer: LayerInfo, part: RoutedPart): string | null {
-  const r = regionOf(model, layer, part);
+  let graphFacts: GraphFacts | undefined;
+  const r = regionOf(model, layer, part, () => (graphFacts ??= new GraphFacts(model.graph)));
   return 'reason' in r ? r.reason : null;
 }
 
@@ -373,6 +378,9 @@ class LayerRouter {
           recompute,
           suffix: this.suffix(),
           tokens: () => this.e.dimScalar(routing.indices, 1),
+          indices: routing.indices,
+          stream: this.residualIn,
+          call: (op, inputs) => this.call(op, inputs),
           substitutes: (pastLength, capacity) => this.substitutes(xSel, pastLength, capacity, this.e.dimScalar(routing.indices, 1), false),
         }),
       };
@@ -730,10 +738,35 @@ export interface RouteReport {
   skipped: { layer: number; part?: RoutedPart; reason: string }[];
 }
 
+/**
+ * The last layer (or the suffix, index L) holding a node that couples tokens (a reduction over
+ * the token or batch axis, dynamic quantization: compiler/analysis/token-coupling.ts), with the
+ * reason every layer up to it must stay dense. A routed layer leaves the tokens it skips
+ * unchanged, padding included, where the original processed them; a later node taking a
+ * statistic over the tokens would read those values, so even every-token routing would not
+ * reproduce the original.
+ */
+function lastTokenCoupling(s: DecoderStructure, facts: GraphFacts): { layer: number; reason: string } | null {
+  const last = s.layers.at(-1);
+  const end = s.final.residual ?? last?.exitBoundary?.normed;
+  const suffix = end ? tokenCouplingBlocker(s.suffixNodes, { inputs: [end], facts, exempt: [], paddingMask: s.mask.inputs }) : null;
+  if (suffix)
+    return { layer: s.layers.length, reason: `the model couples tokens after its last layer: ${suffix}; routing any layer would change what that node reads` };
+  for (const l of [...s.layers].reverse()) {
+    const inputs = [l.residualIn, ...(l.entryBoundary ? [l.entryBoundary.normed] : [])];
+    const why = tokenCouplingBlocker(l.nodes, { inputs, facts, exempt: coreNodes(l.attention) });
+    if (why) return { layer: l.index, reason: `layer ${l.index} couples tokens: ${why}; routing it or a layer before it would change what that node reads` };
+  }
+  return null;
+}
+
 export function routeLayers(model: Model, opts: RouteOptions, s: DecoderStructure = analyzeDecoder(model)): RouteReport {
   const meta = readRoutingMetadata(model);
   const report: RouteReport = { routed: [], skipped: [] };
   const plans: [RoutedRegion, LayerRouting][] = [];
+  let graphFacts: GraphFacts | undefined;
+  const facts = () => (graphFacts ??= new GraphFacts(model.graph));
+  let coupling: { layer: number; reason: string } | undefined;
   for (const entry of meta?.layers ?? []) {
     const selected = entry.selected ? model.graph.findValue(entry.selected) : undefined;
     const routing = selected ? routingOf(selected) : null;
@@ -742,7 +775,9 @@ export function routeLayers(model: Model, opts: RouteOptions, s: DecoderStructur
       throw new ModcError(
         `route-layers: the routing metadata names ${entry.selected ? `selection ${entry.selected}` : 'no selection value'} for layer ${describeLayerPart(entry)}, which the graph does not compute (run insert-routers first)`,
       );
-    const region = regionOf(model, layer, entry.part);
+    // Every layer up to the last that couples tokens stays dense.
+    coupling ??= lastTokenCoupling(s, facts()) ?? { layer: -1, reason: '' };
+    const region: RoutedRegion | { reason: string } = entry.layer > coupling.layer ? regionOf(model, layer, entry.part, facts) : { reason: coupling.reason };
     if ('reason' in region) {
       report.skipped.push({ layer: entry.layer, ...(entry.part !== 'block' ? { part: entry.part } : {}), reason: region.reason });
       for (const n of routing.nodes.reverse()) model.graph.removeNode(n, true);

@@ -14,14 +14,35 @@
  * The buffer's length dim becomes `max_sequence_length_l` (a runner may size it smaller than the
  * original's, as long as every call fits: past_lengths.l + S <= length). The original
  * write_indices / nonpad_kv_seqlen stay the inputs of the layers that are not converted.
+ *
+ * Recomputing the model's own mask with write_indices -> past_lengths.l is right for causality and
+ * validity, which compaction keeps (keys stay in order), and wrong for a distance: a sliding
+ * window (q - slot < W, compiler/analysis/static-mask.ts) counts slots of the original buffer,
+ * which are positions there but not in a compacted one. A windowed layer takes the window by
+ * original position instead, as a compacted GroupQueryAttention does (window-mask.ts):
+ *
+ *   pos_sel  = GatherElements(write_indices + t, indices)          [B, K]: each selected token's slot in the original
+ *   present_positions.l = TensorScatter(past_positions.l, pos_sel, past_lengths.l)   [B, max_sequence_length_l]
+ *   attn_mask = WindowBias(pos_sel, present_positions.l, W)         a query at p sees keys at p - W < q <= p
+ *
+ * with validity still from nonpad_kv_seqlen = past_lengths.l + selected count. past_positions.l is
+ * carried like the cache (zeros at the start).
  */
+import { staticWindow } from '../analysis/attention.js';
 import type { KvTensor, LayerInfo } from '../analysis/types.js';
 import { DataType } from '../core/ir/dtype.js';
 import { attribute, type Graph, type Node, tensorType, Value, withDim } from '../core/ir/graph.js';
 import type { Model } from '../core/ir/model.js';
 import { recomputeWith, replaceUsesWithin } from '../core/ir/rewrite.js';
 import { Tensor } from '../core/ir/tensor.js';
-import { pastLengthName, presentLengthName, STATIC_CACHE_INPUTS_KEY, STATIC_CACHE_LENGTH_KEY } from '../metadata/decoder-io.js';
+import {
+  pastLengthName,
+  pastPositionsName,
+  presentLengthName,
+  presentPositionsName,
+  STATIC_CACHE_INPUTS_KEY,
+  STATIC_CACHE_LENGTH_KEY,
+} from '../metadata/decoder-io.js';
 import type { Emitter } from './modc-ops/emitter.js';
 
 /** The graph inputs the static caches' writes and attention read (through casts), or null. */
@@ -89,6 +110,12 @@ export interface StaticRegion {
   recompute: Value[];
   /** Tokens this layer runs on per row (K), an int64 scalar. */
   tokens: () => Value;
+  /** Compact's indices [B, K] of the selected tokens. */
+  indices: Value;
+  /** Any value [B, S, ...] of this call (the layer's residual input): its S is the call's length. */
+  stream: Value;
+  /** Calls a modc op (in the stream's dtype). */
+  call: (op: string, inputs: Value[]) => Value[];
   suffix: string;
 }
 
@@ -101,6 +128,9 @@ export function compactStaticCache(r: StaticRegion): [Value, Value][] {
   const attention = layer.attention.form === 'StandardAttention' ? layer.attention.node : null;
   const l = layer.index;
   const seqAxis = kv.layout === 'static-BTH' ? 1 : 2;
+  const window = staticWindow(layer.attention);
+  // The slot each of this call's tokens has in the original buffer, before the writes are rewired.
+  const originalWrite = writes.key.input(2);
   const pastLength = g.addInput(new Value(pastLengthName(l), tensorType(DataType.INT64, ['batch'])));
   const valid = e.op('Add', [pastLength, r.selectedCount()]);
   const like = (v: Value, x: Value | null) => (x?.dtype !== undefined && x.dtype !== DataType.INT64 ? e.cast(v, x.dtype) : v);
@@ -130,6 +160,8 @@ export function compactStaticCache(r: StaticRegion): [Value, Value][] {
     attention.setAttr(attribute('is_causal', 0));
   }
 
+  const positions = attention && window !== null && originalWrite ? windowByPosition(r, attention, originalWrite, pastLength, window) : [];
+
   const presentLength = e.op('Identity', [valid]);
   presentLength.name = g.uniqueName(presentLengthName(l));
   presentLength.type = tensorType(DataType.INT64, ['batch']);
@@ -151,7 +183,27 @@ export function compactStaticCache(r: StaticRegion): [Value, Value][] {
     t.input.type = withDim(t.input.type, seqAxis, `max_sequence_length_${l}`);
     t.output.type = withDim(t.output.type, seqAxis, `max_sequence_length_${l}`);
   }
-  return [...tensors.map((t) => [t.output, t.input] as [Value, Value]), [presentLength, pastLength]];
+  return [...tensors.map((t) => [t.output, t.input] as [Value, Value]), [presentLength, pastLength], ...positions];
+}
+
+/**
+ * The window of a compacted static layer by original position (see the file comment): the
+ * positions buffer in and out, and the Attention's attn_mask. Returns the [computed, passed] pair.
+ */
+function windowByPosition(r: StaticRegion, attention: Node, write: Value, pastLength: Value, window: number): [Value, Value][] {
+  const { e } = r;
+  const g = r.model.graph;
+  const l = r.layer.index;
+  const t = e.op('Range', [e.i64(0), e.dimScalar(r.stream, 1), e.i64(1)]);
+  const slots = e.op('Add', [e.unsqueeze(e.cast(write, DataType.INT64), [1]), e.unsqueeze(t, [0])]);
+  const selected = e.op('GatherElements', [slots, r.indices], { axis: 1 });
+  const past = g.addInput(new Value(pastPositionsName(l), tensorType(DataType.INT64, ['batch', `max_sequence_length_${l}`])));
+  const present = e.op('TensorScatter', [past, selected, pastLength], { axis: 1 });
+  present.name = g.uniqueName(presentPositionsName(l));
+  present.type = tensorType(DataType.INT64, ['batch', `max_sequence_length_${l}`]);
+  g.outputs.push(present);
+  attention.setInput(3, r.call('WindowBias', [selected, present, e.i64(window)])[0]!);
+  return [[present, past]];
 }
 
 /**

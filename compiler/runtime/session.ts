@@ -231,7 +231,7 @@ export class ModSession {
       this.caches.set(b.pastKey, emptyTensor(b.dtype, dims));
       if (b.pastValue) this.caches.set(b.pastValue, emptyTensor(b.dtype, dims));
       if (b.pastLength) this.lengths.set(b.layer, Array(B).fill(0));
-      if (b.pastPositions) this.positions.set(b.pastPositions, typed('int64', [], [B, 0]));
+      if (b.pastPositions) this.positions.set(b.pastPositions, initialPositions(this.io, b, B));
     }
     this.states = zeroStates(this.io, B);
   }
@@ -371,6 +371,15 @@ export class ModSession {
 export function initialCacheDims(io: DecoderIo, b: KvBinding, B: number): number[] {
   if (b.layout === 'static-BTH' || b.layout === 'static-BHTD') return staticCacheDims(b, B, b.maxLength ?? io.staticCacheLength!);
   return b.layout === 'combined-2BHTD' ? [2, B, b.numHeads, 0, b.headSize] : [B, b.numHeads, 0, b.headSize];
+}
+
+/**
+ * A compiled sliding-window layer's positions state before the first call: [B, 0] beside a
+ * growing cache; beside a static one, a zero buffer of the cache's slots (written like the cache).
+ */
+export function initialPositions(io: DecoderIo, b: KvBinding, B: number): ort.Tensor {
+  const slots = b.layout === 'static-BTH' || b.layout === 'static-BHTD' ? (b.maxLength ?? io.staticCacheLength!) : 0;
+  return typed('int64', Array<number>(B * slots).fill(0), [B, slots]);
 }
 
 /**

@@ -8,6 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { cleanCase, FAILURES, ORT_INPUT_STAGE, type CaseSpec, type Outcome, type OutcomeKind } from './run-case.js';
+import { DIFF_ORIGINAL_STAGE } from './differential.js';
 
 export interface FuzzOptions {
   /** Seed folders (each with model.onnx). */
@@ -20,13 +21,22 @@ export interface FuzzOptions {
   workers?: number;
   /** A case running longer than this is a hang. */
   timeoutMs?: number;
+  /**
+   * The differential check's own limit, from when it starts (default 4 x timeoutMs): it compiles
+   * twice and runs the original, two compiles and the reference executor.
+   */
+  diffTimeoutMs?: number;
   /** Fraction of accepted cases also loaded in ONNX Runtime (input, then output). */
   ortSample?: number;
+  /** Fraction of those (when the input loads) also checked by running them (differential.ts). */
+  diffSample?: number;
   /** Where reproducers go (one folder per distinct failure); none when absent. */
   reproDir?: string;
   /** First case index (to continue a run). */
   start?: number;
   progress?: (stats: FuzzStats) => void;
+  /** Hears every case's outcome (a replay prints it). */
+  onOutcome?: (spec: CaseSpec, outcome: Outcome) => void;
 }
 
 export interface Failure {
@@ -49,6 +59,9 @@ export interface FuzzStats {
   /** Accepted cases loaded in ORT: how many, and how many of those had an input ORT loads. */
   ortChecked: number;
   ortInputLoaded: number;
+  /** Differential checks: passed, and skipped (the original not runnable, or refused), by blurred reason. */
+  diffPassed: number;
+  diffSkipped: Record<string, number>;
   failures: Failure[];
   /** Refusals by stage. */
   refusedAt: Record<string, number>;
@@ -56,15 +69,18 @@ export interface FuzzStats {
   refusals: Record<string, number>;
 }
 
-/** Failure identity: kind, stage and the message with numbers and quoted names blurred. */
-export function signatureOf(o: Outcome): string {
-  const first = o.message
+/** A message's first line with numbers and quoted names blurred. */
+function blur(message: string): string {
+  return message
     .split('\n')[0]!
     .replace(/'[^']*'/g, "'…'")
     .replace(/"[^"]*"/g, '"…"')
-    .replace(/\d+/g, 'N')
-    .slice(0, 160);
-  return `${o.kind}|${o.stage}|${first}`;
+    .replace(/\d+/g, 'N');
+}
+
+/** Failure identity: kind, stage and the message with numbers and quoted names blurred. */
+export function signatureOf(o: Outcome): string {
+  return `${o.kind}|${o.stage}|${blur(o.message).slice(0, 160)}`;
 }
 
 const CHILD = (() => {
@@ -94,13 +110,24 @@ interface Worker {
 
 /**
  * What a case that stopped answering (timeout) or whose process died ends as: while ONNX Runtime
- * was loading the mutated input, that is the input's problem and the case counts as accepted
- * (modc had already written and reloaded its output); anywhere else it is a hang or a crash.
+ * was loading the mutated input, or running it for the differential check, that is the input's
+ * problem and the case counts as accepted (modc had already written and reloaded its output);
+ * anywhere else it is a hang or a crash.
  */
 function lost(spec: CaseSpec, stage: string | undefined, why: string, kind: 'hang' | 'crash'): Outcome {
   const log = [`fixture ${spec.fixture}`, `seed ${spec.seed} index ${spec.index}`];
   if (stage === ORT_INPUT_STAGE)
     return { kind: 'accepted', stage: 'done', message: `ONNX Runtime did not load the input (${why})`, log, inputLoadsInOrt: false };
+  // Running the original mutated model (before any compile) for the differential check.
+  if (stage === DIFF_ORIGINAL_STAGE)
+    return {
+      kind: 'accepted',
+      stage: 'done',
+      message: '',
+      log,
+      inputLoadsInOrt: true,
+      differential: `skipped: ONNX Runtime did not run the original (${why})`,
+    };
   return { kind, stage: kind === 'hang' ? 'timeout' : 'process', message: `${why}${stage ? ` in stage ${stage}` : ''}`, log };
 }
 
@@ -116,10 +143,12 @@ export async function fuzz(opts: FuzzOptions): Promise<FuzzStats> {
     ms: 0,
     ortChecked: 0,
     ortInputLoaded: 0,
+    diffPassed: 0,
+    diffSkipped: {},
     failures: [],
     refusedAt: {},
     refusals: {},
-    outcomes: { refused: 0, accepted: 0, crash: 0, hang: 0, 'multi-line': 0, 'ort-rejected': 0, 'unloadable-output': 0 },
+    outcomes: { refused: 0, accepted: 0, crash: 0, hang: 0, 'multi-line': 0, 'ort-rejected': 0, 'unloadable-output': 0, mismatch: 0 },
   };
   const bySig = new Map<string, Failure>();
   const t0 = Date.now();
@@ -128,6 +157,7 @@ export async function fuzz(opts: FuzzOptions): Promise<FuzzStats> {
   let lastProgress = Date.now();
 
   const record = (spec: CaseSpec, o: Outcome) => {
+    opts.onOutcome?.(spec, o);
     stats.cases++;
     stats.outcomes[o.kind]++;
     if (o.kind === 'refused') {
@@ -140,6 +170,11 @@ export async function fuzz(opts: FuzzOptions): Promise<FuzzStats> {
     if (o.inputLoadsInOrt !== undefined) {
       stats.ortChecked++;
       if (o.inputLoadsInOrt) stats.ortInputLoaded++;
+    }
+    if (o.differential?.startsWith('passed')) stats.diffPassed++;
+    else if (o.differential) {
+      const why = blur(o.differential).slice(0, 120);
+      stats.diffSkipped[why] = (stats.diffSkipped[why] ?? 0) + 1;
     }
     if (FAILURES.includes(o.kind)) {
       const signature = signatureOf(o);
@@ -183,20 +218,26 @@ export async function fuzz(opts: FuzzOptions): Promise<FuzzStats> {
           seed: opts.seed,
           index,
           ort: sampled(opts.seed, index, ortSample),
+          diff: sampled(opts.seed ^ 0x5bd1e995, index, opts.diffSample ?? 0),
           work: join(scratch, `c${index}`),
         };
         w.stage = undefined;
         proc.send(w.spec);
+        arm(timeoutMs);
+      };
+      const arm = (ms: number) => {
+        clearTimeout(w.timer);
         w.timer = setTimeout(() => {
           const spec = w.spec!;
           w.spec = undefined;
-          record(spec, lost(spec, w.stage, `no answer after ${timeoutMs} ms`, 'hang'));
+          record(spec, lost(spec, w.stage, `no answer after ${ms} ms`, 'hang'));
           proc.kill('SIGKILL');
-        }, timeoutMs);
+        }, ms);
       };
       proc.on('message', (o: Outcome | { stage: string }) => {
         if (!('kind' in o)) {
           w.stage = o.stage;
+          if (o.stage === DIFF_ORIGINAL_STAGE) arm(opts.diffTimeoutMs ?? 4 * timeoutMs);
           return;
         }
         clearTimeout(w.timer);

@@ -1,8 +1,10 @@
 /**
  * One fuzz case, start to end: mutate a fixture, write it to a folder, then run it through the
  * library as the CLI would (load -> inspect -> analyse -> compile or round trip -> save -> load
- * the output back) and classify what happened. Runs inside a child process (see pool.ts), which
- * turns a case that never finishes into a "hang".
+ * the output back) and classify what happened; for a sample, load input and output in ONNX
+ * Runtime, and for a sample of those whose input loads, check that compiling keeps the model's
+ * meaning (differential.ts). Runs inside a child process (see pool.ts), which turns a case that
+ * never finishes into a "hang".
  */
 import { mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, join, relative } from 'node:path';
@@ -16,12 +18,13 @@ import { summarizeModel } from '../../compiler/core/ir/model-summary.js';
 import { analyzeDecoder } from '../../compiler/analysis/analyze.js';
 import { ort } from '../../compiler/runtime/ort.js';
 import { defaultRegistry, modPipeline } from '../../compiler/passes/pipeline.js';
+import { differential } from './differential.js';
 import { caseSeed, irEdit, mutate, Rng } from './mutate.js';
 
-export type OutcomeKind = 'refused' | 'accepted' | 'crash' | 'hang' | 'multi-line' | 'ort-rejected' | 'unloadable-output';
+export type OutcomeKind = 'refused' | 'accepted' | 'crash' | 'hang' | 'multi-line' | 'ort-rejected' | 'unloadable-output' | 'mismatch';
 
 /** Outcomes that are bugs. */
-export const FAILURES: readonly OutcomeKind[] = ['crash', 'hang', 'multi-line', 'ort-rejected', 'unloadable-output'];
+export const FAILURES: readonly OutcomeKind[] = ['crash', 'hang', 'multi-line', 'ort-rejected', 'unloadable-output', 'mismatch'];
 
 export interface CaseSpec {
   /** Seed model: a folder holding model.onnx and any sidecar files. */
@@ -30,6 +33,8 @@ export interface CaseSpec {
   index: number;
   /** Load the input and (if it loads) the output in ONNX Runtime. */
   ort: boolean;
+  /** With `ort`, when the input loads: the differential check (differential.ts) on the input. */
+  diff?: boolean;
   /** Scratch folder for this case; removed afterwards unless the case failed. */
   work: string;
 }
@@ -43,6 +48,8 @@ export interface Outcome {
   log: string[];
   /** For ORT checks: whether the mutated input loaded in ONNX Runtime. */
   inputLoadsInOrt?: boolean;
+  /** For differential checks: 'passed (...)' or 'skipped: why' (a mismatch is the outcome itself). */
+  differential?: string;
 }
 
 const seedFiles = new Map<string, { bytes: Uint8Array; sidecars: Map<string, Uint8Array> }>();
@@ -118,7 +125,7 @@ export async function runCase(spec: CaseSpec, onStage?: (name: string) => void):
   const stage = new Stage(onStage);
   const output = join(spec.work, 'out', 'model.onnx');
   try {
-    const outcome = await runStages(input, output, rng, log, stage, spec.ort);
+    const outcome = await runStages(input, output, rng, log, stage, spec.ort, spec.diff ? join(spec.work, 'diff') : null);
     return outcome;
   } catch (e) {
     if (e instanceof ModcError) {
@@ -129,7 +136,7 @@ export async function runCase(spec: CaseSpec, onStage?: (name: string) => void):
   }
 }
 
-async function runStages(input: string, output: string, rng: Rng, log: string[], stage: Stage, checkOrt: boolean): Promise<Outcome> {
+async function runStages(input: string, output: string, rng: Rng, log: string[], stage: Stage, checkOrt: boolean, diffDir: string | null): Promise<Outcome> {
   stage.name = 'load';
   const model = loadModel(input);
   stage.name = 'summary';
@@ -205,7 +212,12 @@ async function runStages(input: string, output: string, rng: Rng, log: string[],
   if (inErr !== null) return { kind: 'accepted', stage: 'done', message: `input does not load in ORT: ${inErr}`, log, inputLoadsInOrt: false };
   const outErr = await tryLoad(output);
   if (outErr !== null) return { kind: 'ort-rejected', stage: 'ort', message: outErr, log, inputLoadsInOrt: true };
-  return { kind: 'accepted', stage: 'done', message: '', log, inputLoadsInOrt: true };
+  if (!diffDir) return { kind: 'accepted', stage: 'done', message: '', log, inputLoadsInOrt: true };
+  stage.name = 'differential';
+  const d = await differential(input, diffDir, rng, { onStage: (name) => (stage.name = name) });
+  if (d.kind === 'mismatch') return { kind: 'mismatch', stage: 'differential', message: d.message, log, inputLoadsInOrt: true };
+  const differentialNote = d.kind === 'passed' ? `passed (${d.what})` : `skipped: ${d.note}`;
+  return { kind: 'accepted', stage: 'done', message: '', log, inputLoadsInOrt: true, differential: differentialNote };
 }
 
 /** Removes a case's scratch folder. */

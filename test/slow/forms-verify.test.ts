@@ -48,6 +48,8 @@ describe('a routed compile of every form passes modc verify', () => {
     ['RMSNormalization op (opset 23)', fixture('forms-rmsnorm-tiny'), ['--routing', 'topk']],
     ['standard Attention over static caches (TensorScatter, opset 24)', fixture('forms-static-tiny'), ['--routing', 'topk']],
     ['static caches, attention-part routing', fixture('forms-static-tiny'), ['--granularity', 'attention']],
+    ["static caches with mobius's sliding-window mask (the window by original position)", fixture('forms-static-window-tiny'), ['--routing', 'topk']],
+    ["mobius's static sliding window, attention-part routing", fixture('forms-static-window-tiny'), ['--granularity', 'attention']],
     ['static caches, is_causal=1 without a mask (verify cuts its prompt to one length)', fixture('forms-static-causal-tiny', 'causal.onnx'), []],
     ['standard Attention with past/present (opset 23)', fixture('forms-attention23-tiny'), ['--granularity', 'attention']],
     ['opset-23 Attention, is_causal=1 + padding mask', fixture('forms-attention23-padmask-tiny'), ['--routing', 'topk']],

@@ -19,6 +19,7 @@ import { createSession, emptyTensor, ort, toFloat32, type SessionOptions } from 
 import {
   checkUnpadded,
   initialCacheDims,
+  initialPositions,
   maskFeed,
   padRows,
   promptPositions,
@@ -78,11 +79,10 @@ function midStream(l: LayerInfo): Value | null {
   return l.steps[0]!.carried;
 }
 
-/** The MLP branch's norm reads the layer input, not the stream after the attention add. */
+/** The MLP branch is computed from the layer input, not the stream after the attention add. */
 function isParallel(l: LayerInfo): boolean {
   if (l.steps.length !== 2) return false;
-  const of = l.steps[1]!.norm.of;
-  return of !== null && of === l.residualIn;
+  return l.steps[1]!.input === l.residualIn;
 }
 
 /**
@@ -112,7 +112,7 @@ export async function promptBatch(io: DecoderIo, rows: number[][], embedder: Tok
     feeds[b.pastKey] = emptyTensor(b.dtype, dims);
     if (b.pastValue) feeds[b.pastValue] = emptyTensor(b.dtype, dims);
     if (b.pastLength) feeds[b.pastLength] = typed('int64', Array(B).fill(0), [B]);
-    if (b.pastPositions) feeds[b.pastPositions] = typed('int64', [], [B, 0]);
+    if (b.pastPositions) feeds[b.pastPositions] = initialPositions(io, b, B);
   }
   const real: number[] = [];
   mask.forEach((m, b) => m.forEach((v, s) => v && real.push(b * width + s)));

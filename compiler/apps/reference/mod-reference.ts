@@ -28,14 +28,14 @@ import type { LoadedUnit } from '../../runtime/layer-runner.js';
 import { GraphFacts } from '../../analysis/graph-facts.js';
 import { subLayersOf, type SubLayer } from '../../analysis/sub-layers.js';
 import { mlpInputOf } from '../../analysis/mlp-input.js';
-import type { DecoderStructure, LayerInfo } from '../../analysis/types.js';
+import { kvSequenceAxis, type DecoderStructure, type LayerInfo } from '../../analysis/types.js';
 import { ModcError } from '../../core/errors.js';
 import { loadModel } from '../../core/io/load.js';
 import { floatToHalf } from '../../core/ir/dtype.js';
 import { attribute, type Node, Value } from '../../core/ir/graph.js';
 import { DataType } from '../../core/ir/dtype.js';
 import type { TypeProto } from '../../core/proto/index.js';
-import { GQA_ATTENTION_BIAS, kvCompactionBlocker, slotNumbered } from '../../analysis/attention.js';
+import { GQA_ATTENTION_BIAS, kvCompactionBlocker, slotNumbered, staticWindow } from '../../analysis/attention.js';
 import { Tensor } from '../../core/ir/tensor.js';
 import type { Model } from '../../core/ir/model.js';
 import { describeLayerPart, type LayerPlan, type RoutingPlan, type Surrogate } from '../../routing/routing-plan.js';
@@ -82,7 +82,8 @@ interface RowCache {
  */
 interface SlotFix {
   positions: string | null;
-  window: { size: number; bias: string; dtype: 'float32' | 'float16' } | null;
+  /** `slotAxis`: a static cache's sequence axis (the bias then spans the whole buffer); null for a growing cache. */
+  window: { size: number; bias: string; dtype: 'float32' | 'float16'; slotAxis: number | null } | null;
 }
 
 const LOWEST = { float32: -3.4028234663852886e38, float16: -65504 } as const;
@@ -412,14 +413,16 @@ export class ModReference {
     if (fix?.positions) view.set(fix.positions, typed('int64', pos, [1, pos.length]));
     if (fix?.window) {
       // SPEC step 3 with a window w: a query at original position p sees its keys at p - w < q <= p.
-      const { size, bias, dtype } = fix.window;
+      // A static buffer holds the row's keys in its first slots (this view writes at cache.length); the rest are masked.
+      const { size, bias, dtype, slotAxis } = fix.window;
       const keys = [...cache.positions, ...pos];
-      const data = pos.flatMap((p) => keys.map((q) => (p - size < q && q <= p ? 0 : LOWEST[dtype])));
+      const width = slotAxis === null ? keys.length : cache.key.dims[slotAxis]!;
+      const data = pos.flatMap((p) => Array.from({ length: width }, (_, k) => (k < keys.length && p - size < keys[k]! && keys[k]! <= p ? 0 : LOWEST[dtype])));
       view.set(
         bias,
         dtype === 'float16'
-          ? new ort.Tensor('float16', Uint16Array.from(data, floatToHalf), [1, 1, pos.length, keys.length])
-          : new ort.Tensor('float32', Float32Array.from(data), [1, 1, pos.length, keys.length]),
+          ? new ort.Tensor('float16', Uint16Array.from(data, floatToHalf), [1, 1, pos.length, width])
+          : new ort.Tensor('float32', Float32Array.from(data), [1, 1, pos.length, width]),
       );
     }
     return view;
@@ -558,6 +561,8 @@ export class ModReference {
  * an attention_bias. Null when the unit holds no such op.
  */
 function originalPositionInputs(unit: RunnableUnit, layer: LayerInfo, half: boolean): SlotFix | null {
+  const staticFix = staticWindowInput(unit, layer, half);
+  if (staticFix) return staticFix;
   const s = slotNumbered(layer.attention);
   const node = s && unit.model.graph.nodes.find((n) => n.opType === 'GroupQueryAttention' && n.domain === 'com.microsoft');
   if (!s || !node || (!s.rotary && s.window === null)) return null;
@@ -604,11 +609,32 @@ function originalPositionInputs(unit: RunnableUnit, layer: LayerInfo, half: bool
     const blocked = kvCompactionBlocker(layer.attention);
     if (blocked) throw new ModcError(`reference: layer ${layer.index} cannot be converted: ${blocked}`);
     const [elem, dtype] = half ? [DataType.FLOAT16, 'float16' as const] : [DataType.FLOAT, 'float32' as const];
-    fix.window = { size: s.window, bias: `modc.reference.window_bias.${layer.index}`, dtype };
+    fix.window = { size: s.window, bias: `modc.reference.window_bias.${layer.index}`, dtype, slotAxis: null };
     node.setAttr(attribute('local_window_size', -1));
     node.setInput(GQA_ATTENTION_BIAS, input(fix.window.bias, elem));
   }
   return fix;
+}
+
+/**
+ * A converted static-cache layer whose attn_mask holds a sliding window (compiler/analysis/static-mask.ts):
+ * the window counts slots of the original buffer, which are positions there. On the layer's own
+ * buffer the reference replaces the mask with a fed bias by original position (causality and
+ * validity follow: keys are in order, and nonpad_kv_seqlen bounds the valid slots). Null otherwise.
+ */
+function staticWindowInput(unit: RunnableUnit, layer: LayerInfo, half: boolean): SlotFix | null {
+  const window = staticWindow(layer.attention);
+  if (window === null) return null;
+  const blocked = kvCompactionBlocker(layer.attention);
+  if (blocked) throw new ModcError(`reference: layer ${layer.index} cannot be converted: ${blocked}`);
+  const g = unit.model.graph;
+  const node = g.nodes.find((n) => n.opType === 'Attention' && (n.domain === '' || n.domain === 'ai.onnx') && n.input(6));
+  if (!node) return null;
+  const [elem, dtype] = half ? [DataType.FLOAT16, 'float16' as const] : [DataType.FLOAT, 'float32' as const];
+  const bias = `modc.reference.window_bias.${layer.index}`;
+  unit.inputs.push(bias);
+  node.setInput(3, g.addInput(new Value(bias, { tensor_type: { elem_type: elem } } as TypeProto)));
+  return { positions: null, window: { size: window, bias, dtype, slotAxis: kvSequenceAxis(layer.kv.layout) } };
 }
 
 interface UnitGroup {

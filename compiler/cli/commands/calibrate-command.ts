@@ -9,6 +9,7 @@ import { routerFileMetadata, writeCalibratedRouters } from '../../apps/calibrati
 import { TARGET_KINDS, type TargetKind } from '../../apps/calibration/targets.js';
 import { ModcError, UsageError } from '../../core/errors.js';
 import { decoderIo } from '../../metadata/decoder-io.js';
+import { requireLogits } from '../../metadata/logits-metadata.js';
 import { loadModel } from '../../core/io/load.js';
 import { checkOutputPath } from '../../core/io/save.js';
 import type { Command, Progress as ProgressReporter } from '../command.js';
@@ -113,6 +114,7 @@ export const calibrateCommand: Command = {
     if (opts.margin !== undefined && !(opts.margin >= 0 && opts.margin < 1)) throw new UsageError(`--margin must be in [0, 1), got ${opts.margin}`);
     if (!existsSync(modelPath)) throw new ModcError(`cannot read model ${modelPath}: no such file`);
     const model = loadModel(modelPath);
+    requireLogits(model, 'calibrate');
     checkOutputPath(output, model); // never over the model or its data files; writable, before any work
     if (resolve(output) === resolve(data)) throw new ModcError(`refusing to overwrite the calibration data ${output}; choose another output path`);
     const { vocabSize, maxPositions } = decoderIo(model);

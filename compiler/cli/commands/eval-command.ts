@@ -7,6 +7,7 @@ import { checkCompiledFrom } from '../../metadata/source-fingerprint.js';
 import { readRoutingMetadata } from '../../metadata/routing-metadata.js';
 import { loadModel } from '../../core/io/load.js';
 import { decoderIo } from '../../metadata/decoder-io.js';
+import { requireLogits } from '../../metadata/logits-metadata.js';
 import type { Command } from '../command.js';
 import { executionProvider, intFlag, onePositional, progressOf, stringFlag, table } from '../shared.js';
 
@@ -47,6 +48,7 @@ export const evalCommand: Command = {
     if (pad !== undefined && pad !== 'left' && pad !== 'right') throw new UsageError(`--pad must be left or right, got '${pad}'`);
     const ep = executionProvider(values);
     const model = loadModel(path);
+    requireLogits(model, 'eval');
     const { vocabSize, maxPositions } = decoderIo(model);
     const maxLength = values['max-length'] === undefined ? (maxPositions ?? undefined) : intFlag(values, 'max-length', 0, 1);
     if (maxLength !== undefined && maxPositions !== null && maxLength > maxPositions) {

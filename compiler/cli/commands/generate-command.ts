@@ -2,6 +2,7 @@
 import { UsageError } from '../../core/errors.js';
 import { loadModel } from '../../core/io/load.js';
 import { decoderIo } from '../../metadata/decoder-io.js';
+import { requireLogits } from '../../metadata/logits-metadata.js';
 import { embeddingChoice } from '../../runtime/embeddings.js';
 import { ModSession } from '../../runtime/session.js';
 import type { Command } from '../command.js';
@@ -29,7 +30,9 @@ export const generateCommand: Command = {
   async run(positionals, values, io) {
     const path = onePositional(positionals, 'model path', 'generate');
     const text = stringFlag(values, 'ids');
-    const embeds = embeddingChoice(path, decoderIo(loadModel(path)), stringFlag(values, 'embeds'));
+    const model = loadModel(path);
+    requireLogits(model, 'generate');
+    const embeds = embeddingChoice(path, decoderIo(model), stringFlag(values, 'embeds'));
     if (text === undefined && !embeds?.prompt) throw new UsageError('missing --ids');
     const maxNew = numberFlag(values, 'max-new');
     if (maxNew === undefined || !Number.isInteger(maxNew) || maxNew < 0) throw new UsageError('--max-new must be a non-negative integer');

@@ -2,6 +2,7 @@
 import { UsageError } from '../../core/errors.js';
 import { loadModel } from '../../core/io/load.js';
 import { decoderIo } from '../../metadata/decoder-io.js';
+import { requireLogits } from '../../metadata/logits-metadata.js';
 import { embeddingChoice } from '../../runtime/embeddings.js';
 import { argmax, ModSession, padRows } from '../../runtime/session.js';
 import type { Command } from '../command.js';
@@ -24,7 +25,9 @@ export const runCommand: Command = {
   async run(positionals, values, io) {
     const path = onePositional(positionals, 'model path', 'run');
     const text = stringFlag(values, 'ids');
-    const embeds = embeddingChoice(path, decoderIo(loadModel(path)), stringFlag(values, 'embeds'));
+    const model = loadModel(path);
+    requireLogits(model, 'run');
+    const embeds = embeddingChoice(path, decoderIo(model), stringFlag(values, 'embeds'));
     if (text === undefined && !embeds?.prompt) throw new UsageError('missing --ids');
     const rows = text === undefined ? [] : parseIdRows(text);
     const pad = padSide(values);
