@@ -327,7 +327,7 @@ async function recipeTable(f: ReturnType<typeof parseFlags<typeof FLAGS>>): Prom
           ].join(' ');
           rows.push({ target, computeFraction: r.computeFraction, nll: r.nll, deltaNll: r.nll - dense.nll, agreement, parts });
           log(
-            `  ${model} ${target}: compute ${r.computeFraction.toFixed(4)}, NLL ${r.nll.toFixed(4)} (+${(r.nll - dense.nll).toFixed(4)})${agreement !== null ? `, agreement ${agreement.toFixed(4)}` : ''}`,
+            `  ${model} ${target}: compute ${r.computeFraction.toFixed(4)}, NLL ${r.nll.toFixed(4)} (${(r.nll - dense.nll >= 0 ? '+' : '') + (r.nll - dense.nll).toFixed(4)})${agreement !== null ? `, agreement ${agreement.toFixed(4)}` : ''}`,
           );
         }
       } finally {

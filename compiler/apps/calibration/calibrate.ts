@@ -17,7 +17,10 @@
  *      surrogate variant also at capacity 0 (the surrogate on every token, no router);
  *   5. allocate: greedy by loss per compute saved, to the target compute fraction (variants of
  *      one MLP part exclude each other; a variant's saving is net of its surrogate's MACs);
- *   6. refine: with every chosen part routed, re-set each part's threshold from the scores its
+ *   6. refit (surrogates): in layer order, each chosen surrogate is fitted again with every
+ *      chosen part routed (the surrogates above it already refitted), to what restores the
+ *      dense stream: u (routed) -> out_dense - h (routed) on the tokens the part skips;
+ *   7. refine: with every chosen part routed, re-set each part's threshold from the scores its
  *      router now sees (upstream routing shifts them), so each part keeps its capacity.
  *
  * Every threshold is baked into the router's bias, so p = 0.5 selects the calibrated fraction,
@@ -34,8 +37,9 @@ import { decoderIo } from '../../metadata/decoder-io.js';
 import { type EmbeddingSource, genaiEmbeddingModel } from '../../runtime/embeddings.js';
 import type { SessionOptions } from '../../runtime/ort.js';
 import { splitAndAnalyze } from '../../passes/split-fused-boundaries.js';
+import type { DecoderStructure } from '../../analysis/types.js';
 import { allocate, type PartSensitivity } from './allocate.js';
-import { ActivationCapture, layerPoints, type LayerPoints } from './capture.js';
+import { ActivationCapture, layerPoints, type LayerPoints, STREAM_TYPE } from './capture.js';
 import { modelCosts, type ModelCosts } from '../../analysis/cost.js';
 import { denseMacs, savedMacs } from './compute.js';
 import { type PartRouter, RoutedEvaluator } from './sensitivity.js';
@@ -73,13 +77,15 @@ export interface CalibrateOptions {
   surrogate?: 'none' | 'lowrank';
   /** Surrogate ranks, one variant per rank (default: about 5% and 10% of the MLP's MACs, multiples of 8). */
   surrogateRanks?: number[];
+  /** Refit the chosen surrogates in layer order with every chosen part routed (default true). */
+  refit?: boolean;
   workDir?: string;
   session?: SessionOptions;
   onProgress?: (p: Progress) => void;
 }
 
 export interface Progress {
-  stage: 'capture' | 'fit' | 'score' | 'sensitivity' | 'refine' | 'done';
+  stage: 'capture' | 'fit' | 'score' | 'sensitivity' | 'refit' | 'refine' | 'done';
   done: number;
   total: number;
 }
@@ -140,6 +146,7 @@ export const DEFAULTS = {
   batchBytes: 64 * 2 ** 20,
   refineRounds: 2,
   surrogate: 'lowrank' as 'none' | 'lowrank',
+  refit: true,
 };
 
 /** The margin when MLP parts have no surrogate. */
@@ -220,6 +227,7 @@ interface InputStats {
 interface Measured {
   /** The model with its fused layer boundaries split, as the routed evaluators compile it. */
   model: Model;
+  structure: DecoderStructure;
   o: ResolvedOptions;
   workDir: string;
   /** The temp folder calibration made (removed by release), or null for the caller's workDir. */
@@ -462,6 +470,7 @@ export class Calibrator {
       const sensitivityTokens = sensBatches.reduce((a, bi) => a + batches[bi]!.reduce((x, r) => x + r.length, 0), 0);
       return new Calibrator({
         model,
+        structure,
         o,
         workDir,
         ownDir,
@@ -485,7 +494,7 @@ export class Calibrator {
   }
 
   /**
-   * Steps 5-6 for one target: allocate, then refine each chosen part's threshold with every
+   * Steps 5-7 for one target: allocate, refit the chosen surrogates, then refine each chosen part's threshold with every
    * chosen part routed. `granularity` may narrow what `prepare` measured.
    */
   async finish(
@@ -510,6 +519,7 @@ export class Calibrator {
     const chosen = alloc.parts.map((p) => ({ ...this.m.fits.get(candidateKey(p))!.router, capacity: p.capacity, key: candidateKey(p) }));
     const biases = new Map(chosen.map((p) => [partKey(p), -thresholdKeeping(this.m.denseScores.get(p.key)!, p.capacity)]));
     let final = { nll: this.m.denseNll * this.m.predicted, selected: new Map<string, number>() };
+    if (o.refit && chosen.some((p) => p.surrogate)) await this.refit(chosen, biases, o.ridge, progress);
     if (chosen.length > 0) {
       const ev = await RoutedEvaluator.create(this.m.model, chosen, this.m.workDir, 'calib-chosen', this.m.o.session, this.m.embeddings);
       try {
@@ -600,9 +610,61 @@ export class Calibrator {
         seed: o.seed,
         refineRounds: o.refineRounds,
         surrogate: o.surrogate,
+        ...(o.surrogate === 'lowrank' ? { refit: o.refit } : {}),
         ...(o.surrogate === 'lowrank' ? { surrogateRanks: [...new Set(this.m.sensitivity.flatMap((s) => (s.rank !== undefined ? [s.rank] : [])))] } : {}),
       },
     };
+  }
+
+  /**
+   * Step 6: each chosen surrogate (layer order, sequential layers) refitted with every chosen
+   * part routed: ridge of u (routed) on out_dense - h (routed), over the tokens the part skips.
+   */
+  private async refit(
+    chosen: (PartRouter & { capacity: number })[],
+    biases: ReadonlyMap<string, number>,
+    ridge: number,
+    progress: (p: Progress) => void,
+  ): Promise<void> {
+    const points = layerPoints(this.m.structure);
+    const H = this.m.structure.hiddenSize;
+    const order = chosen.filter((p) => p.surrogate && !points[p.layer]!.parallel).sort((a, b) => a.layer - b.layer);
+    const nb = this.m.batches.length;
+    const capture = await ActivationCapture.create(this.m.model, this.m.structure, this.m.workDir, this.m.o.session, this.m.embeddings);
+    try {
+      for (const [i, p] of order.entries()) {
+        const ev = await RoutedEvaluator.create(
+          this.m.model,
+          chosen,
+          this.m.workDir,
+          'calib-refit',
+          this.m.o.session,
+          this.m.embeddings,
+          STREAM_TYPE[this.m.structure.dtype],
+        );
+        const stats = new SurrogateStats(H);
+        try {
+          for (let bi = 0; bi < nb; bi++) {
+            progress({ stage: 'refit', done: i * nb + bi, total: order.length * nb });
+            const rows = this.m.batches[bi]!;
+            const dense = await capture.run(await capture.batch(rows));
+            const batch = await ev.batch(rows);
+            const v = (await ev.run(batch, biases, { logits: false, values: true })).values!.get(partKey(p));
+            if (!v?.u) return; // the compiled model does not expose what the refit needs: keep the fitted surrogates
+            const skipped = batch.real.filter((t) => !v.selected[t]);
+            stats.add(v.u, difference(dense.get(points[p.layer]!.out)!, v.input), skipped);
+          }
+        } finally {
+          await ev.release();
+        }
+        if (stats.n > H) {
+          const { r2: _, ...surrogate } = fitSurrogate(stats, ridge, p.surrogate!.rank);
+          p.surrogate = surrogate;
+        }
+      }
+    } finally {
+      await capture.release();
+    }
   }
 
   /** Removes the temp folder (when calibration made it). */

@@ -54,7 +54,7 @@ export interface Batch {
   feeds: Record<string, ort.Tensor>;
 }
 
-const STREAM_TYPE: Record<DecoderStructure['dtype'], number> = { float32: DataType.FLOAT, float16: DataType.FLOAT16, bfloat16: DataType.BFLOAT16 };
+export const STREAM_TYPE: Record<DecoderStructure['dtype'], number> = { float32: DataType.FLOAT, float16: DataType.FLOAT16, bfloat16: DataType.BFLOAT16 };
 
 /** The stream points of each layer of an analysed (boundary-split) decoder. */
 export function layerPoints(s: DecoderStructure): LayerPoints[] {

@@ -20,6 +20,7 @@ const STAGES: Record<Progress['stage'], string> = {
   fit: 'fitting routers',
   score: 'scoring tokens',
   sensitivity: 'measuring sensitivity',
+  refit: 'refitting surrogates',
   refine: 'refining thresholds',
   done: 'done',
 };
@@ -56,7 +57,8 @@ export const calibrateCommand: Command = {
     'router biases (p = 0.5). By default each MLP part also gets low-rank linear surrogates of its',
     'update (ranks of about 5% and 10% of its MACs, tried as alternatives): a token the MLP skips gets',
     "the surrogate's output, the router predicts the surrogate's error, and a part may be replaced",
-    "by its surrogate on every token (capacity 0). The file's __metadata__ records",
+    'by its surrogate on every token (capacity 0); the chosen surrogates are then refitted in layer',
+    "order with every chosen part routed (--no-refit keeps the first fit). The file's __metadata__ records",
     'mode, gating, per-part capacities and thresholds, surrogates, the calibration data (path, lines,',
     'sha256) and the calibration report, so',
     '`modc compile MODEL.onnx --routers ROUTERS.safetensors -o OUT.onnx` needs no other flag.',
@@ -85,6 +87,7 @@ export const calibrateCommand: Command = {
       help: `aim M below the target on the calibration data (default ${DEFAULTS.margin}, ${MARGIN_WITHOUT_SURROGATES} with --surrogate none)`,
     },
     surrogate: { type: 'string', valueName: 'KIND', help: 'lowrank (default): MLP parts get linear surrogates; none: a skipped token gets no update' },
+    'no-refit': { type: 'boolean', help: 'keep the surrogates as first fitted (default: refitted in layer order with the chosen parts routed)' },
     'surrogate-ranks': { type: 'string', valueName: 'R,R', help: "surrogate ranks tried per MLP part (default: about 5% and 10% of the MLP's MACs)" },
     json: { type: 'boolean', help: 'print the calibration report as JSON' },
     quiet: { type: 'boolean', short: 'q', help: 'no progress or summary on stderr' },
@@ -109,6 +112,7 @@ export const calibrateCommand: Command = {
       margin: numberFlag(values, 'margin'),
       surrogate: oneOf(values, 'surrogate', ['none', 'lowrank'] as const) ?? DEFAULTS.surrogate,
       surrogateRanks: ranksFlag(stringFlag(values, 'surrogate-ranks')),
+      refit: !values['no-refit'],
     };
     checkCalibrateOptions(opts);
     if (opts.margin !== undefined && !(opts.margin >= 0 && opts.margin < 1)) throw new UsageError(`--margin must be in [0, 1), got ${opts.margin}`);
