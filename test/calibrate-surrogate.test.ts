@@ -7,9 +7,9 @@
  *   but no surrogate, each replaced MLP skipped on every token) by at least MARGIN nats per byte;
  * - records the calibration data (path, lines, tokens, sha256) in the report and the file.
  *
- * MARGIN, from a measurement (this recipe, 2026-12-06): calibrated NLL 1.6616 at compute 0.790
- * (dense 1.6452) against 1.8215 (compute 0.794) for the same allocation without surrogates, a gap
- * of 0.160; MARGIN = 0.05 is under a third of it.
+ * MARGIN, from a measurement (this recipe, 2026-12-06): calibrated NLL 1.6579 at compute 0.790
+ * (dense 1.6452; 1.6616 without the surrogate refit) against 1.8218 (compute 0.794) for the same
+ * allocation without surrogates, a gap of 0.164; MARGIN = 0.05 is under a third of it.
  */
 import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
