@@ -4,7 +4,7 @@
  * that carry most of the fitted values' variance, and the eigenvector routine it rests on.
  */
 import { describe, expect, it } from 'vitest';
-import { applySurrogate, defaultRanks, fitSurrogate, SurrogateStats, topEigenvectors } from '../compiler/apps/calibration/surrogate.js';
+import { applySurrogate, defaultRanks, fitSurrogate, fitSurrogates, SurrogateStats, topEigenvectors } from '../compiler/apps/calibration/surrogate.js';
 import { mulberry32 } from '../compiler/core/random.js';
 
 /** Standard normal draws (Box-Muller) from a seeded generator. */
@@ -117,6 +117,38 @@ describe('MLP surrogate fit', () => {
       for (let i = 0; i < d; i++) dot += V[i * 3 + c]! * Q[i * d + col]!;
       expect(Math.abs(Math.abs(dot) - 1), `eigenvector ${c}`).toBeLessThan(1e-9);
     });
+  });
+
+  it('topEigenvectors above 256 dimensions (subspace iteration) finds the top eigenvectors too', () => {
+    const d = 300;
+    const Q = orthonormal(d, 6, 41);
+    // PSD: eigenvalues 10, 8, 6, 4 on four known directions, 1 on two more, small isotropic noise.
+    const lambda = [10, 8, 6, 4, 1, 1];
+    const M = new Float64Array(d * d);
+    for (let i = 0; i < d; i++) M[i * d + i] = 0.01;
+    for (let k = 0; k < 6; k++) for (let i = 0; i < d; i++) for (let j = 0; j < d; j++) M[i * d + j] += lambda[k]! * Q[i * 6 + k]! * Q[j * 6 + k]!;
+    const V = topEigenvectors(M, d, 4);
+    for (let c = 0; c < 4; c++) {
+      let dot = 0;
+      for (let i = 0; i < d; i++) dot += V[i * 4 + c]! * Q[i * 6 + c]!;
+      expect(Math.abs(Math.abs(dot) - 1), `eigenvector ${c}`).toBeLessThan(1e-6);
+    }
+  });
+
+  it('fitSurrogates at several ranks gives what fitSurrogate gives at each', () => {
+    const H = 8;
+    const W = normals(H * H, 51);
+    const { u, m } = data(500, H, W, normals(H, 52), 53);
+    const stats = new SurrogateStats(H);
+    stats.add(u, m, rows(500));
+    const both = fitSurrogates(stats, 1e-3, [2, 5]);
+    [2, 5].forEach((r, i) => {
+      const one = fitSurrogate(stats, 1e-3, r);
+      expect(both[i]!.rank).toBe(r);
+      expect(both[i]!.r2).toBeCloseTo(one.r2, 10);
+      both[i]!.bias.forEach((v, j) => expect(v).toBeCloseTo(one.bias[j]!, 5));
+    });
+    expect(both[1]!.r2).toBeGreaterThan(both[0]!.r2);
   });
 
   it('default ranks are about 5% and 10% of the MLP MACs, multiples of 8', () => {

@@ -46,7 +46,7 @@ import { type PartRouter, RoutedEvaluator } from './sensitivity.js';
 import { allowedParts, type Granularity, partKey, type PartRef, type RoutedPart } from './parts.js';
 import { RidgeStats, solveRidge, thresholdKeeping } from './ridge.js';
 import { importanceTargets, partValues, TARGET_KINDS, type TargetKind } from './targets.js';
-import { applySurrogate, defaultRanks, fitSurrogate, SurrogateStats } from './surrogate.js';
+import { applySurrogate, defaultRanks, fitSurrogate, fitSurrogates, SurrogateStats } from './surrogate.js';
 import { mlpInputNames } from './surrogate-inputs.js';
 import { surrogateMacs, type ReplacedPart } from '../../routing/router-weights.js';
 
@@ -148,6 +148,9 @@ export const DEFAULTS = {
   surrogate: 'lowrank' as 'none' | 'lowrank',
   refit: true,
 };
+
+/** Hidden sizes above this get no MLP surrogates unless asked for (`surrogate: 'lowrank'`). */
+export const MAX_SURROGATE_HIDDEN = 2048;
 
 /** The margin when MLP parts have no surrogate. */
 export const MARGIN_WITHOUT_SURROGATES = 0.02;
@@ -314,7 +317,13 @@ export class Calibrator {
     const parts = candidateParts(points, allowedParts(o.granularity));
     if (parts.length === 0) throw new ModcError(`no layer of this model can be routed at granularity ${o.granularity}`);
     // MLP parts with a normalised input a surrogate can read: one candidate per surrogate rank.
-    const uNames = o.surrogate === 'lowrank' ? mlpInputNames(model, structure) : points.map(() => null);
+    // Surrogate statistics hold two H x H sums per MLP and the fit is O(H^3): by default only up to MAX_SURROGATE_HIDDEN.
+    const surrogates = o.surrogate === 'lowrank' && (opts.surrogate === 'lowrank' || H <= MAX_SURROGATE_HIDDEN);
+    if (!surrogates) {
+      o.surrogate = 'none';
+      if (opts.margin === undefined) o.margin = MARGIN_WITHOUT_SURROGATES;
+    }
+    const uNames = surrogates ? mlpInputNames(model, structure) : points.map(() => null);
     const ranksOf = (layer: number) =>
       o.surrogateRanks?.length ? [...new Set(o.surrogateRanks.map((r) => Math.min(r, H)))] : defaultRanks(costs.layers[layer]!.mlp, H);
     const candidates: Candidate[] = parts.flatMap((p) =>
@@ -370,12 +379,22 @@ export class Calibrator {
             }
           }
           if (pass === 0) {
-            // Surrogates, one per rank.
-            for (const c of candidates) {
-              if (c.rank === undefined) continue;
-              const fit = fitSurrogate(surStats.get(c.layer)!, o.ridge, c.rank);
-              const { r2, ...surrogate } = fit;
-              fits.set(candidateKey(c), { router: { layer: c.layer, part: c.part, weight: new Float32Array(H), bias: 0, surrogate }, r2: 0, surrogateR2: r2 });
+            // Surrogates, one per rank (one ridge solve per layer).
+            for (const l of surrogateLayers) {
+              const variants = candidates.filter((c) => c.layer === l && c.rank !== undefined);
+              const fitted = fitSurrogates(
+                surStats.get(l)!,
+                o.ridge,
+                variants.map((c) => c.rank!),
+              );
+              variants.forEach((c, i) => {
+                const { r2, ...surrogate } = fitted[i]!;
+                fits.set(candidateKey(c), {
+                  router: { layer: c.layer, part: c.part, weight: new Float32Array(H), bias: 0, surrogate },
+                  r2: 0,
+                  surrogateR2: r2,
+                });
+              });
             }
           }
         }

@@ -10,6 +10,7 @@
  * the r directions that carry most of their variance. It costs 2 H r multiply-accumulates per
  * token, so a low rank saves more per skipped token than the full map.
  */
+import { mulberry32 } from '../../core/random.js';
 import type { Surrogate } from '../../routing/router-weights.js';
 
 /** Sums of (u, m) pairs over the tokens seen so far: n, sum u, sum u u^T, sum u m^T, sum m, sum |m|^2. */
@@ -63,10 +64,15 @@ export interface FittedSurrogate extends Surrogate {
 
 /** Ridge fit of m on u at rank `rank` (at most H); lambda penalises the standardised weights. */
 export function fitSurrogate(s: SurrogateStats, lambda: number, rank: number): FittedSurrogate {
+  return fitSurrogates(s, lambda, [rank])[0]!;
+}
+
+/** fitSurrogate at several ranks: one ridge solve and one eigen-decomposition for all of them. */
+export function fitSurrogates(s: SurrogateStats, lambda: number, ranks: readonly number[]): FittedSurrogate[] {
   const d = s.dim;
   const n = s.n;
   if (n < 2) throw new Error('surrogate: fewer than two samples');
-  const r = Math.max(1, Math.min(rank, d));
+  const rMax = Math.max(1, Math.min(Math.max(...ranks), d));
   const meanU = Float64Array.from(s.sumU, (v) => v / n);
   const meanM = Float64Array.from(s.sumM, (v) => v / n);
   const cov = new Float64Array(d * d);
@@ -96,7 +102,29 @@ export function fitSurrogate(s: SurrogateStats, lambda: number, rank: number): F
   // Covariance of the fitted values: W^T C W [out, out].
   const CW = matmul(cov, W, d, d, d);
   const F = matmulTN(W, CW, d, d, d);
-  const V = topEigenvectors(F, d, r); // [d, r]
+  const Vmax = topEigenvectors(F, d, rMax); // [d, rMax]
+  let varM = s.sumMM / n;
+  for (let j = 0; j < d; j++) varM -= meanM[j]! ** 2;
+  return ranks.map((rank) => {
+    const r = Math.max(1, Math.min(rank, d));
+    const V = new Float64Array(d * r);
+    for (let i = 0; i < d; i++) for (let k = 0; k < r; k++) V[i * r + k] = Vmax[i * rMax + k]!;
+    return reduced(W, V, r, cov, cum, meanU, meanM, varM, d);
+  });
+}
+
+/** The rank-r surrogate W V V^T of the full fit W, with its bias and explained variance. */
+function reduced(
+  W: Float64Array,
+  V: Float64Array,
+  r: number,
+  cov: Float64Array,
+  cum: Float64Array,
+  meanU: Float64Array,
+  meanM: Float64Array,
+  varM: number,
+  d: number,
+): FittedSurrogate {
   const A = matmul(W, V, d, d, r); // [d, r]
   const P = matmulNT(A, V, d, r, d); // A B = W V V^T [in, out]
   const bias = new Float64Array(d);
@@ -106,8 +134,6 @@ export function fitSurrogate(s: SurrogateStats, lambda: number, rank: number): F
     bias[j] = v;
   }
   // Explained variance: 1 - E|m - s|^2 / E|m - mean m|^2 (both centred: s is unbiased on the fitted data).
-  let varM = s.sumMM / n;
-  for (let j = 0; j < d; j++) varM -= meanM[j]! ** 2;
   const CP = matmul(cov, P, d, d, d);
   let cross = 0;
   let predVar = 0;
@@ -151,10 +177,57 @@ export function defaultRanks(mlpMacs: number, H: number): number[] {
 }
 
 /**
- * The `k` eigenvectors of the symmetric matrix `m` (d x d, row-major) with the largest
- * eigenvalues, as the columns of a [d, k] row-major matrix (cyclic Jacobi rotations).
+ * The `k` eigenvectors of the symmetric positive semi-definite matrix `m` (d x d, row-major)
+ * with the largest eigenvalues, as the columns of a [d, k] row-major matrix: cyclic Jacobi
+ * rotations for d <= 256, subspace iteration (then Jacobi on the k x k projection) above.
  */
 export function topEigenvectors(m: Float64Array, d: number, k: number): Float64Array {
+  if (d > 256 && k < d / 2) return subspaceEigenvectors(m, d, k);
+  return jacobiEigenvectors(m, d, k);
+}
+
+/** Block power iteration with orthonormalisation, then Rayleigh-Ritz to order the k directions. */
+function subspaceEigenvectors(m: Float64Array, d: number, k: number): Float64Array {
+  const p = Math.min(d, k + 8);
+  let q: Float64Array = new Float64Array(d * p);
+  const next = mulberry32(1);
+  for (let i = 0; i < q.length; i++) q[i] = next() - 0.5;
+  orthonormalise(q, d, p);
+  for (let it = 0; it < 200; it++) {
+    const z = matmul(m, q, d, d, p);
+    orthonormalise(z, d, p);
+    let change = 0;
+    for (let c = 0; c < p; c++) {
+      let dot = 0;
+      for (let i = 0; i < d; i++) dot += z[i * p + c]! * q[i * p + c]!;
+      change = Math.max(change, 1 - Math.abs(dot));
+    }
+    q = z;
+    if (change < 1e-12) break;
+  }
+  // Rayleigh-Ritz: T = Q^T M Q (p x p), its eigenvectors rotate Q.
+  const mq = matmul(m, q, d, d, p);
+  const t = matmulTN(q, mq, d, p, p);
+  const e = jacobiEigenvectors(t, p, k);
+  return matmul(q, e, d, p, k);
+}
+
+/** Modified Gram-Schmidt on the columns of a [d, p] row-major matrix, in place. */
+function orthonormalise(a: Float64Array, d: number, p: number): void {
+  for (let c = 0; c < p; c++) {
+    for (let prev = 0; prev < c; prev++) {
+      let dot = 0;
+      for (let i = 0; i < d; i++) dot += a[i * p + c]! * a[i * p + prev]!;
+      for (let i = 0; i < d; i++) a[i * p + c] -= dot * a[i * p + prev]!;
+    }
+    let norm = 0;
+    for (let i = 0; i < d; i++) norm += a[i * p + c]! ** 2;
+    norm = Math.sqrt(norm) || 1;
+    for (let i = 0; i < d; i++) a[i * p + c] /= norm;
+  }
+}
+
+function jacobiEigenvectors(m: Float64Array, d: number, k: number): Float64Array {
   const a = Float64Array.from(m);
   const v = new Float64Array(d * d);
   for (let i = 0; i < d; i++) v[i * d + i] = 1;
