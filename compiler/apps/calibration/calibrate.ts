@@ -638,6 +638,7 @@ export class Calibrator {
   /**
    * Step 6: each chosen surrogate (layer order, sequential layers) refitted with every chosen
    * part routed: ridge of u (routed) on out_dense - h (routed), over the tokens the part skips.
+   * A refit that raises the calibration NLL (measured with every chosen part routed) is undone.
    */
   private async refit(
     chosen: (PartRouter & { capacity: number })[],
@@ -650,8 +651,12 @@ export class Calibrator {
     const order = chosen.filter((p) => p.surrogate && !points[p.layer]!.parallel).sort((a, b) => a.layer - b.layer);
     const nb = this.m.batches.length;
     const capture = await ActivationCapture.create(this.m.model, this.m.structure, this.m.workDir, this.m.o.session, this.m.embeddings);
+    // A refit is kept only if the calibration NLL with it (measured on the next pass) is no worse.
+    let baseline: number | null = null;
+    let pending: { part: PartRouter; old: PartRouter['surrogate'] } | null = null;
     try {
-      for (const [i, p] of order.entries()) {
+      for (let i = 0; ;) {
+        const p = order[i];
         const ev = await RoutedEvaluator.create(
           this.m.model,
           chosen,
@@ -662,24 +667,38 @@ export class Calibrator {
           STREAM_TYPE[this.m.structure.dtype],
         );
         const stats = new SurrogateStats(H);
+        let nll = 0;
         try {
           for (let bi = 0; bi < nb; bi++) {
-            progress({ stage: 'refit', done: i * nb + bi, total: order.length * nb });
+            progress({ stage: 'refit', done: Math.min(i, order.length - 1) * nb + bi, total: order.length * nb });
             const rows = this.m.batches[bi]!;
-            const dense = await capture.run(await capture.batch(rows));
             const batch = await ev.batch(rows);
-            const v = (await ev.run(batch, biases, { logits: false, values: true })).values!.get(partKey(p));
+            const r = await ev.run(batch, biases, { values: p !== undefined });
+            nll += r.nll;
+            if (!p) continue;
+            const v = r.values!.get(partKey(p));
             if (!v?.u) return; // the compiled model does not expose what the refit needs: keep the fitted surrogates
+            const dense = await capture.run(await capture.batch(rows));
             const skipped = batch.real.filter((t) => !v.selected[t]);
             stats.add(v.u, difference(dense.get(points[p.layer]!.out)!, v.input), skipped);
           }
         } finally {
           await ev.release();
         }
+        if (pending) {
+          const worse = nll > baseline!;
+          if (worse) pending.part.surrogate = pending.old;
+          else baseline = nll;
+          pending = null;
+          if (worse) continue; // measure again with the refit undone
+        } else if (baseline === null) baseline = nll;
+        if (!p) break;
         if (stats.n > H) {
           const { r2: _, ...surrogate } = fitSurrogate(stats, ridge, p.surrogate!.rank);
+          pending = { part: p, old: p.surrogate };
           p.surrogate = surrogate;
         }
+        i++;
       }
     } finally {
       await capture.release();
