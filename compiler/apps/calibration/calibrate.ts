@@ -648,7 +648,10 @@ export class Calibrator {
   ): Promise<void> {
     const points = layerPoints(this.m.structure);
     const H = this.m.structure.hiddenSize;
-    const order = chosen.filter((p) => p.surrogate && !points[p.layer]!.parallel).sort((a, b) => a.layer - b.layer);
+    // Not on a layer whose attention is routed too: there out_dense - h would ask u to stand in for skipped attention.
+    const order = chosen
+      .filter((p) => p.surrogate && !points[p.layer]!.parallel && !chosen.some((o) => o.layer === p.layer && o.part !== 'mlp'))
+      .sort((a, b) => a.layer - b.layer);
     const nb = this.m.batches.length;
     const capture = await ActivationCapture.create(this.m.model, this.m.structure, this.m.workDir, this.m.o.session, this.m.embeddings);
     // A refit is kept only if the calibration NLL with it (measured on the next pass) is no worse.
