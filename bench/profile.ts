@@ -83,7 +83,7 @@ interface Summary {
   ifsPerRun: number;
   /**
    * Kernels per run whose outputs total at least 1 MiB, and the MB they write: at decode these
-   * are the cache copies (Concat, Identity, GatherKv), independent of machine load.
+   * are the cache copies (Concat, the fused attention ops, a skipped layer's Identity), independent of machine load.
    */
   largeWrites: { count: number; mb: number };
   byOp: Map<string, { ms: number; count: number }>;
@@ -99,12 +99,13 @@ function feedsFor(path: string, ids: number[], past: number, capacity: number): 
   const io = decoderIo(loadModel(path));
   const feeds = originalFeeds(io, ids, past);
   for (const b of io.kv) {
-    if (!b.pastLength) continue;
+    if (!b.pastLength && !b.pastValid) continue;
     const n = Math.ceil(capacity * past);
     const dims = b.layout === 'combined-2BHTD' ? [2, 1, b.numHeads, n, b.headSize] : [1, b.numHeads, n, b.headSize];
     feeds[b.pastKey] = emptyTensor(b.dtype, dims);
     if (b.pastValue) feeds[b.pastValue] = emptyTensor(b.dtype, dims);
-    feeds[b.pastLength] = typed('int64', [n], [1]);
+    if (b.pastLength) feeds[b.pastLength] = typed('int64', [n], [1]);
+    if (b.pastValid) feeds[b.pastValid] = new ort.Tensor('bool', new Uint8Array(n).fill(1), [1, n]);
     // A routed sliding-window layer: its cached tokens' original positions (the last n before the step).
     if (b.pastPositions)
       feeds[b.pastPositions] = typed(

@@ -8,6 +8,7 @@ import { ModcError } from '../compiler/core/errors.js';
 import { MALLOC_ENV } from './common.js';
 import { ANALYSIS_USAGE, analysisBench } from './analysis.js';
 import { DECODE_USAGE, decodeBench } from './decode.js';
+import { KV_FRONTIER_USAGE, kvFrontierBench } from './kv-frontier.js';
 import { LONG_CONTEXT_USAGE, longContextBench } from './long-context.js';
 import { PREFILL_USAGE, prefillBench } from './prefill.js';
 import { PROFILE_USAGE, profileBench } from './profile.js';
@@ -23,6 +24,7 @@ const BENCHES: Record<string, { usage: string; run: (argv: readonly string[]) =>
   analysis: { usage: ANALYSIS_USAGE, run: analysisBench },
   'long-context': { usage: LONG_CONTEXT_USAGE, run: longContextBench },
   quality: { usage: QUALITY_USAGE, run: qualityBench },
+  'kv-frontier': { usage: KV_FRONTIER_USAGE, run: kvFrontierBench },
   recipe: { usage: RECIPE_USAGE, run: recipeBench },
   sessions: { usage: SESSIONS_USAGE, run: sessionsBench },
   plot: { usage: PLOT_USAGE, run: plotBench },
@@ -37,6 +39,7 @@ benchmarks:
   analysis  load, analysis and MoD compile times of 7B-shaped graphs; modc compile of 7B/70B/405B shapes
   long-context  a small model at 8K/32K context: KV bytes, peak RSS, prefill and decode, original vs MoD
   quality   compute fraction vs held-out NLL: dense, calibrated and random routers (fixtures/quality-lm)
+  kv-frontier  KV fraction vs held-out NLL: key/value routing (calibrated, random) against attention and block routing (both quality fixtures)
   recipe    the parts and capacities modc calibrate picks on fixtures/quality-lm, placed on the bench model: speedups next to the NLL increase
   sessions  one pair timed with 0 and with N extra idle sessions alive: per-step ratios, threads, resident memory
   plot      figures (SVG) from JSON: modc bench reports, modc eval results, bench quality --json

@@ -30,7 +30,7 @@ describe('modc codegen: what the wrapper declares', () => {
     expect(kv.every((l) => l.layout === 'combined-2BHTD' && l.pastLength === null)).toBe(true);
   });
 
-  it('a compiled model: routing metadata as constants, past_lengths.l / present_lengths.l per layer', async () => {
+  it('a compiled model: routing metadata as constants, past_valid.l / present_valid.l per layer', async () => {
     const out = join(dir, 'llama', 'model.onnx');
     expect((await runCli('compile', fixture('llama-tiny'), '-o', out, '--router-init', 'random', '--routing', 'topk', '--capacity', '0.25', '-q')).code).toBe(
       0,
@@ -44,9 +44,9 @@ describe('modc codegen: what the wrapper declares', () => {
       [2, 0.25],
     ]);
     expect(routing.layers.every((l) => l.selected.length > 0)).toBe(true);
-    const kv = constant(src, 'KV_LAYERS') as { layer: number; pastLength: string; presentLength: string }[];
-    expect(kv.map((l) => [l.pastLength, l.presentLength])).toEqual([0, 1, 2].map((l) => [`past_lengths.${l}`, `present_lengths.${l}`]));
-    expect(src).toMatch(/readonly "past_lengths.1": "int64";/);
+    const kv = constant(src, 'KV_LAYERS') as { layer: number; pastValid: string; presentValid: string; pastLength: string | null }[];
+    expect(kv.map((l) => [l.pastValid, l.presentValid, l.pastLength])).toEqual([0, 1, 2].map((l) => [`past_valid.${l}`, `present_valid.${l}`, null]));
+    expect(src).toMatch(/readonly "past_valid.1": "bool";/);
   });
 
   it('a hybrid model: its conv/recurrent state is carried as STATE', () => {

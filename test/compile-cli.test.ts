@@ -116,7 +116,7 @@ describe('modc compile with routers', () => {
     const feeds: Record<string, ort.Tensor> = { input_ids: ids([1, 2, 3]), attention_mask: ids([1, 1, 1]), position_ids: ids([0, 1, 2]) };
     for (const name of session.inputNames) {
       if (name.startsWith('past_key_values')) feeds[name] = new ort.Tensor('float32', new Float32Array(0), [1, 2, 0, 16]);
-      if (name.startsWith('past_lengths')) feeds[name] = new ort.Tensor('int64', BigInt64Array.of(0n), [1]);
+      if (name.startsWith('past_valid')) feeds[name] = new ort.Tensor('bool', new Uint8Array(0), [1, 0]);
     }
     await session.run(feeds);
     session.endProfiling();

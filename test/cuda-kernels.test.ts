@@ -153,6 +153,9 @@ const SAME_AS_FIRST = new Set([
   'RotaryEmbedding',
   'MultiHeadAttention',
   'Attention',
+  // com.microsoft MoE / QMoE: the output has the input's type.
+  'MoE',
+  'QMoE',
 ]);
 const BOOLEAN = new Set(['Equal', 'Less', 'Greater', 'LessOrEqual', 'GreaterOrEqual', 'Not', 'And', 'Or', 'Xor']);
 const INT64 = new Set(['Shape', 'Size', 'NonZero', 'ArgMax', 'ArgMin']);

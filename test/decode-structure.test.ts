@@ -1,80 +1,107 @@
 /**
- * The decode fast path of route-layers (docs/routing.md, "How a layer is routed"): for a
- * layer whose cache is appended by `Concat(past, new)`, no full cache goes through an If branch
- * or out of one as a copy. Checked on the compiled graph of every fixture:
- * - no Identity anywhere reads a converted layer's past or present cache (the old structure
- *   passed the past through the skip branch and the present through the keep branch);
- * - the present graph output is an If output whose branches compute it (a Concat of the past,
- *   or a GatherKv of one), never a value passed through from outside the branch;
- * - the layer's own If (`if_selected`) returns only the [B, S, H] stream (or update);
- * - the fast path is taken exactly where the analysis finds the unfused BHTD form.
- * Numerical equivalence and MoD semantics of the same compiles are test/mod.test.ts's.
+ * The structure route-layers gives a converted part (docs/routing.md, "How a layer is routed"),
+ * checked on the all-pass compile of every fixture at each granularity, on the graph alone:
+ * - every If modc adds sits in the main graph: one per converted part (`if_selected`), none
+ *   nested in another, so no weight is consumed two or more If levels below the graph that owns
+ *   it (ONNX Runtime prepacks a MatMul weight only from its own graph or the one above);
+ * - the part's own nodes run in that If's then-branch in their original order, so a cache append
+ *   (the unfused `Concat(past, new)`) stays where the original has it, between the nodes it
+ *   stood between;
+ * - each present cache of a compacted layer is made in the then-branch by the node that made it
+ *   in the original (a Concat, or the fused attention op), straight into the If's output; the
+ *   else-branch passes the past on with one Identity; no other node copies a cache;
+ * - the cache interface: `past_valid.l` / `present_valid.l` for the Concat-semantics forms,
+ *   `past_lengths.l` / `present_lengths.l` for GroupQueryAttention and static caches.
+ * Numerical equivalence and MoD semantics of the same compiles are test/mod.test.ts's and
+ * test/oracle.test.ts's.
  */
 import { describe, expect, it } from 'vitest';
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
+import { isStaticLayout } from '../compiler/analysis/types.js';
 import { loadModel } from '../compiler/core/io/load.js';
 import type { Graph, Node, Value } from '../compiler/core/ir/graph.js';
+import type { Model } from '../compiler/core/ir/model.js';
+import { inlineModcOps } from '../compiler/passes/inline-modc-ops.js';
 import { readRoutingMetadata } from '../compiler/metadata/routing-metadata.js';
+import type { RoutedPart } from '../compiler/routing/router-weights.js';
 import { allModels, tempDir } from './helpers.js';
 import { compileWith } from './mod-helpers.js';
 
 const tmp = tempDir('modc-decode-structure');
 
-function* nodesOf(g: Graph): Iterable<Node> {
-  yield* g.allNodes();
+function depthOf(g: Graph): number {
+  let d = 0;
+  for (let p = g.parent; p; p = p.parent) d++;
+  return d;
 }
 
-/** The node whose subgraph `g` is. */
-function ownerOf(root: Graph, g: Graph): Node | undefined {
-  for (const n of root.allNodes()) if (n.subgraphs().includes(g)) return n;
-  return undefined;
+/** Every use of an initializer two or more graph levels below the graph that owns it: `node <- initializer`. */
+export function weightsBelowOneLevel(model: Model): string[] {
+  const found: string[] = [];
+  for (const n of model.graph.allNodes()) {
+    for (const v of n.inputs) {
+      if (!v) continue;
+      let owner: Graph | null = n.graph!;
+      while (owner && owner.initializers.get(v.name) !== v) owner = owner.parent;
+      if (owner && depthOf(n.graph!) - depthOf(owner) >= 2) found.push(`${n.describe()} <- ${v.name}`);
+    }
+  }
+  return found;
 }
+
+const tagOf = (layer: number, part: RoutedPart) => (part === 'block' ? `modc/layer${layer}` : `modc/layer${layer}/${part}`);
 
 describe.each(allModels())('$name', ({ path }) => {
-  it('all-pass compile: converted layers with a Concat(past, new) cache append outside their If, with no full-cache copy through a branch', () => {
-    const s = analyzeDecoder(loadModel(path));
-    const fastForm = new Set(s.layers.filter((l) => l.attention.form === 'unfused' && l.kv.layout === 'BHTD').map((l) => l.index));
-    const compiled = compileWith(tmp, path, 'all-pass', { gated: false });
-    const model = loadModel(compiled.path);
-    const g = model.graph;
-    const meta = readRoutingMetadata(model)!;
-    const compacted = meta.layers.filter((l) => l.part !== 'mlp').map((l) => l.layer);
-    for (const l of compacted.filter((c) => fastForm.has(c))) {
-      const layer = s.layers[l]!;
-      const past = [layer.kv.key.input.name, layer.kv.value.input.name].map((n) => g.inputs.find((v) => v.name === n)!);
-      const present = [layer.kv.key.output.name, layer.kv.value.output.name].map((n) => g.outputs.find((v) => v.name === n)!);
-      const full = new Set<Value>([...past, ...present]);
-      for (const n of nodesOf(g)) {
-        if (n.opType === 'Identity')
-          expect(
-            n.inputs.some((v) => v && full.has(v)),
-            `${n.describe()} copies a cache of layer ${l}`,
-          ).toBe(false);
-      }
-      for (const p of present) {
-        const producer = p.producer!;
-        expect(producer.opType, `${p.name} is made by the pack If`).toBe('If');
-        const slot = producer.outputs.indexOf(p);
-        for (const branch of producer.subgraphs()) {
-          const out = branch.outputs[slot]!;
-          // Computed in the branch (allocated into the If's output), not passed through from outside.
-          expect(out.producer?.graph, `${branch.name} passes ${p.name} through`).toBe(branch);
-          expect(['Concat', 'GatherKv']).toContain(out.producer!.opType);
+  const original = loadModel(path);
+  const s = analyzeDecoder(original);
+  // Node positions by name, for names the original gives one node only (third-party models repeat some).
+  const named = new Map<string, number[]>();
+  original.graph.nodes.forEach((n, i) => named.set(n.name, [...(named.get(n.name) ?? []), i]));
+  const order = new Map([...named].filter(([name, at]) => name && at.length === 1).map(([name, at]) => [name, at[0]!]));
+  it.each(['block', 'attention', 'mlp'] as const)(
+    'all-pass %s compile: one If per converted part in the main graph, the part verbatim in it, presents made in place',
+    (granularity) => {
+      const model = loadModel(compileWith(tmp, path, 'all-pass', { gated: false, granularity }).path);
+      const g = model.graph;
+      const routed = readRoutingMetadata(model)!.layers;
+      const ifs = [...g.allNodes()].filter((n) => n.opType === 'If' && n.name.startsWith('modc/'));
+      expect(
+        ifs.filter((n) => n.graph !== g).map((n) => n.name),
+        'no modc If nested in a branch',
+      ).toEqual([]);
+      expect(ifs.map((n) => n.name).sort()).toEqual(routed.map((r) => `${tagOf(r.layer, r.part)}/if_selected`).sort());
+      inlineModcOps(model);
+      expect(weightsBelowOneLevel(model), 'weights consumed two or more If levels below their graph').toEqual([]);
+
+      for (const r of routed) {
+        const layerIf = g.nodes.find((n) => n.name === `${tagOf(r.layer, r.part)}/if_selected`)!;
+        const [run, skip] = layerIf.subgraphs() as [Graph, Graph];
+        // The part's own nodes, in their original order (the original's nodes keep their names).
+        const own = run.nodes.filter((n) => order.has(n.name)).map((n) => order.get(n.name)!);
+        expect(own, `layer ${r.layer} ${r.part}: original order kept`).toEqual([...own].sort((a, b) => a - b));
+        if (r.part === 'mlp') continue;
+        const layer = s.layers[r.layer]!;
+        const tensors = layer.kv.layout === 'combined-2BHTD' ? [layer.kv.key] : [layer.kv.key, layer.kv.value];
+        for (const t of tensors) {
+          const present = g.outputs.find((v) => v.name === t.output.name)!;
+          expect(present.producer, `${present.name} comes out of the layer's If`).toBe(layerIf);
+          const slot = layerIf.outputs.indexOf(present);
+          const made = run.outputs[slot]!.producer!;
+          expect(made.graph, `${present.name} is made in the then-branch`).toBe(run);
+          expect(made.name, `${present.name} is made by the original's own node`).toBe(t.output.producer!.name);
+          const passed = skip.outputs[slot]!.producer!;
+          expect([passed.opType, passed.input(0)?.name]).toEqual(['Identity', t.input.name]);
         }
+        // No other node copies a cache of this layer.
+        const caches = new Set(tensors.flatMap((t) => [t.input.name, t.output.name]));
+        const copies = [...g.allNodes()].filter(
+          (n) => n.opType === 'Identity' && n.graph !== skip && n.inputs.some((v: Value | null) => v && caches.has(v.name)),
+        );
+        expect(copies.map((n: Node) => n.describe())).toEqual([]);
+        const inputs = new Set(g.inputs.map((v) => v.name));
+        const lengths = layer.attention.form === 'GroupQueryAttention' || isStaticLayout(layer.kv.layout);
+        expect([inputs.has(`past_valid.${r.layer}`), inputs.has(`past_lengths.${r.layer}`)]).toEqual([!lengths, lengths]);
       }
-      const layerIf = g.nodes.find((n) => n.name === `modc/layer${l}/if_selected` || n.name === `modc/layer${l}/attention/if_selected`)!;
-      expect(layerIf.outputs).toHaveLength(1);
-      // No branch anywhere returns a cache of this layer.
-      for (const n of nodesOf(g)) {
-        for (const branch of n.subgraphs()) {
-          for (const out of branch.outputs) {
-            if (full.has(out)) throw new Error(`${branch.name} (of ${ownerOf(g, branch)?.describe()}) returns ${out.name} of layer ${l}`);
-          }
-        }
-      }
-    }
-    // Layers of the other forms keep the general structure (no K/V If of their own).
-    const fast = compacted.filter((l) => g.nodes.some((n) => n.name === `modc/layer${l}/kv_new` || n.name === `modc/layer${l}/attention/kv_new`));
-    expect(fast).toEqual(compacted.filter((l) => fastForm.has(l)));
-  });
+    },
+  );
 });

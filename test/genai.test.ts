@@ -16,6 +16,8 @@ interface ModcLayer {
   past_value: string | null;
   past_length: string | null;
   present_length: string | null;
+  past_valid: string | null;
+  present_valid: string | null;
   shape: unknown[];
 }
 // eslint-disable-next-line @typescript-eslint/no-explicit-any -- genai_config.json is free-form JSON; the tests read the fields they check
@@ -69,8 +71,10 @@ describe('modc compile writes genai_config.json beside the output', () => {
     const res = await runCli('compile', fixture('forms-fused-gpt2-tiny'), '-o', out, '--router-init', 'random', '--layers', '1,3');
     expect(res.code).toBe(0);
     const c = config(join(dir, 'gpt2'));
-    expect(c.modc.layers.filter((l: ModcLayer) => l.past_length).map((l: ModcLayer) => l.layer)).toEqual([1, 3]);
-    expect(c.modc.layers[0]).toMatchObject({ past_key: 'past_0', past_value: null, past_length: null });
+    expect(c.modc.layers.filter((l: ModcLayer) => l.past_valid).map((l: ModcLayer) => l.layer)).toEqual([1, 3]);
+    expect(c.modc.layers[0]).toMatchObject({ past_key: 'past_0', past_value: null, past_length: null, past_valid: null });
+    expect(c.modc.layers[1]).toMatchObject({ past_valid: 'past_valid.1', present_valid: 'present_valid.1', past_length: null });
+    expect(c.modc.inputs).toEqual({ past_valid_names: 'past_valid.%d' });
     expect(c.modc.layers[1].shape.slice(0, 2)).toEqual([2, 'batch_size']);
     expect(res.stderr).toMatch(/routed layers 1, 3 cache/);
   });

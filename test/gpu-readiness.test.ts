@@ -150,51 +150,63 @@ describe('gpu readiness of fixture compiles', () => {
     expect(r.weightsBelowOneIfLevel.uses).toBe(0);
   });
 
-  it('unfused Llama, block all-pass: per layer kv_new, pack_cache, if_selected { attend }; q/o/gate/up/down twice two levels deep', async () => {
+  it('unfused Llama, block all-pass: one if_selected per layer in the main graph, no weight two levels deep', async () => {
     const r = report(await compileTo('llama-builder-tiny', 'llama-block'));
     const ifs = r.decodeStep.ifs.filter((x) => x.layer === 1);
-    expect(ifs.map((x) => [x.name, x.depth, x.condition.kind])).toEqual([
-      ['modc/layer1/kv_new', 0, 'any selected'],
-      ['modc/layer1/pack_cache', 0, 'other'],
-      ['modc/layer1/if_selected', 0, 'any selected'],
-      ['modc/layer1/attend', 1, 'other'],
-    ]);
-    expect(r.decodeStep.ifs).toHaveLength(12);
-    // Per layer: Compact's TopK in the main graph and in pack_cache's else branch; 4 If conditions.
-    expect(r.decodeStep.hostReads).toHaveLength(18);
+    expect(ifs.map((x) => [x.name, x.depth, x.condition.kind])).toEqual([['modc/layer1/if_selected', 0, 'any selected']]);
+    expect(r.decodeStep.ifs).toHaveLength(3);
+    // Per layer: Compact's TopK in the main graph and the If's condition.
+    expect(r.decodeStep.hostReads).toHaveLength(6);
     for (const l of r.kernelsPerConvertedLayer) {
-      expect([l.layer, l.ifs, l.maxIfDepth, l.selected.ifs, l.skipped.ifs]).toEqual([l.layer, 4, 2, 4, 3]);
-      // selected: the main TopK + kv_new, pack_cache, if_selected, attend; skipped: attend is not reached
-      expect([l.selected.hostReads, l.skipped.hostReads]).toEqual([5, 4]);
+      expect([l.layer, l.ifs, l.maxIfDepth, l.selected.ifs, l.skipped.ifs]).toEqual([l.layer, 1, 1, 1, 1]);
+      // Both paths read the same two values: the routing runs either way, the If picks a branch.
+      expect([l.selected.hostReads, l.skipped.hostReads]).toEqual([2, 2]);
       expect(l.selected.kernels).toBeGreaterThan(l.skipped.kernels);
     }
-    // q_proj, o_proj [64, 64] and gate, up [64, 128], down [128, 64], float32, in attend's then
-    // and else branches, 3 layers: 3 x 2 x 4 x (2 x 4096 + 3 x 8192) bytes.
-    expect(r.weightsBelowOneIfLevel.uses).toBe(30);
-    expect(r.weightsBelowOneIfLevel.bytes).toBe(3 * 2 * 4 * (2 * 4096 + 3 * 8192));
-    expect(new Set(r.weightsBelowOneIfLevel.weights.map((x) => x.weight.replace(/^model\.layers\.\d+\./, '')))).toEqual(
-      new Set(['self_attn.q_proj.weight', 'self_attn.o_proj.weight', 'mlp.gate_proj.weight', 'mlp.up_proj.weight', 'mlp.down_proj.weight']),
-    );
+    // Every weight of the layer is one If level below the main graph, where ORT prepacks it.
+    expect(r.weightsBelowOneIfLevel).toEqual({ uses: 0, bytes: 0, weights: [] });
     expect(r.decodeStep.allSelected.kernels).toBe(
       r.kernelsPerConvertedLayer.reduce((a, l) => a + l.selected.kernels, 0) + r.outsideLayers.sharedRouting + r.outsideLayers.model,
     );
   });
 
-  it('unfused Llama, attention all-pass: q_proj and o_proj twice two levels deep', async () => {
+  it('unfused Llama, attention all-pass: no weight two levels deep', async () => {
     const r = report(await compileTo('llama-builder-tiny', 'llama-attention', '--granularity', 'attention'));
-    expect(r.weightsBelowOneIfLevel.uses).toBe(12);
-    expect(r.weightsBelowOneIfLevel.bytes).toBe(3 * 2 * 2 * 4096 * 4);
+    expect(r.decodeStep.ifs.map((x) => [x.name, x.depth])).toEqual([0, 1, 2].map((l) => [`modc/layer${l}/attention/if_selected`, 0]));
+    expect(r.weightsBelowOneIfLevel.uses).toBe(0);
   });
 
-  it('GroupQueryAttention, block all-pass: if_selected { pack_cache } per layer, no deep weight', async () => {
+  it('GroupQueryAttention, block all-pass: one if_selected per layer, no nested If, no deep weight', async () => {
     const r = report(await compileTo('forms-gqa-tiny', 'gqa-block'));
-    expect(r.decodeStep.ifs.map((x) => [x.name, x.depth, x.condition.kind])).toEqual(
-      [0, 1, 2].flatMap((l) => [
-        [`modc/layer${l}/if_selected`, 0, 'any selected'],
-        [`modc/layer${l}/pack_cache`, 1, 'other'],
-      ]),
+    expect(r.decodeStep.ifs.map((x) => [x.name, x.depth, x.condition.kind])).toEqual([0, 1, 2].map((l) => [`modc/layer${l}/if_selected`, 0, 'any selected']));
+    for (const l of r.kernelsPerConvertedLayer) expect([l.selected.hostReads, l.skipped.hostReads, l.selected.ifs, l.skipped.ifs]).toEqual([2, 2, 1, 1]);
+    expect(r.weightsBelowOneIfLevel.uses).toBe(0);
+  });
+
+  it.each([
+    ['genai-tiny', 3],
+    ['forms-gqa-window-tiny', 3],
+    ['forms-attention23-tiny', 3],
+    ['forms-static-tiny', 3],
+    ['forms-static-window-tiny', 3],
+    ['forms-fused-gpt2-tiny', 5],
+  ])('%s, block all-pass: one if_selected per layer in the main graph, Compact’s TopK K and the If condition read on either path', async (fixture, layers) => {
+    const model = loadModel(await compileTo(fixture, `${fixture}-block`));
+    const r = gpuReadiness(
+      model,
+      Array.from({ length: layers }, (_, layer) => ({ layer, part: 'block' as const })),
     );
-    for (const l of r.kernelsPerConvertedLayer) expect([l.selected.hostReads, l.skipped.hostReads, l.selected.ifs, l.skipped.ifs]).toEqual([3, 2, 2, 1]);
+    expect(r.decodeStep.ifs.map((x) => [x.name, x.depth, x.condition.kind])).toEqual(
+      Array.from({ length: layers }, (_, l) => [`modc/layer${l}/if_selected`, 0, 'any selected']),
+    );
+    for (const l of r.kernelsPerConvertedLayer)
+      expect([l.selected.hostReads, l.skipped.hostReads, l.selected.ifs, l.skipped.ifs, l.maxIfDepth]).toEqual([2, 2, 1, 1, 1]);
+    expect(r.decodeStep.hostReads.map((h) => [h.op, h.input, h.depth])).toEqual(
+      Array.from({ length: layers }, () => [
+        ['TopK', 1, 0],
+        ['If', 0, 0],
+      ]).flat(),
+    );
     expect(r.weightsBelowOneIfLevel.uses).toBe(0);
   });
 
@@ -203,11 +215,11 @@ describe('gpu readiness of fixture compiles', () => {
     const text = await runCli('inspect', path);
     expect(text.code).toBe(0);
     expect(text.stdout).toMatch(/gpu readiness/);
-    expect(text.stdout).toMatch(/If nodes\s+6 \(nested 2 deep; 3 on "any token selected", 3 on other conditions\)/);
+    expect(text.stdout).toMatch(/If nodes\s+3 \(nested 1 deep; 3 on "any token selected", 0 on other conditions\)/);
     expect(text.stdout).toMatch(/deep weights\s+none/);
     const json = await runCli('inspect', path, '--json');
     const g = JSON.parse(json.stdout).gpuReadiness;
-    expect(g.decodeStep.ifs).toHaveLength(6);
+    expect(g.decodeStep.ifs).toHaveLength(3);
     expect(g.kernelsPerConvertedLayer.map((l: { layer: number }) => l.layer)).toEqual([0, 1, 2]);
     const original = JSON.parse((await runCli('inspect', join(FIXTURES, 'forms-gqa-tiny', 'model.onnx'), '--json')).stdout).gpuReadiness;
     expect(original.decodeStep.ifs).toEqual([]);

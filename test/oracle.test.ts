@@ -3,10 +3,11 @@
  * written from the spec (fixtures/oracle/oracle.py), which also made the router files, so nothing
  * expected here comes from the code under test. Cases: llama-tiny, gpt2-tiny and neox-tiny;
  * threshold and top-k, gated and ungated, batch 1 and batch 3 with left or right padding, whole
- * blocks, attention, MLP, both parts and a mix of granularities, F32 and BF16 router files,
+ * blocks, attention, MLP, both parts and a mix of granularities, key/value routing (alone, beside a
+ * routed MLP with or without a surrogate, and with sinks and window from the file), F32 and BF16 router files,
  * mode/gated/capacities from the file's metadata, and MLP parts with a linear surrogate (routed,
- * gated and ungated, beside other parts, and replaced by it with no router). Per case: compile with `--routers` that file
- * (library API), run the prefill and three decode steps, and compare
+ * gated and ungated, beside other parts, and replaced by it with no router). Per case: compile
+ * with `--routers` that file (library API), run the prefill and three decode steps, and compare
  * - the logits at every real position (a fixed slice of 32 vocabulary ids) within 1e-4 (SPEC.md's
  *   fp32 tolerance), and
  * - each layer's cache length per row,
@@ -32,7 +33,7 @@ import { exposeSelections, type Selection } from '../compiler/apps/eval/selectio
 import { readRoutingMetadata } from '../compiler/metadata/routing-metadata.js';
 import { planRouting, type RoutingMode } from '../compiler/routing/routing-plan.js';
 import { decoderIo } from '../compiler/metadata/decoder-io.js';
-import { createSession, emptyTensor, type ort } from '../compiler/runtime/ort.js';
+import { createSession, emptyTensor, ort } from '../compiler/runtime/ort.js';
 import { ModSession, padRows, promptPositions, typed, type Logits } from '../compiler/runtime/session.js';
 import { modPipeline } from '../compiler/passes/pipeline.js';
 import { contractModels, ROOT, tempDir } from './helpers.js';
@@ -51,7 +52,7 @@ interface OracleCase {
   /** What the case exercises beyond whole-block routing from F32 tensors and flags. */
   requires: string[]; // informational: sub-layer, bf16, router-metadata
   /** fromFile: compiled with no routing flag (mode, gated and capacities from the file's metadata). */
-  routing: { mode: RoutingMode; gated: boolean; threshold?: number; capacity?: number; fromFile?: boolean };
+  routing: { mode: RoutingMode; gated: boolean; threshold?: number; capacity?: number; fromFile?: boolean; kv?: { sinks: number; window: number } };
   pad: 'left' | 'right';
   prompt: number[][];
   steps: number[][];
@@ -84,7 +85,15 @@ interface Compiled {
 function compile(source: string, routers: string, c: OracleCase): Compiled {
   const model = loadModel(source);
   const s = analyzeDecoder(model);
-  const flags = c.routing.fromFile ? {} : { mode: c.routing.mode, gated: c.routing.gated, threshold: c.routing.threshold, capacity: c.routing.capacity };
+  const flags = c.routing.fromFile
+    ? {}
+    : {
+        mode: c.routing.mode,
+        gated: c.routing.gated,
+        threshold: c.routing.threshold,
+        capacity: c.routing.capacity,
+        ...(c.routing.kv ? { kvSinks: c.routing.kv.sinks, kvWindow: c.routing.kv.window } : {}),
+      };
   const plan = planRouting({ numLayers: s.layers.length, hiddenSize: s.hiddenSize, routers: { kind: 'file', path: routers }, ...flags });
   runPipeline(model, modPipeline({ plan }));
   const dir = join(tmp, `c${counter++}`);
@@ -167,6 +176,8 @@ async function prefillSelections(compiled: Compiled, c: OracleCase): Promise<Map
     feeds[b.pastKey] = emptyTensor(b.dtype, [B, b.numHeads, 0, b.headSize]);
     if (b.pastValue) feeds[b.pastValue] = emptyTensor(b.dtype, [B, b.numHeads, 0, b.headSize]);
     if (b.pastLength) feeds[b.pastLength] = typed('int64', Array(B).fill(0), [B]);
+    if (b.pastPositions) feeds[b.pastPositions] = typed('int64', [], [B, 0]);
+    if (b.pastValid) feeds[b.pastValid] = new ort.Tensor('bool', new Uint8Array(0), [B, 0]);
   }
   compiled.instrumented.session ??= await createSession(compiled.instrumented.path);
   const out = await compiled.instrumented.session.run(
@@ -232,12 +243,23 @@ describe.each(models)('oracle %s', (name) => {
       'topk/true',
     ]);
     expect([...new Set(block.map((c) => c.pad))].sort()).toEqual(['left', 'right']);
-    expect([...new Set(cases.map((c) => c.granularity))].sort()).toEqual(['attention', 'block', 'mixed', 'mlp']);
-    expect([...new Set(cases.flatMap((c) => c.requires))].sort()).toEqual(['bf16', 'router-metadata', 'sub-layer', 'surrogate']);
+    expect([...new Set(cases.map((c) => c.granularity))].sort()).toEqual(['attention', 'block', 'kv', 'mixed', 'mlp']);
+    expect([...new Set(cases.flatMap((c) => c.requires))].sort()).toEqual(['bf16', 'kv', 'router-metadata', 'sub-layer', 'surrogate']);
     // Surrogates: routed MLP parts gated and ungated, threshold and top-k, and a case with no router at all.
     const surrogate = cases.filter((c) => c.requires.includes('surrogate'));
     expect([...new Set(surrogate.map((c) => `${c.routing.mode}/${c.routing.gated}`))].sort()).toEqual(['threshold/false', 'threshold/true', 'topk/true']);
     expect(surrogate.some((c) => c.calls[0]!.selected.length === 0)).toBe(true);
+    // Key/value routing: entries leave the cache with the window inside the cases (a layer holds fewer entries than its row's tokens).
+    const kv = cases.filter((c) => c.requires.includes('kv'));
+    expect(new Set(kv.map((c) => c.pad))).toEqual(new Set(['left', 'right']));
+    expect(kv.some((c) => c.routing.fromFile)).toBe(true);
+    for (const c of kv) {
+      const tokens = c.prompt.map((r) => r.length + c.steps.length);
+      expect(
+        c.calls.at(-1)!.cacheLengths.some((layer) => layer.some((n, row) => n < tokens[row]!)),
+        `${c.name}: some layer's cache is shorter than its row`,
+      ).toBe(true);
+    }
     expect(cases.some((c) => c.routing.fromFile)).toBe(true);
     // Decisions exactly on the boundary: top-k ties, and r = p under threshold routing.
     expect(cases.some((c) => c.routing.mode === 'topk' && c.exactDecisions > 0)).toBe(true);

@@ -61,6 +61,9 @@ async function runOp(op: string, feeds: Feed[], opts: { inline: boolean; opset: 
     GatherKvCombined: [DataType.FLOAT],
     SlotPositions: [DataType.INT64],
     WindowBias: [DataType.FLOAT],
+    KvCodes: [DataType.INT64],
+    KvVisible: [DataType.BOOL],
+    KvRetain: [DataType.BOOL],
   };
   outs.forEach((v, i) => (v.type = { tensor_type: { elem_type: outTypes[op]![i]! } }));
   g.outputs = outs;
@@ -266,10 +269,14 @@ describe.each(modes)('modc ops (inline=$inline, opset $opset)', (mode) => {
 });
 
 describe.each(modes)('modc cache ops (inline=$inline, opset $opset)', (mode) => {
-  it("PrefixMask and KeyMask mark a layer's valid cache slots and this call's valid slots", async () => {
+  it("PrefixMask marks each row's valid cache slots (a GroupQueryAttention or static layer's keys)", async () => {
     const lengths = [0, 3, 1, 4];
     const [pm] = await runOp('PrefixMask', [i64('lengths', [4], lengths), i64('total', [], [4])], mode);
     expect(data(pm!)).toEqual(Array.from(ref.prefixMask(lengths, 4)));
+  });
+
+  it("KeyMask marks a key/value-routed layer's valid cache slots and this call's valid slots", async () => {
+    const lengths = [0, 3, 1, 4];
     const valid = [1, 0, 1, 1, 0, 0, 1, 0];
     const [km] = await runOp('KeyMask', [i64('past_length', [4], lengths), i64('past_capacity', [], [4]), bool('valid', [4, 2], valid)], mode);
     expect(km!.dims).toEqual([4, 6]);
@@ -361,6 +368,35 @@ describe.each(modes)('modc position ops for sliding windows (inline=$inline, ops
       });
       expect(Array.from(result.out!.data as Float32Array)).toEqual(Array.from(ref.windowBias([3, 5], [1, 2, 3, 4, 5], [1, 2, 5], 2, lowest)));
     }
+  });
+});
+
+describe.each(modes)('modc key/value routing ops (inline=$inline, opset $opset)', (mode) => {
+  it('KvCodes: a kept token or one of the first `sinks` is held for good (-1 - p), any other carries its position', async () => {
+    const positions = [0, 1, 2, 3, 4, 5, 7, 8, 9];
+    const keep = [0, 0, 0, 1, 0, 0, 0, 1, 0];
+    const [out] = await runOp('KvCodes', [i64('positions', [3, 3], positions), bool('keep', [3, 3], keep), i64('sinks', [], [2])], mode);
+    expect(data(out!)).toEqual([-1, -2, 2, -4, 4, 5, 7, -9, 9]);
+    expect(data(out!)).toEqual(ref.kvCodes(positions, keep, 2));
+  });
+
+  it('KvVisible: held entries are keys for every query, others while the query is fewer than `window` positions after them', async () => {
+    // Row 0: entries at 0 (held), 3, 5, 6 and 7; row 1: held 1, then 2, 4, 8, 9.
+    const codes = [-1, 3, 5, 6, 7, -2, 2, 4, 8, 9];
+    const queries = [6, 7, 9, 8];
+    const [out] = await runOp('KvVisible', [i64('query_positions', [2, 2], queries), i64('codes', [2, 5], codes), i64('window', [], [3])], mode);
+    expect(out!.dims).toEqual([2, 1, 2, 5]);
+    // Query 7 (window 3: 5, 6, 7 and beyond) sees the held entry, 5, 6 and 7; not 3. Causality is the model's own mask's.
+    expect(data(out!)).toEqual([1, 0, 1, 1, 1, 1, 0, 1, 1, 1, 1, 0, 0, 1, 1, 1, 0, 0, 1, 1]);
+    expect(data(out!)).toEqual(Array.from(ref.kvVisible(queries, codes, [2, 2, 5], 3)));
+  });
+
+  it("KvRetain: after a row's last token at p the cache keeps its valid held entries and the `window` positions p - window + 1 .. p", async () => {
+    const codes = [-1, 3, 5, 6, 7, 0, -2, 2, 4, 8, 9, 0];
+    const valid = [1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 0];
+    const [out] = await runOp('KvRetain', [i64('codes', [2, 6], codes), bool('valid', [2, 6], valid), i64('last', [2], [7, 9]), i64('window', [], [3])], mode);
+    expect(data(out!)).toEqual([1, 0, 1, 1, 1, 0, 1, 0, 0, 1, 1, 0]);
+    expect(data(out!)).toEqual(Array.from(ref.kvRetain(codes, valid, [7, 9], [2, 6], 3)));
   });
 });
 

@@ -151,12 +151,37 @@ export function writeCosts(model: Model, costs: ModelCosts): void {
  * What ran in one row of a forward with no past: the row's real tokens, and per layer how many
  * of them ran the attention part and the MLP part, and how many routers scored them.
  * Selected tokens see, in their layer, only the earlier selected tokens and themselves (the
- * compacted cache, causal), so k attention tokens make k(k+1)/2 (query, key) pairs.
+ * compacted cache, causal), so k attention tokens make k(k+1)/2 (query, key) pairs, and the
+ * layer's cache holds k entries. A key/value-routed layer (`kv`) says both itself: `pairs`, the
+ * (query, key) pairs its visibility rule leaves (every token queries), and `kvHeld`, the
+ * entries its cache holds after the row's last token (kvRowUsage).
  */
 export interface RowUsage {
   tokens: number;
   /** `surrogateMacs`: what the layer's surrogates executed in this row (MACs per token times the tokens they ran on). */
-  layers: { attention: number; mlp: number; routers: number; surrogateMacs?: number }[];
+  layers: { attention: number; mlp: number; routers: number; pairs?: number; kvHeld?: number; surrogateMacs?: number }[];
+}
+
+/**
+ * A key/value-routed layer on one row of n tokens at positions 0..n-1 (SPEC.md, "Key/value
+ * routing"): `keep[j]` the router's choice for token j. Query i sees key j <= i iff j < sinks,
+ * keep[j] or i - j < window; after the last token the cache holds j < sinks, keep[j] or
+ * j >= n - window.
+ */
+export function kvRowUsage(keep: ArrayLike<number | boolean>, sinks: number, window: number): { pairs: number; held: number } {
+  const n = keep.length;
+  const held = (j: number) => j < sinks || !!keep[j];
+  // held(j) for j <= i - window, counted as i grows.
+  let heldBehind = 0;
+  let pairs = 0;
+  for (let i = 0; i < n; i++) {
+    const leaving = i - window;
+    if (leaving >= 0 && held(leaving)) heldBehind++;
+    pairs += Math.min(window, i + 1) + heldBehind;
+  }
+  let total = 0;
+  for (let j = 0; j < n; j++) if (held(j) || j >= n - window) total++;
+  return { pairs, held: total };
 }
 
 export const denseUsage = (costs: ModelCosts, tokens: number): RowUsage => ({
@@ -169,13 +194,14 @@ export function executedMacs(costs: ModelCosts, row: RowUsage): number {
   let macs = costs.lmHead * row.tokens;
   costs.layers.forEach((c, l) => {
     const u = row.layers[l]!;
-    macs += c.attention * u.attention + c.attentionPair * ((u.attention * (u.attention + 1)) / 2) + c.mlp * u.mlp + costs.router * u.routers * row.tokens;
+    const pairs = u.pairs ?? (u.attention * (u.attention + 1)) / 2;
+    macs += c.attention * u.attention + c.attentionPair * pairs + c.mlp * u.mlp + costs.router * u.routers * row.tokens;
     macs += u.surrogateMacs ?? 0;
   });
   return macs;
 }
 
-/** KV-cache elements the row leaves behind: attention tokens times each layer's per-token width. */
+/** KV-cache elements the row leaves behind: entries held (attention tokens, or kvHeld) times each layer's per-token width. */
 export function kvElements(costs: ModelCosts, row: RowUsage): number {
-  return costs.layers.reduce((a, c, l) => a + c.kvPerToken * row.layers[l]!.attention, 0);
+  return costs.layers.reduce((a, c, l) => a + c.kvPerToken * (row.layers[l]!.kvHeld ?? row.layers[l]!.attention), 0);
 }

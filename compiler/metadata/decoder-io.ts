@@ -2,7 +2,7 @@
  * The I/O contract of a decoder model, original or compiled, as seen by a caller driving it:
  * which input takes the token ids, the attention mask, the positions; which past/present
  * tensors form each layer's KV cache (and its layout); and, for modc-compiled layers, the
- * per-layer cache lengths. Read from the graph's inputs and outputs only.
+ * per-layer cache lengths or slot validity. Read from the graph's inputs and outputs only.
  */
 import { ModcError, UsageError } from '../core/errors.js';
 import { DataType } from '../core/ir/dtype.js';
@@ -25,9 +25,18 @@ export interface KvBinding {
   numHeads: number;
   headSize: number;
   dtype: 'float32' | 'float16';
-  /** modc-compiled layer: the per-row cache length input and output. */
+  /**
+   * modc-compiled GroupQueryAttention or static-cache layer: the per-row cache length input and
+   * output (each row's valid slots first).
+   */
   pastLength: string | null;
   presentLength: string | null;
+  /**
+   * modc-compiled layer of the other forms: which cache slots hold a token, bool [B, P_l] in and
+   * [B, P_l + K] out, carried like the cache (a row's slots may have holes at batch > 1).
+   */
+  pastValid: string | null;
+  presentValid: string | null;
   /** Static layouts: the buffer length when the model fixes it (null: the runner chooses). */
   maxLength: number | null;
   /**
@@ -157,6 +166,8 @@ const PAST_STATE = /^past_key_values\.(\d+)\.(\w+)$/;
 const PAST_STATIC = /^(key|value)_cache\.(\d+)$/;
 export const pastLengthName = (layer: number) => `past_lengths.${layer}`;
 export const presentLengthName = (layer: number) => `present_lengths.${layer}`;
+export const pastValidName = (layer: number) => `past_valid.${layer}`;
+export const presentValidName = (layer: number) => `present_valid.${layer}`;
 export const pastPositionsName = (layer: number) => `past_positions.${layer}`;
 export const presentPositionsName = (layer: number) => `present_positions.${layer}`;
 export const pastSequenceIndicesName = (layer: number) => `past_sequence_indices.${layer}`;
@@ -218,6 +229,8 @@ export function decoderIo(model: Model): DecoderIo {
         dtype: v.dtype === DataType.FLOAT16 ? 'float16' : 'float32',
         pastLength: inputs.has(pastLengthName(layer)) ? pastLengthName(layer) : null,
         presentLength: outputs.has(presentLengthName(layer)) ? presentLengthName(layer) : null,
+        pastValid: inputs.has(pastValidName(layer)) ? pastValidName(layer) : null,
+        presentValid: outputs.has(presentValidName(layer)) ? presentValidName(layer) : null,
         maxLength: null,
         ...slotIndices(layer, inputs, outputs),
       } satisfies KvBinding);
@@ -362,6 +375,8 @@ function emptyBinding(layer: number, v: Value, inputs: Map<string, Value>, outpu
     dtype: v.dtype === DataType.FLOAT16 ? 'float16' : 'float32',
     pastLength: inputs.has(pastLengthName(layer)) ? pastLengthName(layer) : null,
     presentLength: outputs.has(presentLengthName(layer)) ? presentLengthName(layer) : null,
+    pastValid: null,
+    presentValid: null,
     maxLength: null,
     ...slotIndices(layer, inputs, outputs),
   };

@@ -1,16 +1,17 @@
 /** The routing a compiled model carries in its metadata, for `modc inspect` and tools. */
 import { ModcError } from '../core/errors.js';
 import type { Model } from '../core/ir/model.js';
-import type { RoutedPart } from '../routing/router-weights.js';
+import { kvPolicyProblem, type KvPolicy, type RoutedPart } from '../routing/router-weights.js';
 
 /** One routed part of a layer in a compiled model. */
 export interface RoutedLayerMetadata {
   layer: number;
-  /** 'block' (the whole layer), 'attention' or 'mlp'; models compiled before sub-layer routing read as 'block'. */
+  /** 'block' (the whole layer), 'attention', 'mlp' or 'kv'; models compiled before sub-layer routing read as 'block'. */
   part: RoutedPart;
   /**
    * The graph value (main graph, outside any If) holding this part's selection, bool [B, S]:
-   * true = the token runs this part; padding is false. Empty for models compiled before it was recorded.
+   * true = the token runs this part (for a kv part: the router keeps it as a key/value for good);
+   * padding is false. Empty for models compiled before it was recorded.
    */
   selected: string;
   threshold: number;
@@ -48,6 +49,8 @@ export interface RoutingMetadata {
   replaced?: ReplacedMetadata[];
   /** Layers that had routers but could not be routed, and why (absent when none). */
   skipped?: { layer: number; part?: RoutedPart; reason: string }[];
+  /** The sinks and window of the kv parts (present when the model routes a KV cache). */
+  kv?: KvPolicy;
 }
 
 export const ROUTING_METADATA_KEY = 'modc.routing';
@@ -85,13 +88,19 @@ function routingMetadataProblem(m: unknown): string | null {
   for (const l of m.layers) {
     if (!isObj(l) || !isLayer(l.layer) || typeof l.threshold !== 'number' || typeof l.capacity !== 'number')
       return 'each layer needs a layer index, a threshold and a capacity';
-    if (l.part !== undefined && l.part !== 'block' && l.part !== 'attention' && l.part !== 'mlp') return 'a layer part must be "block", "attention" or "mlp"';
+    if (l.part !== undefined && l.part !== 'block' && l.part !== 'attention' && l.part !== 'mlp' && l.part !== 'kv')
+      return 'a layer part must be "block", "attention", "mlp" or "kv"';
     if (l.selected !== undefined && typeof l.selected !== 'string') return "a layer's selected must be a value name";
     if (l.surrogate !== undefined && !isSurrogate(l.surrogate)) return "a layer's surrogate must be { rank, macs, input, output }";
   }
   if (m.replaced !== undefined) {
     if (!Array.isArray(m.replaced) || m.replaced.some((r) => !isObj(r) || !isLayer(r.layer) || r.part !== 'mlp' || !isSurrogate(r.surrogate)))
       return "replaced must be a list of { layer, part: 'mlp', surrogate: { rank, macs, input, output } }";
+  }
+  if (m.kv !== undefined) {
+    if (!isObj(m.kv) || m.kv.sinks === undefined || m.kv.window === undefined) return 'kv must be { sinks, window }';
+    const problem = kvPolicyProblem(m.kv);
+    if (problem) return `kv.${problem}`;
   }
   if (m.skipped !== undefined) {
     if (!Array.isArray(m.skipped) || m.skipped.some((s) => !isObj(s) || !isLayer(s.layer) || typeof s.reason !== 'string'))

@@ -13,8 +13,9 @@
  *   seq_new                = P + indices                                     [B, K]
  *   seq                    = Concat(past_sequence_indices.l, seq_new)         [B, P_l + K]: each key
  *                            slot's sequence index, as the layer lays out its keys
- *   attention_mask (layer) = GatherMask(m, seq, seq, KeyMask(..), 0)          [B, 1, P_l + K, P_l + K]
- *   present_sequence_indices.l = seq at the slots the packed present keeps
+ *   attention_mask (layer) = GatherMask(m, seq, seq, keys, 0)                 [B, 1, P_l + K, P_l + K]
+ *                            (keys: the layer's valid slots, compiler/passes/layer-cache.ts)
+ *   present_sequence_indices.l = seq, laid out like the layer's present
  *
  * so the layer's own Slice of rows [P_l, P_l + K) and columns [0, P_l + K) picks, for each
  * selected token and each key it holds, the caller's entry at their original sequence indices.

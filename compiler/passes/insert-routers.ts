@@ -10,18 +10,19 @@
  *   indices, valid, count = modc.Compact(selected)
  *
  * token_mask is this call's columns of attention_mask (of a caller's 4-D mask, its diagonal at the
- * call's sequence indices: compiler/passes/caller-mask.ts). The selection value is named
- * `modc.selected.{l}[.attn|.mlp]` and recorded in the `modc.routing` metadata, which is how
+ * call's sequence indices: compiler/passes/caller-mask.ts), as bool. The selection value is named
+ * `modc.selected.{l}[.attn|.mlp|.kv]` and recorded in the `modc.routing` metadata, which is how
  * route-layers (and tools measuring what ran) find each part's routing.
  */
 import { ModcError } from '../core/errors.js';
+import { DataType } from '../core/ir/dtype.js';
 import { analyzeDecoder } from '../analysis/analyze.js';
 import type { DecoderStructure } from '../analysis/types.js';
 import type { Value } from '../core/ir/graph.js';
 import type { Model } from '../core/ir/model.js';
 import { Tensor } from '../core/ir/tensor.js';
 import type { Pass } from './pass-manager.js';
-import type { RoutingPlan } from '../routing/routing-plan.js';
+import { kvPolicyOf, type RoutingPlan } from '../routing/routing-plan.js';
 import { Emitter } from './modc-ops/emitter.js';
 import { callModcOp, defaultOpset } from './modc-ops/index.js';
 import { type RoutedLayerMetadata, writeRoutingMetadata } from '../metadata/routing-metadata.js';
@@ -65,23 +66,30 @@ function scalarInit(model: Model, name: string, value: number): Value {
 export function insertRouters(model: Model, plan: RoutingPlan, s: DecoderStructure = analyzeDecoder(model)): string[] {
   const g = model.graph;
   const dtype = streamElementType(s);
-  const { tokenMask, pastLength } = tokenInputs(model);
+  const tokens = tokenInputs(model);
+  // One bool mask for every router (the select ops' own casts of it are then no-ops ONNX Runtime drops).
+  const tokenMask = new Emitter(g, defaultOpset(model), 'modc/').cast(tokens.tokenMask, DataType.BOOL);
+  const { pastLength } = tokens;
   const notes: string[] = [];
   const recorded: RoutedLayerMetadata[] = [];
   const graphOutputs = new Set(g.outputs);
   for (const lp of plan.layers) {
     const layer = s.layers[lp.layer];
     if (!layer) throw new ModcError(`the routing plan names layer ${lp.layer}, but the model has ${s.layers.length} layers`);
-    const twice = plan.layers.find((o) => o !== lp && o.layer === lp.layer && (o.part === lp.part || o.part === 'block' || lp.part === 'block'));
+    // kv (which tokens stay keys/values) excludes the parts that compact the cache themselves.
+    const excludes = (a: string, b: string) =>
+      a === b || a === 'block' || b === 'block' || (a === 'kv' && b === 'attention') || (a === 'attention' && b === 'kv');
+    const twice = plan.layers.find((o) => o !== lp && o.layer === lp.layer && excludes(o.part, lp.part));
     if (twice)
       throw new ModcError(
-        `the routing plan routes layer ${lp.layer} as ${lp.part} and as ${twice.part}; a layer routes its whole block, or its attention and/or its MLP`,
+        `the routing plan routes layer ${lp.layer} as ${lp.part} and as ${twice.part}; a layer routes its whole block, or its attention (or its KV cache) and/or its MLP`,
       );
     if (lp.router.weight.length !== s.hiddenSize)
       throw new ModcError(`router for layer ${describeLayerPart(lp)} has ${lp.router.weight.length} weights, the hidden size is ${s.hiddenSize}`);
     // An MLP router reads the stream the MLP reads; when the layer has no sub-layer boundary
     // route-layers refuses the part and removes this router again.
-    const parts = lp.part === 'block' ? null : subLayersOf(layer, graphOutputs);
+    // A kv router reads the layer input x, as a block or attention router does.
+    const parts = lp.part === 'block' || lp.part === 'kv' ? null : subLayersOf(layer, graphOutputs);
     const input = parts && !('reason' in parts) ? parts[lp.part as 'attention' | 'mlp'].input : layer.residualIn;
     const prefix = `modc.${routerTensorPrefix(lp.layer, lp.part)}`;
     const w = g.addInitializer(g.newValue(`${prefix}.weight`), Tensor.fromArray(`${prefix}.weight`, [s.hiddenSize], lp.router.weight));
@@ -93,12 +101,18 @@ export function insertRouters(model: Model, plan: RoutingPlan, s: DecoderStructu
         ? callModcOp(model, 'SelectThreshold', [score!, tokenMask, scalarInit(model, `${prefix}.threshold`, lp.threshold)], opts)
         : callModcOp(model, 'SelectTopK', [score!, tokenMask, scalarInit(model, `${prefix}.capacity`, lp.capacity), pastLength], opts);
     selected!.name = g.uniqueName(prefix.replace('modc.router.', 'modc.selected.'));
-    callModcOp(model, 'Compact', [selected!], opts);
+    // Key/value routing gathers no token: every token runs the layer (compiler/passes/route-kv.ts).
+    if (lp.part !== 'kv') callModcOp(model, 'Compact', [selected!], opts);
     recorded.push({ layer: lp.layer, part: lp.part, selected: selected!.name, threshold: lp.threshold, capacity: lp.capacity });
     notes.push(`layer ${describeLayerPart(lp)}: router on ${input}, ${plan.mode === 'threshold' ? `p = ${lp.threshold}` : `capacity ${lp.capacity}`}`);
   }
   g.toposort();
-  writeRoutingMetadata(model, { mode: plan.mode, gated: plan.gated, layers: recorded });
+  writeRoutingMetadata(model, {
+    mode: plan.mode,
+    gated: plan.gated,
+    layers: recorded,
+    ...(plan.layers.some((l) => l.part === 'kv') ? { kv: kvPolicyOf(plan) } : {}),
+  });
   return notes;
 }
 

@@ -26,14 +26,13 @@
  *   attn_mask = WindowBias(pos_sel, present_positions.l, W)         a query at p sees keys at p - W < q <= p
  *
  * with validity still from nonpad_kv_seqlen = past_lengths.l + selected count. past_positions.l is
- * carried like the cache (zeros at the start).
+ * carried like the cache (zeros at the start), through the layer's If like its buffers.
  */
 import { staticWindow } from '../analysis/attention.js';
-import type { KvTensor, LayerInfo } from '../analysis/types.js';
+import { kvSequenceAxis, type LayerInfo } from '../analysis/types.js';
 import { DataType } from '../core/ir/dtype.js';
 import { attribute, type Graph, type Node, tensorType, Value, withDim } from '../core/ir/graph.js';
 import type { Model } from '../core/ir/model.js';
-import { recomputeWith, replaceUsesWithin } from '../core/ir/rewrite.js';
 import { Tensor } from '../core/ir/tensor.js';
 import {
   pastLengthName,
@@ -43,6 +42,7 @@ import {
   STATIC_CACHE_INPUTS_KEY,
   STATIC_CACHE_LENGTH_KEY,
 } from '../metadata/decoder-io.js';
+import { type CacheContext, type Carried, type LayerCache, namedOutput, recomputeMasks } from './cache-contract.js';
 import type { Emitter } from './modc-ops/emitter.js';
 
 /** The graph inputs the static caches' writes and attention read (through casts), or null. */
@@ -95,56 +95,65 @@ function positionTokenInputs(model: Model, e: Emitter, ids: Value): { tokenMask:
   return { tokenMask, pastLength: e.op('Sub', [e.op('Add', [last, e.i64(1)]), e.dimScalar(ids, 1)]) };
 }
 
-/** What route-layers hands the static-cache rewrite of one routed region. */
-export interface StaticRegion {
-  model: Model;
-  layer: LayerInfo;
-  e: Emitter;
-  /** The region's nodes (rewired in place). */
-  region: ReadonlySet<Node>;
-  /** Tokens selected per row, [B] int64. */
-  selectedCount: () => Value;
-  /** route-layers' substitutes for rebuilding shared masks and lengths in this layer's terms. */
-  substitutes: (pastLength: Value, capacity: Value) => Map<Value, Value>;
-  /** Masks and sequence lengths the region reads, to rebuild from this layer's own lengths. */
-  recompute: Value[];
-  /** Tokens this layer runs on per row (K), an int64 scalar. */
-  tokens: () => Value;
-  /** Compact's indices [B, K] of the selected tokens. */
-  indices: Value;
-  /** Any value [B, S, ...] of this call (the layer's residual input): its S is the call's length. */
-  stream: Value;
-  /** Calls a modc op (in the stream's dtype). */
-  call: (op: string, inputs: Value[]) => Value[];
-  suffix: string;
+/** The static-cache contract of a routed layer (see the file comment; compiler/passes/cache-contract.ts for the two phases). */
+export function staticCache(c: CacheContext): LayerCache {
+  const g = c.model.graph;
+  const { e, layer } = c;
+  const l = layer.index;
+  const seqAxis = kvSequenceAxis(layer.kv.layout);
+  const pastLength = g.addInput(new Value(pastLengthName(l), tensorType(DataType.INT64, ['batch'])));
+  // Valid keys after this call: the past and the row's selected tokens (0 when the layer is skipped).
+  const valid = namedOutput(c, e.op('Add', [pastLength, c.routing.count]), presentLengthName(l), tensorType(DataType.INT64, ['batch']));
+  recordStaticInputs(c.model, layer, seqAxis);
+  // A windowed layer's positions buffer (see the file comment): its input, beside the cache's.
+  // The slot each of this call's tokens has in the original buffer is its write index + t.
+  const window = layer.attention.form === 'StandardAttention' ? staticWindow(layer.attention) : null;
+  const write = layer.kv.writes?.key.input(2) ?? null;
+  const windowed =
+    window !== null && write
+      ? { past: g.addInput(new Value(pastPositionsName(l), tensorType(DataType.INT64, ['batch', `max_sequence_length_${l}`]))), window, write }
+      : null;
+  return {
+    rewire() {
+      const positions = rewireStatic(c, pastLength, valid, seqAxis, windowed);
+      for (const t of [layer.kv.key, layer.kv.value]) {
+        t.input.type = withDim(t.input.type, seqAxis, `max_sequence_length_${l}`);
+        t.output.type = withDim(t.output.type, seqAxis, `max_sequence_length_${l}`);
+      }
+      return [...[layer.kv.key, layer.kv.value].map((t) => [t.output, t.input] as Carried), ...positions];
+    },
+  };
 }
 
-/** Rewrites a routed region's static cache as described above; returns the [computed, passed when skipped] pairs for its If. */
-export function compactStaticCache(r: StaticRegion): [Value, Value][] {
-  const g = r.model.graph;
-  const { e, layer } = r;
-  const kv = layer.kv;
-  const writes = kv.writes!;
+/**
+ * Inside the layer: writes at past_lengths.l, valid keys up to past + count, causality by slot,
+ * a window by original position. Returns the positions buffer's [present, past] pair, if any.
+ */
+function rewireStatic(
+  c: CacheContext,
+  pastLength: Value,
+  valid: Value,
+  seqAxis: number,
+  windowed: { past: Value; window: number; write: Value } | null,
+): Carried[] {
+  const g = c.model.graph;
+  const { e, layer } = c;
+  const writes = layer.kv.writes!;
   const attention = layer.attention.form === 'StandardAttention' ? layer.attention.node : null;
-  const l = layer.index;
-  const seqAxis = kv.layout === 'static-BTH' ? 1 : 2;
-  const window = staticWindow(layer.attention);
-  // The slot each of this call's tokens has in the original buffer, before the writes are rewired.
-  const originalWrite = writes.key.input(2);
-  const pastLength = g.addInput(new Value(pastLengthName(l), tensorType(DataType.INT64, ['batch'])));
-  const valid = e.op('Add', [pastLength, r.selectedCount()]);
   const like = (v: Value, x: Value | null) => (x?.dtype !== undefined && x.dtype !== DataType.INT64 ? e.cast(v, x.dtype) : v);
-
-  const substitute = r.substitutes(pastLength, e.dimScalar(kv.key.input, seqAxis));
+  const sub = c.substitutes();
+  const mask = g.inputs.find((v) => v.name === 'attention_mask');
+  if (mask) {
+    // The buffer's valid slots, then this call's selected tokens.
+    const past = c.call('PrefixMask', [pastLength, e.dimScalar(layer.kv.key.input, seqAxis)])[0]!;
+    sub.set(mask, e.cast(e.op('Concat', [past, c.routing.valid], { axis: 1 }), mask.dtype ?? DataType.INT64));
+  }
   const inputs = staticCacheInputs(g);
   if (inputs) {
-    substitute.set(inputs.write, like(pastLength, inputs.write));
-    if (inputs.nonpad) substitute.set(inputs.nonpad, like(valid, inputs.nonpad));
+    sub.set(inputs.write, like(pastLength, inputs.write));
+    if (inputs.nonpad) sub.set(inputs.nonpad, like(valid, inputs.nonpad));
   }
-  if (r.recompute.length) {
-    const recomputed = recomputeWith(g, r.recompute, substitute, `_${r.suffix}`);
-    for (const v of r.recompute) replaceUsesWithin(r.region, v, recomputed.get(v)!);
-  }
+  recomputeMasks(c, sub);
   // Whatever the original computed them from: this layer writes at its own valid length, and its
   // valid keys are those plus this call's selected tokens.
   for (const w of [writes.key, writes.value]) w.setInput(2, like(pastLength, w.input(2)));
@@ -153,63 +162,52 @@ export function compactStaticCache(r: StaticRegion): [Value, Value][] {
   // that selected all K tokens: state it by slot instead (key j visible to token i iff
   // j <= past_lengths.l + i; the selected tokens come first, in order).
   if (attention && !attention.input(3) && attention.attrInt('is_causal', 0) === 1) {
-    const i = e.op('Range', [e.i64(0), r.tokens(), e.i64(1)]);
-    const j = e.op('Range', [e.i64(0), e.dimScalar(kv.key.input, seqAxis), e.i64(1)]);
+    const i = e.op('Range', [e.i64(0), e.dimScalar(c.routing.indices, 1), e.i64(1)]);
+    const j = e.op('Range', [e.i64(0), e.dimScalar(layer.kv.key.input, seqAxis), e.i64(1)]);
     const last = e.op('Add', [e.unsqueeze(pastLength, [1]), e.unsqueeze(i, [0])]);
     attention.setInput(3, e.unsqueeze(e.op('LessOrEqual', [j, e.unsqueeze(last, [2])]), [1]));
     attention.setAttr(attribute('is_causal', 0));
   }
-
-  const positions = attention && window !== null && originalWrite ? windowByPosition(r, attention, originalWrite, pastLength, window) : [];
-
-  const presentLength = e.op('Identity', [valid]);
-  presentLength.name = g.uniqueName(presentLengthName(l));
-  presentLength.type = tensorType(DataType.INT64, ['batch']);
-  g.outputs.push(presentLength);
-  const tensors: KvTensor[] = [kv.key, kv.value];
-  // The original's buffer length, for runners that size this layer's (now open) buffer like it.
-  const original = kv.key.input.shape?.[seqAxis];
-  if (typeof original === 'number' && !r.model.metadataProps.some((p) => p.key === STATIC_CACHE_LENGTH_KEY)) {
-    r.model.metadataProps = [...r.model.metadataProps, { key: STATIC_CACHE_LENGTH_KEY, value: String(original) }];
-  }
-  // The model's own write index and valid-key inputs, which no converted layer reads any more.
-  if (inputs && !r.model.metadataProps.some((p) => p.key === STATIC_CACHE_INPUTS_KEY)) {
-    r.model.metadataProps = [
-      ...r.model.metadataProps,
-      { key: STATIC_CACHE_INPUTS_KEY, value: JSON.stringify({ write_indices: inputs.write.name, nonpad_kv_seqlen: inputs.nonpad?.name ?? null }) },
-    ];
-  }
-  for (const t of tensors) {
-    t.input.type = withDim(t.input.type, seqAxis, `max_sequence_length_${l}`);
-    t.output.type = withDim(t.output.type, seqAxis, `max_sequence_length_${l}`);
-  }
-  return [...tensors.map((t) => [t.output, t.input] as [Value, Value]), [presentLength, pastLength], ...positions];
+  return attention && windowed ? [windowByPosition(c, attention, windowed.write, pastLength, windowed.past, windowed.window)] : [];
 }
 
 /**
  * The window of a compacted static layer by original position (see the file comment): the
- * positions buffer in and out, and the Attention's attn_mask. Returns the [computed, passed] pair.
+ * positions buffer out, and the Attention's attn_mask. Returns the [present, past] pair.
  */
-function windowByPosition(r: StaticRegion, attention: Node, write: Value, pastLength: Value, window: number): [Value, Value][] {
-  const { e } = r;
-  const g = r.model.graph;
-  const l = r.layer.index;
-  const t = e.op('Range', [e.i64(0), e.dimScalar(r.stream, 1), e.i64(1)]);
+function windowByPosition(c: CacheContext, attention: Node, write: Value, pastLength: Value, past: Value, window: number): Carried {
+  const { e } = c;
+  const l = c.layer.index;
+  const t = e.op('Range', [e.i64(0), e.dimScalar(c.tokens, 1), e.i64(1)]);
   const slots = e.op('Add', [e.unsqueeze(e.cast(write, DataType.INT64), [1]), e.unsqueeze(t, [0])]);
-  const selected = e.op('GatherElements', [slots, r.indices], { axis: 1 });
-  const past = g.addInput(new Value(pastPositionsName(l), tensorType(DataType.INT64, ['batch', `max_sequence_length_${l}`])));
+  const selected = e.op('GatherElements', [slots, c.routing.indices], { axis: 1 });
   const present = e.op('TensorScatter', [past, selected, pastLength], { axis: 1 });
-  present.name = g.uniqueName(presentPositionsName(l));
-  present.type = tensorType(DataType.INT64, ['batch', `max_sequence_length_${l}`]);
-  g.outputs.push(present);
-  attention.setInput(3, r.call('WindowBias', [selected, present, e.i64(window)])[0]!);
-  return [[present, past]];
+  namedOutput(c, present, presentPositionsName(l), tensorType(DataType.INT64, ['batch', `max_sequence_length_${l}`]));
+  attention.setInput(3, c.call('WindowBias', [selected, present, e.i64(window)])[0]!);
+  return [present, past];
+}
+
+/** The original's buffer length and the model's own write index and valid-key inputs, as metadata (read by runners). */
+function recordStaticInputs(model: Model, layer: LayerInfo, seqAxis: number): void {
+  const original = layer.kv.key.input.shape?.[seqAxis];
+  if (typeof original === 'number' && !model.metadataProps.some((p) => p.key === STATIC_CACHE_LENGTH_KEY)) {
+    model.metadataProps = [...model.metadataProps, { key: STATIC_CACHE_LENGTH_KEY, value: String(original) }];
+  }
+  // No converted layer reads them any more: runners find them by these names.
+  const inputs = staticCacheInputs(model.graph);
+  if (inputs && !model.metadataProps.some((p) => p.key === STATIC_CACHE_INPUTS_KEY)) {
+    model.metadataProps = [
+      ...model.metadataProps,
+      { key: STATIC_CACHE_INPUTS_KEY, value: JSON.stringify({ write_indices: inputs.write.name, nonpad_kv_seqlen: inputs.nonpad?.name ?? null }) },
+    ];
+  }
 }
 
 /**
  * A standard Attention with its own past (growing cache), is_causal=1 and no attn_mask: a
- * compacted cache pads rows to the longest, so the layer gets a mask of its valid keys
- * ([B, 1, K, P + K], from KeyMask), and is_causal=1 keeps causality (query i sees slot j <= P + i).
+ * routed layer's cache has slots that hold no token (batch padding, a row's unselected slots), so
+ * the layer gets a mask of its valid keys ([B, 1, K, P + K]), and is_causal=1 keeps causality
+ * (query i sees slot j <= P + i: this call's slots are the last K).
  */
 export function maskCompactedKeys(e: Emitter, attention: Node, keep: Value, tokens: Value): void {
   const rows = e.op('Concat', [e.i64([1, 1]), e.unsqueeze(tokens, [0]), e.i64([1])], { axis: 0 });

@@ -145,7 +145,7 @@ export function insertSurrogates(model: Model, plan: RoutingPlan, s: DecoderStru
     const routing = selected ? routingOf(selected) : null;
     if (!entry || !selected || !routing) throw new ModcError(`surrogates: layer ${lp.layer} (mlp) has no router (run insert-routers first)`);
     // A part route-layers leaves dense keeps no surrogate either: route-layers reports why.
-    if (routeBlocker(model, s.layers[lp.layer]!, 'mlp')) continue;
+    if (routeBlocker(model, s.layers[lp.layer]!, 'mlp', s)) continue;
     const site = mlpSite(model, s, lp.layer);
     if ('reason' in site) throw new ModcError(`layer ${lp.layer} (mlp) cannot take a surrogate: ${site.reason}`);
     const elem = surrogateElem(model, s, site.u.value);

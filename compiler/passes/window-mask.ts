@@ -5,12 +5,12 @@
  * compacted cache holds only the layer's selected tokens, so slot distance is no longer
  * position distance. Here both are tied back to original positions:
  *
- *   pos_sel   = GatherTokens(positions of this call's tokens, indices)        [B, K] int64
+ *   pos_sel   = GatherElements(positions of this call's tokens, indices)     [B, K] int64
  *   rotary:   Q, K = com.microsoft RotaryEmbedding(Q or K, pos_sel, the op's cos/sin), do_rotary = 0
  *             (packed QKV split first; the op itself ignores position_ids in a prefill)
  *   window w: slot_pos = SlotPositions(past_positions.l, past_lengths.l, pos_sel)   [B, P_l + K]
  *             GQA input 10 (attention_bias) = WindowBias(pos_sel, slot_pos, w),  local_window_size = -1
- *             present_positions.l = slot_pos[:, :max(present_lengths.l)]     (the cache's packing)
+ *             present_positions.l = slot_pos                                  (laid out like the op's present)
  *
  * A query at original position p then sees a key at original position q iff p - w < q <= p,
  * which is what the op computes on a full cache (where slot = position). The positions of this
@@ -36,12 +36,17 @@ export interface PositionHook {
   call: (op: string, inputs: Value[]) => Value[];
   core: AttentionCore;
   layer: number;
-  /** Any value [B, S, ...] of this call (the layer's residual input): its S is the call's length. */
-  tokens: Value;
   /** Compact's indices [B, K] of the selected tokens. */
   indices: Value;
   pastLength: Value;
-  presentLength: Value;
+  /** This call's positions [B, S] (callPositions), or null when the op takes position_ids. */
+  positions: Value | null;
+}
+
+/** Whether a compacted GroupQueryAttention layer needs this call's positions from the mask (rotary or window by slot, no position_ids input). */
+export function needsCallPositions(core: AttentionCore): boolean {
+  const s = slotNumbered(core);
+  return !!s && (s.rotary || s.window !== null) && !s.node.input(GQA_POSITION_IDS);
 }
 
 /**
@@ -54,7 +59,7 @@ export function originalPositions(h: PositionHook): [Value, Value][] {
   if (!s || (!s.rotary && s.window === null)) return [];
   const { e, graph: g } = h;
   const given = s.node.input(GQA_POSITION_IDS);
-  const positions = given ? e.cast(given, DataType.INT64) : h.call('GatherTokens', [callPositions(h), h.indices])[0]!;
+  const positions = given ? e.cast(given, DataType.INT64) : e.op('GatherElements', [h.positions!, h.indices], { axis: 1 });
   if (s.rotary) rotaryOutside(h, s.node, positions);
   if (s.window === null) return [];
 
@@ -62,13 +67,11 @@ export function originalPositions(h: PositionHook): [Value, Value][] {
   const slots = h.call('SlotPositions', [past, h.pastLength, positions])[0]!;
   s.node.setAttr(attribute('local_window_size', -1));
   s.node.setInput(GQA_ATTENTION_BIAS, h.call('WindowBias', [positions, slots, e.i64(s.window)])[0]!);
-  // The present cache is each row's valid slots packed first, as long as the longest row.
-  const longest = e.reduceMax(h.presentLength, [0], true);
-  const present = e.op('Slice', [slots, e.i64([0]), longest, e.i64([1])]);
-  present.name = g.uniqueName(presentPositionsName(h.layer));
-  present.type = tensorType(DataType.INT64, ['batch', `present_sequence_length_${h.layer}`]);
-  g.outputs.push(present);
-  return [[present, past]];
+  // The op's present holds P_l + K slots per row, each row's valid slots first: so do the positions.
+  slots.name = g.uniqueName(presentPositionsName(h.layer));
+  slots.type = tensorType(DataType.INT64, ['batch', `present_sequence_length_${h.layer}`]);
+  g.outputs.push(slots);
+  return [[slots, past]];
 }
 
 /**
@@ -113,11 +116,19 @@ function rotaryOutside(h: PositionHook, node: Node, positions: Value): void {
   node.setAttr(attribute('do_rotary', 0));
 }
 
-/** Original positions of this call's tokens [B, S]: each row's real tokens before each one. */
-function callPositions(h: PositionHook): Value {
-  const { e } = h;
-  const mask = h.graph.inputs.find((v) => v.name === 'attention_mask')!;
+const sharedPositions = new WeakMap<Graph, Value>();
+
+/**
+ * Original positions of this call's tokens [B, S], each row's real tokens before each one: made
+ * once per graph with `e` (the main graph's emitter) and shared by every layer that needs them.
+ */
+export function callPositions(graph: Graph, e: Emitter, tokens: Value): Value {
+  let positions = sharedPositions.get(graph);
+  if (positions) return positions;
+  const mask = graph.inputs.find((v) => v.name === 'attention_mask')!;
   const counts = e.op('CumSum', [e.cast(mask, DataType.INT64), e.i64(1)], { exclusive: 1 });
   const total = e.dim(mask, 1);
-  return e.op('Slice', [counts, e.op('Sub', [total, e.dim(h.tokens, 1)]), total, e.i64([1])]);
+  positions = e.op('Slice', [counts, e.op('Sub', [total, e.dim(tokens, 1)]), total, e.i64([1])]);
+  sharedPositions.set(graph, positions);
+  return positions;
 }

@@ -4,7 +4,8 @@
  * not fit.
  *
  * Tensor names: `router.{l}.weight|bias|threshold` routes layer l's whole block,
- * `router.{l}.attn.*` its attention sub-layer and `router.{l}.mlp.*` its MLP sub-layer.
+ * `router.{l}.attn.*` its attention sub-layer, `router.{l}.mlp.*` its MLP sub-layer and
+ * `router.{l}.kv.*` which tokens its KV cache keeps (SPEC.md, "Key/value routing").
  * Weights may be F32, F16 or BF16. The header's `__metadata__` may hold, under the key `modc`,
  * a JSON string with the routing the file was made for (mode, gating, per-part capacities) and
  * free-form calibration statistics.
@@ -14,9 +15,28 @@ import { ModcError } from '../core/errors.js';
 import { floatToHalf, halfToFloat } from '../core/ir/dtype.js';
 import { mulberry32 } from '../core/random.js';
 
-/** What a router routes: the whole block, or one sub-layer (SPEC.md, "Sub-layer routing"). */
-export type RoutedPart = 'block' | 'attention' | 'mlp';
-export const ROUTED_PARTS: readonly RoutedPart[] = ['block', 'attention', 'mlp'];
+/**
+ * What a router routes: the whole block, one sub-layer (SPEC.md, "Sub-layer routing"), or which
+ * tokens the layer keeps as keys and values (`kv`, SPEC.md, "Key/value routing").
+ */
+export type RoutedPart = 'block' | 'attention' | 'mlp' | 'kv';
+export const ROUTED_PARTS: readonly RoutedPart[] = ['block', 'attention', 'mlp', 'kv'];
+
+/** Key/value routing's fixed parts: the first `sinks` tokens and the `window` most recent stay keys. */
+export interface KvPolicy {
+  sinks: number;
+  window: number;
+}
+export const DEFAULT_KV_POLICY: KvPolicy = { sinks: 4, window: 16 };
+
+/** Why a key/value policy is not usable, or null: sinks an integer >= 0, window an integer >= 1. */
+export function kvPolicyProblem(p: { sinks?: unknown; window?: unknown }): string | null {
+  if (p.sinks !== undefined && !(Number.isSafeInteger(p.sinks) && (p.sinks as number) >= 0))
+    return `sinks must be an integer >= 0, got ${JSON.stringify(p.sinks)}`;
+  if (p.window !== undefined && !(Number.isSafeInteger(p.window) && (p.window as number) >= 1))
+    return `window must be an integer >= 1 (a token is always visible to itself), got ${JSON.stringify(p.window)}`;
+  return null;
+}
 
 /**
  * A linear surrogate of an MLP part (SPEC.md, "MLP routed with a surrogate"): a token the part
@@ -68,6 +88,8 @@ export interface RouterFileMetadata {
   mode?: 'threshold' | 'topk';
   gated?: boolean;
   layers?: RouterFileLayer[];
+  /** Key/value routing (`router.{l}.kv.*`): attention sinks and the recent window every kv layer keeps. */
+  kv?: Partial<KvPolicy>;
   /** How the routers were made: free-form statistics and recipe. */
   calibration?: unknown;
 }
@@ -88,14 +110,15 @@ interface SafetensorsEntry {
 }
 
 export const METADATA_KEY = 'modc';
-const NAME = /^router\.(\d+)\.(?:(attn|mlp)\.)?(weight|bias|threshold)$/;
-const SURROGATE_NAME = /^router\.(\d+)\.(?:(attn|mlp)\.)?surrogate\.(a|b|bias)$/;
-const PART_OF_TAG: Record<string, RoutedPart> = { attn: 'attention', mlp: 'mlp' };
+const NAME = /^router\.(\d+)\.(?:(attn|mlp|kv)\.)?(weight|bias|threshold)$/;
+const SURROGATE_NAME = /^router\.(\d+)\.(?:(attn|mlp|kv)\.)?surrogate\.(a|b|bias)$/;
+const PART_OF_TAG: Record<string, RoutedPart> = { attn: 'attention', mlp: 'mlp', kv: 'kv' };
+const TAG_OF_PART: Record<RoutedPart, string> = { block: '', attention: 'attn', mlp: 'mlp', kv: 'kv' };
 const WIDTH: Record<string, number> = { F32: 4, F16: 2, BF16: 2 };
 
-/** The tensor name prefix of a layer part's router: `router.3`, `router.3.attn`, `router.3.mlp`. */
+/** The tensor name prefix of a layer part's router: `router.3`, `router.3.attn`, `router.3.mlp`, `router.3.kv`. */
 export function routerTensorPrefix(layer: number, part: RoutedPart = 'block'): string {
-  return part === 'block' ? `router.${layer}` : `router.${layer}.${part === 'attention' ? 'attn' : 'mlp'}`;
+  return part === 'block' ? `router.${layer}` : `router.${layer}.${TAG_OF_PART[part]}`;
 }
 
 /** Orders routers by layer, then attention before MLP. */
@@ -140,7 +163,7 @@ export function loadRouterFile(path: string, model: { hiddenSize: number; numLay
     const m = NAME.exec(name);
     if (!m)
       throw new ModcError(
-        `router file ${path}: unexpected tensor '${name}' (expected router.{layer}.weight, .bias or .threshold, optionally under router.{layer}.attn or router.{layer}.mlp, or router.{layer}.mlp.surrogate.a, .b, .bias)`,
+        `router file ${path}: unexpected tensor '${name}' (expected router.{layer}.weight, .bias or .threshold, optionally under router.{layer}.attn, router.{layer}.mlp or router.{layer}.kv, or router.{layer}.mlp.surrogate.a, .b, .bias)`,
       );
     const layer = Number(m[1]);
     const part = m[2] ? PART_OF_TAG[m[2]]! : 'block';
@@ -182,12 +205,19 @@ export function loadRouterFile(path: string, model: { hiddenSize: number; numLay
     if (e.bias === undefined) throw new ModcError(`router file ${path}: ${describePart(e.layer, e.part)} has no tensor '${prefix}.bias'`);
     return e as LayerRouter;
   });
-  const subLayers = [...routers.filter((r) => r.part !== 'block').map((r) => ({ layer: r.layer, tensor: `${routerTensorPrefix(r.layer, r.part)}.weight` }))];
-  subLayers.push(...replaced.map((r) => ({ layer: r.layer, tensor: `${routerTensorPrefix(r.layer, 'mlp')}.surrogate.a` })));
+  const subLayers: { layer: number; part: RoutedPart; tensor: string }[] = routers
+    .filter((r) => r.part !== 'block')
+    .map((r) => ({ layer: r.layer, part: r.part ?? 'block', tensor: `${routerTensorPrefix(r.layer, r.part)}.weight` }));
+  subLayers.push(...replaced.map((r) => ({ layer: r.layer, part: 'mlp' as const, tensor: `${routerTensorPrefix(r.layer, 'mlp')}.surrogate.a` })));
   for (const r of subLayers) {
     if (byPart.has(routerTensorPrefix(r.layer))) {
       throw new ModcError(
-        `router file ${path}: tensor '${r.tensor}' routes a sub-layer of layer ${r.layer}, whose whole block 'router.${r.layer}.weight' already routes; give one or the other`,
+        `router file ${path}: tensor '${r.tensor}' routes a ${r.part === 'kv' ? 'KV cache' : 'sub-layer'} of layer ${r.layer}, whose whole block 'router.${r.layer}.weight' already routes; give one or the other`,
+      );
+    }
+    if (r.part === 'kv' && byPart.has(routerTensorPrefix(r.layer, 'attention'))) {
+      throw new ModcError(
+        `router file ${path}: tensor '${routerTensorPrefix(r.layer, 'kv')}.weight' routes the KV cache of layer ${r.layer}, whose attention 'router.${r.layer}.attn.weight' already routes (and compacts that cache); give one or the other`,
       );
     }
   }
@@ -242,12 +272,17 @@ function checkMetadata(text: string, path: string, numLayers: number): RouterFil
       if (!Number.isInteger(e.layer) || (e.layer as number) < 0 || (e.layer as number) >= numLayers)
         throw bad(`${at}.layer must be a layer index 0-${numLayers - 1}, got ${JSON.stringify(e.layer)}`);
       if (e.part === undefined) e.part = 'block';
-      if (!ROUTED_PARTS.includes(e.part as RoutedPart)) throw bad(`${at}.part must be block, attention or mlp, got ${JSON.stringify(e.part)}`);
+      if (!ROUTED_PARTS.includes(e.part as RoutedPart)) throw bad(`${at}.part must be block, attention, mlp or kv, got ${JSON.stringify(e.part)}`);
       if (e.capacity !== undefined && !(typeof e.capacity === 'number' && e.capacity >= 0 && e.capacity <= 1))
         throw bad(`${at}.capacity must be in [0, 1], got ${JSON.stringify(e.capacity)}`);
       if (e.threshold !== undefined && !(typeof e.threshold === 'number' && e.threshold >= 0 && e.threshold <= 1))
         throw bad(`${at}.threshold must be in [0, 1], got ${JSON.stringify(e.threshold)}`);
     });
+  }
+  if (m.kv !== undefined) {
+    if (typeof m.kv !== 'object' || m.kv === null || Array.isArray(m.kv)) throw bad(`kv must be an object { sinks, window }, got ${JSON.stringify(m.kv)}`);
+    const problem = kvPolicyProblem(m.kv as Record<string, unknown>);
+    if (problem) throw bad(`kv.${problem}`);
   }
   return m as RouterFileMetadata;
 }

@@ -7,6 +7,9 @@ import { ModcError, UsageError } from '../core/errors.js';
 import {
   allPassRouters,
   compareParts,
+  DEFAULT_KV_POLICY,
+  type KvPolicy,
+  kvPolicyProblem,
   type LayerRouter,
   loadRouterFile,
   randomRouters,
@@ -15,13 +18,13 @@ import {
   type RouterFileMetadata,
 } from './router-weights.js';
 
-export type { ReplacedPart, RoutedPart, Surrogate } from './router-weights.js';
+export type { KvPolicy, ReplacedPart, RoutedPart, Surrogate } from './router-weights.js';
 export type RoutingMode = 'threshold' | 'topk';
 export type Schedule = 'uniform' | 'every-other' | 'prd';
 
 /**
  * One routed part of a layer. A layer appears once with part 'block', or once or twice with
- * 'attention' and/or 'mlp'.
+ * 'attention' and/or 'mlp', or with 'kv' (and optionally 'mlp').
  */
 export interface LayerPlan {
   layer: number;
@@ -44,7 +47,12 @@ export interface RoutingPlan {
   replaced?: ReplacedPart[];
   /** Layers left dense, and why (reported to the user). */
   unconverted: { layer: number; reason: string }[];
+  /** Key/value routing's sinks and window (SPEC.md, "Key/value routing"); DEFAULT_KV_POLICY when absent. */
+  kv?: KvPolicy;
 }
+
+/** The sinks and window of a plan's kv parts. */
+export const kvPolicyOf = (plan: Pick<RoutingPlan, 'kv'>): KvPolicy => plan.kv ?? DEFAULT_KV_POLICY;
 
 export type RouterSource = { kind: 'file'; path: string } | { kind: 'all-pass' } | { kind: 'random'; seed: number };
 
@@ -66,6 +74,9 @@ export interface PlanRequest {
   schedule?: Schedule;
   /** p-MoD's progressive ratio decay: layers with retention >= cutoff stay dense; retention floored. */
   prd?: { cutoff: number; floor: number };
+  /** Key/value routing: attention sinks and recent window (default: the router file's metadata, then 4 and 16). */
+  kvSinks?: number;
+  kvWindow?: number;
 }
 
 export const DEFAULT_THRESHOLD = 0.5;
@@ -115,6 +126,13 @@ export function planRouting(req: PlanRequest): RoutingPlan {
   }
   checkRange('--threshold', req.threshold, (v) => v >= 0 && v <= 1, '[0, 1]');
   checkRange('--capacity', req.capacity, (v) => v > 0 && v <= 1, '(0, 1]');
+  for (const [flag, key, v] of [
+    ['--kv-sinks', 'sinks', req.kvSinks],
+    ['--kv-window', 'window', req.kvWindow],
+  ] as const) {
+    const problem = v === undefined ? null : kvPolicyProblem({ [key]: v });
+    if (problem) throw new UsageError(`${flag}: ${problem.replace(/^\w+ /, '')}`);
+  }
   const unconverted: RoutingPlan['unconverted'] = [];
   const file = req.routers.kind === 'file' ? loadRouterFile(req.routers.path, req) : undefined;
   const meta: RouterFileMetadata = file?.metadata ?? {};
@@ -129,7 +147,7 @@ export function planRouting(req: PlanRequest): RoutingPlan {
     fromFile = fromFile.filter((r) => (r.part ?? 'block') === req.granularity);
     if (fromFile.length === 0 && !(req.granularity === 'mlp' && file!.replaced.length))
       throw new ModcError(
-        `the router file ${(req.routers as { path: string }).path} has no ${req.granularity} router (its tensors are router.{l}${req.granularity === 'block' ? '' : req.granularity === 'attention' ? '.attn' : '.mlp'}.* for that part)`,
+        `the router file ${(req.routers as { path: string }).path} has no ${req.granularity} router (its tensors are router.{l}${req.granularity === 'block' ? '' : req.granularity === 'attention' ? '.attn' : `.${req.granularity}`}.* for that part)`,
       );
   }
   const granularity = req.granularity ?? 'block';
@@ -187,6 +205,12 @@ export function planRouting(req: PlanRequest): RoutingPlan {
   }
   unconverted.sort((a, b) => a.layer - b.layer);
   const metaOf = (layer: number, part: RoutedPart) => meta.layers?.find((e) => e.layer === layer && (e.part ?? 'block') === part);
+  const routesKv = routers.some((r) => r.part === 'kv');
+  if (routesKv && mode === 'topk')
+    throw new UsageError(
+      'key/value routing (kv parts) is threshold-only: a top-k choice over a prompt cannot be made again token by token in decode; use --routing threshold',
+    );
+  const kv: KvPolicy = { sinks: req.kvSinks ?? meta.kv?.sinks ?? DEFAULT_KV_POLICY.sinks, window: req.kvWindow ?? meta.kv?.window ?? DEFAULT_KV_POLICY.window };
   return {
     mode,
     gated: req.gated ?? meta.gated ?? true,
@@ -206,6 +230,7 @@ export function planRouting(req: PlanRequest): RoutingPlan {
     }),
     ...(replaced.length ? { replaced } : {}),
     unconverted,
+    ...(routesKv ? { kv } : {}),
   };
 }
 

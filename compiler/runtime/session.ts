@@ -15,6 +15,7 @@ import { loadModel } from '../core/io/load.js';
 import { logitsPositions, type LogitsPositions } from '../metadata/logits-metadata.js';
 import { decoderIo, type DecoderIo, type KvBinding, type MaskElement, type PadSide, resolvePadSide, staticCacheDims } from '../metadata/decoder-io.js';
 import { type EmbeddingSource, embedsTensor, TokenEmbedder } from './embeddings.js';
+import { compactRows, compactTensor, prefixSlots, prefixValid, validCounts, validSlots, worthCompacting } from './kv-compaction.js';
 import { createSession, emptyTensor, ort, toFloat32, type SessionOptions } from './ort.js';
 
 export interface Logits {
@@ -155,6 +156,8 @@ export class ModSession {
   /** State besides the KV cache (hybrid models), by past input name. */
   private states = new Map<string, ort.Tensor>();
   private lengths = new Map<number, number[]>();
+  /** Routed layers with per-slot validity (past_valid.l): which slots of the cache hold a token, bool [B, T], by layer. */
+  private valid = new Map<number, ort.Tensor>();
   /** Sliding-window layers of a compiled model: the original position of each cache slot, by past input name. */
   private positions = new Map<string, ort.Tensor>();
   /** Every output of the last call, by name: logits, presents, and outputs a tool added (modc eval's selection masks). */
@@ -224,6 +227,7 @@ export class ModSession {
     this.mask = mask;
     this.caches.clear();
     this.lengths.clear();
+    this.valid.clear();
     this.positions.clear();
     const B = mask.length;
     for (const b of this.io.kv) {
@@ -231,6 +235,7 @@ export class ModSession {
       this.caches.set(b.pastKey, emptyTensor(b.dtype, dims));
       if (b.pastValue) this.caches.set(b.pastValue, emptyTensor(b.dtype, dims));
       if (b.pastLength) this.lengths.set(b.layer, Array(B).fill(0));
+      if (b.pastValid) this.valid.set(b.layer, new ort.Tensor('bool', new Uint8Array(0), [B, 0]));
       if (b.pastPositions) this.positions.set(b.pastPositions, initialPositions(this.io, b, B));
     }
     this.states = zeroStates(this.io, B);
@@ -297,7 +302,10 @@ export class ModSession {
     });
   }
 
-  /** Bytes the KV cache tensors hold now (all layers, padding slots included). */
+  /**
+   * Bytes the KV cache tensors hold now (all layers, padding slots included; a routed layer's
+   * slots that hold no token too, until they are compacted).
+   */
   kvBytes(): number {
     let total = 0;
     for (const t of this.caches.values()) total += t.dims.reduce((a, b) => a * b, 1) * (t.type === 'float16' ? 2 : 4);
@@ -307,7 +315,34 @@ export class ModSession {
   /** Per layer, per row: how many real tokens that layer's cache holds. */
   layerCacheLengths(): number[][] {
     const real = this.mask.map((m) => m.reduce((a, v) => a + v, 0));
-    return this.io.kv.map((b) => this.lengths.get(b.layer) ?? real);
+    return this.io.kv.map((b) => {
+      const valid = this.valid.get(b.layer);
+      return valid ? validCounts(valid) : (this.lengths.get(b.layer) ?? real);
+    });
+  }
+
+  /**
+   * Compacts every routed layer's cache now: each row's tokens first, cut to the longest row
+   * (kv-compaction.ts). After each call the session compacts a layer on its own once more than a
+   * quarter of its slots would go; batch-1 caches never need it.
+   */
+  compact(): void {
+    for (const b of this.io.kv) this.compactLayer(b, true);
+  }
+
+  private compactLayer(b: KvBinding, always: boolean): void {
+    if (b.layout.startsWith('static')) return;
+    const valid = this.valid.get(b.layer);
+    const lengths = this.lengths.get(b.layer);
+    const counts = valid ? validCounts(valid) : lengths;
+    if (!counts) return;
+    const combined = b.layout === 'combined-2BHTD';
+    const T = this.caches.get(b.pastKey)!.dims[combined ? 3 : 2]!;
+    if (Math.max(0, ...counts) === T || (!always && !worthCompacting(counts, T))) return;
+    const slots = valid ? validSlots(valid) : prefixSlots(counts);
+    for (const name of [b.pastKey, b.pastValue]) if (name) this.caches.set(name, compactTensor(this.caches.get(name)!, slots, combined));
+    if (valid) this.valid.set(b.layer, prefixValid(counts));
+    if (b.pastPositions) this.positions.set(b.pastPositions, compactRows(this.positions.get(b.pastPositions)!, slots));
   }
 
   /** Refuses a context (`mask` plus `adding` tokens per row) needing positions the model has no table rows for. */
@@ -337,6 +372,7 @@ export class ModSession {
     for (const [name, t] of this.states) feeds[name] = t;
     for (const [name, t] of this.positions) feeds[name] = t;
     for (const b of io.kv) if (b.pastLength) feeds[b.pastLength] = typed('int64', this.lengths.get(b.layer)!, [this.batch]);
+    for (const b of io.kv) if (b.pastValid) feeds[b.pastValid] = this.valid.get(b.layer)!;
     Object.assign(feeds, staticLengthFeeds(io, this.mask, dims[1]));
     let out: ort.InferenceSession.OnnxValueMapType;
     try {
@@ -359,7 +395,9 @@ export class ModSession {
       const t = out[b.presentLength] as ort.Tensor;
       this.lengths.set(b.layer, Array.from(t.data as BigInt64Array, Number));
     }
+    if (b.presentValid) this.valid.set(b.layer, out[b.presentValid] as ort.Tensor);
     if (b.pastPositions && b.presentPositions) this.positions.set(b.pastPositions, out[b.presentPositions] as ort.Tensor);
+    this.compactLayer(b, false);
   }
 }
 

@@ -112,6 +112,7 @@ export async function promptBatch(io: DecoderIo, rows: number[][], embedder: Tok
     feeds[b.pastKey] = emptyTensor(b.dtype, dims);
     if (b.pastValue) feeds[b.pastValue] = emptyTensor(b.dtype, dims);
     if (b.pastLength) feeds[b.pastLength] = typed('int64', Array(B).fill(0), [B]);
+    if (b.pastValid) feeds[b.pastValid] = new ort.Tensor('bool', new Uint8Array(0), [B, 0]);
     if (b.pastPositions) feeds[b.pastPositions] = initialPositions(io, b, B);
   }
   const real: number[] = [];

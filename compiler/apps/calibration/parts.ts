@@ -13,7 +13,10 @@ export interface PartRef {
 
 export const partKey = (p: PartRef): string => `${p.layer}.${p.part}`;
 
+/** The parts compute calibration may route: kv parts save memory, not compute, and have their own calibration (kv-calibrate.ts). */
+export const COMPUTE_PARTS: readonly RoutedPart[] = ['block', 'attention', 'mlp'];
+
 /** The parts `granularity` lets calibration route. */
 export function allowedParts(granularity: Granularity): RoutedPart[] {
-  return granularity === 'auto' ? [...ROUTED_PARTS] : [granularity];
+  return granularity === 'auto' ? [...COMPUTE_PARTS] : [granularity];
 }

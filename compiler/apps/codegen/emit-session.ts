@@ -1,9 +1,11 @@
 /**
  * Emits the TypeScript session wrapper for a SessionContract with ts-morph: type declarations
  * for every graph input and output, the decoder contract and routing metadata as typed
- * constants, and a class whose prefill()/step() keep the per-layer caches (compacted ones
- * included: each present is fed back as the next past as it is), the per-layer cache lengths and
- * any extra state between calls, as ModSession (runtime/session.ts) does.
+ * constants, and a class whose prefill()/step() keep the per-layer caches (routed layers'
+ * included: each present is fed back as the next past as it is, with its lengths or its slot
+ * validity), and any extra state between calls, as ModSession (runtime/session.ts) does, less
+ * its compaction of the slots a routed layer's rows did not fill (batch > 1 only; such a cache
+ * never grows past the original's).
  *
  * The output imports only onnxruntime-node and compiles on its own under
  * `tsc --strict --module nodenext --moduleResolution nodenext --target es2022` in a CommonJS
@@ -146,6 +148,12 @@ function contractConstants(sf: SourceFile, c: SessionContract): void {
       },
       { name: 'presentLength', type: 'OutputName | null' },
       {
+        name: 'pastValid',
+        type: 'InputName | null',
+        docs: ["bool [B, P]: which slots of this layer's cache hold a token (a routed layer), carried like the cache."],
+      },
+      { name: 'presentValid', type: 'OutputName | null' },
+      {
         name: 'pastPositions',
         type: 'InputName | null',
         docs: [
@@ -228,6 +236,8 @@ function contractConstants(sf: SourceFile, c: SessionContract): void {
     dtype: b.dtype,
     pastLength: b.pastLength,
     presentLength: b.presentLength,
+    pastValid: b.pastValid,
+    presentValid: b.presentValid,
     pastPositions: b.pastPositions,
     presentPositions: b.presentPositions,
   }));
@@ -557,7 +567,13 @@ function sessionClass(sf: SourceFile, c: SessionContract, className: string): vo
         returnType: 'number[][]',
         statements: [
           'const real = this.mask.map((m) => m.reduce((a, v) => a + v, 0));',
-          'return KV_LAYERS.map((l) => [...(this.lengths.get(l.layer) ?? real)]);',
+          'return KV_LAYERS.map((l) => {',
+          '  const valid = l.pastValid ? this.caches.get(l.pastValid) : undefined;',
+          '  if (!valid) return [...(this.lengths.get(l.layer) ?? real)];',
+          '  const [B, T] = valid.dims as [number, number];',
+          '  const d = valid.data as Uint8Array;',
+          '  return Array.from({ length: B }, (_, b) => d.subarray(b * T, (b + 1) * T).reduce((a, v) => a + (v ? 1 : 0), 0));',
+          '});',
         ],
       }),
       method({
@@ -568,7 +584,7 @@ function sessionClass(sf: SourceFile, c: SessionContract, className: string): vo
       }),
       method({
         name: 'kvBytes',
-        docs: ['Bytes the KV caches hold now (all layers, padding slots included).'],
+        docs: ["Bytes the KV caches hold now (all layers, padding slots and routed layers' empty slots included)."],
         returnType: 'number',
         statements: [
           'let total = 0;',
@@ -596,6 +612,7 @@ function sessionClass(sf: SourceFile, c: SessionContract, className: string): vo
           '  if (l.pastValue) this.caches.set(l.pastValue, zeros(l.dtype, dims));',
           '  if (l.pastLength) this.lengths.set(l.layer, Array<number>(B).fill(0));',
           "  if (l.pastPositions) this.caches.set(l.pastPositions, ints('int64', [], [B, 0]));",
+          "  if (l.pastValid) this.caches.set(l.pastValid, new ort.Tensor('bool', new Uint8Array(0), [B, 0]));",
           '}',
           'for (const s of STATE) this.caches.set(s.past, zeros(s.dtype, s.dims.map((d) => (d < 0 ? B : d))));',
         ],
@@ -660,6 +677,7 @@ function sessionClass(sf: SourceFile, c: SessionContract, className: string): vo
           '  if (l.pastValue && l.presentValue) this.caches.set(l.pastValue, fetched(out, l.presentValue));',
           '  if (l.presentLength) this.lengths.set(l.layer, Array.from(fetched(out, l.presentLength).data as BigInt64Array, Number));',
           '  if (l.pastPositions && l.presentPositions) this.caches.set(l.pastPositions, fetched(out, l.presentPositions));',
+          '  if (l.pastValid && l.presentValid) this.caches.set(l.pastValid, fetched(out, l.presentValid));',
           '}',
           'for (const s of STATE) this.caches.set(s.past, fetched(out, s.present));',
           'const logits = fetched(out, DECODER.logits);',

@@ -7,15 +7,19 @@
  * - nll: mean over every predicted token (each token after the first of a sequence) of
  *   -log softmax(logits at t)[id at t+1], in nats; perplexity = exp(nll).
  * - selectedFraction of a routed (layer, part): tokens that ran it / real tokens.
- * - computeFraction: MACs executed / MACs of the dense original on the same tokens; a surrogate
- *   (SPEC.md, "MLP routed with a surrogate") is charged its MACs on the tokens it ran on: the
- *   real tokens its MLP part did not select, or every real token of an MLP it replaces.
- * - kvFraction: KV-cache elements held for real tokens / the dense original's.
+ * - computeFraction: MACs executed / MACs of the dense original on the same tokens. A kv part's
+ *   attention is charged for the (query, key) pairs its visibility rule leaves (kvRowUsage); a
+ *   surrogate (SPEC.md, "MLP routed with a surrogate") is charged its MACs on the tokens it ran
+ *   on: the real tokens its MLP part did not select, or every real token of an MLP it replaces.
+ * - kvFraction: KV-cache elements held for real tokens / the dense original's, after each row's
+ *   last token (a kv part: its sinks, kept tokens and window; the cache only grows, so this is
+ *   also the peak of a decode).
  */
 import { rmSync } from 'node:fs';
 import { basename, join } from 'node:path';
 import { analyzeDecoder } from '../../analysis/analyze.js';
-import { denseUsage, executedMacs, kvElements, modelCosts, readCosts, type ModelCosts, type RowUsage } from '../../analysis/cost.js';
+import { denseUsage, executedMacs, kvElements, kvRowUsage, modelCosts, readCosts, type ModelCosts, type RowUsage } from '../../analysis/cost.js';
+import { DEFAULT_KV_POLICY, type KvPolicy } from '../../routing/router-weights.js';
 import { ModcError } from '../../core/errors.js';
 import { loadModel } from '../../core/io/load.js';
 import type { Model } from '../../core/ir/model.js';
@@ -45,9 +49,12 @@ export interface LayerEval {
   /** The routed part; 'block' with routed false for a layer that runs densely. */
   part: Part;
   routed: boolean;
+  /** Tokens that ran the part over real tokens (a kv part: tokens its router kept for good). */
   selectedFraction: number;
   /** An MLP part with a surrogate: its rank, and the fraction of real tokens it ran on (1 - selected; 1 when it replaces the MLP). */
   surrogate?: { rank: number; fraction: number };
+  /** A kv part: entries its cache held after each row's last token, over real tokens (sinks and window counted). */
+  kvFraction?: number;
 }
 
 export interface EvalResult {
@@ -130,7 +137,7 @@ export async function evaluate(model: Model | string, sequences: number[][], opt
       ...(embeddingModel ? { embeddings: { kind: 'model', path: embeddingModel } } : {}),
     }));
     const surrogates = selections.map((sel) => routing?.layers.find((l) => l.layer === sel.layer && l.part === sel.part)?.surrogate ?? null);
-    const acc = new Accumulator(costs, selections, surrogates, routing?.replaced ?? []);
+    const acc = new Accumulator(costs, selections, routing?.kv ?? DEFAULT_KV_POLICY, surrogates, routing?.replaced ?? []);
     const order = sequences.map((_, i) => i).sort((a, b) => sequences[b]!.length - sequences[a]!.length);
     let done = 0;
     opts.onProgress?.(0, order.length);
@@ -172,12 +179,8 @@ async function runBatch(session: ModSession, rows: number[][], pad: 'left' | 'ri
     const offset = pad === 'left' ? width - row.length : 0;
     let nll = 0;
     for (let t = 0; t + 1 < row.length; t++) nll += tokenNll(logits, (b * width + offset + t) * V, V, row[t + 1]!);
-    const selected = masks.map((m) => {
-      let count = 0;
-      for (let t = 0; t < row.length; t++) count += m[b * width + offset + t] ? 1 : 0;
-      return count;
-    });
-    acc.addRow(row.length, nll, selected);
+    const chosen = masks.map((m) => m.subarray(b * width + offset, b * width + offset + row.length));
+    acc.addRow(row.length, nll, chosen);
   });
 }
 
@@ -196,32 +199,50 @@ class Accumulator {
   private predicted = 0;
   private fed = 0;
   private selected: number[];
+  /** Per selection: entries a kv part's cache held after each row (sinks and window counted). */
+  private held: number[];
   private macs = { executed: 0, dense: 0 };
   private kv = { held: 0, dense: 0 };
 
   constructor(
     private readonly costs: ModelCosts,
     private readonly selections: Selection[],
+    private readonly policy: KvPolicy,
     /** Per selection: its surrogate (rank and MACs per token it runs on), or null. */
     private readonly surrogates: ({ rank: number; macs: number } | null)[] = [],
     /** MLP parts replaced by their surrogate: no router, the surrogate on every token. */
     private readonly replaced: readonly { layer: number; surrogate: { rank: number; macs: number } }[] = [],
   ) {
     this.selected = selections.map(() => 0);
+    this.held = selections.map(() => 0);
   }
 
-  addRow(tokens: number, nll: number, selected: number[]): void {
+  /** `chosen[i]`: selection i's mask over the row's real tokens, in order. */
+  addRow(tokens: number, nll: number, chosen: ArrayLike<number>[]): void {
     this.nll += nll;
     this.predicted += tokens - 1;
     this.fed += tokens;
+    const selected = chosen.map((m) => {
+      let count = 0;
+      for (let t = 0; t < tokens; t++) count += m[t] ? 1 : 0;
+      return count;
+    });
     selected.forEach((s, i) => (this.selected[i]! += s));
     const dense = denseUsage(this.costs, tokens);
     const usage: RowUsage = { tokens, layers: dense.layers.map((l) => ({ ...l })) };
     this.selections.forEach((sel, i) => {
       const u = usage.layers[sel.layer];
       if (!u) throw new ModcError(`modc.routing names layer ${sel.layer}, but modc.costs has ${this.costs.layers.length} layers`);
-      if (sel.part !== 'mlp') u.attention = selected[i]!;
-      if (sel.part !== 'attention') u.mlp = selected[i]!;
+      if (sel.part === 'kv') {
+        // Every token runs the layer; its attention sees, and its cache keeps, what the kv rule leaves.
+        const { pairs, held } = kvRowUsage(chosen[i]!, this.policy.sinks, this.policy.window);
+        u.pairs = pairs;
+        u.kvHeld = held;
+        this.held[i]! += held;
+      } else {
+        if (sel.part !== 'mlp') u.attention = selected[i]!;
+        if (sel.part !== 'attention') u.mlp = selected[i]!;
+      }
       u.routers += 1;
       const sur = this.surrogates[i];
       if (sur) u.surrogateMacs = (u.surrogateMacs ?? 0) + sur.macs * (tokens - selected[i]!);
@@ -255,6 +276,7 @@ class Accumulator {
                   routed: true,
                   selectedFraction: fraction,
                   ...(sur ? { surrogate: { rank: sur.rank, fraction: 1 - fraction } } : {}),
+                  ...(s.part === 'kv' ? { kvFraction: this.held[i]! / this.fed } : {}),
                 },
               ];
             }),

@@ -20,7 +20,7 @@ export interface Selection {
   output: string;
 }
 
-const ROUTER_WEIGHT = /^modc\.router\.(\d+)(?:\.(attn|mlp))?\.weight$/;
+const ROUTER_WEIGHT = /^modc\.router\.(\d+)(?:\.(attn|mlp|kv))?\.weight$/;
 
 export function exposeSelections(model: Model, routing: RoutingMetadata): Selection[] {
   const g = model.graph;

@@ -4,8 +4,9 @@
  * (num_key_value_heads, head_size, one past length), the past/present names by pattern, and no
  * inputs besides ids, mask, positions and the caches. A compiled model fits that contract when
  * its caches keep the original interface (no routed layer, or MLP-only routing); then only the
- * file name changes. A routed attention or block layer has its own cache length per row
- * (`past_lengths.l` / `present_lengths.l`, docs/interface.md), which
+ * file name changes. A routed attention or block layer has its own cache, with its own slot
+ * validity (`past_valid.l` / `present_valid.l`) or cache length per row (`past_lengths.l` /
+ * `present_lengths.l`, GroupQueryAttention and static caches; docs/interface.md), which
  * onnxruntime-genai cannot feed: the config then carries a top-level `modc` section with the
  * per-layer cache contract, which onnxruntime-genai refuses at load (its parser rejects unknown
  * keys) instead of failing mid-generation.
@@ -67,7 +68,7 @@ export function genaiConfigFor(
   config.model.decoder.filename = outputFile;
   delete config.modc;
   const io = decoderIo(compiled);
-  const ownLength = io.kv.filter((b) => b.pastLength !== null);
+  const ownLength = io.kv.filter((b) => b.pastLength !== null || b.pastValid !== null);
   const logits = logitsPositions(compiled);
   if (ownLength.length === 0) {
     const reason =
@@ -78,14 +79,17 @@ export function genaiConfigFor(
   }
   const g = compiled.graph;
   const shape = (name: string) => g.inputs.find((v) => v.name === name)?.shape ?? null;
-  const reason = `routed layer${ownLength.length === 1 ? '' : 's'} ${ownLength.map((b) => b.layer).join(', ')} cache${ownLength.length === 1 ? 's' : ''} a different number of tokens per row than the other layers (past_lengths.l / present_lengths.l inputs and outputs); onnxruntime-genai assumes one past length for every layer and cannot feed them`;
+  const inputs = [...new Set(ownLength.map((b) => (b.pastValid ? 'past_valid.l / present_valid.l' : 'past_lengths.l / present_lengths.l')))].join(', ');
+  const reason = `routed layer${ownLength.length === 1 ? '' : 's'} ${ownLength.map((b) => b.layer).join(', ')} cache${ownLength.length === 1 ? 's' : ''} a different number of tokens per row than the other layers (${inputs} inputs and outputs); onnxruntime-genai assumes one past length for every layer and cannot feed them`;
+  const lengths = ownLength.some((b) => b.pastLength);
+  const valid = ownLength.some((b) => b.pastValid);
   config.modc = {
     genai_loadable: false,
     reason,
     routing: readRoutingMetadata(compiled),
     logits,
-    inputs: { past_lengths_names: 'past_lengths.%d' },
-    outputs: { present_lengths_names: 'present_lengths.%d' },
+    inputs: { ...(lengths ? { past_lengths_names: 'past_lengths.%d' } : {}), ...(valid ? { past_valid_names: 'past_valid.%d' } : {}) },
+    outputs: { ...(lengths ? { present_lengths_names: 'present_lengths.%d' } : {}), ...(valid ? { present_valid_names: 'present_valid.%d' } : {}) },
     layers: io.kv.map((b) => ({
       layer: b.layer,
       past_key: b.pastKey,
@@ -94,6 +98,8 @@ export function genaiConfigFor(
       present_value: b.presentValue,
       past_length: b.pastLength,
       present_length: b.presentLength,
+      past_valid: b.pastValid,
+      present_valid: b.presentValid,
       shape: shape(b.pastKey),
     })),
   };
@@ -133,5 +139,5 @@ export function describeGenai(r: GenaiResult): string {
   const copied = r.copied.length ? ` (copied ${r.copied.join(', ')})` : '';
   if (r.loadable)
     return `wrote ${r.path}${copied}: the compiled model keeps onnxruntime-genai's contract (same inputs, outputs and cache shapes; new file name)${r.reason ? `, but ${r.reason}` : ''}`;
-  return `wrote ${r.path}${copied}: onnxruntime-genai cannot drive the compiled model: ${r.reason}; drive it with ModSession, \`modc codegen\` or a client that feeds the lengths (docs/serving.md)`;
+  return `wrote ${r.path}${copied}: onnxruntime-genai cannot drive the compiled model: ${r.reason}; drive it with ModSession, \`modc codegen\` or a client that feeds the lengths or slot validity (docs/serving.md)`;
 }

@@ -17,9 +17,9 @@
  *   layer's routing, on the path where the layer selects the token and where it skips it.
  *   Nodes belong to a layer by the names route-layers gives them (`modc/layerN/...`,
  *   `modc.selected.N`, `present_lengths.N`); an If and everything in it to the If's layer.
- *   Paths: an If whose condition is `x > 0` ("any token selected") takes its then branch when
- *   the layer selects and its else branch when it skips; every other If takes its then branch
- *   (at batch 1 every row selects alike, so modc's `aligned` conditions hold).
+ *   Paths: an If whose condition is `x > 0` ("any token selected", the one If route-layers gives
+ *   a converted part) takes its then branch when the layer selects and its else branch when it
+ *   skips; every other If takes its then branch.
  * - Weights consumed two or more If levels below the graph that holds their initializer:
  *   ONNX Runtime prepacks a constant weight only for a node in the initializer's graph or one
  *   level below, so these run unpacked on the CPU (slower MatMuls). Should be none.

@@ -19,6 +19,13 @@
  * 0, u being the MLP's normalised input (the MLP unit's own value, made an output of the unit and
  * read from a run on every token); an MLP replaced by its surrogate gives every token s(u).
  *
+ * A layer routing its KV cache (`kv`, SPEC.md "Key/value routing") runs every token, one at a
+ * time per row, against an explicit cache: token t of a row sees the cached entries held for good
+ * (one of the first `sinks` tokens, or kept by its router) and those fewer than `window` positions
+ * behind it, then is written; after the call the cache drops each entry that has left the window
+ * behind the row's last token and is not held. (The layer, or its attention sub-layer when its MLP
+ * is routed too, is the unit run per token.)
+ *
  * Nothing here uses the modc ops or the compiled graph's rewiring, so the two can only agree if
  * both implement the semantics.
  */
@@ -38,7 +45,7 @@ import type { TypeProto } from '../../core/proto/index.js';
 import { GQA_ATTENTION_BIAS, kvCompactionBlocker, slotNumbered, staticWindow } from '../../analysis/attention.js';
 import { Tensor } from '../../core/ir/tensor.js';
 import type { Model } from '../../core/ir/model.js';
-import { describeLayerPart, type LayerPlan, type RoutingPlan, type Surrogate } from '../../routing/routing-plan.js';
+import { describeLayerPart, kvPolicyOf, type LayerPlan, type RoutingPlan, type Surrogate } from '../../routing/routing-plan.js';
 import { decoderIo, type DecoderIo, type KvBinding, resolvePadSide } from '../../metadata/decoder-io.js';
 import { type EmbeddingSource, TokenEmbedder } from '../../runtime/embeddings.js';
 import { emptyTensor, ort, toFloat32, type SessionOptions } from '../../runtime/ort.js';
@@ -72,6 +79,8 @@ interface RowCache {
   positions: number[];
   /** The sequence index of each cached token (its column in the caller's 4-D mask), in cache order. */
   sequence: number[];
+  /** A kv layer: whether each cached token is held for good (a sink, or kept by its router). */
+  held: boolean[];
 }
 
 /**
@@ -146,6 +155,8 @@ export class ModReference {
     private readonly embedder: TokenEmbedder | null,
   ) {
     this.compacted = new Set(routing.layers.filter((l) => l.part !== 'mlp').map((l) => l.layer));
+    if (routing.mode === 'topk' && routing.layers.some((l) => l.part === 'kv'))
+      throw new ModcError('key/value routing (kv parts) is threshold-only: the reference runs no top-k kv plan');
   }
 
   static async create(
@@ -156,7 +167,12 @@ export class ModReference {
   ): Promise<ModReference> {
     const model = loadModel(modelPath);
     const io = decoderIo(model);
-    const cut = [...new Set([...routing.layers.filter((l) => l.part !== 'block').map((l) => l.layer), ...(routing.replaced ?? []).map((r) => r.layer)])];
+    const cut = [
+      ...new Set([
+        ...routing.layers.filter((l) => l.part === 'attention' || l.part === 'mlp').map((l) => l.layer),
+        ...(routing.replaced ?? []).map((r) => r.layer),
+      ]),
+    ];
     const structure = splitAndAnalyze(model, { within: cut });
     const stateful = routing.layers.find((l) => structure.layers[l.layer]?.state.length);
     if (stateful)
@@ -199,7 +215,7 @@ export class ModReference {
       } else {
         const pieces = at.map(([g, i]) => ({ loaded: loaded[i]!, routed: g.routed }));
         // An MLP replaced by its surrogate keeps the layer's cache whole, as an MLP part does.
-        layers.push({ kind: 'parts', index: layer.index, pieces, attentionRouted: plans.some((p) => p.part === 'attention') });
+        layers.push({ kind: 'parts', index: layer.index, pieces, attentionRouted: plans.some((p) => p.part === 'attention' || p.part === 'kv') });
       }
     }
     const embedder = io.inputsEmbeds ? await TokenEmbedder.create(io, opts.embeddings ?? { kind: 'random', seed: 0 }, opts) : null;
@@ -232,6 +248,7 @@ export class ModReference {
             length: 0,
             positions: [],
             sequence: [],
+            held: [],
           })),
         );
       } else {
@@ -296,6 +313,11 @@ export class ModReference {
         if (!run.plan) {
           await runUnit(run.loaded, values);
           this.keepFull(run.unit.index, values);
+        } else if (run.plan.part === 'kv') {
+          chosen.set(
+            describeLayerPart(run.plan),
+            await this.kvRouted(run.loaded, run.unit.residualIn, run.unit.residualOut, run.plan, values, S, pastLength, positions),
+          );
         } else {
           chosen.set(describeLayerPart(run.plan), await this.routedLayer(run.loaded, run.plan, values, S, pastLength, positions));
         }
@@ -304,6 +326,11 @@ export class ModReference {
       for (const piece of run.pieces) {
         if (!piece.routed) await runUnit(piece.loaded, values);
         else if (!piece.routed.plan) await this.replacedPart(piece.loaded, piece.routed, values);
+        else if (piece.routed.plan.part === 'kv')
+          chosen.set(
+            describeLayerPart(piece.routed.plan),
+            await this.kvRouted(piece.loaded, piece.routed.sub.input.name, piece.routed.sub.update.name, piece.routed.plan, values, S, pastLength, positions),
+          );
         else
           chosen.set(
             describeLayerPart(piece.routed.plan),
@@ -548,6 +575,88 @@ export class ModReference {
     values.set(piece.sub.update.name, asTensor(update, xT.dims as number[], xT));
   }
 
+  /**
+   * SPEC.md "Key/value routing" for one layer (or its attention sub-layer: `input` -> `output`):
+   * every real token runs, one at a time per row, on the entries it may see; its own entry is
+   * written after it; then entries behind the row's last token's window that are not held for
+   * good leave the cache. Returns each row's kept tokens (the router's choice).
+   */
+  private async kvRouted(
+    loaded: LoadedUnit,
+    input: string,
+    output: string,
+    lp: LayerPlan,
+    values: Values,
+    S: number,
+    pastLength: number,
+    positions: number[],
+  ): Promise<number[][]> {
+    const B = this.batch;
+    const { sinks, window } = kvPolicyOf(this.routing);
+    const xT = values.get(input)!;
+    const x = rowsOf(xT);
+    const H = x.H;
+    const { selected } = this.select(x.data, [B, S, H], lp, pastLength);
+    const out = Float32Array.from(x.data);
+    const binding = this.io.kv.find((k) => k.layer === lp.layer)!;
+    const seqAxis = binding.layout === 'combined-2BHTD' ? 3 : 2;
+    const tokenMask = this.mask.map((m) => m.slice(m.length - S));
+    const chosen: number[][] = [];
+    for (let b = 0; b < B; b++) {
+      const cache = this.rowCaches.get(lp.layer)![b]!;
+      const real = [...Array(S).keys()].filter((s) => tokenMask[b]![s]);
+      chosen.push(real.filter((s) => selected[b * S + s]));
+      for (const s of real) {
+        const p = positions[b * S + s]!;
+        // The entries token s sees: held for good, or fewer than `window` positions behind it.
+        const slots = cache.positions.map((q, j) => j).filter((j) => cache.held[j] || p - cache.positions[j]! < window);
+        const view: RowCache = {
+          key: sliceSlots(cache.key, seqAxis, slots),
+          value: cache.value ? sliceSlots(cache.value, seqAxis, slots) : null,
+          length: slots.length,
+          positions: slots.map((j) => cache.positions[j]!),
+          sequence: slots.map((j) => cache.sequence[j]!),
+          held: [],
+        };
+        const feeds = await this.rowView(b, [s], S, positions, pastLength, view, binding);
+        feeds.set(input, asTensor(x.data.slice((b * S + s) * H, (b * S + s + 1) * H), [1, 1, H], xT));
+        await runUnit(loaded, feeds);
+        out.set(toFloat32(feeds.get(output)!).subarray(0, H), (b * S + s) * H);
+        // The token's own entry is the present's last slot.
+        const key = feeds.get(binding.presentKey)!;
+        const last = [key.dims[seqAxis]! - 1];
+        cache.key = concatSlots(cache.key, sliceSlots(key, seqAxis, last), seqAxis);
+        if (cache.value) cache.value = concatSlots(cache.value, sliceSlots(feeds.get(binding.presentValue!)!, seqAxis, last), seqAxis);
+        cache.positions.push(p);
+        cache.sequence.push(pastLength + s);
+        cache.held.push(p < sinks || !!selected[b * S + s]);
+        cache.length++;
+      }
+      // After the row's last token at t, the cache keeps held entries and positions t - window + 1 .. t.
+      const lastPosition = this.mask[b]!.reduce((a, v) => a + v, 0) - 1;
+      const keep = cache.positions.map((q, j) => j).filter((j) => cache.held[j] || cache.positions[j]! > lastPosition - window);
+      if (keep.length !== cache.length) {
+        cache.key = sliceSlots(cache.key, seqAxis, keep);
+        if (cache.value) cache.value = sliceSlots(cache.value, seqAxis, keep);
+        cache.positions = keep.map((j) => cache.positions[j]!);
+        cache.sequence = keep.map((j) => cache.sequence[j]!);
+        cache.held = keep.map((j) => cache.held[j]!);
+        cache.length = keep.length;
+      }
+    }
+    values.set(output, asTensor(out, xT.dims as number[], xT));
+    return chosen;
+  }
+
+  /**
+   * Per kv layer (by index), per row: the original positions its cache holds, and which of them
+   * are held for good (for tests: SPEC.md's cache rule, entry by entry).
+   */
+  kvEntries(layer: number): { positions: number[]; held: boolean[] }[] | null {
+    if (!this.routing.layers.some((l) => l.layer === layer && l.part === 'kv')) return null;
+    return this.rowCaches.get(layer)!.map((c) => ({ positions: [...c.positions], held: [...c.held] }));
+  }
+
   async release(): Promise<void> {
     await this.embedder?.release();
     await releaseUnits([this.prefix, ...this.layers.flatMap((l) => (l.kind === 'whole' ? [l.loaded] : l.pieces.map((p) => p.loaded))), this.suffix]);
@@ -651,11 +760,18 @@ interface UnitGroup {
 function unitGroups(model: Model, s: DecoderStructure, routing: RoutingPlan): UnitGroup[] {
   const groups: UnitGroup[] = [{ group: { name: 'prefix', nodes: s.prefixNodes }, layer: -1, routed: null }];
   for (const layer of s.layers) {
-    const plans: PartCut[] = routing.layers
-      .filter((l) => l.layer === layer.index && l.part !== 'block')
-      .map((plan) => ({ part: plan.part as 'attention' | 'mlp', plan, surrogate: plan.router.surrogate ?? null }));
+    // A kv part alone runs the whole layer per token; with a routed or replaced MLP, its attention sub-layer.
+    const all = routing.layers.filter((l) => l.layer === layer.index);
     const replaced = (routing.replaced ?? []).find((r) => r.layer === layer.index);
+    const cutsLayer = replaced !== undefined || all.some((l) => l.part === 'attention' || l.part === 'mlp');
+    const plans: PartCut[] = cutsLayer
+      ? all
+          .filter((l) => l.part !== 'block')
+          .map((plan) => ({ part: plan.part === 'mlp' ? ('mlp' as const) : ('attention' as const), plan, surrogate: plan.router.surrogate ?? null }))
+      : [];
     if (replaced) plans.push({ part: 'mlp', plan: null, surrogate: replaced.surrogate });
+    // The cut runs the attention sub-layer before the MLP (a kv part orders after its layer's MLP part).
+    plans.sort((a, b) => (a.part === b.part ? 0 : a.part === 'attention' ? -1 : 1));
     if (plans.length === 0) groups.push({ group: { name: `layer.${layer.index}`, nodes: layer.nodes }, layer: layer.index, routed: null });
     else groups.push(...partGroups(model, layer, plans));
   }
@@ -680,7 +796,7 @@ function partGroups(model: Model, layer: LayerInfo, plans: readonly PartCut[]): 
   const facts = new GraphFacts(model.graph);
   const routed = plans.map((cut) => {
     const sub = parts[cut.part];
-    const name = describeLayerPart({ layer: layer.index, part: cut.part });
+    const name = describeLayerPart(cut.plan ?? { layer: layer.index, part: cut.part });
     if (sub.blocker) throw new ModcError(`reference: layer ${name} cannot be routed: ${sub.blocker}`);
     let surrogate: RoutedPiece['surrogate'] = null;
     if (cut.surrogate) {
@@ -733,4 +849,35 @@ function partGroups(model: Model, layer: LayerInfo, plans: readonly PartCut[]): 
       });
   });
   return out;
+}
+
+/** The slots `slots` (in that order) of a cache tensor along its sequence axis. */
+function sliceSlots(t: ort.Tensor, seqAxis: number, slots: readonly number[]): ort.Tensor {
+  const dims = t.dims as number[];
+  const T = dims[seqAxis]!;
+  const outer = dims.slice(0, seqAxis).reduce((a, d) => a * d, 1);
+  const inner = dims.slice(seqAxis + 1).reduce((a, d) => a * d, 1);
+  const src = t.data as Float32Array | Uint16Array;
+  const out = new (src.constructor as new (n: number) => Float32Array | Uint16Array)(outer * slots.length * inner);
+  for (let o = 0; o < outer; o++) slots.forEach((j, k) => out.set(src.subarray((o * T + j) * inner, (o * T + j + 1) * inner), (o * slots.length + k) * inner));
+  const outDims = [...dims];
+  outDims[seqAxis] = slots.length;
+  return new ort.Tensor(t.type as 'float32' | 'float16', out, outDims);
+}
+
+/** a and b joined along the sequence axis. */
+function concatSlots(a: ort.Tensor, b: ort.Tensor, seqAxis: number): ort.Tensor {
+  const [da, db] = [a.dims as number[], b.dims as number[]];
+  const [Ta, Tb] = [da[seqAxis]!, db[seqAxis]!];
+  const outer = da.slice(0, seqAxis).reduce((x, d) => x * d, 1);
+  const inner = da.slice(seqAxis + 1).reduce((x, d) => x * d, 1);
+  const [sa, sb] = [a.data as Float32Array | Uint16Array, b.data as Float32Array | Uint16Array];
+  const out = new (sa.constructor as new (n: number) => Float32Array | Uint16Array)(outer * (Ta + Tb) * inner);
+  for (let o = 0; o < outer; o++) {
+    out.set(sa.subarray(o * Ta * inner, (o + 1) * Ta * inner), o * (Ta + Tb) * inner);
+    out.set(sb.subarray(o * Tb * inner, (o + 1) * Tb * inner), (o * (Ta + Tb) + Ta) * inner);
+  }
+  const dims = [...da];
+  dims[seqAxis] = Ta + Tb;
+  return new ort.Tensor(a.type as 'float32' | 'float16', out, dims);
 }

@@ -2,7 +2,15 @@
 import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
-import { calibrate, checkCalibrateOptions, DEFAULTS, MARGIN_WITHOUT_SURROGATES, type Progress } from '../../apps/calibration/calibrate.js';
+import {
+  calibrate,
+  type CalibrationResult,
+  checkCalibrateOptions,
+  DEFAULTS,
+  MARGIN_WITHOUT_SURROGATES,
+  type Progress,
+} from '../../apps/calibration/calibrate.js';
+import { calibrateKv, calibrateKvWithCompute, checkKvCalibrateOptions, type KvProgress, kvRouterFileMetadata } from '../../apps/calibration/kv-calibrate.js';
 import { readDataset } from '../../apps/data/index.js';
 import type { Granularity } from '../../apps/calibration/parts.js';
 import { routerFileMetadata, writeCalibratedRouters } from '../../apps/calibration/router-file.js';
@@ -15,7 +23,7 @@ import { checkOutputPath } from '../../core/io/save.js';
 import type { Command, Progress as ProgressReporter } from '../command.js';
 import { intFlag, numberFlag, onePositional, oneOf, progressOf, stringFlag } from '../shared.js';
 
-const STAGES: Record<Progress['stage'], string> = {
+const STAGES: Record<Progress['stage'] | KvProgress['stage'], string> = {
   capture: 'capturing activations',
   fit: 'fitting routers',
   score: 'scoring tokens',
@@ -26,7 +34,7 @@ const STAGES: Record<Progress['stage'], string> = {
 };
 
 /** Feeds calibrate()'s stage reports to the shared progress reporter (a bar on a TTY). */
-function reportTo(progress: ProgressReporter): (p: Progress) => void {
+function reportTo(progress: ProgressReporter): (p: Progress | KvProgress) => void {
   let stage = '';
   let shown = 0;
   return (p) => {
@@ -47,7 +55,7 @@ export const calibrateCommand: Command = {
   name: 'calibrate',
   summary: 'fit routers that keep quality, from the model and a little data (writes a router file)',
   usage:
-    'modc calibrate MODEL.onnx --data FILE -o ROUTERS.safetensors --target-compute F [--granularity auto|block|attention|mlp] [--routing threshold|topk] [--max-tokens N] [--seed S] [--json]',
+    'modc calibrate MODEL.onnx --data FILE -o ROUTERS.safetensors (--target-compute F | --target-kv F | both) [--granularity auto|block|attention|mlp] [--routing threshold|topk] [--kv-sinks N] [--kv-window W] [--max-tokens N] [--seed S] [--json]',
   details: [
     'Runs the original model over the data batch by batch (bounded memory), fits one router per',
     "routed part in closed form (ridge regression of each token's update norm, relative to the",
@@ -64,11 +72,27 @@ export const calibrateCommand: Command = {
     '`modc compile MODEL.onnx --routers ROUTERS.safetensors -o OUT.onnx` needs no other flag.',
     'DATA: one sequence per line, JSON lines {"ids": [1, 2, 3]} or plain text tokenized by the',
     'tokenizer.json beside the model (as for modc eval).',
+    '',
+    "--target-kv F routes every layer's KV cache (kv parts, key/value routing): every token runs the",
+    'layer, and the cache keeps the first --kv-sinks tokens, the --kv-window most recent and the tokens',
+    "its router keeps. The router is a ridge fit, on the layer's input, of log(1e-4 + the attention mass",
+    "a token receives from queries at least the window later), from the dense model's attention",
+    'probabilities (unfused attention); each layer gets the threshold that holds its KV fraction on the',
+    'data (entries held after each sequence, sinks and window counted) at its share of F (the same for',
+    'every layer; a share a layer cannot use passes to the others), refined once with',
+    'every layer routed. With --target-compute too, the compute routers are MLP parts: key/value routing',
+    'saves attention pairs by itself, so the MLP parts are calibrated for the rest (kv routers first,',
+    'alone; then the MLP parts; then the kv thresholds again with the MLP parts routed); the file holds both.',
+    'The MLP parts take surrogates there as they do without --target-kv (--surrogate, --surrogate-ranks,',
+    '--no-refit apply), and the compute fraction charges each surrogate its MACs.',
   ].join('\n'),
   options: {
     data: { type: 'string', valueName: 'FILE', help: 'calibration data (JSON lines {"ids": [...]}, or text with a tokenizer.json beside the model)' },
     output: { type: 'string', short: 'o', valueName: 'FILE', help: 'router file to write (safetensors)' },
-    'target-compute': { type: 'string', valueName: 'F', help: 'compute fraction to reach, in (0, 1] (required)' },
+    'target-compute': { type: 'string', valueName: 'F', help: 'compute fraction to reach, in (0, 1]' },
+    'target-kv': { type: 'string', valueName: 'F', help: "KV fraction to reach, in (0, 1]: routes every layer's KV cache (kv parts)" },
+    'kv-sinks': { type: 'string', valueName: 'N', help: 'with --target-kv: the first N tokens stay keys/values (default 4)' },
+    'kv-window': { type: 'string', valueName: 'W', help: 'with --target-kv: the W most recent tokens stay keys/values (default 16)' },
     granularity: { type: 'string', valueName: 'G', help: 'auto (default: block, attention and mlp parts), block, attention or mlp' },
     routing: { type: 'string', valueName: 'MODE', help: 'threshold (default) or topk: the mode recorded for compile' },
     'max-tokens': { type: 'string', valueName: 'N', help: `use at most N tokens of the data (default ${DEFAULTS.maxTokens})` },
@@ -99,10 +123,31 @@ export const calibrateCommand: Command = {
     const output = stringFlag(values, 'output');
     if (!output) throw new UsageError('missing -o ROUTERS.safetensors');
     const targetCompute = numberFlag(values, 'target-compute');
-    if (targetCompute === undefined) throw new UsageError('missing --target-compute F');
+    const targetKv = numberFlag(values, 'target-kv');
+    if (targetCompute === undefined && targetKv === undefined) throw new UsageError('missing --target-compute F (or --target-kv F)');
+    if (targetKv === undefined && (values['kv-sinks'] !== undefined || values['kv-window'] !== undefined))
+      throw new UsageError('--kv-sinks and --kv-window go with --target-kv');
+    if (targetCompute === undefined && (values.surrogate !== undefined || values['surrogate-ranks'] !== undefined || values['no-refit'] !== undefined))
+      throw new UsageError('--surrogate, --surrogate-ranks and --no-refit go with --target-compute (they shape the MLP parts calibrated for compute)');
+    const granularity = oneOf<Granularity>(values, 'granularity', ['auto', 'block', 'attention', 'mlp']);
+    if (targetKv !== undefined && granularity !== undefined && granularity !== 'mlp' && !(granularity === 'auto' && targetCompute !== undefined))
+      throw new UsageError(
+        `--granularity ${granularity} with --target-kv: every layer's KV cache is routed, so compute routing (--target-compute) can route MLP parts only`,
+      );
+    if (targetKv !== undefined && oneOf(values, 'routing', ['threshold', 'topk'] as const) === 'topk')
+      throw new UsageError('--target-kv routes key/value parts, which are threshold-only: drop --routing topk');
+    const kvOpts =
+      targetKv === undefined
+        ? null
+        : {
+            targetKv,
+            sinks: values['kv-sinks'] !== undefined ? intFlag(values, 'kv-sinks', 0, 0) : undefined,
+            window: values['kv-window'] !== undefined ? intFlag(values, 'kv-window', 0, 1) : undefined,
+          };
+    if (kvOpts) checkKvCalibrateOptions(kvOpts);
     const opts = {
-      targetCompute,
-      granularity: oneOf<Granularity>(values, 'granularity', ['auto', 'block', 'attention', 'mlp']) ?? DEFAULTS.granularity,
+      targetCompute: targetCompute ?? 1,
+      granularity: targetKv !== undefined ? 'mlp' : (granularity ?? DEFAULTS.granularity),
       mode: oneOf(values, 'routing', ['threshold', 'topk'] as const) ?? 'threshold',
       maxTokens: intFlag(values, 'max-tokens', DEFAULTS.maxTokens, 2),
       seed: intFlag(values, 'seed', DEFAULTS.seed, 0),
@@ -129,7 +174,38 @@ export const calibrateCommand: Command = {
     const sequences = readDataset(data, { model: modelPath, vocabSize, maxLength });
 
     const quiet = !!values.quiet;
-    const result = await calibrate(model, sequences, { ...opts, onProgress: reportTo(progressOf(io)) });
+    const onProgress = reportTo(progressOf(io));
+    if (kvOpts) {
+      const both =
+        targetCompute !== undefined
+          ? await calibrateKvWithCompute(model, sequences, { ...kvOpts, maxTokens: opts.maxTokens, seed: opts.seed, onProgress }, { ...opts, onProgress })
+          : null;
+      const compute = both?.compute ?? null;
+      const kv = both?.kv ?? (await calibrateKv(model, sequences, { ...kvOpts, maxTokens: opts.maxTokens, seed: opts.seed, onProgress }));
+      mkdirSync(dirname(resolve(output)), { recursive: true });
+      const merged = { routers: [...(compute?.routers ?? []), ...kv.routers], replaced: compute?.replaced ?? [] } as unknown as CalibrationResult;
+      writeCalibratedRouters(output, merged, kvRouterFileMetadata(kv, compute, { path: data, ...fileRecord(data) }));
+      const k = kv.report;
+      if (values.json) {
+        io.out(JSON.stringify({ output, mode: 'threshold', kv: { policy: kv.kv, ...k }, ...(compute ? { compute: compute.report } : {}) }, null, 2));
+      } else if (!quiet) {
+        if (both && !compute)
+          io.err(`compute: key/value routing alone reaches compute fraction ${k.computeFraction.toFixed(3)} (target ${targetCompute}): no MLP part routed`);
+        if (compute)
+          io.err(
+            `compute: ${compute.report.parts.length} MLP part(s) calibrated for ${both!.computeTarget.toFixed(3)} alone (target ${targetCompute} plus what key/value routing saves)${compute.replaced.length ? `, ${compute.replaced.length} replaced by surrogates` : ''}`,
+          );
+        io.err(
+          `calibrated on ${k.tokens} tokens (${k.sequences} sequences): dense NLL ${k.denseNll.toFixed(4)}, routed NLL ${k.nll.toFixed(4)}, KV fraction ${k.kvFraction.toFixed(3)} (target ${targetKv}; sinks ${kv.kv.sinks} and window ${kv.kv.window} alone: ${k.floor.toFixed(3)}), compute fraction ${k.computeFraction.toFixed(3)}`,
+        );
+        for (const l of k.layers)
+          io.err(`  layer ${l.layer} kv: kept ${l.keptFraction.toFixed(3)}, held ${l.kvFraction.toFixed(3)}, fit R2 ${l.r2.toFixed(2)}`);
+        for (const u of k.skipped) io.err(`  layer ${u.layer} kv: not routed: ${u.reason}`);
+        io.err(`wrote ${output}: ${merged.routers.length} router(s), threshold`);
+      }
+      return 0;
+    }
+    const result = await calibrate(model, sequences, { ...opts, onProgress });
     mkdirSync(dirname(resolve(output)), { recursive: true });
     const r = result.report;
     const dataRecord = { path: data, ...fileRecord(data), tokens: r.tokens, sequences: r.sequences };

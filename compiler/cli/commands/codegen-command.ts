@@ -14,8 +14,9 @@ export const codegenCommand: Command = {
   usage: 'modc codegen MODEL.onnx -o session.ts [--class NAME] [--json]',
   details: [
     'The wrapper imports only onnxruntime-node. It declares each graph input and output (name,',
-    'element type, symbolic shape) as types, the decoder contract (KV caches per layer, cache length',
-    'tensors past_lengths.l / present_lengths.l of modc-compiled layers, extra state of hybrid models)',
+    'element type, symbolic shape) as types, the decoder contract (KV caches per layer, the slot',
+    'validity past_valid.l / present_valid.l or cache lengths past_lengths.l / present_lengths.l of',
+    'modc-compiled layers, extra state of hybrid models)',
     'and the routing metadata (modc.routing) as constants, and a class whose prefill()/step() keep',
     'the caches between calls. It compiles with tsc --strict under --module nodenext. The output is',
     'written atomically and never over the input.',

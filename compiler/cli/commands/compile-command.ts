@@ -32,7 +32,7 @@ function routerSource(values: CliValues): RouterSource | undefined {
 function compileRequest(values: CliValues): CompileRequest | undefined {
   const routers = routerSource(values);
   if (!routers) {
-    for (const flag of ['threshold', 'capacity', 'routing', 'layers', 'schedule', 'gated', 'ungated', 'inline-ops', 'granularity']) {
+    for (const flag of ['threshold', 'capacity', 'routing', 'layers', 'schedule', 'gated', 'ungated', 'inline-ops', 'granularity', 'kv-sinks', 'kv-window']) {
       if (values[flag] !== undefined) throw new UsageError(`--${flag} needs routers: give --routers FILE or --router-init all-pass|random`);
     }
     return undefined;
@@ -48,18 +48,22 @@ function compileRequest(values: CliValues): CompileRequest | undefined {
     throw new UsageError('--capacity applies to --routing topk (or --schedule prd); use --threshold with threshold routing');
   }
   const logits = oneOf(values, 'logits', ['all', 'last'] as const);
+  const kvSinks = numberFlag(values, 'kv-sinks');
+  const kvWindow = numberFlag(values, 'kv-window');
   return {
     routers,
     mode,
     // Unset lets a router file's metadata decide (default gated).
     gated: values.ungated ? false : values.gated ? true : undefined,
-    granularity: oneOf<RoutedPart>(values, 'granularity', ['block', 'attention', 'mlp']),
+    granularity: oneOf<RoutedPart>(values, 'granularity', ['block', 'attention', 'mlp', 'kv']),
     threshold,
     capacity,
     layers: stringFlag(values, 'layers'),
     schedule,
     inlineOps: !!values['inline-ops'],
     ...(logits ? { logits } : {}),
+    ...(kvSinks !== undefined ? { kvSinks } : {}),
+    ...(kvWindow !== undefined ? { kvWindow } : {}),
   };
 }
 
@@ -70,16 +74,19 @@ export const compileCommand: Command = {
     'modc compile MODEL.onnx -o OUT.onnx (--routers FILE | --router-init all-pass|random) [options]\n       modc compile MODEL.onnx -o OUT.onnx --passes LIST',
   details: [
     'With routers, runs the MoD pipeline: record-costs, dense-past-length, split-fused-boundaries, insert-routers,',
-    'route-layers, [last-logits with --logits last,] cleanup [, inline-modc-ops with --inline-ops]. Without',
+    '[route-kv for kv parts,] route-layers, [last-logits with --logits last,] cleanup [, inline-modc-ops with --inline-ops]. Without',
     '--layers or --schedule, a router file converts exactly the layers it has routers for;',
     '--router-init converts every layer.',
     '',
     '--granularity says what a converted layer routes: its whole block (default), its attention',
     'sub-layer (a skipped token gets no attention update and is no key/value: the KV cache is',
-    'compacted) or its MLP (attention and the KV cache stay full). A router file sets the part per',
-    'layer with router.{l}.attn.* / router.{l}.mlp.* tensors; there --granularity keeps only that',
-    'part\'s routers. The file\'s __metadata__ "modc" entry supplies mode, gating and per-part',
-    'capacities unless --routing, --gated/--ungated or --capacity are given.',
+    'compacted), its MLP (attention and the KV cache stay full), or its KV cache (kv: every token',
+    'runs the layer; the cache keeps the first --kv-sinks tokens, the tokens the router keeps and the',
+    '--kv-window most recent; threshold routing only). A router file sets the part per layer with',
+    'router.{l}.attn.* / router.{l}.mlp.* / router.{l}.kv.* tensors; there --granularity keeps only',
+    'that part\'s routers. The file\'s __metadata__ "modc" entry supplies mode, gating, per-part',
+    'capacities and the kv sinks and window unless --routing, --gated/--ungated, --capacity,',
+    '--kv-sinks or --kv-window are given.',
     '',
     'LIST is comma-separated pass names, each optionally with options `name{opt=value;opt=value}`.',
     '`--passes none` loads and saves the model unchanged (a round trip).',
@@ -96,8 +103,10 @@ export const compileCommand: Command = {
   ].join('\n'),
   options: {
     output: { type: 'string', short: 'o', valueName: 'OUT.onnx', help: 'where to write the compiled model (required)' },
-    routers: { type: 'string', valueName: 'FILE', help: 'router weights (safetensors: router.{l}[.attn|.mlp].weight/bias[/threshold], F32/F16/BF16)' },
-    granularity: { type: 'string', valueName: 'PART', help: 'what a converted layer routes: block (default), attention or mlp' },
+    routers: { type: 'string', valueName: 'FILE', help: 'router weights (safetensors: router.{l}[.attn|.mlp|.kv].weight/bias[/threshold], F32/F16/BF16)' },
+    granularity: { type: 'string', valueName: 'PART', help: 'what a converted layer routes: block (default), attention, mlp or kv (its KV cache)' },
+    'kv-sinks': { type: 'string', valueName: 'N', help: "kv routing: the first N tokens stay keys/values (default: the router file's, else 4)" },
+    'kv-window': { type: 'string', valueName: 'W', help: "kv routing: the W most recent tokens stay keys/values (default: the router file's, else 16)" },
     'router-init': { type: 'string', valueName: 'MODE', help: 'all-pass (every token selected) or random (seeded, --seed N)' },
     seed: { type: 'string', valueName: 'N', help: 'seed for --router-init random (default 0)' },
     routing: { type: 'string', valueName: 'MODE', help: 'threshold (default: sigmoid(score) >= p) or topk (capacity per row)' },

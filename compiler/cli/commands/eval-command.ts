@@ -22,8 +22,11 @@ export const evalCommand: Command = {
     'split. nll is the mean over every predicted token (each token after the first of a sequence), in',
     'nats. computeFraction: multiply-accumulates executed (routed parts on their selected tokens only)',
     '/ the dense model\'s on the same tokens; kvFraction: KV-cache entries held / dense (docs/commands.md, "Metrics").',
-    'With --json it prints {nll, perplexity, tokens, computeFraction, kvFraction, layers: [{layer, part,',
-    'routed, selectedFraction}], data, settings, ...}. Progress goes to stderr (see --progress, --quiet).',
+    'A kv part (key/value routing) runs every token; its attention is charged for the (query, key)',
+    'pairs its rule leaves, and its cache for the sinks, kept tokens and window it holds after each',
+    "sequence's last token. With --json it prints {nll, perplexity, tokens, computeFraction, kvFraction,",
+    'layers: [{layer, part, routed, selectedFraction, kvFraction (kv parts), surrogate (MLP parts with',
+    'one)}], data, settings, ...}. Progress goes to stderr (see --progress, --quiet).',
     '--generate N: after each sequence but its last N tokens, the dense ORIGINAL greedily decodes N tokens',
     "and the model is fed the same ids; it reports the fraction of steps where the model's top-1 token is",
     "the original's (generate: {tokens, prefixes, agreement, allAgree} in --json; allAgree: the fraction of",
@@ -111,11 +114,12 @@ export const evalCommand: Command = {
     const surrogates = result.layers.some((l) => l.surrogate);
     io.out(
       table([
-        ['layer', 'part', 'selected', ...(surrogates ? ['surrogate'] : [])],
+        ['layer', 'part', 'selected', 'kv held', ...(surrogates ? ['surrogate'] : [])],
         ...result.layers.map((l) => [
           String(l.layer),
           l.routed ? l.part : 'dense',
           l.selectedFraction.toFixed(4),
+          (l.kvFraction ?? (l.routed && l.part !== 'mlp' ? l.selectedFraction : 1)).toFixed(4),
           ...(surrogates ? [l.surrogate ? `rank ${l.surrogate.rank} on ${l.surrogate.fraction.toFixed(4)}` : '-'] : []),
         ]),
       ]).join('\n'),

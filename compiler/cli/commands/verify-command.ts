@@ -11,7 +11,8 @@ export const verifyCommand: Command = {
   details: [
     'semantics: the compiled model, on a prompt and N teacher-forced steps, agrees with the MoD',
     "reference executor running the original with the compiled model's own routers (logits at real",
-    'positions within the tolerance, the same per-layer cache lengths and KV bytes).',
+    'positions within the tolerance, the same per-layer cache lengths, and the same KV bytes once the',
+    "compiled model's session compacts its caches).",
     'anchor: the original compiled on the same layers with every token selected, ungated,',
     'reproduces the original. Exit code 1 when a check fails.',
     '--json prints { passed, tolerance, checks: [{ name, passed, maxDiff: [prefill, step 1, ...],',

@@ -81,9 +81,9 @@ export class Emitter {
     return this.opset >= 18 ? this.op('ReduceMax', [x, this.i64(axes)], { keepdims: k }) : this.op('ReduceMax', [x], { axes, keepdims: k });
   }
 
-  /** x >= y, written as Not(Less) so it exists at every opset. */
+  /** x >= y: GreaterOrEqual from opset 12, Not(Less) before it. */
   greaterOrEqual(x: Value, y: Value): Value {
-    return this.op('Not', [this.op('Less', [x, y])]);
+    return this.opset >= 12 ? this.op('GreaterOrEqual', [x, y]) : this.op('Not', [this.op('Less', [x, y])]);
   }
 
   cast(x: Value, to: number): Value {

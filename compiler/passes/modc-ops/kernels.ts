@@ -153,6 +153,31 @@ export function prefixMask(lengths: number[], total: number): Uint8Array {
   return out;
 }
 
+/** Key slot t of row b: its valid cache slots, this call's K positions, then the rest of its cache. */
+export function slotPositions(past: number[], [B, P]: number[], pastLength: number[], positions: number[], K: number): number[] {
+  const out: number[] = [];
+  for (let b = 0; b < B; b++) {
+    const len = pastLength[b]!;
+    for (let t = 0; t < P + K; t++) {
+      out.push(t < len ? past[b * P + t]! : t < len + K ? positions[b * K + t - len]! : past[b * P + t - K]!);
+    }
+  }
+  return out;
+}
+
+/** bias[b, 0, i, j] = 0 where q - window < k <= q (q, k the query's and key's positions), else `lowest`. */
+export function windowBias(queryPositions: number[], keyPositions: number[], [B, K, T]: number[], window: number, lowest: number): Float32Array {
+  const out = new Float32Array(B * K * T);
+  for (let b = 0; b < B; b++)
+    for (let i = 0; i < K; i++)
+      for (let j = 0; j < T; j++) {
+        const q = queryPositions[b * K + i]!;
+        const k = keyPositions[b * T + j]!;
+        out[(b * K + i) * T + j] = q - window < k && k <= q ? 0 : lowest;
+      }
+  return out;
+}
+
 /** A layer's valid keys: cache slots j < pastLength[b], then this call's valid slots. */
 export function keyMask(pastLength: number[], capacity: number, valid: Uint8Array, K: number): Uint8Array {
   const B = pastLength.length;
@@ -179,27 +204,30 @@ export function gatherKv(kv: Float32Array, dims: number[], indices: number[], K:
   return out;
 }
 
-/** Key slot t of row b: its valid cache slots, this call's K positions, then the rest of its cache. */
-export function slotPositions(past: number[], [B, P]: number[], pastLength: number[], positions: number[], K: number): number[] {
-  const out: number[] = [];
-  for (let b = 0; b < B; b++) {
-    const len = pastLength[b]!;
-    for (let t = 0; t < P + K; t++) {
-      out.push(t < len ? past[b * P + t]! : t < len + K ? positions[b * K + t - len]! : past[b * P + t - K]!);
-    }
-  }
+/** Key/value routing's entry codes: -1 - p for a token held for good (kept, or one of the first `sinks`), else p. */
+export function kvCodes(positions: number[], keep: ArrayLike<number | boolean>, sinks: number): number[] {
+  return positions.map((p, i) => (keep[i] || p < sinks ? -1 - p : p));
+}
+
+/** visible[b, 0, i, j]: entry j (by its code) is a key for the query at position q[b, i]. */
+export function kvVisible(queryPositions: number[], codes: number[], [B, S, T]: number[], window: number): Uint8Array {
+  const out = new Uint8Array(B * S * T);
+  for (let b = 0; b < B; b++)
+    for (let i = 0; i < S; i++)
+      for (let j = 0; j < T; j++) {
+        const c = codes[b * T + j]!;
+        out[(b * S + i) * T + j] = c < 0 || queryPositions[b * S + i]! - c < window ? 1 : 0;
+      }
   return out;
 }
 
-/** bias[b, 0, i, j] = 0 where q - window < k <= q (q, k the query's and key's positions), else `lowest`. */
-export function windowBias(queryPositions: number[], keyPositions: number[], [B, K, T]: number[], window: number, lowest: number): Float32Array {
-  const out = new Float32Array(B * K * T);
+/** retain[b, j]: a valid entry held for good, or one of the `window` latest positions up to the row's last. */
+export function kvRetain(codes: number[], valid: ArrayLike<number | boolean>, last: number[], [B, T]: number[], window: number): Uint8Array {
+  const out = new Uint8Array(B * T);
   for (let b = 0; b < B; b++)
-    for (let i = 0; i < K; i++)
-      for (let j = 0; j < T; j++) {
-        const q = queryPositions[b * K + i]!;
-        const k = keyPositions[b * T + j]!;
-        out[(b * K + i) * T + j] = q - window < k && k <= q ? 0 : lowest;
-      }
+    for (let j = 0; j < T; j++) {
+      const c = codes[b * T + j]!;
+      out[b * T + j] = valid[b * T + j] && (c < 0 || c > last[b]! - window) ? 1 : 0;
+    }
   return out;
 }

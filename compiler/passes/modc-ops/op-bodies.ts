@@ -9,7 +9,7 @@
  * | op                 | inputs                                                   | outputs                        |
  * |--------------------|----------------------------------------------------------|--------------------------------|
  * | Router             | x T[B,S,H], weight T'[H], bias T'[] or [1]              | score float[B,S]               |
- * | SelectThreshold    | score float[B,S], token_mask int[B,S], threshold float[] | selected bool[B,S]             |
+ * | SelectThreshold    | score float[B,S], token_mask int or bool[B,S], threshold float[] | selected bool[B,S]     |
  * | SelectTopK         | score, token_mask, capacity float[], past_length int64[] | selected bool[B,S]             |
  * | Compact            | selected bool[B,S]                                        | indices int64[B,K], valid bool[B,K], count int64[B] |
  * | GatherTokens       | x [B,S,...], indices int64[B,K]                           | [B,K,...]                      |
@@ -17,11 +17,13 @@
  * | ScatterTokensGated | same + gate float[B,K]                                    | T[B,S,H]                       |
  * | GatherMask         | mask M[B|1,h,Sq,T], q_idx int64[B,K], k_idx int64[B,K2], k_valid bool[B,K2], fill M[] | M[B,h,K,K2] |
  * | PrefixMask         | lengths int64[B], total int64[]                           | bool[B,total]: j < lengths[b]  |
- * | KeyMask            | past_length int64[B], past_capacity int64[], valid bool[B,K] | bool[B,P+K]: a layer's valid keys |
- * | GatherKv           | kv T[B,H,T,D], indices int64[B,K]                         | T[B,H,K,D] (per-row gather on the sequence axis) |
- * | GatherKvCombined   | kv T[2,B,H,T,D], indices int64[B,K]                       | T[2,B,H,K,D]                   |
  * | SlotPositions      | past_positions int64[B,P], past_length int64[B], positions int64[B,K] | int64[B,P+K]: the original position of each key slot |
  * | WindowBias         | query_positions int64[B,K], key_positions int64[B,T], window int64[] | T[B,1,K,T]: 0 or lowest |
+ * | KeyMask            | past_length int64[B], past_capacity int64[], valid bool[B,K] | bool[B,P+K]: a layer's valid keys |
+ * | GatherKv(Combined) | kv [B,H,T,D] or [2,B,H,T,D], indices int64[B,K]             | the same with T = K: a per-row gather |
+ * | KvCodes            | positions int64[B,S], keep bool[B,S], sinks int64[]       | int64[B,S]: p, or -1 - p for an entry held for good |
+ * | KvVisible          | query_positions int64[B,S], codes int64[B,T], window int64[] | bool[B,1,S,T]: key/value routing's visibility |
+ * | KvRetain           | codes int64[B,T], valid bool[B,T], last int64[B], window int64[] | bool[B,T]: the entries a kv layer's cache keeps |
  *
  * Semantics (SPEC.md): score = w.x + b in fp32; threshold-p selects r = sigmoid(score) >= p;
  * top-k selects per row the ceil(c * n) highest scores among the n real tokens (ceil taken of
@@ -120,15 +122,14 @@ const compact: ModcOpDef = {
   doc: "each row's selected positions in order, padded to K with unselected positions marked invalid",
   body(e, [selected]) {
     const s = e.dimScalar(selected!, 1);
-    const sf = e.cast(s, DataType.FLOAT);
-    const pos = e.cast(e.op('Range', [e.i64(0), s, e.i64(1)]), DataType.FLOAT);
-    // Selected tokens sort first (keys in (S, 2S]), unselected after (keys in (0, S]), each group by position.
-    const key = e.op('Where', [selected!, e.op('Sub', [e.op('Mul', [sf, e.f32(2)]), pos]), e.op('Sub', [sf, pos])]);
-    const countF = e.reduceSum(e.cast(selected!, DataType.FLOAT), [1], false);
-    const kf = e.op('Max', [e.reduceMax(countF, [0], true), e.f32(1)]);
-    const [values, indices] = e.node('TopK', [key, e.cast(kf, DataType.INT64)], { axis: 1, largest: 1, sorted: 1 }, 2);
-    const valid = e.op('Greater', [values!, sf]);
-    return [indices!, valid, e.cast(countF, DataType.INT64)];
+    const chosen = e.cast(selected!, DataType.INT64);
+    // Selected tokens sort first (keys S - t in (0, S]), unselected after (keys -t in (-S, 0]), each group by position t.
+    const key = e.op('Sub', [e.op('Mul', [chosen, s]), e.op('Range', [e.i64(0), s, e.i64(1)])]);
+    const count = e.reduceSum(chosen, [1], false);
+    // K = max(count, 1), as a [1] tensor (Max takes int64 only from opset 12).
+    const k = e.reduceMax(e.op('Concat', [count, e.i64([1])], { axis: 0 }), [0], true);
+    const [values, indices] = e.node('TopK', [key, k], { axis: 1, largest: 1, sorted: 1 }, 2);
+    return [indices!, e.op('Greater', [values!, e.i64(0)]), count];
   },
 };
 
@@ -146,6 +147,8 @@ const gatherTokens: ModcOpDef = {
 /**
  * x with x[b, indices[b, k], ...] = updates[b, k, ...]: one ScatterND on (row, position) index
  * pairs [B, K, 2], with no flattening of x (fewer kernels than offsets into a [B*S, ...] view).
+ * ScatterND copies a whole row per index; ScatterElements, with its indices broadcast over the
+ * hidden size, walks them element by element (18x slower on ONNX Runtime's CPU for [1, 512, 1024]).
  */
 function scatterRows(e: Emitter, x: Value, indices: Value, updates: Value): Value {
   const shape = e.op('Shape', [indices]);
@@ -216,46 +219,6 @@ const prefixMaskOp: ModcOpDef = {
   },
 };
 
-const keyMask: ModcOpDef = {
-  name: 'KeyMask',
-  inputs: ['past_length', 'past_capacity', 'valid'],
-  outputs: ['mask'],
-  doc: "a layer's valid keys: its cache slots j < past_length[b], then this call's valid slots",
-  body(e, [pastLength, capacity, valid]) {
-    return [e.op('Concat', [prefixMask(e, pastLength!, capacity!), valid!], { axis: 1 })];
-  },
-};
-
-/** Gathers `indices` [B,K] along the sequence axis of a [.., B, H, T, D] cache (batch at `batchAxis`). */
-function gatherSequence(e: Emitter, kv: Value, indices: Value, batchAxis: 0 | 1): Value {
-  const seqAxis = batchAxis + 2;
-  const k = e.dim(indices, 1);
-  const lead = batchAxis === 1 ? [e.dim(kv, 0)] : [];
-  const target = e.op('Concat', [...lead, e.dim(kv, batchAxis), e.dim(kv, batchAxis + 1), k, e.dim(kv, seqAxis + 1)], { axis: 0 });
-  const shaped = e.unsqueeze(indices, batchAxis === 1 ? [0, 2, 4] : [1, 3]);
-  return e.op('GatherElements', [kv, e.op('Expand', [shaped, target])], { axis: seqAxis });
-}
-
-const gatherKv: ModcOpDef = {
-  name: 'GatherKv',
-  inputs: ['kv', 'indices'],
-  outputs: ['out'],
-  doc: 'out[b,h,k,d] = kv[b,h,indices[b,k],d]',
-  body(e, [kv, indices]) {
-    return [gatherSequence(e, kv!, indices!, 0)];
-  },
-};
-
-const gatherKvCombined: ModcOpDef = {
-  name: 'GatherKvCombined',
-  inputs: ['kv', 'indices'],
-  outputs: ['out'],
-  doc: 'out[i,b,h,k,d] = kv[i,b,h,indices[b,k],d] for the combined [2,B,H,T,D] cache',
-  body(e, [kv, indices]) {
-    return [gatherSequence(e, kv!, indices!, 1)];
-  },
-};
-
 /**
  * Key slots of a compacted GroupQueryAttention layer, as the op lays them out (it writes this
  * call's keys at each row's own past length): row b's valid cache slots, then this call's K
@@ -302,6 +265,85 @@ const windowBias: ModcOpDef = {
   },
 };
 
+/**
+ * Key/value routing (SPEC.md, "Key/value routing"): each cache entry carries a code, its original
+ * position p while it may still leave the cache with the window, or -1 - p once it is held for
+ * good (one of the first `sinks` tokens, or a token its router kept).
+ */
+const keyMask: ModcOpDef = {
+  name: 'KeyMask',
+  inputs: ['past_length', 'past_capacity', 'valid'],
+  outputs: ['mask'],
+  doc: "a layer's valid keys: its cache slots j < past_length[b], then this call's valid slots",
+  body(e, [pastLength, capacity, valid]) {
+    return [e.op('Concat', [prefixMask(e, pastLength!, capacity!), valid!], { axis: 1 })];
+  },
+};
+
+/** Gathers `indices` [B,K] along the sequence axis of a [.., B, H, T, D] cache (batch at `batchAxis`). */
+function gatherSequence(e: Emitter, kv: Value, indices: Value, batchAxis: 0 | 1): Value {
+  const seqAxis = batchAxis + 2;
+  const k = e.dim(indices, 1);
+  const lead = batchAxis === 1 ? [e.dim(kv, 0)] : [];
+  const target = e.op('Concat', [...lead, e.dim(kv, batchAxis), e.dim(kv, batchAxis + 1), k, e.dim(kv, seqAxis + 1)], { axis: 0 });
+  const shaped = e.unsqueeze(indices, batchAxis === 1 ? [0, 2, 4] : [1, 3]);
+  return e.op('GatherElements', [kv, e.op('Expand', [shaped, target])], { axis: seqAxis });
+}
+
+const gatherKv: ModcOpDef = {
+  name: 'GatherKv',
+  inputs: ['kv', 'indices'],
+  outputs: ['out'],
+  doc: 'out[b,h,k,d] = kv[b,h,indices[b,k],d]',
+  body(e, [kv, indices]) {
+    return [gatherSequence(e, kv!, indices!, 0)];
+  },
+};
+
+const gatherKvCombined: ModcOpDef = {
+  name: 'GatherKvCombined',
+  inputs: ['kv', 'indices'],
+  outputs: ['out'],
+  doc: 'out[i,b,h,k,d] = kv[i,b,h,indices[b,k],d] for the combined [2,B,H,T,D] cache',
+  body(e, [kv, indices]) {
+    return [gatherSequence(e, kv!, indices!, 1)];
+  },
+};
+
+const kvCodes: ModcOpDef = {
+  name: 'KvCodes',
+  inputs: ['positions', 'keep', 'sinks'],
+  outputs: ['codes'],
+  doc: 'codes[b, s] = -1 - positions[b, s] where keep[b, s] or positions[b, s] < sinks (held for good), else positions[b, s]',
+  body(e, [positions, keep, sinks]) {
+    const held = e.op('Or', [keep!, e.op('Less', [positions!, sinks!])]);
+    return [e.op('Where', [held, e.op('Sub', [e.i64(-1), positions!]), positions!])];
+  },
+};
+
+const kvVisible: ModcOpDef = {
+  name: 'KvVisible',
+  inputs: ['query_positions', 'codes', 'window'],
+  outputs: ['visible'],
+  doc: 'visible[b, 0, i, j] = codes[b, j] < 0 (held for good) or query_positions[b, i] - codes[b, j] < window',
+  body(e, [queryPositions, codes, window]) {
+    const q = e.op('Reshape', [queryPositions!, e.i64([0, 1, -1, 1])]);
+    const c = e.op('Reshape', [codes!, e.i64([0, 1, 1, -1])]);
+    return [e.op('Or', [e.op('Less', [c, e.i64(0)]), e.op('Less', [e.op('Sub', [q, c]), window!])])];
+  },
+};
+
+const kvRetain: ModcOpDef = {
+  name: 'KvRetain',
+  inputs: ['codes', 'valid', 'last', 'window'],
+  outputs: ['retain'],
+  doc: "retain[b, j] = valid[b, j] and (codes[b, j] < 0 or codes[b, j] > last[b] - window): what stays after the row's last token",
+  body(e, [codes, valid, last, window]) {
+    const oldest = e.unsqueeze(e.op('Sub', [last!, window!]), [1]);
+    return [e.op('And', [valid!, e.op('Or', [e.op('Less', [codes!, e.i64(0)]), e.op('Greater', [codes!, oldest])])])];
+  },
+};
+
 export const MODC_OPS: readonly ModcOpDef[] = [
   router,
   selectThreshold,
@@ -312,11 +354,14 @@ export const MODC_OPS: readonly ModcOpDef[] = [
   scatterTokensGated,
   gatherMask,
   prefixMaskOp,
+  slotPositions,
+  windowBias,
   keyMask,
   gatherKv,
   gatherKvCombined,
-  slotPositions,
-  windowBias,
+  kvCodes,
+  kvVisible,
+  kvRetain,
 ];
 
 export function modcOp(name: string): ModcOpDef {

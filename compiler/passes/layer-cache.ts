@@ -1,0 +1,127 @@
+/**
+ * The KV cache of a routed layer (route-layers, docs/interface.md): the layer caches its
+ * selected tokens only, so it gets a cache interface of its own. The contract follows how the
+ * layer's attention appends:
+ *
+ * - Concat semantics (the unfused `Concat(past, new)`, MultiHeadAttention, ORT's Attention with a
+ *   combined past, the standard Attention with past/present): the present is the layer's own
+ *   append of this call's K slots, made where the original makes it. Which slots hold a token
+ *   travels with the cache as a mask:
+ *
+ *       past_valid.l     bool [B, P_l]                      in
+ *       keys             = Concat(past_valid.l, valid)       [B, P_l + K]: the layer's keys mask,
+ *                          fed to the model's own mask nodes in place of attention_mask
+ *       present_valid.l  = keys                              out (past_valid.l when the layer is skipped)
+ *
+ *   A row that selected fewer than K tokens leaves invalid slots ("holes") at the end of its K.
+ *   At batch 1 there are none; a runner compacts them when it likes (ModSession does).
+ * - GroupQueryAttention: the op writes each row's K slots at the row's own length (seqlens_k), so
+ *   its cache is packed by construction: `past_lengths.l` in, `present_lengths.l` =
+ *   `past_lengths.l` + count out; rotary angles and the window move to original positions
+ *   (compiler/passes/window-mask.ts).
+ * - Static caches (TensorScatter buffers): compiler/passes/static-cache.ts, `past_lengths.l` as the
+ *   layer's write index.
+ *
+ * Each contract is set up in two phases: `layerCache` adds the inputs and the outputs computed in
+ * the main graph (lengths: no If needed, the count is 0 for every row of a skipped layer), then
+ * `rewire` adds what runs inside the layer's If and returns the values the If hands on.
+ */
+import { isStaticLayout, kvSequenceAxis } from '../analysis/types.js';
+import { DataType } from '../core/ir/dtype.js';
+import { tensorType, Value } from '../core/ir/graph.js';
+import {
+  pastLengthName,
+  pastSequenceIndicesName,
+  pastValidName,
+  presentLengthName,
+  presentSequenceIndicesName,
+  presentValidName,
+} from '../metadata/decoder-io.js';
+import { callerMask, maskFill, sequenceLengthInput } from './caller-mask.js';
+import { type CacheContext, type Carried, cacheTensors, type LayerCache, namedOutput, ownLengthDims, recomputeMasks } from './cache-contract.js';
+import { maskCompactedKeys, staticCache } from './static-cache.js';
+import { callPositions, needsCallPositions, originalPositions } from './window-mask.js';
+
+/** Phase one of the layer's cache contract (see the file comment); `rewire` is phase two. */
+export function layerCache(c: CacheContext): LayerCache {
+  const kv = c.layer.kv;
+  if (isStaticLayout(kv.layout)) return staticCache(c);
+  if (c.layer.attention.form === 'GroupQueryAttention') return prefixCache(c);
+  return validityCache(c);
+}
+
+/** Concat semantics: per-slot validity (see the file comment). */
+function validityCache(c: CacheContext): LayerCache {
+  const g = c.model.graph;
+  const l = c.layer.index;
+  const pastValid = g.addInput(new Value(pastValidName(l), tensorType(DataType.BOOL, ['batch', `past_sequence_length_${l}`])));
+  return {
+    rewire() {
+      const { e } = c;
+      const keys = e.op('Concat', [pastValid, c.routing.valid], { axis: 1 });
+      const sub = c.substitutes();
+      const mask = g.inputs.find((v) => v.name === 'attention_mask');
+      const caller = callerMask(g);
+      const carried: Carried[] = [];
+      if (caller) carried.push(callerMaskKeys(c, caller, keys, sub));
+      else if (mask) sub.set(mask, e.cast(keys, mask.dtype ?? DataType.INT64));
+      recomputeMasks(c, sub);
+      const attention = c.layer.attention;
+      // A standard Attention causal by is_causal=1 alone: the holes and padding slots masked too.
+      if (attention.form === 'StandardAttention' && !attention.node.input(3)) maskCompactedKeys(e, attention.node, keys, e.dimScalar(c.routing.indices, 1));
+      ownLengthDims(c.layer);
+      const presentValid = namedOutput(c, keys, presentValidName(l), tensorType(DataType.BOOL, ['batch', `present_sequence_length_${l}`]));
+      return [...cacheTensors(c.layer).map((t) => [t.output, t.input] as Carried), [presentValid, pastValid], ...carried];
+    },
+  };
+}
+
+/**
+ * A caller's 4-D mask (compiler/passes/caller-mask.ts): the layer reads the caller's entries at
+ * each key slot's sequence index, carried as `past_sequence_indices.l` / `present_sequence_indices.l`
+ * (laid out like the cache). Returns that pair.
+ */
+function callerMaskKeys(c: CacheContext, caller: Value, keys: Value, sub: Map<Value, Value>): Carried {
+  const g = c.model.graph;
+  const { e } = c;
+  const l = c.layer.index;
+  const fresh = e.op('Add', [e.unsqueeze(sequenceLengthInput(c.model, e), [1]), c.routing.indices]);
+  const past = g.addInput(new Value(pastSequenceIndicesName(l), tensorType(DataType.INT64, ['batch', `past_sequence_length_${l}`])));
+  const seq = e.op('Concat', [past, fresh], { axis: 1 });
+  sub.set(caller, c.call('GatherMask', [caller, seq, seq, keys, maskFill(e, caller)])[0]!);
+  return [namedOutput(c, seq, presentSequenceIndicesName(l), tensorType(DataType.INT64, ['batch', `present_sequence_length_${l}`])), past];
+}
+
+/** GroupQueryAttention: each row's valid slots first, by construction of the op (see the file comment). */
+function prefixCache(c: CacheContext): LayerCache {
+  const g = c.model.graph;
+  const l = c.layer.index;
+  const { e, routing } = c;
+  const pastLength = g.addInput(new Value(pastLengthName(l), tensorType(DataType.INT64, ['batch'])));
+  namedOutput(c, e.op('Add', [pastLength, routing.count]), presentLengthName(l), tensorType(DataType.INT64, ['batch']));
+  const callPos = needsCallPositions(c.layer.attention) ? callPositions(g, e, c.tokens) : null;
+  return {
+    rewire() {
+      const k = e.dimScalar(routing.indices, 1);
+      const capacity = e.dimScalar(c.layer.kv.key.input, kvSequenceAxis(c.layer.kv.layout));
+      const sub = c.substitutes();
+      const mask = g.inputs.find((v) => v.name === 'attention_mask');
+      // Row b's keys are its past_lengths[b] slots and this call's K: seqlens_k = past + K - 1.
+      const keys = c.call('PrefixMask', [e.op('Add', [pastLength, k]), e.op('Add', [capacity, k])])[0]!;
+      if (mask) sub.set(mask, e.cast(keys, mask.dtype ?? DataType.INT64));
+      recomputeMasks(c, sub);
+      const positions = originalPositions({
+        graph: g,
+        e,
+        call: c.call,
+        core: c.layer.attention,
+        layer: l,
+        indices: routing.indices,
+        pastLength,
+        positions: callPos,
+      });
+      ownLengthDims(c.layer);
+      return [...cacheTensors(c.layer).map((t) => [t.output, t.input] as Carried), ...positions];
+    },
+  };
+}
