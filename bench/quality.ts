@@ -1,5 +1,10 @@
 /**
- * Quality vs compute: on a trained model (fixtures/quality-lm), the NLL on held-out data and the
+ * Quality vs compute on the trained fixtures. By default, `modc calibrate`'s recipe (MLP
+ * surrogates, granularity auto) at target compute 0.95, 0.85, 0.80 and 0.75 on fixtures/quality-lm
+ * and fixtures/quality-lm-deep: each router file compiled, then its held-out NLL, compute fraction
+ * (modc eval's count) and greedy top-1 agreement with the dense model (modc eval --generate).
+ *
+ * With --compare, on one model (fixtures/quality-lm), the NLL on held-out data and the
  * measured compute fraction of
  *   - the dense model (reference);
  *   - calibrated routers (`modc calibrate`), threshold-p, at each granularity and `auto`, and the
@@ -22,6 +27,7 @@ import { routerFileMetadata, writeCalibratedRouters } from '../compiler/apps/cal
 import { TARGET_KINDS, type TargetKind } from '../compiler/apps/calibration/targets.js';
 import { readDataset } from '../compiler/apps/data/index.js';
 import { evaluate } from '../compiler/apps/eval/index.js';
+import { greedyAgreement } from '../compiler/apps/eval/agreement.js';
 import { loadModel } from '../compiler/core/io/load.js';
 import { saveModel } from '../compiler/core/io/save.js';
 import { mulberry32 } from '../compiler/core/random.js';
@@ -34,18 +40,30 @@ const FLAGS = {
   model: { kind: 'string', default: 'fixtures/quality-lm/model.onnx', help: 'the trained model' },
   calib: { kind: 'string', default: 'fixtures/quality-lm/calib.jsonl', help: 'calibration data (JSON lines of ids)' },
   eval: { kind: 'string', default: 'fixtures/quality-lm/eval.jsonl', help: 'held-out data the NLL is measured on' },
-  targets: { kind: 'string', default: '0.95,0.85,0.75', help: 'target compute fractions, comma-separated' },
+  targets: { kind: 'string', default: '', help: 'target compute fractions, comma-separated (default 0.95,0.85,0.80,0.75; 0.95,0.85,0.75 with --compare)' },
   seed: { kind: 'int', default: 0, help: 'seed for calibration and random routers' },
   target: { kind: 'string', default: 'relative', help: 'importance target the routers are fitted to: norm, relative, log-norm' },
   'sensitivity-tokens': { kind: 'int', default: 0, help: "tokens per sensitivity measurement (0: modc calibrate's default)" },
   json: { kind: 'bool', default: false, help: 'print the rows as JSON instead of a table' },
   quick: { kind: 'bool', default: false, help: 'one target (0.85): a smoke run' },
+  compare: {
+    kind: 'bool',
+    default: false,
+    help: 'on --model: every granularity, top-k, gated and random routers, routers only (no surrogates; targets default 0.95,0.85,0.75)',
+  },
+  models: {
+    kind: 'string',
+    default: 'fixtures/quality-lm,fixtures/quality-lm-deep',
+    help: 'without --compare: fixture folders (model.onnx, calib.jsonl, eval.jsonl), comma-separated',
+  },
+  generate: { kind: 'int', default: 16, help: 'without --compare: tokens per eval line for the greedy agreement (0: skip)' },
   'from-json': { kind: 'string', default: '', help: 'print the table of an earlier --json output instead of measuring' },
 } as const;
 
 export const QUALITY_USAGE = `usage: node dist/bench/run.js quality [flags]
 
-Compute fraction vs held-out NLL for dense, calibrated and random routers (bench/README.md, "Quality: calibrated vs random routers").
+Compute fraction vs held-out NLL of modc calibrate's recipe on the quality fixtures (bench/README.md, "quality"); with
+--compare, dense, calibrated and random routers (bench/README.md, "Quality: calibrated vs random routers").
 
 ${flagHelp(FLAGS)}`;
 
@@ -64,10 +82,13 @@ export interface QualityRow {
 export async function qualityBench(argv: readonly string[]): Promise<void> {
   const f = parseFlags(argv, FLAGS);
   if (f['from-json']) {
-    printTable(JSON.parse(readFileSync(f['from-json'], 'utf8')) as QualityReport);
+    const r = JSON.parse(readFileSync(f['from-json'], 'utf8')) as QualityReport | RecipeReport;
+    if ('fixtures' in r) printRecipe(r);
+    else printTable(r);
     return;
   }
-  const targets = (f.quick ? '0.85' : f.targets).split(',').map(Number);
+  if (!f.compare) return recipeTable(f);
+  const targets = (f.quick ? '0.85' : f.targets || '0.95,0.85,0.75').split(',').map(Number);
   if (!TARGET_KINDS.includes(f.target as TargetKind)) throw new UsageError(`--target must be one of ${TARGET_KINDS.join(', ')}`);
   const dir = mkdtempSync(join(tmpdir(), 'modc-bench-quality-'));
   const t0 = performance.now();
@@ -106,6 +127,7 @@ export async function qualityBench(argv: readonly string[]): Promise<void> {
       target: f.target as TargetKind,
       sensitivityTokens: f['sensitivity-tokens'] || undefined,
       workDir: join(dir, 'work'),
+      surrogate: 'none',
     });
     let n = 0;
     const compileEval = async (plan: RoutingPlan) => {
@@ -244,4 +266,107 @@ function uniformCapacity(costs: ReturnType<typeof modelCosts>, lengths: readonly
     else lo = mid;
   }
   return lo;
+}
+
+interface RecipeRow {
+  target: number;
+  computeFraction: number;
+  nll: number;
+  deltaNll: number;
+  /** Greedy top-1 agreement with the dense model (null when not measured). */
+  agreement: number | null;
+  parts: string;
+}
+
+export interface RecipeReport {
+  targets: number[];
+  generate: number;
+  seconds: number;
+  fixtures: { model: string; calib: string; eval: string; predictedTokens: number; denseNll: number; rows: RecipeRow[] }[];
+}
+
+/** modc calibrate's default recipe at each target on each fixture: calibrate, compile, eval (and --generate). */
+async function recipeTable(f: ReturnType<typeof parseFlags<typeof FLAGS>>): Promise<void> {
+  const targets = (f.quick ? '0.85' : f.targets || '0.95,0.85,0.80,0.75').split(',').map(Number);
+  const dir = mkdtempSync(join(tmpdir(), 'modc-bench-quality-'));
+  const t0 = performance.now();
+  const report: RecipeReport = { targets, generate: f.generate, seconds: 0, fixtures: [] };
+  try {
+    for (const folder of f.models.split(',')) {
+      const model = join(folder, 'model.onnx');
+      const calibPath = join(folder, 'calib.jsonl');
+      const evalPath = join(folder, 'eval.jsonl');
+      const calibSeqs = readDataset(calibPath, { model });
+      const evalSeqs = readDataset(evalPath, { model });
+      const structure = analyzeDecoder(loadModel(model));
+      log(`dense eval of ${model} on ${evalPath}`);
+      const dense = await evaluate(model, evalSeqs);
+      log(`preparing calibration on ${calibPath} (modc calibrate's defaults)`);
+      const calib = await Calibrator.prepare(model, calibSeqs, { targetCompute: 1, seed: f.seed, workDir: join(dir, 'work') });
+      const rows: RecipeRow[] = [];
+      try {
+        for (const target of targets) {
+          const result = await calib.finish({ targetCompute: target });
+          const file = join(dir, `r-${target}.safetensors`);
+          writeCalibratedRouters(
+            file,
+            result,
+            routerFileMetadata(result, { path: calibPath, tokens: result.report.tokens, sequences: result.report.sequences }),
+          );
+          const plan = planRouting({ numLayers: structure.layers.length, hiddenSize: structure.hiddenSize, routers: { kind: 'file', path: file } });
+          const m = loadModel(model);
+          compile(m, { plan, verify: false });
+          const out = join(dir, `m-${target}.onnx`);
+          saveModel(m, out);
+          const r = await evaluate(out, evalSeqs);
+          const agreement = f.generate > 0 ? (await greedyAgreement(out, model, evalSeqs, { tokens: f.generate })).agreement : null;
+          rmSync(out, { force: true });
+          const tag = (p: RoutedPart) => (p === 'block' ? '' : p === 'attention' ? 'a' : 'm');
+          const parts = [
+            ...result.report.parts.map((p) => `${p.layer}${tag(p.part)}${p.surrogate ? `/r${p.surrogate.rank}` : ''}@${p.capacity.toFixed(2)}`),
+          ].join(' ');
+          rows.push({ target, computeFraction: r.computeFraction, nll: r.nll, deltaNll: r.nll - dense.nll, agreement, parts });
+          log(
+            `  ${model} ${target}: compute ${r.computeFraction.toFixed(4)}, NLL ${r.nll.toFixed(4)} (${(r.nll - dense.nll >= 0 ? '+' : '') + (r.nll - dense.nll).toFixed(4)})${agreement !== null ? `, agreement ${agreement.toFixed(4)}` : ''}`,
+          );
+        }
+      } finally {
+        calib.release();
+      }
+      report.fixtures.push({ model, calib: calibPath, eval: evalPath, predictedTokens: dense.tokens, denseNll: dense.nll, rows });
+    }
+    report.seconds = (performance.now() - t0) / 1000;
+    if (f.json) console.log(JSON.stringify(report, null, 2));
+    else printRecipe(report);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+function printRecipe(r: RecipeReport): void {
+  console.log(
+    `modc calibrate's default recipe (MLP surrogates, granularity auto), compiled; NLL on each fixture's eval.jsonl in nats/token; compute by modc eval (MACs run / dense MACs)`,
+  );
+  console.log(
+    `agreement: greedy top-1 agreement with the dense model over ${r.generate} tokens after each eval line's prefix (modc eval --generate). parts: layer (a = attention, m = mlp, /rR = surrogate rank) @ capacity`,
+  );
+  console.log('');
+  console.log(
+    table(
+      ['model', 'dense NLL', 'target', 'compute', 'NLL', 'NLL increase', 'agreement', 'parts'],
+      r.fixtures.flatMap((x) =>
+        x.rows.map((row) => [
+          x.model,
+          x.denseNll.toFixed(4),
+          row.target.toFixed(2),
+          row.computeFraction.toFixed(4),
+          row.nll.toFixed(4),
+          (row.deltaNll >= 0 ? '+' : '') + row.deltaNll.toFixed(4),
+          row.agreement === null ? '-' : row.agreement.toFixed(4),
+          row.parts,
+        ]),
+      ),
+    ),
+  );
+  console.log(`\n(${r.seconds.toFixed(0)} s)`);
 }

@@ -209,7 +209,14 @@ export async function recipeBench(argv: readonly string[]): Promise<void> {
     log(`calibrating ${f.model} on ${f.calib} (as modc calibrate does: granularity auto, seed ${f.seed})`);
     const qdir = w.path('quality');
     mkdirSync(qdir, { recursive: true });
-    const calib = await Calibrator.prepare(qModel, calibSeqs, { targetCompute: 1, granularity: 'auto', seed: f.seed, workDir: join(qdir, 'work') });
+    // Routers only: the choices are placed on another model, where surrogates fitted to this one mean nothing.
+    const calib = await Calibrator.prepare(qModel, calibSeqs, {
+      targetCompute: 1,
+      granularity: 'auto',
+      seed: f.seed,
+      workDir: join(qdir, 'work'),
+      surrogate: 'none',
+    });
     const results: CalibrationResult[] = [];
     const quality: TargetResult['quality'][] = [];
     try {

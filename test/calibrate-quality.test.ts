@@ -75,6 +75,8 @@ describe('calibrated routers on fixtures/quality-lm, held-out data', () => {
       capacities: [0.5],
       maxTokens: 2048,
       seed: 0,
+      // Routers alone (no MLP surrogates): the random routers compared here have none.
+      surrogate: 'none',
     });
     const file = join(tmp, 'calibrated.safetensors');
     writeCalibratedRouters(file, result, routerFileMetadata(result, { path: calib, tokens: result.report.tokens, sequences: result.report.sequences }));
@@ -85,7 +87,7 @@ describe('calibrated routers on fixtures/quality-lm, held-out data', () => {
   it("meet the compute target by modc eval's count of what ran", () => {
     expect(routed.length).toBeGreaterThan(0);
     expect(calibrated.result.computeFraction).toBeLessThanOrEqual(TARGET);
-    // Not far below it either: calibrate aims 0.02 under the target on its own data.
+    // Not far below it either: without surrogates calibrate aims 0.02 under the target on its own data.
     expect(calibrated.result.computeFraction).toBeGreaterThan(TARGET - 0.06);
   });
 

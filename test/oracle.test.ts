@@ -4,9 +4,10 @@
  * expected here comes from the code under test. Cases: llama-tiny, gpt2-tiny and neox-tiny;
  * threshold and top-k, gated and ungated, batch 1 and batch 3 with left or right padding, whole
  * blocks, attention, MLP, both parts and a mix of granularities, key/value routing (alone, beside a
- * routed MLP, and with sinks and window from the file), F32 and BF16 router files, and
- * mode/gated/capacities from the file's metadata. Per case: compile with `--routers` that file
- * (library API), run the prefill and three decode steps, and compare
+ * routed MLP with or without a surrogate, and with sinks and window from the file), F32 and BF16 router files,
+ * mode/gated/capacities from the file's metadata, and MLP parts with a linear surrogate (routed,
+ * gated and ungated, beside other parts, and replaced by it with no router). Per case: compile
+ * with `--routers` that file (library API), run the prefill and three decode steps, and compare
  * - the logits at every real position (a fixed slice of 32 vocabulary ids) within 1e-4 (SPEC.md's
  *   fp32 tolerance), and
  * - each layer's cache length per row,
@@ -163,6 +164,8 @@ async function runCase(path: string, c: OracleCase, slice: number[]): Promise<{ 
  */
 async function prefillSelections(compiled: Compiled, c: OracleCase): Promise<Map<string, boolean[][]>> {
   const { selections } = compiled.instrumented;
+  // A model whose MLPs are all replaced by their surrogates has no router and selects nothing.
+  if (selections.length === 0) return new Map();
   const io = decoderIo(loadModel(compiled.path));
   const { ids, mask, width } = padRows(c.prompt, c.pad);
   const B = c.prompt.length;
@@ -231,7 +234,7 @@ describe.each(models)('oracle %s', (name) => {
   /** Compiled model path per (router file, routing). */
   const compiledFor = new Map<string, Compiled>();
 
-  it('covers threshold and top-k, gated and ungated, both padding sides, every granularity, BF16 and file metadata', () => {
+  it('covers threshold and top-k, gated and ungated, both padding sides, every granularity, BF16, file metadata and surrogates', () => {
     const block = cases.filter((c) => c.granularity === 'block');
     expect([...new Set(block.map((c) => `${c.routing.mode}/${c.routing.gated}`))].sort()).toEqual([
       'threshold/false',
@@ -241,7 +244,11 @@ describe.each(models)('oracle %s', (name) => {
     ]);
     expect([...new Set(block.map((c) => c.pad))].sort()).toEqual(['left', 'right']);
     expect([...new Set(cases.map((c) => c.granularity))].sort()).toEqual(['attention', 'block', 'kv', 'mixed', 'mlp']);
-    expect([...new Set(cases.flatMap((c) => c.requires))].sort()).toEqual(['bf16', 'kv', 'router-metadata', 'sub-layer']);
+    expect([...new Set(cases.flatMap((c) => c.requires))].sort()).toEqual(['bf16', 'kv', 'router-metadata', 'sub-layer', 'surrogate']);
+    // Surrogates: routed MLP parts gated and ungated, threshold and top-k, and a case with no router at all.
+    const surrogate = cases.filter((c) => c.requires.includes('surrogate'));
+    expect([...new Set(surrogate.map((c) => `${c.routing.mode}/${c.routing.gated}`))].sort()).toEqual(['threshold/false', 'threshold/true', 'topk/true']);
+    expect(surrogate.some((c) => c.calls[0]!.selected.length === 0)).toBe(true);
     // Key/value routing: entries leave the cache with the window inside the cases (a layer holds fewer entries than its row's tokens).
     const kv = cases.filter((c) => c.requires.includes('kv'));
     expect(new Set(kv.map((c) => c.pad))).toEqual(new Set(['left', 'right']));

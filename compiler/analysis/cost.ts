@@ -8,7 +8,8 @@
  * that is not in the MLP (`LayerInfo.mlpNodes`): Q, K, V and output projections, fused QKV.
  * Attention itself costs 2 * numHeads * headSize MACs per (query, key) pair: Q.K and the
  * weighted sum of V. A router costs H per token per routed part, lm_head H * V per token;
- * embeddings and norms cost nothing here.
+ * embeddings and norms cost nothing here. A surrogate (an MLP part's linear stand-in,
+ * s(u) = (u A) B + c) costs 2 H rank per token it runs on (RowUsage's `surrogateMacs`).
  *
  * A mixture-of-experts MLP in one com.microsoft MoE / QMoE op runs each token through its top k
  * experts: k times one expert's fc1 + fc2 (+ fc3) weight elements per token (QMoE's packed
@@ -157,7 +158,8 @@ export function writeCosts(model: Model, costs: ModelCosts): void {
  */
 export interface RowUsage {
   tokens: number;
-  layers: { attention: number; mlp: number; routers: number; pairs?: number; kvHeld?: number }[];
+  /** `surrogateMacs`: what the layer's surrogates executed in this row (MACs per token times the tokens they ran on). */
+  layers: { attention: number; mlp: number; routers: number; pairs?: number; kvHeld?: number; surrogateMacs?: number }[];
 }
 
 /**
@@ -194,6 +196,7 @@ export function executedMacs(costs: ModelCosts, row: RowUsage): number {
     const u = row.layers[l]!;
     const pairs = u.pairs ?? (u.attention * (u.attention + 1)) / 2;
     macs += c.attention * u.attention + c.attentionPair * pairs + c.mlp * u.mlp + costs.router * u.routers * row.tokens;
+    macs += u.surrogateMacs ?? 0;
   });
   return macs;
 }

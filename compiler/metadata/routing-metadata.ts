@@ -16,6 +16,28 @@ export interface RoutedLayerMetadata {
   selected: string;
   threshold: number;
   capacity: number;
+  /** An MLP part routed with a surrogate: what an unselected token gets instead of no update. */
+  surrogate?: SurrogateMetadata;
+}
+
+/**
+ * A surrogate in a compiled model (SPEC.md, "MLP routed with a surrogate"): its rank, its
+ * multiply-accumulates per token it runs on (2 H rank), and two main-graph values: `input`, the
+ * MLP's normalised input u [B, S, H] on every token, and `output`, the surrogate's update
+ * [B, S, H] (s(u) at the tokens it ran on, 0 elsewhere).
+ */
+export interface SurrogateMetadata {
+  rank: number;
+  macs: number;
+  input: string;
+  output: string;
+}
+
+/** An MLP part replaced by its surrogate on every token (capacity 0): no router, no selection. */
+export interface ReplacedMetadata {
+  layer: number;
+  part: 'mlp';
+  surrogate: SurrogateMetadata;
 }
 
 /** What a compiled model records about its routing, in metadata_props under `modc.routing`. */
@@ -23,6 +45,8 @@ export interface RoutingMetadata {
   mode: 'threshold' | 'topk';
   gated: boolean;
   layers: RoutedLayerMetadata[];
+  /** MLP parts replaced by their surrogate on every token (absent when none). */
+  replaced?: ReplacedMetadata[];
   /** Layers that had routers but could not be routed, and why (absent when none). */
   skipped?: { layer: number; part?: RoutedPart; reason: string }[];
   /** The sinks and window of the kv parts (present when the model routes a KV cache). */
@@ -47,6 +71,12 @@ export function readRoutingMetadata(model: Model): RoutingMetadata | null {
   return parsed;
 }
 
+function isSurrogate(x: unknown): boolean {
+  if (typeof x !== 'object' || x === null) return false;
+  const s = x as Record<string, unknown>;
+  return Number.isSafeInteger(s.rank) && (s.rank as number) >= 1 && typeof s.macs === 'number' && typeof s.input === 'string' && typeof s.output === 'string';
+}
+
 /** What is wrong with a parsed `modc.routing` value, or null when it has the documented shape. */
 function routingMetadataProblem(m: unknown): string | null {
   const isObj = (x: unknown): x is Record<string, unknown> => typeof x === 'object' && x !== null && !Array.isArray(x);
@@ -61,6 +91,11 @@ function routingMetadataProblem(m: unknown): string | null {
     if (l.part !== undefined && l.part !== 'block' && l.part !== 'attention' && l.part !== 'mlp' && l.part !== 'kv')
       return 'a layer part must be "block", "attention", "mlp" or "kv"';
     if (l.selected !== undefined && typeof l.selected !== 'string') return "a layer's selected must be a value name";
+    if (l.surrogate !== undefined && !isSurrogate(l.surrogate)) return "a layer's surrogate must be { rank, macs, input, output }";
+  }
+  if (m.replaced !== undefined) {
+    if (!Array.isArray(m.replaced) || m.replaced.some((r) => !isObj(r) || !isLayer(r.layer) || r.part !== 'mlp' || !isSurrogate(r.surrogate)))
+      return "replaced must be a list of { layer, part: 'mlp', surrogate: { rank, macs, input, output } }";
   }
   if (m.kv !== undefined) {
     if (!isObj(m.kv) || m.kv.sinks === undefined || m.kv.window === undefined) return 'kv must be { sinks, window }';

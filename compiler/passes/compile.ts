@@ -64,6 +64,8 @@ export interface CompileReport {
   mode: RoutingMode;
   gated: boolean;
   converted: ConvertedPart[];
+  /** MLP parts replaced by their surrogate on every token (capacity 0, no router). */
+  replaced: { layer: number; part: 'mlp'; rank: number }[];
   notConverted: DenseLayer[];
   /** modc ops the compile added, by op type. */
   opsAdded: Record<string, number>;
@@ -95,7 +97,8 @@ export function compile(model: Model, request: CompileRequest): CompileResult {
     ...(log ? { log } : {}),
   });
   const report = routingReport(model, plan, opsBefore);
-  if (report.converted.length === 0) throw new ModcError(noLayerConverted(readRoutingMetadata(model)?.skipped ?? report.notConverted));
+  if (report.converted.length === 0 && report.replaced.length === 0)
+    throw new ModcError(noLayerConverted(readRoutingMetadata(model)?.skipped ?? report.notConverted));
   recordSource(model, source);
   recordBatchOne(model, oneRow);
   return { model, plan, records, report };
@@ -121,7 +124,8 @@ export function routingReport(model: Model, plan: RoutingPlan, opsBefore: Record
       .map(([op, n]) => [op, n - (opsBefore[op] ?? 0)])
       .filter(([, n]) => (n as number) > 0),
   );
-  return { mode: plan.mode, gated: plan.gated, converted, notConverted, opsAdded };
+  const replaced = (readRoutingMetadata(model)?.replaced ?? []).map((r) => ({ layer: r.layer, part: r.part, rank: r.surrogate.rank }));
+  return { mode: plan.mode, gated: plan.gated, converted, replaced, notConverted, opsAdded };
 }
 
 export function modcOpCounts(model: Model): Record<string, number> {

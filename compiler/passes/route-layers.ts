@@ -17,7 +17,7 @@ import { analyzeDecoder } from '../analysis/analyze.js';
 import { GraphFacts } from '../analysis/graph-facts.js';
 import { coreNodes } from '../analysis/layers.js';
 import { tokenCouplingBlocker } from '../analysis/token-coupling.js';
-import type { DecoderStructure } from '../analysis/types.js';
+import type { DecoderStructure, LayerInfo } from '../analysis/types.js';
 import { ModcError } from '../core/errors.js';
 import type { Value } from '../core/ir/graph.js';
 import type { Model } from '../core/ir/model.js';
@@ -58,6 +58,23 @@ export function routeLayers(model: Model, opts: RouteOptions, s: DecoderStructur
     });
   }
   return report;
+}
+
+/** lastTokenCoupling per analysed decoder, for routeBlocker (asked once per MLP part). */
+const couplingOf = new WeakMap<DecoderStructure, { layer: number; reason: string } | null>();
+
+/**
+ * Why route-layers would leave this layer part dense, or null when it can route it (with `s`, the
+ * analysed decoder, a layer up to the last one that couples tokens is dense too, as routablePlans has it).
+ */
+export function routeBlocker(model: Model, layer: LayerInfo, part: RoutedPart, s?: DecoderStructure): string | null {
+  let graphFacts: GraphFacts | undefined;
+  const facts = () => (graphFacts ??= new GraphFacts(model.graph));
+  if (s && !couplingOf.has(s)) couplingOf.set(s, lastTokenCoupling(s, facts()));
+  const coupling = s ? couplingOf.get(s) : null;
+  if (coupling && layer.index <= coupling.layer) return coupling.reason;
+  const r = regionOf(model, layer, part, facts);
+  return 'reason' in r ? r.reason : null;
 }
 
 /**

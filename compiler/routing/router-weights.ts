@@ -38,6 +38,21 @@ export function kvPolicyProblem(p: { sinks?: unknown; window?: unknown }): strin
   return null;
 }
 
+/**
+ * A linear surrogate of an MLP part (SPEC.md, "MLP routed with a surrogate"): a token the part
+ * does not run gets s(u) = (u . A) . B + bias instead of no update, u being the MLP's normalised
+ * input. Row-major float32: A [H, rank], B [rank, H], bias [H].
+ */
+export interface Surrogate {
+  rank: number;
+  a: Float32Array;
+  b: Float32Array;
+  bias: Float32Array;
+}
+
+/** Multiply-accumulates of a surrogate per token it runs on: u . A, then . B. */
+export const surrogateMacs = (s: { rank: number }, hiddenSize: number): number => 2 * hiddenSize * s.rank;
+
 /** One converted layer part's router: s = w . x + b; optional per-part threshold p. */
 export interface LayerRouter {
   layer: number;
@@ -46,14 +61,26 @@ export interface LayerRouter {
   weight: Float32Array;
   bias: number;
   threshold?: number;
+  /** An MLP part only: what a token the part does not run gets instead of no update. */
+  surrogate?: Surrogate;
+}
+
+/** An MLP part replaced by its surrogate on every token (capacity 0): no router, the MLP never runs. */
+export interface ReplacedPart {
+  layer: number;
+  part: 'mlp';
+  surrogate: Surrogate;
 }
 
 /** One layer part's entry in the file's `modc` metadata. */
 export interface RouterFileLayer {
   layer: number;
   part: RoutedPart;
+  /** 0 for a part replaced by its surrogate (no router). */
   capacity?: number;
   threshold?: number;
+  /** The part's surrogate, when it has one: its rank and MACs per token it runs on (2 H rank). */
+  surrogate?: { rank: number; macs: number };
 }
 
 /** The `modc` entry of a router file's `__metadata__` (stored as a JSON string). */
@@ -69,6 +96,8 @@ export interface RouterFileMetadata {
 
 export interface RouterFile {
   routers: LayerRouter[];
+  /** MLP parts with a surrogate and no router: replaced by the surrogate on every token. */
+  replaced: ReplacedPart[];
   metadata: RouterFileMetadata | null;
 }
 
@@ -82,6 +111,7 @@ interface SafetensorsEntry {
 
 export const METADATA_KEY = 'modc';
 const NAME = /^router\.(\d+)\.(?:(attn|mlp|kv)\.)?(weight|bias|threshold)$/;
+const SURROGATE_NAME = /^router\.(\d+)\.(?:(attn|mlp|kv)\.)?surrogate\.(a|b|bias)$/;
 const PART_OF_TAG: Record<string, RoutedPart> = { attn: 'attention', mlp: 'mlp', kv: 'kv' };
 const TAG_OF_PART: Record<RoutedPart, string> = { block: '', attention: 'attn', mlp: 'mlp', kv: 'kv' };
 const WIDTH: Record<string, number> = { F32: 4, F16: 2, BF16: 2 };
@@ -111,11 +141,29 @@ export function loadRouterFile(path: string, model: { hiddenSize: number; numLay
   }
   const { tensors, metadata } = parseSafetensors(bytes, path);
   const byPart = new Map<string, Partial<LayerRouter> & { layer: number; part: RoutedPart }>();
+  const surrogates = new Map<number, Partial<Record<'a' | 'b' | 'bias', { name: string; shape: number[]; values: Float32Array }>>>();
+  const H = model.hiddenSize;
   for (const [name, t] of tensors) {
+    const sm = SURROGATE_NAME.exec(name);
+    if (sm) {
+      const layer = Number(sm[1]);
+      if (sm[2] !== 'mlp')
+        throw new ModcError(`router file ${path}: tensor '${name}': a surrogate belongs to an MLP part only (router.${layer}.mlp.surrogate.a, .b, .bias)`);
+      if (layer >= model.numLayers)
+        throw new ModcError(
+          `router file ${path}: tensor '${name}' is for layer ${layer}, but the model has ${model.numLayers} layers (0-${model.numLayers - 1})`,
+        );
+      const bad = t.values.findIndex((v) => !Number.isFinite(v));
+      if (bad >= 0) throw new ModcError(`router file ${path}: tensor '${name}' holds ${t.values[bad]} at index ${bad}; surrogate weights must be finite`);
+      const entry = surrogates.get(layer) ?? {};
+      entry[sm[3] as 'a' | 'b' | 'bias'] = { name, ...t };
+      surrogates.set(layer, entry);
+      continue;
+    }
     const m = NAME.exec(name);
     if (!m)
       throw new ModcError(
-        `router file ${path}: unexpected tensor '${name}' (expected router.{layer}.weight, .bias or .threshold, optionally under router.{layer}.attn, router.{layer}.mlp or router.{layer}.kv)`,
+        `router file ${path}: unexpected tensor '${name}' (expected router.{layer}.weight, .bias or .threshold, optionally under router.{layer}.attn, router.{layer}.mlp or router.{layer}.kv, or router.{layer}.mlp.surrogate.a, .b, .bias)`,
       );
     const layer = Number(m[1]);
     const part = m[2] ? PART_OF_TAG[m[2]]! : 'block';
@@ -129,8 +177,8 @@ export function loadRouterFile(path: string, model: { hiddenSize: number; numLay
     byPart.set(key, entry);
     const shape = `[${t.shape.join(', ')}]`;
     if (kind === 'weight') {
-      if (t.shape.length !== 1 || t.shape[0] !== model.hiddenSize)
-        throw new ModcError(`router file ${path}: tensor '${name}' has shape ${shape}, expected [${model.hiddenSize}] (the model's hidden size)`);
+      if (t.shape.length !== 1 || t.shape[0] !== H)
+        throw new ModcError(`router file ${path}: tensor '${name}' has shape ${shape}, expected [${H}] (the model's hidden size)`);
       const bad = t.values.findIndex((v) => !Number.isFinite(v));
       if (bad >= 0) throw new ModcError(`router file ${path}: tensor '${name}' holds ${t.values[bad]} at index ${bad}; router weights must be finite`);
       entry.weight = t.values;
@@ -143,16 +191,28 @@ export function loadRouterFile(path: string, model: { hiddenSize: number; numLay
       entry[kind] = v;
     }
   }
+  const replaced: ReplacedPart[] = [];
+  for (const [layer, e] of [...surrogates].sort((a, b) => a[0] - b[0])) {
+    const surrogate = checkSurrogate(e, layer, H, path);
+    const key = routerTensorPrefix(layer, 'mlp');
+    const routed = byPart.get(key);
+    if (routed) routed.surrogate = surrogate;
+    else replaced.push({ layer, part: 'mlp', surrogate });
+  }
   const routers = [...byPart.values()].sort(compareParts).map((e) => {
     const prefix = routerTensorPrefix(e.layer, e.part);
     if (!e.weight) throw new ModcError(`router file ${path}: ${describePart(e.layer, e.part)} has no tensor '${prefix}.weight'`);
     if (e.bias === undefined) throw new ModcError(`router file ${path}: ${describePart(e.layer, e.part)} has no tensor '${prefix}.bias'`);
     return e as LayerRouter;
   });
-  for (const r of routers) {
-    if (r.part !== 'block' && byPart.has(routerTensorPrefix(r.layer))) {
+  const subLayers: { layer: number; part: RoutedPart; tensor: string }[] = routers
+    .filter((r) => r.part !== 'block')
+    .map((r) => ({ layer: r.layer, part: r.part ?? 'block', tensor: `${routerTensorPrefix(r.layer, r.part)}.weight` }));
+  subLayers.push(...replaced.map((r) => ({ layer: r.layer, part: 'mlp' as const, tensor: `${routerTensorPrefix(r.layer, 'mlp')}.surrogate.a` })));
+  for (const r of subLayers) {
+    if (byPart.has(routerTensorPrefix(r.layer))) {
       throw new ModcError(
-        `router file ${path}: tensor '${routerTensorPrefix(r.layer, r.part)}.weight' routes a ${r.part === 'kv' ? 'KV cache' : 'sub-layer'} of layer ${r.layer}, whose whole block 'router.${r.layer}.weight' already routes; give one or the other`,
+        `router file ${path}: tensor '${r.tensor}' routes a ${r.part === 'kv' ? 'KV cache' : 'sub-layer'} of layer ${r.layer}, whose whole block 'router.${r.layer}.weight' already routes; give one or the other`,
       );
     }
     if (r.part === 'kv' && byPart.has(routerTensorPrefix(r.layer, 'attention'))) {
@@ -161,7 +221,29 @@ export function loadRouterFile(path: string, model: { hiddenSize: number; numLay
       );
     }
   }
-  return { routers, metadata: metadata ? checkMetadata(metadata, path, model.numLayers) : null };
+  return { routers, replaced, metadata: metadata ? checkMetadata(metadata, path, model.numLayers) : null };
+}
+
+/** A layer's surrogate tensors: all three present, A [H, r], B [r, H], bias [H] with one r >= 1. */
+function checkSurrogate(
+  e: Partial<Record<'a' | 'b' | 'bias', { name: string; shape: number[]; values: Float32Array }>>,
+  layer: number,
+  H: number,
+  path: string,
+): Surrogate {
+  const prefix = `${routerTensorPrefix(layer, 'mlp')}.surrogate`;
+  for (const k of ['a', 'b', 'bias'] as const)
+    if (!e[k]) throw new ModcError(`router file ${path}: the surrogate of layer ${layer} (mlp) has no tensor '${prefix}.${k}'`);
+  const { a, b, bias } = e as Required<typeof e>;
+  const shape = (t: { shape: number[] }) => `[${t.shape.join(', ')}]`;
+  if (a.shape.length !== 2 || a.shape[0] !== H || !(a.shape[1]! >= 1))
+    throw new ModcError(`router file ${path}: tensor '${a.name}' has shape ${shape(a)}, expected [${H}, rank] (the model's hidden size, rank >= 1)`);
+  const rank = a.shape[1]!;
+  if (b.shape.length !== 2 || b.shape[0] !== rank || b.shape[1] !== H)
+    throw new ModcError(`router file ${path}: tensor '${b.name}' has shape ${shape(b)}, expected [${rank}, ${H}] (rank from '${a.name}', the hidden size)`);
+  if (bias.shape.length !== 1 || bias.shape[0] !== H)
+    throw new ModcError(`router file ${path}: tensor '${bias.name}' has shape ${shape(bias)}, expected [${H}] (the model's hidden size)`);
+  return { rank, a: a.values, b: b.values, bias: bias.values };
 }
 
 function describePart(layer: number, part: RoutedPart): string {
@@ -191,8 +273,8 @@ function checkMetadata(text: string, path: string, numLayers: number): RouterFil
         throw bad(`${at}.layer must be a layer index 0-${numLayers - 1}, got ${JSON.stringify(e.layer)}`);
       if (e.part === undefined) e.part = 'block';
       if (!ROUTED_PARTS.includes(e.part as RoutedPart)) throw bad(`${at}.part must be block, attention, mlp or kv, got ${JSON.stringify(e.part)}`);
-      if (e.capacity !== undefined && !(typeof e.capacity === 'number' && e.capacity > 0 && e.capacity <= 1))
-        throw bad(`${at}.capacity must be in (0, 1], got ${JSON.stringify(e.capacity)}`);
+      if (e.capacity !== undefined && !(typeof e.capacity === 'number' && e.capacity >= 0 && e.capacity <= 1))
+        throw bad(`${at}.capacity must be in [0, 1], got ${JSON.stringify(e.capacity)}`);
       if (e.threshold !== undefined && !(typeof e.threshold === 'number' && e.threshold >= 0 && e.threshold <= 1))
         throw bad(`${at}.threshold must be in [0, 1], got ${JSON.stringify(e.threshold)}`);
     });
@@ -277,14 +359,32 @@ function parseSafetensors(bytes: Buffer, path: string): { tensors: Map<string, {
  * Writes routers as a safetensors file (F32 unless `opts.dtype` says F16 or BF16; thresholds and
  * biases always F32), with `metadata` under `__metadata__.modc`.
  */
-export function writeRouterFile(path: string, routers: readonly LayerRouter[], metadata?: RouterFileMetadata, opts: { dtype?: RouterDtype } = {}): void {
+export function writeRouterFile(
+  path: string,
+  routers: readonly LayerRouter[],
+  metadata?: RouterFileMetadata,
+  opts: { dtype?: RouterDtype; replaced?: readonly ReplacedPart[] } = {},
+): void {
   const dtype = opts.dtype ?? 'F32';
   const entries: [string, RouterDtype, number[], Buffer][] = [];
-  for (const r of [...routers].sort(compareParts)) {
+  const surrogate = (prefix: string, s: Surrogate) => {
+    const H = s.bias.length;
+    entries.push([`${prefix}.surrogate.a`, dtype, [H, s.rank], encode(s.a, dtype)]);
+    entries.push([`${prefix}.surrogate.b`, dtype, [s.rank, H], encode(s.b, dtype)]);
+    entries.push([`${prefix}.surrogate.bias`, dtype, [H], encode(s.bias, dtype)]);
+  };
+  const all: (LayerRouter | ReplacedPart)[] = [...routers, ...(opts.replaced ?? [])];
+  for (const r of all.sort(compareParts)) {
     const prefix = routerTensorPrefix(r.layer, r.part);
-    entries.push([`${prefix}.weight`, dtype, [r.weight.length], encode(r.weight, dtype)]);
-    entries.push([`${prefix}.bias`, 'F32', [], encode(Float32Array.of(r.bias), 'F32')]);
-    if (r.threshold !== undefined) entries.push([`${prefix}.threshold`, 'F32', [], encode(Float32Array.of(r.threshold), 'F32')]);
+    if ('weight' in r) {
+      entries.push([`${prefix}.weight`, dtype, [r.weight.length], encode(r.weight, dtype)]);
+      entries.push([`${prefix}.bias`, 'F32', [], encode(Float32Array.of(r.bias), 'F32')]);
+      if (r.threshold !== undefined) entries.push([`${prefix}.threshold`, 'F32', [], encode(Float32Array.of(r.threshold), 'F32')]);
+    }
+    if (r.surrogate) {
+      if (r.part !== 'mlp') throw new ModcError(`layer ${r.layer} (${r.part ?? 'block'}): only an MLP part has a surrogate`);
+      surrogate(prefix, r.surrogate);
+    }
   }
   const header: Record<string, SafetensorsEntry | Record<string, string>> = {};
   if (metadata) header.__metadata__ = { [METADATA_KEY]: JSON.stringify(metadata) };

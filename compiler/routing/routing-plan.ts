@@ -13,11 +13,12 @@ import {
   type LayerRouter,
   loadRouterFile,
   randomRouters,
+  type ReplacedPart,
   type RoutedPart,
   type RouterFileMetadata,
 } from './router-weights.js';
 
-export type { KvPolicy, RoutedPart } from './router-weights.js';
+export type { KvPolicy, ReplacedPart, RoutedPart, Surrogate } from './router-weights.js';
 export type RoutingMode = 'threshold' | 'topk';
 export type Schedule = 'uniform' | 'every-other' | 'prd';
 
@@ -39,6 +40,11 @@ export interface RoutingPlan {
   mode: RoutingMode;
   gated: boolean;
   layers: LayerPlan[];
+  /**
+   * MLP parts replaced by their surrogate on every token (capacity 0, no router; SPEC.md "MLP
+   * routed with a surrogate"). Absent or empty: none.
+   */
+  replaced?: ReplacedPart[];
   /** Layers left dense, and why (reported to the user). */
   unconverted: { layer: number; reason: string }[];
   /** Key/value routing's sinks and window (SPEC.md, "Key/value routing"); DEFAULT_KV_POLICY when absent. */
@@ -139,7 +145,7 @@ export function planRouting(req: PlanRequest): RoutingPlan {
       if ((r.part ?? 'block') !== req.granularity)
         filteredOut.set(r.layer, `the router file routes its ${r.part ?? 'block'}, not its ${req.granularity} (--granularity ${req.granularity})`);
     fromFile = fromFile.filter((r) => (r.part ?? 'block') === req.granularity);
-    if (fromFile.length === 0)
+    if (fromFile.length === 0 && !(req.granularity === 'mlp' && file!.replaced.length))
       throw new ModcError(
         `the router file ${(req.routers as { path: string }).path} has no ${req.granularity} router (its tensors are router.{l}${req.granularity === 'block' ? '' : req.granularity === 'attention' ? '.attn' : `.${req.granularity}`}.* for that part)`,
       );
@@ -166,19 +172,23 @@ export function planRouting(req: PlanRequest): RoutingPlan {
       }
     });
   } else if (fromFile) {
-    layers = [...new Set(fromFile.map((r) => r.layer))];
+    const replacedLayers = req.granularity === undefined || req.granularity === 'mlp' ? file!.replaced.map((r) => r.layer) : [];
+    layers = [...new Set([...fromFile.map((r) => r.layer), ...replacedLayers])].sort((a, b) => a - b);
   } else {
     layers = parseLayerSpec('all', req.numLayers);
   }
   if (layers.length === 0) throw new UsageError('the layer selection converts no layer');
 
   let routers: LayerRouter[];
+  // MLP parts the file replaces by their surrogate (no router): kept unless another part is asked for.
+  const replaced = (file?.replaced ?? []).filter((r) => layers.includes(r.layer) && (req.granularity ?? 'mlp') === 'mlp');
   if (fromFile) {
     routers = [];
     for (const l of layers) {
       const found = fromFile.filter((r) => r.layer === l);
       if (found.length) routers.push(...found);
-      else unconverted.push({ layer: l, reason: filteredOut.get(l) ?? `no router for layer ${l} in ${(req.routers as { path: string }).path}` });
+      else if (!replaced.some((r) => r.layer === l))
+        unconverted.push({ layer: l, reason: filteredOut.get(l) ?? `no router for layer ${l} in ${(req.routers as { path: string }).path}` });
     }
   } else if (req.routers.kind === 'all-pass') {
     routers = allPassRouters(layers, req.hiddenSize, granularity);
@@ -187,9 +197,9 @@ export function planRouting(req: PlanRequest): RoutingPlan {
   } else {
     throw new Error('unreachable: router file handled above');
   }
-  if (routers.length === 0) throw new ModcError('no layer can be converted: the router file has no router for any selected layer');
+  if (routers.length === 0 && replaced.length === 0) throw new ModcError('no layer can be converted: the router file has no router for any selected layer');
 
-  const convertedSet = new Set(routers.map((r) => r.layer));
+  const convertedSet = new Set([...routers.map((r) => r.layer), ...replaced.map((r) => r.layer)]);
   for (let l = 0; l < req.numLayers; l++) {
     if (!convertedSet.has(l) && !unconverted.some((u) => u.layer === l)) unconverted.push({ layer: l, reason: filteredOut.get(l) ?? 'not selected' });
   }
@@ -218,6 +228,7 @@ export function planRouting(req: PlanRequest): RoutingPlan {
         capacity: capacityOf.get(r.layer) ?? req.capacity ?? recorded?.capacity ?? (req.routers.kind === 'all-pass' ? 1 : DEFAULT_CAPACITY),
       };
     }),
+    ...(replaced.length ? { replaced } : {}),
     unconverted,
     ...(routesKv ? { kv } : {}),
   };

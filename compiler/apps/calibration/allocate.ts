@@ -3,18 +3,22 @@
  * measured loss curve (NLL increase when only that part is routed, at a few capacities, 0 at
  * capacity 1). Starting dense, the cheapest step (smallest loss increase per MAC saved) is taken
  * until the compute fraction reaches the target; the last step is interpolated so the target is
- * met without overshooting. A whole-block router excludes sub-layer routers on the same layer.
+ * met without overshooting. A whole-block router excludes sub-layer routers on the same layer,
+ * and variants of one part (an MLP part with surrogates of different ranks) exclude each other.
  */
 import { denseMacs, type ModelCosts, savedMacs } from './compute.js';
 import { partKey, type PartRef } from './parts.js';
 
 export interface PartSensitivity extends PartRef {
+  /** An MLP part with a surrogate: its rank (one variant of the part) and MACs per token it runs on. */
+  rank?: number;
+  surrogateMacs?: number;
   /** Measured (capacity, NLL increase per token) points, any order; capacity 1 costs 0. */
   points: { capacity: number; deltaNll: number }[];
 }
 
 export interface Allocation {
-  parts: (PartRef & { capacity: number; predictedDeltaNll: number })[];
+  parts: (PartRef & { rank?: number; surrogateMacs?: number; capacity: number; predictedDeltaNll: number })[];
   /** The cost model's compute fraction for these capacities on the calibration lengths. */
   predictedCompute: number;
   /** Sum of the parts' measured NLL increases (an additive estimate). */
@@ -35,11 +39,11 @@ export function allocate(sens: readonly PartSensitivity[], cost: ModelCosts, len
   const curves = sens.map(curve);
   const level = sens.map(() => 0);
   const capacity = sens.map(() => 1);
-  const saved = (i: number, c: number) => savedMacs(cost, sens[i]!.layer, sens[i]!.part, c, lengths);
+  const saved = (i: number, c: number) => savedMacs(cost, sens[i]!.layer, sens[i]!.part, c, lengths, sens[i]!.surrogateMacs ?? 0);
   const computeOf = () => 1 - capacity.reduce((a, c, i) => a + (c < 1 ? saved(i, c) : 0), 0) / dense;
   const blocked = (i: number) => {
     const s = sens[i]!;
-    return sens.some((o, j) => j !== i && o.layer === s.layer && capacity[j]! < 1 && (o.part === 'block') !== (s.part === 'block'));
+    return sens.some((o, j) => j !== i && o.layer === s.layer && capacity[j]! < 1 && ((o.part === 'block') !== (s.part === 'block') || o.part === s.part));
   };
   let compute = computeOf();
   while (compute > target) {
@@ -84,7 +88,8 @@ export function allocate(sens: readonly PartSensitivity[], cost: ModelCosts, len
     const c = curves[i]!;
     const j = c.findIndex((p) => p.capacity <= capacity[i]!);
     const delta = j <= 0 ? 0 : lerp(c[j - 1]!, c[j]!, capacity[i]!);
-    return [{ layer: s.layer, part: s.part, capacity: capacity[i]!, predictedDeltaNll: delta }];
+    const variant = s.rank !== undefined ? { rank: s.rank, surrogateMacs: s.surrogateMacs ?? 0 } : {};
+    return [{ layer: s.layer, part: s.part, ...variant, capacity: capacity[i]!, predictedDeltaNll: delta }];
   });
   parts.sort((a, b) => a.layer - b.layer || partKey(a).localeCompare(partKey(b)));
   return { parts, predictedCompute: compute, predictedDeltaNll: parts.reduce((a, p) => a + p.predictedDeltaNll, 0) };

@@ -5,13 +5,22 @@
  *      reduce each batch to ridge statistics per routed part (input Gram matrix, input-target
  *      sums) and drop it;
  *   2. fit: one router per part in closed form (ridge regression of a per-token importance
- *      target on the part's input), scaled so scores are in standard deviations;
+ *      target on the part's input), scaled so scores are in standard deviations. With
+ *      surrogates (the default), each MLP part first gets low-rank linear surrogates of its
+ *      update (surrogate.ts; one variant per rank), and each variant's router is fitted, in a
+ *      second capture pass, to the surrogate's residual |m - s(u)| / |h|: what a skipped token
+ *      loses once the surrogate stands in for the MLP;
  *   3. score: run the model compiled with every candidate router (all selecting every token, so
  *      the activations are the original's) and keep each part's scores on the data;
  *   4. sensitivity: the NLL increase when one part alone is routed at a few capacities, each
- *      capacity set by a threshold between scores (exact: the real compiled model);
- *   5. allocate: greedy by loss per compute saved, to the target compute fraction;
- *   6. refine: with every chosen part routed, re-set each part's threshold from the scores its
+ *      capacity set by a threshold between scores (exact: the real compiled model); a
+ *      surrogate variant also at capacity 0 (the surrogate on every token, no router);
+ *   5. allocate: greedy by loss per compute saved, to the target compute fraction (variants of
+ *      one MLP part exclude each other; a variant's saving is net of its surrogate's MACs);
+ *   6. refit (surrogates): in layer order, each chosen surrogate is fitted again with every
+ *      chosen part routed (the surrogates above it already refitted), to what restores the
+ *      dense stream: u (routed) -> out_dense - h (routed) on the tokens the part skips;
+ *   7. refine: with every chosen part routed, re-set each part's threshold from the scores its
  *      router now sees (upstream routing shifts them), so each part keeps its capacity.
  *
  * Every threshold is baked into the router's bias, so p = 0.5 selects the calibrated fraction,
@@ -28,14 +37,18 @@ import { decoderIo } from '../../metadata/decoder-io.js';
 import { type EmbeddingSource, genaiEmbeddingModel } from '../../runtime/embeddings.js';
 import type { SessionOptions } from '../../runtime/ort.js';
 import { splitAndAnalyze } from '../../passes/split-fused-boundaries.js';
+import type { DecoderStructure } from '../../analysis/types.js';
 import { allocate, type PartSensitivity } from './allocate.js';
-import { ActivationCapture, layerPoints, type LayerPoints } from './capture.js';
+import { ActivationCapture, layerPoints, type LayerPoints, STREAM_TYPE } from './capture.js';
 import { modelCosts, type ModelCosts } from '../../analysis/cost.js';
 import { denseMacs, savedMacs } from './compute.js';
 import { type PartRouter, RoutedEvaluator } from './sensitivity.js';
 import { allowedParts, type Granularity, partKey, type PartRef, type RoutedPart } from './parts.js';
 import { RidgeStats, solveRidge, thresholdKeeping } from './ridge.js';
 import { importanceTargets, partValues, TARGET_KINDS, type TargetKind } from './targets.js';
+import { applySurrogate, defaultRanks, fitSurrogate, fitSurrogates, SurrogateStats } from './surrogate.js';
+import { mlpInputNames } from './surrogate-inputs.js';
+import { surrogateMacs, type ReplacedPart } from '../../routing/router-weights.js';
 
 export interface CalibrateOptions {
   /** Compute fraction to reach, in (0, 1]. */
@@ -60,13 +73,19 @@ export interface CalibrateOptions {
   batchBytes?: number;
   /** Threshold refinement rounds with every chosen part routed. */
   refineRounds?: number;
+  /** MLP surrogates: `lowrank` (default) fits linear surrogates at each of `surrogateRanks`; `none` skips tokens with no update. */
+  surrogate?: 'none' | 'lowrank';
+  /** Surrogate ranks, one variant per rank (default: about 5% and 10% of the MLP's MACs, multiples of 8). */
+  surrogateRanks?: number[];
+  /** Refit the chosen surrogates in layer order with every chosen part routed (default true). */
+  refit?: boolean;
   workDir?: string;
   session?: SessionOptions;
   onProgress?: (p: Progress) => void;
 }
 
 export interface Progress {
-  stage: 'capture' | 'fit' | 'score' | 'sensitivity' | 'refine' | 'done';
+  stage: 'capture' | 'fit' | 'score' | 'sensitivity' | 'refit' | 'refine' | 'done';
   done: number;
   total: number;
 }
@@ -79,6 +98,8 @@ export interface CalibratedRouter extends PartRouter {
 
 export interface PartReport extends PartRef {
   capacity: number;
+  /** The part's surrogate: rank and R2 of s(u) for the MLP's update on the calibration data. */
+  surrogate?: { rank: number; r2: number };
   /** Selected fraction on the calibration data with every chosen part routed. */
   selectedFraction: number;
   r2: number;
@@ -95,11 +116,13 @@ export interface CalibrationReport {
   computeFraction: number;
   predictedCompute: number;
   parts: PartReport[];
-  sensitivity: { layer: number; part: RoutedPart; points: { capacity: number; deltaNll: number }[]; r2: number }[];
+  sensitivity: { layer: number; part: RoutedPart; rank?: number; points: { capacity: number; deltaNll: number }[]; r2: number }[];
 }
 
 export interface CalibrationResult {
   routers: CalibratedRouter[];
+  /** MLP parts replaced by their surrogate on every token (capacity 0, no router). */
+  replaced: ReplacedPart[];
   mode: 'threshold' | 'topk';
   gated: boolean;
   report: CalibrationReport;
@@ -117,11 +140,20 @@ export const DEFAULTS = {
   capacities: [0.75, 0.5, 0.25],
   /** Default: about 6 passes over the data in total, 1024 to 8192 tokens per measurement. */
   sensitivityTokens: 0,
-  margin: 0.02,
+  /** With surrogates; 0.02 without (`surrogate: 'none'`). */
+  margin: 0.01,
   /** Bytes of activations (or logits) one batch may hold; sets the batch size when batchTokens is absent. */
   batchBytes: 64 * 2 ** 20,
   refineRounds: 2,
+  surrogate: 'lowrank' as 'none' | 'lowrank',
+  refit: true,
 };
+
+/** Hidden sizes above this get no MLP surrogates unless asked for (`surrogate: 'lowrank'`). */
+export const MAX_SURROGATE_HIDDEN = 2048;
+
+/** The margin when MLP parts have no surrogate. */
+export const MARGIN_WITHOUT_SURROGATES = 0.02;
 
 /** Checks option ranges (usage errors), before any work. */
 export function checkCalibrateOptions(o: CalibrateOptions): void {
@@ -130,6 +162,7 @@ export function checkCalibrateOptions(o: CalibrateOptions): void {
     throw new UsageError(`--max-tokens must be an integer >= 2, got ${o.maxTokens}`);
   if (o.capacities?.some((c) => !(c > 0 && c < 1))) throw new UsageError('sensitivity capacities must be in (0, 1)');
   if (o.ridge !== undefined && !(o.ridge > 0)) throw new UsageError(`the ridge penalty must be > 0, got ${o.ridge}`);
+  if (o.surrogateRanks?.some((r) => !(Number.isInteger(r) && r >= 1))) throw new UsageError('surrogate ranks must be integers >= 1');
 }
 
 /** Sequences in a seeded order, cut to `maxTokens` in total. */
@@ -197,6 +230,7 @@ interface InputStats {
 interface Measured {
   /** The model with its fused layer boundaries split, as the routed evaluators compile it. */
   model: Model;
+  structure: DecoderStructure;
   o: ResolvedOptions;
   workDir: string;
   /** The temp folder calibration made (removed by release), or null for the caller's workDir. */
@@ -204,7 +238,8 @@ interface Measured {
   costs: ModelCosts;
   rows: number[][];
   batches: number[][][];
-  fits: Map<string, { router: PartRouter; r2: number }>;
+  /** Per candidate key (candidateKey): the router (with its surrogate), the router fit's R2 and the surrogate's. */
+  fits: Map<string, Fit>;
   denseScores: Map<string, Float32Array>;
   /** Mean dense NLL per predicted token, and the number of predicted tokens. */
   denseNll: number;
@@ -227,7 +262,7 @@ export class Calibrator {
     return this.m.rows;
   }
 
-  get fits(): Map<string, { router: PartRouter; r2: number }> {
+  get fits(): Map<string, Fit> {
     return this.m.fits;
   }
 
@@ -279,27 +314,88 @@ export class Calibrator {
     // A model that runs one row per call (DecoderIo.batchOne), or cannot mask padding, gets one row per batch.
     const batches = io.batchOne || io.unpaddable ? rows.map((r) => [r]) : batchesOf(rows, opts.batchTokens ?? Math.max(Math.floor(o.batchBytes / perToken), 1));
 
-    const candidates = candidateParts(points, allowedParts(o.granularity));
-    if (candidates.length === 0) throw new ModcError(`no layer of this model can be routed at granularity ${o.granularity}`);
+    const parts = candidateParts(points, allowedParts(o.granularity));
+    if (parts.length === 0) throw new ModcError(`no layer of this model can be routed at granularity ${o.granularity}`);
+    // MLP parts with a normalised input a surrogate can read: one candidate per surrogate rank.
+    // Surrogate statistics hold two H x H sums per MLP and the fit is O(H^3): by default only up to MAX_SURROGATE_HIDDEN.
+    const surrogates = o.surrogate === 'lowrank' && (opts.surrogate === 'lowrank' || H <= MAX_SURROGATE_HIDDEN);
+    if (!surrogates) {
+      o.surrogate = 'none';
+      if (opts.margin === undefined) o.margin = MARGIN_WITHOUT_SURROGATES;
+    }
+    const uNames = surrogates ? mlpInputNames(model, structure) : points.map(() => null);
+    const ranksOf = (layer: number) =>
+      o.surrogateRanks?.length ? [...new Set(o.surrogateRanks.map((r) => Math.min(r, H)))] : defaultRanks(costs.layers[layer]!.mlp, H);
+    const candidates: Candidate[] = parts.flatMap((p) =>
+      p.part === 'mlp' && uNames[p.layer] ? ranksOf(p.layer).map((rank, variant) => ({ ...p, rank, variant, surrogateMacs: surrogateMacs({ rank }, H) })) : [p],
+    );
+    const surrogateLayers = [...new Set(candidates.filter((c) => c.rank !== undefined).map((c) => c.layer))];
 
     const ownDir = opts.workDir ? null : workFolder(model, 'modc-calibrate');
     const workDir = opts.workDir ?? ownDir!;
     const evaluators = new Map<string, RoutedEvaluator>();
     try {
-      // 1. capture -> ridge statistics
-      const inputs = groupByInput(points, candidates, H);
-      const capture = await ActivationCapture.create(model, structure, workDir, opts.session, embeddings);
+      // 1. capture -> ridge statistics (and the surrogates' statistics of u and m)
+      const inputs = groupByInput(
+        points,
+        candidates.filter((c) => c.rank === undefined),
+        H,
+      );
+      const surStats = new Map(surrogateLayers.map((l) => [l, new SurrogateStats(H)]));
+      const extra = surrogateLayers.map((l) => uNames[l]!);
+      const capture = await ActivationCapture.create(model, structure, workDir, opts.session, embeddings, extra);
+      const passes = surrogateLayers.length > 0 ? 2 : 1;
+      const fits = new Map<string, Fit>();
+      const routerStats = new Map<number, RidgeStats>();
       try {
-        for (let bi = 0; bi < batches.length; bi++) {
-          progress({ stage: 'capture', done: bi, total: batches.length });
-          const batch = await capture.batch(batches[bi]!);
-          const values = await capture.run(batch);
-          for (const g of inputs) {
-            const t = g.parts.flatMap((p) => {
-              const all = importanceTargets(values.get(p.from)!, values.get(p.to)!, batch.real, H);
-              return TARGET_KINDS.map((k) => all[k]);
-            });
-            g.stats.add(values.get(g.input)!, batch.real, t);
+        for (let pass = 0; pass < passes; pass++) {
+          for (let bi = 0; bi < batches.length; bi++) {
+            progress({ stage: 'capture', done: pass * batches.length + bi, total: passes * batches.length });
+            const batch = await capture.batch(batches[bi]!);
+            const values = await capture.run(batch);
+            if (pass === 0) {
+              for (const g of inputs) {
+                const t = g.parts.flatMap((p) => {
+                  const all = importanceTargets(values.get(p.from)!, values.get(p.to)!, batch.real, H);
+                  return TARGET_KINDS.map((k) => all[k]);
+                });
+                if (g.parts.length) g.stats.add(values.get(g.input)!, batch.real, t);
+              }
+              for (const l of surrogateLayers) {
+                const v = partValues(points[l]!, 'mlp')!;
+                surStats.get(l)!.add(values.get(uNames[l]!)!, difference(values.get(v.to)!, values.get(v.from)!), batch.real);
+              }
+            } else {
+              // Each variant's router target: the surrogate's residual relative to the stream.
+              for (const l of surrogateLayers) {
+                const v = partValues(points[l]!, 'mlp')!;
+                const variants = candidates.filter((c) => c.layer === l && c.rank !== undefined);
+                const t = variants.map((c) =>
+                  residualTargets(fits.get(candidateKey(c))!.router.surrogate!, values.get(uNames[l]!)!, values.get(v.from)!, values.get(v.to)!, batch.real, H),
+                );
+                if (!routerStats.has(l)) routerStats.set(l, new RidgeStats(H, variants.length));
+                routerStats.get(l)!.add(values.get(v.input)!, batch.real, t);
+              }
+            }
+          }
+          if (pass === 0) {
+            // Surrogates, one per rank (one ridge solve per layer).
+            for (const l of surrogateLayers) {
+              const variants = candidates.filter((c) => c.layer === l && c.rank !== undefined);
+              const fitted = fitSurrogates(
+                surStats.get(l)!,
+                o.ridge,
+                variants.map((c) => c.rank!),
+              );
+              variants.forEach((c, i) => {
+                const { r2, ...surrogate } = fitted[i]!;
+                fits.set(candidateKey(c), {
+                  router: { layer: c.layer, part: c.part, weight: new Float32Array(H), bias: 0, surrogate },
+                  r2: 0,
+                  surrogateR2: r2,
+                });
+              });
+            }
           }
         }
       } finally {
@@ -308,7 +404,6 @@ export class Calibrator {
 
       // 2. fit: scores in standard deviations of the fitted target
       const kindIndex = TARGET_KINDS.indexOf(o.target);
-      const fits = new Map<string, { router: PartRouter; r2: number }>();
       let fitted = 0;
       for (const g of inputs) {
         g.parts.forEach((p, i) => {
@@ -318,14 +413,25 @@ export class Calibrator {
           fits.set(partKey(p.ref), { router: { ...p.ref, weight: Float32Array.from(fit.weight, (w) => w * scale), bias: 0 }, r2: fit.r2 });
         });
       }
+      for (const l of surrogateLayers) {
+        candidates
+          .filter((c) => c.layer === l && c.rank !== undefined)
+          .forEach((c, i) => {
+            progress({ stage: 'fit', done: fitted++, total: candidates.length });
+            const fit = solveRidge(routerStats.get(l)!, o.ridge, i);
+            const scale = fit.predictionStd > 0 ? 1 / fit.predictionStd : 1;
+            const f = fits.get(candidateKey(c))!;
+            fits.set(candidateKey(c), { ...f, router: { ...f.router, weight: Float32Array.from(fit.weight, (w) => w * scale) }, r2: fit.r2 });
+          });
+      }
 
       // 3. dense scores per part (every router selects every token: the original activations)
-      for (const [name, parts] of familiesOf(candidates)) {
+      for (const [name, group] of familiesOf(candidates)) {
         evaluators.set(
           name,
           await RoutedEvaluator.create(
             model,
-            parts.map((p) => fits.get(partKey(p))!.router),
+            group.map((p) => fits.get(candidateKey(p))!.router),
             workDir,
             `calib-${name}`,
             opts.session,
@@ -339,7 +445,8 @@ export class Calibrator {
       const perBatchDense: number[] = [];
       const chunks = new Map<string, Float32Array[]>();
       let step = 0;
-      for (const ev of evaluators.values()) {
+      for (const [name, ev] of evaluators) {
+        const group = familiesOf(candidates).get(name)!;
         for (const rowsOfBatch of batches) {
           progress({ stage: 'score', done: step++, total: batches.length * evaluators.size });
           const r = await ev.run(await ev.batch(rowsOfBatch), new Map(), { scores: true, logits: ev === first });
@@ -348,13 +455,15 @@ export class Calibrator {
             predicted += r.predicted;
             perBatchDense.push(r.nll);
           }
-          for (const [k, sc] of r.scores!) pushTo(chunks, k, sc);
+          for (const c of group) pushTo(chunks, candidateKey(c), r.scores!.get(partKey(c))!);
         }
       }
       const denseScores = new Map([...chunks].map(([k, list]) => [k, concat(list)]));
 
       // 4. sensitivity: one part routed alone, on the first batches (about sensitivityTokens tokens)
-      const sensTokens = o.sensitivityTokens || defaultSensitivityTokens(rows, candidates.length * o.capacities.length);
+      const capacitiesOf = (c: Candidate) => (c.rank !== undefined ? [...o.capacities, 0] : o.capacities);
+      const measurements = candidates.reduce((a, c) => a + capacitiesOf(c).length, 0);
+      const sensTokens = o.sensitivityTokens || defaultSensitivityTokens(rows, measurements);
       const sensBatches: number[] = [];
       for (let bi = 0, n = 0; bi < batches.length && n < sensTokens; bi++) {
         sensBatches.push(bi);
@@ -363,15 +472,14 @@ export class Calibrator {
       const sensDense = sensBatches.reduce((a, bi) => a + perBatchDense[bi]!, 0);
       const sensPredicted = sensBatches.reduce((a, bi) => a + batches[bi]!.reduce((x, r) => x + r.length - 1, 0), 0);
       const sensitivity: PartSensitivity[] = [];
-      const total = candidates.length * o.capacities.length;
       let done = 0;
       for (const p of candidates) {
-        const ev = evaluators.get(familyOf(p.part))!;
+        const ev = evaluators.get(familyOf(p))!;
         const key = partKey(p);
         const pts: { capacity: number; deltaNll: number }[] = [];
-        for (const c of o.capacities) {
-          progress({ stage: 'sensitivity', done: done++, total });
-          const bias = -thresholdKeeping(denseScores.get(key)!, c);
+        for (const c of capacitiesOf(p)) {
+          progress({ stage: 'sensitivity', done: done++, total: measurements });
+          const bias = -thresholdKeeping(denseScores.get(candidateKey(p))!, c);
           let nll = 0;
           for (const bi of sensBatches) nll += (await ev.run(await ev.batch(batches[bi]!), new Map([[key, bias]]))).nll;
           pts.push({ capacity: c, deltaNll: (nll - sensDense) / sensPredicted });
@@ -381,6 +489,7 @@ export class Calibrator {
       const sensitivityTokens = sensBatches.reduce((a, bi) => a + batches[bi]!.reduce((x, r) => x + r.length, 0), 0);
       return new Calibrator({
         model,
+        structure,
         o,
         workDir,
         ownDir,
@@ -404,7 +513,7 @@ export class Calibrator {
   }
 
   /**
-   * Steps 5-6 for one target: allocate, then refine each chosen part's threshold with every
+   * Steps 5-7 for one target: allocate, refit the chosen surrogates, then refine each chosen part's threshold with every
    * chosen part routed. `granularity` may narrow what `prepare` measured.
    */
   async finish(
@@ -426,9 +535,10 @@ export class Calibrator {
       );
     }
 
-    const chosen = alloc.parts.map((p) => ({ ...this.m.fits.get(partKey(p))!.router, capacity: p.capacity }));
-    const biases = new Map(chosen.map((p) => [partKey(p), -thresholdKeeping(this.m.denseScores.get(partKey(p))!, p.capacity)]));
+    const chosen = alloc.parts.map((p) => ({ ...this.m.fits.get(candidateKey(p))!.router, capacity: p.capacity, key: candidateKey(p) }));
+    const biases = new Map(chosen.map((p) => [partKey(p), -thresholdKeeping(this.m.denseScores.get(p.key)!, p.capacity)]));
     let final = { nll: this.m.denseNll * this.m.predicted, selected: new Map<string, number>() };
+    if (o.refit && chosen.some((p) => p.surrogate)) await this.refit(chosen, biases, o.ridge, progress);
     if (chosen.length > 0) {
       const ev = await RoutedEvaluator.create(this.m.model, chosen, this.m.workDir, 'calib-chosen', this.m.o.session, this.m.embeddings);
       try {
@@ -454,16 +564,24 @@ export class Calibrator {
     progress({ stage: 'done', done: 1, total: 1 });
 
     const fractions = new Map(chosen.map((p) => [partKey(p), (final.selected.get(partKey(p)) ?? 0) / tokens]));
-    const routers: CalibratedRouter[] = chosen.map((p) => ({
-      layer: p.layer,
-      part: p.part,
-      weight: p.weight,
-      bias: biases.get(partKey(p))!,
-      capacity: p.capacity,
-      threshold: 0.5,
-    }));
+    // An MLP part at capacity 0 with a surrogate is replaced by it: no router.
+    const routers: CalibratedRouter[] = chosen
+      .filter((p) => !(p.surrogate && p.capacity <= 0))
+      .map((p) => ({
+        layer: p.layer,
+        part: p.part,
+        weight: p.weight,
+        bias: biases.get(partKey(p))!,
+        capacity: p.capacity,
+        threshold: 0.5,
+        ...(p.surrogate ? { surrogate: p.surrogate } : {}),
+      }));
+    const replaced: ReplacedPart[] = chosen
+      .filter((p) => p.surrogate && p.capacity <= 0)
+      .map((p) => ({ layer: p.layer, part: 'mlp', surrogate: p.surrogate! }));
     return {
       routers,
+      replaced,
       mode: o.mode,
       gated: !!o.gated,
       report: {
@@ -474,18 +592,28 @@ export class Calibrator {
         computeFraction: computeFraction(
           this.m.costs,
           lengths,
-          chosen.map((p) => ({ ...p, capacity: fractions.get(partKey(p))! })),
+          alloc.parts.map((p) => ({ ...p, capacity: fractions.get(partKey(p))! })),
         ),
         predictedCompute: alloc.predictedCompute,
-        parts: alloc.parts.map((p) => ({
-          layer: p.layer,
-          part: p.part,
-          capacity: p.capacity,
-          selectedFraction: fractions.get(partKey(p))!,
-          r2: this.m.fits.get(partKey(p))!.r2,
-          predictedDeltaNll: p.predictedDeltaNll,
+        parts: alloc.parts.map((p) => {
+          const fit = this.m.fits.get(candidateKey(p))!;
+          return {
+            layer: p.layer,
+            part: p.part,
+            capacity: p.capacity,
+            selectedFraction: fractions.get(partKey(p))!,
+            r2: fit.r2,
+            predictedDeltaNll: p.predictedDeltaNll,
+            ...(p.rank !== undefined ? { surrogate: { rank: p.rank, r2: fit.surrogateR2 ?? 0 } } : {}),
+          };
+        }),
+        sensitivity: this.m.sensitivity.map((s) => ({
+          layer: s.layer,
+          part: s.part,
+          ...(s.rank !== undefined ? { rank: s.rank } : {}),
+          points: s.points,
+          r2: this.m.fits.get(candidateKey(s))!.r2,
         })),
-        sensitivity: this.m.sensitivity.map((s) => ({ layer: s.layer, part: s.part, points: s.points, r2: this.m.fits.get(partKey(s))!.r2 })),
       },
       recipe: {
         targetCompute: o.targetCompute,
@@ -500,8 +628,84 @@ export class Calibrator {
         maxTokens: o.maxTokens,
         seed: o.seed,
         refineRounds: o.refineRounds,
+        surrogate: o.surrogate,
+        ...(o.surrogate === 'lowrank' ? { refit: o.refit } : {}),
+        ...(o.surrogate === 'lowrank' ? { surrogateRanks: [...new Set(this.m.sensitivity.flatMap((s) => (s.rank !== undefined ? [s.rank] : [])))] } : {}),
       },
     };
+  }
+
+  /**
+   * Step 6: each chosen surrogate (layer order, sequential layers) refitted with every chosen
+   * part routed: ridge of u (routed) on out_dense - h (routed), over the tokens the part skips.
+   * A refit that raises the calibration NLL (measured with every chosen part routed) is undone.
+   */
+  private async refit(
+    chosen: (PartRouter & { capacity: number })[],
+    biases: ReadonlyMap<string, number>,
+    ridge: number,
+    progress: (p: Progress) => void,
+  ): Promise<void> {
+    const points = layerPoints(this.m.structure);
+    const H = this.m.structure.hiddenSize;
+    // Not on a layer whose attention is routed too: there out_dense - h would ask u to stand in for skipped attention.
+    const order = chosen
+      .filter((p) => p.surrogate && !points[p.layer]!.parallel && !chosen.some((o) => o.layer === p.layer && o.part !== 'mlp'))
+      .sort((a, b) => a.layer - b.layer);
+    const nb = this.m.batches.length;
+    const capture = await ActivationCapture.create(this.m.model, this.m.structure, this.m.workDir, this.m.o.session, this.m.embeddings);
+    // A refit is kept only if the calibration NLL with it (measured on the next pass) is no worse.
+    let baseline: number | null = null;
+    let pending: { part: PartRouter; old: PartRouter['surrogate'] } | null = null;
+    try {
+      for (let i = 0; ;) {
+        const p = order[i];
+        const ev = await RoutedEvaluator.create(
+          this.m.model,
+          chosen,
+          this.m.workDir,
+          'calib-refit',
+          this.m.o.session,
+          this.m.embeddings,
+          STREAM_TYPE[this.m.structure.dtype],
+        );
+        const stats = new SurrogateStats(H);
+        let nll = 0;
+        try {
+          for (let bi = 0; bi < nb; bi++) {
+            progress({ stage: 'refit', done: Math.min(i, order.length - 1) * nb + bi, total: order.length * nb });
+            const rows = this.m.batches[bi]!;
+            const batch = await ev.batch(rows);
+            const r = await ev.run(batch, biases, { values: p !== undefined });
+            nll += r.nll;
+            if (!p) continue;
+            const v = r.values!.get(partKey(p));
+            if (!v?.u) return; // the compiled model does not expose what the refit needs: keep the fitted surrogates
+            const dense = await capture.run(await capture.batch(rows));
+            const skipped = batch.real.filter((t) => !v.selected[t]);
+            stats.add(v.u, difference(dense.get(points[p.layer]!.out)!, v.input), skipped);
+          }
+        } finally {
+          await ev.release();
+        }
+        if (pending) {
+          const worse = nll > baseline!;
+          if (worse) pending.part.surrogate = pending.old;
+          else baseline = nll;
+          pending = null;
+          if (worse) continue; // measure again with the refit undone
+        } else if (baseline === null) baseline = nll;
+        if (!p) break;
+        if (stats.n > H) {
+          const { r2: _, ...surrogate } = fitSurrogate(stats, ridge, p.surrogate!.rank);
+          pending = { part: p, old: p.surrogate };
+          p.surrogate = surrogate;
+        }
+        i++;
+      }
+    } finally {
+      await capture.release();
+    }
   }
 
   /** Removes the temp folder (when calibration made it). */
@@ -523,7 +727,9 @@ export async function calibrate(model: Model | string, sequences: readonly numbe
 type ResolvedOptions = typeof DEFAULTS & CalibrateOptions & { gated?: boolean };
 
 function resolveOptions(opts: CalibrateOptions): ResolvedOptions {
-  return { ...DEFAULTS, ...Object.fromEntries(Object.entries(opts).filter(([, v]) => v !== undefined)) } as ResolvedOptions;
+  const o = { ...DEFAULTS, ...Object.fromEntries(Object.entries(opts).filter(([, v]) => v !== undefined)) } as ResolvedOptions;
+  if (opts.margin === undefined && o.surrogate === 'none') o.margin = MARGIN_WITHOUT_SURROGATES;
+  return o;
 }
 
 /** Tokens per sensitivity measurement: about 6 passes over the data for all of them together. */
@@ -539,9 +745,13 @@ function pushTo(m: Map<string, Float32Array[]>, k: string, v: Float32Array): voi
 }
 
 /** The cost model's compute fraction with these parts keeping these fractions of tokens. */
-export function computeFraction(cost: ModelCosts, lengths: readonly number[], parts: readonly (PartRef & { capacity: number })[]): number {
+export function computeFraction(
+  cost: ModelCosts,
+  lengths: readonly number[],
+  parts: readonly (PartRef & { capacity: number; surrogateMacs?: number })[],
+): number {
   const dense = denseMacs(cost, lengths);
-  return 1 - parts.reduce((a, p) => a + savedMacs(cost, p.layer, p.part, p.capacity, lengths), 0) / dense;
+  return 1 - parts.reduce((a, p) => a + savedMacs(cost, p.layer, p.part, p.capacity, lengths, p.surrogateMacs ?? 0), 0) / dense;
 }
 
 function candidateParts(points: readonly LayerPoints[], allowed: readonly RoutedPart[]): PartRef[] {
@@ -561,15 +771,68 @@ function groupByInput(points: readonly LayerPoints[], candidates: readonly PartR
   return [...byInput].map(([input, parts]) => ({ input, parts, stats: new RidgeStats(H, parts.length * TARGET_KINDS.length) }));
 }
 
-/** Whole-block routers exclude sub-layer ones on a layer: they are measured in separate compiles. */
-const familyOf = (part: RoutedPart): string => (part === 'block' ? 'block' : 'sublayer');
+/**
+ * Whole-block routers exclude sub-layer ones on a layer, and variants of an MLP part exclude each
+ * other: they are measured in separate compiles.
+ */
+const familyOf = (c: Candidate): string => (c.variant ? `mlp-v${c.variant}` : c.part === 'block' ? 'block' : 'sublayer');
 
-function familiesOf(candidates: readonly PartRef[]): Map<string, PartRef[]> {
-  const out = new Map<string, PartRef[]>();
+function familiesOf(candidates: readonly Candidate[]): Map<string, Candidate[]> {
+  const out = new Map<string, Candidate[]>();
   for (const p of candidates) {
-    const f = familyOf(p.part);
+    const f = familyOf(p);
     out.set(f, [...(out.get(f) ?? []), p]);
   }
+  return out;
+}
+
+/** A part calibration may route; an MLP part with a surrogate is one candidate per rank (variant 0, 1, ...). */
+interface Candidate extends PartRef {
+  rank?: number;
+  variant?: number;
+  /** The surrogate's MACs per token it runs on. */
+  surrogateMacs?: number;
+}
+
+/** A fitted router (with its surrogate, for an MLP variant), its fit's R2 and the surrogate's. */
+export interface Fit {
+  router: PartRouter;
+  r2: number;
+  surrogateR2?: number;
+}
+
+/** `layer.part`, and `.rRANK` for a surrogate variant. */
+export const candidateKey = (c: PartRef & { rank?: number }): string => (c.rank !== undefined ? `${partKey(c)}.r${c.rank}` : partKey(c));
+
+/** a - b, elementwise. */
+function difference(a: Float32Array, b: Float32Array): Float32Array {
+  const out = new Float32Array(a.length);
+  for (let i = 0; i < a.length; i++) out[i] = a[i]! - b[i]!;
+  return out;
+}
+
+/** |m - s(u)| / |from| for the listed real tokens, m = to - from. */
+function residualTargets(
+  s: import('../../routing/router-weights.js').Surrogate,
+  u: Float32Array,
+  from: Float32Array,
+  to: Float32Array,
+  real: Int32Array,
+  H: number,
+): Float64Array {
+  const pred = applySurrogate(s, u, real, H);
+  const out = new Float64Array(real.length);
+  real.forEach((i, k) => {
+    let rr = 0;
+    let hh = 0;
+    for (let j = 0; j < H; j++) {
+      const f = from[i * H + j]!;
+      const d = to[i * H + j]! - f - pred[k * H + j]!;
+      rr += d * d;
+      hh += f * f;
+    }
+    out[k] = Math.sqrt(rr) / Math.max(Math.sqrt(hh), 1e-12);
+  });
   return out;
 }
 

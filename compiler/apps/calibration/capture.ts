@@ -1,7 +1,7 @@
 /**
  * Activation capture: the ORIGINAL model with extra graph outputs (added in memory, saved to a
  * temp folder) for each layer's residual input x, the stream h after the attention add, and the
- * residual output. Runs batch by batch; a caller reduces each batch to statistics and drops it,
+ * residual output (and any other values asked for, such as the MLP's normalised input u). Runs batch by batch; a caller reduces each batch to statistics and drops it,
  * so memory is one batch of activations, whatever the data set's size.
  */
 import { join } from 'node:path';
@@ -54,7 +54,7 @@ export interface Batch {
   feeds: Record<string, ort.Tensor>;
 }
 
-const STREAM_TYPE: Record<DecoderStructure['dtype'], number> = { float32: DataType.FLOAT, float16: DataType.FLOAT16, bfloat16: DataType.BFLOAT16 };
+export const STREAM_TYPE: Record<DecoderStructure['dtype'], number> = { float32: DataType.FLOAT, float16: DataType.FLOAT16, bfloat16: DataType.BFLOAT16 };
 
 /** The stream points of each layer of an analysed (boundary-split) decoder. */
 export function layerPoints(s: DecoderStructure): LayerPoints[] {
@@ -143,6 +143,7 @@ export class ActivationCapture {
     readonly hiddenSize: number,
     readonly structure: { numLayers: number; hiddenSize: number },
     private readonly embedder: TokenEmbedder | null,
+    private readonly names: string[],
   ) {}
 
   /**
@@ -156,26 +157,27 @@ export class ActivationCapture {
     workDir: string,
     opts: SessionOptions = {},
     embeddings: EmbeddingSource | null = null,
+    extra: readonly string[] = [],
   ): Promise<ActivationCapture> {
     const model = cloneModel(split);
     const io = decoderIo(model);
     const points = layerPoints(s);
-    const names = [...new Set(points.flatMap((p) => [p.x, ...(p.h ? [p.h] : []), p.out]))];
+    const names = [...new Set([...points.flatMap((p) => [p.x, ...(p.h ? [p.h] : []), p.out]), ...extra])];
     exposeValues(model, names, STREAM_TYPE[s.dtype]);
     const path = join(workDir, 'capture.onnx');
     saveModel(model, path);
     const session = await createSession(path, opts);
     const embedder = io.inputsEmbeds && embeddings ? await TokenEmbedder.create(io, embeddings, opts) : null;
-    return new ActivationCapture(session, io, points, s.hiddenSize, { numLayers: s.layers.length, hiddenSize: s.hiddenSize }, embedder);
+    return new ActivationCapture(session, io, points, s.hiddenSize, { numLayers: s.layers.length, hiddenSize: s.hiddenSize }, embedder, names);
   }
 
   batch(rows: number[][]): Promise<Batch> {
     return promptBatch(this.io, rows, this.embedder);
   }
 
-  /** Runs one batch and returns every captured value as float32 [B*S, H] (padding rows included). */
+  /** Runs one batch and returns every captured value (and the extra ones asked for) as float32 [B*S, H] (padding rows included). */
   async run(batch: Batch): Promise<Map<string, Float32Array>> {
-    const names = [...new Set(this.points.flatMap((p) => [p.x, ...(p.h ? [p.h] : []), p.out]))];
+    const names = this.names;
     let out: ort.InferenceSession.OnnxValueMapType;
     try {
       out = await this.session.run(batch.feeds, names);

@@ -13,8 +13,12 @@ export function denseMacs(costs: ModelCosts, lengths: readonly number[]): number
   return lengths.reduce((a, n) => a + executedMacs(costs, denseUsage(costs, n)), 0);
 }
 
-/** MACs a part saves on rows of these lengths when it runs on a fraction c of each row, net of its router. */
-export function savedMacs(costs: ModelCosts, layer: number, part: RoutedPart, c: number, lengths: readonly number[]): number {
+/**
+ * MACs a part saves on rows of these lengths when it runs on a fraction c of each row, net of its
+ * router and, for an MLP part with a surrogate of `surrogateMacs` MACs per token, net of the
+ * surrogate on the tokens the MLP skips. An MLP part with a surrogate at capacity 0 has no router.
+ */
+export function savedMacs(costs: ModelCosts, layer: number, part: RoutedPart, c: number, lengths: readonly number[], surrogateMacs = 0): number {
   let saved = 0;
   for (const n of lengths) {
     const dense = denseUsage(costs, n);
@@ -23,7 +27,8 @@ export function savedMacs(costs: ModelCosts, layer: number, part: RoutedPart, c:
     const k = c * n;
     if (part !== 'mlp') u.attention = k;
     if (part !== 'attention') u.mlp = k;
-    u.routers = 1;
+    u.routers = surrogateMacs > 0 && c <= 0 ? 0 : 1;
+    if (surrogateMacs > 0) u.surrogateMacs = surrogateMacs * (n - k);
     saved += executedMacs(costs, dense) - executedMacs(costs, routed);
   }
   return saved;

@@ -41,13 +41,14 @@ import { compile } from '../../passes/compile.js';
 import { routingOf } from '../../passes/mod-common.js';
 import { kvRoutingBlocker } from '../../passes/route-kv.js';
 import { splitAndAnalyze } from '../../passes/split-fused-boundaries.js';
-import { DEFAULT_KV_POLICY, kvPolicyProblem, type KvPolicy, type RouterFileMetadata } from '../../routing/router-weights.js';
+import { DEFAULT_KV_POLICY, kvPolicyProblem, type KvPolicy, type RouterFileMetadata, surrogateMacs } from '../../routing/router-weights.js';
 import type { RoutingPlan } from '../../routing/routing-plan.js';
 import { type EmbeddingSource, genaiEmbeddingModel, TokenEmbedder } from '../../runtime/embeddings.js';
 import { createSession, ort, toFloat32, type SessionOptions } from '../../runtime/ort.js';
 import { batchesOf, calibrate, type CalibrateOptions, type CalibratedRouter, type CalibrationResult, pickSequences } from './calibrate.js';
 import { exposeValues, promptBatch, type Batch } from './capture.js';
 import { RidgeStats, solveRidge } from './ridge.js';
+import { routerFileMetadata } from './router-file.js';
 import { ALL_PASS_BIAS, nextTokenNll } from './sensitivity.js';
 
 export interface KvCalibrateOptions {
@@ -269,11 +270,12 @@ class KvEvaluator {
         ...(alongside?.routers ?? []).map((r) => ({
           layer: r.layer,
           part: r.part,
-          router: { layer: r.layer, part: r.part, weight: r.weight, bias: r.bias },
+          router: { layer: r.layer, part: r.part, weight: r.weight, bias: r.bias, ...(r.surrogate ? { surrogate: r.surrogate } : {}) },
           threshold: r.threshold,
           capacity: r.capacity,
         })),
       ],
+      ...(alongside?.replaced?.length ? { replaced: alongside.replaced } : {}),
     };
     compile(model, { plan, verify: false });
     const g = model.graph;
@@ -586,12 +588,19 @@ function measure(
       u.kvHeld = k.held;
       u.routers += 1;
     });
-    // MLP parts routed alongside: charged at their calibrated fraction (their own report measures them exactly).
+    // MLP parts routed alongside: charged at their calibrated fraction (their own report measures them
+    // exactly), a surrogate on the tokens its part skips; an MLP replaced by its surrogate, on every token.
     for (const a of alongside?.routers ?? []) {
       const u = usage.layers[a.layer]!;
       const f = alongside!.report.parts.find((q) => q.layer === a.layer && q.part === a.part)?.selectedFraction ?? a.capacity;
       if (a.part === 'mlp') u.mlp = f * n;
       u.routers += 1;
+      if (a.surrogate) u.surrogateMacs = (u.surrogateMacs ?? 0) + surrogateMacs(a.surrogate, costs.hiddenSize) * (1 - f) * n;
+    }
+    for (const r of alongside?.replaced ?? []) {
+      const u = usage.layers[r.layer]!;
+      u.mlp = 0;
+      u.surrogateMacs = (u.surrogateMacs ?? 0) + surrogateMacs(r.surrogate, costs.hiddenSize) * n;
     }
     held += kvElements(costs, usage);
     heldDense += kvElements(costs, dense);
@@ -628,13 +637,17 @@ export async function calibrateKvWithCompute(
 }
 
 /** The router file's metadata: kv routers (and compute routers calibrated alongside), policy, reports. */
-export function kvRouterFileMetadata(kv: KvCalibrationResult, compute: CalibrationResult | null, data: { path: string }): RouterFileMetadata {
+export function kvRouterFileMetadata(
+  kv: KvCalibrationResult,
+  compute: CalibrationResult | null,
+  data: { path: string; lines?: number; sha256?: string },
+): RouterFileMetadata {
   return {
     mode: 'threshold',
     gated: compute?.gated ?? false,
     kv: kv.kv,
     layers: [
-      ...(compute?.routers ?? []).map((r) => ({ layer: r.layer, part: r.part, capacity: r.capacity, threshold: r.threshold })),
+      ...(compute ? routerFileMetadata(compute, { path: data.path, tokens: 0, sequences: 0 }).layers! : []),
       ...kv.routers.map((r) => ({ layer: r.layer, part: r.part, capacity: r.capacity, threshold: r.threshold })),
     ],
     calibration: {

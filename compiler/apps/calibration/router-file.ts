@@ -6,14 +6,33 @@
  */
 import { renameSync, rmSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
-import { type RouterFileMetadata, writeRouterFile } from '../../routing/router-weights.js';
+import { type RouterFileMetadata, surrogateMacs, writeRouterFile } from '../../routing/router-weights.js';
 import type { CalibrationResult } from './calibrate.js';
 
-export function routerFileMetadata(result: CalibrationResult, data: { path: string; tokens: number; sequences: number }): RouterFileMetadata {
+/** The calibration data as recorded: its path, lines, sha256, and the sequences and tokens calibration used. */
+export interface CalibrationData {
+  path: string;
+  tokens: number;
+  sequences: number;
+  lines?: number;
+  sha256?: string;
+}
+
+export function routerFileMetadata(result: CalibrationResult, data: CalibrationData): RouterFileMetadata {
+  const sur = (s: { rank: number; bias: Float32Array }) => ({ rank: s.rank, macs: surrogateMacs(s, s.bias.length) });
   return {
     mode: result.mode,
     gated: result.gated,
-    layers: result.routers.map((r) => ({ layer: r.layer, part: r.part, capacity: r.capacity, threshold: r.threshold })),
+    layers: [
+      ...result.routers.map((r) => ({
+        layer: r.layer,
+        part: r.part,
+        capacity: r.capacity,
+        threshold: r.threshold,
+        ...(r.surrogate ? { surrogate: sur(r.surrogate) } : {}),
+      })),
+      ...(result.replaced ?? []).map((r) => ({ layer: r.layer, part: r.part, capacity: 0, surrogate: sur(r.surrogate) })),
+    ].sort((a, b) => a.layer - b.layer),
     calibration: { tool: 'modc calibrate', data, recipe: result.recipe, report: result.report },
   };
 }
@@ -24,8 +43,16 @@ export function writeCalibratedRouters(path: string, result: CalibrationResult, 
   try {
     writeRouterFile(
       tmp,
-      result.routers.map((r) => ({ layer: r.layer, part: r.part, weight: r.weight, bias: r.bias, threshold: r.threshold })),
+      result.routers.map((r) => ({
+        layer: r.layer,
+        part: r.part,
+        weight: r.weight,
+        bias: r.bias,
+        threshold: r.threshold,
+        ...(r.surrogate ? { surrogate: r.surrogate } : {}),
+      })),
       metadata,
+      { replaced: result.replaced ?? [] },
     );
     renameSync(tmp, path);
   } catch (e) {

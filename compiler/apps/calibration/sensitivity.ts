@@ -13,7 +13,7 @@ import { saveModel } from '../../core/io/save.js';
 import { DataType } from '../../core/ir/dtype.js';
 
 import type { Model } from '../../core/ir/model.js';
-import type { RoutingPlan } from '../../routing/routing-plan.js';
+import type { RoutingPlan, Surrogate } from '../../routing/routing-plan.js';
 import { decoderIo, type DecoderIo } from '../../metadata/decoder-io.js';
 import { type EmbeddingSource, TokenEmbedder } from '../../runtime/embeddings.js';
 import { createSession, ort, toFloat32, type SessionOptions } from '../../runtime/ort.js';
@@ -23,10 +23,11 @@ import { compile } from '../../passes/compile.js';
 import { routingOf } from '../../passes/mod-common.js';
 import { readRoutingMetadata } from '../../metadata/routing-metadata.js';
 
-/** A fitted router for one part: score = w . x + bias. */
+/** A fitted router for one part: score = w . x + bias; an MLP part may have a surrogate for the tokens it skips. */
 export interface PartRouter extends PartRef {
   weight: Float32Array;
   bias: number;
+  surrogate?: Surrogate;
 }
 
 /** A bias large enough that every token's score is positive: the part runs on every token. */
@@ -42,6 +43,18 @@ export interface EvalResult {
   selected: Map<string, number>;
   /** Per part key, with `scores`: w . x (bias excluded) of every real token, in batch order. */
   scores?: Map<string, Float32Array>;
+  /**
+   * Per part key, with `values` (an evaluator created with `expose`): the stream the router
+   * reads and, for an MLP with a surrogate, u, both [B*S, H]; the selection, [B*S].
+   */
+  values?: Map<string, { input: Float32Array; u: Float32Array | null; selected: Uint8Array }>;
+}
+
+/** Graph values of a routed part an evaluator created with `expose` returns. */
+interface PartValues {
+  input: string;
+  selected: string;
+  u: string | null;
 }
 
 /** The routing plan of a set of part routers: threshold p = 0.5, ungated, biases as given. */
@@ -50,7 +63,8 @@ export function partPlan(routers: readonly PartRouter[], gated = false): Routing
     mode: 'threshold',
     gated,
     layers: routers.map((r) => {
-      const entry = { layer: r.layer, part: r.part, router: { layer: r.layer, part: r.part, weight: r.weight, bias: r.bias }, threshold: 0.5, capacity: 1 };
+      const router = { layer: r.layer, part: r.part, weight: r.weight, bias: r.bias, ...(r.surrogate ? { surrogate: r.surrogate } : {}) };
+      const entry = { layer: r.layer, part: r.part, router, threshold: 0.5, capacity: 1 };
       return entry;
     }),
     unconverted: [],
@@ -64,6 +78,7 @@ export class RoutedEvaluator {
     /** Per part key: the bias input's name and the score output's name. */
     readonly parts: Map<string, { ref: PartRef; bias: string; score: string }>,
     private readonly embedder: TokenEmbedder | null,
+    private readonly exposed: Map<string, PartValues> = new Map(),
   ) {}
 
   static async create(
@@ -73,11 +88,14 @@ export class RoutedEvaluator {
     name: string,
     opts: SessionOptions = {},
     embeddings: EmbeddingSource | null = null,
+    /** The stream's element type (DataType) to expose each part's input, u and selection; null: none. */
+    expose: number | null = null,
   ): Promise<RoutedEvaluator> {
     const model = cloneModel(original);
     compile(model, { plan: partPlan(routers), verify: false });
     const g = model.graph;
     const parts = new Map<string, { ref: PartRef; bias: string; score: string }>();
+    const exposed = new Map<string, PartValues>();
     const scores: string[] = [];
     // Each routed part's Router, found from the selection its routing metadata names.
     for (const entry of readRoutingMetadata(model)?.layers ?? []) {
@@ -93,16 +111,21 @@ export class RoutedEvaluator {
       if (!g.inputs.includes(bias)) g.inputs.push(bias);
       scores.push(router.outputs[0]!.name);
       parts.set(partKey(ref), { ref, bias: bias.name, score: router.outputs[0]!.name });
+      if (expose !== null) exposed.set(partKey(ref), { input: router.input(0)!.name, selected: entry.selected, u: entry.surrogate?.input ?? null });
     }
     const missing = routers.filter((r) => !parts.has(partKey(r)));
     if (missing.length) throw new ModcError(`the compiled model has no router for ${missing.map(partKey).join(', ')} (the compiler could not route it)`);
     exposeValues(model, scores, DataType.FLOAT);
+    for (const v of exposed.values()) {
+      exposeValues(model, [v.input, ...(v.u ? [v.u] : [])], expose!);
+      exposeValues(model, [v.selected], DataType.BOOL);
+    }
     const io = decoderIo(model);
     const path = join(workDir, `${name}.onnx`);
     saveModel(model, path);
     const session = await createSession(path, opts);
     const embedder = io.inputsEmbeds && embeddings ? await TokenEmbedder.create(io, embeddings, opts) : null;
-    return new RoutedEvaluator(session, io, parts, embedder);
+    return new RoutedEvaluator(session, io, parts, embedder, exposed);
   }
 
   batch(rows: number[][]): Promise<Batch> {
@@ -113,10 +136,11 @@ export class RoutedEvaluator {
    * Runs a batch with these biases (parts not listed select every token) and scores it:
    * NLL of each next token at real positions, and how many real tokens each part selected.
    */
-  async run(batch: Batch, biases: ReadonlyMap<string, number>, opts: { scores?: boolean; logits?: boolean } = {}): Promise<EvalResult> {
+  async run(batch: Batch, biases: ReadonlyMap<string, number>, opts: { scores?: boolean; logits?: boolean; values?: boolean } = {}): Promise<EvalResult> {
     const feeds = { ...batch.feeds };
     for (const [key, p] of this.parts) feeds[p.bias] = new ort.Tensor('float32', Float32Array.of(biases.get(key) ?? ALL_PASS_BIAS), [1]);
-    const fetch = [...[...this.parts.values()].map((p) => p.score), ...(opts.logits === false ? [] : [this.io.logits])];
+    const extra = opts.values ? [...new Set([...this.exposed.values()].flatMap((v) => [v.input, v.selected, ...(v.u ? [v.u] : [])]))] : [];
+    const fetch = [...new Set([...[...this.parts.values()].map((p) => p.score), ...extra, ...(opts.logits === false ? [] : [this.io.logits])])];
     let out: ort.InferenceSession.OnnxValueMapType;
     try {
       out = await this.session.run(feeds, fetch);
@@ -143,7 +167,19 @@ export class RoutedEvaluator {
       const logits = out[this.io.logits] as ort.Tensor;
       ({ nll, predicted } = nextTokenNll(toFloat32(logits), logits.dims as number[], batch));
     }
-    return { nll, predicted, tokens: batch.real.length, selected, ...(scores ? { scores } : {}) };
+    let values: EvalResult['values'];
+    if (opts.values) {
+      values = new Map();
+      for (const [key, v] of this.exposed) {
+        const sel = (out[v.selected] as ort.Tensor).data as ArrayLike<number | boolean>;
+        values.set(key, {
+          input: toFloat32(out[v.input] as ort.Tensor),
+          u: v.u ? toFloat32(out[v.u] as ort.Tensor) : null,
+          selected: Uint8Array.from({ length: sel.length }, (_, i) => (sel[i] ? 1 : 0)),
+        });
+      }
+    }
+    return { nll, predicted, tokens: batch.real.length, selected, ...(scores ? { scores } : {}), ...(values ? { values } : {}) };
   }
 
   async release(): Promise<void> {

@@ -52,8 +52,9 @@ export function emitSession(c: SessionContract, opts: EmitOptions = {}): string 
 }
 
 function header(sf: SourceFile, c: SessionContract, className: string): void {
+  const replaced = c.routing?.replaced?.length ?? 0;
   const kind = c.routing
-    ? `modc-compiled (${c.routing.mode} routing, ${c.routing.gated ? 'gated' : 'ungated'}, ${c.routing.layers.length} routed part${c.routing.layers.length === 1 ? '' : 's'})`
+    ? `modc-compiled (${c.routing.mode} routing, ${c.routing.gated ? 'gated' : 'ungated'}, ${c.routing.layers.length} routed part${c.routing.layers.length === 1 ? '' : 's'}${replaced ? `, ${replaced} MLP${replaced === 1 ? '' : 's'} replaced by a surrogate` : ''})`
     : 'decoder';
   const usage = c.io.inputsEmbeds
     ? ['const logits = await s.prefill(embeds);   // [B, S, V] (or [B, 1, V] for --logits last)', 'const next = await s.step(nextEmbeds);    // [B, 1, V]']
@@ -184,6 +185,33 @@ function contractConstants(sf: SourceFile, c: SessionContract): void {
       { name: 'selected', type: 'string', docs: ["The graph value holding this part's selection, bool [B, S]."] },
       { name: 'threshold', type: 'number' },
       { name: 'capacity', type: 'number' },
+      {
+        name: 'surrogate',
+        type: 'Surrogate',
+        hasQuestionToken: true,
+        docs: ['An MLP part with a linear surrogate: what its unselected tokens get instead of no update.'],
+      },
+    ].map((p) => ({ ...p, isReadonly: true })),
+  });
+  sf.addInterface({
+    name: 'Surrogate',
+    isExported: true,
+    docs: ['An MLP part\'s linear surrogate s(u) = (u A) B + c (SPEC.md, "MLP routed with a surrogate").'],
+    properties: [
+      { name: 'rank', type: 'number' },
+      { name: 'macs', type: 'number', docs: ['Multiply-accumulates per token it runs on (2 H rank).'] },
+      { name: 'input', type: 'string', docs: ["The graph value holding u, the MLP's normalised input, [B, S, H]."] },
+      { name: 'output', type: 'string', docs: ["The graph value holding the surrogate's update, [B, S, H] (0 where it did not run)."] },
+    ].map((p) => ({ ...p, isReadonly: true })),
+  });
+  sf.addInterface({
+    name: 'ReplacedPart',
+    isExported: true,
+    docs: ['An MLP replaced by its surrogate on every token (no router, nothing selected).'],
+    properties: [
+      { name: 'layer', type: 'number' },
+      { name: 'part', type: "'mlp'" },
+      { name: 'surrogate', type: 'Surrogate' },
     ].map((p) => ({ ...p, isReadonly: true })),
   });
   sf.addInterface({
@@ -193,6 +221,7 @@ function contractConstants(sf: SourceFile, c: SessionContract): void {
       { name: 'mode', type: "'threshold' | 'topk'" },
       { name: 'gated', type: 'boolean' },
       { name: 'layers', type: 'readonly RoutedPart[]' },
+      { name: 'replaced', type: 'readonly ReplacedPart[]' },
     ].map((p) => ({ ...p, isReadonly: true })),
   });
   const kv = io.kv.map((b) => ({
@@ -217,7 +246,15 @@ function contractConstants(sf: SourceFile, c: SessionContract): void {
     ? {
         mode: c.routing.mode,
         gated: c.routing.gated,
-        layers: c.routing.layers.map((l) => ({ layer: l.layer, part: l.part, selected: l.selected, threshold: l.threshold, capacity: l.capacity })),
+        layers: c.routing.layers.map((l) => ({
+          layer: l.layer,
+          part: l.part,
+          selected: l.selected,
+          threshold: l.threshold,
+          capacity: l.capacity,
+          ...(l.surrogate ? { surrogate: l.surrogate } : {}),
+        })),
+        replaced: c.routing.replaced ?? [],
       }
     : null;
   const decoder = {

@@ -8,7 +8,9 @@
  *   -log softmax(logits at t)[id at t+1], in nats; perplexity = exp(nll).
  * - selectedFraction of a routed (layer, part): tokens that ran it / real tokens.
  * - computeFraction: MACs executed / MACs of the dense original on the same tokens. A kv part's
- *   attention is charged for the (query, key) pairs its visibility rule leaves (kvRowUsage).
+ *   attention is charged for the (query, key) pairs its visibility rule leaves (kvRowUsage); a
+ *   surrogate (SPEC.md, "MLP routed with a surrogate") is charged its MACs on the tokens it ran
+ *   on: the real tokens its MLP part did not select, or every real token of an MLP it replaces.
  * - kvFraction: KV-cache elements held for real tokens / the dense original's, after each row's
  *   last token (a kv part: its sinks, kept tokens and window; the cache only grows, so this is
  *   also the peak of a decode).
@@ -49,6 +51,8 @@ export interface LayerEval {
   routed: boolean;
   /** Tokens that ran the part over real tokens (a kv part: tokens its router kept for good). */
   selectedFraction: number;
+  /** An MLP part with a surrogate: its rank, and the fraction of real tokens it ran on (1 - selected; 1 when it replaces the MLP). */
+  surrogate?: { rank: number; fraction: number };
   /** A kv part: entries its cache held after each row's last token, over real tokens (sinks and window counted). */
   kvFraction?: number;
 }
@@ -132,7 +136,8 @@ export async function evaluate(model: Model | string, sequences: number[][], opt
       executionProvider: opts.executionProvider,
       ...(embeddingModel ? { embeddings: { kind: 'model', path: embeddingModel } } : {}),
     }));
-    const acc = new Accumulator(costs, selections, routing?.kv ?? DEFAULT_KV_POLICY);
+    const surrogates = selections.map((sel) => routing?.layers.find((l) => l.layer === sel.layer && l.part === sel.part)?.surrogate ?? null);
+    const acc = new Accumulator(costs, selections, routing?.kv ?? DEFAULT_KV_POLICY, surrogates, routing?.replaced ?? []);
     const order = sequences.map((_, i) => i).sort((a, b) => sequences[b]!.length - sequences[a]!.length);
     let done = 0;
     opts.onProgress?.(0, order.length);
@@ -203,6 +208,10 @@ class Accumulator {
     private readonly costs: ModelCosts,
     private readonly selections: Selection[],
     private readonly policy: KvPolicy,
+    /** Per selection: its surrogate (rank and MACs per token it runs on), or null. */
+    private readonly surrogates: ({ rank: number; macs: number } | null)[] = [],
+    /** MLP parts replaced by their surrogate: no router, the surrogate on every token. */
+    private readonly replaced: readonly { layer: number; surrogate: { rank: number; macs: number } }[] = [],
   ) {
     this.selected = selections.map(() => 0);
     this.held = selections.map(() => 0);
@@ -235,7 +244,15 @@ class Accumulator {
         if (sel.part !== 'attention') u.mlp = selected[i]!;
       }
       u.routers += 1;
+      const sur = this.surrogates[i];
+      if (sur) u.surrogateMacs = (u.surrogateMacs ?? 0) + sur.macs * (tokens - selected[i]!);
     });
+    for (const r of this.replaced) {
+      const u = usage.layers[r.layer];
+      if (!u) throw new ModcError(`modc.routing replaces layer ${r.layer}'s MLP, but modc.costs has ${this.costs.layers.length} layers`);
+      u.mlp = 0;
+      u.surrogateMacs = (u.surrogateMacs ?? 0) + r.surrogate.macs * tokens;
+    }
     this.macs.executed += executedMacs(this.costs, usage);
     this.macs.dense += executedMacs(this.costs, dense);
     this.kv.held += kvElements(this.costs, usage);
@@ -244,22 +261,29 @@ class Accumulator {
 
   result(sequences: number, routing: EvalResult['routing']): Omit<EvalResult, 'pad'> {
     const nll = this.predicted > 0 ? this.nll / this.predicted : NaN;
-    const routed = new Set(this.selections.map((s) => s.layer));
+    const routed = new Set([...this.selections.map((s) => s.layer), ...this.replaced.map((r) => r.layer)]);
     const layers = this.costs.layers.flatMap((c): LayerEval[] =>
       routed.has(c.layer)
-        ? this.selections.flatMap((s, i) =>
-            s.layer === c.layer
-              ? [
-                  {
-                    layer: c.layer,
-                    part: s.part,
-                    routed: true,
-                    selectedFraction: this.selected[i]! / this.fed,
-                    ...(s.part === 'kv' ? { kvFraction: this.held[i]! / this.fed } : {}),
-                  },
-                ]
-              : [],
-          )
+        ? [
+            ...this.selections.flatMap((s, i): LayerEval[] => {
+              if (s.layer !== c.layer) return [];
+              const fraction = this.selected[i]! / this.fed;
+              const sur = this.surrogates[i];
+              return [
+                {
+                  layer: c.layer,
+                  part: s.part,
+                  routed: true,
+                  selectedFraction: fraction,
+                  ...(sur ? { surrogate: { rank: sur.rank, fraction: 1 - fraction } } : {}),
+                  ...(s.part === 'kv' ? { kvFraction: this.held[i]! / this.fed } : {}),
+                },
+              ];
+            }),
+            ...this.replaced
+              .filter((r) => r.layer === c.layer)
+              .map((r) => ({ layer: c.layer, part: 'mlp' as const, routed: true, selectedFraction: 0, surrogate: { rank: r.surrogate.rank, fraction: 1 } })),
+          ]
         : [{ layer: c.layer, part: 'block' as const, routed: false, selectedFraction: 1 }],
     );
     return {

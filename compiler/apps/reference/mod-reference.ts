@@ -14,7 +14,10 @@
  * unit from its input (x, or h after the attention add) to its update (a or m), run row by row
  * on the selected tokens like a routed layer (an attention part with its own cache); the update
  * becomes g * u at selected tokens and 0 elsewhere, and the rest of the layer (its residual adds,
- * the unrouted part) runs on every token as in the original.
+ * the unrouted part) runs on every token as in the original. An MLP part with a surrogate (SPEC.md,
+ * "MLP routed with a surrogate") gives the tokens it does not select s(u) = (u A) B + c instead of
+ * 0, u being the MLP's normalised input (the MLP unit's own value, made an output of the unit and
+ * read from a run on every token); an MLP replaced by its surrogate gives every token s(u).
  *
  * A layer routing its KV cache (`kv`, SPEC.md "Key/value routing") runs every token, one at a
  * time per row, against an explicit cache: token t of a row sees the cached entries held for good
@@ -31,6 +34,7 @@ import { extractUnits, layerUnit, type LayerUnit, type RunnableUnit } from '../.
 import type { LoadedUnit } from '../../runtime/layer-runner.js';
 import { GraphFacts } from '../../analysis/graph-facts.js';
 import { subLayersOf, type SubLayer } from '../../analysis/sub-layers.js';
+import { mlpInputOf } from '../../analysis/mlp-input.js';
 import { kvSequenceAxis, type DecoderStructure, type LayerInfo } from '../../analysis/types.js';
 import { ModcError } from '../../core/errors.js';
 import { loadModel } from '../../core/io/load.js';
@@ -41,7 +45,7 @@ import type { TypeProto } from '../../core/proto/index.js';
 import { GQA_ATTENTION_BIAS, kvCompactionBlocker, slotNumbered, staticWindow } from '../../analysis/attention.js';
 import { Tensor } from '../../core/ir/tensor.js';
 import type { Model } from '../../core/ir/model.js';
-import { describeLayerPart, kvPolicyOf, type LayerPlan, type RoutingPlan } from '../../routing/routing-plan.js';
+import { describeLayerPart, kvPolicyOf, type LayerPlan, type RoutingPlan, type Surrogate } from '../../routing/routing-plan.js';
 import { decoderIo, type DecoderIo, type KvBinding, resolvePadSide } from '../../metadata/decoder-io.js';
 import { type EmbeddingSource, TokenEmbedder } from '../../runtime/embeddings.js';
 import { emptyTensor, ort, toFloat32, type SessionOptions } from '../../runtime/ort.js';
@@ -108,8 +112,18 @@ function asTensor(data: Float32Array, dims: number[], like: ort.Tensor): ort.Ten
 type LayerRun =
   { kind: 'whole'; loaded: LoadedUnit; unit: LayerUnit; plan: LayerPlan | null } | { kind: 'parts'; index: number; pieces: Piece[]; attentionRouted: boolean };
 
-/** A piece of a cut layer: a routed part (run on its selected tokens) or the rest (run on every token). */
-type Piece = { loaded: LoadedUnit; routed: { sub: SubLayer; plan: LayerPlan } | null };
+/**
+ * A piece of a cut layer: a routed part (run on its selected tokens; `plan` null for an MLP
+ * replaced by its surrogate), or the rest (run on every token).
+ */
+type Piece = { loaded: LoadedUnit; routed: RoutedPiece | null };
+
+/** A routed (or replaced) part: its plan, and its surrogate with the name of u in its unit. */
+interface RoutedPiece {
+  sub: SubLayer;
+  plan: LayerPlan | null;
+  surrogate: { weights: Surrogate; u: string } | null;
+}
 
 export class ModReference {
   /** Per converted layer (by index), per row. */
@@ -153,7 +167,12 @@ export class ModReference {
   ): Promise<ModReference> {
     const model = loadModel(modelPath);
     const io = decoderIo(model);
-    const cut = [...new Set(routing.layers.filter((l) => l.part === 'attention' || l.part === 'mlp').map((l) => l.layer))];
+    const cut = [
+      ...new Set([
+        ...routing.layers.filter((l) => l.part === 'attention' || l.part === 'mlp').map((l) => l.layer),
+        ...(routing.replaced ?? []).map((r) => r.layer),
+      ]),
+    ];
     const structure = splitAndAnalyze(model, { within: cut });
     const stateful = routing.layers.find((l) => structure.layers[l.layer]?.state.length);
     if (stateful)
@@ -165,6 +184,16 @@ export class ModReference {
       model,
       groups.map((g) => g.group),
     );
+    // A part with a surrogate also hands out u, the MLP's normalised input.
+    groups.forEach((g, i) => {
+      const u = g.routed?.surrogate?.u;
+      if (!u || units[i]!.outputs.includes(u)) return;
+      const v = units[i]!.model.graph.findValue(u);
+      if (!v) throw new ModcError(`reference: the MLP unit of layer ${g.layer} does not compute ${u}`);
+      v.type = { tensor_type: { elem_type: v.dtype ?? (structure.dtype === 'float16' ? DataType.FLOAT16 : DataType.FLOAT) } };
+      units[i]!.model.graph.outputs.push(v);
+      units[i]!.outputs.push(u);
+    });
     const compacted = new Set(routing.layers.filter((l) => l.part !== 'mlp').map((l) => l.layer));
     const fixes = new Map<number, SlotFix>();
     units.forEach((u, i) => {
@@ -185,6 +214,7 @@ export class ModReference {
         layers.push({ kind: 'whole', loaded: { ...loaded[i]!, unit }, unit, plan: plans[0] ?? null });
       } else {
         const pieces = at.map(([g, i]) => ({ loaded: loaded[i]!, routed: g.routed }));
+        // An MLP replaced by its surrogate keeps the layer's cache whole, as an MLP part does.
         layers.push({ kind: 'parts', index: layer.index, pieces, attentionRouted: plans.some((p) => p.part === 'attention' || p.part === 'kv') });
       }
     }
@@ -295,6 +325,7 @@ export class ModReference {
       }
       for (const piece of run.pieces) {
         if (!piece.routed) await runUnit(piece.loaded, values);
+        else if (!piece.routed.plan) await this.replacedPart(piece.loaded, piece.routed, values);
         else if (piece.routed.plan.part === 'kv')
           chosen.set(
             describeLayerPart(piece.routed.plan),
@@ -303,7 +334,7 @@ export class ModReference {
         else
           chosen.set(
             describeLayerPart(piece.routed.plan),
-            await this.routedPart(piece.loaded, piece.routed.sub, piece.routed.plan, values, S, pastLength, positions),
+            await this.routedPart(piece.loaded, piece.routed.sub, piece.routed.plan, values, S, pastLength, positions, piece.routed.surrogate),
           );
       }
       if (!run.attentionRouted) this.keepFull(run.index, values);
@@ -470,13 +501,15 @@ export class ModReference {
     S: number,
     pastLength: number,
     positions: number[],
+    surrogate: RoutedPiece['surrogate'] = null,
   ): Promise<number[][]> {
     const B = this.batch;
     const xT = values.get(sub.input.name)!;
     const x = rowsOf(xT);
     const H = x.H;
     const { score, selected } = this.select(x.data, [B, S, H], lp, pastLength);
-    const update = new Float32Array(B * S * H);
+    // Unselected tokens: s(u) with a surrogate, else 0. Selected tokens are overwritten below.
+    const update = surrogate ? await this.surrogateUpdate(loaded, xT, surrogate, values) : new Float32Array(B * S * H);
     const chosen: number[][] = [];
     const binding = this.io.kv.find((k) => k.layer === lp.layer)!;
     for (let b = 0; b < B; b++) {
@@ -505,6 +538,41 @@ export class ModReference {
     }
     values.set(sub.update.name, asTensor(update, xT.dims as number[], xT));
     return chosen;
+  }
+
+  /**
+   * s(u) = (u A) B + c at every token of the call: the MLP unit runs on every token (a view of
+   * its own, so the call's values keep what they hold) for u, its normalised input; float64 sums.
+   */
+  private async surrogateUpdate(loaded: LoadedUnit, xT: ort.Tensor, sur: NonNullable<RoutedPiece['surrogate']>, values: Values): Promise<Float32Array> {
+    const view: Values = new Map();
+    for (const name of loaded.unit.inputs) view.set(name, values.get(name)!);
+    await runUnit(loaded, view);
+    const u = toFloat32(view.get(sur.u)!);
+    const [B, S, H] = xT.dims as number[];
+    const { a, b, bias, rank } = sur.weights;
+    const out = new Float32Array(B! * S! * H!);
+    const mid = new Float64Array(rank);
+    for (let t = 0; t < B! * S!; t++) {
+      mid.fill(0);
+      for (let i = 0; i < H!; i++) {
+        const ui = u[t * H! + i]!;
+        for (let k = 0; k < rank; k++) mid[k]! += ui * a[i * rank + k]!;
+      }
+      for (let j = 0; j < H!; j++) {
+        let v = bias[j]!;
+        for (let k = 0; k < rank; k++) v += mid[k]! * b[k * H! + j]!;
+        out[t * H! + j] = v;
+      }
+    }
+    return out;
+  }
+
+  /** An MLP replaced by its surrogate: every token's update is s(u); the MLP itself contributes nothing. */
+  private async replacedPart(loaded: LoadedUnit, piece: RoutedPiece, values: Values): Promise<void> {
+    const xT = values.get(piece.sub.input.name)!;
+    const update = await this.surrogateUpdate(loaded, xT, piece.surrogate!, values);
+    values.set(piece.sub.update.name, asTensor(update, xT.dims as number[], xT));
   }
 
   /**
@@ -682,7 +750,7 @@ interface UnitGroup {
   group: { name: string; nodes: readonly Node[] };
   /** The layer the group belongs to (-1: prefix, L: suffix). */
   layer: number;
-  routed: { sub: SubLayer; plan: LayerPlan } | null;
+  routed: RoutedPiece | null;
 }
 
 /**
@@ -692,9 +760,18 @@ interface UnitGroup {
 function unitGroups(model: Model, s: DecoderStructure, routing: RoutingPlan): UnitGroup[] {
   const groups: UnitGroup[] = [{ group: { name: 'prefix', nodes: s.prefixNodes }, layer: -1, routed: null }];
   for (const layer of s.layers) {
-    // A kv part alone runs the whole layer per token; with a routed MLP, its attention sub-layer.
+    // A kv part alone runs the whole layer per token; with a routed or replaced MLP, its attention sub-layer.
     const all = routing.layers.filter((l) => l.layer === layer.index);
-    const plans = all.some((l) => l.part === 'attention' || l.part === 'mlp') ? all.filter((l) => l.part !== 'block') : [];
+    const replaced = (routing.replaced ?? []).find((r) => r.layer === layer.index);
+    const cutsLayer = replaced !== undefined || all.some((l) => l.part === 'attention' || l.part === 'mlp');
+    const plans: PartCut[] = cutsLayer
+      ? all
+          .filter((l) => l.part !== 'block')
+          .map((plan) => ({ part: plan.part === 'mlp' ? ('mlp' as const) : ('attention' as const), plan, surrogate: plan.router.surrogate ?? null }))
+      : [];
+    if (replaced) plans.push({ part: 'mlp', plan: null, surrogate: replaced.surrogate });
+    // The cut runs the attention sub-layer before the MLP (a kv part orders after its layer's MLP part).
+    plans.sort((a, b) => (a.part === b.part ? 0 : a.part === 'attention' ? -1 : 1));
     if (plans.length === 0) groups.push({ group: { name: `layer.${layer.index}`, nodes: layer.nodes }, layer: layer.index, routed: null });
     else groups.push(...partGroups(model, layer, plans));
   }
@@ -706,20 +783,34 @@ function unitGroups(model: Model, s: DecoderStructure, routing: RoutingPlan): Un
  * A layer cut at its routed parts: rest_0, part_0, rest_1, part_1, rest_2, where a node of the
  * rest goes after every routed part it depends on (h = x + a comes after the attention part).
  */
-function partGroups(model: Model, layer: LayerInfo, plans: readonly LayerPlan[]): UnitGroup[] {
+/** A part to cut out of a layer: routed (with a plan) or replaced by its surrogate (no plan). */
+interface PartCut {
+  part: 'attention' | 'mlp';
+  plan: LayerPlan | null;
+  surrogate: Surrogate | null;
+}
+
+function partGroups(model: Model, layer: LayerInfo, plans: readonly PartCut[]): UnitGroup[] {
   const parts = subLayersOf(layer, new Set(model.graph.outputs));
   if ('reason' in parts) throw new ModcError(`reference: layer ${layer.index} has no sub-layer boundary: ${parts.reason}`);
   const facts = new GraphFacts(model.graph);
-  const routed = plans.map((plan) => {
-    const sub = parts[plan.part === 'kv' ? 'attention' : (plan.part as 'attention' | 'mlp')];
-    if (sub.blocker) throw new ModcError(`reference: layer ${describeLayerPart(plan)} cannot be routed: ${sub.blocker}`);
+  const routed = plans.map((cut) => {
+    const sub = parts[cut.part];
+    const name = describeLayerPart(cut.plan ?? { layer: layer.index, part: cut.part });
+    if (sub.blocker) throw new ModcError(`reference: layer ${name} cannot be routed: ${sub.blocker}`);
+    let surrogate: RoutedPiece['surrogate'] = null;
+    if (cut.surrogate) {
+      const u = mlpInputOf(sub);
+      if ('reason' in u) throw new ModcError(`reference: layer ${name} cannot take a surrogate: ${u.reason}`);
+      surrogate = { weights: cut.surrogate, u: u.value.name };
+    }
     // The values crossing the cut become unit inputs, which ONNX Runtime checks strictly: keep
     // only their element type (a model's value_info may declare a shape it only merges leniently).
     for (const v of [sub.input, sub.update]) {
       const elem = v.dtype ?? facts.dtype(v);
       if (elem !== undefined) v.type = { tensor_type: { elem_type: elem } };
     }
-    return { sub, plan };
+    return { sub, plan: cut.plan, surrogate, part: cut.part };
   });
   const regionOf = new Map<Node, number>();
   routed.forEach((r, i) => r.sub.nodes.forEach((n) => regionOf.set(n, i)));
@@ -742,14 +833,20 @@ function partGroups(model: Model, layer: LayerInfo, plans: readonly LayerPlan[])
     for (const n of r.sub.nodes)
       for (const v of n.inputs) {
         const p = v?.producer;
-        if (p && (level.get(p) ?? 0) > i) throw new ModcError(`reference: layer ${describeLayerPart(r.plan)} reads ${v}, computed after it`);
+        if (p && (level.get(p) ?? 0) > i)
+          throw new ModcError(`reference: layer ${describeLayerPart({ layer: layer.index, part: r.part })} reads ${v}, computed after it`);
       }
   });
   const out: UnitGroup[] = [];
   rests.forEach((nodes, i) => {
     if (nodes.length) out.push({ group: { name: `layer.${layer.index}.rest${i}`, nodes }, layer: layer.index, routed: null });
     const r = routed[i];
-    if (r) out.push({ group: { name: `layer.${layer.index}.${r.plan.part}`, nodes: r.sub.nodes }, layer: layer.index, routed: r });
+    if (r)
+      out.push({
+        group: { name: `layer.${layer.index}.${r.part}`, nodes: r.sub.nodes },
+        layer: layer.index,
+        routed: { sub: r.sub, plan: r.plan, surrogate: r.surrogate },
+      });
   });
   return out;
 }

@@ -16,7 +16,7 @@ import { saveModel } from '../../core/io/save.js';
 import type { Model } from '../../core/ir/model.js';
 import { ModReference } from '../reference/mod-reference.js';
 import { readRoutingMetadata } from '../../metadata/routing-metadata.js';
-import { allPassRouters, routerTensorPrefix } from '../../routing/router-weights.js';
+import { allPassRouters, routerTensorPrefix, type Surrogate } from '../../routing/router-weights.js';
 import { DEFAULT_THRESHOLD, describeLayerPart, type RoutingPlan } from '../../routing/routing-plan.js';
 import { cudaProviderProblem } from '../../runtime/cuda.js';
 import { decoderIo, resolvePadSide } from '../../metadata/decoder-io.js';
@@ -56,11 +56,23 @@ export interface VerifyReport {
   passed: boolean;
 }
 
-/** The routing plan a compiled model carries: its metadata plus its router initializers. */
+/** A surrogate's tensors from the compiled model's initializers (`modc.router.{l}.mlp.surrogate.*`). */
+function surrogateOf(compiled: Model, layer: number, rank: number): Surrogate {
+  const prefix = `modc.${routerTensorPrefix(layer, 'mlp')}.surrogate`;
+  const read = (k: string) => {
+    const t = compiled.graph.initializers.get(`${prefix}.${k}`)?.initializer;
+    if (!t) throw new ModcError(`the compiled model lacks the surrogate tensor ${prefix}.${k} of layer ${layer} (mlp)`);
+    return Float32Array.from(t.toNumbers());
+  };
+  return { rank, a: read('a'), b: read('b'), bias: read('bias') };
+}
+
+/** The routing plan a compiled model carries: its metadata plus its router (and surrogate) initializers. */
 export function routingPlanOf(compiled: Model): RoutingPlan {
   const meta = readRoutingMetadata(compiled);
   if (!meta) throw new ModcError('the compiled model has no modc routing metadata: was it compiled by modc compile?');
-  if (meta.layers.length === 0) {
+  const replaced = (meta.replaced ?? []).map((r) => ({ layer: r.layer, part: 'mlp' as const, surrogate: surrogateOf(compiled, r.layer, r.surrogate.rank) }));
+  if (meta.layers.length === 0 && replaced.length === 0) {
     const why = (meta.skipped ?? []).map((u) => `layer ${describeLayerPart({ layer: u.layer, part: u.part ?? 'block' })}: ${u.reason}`).join('; ');
     throw new ModcError(`the compiled model routes no layer, so there is nothing to verify${why ? ` (${why})` : ''}`);
   }
@@ -75,10 +87,16 @@ export function routingPlanOf(compiled: Model): RoutingPlan {
       part: l.part,
       threshold: l.threshold,
       capacity: l.capacity,
-      router: { layer: l.layer, part: l.part, weight: Float32Array.from(w.toNumbers()), bias: b.toNumbers()[0]! },
+      router: {
+        layer: l.layer,
+        part: l.part,
+        weight: Float32Array.from(w.toNumbers()),
+        bias: b.toNumbers()[0]!,
+        ...(l.surrogate ? { surrogate: surrogateOf(compiled, l.layer, l.surrogate.rank) } : {}),
+      },
     };
   });
-  return { mode: meta.mode, gated: meta.gated, layers, unconverted: [], ...(meta.kv ? { kv: meta.kv } : {}) };
+  return { mode: meta.mode, gated: meta.gated, layers, ...(replaced.length ? { replaced } : {}), unconverted: [], ...(meta.kv ? { kv: meta.kv } : {}) };
 }
 
 /**
@@ -96,6 +114,19 @@ export function checkPlanFits(plan: RoutingPlan, structure: DecoderStructure, or
         `${compiledPath}'s router of layer ${describeLayerPart(l)} reads ${width} features, but ${originalPath}'s hidden size is ${structure.hiddenSize}: it is not the compiled model's source`,
       );
     }
+  }
+  for (const r of [
+    ...plan.layers.flatMap((l) => (l.router.surrogate ? [{ layer: l.layer, s: l.router.surrogate }] : [])),
+    ...(plan.replaced ?? []).map((r) => ({ layer: r.layer, s: r.surrogate })),
+  ]) {
+    if (r.layer >= n)
+      throw new ModcError(
+        `${compiledPath} replaces layer ${r.layer}'s MLP, but ${originalPath} has ${n} layers (0-${n - 1}): it is not the compiled model's source`,
+      );
+    if (r.s.bias.length !== structure.hiddenSize)
+      throw new ModcError(
+        `${compiledPath}'s surrogate of layer ${r.layer} (mlp) writes ${r.s.bias.length} features, but ${originalPath}'s hidden size is ${structure.hiddenSize}: it is not the compiled model's source`,
+      );
   }
 }
 
@@ -124,7 +155,8 @@ function compileAnchor(original: Model, structure: DecoderStructure, plan: Routi
 
 /**
  * The equivalence anchor's plan for the same layers and parts as `plan`: every token selected
- * (all-pass routers, threshold routing), ungated.
+ * (all-pass routers, threshold routing), ungated. A routed MLP part keeps its surrogate (it then
+ * runs on no token); an MLP replaced by its surrogate has no router to select with and stays dense.
  */
 export function anchorPlanFor(plan: RoutingPlan, hiddenSize: number): RoutingPlan {
   return {
@@ -135,7 +167,7 @@ export function anchorPlanFor(plan: RoutingPlan, hiddenSize: number): RoutingPla
       part: l.part,
       threshold: DEFAULT_THRESHOLD,
       capacity: 1,
-      router: allPassRouters([l.layer], hiddenSize, l.part)[0]!,
+      router: { ...allPassRouters([l.layer], hiddenSize, l.part)[0]!, ...(l.router.surrogate ? { surrogate: l.router.surrogate } : {}) },
     })),
     unconverted: [],
     ...(plan.kv ? { kv: plan.kv } : {}),

@@ -1,7 +1,15 @@
 /** `modc calibrate`: fit routers that keep quality from a model and a little data; write the router file. */
-import { existsSync, mkdirSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
-import { calibrate, type CalibrationResult, checkCalibrateOptions, DEFAULTS, type Progress } from '../../apps/calibration/calibrate.js';
+import {
+  calibrate,
+  type CalibrationResult,
+  checkCalibrateOptions,
+  DEFAULTS,
+  MARGIN_WITHOUT_SURROGATES,
+  type Progress,
+} from '../../apps/calibration/calibrate.js';
 import { calibrateKv, calibrateKvWithCompute, checkKvCalibrateOptions, type KvProgress, kvRouterFileMetadata } from '../../apps/calibration/kv-calibrate.js';
 import { readDataset } from '../../apps/data/index.js';
 import type { Granularity } from '../../apps/calibration/parts.js';
@@ -20,6 +28,7 @@ const STAGES: Record<Progress['stage'] | KvProgress['stage'], string> = {
   fit: 'fitting routers',
   score: 'scoring tokens',
   sensitivity: 'measuring sensitivity',
+  refit: 'refitting surrogates',
   refine: 'refining thresholds',
   done: 'done',
 };
@@ -53,8 +62,13 @@ export const calibrateCommand: Command = {
     "stream it is added to, on the part's input), measures each part's NLL increase when routed",
     'alone, and routes the parts that cost least per compute saved until the compute fraction',
     '(MACs run / dense MACs) is at most F. Thresholds are set on the data and baked into the',
-    "router biases (p = 0.5). The file's __metadata__ records",
-    'mode, gating, per-part capacities and thresholds, and the calibration report, so',
+    'router biases (p = 0.5). By default each MLP part also gets low-rank linear surrogates of its',
+    'update (ranks of about 5% and 10% of its MACs, tried as alternatives): a token the MLP skips gets',
+    "the surrogate's output, the router predicts the surrogate's error, and a part may be replaced",
+    'by its surrogate on every token (capacity 0); the chosen surrogates are then refitted in layer',
+    "order with every chosen part routed (--no-refit keeps the first fit). The file's __metadata__ records",
+    'mode, gating, per-part capacities and thresholds, surrogates, the calibration data (path, lines,',
+    'sha256) and the calibration report, so',
     '`modc compile MODEL.onnx --routers ROUTERS.safetensors -o OUT.onnx` needs no other flag.',
     'DATA: one sequence per line, JSON lines {"ids": [1, 2, 3]} or plain text tokenized by the',
     'tokenizer.json beside the model (as for modc eval).',
@@ -69,6 +83,8 @@ export const calibrateCommand: Command = {
     'every layer routed. With --target-compute too, the compute routers are MLP parts: key/value routing',
     'saves attention pairs by itself, so the MLP parts are calibrated for the rest (kv routers first,',
     'alone; then the MLP parts; then the kv thresholds again with the MLP parts routed); the file holds both.',
+    'The MLP parts take surrogates there as they do without --target-kv (--surrogate, --surrogate-ranks,',
+    '--no-refit apply), and the compute fraction charges each surrogate its MACs.',
   ].join('\n'),
   options: {
     data: { type: 'string', valueName: 'FILE', help: 'calibration data (JSON lines {"ids": [...]}, or text with a tokenizer.json beside the model)' },
@@ -89,7 +105,14 @@ export const calibrateCommand: Command = {
       valueName: 'N',
       help: 'tokens per sensitivity measurement (default: about 6 passes over the data in all, 1024-8192 each)',
     },
-    margin: { type: 'string', valueName: 'M', help: `aim M below the target on the calibration data (default ${DEFAULTS.margin})` },
+    margin: {
+      type: 'string',
+      valueName: 'M',
+      help: `aim M below the target on the calibration data (default ${DEFAULTS.margin}, ${MARGIN_WITHOUT_SURROGATES} with --surrogate none)`,
+    },
+    surrogate: { type: 'string', valueName: 'KIND', help: 'lowrank (default): MLP parts get linear surrogates; none: a skipped token gets no update' },
+    'no-refit': { type: 'boolean', help: 'keep the surrogates as first fitted (default: refitted in layer order with the chosen parts routed)' },
+    'surrogate-ranks': { type: 'string', valueName: 'R,R', help: "surrogate ranks tried per MLP part (default: about 5% and 10% of the MLP's MACs)" },
     json: { type: 'boolean', help: 'print the calibration report as JSON' },
     quiet: { type: 'boolean', short: 'q', help: 'no progress or summary on stderr' },
   },
@@ -104,6 +127,8 @@ export const calibrateCommand: Command = {
     if (targetCompute === undefined && targetKv === undefined) throw new UsageError('missing --target-compute F (or --target-kv F)');
     if (targetKv === undefined && (values['kv-sinks'] !== undefined || values['kv-window'] !== undefined))
       throw new UsageError('--kv-sinks and --kv-window go with --target-kv');
+    if (targetCompute === undefined && (values.surrogate !== undefined || values['surrogate-ranks'] !== undefined || values['no-refit'] !== undefined))
+      throw new UsageError('--surrogate, --surrogate-ranks and --no-refit go with --target-compute (they shape the MLP parts calibrated for compute)');
     const granularity = oneOf<Granularity>(values, 'granularity', ['auto', 'block', 'attention', 'mlp']);
     if (targetKv !== undefined && granularity !== undefined && granularity !== 'mlp' && !(granularity === 'auto' && targetCompute !== undefined))
       throw new UsageError(
@@ -129,10 +154,13 @@ export const calibrateCommand: Command = {
       target: oneOf<TargetKind>(values, 'target', TARGET_KINDS) ?? DEFAULTS.target,
       gated: !!values.gated,
       sensitivityTokens: values['sensitivity-tokens'] !== undefined ? intFlag(values, 'sensitivity-tokens', 0, 2) : undefined,
-      margin: numberFlag(values, 'margin') ?? DEFAULTS.margin,
+      margin: numberFlag(values, 'margin'),
+      surrogate: oneOf(values, 'surrogate', ['none', 'lowrank'] as const) ?? DEFAULTS.surrogate,
+      surrogateRanks: ranksFlag(stringFlag(values, 'surrogate-ranks')),
+      refit: !values['no-refit'],
     };
     checkCalibrateOptions(opts);
-    if (!(opts.margin >= 0 && opts.margin < 1)) throw new UsageError(`--margin must be in [0, 1), got ${opts.margin}`);
+    if (opts.margin !== undefined && !(opts.margin >= 0 && opts.margin < 1)) throw new UsageError(`--margin must be in [0, 1), got ${opts.margin}`);
     if (!existsSync(modelPath)) throw new ModcError(`cannot read model ${modelPath}: no such file`);
     const model = loadModel(modelPath);
     requireLogits(model, 'calibrate');
@@ -155,8 +183,8 @@ export const calibrateCommand: Command = {
       const compute = both?.compute ?? null;
       const kv = both?.kv ?? (await calibrateKv(model, sequences, { ...kvOpts, maxTokens: opts.maxTokens, seed: opts.seed, onProgress }));
       mkdirSync(dirname(resolve(output)), { recursive: true });
-      const merged = { routers: [...(compute?.routers ?? []), ...kv.routers] } as CalibrationResult;
-      writeCalibratedRouters(output, merged, kvRouterFileMetadata(kv, compute, { path: data }));
+      const merged = { routers: [...(compute?.routers ?? []), ...kv.routers], replaced: compute?.replaced ?? [] } as unknown as CalibrationResult;
+      writeCalibratedRouters(output, merged, kvRouterFileMetadata(kv, compute, { path: data, ...fileRecord(data) }));
       const k = kv.report;
       if (values.json) {
         io.out(JSON.stringify({ output, mode: 'threshold', kv: { policy: kv.kv, ...k }, ...(compute ? { compute: compute.report } : {}) }, null, 2));
@@ -165,7 +193,7 @@ export const calibrateCommand: Command = {
           io.err(`compute: key/value routing alone reaches compute fraction ${k.computeFraction.toFixed(3)} (target ${targetCompute}): no MLP part routed`);
         if (compute)
           io.err(
-            `compute: ${compute.report.parts.length} MLP part(s) calibrated for ${both!.computeTarget.toFixed(3)} alone (target ${targetCompute} plus what key/value routing saves)`,
+            `compute: ${compute.report.parts.length} MLP part(s) calibrated for ${both!.computeTarget.toFixed(3)} alone (target ${targetCompute} plus what key/value routing saves)${compute.replaced.length ? `, ${compute.replaced.length} replaced by surrogates` : ''}`,
           );
         io.err(
           `calibrated on ${k.tokens} tokens (${k.sequences} sequences): dense NLL ${k.denseNll.toFixed(4)}, routed NLL ${k.nll.toFixed(4)}, KV fraction ${k.kvFraction.toFixed(3)} (target ${targetKv}; sinks ${kv.kv.sinks} and window ${kv.kv.window} alone: ${k.floor.toFixed(3)}), compute fraction ${k.computeFraction.toFixed(3)}`,
@@ -180,17 +208,41 @@ export const calibrateCommand: Command = {
     const result = await calibrate(model, sequences, { ...opts, onProgress });
     mkdirSync(dirname(resolve(output)), { recursive: true });
     const r = result.report;
-    writeCalibratedRouters(output, result, routerFileMetadata(result, { path: data, tokens: r.tokens, sequences: r.sequences }));
+    const dataRecord = { path: data, ...fileRecord(data), tokens: r.tokens, sequences: r.sequences };
+    writeCalibratedRouters(output, result, routerFileMetadata(result, dataRecord));
     if (values.json) {
-      io.out(JSON.stringify({ output, mode: result.mode, gated: result.gated, ...r }, null, 2));
+      io.out(JSON.stringify({ output, mode: result.mode, gated: result.gated, data: dataRecord, ...r }, null, 2));
     } else if (!quiet) {
       io.err(
         `calibrated on ${r.tokens} tokens (${r.sequences} sequences): dense NLL ${r.denseNll.toFixed(4)}, routed NLL ${r.nll.toFixed(4)}, compute fraction ${r.computeFraction.toFixed(3)} (target ${targetCompute})`,
       );
-      for (const p of r.parts)
-        io.err(`  layer ${p.layer} ${p.part}: capacity ${p.capacity.toFixed(3)}, selected ${p.selectedFraction.toFixed(3)}, fit R2 ${p.r2.toFixed(2)}`);
-      io.err(`wrote ${output}: ${result.routers.length} router(s), ${result.mode}, ${result.gated ? 'gated' : 'ungated'}`);
+      for (const p of r.parts) {
+        const sur = p.surrogate ? `, surrogate rank ${p.surrogate.rank} (R2 ${p.surrogate.r2.toFixed(2)})` : '';
+        if (p.surrogate && p.capacity <= 0) io.err(`  layer ${p.layer} ${p.part}: replaced by its surrogate on every token${sur}`);
+        else
+          io.err(`  layer ${p.layer} ${p.part}: capacity ${p.capacity.toFixed(3)}, selected ${p.selectedFraction.toFixed(3)}, fit R2 ${p.r2.toFixed(2)}${sur}`);
+      }
+      io.err(
+        `wrote ${output}: ${result.routers.length} router(s)${result.replaced.length ? `, ${result.replaced.length} MLP(s) replaced by surrogates` : ''}, ${result.mode}, ${result.gated ? 'gated' : 'ungated'}`,
+      );
     }
     return 0;
   },
 };
+
+/** `--surrogate-ranks 16,32`: positive integers. */
+function ranksFlag(v: string | undefined): number[] | undefined {
+  if (v === undefined) return undefined;
+  const ranks = v.split(',').map((x) => Number(x.trim()));
+  if (ranks.length === 0 || ranks.some((r) => !(Number.isInteger(r) && r >= 1)))
+    throw new UsageError(`--surrogate-ranks must be a comma-separated list of integers >= 1, got '${v}'`);
+  return ranks;
+}
+
+/** The data file's lines and sha256, as the router file records them. */
+function fileRecord(path: string): { lines: number; sha256: string } {
+  const bytes = readFileSync(path);
+  const text = bytes.toString('utf8');
+  const lines = text.split('\n').filter((l) => l.trim() !== '').length;
+  return { lines, sha256: createHash('sha256').update(bytes).digest('hex') };
+}

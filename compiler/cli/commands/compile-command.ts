@@ -183,6 +183,10 @@ export const compileCommand: Command = {
       log(
         `converted ${report.converted.length} layer(s): ${report.converted.map((l) => `${l.layer} (${what(l)}${setting(l)})`).join(', ')}; ${report.mode}, ${report.gated ? 'gated' : 'ungated'}`,
       );
+      if (report.replaced.length)
+        log(
+          `MLP replaced by its surrogate (every token, no router): layer${report.replaced.length === 1 ? '' : 's'} ${report.replaced.map((r) => `${r.layer} (rank ${r.rank})`).join(', ')}`,
+        );
       log(
         `modc ops added: ${
           Object.entries(report.opsAdded)
@@ -212,6 +216,7 @@ export const compileCommand: Command = {
                     mode: report.mode,
                     gated: report.gated,
                     converted: report.converted.map((l) => routedLayerJson(report!.mode, l)),
+                    replaced: report.replaced,
                     notConverted: report.notConverted,
                     opsAdded: report.opsAdded,
                   },

@@ -11,9 +11,18 @@ import { formatSummary, onePositional, routedLayerJson, short } from '../shared.
 
 function formatRouting(meta: RoutingMetadata): string {
   const per = meta.layers.map(
-    (l) => `${l.layer} (${l.part === 'block' ? '' : `${l.part}, `}${meta.mode === 'threshold' ? `p=${short(l.threshold)}` : `c=${short(l.capacity)}`})`,
+    (l) =>
+      `${l.layer} (${l.part === 'block' ? '' : `${l.part}, `}${meta.mode === 'threshold' ? `p=${short(l.threshold)}` : `c=${short(l.capacity)}`}${l.surrogate ? `, surrogate rank ${l.surrogate.rank}` : ''})`,
   );
-  return `routing    modc ${meta.mode}, ${meta.gated ? 'gated' : 'ungated'}; routers on layer${per.length === 1 ? '' : 's'} ${per.join(', ')}`;
+  const lines = [
+    `routing    modc ${meta.mode}, ${meta.gated ? 'gated' : 'ungated'}; ${per.length ? `routers on layer${per.length === 1 ? '' : 's'} ${per.join(', ')}` : 'no router'}`,
+  ];
+  const replaced = meta.replaced ?? [];
+  if (replaced.length)
+    lines.push(
+      `           MLP replaced by its surrogate (every token, no router) on layer${replaced.length === 1 ? '' : 's'} ${replaced.map((r) => `${r.layer} (rank ${r.surrogate.rank})`).join(', ')}`,
+    );
+  return lines.join('\n');
 }
 
 export const inspectCommand: Command = {
@@ -28,8 +37,9 @@ export const inspectCommand: Command = {
     'JSON: the model facts plus, for a decoder, { layers: [{ index, attention, kv: { key: {input,',
     'output}, value: {...}, layout, numKvHeads, headSize }, residualIn, residualOut, nodeCount,',
     'weights, sideInputs }], hiddenSize, numHeads, numKvHeads, headSize, dtype, positional, mask },',
-    'and for a compiled model { routing: { mode, gated, layers: [{ layer, part, selected, threshold | capacity }] } }',
-    '(threshold in threshold mode, capacity in topk mode).',
+    'and for a compiled model { routing: { mode, gated, layers: [{ layer, part, selected, threshold | capacity,',
+    'surrogate? }], replaced? } } (threshold in threshold mode, capacity in topk mode; surrogate: { rank, macs, input,',
+    'output } for an MLP part with a linear surrogate; replaced: [{ layer, part, surrogate }] for MLPs replaced by theirs).',
     '',
     'Both also report gpuReadiness, what one decode step asks of a GPU runtime, from the graph alone:',
     '  { decodeStep: { ifs: [{ name, depth, layer, part, condition: { value, expression, kind },',
