@@ -7,16 +7,8 @@
  */
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
 import { type LayerCost, modelCosts } from '../compiler/analysis/cost.js';
-import {
-  type CallEvent,
-  type CallTime,
-  median,
-  pairedRatios,
-  ratioStats,
-  type RatioStats,
-  spread,
-  timeInterleaved,
-} from '../compiler/apps/benchmark/benchmark.js';
+import { type CallTime, median, pairedRatios, ratioStats, type RatioStats, spread } from '../compiler/apps/benchmark/benchmark.js';
+import { timeInFreshProcess } from '../compiler/apps/benchmark/fresh-process.js';
 import { exposeSelections } from '../compiler/apps/eval/index.js';
 import { loadModel } from '../compiler/core/io/load.js';
 import { saveModel } from '../compiler/core/io/save.js';
@@ -24,7 +16,7 @@ import { readRoutingMetadata } from '../compiler/metadata/routing-metadata.js';
 import type { RoutedPart } from '../compiler/routing/routing-plan.js';
 import type { ort, SessionOptions } from '../compiler/runtime/ort.js';
 import { ModSession } from '../compiler/runtime/session.js';
-import { type BenchGranularity, collectGarbage, compileModel, log, type PlanChoice, type Workdir } from './common.js';
+import { type BenchGranularity, compileModel, log, type PlanChoice, type Workdir } from './common.js';
 
 /** A compiled model a benchmark times against the original. */
 export interface Compiled {
@@ -102,6 +94,8 @@ export interface PairTimes {
   /** compiled / original on wall time and on process CPU time, prefill (per round) and decode (per step). */
   ratios: { prefill: { wall: RatioStats; cpu: RatioStats }; decode: { wall: RatioStats; cpu: RatioStats } };
   gcMs: number[];
+  /** Threads of the timing process with its idle sessions made, before the pair's (Linux; else null). */
+  threads: number | null;
 }
 
 export interface PairPlan {
@@ -114,32 +108,34 @@ export interface PairPlan {
   stepIds: (step: number) => number[];
   session: SessionOptions;
   gc: boolean;
+  /** Idle sessions alive beside the pair (the sessions benchmark); none by default. */
+  idle?: { path: string; count: number; prompt: number[][] };
 }
 
 /**
- * Times `original` against `compiled` with only their two sessions alive: created, timed
- * interleaved (timeInterleaved) and released before this returns.
+ * Times `original` against `compiled` with only their two sessions alive (and `plan.idle`'s),
+ * interleaved (timeInterleaved), in a fresh process (compiler/apps/benchmark/fresh-process.ts:
+ * the benchmark's own heap would slow the timed calls).
  */
 export async function timePair(original: string, compiled: string, plan: PairPlan): Promise<PairTimes> {
-  const gcMs: number[] = [];
-  const after = [0, 1].map(() => ({ kvAfterPrefill: 0, lengthsAfterPrefill: [] as number[][] }));
-  const t = await timeInterleaved([original, compiled], {
+  const ids = Array.from({ length: plan.steps }, (_, s) => plan.stepIds(s));
+  const t = await timeInFreshProcess({
+    paths: [original, compiled],
     prompt: plan.prompt,
     rounds: plan.rounds,
     warmupRounds: plan.warmupRounds,
     steps: plan.steps,
     warmupSteps: plan.warmupSteps,
-    stepIds: (_, s) => plan.stepIds(s),
+    stepIds: Array.from({ length: plan.rounds }, () => ids),
     session: plan.session,
-    beforeCall: plan.gc ? () => gcMs.push(collectGarbage()) : undefined,
-    afterCall: (e: CallEvent) => {
-      if (e.step === null) after[e.model] = { kvAfterPrefill: e.session.kvBytes(), lengthsAfterPrefill: e.session.layerCacheLengths() };
-    },
+    gc: plan.gc,
+    ...(plan.idle ? { idle: plan.idle } : {}),
   });
   const side = (m: number): Side => ({
     prefill: t.prefill[m]!,
     steps: t.decode[m]!,
-    ...after[m]!,
+    kvAfterPrefill: t.afterPrefill[m]!.kvBytes,
+    lengthsAfterPrefill: t.afterPrefill[m]!.cacheLengths,
     kvAtEnd: t.kvBytes[m]!,
     lengthsAtEnd: t.cacheLengths[m]!,
   });
@@ -153,7 +149,8 @@ export async function timePair(original: string, compiled: string, plan: PairPla
       prefill: { wall: ratioStats(wall(o.prefill), wall(c.prefill)), cpu: ratioStats(cpu(o.prefill), cpu(c.prefill)) },
       decode: { wall: ratioStats(wall(o.steps), wall(c.steps)), cpu: ratioStats(cpu(o.steps), cpu(c.steps)) },
     },
-    gcMs,
+    gcMs: t.gcMs,
+    threads: t.threads,
   };
 }
 

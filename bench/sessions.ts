@@ -8,13 +8,10 @@
  * of the weights).
  */
 import { spawnSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
-import { ModSession } from '../compiler/runtime/session.js';
 import { UsageError } from '../compiler/core/errors.js';
 import {
   applyQuick,
   buildModel,
-  collectGarbage,
   environment,
   flagHelp,
   formOf,
@@ -56,15 +53,6 @@ without (the default here: they block).
 
 ${flagHelp(SESSIONS_FLAGS)}`;
 
-/** Threads of this process (Linux; null elsewhere). */
-function processThreads(): number | null {
-  try {
-    return Number(/^Threads:\s+(\d+)/m.exec(readFileSync('/proc/self/status', 'utf8'))?.[1] ?? NaN);
-  } catch {
-    return null;
-  }
-}
-
 interface ProbeRow {
   sessions: number;
   threads: number;
@@ -92,7 +80,7 @@ interface Measurement {
   extra: number;
   repetition: number;
   t: PairTimes;
-  /** Threads of the process with the extra sessions alive and idle, before the pair is created. */
+  /** Threads of the timing process with the extra sessions alive and idle, before the pair is created. */
   threads: number | null;
 }
 
@@ -123,32 +111,20 @@ export async function sessionsBench(argv: readonly string[]): Promise<void> {
     const measurements: Measurement[] = [];
     for (let r = 0; r < f.repeat; r++) {
       for (const extra of [0, f.extra]) {
-        if (f.gc) collectGarbage();
-        const idle: ModSession[] = [];
-        try {
-          for (let i = 0; i < extra; i++) {
-            const s = await ModSession.create(extraPath, opts);
-            await s.forward(idlePrompt);
-            idle.push(s);
-          }
-          if (f.gc) collectGarbage();
-          const threads = processThreads();
-          log(`repetition ${r + 1}/${f.repeat}: ${extra} extra idle session(s) of ${f['extra-model']} alive; timing ${compiled.name} against the original`);
-          const t = await timePair(original, compiled.path, {
-            prompt,
-            rounds: 1,
-            warmupRounds: 0,
-            steps: totalSteps,
-            warmupSteps: f.warmup,
-            stepIds: (s) => [forced[s]!],
-            session: opts,
-            gc: f.gc,
-          });
-          log(`  per-step ratio ${ratioSpan(t.ratios.decode.wall)} wall, ${ratioSpan(t.ratios.decode.cpu)} CPU`);
-          measurements.push({ extra, repetition: r + 1, t, threads });
-        } finally {
-          for (const s of idle) await s.session.release();
-        }
+        log(`repetition ${r + 1}/${f.repeat}: ${extra} extra idle session(s) of ${f['extra-model']} alive; timing ${compiled.name} against the original`);
+        const t = await timePair(original, compiled.path, {
+          prompt,
+          rounds: 1,
+          warmupRounds: 0,
+          steps: totalSteps,
+          warmupSteps: f.warmup,
+          stepIds: (s) => [forced[s]!],
+          session: opts,
+          gc: f.gc,
+          ...(extra ? { idle: { path: extraPath, count: extra, prompt: idlePrompt } } : {}),
+        });
+        log(`  per-step ratio ${ratioSpan(t.ratios.decode.wall)} wall, ${ratioSpan(t.ratios.decode.cpu)} CPU`);
+        measurements.push({ extra, repetition: r + 1, t, threads: t.threads });
       }
     }
 

@@ -10,6 +10,8 @@ import { existsSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { interleaved, median, medianOfPaired, pairedRatios, rotation, spread } from '../compiler/apps/benchmark/benchmark.js';
+import { timeInFreshProcess } from '../compiler/apps/benchmark/fresh-process.js';
+import { ModcError } from '../compiler/core/errors.js';
 import { UsageError } from '../compiler/core/errors.js';
 import { loadModel } from '../compiler/core/io/load.js';
 import { lastPosition, ModSession } from '../compiler/runtime/session.js';
@@ -46,6 +48,47 @@ describe('interleaving', () => {
     // Paired by index: ratios 2, 0.5, 1 -> median 1, though the medians' ratio is 10/10 too here.
     expect(medianOfPaired([10, 20, 5], [20, 10, 5])).toBe(1);
     expect(medianOfPaired([10, 10, 10], [11, 12, 30])).toBe(1.2);
+  });
+});
+
+describe('timing in a fresh process', () => {
+  const plan = (paths: string[]) => ({
+    paths,
+    prompt: [[1, 2, 3, 4, 5, 6]],
+    rounds: 2,
+    warmupRounds: 1,
+    steps: 3,
+    warmupSteps: 1,
+    stepIds: [
+      [[7], [8], [9]],
+      [[10], [11], [12]],
+    ],
+    session: { intraOpThreads: 1 },
+    gc: true,
+  });
+
+  it('times the pair in a child process: the timed rounds and steps, a collection per call, caches after the prefill, idle sessions', async () => {
+    const rounds: number[] = [];
+    const t = await timeInFreshProcess({ ...plan([LLAMA, LLAMA]), idle: { path: LLAMA, count: 2, prompt: [[1, 2]] } }, (r) => rounds.push(r));
+    expect(rounds).toEqual([0, 1]);
+    expect(t.prefill.map((p) => p.length)).toEqual([1, 1]);
+    expect(t.decode.map((d) => d.length)).toEqual([2, 2]);
+    expect(t.decode.flat().every((c) => c.wallMs > 0 && c.cpuMs >= 0)).toBe(true);
+    // One collection after the idle sessions, then one before each of 2 x (1 prefill + 3 steps) x 2 models.
+    expect(t.gcMs).toHaveLength(1 + 16);
+    // After the prefill each layer holds the 6 prompt tokens; after the last step 9.
+    expect(t.afterPrefill.map((a) => a.cacheLengths.every((l) => l[0] === 6))).toEqual([true, true]);
+    expect(t.cacheLengths[0]!.every((l) => l[0] === 9)).toBe(true);
+    expect(t.afterPrefill[0]!.kvBytes).toBeGreaterThan(0);
+    if (process.platform === 'linux') expect(t.threads).toBeGreaterThan(0);
+  });
+
+  it('a model the child cannot load is a one-line ModcError', async () => {
+    const missing = join(tmp, 'no-such-model.onnx');
+    const err = await timeInFreshProcess(plan([LLAMA, missing])).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(ModcError);
+    expect((err as Error).message).toContain(missing);
+    expect((err as Error).message.split('\n')).toHaveLength(1);
   });
 });
 
