@@ -108,6 +108,12 @@ export function modelFlags(defaults: { prompt: number; runs: number; warmup: num
     ep: { kind: 'string', default: 'cpu', help: 'execution provider: cpu or cuda (see docs/serving.md, "CUDA")' },
     json: { kind: 'bool', default: false, help: 'print the results as one JSON object on stdout instead of Markdown tables' },
     gc: { kind: 'bool', default: true, help: 'collect garbage (old logits and KV tensors) before each timed run, outside the timing; --no-gc leaves it to V8' },
+    processes: {
+      kind: 'int',
+      default: 3,
+      help: "fresh processes each pair is timed in, one after another, their samples pooled (--runs per process): a session's speed varies with where its memory lands, from one process to the next",
+      min: 1,
+    },
     keep: { kind: 'bool', default: false, help: 'keep the temp folder with the models' },
     'default-malloc': { kind: 'bool', default: false, help: 'keep glibc malloc defaults instead of re-running with MALLOC_ENV (see run.js --help)' },
     quick: { kind: 'bool', default: false, help: 'small sizes for a smoke run (hidden 256, 4 layers, vocab 4096, prompt 128, 2 runs)' },
@@ -157,6 +163,7 @@ export function applyQuick<F extends ModelFlags>(f: F, argv: readonly string[], 
     prompt: 128,
     runs: 2,
     warmup: 1,
+    processes: 1,
     ...extra,
   };
   const out: Record<string, unknown> = { ...f };

@@ -78,9 +78,9 @@ export const DECODE_USAGE = `node dist/bench/run.js decode [flags]   (npm run be
 Builds the original of --form with random non-zero weights, compiles the all-pass model (every
 layer's --granularity part, ungated) and the routed model (random routers, top-k capacity c on
 the prompt, about half of the decode tokens), then times each compiled model against the
-original with only those two sessions alive: both prefill the prompt, then take --warmup
-untimed and --runs timed decode steps with forced seeded ids, interleaved step by step (first
-model alternating). Prints per-step ratios (compiled / original, the same step of the same
+original with only those two sessions alive, in --processes fresh processes one after another
+(samples pooled): both prefill the prompt, then take --warmup untimed and --runs timed decode
+steps with forced seeded ids, interleaved step by step (first model alternating). Prints per-step ratios (compiled / original, the same step of the same
 pair): median, min and max, on wall and process CPU time; KV bytes against their ideal; and for
 the routed model achieved / ideal, the ideal from the original's per-layer unit times and the
 skip rates the routed model showed (its selection masks, read in one more untimed run).
@@ -126,6 +126,7 @@ export async function decodeBench(argv: readonly string[]): Promise<void> {
         stepIds,
         session: opts,
         gc: f.gc,
+        processes: f.processes,
       });
       log(`${c.name}: per-step ratio ${ratioSpan(t.ratios.decode.wall)} wall, ${ratioSpan(t.ratios.decode.cpu)} CPU`);
       pairs.push({ c, t });
@@ -178,7 +179,9 @@ export async function decodeBench(argv: readonly string[]): Promise<void> {
       warmupSteps: f.warmup,
       timedSteps: f.runs,
       granularity,
-      order: 'pairs (original, compiled), only those two sessions alive; each pair prefilled, then interleaved step by step, first model alternating',
+      order:
+        'pairs (original, compiled), only those two sessions alive, each pair in --processes fresh processes (samples pooled); each pair prefilled, then interleaved step by step, first model alternating',
+      processes: f.processes,
       gcMedianMs: median(pairs.flatMap((p) => p.t.gcMs)),
     };
 
@@ -251,7 +254,7 @@ export async function decodeBench(argv: readonly string[]): Promise<void> {
       environment(f),
       modelLine(f),
       ...compiled.map((c) => `${c.label} (compile ${(c.compileMs / 1000).toFixed(1)} s)`),
-      `timing: ModSession.step (feeds + session.run + logits) with forced seeded token ids; each compiled model against the original with only those two sessions alive (created, timed, released, then the next pair); both prefilled, then interleaved step by step (first model alternating): ${f.warmup} untimed steps, then ${f.runs} timed; context ${f.prompt + 1} at the first step, ${total} after the last`,
+      `timing: ModSession.step (feeds + session.run + logits) with forced seeded token ids; each compiled model against the original with only those two sessions alive, in ${f.processes} fresh process(es) one after another, samples pooled (created, timed, released, then the next); both prefilled, then interleaved step by step (first model alternating): ${f.warmup} untimed steps, then ${f.runs} timed per process; context ${f.prompt + 1} at the first step, ${total} after the last`,
       f.gc ? `garbage collected before every call, outside the timing (median ${ms(settings.gcMedianMs, 1)} per collection)` : 'garbage collection left to V8',
       `units: one decode step of the original at past length ${f.prompt} (zero K/V), batch ${B}, cut by analyzeDecoder -> splitFusedBoundaries -> extractDecoder and run by LayerByLayerRunner; 2 warm-up + ${f['unit-runs']} timed runs, median per unit`,
       '```',

@@ -8,7 +8,7 @@
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
 import { type LayerCost, modelCosts } from '../compiler/analysis/cost.js';
 import { type CallTime, median, pairedRatios, ratioStats, type RatioStats, spread } from '../compiler/apps/benchmark/benchmark.js';
-import { timeInFreshProcess } from '../compiler/apps/benchmark/fresh-process.js';
+import { type FreshTimes, timeInFreshProcess } from '../compiler/apps/benchmark/fresh-process.js';
 import { exposeSelections } from '../compiler/apps/eval/index.js';
 import { loadModel } from '../compiler/core/io/load.js';
 import { saveModel } from '../compiler/core/io/save.js';
@@ -108,6 +108,8 @@ export interface PairPlan {
   stepIds: (step: number) => number[];
   session: SessionOptions;
   gc: boolean;
+  /** Fresh processes the pair is timed in, one after another, their samples pooled (default 1). */
+  processes?: number;
   /** Idle sessions alive beside the pair (the sessions benchmark); none by default. */
   idle?: { path: string; count: number; prompt: number[][] };
 }
@@ -115,22 +117,38 @@ export interface PairPlan {
 /**
  * Times `original` against `compiled` with only their two sessions alive (and `plan.idle`'s),
  * interleaved (timeInterleaved), in a fresh process (compiler/apps/benchmark/fresh-process.ts:
- * the benchmark's own heap would slow the timed calls).
+ * the benchmark's own heap would slow the timed calls), `plan.processes` times over: a session
+ * runs a few percent faster or slower for its whole life depending on where its memory lands
+ * (the same pair measured 1.03x and 1.11x in two processes), so the samples of several fresh
+ * processes are pooled.
  */
 export async function timePair(original: string, compiled: string, plan: PairPlan): Promise<PairTimes> {
   const ids = Array.from({ length: plan.steps }, (_, s) => plan.stepIds(s));
-  const t = await timeInFreshProcess({
-    paths: [original, compiled],
-    prompt: plan.prompt,
-    rounds: plan.rounds,
-    warmupRounds: plan.warmupRounds,
-    steps: plan.steps,
-    warmupSteps: plan.warmupSteps,
-    stepIds: Array.from({ length: plan.rounds }, () => ids),
-    session: plan.session,
-    gc: plan.gc,
-    ...(plan.idle ? { idle: plan.idle } : {}),
-  });
+  const runs: FreshTimes[] = [];
+  for (let p = 0; p < (plan.processes ?? 1); p++) {
+    runs.push(
+      await timeInFreshProcess({
+        paths: [original, compiled],
+        prompt: plan.prompt,
+        rounds: plan.rounds,
+        warmupRounds: plan.warmupRounds,
+        steps: plan.steps,
+        warmupSteps: plan.warmupSteps,
+        stepIds: Array.from({ length: plan.rounds }, () => ids),
+        session: plan.session,
+        gc: plan.gc,
+        ...(plan.idle ? { idle: plan.idle } : {}),
+      }),
+    );
+  }
+  // Samples pooled in process order; the sizes (KV bytes, cache lengths) are the last process's, the same in each.
+  const last = runs.at(-1)!;
+  const t = {
+    ...last,
+    prefill: [0, 1].map((m) => runs.flatMap((r) => r.prefill[m]!)),
+    decode: [0, 1].map((m) => runs.flatMap((r) => r.decode[m]!)),
+    gcMs: runs.flatMap((r) => r.gcMs),
+  };
   const side = (m: number): Side => ({
     prefill: t.prefill[m]!,
     steps: t.decode[m]!,

@@ -78,8 +78,8 @@ export const PREFILL_USAGE = `node dist/bench/run.js prefill [flags]   (npm run 
 Times a batch-1 prefill of the original of --form against its all-pass compile (every layer's
 --granularity part, ungated) and its routed compile (random routers, top-k capacity c), each
 also with last-position logits (modc compile --logits last) against the last-logits original.
-Every pair runs with only its two sessions alive, interleaved round by round (first model
-alternating). Prints per-round ratios (median, min, max), and for the routed model achieved /
+Every pair runs with only its two sessions alive, in --processes fresh processes one after
+another (samples pooled), interleaved round by round (first model alternating). Prints per-round ratios (median, min, max), and for the routed model achieved /
 ideal, the ideal from the original's per-layer unit times and the capacities the routed model
 selected. --keep keeps the folder (original.onnx and weights.bin, all-pass.onnx, routed.onnx, ...).
 
@@ -127,6 +127,7 @@ export async function prefillBench(argv: readonly string[]): Promise<void> {
         stepIds: () => [],
         session: opts,
         gc: f.gc,
+        processes: f.processes,
       });
       log(`${c.name}: per-round ratio ${ratioSpan(t.ratios.prefill.wall)}`);
       pairs.push({ c, logits, t });
@@ -184,7 +185,9 @@ export async function prefillBench(argv: readonly string[]): Promise<void> {
               warmup: f.warmup,
               runs: f.runs,
               granularity,
-              order: 'pairs (original, compiled), only those two sessions alive; interleaved round by round, first model alternating',
+              order:
+                'pairs (original, compiled), only those two sessions alive, each pair in --processes fresh processes (samples pooled); interleaved round by round, first model alternating',
+              processes: f.processes,
               gcMedianMs: median(gcMs),
             },
             pairs: pairs.map(({ c, logits, t }) => ({
@@ -228,7 +231,7 @@ export async function prefillBench(argv: readonly string[]): Promise<void> {
       ...compiled.map(
         ({ c, logits }) => `${c.name}: ${c.label}${logits === 'last' ? ', last-position logits' : ''} (compile ${(c.compileMs / 1000).toFixed(1)} s)`,
       ),
-      `timing: ModSession.forward (feeds + session.run + logits); each compiled model against its original (same logits) with only those two sessions alive (created, timed, released, then the next pair); ${f.warmup} warm-up + ${f.runs} timed rounds, first model alternating`,
+      `timing: ModSession.forward (feeds + session.run + logits); each compiled model against its original (same logits) with only those two sessions alive, in ${f.processes} fresh process(es) one after another, samples pooled (created, timed, released, then the next pair); ${f.warmup} warm-up + ${f.runs} timed rounds per process, first model alternating`,
       f.gc ? `garbage collected before every run, outside the timing (median ${ms(median(gcMs), 1)} per collection)` : 'garbage collection left to V8',
       `units: original cut by analyzeDecoder -> splitFusedBoundaries -> extractDecoder, run by LayerByLayerRunner on the same prompt; ${f.warmup} warm-up + ${f['unit-runs']} timed runs, median per unit`,
       '```',

@@ -3,7 +3,8 @@
  * fixture, and what that choice buys on the bench-size model.
  *
  * 1. Calibrate fixtures/quality-lm (or --model) on its calib.jsonl as `modc calibrate` does
- *    (granularity auto, its defaults), once per target F: the routed parts and their capacities.
+ *    (granularity auto, its defaults, MLP surrogates included), once per target F: the routed
+ *    parts, their capacities and surrogate ranks, and the MLPs replaced by their surrogate.
  *    The NLL increase of that allocation is measured by evaluate() on eval.jsonl, the calibrated
  *    routers compiled top-k (the allocation timed below) and threshold (calibrate's own file).
  * 2. Place the same parts and capacities on the bench model (builder --form, random non-zero
@@ -12,7 +13,9 @@
  *    source layer; when L' < L some source layers map to no bench layer and are listed). Routers
  *    are random (seeded) in top-k mode at those capacities; each router's bias is set from its
  *    scores on the prompt so that r >= 0.5, the one-token decode rule, selects about the same
- *    fraction of tokens as the capacity (top-k on the prompt does not depend on the bias).
+ *    fraction of tokens as the capacity (top-k on the prompt does not depend on the bias). A part
+ *    with a surrogate gets a random one of the same rank, and a replaced MLP is replaced: what
+ *    they cost depends on their shapes only. The ideal charges a skipped token its surrogate.
  * 3. Time prefill and decode of each such model against the original, one pair alive at a time
  *    (as the prefill and decode benchmarks do), and compare with the ideal from the original's
  *    unit times and the selections the model made.
@@ -32,7 +35,8 @@ import { saveModel } from '../compiler/core/io/save.js';
 import { mulberry32 } from '../compiler/core/random.js';
 import { decoderIo } from '../compiler/metadata/decoder-io.js';
 import { compile } from '../compiler/passes/compile.js';
-import { planRouting, type RoutedPart, type RoutingPlan } from '../compiler/routing/routing-plan.js';
+import { planRouting, type RoutedPart, type RoutingPlan, type Surrogate } from '../compiler/routing/routing-plan.js';
+import { surrogateMacs } from '../compiler/routing/router-weights.js';
 import type { ort } from '../compiler/runtime/ort.js';
 import { ModSession } from '../compiler/runtime/session.js';
 import {
@@ -75,6 +79,7 @@ export const RECIPE_FLAGS = {
   calib: { kind: 'string', default: 'fixtures/quality-lm/calib.jsonl', help: 'its calibration data' },
   eval: { kind: 'string', default: 'fixtures/quality-lm/eval.jsonl', help: 'its held-out data (NLL)' },
   seed: { kind: 'int', default: 0, help: "calibration seed (modc calibrate's --seed)" },
+  surrogate: { kind: 'string', default: 'lowrank', help: "MLP surrogates, as modc calibrate's --surrogate: lowrank (its default) or none (routers only)" },
 } satisfies FlagSpecs;
 
 export const RECIPE_USAGE = `node dist/bench/run.js recipe [flags]   (npm run bench -- recipe [flags])
@@ -96,28 +101,56 @@ export function mapLayers(l: number, from: number, to: number): number[] {
 }
 
 interface Placed {
-  source: { layer: number; part: RoutedPart; capacity: number };
+  /** capacity 0: an MLP replaced by its surrogate (no router); rank: the surrogate's, when the part has one. */
+  source: { layer: number; part: RoutedPart; capacity: number; rank?: number };
   layers: number[];
 }
 
-/** Each calibrated part on the bench layers its source layer covers. */
-function place(routers: CalibrationResult['routers'], from: number, to: number): Placed[] {
-  return routers.map((r) => ({ source: { layer: r.layer, part: r.part, capacity: r.capacity }, layers: mapLayers(r.layer, from, to) }));
+/** Each calibrated part (and each MLP replaced by its surrogate) on the bench layers its source layer covers. */
+function place(result: CalibrationResult, from: number, to: number): Placed[] {
+  return [
+    ...result.routers.map((r) => ({
+      source: { layer: r.layer, part: r.part, capacity: r.capacity, ...(r.surrogate ? { rank: r.surrogate.rank } : {}) },
+      layers: mapLayers(r.layer, from, to),
+    })),
+    ...result.replaced.map((r) => ({ source: { layer: r.layer, part: r.part, capacity: 0, rank: r.surrogate.rank }, layers: mapLayers(r.layer, from, to) })),
+  ];
 }
 
-/** Random routers (w ~ U(-1, 1)/sqrt(H), seeded per part) on the placed parts, top-k at their capacities, ungated; biases 0. */
+/**
+ * A random surrogate of the given rank (seeded): its values do not matter for speed, only its
+ * shape (A [H, rank], B [rank, H], bias [H]); small, so the residual stream stays in range.
+ */
+function randomSurrogate(rank: number, hiddenSize: number, seed: number): Surrogate {
+  const next = mulberry32(seed);
+  const u = (n: number, scale: number) => Float32Array.from({ length: n }, () => (next() * 2 - 1) * scale);
+  return { rank, a: u(hiddenSize * rank, 1 / Math.sqrt(hiddenSize)), b: u(rank * hiddenSize, 0.01), bias: u(hiddenSize, 0.01) };
+}
+
+/**
+ * Random routers (w ~ U(-1, 1)/sqrt(H), seeded per part) on the placed parts, top-k at their
+ * capacities, ungated, biases 0 unless given; a part with a surrogate gets a random one of its
+ * rank, and an MLP replaced by its surrogate is replaced here too.
+ */
 function benchPlan(placed: readonly Placed[], hiddenSize: number, seed: number, biases?: Map<string, number>): RoutingPlan {
   const scale = 1 / Math.sqrt(hiddenSize);
-  const layers = placed
-    .flatMap((p) => p.layers.map((layer) => ({ layer, part: p.source.part, capacity: p.source.capacity })))
-    .sort((a, b) => a.layer - b.layer || a.part.localeCompare(b.part))
+  const all = placed
+    .flatMap((p) => p.layers.map((layer) => ({ layer, part: p.source.part, capacity: p.source.capacity, rank: p.source.rank })))
+    .sort((a, b) => a.layer - b.layer || a.part.localeCompare(b.part));
+  const partSeed = (layer: number, part: RoutedPart) => seed * 7919 + layer * 3 + (part === 'block' ? 0 : part === 'attention' ? 1 : 2);
+  const surrogateOf = (p: { layer: number; part: RoutedPart; rank?: number }) =>
+    p.rank ? { surrogate: randomSurrogate(p.rank, hiddenSize, partSeed(p.layer, p.part) + 1) } : {};
+  const layers = all
+    .filter((p) => p.capacity > 0)
     .map((p) => {
-      const next = mulberry32(seed * 7919 + p.layer * 3 + (p.part === 'block' ? 0 : p.part === 'attention' ? 1 : 2));
+      const next = mulberry32(partSeed(p.layer, p.part));
       const weight = Float32Array.from({ length: hiddenSize }, () => (next() * 2 - 1) * scale);
       const bias = biases?.get(`${p.layer}/${p.part}`) ?? 0;
-      return { layer: p.layer, part: p.part, router: { layer: p.layer, part: p.part, weight, bias }, threshold: 0.5, capacity: p.capacity };
+      const router = { layer: p.layer, part: p.part, weight, bias, ...surrogateOf(p) };
+      return { layer: p.layer, part: p.part, router, threshold: 0.5, capacity: p.capacity };
     });
-  return { mode: 'topk', gated: false, layers, unconverted: [] };
+  const replaced = all.filter((p) => p.capacity === 0).map((p) => ({ layer: p.layer, part: 'mlp' as const, surrogate: surrogateOf(p).surrogate! }));
+  return { mode: 'topk', gated: false, layers, unconverted: [], ...(replaced.length ? { replaced } : {}) };
 }
 
 /**
@@ -192,6 +225,8 @@ export async function recipeBench(argv: readonly string[]): Promise<void> {
       }
     : f0;
   const form = formOf(f);
+  if (f.surrogate !== 'lowrank' && f.surrogate !== 'none') throw new UsageError(`--surrogate must be lowrank or none, got '${f.surrogate}'`);
+  const surrogate: 'lowrank' | 'none' = f.surrogate;
   const targets = f.targets.split(',').map((t) => Number(t.trim()));
   if (targets.some((t) => !(t > 0 && t <= 1))) throw new UsageError(`--targets must be compute fractions in (0, 1], got '${f.targets}'`);
   const command = `npm run bench -- recipe ${argv.join(' ')}`.trimEnd();
@@ -209,13 +244,13 @@ export async function recipeBench(argv: readonly string[]): Promise<void> {
     log(`calibrating ${f.model} on ${f.calib} (as modc calibrate does: granularity auto, seed ${f.seed})`);
     const qdir = w.path('quality');
     mkdirSync(qdir, { recursive: true });
-    // Routers only: the choices are placed on another model, where surrogates fitted to this one mean nothing.
+    // With surrogates, the bench model gets random ones of the chosen ranks: the speed depends on their shapes only.
     const calib = await Calibrator.prepare(qModel, calibSeqs, {
       targetCompute: 1,
       granularity: 'auto',
       seed: f.seed,
       workDir: join(qdir, 'work'),
-      surrogate: 'none',
+      surrogate,
     });
     const results: CalibrationResult[] = [];
     const quality: TargetResult['quality'][] = [];
@@ -262,7 +297,7 @@ export async function recipeBench(argv: readonly string[]): Promise<void> {
     const rows: TargetResult[] = [];
     for (let i = 0; i < targets.length; i++) {
       const target = targets[i]!;
-      const placed = place(results[i]!.routers, qLayers, f.layers);
+      const placed = place(results[i]!, qLayers, f.layers);
       const path = w.path(`recipe-${target}.onnx`);
       const plan0 = benchPlan(placed, f.hidden, f['router-seed']);
       compileModel(original, path, { plan: plan0 });
@@ -279,6 +314,7 @@ export async function recipeBench(argv: readonly string[]): Promise<void> {
         stepIds: () => [],
         session: opts,
         gc: f.gc,
+        processes: f.processes,
       });
       log(`F=${target}: timing decode against the original (2 sessions alive)`);
       const td = await timePair(original, path, {
@@ -290,19 +326,34 @@ export async function recipeBench(argv: readonly string[]): Promise<void> {
         stepIds,
         session: opts,
         gc: f.gc,
+        processes: f.processes,
       });
       const selPrefill = await measureSelections(w, path, { prompt: prefillPrompt, steps: 0, warmupSteps: 0, stepIds: () => [], session: opts });
       const selDecode = await measureSelections(w, path, { prompt: decodePrompt, steps: totalSteps, warmupSteps: f['decode-warmup'], stepIds, session: opts });
+      // A skipped token of a part with a surrogate still runs the surrogate: it saves the part's
+      // cost less the surrogate's (2 H rank MACs against the MLP's), by the cost model.
+      const ranks = new Map(placed.flatMap((p) => p.layers.map((l) => [`${l}/${p.source.part}`, p.source.rank ?? 0] as const)));
+      const kept = (layer: number, part: RoutedPart) => 1 - surrogateMacs({ rank: ranks.get(`${layer}/${part}`) ?? 0 }, f.hidden) / costs[layer]!.mlp;
+      const replacedLayers = placed.filter((p) => p.source.capacity === 0).flatMap((p) => p.layers);
       const S = f.prompt;
-      const savedPrefill = selPrefill.reduce(
-        (a, s) => a + (unitsPrefill.layers[s.layer]! / unitsPrefill.total) * partShare(costs[s.layer]!, s.part, S, (S + 1) / 2) * (1 - s.promptFraction),
-        0,
-      );
+      const savedPrefill =
+        selPrefill.reduce(
+          (a, s) =>
+            a +
+            (unitsPrefill.layers[s.layer]! / unitsPrefill.total) *
+              partShare(costs[s.layer]!, s.part, S, (S + 1) / 2) *
+              (1 - s.promptFraction) *
+              kept(s.layer, s.part),
+          0,
+        ) +
+        replacedLayers.reduce((a, l) => a + (unitsPrefill.layers[l]! / unitsPrefill.total) * partShare(costs[l]!, 'mlp', S, (S + 1) / 2) * kept(l, 'mlp'), 0);
       const skips = selDecode.map((s) => (s.steps ? 1 - s.stepsRun / s.steps : 0));
-      const savedDecode = selDecode.reduce(
-        (a, s, k) => a + (unitsDecode.layers[s.layer]! / unitsDecode.total) * partShare(costs[s.layer]!, s.part, 1, f['decode-prompt'] + 1) * skips[k]!,
-        0,
-      );
+      const K = f['decode-prompt'] + 1;
+      const savedDecode =
+        selDecode.reduce(
+          (a, s, k) => a + (unitsDecode.layers[s.layer]! / unitsDecode.total) * partShare(costs[s.layer]!, s.part, 1, K) * skips[k]! * kept(s.layer, s.part),
+          0,
+        ) + replacedLayers.reduce((a, l) => a + (unitsDecode.layers[l]! / unitsDecode.total) * partShare(costs[l]!, 'mlp', 1, K) * kept(l, 'mlp'), 0);
       const pr = tp.ratios.prefill.wall.medianOfPaired;
       const dr = td.ratios.decode.wall.medianOfPaired;
       const q = quality[i]!;
@@ -339,7 +390,7 @@ export async function recipeBench(argv: readonly string[]): Promise<void> {
               qualityModel: f.model,
               calib: f.calib,
               eval: f.eval,
-              calibrate: { granularity: 'auto', seed: f.seed, note: "modc calibrate's defaults otherwise" },
+              calibrate: { granularity: 'auto', seed: f.seed, surrogate, note: "modc calibrate's defaults otherwise" },
               prompt: f.prompt,
               prefillRounds: { warmup: f.warmup, timed: f.runs },
               decodePrompt: f['decode-prompt'],
@@ -391,10 +442,10 @@ export async function recipeBench(argv: readonly string[]): Promise<void> {
       `command: ${command}`,
       environment(f),
       modelLine(f),
-      `quality: ${f.model} (${qLayers} layers), calibrated on ${f.calib} as modc calibrate does (granularity auto, seed ${f.seed}); NLL on ${f.eval}, dense ${dense.nll.toFixed(4)} nats/token`,
+      `quality: ${f.model} (${qLayers} layers), calibrated on ${f.calib} as modc calibrate does (granularity auto, seed ${f.seed}, surrogates ${surrogate}); NLL on ${f.eval}, dense ${dense.nll.toFixed(4)} nats/token`,
       `mapping: quality layer l of ${qLayers} -> bench layers round(l*${f.layers}/${qLayers}) .. round((l+1)*${f.layers}/${qLayers}) - 1: ${mapping}${unmapped.length ? ` (unmapped: ${unmapped.join(', ')})` : ''}`,
-      `routed bench model: random routers seed ${f['router-seed']}, top-k at the calibrated capacities, ungated; biases set so r >= 0.5 selects about the capacity of the decode prompt's tokens`,
-      `prefill: ${f.prompt}-token prompt, ${f.warmup} + ${f.runs} rounds; decode: ${f['decode-prompt']}-token prompt, ${f['decode-warmup']} + ${f.steps} steps; each against the original with only those two sessions alive`,
+      `routed bench model: random routers seed ${f['router-seed']}, top-k at the calibrated capacities, ungated; biases set so r >= 0.5 selects about the capacity of the decode prompt's tokens; ${surrogate === 'lowrank' ? 'random surrogates of the calibrated ranks where calibrate chose one (+sR), MLPs it replaced (@0) replaced' : 'no surrogates (--surrogate none)'}`,
+      `prefill: ${f.prompt}-token prompt, ${f.warmup} + ${f.runs} rounds; decode: ${f['decode-prompt']}-token prompt, ${f['decode-warmup']} + ${f.steps} steps; each against the original with only those two sessions alive, in ${f.processes} fresh process(es), samples pooled`,
       `units: original cut by analyzeDecoder -> splitFusedBoundaries -> extractDecoder (prefill ${ms(unitsPrefill.total)}, one decode step ${ms(unitsDecode.total, 2)}); parts' shares of a layer by the cost model`,
       '```',
       '',
@@ -439,7 +490,10 @@ export async function recipeBench(argv: readonly string[]): Promise<void> {
   }
 }
 
-/** "1@0.50 3a@0.75 5m@0.40" (a = attention, m = MLP, none = block). */
+/** "1@0.50 3a@0.75 5m@0.40+s32 6m@0+s16" (a = attention, m = MLP, none = block; +sR: a surrogate of rank R; @0: the MLP replaced by it). */
 function describeParts(r: CalibrationResult): string {
-  return r.routers.map((x) => `${x.layer}${x.part === 'block' ? '' : x.part === 'attention' ? 'a' : 'm'}@${x.capacity.toFixed(2)}`).join(' ');
+  const routed = r.routers.map(
+    (x) => `${x.layer}${x.part === 'block' ? '' : x.part === 'attention' ? 'a' : 'm'}@${x.capacity.toFixed(2)}${x.surrogate ? `+s${x.surrogate.rank}` : ''}`,
+  );
+  return [...routed, ...r.replaced.map((x) => `${x.layer}m@0+s${x.surrogate.rank}`)].join(' ');
 }

@@ -121,6 +121,7 @@ export async function sessionsBench(argv: readonly string[]): Promise<void> {
           stepIds: (s) => [forced[s]!],
           session: opts,
           gc: f.gc,
+          processes: f.processes,
           ...(extra ? { idle: { path: extraPath, count: extra, prompt: idlePrompt } } : {}),
         });
         log(`  per-step ratio ${ratioSpan(t.ratios.decode.wall)} wall, ${ratioSpan(t.ratios.decode.cpu)} CPU`);

@@ -234,9 +234,10 @@ describe('bench/ flags', () => {
     expect(res.stderr.trim().split('\n')).toHaveLength(1);
   });
 
-  it('decode --keep: prints "kept DIR"; DIR holds original.onnx with its non-zero weights and the compiled models; the JSON has one pair per compiled model', () => {
+  it('decode --keep: prints "kept DIR"; DIR holds original.onnx with its non-zero weights and the compiled models; the JSON has one pair per compiled model, its steps pooled over --processes', () => {
     const sizes = ['--hidden', '32', '--layers', '2', '--heads', '2', '--kv-heads', '2', '--intermediate', '64', '--vocab', '128'];
-    const res = bench('decode', ...sizes, '--prompt', '8', '--runs', '2', '--warmup', '1', '--unit-runs', '1', '--threads', '1', '--keep', '--json');
+    const flags = ['--prompt', '8', '--runs', '2', '--warmup', '1', '--unit-runs', '1', '--threads', '1', '--processes', '2'];
+    const res = bench('decode', ...sizes, ...flags, '--keep', '--json');
     expect(res.status, res.stderr).toBe(0);
     const dir = /kept (\S+)/.exec(res.stderr)?.[1];
     expect(dir).toBeDefined();
@@ -254,8 +255,9 @@ describe('bench/ flags', () => {
         ['routed', 2],
       ]);
       for (const p of report.pairs) {
+        // 2 timed steps in each of 2 processes.
         const perStep = pairedRatios(p.original.steps, p.compiled.steps);
-        expect(perStep).toHaveLength(2);
+        expect(perStep).toHaveLength(4);
         expect(p.perStepRatio.wall.paired).toEqual({ min: Math.min(...perStep), median: median(perStep), max: Math.max(...perStep) });
       }
       // The routed model: both layers routed, its skip rates from the timed steps, and an ideal.

@@ -183,6 +183,38 @@ describe('gpu readiness of fixture compiles', () => {
     expect(r.weightsBelowOneIfLevel.uses).toBe(0);
   });
 
+  it("GroupQueryAttention: a routed layer's seqlens_k and total_sequence_length come from its own lengths, not from a rebuilt mask", async () => {
+    const model = loadModel(await compileTo('forms-gqa-tiny', 'gqa-lengths'));
+    const gqa = [...model.graph.allNodes()].filter((n) => n.opType === 'GroupQueryAttention');
+    expect(gqa).toHaveLength(3);
+    // What a value is computed from: graph inputs, and the shapes of values (a walk stops at a Shape).
+    const sources = (v: Value): Set<string> => {
+      const out = new Set<string>();
+      const walk = (x: Value | null) => {
+        if (!x || x.initializer) return;
+        const n = x.producer;
+        if (!n) out.add(x.name);
+        else if (n.opType === 'Shape') out.add(`shape of ${n.input(0)!.name}`);
+        else n.inputs.forEach(walk);
+      };
+      walk(v);
+      return out;
+    };
+    for (const [l, n] of gqa.entries()) {
+      const [seqlens, total] = [n.input(5)!, n.input(6)!];
+      expect([seqlens, total].map((v) => [v.producer?.opType, v.producer?.attrInt('to')])).toEqual([
+        ['Cast', DataType.INT32],
+        ['Cast', DataType.INT32],
+      ]);
+      // seqlens_k = past_lengths.l + K - 1, K the layer's selected slots; total = its cache's slots + K. No attention mask.
+      const k = [...sources(seqlens)].filter((x) => x !== `past_lengths.${l}`);
+      expect(k).toHaveLength(1);
+      expect(k[0]).toMatch(/^shape of /);
+      expect(sources(seqlens).has(`past_lengths.${l}`)).toBe(true);
+      expect([...sources(total)].sort()).toEqual([k[0], `shape of past_key_values.${l}.key`].sort());
+    }
+  });
+
   it.each([
     ['genai-tiny', 3],
     ['forms-gqa-window-tiny', 3],

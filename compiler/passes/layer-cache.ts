@@ -92,6 +92,32 @@ function callerMaskKeys(c: CacheContext, caller: Value, keys: Value, sub: Map<Va
   return [namedOutput(c, seq, presentSequenceIndicesName(l), tensorType(DataType.INT64, ['batch', `present_sequence_length_${l}`])), past];
 }
 
+/**
+ * GroupQueryAttention's seqlens_k (int32 [B]) and total_sequence_length (an int32 scalar), when
+ * the op reads them from side inputs to rebuild: made from the layer's own key counts (`keys`
+ * per row, `total` slots) instead of the model's mask nodes rebuilt on a PrefixMask, a dozen
+ * kernels fewer per layer and step. Only the op's own inputs change; a side input something
+ * else in the layer reads is rebuilt as before. Returns the side inputs nothing else reads.
+ */
+function directLengths(c: CacheContext, keys: Value, total: Value): Set<Value> {
+  const { e } = c;
+  const a = c.layer.attention;
+  const done = new Set<Value>();
+  if (a.form !== 'GroupQueryAttention') return done;
+  const node = a.node;
+  const direct: [number, () => Value][] = [
+    [5, () => e.cast(e.op('Sub', [keys, e.i64(1)]), DataType.INT32)],
+    [6, () => e.cast(total, DataType.INT32)],
+  ];
+  for (const [index, make] of direct) {
+    const v = node.input(index);
+    if (!v || !c.recompute.includes(v)) continue;
+    node.setInput(index, make());
+    if (![...v.uses].some((u) => c.region.has(u.node))) done.add(v);
+  }
+  return done;
+}
+
 /** GroupQueryAttention: each row's valid slots first, by construction of the op (see the file comment). */
 function prefixCache(c: CacheContext): LayerCache {
   const g = c.model.graph;
@@ -104,12 +130,16 @@ function prefixCache(c: CacheContext): LayerCache {
     rewire() {
       const k = e.dimScalar(routing.indices, 1);
       const capacity = e.dimScalar(c.layer.kv.key.input, kvSequenceAxis(c.layer.kv.layout));
-      const sub = c.substitutes();
-      const mask = g.inputs.find((v) => v.name === 'attention_mask');
       // Row b's keys are its past_lengths[b] slots and this call's K: seqlens_k = past + K - 1.
-      const keys = c.call('PrefixMask', [e.op('Add', [pastLength, k]), e.op('Add', [capacity, k])])[0]!;
-      if (mask) sub.set(mask, e.cast(keys, mask.dtype ?? DataType.INT64));
-      recomputeMasks(c, sub);
+      const direct = directLengths(c, e.op('Add', [pastLength, k]), e.op('Add', [capacity, k]));
+      const rest = c.recompute.filter((v) => !direct.has(v));
+      if (rest.length) {
+        const sub = c.substitutes();
+        const mask = g.inputs.find((v) => v.name === 'attention_mask');
+        const keys = c.call('PrefixMask', [e.op('Add', [pastLength, k]), e.op('Add', [capacity, k])])[0]!;
+        if (mask) sub.set(mask, e.cast(keys, mask.dtype ?? DataType.INT64));
+        recomputeMasks({ ...c, recompute: rest }, sub);
+      }
       const positions = originalPositions({
         graph: g,
         e,
