@@ -9,8 +9,10 @@ import { join } from 'node:path';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
-import { extractDecoder } from '../compiler/analysis/extract.js';
-import { LayerByLayerRunner } from '../compiler/runtime/layer-runner.js';
+import { extractDecoder, extractUnits } from '../compiler/analysis/extract.js';
+import { subLayersOf } from '../compiler/analysis/sub-layers.js';
+import type { Node } from '../compiler/core/ir/graph.js';
+import { LayerByLayerRunner, type LoadedUnit, loadUnit, runUnit } from '../compiler/runtime/layer-runner.js';
 import { UsageError } from '../compiler/core/errors.js';
 import type { CliOption } from '../compiler/cli/command.js';
 import { intFlag, numberFlag, parseOptions, stringFlag } from '../compiler/cli/shared.js';
@@ -388,12 +390,19 @@ export interface UnitTimes {
   suffix: number;
   /** prefix + layers + suffix */
   total: number;
+  /**
+   * With `parts`: per layer, its attention part's time and the rest of the layer's (the MLP part
+   * and the residual adds), each timed as a unit of its own; null for a layer with no sub-layer
+   * boundary.
+   */
+  parts?: ({ attention: number; mlp: number } | null)[];
 }
 
 /**
  * Cuts the original model into prefix, layer units and suffix (analyzeDecoder ->
  * splitFusedBoundaries -> extractDecoder), and times each unit on the same inputs as the full
- * model: the median of `runs` chained runs after `warmup` untimed ones.
+ * model: the median of `runs` chained runs after `warmup` untimed ones. With `parts`, times the
+ * same chain again with each layer cut in two, its attention part and the rest.
  */
 export async function timeUnits(
   modelPath: string,
@@ -402,26 +411,58 @@ export async function timeUnits(
   runs: number,
   warmup: number,
   opts: SessionOptions,
+  { parts = false }: { parts?: boolean } = {},
 ): Promise<UnitTimes> {
   const model = loadModel(modelPath);
   const split = splitFusedBoundaries(model, analyzeDecoder(model));
   if (split.changed) log(`split-fused-boundaries: ${split.notes.length} node(s) split`);
-  const decoder = extractDecoder(model, analyzeDecoder(model));
+  const s = analyzeDecoder(model);
+  const decoder = extractDecoder(model, s);
   const runner = await LayerByLayerRunner.create(decoder, dir, opts);
+  let med: number[];
   try {
-    const units = [runner.prefix, ...runner.layers, runner.suffix];
-    const samples = units.map(() => [] as number[]);
-    for (let r = 0; r < warmup + runs; r++) {
-      const values = new Map(Object.entries(feeds));
-      for (let i = 0; i < units.length; i++) {
-        const t0 = performance.now();
-        await runner.runUnit(units[i]!, values);
-        if (r >= warmup) samples[i]!.push(performance.now() - t0);
-      }
-    }
-    const med = samples.map(median);
-    return { prefix: med[0]!, layers: med.slice(1, -1), suffix: med.at(-1)!, total: med.reduce((a, b) => a + b, 0) };
+    med = (await timeChain([runner.prefix, ...runner.layers, runner.suffix], feeds, runs, warmup)).map(median);
   } finally {
     await runner.release();
   }
+  const times: UnitTimes = { prefix: med[0]!, layers: med.slice(1, -1), suffix: med.at(-1)!, total: med.reduce((a, b) => a + b, 0) };
+  if (!parts) return times;
+  // Each layer in two: its attention part's nodes, then the rest (the MLP part and the adds).
+  const outputs = new Set(model.graph.outputs);
+  const groups: { name: string; nodes: Node[] }[] = [{ name: 'prefix', nodes: s.prefixNodes }];
+  const split2 = s.layers.map((l) => {
+    const sub = subLayersOf(l, outputs);
+    if ('reason' in sub) {
+      groups.push({ name: `layer.${l.index}`, nodes: l.nodes });
+      return null;
+    }
+    const attention = new Set(sub.attention.nodes);
+    groups.push({ name: `layer.${l.index}.attention`, nodes: l.nodes.filter((n) => attention.has(n)) });
+    groups.push({ name: `layer.${l.index}.rest`, nodes: l.nodes.filter((n) => !attention.has(n)) });
+    return groups.length - 2;
+  });
+  groups.push({ name: 'suffix', nodes: s.suffixNodes });
+  const loaded: LoadedUnit[] = [];
+  try {
+    for (const u of extractUnits(model, groups)) loaded.push(await loadUnit(u, join(dir, 'parts'), opts));
+    const partMed = (await timeChain(loaded, feeds, runs, warmup)).map(median);
+    times.parts = split2.map((i) => (i === null ? null : { attention: partMed[i]!, mlp: partMed[i + 1]! }));
+  } finally {
+    for (const u of loaded) await u.session.release();
+  }
+  return times;
+}
+
+/** Per unit, its times over `runs` chained runs of all units on `feeds`, after `warmup` untimed ones. */
+async function timeChain(units: readonly LoadedUnit[], feeds: Record<string, ort.Tensor>, runs: number, warmup: number): Promise<number[][]> {
+  const samples = units.map(() => [] as number[]);
+  for (let r = 0; r < warmup + runs; r++) {
+    const values = new Map(Object.entries(feeds));
+    for (let i = 0; i < units.length; i++) {
+      const t0 = performance.now();
+      await runUnit(units[i]!, values);
+      if (r >= warmup) samples[i]!.push(performance.now() - t0);
+    }
+  }
+  return samples;
 }

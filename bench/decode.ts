@@ -137,12 +137,14 @@ export async function decodeBench(argv: readonly string[]): Promise<void> {
 
     log('timing one decode step of the original layer by layer');
     const io = decoderIo(loadModel(originalPath));
-    const units = await timeUnits(originalPath, w.path('units'), originalFeeds(io, [stepIds(0)[0]!], f.prompt, B), f['unit-runs'], 2, opts);
+    const units = await timeUnits(originalPath, w.path('units'), originalFeeds(io, [stepIds(0)[0]!], f.prompt, B), f['unit-runs'], 2, opts, {
+      parts: granularity !== 'block',
+    });
     const share = units.layers.map((t) => t / units.total);
     const costs = layerCosts(originalPath);
     const context = f.prompt + 1;
     const routedParts = selections.map((s) => {
-      const dShare = share[s.layer]! * partShare(costs[s.layer]!, s.part, 1, context);
+      const dShare = share[s.layer]! * partShare(costs[s.layer]!, s.part, 1, context, units.parts?.[s.layer]);
       const skip = s.steps ? 1 - s.stepsRun / s.steps : 0;
       return { ...s, d: dShare, skip };
     });
@@ -256,7 +258,7 @@ export async function decodeBench(argv: readonly string[]): Promise<void> {
       ...compiled.map((c) => `${c.label} (compile ${(c.compileMs / 1000).toFixed(1)} s)`),
       `timing: ModSession.step (feeds + session.run + logits) with forced seeded token ids; each compiled model against the original with only those two sessions alive, in ${f.processes} fresh process(es) one after another, samples pooled (created, timed, released, then the next); both prefilled, then interleaved step by step (first model alternating): ${f.warmup} untimed steps, then ${f.runs} timed per process; context ${f.prompt + 1} at the first step, ${total} after the last`,
       f.gc ? `garbage collected before every call, outside the timing (median ${ms(settings.gcMedianMs, 1)} per collection)` : 'garbage collection left to V8',
-      `units: one decode step of the original at past length ${f.prompt} (zero K/V), batch ${B}, cut by analyzeDecoder -> splitFusedBoundaries -> extractDecoder and run by LayerByLayerRunner; 2 warm-up + ${f['unit-runs']} timed runs, median per unit`,
+      `units: one decode step of the original at past length ${f.prompt} (zero K/V), batch ${B}, cut by analyzeDecoder -> splitFusedBoundaries -> extractDecoder and run by LayerByLayerRunner; 2 warm-up + ${f['unit-runs']} timed runs, median per unit${units.parts ? "; a part's share of its layer measured the same way, each layer cut in two units (attention, and the rest)" : ''}`,
       '```',
       '',
     );

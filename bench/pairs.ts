@@ -234,12 +234,18 @@ export async function measureSelections(
 }
 
 /**
- * A part's share of its layer's cost by the cost model (compiler/analysis/cost.ts) for `queries`
- * tokens attending to `keys` keys each on average: the measured layer unit time is split between
- * the attention and MLP parts in this proportion. A block is the whole layer.
+ * A part's share of its layer's time: from the part units' measured times when given
+ * (timeUnits with `parts`), else by the cost model (compiler/analysis/cost.ts) for `queries`
+ * tokens attending to `keys` keys each on average. The measured layer unit time is split between
+ * the attention and MLP parts in this proportion. A block is the whole layer. The cost model
+ * counts MACs only: at a decode step it gives the MLP more of the layer than it takes (the
+ * attention's cache append and softmax cost time and no MACs), so the measured split is used
+ * where there is one.
  */
-export function partShare(cost: LayerCost, part: RoutedPart, queries: number, keys: number): number {
+export function partShare(cost: LayerCost, part: RoutedPart, queries: number, keys: number, measured?: { attention: number; mlp: number } | null): number {
   if (part === 'block') return 1;
+  if (measured && measured.attention + measured.mlp > 0)
+    return (part === 'attention' ? measured.attention : measured.mlp) / (measured.attention + measured.mlp);
   const attention = queries * (cost.attention + cost.attentionPair * keys);
   const mlp = queries * cost.mlp;
   const total = attention + mlp;

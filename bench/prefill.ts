@@ -141,14 +141,16 @@ export async function prefillBench(argv: readonly string[]): Promise<void> {
 
     log('timing the original layer by layer');
     const feeds = originalFeeds(decoderIo(loadModel(original)), prompt[0]!, 0);
-    const units = await timeUnits(original, w.path('units'), feeds, f['unit-runs'], f.warmup, opts);
-    const unitsLast = originalLast ? await timeUnits(originalLast, w.path('units-last'), feeds, f['unit-runs'], f.warmup, opts) : null;
+    const units = await timeUnits(original, w.path('units'), feeds, f['unit-runs'], f.warmup, opts, { parts: granularity !== 'block' });
+    const unitsLast = originalLast
+      ? await timeUnits(originalLast, w.path('units-last'), feeds, f['unit-runs'], f.warmup, opts, { parts: granularity !== 'block' })
+      : null;
     const costs = layerCosts(original);
     const S = f.prompt;
     const speedup = (p: PairResult) => {
       const u = p.logits === 'last' ? unitsLast! : units;
       const sel = selections.get(p.c.name) ?? [];
-      const parts = sel.map((s) => ({ ...s, f: (u.layers[s.layer]! / u.total) * partShare(costs[s.layer]!, s.part, S, (S + 1) / 2) }));
+      const parts = sel.map((s) => ({ ...s, f: (u.layers[s.layer]! / u.total) * partShare(costs[s.layer]!, s.part, S, (S + 1) / 2, u.parts?.[s.layer]) }));
       const saved = parts.reduce((a, x) => a + x.f * (1 - x.promptFraction), 0);
       const r = p.t.ratios.prefill;
       return {

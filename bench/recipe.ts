@@ -291,8 +291,12 @@ export async function recipeBench(argv: readonly string[]): Promise<void> {
     const stepIds = (t: number) => [forced[t]!];
     const costs = layerCosts(original);
     log('timing the original layer by layer (prefill, then one decode step)');
-    const unitsPrefill = await timeUnits(original, w.path('units-prefill'), originalFeeds(io, prefillPrompt[0]!, 0), f['unit-runs'], f.warmup, opts);
-    const unitsDecode = await timeUnits(original, w.path('units-decode'), originalFeeds(io, [forced[0]!], f['decode-prompt']), f['unit-runs'], 2, opts);
+    const unitsPrefill = await timeUnits(original, w.path('units-prefill'), originalFeeds(io, prefillPrompt[0]!, 0), f['unit-runs'], f.warmup, opts, {
+      parts: true,
+    });
+    const unitsDecode = await timeUnits(original, w.path('units-decode'), originalFeeds(io, [forced[0]!], f['decode-prompt']), f['unit-runs'], 2, opts, {
+      parts: true,
+    });
 
     const rows: TargetResult[] = [];
     for (let i = 0; i < targets.length; i++) {
@@ -341,19 +345,31 @@ export async function recipeBench(argv: readonly string[]): Promise<void> {
           (a, s) =>
             a +
             (unitsPrefill.layers[s.layer]! / unitsPrefill.total) *
-              partShare(costs[s.layer]!, s.part, S, (S + 1) / 2) *
+              partShare(costs[s.layer]!, s.part, S, (S + 1) / 2, unitsPrefill.parts?.[s.layer]) *
               (1 - s.promptFraction) *
               kept(s.layer, s.part),
           0,
         ) +
-        replacedLayers.reduce((a, l) => a + (unitsPrefill.layers[l]! / unitsPrefill.total) * partShare(costs[l]!, 'mlp', S, (S + 1) / 2) * kept(l, 'mlp'), 0);
+        replacedLayers.reduce(
+          (a, l) => a + (unitsPrefill.layers[l]! / unitsPrefill.total) * partShare(costs[l]!, 'mlp', S, (S + 1) / 2, unitsPrefill.parts?.[l]) * kept(l, 'mlp'),
+          0,
+        );
       const skips = selDecode.map((s) => (s.steps ? 1 - s.stepsRun / s.steps : 0));
       const K = f['decode-prompt'] + 1;
       const savedDecode =
         selDecode.reduce(
-          (a, s, k) => a + (unitsDecode.layers[s.layer]! / unitsDecode.total) * partShare(costs[s.layer]!, s.part, 1, K) * skips[k]! * kept(s.layer, s.part),
+          (a, s, k) =>
+            a +
+            (unitsDecode.layers[s.layer]! / unitsDecode.total) *
+              partShare(costs[s.layer]!, s.part, 1, K, unitsDecode.parts?.[s.layer]) *
+              skips[k]! *
+              kept(s.layer, s.part),
           0,
-        ) + replacedLayers.reduce((a, l) => a + (unitsDecode.layers[l]! / unitsDecode.total) * partShare(costs[l]!, 'mlp', 1, K) * kept(l, 'mlp'), 0);
+        ) +
+        replacedLayers.reduce(
+          (a, l) => a + (unitsDecode.layers[l]! / unitsDecode.total) * partShare(costs[l]!, 'mlp', 1, K, unitsDecode.parts?.[l]) * kept(l, 'mlp'),
+          0,
+        );
       const pr = tp.ratios.prefill.wall.medianOfPaired;
       const dr = td.ratios.decode.wall.medianOfPaired;
       const q = quality[i]!;
@@ -446,7 +462,7 @@ export async function recipeBench(argv: readonly string[]): Promise<void> {
       `mapping: quality layer l of ${qLayers} -> bench layers round(l*${f.layers}/${qLayers}) .. round((l+1)*${f.layers}/${qLayers}) - 1: ${mapping}${unmapped.length ? ` (unmapped: ${unmapped.join(', ')})` : ''}`,
       `routed bench model: random routers seed ${f['router-seed']}, top-k at the calibrated capacities, ungated; biases set so r >= 0.5 selects about the capacity of the decode prompt's tokens; ${surrogate === 'lowrank' ? 'random surrogates of the calibrated ranks where calibrate chose one (+sR), MLPs it replaced (@0) replaced' : 'no surrogates (--surrogate none)'}`,
       `prefill: ${f.prompt}-token prompt, ${f.warmup} + ${f.runs} rounds; decode: ${f['decode-prompt']}-token prompt, ${f['decode-warmup']} + ${f.steps} steps; each against the original with only those two sessions alive, in ${f.processes} fresh process(es), samples pooled`,
-      `units: original cut by analyzeDecoder -> splitFusedBoundaries -> extractDecoder (prefill ${ms(unitsPrefill.total)}, one decode step ${ms(unitsDecode.total, 2)}); parts' shares of a layer by the cost model`,
+      `units: original cut by analyzeDecoder -> splitFusedBoundaries -> extractDecoder (prefill ${ms(unitsPrefill.total)}, one decode step ${ms(unitsDecode.total, 2)}); parts' shares of a layer measured (each layer cut in two units: attention, and the rest)`,
       '```',
       '',
     );
