@@ -273,7 +273,7 @@ export async function recipeBench(argv: readonly string[]): Promise<void> {
         };
         quality.push({ topk: await nll('topk'), threshold: await nll('threshold') });
         log(
-          `  F=${target}: ${describeParts(result)}; NLL +${quality.at(-1)!.topk.deltaNll.toFixed(4)} (top-k), +${quality.at(-1)!.threshold.deltaNll.toFixed(4)} (threshold)`,
+          `  F=${target}: ${describeParts(result)}; NLL ${signed(quality.at(-1)!.topk.deltaNll, 4)} (top-k), ${signed(quality.at(-1)!.threshold.deltaNll, 4)} (threshold)`,
         );
       }
     } finally {
@@ -386,7 +386,7 @@ export async function recipeBench(argv: readonly string[]): Promise<void> {
           achievedOverIdeal: (1 - savedDecode) / dr,
           meanSkip: skips.length ? skips.reduce((a, b) => a + b, 0) / skips.length : 0,
         },
-        headline: `at +${q.topk.deltaNll.toFixed(3)} nats: ${(1 / pr).toFixed(2)}x prefill, ${(1 / dr).toFixed(2)}x decode`,
+        headline: `at ${signed(q.topk.deltaNll, 3)} nats: ${(1 / pr).toFixed(2)}x prefill, ${(1 / dr).toFixed(2)}x decode`,
       };
       log(`F=${target}: ${row.headline}`);
       rows.push(row);
@@ -485,8 +485,8 @@ export async function recipeBench(argv: readonly string[]): Promise<void> {
         rows.map((r) => [
           r.target.toFixed(2),
           r.parts,
-          `+${r.quality.topk.deltaNll.toFixed(4)}`,
-          `+${r.quality.threshold.deltaNll.toFixed(4)}`,
+          signed(r.quality.topk.deltaNll, 4),
+          signed(r.quality.threshold.deltaNll, 4),
           r.quality.topk.computeFraction.toFixed(3),
           `${ratio(r.prefill.achievedSpeedup)} (ratio ${ratioSpan(r.prefill.t.ratios.prefill.wall)})`,
           ratio(r.prefill.idealSpeedup),
@@ -504,6 +504,11 @@ export async function recipeBench(argv: readonly string[]): Promise<void> {
   } finally {
     w.dispose();
   }
+}
+
+/** An NLL change with its sign: +0.0021, -0.0013 (a calibrated model can beat the dense one on held-out data). */
+function signed(x: number, digits: number): string {
+  return `${x < 0 ? '-' : '+'}${Math.abs(x).toFixed(digits)}`;
 }
 
 /** "1@0.50 3a@0.75 5m@0.40+s32 6m@0+s16" (a = attention, m = MLP, none = block; +sR: a surrogate of rank R; @0: the MLP replaced by it). */
