@@ -3,8 +3,8 @@
  * process, which leaves a large JavaScript heap behind, and a large heap slows the ONNX Runtime
  * calls timed beside it, unequally. Each V8 collection (a forced one before every call, and the
  * scavenges that output tensors trigger as external memory) then walks that heap; on a 2-core
- * machine the all-pass compile of the decode bench measured 1.18x its original in the bench's
- * process and 1.01x in a fresh one, the same two files. So the benchmarks time their pairs in a
+ * machine the GQA all-pass compile of the decode bench measured 1.18x its original in the
+ * bench's process and 1.04-1.06x in a fresh one, the same two files. So the benchmarks time their pairs in a
  * child process that holds nothing but the compared sessions (and, when asked, idle ones).
  *
  * The plan travels as plain data (interleaved-worker.ts runs it with timeInterleaved); the child

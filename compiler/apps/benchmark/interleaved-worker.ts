@@ -62,6 +62,6 @@ async function run(plan: FreshPlan): Promise<FreshTimes> {
 process.once('message', (plan: FreshPlan) => {
   run(plan)
     .then((times) => send({ kind: 'done', times }))
-    .catch((e: unknown) => send({ kind: 'error', message: (e as Error).message.split('\n')[0]! }))
+    .catch((e: unknown) => send({ kind: 'error', message: (e instanceof Error ? e.message : String(e)).split('\n')[0]! }))
     .finally(() => process.disconnect());
 });
