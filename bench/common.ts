@@ -430,7 +430,7 @@ export async function timeUnits(
   // Each layer in two: its attention part's nodes, then the rest (the MLP part and the adds).
   const outputs = new Set(model.graph.outputs);
   const groups: { name: string; nodes: Node[] }[] = [{ name: 'prefix', nodes: s.prefixNodes }];
-  const split2 = s.layers.map((l) => {
+  const attentionUnit = s.layers.map((l) => {
     const sub = subLayersOf(l, outputs);
     if ('reason' in sub) {
       groups.push({ name: `layer.${l.index}`, nodes: l.nodes });
@@ -446,7 +446,7 @@ export async function timeUnits(
   try {
     for (const u of extractUnits(model, groups)) loaded.push(await loadUnit(u, join(dir, 'parts'), opts));
     const partMed = (await timeChain(loaded, feeds, runs, warmup)).map(median);
-    times.parts = split2.map((i) => (i === null ? null : { attention: partMed[i]!, mlp: partMed[i + 1]! }));
+    times.parts = attentionUnit.map((i) => (i === null ? null : { attention: partMed[i]!, mlp: partMed[i + 1]! }));
   } finally {
     for (const u of loaded) await u.session.release();
   }

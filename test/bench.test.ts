@@ -15,7 +15,8 @@ import { ModcError } from '../compiler/core/errors.js';
 import { UsageError } from '../compiler/core/errors.js';
 import { loadModel } from '../compiler/core/io/load.js';
 import { lastPosition, ModSession } from '../compiler/runtime/session.js';
-import { formOf, granularityOf, parseFlags } from '../bench/common.js';
+import { formOf, granularityOf, originalFeeds, parseFlags, timeUnits } from '../bench/common.js';
+import { decoderIo } from '../compiler/metadata/decoder-io.js';
 import { DECODE_FLAGS } from '../bench/decode.js';
 import { mapLayers } from '../bench/recipe.js';
 import { expectOneLineError, ROOT, runCli, tempDir } from './helpers.js';
@@ -89,6 +90,20 @@ describe('timing in a fresh process', () => {
     expect(err).toBeInstanceOf(ModcError);
     expect((err as Error).message).toContain(missing);
     expect((err as Error).message.split('\n')).toHaveLength(1);
+  });
+});
+
+describe('unit times', () => {
+  it("with parts, each layer is cut into its attention unit and the rest, both timed (a part's share of its layer)", async () => {
+    const feeds = originalFeeds(decoderIo(loadModel(LLAMA)), [5], 8);
+    const t = await timeUnits(LLAMA, join(tmp, 'units'), feeds, 2, 1, { intraOpThreads: 1 }, { parts: true });
+    expect(t.parts).toHaveLength(t.layers.length);
+    for (const p of t.parts!) {
+      expect(p).not.toBeNull();
+      expect([p!.attention > 0, p!.mlp > 0]).toEqual([true, true]);
+    }
+    const plain = await timeUnits(LLAMA, join(tmp, 'units-plain'), feeds, 1, 0, { intraOpThreads: 1 });
+    expect(plain.parts).toBeUndefined();
   });
 });
 
