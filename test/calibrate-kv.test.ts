@@ -28,7 +28,7 @@ import { writeCalibratedRouters } from '../compiler/apps/calibration/router-file
 import { readDataset } from '../compiler/apps/data/index.js';
 import { mulberry32 } from '../compiler/core/random.js';
 import { loadRouterFile } from '../compiler/routing/router-weights.js';
-import { expectOneLineError, ROOT, runCli, tempDir } from './helpers.js';
+import { compileAndEval, expectOneLineError, ROOT, runCli, tempDir } from './helpers.js';
 
 const DIR = join(ROOT, 'fixtures', 'quality-lm');
 const MODEL = join(DIR, 'model.onnx');
@@ -54,14 +54,7 @@ interface EvalJson {
 const tmp = tempDir('modc-calibrate-kv');
 let counter = 0;
 
-async function compileEval(routers: string): Promise<EvalJson> {
-  const path = join(tmp, `m${counter++}.onnx`);
-  const compiled = await runCli('compile', MODEL, '--routers', routers, '-o', path, '-q');
-  expect(compiled.code, compiled.stderr).toBe(0);
-  const ev = await runCli('eval', path, '--data', EVAL, '--json', '-q');
-  expect(ev.code, ev.stderr).toBe(0);
-  return JSON.parse(ev.stdout) as EvalJson;
-}
+const compileEval = (routers: string) => compileAndEval<EvalJson>(MODEL, routers, join(tmp, `m${counter++}.onnx`), EVAL);
 
 describe('kvThreshold: the most tokens kept with the KV fraction at most F', () => {
   // One row of 30 tokens, sinks 2, window 8: the middle tokens are 2..21 (20 of them), scored 0..19.

@@ -16,7 +16,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { loadRouterFile, writeRouterFile } from '../compiler/routing/router-weights.js';
-import { ROOT, runCli, tempDir } from './helpers.js';
+import { compileAndEval, ROOT, runCli, tempDir } from './helpers.js';
 
 const DIR = join(ROOT, 'fixtures', 'quality-lm');
 const MODEL = join(DIR, 'model.onnx');
@@ -33,14 +33,7 @@ interface EvalJson {
 
 const tmp = tempDir('modc-calibrate-surrogate');
 
-async function compileEval(routers: string, name: string): Promise<EvalJson> {
-  const out = join(tmp, name, 'model.onnx');
-  const c = await runCli('compile', MODEL, '--routers', routers, '-o', out, '-q');
-  expect(c.code, c.stderr).toBe(0);
-  const ev = await runCli('eval', out, '--data', EVAL, '--json', '-q');
-  expect(ev.code, ev.stderr).toBe(0);
-  return JSON.parse(ev.stdout) as EvalJson;
-}
+const compileEval = (routers: string, name: string) => compileAndEval<EvalJson>(MODEL, routers, join(tmp, name, 'model.onnx'), EVAL);
 
 describe('calibrate with MLP surrogates, fixtures/quality-lm, target compute 0.80', () => {
   const file = join(tmp, 'routers.safetensors');

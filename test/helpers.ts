@@ -88,6 +88,15 @@ export async function runCli(...args: string[]): Promise<CliResult> {
   return { code, stdout, stderr };
 }
 
+/** `modc compile MODEL --routers ROUTERS -o OUT`, then `modc eval OUT --data DATA --json`: eval's JSON (both must exit 0). */
+export async function compileAndEval<T>(model: string, routers: string, out: string, data: string): Promise<T> {
+  const c = await runCli('compile', model, '--routers', routers, '-o', out, '-q');
+  expect(c.code, c.stderr).toBe(0);
+  const ev = await runCli('eval', out, '--data', data, '--json', '-q');
+  expect(ev.code, ev.stderr).toBe(0);
+  return JSON.parse(ev.stdout) as T;
+}
+
 const ORT_TYPES: Record<number, ort.Tensor.Type> = {
   [DataType.FLOAT]: 'float32',
   [DataType.FLOAT16]: 'float16',
