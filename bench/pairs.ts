@@ -119,7 +119,7 @@ export interface PairPlan {
  * interleaved (timeInterleaved), in a fresh process (compiler/apps/benchmark/fresh-process.ts:
  * the benchmark's own heap would slow the timed calls), `plan.processes` times over: a session
  * runs a few percent faster or slower for its whole life depending on where its memory lands
- * (the same pair measured 1.03x and 1.11x in two processes), so the samples of several fresh
+ * (the decode bench's GQA all-pass pair, one process per run: 1.038x and 1.062x), so the samples of several fresh
  * processes are pooled.
  */
 export async function timePair(original: string, compiled: string, plan: PairPlan): Promise<PairTimes> {
