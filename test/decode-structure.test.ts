@@ -10,6 +10,7 @@
  * - each present cache of a compacted layer is made in the then-branch by the node that made it
  *   in the original (a Concat, or the fused attention op), straight into the If's output; the
  *   else-branch passes the past on with one Identity; no other node copies a cache;
+ * - no gather of the token ids that only a Shape reads (the indices have the same shape);
  * - the cache interface: `past_valid.l` / `present_valid.l` for the Concat-semantics forms,
  *   `past_lengths.l` / `present_lengths.l` for GroupQueryAttention and static caches.
  * Numerical equivalence and MoD semantics of the same compiles are test/mod.test.ts's and
@@ -79,6 +80,14 @@ describe.each(allModels())('$name', ({ path }) => {
         // The part's own nodes, in their original order (the original's nodes keep their names).
         const own = run.nodes.filter((n) => order.has(n.name)).map((n) => order.get(n.name)!);
         expect(own, `layer ${r.layer} ${r.part}: original order kept`).toEqual([...own].sort((a, b) => a - b));
+        // A rebuilt mask that reads the token ids only for their shape reads it off the indices: no gather for it.
+        const shapeOnly = run.nodes.filter(
+          (n) => n.opType === 'GatherElements' && n.input(0)?.name === 'input_ids' && [...n.output(0).uses].every((u) => u.node.opType === 'Shape'),
+        );
+        expect(
+          shapeOnly.map((n) => n.describe()),
+          'token ids gathered only to be measured',
+        ).toEqual([]);
         if (r.part === 'mlp') continue;
         const layer = s.layers[r.layer]!;
         const tensors = layer.kv.layout === 'combined-2BHTD' ? [layer.kv.key] : [layer.kv.key, layer.kv.value];

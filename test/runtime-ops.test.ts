@@ -50,8 +50,9 @@ async function runOp(op: string, feeds: Feed[], opts: { inline: boolean; opset: 
     Router: [DataType.FLOAT],
     SelectThreshold: [DataType.BOOL],
     SelectTopK: [DataType.BOOL],
+    TokenGrid: [DataType.INT64, DataType.INT64, DataType.INT64],
+    CompactTokens: [DataType.INT64, DataType.BOOL, DataType.INT64, DataType.INT64, DataType.BOOL],
     Compact: [DataType.INT64, DataType.BOOL, DataType.INT64],
-    GatherTokens: [ONNX_TYPE[feeds[0]!.type]],
     ScatterTokens: [DataType.FLOAT],
     ScatterTokensGated: [DataType.FLOAT],
     GatherMask: [DataType.FLOAT],
@@ -204,17 +205,30 @@ describe.each(modes)('modc ops (inline=$inline, opset $opset)', (mode) => {
     expect(data(count!)).toEqual(want.count);
   });
 
-  it.each([1, 4])('GatherTokens on hidden states and on position ids (batch %i)', async (B) => {
-    const r = rng(4);
-    const [S, H] = [6, 3];
-    const selected = Array.from({ length: B * S }, () => (r() > 0.5 ? 1 : 0));
-    const c = ref.compact(selected, [B, S]);
-    const x = randn(r, B * S * H);
-    const [y] = await runOp('GatherTokens', [f32('x', [B, S, H], x), i64('indices', [B, c.K], c.indices)], mode);
-    expect(data(y!)).toEqual(Array.from(ref.gatherTokens(x, [B, S], H, c.indices, c.K)));
-    const pos = BigInt64Array.from({ length: B * S }, (_, i) => BigInt(i % S));
-    const [p] = await runOp('GatherTokens', [i64('x', [B, S], Array.from(pos, Number)), i64('indices', [B, c.K], c.indices)], mode);
-    expect(data(p!)).toEqual(Array.from(ref.gatherTokens(pos, [B, S], 1, c.indices, c.K), Number));
+  it.each([
+    ['rows selecting different counts', [1, 0, 1, 1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 0, 0], 4],
+    ['nothing selected', Array(20).fill(0), 4],
+    ['everything selected', Array(20).fill(1), 4],
+    ['batch 1', [0, 1, 1, 0, 1], 1],
+  ])('TokenGrid then CompactTokens: Compact, each slot as its (row, position) pair, and whether any row selects (%s)', async (_, selected, B) => {
+    const S = selected.length / B;
+    const mask = bool('token_mask', [B, S], Array(B * S).fill(1));
+    const [first, rest, rows] = await runOp('TokenGrid', [mask], mode);
+    // By hand: selected positions sort first by S - t, the others after by -t; rows are (b, 0).
+    expect(data(first!)).toEqual(Array.from({ length: S }, (_, t) => S - t));
+    expect(data(rest!)).toEqual(Array.from({ length: S }, (_, t) => (t === 0 ? 0 : -t)));
+    expect(rows!.dims).toEqual([B, 1, 2]);
+    expect(data(rows!)).toEqual(Array.from({ length: B }, (_, b) => [b, 0]).flat());
+    const grid = [i64('first', [S], data(first!)), i64('rest', [S], data(rest!)), i64('rows', [B, 1, 2], data(rows!))];
+    const [indices, valid, count, slots, any] = await runOp('CompactTokens', [bool('selected', [B, S], selected), ...grid], mode);
+    const want = ref.compact(selected, [B, S]);
+    expect(indices!.dims).toEqual([B, want.K]);
+    expect(data(indices!)).toEqual(want.indices);
+    expect(data(valid!)).toEqual(Array.from(want.valid));
+    expect(data(count!)).toEqual(want.count);
+    expect(slots!.dims).toEqual([B, want.K, 2]);
+    expect(data(slots!)).toEqual(want.indices.flatMap((t, i) => [Math.floor(i / want.K), t]));
+    expect(data(any!)).toEqual([selected.some((v) => v) ? 1 : 0]);
   });
 
   it.each([
@@ -231,7 +245,11 @@ describe.each(modes)('modc ops (inline=$inline, opset $opset)', (mode) => {
     const gate = Float32Array.from({ length: B * c.K }, () => r());
     const feeds = [
       f32('x', [B, S, H], x),
-      i64('indices', [B, c.K], c.indices),
+      i64(
+        'slots',
+        [B, c.K, 2],
+        c.indices.flatMap((t, i) => [Math.floor(i / c.K), t]),
+      ),
       bool('valid', [B, c.K], c.valid),
       f32('x_sel', [B, c.K, H], xSel),
       f32('y', [B, c.K, H], y),

@@ -7,9 +7,9 @@
  *   score = modc.Router(x, w, b)
  *   selected = modc.SelectThreshold(score, token_mask, p)          (threshold-p)
  *            | modc.SelectTopK(score, token_mask, c, past_length)  (top-k)
- *   indices, valid, count = modc.Compact(selected)
+ *   indices, valid, count, slots, any = modc.CompactTokens(selected, grid)
  *
- * token_mask is this call's columns of attention_mask (of a caller's 4-D mask, its diagonal at the
+ * grid = modc.TokenGrid(token_mask) is built once for every router. token_mask is this call's columns of attention_mask (of a caller's 4-D mask, its diagonal at the
  * call's sequence indices: compiler/passes/caller-mask.ts), as bool. The selection value is named
  * `modc.selected.{l}[.attn|.mlp|.kv]` and recorded in the `modc.routing` metadata, which is how
  * route-layers (and tools measuring what ran) find each part's routing.
@@ -70,6 +70,7 @@ export function insertRouters(model: Model, plan: RoutingPlan, s: DecoderStructu
   // One bool mask for every router (the select ops' own casts of it are then no-ops ONNX Runtime drops).
   const tokenMask = new Emitter(g, defaultOpset(model), 'modc/').cast(tokens.tokenMask, DataType.BOOL);
   const { pastLength } = tokens;
+  let grid: Value[] | undefined;
   const notes: string[] = [];
   const recorded: RoutedLayerMetadata[] = [];
   const graphOutputs = new Set(g.outputs);
@@ -102,7 +103,10 @@ export function insertRouters(model: Model, plan: RoutingPlan, s: DecoderStructu
         : callModcOp(model, 'SelectTopK', [score!, tokenMask, scalarInit(model, `${prefix}.capacity`, lp.capacity), pastLength], opts);
     selected!.name = g.uniqueName(prefix.replace('modc.router.', 'modc.selected.'));
     // Key/value routing gathers no token: every token runs the layer (compiler/passes/route-kv.ts).
-    if (lp.part !== 'kv') callModcOp(model, 'Compact', [selected!], opts);
+    if (lp.part !== 'kv') {
+      grid ??= callModcOp(model, 'TokenGrid', [tokenMask], { dtype, name: 'modc' });
+      callModcOp(model, 'CompactTokens', [selected!, ...grid], opts);
+    }
     recorded.push({ layer: lp.layer, part: lp.part, selected: selected!.name, threshold: lp.threshold, capacity: lp.capacity });
     notes.push(`layer ${describeLayerPart(lp)}: router on ${input}, ${plan.mode === 'threshold' ? `p = ${lp.threshold}` : `capacity ${lp.capacity}`}`);
   }

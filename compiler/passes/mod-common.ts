@@ -8,24 +8,42 @@ export function streamElementType(s: DecoderStructure): number {
   return s.dtype === 'float16' ? DataType.FLOAT16 : s.dtype === 'bfloat16' ? DataType.BFLOAT16 : DataType.FLOAT;
 }
 
-/** The routing a layer got from insert-routers: Router -> Select* -> Compact on its residual input. */
+/** The routing a layer got from insert-routers: Router -> Select* -> CompactTokens on its residual input. */
 export interface LayerRouting {
   score: Value;
   indices: Value;
   valid: Value;
   count: Value;
+  /**
+   * Each slot's (row, position) pair [B,K,2], whether any row selects a token, and the
+   * TokenGrid values the compaction read: null in a model compiled with Compact (before
+   * CompactTokens), which a compile never routes again.
+   */
+  slots: Value | null;
+  any: Value | null;
+  grid: Value[] | null;
   nodes: Node[];
 }
 
 const isModc = (n: Node, op: string) => n.domain === MODC_DOMAIN && n.opType === op;
 
-/** The routing around a selection value (the `selected` the routing metadata names): Router -> Select* -> Compact. */
+/** The routing around a selection value (the `selected` the routing metadata names): Router -> Select* -> CompactTokens (or Compact). */
 export function routingOf(selected: Value): LayerRouting | null {
   const select = selected.producer;
   if (!select || !(isModc(select, 'SelectThreshold') || isModc(select, 'SelectTopK'))) return null;
   const score = select.input(0);
   const router = score?.producer;
-  const compact = selected.consumers().find((n) => isModc(n, 'Compact'));
+  const compact = selected.consumers().find((n) => isModc(n, 'CompactTokens') || isModc(n, 'Compact'));
   if (!score || !router || !isModc(router, 'Router') || !compact) return null;
-  return { score, indices: compact.output(0), valid: compact.output(1), count: compact.output(2), nodes: [router, select, compact] };
+  const tokens = compact.opType === 'CompactTokens';
+  return {
+    score,
+    indices: compact.output(0),
+    valid: compact.output(1),
+    count: compact.output(2),
+    slots: tokens ? compact.output(3) : null,
+    any: tokens ? compact.output(4) : null,
+    grid: tokens ? compact.inputs.slice(1).map((v) => v!) : null,
+    nodes: [router, select, compact],
+  };
 }

@@ -3,13 +3,13 @@
  * region runs on its selected tokens inside one If, one level below the main graph, for a
  * prefill and a decode step alike:
  *
- *   any                 = max(count) > 0                                 main graph
+ *   indices, valid, slots, any = CompactTokens(selected, ...)            main graph
  *   out, present.., ..  = If(any) {
- *                           x_sel = gather(x, indices)                   the region reads x_sel
+ *                           x_sel = GatherND(x, slots)                   the region reads x_sel
  *                           per-token side inputs gathered (or recomputed from the gathered
  *                           ids and positions); masks and lengths rebuilt from the layer's keys
  *                           the region's own nodes, unchanged (its cache appends where they were)
- *                           out = ScatterTokens[Gated](x, indices, valid, x_sel, y)
+ *                           out = ScatterTokens[Gated](x, slots, valid, x_sel, y)
  *                         } else { x, the past caches }                 (Identity each)
  *
  * Every weight the region reads is then one If level below the graph that owns it, where ONNX
@@ -19,6 +19,7 @@
  * unselected tokens.
  */
 import type { DecoderStructure, SideInput } from '../analysis/types.js';
+import { ModcError } from '../core/errors.js';
 import { DataType } from '../core/ir/dtype.js';
 import { Graph, type Node, type Value } from '../core/ir/graph.js';
 import type { Model } from '../core/ir/model.js';
@@ -48,7 +49,8 @@ interface Layer {
   e: Emitter;
   tag: string;
   gathered: Map<Value, Value>;
-  slotIndex?: Value;
+  /** Each selected slot's (row, position) pair [B,K,2]. */
+  slots: Value;
   /** Every node's position in the graph before any layer was routed. */
   original: ReadonlyMap<Node, number>;
 }
@@ -64,11 +66,12 @@ export function routeRegion(
   original: ReadonlyMap<Node, number>,
 ): Value {
   const tag = r.part === 'block' ? `layer${r.layer.index}` : `layer${r.layer.index}/${r.part}`;
+  const { slots, any } = routing;
+  if (!slots || !any) throw new ModcError(`layer ${r.layer.index} was routed with Compact, not CompactTokens: compile it from the original model`);
   const e = new Emitter(model.graph, defaultOpset(model), `modc/${tag}/`);
-  const L: Layer = { model, s, r, routing, opts, x, e, tag, gathered: new Map(), original };
+  const L: Layer = { model, s, r, routing, opts, x, e, tag, gathered: new Map(), slots, original };
   const g = model.graph;
-  // Main graph: whether any row selects a token, the cache's inputs and length outputs, the skipped update.
-  const any = L.e.op('Greater', [L.e.reduceMax(routing.count, [0], false), L.e.i64(0)]);
+  // Main graph (besides the routing): the cache's inputs and length outputs, the skipped update.
   const recompute = r.sideInputs.filter((si) => si.kind === 'attention-mask' || si.kind === 'sequence-length').map((si) => si.value);
   const cache = r.compactsKv ? layerCache(cacheContext(L, recompute)) : null;
   const passed = r.output.kind === 'update' ? zerosLike(L, x) : x;
@@ -77,6 +80,7 @@ export function routeRegion(
   const xSel = gatherInputs(L);
   gatherSideInputs(L);
   const carried = cache ? cache.rewire() : [];
+  readShapeOffIndices(L);
   const scatter = scatterOutput(L, xSel, passed);
   const y = r.output.value;
   const added = g.nodes.filter((n) => !existing.has(n));
@@ -129,16 +133,14 @@ function zerosLike(L: Layer, x: Value): Value {
 
 /**
  * `v` at the selected tokens, once per value and layer: a [B, S] value (token ids, positions,
- * the gate) with one GatherElements on axis 1; a [B, S, ...] value with one GatherND (batch_dims
- * 1, from opset 13), else GatherTokens.
+ * the gate) with one GatherElements on axis 1; a [B, S, ...] value with one GatherND on the
+ * slots' (row, position) pairs.
  */
 function gather(L: Layer, v: Value): Value {
   let out = L.gathered.get(v);
   if (out) return out;
   const { e, routing } = L;
-  if (v.shape?.length === 2) out = e.op('GatherElements', [v, routing.indices], { axis: 1 });
-  else if (e.opset >= 13) out = e.op('GatherND', [v, (L.slotIndex ??= e.unsqueeze(routing.indices, [2]))], { batch_dims: 1 });
-  else out = call(L, 'GatherTokens', [v, routing.indices])[0]!;
+  out = v.shape?.length === 2 ? e.op('GatherElements', [v, routing.indices], { axis: 1 }) : e.op('GatherND', [v, L.slots]);
   L.gathered.set(v, out);
   return out;
 }
@@ -217,12 +219,23 @@ function substitutes(L: Layer): Map<Value, Value> {
   return sub;
 }
 
-/** out = ScatterTokens[Gated](base, indices, valid, base at the tokens, y): x for a block, zeros for a part. */
+/**
+ * A rebuilt mask that reads the gathered token ids only for their shape ([B, K]) reads it off
+ * the indices instead, which have that shape: one gather fewer per layer and call.
+ */
+function readShapeOffIndices(L: Layer): void {
+  const ids = L.model.graph.inputs.find((v) => v.name === 'input_ids');
+  const gathered = ids && L.gathered.get(ids);
+  if (!gathered || ![...gathered.uses].every((u) => u.node.opType === 'Shape' && u.node.domain === '')) return;
+  for (const use of [...gathered.uses]) use.node.setInput(use.index, L.routing.indices);
+}
+
+/** out = ScatterTokens[Gated](base, slots, valid, base at the tokens, y): x for a block, zeros for a part. */
 function scatterOutput(L: Layer, xSel: Value, base: Value): Value {
   const { routing, e } = L;
   const y = L.r.output.value;
   const baseSel = L.r.output.kind === 'stream' ? xSel : e.op('ConstantOfShape', [e.op('Shape', [y])], { value: zerosTensor(L) });
-  const inputs = [base, routing.indices, routing.valid, baseSel, y];
+  const inputs = [base, L.slots, routing.valid, baseSel, y];
   if (!L.opts.gated) return call(L, 'ScatterTokens', inputs)[0]!;
   return call(L, 'ScatterTokensGated', [...inputs, gather(L, e.op('Sigmoid', [routing.score]))])[0]!;
 }

@@ -7,9 +7,9 @@
  *
  *   u_all            = the MLP's norm, cloned onto the full stream h        [B, S, H], main graph
  *   rest             = Not(selected) And token_mask                          the tokens the MLP skips
- *   idx, valid       = modc.Compact(rest)
- *   s                = (GatherTokens(u_all, idx) . A) . B + c                 on the skipped tokens only
- *   s_full           = modc.ScatterTokens(0, idx, valid, 0, s)               s(u) where skipped, else 0
+ *   slots, valid     = modc.CompactTokens(rest, grid)                       grid: the router's TokenGrid
+ *   s                = (GatherND(u_all, slots) . A) . B + c                  on the skipped tokens only
+ *   s_full           = modc.ScatterTokens(0, slots, valid, 0, s)             s(u) where skipped, else 0
  *   the join's update m  ->  m + s_full
  *
  * route-layers then replaces m by the scatter of the MLP's update (zero where not selected), so
@@ -143,7 +143,7 @@ export function insertSurrogates(model: Model, plan: RoutingPlan, s: DecoderStru
     const entry = meta.layers.find((l) => l.layer === lp.layer && l.part === 'mlp');
     const selected = entry?.selected ? g.findValue(entry.selected) : undefined;
     const routing = selected ? routingOf(selected) : null;
-    if (!entry || !selected || !routing) throw new ModcError(`surrogates: layer ${lp.layer} (mlp) has no router (run insert-routers first)`);
+    if (!entry || !selected || !routing?.grid) throw new ModcError(`surrogates: layer ${lp.layer} (mlp) has no router (run insert-routers first)`);
     // A part route-layers leaves dense keeps no surrogate either: route-layers reports why.
     if (routeBlocker(model, s.layers[lp.layer]!, 'mlp', s)) continue;
     const site = mlpSite(model, s, lp.layer);
@@ -156,8 +156,8 @@ export function insertSurrogates(model: Model, plan: RoutingPlan, s: DecoderStru
     if (uAll !== site.input) uAll.name = g.uniqueName(`modc.surrogate.${lp.layer}.mlp.input`);
     const tokenMask = routing.nodes[1]!.input(1)!;
     const rest = e.op('And', [e.op('Not', [selected]), tokenMask.dtype === DataType.BOOL ? tokenMask : e.cast(tokenMask, DataType.BOOL)]);
-    const [idx, valid] = callModcOp(model, 'Compact', [rest], opts);
-    const uRest = opset >= 13 ? e.op('GatherND', [uAll, e.unsqueeze(idx!, [2])], { batch_dims: 1 }) : callModcOp(model, 'GatherTokens', [uAll, idx!], opts)[0]!;
+    const [, valid, , slots] = callModcOp(model, 'CompactTokens', [rest, ...routing.grid], opts);
+    const uRest = e.op('GatherND', [uAll, slots!]);
     const sRest = applySurrogate(e, uRest, surrogateWeights(model, lp.layer, sur, H, elem), elem, streamElem);
     const zero = Tensor.fromArray(
       '',
@@ -167,7 +167,7 @@ export function insertSurrogates(model: Model, plan: RoutingPlan, s: DecoderStru
     );
     const zeros = e.op('ConstantOfShape', [e.op('Shape', [site.input])], { value: zero });
     const zerosRest = e.op('ConstantOfShape', [e.op('Shape', [sRest])], { value: zero });
-    const [full] = callModcOp(model, 'ScatterTokens', [zeros, idx!, valid!, zerosRest, sRest], opts);
+    const [full] = callModcOp(model, 'ScatterTokens', [zeros, slots!, valid!, zerosRest, sRest], opts);
     full!.name = g.uniqueName(`modc.surrogate.${lp.layer}.mlp.output`);
     const update = e.op('Add', [site.update, full!]);
     site.join.inputs.forEach((v, i) => v === site.update && site.join.setInput(i, update));

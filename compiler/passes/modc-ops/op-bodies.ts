@@ -11,9 +11,10 @@
  * | Router             | x T[B,S,H], weight T'[H], bias T'[] or [1]              | score float[B,S]               |
  * | SelectThreshold    | score float[B,S], token_mask int or bool[B,S], threshold float[] | selected bool[B,S]     |
  * | SelectTopK         | score, token_mask, capacity float[], past_length int64[] | selected bool[B,S]             |
+ * | TokenGrid          | token_mask bool[B,S]                                      | first int64[S], rest int64[S], rows int64[B,1,2] |
+ * | CompactTokens      | selected bool[B,S], first, rest, rows (TokenGrid's)       | indices int64[B,K], valid bool[B,K], count int64[B], slots int64[B,K,2], any bool[1] |
  * | Compact            | selected bool[B,S]                                        | indices int64[B,K], valid bool[B,K], count int64[B] |
- * | GatherTokens       | x [B,S,...], indices int64[B,K]                           | [B,K,...]                      |
- * | ScatterTokens      | x T[B,S,H], indices, valid, x_sel T[B,K,H], y T[B,K,H]    | T[B,S,H]                       |
+ * | ScatterTokens      | x T[B,S,H], slots int64[B,K,2], valid, x_sel T[B,K,H], y T[B,K,H] | T[B,S,H]               |
  * | ScatterTokensGated | same + gate float[B,K]                                    | T[B,S,H]                       |
  * | GatherMask         | mask M[B|1,h,Sq,T], q_idx int64[B,K], k_idx int64[B,K2], k_valid bool[B,K2], fill M[] | M[B,h,K,K2] |
  * | PrefixMask         | lengths int64[B], total int64[]                           | bool[B,total]: j < lengths[b]  |
@@ -32,6 +33,10 @@
  * Compact lists each row's selected positions in ascending order, then pads the row up to K
  * with its lowest unselected positions, marked invalid: every index in a row is distinct, so a
  * scatter never writes one position twice, and padded slots write back the value they read.
+ * CompactTokens is Compact for a call's tokens, with what every layer shares (the sort keys of
+ * each position, the row numbers) computed once by TokenGrid: it also gives each slot as a
+ * (row, position) pair, which GatherND and ScatterND take as they are, and whether any row
+ * selects a token (the condition that skips the layer).
  */
 import { DataType } from '../../core/ir/dtype.js';
 import type { Value } from '../../core/ir/graph.js';
@@ -51,21 +56,6 @@ export interface ModcOpDef {
 }
 
 const LOWEST_FLOAT = -3.4028234663852886e38;
-
-/** Row offsets b*S as an int64 [B,1] column (to index the flattened [B*S, ...] tensor). */
-function rowOffsets(e: Emitter, like: Value): Value {
-  const b = e.dimScalar(like, 0);
-  const s = e.dimScalar(like, 1);
-  const rows = e.op('Range', [e.i64(0), b, e.i64(1)]);
-  return e.unsqueeze(e.op('Mul', [rows, s]), [1]);
-}
-
-/** x reshaped to [B*S, ...rest]. */
-function flattenRows(e: Emitter, x: Value): Value {
-  // Slice clamps its end to the dimension, so any large end means "to the end".
-  const rest = e.op('Slice', [e.op('Shape', [x]), e.i64([2]), e.i64([Number.MAX_SAFE_INTEGER])]);
-  return e.op('Reshape', [x, e.op('Concat', [e.i64([-1]), rest], { axis: 0 })]);
-}
 
 const router: ModcOpDef = {
   name: 'Router',
@@ -133,52 +123,57 @@ const compact: ModcOpDef = {
   },
 };
 
-const gatherTokens: ModcOpDef = {
-  name: 'GatherTokens',
-  inputs: ['x', 'indices'],
-  outputs: ['y'],
-  doc: 'y[b, k, ...] = x[b, indices[b, k], ...]',
-  body(e, [x, indices]) {
-    const flatIdx = e.op('Add', [indices!, rowOffsets(e, x!)]);
-    return [e.op('Gather', [flattenRows(e, x!), flatIdx], { axis: 0 })];
+const tokenGrid: ModcOpDef = {
+  name: 'TokenGrid',
+  inputs: ['token_mask'],
+  outputs: ['first', 'rest', 'rows'],
+  doc: "CompactTokens' shared inputs for a call's [B,S] tokens: first[t] = S - t, rest[t] = -t, rows[b] = (b, 0)",
+  body(e, [mask]) {
+    const s = e.dimScalar(mask!, 1);
+    const t = e.op('Range', [e.i64(0), s, e.i64(1)]);
+    const rows = e.op('Range', [e.i64(0), e.dimScalar(mask!, 0), e.i64(1)]);
+    return [e.op('Sub', [s, t]), e.op('Neg', [t]), e.op('Mul', [e.op('Reshape', [rows, e.i64([-1, 1, 1])]), e.i64([1, 0])])];
   },
 };
 
-/**
- * x with x[b, indices[b, k], ...] = updates[b, k, ...]: one ScatterND on (row, position) index
- * pairs [B, K, 2], with no flattening of x (fewer kernels than offsets into a [B*S, ...] view).
- * ScatterND copies a whole row per index; ScatterElements, with its indices broadcast over the
- * hidden size, walks them element by element (18x slower on ONNX Runtime's CPU for [1, 512, 1024]).
- */
-function scatterRows(e: Emitter, x: Value, indices: Value, updates: Value): Value {
-  const shape = e.op('Shape', [indices]);
-  const rows = e.op('Range', [e.i64(0), e.op('Gather', [shape, e.i64(0)], { axis: 0 }), e.i64(1)]);
-  const rowOfSlot = e.op('Expand', [e.unsqueeze(rows, [1]), shape]);
-  const pairs = e.op('Concat', [e.unsqueeze(rowOfSlot, [2]), e.unsqueeze(indices, [2])], { axis: 2 });
-  return e.op('ScatterND', [x, pairs, updates]);
-}
+const compactTokens: ModcOpDef = {
+  name: 'CompactTokens',
+  inputs: ['selected', 'first', 'rest', 'rows'],
+  outputs: ['indices', 'valid', 'count', 'slots', 'any'],
+  doc: 'Compact(selected), each slot also as its (row, position) pair, and whether any row selects a token',
+  body(e, [selected, first, rest, rows]) {
+    const count = e.reduceSum(e.cast(selected!, DataType.INT64), [1], false);
+    const most = e.reduceMax(count, [0], true);
+    // K = max(count, 1), as a [1] tensor (Max takes int64 from opset 12).
+    const k = e.opset >= 12 ? e.op('Max', [most, e.i64([1])]) : e.reduceMax(e.op('Concat', [most, e.i64([1])], { axis: 0 }), [0], true);
+    // The keys of Compact: selected positions first (S - t > 0), the rest after (-t <= 0), each group by position.
+    const [values, indices] = e.node('TopK', [e.op('Where', [selected!, first!, rest!]), k], { axis: 1, largest: 1, sorted: 1 }, 2);
+    const slots = e.op('Add', [e.op('Mul', [e.unsqueeze(indices!, [2]), e.i64([0, 1])]), rows!]);
+    return [indices!, e.op('Greater', [values!, e.i64(0)]), count, slots, e.op('Greater', [most, e.i64(0)])];
+  },
+};
 
 const scatterTokens: ModcOpDef = {
   name: 'ScatterTokens',
-  inputs: ['x', 'indices', 'valid', 'x_sel', 'y'],
+  inputs: ['x', 'slots', 'valid', 'x_sel', 'y'],
   outputs: ['out'],
-  doc: 'out = x with out[b, indices[b,k]] = y[b,k] where valid (ungated: selected tokens take the layer output exactly)',
-  body(e, [x, indices, valid, xSel, y]) {
-    const upd = e.op('Where', [e.unsqueeze(valid!, [2]), y!, xSel!]);
-    return [scatterRows(e, x!, indices!, upd)];
+  doc: 'out = x with out[slots[b,k]] = y[b,k] where valid (ungated: selected tokens take the layer output exactly)',
+  body(e, [x, slots, valid, xSel, y]) {
+    // One ScatterND on the (row, position) pairs: it copies a whole hidden row per pair (ScatterElements,
+    // its indices broadcast over the hidden size, walks them element by element: 18x slower on ORT's CPU).
+    return [e.op('ScatterND', [x!, slots!, e.op('Where', [e.unsqueeze(valid!, [2]), y!, xSel!])])];
   },
 };
 
 const scatterTokensGated: ModcOpDef = {
   name: 'ScatterTokensGated',
-  inputs: ['x', 'indices', 'valid', 'x_sel', 'y', 'gate'],
+  inputs: ['x', 'slots', 'valid', 'x_sel', 'y', 'gate'],
   outputs: ['out'],
-  doc: 'out = x with out[b, indices[b,k]] = x_sel + gate * (y - x_sel) where valid',
-  body(e, [x, indices, valid, xSel, y, gate], ctx) {
+  doc: 'out = x with out[slots[b,k]] = x_sel + gate * (y - x_sel) where valid',
+  body(e, [x, slots, valid, xSel, y, gate], ctx) {
     const g = e.unsqueeze(e.cast(gate!, ctx.dtype), [2]);
     const mixed = e.op('Add', [xSel!, e.op('Mul', [g, e.op('Sub', [y!, xSel!])])]);
-    const upd = e.op('Where', [e.unsqueeze(valid!, [2]), mixed, xSel!]);
-    return [scatterRows(e, x!, indices!, upd)];
+    return [e.op('ScatterND', [x!, slots!, e.op('Where', [e.unsqueeze(valid!, [2]), mixed, xSel!])])];
   },
 };
 
@@ -348,8 +343,9 @@ export const MODC_OPS: readonly ModcOpDef[] = [
   router,
   selectThreshold,
   selectTopK,
+  tokenGrid,
+  compactTokens,
   compact,
-  gatherTokens,
   scatterTokens,
   scatterTokensGated,
   gatherMask,
