@@ -428,6 +428,30 @@ export function staticMaskOf(core: AttentionCore): StaticMaskSemantics | { reaso
   return m;
 }
 
+const growingMasks = new WeakMap<Value, StaticMaskSemantics | { reason: string }>();
+
+/**
+ * Whether the attn_mask of a standard Attention with a growing cache (past and present, no
+ * TensorScatter) is causality and the keys attention_mask sets, nothing else: read as
+ * compiler/analysis/static-mask.ts reads a static cache's, with the key count M, the call's S
+ * tokens and attention_mask[b, j] as its symbols. A compacted layer then needs no rebuilt mask:
+ * is_causal=1 and its own valid keys say the same (compiler/passes/layer-cache.ts).
+ */
+export function causalKeyMask(core: AttentionCore): boolean {
+  if (core.form !== 'StandardAttention' || core.kv.writes) return false;
+  const mask = core.node.input(3);
+  const graph = core.node.graph;
+  const keys = graph?.inputs.find((v) => v.name === 'attention_mask');
+  if (!mask || !graph || !keys || keys.shape?.length !== 2) return false;
+  let m = growingMasks.get(mask);
+  if (!m) {
+    const tokenInputs = new Set(graph.inputs.filter((v) => ['input_ids', 'inputs_embeds', 'position_ids'].includes(v.name)));
+    m = staticMaskSemantics(mask, { write: null, nonpad: null, buffers: new Map([[keys, 1]]), length: null, tokenInputs, keyMask: keys });
+    growingMasks.set(mask, m);
+  }
+  return !('reason' in m) && m.window === null && (m.causal || core.node.attrInt('is_causal', 0) === 1);
+}
+
 /**
  * The sliding window (in slots of the original buffer, which are positions) a static-cache
  * layer's mask applies, or null. A compacted layer applies it by original position

@@ -35,7 +35,16 @@ import { DataType } from '../core/ir/dtype.js';
 import { Tensor } from '../core/ir/tensor.js';
 import { isDefaultDomain } from './ops.js';
 
-type Sym = 't' | 'j' | 'w' | 'n';
+/**
+ * S and M: the call's token count and the buffer's length as scalars (a growing cache's mask
+ * computes with them: its query slot is M - S + t). vb, vj: a growing cache's attention_mask
+ * [B, M] (its row along one axis, its slot along another); a conjunct that is exactly
+ * vb + vj reads "attention_mask[b, j] is set".
+ */
+type Sym = 't' | 'j' | 'w' | 'n' | 'S' | 'M' | 'vb' | 'vj';
+
+/** The axis of a scalar symbol: the same at every index. */
+const SCALAR = -1;
 
 /** sum coef * sym (sym varying along `axis` of a tensor of rank `rank`) + c, the same at every other index. */
 interface Lin {
@@ -95,6 +104,12 @@ export interface StaticMaskContext {
   length: number | null;
   /** Graph inputs of shape [B, S, ...] whose dim 1 is the call's token count. */
   tokenInputs: ReadonlySet<Value>;
+  /**
+   * A growing cache's attention_mask [B, M] (M keys: the past, then this call's S tokens), which
+   * the mask reads as data; null for a static cache. Its length M is then a buffer's length, and
+   * the query's slot M - S + t stands where write_indices + t does.
+   */
+  keyMask?: Value | null;
 }
 
 /** Large enough to mask a key in an additive bias (float16's lowest is -65504). */
@@ -114,16 +129,23 @@ export function staticMaskSemantics(mask: Value, ctx: StaticMaskContext): Static
   }
   if (top.kind !== 'cond' && top.kind !== 'bias') return { reason: `is not a boolean mask or an additive bias of comparisons (${mask})` };
   // The mask broadcasts to [B, heads, S, M]: t on axis 2, j on axis 3, the per-row inputs on axis 0.
-  const want: Record<Sym, number> = { t: 2, j: 3, w: 0, n: 0 };
+  const want: Record<Sym, number> = { t: 2, j: 3, w: 0, n: 0, S: SCALAR, M: SCALAR, vb: 0, vj: 3 };
   const out: StaticMaskSemantics = { causal: false, window: null, validity: false };
   for (const { f, node } of top.constraints) {
     for (const [sym, term] of f.terms) {
-      const axis = term.axis + (4 - top.rank);
-      if (term.axis + (4 - top.rank) !== want[sym])
-        return { reason: `compares ${symbolName(sym)} along axis ${axis} of the mask in ${node.describe()}, not axis ${want[sym]}` };
+      const axis = term.axis === SCALAR ? SCALAR : term.axis + (4 - top.rank);
+      if (axis !== want[sym]) return { reason: `compares ${symbolName(sym)} along axis ${axis} of the mask in ${node.describe()}, not axis ${want[sym]}` };
+    }
+    // A growing cache: attention_mask[b, j] itself is its validity.
+    if (isKeyMask(f)) {
+      out.validity = true;
+      continue;
     }
     const k = (s: Sym) => f.terms.get(s)?.coef ?? 0;
-    const [t, j, w, n] = [k('t'), k('j'), k('w'), k('n')];
+    if (k('vb') || k('vj')) return { reason: `${node.describe()} computes with the values of attention_mask, which modc reads only as "the key is set"` };
+    // A growing cache's query slot is M - S + t: its write index is M - S.
+    if (k('S') !== -k('M')) return { reason: `${node.describe()} compares with the lengths in a way modc does not read (the query's slot is M - S + t)` };
+    const [t, j, w, n] = [k('t'), k('j'), k('w') + k('M'), k('n')];
     if (t === 0 && j === 0 && w === 0 && n === 0) {
       if (f.c <= 0) continue;
       return { reason: `masks every key (${node.describe()} is never true)` };
@@ -141,7 +163,17 @@ export function staticMaskSemantics(mask: Value, ctx: StaticMaskContext): Static
   return out;
 }
 
-const symbolName = (s: Sym) => ({ t: 'the token index', j: 'the cache slot', w: 'write_indices', n: 'nonpad_kv_seqlen' })[s];
+const symbolName = (s: Sym) =>
+  ({
+    t: 'the token index',
+    j: 'the cache slot',
+    w: 'write_indices',
+    n: 'nonpad_kv_seqlen',
+    S: "the call's token count",
+    M: 'the key count',
+    vb: "attention_mask's row",
+    vj: "attention_mask's key",
+  })[s];
 
 function evaluate(v: Value | null, ctx: StaticMaskContext, memo: Map<Value, Sv>): Sv {
   if (!v) throw new Unread('reads an omitted input');
@@ -154,6 +186,7 @@ function evaluate(v: Value | null, ctx: StaticMaskContext, memo: Map<Value, Sv>)
 
 function evaluateUncached(v: Value, ctx: StaticMaskContext, memo: Map<Value, Sv>): Sv {
   if (v === ctx.write) return lin(1, { w: 0 }, 0);
+  if (ctx.keyMask && v === ctx.keyMask) return lin(2, { vb: 0, vj: 1 }, 0);
   if (v === ctx.nonpad) return lin(1, { n: 0 }, 0);
   const constant = constantOf(v);
   if (constant) return constant;
@@ -285,6 +318,7 @@ function cast(n: Node, a: Sv): Sv {
   const to = n.attrInt('to');
   if (to === DataType.BOOL) {
     if (a.kind === 'cond') return a;
+    if (a.kind === 'lin' && isKeyMask(a)) return { kind: 'cond', rank: a.rank, constraints: [{ f: a, node: n }] };
     throw new Unread(`${n.describe()} casts a value that is not a comparison to bool`);
   }
   if (a.kind === 'bias' && (to === DataType.FLOAT || to === DataType.FLOAT16 || to === DataType.BFLOAT16 || to === DataType.DOUBLE)) return a;
@@ -295,8 +329,15 @@ function cast(n: Node, a: Sv): Sv {
   throw new Unread(`${n.describe()} casts to a type modc does not read in a mask`);
 }
 
+/** attention_mask[b, j] itself (vb + vj), possibly moved to other axes. */
+function isKeyMask(a: Sv): boolean {
+  return a.kind === 'lin' && a.c === 0 && a.terms.size === 2 && a.terms.get('vb')?.coef === 1 && a.terms.get('vj')?.coef === 1;
+}
+
 function asLin(n: Node, a: Sv, ctx: StaticMaskContext): Lin {
   if (a.kind === 'lin') return a;
+  // A growing cache's mask computes with its lengths (the query's slot M - S + t).
+  if (a.kind === 'dim' && ctx.keyMask) return { kind: 'lin', rank: a.rank, terms: new Map([[a.of, { coef: 1, axis: SCALAR }]]), c: 0 };
   // A precomputed arange of the buffer's length is its slots.
   if (a.kind === 'arange' && a.length === ctx.length) return lin(1, { j: 0 }, 0);
   if (a.kind === 'dim') throw new Unread(`${n.describe()} computes with a length, not an index`);
@@ -311,7 +352,7 @@ function asCond(n: Node, a: Sv, kind: 'cond' | 'bias'): Cond {
 /** Moves a form into a tensor of rank `rank` (right-aligned broadcasting). */
 function shift(f: Lin, rank: number): Lin {
   const d = rank - f.rank;
-  const terms = new Map([...f.terms].map(([s, t]) => [s, { coef: t.coef, axis: t.axis + d }] as const));
+  const terms = new Map([...f.terms].map(([s, t]) => [s, { coef: t.coef, axis: t.axis === SCALAR ? SCALAR : t.axis + d }] as const));
   return { kind: 'lin', rank, terms, c: f.c };
 }
 
@@ -403,16 +444,41 @@ function squeezeOrUnsqueeze(n: Node, a: Sv, axes: number[] | null): Sv {
   const move = (f: Lin): Lin => ({
     kind: 'lin',
     rank: rankOut,
-    terms: new Map([...f.terms].map(([s, t]) => [s, { coef: t.coef, axis: map(t.axis) }] as const)),
+    terms: new Map([...f.terms].map(([s, t]) => [s, { coef: t.coef, axis: t.axis === SCALAR ? SCALAR : map(t.axis) }] as const)),
     c: f.c,
   });
   if (a.kind === 'lin') return move(a);
   return { kind: a.kind, rank: rankOut, constraints: a.constraints.map(({ f, node }) => ({ f: move(shift(f, rankIn)), node })) };
 }
 
+/** The length of a 1-D shape value: declared, constant, or a Concat of such (Shape slices, picked or unsqueezed dims). */
+function shapeLength(v: Value | null, depth = 0): number | undefined {
+  if (!v || depth > 4) return undefined;
+  const declared = v.shape?.[0];
+  if (typeof declared === 'number') return declared;
+  const constant = constantTensor(v);
+  if (constant) return constant.values.length;
+  const p = v.producer;
+  if (!p || !isDefaultDomain(p)) return undefined;
+  if (p.opType === 'Concat') {
+    const parts = p.inputs.map((x) => shapeLength(x, depth + 1));
+    return parts.every((x) => x !== undefined) ? parts.reduce((a, b) => a! + b!, 0) : undefined;
+  }
+  if (p.opType === 'Shape') {
+    const rank = p.input(0)?.shape?.length;
+    if (rank === undefined) return undefined;
+    const clamp = (x: number) => Math.min(rank, Math.max(0, x < 0 ? x + rank : x));
+    return Math.max(0, clamp(p.attrInt('end') ?? rank) - clamp(p.attrInt('start', 0) ?? 0));
+  }
+  if (p.opType === 'Unsqueeze' && p.input(0)?.shape?.length === 0) return 1;
+  // A Gather of dims by a 1-D constant index: as many as it picks.
+  const picked = p.opType === 'Gather' ? constantTensor(p.input(1)) : null;
+  if (picked && picked.dims.length === 1) return picked.values.length;
+  return undefined;
+}
+
 function expand(n: Node, a: Sv): Sv {
-  const shape = n.input(1);
-  const length = shape?.shape?.[0] ?? constantTensor(shape)?.values.length;
+  const length = shapeLength(n.input(1));
   if (typeof length !== 'number') throw new Unread(`${n.describe()} expands to a shape of unknown rank`);
   if (a.kind === 'lin') return shift(a, Math.max(a.rank, length));
   if (a.kind === 'cond' || a.kind === 'bias') {
@@ -463,6 +529,15 @@ function slice(n: Node, ctx: StaticMaskContext, memo: Map<Value, Sv>): Sv {
 
 function range(n: Node, start: Sv, limit: Sv, delta: Sv, ctx: StaticMaskContext): Sv {
   const isConst = (s: Sv, c: number) => s.kind === 'lin' && s.terms.size === 0 && s.rank === 0 && s.c === c;
+  if (ctx.keyMask && isConst(delta, 1) && !isConst(start, 0)) {
+    // Range(a, a + S): a growing cache's query slots a + t (the mask's a is M - S).
+    const a = asLin(n, start, ctx);
+    const span = addLin(asLin(n, limit, ctx), scaleLin(a, -1), n);
+    const scalar = (f: Lin) => f.rank === 0 && [...f.terms.values()].every((t) => t.axis === SCALAR);
+    if (scalar(a) && scalar(span) && span.c === 0 && span.terms.size === 1 && span.terms.get('S')?.coef === 1)
+      return addLin(shift(a, 1), lin(1, { t: 0 }, 0), n);
+    throw new Unread(`${n.describe()} ranges over neither the call's tokens, their slots nor the keys`);
+  }
   if (!isConst(start, 0) || !isConst(delta, 1)) throw new Unread(`${n.describe()} is not Range(0, n, 1)`);
   if (limit.kind === 'dim' && limit.rank === 0) return lin(1, limit.of === 'S' ? { t: 0 } : { j: 0 }, 0);
   if (limit.kind === 'lin' && limit.terms.size === 0 && limit.rank === 0 && ctx.length !== null && limit.c === ctx.length) return lin(1, { j: 0 }, 0);

@@ -27,8 +27,9 @@
  * `rewire` adds what runs inside the layer's If and returns the values the If hands on.
  */
 import { isStaticLayout, kvSequenceAxis } from '../analysis/types.js';
+import { causalKeyMask } from '../analysis/attention.js';
 import { DataType } from '../core/ir/dtype.js';
-import { tensorType, Value } from '../core/ir/graph.js';
+import { attribute, tensorType, Value } from '../core/ir/graph.js';
 import {
   pastLengthName,
   pastSequenceIndicesName,
@@ -65,10 +66,15 @@ function validityCache(c: CacheContext): LayerCache {
       const carried: Carried[] = [];
       if (caller) carried.push(callerMaskKeys(c, caller, keys, sub));
       else if (mask) sub.set(mask, e.cast(keys, mask.dtype ?? DataType.INT64));
-      recomputeMasks(c, sub);
       const attention = c.layer.attention;
+      // A mask that is causality and attention_mask's keys, nothing else: is_causal=1 and the layer's own keys say it.
+      if (attention.form === 'StandardAttention' && causalKeyMask(attention)) {
+        attention.node.setAttr(attribute('is_causal', 1));
+        attention.node.setInput(3, null);
+      }
+      recomputeMasks(c, sub);
       // A standard Attention causal by is_causal=1 alone: the holes and padding slots masked too.
-      if (attention.form === 'StandardAttention' && !attention.node.input(3)) maskCompactedKeys(e, attention.node, keys, e.dimScalar(c.routing.indices, 1));
+      if (attention.form === 'StandardAttention' && !attention.node.input(3)) maskCompactedKeys(e, attention.node, keys, e.dim(c.routing.indices, 1));
       ownLengthDims(c.layer);
       const presentValid = namedOutput(c, keys, presentValidName(l), tensorType(DataType.BOOL, ['batch', `present_sequence_length_${l}`]));
       return [...cacheTensors(c.layer).map((t) => [t.output, t.input] as Carried), [presentValid, pastValid], ...carried];
@@ -128,12 +134,14 @@ function prefixCache(c: CacheContext): LayerCache {
   const callPos = needsCallPositions(c.layer.attention) ? callPositions(g, e, c.tokens) : null;
   return {
     rewire() {
-      const k = e.dimScalar(routing.indices, 1);
-      const capacity = e.dimScalar(c.layer.kv.key.input, kvSequenceAxis(c.layer.kv.layout));
+      const seqAxis = kvSequenceAxis(c.layer.kv.layout);
       // Row b's keys are its past_lengths[b] slots and this call's K: seqlens_k = past + K - 1.
-      const direct = directLengths(c, e.op('Add', [pastLength, k]), e.op('Add', [capacity, k]));
+      const k1 = e.dim(routing.indices, 1);
+      const direct = directLengths(c, e.op('Add', [pastLength, k1]), e.op('Add', [e.dim(c.layer.kv.key.input, seqAxis), k1]));
       const rest = c.recompute.filter((v) => !direct.has(v));
       if (rest.length) {
+        const k = e.dimScalar(routing.indices, 1);
+        const capacity = e.dimScalar(c.layer.kv.key.input, seqAxis);
         const sub = c.substitutes();
         const mask = g.inputs.find((v) => v.name === 'attention_mask');
         const keys = c.call('PrefixMask', [e.op('Add', [pastLength, k]), e.op('Add', [capacity, k])])[0]!;

@@ -206,10 +206,10 @@ function recordStaticInputs(model: Model, layer: LayerInfo, seqAxis: number): vo
 /**
  * A standard Attention with its own past (growing cache), is_causal=1 and no attn_mask: a
  * routed layer's cache has slots that hold no token (batch padding, a row's unselected slots), so
- * the layer gets a mask of its valid keys ([B, 1, K, P + K]), and is_causal=1 keeps causality
- * (query i sees slot j <= P + i: this call's slots are the last K).
+ * the layer gets a mask of its valid keys ([B, 1, K, P + K]; `tokens` is K as a [1] tensor), and
+ * is_causal=1 keeps causality (query i sees slot j <= P + i: this call's slots are the last K).
  */
 export function maskCompactedKeys(e: Emitter, attention: Node, keep: Value, tokens: Value): void {
-  const rows = e.op('Concat', [e.i64([1, 1]), e.unsqueeze(tokens, [0]), e.i64([1])], { axis: 0 });
+  const rows = e.op('Concat', [e.i64([1, 1]), tokens, e.i64([1])], { axis: 0 });
   attention.setInput(3, e.op('Expand', [e.unsqueeze(keep, [1, 2]), rows]));
 }

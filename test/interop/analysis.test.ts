@@ -4,6 +4,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import { analyzeDecoder } from '../../compiler/analysis/analyze.js';
+import { causalKeyMask } from '../../compiler/analysis/attention.js';
 import type { DecoderStructure, LayerInfo, SideInput } from '../../compiler/analysis/types.js';
 import { loadModel } from '../../compiler/core/io/load.js';
 import { decoderIo } from '../../compiler/metadata/decoder-io.js';
@@ -92,5 +93,10 @@ describe('mobius exports: the first SkipLayerNormalization sums the token and po
       /^Unsqueeze node 'transformer\/Unsqueeze_node_4' moves attention_mask's batch axis/,
     );
     expect(decoderIo(loadModel(real('mobius-gqa-fp16-packed'))).batchOne).toBeNull();
+  });
+
+  it("mobius-attn24-dynamic-kv's mask is not read as attention_mask's keys (its batch lands on the query axis): a compacted layer rebuilds it", () => {
+    const s = analyzeDecoder(loadModel(real('mobius-attn24-dynamic-kv')));
+    expect(s.layers.map((l) => causalKeyMask(l.attention))).toEqual(s.layers.map(() => false));
   });
 });

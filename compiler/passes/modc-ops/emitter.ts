@@ -90,8 +90,9 @@ export class Emitter {
     return this.op('Cast', [x], { to });
   }
 
-  /** Dimension `axis` of x's shape as a 1-element int64 tensor. */
+  /** Dimension `axis` (>= 0) of x's shape as a 1-element int64 tensor: one Shape slice from opset 15. */
   dim(x: Value, axis: number): Value {
+    if (this.opset >= 15) return this.op('Shape', [x], { start: axis, end: axis + 1 });
     return this.op('Gather', [this.op('Shape', [x]), this.i64([axis])], { axis: 0 });
   }
 
