@@ -29,6 +29,11 @@
  * is_causal=1) is understood: a compacted cache keeps causality and validity by slot (the order
  * of keys is kept, and the layer's own valid count replaces nonpad), and takes the window by
  * original position (compiler/passes/static-cache.ts).
+ *
+ * A growing cache's mask (past and present, attention_mask [B, M] over every key) is read the
+ * same way with `keyMask` set (compiler/analysis/attention.ts causalKeyMask): M and S are then
+ * scalar symbols, the query's slot is M - S + t (a Range(M - S, M) of the call's tokens), and
+ * attention_mask[b, j], cast to bool, is a conjunct of its own: the key's validity.
  */
 import type { Node, Value } from '../core/ir/graph.js';
 import { DataType } from '../core/ir/dtype.js';

@@ -9,8 +9,9 @@
  *            | modc.SelectTopK(score, token_mask, c, past_length)  (top-k)
  *   indices, valid, count, slots, any = modc.CompactTokens(selected, grid)
  *
- * grid = modc.TokenGrid(token_mask) is built once for every router. token_mask is this call's columns of attention_mask (of a caller's 4-D mask, its diagonal at the
- * call's sequence indices: compiler/passes/caller-mask.ts), as bool. The selection value is named
+ * grid = modc.TokenGrid(token_mask) is built once for every router. token_mask is this call's
+ * columns of attention_mask (of a caller's 4-D mask, its diagonal at the call's sequence indices:
+ * compiler/passes/caller-mask.ts), as bool. The selection value is named
  * `modc.selected.{l}[.attn|.mlp|.kv]` and recorded in the `modc.routing` metadata, which is how
  * route-layers (and tools measuring what ran) find each part's routing.
  */
