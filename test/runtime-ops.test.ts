@@ -92,6 +92,24 @@ function masks(B: number, S: number): number[] {
 }
 
 const data = (t: ort.Tensor) => Array.from(t.data as ArrayLike<number | bigint | boolean>, (v) => Number(v));
+
+/** Selections for the compaction ops: rows with different counts, nothing, everything, batch 1. */
+const SELECTIONS: [string, number[], number][] = [
+  ['rows selecting different counts', [1, 0, 1, 1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 0, 0], 4],
+  ['nothing selected', Array(20).fill(0), 4],
+  ['everything selected', Array(20).fill(1), 4],
+  ['batch 1', [0, 1, 1, 0, 1], 1],
+];
+
+/** indices, valid and count as the reference kernel compacts `selected`; returns the reference. */
+function expectCompacted([indices, valid, count]: ort.Tensor[], selected: number[], [B, S]: [number, number]): ref.Compacted {
+  const want = ref.compact(selected, [B, S]);
+  expect(indices!.dims).toEqual([B, want.K]);
+  expect(data(indices!)).toEqual(want.indices);
+  expect(data(valid!)).toEqual(Array.from(want.valid));
+  expect(data(count!)).toEqual(want.count);
+  return want;
+}
 const modes = [
   { inline: false, opset: 17 },
   { inline: true, opset: 17 },
@@ -190,46 +208,30 @@ describe.each(modes)('modc ops (inline=$inline, opset $opset)', (mode) => {
     expect(Array.from(ref.selectTopK(Float32Array.from(score), mask, [B, S], c, past)), 'reference kernel').toEqual(want);
   });
 
-  it.each([
-    ['rows selecting different counts', [1, 0, 1, 1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 0, 0], 4],
-    ['nothing selected', Array(20).fill(0), 4],
-    ['everything selected', Array(20).fill(1), 4],
-    ['batch 1', [0, 1, 1, 0, 1], 1],
-  ])('Compact: %s', async (_, selected, B) => {
+  it.each(SELECTIONS)('Compact: %s', async (_, selected, B) => {
     const S = selected.length / B;
-    const [indices, valid, count] = await runOp('Compact', [bool('selected', [B, S], selected)], mode);
-    const want = ref.compact(selected, [B, S]);
-    expect(indices!.dims).toEqual([B, want.K]);
-    expect(data(indices!)).toEqual(want.indices);
-    expect(data(valid!)).toEqual(Array.from(want.valid));
-    expect(data(count!)).toEqual(want.count);
+    expectCompacted(await runOp('Compact', [bool('selected', [B, S], selected)], mode), selected, [B, S]);
   });
 
-  it.each([
-    ['rows selecting different counts', [1, 0, 1, 1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 0, 0], 4],
-    ['nothing selected', Array(20).fill(0), 4],
-    ['everything selected', Array(20).fill(1), 4],
-    ['batch 1', [0, 1, 1, 0, 1], 1],
-  ])('TokenGrid then CompactTokens: Compact, each slot as its (row, position) pair, and whether any row selects (%s)', async (_, selected, B) => {
-    const S = selected.length / B;
-    const mask = bool('token_mask', [B, S], Array(B * S).fill(1));
-    const [first, rest, rows] = await runOp('TokenGrid', [mask], mode);
-    // By hand: selected positions sort first by S - t, the others after by -t; rows are (b, 0).
-    expect(data(first!)).toEqual(Array.from({ length: S }, (_, t) => S - t));
-    expect(data(rest!)).toEqual(Array.from({ length: S }, (_, t) => (t === 0 ? 0 : -t)));
-    expect(rows!.dims).toEqual([B, 1, 2]);
-    expect(data(rows!)).toEqual(Array.from({ length: B }, (_, b) => [b, 0]).flat());
-    const grid = [i64('first', [S], data(first!)), i64('rest', [S], data(rest!)), i64('rows', [B, 1, 2], data(rows!))];
-    const [indices, valid, count, slots, any] = await runOp('CompactTokens', [bool('selected', [B, S], selected), ...grid], mode);
-    const want = ref.compact(selected, [B, S]);
-    expect(indices!.dims).toEqual([B, want.K]);
-    expect(data(indices!)).toEqual(want.indices);
-    expect(data(valid!)).toEqual(Array.from(want.valid));
-    expect(data(count!)).toEqual(want.count);
-    expect(slots!.dims).toEqual([B, want.K, 2]);
-    expect(data(slots!)).toEqual(want.indices.flatMap((t, i) => [Math.floor(i / want.K), t]));
-    expect(data(any!)).toEqual([selected.some((v) => v) ? 1 : 0]);
-  });
+  it.each(SELECTIONS)(
+    'TokenGrid then CompactTokens: Compact, each slot as its (row, position) pair, and whether any row selects (%s)',
+    async (_, selected, B) => {
+      const S = selected.length / B;
+      const mask = bool('token_mask', [B, S], Array(B * S).fill(1));
+      const [first, rest, rows] = await runOp('TokenGrid', [mask], mode);
+      // By hand: selected positions sort first by S - t, the others after by -t; rows are (b, 0).
+      expect(data(first!)).toEqual(Array.from({ length: S }, (_, t) => S - t));
+      expect(data(rest!)).toEqual(Array.from({ length: S }, (_, t) => (t === 0 ? 0 : -t)));
+      expect(rows!.dims).toEqual([B, 1, 2]);
+      expect(data(rows!)).toEqual(Array.from({ length: B }, (_, b) => [b, 0]).flat());
+      const grid = [i64('first', [S], data(first!)), i64('rest', [S], data(rest!)), i64('rows', [B, 1, 2], data(rows!))];
+      const [indices, valid, count, slots, any] = await runOp('CompactTokens', [bool('selected', [B, S], selected), ...grid], mode);
+      const want = expectCompacted([indices!, valid!, count!], selected, [B, S]);
+      expect(slots!.dims).toEqual([B, want.K, 2]);
+      expect(data(slots!)).toEqual(want.indices.flatMap((t, i) => [Math.floor(i / want.K), t]));
+      expect(data(any!)).toEqual([selected.some((v) => v) ? 1 : 0]);
+    },
+  );
 
   it.each([
     ['ScatterTokens', false],
