@@ -105,6 +105,15 @@ const selectTopK: ModcOpDef = {
   },
 };
 
+/** Each row's selected count [B] (of `chosen`, the selection as int64), the largest [1], and K = max(largest, 1) [1]. */
+function selectedCounts(e: Emitter, chosen: Value): { count: Value; most: Value; k: Value } {
+  const count = e.reduceSum(chosen, [1], false);
+  const most = e.reduceMax(count, [0], true);
+  // Max takes int64 from opset 12.
+  const k = e.opset >= 12 ? e.op('Max', [most, e.i64([1])]) : e.reduceMax(e.op('Concat', [most, e.i64([1])], { axis: 0 }), [0], true);
+  return { count, most, k };
+}
+
 const compact: ModcOpDef = {
   name: 'Compact',
   inputs: ['selected'],
@@ -115,9 +124,7 @@ const compact: ModcOpDef = {
     const chosen = e.cast(selected!, DataType.INT64);
     // Selected tokens sort first (keys S - t in (0, S]), unselected after (keys -t in (-S, 0]), each group by position t.
     const key = e.op('Sub', [e.op('Mul', [chosen, s]), e.op('Range', [e.i64(0), s, e.i64(1)])]);
-    const count = e.reduceSum(chosen, [1], false);
-    // K = max(count, 1), as a [1] tensor (Max takes int64 only from opset 12).
-    const k = e.reduceMax(e.op('Concat', [count, e.i64([1])], { axis: 0 }), [0], true);
+    const { count, k } = selectedCounts(e, chosen);
     const [values, indices] = e.node('TopK', [key, k], { axis: 1, largest: 1, sorted: 1 }, 2);
     return [indices!, e.op('Greater', [values!, e.i64(0)]), count];
   },
@@ -142,10 +149,7 @@ const compactTokens: ModcOpDef = {
   outputs: ['indices', 'valid', 'count', 'slots', 'any'],
   doc: 'Compact(selected), each slot also as its (row, position) pair, and whether any row selects a token',
   body(e, [selected, first, rest, rows]) {
-    const count = e.reduceSum(e.cast(selected!, DataType.INT64), [1], false);
-    const most = e.reduceMax(count, [0], true);
-    // K = max(count, 1), as a [1] tensor (Max takes int64 from opset 12).
-    const k = e.opset >= 12 ? e.op('Max', [most, e.i64([1])]) : e.reduceMax(e.op('Concat', [most, e.i64([1])], { axis: 0 }), [0], true);
+    const { count, most, k } = selectedCounts(e, e.cast(selected!, DataType.INT64));
     // The keys of Compact: selected positions first (S - t > 0), the rest after (-t <= 0), each group by position.
     const [values, indices] = e.node('TopK', [e.op('Where', [selected!, first!, rest!]), k], { axis: 1, largest: 1, sorted: 1 }, 2);
     const slots = e.op('Add', [e.op('Mul', [e.unsqueeze(indices!, [2]), e.i64([0, 1])]), rows!]);
@@ -153,15 +157,22 @@ const compactTokens: ModcOpDef = {
   },
 };
 
+/**
+ * x with the valid slots' (row, position) pairs set to `updates` and the padded ones to what they
+ * read: one ScatterND, which copies a whole hidden row per pair (ScatterElements, its indices
+ * broadcast over the hidden size, walks them element by element: 18x slower on ORT's CPU).
+ */
+function scatterValid(e: Emitter, x: Value, slots: Value, valid: Value, updates: Value, xSel: Value): Value {
+  return e.op('ScatterND', [x, slots, e.op('Where', [e.unsqueeze(valid, [2]), updates, xSel])]);
+}
+
 const scatterTokens: ModcOpDef = {
   name: 'ScatterTokens',
   inputs: ['x', 'slots', 'valid', 'x_sel', 'y'],
   outputs: ['out'],
   doc: 'out = x with out[slots[b,k]] = y[b,k] where valid (ungated: selected tokens take the layer output exactly)',
   body(e, [x, slots, valid, xSel, y]) {
-    // One ScatterND on the (row, position) pairs: it copies a whole hidden row per pair (ScatterElements,
-    // its indices broadcast over the hidden size, walks them element by element: 18x slower on ORT's CPU).
-    return [e.op('ScatterND', [x!, slots!, e.op('Where', [e.unsqueeze(valid!, [2]), y!, xSel!])])];
+    return [scatterValid(e, x!, slots!, valid!, y!, xSel!)];
   },
 };
 
@@ -173,7 +184,7 @@ const scatterTokensGated: ModcOpDef = {
   body(e, [x, slots, valid, xSel, y, gate], ctx) {
     const g = e.unsqueeze(e.cast(gate!, ctx.dtype), [2]);
     const mixed = e.op('Add', [xSel!, e.op('Mul', [g, e.op('Sub', [y!, xSel!])])]);
-    return [e.op('ScatterND', [x!, slots!, e.op('Where', [e.unsqueeze(valid!, [2]), mixed, xSel!])])];
+    return [scatterValid(e, x!, slots!, valid!, mixed, xSel!)];
   },
 };
 
