@@ -1,17 +1,20 @@
 /**
- * A standard Attention's attn_mask read by what it computes (compiler/analysis/attention.ts
- * causalKeyMask): when it is causality and the keys attention_mask sets, nothing else, a
- * compacted layer takes is_causal=1 and a mask of its own valid keys instead of a rebuilt copy
- * of the model's mask nodes. That the compiled models still compute what the originals do is
- * test/mod.test.ts's and test/oracle.test.ts's, on the same fixtures.
+ * A standard Attention's attn_mask, and an unfused attention's additive mask, read by what they
+ * compute (compiler/analysis/attention.ts causalKeyMask, causalKeyBias): when the mask is
+ * causality and the keys attention_mask sets, nothing else, a compacted layer masks its own valid
+ * keys (is_causal=1 and a keys mask; for unfused attention a bias made with Trilu) instead of a
+ * rebuilt copy of the model's mask nodes. That the compiled models still compute what the
+ * originals do is test/mod.test.ts's and test/oracle.test.ts's, on the same fixtures.
  */
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
-import { causalKeyMask } from '../compiler/analysis/attention.js';
+import { causalKeyBias, causalKeyMask } from '../compiler/analysis/attention.js';
 import { loadModel } from '../compiler/core/io/load.js';
 import { saveModel } from '../compiler/core/io/save.js';
-import type { Graph, Node, Value } from '../compiler/core/ir/graph.js';
+import { type Graph, type Node, Value } from '../compiler/core/ir/graph.js';
+import { DataType } from '../compiler/core/ir/dtype.js';
+import { Tensor } from '../compiler/core/ir/tensor.js';
 import { fixture, tempDir } from './helpers.js';
 import { ModSession } from '../compiler/runtime/session.js';
 import { compileWith, expectSameRun } from './mod-helpers.js';
@@ -77,5 +80,91 @@ describe("a standard Attention's mask read as causality and attention_mask's key
       [10, 11, 12],
     ];
     await expectSameRun(await ModSession.create(path), await ModSession.create(compiled), rows, 'left', 3, 1e-4, 'strict mask');
+  });
+});
+
+/** Each converted layer's then-branch and the input of its Softmax's mask Add. */
+function convertedBias(path: string): { branch: Graph; bias: Value }[] {
+  const g = loadModel(path).graph;
+  return g.nodes
+    .filter((n) => n.opType === 'If' && n.name.startsWith('modc/'))
+    .map((n) => {
+      const branch = n.subgraphs()[0]!;
+      let add = branch.nodes.find((x) => x.opType === 'Softmax')!.input(0)!.producer!;
+      while (add.opType === 'Cast') add = add.input(0)!.producer!;
+      expect(add.opType).toBe('Add');
+      return { branch, bias: add.inputs.find((v) => v?.producer?.opType === 'Where')! };
+    });
+}
+
+/** The names of the nodes `v` is computed by. */
+function producers(v: Value | null, seen = new Set<Value>()): string[] {
+  if (!v || seen.has(v) || !v.producer) return [];
+  seen.add(v);
+  return [v.producer.name, ...v.producer.inputs.flatMap((x) => producers(x, seen))];
+}
+
+describe("an unfused attention's additive mask read as causality and attention_mask's keys", () => {
+  it.each(['llama-builder-tiny', 'llama-tiny', 'gpt2-tiny', 'neox-tiny'])(
+    '%s: read on every layer; a compacted layer builds the bias from its own keys with Trilu, and runs as its original',
+    async (name) => {
+      const original = loadModel(fixture(name));
+      const s = analyzeDecoder(original);
+      const found = s.layers.map((l) => causalKeyBias(l.attention));
+      expect(found.every((f) => f !== null)).toBe(true);
+      const maskNodes = new Set(producers(found[0]!.add.input(found[0]!.slot)).filter((n) => n !== ''));
+      expect(maskNodes.size).toBeGreaterThan(0);
+      const compiled = compileWith(tmp, fixture(name), 'all-pass', { gated: false }).path;
+      const layers = convertedBias(compiled);
+      expect(layers).toHaveLength(s.layers.length);
+      layers.forEach(({ branch, bias }, l) => {
+        expect(bias.producer!.input(0)!.producer!.opType, `layer ${l}`).toBe('Trilu');
+        expect(sources(bias), `layer ${l}`).toContain(`past_valid.${l}`);
+        const copies = branch.nodes.filter((n) => [...maskNodes].some((m) => n.name.startsWith(m)));
+        expect(
+          copies.map((n) => n.name),
+          `layer ${l}: no copy of the model's mask nodes`,
+        ).toEqual([]);
+      });
+      // Left padding leaves holes in the shorter row's slots; the prompt is causal within the call.
+      const rows = [
+        [5, 6, 7, 8, 9],
+        [10, 11, 12],
+      ];
+      await expectSameRun(await ModSession.create(fixture(name)), await ModSession.create(compiled), rows, 'left', 3, 1e-4, name);
+    },
+  );
+
+  // Under a strict mask a row's first token sees no key and averages over every key its layer
+  // holds, which a compacted layer holds fewer of: only the structure is compared here.
+  it('a mask with anything else (a strict causal comparison) keeps the rebuilt mask', () => {
+    const model = loadModel(fixture('llama-builder-tiny'));
+    const compare = model.graph.nodes.find((n) => n.opType === 'LessOrEqual' && n.name.startsWith('/model/attn_mask/'))!;
+    compare.opType = 'Less';
+    const path = join(tmp, 'strict-unfused', 'model.onnx');
+    saveModel(model, path);
+    const s = analyzeDecoder(loadModel(path));
+    expect(s.layers.map((l) => causalKeyBias(l.attention))).toEqual(s.layers.map(() => null));
+    const compiled = compileWith(tmp, path, 'all-pass', { gated: false }).path;
+    for (const { branch } of convertedBias(compiled)) {
+      expect(branch.nodes.some((n) => n.opType === 'Trilu')).toBe(false);
+      expect(branch.nodes.some((n) => n.opType === 'Less' && n.name.startsWith('/model/attn_mask/'))).toBe(true);
+    }
+  });
+
+  it('a second mask on the way to Softmax (a Where on the scores) is not read as the only one', () => {
+    const model = loadModel(fixture('llama-builder-tiny'));
+    const s = analyzeDecoder(model);
+    const { add, slot } = causalKeyBias(s.layers[0]!.attention)!;
+    // Put a Where between the mask Add and Softmax: the bias alone no longer says what Softmax sees.
+    const g = model.graph;
+    const core = s.layers[0]!.attention;
+    if (core.form !== 'unfused') throw new Error('expected unfused attention');
+    const softmax = core.softmax;
+    const cond = g.addInitializer(new Value('extra_cond'), Tensor.fromArray('extra_cond', [], Uint8Array.of(1), DataType.BOOL));
+    const where = g.newValue('extra_where');
+    g.addNode('Where', [cond, add.output(0), add.input(slot)], [where], { before: softmax });
+    softmax.setInput(0, where);
+    expect(causalKeyBias(analyzeDecoder(model).layers[0]!.attention)).toBeNull();
   });
 });

@@ -440,16 +440,78 @@ const growingMasks = new WeakMap<Value, StaticMaskSemantics | { reason: string }
 export function causalKeyMask(core: AttentionCore): boolean {
   if (core.form !== 'StandardAttention' || core.kv.writes) return false;
   const mask = core.node.input(3);
-  const graph = core.node.graph;
+  const m = mask ? growingMaskSemantics(mask) : null;
+  return m !== null && m.window === null && (m.causal || core.node.attrInt('is_causal', 0) === 1);
+}
+
+/** A growing-cache mask read with M, S and attention_mask[b, j] as symbols, or null if unread. */
+function growingMaskSemantics(mask: Value): StaticMaskSemantics | null {
+  const graph = mask.graph ?? mask.producer?.graph;
   const keys = graph?.inputs.find((v) => v.name === 'attention_mask');
-  if (!mask || !graph || !keys || keys.shape?.length !== 2) return false;
+  if (!graph || !keys || keys.shape?.length !== 2) return null;
   let m = growingMasks.get(mask);
   if (!m) {
     const tokenInputs = new Set(graph.inputs.filter((v) => ['input_ids', 'inputs_embeds', 'position_ids'].includes(v.name)));
     m = staticMaskSemantics(mask, { write: null, nonpad: null, buffers: new Map([[keys, 1]]), length: null, tokenInputs, keyMask: keys });
     growingMasks.set(mask, m);
   }
-  return !('reason' in m) && m.window === null && (m.causal || core.node.attrInt('is_causal', 0) === 1);
+  return 'reason' in m ? null : m;
+}
+
+/**
+ * Unfused attention whose only mask is one additive bias that is causality and attention_mask's
+ * keys, nothing else: the Add on the way from Q·K^T to Softmax and the bias's input slot. The way
+ * may also scale by constants and cast; anything else on it (a Where, a second Add) and null.
+ * A compacted layer then builds that bias from its own valid keys (compiler/passes/layer-cache.ts).
+ */
+export function causalKeyBias(core: AttentionCore): { add: Node; slot: number } | null {
+  if (core.form !== 'unfused') return null;
+  const onWay = new Set<Node>();
+  let found: { add: Node; slot: number } | null = null;
+  let v: Value | null = core.softmax.inputs[0] ?? null;
+  for (let hops = 0; v && hops < 8; hops++) {
+    const p: Node | null = v.producer;
+    if (!p) return null;
+    if (p === core.scores) break;
+    onWay.add(p);
+    const ins = p.inputs;
+    if (p.opType === 'Cast' && ins.length === 1) {
+      v = ins[0] ?? null;
+      continue;
+    }
+    if ((p.opType === 'Mul' || p.opType === 'Div' || p.opType === 'Add') && ins.length === 2) {
+      const [a, b] = ins as [Value | null, Value | null];
+      if (!a || !b) return null;
+      if (p.opType !== 'Add' || found) {
+        // A scale: one operand a constant (Div only by its second).
+        const k = isConstant(b) ? 1 : p.opType === 'Mul' && isConstant(a) ? 0 : -1;
+        if (k < 0) return null;
+        v = ins[1 - k] ?? null;
+        continue;
+      }
+      const slot = leadsTo(a, core.scores, 8) ? 1 : leadsTo(b, core.scores, 8) ? 0 : -1;
+      if (slot < 0 || leadsTo(ins[slot]!, core.scores, 8)) return null;
+      found = { add: p, slot };
+      v = ins[1 - slot] ?? null;
+      continue;
+    }
+    return null;
+  }
+  if (!v || v.producer !== core.scores || !found) return null;
+  const m = growingMaskSemantics(found.add.inputs[found.slot]!);
+  return m && m.causal && m.window === null ? found : null;
+}
+
+function isConstant(v: Value): boolean {
+  return v.initializer !== null || v.producer?.opType === 'Constant';
+}
+
+/** Whether `v` is computed from `target`'s output within `depth` producers. */
+function leadsTo(v: Value, target: Node, depth: number): boolean {
+  const p = v.producer;
+  if (!p) return false;
+  if (p === target) return true;
+  return depth > 0 && p.inputs.some((i) => i !== null && leadsTo(i, target, depth - 1));
 }
 
 /**

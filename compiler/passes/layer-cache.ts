@@ -27,9 +27,10 @@
  * `rewire` adds what runs inside the layer's If and returns the values the If hands on.
  */
 import { isStaticLayout, kvSequenceAxis } from '../analysis/types.js';
-import { causalKeyMask } from '../analysis/attention.js';
+import { causalKeyBias, causalKeyMask } from '../analysis/attention.js';
 import { DataType } from '../core/ir/dtype.js';
 import { attribute, tensorType, Value } from '../core/ir/graph.js';
+import type { Emitter } from './modc-ops/emitter.js';
 import {
   pastLengthName,
   pastSequenceIndicesName,
@@ -72,6 +73,9 @@ function validityCache(c: CacheContext): LayerCache {
         attention.node.setAttr(attribute('is_causal', 1));
         attention.node.setInput(3, null);
       }
+      // Unfused attention whose additive mask is the same two things: that bias from the layer's own keys.
+      const bias = e.opset >= 14 ? causalKeyBias(attention) : null;
+      if (bias) bias.add.setInput(bias.slot, causalKeysBias(e, keys, pastValid, c.routing.valid, bias.add.input(bias.slot)!.dtype));
       recomputeMasks(c, sub);
       // A standard Attention causal by is_causal=1 alone: the holes and padding slots masked too.
       if (attention.form === 'StandardAttention' && !attention.node.input(3)) maskCompactedKeys(e, attention.node, keys, e.dim(c.routing.indices, 1));
@@ -80,6 +84,21 @@ function validityCache(c: CacheContext): LayerCache {
       return [...cacheTensors(c.layer).map((t) => [t.output, t.input] as Carried), [presentValid, pastValid], ...carried];
     },
   };
+}
+
+/**
+ * The additive bias [B, 1, K, P + K] of a compacted layer's unfused attention: 0 where query slot
+ * i may read slot j (a valid key and j <= P + i: this call's slots are the last K of `keys`), the
+ * dtype's lowest value elsewhere, as the model's own causal bias has it. A query slot that holds
+ * no token (`valid` false) reads nothing; its output is dropped at the scatter. Seven kernels,
+ * where a copy of the model's mask nodes is a dozen or more.
+ */
+function causalKeysBias(e: Emitter, keys: Value, past: Value, valid: Value, dtype: number | undefined): Value {
+  const pairs = e.op('And', [e.unsqueeze(valid, [1, 3]), e.unsqueeze(keys, [1, 2])]);
+  const allowed = e.op('Trilu', [pairs, e.dimScalar(past, 1)], { upper: 0 });
+  const type = dtype ?? DataType.FLOAT;
+  const lowest = type === DataType.FLOAT16 ? -65504 : type === DataType.DOUBLE ? -Number.MAX_VALUE : -3.4028234663852886e38;
+  return e.op('Where', [allowed, e.scalar(0, type), e.scalar(lowest, type)]);
 }
 
 /**
