@@ -461,41 +461,33 @@ function growingMaskSemantics(mask: Value): StaticMaskSemantics | null {
 /**
  * Unfused attention whose only mask is one additive bias that is causality and attention_mask's
  * keys, nothing else: the Add on the way from Q·K^T to Softmax and the bias's input slot. The way
- * may also scale by constants and cast; anything else on it (a Where, a second Add) and null.
+ * may also scale by constants and cast; anything else on it (a Where, a second Add) gives null.
  * A compacted layer then builds that bias from its own valid keys (compiler/passes/layer-cache.ts).
  */
 export function causalKeyBias(core: AttentionCore): { add: Node; slot: number } | null {
   if (core.form !== 'unfused') return null;
-  const onWay = new Set<Node>();
   let found: { add: Node; slot: number } | null = null;
   let v: Value | null = core.softmax.inputs[0] ?? null;
-  for (let hops = 0; v && hops < 8; hops++) {
+  for (let hops = 0; v && v.producer !== core.scores && hops < 8; hops++) {
     const p: Node | null = v.producer;
-    if (!p) return null;
-    if (p === core.scores) break;
-    onWay.add(p);
-    const ins = p.inputs;
-    if (p.opType === 'Cast' && ins.length === 1) {
-      v = ins[0] ?? null;
-      continue;
-    }
-    if ((p.opType === 'Mul' || p.opType === 'Div' || p.opType === 'Add') && ins.length === 2) {
-      const [a, b] = ins as [Value | null, Value | null];
-      if (!a || !b) return null;
-      if (p.opType !== 'Add' || found) {
-        // A scale: one operand a constant (Div only by its second).
-        const k = isConstant(b) ? 1 : p.opType === 'Mul' && isConstant(a) ? 0 : -1;
-        if (k < 0) return null;
-        v = ins[1 - k] ?? null;
-        continue;
-      }
-      const slot = leadsTo(a, core.scores, 8) ? 1 : leadsTo(b, core.scores, 8) ? 0 : -1;
-      if (slot < 0 || leadsTo(ins[slot]!, core.scores, 8)) return null;
+    const [a, b] = p?.inputs ?? [];
+    if (!p || !a) return null;
+    if (p.opType === 'Cast') {
+      v = a;
+    } else if ((p.opType === 'Mul' || p.opType === 'Div') && b) {
+      // A scale: one operand a constant (a Div's divisor).
+      if (isConstant(b)) v = a;
+      else if (p.opType === 'Mul' && isConstant(a)) v = b;
+      else return null;
+    } else if (p.opType === 'Add' && b && !found) {
+      // The bias is the operand that Q·K^T does not reach (an Add is float: the bias is additive).
+      const slot = leadsTo(a, core.scores, 8) ? 1 : 0;
+      if (leadsTo(p.inputs[slot]!, core.scores, 8) || !leadsTo(p.inputs[1 - slot]!, core.scores, 8)) return null;
       found = { add: p, slot };
-      v = ins[1 - slot] ?? null;
-      continue;
+      v = p.inputs[1 - slot]!;
+    } else {
+      return null;
     }
-    return null;
   }
   if (!v || v.producer !== core.scores || !found) return null;
   const m = growingMaskSemantics(found.add.inputs[found.slot]!);
