@@ -21,15 +21,16 @@ import { compileWith, expectSameRun } from './mod-helpers.js';
 
 const tmp = tempDir('modc-causal-key-mask');
 
+/** The then-branch each converted layer runs in, in layer order. */
+function convertedBranches(path: string): Graph[] {
+  return loadModel(path)
+    .graph.nodes.filter((n) => n.opType === 'If' && n.name.startsWith('modc/'))
+    .map((n) => n.subgraphs()[0]!);
+}
+
 /** Each converted layer's Attention node, and the then-branch it runs in. */
 function convertedAttention(path: string): { attention: Node; branch: Graph }[] {
-  const g = loadModel(path).graph;
-  return g.nodes
-    .filter((n) => n.opType === 'If' && n.name.startsWith('modc/'))
-    .map((n) => {
-      const branch = n.subgraphs()[0]!;
-      return { attention: branch.nodes.find((x) => x.opType === 'Attention')!, branch };
-    });
+  return convertedBranches(path).map((branch) => ({ attention: branch.nodes.find((x) => x.opType === 'Attention')!, branch }));
 }
 
 /** The graph inputs `v` is computed from. */
@@ -85,16 +86,12 @@ describe("a standard Attention's mask read as causality and attention_mask's key
 
 /** Each converted layer's then-branch and the input of its Softmax's mask Add. */
 function convertedBias(path: string): { branch: Graph; bias: Value }[] {
-  const g = loadModel(path).graph;
-  return g.nodes
-    .filter((n) => n.opType === 'If' && n.name.startsWith('modc/'))
-    .map((n) => {
-      const branch = n.subgraphs()[0]!;
-      let add = branch.nodes.find((x) => x.opType === 'Softmax')!.input(0)!.producer!;
-      while (add.opType === 'Cast') add = add.input(0)!.producer!;
-      expect(add.opType).toBe('Add');
-      return { branch, bias: add.inputs.find((v) => v?.producer?.opType === 'Where')! };
-    });
+  return convertedBranches(path).map((branch) => {
+    let add = branch.nodes.find((x) => x.opType === 'Softmax')!.input(0)!.producer!;
+    while (add.opType === 'Cast') add = add.input(0)!.producer!;
+    expect(add.opType).toBe('Add');
+    return { branch, bias: add.inputs.find((v) => v?.producer?.opType === 'Where')! };
+  });
 }
 
 /** The names of the nodes `v` is computed by. */
