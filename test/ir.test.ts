@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { DataType, floatToHalf, halfToFloat } from '../compiler/core/ir/dtype.js';
+import { DataType, floatToHalf, halfToFloat, lowestFinite } from '../compiler/core/ir/dtype.js';
 import { Graph, Value } from '../compiler/core/ir/graph.js';
 import { Model } from '../compiler/core/ir/model.js';
 import { Tensor } from '../compiler/core/ir/tensor.js';
@@ -96,6 +96,19 @@ describe('graph IR', () => {
     expect(floatToHalf(1)).toBe(0x3c00);
     expect(floatToHalf(65536)).toBe(0x7c00);
     expect(Number.isNaN(halfToFloat(floatToHalf(NaN)))).toBe(true);
+  });
+});
+
+describe('lowest finite values', () => {
+  it("are each float type's largest finite magnitude, negated; null for other types", () => {
+    // float32 and bfloat16: (2 - 2^-m) * 2^127 with 23 and 7 mantissa bits; float16: (2 - 2^-10) * 2^15.
+    expect(lowestFinite(DataType.FLOAT)).toBe(-(2 - 2 ** -23) * 2 ** 127);
+    expect(Math.fround(lowestFinite(DataType.FLOAT)!)).toBe(lowestFinite(DataType.FLOAT));
+    expect(lowestFinite(DataType.BFLOAT16)).toBe(-(2 - 2 ** -7) * 2 ** 127);
+    expect(lowestFinite(DataType.FLOAT16)).toBe(-(2 - 2 ** -10) * 2 ** 15);
+    expect(halfToFloat(floatToHalf(lowestFinite(DataType.FLOAT16)!))).toBe(lowestFinite(DataType.FLOAT16));
+    expect(lowestFinite(DataType.DOUBLE)).toBe(-Number.MAX_VALUE);
+    expect(lowestFinite(DataType.INT64)).toBeNull();
   });
 });
 

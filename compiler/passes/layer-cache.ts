@@ -28,7 +28,7 @@
  */
 import { isStaticLayout, kvSequenceAxis } from '../analysis/types.js';
 import { causalKeyBias, causalKeyMask } from '../analysis/attention.js';
-import { DataType } from '../core/ir/dtype.js';
+import { DataType, lowestFinite } from '../core/ir/dtype.js';
 import { attribute, tensorType, Value } from '../core/ir/graph.js';
 import type { Emitter } from './modc-ops/emitter.js';
 import {
@@ -75,7 +75,8 @@ function validityCache(c: CacheContext): LayerCache {
       }
       // Unfused attention whose additive mask is the same two things: that bias from the layer's own keys.
       const bias = e.opset >= 14 ? causalKeyBias(attention) : null;
-      if (bias) bias.add.setInput(bias.slot, causalKeysBias(e, keys, pastValid, c.routing.valid, bias.add.input(bias.slot)!.dtype));
+      const biasType = bias?.add.input(bias.slot)?.dtype ?? DataType.FLOAT;
+      if (bias && biasType !== DataType.BFLOAT16) bias.add.setInput(bias.slot, causalKeysBias(e, keys, pastValid, c.routing.valid, biasType));
       recomputeMasks(c, sub);
       // A standard Attention causal by is_causal=1 alone: the holes and padding slots masked too.
       if (attention.form === 'StandardAttention' && !attention.node.input(3)) maskCompactedKeys(e, attention.node, keys, e.dim(c.routing.indices, 1));
@@ -91,14 +92,13 @@ function validityCache(c: CacheContext): LayerCache {
  * i may read slot j (a valid key and j <= P + i: this call's slots are the last K of `keys`), the
  * dtype's lowest value elsewhere, as the model's own causal bias has it. A query slot that holds
  * no token (`valid` false) reads nothing; its output is dropped at the scatter. Seven kernels,
- * where a copy of the model's mask nodes is a dozen or more.
+ * where a copy of the model's mask nodes is a dozen or more. Float, float16 or double (Where has
+ * no bfloat16 kernel on CPU: a bfloat16 mask is rebuilt as before).
  */
-function causalKeysBias(e: Emitter, keys: Value, past: Value, valid: Value, dtype: number | undefined): Value {
+function causalKeysBias(e: Emitter, keys: Value, past: Value, valid: Value, dtype: number): Value {
   const pairs = e.op('And', [e.unsqueeze(valid, [1, 3]), e.unsqueeze(keys, [1, 2])]);
   const allowed = e.op('Trilu', [pairs, e.dimScalar(past, 1)], { upper: 0 });
-  const type = dtype ?? DataType.FLOAT;
-  const lowest = type === DataType.FLOAT16 ? -65504 : type === DataType.DOUBLE ? -Number.MAX_VALUE : -3.4028234663852886e38;
-  return e.op('Where', [allowed, e.scalar(0, type), e.scalar(lowest, type)]);
+  return e.op('Where', [allowed, e.scalar(0, dtype), e.scalar(lowestFinite(dtype) ?? lowestFinite(DataType.FLOAT)!, dtype)]);
 }
 
 /**

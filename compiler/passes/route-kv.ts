@@ -31,7 +31,7 @@ import type { DecoderStructure, KvTensor, LayerInfo } from '../analysis/types.js
 import { isStaticLayout, kvSequenceAxis } from '../analysis/types.js';
 import { kvCompactionBlocker } from '../analysis/attention.js';
 import { ModcError } from '../core/errors.js';
-import { DataType } from '../core/ir/dtype.js';
+import { DataType, lowestFinite } from '../core/ir/dtype.js';
 import { Graph, tensorType, Value, withDim } from '../core/ir/graph.js';
 import type { Model } from '../core/ir/model.js';
 import { recomputeWith, replaceUsesWithin } from '../core/ir/rewrite.js';
@@ -49,13 +49,6 @@ export interface RouteKvReport {
   routed: number[];
   skipped: { layer: number; part: 'kv'; reason: string }[];
 }
-
-const LOWEST: Partial<Record<number, number>> = {
-  [DataType.FLOAT]: -3.4028234663852886e38,
-  [DataType.FLOAT16]: -65504,
-  [DataType.DOUBLE]: -1.7976931348623157e308,
-};
-const BF16_LOWEST = -3.3895313892515355e38;
 
 /** The input slot where a fused attention op takes a mask or additive bias key/value routing can join. */
 const VISIBILITY_SLOT: Record<string, number> = { StandardAttention: 3, MultiHeadAttention: 5 };
@@ -208,11 +201,11 @@ class KvLayerRouter {
   private where(visible: Value, x: Value, dtype: number): Value {
     const { e } = this;
     if (dtype === DataType.BFLOAT16) {
-      const f = e.op('Where', [visible, e.cast(x, DataType.FLOAT), e.f32(BF16_LOWEST)]);
+      const f = e.op('Where', [visible, e.cast(x, DataType.FLOAT), e.f32(lowestFinite(DataType.BFLOAT16)!)]);
       return e.cast(f, DataType.BFLOAT16);
     }
-    const lowest = LOWEST[dtype];
-    if (lowest === undefined) throw new ModcError(`route-kv: layer ${this.l}'s attention scores have element type ${dtype}, not a float type`);
+    const lowest = lowestFinite(dtype);
+    if (lowest === null) throw new ModcError(`route-kv: layer ${this.l}'s attention scores have element type ${dtype}, not a float type`);
     return e.op('Where', [visible, x, e.scalar(lowest, dtype)]);
   }
 

@@ -31,6 +31,15 @@ export type DataTypeCode = number;
 const NAMES: Record<number, string> = {};
 for (const [k, v] of Object.entries(DataType)) NAMES[v] = k.toLowerCase();
 
+/** The lowest finite value of a float element type (what an additive mask masks with), or null. */
+export function lowestFinite(code: DataTypeCode): number | null {
+  if (code === DataType.FLOAT) return -3.4028234663852886e38;
+  if (code === DataType.FLOAT16) return -65504;
+  if (code === DataType.BFLOAT16) return -3.3895313892515355e38;
+  if (code === DataType.DOUBLE) return -Number.MAX_VALUE;
+  return null;
+}
+
 export function dataTypeName(code: DataTypeCode): string {
   return NAMES[code] ?? `dtype(${code})`;
 }

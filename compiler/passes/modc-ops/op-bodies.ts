@@ -38,7 +38,7 @@
  * (row, position) pair, which GatherND and ScatterND take as they are, and whether any row
  * selects a token (the condition that skips the layer).
  */
-import { DataType } from '../../core/ir/dtype.js';
+import { DataType, lowestFinite } from '../../core/ir/dtype.js';
 import type { Value } from '../../core/ir/graph.js';
 import type { Emitter } from './emitter.js';
 
@@ -54,8 +54,6 @@ export interface ModcOpDef {
   doc: string;
   body(e: Emitter, inputs: Value[], ctx: OpContext): Value[];
 }
-
-const LOWEST_FLOAT = -3.4028234663852886e38;
 
 const router: ModcOpDef = {
   name: 'Router',
@@ -90,7 +88,7 @@ const selectTopK: ModcOpDef = {
     const real = e.cast(mask!, DataType.BOOL);
     const n = e.reduceSum(e.cast(mask!, DataType.FLOAT), [1], true);
     const k = e.op('Ceil', [e.op('Mul', [capacity!, n])]);
-    const masked = e.op('Where', [real, score!, e.f32(LOWEST_FLOAT)]);
+    const masked = e.op('Where', [real, score!, e.f32(lowestFinite(DataType.FLOAT)!)]);
     const s = e.dimScalar(score!, 1);
     const [, order] = e.node('TopK', [masked, e.dim(score!, 1)], { axis: 1, largest: 1, sorted: 1 }, 2);
     const ranks = e.cast(e.op('Range', [e.i64(0), s, e.i64(1)]), DataType.FLOAT);
@@ -264,9 +262,9 @@ const windowBias: ModcOpDef = {
     const visible = e.op('And', [e.op('Not', [e.op('Greater', [k, q])]), e.op('Greater', [k, e.op('Sub', [q, window!])])]);
     if (ctx.dtype === DataType.BFLOAT16) {
       // Where has no bfloat16 kernel on CPU: choose in float32, then cast (bfloat16's lowest finite value is exact in float32).
-      return [e.cast(e.op('Where', [visible, e.f32(0), e.f32(-3.3895313892515355e38)]), DataType.BFLOAT16)];
+      return [e.cast(e.op('Where', [visible, e.f32(0), e.f32(lowestFinite(DataType.BFLOAT16)!)]), DataType.BFLOAT16)];
     }
-    const lowest = ctx.dtype === DataType.FLOAT16 ? -65504 : LOWEST_FLOAT;
+    const lowest = ctx.dtype === DataType.FLOAT16 ? lowestFinite(DataType.FLOAT16)! : lowestFinite(DataType.FLOAT)!;
     return [e.op('Where', [visible, e.scalar(0, ctx.dtype), e.scalar(lowest, ctx.dtype)])];
   },
 };
