@@ -7,7 +7,7 @@
  * second operand, the value cache the one feeding the context MatMul's second operand.
  */
 import { ModcError } from '../core/errors.js';
-import type { Node, Value } from '../core/ir/graph.js';
+import { dependsOn, type Node, type Value } from '../core/ir/graph.js';
 import { DataType } from '../core/ir/dtype.js';
 import type { GraphFacts } from './graph-facts.js';
 import { fusedAttentionSchema, isDefaultDomain, isStandardAttention, isTensorScatter, SCORE_PASS_THROUGH, type FusedAttentionSchema } from './ops.js';
@@ -481,10 +481,10 @@ export function causalKeyBias(core: AttentionCore): { add: Node; slot: number } 
       else return null;
     } else if (p.opType === 'Add' && b && !found) {
       // The bias is the operand that Q·K^T does not reach (an Add is float: the bias is additive).
-      const slot = leadsTo(a, core.scores, 8) ? 1 : 0;
-      if (leadsTo(p.inputs[slot]!, core.scores, 8) || !leadsTo(p.inputs[1 - slot]!, core.scores, 8)) return null;
-      found = { add: p, slot };
-      v = p.inputs[1 - slot]!;
+      const fromScores = dependsOn(a, core.scores.output(0));
+      if (fromScores === dependsOn(b, core.scores.output(0))) return null;
+      found = { add: p, slot: fromScores ? 1 : 0 };
+      v = fromScores ? a : b;
     } else {
       return null;
     }
@@ -496,14 +496,6 @@ export function causalKeyBias(core: AttentionCore): { add: Node; slot: number } 
 
 function isConstant(v: Value): boolean {
   return v.initializer !== null || v.producer?.opType === 'Constant';
-}
-
-/** Whether `v` is computed from `target`'s output within `depth` producers. */
-function leadsTo(v: Value, target: Node, depth: number): boolean {
-  const p = v.producer;
-  if (!p) return false;
-  if (p === target) return true;
-  return depth > 0 && p.inputs.some((i) => i !== null && leadsTo(i, target, depth - 1));
 }
 
 /**

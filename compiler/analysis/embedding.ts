@@ -6,7 +6,7 @@
  * starts the stream and the node is the embedding's fused boundary, as EmbedLayerNormalization is.
  */
 import { ModcError } from '../core/errors.js';
-import type { Graph, Node, Value } from '../core/ir/graph.js';
+import { dependsOn, type Graph, type Node, type Value } from '../core/ir/graph.js';
 import type { GraphFacts } from './graph-facts.js';
 import { EMBED_SUM_OUTPUT, isDefaultDomain, isEmbedLayerNorm, SKIP_SUM_OUTPUT, skipNormOp } from './ops.js';
 import type { EmbeddingInfo, Explanation, FusedBoundary } from './types.js';
@@ -169,18 +169,4 @@ function skipNormStart(n: Node, op: FusedBoundary['op'], slot: number, facts: Gr
     reason: `stream start: output ${SKIP_SUM_OUTPUT} ${sum} (embedding sum${table ? `, position table ${table}` : ''}); output 0 ${n.output(0)} is layer 0's normed input`,
   });
   return { node: n, op, sum, normed: n.output(0), addsForLayer: -1, normedForLayer: 0, streamOperandIndex: slot };
-}
-
-/** Whether `v` is computed from `target` (a backward walk over the few prefix nodes involved). */
-function dependsOn(v: Value, target: Value): boolean {
-  const stack = [v];
-  const seen = new Set<Value>();
-  while (stack.length) {
-    const x = stack.pop()!;
-    if (x === target) return true;
-    if (seen.has(x)) continue;
-    seen.add(x);
-    for (const i of x.producer?.inputs ?? []) if (i) stack.push(i);
-  }
-  return false;
 }

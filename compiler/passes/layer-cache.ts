@@ -76,7 +76,8 @@ function validityCache(c: CacheContext): LayerCache {
       // Unfused attention whose additive mask is the same two things: that bias from the layer's own keys.
       const bias = e.opset >= 14 ? causalKeyBias(attention) : null;
       const biasType = bias?.add.input(bias.slot)?.dtype ?? DataType.FLOAT;
-      if (bias && biasType !== DataType.BFLOAT16) bias.add.setInput(bias.slot, causalKeysBias(e, keys, pastValid, c.routing.valid, biasType));
+      const lowest = biasType === DataType.BFLOAT16 ? null : lowestFinite(biasType);
+      if (bias && lowest !== null) bias.add.setInput(bias.slot, causalKeysBias(e, keys, pastValid, c.routing.valid, biasType, lowest));
       recomputeMasks(c, sub);
       // A standard Attention causal by is_causal=1 alone: the holes and padding slots masked too.
       if (attention.form === 'StandardAttention' && !attention.node.input(3)) maskCompactedKeys(e, attention.node, keys, e.dim(c.routing.indices, 1));
@@ -95,10 +96,10 @@ function validityCache(c: CacheContext): LayerCache {
  * where a copy of the model's mask nodes is a dozen or more. Float, float16 or double (Where has
  * no bfloat16 kernel on CPU: a bfloat16 mask is rebuilt as before).
  */
-function causalKeysBias(e: Emitter, keys: Value, past: Value, valid: Value, dtype: number): Value {
+function causalKeysBias(e: Emitter, keys: Value, past: Value, valid: Value, dtype: number, lowest: number): Value {
   const pairs = e.op('And', [e.unsqueeze(valid, [1, 3]), e.unsqueeze(keys, [1, 2])]);
   const allowed = e.op('Trilu', [pairs, e.dimScalar(past, 1)], { upper: 0 });
-  return e.op('Where', [allowed, e.scalar(0, dtype), e.scalar(lowestFinite(dtype) ?? lowestFinite(DataType.FLOAT)!, dtype)]);
+  return e.op('Where', [allowed, e.scalar(0, dtype), e.scalar(lowest, dtype)]);
 }
 
 /**

@@ -550,6 +550,20 @@ export class Graph {
   }
 }
 
+/** Whether `v` is computed from `target` (a backward walk over its producers). */
+export function dependsOn(v: Value, target: Value): boolean {
+  const stack = [v];
+  const seen = new Set<Value>();
+  while (stack.length) {
+    const x = stack.pop()!;
+    if (x === target) return true;
+    if (seen.has(x)) continue;
+    seen.add(x);
+    for (const i of x.producer?.inputs ?? []) if (i) stack.push(i);
+  }
+  return false;
+}
+
 /** The values a node reads, including outer-scope values read inside its subgraphs. */
 export function externalInputsOf(node: Node): Value[] {
   const out = node.inputs.filter((v): v is Value => v !== null);
