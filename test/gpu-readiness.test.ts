@@ -12,6 +12,7 @@ import { loadModel } from '../compiler/core/io/load.js';
 import { DataType } from '../compiler/core/ir/dtype.js';
 import { attribute, Graph, type Value } from '../compiler/core/ir/graph.js';
 import { Model } from '../compiler/core/ir/model.js';
+import { inlineModcOps } from '../compiler/passes/inline-modc-ops.js';
 import { Tensor } from '../compiler/core/ir/tensor.js';
 import { AttributeType, type AttributeProto } from '../compiler/core/proto/index.js';
 import { tensorType } from '../fixtures/builder/graph-builder.js';
@@ -170,6 +171,31 @@ describe('gpu readiness of fixture compiles', () => {
     );
   });
 
+  it('top-k: each layer selects in a "one-token step" If whose decode path holds no sort, and costs no more kernels per step than threshold', async () => {
+    const topk = report(await compileTo('llama-builder-tiny', 'llama-topk', '--routing', 'topk'));
+    const threshold = report(await compileTo('llama-builder-tiny', 'llama-threshold'));
+    expect(topk.decodeStep.ifs.map((x) => [x.depth, x.layer, x.condition.kind])).toEqual(
+      [0, 1, 2].flatMap((l) => [
+        [0, l, 'decode step'],
+        [0, l, 'any selected'],
+      ]),
+    );
+    const model = loadModel(join(tmp, 'llama-topk', 'model.onnx'));
+    inlineModcOps(model);
+    for (const n of [...model.graph.allNodes()].filter((x) => x.name.startsWith('modc_decode_step'))) {
+      const [step, prompt] = ['then_branch', 'else_branch'].map((b) => n.attributes.get(b)!.graph!.nodes.map((x) => x.opType));
+      expect(step).not.toContain('TopK');
+      expect(prompt).toContain('TopK');
+    }
+    for (const [i, l] of topk.kernelsPerConvertedLayer.entries()) {
+      const t = threshold.kernelsPerConvertedLayer[i]!;
+      // The step's test is threshold's (Sigmoid, GreaterOrEqual, And); the difference is the If's
+      // condition (Shape, Gather, Equal, Greater, And), the same in every layer (ONNX Runtime computes it once).
+      expect(l.selected.kernels - t.selected.kernels).toBeLessThanOrEqual(5);
+      expect(l.selected.ifs).toBe(t.selected.ifs + 1);
+    }
+  });
+
   it('unfused Llama, attention all-pass: no weight two levels deep', async () => {
     const r = report(await compileTo('llama-builder-tiny', 'llama-attention', '--granularity', 'attention'));
     expect(r.decodeStep.ifs.map((x) => [x.name, x.depth])).toEqual([0, 1, 2].map((l) => [`modc/layer${l}/attention/if_selected`, 0]));
@@ -247,7 +273,7 @@ describe('gpu readiness of fixture compiles', () => {
     const text = await runCli('inspect', path);
     expect(text.code).toBe(0);
     expect(text.stdout).toMatch(/gpu readiness/);
-    expect(text.stdout).toMatch(/If nodes\s+3 \(nested 1 deep; 3 on "any token selected", 0 on other conditions\)/);
+    expect(text.stdout).toMatch(/If nodes\s+3 \(nested 1 deep; 3 on "any token selected"\)/);
     expect(text.stdout).toMatch(/deep weights\s+none/);
     const json = await runCli('inspect', path, '--json');
     const g = JSON.parse(json.stdout).gpuReadiness;

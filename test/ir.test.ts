@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { DataType, floatToHalf, halfToFloat, lowestFinite } from '../compiler/core/ir/dtype.js';
-import { Graph, Value } from '../compiler/core/ir/graph.js';
+import { Graph, graphAttribute, Value } from '../compiler/core/ir/graph.js';
 import { Model } from '../compiler/core/ir/model.js';
 import { Tensor } from '../compiler/core/ir/tensor.js';
 import { verifyModel } from '../compiler/core/ir/validate.js';
@@ -80,6 +80,27 @@ describe('graph IR', () => {
     expect(clones[1]!.input(0)).toBe(clones[0]!.output(0));
     expect(mapping.get(neg.output(0))).toBe(clones[1]!.output(0));
     expect(new Set(g.nodes.flatMap((n) => n.outputs.map((v) => v.name))).size).toBe(g.nodes.length);
+  });
+
+  it('clones an If with its branches: the copies read the mapped outer values and are new graphs', () => {
+    const { g, x } = chain();
+    const cond = g.addInput(new Value('cond', { tensor_type: { elem_type: DataType.BOOL, shape: { dim: [] } } }));
+    const then = new Graph('then', g);
+    const neg = then.addNode('Neg', [x], [then.newValue('neg_out', f32)]);
+    then.outputs = [neg.output(0)];
+    const otherwise = new Graph('else', g);
+    otherwise.outputs = [otherwise.addNode('Identity', [x], [otherwise.newValue('id_out', f32)]).output(0)];
+    const node = g.addNode('If', [cond], [g.newValue('if_out', f32)]);
+    node.setAttr(graphAttribute('then_branch'), then);
+    node.setAttr(graphAttribute('else_branch'), otherwise);
+    const x2 = g.addInput(new Value('x2', f32));
+    const [clone] = g.cloneNodes([node], new Map([[x, x2]]));
+    const [t, e] = ['then_branch', 'else_branch'].map((b) => clone!.attributes.get(b)!.graph!);
+    expect([t, e].map((b) => b !== then && b !== otherwise && b.parent === g)).toEqual([true, true]);
+    expect([t!.nodes[0]!.input(0), e!.nodes[0]!.input(0)]).toEqual([x2, x2]);
+    expect(t!.outputs).toEqual([t!.nodes[0]!.output(0)]);
+    // The original branches are untouched.
+    expect(then.nodes[0]!.input(0)).toBe(x);
   });
 
   it('converts half floats both ways', () => {

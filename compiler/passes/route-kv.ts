@@ -32,10 +32,10 @@ import { isStaticLayout, kvSequenceAxis } from '../analysis/types.js';
 import { kvCompactionBlocker } from '../analysis/attention.js';
 import { ModcError } from '../core/errors.js';
 import { DataType, lowestFinite } from '../core/ir/dtype.js';
-import { Graph, tensorType, Value, withDim } from '../core/ir/graph.js';
+import { Graph, graphAttribute, tensorType, Value, withDim } from '../core/ir/graph.js';
 import type { Model } from '../core/ir/model.js';
 import { recomputeWith, replaceUsesWithin } from '../core/ir/rewrite.js';
-import { AttributeType, type AttributeProto, type TypeProto } from '../core/proto/index.js';
+import type { TypeProto } from '../core/proto/index.js';
 import { pastLengthName, pastPositionsName, presentLengthName, presentPositionsName } from '../metadata/decoder-io.js';
 import { readRoutingMetadata, writeRoutingMetadata } from '../metadata/routing-metadata.js';
 import { DEFAULT_KV_POLICY, type KvPolicy } from '../routing/router-weights.js';
@@ -82,10 +82,6 @@ export function kvRoutingBlocker(model: Model, layer: LayerInfo): string | null 
   if (a.form === 'MultiHeadAttention' && a.node.attrInt('unidirectional', 0) !== 1 && !a.node.input(5) && !a.node.input(4))
     return `${a.node.describe()} has no causal attribute and no mask; key/value routing routes causal attention only`;
   return null;
-}
-
-function graphAttribute(name: string): AttributeProto {
-  return { name, type: AttributeType.GRAPH, floats: [], ints: [], strings: [], tensors: [], graphs: [], sparse_tensors: [], type_protos: [] } as AttributeProto;
 }
 
 /** The call's shared values, built once: token mask, positions and each row's last position. */

@@ -21,11 +21,11 @@
 import type { DecoderStructure, SideInput } from '../analysis/types.js';
 import { ModcError } from '../core/errors.js';
 import { DataType } from '../core/ir/dtype.js';
-import { Graph, type Node, type Value } from '../core/ir/graph.js';
+import { Graph, graphAttribute, type Node, type Value } from '../core/ir/graph.js';
 import type { Model } from '../core/ir/model.js';
 import { recomputeWith, replaceUsesWithin } from '../core/ir/rewrite.js';
 import { Tensor } from '../core/ir/tensor.js';
-import { AttributeType, type AttributeProto, type TypeProto } from '../core/proto/index.js';
+import type { TypeProto } from '../core/proto/index.js';
 import type { CacheContext, Carried } from './cache-contract.js';
 import { layerCache } from './layer-cache.js';
 import { type LayerRouting, streamElementType } from './mod-common.js';
@@ -245,10 +245,6 @@ function zerosTensor(L: Layer): Tensor {
   return dtype === DataType.FLOAT16 || dtype === DataType.BFLOAT16
     ? Tensor.fromArray('', [1], Uint16Array.of(0), dtype)
     : Tensor.fromArray('', [1], Float32Array.of(0));
-}
-
-function graphAttribute(name: string): AttributeProto {
-  return { name, type: AttributeType.GRAPH, floats: [], ints: [], strings: [], tensors: [], graphs: [], sparse_tensors: [], type_protos: [] } as AttributeProto;
 }
 
 /** The element type of a value, without shape (a branch output's declared type: lengths differ between branches). */

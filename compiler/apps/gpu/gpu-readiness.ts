@@ -32,6 +32,7 @@ import type { Model } from '../../core/ir/model.js';
 import { Tensor } from '../../core/ir/tensor.js';
 import { decoderIo } from '../../metadata/decoder-io.js';
 import { inlineModcOps } from '../../passes/inline-modc-ops.js';
+import { DECODE_STEP_IF } from '../../passes/modc-ops/op-bodies.js';
 import type { RoutedPart } from '../../routing/routing-plan.js';
 
 export type HostReadReason = 'If condition' | 'data-dependent output shape' | 'shape input computed on the device';
@@ -58,8 +59,11 @@ export interface IfReport {
     value: string;
     /** The condition's producer, e.g. "Greater(ReduceSum, 0)". */
     expression: string;
-    /** 'any selected': `x > 0`, taken (then) when the layer selects a token. */
-    kind: 'any selected' | 'other';
+    /**
+     * 'any selected': `x > 0`, taken (then) when the layer selects a token; 'decode step': a
+     * top-k selection's test for a one-token step with a past (then: the threshold test).
+     */
+    kind: 'any selected' | 'decode step' | 'other';
   };
   /** Nodes directly in each branch (nested Ifs count as one; they are listed themselves). */
   branches: { then: { nodes: number; ifs: number }; else: { nodes: number; ifs: number } };
@@ -192,8 +196,10 @@ function smallConstant(v: Value | null): number[] | null {
   return null;
 }
 
-function describeCondition(cond: Value): IfReport['condition'] {
+function describeCondition(n: Node): IfReport['condition'] {
+  const cond = n.input(0)!;
   const p = cond.producer;
+  if (n.name.startsWith(DECODE_STEP_IF)) return { value: cond.name, expression: p ? p.opType : cond.name, kind: 'decode step' };
   if (!p) return { value: cond.name, expression: cond.name, kind: 'other' };
   const arg = (v: Value | null) => {
     const c = smallConstant(v);
@@ -261,7 +267,7 @@ export function gpuReadiness(model: Model, routedLayers: readonly { layer: numbe
           depth,
           layer,
           part,
-          condition: describeCondition(cond),
+          condition: describeCondition(n),
           branches: { then: count(thenG), else: count(elseG) },
         });
       }
@@ -298,7 +304,7 @@ export function gpuReadiness(model: Model, routedLayers: readonly { layer: numbe
 
   // Paths: which branch each If takes when its layer selects / skips.
   const ifKind = new Map<Node, IfReport['condition']['kind']>();
-  for (const n of main.allNodes()) if (n.opType === 'If') ifKind.set(n, describeCondition(n.input(0)!).kind);
+  for (const n of main.allNodes()) if (n.opType === 'If') ifKind.set(n, describeCondition(n).kind);
   const walk = (g: Graph, selected: (layer: number | null) => boolean, into: (layer: number | null) => PathCount) => {
     for (const n of g.nodes) {
       const layer = layerOfNode.get(n) ?? null;
@@ -404,10 +410,16 @@ export function formatGpuReadiness(r: GpuReadiness): string {
   const path = (c: PathCount) => `${c.kernels} kernels, ${c.ifs} If, ${c.hostReads} host reads`;
   const lines = ['gpu readiness (one decode step, from the graph; see docs "CUDA")'];
   const maxDepth = Math.max(0, ...s.ifs.map((x) => x.depth + 1));
-  const byKind = (k: IfReport['condition']['kind']) => s.ifs.filter((x) => x.condition.kind === k).length;
-  lines.push(
-    `  If nodes      ${s.ifs.length}${s.ifs.length ? ` (nested ${maxDepth} deep; ${byKind('any selected')} on "any token selected", ${byKind('other')} on other conditions)` : ''}`,
-  );
+  const kinds: [IfReport['condition']['kind'], string][] = [
+    ['any selected', '"any token selected"'],
+    ['decode step', '"one-token step"'],
+    ['other', 'other conditions'],
+  ];
+  const byKind = kinds.flatMap(([k, what]) => {
+    const n = s.ifs.filter((x) => x.condition.kind === k).length;
+    return n ? [`${n} on ${what}`] : [];
+  });
+  lines.push(`  If nodes      ${s.ifs.length}${s.ifs.length ? ` (nested ${maxDepth} deep; ${byKind.join(', ')})` : ''}`);
   const reasons = new Map<string, number>();
   for (const h of s.hostReads) reasons.set(h.why, (reasons.get(h.why) ?? 0) + 1);
   lines.push(

@@ -525,12 +525,22 @@ export class Graph {
         },
       );
       for (const [, a] of n.attributes) {
-        if (a.graph || a.graphs) throw new ModcError(`cloning ${n.describe()}: nodes with subgraphs cannot be cloned yet`);
-        clone.setAttr(a.proto);
+        if (a.graphs) throw new ModcError(`cloning ${n.describe()}: nodes with lists of subgraphs cannot be cloned yet`);
+        clone.setAttr(a.proto, a.graph && this.cloneSubgraph(a.graph, mapping, suffix));
       }
       clone.overload = n.overload;
       return clone;
     });
+  }
+
+  /** A copy of `sub` (a subgraph of a node being cloned) under this graph; outer values it reads are mapped as the node's inputs are. */
+  private cloneSubgraph(sub: Graph, mapping: Map<Value, Value>, suffix: string): Graph {
+    const g = new Graph(sub.name + suffix, this);
+    for (const v of sub.inputs) mapping.set(v, g.addInput(g.newValue(v.name + suffix, v.type)));
+    for (const v of sub.initializers.values()) mapping.set(v, g.addInitializer(g.newValue(v.name + suffix), v.initializer!));
+    g.cloneNodes(sub.nodes, mapping, { suffix });
+    g.outputs = sub.outputs.map((v) => mapping.get(v) ?? v);
+    return g;
   }
 
   /** Looks a value up by name in this graph's scope and then in its parents'. */
@@ -580,6 +590,11 @@ export function externalInputsOf(node: Node): Value[] {
 function isInside(scope: Graph | null, root: Graph): boolean {
   for (let g = scope; g; g = g.parent) if (g === root) return true;
   return false;
+}
+
+/** An empty GRAPH attribute named `name` (an If's then_branch, a Loop's body): Node.setAttr attaches the graph. */
+export function graphAttribute(name: string): AttributeProto {
+  return { name, type: AttributeType.GRAPH, floats: [], ints: [], strings: [], tensors: [], graphs: [], sparse_tensors: [], type_protos: [] } as AttributeProto;
 }
 
 /** Builds an AttributeProto from a plain value. */

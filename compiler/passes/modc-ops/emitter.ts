@@ -6,7 +6,7 @@
  * The same bodies are emitted into a FunctionProto body (a local function) or straight into the
  * model's graph (`--inline-ops`).
  */
-import { attribute, type Graph, type Node, type Value } from '../../core/ir/graph.js';
+import { attribute, Graph, graphAttribute, type Node, type Value } from '../../core/ir/graph.js';
 import { DataType, floatToHalf } from '../../core/ir/dtype.js';
 import { Tensor } from '../../core/ir/tensor.js';
 import type { AttributeProto } from '../../core/proto/index.js';
@@ -37,6 +37,29 @@ export class Emitter {
 
   op(op: string, inputs: (Value | null)[], attrs: Record<string, AttrValue> = {}): Value {
     return this.node(op, inputs, attrs)[0]!;
+  }
+
+  /**
+   * If(cond): each branch's nodes come from its callback, on an emitter for that branch (they
+   * may read any value of this graph); `types` are the element types of the outputs.
+   */
+  ifThenElse(cond: Value, then: (e: Emitter) => Value[], otherwise: (e: Emitter) => Value[], types: number[], name?: string): Value[] {
+    const branch = (name: string, build: (e: Emitter) => Value[]): Graph => {
+      const g = new Graph(`${this.prefix}${name}`, this.graph);
+      const e = new Emitter(g, this.opset, this.prefix);
+      // A branch output is made in the branch (ONNX Runtime refuses an outer value returned as is).
+      g.outputs = build(e).map((v, i) => {
+        const out = v.producer?.graph === g ? v : e.op('Identity', [v]);
+        out.type = { tensor_type: { elem_type: types[i]! } };
+        return out;
+      });
+      return g;
+    };
+    const outs = types.map(() => this.graph.newValue(`${this.prefix}if`));
+    const node = this.graph.addNode('If', [cond], outs, { before: this.before, name });
+    node.setAttr(graphAttribute('then_branch'), branch('then', then));
+    node.setAttr(graphAttribute('else_branch'), branch('else', otherwise));
+    return outs;
   }
 
   // ---- constants (Constant nodes: function bodies cannot hold initializers)

@@ -79,29 +79,44 @@ const selectThreshold: ModcOpDef = {
   },
 };
 
+/** The name of a top-k selection's If on "this call is a one-token step with a past" (inlined copies add a suffix). */
+export const DECODE_STEP_IF = 'modc_decode_step';
+
 const selectTopK: ModcOpDef = {
   name: 'SelectTopK',
   inputs: ['score', 'token_mask', 'capacity', 'past_length'],
   outputs: ['selected'],
   doc: 'per row, the ceil(capacity * real tokens) highest scores (ties: earlier token); one-token steps with a past: sigmoid(score) >= 0.5',
   body(e, [score, mask, capacity, pastLength]) {
-    const real = e.cast(mask!, DataType.BOOL);
-    const n = e.reduceSum(e.cast(mask!, DataType.FLOAT), [1], true);
-    const k = e.op('Ceil', [e.op('Mul', [capacity!, n])]);
-    const masked = e.op('Where', [real, score!, e.f32(lowestFinite(DataType.FLOAT)!)]);
-    const s = e.dimScalar(score!, 1);
-    const [, order] = e.node('TopK', [masked, e.dim(score!, 1)], { axis: 1, largest: 1, sorted: 1 }, 2);
-    const ranks = e.cast(e.op('Range', [e.i64(0), s, e.i64(1)]), DataType.FLOAT);
-    const chosenInOrder = e.cast(e.op('Less', [ranks, k]), DataType.FLOAT);
-    const zeros = e.op('ConstantOfShape', [e.op('Shape', [score!])]);
-    const chosen = e.op('ScatterElements', [zeros, order!, chosenInOrder], { axis: 1 });
-    const byTopK = e.op('And', [e.cast(chosen, DataType.BOOL), real]);
-    const byThreshold = e.op('And', [e.greaterOrEqual(e.op('Sigmoid', [score!]), e.f32(0.5)), real]);
+    // Read off the token mask and past length every router shares, so that ONNX Runtime computes
+    // the condition once per call. A decode step runs only the threshold test; prompts sort.
+    const s = e.dimScalar(mask!, 1);
     const isStep = e.op('And', [e.op('Equal', [s, e.i64(1)]), e.op('Greater', [pastLength!, e.i64(0)])]);
-    // ORT has no bool Where kernel: blend with logic ops instead.
-    return [e.op('Or', [e.op('And', [isStep, byThreshold]), e.op('And', [e.op('Not', [isStep]), byTopK])])];
+    const [selected] = e.ifThenElse(
+      isStep,
+      (t) => [t.op('And', [t.greaterOrEqual(t.op('Sigmoid', [score!]), t.f32(0.5)), t.cast(mask!, DataType.BOOL)])],
+      (p) => [topKOf(p, score!, mask!, capacity!)],
+      [DataType.BOOL],
+      DECODE_STEP_IF,
+    );
+    return [selected!];
   },
 };
+
+/** Per row, the ceil(capacity * real tokens) highest scores among the real tokens (ties: earlier token). */
+function topKOf(e: Emitter, score: Value, mask: Value, capacity: Value): Value {
+  const real = e.cast(mask, DataType.BOOL);
+  const n = e.reduceSum(e.cast(mask, DataType.FLOAT), [1], true);
+  const k = e.op('Ceil', [e.op('Mul', [capacity, n])]);
+  const masked = e.op('Where', [real, score, e.f32(lowestFinite(DataType.FLOAT)!)]);
+  const s = e.dimScalar(score, 1);
+  const [, order] = e.node('TopK', [masked, e.dim(score, 1)], { axis: 1, largest: 1, sorted: 1 }, 2);
+  const ranks = e.cast(e.op('Range', [e.i64(0), s, e.i64(1)]), DataType.FLOAT);
+  const chosenInOrder = e.cast(e.op('Less', [ranks, k]), DataType.FLOAT);
+  const zeros = e.op('ConstantOfShape', [e.op('Shape', [score])]);
+  const chosen = e.op('ScatterElements', [zeros, order!, chosenInOrder], { axis: 1 });
+  return e.op('And', [e.cast(chosen, DataType.BOOL), real]);
+}
 
 /** Each row's selected count [B] (of `chosen`, the selection as int64), the largest [1], and K = max(largest, 1) [1]. */
 function selectedCounts(e: Emitter, chosen: Value): { count: Value; most: Value; k: Value } {
