@@ -136,7 +136,7 @@ describe.each(modes)('modc ops (inline=$inline, opset $opset)', (mode) => {
     const [B, S] = [4, 7];
     const score = randn(r, B * S, 3);
     const mask = masks(B, S);
-    const [sel] = await runOp('SelectThreshold', [f32('score', [B, S], score), i64('token_mask', [B, S], mask), f32('threshold', [], [p])], mode);
+    const [sel] = await runOp('SelectThreshold', [f32('score', [B, S], score), i64('token_mask', [B, S], mask), f32('score_cut', [], [ref.scoreCut(p)])], mode);
     const want = Array.from(ref.selectThreshold(score, mask, p));
     expect(data(sel!)).toEqual(want);
     if (p === 0) expect(want).toEqual(mask); // every real token, never padding
@@ -168,6 +168,31 @@ describe.each(modes)('modc ops (inline=$inline, opset $opset)', (mode) => {
   // the earlier token; a one-token step with a past uses r >= 0.5, a one-token prompt top-k):
   // the op body and the reference kernel must both give them. In float32, sigmoid(0) = 0.5 and
   // sigmoid(20) = 1 exactly; sigmoid(-1e-3) = 0.49975.
+  it('scoreCut(p): the least float32 score whose float32 sigmoid reaches p', () => {
+    // By hand: every score passes p = 0; below 0.5 float32 values are 2^-25 apart, and
+    // sigmoid(s) = 0.5 + s/4 near 0 rounds to 0.5 (ties to even) for s >= -2^-24, below it for
+    // s < -2^-24; sigmoid(17) = 1 - 4.1e-8 rounds below 1 (float32 steps there are 6e-8 apart),
+    // sigmoid(18) = 1 - 1.5e-8 rounds to 1.
+    expect(ref.scoreCut(0)).toBe(-Infinity);
+    expect(ref.scoreCut(0.5)).toBe(-(2 ** -24));
+    expect(ref.scoreCut(1)).toBeGreaterThan(17);
+    expect(ref.scoreCut(1)).toBeLessThanOrEqual(18);
+    // Each cut passes and the float32 just below it does not.
+    const f = new Float32Array(1);
+    const u = new Uint32Array(f.buffer);
+    const below = (v: number) => {
+      f[0] = v;
+      u[0] = v > 0 ? u[0]! - 1 : u[0]! + 1;
+      return f[0]!;
+    };
+    for (const p of [1e-30, 0.1, 0.25, 0.5, 0.7, 0.9, 0.999, 1]) {
+      const cut = ref.scoreCut(p);
+      expect(Math.fround(cut), `p = ${p}: a float32`).toBe(cut);
+      expect(Math.fround(ref.sigmoid(cut)) >= Math.fround(p), `p = ${p}: the cut passes`).toBe(true);
+      expect(Math.fround(ref.sigmoid(below(cut))) >= Math.fround(p), `p = ${p}: the float below fails`).toBe(false);
+    }
+  });
+
   it.each([
     ['r = p = 0.5 is selected', 0.5, [1, 1, 0, 1, 0, 0]],
     ['r = p = 1 is selected', 1, [0, 0, 0, 1, 0, 0]],
@@ -175,7 +200,7 @@ describe.each(modes)('modc ops (inline=$inline, opset $opset)', (mode) => {
     // Row 0: scores 0, -0, -1e-3; row 1: 20 then two padding tokens (scores 0 and 20, never selected).
     const score = [0, -0, -1e-3, 20, 0, 20];
     const mask = [1, 1, 1, 1, 0, 0];
-    const [sel] = await runOp('SelectThreshold', [f32('score', [2, 3], score), i64('token_mask', [2, 3], mask), f32('threshold', [], [p])], mode);
+    const [sel] = await runOp('SelectThreshold', [f32('score', [2, 3], score), i64('token_mask', [2, 3], mask), f32('score_cut', [], [ref.scoreCut(p)])], mode);
     expect(data(sel!), 'op body').toEqual(want);
     expect(Array.from(ref.selectThreshold(Float32Array.from(score), mask, p)), 'reference kernel').toEqual(want);
   });

@@ -5,7 +5,7 @@
  * selection:
  *
  *   score = modc.Router(x, w, b)
- *   selected = modc.SelectThreshold(score, token_mask, p)          (threshold-p)
+ *   selected = modc.SelectThreshold(score, token_mask, scoreCut(p)) (threshold-p: sigmoid(score) >= p)
  *            | modc.SelectTopK(score, token_mask, c, past_length)  (top-k)
  *   indices, valid, count, slots, any = modc.CompactTokens(selected, grid)
  *
@@ -25,7 +25,7 @@ import { Tensor } from '../core/ir/tensor.js';
 import type { Pass } from './pass-manager.js';
 import { kvPolicyOf, type RoutingPlan } from '../routing/routing-plan.js';
 import { Emitter } from './modc-ops/emitter.js';
-import { callModcOp, defaultOpset } from './modc-ops/index.js';
+import { callModcOp, defaultOpset, reference } from './modc-ops/index.js';
 import { type RoutedLayerMetadata, writeRoutingMetadata } from '../metadata/routing-metadata.js';
 import { routerTensorPrefix } from '../routing/router-weights.js';
 import { subLayersOf } from '../analysis/sub-layers.js';
@@ -100,7 +100,7 @@ export function insertRouters(model: Model, plan: RoutingPlan, s: DecoderStructu
     const [score] = callModcOp(model, 'Router', [input, w, b], opts);
     const [selected] =
       plan.mode === 'threshold'
-        ? callModcOp(model, 'SelectThreshold', [score!, tokenMask, scalarInit(model, `${prefix}.threshold`, lp.threshold)], opts)
+        ? callModcOp(model, 'SelectThreshold', [score!, tokenMask, scalarInit(model, `${prefix}.score_cut`, reference.scoreCut(lp.threshold))], opts)
         : callModcOp(model, 'SelectTopK', [score!, tokenMask, scalarInit(model, `${prefix}.capacity`, lp.capacity), pastLength], opts);
     selected!.name = g.uniqueName(prefix.replace('modc.router.', 'modc.selected.'));
     // Key/value routing gathers no token: every token runs the layer (compiler/passes/route-kv.ts).

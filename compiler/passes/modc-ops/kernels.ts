@@ -18,6 +18,37 @@ export function sigmoid(s: number): number {
   return 1 / (1 + Math.exp(-s));
 }
 
+/**
+ * The least float32 score s whose float32 sigmoid is at least p (fround(sigmoid(s)) >=
+ * fround(p)): since that test only ever turns on as s grows, `sigmoid(s) >= p` is `s >= cut`.
+ * -Infinity for p <= 0 (every score), +Infinity when no finite score reaches p.
+ */
+export function scoreCut(p: number): number {
+  const target = Math.fround(p);
+  const passes = (s: number) => Math.fround(sigmoid(s)) >= target;
+  if (passes(-Infinity)) return -Infinity;
+  if (!passes(Math.fround(3.4028234663852886e38))) return Infinity;
+  // Binary search over float32 values in order: their bit patterns, sign-flipped, sort as uint32.
+  const bits = new Uint32Array(1);
+  const f = new Float32Array(bits.buffer);
+  const key = (v: number) => {
+    f[0] = v;
+    return bits[0]! & 0x80000000 ? ~bits[0]! >>> 0 : (bits[0]! | 0x80000000) >>> 0;
+  };
+  const value = (k: number) => {
+    bits[0] = k & 0x80000000 ? (k & 0x7fffffff) >>> 0 : ~k >>> 0;
+    return f[0]!;
+  };
+  let lo = key(-Infinity); // fails
+  let hi = key(Math.fround(3.4028234663852886e38)); // passes
+  while (hi - lo > 1) {
+    const mid = lo + Math.floor((hi - lo) / 2);
+    if (passes(value(mid))) hi = mid;
+    else lo = mid;
+  }
+  return value(hi);
+}
+
 /** selected = sigmoid(score) >= p and not padding. */
 export function selectThreshold(score: Float32Array, mask: ArrayLike<number>, p: number): Uint8Array {
   return Uint8Array.from(score, (s, i) => (mask[i] && Math.fround(sigmoid(s)) >= Math.fround(p) ? 1 : 0));

@@ -41,6 +41,7 @@
 import { DataType, lowestFinite } from '../../core/ir/dtype.js';
 import type { Value } from '../../core/ir/graph.js';
 import type { Emitter } from './emitter.js';
+import { scoreCut } from './kernels.js';
 
 export interface OpContext {
   /** Element type of the residual stream (float or float16). */
@@ -70,12 +71,11 @@ const router: ModcOpDef = {
 
 const selectThreshold: ModcOpDef = {
   name: 'SelectThreshold',
-  inputs: ['score', 'token_mask', 'threshold'],
+  inputs: ['score', 'token_mask', 'score_cut'],
   outputs: ['selected'],
-  doc: 'selected = sigmoid(score) >= threshold, and never padding',
-  body(e, [score, mask, p]) {
-    const r = e.op('Sigmoid', [score!]);
-    return [e.op('And', [e.greaterOrEqual(r, p!), e.cast(mask!, DataType.BOOL)])];
+  doc: 'selected = score >= score_cut (sigmoid(score) >= p for score_cut = scoreCut(p)), and never padding',
+  body(e, [score, mask, cut]) {
+    return [e.op('And', [e.greaterOrEqual(score!, cut!), e.cast(mask!, DataType.BOOL)])];
   },
 };
 
@@ -94,7 +94,7 @@ const selectTopK: ModcOpDef = {
     const isStep = e.op('And', [e.op('Equal', [s, e.i64(1)]), e.op('Greater', [pastLength!, e.i64(0)])]);
     const [selected] = e.ifThenElse(
       isStep,
-      (t) => [t.op('And', [t.greaterOrEqual(t.op('Sigmoid', [score!]), t.f32(0.5)), t.cast(mask!, DataType.BOOL)])],
+      (t) => [t.op('And', [t.greaterOrEqual(score!, t.f32(scoreCut(0.5))), t.cast(mask!, DataType.BOOL)])],
       (p) => [topKOf(p, score!, mask!, capacity!)],
       [DataType.BOOL],
       DECODE_STEP_IF,
