@@ -88,6 +88,16 @@ describe.each(allModels())('$name', ({ path }) => {
           shapeOnly.map((n) => n.describe()),
           'token ids gathered only to be measured',
         ).toEqual([]);
+        // A side input [B, 1, S, d] (rotary cos/sin) is gathered in place behind its unit axis
+        // (GatherND, batch_dims), not gathered as [B, S, d] and unsqueezed again.
+        const added = (n: Node | null) => !!n && !order.has(n.name);
+        const regathered = run.nodes.filter(
+          (n) => n.opType === 'Unsqueeze' && added(n) && n.input(0)?.producer?.opType === 'GatherND' && added(n.input(0)!.producer),
+        );
+        expect(
+          regathered.map((n) => n.describe()),
+          'gathered, then unsqueezed',
+        ).toEqual([]);
         if (r.part === 'mlp') continue;
         const layer = s.layers[r.layer]!;
         const tensors = layer.kv.layout === 'combined-2BHTD' ? [layer.kv.key] : [layer.kv.key, layer.kv.value];

@@ -49,6 +49,8 @@ interface Layer {
   e: Emitter;
   tag: string;
   gathered: Map<Value, Value>;
+  /** The selected positions shaped [B, 1, ..., K, 1] for a gather at batch_dims = the key (gatherBehindUnitAxes). */
+  unitAxisIndices: Map<number, Value>;
   /** Each selected slot's (row, position) pair [B,K,2]. */
   slots: Value;
   /** Every node's position in the graph before any layer was routed. */
@@ -69,7 +71,7 @@ export function routeRegion(
   const { slots, any } = routing;
   if (!slots || !any) throw new ModcError(`layer ${r.layer.index} was routed with Compact, not CompactTokens: compile it from the original model`);
   const e = new Emitter(model.graph, defaultOpset(model), `modc/${tag}/`);
-  const L: Layer = { model, s, r, routing, opts, x, e, tag, gathered: new Map(), slots, original };
+  const L: Layer = { model, s, r, routing, opts, x, e, tag, gathered: new Map(), unitAxisIndices: new Map(), slots, original };
   const g = model.graph;
   // Main graph (besides the routing): the cache's inputs and length outputs, the skipped update.
   const recompute = r.sideInputs.filter((si) => si.kind === 'attention-mask' || si.kind === 'sequence-length').map((si) => si.value);
@@ -157,9 +159,10 @@ function gatherInputs(L: Layer): Value {
 
 /**
  * Per-token side inputs at the selected tokens: gathered when laid out [batch, sequence, ...] or
- * unsqueezed from such a value (rotary cos/sin [B, 1, S, d]: the [B, S, d] tables are gathered and
- * unsqueezed again); otherwise recomputed from the gathered ids and positions. Either way the
- * tokens keep their original positions.
+ * unsqueezed from such a value (rotary cos/sin [B, 1, S, d]: gathered in place behind the unit
+ * axes, or before opset 12 the [B, S, d] tables gathered and unsqueezed again); otherwise
+ * recomputed from the gathered ids and positions. Either way the tokens keep their original
+ * positions.
  */
 function gatherSideInputs(L: Layer): void {
   const { model, r } = L;
@@ -168,7 +171,9 @@ function gatherSideInputs(L: Layer): void {
   for (const si of r.sideInputs) {
     if (si.kind !== 'per-token') continue;
     const unsqueezed = tokenMajor(si) ? null : unsqueezedTokenMajor(si);
-    if (unsqueezed) replaceUsesWithin(r.nodes, si.value, L.e.op('Unsqueeze', [gather(L, unsqueezed.input), ...unsqueezed.rest], unsqueezed.attrs));
+    if (unsqueezed && L.e.opset >= 12 && unsqueezed.axes.every((a) => a < si.sequenceAxis!))
+      replaceUsesWithin(r.nodes, si.value, gatherBehindUnitAxes(L, si.value, si.sequenceAxis!));
+    else if (unsqueezed) replaceUsesWithin(r.nodes, si.value, L.e.op('Unsqueeze', [gather(L, unsqueezed.input), ...unsqueezed.rest], unsqueezed.attrs));
     else if (tokenMajor(si) || !fromTokenInputsOnly(model, si.value)) replaceUsesWithin(r.nodes, si.value, gather(L, si.value));
     else recompute.push(si.value);
   }
@@ -179,10 +184,28 @@ function gatherSideInputs(L: Layer): void {
 }
 
 /**
- * A per-token value [B, ..., S at axis s, ...] made by an Unsqueeze of a [B, S, ...] value: that
- * value, and the Unsqueeze's other inputs and attributes to apply again.
+ * `v` [B, 1, ..., 1, S, ...] (S at `axis`) at the selected tokens, read in place: one GatherND
+ * with batch_dims = axis on the indices [B, 1, ..., K, 1], which every such value of the layer
+ * shares (rotary cos and sin [B, 1, S, d]: two gathers and one Unsqueeze).
  */
-function unsqueezedTokenMajor(si: SideInput): { input: Value; rest: (Value | null)[]; attrs: Record<string, number[]> } | null {
+function gatherBehindUnitAxes(L: Layer, v: Value, axis: number): Value {
+  let out = L.gathered.get(v);
+  if (out) return out;
+  let idx = L.unitAxisIndices.get(axis);
+  if (!idx) {
+    idx = L.e.unsqueeze(L.routing.indices, [...Array.from({ length: axis - 1 }, (_, i) => i + 1), axis + 1]);
+    L.unitAxisIndices.set(axis, idx);
+  }
+  out = L.e.op('GatherND', [v, idx], { batch_dims: axis });
+  L.gathered.set(v, out);
+  return out;
+}
+
+/**
+ * A per-token value [B, ..., S at axis s, ...] made by an Unsqueeze of a [B, S, ...] value: that
+ * value, the axes inserted, and the Unsqueeze's other inputs and attributes to apply again.
+ */
+function unsqueezedTokenMajor(si: SideInput): { input: Value; axes: number[]; rest: (Value | null)[]; attrs: Record<string, number[]> } | null {
   if (si.kind !== 'per-token' || si.batchAxis !== 0 || si.sequenceAxis === null) return null;
   const n = si.value.producer;
   if (!n || n.opType !== 'Unsqueeze' || n.domain !== '') return null;
@@ -190,7 +213,7 @@ function unsqueezedTokenMajor(si: SideInput): { input: Value; rest: (Value | nul
   if (!axes || axes.some((a) => a <= 0)) return null;
   // The sequence axis must land on 1 once the inserted axes are taken out.
   if (si.sequenceAxis - axes.filter((a) => a < si.sequenceAxis!).length !== 1) return null;
-  return { input: n.input(0)!, rest: n.inputs.slice(1), attrs: n.input(1) ? {} : { axes } };
+  return { input: n.input(0)!, axes, rest: n.inputs.slice(1), attrs: n.input(1) ? {} : { axes } };
 }
 
 /** The ints of a Constant node's value, or null. */
