@@ -199,7 +199,7 @@ function smallConstant(v: Value | null): number[] | null {
 function describeCondition(n: Node): IfReport['condition'] {
   const cond = n.input(0)!;
   const p = cond.producer;
-  if (n.name.startsWith(DECODE_STEP_IF)) return { value: cond.name, expression: p ? p.opType : cond.name, kind: 'decode step' };
+  if (n.name.includes(DECODE_STEP_IF)) return { value: cond.name, expression: p ? p.opType : cond.name, kind: 'decode step' };
   if (!p) return { value: cond.name, expression: cond.name, kind: 'other' };
   const arg = (v: Value | null) => {
     const c = smallConstant(v);

@@ -41,7 +41,8 @@ export class Emitter {
 
   /**
    * If(cond): each branch's nodes come from its callback, on an emitter for that branch (they
-   * may read any value of this graph); `types` are the element types of the outputs.
+   * may read any value of this graph); `types` are the element types of the outputs, `name`
+   * the If's name after this emitter's prefix.
    */
   ifThenElse(cond: Value, then: (e: Emitter) => Value[], otherwise: (e: Emitter) => Value[], types: number[], name?: string): Value[] {
     const branch = (name: string, build: (e: Emitter) => Value[]): Graph => {
@@ -56,7 +57,7 @@ export class Emitter {
       return g;
     };
     const outs = types.map(() => this.graph.newValue(`${this.prefix}if`));
-    const node = this.graph.addNode('If', [cond], outs, { before: this.before, name });
+    const node = this.graph.addNode('If', [cond], outs, { before: this.before, name: name && `${this.prefix}${name}` });
     node.setAttr(graphAttribute('then_branch'), branch('then', then));
     node.setAttr(graphAttribute('else_branch'), branch('else', otherwise));
     return outs;

@@ -79,7 +79,7 @@ const selectThreshold: ModcOpDef = {
   },
 };
 
-/** The name of a top-k selection's If on "this call is a one-token step with a past" (inlined copies add a suffix). */
+/** The name of a top-k selection's If on "this call is a one-token step with a past" (inlined copies add a prefix or suffix). */
 export const DECODE_STEP_IF = 'modc_decode_step';
 
 const selectTopK: ModcOpDef = {
