@@ -191,7 +191,7 @@ describe('gpu readiness of fixture compiles', () => {
     }
     for (const [i, l] of topk.kernelsPerConvertedLayer.entries()) {
       const t = threshold.kernelsPerConvertedLayer[i]!;
-      // The step's test is threshold's (Sigmoid, GreaterOrEqual, And); the difference is the If's
+      // The step's test is threshold's (GreaterOrEqual, And); the difference is the If's
       // condition (Shape, Gather, Equal, Greater, And), the same in every layer (ONNX Runtime computes it once).
       expect(l.selected.kernels - t.selected.kernels).toBeLessThanOrEqual(5);
       expect(l.selected.ifs).toBe(t.selected.ifs + 1);

@@ -45,8 +45,8 @@ export class Emitter {
    * the If's name after this emitter's prefix.
    */
   ifThenElse(cond: Value, then: (e: Emitter) => Value[], otherwise: (e: Emitter) => Value[], types: number[], name?: string): Value[] {
-    const branch = (name: string, build: (e: Emitter) => Value[]): Graph => {
-      const g = new Graph(`${this.prefix}${name}`, this.graph);
+    const branch = (branchName: string, build: (e: Emitter) => Value[]): Graph => {
+      const g = new Graph(`${this.prefix}${branchName}`, this.graph);
       const e = new Emitter(g, this.opset, this.prefix);
       // A branch output is made in the branch (ONNX Runtime refuses an outer value returned as is).
       g.outputs = build(e).map((v, i) => {
