@@ -84,13 +84,21 @@ describe("a standard Attention's mask read as causality and attention_mask's key
   });
 });
 
-/** Each converted layer's then-branch and the input of its Softmax's mask Add. */
-function convertedBias(path: string): { branch: Graph; bias: Value }[] {
+/**
+ * Each converted layer's then-branch and the input of its Softmax's mask Add: the bias a
+ * compacted call reads, and (`step`) the one a one-token call reads, when the layer has a
+ * one-token If for it (its branches: then the one-token bias, else the compacted one).
+ */
+function convertedBias(path: string): { branch: Graph; bias: Value; step: Value | null }[] {
   return convertedBranches(path).map((branch) => {
     let add = branch.nodes.find((x) => x.opType === 'Softmax')!.input(0)!.producer!;
     while (add.opType === 'Cast') add = add.input(0)!.producer!;
     expect(add.opType).toBe('Add');
-    return { branch, bias: add.inputs.find((v) => v?.producer?.opType === 'Where')! };
+    const input = add.inputs.find((v) => v?.producer?.opType === 'Where' || v?.producer?.opType === 'If')!;
+    if (input.producer!.opType === 'Where') return { branch, bias: input, step: null };
+    const [then, otherwise] = input.producer!.subgraphs() as [Graph, Graph];
+    const slot = input.producer!.outputs.indexOf(input);
+    return { branch, bias: otherwise.outputs[slot]!, step: then.outputs[slot]! };
   });
 }
 
@@ -114,9 +122,14 @@ describe("an unfused attention's additive mask read as causality and attention_m
       const compiled = compileWith(tmp, fixture(name), 'all-pass', { gated: false }).path;
       const layers = convertedBias(compiled);
       expect(layers).toHaveLength(s.layers.length);
-      layers.forEach(({ branch, bias }, l) => {
+      layers.forEach(({ branch, bias, step }, l) => {
         expect(bias.producer!.input(0)!.producer!.opType, `layer ${l}`).toBe('Trilu');
         expect(sources(bias), `layer ${l}`).toContain(`past_valid.${l}`);
+        // A one-token call's one query reads every valid key: the layer's keys, unsqueezed, no Trilu.
+        expect(step, `layer ${l}: a one-token bias`).not.toBeNull();
+        expect([step!.producer!.opType, step!.producer!.input(0)!.producer!.opType], `layer ${l}`).toEqual(['Where', 'Unsqueeze']);
+        expect(step!.producer!.input(0)!.producer!.input(0)!.producer!.opType, `layer ${l}: the keys`).toBe('Concat');
+        expect(sources(step), `layer ${l}`).toContain(`past_valid.${l}`);
         const copies = branch.nodes.filter((n) => [...maskNodes].some((m) => n.name.startsWith(m)));
         expect(
           copies.map((n) => n.name),

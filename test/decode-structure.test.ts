@@ -1,9 +1,11 @@
 /**
  * The structure route-layers gives a converted part (docs/routing.md, "How a layer is routed"),
  * checked on the all-pass compile of every fixture at each granularity, on the graph alone:
- * - every If modc adds sits in the main graph: one per converted part (`if_selected`), none
- *   nested in another, so no weight is consumed two or more If levels below the graph that owns
- *   it (ONNX Runtime prepacks a MatMul weight only from its own graph or the one above);
+ * - one If per converted part in the main graph (`if_selected`), so no weight is consumed two or
+ *   more If levels below the graph that owns it (ONNX Runtime prepacks a MatMul weight only from
+ *   its own graph or the one above); inside it, on a part that may skip compaction in a one-token
+ *   call, the weight-free one-token Ifs (`one_token_in`, `one_token_bias`, `one_token_out`) and
+ *   no other;
  * - the part's own nodes run in that If's then-branch in their original order, so a cache append
  *   (the unfused `Concat(past, new)`) stays where the original has it, between the nodes it
  *   stood between;
@@ -66,11 +68,11 @@ describe.each(allModels())('$name', ({ path }) => {
       const g = model.graph;
       const routed = readRoutingMetadata(model)!.layers;
       const ifs = [...g.allNodes()].filter((n) => n.opType === 'If' && n.name.startsWith('modc/'));
-      expect(
-        ifs.filter((n) => n.graph !== g).map((n) => n.name),
-        'no modc If nested in a branch',
-      ).toEqual([]);
-      expect(ifs.map((n) => n.name).sort()).toEqual(routed.map((r) => `${tagOf(r.layer, r.part)}/if_selected`).sort());
+      expect(ifs.filter((n) => n.graph === g).map((n) => n.name)).toEqual(routed.map((r) => `${tagOf(r.layer, r.part)}/if_selected`));
+      for (const n of ifs.filter((x) => x.graph !== g)) {
+        expect(n.name, 'a nested modc If is a one-token If').toMatch(/\/one_token_(in|bias|out)$/);
+        expect(n.graph!.parent, `${n.name} sits in a branch of a main-graph If`).toBe(g);
+      }
       inlineModcOps(model);
       expect(weightsBelowOneLevel(model), 'weights consumed two or more If levels below their graph').toEqual([]);
 
@@ -80,8 +82,18 @@ describe.each(allModels())('$name', ({ path }) => {
         // The part's own nodes, in their original order (the original's nodes keep their names).
         const own = run.nodes.filter((n) => order.has(n.name)).map((n) => order.get(n.name)!);
         expect(own, `layer ${r.layer} ${r.part}: original order kept`).toEqual([...own].sort((a, b) => a - b));
+        // The one-token Ifs where the part may skip compaction: every MLP, and an attention whose
+        // cache is validity-masked and that reads no caller's 4-D mask (gathered at the indices).
+        const layer = s.layers[r.layer]!;
+        const packed = layer.attention.form === 'GroupQueryAttention' || isStaticLayout(layer.kv.layout);
+        const callerMask = layer.sideInputs.some((si) => si.kind === 'attention-mask' && si.form === 'caller-4d');
+        expect(
+          run.nodes.filter((n) => n.opType === 'If').map((n) => n.name.slice(tagOf(r.layer, r.part).length + 1)),
+          `layer ${r.layer} ${r.part}: one-token Ifs`,
+        ).toEqual(r.part !== 'mlp' && (packed || callerMask) ? [] : expect.arrayContaining(['one_token_in', 'one_token_out']));
+        const under = [...run.allNodes()];
         // A rebuilt mask that reads the token ids only for their shape reads it off the indices: no gather for it.
-        const shapeOnly = run.nodes.filter(
+        const shapeOnly = under.filter(
           (n) => n.opType === 'GatherElements' && n.input(0)?.name === 'input_ids' && [...n.output(0).uses].every((u) => u.node.opType === 'Shape'),
         );
         expect(
@@ -91,7 +103,7 @@ describe.each(allModels())('$name', ({ path }) => {
         // A side input [B, 1, S, d] (rotary cos/sin) is gathered in place behind its unit axis
         // (GatherND, batch_dims), not gathered as [B, S, d] and unsqueezed again.
         const added = (n: Node | null) => !!n && !order.has(n.name);
-        const regathered = run.nodes.filter(
+        const regathered = under.filter(
           (n) => n.opType === 'Unsqueeze' && added(n) && n.input(0)?.producer?.opType === 'GatherND' && added(n.input(0)!.producer),
         );
         expect(
@@ -99,7 +111,6 @@ describe.each(allModels())('$name', ({ path }) => {
           'gathered, then unsqueezed',
         ).toEqual([]);
         if (r.part === 'mlp') continue;
-        const layer = s.layers[r.layer]!;
         const tensors = layer.kv.layout === 'combined-2BHTD' ? [layer.kv.key] : [layer.kv.key, layer.kv.value];
         for (const t of tensors) {
           const present = g.outputs.find((v) => v.name === t.output.name)!;

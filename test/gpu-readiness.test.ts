@@ -151,17 +151,28 @@ describe('gpu readiness of fixture compiles', () => {
     expect(r.weightsBelowOneIfLevel.uses).toBe(0);
   });
 
-  it('unfused Llama, block all-pass: one if_selected per layer in the main graph, no weight two levels deep', async () => {
+  it('unfused Llama, block all-pass: one if_selected per layer in the main graph, its one-token Ifs one level down, no weight two levels deep', async () => {
     const r = report(await compileTo('llama-builder-tiny', 'llama-block'));
     const ifs = r.decodeStep.ifs.filter((x) => x.layer === 1);
-    expect(ifs.map((x) => [x.name, x.depth, x.condition.kind])).toEqual([['modc/layer1/if_selected', 0, 'any selected']]);
-    expect(r.decodeStep.ifs).toHaveLength(3);
-    // Per layer: Compact's TopK in the main graph and the If's condition.
-    expect(r.decodeStep.hostReads).toHaveLength(6);
+    expect(ifs.map((x) => [x.name, x.depth, x.condition.kind])).toEqual([
+      ['modc/layer1/if_selected', 0, 'any selected'],
+      ['modc/layer1/one_token_in', 1, 'one token'],
+      ['modc/layer1/one_token_bias', 1, 'one token'],
+      ['modc/layer1/one_token_out', 1, 'one token'],
+    ]);
+    expect(r.decodeStep.ifs).toHaveLength(12);
+    // Per layer: the If's condition in the main graph; Compact's TopK K in the entry's and the exit's compaction (not on a one-token step).
+    expect(r.decodeStep.hostReads.map((h) => [h.op, h.input, h.depth])).toEqual(
+      Array.from({ length: 3 }, () => [
+        ['If', 0, 0],
+        ['TopK', 1, 2],
+        ['TopK', 1, 2],
+      ]).flat(),
+    );
     for (const l of r.kernelsPerConvertedLayer) {
-      expect([l.layer, l.ifs, l.maxIfDepth, l.selected.ifs, l.skipped.ifs]).toEqual([l.layer, 1, 1, 1, 1]);
-      // Both paths read the same two values: the routing runs either way, the If picks a branch.
-      expect([l.selected.hostReads, l.skipped.hostReads]).toEqual([2, 2]);
+      expect([l.layer, l.ifs, l.maxIfDepth, l.selected.ifs, l.skipped.ifs]).toEqual([l.layer, 4, 2, 4, 1]);
+      // A step reads one value either way: the If's condition (the one-token test is read off shapes).
+      expect([l.selected.hostReads, l.skipped.hostReads]).toEqual([1, 1]);
       expect(l.selected.kernels).toBeGreaterThan(l.skipped.kernels);
     }
     // Every weight of the layer is one If level below the main graph, where ORT prepacks it.
@@ -178,6 +189,9 @@ describe('gpu readiness of fixture compiles', () => {
       [0, 1, 2].flatMap((l) => [
         [0, l, 'decode step'],
         [0, l, 'any selected'],
+        [1, l, 'one token'],
+        [1, l, 'one token'],
+        [1, l, 'one token'],
       ]),
     );
     const model = loadModel(join(tmp, 'llama-topk', 'model.onnx'));
@@ -200,7 +214,12 @@ describe('gpu readiness of fixture compiles', () => {
 
   it('unfused Llama, attention all-pass: no weight two levels deep', async () => {
     const r = report(await compileTo('llama-builder-tiny', 'llama-attention', '--granularity', 'attention'));
-    expect(r.decodeStep.ifs.map((x) => [x.name, x.depth])).toEqual([0, 1, 2].map((l) => [`modc/layer${l}/attention/if_selected`, 0]));
+    expect(r.decodeStep.ifs.map((x) => [x.name, x.depth])).toEqual(
+      [0, 1, 2].flatMap((l) => [
+        [`modc/layer${l}/attention/if_selected`, 0],
+        ...['in', 'bias', 'out'].map((s) => [`modc/layer${l}/attention/one_token_${s}`, 1]),
+      ]),
+    );
     expect(r.weightsBelowOneIfLevel.uses).toBe(0);
   });
 
@@ -244,31 +263,49 @@ describe('gpu readiness of fixture compiles', () => {
   });
 
   it.each([
-    ['genai-tiny', 3],
-    ['forms-gqa-window-tiny', 3],
-    ['forms-attention23-tiny', 3],
-    ['forms-static-tiny', 3],
-    ['forms-static-window-tiny', 3],
-    ['forms-fused-gpt2-tiny', 5],
-  ])('%s, block all-pass: one if_selected per layer in the main graph, Compact’s TopK K and the If condition read on either path', async (fixture, layers) => {
-    const model = loadModel(await compileTo(fixture, `${fixture}-block`));
-    const r = gpuReadiness(
-      model,
-      Array.from({ length: layers }, (_, layer) => ({ layer, part: 'block' as const })),
-    );
-    expect(r.decodeStep.ifs.map((x) => [x.name, x.depth, x.condition.kind])).toEqual(
-      Array.from({ length: layers }, (_, l) => [`modc/layer${l}/if_selected`, 0, 'any selected']),
-    );
-    for (const l of r.kernelsPerConvertedLayer)
-      expect([l.selected.hostReads, l.skipped.hostReads, l.selected.ifs, l.skipped.ifs, l.maxIfDepth]).toEqual([2, 2, 1, 1, 1]);
-    expect(r.decodeStep.hostReads.map((h) => [h.op, h.input, h.depth])).toEqual(
-      Array.from({ length: layers }, () => [
-        ['TopK', 1, 0],
-        ['If', 0, 0],
-      ]).flat(),
-    );
-    expect(r.weightsBelowOneIfLevel.uses).toBe(0);
-  });
+    ['genai-tiny', 3, ['in', 'out']],
+    ['forms-gqa-window-tiny', 3, []],
+    ['forms-attention23-tiny', 3, ['in', 'out']],
+    ['forms-static-tiny', 3, []],
+    ['forms-static-window-tiny', 3, []],
+    ['forms-fused-gpt2-tiny', 5, ['in', 'out']],
+  ])(
+    '%s, block all-pass: one if_selected per layer in the main graph (one-token Ifs: %j), the If condition read on either path',
+    async (fixture, layers, oneToken) => {
+      const model = loadModel(await compileTo(fixture, `${fixture}-block`));
+      const r = gpuReadiness(
+        model,
+        Array.from({ length: layers }, (_, layer) => ({ layer, part: 'block' as const })),
+      );
+      expect(r.decodeStep.ifs.map((x) => [x.name, x.depth, x.condition.kind])).toEqual(
+        Array.from({ length: layers }, (_, l) => [
+          [`modc/layer${l}/if_selected`, 0, 'any selected'],
+          ...oneToken.map((s) => [`modc/layer${l}/one_token_${s}`, 1, 'one token']),
+        ]).flat(),
+      );
+      const split = oneToken.length > 0;
+      for (const l of r.kernelsPerConvertedLayer)
+        expect([l.selected.hostReads, l.skipped.hostReads, l.selected.ifs, l.skipped.ifs, l.maxIfDepth]).toEqual(
+          split ? [1, 1, 1 + oneToken.length, 1, 2] : [2, 2, 1, 1, 1],
+        );
+      // Compact's TopK reads its K on the device: in the main graph, or (split) only in the compacting branches.
+      expect(r.decodeStep.hostReads.map((h) => [h.op, h.input, h.depth])).toEqual(
+        Array.from({ length: layers }, () =>
+          split
+            ? [
+                ['If', 0, 0],
+                ['TopK', 1, 2],
+                ['TopK', 1, 2],
+              ]
+            : [
+                ['TopK', 1, 0],
+                ['If', 0, 0],
+              ],
+        ).flat(),
+      );
+      expect(r.weightsBelowOneIfLevel.uses).toBe(0);
+    },
+  );
 
   it('modc inspect prints the section and --json carries gpuReadiness', async () => {
     const path = await compileTo('forms-gqa-tiny', 'gqa-cli');

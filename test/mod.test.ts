@@ -47,6 +47,36 @@ describe.each(contractModels())('$name', ({ path }) => {
     },
   );
 
+  // A batch-1 step of one token runs a routed part without compaction when the part selects it
+  // (compiler/passes/one-token-path.ts) and skips it otherwise: both must agree with the reference.
+  it.each(['threshold', 'topk'] as const)(
+    'random routers at batch 1, %s routing (ungated): one-token steps that run and that skip a layer agree with the reference executor',
+    async (mode) => {
+      const tol = await tolerance(path, 1e-4);
+      const rows = PROMPTS.b1;
+      const pad = padSides(path)[0]!;
+      const threshold = mode === 'threshold' ? await splittingThreshold(tmp, path, rows, pad, { gated: false }) : 0.5;
+      const compiled = compile(path, 'random', { mode, gated: false, threshold, capacity: 0.5 });
+      const mod = await ModSession.create(compiled.path);
+      const ref = await ModReference.create(path, compiled.plan, join(tmp, `ref${counter++}`));
+      try {
+        expect(worstReal(await mod.forward(rows, { pad }), await ref.forward(rows, { pad }), rows, pad), 'prefill').toBeLessThan(tol);
+        for (let t = 0; t < 12; t++) {
+          const next = [(t * 7 + 3) % 50];
+          expect(worstRows(lastPosition(await mod.step(next)), lastPosition(await ref.step(next))), `step ${t}`).toBeLessThan(tol);
+        }
+        expect(mod.layerCacheLengths()).toEqual(ref.layerCacheLengths());
+        expect(mod.kvBytes()).toBe(ref.kvBytes());
+        // Over the steps, routed parts both ran their one token and skipped it.
+        const counts = ref.selections.slice(1).flatMap((call) => [...call.values()].map((perRow) => perRow[0]!.length));
+        expect(counts).toContain(1);
+        expect(counts).toContain(0);
+      } finally {
+        await ref.release();
+      }
+    },
+  );
+
   it.each([
     ['threshold', true],
     ['threshold', false],

@@ -30,7 +30,15 @@ export interface CacheContext {
   tokens: Value;
   /** Name suffix of recomputed values (`l3`, `l3a`). */
   suffix: string;
+  /** Where the contract records values a one-token call computes another way (compiler/passes/one-token-path.ts). */
+  stepForms?: Map<Value, StepForm>;
 }
+
+/**
+ * How a one-token call computes a value of the compacted branch: from the one-token path's
+ * counterpart of each value the branch reads (`of`).
+ */
+export type StepForm = (of: (v: Value) => Value) => Value;
 
 /** [value the layer computes, value passed on when no row selects a token]. */
 export type Carried = [Value, Value];
@@ -38,6 +46,8 @@ export type Carried = [Value, Value];
 export interface LayerCache {
   /** Rewires the region to the layer's own cache (new nodes run inside the layer's If); returns the values the If carries. */
   rewire(): Carried[];
+  /** Whether a one-token call may run the layer without compaction (the contract reads no count or position of the compaction). */
+  oneToken: boolean;
 }
 
 /** The cache tensors of a layer: key and value, or the one combined tensor. */

@@ -58,6 +58,7 @@ function validityCache(c: CacheContext): LayerCache {
   const l = c.layer.index;
   const pastValid = g.addInput(new Value(pastValidName(l), tensorType(DataType.BOOL, ['batch', `past_sequence_length_${l}`])));
   return {
+    oneToken: true,
     rewire() {
       const { e } = c;
       const keys = e.op('Concat', [pastValid, c.routing.valid], { axis: 1 });
@@ -77,7 +78,12 @@ function validityCache(c: CacheContext): LayerCache {
       const bias = e.opset >= 14 ? causalKeyBias(attention) : null;
       const biasType = bias?.add.input(bias.slot)?.dtype ?? DataType.FLOAT;
       const lowest = biasType === DataType.BFLOAT16 ? null : lowestFinite(biasType);
-      if (bias && lowest !== null) bias.add.setInput(bias.slot, causalKeysBias(e, keys, pastValid, c.routing.valid, biasType, lowest));
+      if (bias && lowest !== null) {
+        const causal = causalKeysBias(e, keys, pastValid, c.routing.valid, biasType, lowest);
+        bias.add.setInput(bias.slot, causal);
+        // One query at the end of the keys reads every valid key: no Trilu.
+        c.stepForms?.set(causal, (of) => e.op('Where', [e.unsqueeze(of(keys), [1, 2]), e.scalar(0, biasType), e.scalar(lowest, biasType)]));
+      }
       recomputeMasks(c, sub);
       // A standard Attention causal by is_causal=1 alone: the holes and padding slots masked too.
       if (attention.form === 'StandardAttention' && !attention.node.input(3)) maskCompactedKeys(e, attention.node, keys, e.dim(c.routing.indices, 1));
@@ -153,6 +159,7 @@ function prefixCache(c: CacheContext): LayerCache {
   namedOutput(c, e.op('Add', [pastLength, routing.count]), presentLengthName(l), tensorType(DataType.INT64, ['batch']));
   const callPos = needsCallPositions(c.layer.attention) ? callPositions(g, e, c.tokens) : null;
   return {
+    oneToken: false,
     rewire() {
       const seqAxis = kvSequenceAxis(c.layer.kv.layout);
       // Row b's keys are its past_lengths[b] slots and this call's K: seqlens_k = past + K - 1.

@@ -26,11 +26,12 @@ import type { Model } from '../core/ir/model.js';
 import { recomputeWith, replaceUsesWithin } from '../core/ir/rewrite.js';
 import { Tensor } from '../core/ir/tensor.js';
 import type { TypeProto } from '../core/proto/index.js';
-import type { CacheContext, Carried } from './cache-contract.js';
+import type { CacheContext, Carried, StepForm } from './cache-contract.js';
 import { layerCache } from './layer-cache.js';
 import { type LayerRouting, streamElementType } from './mod-common.js';
 import { Emitter } from './modc-ops/emitter.js';
 import { callModcOp, defaultOpset } from './modc-ops/index.js';
+import { splitOneToken, type StepContext } from './one-token-path.js';
 import { fromTokenInputsOnly, type RoutedRegion, tokenMajor } from './routed-region.js';
 
 export interface RouteOptions {
@@ -55,6 +56,10 @@ interface Layer {
   slots: Value;
   /** Every node's position in the graph before any layer was routed. */
   original: ReadonlyMap<Node, number>;
+  /** Each value made for the selected tokens -> the value it stands for when every token is selected (a gather -> what it gathers). */
+  stepSubs: Map<Value, Value>;
+  /** Values the one-token path computes more cheaply (layer-cache.ts). */
+  stepForms: Map<Value, StepForm>;
 }
 
 /** Rewrites the region as the file comment says; returns the value that now carries its output. */
@@ -71,7 +76,22 @@ export function routeRegion(
   const { slots, any } = routing;
   if (!slots || !any) throw new ModcError(`layer ${r.layer.index} was routed with Compact, not CompactTokens: compile it from the original model`);
   const e = new Emitter(model.graph, defaultOpset(model), `modc/${tag}/`);
-  const L: Layer = { model, s, r, routing, opts, x, e, tag, gathered: new Map(), unitAxisIndices: new Map(), slots, original };
+  const L: Layer = {
+    model,
+    s,
+    r,
+    routing,
+    opts,
+    x,
+    e,
+    tag,
+    gathered: new Map(),
+    unitAxisIndices: new Map(),
+    slots,
+    original,
+    stepSubs: new Map(),
+    stepForms: new Map(),
+  };
   const g = model.graph;
   // Main graph (besides the routing): the cache's inputs and length outputs, the skipped update.
   const recompute = r.sideInputs.filter((si) => si.kind === 'attention-mask' || si.kind === 'sequence-length').map((si) => si.value);
@@ -90,7 +110,23 @@ export function routeRegion(
   for (const use of [...y.uses]) if (!inside.has(use.node)) use.node.setInput(use.index, scatter);
   if (g.outputs.includes(y)) g.outputs = g.outputs.map((v) => (v === y ? scatter : v));
   for (const n of dropUnread(g, added, new Set(carried.flat()))) inside.delete(n);
-  return skipWhenNothingSelected(L, inside, any, [[scatter, passed], ...carried]);
+  const split = cache?.oneToken === false || L.opts.gated ? null : splitOneToken(stepContext(L, inside, scatter));
+  if (split) return ifSelected(L, 'if_selected', inside, split.cond, [[split.out, passed], ...carried])[0]!;
+  return ifSelected(L, 'if_selected', inside, any, [[scatter, passed], ...carried])[0]!;
+}
+
+function stepContext(L: Layer, inside: Set<Node>, scatter: Value): StepContext {
+  return {
+    graph: L.model.graph,
+    e: L.e,
+    tag: L.tag,
+    routing: L.routing,
+    inside,
+    region: L.r.nodes,
+    scatter,
+    subs: L.stepSubs,
+    forms: L.stepForms,
+  };
 }
 
 /** Removes the added nodes nothing reads (a substitute no rebuilt mask needed); returns them. */
@@ -125,6 +161,7 @@ function cacheContext(L: Layer, recompute: Value[]): CacheContext {
     substitutes: () => substitutes(L),
     tokens: L.x,
     suffix: suffix(L),
+    stepForms: L.stepForms,
   };
 }
 
@@ -144,6 +181,7 @@ function gather(L: Layer, v: Value): Value {
   const { e, routing } = L;
   out = v.shape?.length === 2 ? e.op('GatherElements', [v, routing.indices], { axis: 1 }) : e.op('GatherND', [v, L.slots]);
   L.gathered.set(v, out);
+  L.stepSubs.set(out, v);
   return out;
 }
 
@@ -173,14 +211,20 @@ function gatherSideInputs(L: Layer): void {
     const unsqueezed = tokenMajor(si) ? null : unsqueezedTokenMajor(si);
     if (unsqueezed && L.e.opset >= 12 && unsqueezed.axes.every((a) => a < si.sequenceAxis!))
       replaceUsesWithin(r.nodes, si.value, gatherBehindUnitAxes(L, si.value, si.sequenceAxis!));
-    else if (unsqueezed) replaceUsesWithin(r.nodes, si.value, L.e.op('Unsqueeze', [gather(L, unsqueezed.input), ...unsqueezed.rest], unsqueezed.attrs));
-    else if (tokenMajor(si) || !fromTokenInputsOnly(model, si.value)) replaceUsesWithin(r.nodes, si.value, gather(L, si.value));
+    else if (unsqueezed) {
+      const again = L.e.op('Unsqueeze', [gather(L, unsqueezed.input), ...unsqueezed.rest], unsqueezed.attrs);
+      L.stepSubs.set(again, si.value);
+      replaceUsesWithin(r.nodes, si.value, again);
+    } else if (tokenMajor(si) || !fromTokenInputsOnly(model, si.value)) replaceUsesWithin(r.nodes, si.value, gather(L, si.value));
     else recompute.push(si.value);
   }
   if (!recompute.length) return;
   const tokens = new Map(g.inputs.filter((v) => v.name === 'position_ids' || v.name === 'input_ids').map((v) => [v, gather(L, v)]));
   const recomputed = recomputeWith(g, recompute, tokens, `_${suffix(L)}`);
-  for (const v of recompute) replaceUsesWithin(r.nodes, v, recomputed.get(v)!);
+  for (const v of recompute) {
+    L.stepSubs.set(recomputed.get(v)!, v);
+    replaceUsesWithin(r.nodes, v, recomputed.get(v)!);
+  }
 }
 
 /**
@@ -198,6 +242,7 @@ function gatherBehindUnitAxes(L: Layer, v: Value, axis: number): Value {
   }
   out = L.e.op('GatherND', [v, idx], { batch_dims: axis });
   L.gathered.set(v, out);
+  L.stepSubs.set(out, v);
   return out;
 }
 
@@ -277,26 +322,26 @@ function elementType(v: Value): TypeProto | undefined {
 }
 
 /**
- * Moves `nodes` into `If(any)`: when no row selects a token (a batch-1 decode step the router
- * skips) none of them runs, and each carried value is passed on (an Identity per value: the
- * one copy a skipped layer makes, as the original's append would). Graph outputs keep their
- * names: the If output takes them over. Returns what now carries the first carried value.
+ * Moves `nodes` into `If(cond)` named `modc/<layer>/<name>`: when it is false (no row selects a
+ * token: a batch-1 decode step the router skips) none of them runs, and each carried value is
+ * passed on (an Identity per value: the one copy a skipped layer makes, as the original's append
+ * would). Graph outputs keep their names: the If outputs take them over. Returns the If outputs.
  */
-function skipWhenNothingSelected(L: Layer, nodes: ReadonlySet<Node>, any: Value, carried: Carried[]): Value {
+function ifSelected(L: Layer, name: string, nodes: ReadonlySet<Node>, cond: Value, carried: Carried[]): Value[] {
   const g = L.model.graph;
   g.toposort();
-  const run = new Graph(`modc/${L.tag}/if_selected_then`, g);
-  const skip = new Graph(`modc/${L.tag}/if_selected_else`, g);
+  const run = new Graph(`modc/${L.tag}/${name}_then`, g);
+  const skip = new Graph(`modc/${L.tag}/${name}_else`, g);
   g.moveNodesTo(nodes, run);
   keepOriginalOrder(run, L.original);
   run.outputs = carried.map(([computed]) => computed);
   skip.outputs = carried.map(([, passed]) => skip.addNode('Identity', [passed], [skip.newValue(`${passed.name}_skipped`, elementType(passed))]).output(0));
   const outs = carried.map(([computed, passed]) => g.newValue(`${computed.name}_if`, elementType(computed) ?? elementType(passed)));
-  const node = g.addNode('If', [any], outs, { name: `modc/${L.tag}/if_selected` });
+  const node = g.addNode('If', [cond], outs, { name: `modc/${L.tag}/${name}` });
   node.setAttr(graphAttribute('then_branch'), run);
   node.setAttr(graphAttribute('else_branch'), skip);
   carried.forEach(([computed], i) => takeOver(g, run, computed, outs[i]!));
-  return outs[0]!;
+  return outs;
 }
 
 /**
@@ -309,9 +354,12 @@ function skipWhenNothingSelected(L: Layer, nodes: ReadonlySet<Node>, any: Value,
 function keepOriginalOrder(run: Graph, original: ReadonlyMap<Node, number>): void {
   const nodes = run.nodes;
   const key = new Map<Node, number>();
+  // A read inside a node's branches (the one-token Ifs) is that node's read.
+  const holder = new Map<Node, Node>();
+  for (const n of nodes) for (const sub of n.subgraphs()) for (const inner of sub.allNodes()) holder.set(inner, n);
   for (const n of [...nodes].reverse()) {
     const own = original.get(n);
-    const readers = n.outputs.flatMap((v) => [...v.uses].map((u) => key.get(u.node) ?? Infinity));
+    const readers = n.outputs.flatMap((v) => [...v.uses].map((u) => key.get(holder.get(u.node) ?? u.node) ?? Infinity));
     key.set(n, own ?? Math.min(Infinity, ...readers));
   }
   // At equal keys the added nodes go first (before their reader), each group in its current order.
@@ -323,7 +371,8 @@ function keepOriginalOrder(run: Graph, original: ReadonlyMap<Node, number>): voi
 
 /** Uses of `computed` outside the branch read the If output instead; a graph output passes its name and type on. */
 function takeOver(g: Graph, run: Graph, computed: Value, out: Value): void {
-  for (const use of [...computed.uses]) if (use.node.graph !== run) use.node.setInput(use.index, out);
+  const within = (sub: Graph | null): boolean => sub !== null && (sub === run || within(sub.parent));
+  for (const use of [...computed.uses]) if (!within(use.node.graph)) use.node.setInput(use.index, out);
   if (!g.outputs.includes(computed)) return;
   const name = computed.name;
   computed.name = g.uniqueName(`${name}_run`);

@@ -114,6 +114,7 @@ export function staticCache(c: CacheContext): LayerCache {
       ? { past: g.addInput(new Value(pastPositionsName(l), tensorType(DataType.INT64, ['batch', `max_sequence_length_${l}`]))), window, write }
       : null;
   return {
+    oneToken: false,
     rewire() {
       const positions = rewireStatic(c, pastLength, valid, seqAxis, windowed);
       for (const t of [layer.kv.key, layer.kv.value]) {

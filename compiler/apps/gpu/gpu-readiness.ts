@@ -33,6 +33,7 @@ import { Tensor } from '../../core/ir/tensor.js';
 import { decoderIo } from '../../metadata/decoder-io.js';
 import { inlineModcOps } from '../../passes/inline-modc-ops.js';
 import { DECODE_STEP_IF } from '../../passes/modc-ops/op-bodies.js';
+import { ONE_TOKEN_IF } from '../../passes/one-token-path.js';
 import type { RoutedPart } from '../../routing/routing-plan.js';
 
 export type HostReadReason = 'If condition' | 'data-dependent output shape' | 'shape input computed on the device';
@@ -61,9 +62,11 @@ export interface IfReport {
     expression: string;
     /**
      * 'any selected': `x > 0`, taken (then) when the layer selects a token; 'decode step': a
-     * top-k selection's test for a one-token step with a past (then: the threshold test).
+     * top-k selection's test for a one-token step with a past (then: the threshold test);
+     * 'one token': a routed layer's test for a batch-1 call of one token (then: no compaction),
+     * read off shapes only.
      */
-    kind: 'any selected' | 'decode step' | 'other';
+    kind: 'any selected' | 'decode step' | 'one token' | 'other';
   };
   /** Nodes directly in each branch (nested Ifs count as one; they are listed themselves). */
   branches: { then: { nodes: number; ifs: number }; else: { nodes: number; ifs: number } };
@@ -200,6 +203,7 @@ function describeCondition(n: Node): IfReport['condition'] {
   const cond = n.input(0)!;
   const p = cond.producer;
   if (n.name.includes(DECODE_STEP_IF)) return { value: cond.name, expression: p ? p.opType : cond.name, kind: 'decode step' };
+  if (n.name.includes(ONE_TOKEN_IF)) return { value: cond.name, expression: p ? p.opType : cond.name, kind: 'one token' };
   if (!p) return { value: cond.name, expression: cond.name, kind: 'other' };
   const arg = (v: Value | null) => {
     const c = smallConstant(v);
@@ -413,6 +417,7 @@ export function formatGpuReadiness(r: GpuReadiness): string {
   const kinds: [IfReport['condition']['kind'], string][] = [
     ['any selected', '"any token selected"'],
     ['decode step', '"one-token step"'],
+    ['one token', '"one-token call"'],
     ['other', 'other conditions'],
   ];
   const byKind = kinds.flatMap(([k, what]) => {

@@ -1,0 +1,189 @@
+/**
+ * The one-token step of a routed layer (routed-layer.ts). A batch-1 call of one token the router
+ * selects needs no compaction: the token's gather, the layer's causal key bias and the scatter
+ * back are the identity there. Inside the layer's If, three small If nodes on the call's shape
+ * (B = 1 and S = 1, computed once per call) skip them, and the compaction leaves the main graph:
+ *
+ *   any      = ReduceMax(Cast(selected)) > 0                              main graph
+ *   If(any) {
+ *     x_sel, .., valid = If(one) { x, .., selected } else { CompactTokens, the gathers }
+ *     the region, its keys Concat(past_valid, valid)
+ *     bias             = If(one) { keys as 0 / lowest } else { the causal Trilu bias }
+ *     out              = If(one) { y } else { CompactTokens, ScatterTokens }
+ *   } else { x, the past caches }
+ *
+ * The region and its cache appends stay in the layer's If, one level below the weights, and the
+ * small Ifs hold no weight. A layer whose region reads the compaction otherwise (a caller's 4-D
+ * mask gathered at the indices, a cache written at the count), or a gated one, keeps the plain
+ * compacted branch.
+ */
+import { DataType } from '../core/ir/dtype.js';
+import { Graph, graphAttribute, type Node, type Value } from '../core/ir/graph.js';
+import type { TypeProto } from '../core/proto/index.js';
+import type { StepForm } from './cache-contract.js';
+import type { LayerRouting } from './mod-common.js';
+import { Emitter } from './modc-ops/emitter.js';
+
+export interface StepContext {
+  graph: Graph;
+  e: Emitter;
+  tag: string;
+  routing: LayerRouting;
+  /** The compacted branch's nodes (still in the main graph); the If nodes made here join it. */
+  inside: Set<Node>;
+  /** The region's own nodes. */
+  region: ReadonlySet<Node>;
+  scatter: Value;
+  /** Value made for the selected tokens -> the value it stands for when every token is selected. */
+  subs: ReadonlyMap<Value, Value>;
+  forms: ReadonlyMap<Value, StepForm>;
+}
+
+/** What the one-token Ifs' names hold (`modc/layer3/one_token_in`): inspect finds them by it. */
+export const ONE_TOKEN_IF = '/one_token_';
+
+/** (B = 1 and S = 1) of a call, made once per graph from the token mask every router reads. */
+const oneTokenCalls = new WeakMap<Graph, Value>();
+
+function oneTokenCall(g: Graph, opset: number, tokenMask: Value): Value {
+  let v = oneTokenCalls.get(g);
+  if (!v) {
+    const e = new Emitter(g, opset, 'modc/');
+    const one = (axis: number) => e.op('Equal', [e.dimScalar(tokenMask, axis), e.i64(1)]);
+    v = e.op('And', [one(0), one(1)]);
+    oneTokenCalls.set(g, v);
+  }
+  return v;
+}
+
+function elementType(v: Value): TypeProto | undefined {
+  return v.dtype === undefined ? undefined : ({ tensor_type: { elem_type: v.dtype } } as TypeProto);
+}
+
+/** The nodes of `pool` that only feed `seeds` (directly or through each other), the seeds' producers included. */
+function feeders(pool: ReadonlySet<Node>, seeds: Node[]): Set<Node> {
+  const set = new Set(seeds);
+  for (let grew = true; grew;) {
+    grew = false;
+    for (const n of pool) {
+      if (set.has(n) || n.outputs.some((v) => n.graph?.outputs.includes(v))) continue;
+      const uses = n.outputs.flatMap((v) => [...v.uses]);
+      if (uses.length && uses.every((u) => set.has(u.node))) {
+        set.add(n);
+        grew = true;
+      }
+    }
+  }
+  return set;
+}
+
+/**
+ * Rewrites the compacted branch as the file comment says; returns the layer If's condition, or
+ * null (nothing changed) when the branch reads the compaction another way.
+ */
+export function splitOneToken(c: StepContext): { cond: Value; out: Value } | null {
+  const { graph: g, e, routing } = c;
+  const compact = routing.indices.producer;
+  const selected = compact?.input(0);
+  const tokenMask = routing.grid?.[0]?.producer?.input(0);
+  const rest = routing.grid?.[1];
+  const scatterNode = c.scatter.producer;
+  if (!compact || !selected || !tokenMask || !rest || !scatterNode || scatterNode.opType !== 'ScatterTokens') return null;
+  const compaction = new Set([routing.slots, routing.count, routing.any].filter((v): v is Value => v !== null));
+  // Pools exclude the region's own nodes: they all feed the scatter in the end.
+  const added = new Set([...c.inside].filter((n) => !c.region.has(n)));
+  const exit = feeders(added, [scatterNode]);
+  // What the region reads of the compaction: gathered values, valid, the indices' shape.
+  const entryValues: Value[] = [];
+  for (const v of [...c.subs.keys(), routing.valid, routing.indices]) {
+    if (![...v.uses].some((u) => c.inside.has(u.node) && !exit.has(u.node) && !c.subs.has(u.node.outputs[0]!))) continue;
+    if (entryValues.includes(v)) continue;
+    entryValues.push(v);
+  }
+  const entryPool = new Set([...added].filter((n) => !exit.has(n)));
+  entryPool.add(compact);
+  const entry = feeders(
+    entryPool,
+    entryValues.map((v) => v.producer!).filter((n) => entryPool.has(n)),
+  );
+  entry.add(compact);
+  // Only what is read beyond the entry leaves it.
+  for (let i = entryValues.length - 1; i >= 0; i--) if (![...entryValues[i]!.uses].some((u) => !entry.has(u.node))) entryValues.splice(i, 1);
+  for (const n of c.inside) {
+    if (entry.has(n)) continue;
+    for (const v of n.inputs) {
+      if (!v) continue;
+      if (compaction.has(v) && !exit.has(n)) return null;
+      if (v === routing.indices && !exit.has(n) && !(n.opType === 'Shape' && n.domain === '')) return null;
+    }
+  }
+  for (const v of entryValues) {
+    const sub = c.subs.get(v);
+    if (sub?.producer && c.inside.has(sub.producer)) return null;
+  }
+  for (const n of entry)
+    for (const v of n.outputs)
+      for (const u of v.uses) if (!entry.has(u.node) && !entryValues.includes(v) && u.node !== scatterNode && !exit.has(u.node)) return null;
+
+  const one = oneTokenCall(g, e.opset, tokenMask);
+  const branchIf = (name: string, outs: Value[], then: (b: Emitter) => Value[], moved: Set<Node>): Value[] => {
+    const thenG = new Graph(`modc/${c.tag}/${name}_then`, g);
+    const te = new Emitter(thenG, e.opset, `modc/${c.tag}/${name}/`);
+    const before = new Set(g.nodes);
+    const made = then(te);
+    // What the branch builder made with an emitter of the main graph belongs to the branch.
+    g.moveNodesTo(new Set(g.nodes.filter((n) => !before.has(n))), thenG);
+    thenG.outputs = made.map((v, i) => {
+      const out = v.producer?.graph === thenG ? v : te.op('Identity', [v]);
+      out.type = elementType(outs[i]!);
+      return out;
+    });
+    const elseG = new Graph(`modc/${c.tag}/${name}_else`, g);
+    g.moveNodesTo(moved, elseG);
+    elseG.outputs = outs;
+    elseG.toposort();
+    thenG.toposort();
+    const results = outs.map((v) => g.newValue(`${v.name}_${name}`, elementType(v)));
+    const node = g.addNode('If', [one], results, { name: `modc/${c.tag}/${name}` });
+    node.setAttr(graphAttribute('then_branch'), thenG);
+    node.setAttr(graphAttribute('else_branch'), elseG);
+    for (const n of moved) c.inside.delete(n);
+    c.inside.add(node);
+    outs.forEach((v, i) => {
+      for (const u of [...v.uses]) if (u.node.graph !== elseG) u.node.setInput(u.index, results[i]!);
+    });
+    return results;
+  };
+
+  // The exit: the scatter, with a compaction of its own.
+  const exitCompact = g.cloneNodes([compact], new Map(), { suffix: '_exit' })[0]!;
+  for (const n of exit)
+    n.inputs.forEach((v, i) => {
+      const k = v ? compact.outputs.indexOf(v) : -1;
+      if (k >= 0) n.setInput(i, exitCompact.output(k));
+    });
+  const y = scatterNode.input(4)!;
+  const [out] = branchIf('one_token_out', [c.scatter], () => [y], new Set([...exit, exitCompact]));
+  if (g.outputs.includes(c.scatter)) g.outputs = g.outputs.map((v) => (v === c.scatter ? out! : v));
+
+  // The causal key bias: for one query every valid key.
+  for (const [bias, form] of c.forms) {
+    if (!bias.producer || !c.inside.has(bias.producer)) continue;
+    const chain = feeders(new Set([...c.inside].filter((n) => !entry.has(n) && !c.region.has(n))), [bias.producer]);
+    branchIf('one_token_bias', [bias], () => [form((v) => v)], chain);
+  }
+
+  // The entry: the gathers and the compaction.
+  branchIf(
+    'one_token_in',
+    entryValues,
+    (te) =>
+      entryValues.map((v) => {
+        if (v === routing.valid) return selected;
+        if (v === routing.indices) return te.unsqueeze(rest, [0]);
+        return c.subs.get(v)!;
+      }),
+    entry,
+  );
+  return { cond: e.op('Greater', [e.reduceMax(e.cast(selected, DataType.INT64), [0, 1], false), e.i64(0)]), out: out! };
+}
