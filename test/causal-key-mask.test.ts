@@ -54,8 +54,13 @@ describe("a standard Attention's mask read as causality and attention_mask's key
     expect(layers).toHaveLength(s.layers.length);
     layers.forEach(({ attention, branch }, l) => {
       expect(attention.attrInt('is_causal', 0), `layer ${l}`).toBe(1);
-      // Its mask comes from the layer's own keys (past_valid.l and this call's selection), not from attention_mask.
-      expect(sources(attention.input(3)), `layer ${l}`).toContain(`past_valid.${l}`);
+      // Its mask comes from the layer's own keys (past_valid.l and this call's selection), not from
+      // attention_mask: expanded over the queries of a compacted call, broadcast for a one-token call.
+      const mask = attention.input(3)!;
+      expect(mask.producer!.name, `layer ${l}`).toMatch(/\/one_token_mask$/);
+      const [step, compacted] = (mask.producer!.subgraphs() as Graph[]).map((b) => b.outputs[mask.producer!.outputs.indexOf(mask)]!);
+      expect([compacted!.producer!.opType, step!.producer!.opType], `layer ${l}`).toEqual(['Expand', 'Unsqueeze']);
+      for (const v of [step!, compacted!]) expect(sources(v), `layer ${l}`).toContain(`past_valid.${l}`);
       expect(
         branch.nodes.filter((n) => n.name.startsWith('/model/attn_mask/')).map((n) => n.name),
         `layer ${l}: no copy of the model's mask nodes`,

@@ -4,7 +4,7 @@
  * - one If per converted part in the main graph (`if_selected`), so no weight is consumed two or
  *   more If levels below the graph that owns it (ONNX Runtime prepacks a MatMul weight only from
  *   its own graph or the one above); inside it, on a part that may skip compaction in a one-token
- *   call, the weight-free one-token Ifs (`one_token_in`, `one_token_bias`, `one_token_out`) and
+ *   call, the weight-free one-token Ifs (`one_token_in`, `one_token_mask`, `one_token_out`) and
  *   no other;
  * - the part's own nodes run in that If's then-branch in their original order, so a cache append
  *   (the unfused `Concat(past, new)`) stays where the original has it, between the nodes it
@@ -70,7 +70,7 @@ describe.each(allModels())('$name', ({ path }) => {
       const ifs = [...g.allNodes()].filter((n) => n.opType === 'If' && n.name.startsWith('modc/'));
       expect(ifs.filter((n) => n.graph === g).map((n) => n.name)).toEqual(routed.map((r) => `${tagOf(r.layer, r.part)}/if_selected`));
       for (const n of ifs.filter((x) => x.graph !== g)) {
-        expect(n.name, 'a nested modc If is a one-token If').toMatch(/\/one_token_(in|bias|out)$/);
+        expect(n.name, 'a nested modc If is a one-token If').toMatch(/\/one_token_(in|mask|out)$/);
         expect(n.graph!.parent, `${n.name} sits in a branch of a main-graph If`).toBe(g);
       }
       inlineModcOps(model);
@@ -82,10 +82,10 @@ describe.each(allModels())('$name', ({ path }) => {
         // The part's own nodes, in their original order (the original's nodes keep their names).
         const own = run.nodes.filter((n) => order.has(n.name)).map((n) => order.get(n.name)!);
         expect(own, `layer ${r.layer} ${r.part}: original order kept`).toEqual([...own].sort((a, b) => a - b));
-        // The one-token Ifs where the part may skip compaction: every MLP, and an attention whose
-        // cache is validity-masked and that reads no caller's 4-D mask (gathered at the indices).
+        // The one-token Ifs where the part may skip compaction: every MLP, and an attention with a
+        // growing cache that reads no caller's 4-D mask (gathered at the indices).
         const layer = s.layers[r.layer]!;
-        const packed = layer.attention.form === 'GroupQueryAttention' || isStaticLayout(layer.kv.layout);
+        const packed = isStaticLayout(layer.kv.layout);
         const callerMask = layer.sideInputs.some((si) => si.kind === 'attention-mask' && si.form === 'caller-4d');
         expect(
           run.nodes.filter((n) => n.opType === 'If').map((n) => n.name.slice(tagOf(r.layer, r.part).length + 1)),

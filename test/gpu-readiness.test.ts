@@ -157,7 +157,7 @@ describe('gpu readiness of fixture compiles', () => {
     expect(ifs.map((x) => [x.name, x.depth, x.condition.kind])).toEqual([
       ['modc/layer1/if_selected', 0, 'any selected'],
       ['modc/layer1/one_token_in', 1, 'one token'],
-      ['modc/layer1/one_token_bias', 1, 'one token'],
+      ['modc/layer1/one_token_mask', 1, 'one token'],
       ['modc/layer1/one_token_out', 1, 'one token'],
     ]);
     expect(r.decodeStep.ifs).toHaveLength(12);
@@ -217,16 +217,22 @@ describe('gpu readiness of fixture compiles', () => {
     expect(r.decodeStep.ifs.map((x) => [x.name, x.depth])).toEqual(
       [0, 1, 2].flatMap((l) => [
         [`modc/layer${l}/attention/if_selected`, 0],
-        ...['in', 'bias', 'out'].map((s) => [`modc/layer${l}/attention/one_token_${s}`, 1]),
+        ...['in', 'mask', 'out'].map((s) => [`modc/layer${l}/attention/one_token_${s}`, 1]),
       ]),
     );
     expect(r.weightsBelowOneIfLevel.uses).toBe(0);
   });
 
-  it('GroupQueryAttention, block all-pass: one if_selected per layer, no nested If, no deep weight', async () => {
+  it('GroupQueryAttention, block all-pass: one if_selected per layer with its entry and exit one-token Ifs, no deep weight', async () => {
     const r = report(await compileTo('forms-gqa-tiny', 'gqa-block'));
-    expect(r.decodeStep.ifs.map((x) => [x.name, x.depth, x.condition.kind])).toEqual([0, 1, 2].map((l) => [`modc/layer${l}/if_selected`, 0, 'any selected']));
-    for (const l of r.kernelsPerConvertedLayer) expect([l.selected.hostReads, l.skipped.hostReads, l.selected.ifs, l.skipped.ifs]).toEqual([2, 2, 1, 1]);
+    expect(r.decodeStep.ifs.map((x) => [x.name, x.depth, x.condition.kind])).toEqual(
+      [0, 1, 2].flatMap((l) => [
+        [`modc/layer${l}/if_selected`, 0, 'any selected'],
+        [`modc/layer${l}/one_token_in`, 1, 'one token'],
+        [`modc/layer${l}/one_token_out`, 1, 'one token'],
+      ]),
+    );
+    for (const l of r.kernelsPerConvertedLayer) expect([l.selected.hostReads, l.skipped.hostReads, l.selected.ifs, l.skipped.ifs]).toEqual([1, 1, 3, 1]);
     expect(r.weightsBelowOneIfLevel.uses).toBe(0);
   });
 
@@ -264,8 +270,8 @@ describe('gpu readiness of fixture compiles', () => {
 
   it.each([
     ['genai-tiny', 3, ['in', 'out']],
-    ['forms-gqa-window-tiny', 3, []],
-    ['forms-attention23-tiny', 3, ['in', 'out']],
+    ['forms-gqa-window-tiny', 3, ['in', 'out']],
+    ['forms-attention23-tiny', 3, ['in', 'mask', 'out']],
     ['forms-static-tiny', 3, []],
     ['forms-static-window-tiny', 3, []],
     ['forms-fused-gpt2-tiny', 5, ['in', 'out']],
@@ -312,11 +318,11 @@ describe('gpu readiness of fixture compiles', () => {
     const text = await runCli('inspect', path);
     expect(text.code).toBe(0);
     expect(text.stdout).toMatch(/gpu readiness/);
-    expect(text.stdout).toMatch(/If nodes\s+3 \(nested 1 deep; 3 on "any token selected"\)/);
+    expect(text.stdout).toMatch(/If nodes\s+9 \(nested 2 deep; 3 on "any token selected", 6 on "one-token call"\)/);
     expect(text.stdout).toMatch(/deep weights\s+none/);
     const json = await runCli('inspect', path, '--json');
     const g = JSON.parse(json.stdout).gpuReadiness;
-    expect(g.decodeStep.ifs).toHaveLength(3);
+    expect(g.decodeStep.ifs).toHaveLength(9);
     expect(g.kernelsPerConvertedLayer.map((l: { layer: number }) => l.layer)).toEqual([0, 1, 2]);
     const original = JSON.parse((await runCli('inspect', join(FIXTURES, 'forms-gqa-tiny', 'model.onnx'), '--json')).stdout).gpuReadiness;
     expect(original.decodeStep.ifs).toEqual([]);

@@ -32,6 +32,8 @@ export interface CacheContext {
   suffix: string;
   /** Where the contract records values a one-token call computes another way (compiler/passes/one-token-path.ts). */
   stepForms?: Map<Value, StepForm>;
+  /** Where it records a value gathered at the selected tokens -> the value gathered (the same when every token is selected). */
+  stepSubs?: Map<Value, Value>;
 }
 
 /**

@@ -86,7 +86,11 @@ function validityCache(c: CacheContext): LayerCache {
       }
       recomputeMasks(c, sub);
       // A standard Attention causal by is_causal=1 alone: the holes and padding slots masked too.
-      if (attention.form === 'StandardAttention' && !attention.node.input(3)) maskCompactedKeys(e, attention.node, keys, e.dim(c.routing.indices, 1));
+      if (attention.form === 'StandardAttention' && !attention.node.input(3)) {
+        maskCompactedKeys(e, attention.node, keys, e.dim(c.routing.indices, 1));
+        // One query: the keys mask as it is broadcasts over the query axis.
+        c.stepForms?.set(attention.node.input(3)!, (of) => e.unsqueeze(of(keys), [1, 2]));
+      }
       ownLengthDims(c.layer);
       const presentValid = namedOutput(c, keys, presentValidName(l), tensorType(DataType.BOOL, ['batch', `present_sequence_length_${l}`]));
       return [...cacheTensors(c.layer).map((t) => [t.output, t.input] as Carried), [presentValid, pastValid], ...carried];
@@ -156,10 +160,12 @@ function prefixCache(c: CacheContext): LayerCache {
   const l = c.layer.index;
   const { e, routing } = c;
   const pastLength = g.addInput(new Value(pastLengthName(l), tensorType(DataType.INT64, ['batch'])));
-  namedOutput(c, e.op('Add', [pastLength, routing.count]), presentLengthName(l), tensorType(DataType.INT64, ['batch']));
+  // The count from the selection itself, not the compaction's: a one-token call does not compact.
+  const count = e.reduceSum(e.cast(routing.selected, DataType.INT64), [1], false);
+  namedOutput(c, e.op('Add', [pastLength, count]), presentLengthName(l), tensorType(DataType.INT64, ['batch']));
   const callPos = needsCallPositions(c.layer.attention) ? callPositions(g, e, c.tokens) : null;
   return {
-    oneToken: false,
+    oneToken: true,
     rewire() {
       const seqAxis = kvSequenceAxis(c.layer.kv.layout);
       // Row b's keys are its past_lengths[b] slots and this call's K: seqlens_k = past + K - 1.
@@ -184,6 +190,7 @@ function prefixCache(c: CacheContext): LayerCache {
         indices: routing.indices,
         pastLength,
         positions: callPos,
+        gathered: (selected, all) => c.stepSubs?.set(selected, all),
       });
       ownLengthDims(c.layer);
       return [...cacheTensors(c.layer).map((t) => [t.output, t.input] as Carried), ...positions];

@@ -11,6 +11,8 @@ export function streamElementType(s: DecoderStructure): number {
 /** The routing a layer got from insert-routers: Router -> Select* -> CompactTokens on its residual input. */
 export interface LayerRouting {
   score: Value;
+  /** The selection CompactTokens reads: bool [B, S]. */
+  selected: Value;
   indices: Value;
   valid: Value;
   count: Value;
@@ -38,6 +40,7 @@ export function routingOf(selected: Value): LayerRouting | null {
   const tokens = compact.opType === 'CompactTokens';
   return {
     score,
+    selected,
     indices: compact.output(0),
     valid: compact.output(1),
     count: compact.output(2),

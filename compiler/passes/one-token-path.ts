@@ -1,21 +1,24 @@
 /**
- * The one-token step of a routed layer (routed-layer.ts). A batch-1 call of one token the router
- * selects needs no compaction: the token's gather, the layer's causal key bias and the scatter
- * back are the identity there. Inside the layer's If, three small If nodes on the call's shape
- * (B = 1 and S = 1, computed once per call) skip them, and the compaction leaves the main graph:
+ * The one-token call of a routed layer (routed-layer.ts). A batch-1 call of one token the router
+ * selects needs no compaction: the token's gathers, the scatter back, and the keys mask or causal
+ * bias of one query are the identity or simpler there. Inside the layer's If, small If nodes on
+ * the call's shape (B = 1 and S = 1, computed once per call, off shapes) skip them, and the
+ * compaction leaves the main graph:
  *
  *   any      = ReduceMax(Cast(selected)) > 0                              main graph
  *   If(any) {
  *     x_sel, .., valid = If(one) { x, .., selected } else { CompactTokens, the gathers }
  *     the region, its keys Concat(past_valid, valid)
- *     bias             = If(one) { keys as 0 / lowest } else { the causal Trilu bias }
+ *     mask             = If(one) { the keys, broadcast } else { the causal (Trilu) bias, or the
+ *                                                          keys expanded over the queries }
  *     out              = If(one) { y } else { CompactTokens, ScatterTokens }
  *   } else { x, the past caches }
  *
- * The region and its cache appends stay in the layer's If, one level below the weights, and the
- * small Ifs hold no weight. A layer whose region reads the compaction otherwise (a caller's 4-D
- * mask gathered at the indices, a cache written at the count), or a gated one, keeps the plain
- * compacted branch.
+ * The region and its cache appends stay in the layer's If, one level below the weights; the small
+ * Ifs hold no weight. Compaction is the identity for one selected token of one row, so both
+ * branches compute the same values. A layer whose region reads the compaction otherwise (a
+ * caller's 4-D mask gathered at the indices, a static cache written at the count), or a gated
+ * one, keeps the plain compacted branch.
  */
 import { DataType } from '../core/ir/dtype.js';
 import { Graph, graphAttribute, type Node, type Value } from '../core/ir/graph.js';
@@ -90,6 +93,8 @@ export function splitOneToken(c: StepContext): { cond: Value; out: Value } | nul
   const scatterNode = c.scatter.producer;
   if (!compact || !selected || !tokenMask || !rest || !scatterNode || scatterNode.opType !== 'ScatterTokens') return null;
   const compaction = new Set([routing.slots, routing.count, routing.any].filter((v): v is Value => v !== null));
+  // The compaction leaves the main graph: nothing there may read it.
+  if (compact.outputs.some((v) => [...v.uses].some((u) => !c.inside.has(u.node)))) return null;
   // Pools exclude the region's own nodes: they all feed the scatter in the end.
   const added = new Set([...c.inside].filter((n) => !c.region.has(n)));
   const exit = feeders(added, [scatterNode]);
@@ -166,11 +171,11 @@ export function splitOneToken(c: StepContext): { cond: Value; out: Value } | nul
   const [out] = branchIf('one_token_out', [c.scatter], () => [y], new Set([...exit, exitCompact]));
   if (g.outputs.includes(c.scatter)) g.outputs = g.outputs.map((v) => (v === c.scatter ? out! : v));
 
-  // The causal key bias: for one query every valid key.
+  // The keys mask or causal bias of one query: every valid key.
   for (const [bias, form] of c.forms) {
     if (!bias.producer || !c.inside.has(bias.producer)) continue;
     const chain = feeders(new Set([...c.inside].filter((n) => !entry.has(n) && !c.region.has(n))), [bias.producer]);
-    branchIf('one_token_bias', [bias], () => [form((v) => v)], chain);
+    branchIf('one_token_mask', [bias], () => [form((v) => v)], chain);
   }
 
   // The entry: the gathers and the compaction.

@@ -162,6 +162,7 @@ function cacheContext(L: Layer, recompute: Value[]): CacheContext {
     tokens: L.x,
     suffix: suffix(L),
     stepForms: L.stepForms,
+    stepSubs: L.stepSubs,
   };
 }
 

@@ -41,6 +41,8 @@ export interface PositionHook {
   pastLength: Value;
   /** This call's positions [B, S] (callPositions), or null when the op takes position_ids. */
   positions: Value | null;
+  /** Told of the selected tokens' positions gathered from `positions` (what they are when every token is selected). */
+  gathered?: (selected: Value, all: Value) => void;
 }
 
 /** Whether a compacted GroupQueryAttention layer needs this call's positions from the mask (rotary or window by slot, no position_ids input). */
@@ -60,6 +62,7 @@ export function originalPositions(h: PositionHook): [Value, Value][] {
   const { e, graph: g } = h;
   const given = s.node.input(GQA_POSITION_IDS);
   const positions = given ? e.cast(given, DataType.INT64) : e.op('GatherElements', [h.positions!, h.indices], { axis: 1 });
+  if (!given) h.gathered?.(positions, h.positions!);
   if (s.rotary) rotaryOutside(h, s.node, positions);
   if (s.window === null) return [];
 
