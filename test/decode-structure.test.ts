@@ -12,7 +12,7 @@
  * - each present cache of a compacted layer is made in the then-branch by the node that made it
  *   in the original (a Concat, or the fused attention op), straight into the If's output; the
  *   else-branch passes the past on with one Identity; no other node copies a cache;
- * - no gather of the token ids that only a Shape reads (the indices have the same shape);
+ * - no gather of the token ids that only a Shape reads (the slots' validity has the same shape);
  * - the cache interface: `past_valid.l` / `present_valid.l` for the Concat-semantics forms,
  *   `past_lengths.l` / `present_lengths.l` for GroupQueryAttention and static caches.
  * Numerical equivalence and MoD semantics of the same compiles are test/mod.test.ts's and
@@ -92,7 +92,7 @@ describe.each(allModels())('$name', ({ path }) => {
           `layer ${r.layer} ${r.part}: one-token Ifs`,
         ).toEqual(r.part !== 'mlp' && (packed || callerMask) ? [] : expect.arrayContaining(['one_token_in', 'one_token_out']));
         const under = [...run.allNodes()];
-        // A rebuilt mask that reads the token ids only for their shape reads it off the indices: no gather for it.
+        // A rebuilt mask that reads the token ids only for their shape reads it off the slots' validity: no gather for it.
         const shapeOnly = under.filter(
           (n) => n.opType === 'GatherElements' && n.input(0)?.name === 'input_ids' && [...n.output(0).uses].every((u) => u.node.opType === 'Shape'),
         );

@@ -87,7 +87,7 @@ function validityCache(c: CacheContext): LayerCache {
       recomputeMasks(c, sub);
       // A standard Attention causal by is_causal=1 alone: the holes and padding slots masked too.
       if (attention.form === 'StandardAttention' && !attention.node.input(3)) {
-        maskCompactedKeys(e, attention.node, keys, e.dim(c.routing.indices, 1));
+        maskCompactedKeys(e, attention.node, keys, e.dim(c.routing.valid, 1));
         // One query: the keys mask as it is broadcasts over the query axis.
         c.stepForms?.set(attention.node.input(3)!, (of) => e.unsqueeze(of(keys), [1, 2]));
       }
@@ -169,11 +169,12 @@ function prefixCache(c: CacheContext): LayerCache {
     rewire() {
       const seqAxis = kvSequenceAxis(c.layer.kv.layout);
       // Row b's keys are its past_lengths[b] slots and this call's K: seqlens_k = past + K - 1.
-      const k1 = e.dim(routing.indices, 1);
+      // K off the slots' validity [B, K] (the indices' shape): a one-token call then reads no indices.
+      const k1 = e.dim(routing.valid, 1);
       const direct = directLengths(c, e.op('Add', [pastLength, k1]), e.op('Add', [e.dim(c.layer.kv.key.input, seqAxis), k1]));
       const rest = c.recompute.filter((v) => !direct.has(v));
       if (rest.length) {
-        const k = e.dimScalar(routing.indices, 1);
+        const k = e.dimScalar(routing.valid, 1);
         const capacity = e.dimScalar(c.layer.kv.key.input, seqAxis);
         const sub = c.substitutes();
         const mask = g.inputs.find((v) => v.name === 'attention_mask');

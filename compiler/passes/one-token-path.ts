@@ -122,6 +122,7 @@ export function splitOneToken(c: StepContext): { cond: Value; out: Value } | nul
       if (v === routing.indices && !exit.has(n) && !(n.opType === 'Shape' && n.domain === '')) return null;
     }
   }
+  if (!entryValues.length) return null;
   for (const v of entryValues) {
     const sub = c.subs.get(v);
     if (sub?.producer && c.inside.has(sub.producer)) return null;

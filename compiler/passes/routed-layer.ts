@@ -102,7 +102,7 @@ export function routeRegion(
   const xSel = gatherInputs(L);
   gatherSideInputs(L);
   const carried = cache ? cache.rewire() : [];
-  readShapeOffIndices(L);
+  readShapeOffSlots(L);
   const scatter = scatterOutput(L, xSel, passed);
   const y = r.output.value;
   const added = g.nodes.filter((n) => !existing.has(n));
@@ -290,13 +290,14 @@ function substitutes(L: Layer): Map<Value, Value> {
 
 /**
  * A rebuilt mask that reads the gathered token ids only for their shape ([B, K]) reads it off
- * the indices instead, which have that shape: one gather fewer per layer and call.
+ * the slots' validity instead, which has that shape: one gather fewer per layer and call (and a
+ * one-token call, which passes the selection on as the validity, reads no indices).
  */
-function readShapeOffIndices(L: Layer): void {
+function readShapeOffSlots(L: Layer): void {
   const ids = L.model.graph.inputs.find((v) => v.name === 'input_ids');
   const gathered = ids && L.gathered.get(ids);
   if (!gathered || ![...gathered.uses].every((u) => u.node.opType === 'Shape' && u.node.domain === '')) return;
-  for (const use of [...gathered.uses]) use.node.setInput(use.index, L.routing.indices);
+  for (const use of [...gathered.uses]) use.node.setInput(use.index, L.routing.valid);
 }
 
 /** out = ScatterTokens[Gated](base, slots, valid, base at the tokens, y): x for a block, zeros for a part. */
