@@ -2,10 +2,17 @@
 import type { DecoderStructure } from '../analysis/types.js';
 import { DataType } from '../core/ir/dtype.js';
 import type { Node, Value } from '../core/ir/graph.js';
+import type { TypeProto } from '../core/proto/index.js';
 import { MODC_DOMAIN } from './modc-ops/index.js';
 
 export function streamElementType(s: DecoderStructure): number {
   return s.dtype === 'float16' ? DataType.FLOAT16 : s.dtype === 'bfloat16' ? DataType.BFLOAT16 : DataType.FLOAT;
+}
+
+/** The element type of a value, without shape (a branch output's declared type: lengths differ between branches). */
+export function elementType(v: Value): TypeProto | undefined {
+  const elem = v.dtype;
+  return elem === undefined ? undefined : ({ tensor_type: { elem_type: elem } } as TypeProto);
 }
 
 /** The routing a layer got from insert-routers: Router -> Select* -> CompactTokens on its residual input. */

@@ -22,9 +22,8 @@
  */
 import { DataType } from '../core/ir/dtype.js';
 import { Graph, graphAttribute, type Node, type Value } from '../core/ir/graph.js';
-import type { TypeProto } from '../core/proto/index.js';
 import type { StepForm } from './cache-contract.js';
-import type { LayerRouting } from './mod-common.js';
+import { elementType, type LayerRouting } from './mod-common.js';
 import { Emitter } from './modc-ops/emitter.js';
 
 export interface StepContext {
@@ -57,10 +56,6 @@ function oneTokenCall(g: Graph, opset: number, tokenMask: Value): Value {
     oneTokenCalls.set(g, v);
   }
   return v;
-}
-
-function elementType(v: Value): TypeProto | undefined {
-  return v.dtype === undefined ? undefined : ({ tensor_type: { elem_type: v.dtype } } as TypeProto);
 }
 
 /** The nodes of `pool` that only feed `seeds` (directly or through each other), the seeds' producers included. */

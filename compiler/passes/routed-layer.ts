@@ -16,7 +16,9 @@
  * Runtime prepacks it, and the presents are made by the region's own nodes straight into the
  * If's outputs. The cache contract (what the If carries besides out) is layer-cache.ts's.
  * A part scatters its update u into zeros instead, so the residual add it feeds adds nothing for
- * unselected tokens.
+ * unselected tokens. Where it can, one-token-path.ts then moves CompactTokens into the If, behind
+ * small Ifs that skip the compaction, the gathers and the scatter in a batch-1 call of one token
+ * (the If's condition becomes any selected token, reduced from the selection).
  */
 import type { DecoderStructure, SideInput } from '../analysis/types.js';
 import { ModcError } from '../core/errors.js';
@@ -25,10 +27,9 @@ import { Graph, graphAttribute, type Node, type Value } from '../core/ir/graph.j
 import type { Model } from '../core/ir/model.js';
 import { recomputeWith, replaceUsesWithin } from '../core/ir/rewrite.js';
 import { Tensor } from '../core/ir/tensor.js';
-import type { TypeProto } from '../core/proto/index.js';
 import type { CacheContext, Carried, StepForm } from './cache-contract.js';
 import { layerCache } from './layer-cache.js';
-import { type LayerRouting, streamElementType } from './mod-common.js';
+import { elementType, type LayerRouting, streamElementType } from './mod-common.js';
 import { Emitter } from './modc-ops/emitter.js';
 import { callModcOp, defaultOpset } from './modc-ops/index.js';
 import { splitOneToken, type StepContext } from './one-token-path.js';
@@ -111,8 +112,7 @@ export function routeRegion(
   if (g.outputs.includes(y)) g.outputs = g.outputs.map((v) => (v === y ? scatter : v));
   for (const n of dropUnread(g, added, new Set(carried.flat()))) inside.delete(n);
   const split = cache?.oneToken === false || L.opts.gated ? null : splitOneToken(stepContext(L, inside, scatter));
-  if (split) return ifSelected(L, 'if_selected', inside, split.cond, [[split.out, passed], ...carried])[0]!;
-  return ifSelected(L, 'if_selected', inside, any, [[scatter, passed], ...carried])[0]!;
+  return skipWhenNothingSelected(L, inside, split?.cond ?? any, [[split?.out ?? scatter, passed], ...carried]);
 }
 
 function stepContext(L: Layer, inside: Set<Node>, scatter: Value): StepContext {
@@ -317,33 +317,27 @@ function zerosTensor(L: Layer): Tensor {
     : Tensor.fromArray('', [1], Float32Array.of(0));
 }
 
-/** The element type of a value, without shape (a branch output's declared type: lengths differ between branches). */
-function elementType(v: Value): TypeProto | undefined {
-  const elem = v.dtype;
-  return elem === undefined ? undefined : ({ tensor_type: { elem_type: elem } } as TypeProto);
-}
-
 /**
- * Moves `nodes` into `If(cond)` named `modc/<layer>/<name>`: when it is false (no row selects a
- * token: a batch-1 decode step the router skips) none of them runs, and each carried value is
- * passed on (an Identity per value: the one copy a skipped layer makes, as the original's append
- * would). Graph outputs keep their names: the If outputs take them over. Returns the If outputs.
+ * Moves `nodes` into `If(any)`: when no row selects a token (a batch-1 decode step the router
+ * skips) none of them runs, and each carried value is passed on (an Identity per value: the
+ * one copy a skipped layer makes, as the original's append would). Graph outputs keep their
+ * names: the If output takes them over. Returns what now carries the first carried value.
  */
-function ifSelected(L: Layer, name: string, nodes: ReadonlySet<Node>, cond: Value, carried: Carried[]): Value[] {
+function skipWhenNothingSelected(L: Layer, nodes: ReadonlySet<Node>, any: Value, carried: Carried[]): Value {
   const g = L.model.graph;
   g.toposort();
-  const run = new Graph(`modc/${L.tag}/${name}_then`, g);
-  const skip = new Graph(`modc/${L.tag}/${name}_else`, g);
+  const run = new Graph(`modc/${L.tag}/if_selected_then`, g);
+  const skip = new Graph(`modc/${L.tag}/if_selected_else`, g);
   g.moveNodesTo(nodes, run);
   keepOriginalOrder(run, L.original);
   run.outputs = carried.map(([computed]) => computed);
   skip.outputs = carried.map(([, passed]) => skip.addNode('Identity', [passed], [skip.newValue(`${passed.name}_skipped`, elementType(passed))]).output(0));
   const outs = carried.map(([computed, passed]) => g.newValue(`${computed.name}_if`, elementType(computed) ?? elementType(passed)));
-  const node = g.addNode('If', [cond], outs, { name: `modc/${L.tag}/${name}` });
+  const node = g.addNode('If', [any], outs, { name: `modc/${L.tag}/if_selected` });
   node.setAttr(graphAttribute('then_branch'), run);
   node.setAttr(graphAttribute('else_branch'), skip);
   carried.forEach(([computed], i) => takeOver(g, run, computed, outs[i]!));
-  return outs;
+  return outs[0]!;
 }
 
 /**
