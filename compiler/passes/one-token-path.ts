@@ -84,18 +84,17 @@ export function splitOneToken(c: StepContext): { cond: Value; out: Value } | nul
   const compact = routing.indices.producer;
   const selected = compact?.input(0);
   const tokenMask = routing.grid?.[0]?.producer?.input(0);
-  const rest = routing.grid?.[1];
   const scatterNode = c.scatter.producer;
-  if (!compact || !selected || !tokenMask || !rest || !scatterNode || scatterNode.opType !== 'ScatterTokens') return null;
-  const compaction = new Set([routing.slots, routing.count, routing.any].filter((v): v is Value => v !== null));
+  if (!compact || !selected || !tokenMask || !scatterNode || scatterNode.opType !== 'ScatterTokens') return null;
+  const compaction = new Set([routing.indices, routing.slots, routing.count, routing.any].filter((v): v is Value => v !== null));
   // The compaction leaves the main graph: nothing there may read it.
   if (compact.outputs.some((v) => [...v.uses].some((u) => !c.inside.has(u.node)))) return null;
   // Pools exclude the region's own nodes: they all feed the scatter in the end.
   const added = new Set([...c.inside].filter((n) => !c.region.has(n)));
   const exit = feeders(added, [scatterNode]);
-  // What the region reads of the compaction: gathered values, valid, the indices' shape.
+  // What the region reads of the compaction: gathered values and valid (shapes of K are read off valid).
   const entryValues: Value[] = [];
-  for (const v of [...c.subs.keys(), routing.valid, routing.indices]) {
+  for (const v of [...c.subs.keys(), routing.valid]) {
     if (![...v.uses].some((u) => c.inside.has(u.node) && !exit.has(u.node) && !c.subs.has(u.node.outputs[0]!))) continue;
     if (entryValues.includes(v)) continue;
     entryValues.push(v);
@@ -114,7 +113,6 @@ export function splitOneToken(c: StepContext): { cond: Value; out: Value } | nul
     for (const v of n.inputs) {
       if (!v) continue;
       if (compaction.has(v) && !exit.has(n)) return null;
-      if (v === routing.indices && !exit.has(n) && !(n.opType === 'Shape' && n.domain === '')) return null;
     }
   }
   if (!entryValues.length) return null;
@@ -175,16 +173,6 @@ export function splitOneToken(c: StepContext): { cond: Value; out: Value } | nul
   }
 
   // The entry: the gathers and the compaction.
-  branchIf(
-    'one_token_in',
-    entryValues,
-    (te) =>
-      entryValues.map((v) => {
-        if (v === routing.valid) return selected;
-        if (v === routing.indices) return te.unsqueeze(rest, [0]);
-        return c.subs.get(v)!;
-      }),
-    entry,
-  );
+  branchIf('one_token_in', entryValues, () => entryValues.map((v) => (v === routing.valid ? selected : c.subs.get(v)!)), entry);
   return { cond: e.op('Greater', [e.reduceMax(e.cast(selected, DataType.INT64), [0, 1], false), e.i64(0)]), out: out! };
 }
