@@ -57,7 +57,7 @@ describe("a standard Attention's mask read as causality and attention_mask's key
       // Its mask comes from the layer's own keys (past_valid.l and this call's selection), not from
       // attention_mask: expanded over the queries of a compacted call, broadcast for a one-token call.
       const mask = attention.input(3)!;
-      expect(mask.producer!.name, `layer ${l}`).toMatch(/\/one_token_mask$/);
+      expect(mask.producer!.name, `layer ${l}`).toMatch(/\/one_token_in$/);
       const [step, compacted] = (mask.producer!.subgraphs() as Graph[]).map((b) => b.outputs[mask.producer!.outputs.indexOf(mask)]!);
       expect([compacted!.producer!.opType, step!.producer!.opType], `layer ${l}`).toEqual(['Expand', 'Unsqueeze']);
       for (const v of [step!, compacted!]) expect(sources(v), `layer ${l}`).toContain(`past_valid.${l}`);
@@ -130,10 +130,9 @@ describe("an unfused attention's additive mask read as causality and attention_m
       layers.forEach(({ branch, bias, step }, l) => {
         expect(bias.producer!.input(0)!.producer!.opType, `layer ${l}`).toBe('Trilu');
         expect(sources(bias), `layer ${l}`).toContain(`past_valid.${l}`);
-        // A one-token call's one query reads every valid key: the layer's keys, unsqueezed, no Trilu.
+        // A one-token call's one query reads every valid key: the layer's keys [1, T] as they are, no Trilu.
         expect(step, `layer ${l}: a one-token bias`).not.toBeNull();
-        expect([step!.producer!.opType, step!.producer!.input(0)!.producer!.opType], `layer ${l}`).toEqual(['Where', 'Unsqueeze']);
-        expect(step!.producer!.input(0)!.producer!.input(0)!.producer!.opType, `layer ${l}: the keys`).toBe('Concat');
+        expect([step!.producer!.opType, step!.producer!.input(0)!.producer!.opType], `layer ${l}: Where on the keys`).toEqual(['Where', 'Concat']);
         expect(sources(step), `layer ${l}`).toContain(`past_valid.${l}`);
         const copies = branch.nodes.filter((n) => [...maskNodes].some((m) => n.name.startsWith(m)));
         expect(

@@ -4,7 +4,7 @@
  * - one If per converted part in the main graph (`if_selected`), so no weight is consumed two or
  *   more If levels below the graph that owns it (ONNX Runtime prepacks a MatMul weight only from
  *   its own graph or the one above); inside it, on a part that may skip compaction in a one-token
- *   call, the weight-free one-token Ifs (`one_token_in`, `one_token_mask`, `one_token_out`) and
+ *   call, the weight-free one-token Ifs (`one_token_in`, `one_token_out`) and
  *   no other;
  * - the part's own nodes run in that If's then-branch in their original order, so a cache append
  *   (the unfused `Concat(past, new)`) stays where the original has it, between the nodes it
@@ -70,7 +70,7 @@ describe.each(allModels())('$name', ({ path }) => {
       const ifs = [...g.allNodes()].filter((n) => n.opType === 'If' && n.name.startsWith('modc/'));
       expect(ifs.filter((n) => n.graph === g).map((n) => n.name)).toEqual(routed.map((r) => `${tagOf(r.layer, r.part)}/if_selected`));
       for (const n of ifs.filter((x) => x.graph !== g)) {
-        expect(n.name, 'a nested modc If is a one-token If').toMatch(/\/one_token_(in|mask|out)$/);
+        expect(n.name, 'a nested modc If is a one-token If').toMatch(/\/one_token_(in|out)$/);
         expect(n.graph!.parent, `${n.name} sits in a branch of a main-graph If`).toBe(g);
       }
       inlineModcOps(model);

@@ -157,10 +157,9 @@ describe('gpu readiness of fixture compiles', () => {
     expect(ifs.map((x) => [x.name, x.depth, x.condition.kind])).toEqual([
       ['modc/layer1/if_selected', 0, 'any selected'],
       ['modc/layer1/one_token_in', 1, 'one token'],
-      ['modc/layer1/one_token_mask', 1, 'one token'],
       ['modc/layer1/one_token_out', 1, 'one token'],
     ]);
-    expect(r.decodeStep.ifs).toHaveLength(12);
+    expect(r.decodeStep.ifs).toHaveLength(9);
     // Per layer: the If's condition in the main graph; Compact's TopK K in the entry's and the exit's compaction (not on a one-token step).
     expect(r.decodeStep.hostReads.map((h) => [h.op, h.input, h.depth])).toEqual(
       Array.from({ length: 3 }, () => [
@@ -170,7 +169,7 @@ describe('gpu readiness of fixture compiles', () => {
       ]).flat(),
     );
     for (const l of r.kernelsPerConvertedLayer) {
-      expect([l.layer, l.ifs, l.maxIfDepth, l.selected.ifs, l.skipped.ifs]).toEqual([l.layer, 4, 2, 4, 1]);
+      expect([l.layer, l.ifs, l.maxIfDepth, l.selected.ifs, l.skipped.ifs]).toEqual([l.layer, 3, 2, 3, 1]);
       // A step reads one value either way: the If's condition (the one-token test is read off shapes).
       expect([l.selected.hostReads, l.skipped.hostReads]).toEqual([1, 1]);
       expect(l.selected.kernels).toBeGreaterThan(l.skipped.kernels);
@@ -189,7 +188,6 @@ describe('gpu readiness of fixture compiles', () => {
       [0, 1, 2].flatMap((l) => [
         [0, l, 'decode step'],
         [0, l, 'any selected'],
-        [1, l, 'one token'],
         [1, l, 'one token'],
         [1, l, 'one token'],
       ]),
@@ -215,10 +213,7 @@ describe('gpu readiness of fixture compiles', () => {
   it('unfused Llama, attention all-pass: no weight two levels deep', async () => {
     const r = report(await compileTo('llama-builder-tiny', 'llama-attention', '--granularity', 'attention'));
     expect(r.decodeStep.ifs.map((x) => [x.name, x.depth])).toEqual(
-      [0, 1, 2].flatMap((l) => [
-        [`modc/layer${l}/attention/if_selected`, 0],
-        ...['in', 'mask', 'out'].map((s) => [`modc/layer${l}/attention/one_token_${s}`, 1]),
-      ]),
+      [0, 1, 2].flatMap((l) => [[`modc/layer${l}/attention/if_selected`, 0], ...['in', 'out'].map((s) => [`modc/layer${l}/attention/one_token_${s}`, 1])]),
     );
     expect(r.weightsBelowOneIfLevel.uses).toBe(0);
   });
@@ -271,7 +266,7 @@ describe('gpu readiness of fixture compiles', () => {
   it.each([
     ['genai-tiny', 3, ['in', 'out']],
     ['forms-gqa-window-tiny', 3, ['in', 'out']],
-    ['forms-attention23-tiny', 3, ['in', 'mask', 'out']],
+    ['forms-attention23-tiny', 3, ['in', 'out']],
     ['forms-static-tiny', 3, []],
     ['forms-static-window-tiny', 3, []],
     ['forms-fused-gpt2-tiny', 5, ['in', 'out']],

@@ -81,8 +81,8 @@ function validityCache(c: CacheContext): LayerCache {
       if (bias && lowest !== null) {
         const causal = causalKeysBias(e, keys, pastValid, c.routing.valid, biasType, lowest);
         bias.add.setInput(bias.slot, causal);
-        // One query at the end of the keys reads every valid key: no Trilu.
-        c.stepForms?.set(causal, (of) => e.op('Where', [e.unsqueeze(of(keys), [1, 2]), e.scalar(0, biasType), e.scalar(lowest, biasType)]));
+        // One query at the end of the keys reads every valid key: no Trilu, and the [1, T] bias of one row broadcasts as it is.
+        c.stepForms?.set(causal, (of) => e.op('Where', [of(keys), e.scalar(0, biasType), e.scalar(lowest, biasType)]));
       }
       recomputeMasks(c, sub);
       // A standard Attention causal by is_causal=1 alone: the holes and padding slots masked too.

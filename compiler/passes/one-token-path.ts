@@ -7,13 +7,16 @@
  *
  *   any      = ReduceMax(Cast(selected)) > 0                              main graph
  *   If(any) {
- *     x_sel, .., valid = If(one) { x, .., selected } else { CompactTokens, the gathers }
- *     the region, its keys Concat(past_valid, valid)
- *     mask             = If(one) { the keys, broadcast } else { the causal (Trilu) bias, or the
- *                                                          keys expanded over the queries }
- *     out              = If(one) { y } else { CompactTokens, ScatterTokens }
+ *     x_sel, .., keys, mask
+ *              = If(one) { x, .., Concat(past_valid, selected), the keys as one query's mask }
+ *                else { CompactTokens, the gathers, Concat(past_valid, valid), the causal (Trilu)
+ *                       bias or the keys expanded over the queries }
+ *     the region
+ *     out      = If(one) { y } else { CompactTokens, ScatterTokens }
  *   } else { x, the past caches }
  *
+ * The keys and the masks built from them join the entry when that is all they read (else the
+ * entry passes `valid` on and they stay in the region).
  * The region and its cache appends stay in the layer's If, one level below the weights; the small
  * Ifs hold no weight. Compaction is the identity for one selected token of one row, so both
  * branches compute the same values. A layer whose region reads the compaction otherwise (a
@@ -163,16 +166,81 @@ export function splitOneToken(c: StepContext): { cond: Value; out: Value } | nul
     });
   const y = scatterNode.input(4)!;
   const [out] = branchIf('one_token_out', [c.scatter], () => [y], new Set([...exit, exitCompact]));
-  if (g.outputs.includes(c.scatter)) g.outputs = g.outputs.map((v) => (v === c.scatter ? out! : v));
+  if (g.outputs.includes(c.scatter)) passOutput(g, c.scatter, out!);
 
-  // The keys mask or causal bias of one query: every valid key.
-  for (const [bias, form] of c.forms) {
-    if (!bias.producer || !c.inside.has(bias.producer)) continue;
-    const chain = feeders(new Set([...c.inside].filter((n) => !entry.has(n) && !c.region.has(n))), [bias.producer]);
-    branchIf('one_token_mask', [bias], () => [form((v) => v)], chain);
+  // The layer's keys, Concat(past_valid, valid), and the keys mask or causal bias built from them
+  // join the entry when that is all they read: one query reads every valid key.
+  const keysNode = [...routing.valid.uses]
+    .map((u) => u.node)
+    .find((n) => n.opType === 'Concat' && c.inside.has(n) && !c.region.has(n) && n.inputs.length === 2 && n.input(1) === routing.valid);
+  const keys = keysNode?.output(0) ?? null;
+  const stepValues = new Map<Value, () => Value>();
+  if (keysNode && keys && !(keysNode.input(0)?.producer && c.inside.has(keysNode.input(0)!.producer!))) {
+    const pool = new Set([...c.inside].filter((n) => !entry.has(n) && !c.region.has(n) && n !== keysNode));
+    const joined = new Set<Node>([keysNode]);
+    const forms: [Value, StepForm][] = [];
+    for (const [bias, form] of c.forms) {
+      if (!bias.producer || !pool.has(bias.producer)) continue;
+      const chain = feeders(pool, [bias.producer]);
+      const reads = [...chain].flatMap((n) => n.inputs.filter((v): v is Value => v !== null));
+      if (!reads.every((v) => v === keys || !v.producer || chain.has(v.producer) || entry.has(v.producer) || !c.inside.has(v.producer))) continue;
+      for (const n of chain) joined.add(n);
+      forms.push([bias, form]);
+    }
+    if (forms.length) {
+      for (const n of joined) entry.add(n);
+      const thenKeys = () => e.op('Concat', [keysNode.input(0)!, selected], { axis: 1 });
+      let made: Value | null = null;
+      const keysOnce = () => (made ??= thenKeys());
+      stepValues.set(keys, keysOnce);
+      for (const [bias, form] of forms) stepValues.set(bias, () => form((v) => (v === keys ? keysOnce() : v)));
+      entryValues.push(keys, ...forms.map(([bias]) => bias));
+      for (let i = entryValues.length - 1; i >= 0; i--) {
+        const v = entryValues[i]!;
+        if (!g.outputs.includes(v) && ![...v.uses].some((u) => !entry.has(u.node))) entryValues.splice(i, 1);
+      }
+    }
   }
 
-  // The entry: the gathers and the compaction.
-  branchIf('one_token_in', entryValues, () => entryValues.map((v) => (v === routing.valid ? selected : c.subs.get(v)!)), entry);
+  // The entry: the gathers, the compaction, and the keys when they joined it. A graph output (the
+  // keys, as present_valid) keeps its Value, which the layer's If carries: the If makes it, and
+  // the compacting branch a value of its own.
+  const kept = new Map<Value, Value>();
+  entryValues.forEach((v, i) => {
+    if (!g.outputs.includes(v)) return;
+    const inner = g.newValue(`${v.name}_compacted`, v.type);
+    const node = v.producer!;
+    node.setOutputs(node.outputs.map((o) => (o === v ? inner : o)));
+    for (const u of [...v.uses]) if (entry.has(u.node)) u.node.setInput(u.index, inner);
+    if (stepValues.has(v)) stepValues.set(inner, stepValues.get(v)!);
+    entryValues[i] = inner;
+    kept.set(inner, v);
+  });
+  const results = branchIf(
+    'one_token_in',
+    entryValues,
+    () => {
+      const made = new Map<Value, Value>();
+      return entryValues.map((v) => {
+        const step = v === routing.valid ? selected : (stepValues.get(v)?.() ?? c.subs.get(v)!);
+        // A value the branch returns twice leaves it twice: once through an Identity.
+        const twice = [...made.values()].includes(step);
+        made.set(v, step);
+        return twice ? e.op('Identity', [step]) : step;
+      });
+    },
+    entry,
+  );
+  const entryIf = results[0]!.producer!;
+  entryIf.setOutputs(entryIf.outputs.map((r, i) => kept.get(entryValues[i]!) ?? r));
   return { cond: e.op('Greater', [e.reduceMax(e.cast(selected, DataType.INT64), [0, 1], false), e.i64(0)]), out: out! };
+}
+
+/** A graph output `v` now leaves through `by`: `by` takes its place, name and type. */
+function passOutput(g: Graph, v: Value, by: Value): void {
+  const name = v.name;
+  v.name = g.uniqueName(`${name}_branch`);
+  by.name = name;
+  by.type = v.type;
+  g.outputs = g.outputs.map((o) => (o === v ? by : o));
 }
