@@ -69,6 +69,11 @@ export const DECODE_FLAGS = {
   granularity: { kind: 'string', default: 'block', help: 'what a converted layer routes: block, attention or mlp' },
   schedule: { kind: 'string', default: 'uniform', help: 'layers the routed compile converts: uniform (every layer) or every-other' },
   gated: { kind: 'bool', default: false, help: 'route the routed compile gated (out = x + r (y - x))' },
+  grow: {
+    kind: 'bool',
+    default: false,
+    help: 'let the context grow by a token at every step; by default every step starts from the prefilled caches, at context --prompt + 1',
+  },
   'all-pass': { kind: 'bool', default: true, help: 'time the all-pass compile; --no-all-pass skips it' },
   routed: { kind: 'bool', default: true, help: 'time the routed compile; --no-routed skips it' },
 } satisfies FlagSpecs;
@@ -80,7 +85,8 @@ layer's --granularity part, ungated) and the routed model (random routers, top-k
 the prompt, about half of the decode tokens), then times each compiled model against the
 original with only those two sessions alive, in --processes fresh processes one after another
 (samples pooled): both prefill the prompt, then take --warmup untimed and --runs timed decode
-steps with forced seeded ids, interleaved step by step (first model alternating). Prints per-step ratios (compiled / original, the same step of the same
+steps with forced seeded ids, interleaved step by step (first model alternating), each step from
+the prefilled caches (so at context --prompt + 1; --grow appends instead). Prints per-step ratios (compiled / original, the same step of the same
 pair): median, min and max, on wall and process CPU time; KV bytes against their ideal; and for
 the routed model achieved / ideal, the ideal from the original's per-layer unit times and the
 skip rates the routed model showed (its selection masks, read in one more untimed run).
@@ -101,7 +107,9 @@ export async function decodeBench(argv: readonly string[]): Promise<void> {
   try {
     const B = f.batch;
     const totalSteps = f.warmup + f.runs;
-    const total = f.prompt + totalSteps;
+    const rewind = !f.grow;
+    const stepsAtEnd = rewind ? 1 : totalSteps;
+    const total = f.prompt + stepsAtEnd;
     const originalPath = buildModel(w, f, total + 1);
     const compiled: Compiled[] = [];
     if (f['all-pass']) compiled.push(compileAllPass(w, originalPath, granularity));
@@ -126,6 +134,7 @@ export async function decodeBench(argv: readonly string[]): Promise<void> {
         stepIds,
         session: opts,
         gc: f.gc,
+        rewind,
         processes: f.processes,
       });
       log(`${c.name}: per-step ratio ${ratioSpan(t.ratios.decode.wall)} wall, ${ratioSpan(t.ratios.decode.cpu)} CPU`);
@@ -133,7 +142,9 @@ export async function decodeBench(argv: readonly string[]): Promise<void> {
     }
 
     // What the routed model selected, at the same prompt and steps, in one more untimed run.
-    const selections = routed ? await measureSelections(w, routed.path, { prompt, steps: totalSteps, warmupSteps: f.warmup, stepIds, session: opts }) : [];
+    const selections = routed
+      ? await measureSelections(w, routed.path, { prompt, steps: totalSteps, warmupSteps: f.warmup, stepIds, session: opts, rewind })
+      : [];
 
     log('timing one decode step of the original layer by layer');
     const io = decoderIo(loadModel(originalPath));
@@ -180,9 +191,10 @@ export async function decodeBench(argv: readonly string[]): Promise<void> {
       prompt: f.prompt,
       warmupSteps: f.warmup,
       timedSteps: f.runs,
+      context: rewind ? 'every step from the prefilled caches' : 'growing',
       granularity,
       order:
-        'pairs (original, compiled), only those two sessions alive, each pair in --processes fresh processes (samples pooled); each pair prefilled, then interleaved step by step, first model alternating',
+        'pairs (original, compiled), only those two sessions alive, each pair in --processes fresh processes (samples pooled; every other process creates the compiled session first); each pair prefilled, then interleaved step by step, first model alternating',
       processes: f.processes,
       gcMedianMs: median(pairs.flatMap((p) => p.t.gcMs)),
     };
@@ -256,7 +268,7 @@ export async function decodeBench(argv: readonly string[]): Promise<void> {
       environment(f),
       modelLine(f),
       ...compiled.map((c) => `${c.label} (compile ${(c.compileMs / 1000).toFixed(1)} s)`),
-      `timing: ModSession.step (feeds + session.run + logits) with forced seeded token ids; each compiled model against the original with only those two sessions alive, in ${f.processes} fresh process(es) one after another, samples pooled (created, timed, released, then the next); both prefilled, then interleaved step by step (first model alternating): ${f.warmup} untimed steps, then ${f.runs} timed per process; context ${f.prompt + 1} at the first step, ${total} after the last`,
+      `timing: ModSession.step (feeds + session.run + logits) with forced seeded token ids; each compiled model against the original with only those two sessions alive, in ${f.processes} fresh process(es) one after another, samples pooled (created, every other process the compiled one first; timed; released; then the next); both prefilled, then interleaved step by step (first model alternating): ${f.warmup} untimed steps, then ${f.runs} timed per process; ${rewind ? `every step from the prefilled caches (ModSession.checkpoint / restore, outside the timing), at context ${f.prompt + 1}` : `context ${f.prompt + 1} at the first step, ${total} after the last`}`,
       f.gc ? `garbage collected before every call, outside the timing (median ${ms(settings.gcMedianMs, 1)} per collection)` : 'garbage collection left to V8',
       `units: one decode step of the original at past length ${f.prompt} (zero K/V), batch ${B}, cut by analyzeDecoder -> splitFusedBoundaries -> extractDecoder and run by LayerByLayerRunner; 2 warm-up + ${f['unit-runs']} timed runs, median per unit${units.parts ? "; a part's share of its layer measured the same way, each layer cut in two units (attention, and the rest)" : ''}`,
       '```',
@@ -344,7 +356,12 @@ export async function decodeBench(argv: readonly string[]): Promise<void> {
           ['after', 'original', 'routed', 'routed / original', 'ideal (exact)', 'routed / ideal'],
           [
             kvRow(`prefill (${f.prompt} tokens)`, t.original.kvAfterPrefill, t.compiled.kvAfterPrefill, t.compiled.lengthsAfterPrefill),
-            kvRow(`prefill + ${totalSteps} steps (${total} tokens)`, t.original.kvAtEnd, t.compiled.kvAtEnd, t.compiled.lengthsAtEnd),
+            kvRow(
+              `prefill + ${stepsAtEnd} step${stepsAtEnd === 1 ? '' : 's'} (${total} tokens)`,
+              t.original.kvAtEnd,
+              t.compiled.kvAtEnd,
+              t.compiled.lengthsAtEnd,
+            ),
           ],
         ),
         '',

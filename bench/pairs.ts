@@ -108,6 +108,8 @@ export interface PairPlan {
   stepIds: (step: number) => number[];
   session: SessionOptions;
   gc: boolean;
+  /** Every decode step from the prefilled caches, at the prompt's context (timeInterleaved's `rewind`). */
+  rewind?: boolean;
   /** Fresh processes the pair is timed in, one after another, their samples pooled (default 1). */
   processes?: number;
   /** Idle sessions alive beside the pair (the sessions benchmark); none by default. */
@@ -126,9 +128,11 @@ export async function timePair(original: string, compiled: string, plan: PairPla
   const ids = Array.from({ length: plan.steps }, (_, s) => plan.stepIds(s));
   const runs: FreshTimes[] = [];
   for (let p = 0; p < (plan.processes ?? 1); p++) {
+    // Every other process makes the compiled session first: the order the two load in never favours one.
+    const flip = p % 2 === 1;
     runs.push(
       await timeInFreshProcess({
-        paths: [original, compiled],
+        paths: flip ? [compiled, original] : [original, compiled],
         prompt: plan.prompt,
         rounds: plan.rounds,
         warmupRounds: plan.warmupRounds,
@@ -137,8 +141,9 @@ export async function timePair(original: string, compiled: string, plan: PairPla
         stepIds: Array.from({ length: plan.rounds }, () => ids),
         session: plan.session,
         gc: plan.gc,
+        ...(plan.rewind ? { rewind: true } : {}),
         ...(plan.idle ? { idle: plan.idle } : {}),
-      }),
+      }).then((t) => (flip ? swapModels(t) : t)),
     );
   }
   // Samples pooled in process order; the sizes (KV bytes, cache lengths) are the last process's, the same in each.
@@ -172,6 +177,19 @@ export async function timePair(original: string, compiled: string, plan: PairPla
   };
 }
 
+/** A process's times with its two models in the other order. */
+function swapModels(t: FreshTimes): FreshTimes {
+  const swap = <T>(xs: T[]): T[] => [xs[1]!, xs[0]!];
+  return {
+    ...t,
+    prefill: swap(t.prefill),
+    decode: swap(t.decode),
+    kvBytes: swap(t.kvBytes),
+    cacheLengths: swap(t.cacheLengths),
+    afterPrefill: swap(t.afterPrefill),
+  };
+}
+
 /** What one routed part selected: on the prompt, and at each timed decode step. */
 export interface PartSelection {
   layer: number;
@@ -191,7 +209,7 @@ export interface PartSelection {
 export async function measureSelections(
   w: Workdir,
   compiled: string,
-  o: { prompt: number[][]; steps: number; warmupSteps: number; stepIds: (step: number) => number[]; session: SessionOptions },
+  o: { prompt: number[][]; steps: number; warmupSteps: number; stepIds: (step: number) => number[]; session: SessionOptions; rewind?: boolean },
 ): Promise<PartSelection[]> {
   const model = loadModel(compiled);
   const routing = readRoutingMetadata(model);
@@ -208,6 +226,7 @@ export async function measureSelections(
   try {
     const masks = () => selections.map((s) => (session.lastOutputs[s.output] as ort.Tensor).data as Uint8Array);
     await session.forward(o.prompt);
+    const prefilled = session.checkpoint();
     const real = o.prompt.reduce((a, r) => a + r.length, 0);
     const out: PartSelection[] = selections.map((s, i) => ({
       layer: s.layer,
@@ -217,6 +236,7 @@ export async function measureSelections(
       steps: 0,
     }));
     for (let t = 0; t < o.steps; t++) {
+      if (o.rewind) session.restore(prefilled);
       await session.step(o.stepIds(t));
       if (t < o.warmupSteps) continue;
       masks().forEach((m, i) => {

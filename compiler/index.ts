@@ -49,7 +49,16 @@ export { planRouting, parseLayerSpec, type RoutingPlan, type LayerPlan, type Pla
 export { readRouterFile, loadRouterFile, writeRouterFile, type LayerRouter, type RouterFile, type RouterFileMetadata } from './routing/router-weights.js';
 export { readRoutingMetadata, type RoutingMetadata } from './metadata/routing-metadata.js';
 export { subLayersOf, type SubLayer, type SubLayers } from './analysis/sub-layers.js';
-export { ModSession, maskFeed, causalMask, type Logits, type GenerateResult, type MaskRule, type ModSessionOptions } from './runtime/session.js';
+export {
+  ModSession,
+  maskFeed,
+  causalMask,
+  type Logits,
+  type GenerateResult,
+  type MaskRule,
+  type ModSessionOptions,
+  type SessionCheckpoint,
+} from './runtime/session.js';
 export { decoderIo, type DecoderIo } from './metadata/decoder-io.js';
 export { ModReference } from './apps/reference/mod-reference.js';
 export { graphFingerprint, recordSource, readSource, checkCompiledFrom, SOURCE_METADATA_KEY } from './metadata/source-fingerprint.js';

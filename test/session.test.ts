@@ -2,11 +2,13 @@
  * ModSession drives a decoder the way torch did when making the references: padding, masks,
  * positions and caches between calls. Checked against the torch fixtures' reference logits.
  */
-import { readFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { ModSession } from '../compiler/runtime/session.js';
 import { ROOT, FIXTURES, runCli } from './helpers.js';
+import { compileWith } from './mod-helpers.js';
 
 interface Case {
   name: string;
@@ -50,6 +52,54 @@ describe.each(['gpt2-tiny', 'llama-tiny', 'neox-tiny'])('ModSession on %s', (nam
     const s = await ModSession.create(path);
     await expect(s.step([1])).rejects.toThrow(/before forward/);
     await expect(s.forward([[1, 512]])).rejects.toThrow(/token id 512 is outside the vocabulary \(0-511\)/);
+  });
+});
+
+describe('checkpoint and restore', () => {
+  const tmp = mkdtempSync(join(tmpdir(), 'modc-checkpoint-'));
+  afterAll(() => rmSync(tmp, { recursive: true, force: true }));
+  const same = (a: Float32Array, b: Float32Array) => {
+    expect(a.length).toBe(b.length);
+    expect(a.every((v, i) => v === b[i])).toBe(true);
+  };
+
+  it.each([
+    ['the original llama-tiny', () => join(FIXTURES, 'llama-tiny', 'model.onnx')],
+    [
+      'llama-tiny with random routers (per-layer valid slots)',
+      () => compileWith(tmp, join(FIXTURES, 'llama-tiny', 'model.onnx'), 'random', { gated: false }).path,
+    ],
+    [
+      'forms-gqa-tiny with random routers (per-layer lengths)',
+      () => compileWith(tmp, join(FIXTURES, 'forms-gqa-tiny', 'model.onnx'), 'random', { gated: false }).path,
+    ],
+  ])('%s: a step after restore() gives what the first step after the prompt gave, and the caches go back', async (_, make) => {
+    const path = make();
+    const rows = [
+      [5, 6, 7, 8, 9, 10],
+      [11, 12, 13, 14, 15, 16],
+    ];
+    const s = await ModSession.create(path);
+    await s.forward(rows);
+    const saved = s.checkpoint();
+    const lengths = s.layerCacheLengths();
+    const first = await s.step([20, 21]);
+    const second = await s.step([22, 23]);
+    expect(s.attentionMask()[0]).toHaveLength(8);
+    s.restore(saved);
+    expect(s.layerCacheLengths()).toEqual(lengths);
+    expect(s.attentionMask()[0]).toHaveLength(6);
+    same((await s.step([20, 21])).data, first.data);
+    // The checkpoint stays usable: again, then the same second step.
+    s.restore(saved);
+    same((await s.step([20, 21])).data, first.data);
+    same((await s.step([22, 23])).data, second.data);
+    await expect(
+      (async () => {
+        const other = await ModSession.create(path);
+        other.restore(saved);
+      })(),
+    ).rejects.toThrow(/checkpoint of the same session/);
   });
 });
 

@@ -52,6 +52,17 @@ export interface GenerateResult {
   steps: Float32Array[][];
 }
 
+/** What ModSession.checkpoint() keeps: the state a step() reads, opaque to callers. */
+export interface SessionCheckpoint {
+  readonly session: object;
+  readonly mask: readonly number[][];
+  readonly caches: ReadonlyMap<string, ort.Tensor>;
+  readonly states: ReadonlyMap<string, ort.Tensor>;
+  readonly lengths: ReadonlyMap<number, readonly number[]>;
+  readonly valid: ReadonlyMap<number, ort.Tensor>;
+  readonly positions: ReadonlyMap<string, ort.Tensor>;
+}
+
 /**
  * Which keys a query may attend in a model that takes the caller's 4-D attention mask, in
  * sequence-index coordinates (every token fed so far, padding included): `query` and `key` are
@@ -219,6 +230,35 @@ export class ModSession {
       throw new ModcError(`embeddings [${dims.join(', ')}] do not fit the model's hidden size ${e.hiddenSize}`);
     this.begin(Array.from({ length: B }, () => Array(S).fill(1)));
     return this.run(Array(B * S).fill(0), [B, S], promptPositions(this.mask), embedsTensor(data, dims, e.dtype));
+  }
+
+  /**
+   * The sequence so far (mask, caches, states), to come back to with restore(): a snapshot of
+   * references, not copies, since a call never writes into the tensors it was fed. A checkpoint
+   * taken after a prompt lets every later step start from the same context (retries, branches,
+   * benchmarks that time one context length over and over).
+   */
+  checkpoint(): SessionCheckpoint {
+    return {
+      session: this,
+      mask: this.mask.map((m) => [...m]),
+      caches: new Map(this.caches),
+      states: new Map(this.states),
+      lengths: new Map([...this.lengths].map(([l, v]) => [l, [...v]])),
+      valid: new Map(this.valid),
+      positions: new Map(this.positions),
+    };
+  }
+
+  /** Goes back to a checkpoint() of this session: the next step() continues from there. */
+  restore(c: SessionCheckpoint): void {
+    if (c.session !== this) throw new ModcError('restore() takes a checkpoint of the same session');
+    this.mask = c.mask.map((m) => [...m]);
+    this.caches = new Map(c.caches);
+    this.states = new Map(c.states);
+    this.lengths = new Map([...c.lengths].map(([l, v]) => [l, [...v]]));
+    this.valid = new Map(c.valid);
+    this.positions = new Map(c.positions);
   }
 
   /** Starts a sequence: the mask, empty caches, zero state. */

@@ -18,7 +18,7 @@
 import { spawnSync } from 'node:child_process';
 import { cpus } from 'node:os';
 import { mulberry32 } from '../../core/random.js';
-import { ModSession } from '../../runtime/session.js';
+import { ModSession, type SessionCheckpoint } from '../../runtime/session.js';
 import type { ExecutionProvider, SessionOptions } from '../../runtime/ort.js';
 
 // --- glibc malloc --------------------------------------------------------------------------------
@@ -142,6 +142,11 @@ export interface InterleavedPlan {
   warmupSteps?: number;
   /** The ids fed at a decode step, one per row (the same for every model). */
   stepIds: (round: number, step: number) => number[];
+  /**
+   * Every decode step starts from the prefilled caches (ModSession.checkpoint / restore, outside
+   * the timing): all steps run at the prompt's context instead of one token longer each.
+   */
+  rewind?: boolean;
   session: SessionOptions;
   /** Called before every call, outside its timing (the benchmarks collect garbage here). */
   beforeCall?: () => void;
@@ -174,6 +179,7 @@ export async function timeInterleaved(paths: readonly string[], plan: Interleave
     const prefill = sessions.map(() => [] as CallTime[]);
     const decode = sessions.map(() => [] as CallTime[]);
     const warmupSteps = plan.warmupSteps ?? 0;
+    const prefilled: SessionCheckpoint[] = [];
     let turn = 0;
     const timedCall = async (fn: () => Promise<unknown>): Promise<CallTime> => {
       plan.beforeCall?.();
@@ -190,6 +196,7 @@ export async function timeInterleaved(paths: readonly string[], plan: Interleave
       for (const m of rotation(n, turn++)) {
         const t = await timedCall(() => sessions[m]!.forward(plan.prompt));
         prefillNow[m] = t;
+        if (plan.rewind) prefilled[m] = sessions[m]!.checkpoint();
         if (timedRound) prefill[m]!.push(t);
         plan.afterCall?.({ model: m, round, step: null, timed: timedRound, session: sessions[m]! });
       }
@@ -197,6 +204,7 @@ export async function timeInterleaved(paths: readonly string[], plan: Interleave
         const ids = plan.stepIds(round, step);
         const timed = timedRound && step >= warmupSteps;
         for (const m of rotation(n, turn++)) {
+          if (plan.rewind) sessions[m]!.restore(prefilled[m]!);
           const t = await timedCall(() => sessions[m]!.step(ids));
           if (timed) decode[m]!.push(t);
           plan.afterCall?.({ model: m, round, step, timed, session: sessions[m]! });

@@ -27,6 +27,8 @@ export interface FreshPlan {
   warmupSteps: number;
   /** [round][step]: the ids of that decode step, one per row. */
   stepIds: number[][][];
+  /** Every decode step from the prefilled caches (timeInterleaved's `rewind`). */
+  rewind?: boolean;
   session: SessionOptions;
   /** Collect garbage before every call, outside its timing. */
   gc: boolean;

@@ -45,6 +45,7 @@ async function run(plan: FreshPlan): Promise<FreshTimes> {
       steps: plan.steps,
       warmupSteps: plan.warmupSteps,
       stepIds: (round, step) => plan.stepIds[round]![step]!,
+      ...(plan.rewind ? { rewind: true } : {}),
       session: plan.session,
       beforeCall: plan.gc ? collect : undefined,
       afterCall: (e) => {
