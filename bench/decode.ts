@@ -221,6 +221,7 @@ export async function decodeBench(argv: readonly string[]): Promise<void> {
               liveSessions: 2,
               parts: c.parts,
               perStepRatio: { wall: t.ratios.decode.wall, cpu: t.ratios.decode.cpu },
+              perStepRatioByOrder: t.byOrder,
               original: side(t.original),
               compiled: side(t.compiled),
               cacheLengthsAtEnd: t.compiled.lengthsAtEnd,
@@ -310,6 +311,16 @@ export async function decodeBench(argv: readonly string[]): Promise<void> {
       ),
       '',
     );
+    const ordered = pairs.filter(({ t }) => t.byOrder);
+    if (ordered.length) {
+      out.push(
+        'By the session created first (median per-step ratio over the processes of each order): ' +
+          ordered
+            .map(({ c, t }) => `${c.name} ${ratio(t.byOrder!.originalFirst)} original first, ${ratio(t.byOrder!.compiledFirst)} compiled first`)
+            .join('; '),
+        '',
+      );
+    }
     if (routedPair && idealRow) {
       out.push('Routed model against its ideal (ideal = original x (1 - sum over routed parts of d_{l,p} x skip_{l,p})):', '');
       out.push(

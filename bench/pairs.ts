@@ -7,7 +7,7 @@
  */
 import { analyzeDecoder } from '../compiler/analysis/analyze.js';
 import { type LayerCost, modelCosts } from '../compiler/analysis/cost.js';
-import { type CallTime, median, pairedRatios, ratioStats, type RatioStats, spread } from '../compiler/apps/benchmark/benchmark.js';
+import { type CallTime, median, medianOfPaired, pairedRatios, ratioStats, type RatioStats, spread } from '../compiler/apps/benchmark/benchmark.js';
 import { type FreshTimes, timeInFreshProcess } from '../compiler/apps/benchmark/fresh-process.js';
 import { exposeSelections } from '../compiler/apps/eval/index.js';
 import { loadModel } from '../compiler/core/io/load.js';
@@ -91,6 +91,11 @@ export interface Side {
 export interface PairTimes {
   original: Side;
   compiled: Side;
+  /**
+   * The median per-step ratio (wall) over the processes that created the original session first
+   * and over those that created the compiled one first; null with one process.
+   */
+  byOrder: { originalFirst: number; compiledFirst: number } | null;
   /** compiled / original on wall time and on process CPU time, prefill (per round) and decode (per step). */
   ratios: { prefill: { wall: RatioStats; cpu: RatioStats }; decode: { wall: RatioStats; cpu: RatioStats } };
   gcMs: number[];
@@ -165,9 +170,12 @@ export async function timePair(original: string, compiled: string, plan: PairPla
   const [o, c] = [side(0), side(1)];
   const wall = (xs: CallTime[]) => xs.map((x) => x.wallMs);
   const cpu = (xs: CallTime[]) => xs.map((x) => x.cpuMs);
+  const ofOrder = (flipped: boolean) =>
+    medianOfPaired(...([0, 1].map((m) => runs.filter((_, p) => p % 2 === (flipped ? 1 : 0)).flatMap((r) => wall(r.decode[m]!))) as [number[], number[]]));
   return {
     original: o,
     compiled: c,
+    byOrder: runs.length > 1 && o.steps.length ? { originalFirst: ofOrder(false), compiledFirst: ofOrder(true) } : null,
     ratios: {
       prefill: { wall: ratioStats(wall(o.prefill), wall(c.prefill)), cpu: ratioStats(cpu(o.prefill), cpu(c.prefill)) },
       decode: { wall: ratioStats(wall(o.steps), wall(c.steps)), cpu: ratioStats(cpu(o.steps), cpu(c.steps)) },

@@ -274,7 +274,11 @@ describe('bench/ flags', () => {
         const perStep = pairedRatios(p.original.steps, p.compiled.steps);
         expect(perStep).toHaveLength(4);
         expect(p.perStepRatio.wall.paired).toEqual({ min: Math.min(...perStep), median: median(perStep), max: Math.max(...perStep) });
+        // Process 0 made the original first, process 1 the compiled one: each order's steps on their own.
+        expect(p.perStepRatioByOrder).toEqual({ originalFirst: median(perStep.slice(0, 2)), compiledFirst: median(perStep.slice(2)) });
       }
+      // Every step started from the prefilled caches: the all-pass layers hold the 8 prompt tokens and the last step's one.
+      expect(report.pairs[0].cacheLengthsAtEnd).toEqual([[9], [9]]);
       // The routed model: both layers routed, its skip rates from the timed steps, and an ideal.
       expect(report.routed.parts.map((p: { layer: number; part: string; steps: number }) => [p.layer, p.part, p.steps])).toEqual([
         [0, 'block', 2],

@@ -190,8 +190,8 @@ export function splitOneToken(c: StepContext): { cond: Value; out: Value } | nul
     if (forms.length) {
       for (const n of joined) entry.add(n);
       const thenKeys = () => e.op('Concat', [keysNode.input(0)!, selected], { axis: 1 });
-      let made: Value | null = null;
-      const keysOnce = () => (made ??= thenKeys());
+      let thenKeysMade: Value | null = null;
+      const keysOnce = () => (thenKeysMade ??= thenKeys());
       stepValues.set(keys, keysOnce);
       for (const [bias, form] of forms) stepValues.set(bias, () => form((v) => (v === keys ? keysOnce() : v)));
       entryValues.push(keys, ...forms.map(([bias]) => bias));
