@@ -1,7 +1,7 @@
 /** What the MoD passes share: the stream's element type and finding a layer's routing nodes. */
 import type { DecoderStructure } from '../analysis/types.js';
 import { DataType } from '../core/ir/dtype.js';
-import type { Node, Value } from '../core/ir/graph.js';
+import type { Graph, Node, Value } from '../core/ir/graph.js';
 import type { TypeProto } from '../core/proto/index.js';
 import { MODC_DOMAIN } from './modc-ops/index.js';
 
@@ -56,4 +56,13 @@ export function routingOf(selected: Value): LayerRouting | null {
     grid: tokens ? compact.inputs.slice(1).map((v) => v!) : null,
     nodes: [router, select, compact],
   };
+}
+
+/** The graph output `v` now leaves through `by`: `by` takes its place, name and type; `v` is renamed with `suffix`. */
+export function passOutput(g: Graph, v: Value, by: Value, suffix: string): void {
+  const name = v.name;
+  v.name = g.uniqueName(`${name}${suffix}`);
+  by.name = name;
+  by.type = v.type;
+  g.outputs = g.outputs.map((o) => (o === v ? by : o));
 }

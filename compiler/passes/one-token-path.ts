@@ -26,7 +26,7 @@
 import { DataType } from '../core/ir/dtype.js';
 import { Graph, graphAttribute, type Node, type Value } from '../core/ir/graph.js';
 import type { StepForm } from './cache-contract.js';
-import { elementType, type LayerRouting } from './mod-common.js';
+import { elementType, type LayerRouting, passOutput } from './mod-common.js';
 import { Emitter } from './modc-ops/emitter.js';
 
 export interface StepContext {
@@ -166,7 +166,7 @@ export function splitOneToken(c: StepContext): { cond: Value; out: Value } | nul
     });
   const y = scatterNode.input(4)!;
   const [out] = branchIf('one_token_out', [c.scatter], () => [y], new Set([...exit, exitCompact]));
-  if (g.outputs.includes(c.scatter)) passOutput(g, c.scatter, out!);
+  if (g.outputs.includes(c.scatter)) passOutput(g, c.scatter, out!, '_branch');
 
   // The layer's keys, Concat(past_valid, valid), and the keys mask or causal bias built from them
   // join the entry when that is all they read: one query reads every valid key.
@@ -234,13 +234,4 @@ export function splitOneToken(c: StepContext): { cond: Value; out: Value } | nul
   const entryIf = results[0]!.producer!;
   entryIf.setOutputs(entryIf.outputs.map((r, i) => kept.get(entryValues[i]!) ?? r));
   return { cond: e.op('Greater', [e.reduceMax(e.cast(selected, DataType.INT64), [0, 1], false), e.i64(0)]), out: out! };
-}
-
-/** A graph output `v` now leaves through `by`: `by` takes its place, name and type. */
-function passOutput(g: Graph, v: Value, by: Value): void {
-  const name = v.name;
-  v.name = g.uniqueName(`${name}_branch`);
-  by.name = name;
-  by.type = v.type;
-  g.outputs = g.outputs.map((o) => (o === v ? by : o));
 }

@@ -29,7 +29,7 @@ import { recomputeWith, replaceUsesWithin } from '../core/ir/rewrite.js';
 import { Tensor } from '../core/ir/tensor.js';
 import type { CacheContext, Carried, StepForm } from './cache-contract.js';
 import { layerCache } from './layer-cache.js';
-import { elementType, type LayerRouting, streamElementType } from './mod-common.js';
+import { elementType, type LayerRouting, passOutput, streamElementType } from './mod-common.js';
 import { Emitter } from './modc-ops/emitter.js';
 import { callModcOp, defaultOpset } from './modc-ops/index.js';
 import { splitOneToken, type StepContext } from './one-token-path.js';
@@ -369,10 +369,5 @@ function keepOriginalOrder(run: Graph, original: ReadonlyMap<Node, number>): voi
 function takeOver(g: Graph, run: Graph, computed: Value, out: Value): void {
   const within = (sub: Graph | null): boolean => sub !== null && (sub === run || within(sub.parent));
   for (const use of [...computed.uses]) if (!within(use.node.graph)) use.node.setInput(use.index, out);
-  if (!g.outputs.includes(computed)) return;
-  const name = computed.name;
-  computed.name = g.uniqueName(`${name}_run`);
-  out.name = name;
-  out.type = computed.type;
-  g.outputs = g.outputs.map((v) => (v === computed ? out : v));
+  if (g.outputs.includes(computed)) passOutput(g, computed, out, '_run');
 }

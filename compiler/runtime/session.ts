@@ -63,6 +63,18 @@ export interface SessionCheckpoint {
   readonly positions: ReadonlyMap<string, ort.Tensor>;
 }
 
+/** A copy of the state a step() reads, fresh maps and arrays around the same tensors (a session clears its maps on a new prompt). */
+function copyState(s: Omit<SessionCheckpoint, 'session'>) {
+  return {
+    mask: s.mask.map((m) => [...m]),
+    caches: new Map(s.caches),
+    states: new Map(s.states),
+    lengths: new Map([...s.lengths].map(([l, v]) => [l, [...v]])),
+    valid: new Map(s.valid),
+    positions: new Map(s.positions),
+  };
+}
+
 /**
  * Which keys a query may attend in a model that takes the caller's 4-D attention mask, in
  * sequence-index coordinates (every token fed so far, padding included): `query` and `key` are
@@ -239,26 +251,14 @@ export class ModSession {
    * benchmarks that time one context length over and over).
    */
   checkpoint(): SessionCheckpoint {
-    return {
-      session: this,
-      mask: this.mask.map((m) => [...m]),
-      caches: new Map(this.caches),
-      states: new Map(this.states),
-      lengths: new Map([...this.lengths].map(([l, v]) => [l, [...v]])),
-      valid: new Map(this.valid),
-      positions: new Map(this.positions),
-    };
+    const { mask, caches, states, lengths, valid, positions } = this;
+    return { session: this, ...copyState({ mask, caches, states, lengths, valid, positions }) };
   }
 
-  /** Goes back to a checkpoint() of this session: the next step() continues from there. */
+  /** Returns to a checkpoint() taken on this ModSession: the next step() continues from there. */
   restore(c: SessionCheckpoint): void {
     if (c.session !== this) throw new ModcError('restore() takes a checkpoint of the same session');
-    this.mask = c.mask.map((m) => [...m]);
-    this.caches = new Map(c.caches);
-    this.states = new Map(c.states);
-    this.lengths = new Map([...c.lengths].map(([l, v]) => [l, [...v]]));
-    this.valid = new Map(c.valid);
-    this.positions = new Map(c.positions);
+    ({ mask: this.mask, caches: this.caches, states: this.states, lengths: this.lengths, valid: this.valid, positions: this.positions } = copyState(c));
   }
 
   /** Starts a sequence: the mask, empty caches, zero state. */
