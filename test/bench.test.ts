@@ -9,7 +9,7 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { interleaved, median, medianOfPaired, pairedRatios, rotation, spread } from '../compiler/apps/benchmark/benchmark.js';
+import { interleaved, mallocSettings, median, medianOfPaired, pairedRatios, rotation, spread } from '../compiler/apps/benchmark/benchmark.js';
 import { timeInFreshProcess } from '../compiler/apps/benchmark/fresh-process.js';
 import { ModcError } from '../compiler/core/errors.js';
 import { UsageError } from '../compiler/core/errors.js';
@@ -165,6 +165,7 @@ describe('modc bench through bin/modc.js', () => {
       const env = { ...process.env };
       delete env.MALLOC_MMAP_THRESHOLD_;
       delete env.MALLOC_TRIM_THRESHOLD_;
+      delete env.GLIBC_TUNABLES;
       const res = spawnSync(
         process.execPath,
         [join(ROOT, 'bin', 'modc.js'), 'bench', LLAMA, out, '--prompt', '4', '--steps', '1', '--runs', '1', '--warmup', '0', '--json', ...extra],
@@ -175,6 +176,16 @@ describe('modc bench through bin/modc.js', () => {
     };
     if (process.platform === 'linux') expect(run()).toBe('MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296');
     expect(run('--default-malloc')).toBe('glibc defaults');
+  });
+});
+
+describe('mallocSettings', () => {
+  it("names glibc's tunables beside the malloc settings when they are set", () => {
+    expect(mallocSettings({})).toBe('glibc defaults');
+    expect(mallocSettings({ GLIBC_TUNABLES: 'glibc.malloc.hugetlb=1' })).toBe('GLIBC_TUNABLES=glibc.malloc.hugetlb=1');
+    expect(mallocSettings({ MALLOC_TRIM_THRESHOLD_: '4294967296', GLIBC_TUNABLES: 'glibc.malloc.hugetlb=1' })).toBe(
+      'MALLOC_TRIM_THRESHOLD_=4294967296 GLIBC_TUNABLES=glibc.malloc.hugetlb=1',
+    );
   });
 });
 

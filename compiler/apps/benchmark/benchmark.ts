@@ -32,11 +32,13 @@ import type { ExecutionProvider, SessionOptions } from '../../runtime/ort.js';
  */
 export const MALLOC_ENV = { MALLOC_MMAP_THRESHOLD_: '33554432', MALLOC_TRIM_THRESHOLD_: '4294967296' } as const;
 
-/** The malloc settings of this process, as reported: `NAME=value ...` or 'glibc defaults'. */
+/**
+ * The malloc settings of this process, as reported: `NAME=value ...` or 'glibc defaults'; glibc's
+ * tunables too when set (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` puts the heap on transparent huge
+ * pages: docs/serving.md).
+ */
 export function mallocSettings(env: NodeJS.ProcessEnv = process.env): string {
-  const set = Object.keys(MALLOC_ENV)
-    .filter((k) => env[k] !== undefined)
-    .map((k) => `${k}=${env[k]}`);
+  const set = [...Object.keys(MALLOC_ENV), 'GLIBC_TUNABLES'].filter((k) => env[k] !== undefined).map((k) => `${k}=${env[k]}`);
   return set.length ? set.join(' ') : 'glibc defaults';
 }
 
