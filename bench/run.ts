@@ -52,7 +52,10 @@ On Linux the benchmarks re-run themselves with glibc's malloc told to keep freed
   .join(' ')}): every decode step
 frees and allocates the whole KV cache (8 MB tensors at 2K context), and with the defaults glibc
 hands that memory back to the kernel and faults it in again (about 6000 page faults, 60-80 ms,
-on every other step here), which buried the model's own time. --default-malloc keeps the defaults.`;
+on every other step here), which buried the model's own time. The last setting puts the heap
+on transparent huge pages (glibc 2.35 and later): on 4 KiB pages the session created first ran
+its decode steps a few percent slower than the one created after it, so a pair's ratio depended
+on the order the two loaded in. --default-malloc keeps the defaults.`;
 
 async function main(argv: string[]): Promise<number> {
   const [name, ...rest] = argv;

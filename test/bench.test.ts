@@ -161,11 +161,12 @@ describe('modc bench through bin/modc.js', () => {
   it("runs itself again under the benchmarks' malloc settings, unless --default-malloc", async () => {
     const out = join(tmp, 'malloc', 'model.onnx');
     expect((await runCli('compile', LLAMA, '-o', out, '--router-init', 'all-pass', '-q')).code).toBe(0);
-    const run = (...extra: string[]) => {
+    const run = (extra: string[] = [], tunables?: string) => {
       const env = { ...process.env };
       delete env.MALLOC_MMAP_THRESHOLD_;
       delete env.MALLOC_TRIM_THRESHOLD_;
       delete env.GLIBC_TUNABLES;
+      if (tunables) env.GLIBC_TUNABLES = tunables;
       const res = spawnSync(
         process.execPath,
         [join(ROOT, 'bin', 'modc.js'), 'bench', LLAMA, out, '--prompt', '4', '--steps', '1', '--runs', '1', '--warmup', '0', '--json', ...extra],
@@ -174,16 +175,22 @@ describe('modc bench through bin/modc.js', () => {
       expect(res.status, res.stderr).toBe(0);
       return JSON.parse(res.stdout).settings.malloc as string;
     };
-    if (process.platform === 'linux') expect(run()).toBe('MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296');
-    expect(run('--default-malloc')).toBe('glibc defaults');
+    if (process.platform === 'linux') {
+      expect(run()).toBe('MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 GLIBC_TUNABLES=glibc.malloc.hugetlb=1');
+      // A caller's own tunables are kept, not replaced.
+      expect(run([], 'glibc.malloc.arena_max=2')).toBe(
+        'MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 GLIBC_TUNABLES=glibc.malloc.arena_max=2',
+      );
+    }
+    expect(run(['--default-malloc'])).toBe('glibc defaults');
   });
 });
 
 describe('mallocSettings', () => {
-  it("names glibc's tunables beside the malloc settings when they are set", () => {
+  it('names each benchmark malloc variable that is set, glibc tunables included', () => {
     expect(mallocSettings({})).toBe('glibc defaults');
     expect(mallocSettings({ GLIBC_TUNABLES: 'glibc.malloc.hugetlb=1' })).toBe('GLIBC_TUNABLES=glibc.malloc.hugetlb=1');
-    expect(mallocSettings({ MALLOC_TRIM_THRESHOLD_: '4294967296', GLIBC_TUNABLES: 'glibc.malloc.hugetlb=1' })).toBe(
+    expect(mallocSettings({ GLIBC_TUNABLES: 'glibc.malloc.hugetlb=1', MALLOC_TRIM_THRESHOLD_: '4294967296', HOME: '/root' })).toBe(
       'MALLOC_TRIM_THRESHOLD_=4294967296 GLIBC_TUNABLES=glibc.malloc.hugetlb=1',
     );
   });

@@ -25,32 +25,39 @@ import type { ExecutionProvider, SessionOptions } from '../../runtime/ort.js';
 
 /**
  * glibc malloc settings every benchmark (and `modc bench`) runs under on Linux: keep freed
- * blocks up to 32 MiB in the heap instead of mmap/munmap-ing them, and never trim the heap.
+ * blocks up to 32 MiB in the heap instead of mmap/munmap-ing them, never trim the heap, and put
+ * the heap on transparent huge pages (glibc 2.35 and later; older ones ignore the tunable).
  * Every decode step frees and allocates the whole KV cache and the logits; with glibc's defaults
  * those large blocks go back to the kernel and are faulted in again on the next step (thousands
- * of page faults per step at a 2K context), which buries the model's own time.
+ * of page faults per step at a 2K context), which buries the model's own time. On 4 KiB pages
+ * the session created first runs its steps a few percent slower than one created after it, so
+ * a pair's ratio depended on which model loaded first; on huge pages it does not
+ * (docs/serving.md, "Several models in one process").
  */
-export const MALLOC_ENV = { MALLOC_MMAP_THRESHOLD_: '33554432', MALLOC_TRIM_THRESHOLD_: '4294967296' } as const;
+export const MALLOC_ENV = {
+  MALLOC_MMAP_THRESHOLD_: '33554432',
+  MALLOC_TRIM_THRESHOLD_: '4294967296',
+  GLIBC_TUNABLES: 'glibc.malloc.hugetlb=1',
+} as const;
 
-/**
- * The malloc settings of this process, as reported: `NAME=value ...` or 'glibc defaults'; glibc's
- * tunables too when set (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` puts the heap on transparent huge
- * pages: docs/serving.md).
- */
+/** The malloc settings of this process, as reported: `NAME=value ...` or 'glibc defaults'. */
 export function mallocSettings(env: NodeJS.ProcessEnv = process.env): string {
-  const set = [...Object.keys(MALLOC_ENV), 'GLIBC_TUNABLES'].filter((k) => env[k] !== undefined).map((k) => `${k}=${env[k]}`);
+  const set = Object.keys(MALLOC_ENV)
+    .filter((k) => env[k] !== undefined)
+    .map((k) => `${k}=${env[k]}`);
   return set.length ? set.join(' ') : 'glibc defaults';
 }
 
 /**
  * Runs `script` again in a child node process with MALLOC_ENV set (glibc reads it at start-up
- * only) and returns the child's exit code; null when that is not needed: not Linux, the settings
- * are already there, or `argv` has `--default-malloc` (or asks for help).
+ * only; a variable the caller set keeps its value) and returns the child's exit code; null when
+ * that is not needed: not Linux, the settings are already there, or `argv` has `--default-malloc`
+ * (or asks for help).
  */
 export function rerunWithMallocEnv(script: string, argv: readonly string[]): number | null {
   if (process.platform !== 'linux' || argv.includes('--default-malloc') || argv.includes('--help') || argv.includes('-h')) return null;
   if (Object.keys(MALLOC_ENV).every((k) => process.env[k] !== undefined)) return null;
-  const child = spawnSync(process.execPath, [...process.execArgv, script, ...argv], { stdio: 'inherit', env: { ...process.env, ...MALLOC_ENV } });
+  const child = spawnSync(process.execPath, [...process.execArgv, script, ...argv], { stdio: 'inherit', env: { ...MALLOC_ENV, ...process.env } });
   if (child.error) throw child.error;
   return child.status ?? 1;
 }
