@@ -132,9 +132,10 @@ export interface PairPlan {
 export async function timePair(original: string, compiled: string, plan: PairPlan): Promise<PairTimes> {
   const ids = Array.from({ length: plan.steps }, (_, s) => plan.stepIds(s));
   const runs: FreshTimes[] = [];
+  // Every other process makes the compiled session first: the order the two load in never favours one.
+  const compiledFirst = (p: number) => p % 2 === 1;
   for (let p = 0; p < (plan.processes ?? 1); p++) {
-    // Every other process makes the compiled session first: the order the two load in never favours one.
-    const flip = p % 2 === 1;
+    const flip = compiledFirst(p);
     runs.push(
       await timeInFreshProcess({
         paths: flip ? [compiled, original] : [original, compiled],
@@ -170,8 +171,13 @@ export async function timePair(original: string, compiled: string, plan: PairPla
   const [o, c] = [side(0), side(1)];
   const wall = (xs: CallTime[]) => xs.map((x) => x.wallMs);
   const cpu = (xs: CallTime[]) => xs.map((x) => x.cpuMs);
-  const ofOrder = (flipped: boolean) =>
-    medianOfPaired(...([0, 1].map((m) => runs.filter((_, p) => p % 2 === (flipped ? 1 : 0)).flatMap((r) => wall(r.decode[m]!))) as [number[], number[]]));
+  const ofOrder = (flipped: boolean) => {
+    const of = runs.filter((_, p) => compiledFirst(p) === flipped);
+    return medianOfPaired(
+      of.flatMap((r) => wall(r.decode[0]!)),
+      of.flatMap((r) => wall(r.decode[1]!)),
+    );
+  };
   return {
     original: o,
     compiled: c,
