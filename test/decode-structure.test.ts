@@ -13,6 +13,8 @@
  *   in the original (a Concat, or the fused attention op), straight into the If's output; the
  *   else-branch passes the past on with one Identity; no other node copies a cache;
  * - no gather of the token ids that only a Shape reads (the slots' validity has the same shape);
+ * - the token grid (TokenGrid) in the main graph only when a compaction runs there, else in each
+ *   branch that compacts;
  * - the cache interface: `past_valid.l` / `present_valid.l` for the Concat-semantics forms,
  *   `past_lengths.l` / `present_lengths.l` for GroupQueryAttention and static caches.
  * Numerical equivalence and MoD semantics of the same compiles are test/mod.test.ts's and
@@ -73,6 +75,21 @@ describe.each(allModels())('$name', ({ path }) => {
         expect(n.name, 'a nested modc If is a one-token If').toMatch(/\/one_token_(in|out)$/);
         expect(n.graph!.parent, `${n.name} sits in a branch of a main-graph If`).toBe(g);
       }
+      // The token grid is computed where the compactions read it: in the main graph only when a
+      // compaction runs there, else in each branch that compacts (a one-token call computes none).
+      const all = [...g.allNodes()];
+      const grids = all.filter((n) => n.opType === 'TokenGrid');
+      const compactions = all.filter((n) => n.opType === 'CompactTokens');
+      for (const c of compactions) {
+        const grid = c.input(1)?.producer;
+        expect(grid?.opType, `${c.describe()} reads a TokenGrid`).toBe('TokenGrid');
+        expect(grid!.graph === c.graph || grid!.graph === g, `${c.describe()}: its grid in its own graph or the main graph`).toBe(true);
+      }
+      expect(compactions.length, 'compactions (before inlining the modc ops)').toBeGreaterThan(0);
+      expect(
+        grids.some((n) => n.graph === g),
+        'a TokenGrid in the main graph iff a compaction runs there',
+      ).toBe(compactions.some((n) => n.graph === g));
       inlineModcOps(model);
       expect(weightsBelowOneLevel(model), 'weights consumed two or more If levels below their graph').toEqual([]);
 

@@ -54,8 +54,8 @@ function oneTokenCall(g: Graph, opset: number, tokenMask: Value): Value {
   let v = oneTokenCalls.get(g);
   if (!v) {
     const e = new Emitter(g, opset, 'modc/');
-    const one = (axis: number) => e.op('Equal', [e.dimScalar(tokenMask, axis), e.i64(1)]);
-    v = e.op('And', [one(0), one(1)]);
+    // B x S = 1 exactly when B = 1 and S = 1.
+    v = e.op('Equal', [e.op('Size', [tokenMask]), e.i64(1)]);
     oneTokenCalls.set(g, v);
   }
   return v;

@@ -19,12 +19,13 @@ import { coreNodes } from '../analysis/layers.js';
 import { tokenCouplingBlocker } from '../analysis/token-coupling.js';
 import type { DecoderStructure, LayerInfo } from '../analysis/types.js';
 import { ModcError } from '../core/errors.js';
-import type { Value } from '../core/ir/graph.js';
+import type { Graph, Node, Value } from '../core/ir/graph.js';
 import type { Model } from '../core/ir/model.js';
 import { readRoutingMetadata, writeRoutingMetadata } from '../metadata/routing-metadata.js';
 import type { RoutedPart } from '../routing/router-weights.js';
 import { describeLayerPart } from '../routing/routing-plan.js';
 import { type LayerRouting, routingOf } from './mod-common.js';
+import { MODC_DOMAIN } from './modc-ops/index.js';
 import type { Pass } from './pass-manager.js';
 import { routeRegion, type RouteOptions } from './routed-layer.js';
 import { regionOf, type RoutedRegion } from './routed-region.js';
@@ -48,6 +49,7 @@ export function routeLayers(model: Model, opts: RouteOptions, s: DecoderStructur
     if (region.output.kind === 'stream') carried.set(region.output.value, out);
     report.routed.push({ layer: region.layer.index, part: region.part });
   }
+  sinkTokenGrid(model.graph);
   model.graph.toposort();
   if (meta) {
     writeRoutingMetadata(model, {
@@ -58,6 +60,31 @@ export function routeLayers(model: Model, opts: RouteOptions, s: DecoderStructur
     });
   }
   return report;
+}
+
+/**
+ * The token grid (modc.TokenGrid, built once for every router) feeds only the compactions. When
+ * each of them sits in a branch (the compacting branches of the one-token path, one-token-path.ts),
+ * every branch reading the grid gets its own copy and the main graph none: a one-token call, which
+ * takes no compacting branch, then does not compute it.
+ */
+function sinkTokenGrid(g: Graph): void {
+  for (const grid of g.nodes.filter((n) => n.opType === 'TokenGrid' && n.domain === MODC_DOMAIN)) {
+    const readers = grid.outputs.flatMap((v) => [...v.uses].map((u) => u.node));
+    if (readers.length === 0 || readers.some((n) => n.graph === g || !n.graph)) continue;
+    const byGraph = new Map<Graph, Set<Node>>();
+    for (const n of readers) byGraph.set(n.graph!, (byGraph.get(n.graph!) ?? new Set()).add(n));
+    for (const [branch, inBranch] of byGraph) {
+      const mapping = new Map<Value, Value>();
+      branch.cloneNodes([grid], mapping, { before: branch.nodes.find((n) => inBranch.has(n)), suffix: '' });
+      for (const n of inBranch)
+        n.inputs.forEach((v, i) => {
+          const copy = v && mapping.get(v);
+          if (copy) n.setInput(i, copy);
+        });
+    }
+    g.removeNode(grid);
+  }
 }
 
 /** lastTokenCoupling per analysed decoder, for routeBlocker (asked once per MLP part). */
