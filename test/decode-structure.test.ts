@@ -5,7 +5,7 @@
  *   more If levels below the graph that owns it (ONNX Runtime prepacks a MatMul weight only from
  *   its own graph or the one above); inside it, on a part that may skip compaction in a one-token
  *   call, the weight-free one-token Ifs (`one_token_in`, `one_token_out`) and
- *   no other;
+ *   no other, the exit's one-token branch of a block being its own residual add (no copy of it);
  * - the part's own nodes run in that If's then-branch in their original order, so a cache append
  *   (the unfused `Concat(past, new)`) stays where the original has it, between the nodes it
  *   stood between;
@@ -74,6 +74,13 @@ describe.each(allModels())('$name', ({ path }) => {
       for (const n of ifs.filter((x) => x.graph !== g)) {
         expect(n.name, 'a nested modc If is a one-token If').toMatch(/\/one_token_(in|out)$/);
         expect(n.graph!.parent, `${n.name} sits in a branch of a main-graph If`).toBe(g);
+        // The exit's one-token branch of a block runs the block's own residual add: its output, no
+        // copy of it (a sub-layer part ends in its projection, whose weight stays a level up).
+        if (n.name.endsWith('/one_token_out'))
+          expect(
+            n.subgraphs()[0]!.nodes.map((x) => x.opType),
+            `${n.name}: then-branch`,
+          ).toEqual([granularity === 'block' ? 'Add' : 'Identity']);
       }
       // The token grid is computed where the compactions read it: in the main graph only when a
       // compaction runs there, else in each branch that compacts (a one-token call computes none).

@@ -12,7 +12,7 @@
  *                else { CompactTokens, the gathers, Concat(past_valid, valid), the causal (Trilu)
  *                       bias or the keys expanded over the queries }
  *     the region
- *     out      = If(one) { y } else { CompactTokens, ScatterTokens }
+ *     out      = If(one) { y } else { CompactTokens, ScatterTokens }       y's own add in each branch
  *   } else { x, the past caches }
  *
  * The keys and the masks built from them join the entry when that is all they read (else the
@@ -43,6 +43,9 @@ export interface StepContext {
   subs: ReadonlyMap<Value, Value>;
   forms: ReadonlyMap<Value, StepForm>;
 }
+
+/** Ops a region may end in (its residual add) that the exit may run in its branches. */
+const ELEMENTWISE_EXIT = new Set(['Add', 'Sub', 'Mul']);
 
 /** What the one-token Ifs' names hold (`modc/layer3/one_token_in`): inspect finds them by it. */
 export const ONE_TOKEN_IF = '/one_token_';
@@ -165,7 +168,25 @@ export function splitOneToken(c: StepContext): { cond: Value; out: Value } | nul
       if (k >= 0) n.setInput(i, exitCompact.output(k));
     });
   const y = scatterNode.input(4)!;
-  const [out] = branchIf('one_token_out', [c.scatter], () => [y], new Set([...exit, exitCompact]));
+  // The region's last node (its residual add), when the scatter is all that reads it, moves into
+  // both branches: the one-token branch then makes its output itself instead of copying y out
+  // with an Identity (ONNX Runtime refuses an outer value returned as is).
+  const last = y.producer;
+  const movable =
+    last !== null &&
+    c.region.has(last) &&
+    ELEMENTWISE_EXIT.has(last.opType) &&
+    last.subgraphs().length === 0 &&
+    last.outputs.length === 1 &&
+    !g.outputs.includes(y) &&
+    [...y.uses].every((u) => u.node === scatterNode) &&
+    last.inputs.every((v) => v !== null && !v.initializer);
+  const [out] = branchIf(
+    'one_token_out',
+    [c.scatter],
+    () => (movable ? [g.cloneNodes([last], new Map(), { suffix: '_one_token' })[0]!.output(0)] : [y]),
+    new Set([...exit, exitCompact, ...(movable ? [last] : [])]),
+  );
   if (g.outputs.includes(c.scatter)) passOutput(g, c.scatter, out!, '_branch');
 
   // The layer's keys, Concat(past_valid, valid), and the keys mask or causal bias built from them
