@@ -176,8 +176,6 @@ export function splitOneToken(c: StepContext): { cond: Value; out: Value } | nul
     last !== null &&
     c.region.has(last) &&
     ELEMENTWISE_EXIT.has(last.opType) &&
-    last.subgraphs().length === 0 &&
-    last.outputs.length === 1 &&
     !g.outputs.includes(y) &&
     [...y.uses].every((u) => u.node === scatterNode) &&
     last.inputs.every((v) => v !== null && !v.initializer);
