@@ -156,6 +156,42 @@ describe('verifier', () => {
   });
 });
 
+describe('certain dims', () => {
+  /** x + y (each input [?, ?, ?] or as given) into MatMul by a [32, 64] weight. */
+  function addThenMatMul(xDims: ({ dim_value: number } | Record<string, never>)[], yDims: ({ dim_value: number } | Record<string, never>)[]) {
+    const g = new Graph('g');
+    const t = (dim: typeof xDims) => ({ tensor_type: { elem_type: DataType.FLOAT, shape: { dim } } });
+    const x = g.addInput(new Value('x', t(xDims)));
+    const y = g.addInput(new Value('y', t(yDims)));
+    const w = g.addInitializer(new Value('w'), Tensor.fromArray('w', [32, 64], new Float32Array(32 * 64)));
+    const sum = g.addNode('Add', [x, y]).output(0);
+    const mm = g.addNode('MatMul', [sum, w], [new Value('z', t([{}, {}, { dim_value: 64 }]))]);
+    g.outputs = [mm.output(0)];
+    const model = new Model(g, 8);
+    model.opsetImports = [{ domain: '', version: 17 }];
+    return { model, sum };
+  }
+
+  it('an unknown dim broadcast against an unknown dim stays unknown: two [?, ?, ?] inputs added feed a [32, 64] weight', async () => {
+    const { certainDims } = await import('../compiler/core/ir/ranks.js');
+    const { model, sum } = addThenMatMul([{}, {}, {}], [{}, {}, {}]);
+    expect(certainDims(model.graph).get(sum)).toEqual([null, null, null]);
+    expect(verifyModel(model)).toEqual([]);
+  });
+
+  it('a missing leading dim broadcasts as 1, a known dim wins over an unknown one, and a certain mismatch is still refused', async () => {
+    const { certainDims } = await import('../compiler/core/ir/ranks.js');
+    const known = addThenMatMul([{}, {}, { dim_value: 32 }], [{ dim_value: 32 }]);
+    expect(certainDims(known.model.graph).get(known.sum)).toEqual([null, null, 32]);
+    expect(verifyModel(known.model)).toEqual([]);
+    const wrong = addThenMatMul([{}, {}, {}], [{ dim_value: 16 }]);
+    expect(certainDims(wrong.model.graph).get(wrong.sum)).toEqual([null, null, 16]);
+    expect(verifyModel(wrong.model).map((i) => i.message)).toContainEqual(
+      expect.stringMatching(/multiplies an input whose last dim is 16 by one whose second-to-last dim is 32/),
+    );
+  });
+});
+
 describe('pass manager', () => {
   const breakIt: Pass = {
     name: 'break-it',

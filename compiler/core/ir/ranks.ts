@@ -263,9 +263,11 @@ export function certainDims(g: Graph): Map<Value, Dims> {
       const [a, b] = [d(0), d(1)];
       if (a && b) {
         const r = Math.max(a.length, b.length);
+        // A missing leading dim broadcasts as 1; a dim that is there but unknown (null) stays unknown.
+        const at = (v: Dims, i: number) => (v.length - r + i >= 0 ? v[v.length - r + i]! : 1);
         out = Array.from({ length: r }, (_, i) => {
-          const x = a[a.length - r + i] ?? 1;
-          const y = b[b.length - r + i] ?? 1;
+          const x = at(a, i);
+          const y = at(b, i);
           if (x !== null && y !== null) return x === y || y === 1 ? x : x === 1 ? y : null;
           const known = x ?? y;
           return known !== null && known > 1 ? known : null;
