@@ -175,6 +175,8 @@ export function applyQuick<F extends ModelFlags>(f: F, argv: readonly string[], 
 
 /** The builder config; `positions`: the longest context the benchmark runs (position tables get at least that many rows). */
 export function decoderConfig(f: ModelFlags, positions = 0): DecoderConfig {
+  if (f.hidden % f.heads !== 0) throw new UsageError(`--hidden ${f.hidden} is not a multiple of --heads ${f.heads}`);
+  if (f.heads % f['kv-heads'] !== 0) throw new UsageError(`--heads ${f.heads} is not a multiple of --kv-heads ${f['kv-heads']}`);
   return {
     hiddenSize: f.hidden,
     numLayers: f.layers,

@@ -94,7 +94,8 @@ skip rates the routed model showed (its selection masks, read in one more untime
 
 ${flagHelp(DECODE_FLAGS)}`;
 
-const TARGETS = { allPass: 1.05, achievedOverIdeal: 0.9 };
+/** The all-pass target is 1.05x at batch 1 and 1.10x with more rows (a layer then skips only when every row does). */
+const TARGETS = { allPass: 1.05, allPassBatched: 1.1, achievedOverIdeal: 0.9 };
 
 export async function decodeBench(argv: readonly string[]): Promise<void> {
   const f = applyQuick(parseFlags(argv, DECODE_FLAGS), argv, { prompt: 255, runs: 8, warmup: 2, 'unit-runs': 3 });
@@ -185,6 +186,7 @@ export async function decodeBench(argv: readonly string[]): Promise<void> {
     const exactIdeal = (lens: number[][]) => lens.reduce((a, rows, l) => a + rows.reduce((x, n) => x + n, 0) * kvBytesPerToken[l]!, 0);
     const allPassPair = pairs.find((p) => p.c.name === 'all-pass');
     const allPassRatio = allPassPair ? allPassPair.t.ratios.decode.wall.medianOfPaired : NaN;
+    const allPassTarget = B > 1 ? TARGETS.allPassBatched : TARGETS.allPass;
     const settings = {
       ...settingsJson(f, command),
       batch: B,
@@ -245,7 +247,7 @@ export async function decodeBench(argv: readonly string[]): Promise<void> {
                 }
               : null,
             targets: {
-              allPassPerStepRatio: { value: allPassRatio, target: TARGETS.allPass, met: allPassRatio <= TARGETS.allPass },
+              allPassPerStepRatio: { value: allPassRatio, target: allPassTarget, met: allPassRatio <= allPassTarget },
               routedAchievedOverIdeal: idealRow
                 ? { value: idealRow.achievedOverIdeal, target: TARGETS.achievedOverIdeal, met: idealRow.achievedOverIdeal >= TARGETS.achievedOverIdeal }
                 : null,
@@ -304,8 +306,8 @@ export async function decodeBench(argv: readonly string[]): Promise<void> {
             ratio(r.paired.max),
             ratioSpan(t.ratios.decode.cpu),
             ratio(r.ofMedians),
-            isAllPass ? `<= ${TARGETS.allPass}x` : '',
-            isAllPass ? yesNo(r.medianOfPaired <= TARGETS.allPass) : '',
+            isAllPass ? `<= ${allPassTarget.toFixed(2)}x` : '',
+            isAllPass ? yesNo(r.medianOfPaired <= allPassTarget) : '',
           ];
         }),
       ),

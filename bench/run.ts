@@ -15,6 +15,7 @@ import { PROFILE_USAGE, profileBench } from './profile.js';
 import { QUALITY_USAGE, qualityBench } from './quality.js';
 import { RECIPE_USAGE, recipeBench } from './recipe.js';
 import { SESSIONS_USAGE, sessionsBench } from './sessions.js';
+import { TARGETS_USAGE, targetsBench } from './targets.js';
 import { PLOT_USAGE, plotBench } from './plot.js';
 
 const BENCHES: Record<string, { usage: string; run: (argv: readonly string[]) => Promise<void> }> = {
@@ -27,6 +28,7 @@ const BENCHES: Record<string, { usage: string; run: (argv: readonly string[]) =>
   'kv-frontier': { usage: KV_FRONTIER_USAGE, run: kvFrontierBench },
   recipe: { usage: RECIPE_USAGE, run: recipeBench },
   sessions: { usage: SESSIONS_USAGE, run: sessionsBench },
+  targets: { usage: TARGETS_USAGE, run: targetsBench },
   plot: { usage: PLOT_USAGE, run: plotBench },
 };
 
@@ -42,6 +44,7 @@ benchmarks:
   kv-frontier  KV fraction vs held-out NLL: key/value routing (calibrated, random) against attention and block routing (both quality fixtures)
   recipe    the parts and capacities modc calibrate picks on fixtures/quality-lm, placed on the bench model: speedups next to the NLL increase
   sessions  one pair timed with 0 and with N extra idle sessions alive: per-step ratios, threads, resident memory
+  targets   the decode benchmark over every form, granularity and context of the speed targets: one table, each target met or not
   plot      figures (SVG) from JSON: modc bench reports, modc eval results, bench quality --json
 
 Every benchmark takes --quick (small sizes, for a smoke run) and --help.

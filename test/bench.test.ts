@@ -342,6 +342,92 @@ describe('bench/ flags', () => {
   });
 });
 
+describe('targets: the decode benchmark over the combinations the speed targets name', () => {
+  const bench = (...args: string[]) => spawnSync(process.execPath, [join(ROOT, 'dist', 'bench', 'run.js'), ...args], { encoding: 'utf8' });
+  const sizes = ['--hidden', '32', '--layers', '2', '--heads', '2', '--kv-heads', '2', '--intermediate', '64', '--vocab', '128'];
+  const steps = ['--runs', '1', '--warmup', '0', '--processes', '1'];
+
+  it('one row per form x granularity x prompt and the batched row, each target checked against its own bound', () => {
+    const res = bench(
+      'targets',
+      '--forms',
+      'llama',
+      '--granularities',
+      'block,mlp',
+      '--prompts',
+      '8',
+      '--batch-prompt',
+      '6',
+      '--batch',
+      '2',
+      ...steps,
+      ...sizes,
+      '--json',
+    );
+    expect(res.status, res.stderr).toBe(0);
+    const report = JSON.parse(res.stdout);
+    expect(report.rows.map((r: { form: string; granularity: string; prompt: number; batch: number }) => [r.form, r.granularity, r.prompt, r.batch])).toEqual([
+      ['llama', 'block', 8, 1],
+      ['llama', 'mlp', 8, 1],
+      ['llama', 'block', 6, 2],
+    ]);
+    let met = 0;
+    for (const r of report.rows) {
+      expect(r.error).toBeNull();
+      expect(r.command).toContain(`--granularity ${r.granularity} --prompt ${r.prompt}`);
+      expect(r.originalStepMs).toBeGreaterThan(0);
+      // 1.05x at batch 1, 1.10x batched; achieved / ideal >= 0.9.
+      expect(r.allPass.target).toBe(r.batch > 1 ? 1.1 : 1.05);
+      expect(r.allPass.ratio).toBeGreaterThan(0);
+      expect(r.allPass.met).toBe(r.allPass.ratio <= r.allPass.target);
+      expect(r.routed.target).toBe(0.9);
+      expect(r.routed.achievedOverIdeal).toBeGreaterThan(0);
+      expect(r.routed.met).toBe(r.routed.achievedOverIdeal >= 0.9);
+      met += Number(r.allPass.met) + Number(r.routed.met);
+    }
+    expect([report.met, report.checks, report.failed]).toEqual([met, 6, 0]);
+  });
+
+  it('--help names the list flags', () => {
+    const res = bench('targets', '--help');
+    expect(res.status).toBe(0);
+    for (const flag of ['--forms S', '--granularities S', '--prompts S', '--batch-prompt N']) expect(res.stdout).toContain(flag);
+  });
+
+  it('a combination that cannot run is a row saying why, and exit code 1; bad lists are usage errors', () => {
+    const res = bench(
+      'targets',
+      '--forms',
+      'gqa',
+      '--granularities',
+      'block',
+      '--prompts',
+      '8',
+      '--batch-prompt',
+      '0',
+      '--no-routed',
+      ...steps,
+      ...sizes.slice(0, 4),
+      '--heads',
+      '3',
+      '--kv-heads',
+      '3',
+    );
+    expect(res.status).toBe(1);
+    expect(res.stdout).toMatch(/\| gqa \| 8 \| 1 \| block \| failed: --hidden 32 is not a multiple of --heads 3 \|/);
+    expect(res.stderr.trim().split('\n').at(-1)).toBe('bench: 1 of 1 combinations failed to run; their rows say why');
+    for (const [flag, value, message] of [
+      ['--forms', 'llama,foo', /--forms: 'foo' is not one of llama, gqa, mha, standard, gpt2/],
+      ['--granularities', '', /--granularities needs at least one value/],
+      ['--prompts', '512,x', /--prompts: 'x' is not a positive integer/],
+    ] as const) {
+      const bad = bench('targets', flag, value);
+      expect(bad.status, flag).toBe(2);
+      expect(bad.stderr.trim()).toMatch(message);
+    }
+  });
+});
+
 describe("ModSession.extend: a prompt in chunks (the long-context benchmark's prefill)", () => {
   it('gives the same last logits, next step and caches as one forward, original and threshold-routed', async () => {
     const routed = join(tmp, 'extend', 'model.onnx');
