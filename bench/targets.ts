@@ -11,10 +11,11 @@
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { ModcError, UsageError } from '../compiler/core/errors.js';
-import { FORMS, GRANULARITIES, flagHelp, givenFlags, log, ms, parseFlags, ratio, table, type FlagSpecs } from './common.js';
+import { FORMS, GRANULARITIES, flagHelp, givenFlags, log, modelFlags, ms, parseFlags, ratio, table, type FlagSpecs } from './common.js';
 
-/** Model-size flags the targets benchmark hands on to every decode run when given. */
+/** Model-size flags the targets benchmark hands on to every decode run when given (the decode benchmark's own). */
 const SIZE_FLAGS = ['hidden', 'layers', 'heads', 'kv-heads', 'intermediate', 'vocab'] as const;
+const MODEL_FLAGS = modelFlags({ prompt: 512, runs: 64, warmup: 3 });
 
 export const TARGETS_FLAGS = {
   forms: { kind: 'string', default: FORMS.join(','), help: 'decoder forms, comma-separated' },
@@ -31,12 +32,12 @@ export const TARGETS_FLAGS = {
   processes: { kind: 'int', default: 6, help: 'fresh processes each pair is timed in (samples pooled)', min: 1 },
   threads: { kind: 'int', default: 1, help: 'ORT intra-op threads', min: 1 },
   routed: { kind: 'bool', default: true, help: 'time the routed compile too (achieved / ideal); --no-routed times the all-pass compile only' },
-  hidden: { kind: 'int', default: 1024, help: 'hidden size', min: 1 },
-  layers: { kind: 'int', default: 8, help: 'decoder layers', min: 1 },
-  heads: { kind: 'int', default: 16, help: 'attention heads', min: 1 },
-  'kv-heads': { kind: 'int', default: 16, help: 'key/value heads', min: 1 },
-  intermediate: { kind: 'int', default: 2816, help: 'MLP intermediate size', min: 1 },
-  vocab: { kind: 'int', default: 32000, help: 'vocabulary size', min: 2 },
+  hidden: MODEL_FLAGS.hidden,
+  layers: MODEL_FLAGS.layers,
+  heads: MODEL_FLAGS.heads,
+  'kv-heads': MODEL_FLAGS['kv-heads'],
+  intermediate: MODEL_FLAGS.intermediate,
+  vocab: MODEL_FLAGS.vocab,
   json: { kind: 'bool', default: false, help: 'print the rows as one JSON object on stdout' },
   'default-malloc': { kind: 'bool', default: false, help: 'keep glibc malloc defaults (see run.js --help)' },
   quick: {
