@@ -102,8 +102,8 @@ interface DecodeReport {
 }
 
 /**
- * One decode run in a child process; its report, or why it failed (the child's last stderr line,
- * its own one-line error). The child's progress goes on to stderr as it comes.
+ * One decode run in a child process; its report, or why it failed (the child's last `bench: ...`
+ * or `...Error: ...` line on stderr). The child's progress goes on to stderr as it comes.
  */
 async function runDecode(args: string[]): Promise<DecodeReport | string> {
   const script = fileURLToPath(new URL('./run.js', import.meta.url));
