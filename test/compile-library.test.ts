@@ -48,6 +48,15 @@ describe('compile(model, request)', () => {
     expect(readFileSync(lib).equals(readFileSync(cli))).toBe(true);
   });
 
+  it('puts the outputs it adds right after the logits, ahead of the KV caches', () => {
+    const model = loadModel(LLAMA);
+    const before = model.graph.outputs.map((v) => v.name);
+    compile(model, { routers: { kind: 'all-pass' }, layers: '0,2' });
+    const after = model.graph.outputs.map((v) => v.name);
+    expect(before[0]).toBe('logits');
+    expect(after).toEqual(['logits', 'present_valid.0', 'present_valid.2', ...before.slice(1)]);
+  });
+
   it("takes a plan made already, and the caller's analysis", () => {
     const model = loadModel(LLAMA);
     const structure = analyzeDecoder(model);
