@@ -117,7 +117,7 @@ export function compile(model: Model, request: CompileRequest): CompileResult {
 function addedOutputsAfterFirst(model: Model, before: ReadonlySet<string>): void {
   const outputs = model.graph.outputs;
   const added = outputs.filter((v) => !before.has(v.name));
-  if (!added.length || !outputs.length) return;
+  if (!added.length) return;
   const kept = outputs.filter((v) => before.has(v.name));
   model.graph.outputs = [...kept.slice(0, 1), ...added, ...kept.slice(1)];
 }
